@@ -1,0 +1,24 @@
+"""Contracts shared by the interposer services: bus subjects, policy and telemetry messages.
+
+Nothing else is shared between services; each imports its messages from here.
+"""
+
+from . import subjects as subjects
+from .events import EventBatch as EventBatch, OpEvent as OpEvent, WorkerStatus as WorkerStatus
+from .policy import (
+    ERRNO_BY_NAME as ERRNO_BY_NAME,
+    DelayLayer as DelayLayer,
+    FaultLayer as FaultLayer,
+    Layer as Layer,
+    Policy as Policy,
+    PolicyError as PolicyError,
+    PolicyRecord as PolicyRecord,
+    PolicyReply as PolicyReply,
+    ThrottleLayer as ThrottleLayer,
+    decode_policy as decode_policy,
+    decode_record as decode_record,
+    decode_reply as decode_reply,
+    encode_policy as encode_policy,
+    encode_record as encode_record,
+    encode_reply as encode_reply,
+)

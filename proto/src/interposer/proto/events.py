@@ -1,0 +1,102 @@
+"""Telemetry messages a fuse-worker publishes: op events and status heartbeats.
+
+Wire format is msgpack (``msgspec.msgpack``). These messages must evolve without
+breaking older consumers, so unknown fields are ignored and new fields are only
+ever appended with defaults (msgspec schema-evolution rules).
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class OpEvent(msgspec.Struct, array_like=True, gc=False):
+    """One FUSE request as the worker served it.
+
+    ``array_like`` keeps each event a compact msgpack array; fields may only be
+    appended (with defaults), never reordered.
+
+    Attributes:
+        op: FUSE op name (``lookup``, ``getattr``, ``read``, ``write``, …).
+        ino: FUSE inode number the op addressed (the parent for entry ops).
+        path: path of that inode inside the volume at the time of the op,
+            ``/``-separated, starting with ``/``; for entry ops the entry's path.
+        offset: byte offset (read/write), else 0.
+        size: bytes requested (read/write), else 0.
+        result: bytes transferred (read/write) when the op succeeded, else 0.
+        errno: 0 on success, else the errno number returned to the kernel.
+        start_ns: wall-clock start, ns since the Unix epoch.
+        duration_ns: time spent serving the op, ns (includes injected delay).
+        fault: errno name injected by a fault layer (``"EIO"``), ``""`` if none.
+        delay_ns: delay injected by delay layers, ns.
+        throttle_ns: time spent waiting for throttle tokens, ns.
+        pid: caller process id (0 where FUSE does not say, e.g. release).
+        uid: caller user id.
+    """
+
+    op: str
+    ino: int
+    path: str
+    offset: int
+    size: int
+    result: int
+    errno: int
+    start_ns: int
+    duration_ns: int
+    fault: str = ""
+    delay_ns: int = 0
+    throttle_ns: int = 0
+    pid: int = 0
+    uid: int = 0
+
+
+class EventBatch(msgspec.Struct):
+    """A batch of op events of one volume, published on ``interposer.events.<volume>``.
+
+    Attributes:
+        volume: volume id.
+        worker_id: unique id of the worker process (changes when it restarts).
+        seq: batch sequence number of this worker, starting at 1.
+        events: the ops, in completion order.
+        dropped_total: events this worker dropped so far because its buffer was full.
+        namespace: Kubernetes namespace of the pod using the volume, ``""`` if unknown.
+        pod: name of that pod, ``""`` if unknown.
+    """
+
+    volume: str
+    worker_id: str
+    seq: int
+    events: list[OpEvent]
+    dropped_total: int = 0
+    namespace: str = ""
+    pod: str = ""
+
+
+class WorkerStatus(msgspec.Struct):
+    """Heartbeat of a worker, published on ``interposer.status.<volume>``.
+
+    Attributes:
+        volume: volume id.
+        worker_id: unique id of the worker process.
+        policy_revision: KV revision of the policy in force; 0 = initial/local policy.
+        ops_total: FUSE ops served since start.
+        events_total: op events produced (queued or dropped) since start.
+        events_dropped_total: events dropped because the buffer was full.
+        events_published_total: events handed to NATS.
+        started_at_s: worker start, seconds since the Unix epoch.
+        sent_at_s: time of this heartbeat, seconds since the Unix epoch.
+        namespace: pod namespace, ``""`` if unknown.
+        pod: pod name, ``""`` if unknown.
+    """
+
+    volume: str
+    worker_id: str
+    policy_revision: int
+    ops_total: int
+    events_total: int
+    events_dropped_total: int
+    events_published_total: int
+    started_at_s: float
+    sent_at_s: float
+    namespace: str = ""
+    pod: str = ""

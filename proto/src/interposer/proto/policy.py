@@ -1,0 +1,214 @@
+"""The user-facing policy of a volume: an ordered list of layers.
+
+A policy arrives as JSON (``nats pub interposer.policy.set.<volume> '{...}'``), is
+decoded with :func:`decode_policy`, which rejects unknown fields, out-of-range
+values, unknown op names and unknown errno names with a message that names the
+field (``... - at `$.layers[0].probability```), and is stored as a
+:class:`PolicyRecord` in the JetStream KV bucket.
+
+Example::
+
+    {"layers": [
+        {"type": "delay", "delay_s": 0.002, "ops": ["read", "write"]},
+        {"type": "throttle", "rate_bytes_per_s": 20971520},
+        {"type": "fault", "errno": "EIO", "probability": 0.01, "ops": ["read"]}
+    ]}
+
+Layers apply in list order: the first layer sees an op first.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+from typing import Annotated, Literal, Union
+
+import msgspec
+
+#: FUSE op names a layer can match (pyfuse3 / libfuse low-level names).
+OpName = Literal[
+    "lookup", "getattr", "setattr", "readlink", "symlink", "mknod", "mkdir", "unlink",
+    "rmdir", "rename", "link", "open", "read", "write", "flush", "release", "fsync",
+    "opendir", "readdir", "releasedir", "fsyncdir", "statfs", "access", "create",
+    "getxattr", "setxattr", "listxattr", "removexattr",
+]
+#: The ops that move file data; throttle layers can only match these.
+DataOpName = Literal["read", "write"]
+
+#: Upper bound of a fixed delay, seconds: longer than this stalls kernel requests
+#: past any useful experiment (and past FUSE's own request timeouts in some kernels).
+MAX_DELAY_S = 60.0
+#: Most layers one policy may hold.
+MAX_LAYERS = 64
+#: Longest path glob, characters.
+MAX_GLOB_LENGTH = 4096
+#: Largest encoded policy accepted, bytes.
+MAX_POLICY_BYTES = 64 * 1024
+
+Probability = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+Glob = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_GLOB_LENGTH)]
+
+
+class _Layer(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag_field="type"):
+    """Fields every layer has.
+
+    Attributes:
+        ops: FUSE op names the layer applies to; empty = every op.
+        path_glob: ``fnmatch`` pattern matched against the op's path inside the
+            volume (``/data/*.bin``); ``*`` matches ``/`` too.
+    """
+
+    ops: frozenset[OpName] = frozenset()
+    path_glob: Glob = "*"
+
+
+class FaultLayer(_Layer, tag="fault", kw_only=True):
+    """Fail matching ops with an errno.
+
+    Attributes:
+        errno: errno name returned to the application (``EIO``, ``ENOSPC``, …);
+            any name in Python's ``errno.errorcode``.
+        probability: chance, 0..1, that a matching op fails.
+    """
+
+    errno: str = "EIO"
+    probability: Probability = 1.0
+
+    def __post_init__(self) -> None:
+        if self.errno not in ERRNO_BY_NAME:
+            raise ValueError(f"field `errno`: unknown errno name {self.errno!r} (expected a name such as EIO, ENOSPC)")
+
+
+class DelayLayer(_Layer, tag="delay", kw_only=True):
+    """Delay matching ops by a fixed time before passing them on.
+
+    Attributes:
+        delay_s: delay in seconds, 0..60.
+    """
+
+    delay_s: Annotated[float, msgspec.Meta(ge=0.0, le=MAX_DELAY_S)]
+
+
+class ThrottleLayer(_Layer, tag="throttle", kw_only=True):
+    """Limit the bandwidth of reads and writes with one token bucket.
+
+    Matching reads and writes share the bucket. An op waits until the bucket has
+    credit for its size; it is never shortened (a FUSE reply must be whole).
+
+    Attributes:
+        rate_bytes_per_s: sustained rate, bytes per second (> 0).
+        burst_bytes: bucket size in bytes; 0 = ``DEFAULT_BURST_S`` of rate, at
+            least one 1 MiB request.
+        ops: ``read`` and/or ``write``; empty = both.
+    """
+
+    rate_bytes_per_s: Annotated[int, msgspec.Meta(gt=0, le=1 << 50)]
+    burst_bytes: Annotated[int, msgspec.Meta(ge=0, le=1 << 50)] = 0
+    ops: frozenset[DataOpName] = frozenset()
+
+
+Layer = Union[FaultLayer, DelayLayer, ThrottleLayer]
+
+
+class Policy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The desired behaviour of one volume.
+
+    Attributes:
+        layers: layers, outermost first (the first sees each op first).
+        description: free text shown by ``interposer policy get``.
+    """
+
+    layers: Annotated[list[Layer], msgspec.Meta(max_length=MAX_LAYERS)] = []
+    description: Annotated[str, msgspec.Meta(max_length=1024)] = ""
+
+
+class PolicyRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """What the policy service stores in the KV bucket under the volume id.
+
+    Attributes:
+        policy: the accepted policy.
+        updated_at_s: when it was accepted, seconds since the Unix epoch.
+    """
+
+    policy: Policy
+    updated_at_s: float
+
+
+class PolicyReply(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Reply of the policy service to set/get/clear requests.
+
+    ``{"ok": true, "revision": 7}`` or ``{"ok": false, "error": "..."}``; ``get``
+    adds ``policy``.
+    """
+
+    ok: bool
+    revision: int | None = None
+    error: str | None = None
+    policy: Policy | None = None
+
+
+#: errno name → number, for every name the platform knows.
+ERRNO_BY_NAME: dict[str, int] = {name: num for num, name in _errno.errorcode.items()}
+
+_policy_json_decoder = msgspec.json.Decoder(Policy)
+_record_json_decoder = msgspec.json.Decoder(PolicyRecord)
+_reply_json_decoder = msgspec.json.Decoder(PolicyReply)
+
+
+class PolicyError(ValueError):
+    """A policy was rejected; ``str(error)`` says which field and why."""
+
+
+def decode_policy(data: bytes | str) -> Policy:
+    """Decode and validate a JSON policy.
+
+    Args:
+        data: JSON text, at most ``MAX_POLICY_BYTES`` bytes.
+
+    Returns:
+        The validated, immutable ``Policy``.
+
+    Raises:
+        PolicyError: malformed JSON, unknown fields, wrong types, out-of-range
+            values, unknown op or errno names; the message names the field.
+    """
+    if len(data) > MAX_POLICY_BYTES:
+        raise PolicyError(f"policy is {len(data)} bytes, more than the {MAX_POLICY_BYTES} allowed")
+    try:
+        return _policy_json_decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        raise PolicyError(str(exc)) from None
+    except msgspec.DecodeError as exc:
+        raise PolicyError(f"malformed JSON: {exc}") from None
+
+
+def encode_policy(policy: Policy) -> bytes:
+    """Encode a policy as canonical JSON (sets sorted, so equal policies encode equally)."""
+    return msgspec.json.encode(policy, order="deterministic")
+
+
+def decode_record(data: bytes) -> PolicyRecord:
+    """Decode a KV value written by the policy service.
+
+    Raises:
+        msgspec.ValidationError, msgspec.DecodeError: the value is not a ``PolicyRecord``.
+    """
+    return _record_json_decoder.decode(data)
+
+
+def encode_record(record: PolicyRecord) -> bytes:
+    """Encode a ``PolicyRecord`` as JSON for the KV bucket."""
+    return msgspec.json.encode(record, order="deterministic")
+
+
+def encode_reply(reply: PolicyReply) -> bytes:
+    """Encode a ``PolicyReply`` as JSON."""
+    return msgspec.json.encode(reply, order="deterministic")
+
+
+def decode_reply(data: bytes) -> PolicyReply:
+    """Decode a ``PolicyReply``.
+
+    Raises:
+        msgspec.ValidationError, msgspec.DecodeError: not a reply of the policy service.
+    """
+    return _reply_json_decoder.decode(data)

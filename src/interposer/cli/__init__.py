@@ -1,0 +1,1 @@
+"""The ``interposer`` command: embedded stack, demo, mounts and policy control."""
