@@ -40,11 +40,10 @@ demo: setup
 test: setup
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
-# Regenerate the CSI protobuf/gRPC modules from proto/csi/v1/csi.proto.
+# Regenerate the CSI protobuf/gRPC modules (interposer.proto.csi.csi_pb2, csi_pb2_grpc)
+# from proto/csi/v1/csi.proto; commit the result (a test checks it is current).
 proto: python-deps
-	$(PY) -m grpc_tools.protoc -Iproto --python_out=proto/src/interposer/proto \
-	  --grpc_python_out=proto/src/interposer/proto --pyi_out=proto/src/interposer/proto \
-	  proto/csi/v1/csi.proto
+	$(PY) proto/csi/generate.py proto/src
 
 clean:
 	rm -rf $(VENV) .pytest_cache
