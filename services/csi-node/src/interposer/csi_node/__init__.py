@@ -1,0 +1,10 @@
+"""interposer csi-node: the CSI Identity and Node services of the ``fs.interposer.io`` driver.
+
+Run it with ``python -m interposer.csi_node --endpoint unix:///path/csi.sock ...``.
+"""
+
+from ._config import DRIVER_NAME as DRIVER_NAME, CsiNodeConfig as CsiNodeConfig
+from ._launcher import LocalProcessLauncher as LocalProcessLauncher, WorkerSpec as WorkerSpec
+from ._node import CsiError as CsiError, NodeService as NodeService
+from ._identity import IdentityService as IdentityService
+from ._server import CsiNodeServer as CsiNodeServer

@@ -1,0 +1,87 @@
+"""Configuration of the csi-node service: one frozen Struct, built by ``__main__``."""
+
+from __future__ import annotations
+
+import socket
+import sys
+
+import msgspec
+
+#: The CSI driver name: ``GetPluginInfo.name``, the ``CSIDriver`` object's name and
+#: the ``driver`` of every PersistentVolume / inline volume that uses interposer.
+DRIVER_NAME = "fs.interposer.io"
+
+#: Where kubelet's node-driver-registrar looks for plugin sockets by convention.
+DEFAULT_ENDPOINT = f"unix:///var/lib/kubelet/plugins/{DRIVER_NAME}/csi.sock"
+#: Per-volume state, policy files and worker logs.
+DEFAULT_STATE_DIR = "/var/lib/interposer/csi-node"
+#: How long NodePublishVolume waits for a new worker's mount to answer, seconds.
+DEFAULT_MOUNT_TIMEOUT_S = 20.0
+#: How long NodeUnpublishVolume waits for a worker to exit after SIGTERM, seconds.
+DEFAULT_UNMOUNT_TIMEOUT_S = 10.0
+#: gRPC handler threads; each in-flight CSI call holds one.
+DEFAULT_GRPC_WORKERS = 8
+
+
+def default_worker_command() -> tuple[str, ...]:
+    """The fuse-worker started by this interpreter: ``python -m interposer.fuse_worker``."""
+    return (sys.executable, "-m", "interposer.fuse_worker")
+
+
+class CsiNodeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Everything the csi-node needs to serve one node.
+
+    Attributes:
+        endpoint: gRPC listen address, ``unix:///absolute/path.sock`` (only unix
+            sockets: the CSI transport between kubelet and a node plugin).
+        node_id: ``NodeGetInfo.node_id``; the Kubernetes node name in a cluster.
+        state_dir: directory for per-volume state (JSON), policy files and worker
+            logs; created if missing. Must survive csi-node restarts.
+        nats_url: NATS URL handed to every worker (``--nats-url``); empty = let the
+            worker run without the bus (no live policy, no events).
+        worker_command: argv prefix that starts a fuse-worker; the per-volume flags
+            are appended.
+        mount_timeout_s: seconds NodePublishVolume waits for the mount to answer.
+        unmount_timeout_s: seconds NodeUnpublishVolume waits for the worker to exit
+            after SIGTERM before unmounting lazily and killing it.
+        max_volumes_per_node: ``NodeGetInfo.max_volumes_per_node``; 0 = no limit.
+        grpc_workers: gRPC handler threads.
+        log_level: ``logging`` level name for the service's own logs.
+    """
+
+    endpoint: str = DEFAULT_ENDPOINT
+    node_id: str = msgspec.field(default_factory=socket.gethostname)
+    state_dir: str = DEFAULT_STATE_DIR
+    nats_url: str = ""
+    worker_command: tuple[str, ...] = msgspec.field(default_factory=default_worker_command)
+    mount_timeout_s: float = DEFAULT_MOUNT_TIMEOUT_S
+    unmount_timeout_s: float = DEFAULT_UNMOUNT_TIMEOUT_S
+    max_volumes_per_node: int = 0
+    grpc_workers: int = DEFAULT_GRPC_WORKERS
+    log_level: str = "INFO"
+
+
+def socket_path_of(endpoint: str) -> str:
+    """Return the filesystem path of a ``unix://`` endpoint.
+
+    Accepts ``unix:///abs/path`` and ``unix:/abs/path`` (both forms occur in CSI
+    sidecar flags).
+
+    Args:
+        endpoint: the ``--endpoint`` value.
+
+    Returns:
+        The absolute socket path.
+
+    Raises:
+        ValueError: not a unix endpoint, or the path is not absolute.
+    """
+    if endpoint.startswith("unix://"):
+        path = endpoint[len("unix://"):]
+    elif endpoint.startswith("unix:"):
+        path = endpoint[len("unix:"):]
+    else:
+        raise ValueError(f"endpoint {endpoint!r} is not a unix socket (expected unix:///path/csi.sock)")
+    if not path.startswith("/"):
+        raise ValueError(f"endpoint {endpoint!r}: socket path must be absolute")
+    return path

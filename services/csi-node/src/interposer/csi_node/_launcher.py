@@ -1,0 +1,183 @@
+"""Starting and stopping fuse-workers as local processes (the embedded default).
+
+A worker is started in its own session (so a terminal's Ctrl-C does not reach it)
+with stdout and stderr in a per-volume log file. Workers outlive the csi-node on
+purpose: a restarted csi-node finds them again through their persisted pid, and the
+mounts of running pods stay up meanwhile. Before signalling a pid the launcher did
+not start itself, it checks ``/proc/<pid>/cmdline`` names the same volume, so a
+recycled pid is never killed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import msgspec
+
+log = logging.getLogger(__name__)
+
+#: Poll interval while waiting for a worker to exit, seconds.
+EXIT_POLL_INTERVAL_S = 0.05
+#: How long to wait after SIGKILL before giving up on a worker, seconds.
+KILL_WAIT_S = 5.0
+
+
+class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """The fuse-worker command-line contract for one volume.
+
+    Attributes:
+        volume_id: CSI volume id (matches ``subjects.VOLUME_ID_PATTERN``).
+        backing_dir: absolute, resolved backing directory.
+        mountpoint: absolute target path the worker mounts on.
+        nats_url: bus URL; empty = not passed.
+        policy_file: JSON policy file; empty = not passed.
+        pod_namespace: namespace of the pod the volume is for; empty = unknown.
+        pod_name: name of that pod; empty = unknown.
+        read_only: mount read-only.
+    """
+
+    volume_id: str
+    backing_dir: str
+    mountpoint: str
+    nats_url: str = ""
+    policy_file: str = ""
+    pod_namespace: str = ""
+    pod_name: str = ""
+    read_only: bool = False
+
+    def arguments(self) -> list[str]:
+        """Return the worker flags for this spec (without the command itself)."""
+        args = ["--backing-dir", self.backing_dir, "--mountpoint", self.mountpoint, "--volume-id", self.volume_id]
+        optional = (
+            ("--nats-url", self.nats_url),
+            ("--policy-file", self.policy_file),
+            ("--pod-namespace", self.pod_namespace),
+            ("--pod-name", self.pod_name),
+        )
+        for flag, value in optional:
+            if value:
+                args += [flag, value]
+        if self.read_only:
+            args.append("--read-only")
+        return args
+
+
+class LocalProcessLauncher:
+    """Runs each volume's fuse-worker as a child process of the csi-node.
+
+    Args:
+        command: argv prefix of the worker (``python -m interposer.fuse_worker``).
+    """
+
+    def __init__(self, command: Sequence[str]) -> None:
+        if not command:
+            raise ValueError("worker command is empty")
+        self._command = list(command)
+        # pid → Popen of the workers this process started (so they can be reaped).
+        self._children: dict[int, subprocess.Popen[bytes]] = {}
+
+    def argv(self, spec: WorkerSpec) -> list[str]:
+        """Return the full command line that :meth:`start` runs for ``spec``."""
+        return [*self._command, *spec.arguments()]
+
+    def start(self, spec: WorkerSpec, log_path: Path) -> int:
+        """Start the worker of ``spec``; its output replaces ``log_path``.
+
+        Args:
+            spec: what to mount where.
+            log_path: file for the worker's stdout and stderr.
+
+        Returns:
+            The worker's pid.
+
+        Raises:
+            OSError: the command could not be executed.
+        """
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "wb") as log_file:
+            child = subprocess.Popen(
+                self.argv(spec),
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                close_fds=True,
+            )
+        self._children[child.pid] = child
+        log.info("started fuse-worker pid %d for volume %s at %s", child.pid, spec.volume_id, spec.mountpoint)
+        return child.pid
+
+    def is_running(self, pid: int, volume_id: str) -> bool:
+        """Return True if ``pid`` is alive and is the worker of ``volume_id``.
+
+        Reaps the child if it was started here and has exited.
+        """
+        child = self._children.get(pid)
+        if child is not None:
+            if child.poll() is None:
+                return True
+            del self._children[pid]
+            return False
+        return _is_worker_of(pid, volume_id)
+
+    def exit_code(self, pid: int) -> int | None:
+        """Return the exit status of a worker started here, or None while it runs / if unknown."""
+        child = self._children.get(pid)
+        return None if child is None else child.poll()
+
+    def stop(self, pid: int, volume_id: str, timeout_s: float) -> bool:
+        """Stop a worker: SIGTERM (it unmounts itself), then SIGKILL after ``timeout_s``.
+
+        Args:
+            pid: worker pid.
+            volume_id: the volume it must serve; a pid serving anything else is
+                left alone (it was recycled).
+            timeout_s: seconds to wait after SIGTERM.
+
+        Returns:
+            True if the worker is gone (or was not running); False if it survived
+            SIGKILL (stuck in the kernel).
+        """
+        if not self.is_running(pid, volume_id):
+            return True
+        self._signal(pid, signal.SIGTERM)
+        if self._wait_gone(pid, volume_id, timeout_s):
+            return True
+        log.warning("fuse-worker pid %d (volume %s) ignored SIGTERM for %.1f s: killing it", pid, volume_id, timeout_s)
+        self._signal(pid, signal.SIGKILL)
+        return self._wait_gone(pid, volume_id, KILL_WAIT_S)
+
+    def _signal(self, pid: int, signum: int) -> None:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+    def _wait_gone(self, pid: int, volume_id: str, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while self.is_running(pid, volume_id):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(EXIT_POLL_INTERVAL_S)
+        return True
+
+
+def _is_worker_of(pid: int, volume_id: str) -> bool:
+    """Return True if process ``pid`` exists and its command line has ``--volume-id volume_id``."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline_file:
+            argv = cmdline_file.read().split(b"\0")
+        with open(f"/proc/{pid}/stat", "rb") as stat_file:
+            state = stat_file.read().rpartition(b")")[2].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    if state == b"Z":  # a zombie of another parent: already exited
+        return False
+    needle = volume_id.encode()
+    return any(arg == b"--volume-id" and nxt == needle for arg, nxt in zip(argv, argv[1:]))

@@ -1,0 +1,120 @@
+"""What is mounted where, and how to get rid of a mount that will not go away.
+
+Mount state is read from ``/proc/self/mountinfo`` rather than by ``stat``: a FUSE
+mount whose worker died answers every ``stat`` with ``ENOTCONN`` (so
+``os.path.ismount`` says False), and one whose worker hangs blocks ``stat``
+forever; the mount table answers in both cases.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import threading
+
+log = logging.getLogger(__name__)
+
+MOUNTINFO_PATH = "/proc/self/mountinfo"
+#: How long ``fusermount3 -uz`` / ``umount -l`` may take, seconds.
+DEFAULT_UNMOUNT_COMMAND_TIMEOUT_S = 10.0
+
+
+def _unescape(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo octal.
+    if "\\" not in field:
+        return field
+    out, i = [], 0
+    while i < len(field):
+        octal = field[i + 1 : i + 4]
+        if field[i] == "\\" and len(octal) == 3 and all(c in "01234567" for c in octal):
+            out.append(chr(int(octal, 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def mount_table() -> dict[str, str]:
+    """Return the current mounts of this mount namespace.
+
+    Returns:
+        ``dict[str, str]``: mount point → file system type (``fuse.interposer``,
+        ``ext4``…). Where mounts are stacked, the topmost wins.
+    """
+    table: dict[str, str] = {}
+    with open(MOUNTINFO_PATH, encoding="utf-8", errors="surrogateescape") as mountinfo:
+        for line in mountinfo:
+            # id parent major:minor root mountpoint options [optional...] - fstype source superopts
+            before, _, after = line.partition(" - ")
+            fields = before.split()
+            if len(fields) < 5 or not after:
+                continue
+            table[_unescape(fields[4])] = after.split()[0]
+    return table
+
+
+def mount_type(path: str) -> str | None:
+    """Return the file system type mounted exactly at ``path``, or None if none is."""
+    return mount_table().get(os.path.normpath(path))
+
+
+def is_fuse_mount(path: str) -> bool:
+    """Return True if a FUSE file system (``fuse`` or ``fuse.*``) is mounted at ``path``."""
+    fstype = mount_type(path)
+    return fstype is not None and (fstype == "fuse" or fstype.startswith("fuse."))
+
+
+def stat_answers(path: str, timeout_s: float) -> bool:
+    """Return True if ``os.stat(path)`` succeeds within ``timeout_s`` seconds.
+
+    The stat runs in a daemon thread, so a hung FUSE mount costs one parked thread
+    instead of the caller.
+
+    Args:
+        path: path to stat.
+        timeout_s: how long to wait, seconds.
+    """
+    outcome: list[bool] = []
+
+    def probe() -> None:
+        try:
+            os.stat(path)
+            outcome.append(True)
+        except OSError:
+            outcome.append(False)
+
+    thread = threading.Thread(target=probe, name=f"stat {path}", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    return bool(outcome and outcome[0])
+
+
+def unmount_lazily(path: str, timeout_s: float = DEFAULT_UNMOUNT_COMMAND_TIMEOUT_S) -> bool:
+    """Detach whatever is mounted at ``path`` (``fusermount3 -uz``, else ``umount -l``).
+
+    Args:
+        path: the mount point.
+        timeout_s: time limit for each command, seconds.
+
+    Returns:
+        True if nothing is mounted at ``path`` afterwards.
+    """
+    commands = []
+    if shutil.which("fusermount3"):
+        commands.append(["fusermount3", "-u", "-z", path])
+    if shutil.which("umount"):
+        commands.append(["umount", "-l", path])
+    for argv in commands:
+        if mount_type(path) is None:
+            break
+        try:
+            result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, check=False)
+        except subprocess.TimeoutExpired:
+            log.warning("%s timed out after %.1f s", argv[0], timeout_s)
+            continue
+        if result.returncode != 0:
+            log.warning("%s failed (%d): %s", " ".join(argv), result.returncode, result.stderr.strip())
+    return mount_type(path) is None

@@ -1,0 +1,486 @@
+"""The CSI Node service: publish a volume by starting its fuse-worker on the target.
+
+Every RPC validates its request before touching anything, answers with the
+spec's gRPC codes, and is safe to repeat (kubelet retries on any error and after
+its own restarts). Calls for different volumes run in parallel; calls for the
+same volume are serialized by a per-volume lock.
+
+Secrets (``secrets``) and ``mount_flags`` are never logged or stored.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import grpc
+import msgspec.structs
+
+from interposer.proto import PolicyError, decode_policy, encode_policy
+from interposer.proto.csi import csi_pb2, csi_pb2_grpc
+from interposer.proto.subjects import VOLUME_ID_PATTERN, is_valid_volume_id
+
+from ._config import CsiNodeConfig
+from ._launcher import LocalProcessLauncher, WorkerSpec
+from ._mounts import is_fuse_mount, mount_type, stat_answers, unmount_lazily
+from ._state import StateStore, VolumeState, write_atomically
+
+log = logging.getLogger(__name__)
+
+#: ``volume_context`` key: directory the volume passes through to. REQUIRED.
+CONTEXT_BACKING_PATH = "backingPath"
+#: ``volume_context`` key: backend of the worker; only ``passthrough`` for now.
+CONTEXT_BACKEND = "backend"
+#: ``volume_context`` key: JSON ``Policy`` applied from the first op on. OPTIONAL.
+CONTEXT_POLICY = "policy"
+#: ``volume_context`` keys kubelet adds when the CSIDriver has ``podInfoOnMount: true``.
+CONTEXT_POD_NAMESPACE = "csi.storage.k8s.io/pod.namespace"
+CONTEXT_POD_NAME = "csi.storage.k8s.io/pod.name"
+
+SUPPORTED_BACKENDS = frozenset({"passthrough"})
+DEFAULT_BACKEND = "passthrough"
+
+#: Access modes that imply a read-only publish even when ``readonly`` is false.
+READ_ONLY_ACCESS_MODES = frozenset({
+    csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_READER_ONLY,
+    csi_pb2.VolumeCapability.AccessMode.MULTI_NODE_READER_ONLY,
+})
+
+#: Poll interval while waiting for a new mount to answer, seconds.
+MOUNT_POLL_INTERVAL_S = 0.05
+#: Longest single ``stat`` of a fresh mount before polling again, seconds.
+MOUNT_STAT_TIMEOUT_S = 2.0
+#: How much of a failed worker's log goes into the error details, bytes.
+LOG_TAIL_BYTES = 2048
+
+
+class CsiError(Exception):
+    """A CSI call failed with a gRPC status code; ``str()`` is the status details.
+
+    Args:
+        code: the gRPC status code the spec prescribes for the failure.
+        details: human-readable reason, safe to show (no secrets).
+    """
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+def _invalid(details: str) -> CsiError:
+    return CsiError(grpc.StatusCode.INVALID_ARGUMENT, details)
+
+
+class _PublishPlan:
+    """A validated NodePublishVolume request: everything needed to start the worker."""
+
+    def __init__(
+        self, *, volume_id: str, target_path: str, real_target_path: str, backing_dir: str,
+        readonly: bool, access_mode: int, policy_json: bytes | None, pod_namespace: str, pod_name: str,
+    ) -> None:
+        self.volume_id = volume_id
+        self.target_path = target_path
+        self.real_target_path = real_target_path
+        self.backing_dir = backing_dir
+        self.readonly = readonly
+        self.access_mode = access_mode
+        self.policy_json = policy_json
+        self.pod_namespace = pod_namespace
+        self.pod_name = pod_name
+
+
+class NodeService(csi_pb2_grpc.NodeServicer):
+    """Node RPCs: NodeGetInfo, NodeGetCapabilities, NodePublishVolume, NodeUnpublishVolume.
+
+    The other Node RPCs (stage/unstage, stats, expand) answer UNIMPLEMENTED, and
+    NodeGetCapabilities advertises none of them.
+
+    Args:
+        config: the service configuration.
+        launcher: starts and stops fuse-workers.
+        store: persisted per-volume state.
+    """
+
+    def __init__(self, config: CsiNodeConfig, launcher: LocalProcessLauncher, store: StateStore) -> None:
+        self._config = config
+        self._launcher = launcher
+        self._store = store
+        # volume id → lock serializing calls for that volume. Entries are never
+        # removed: one small lock per volume ever seen by this process.
+        self._volume_locks: dict[str, threading.Lock] = {}
+        self._volume_locks_guard = threading.Lock()
+
+    # ------------------------------------------------------------------ RPCs
+
+    def NodeGetInfo(
+        self, request: csi_pb2.NodeGetInfoRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodeGetInfoResponse:
+        return csi_pb2.NodeGetInfoResponse(
+            node_id=self._config.node_id, max_volumes_per_node=self._config.max_volumes_per_node
+        )
+
+    def NodeGetCapabilities(
+        self, request: csi_pb2.NodeGetCapabilitiesRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodeGetCapabilitiesResponse:
+        return csi_pb2.NodeGetCapabilitiesResponse(capabilities=[])
+
+    def NodePublishVolume(
+        self, request: csi_pb2.NodePublishVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodePublishVolumeResponse:
+        try:
+            self.publish(request)
+        except CsiError as exc:
+            log.warning("NodePublishVolume %s failed: %s %s", request.volume_id, exc.code.name, exc.details)
+            context.abort(exc.code, exc.details)
+        return csi_pb2.NodePublishVolumeResponse()
+
+    def NodeUnpublishVolume(
+        self, request: csi_pb2.NodeUnpublishVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodeUnpublishVolumeResponse:
+        try:
+            self.unpublish(request.volume_id, request.target_path)
+        except CsiError as exc:
+            log.warning("NodeUnpublishVolume %s failed: %s %s", request.volume_id, exc.code.name, exc.details)
+            context.abort(exc.code, exc.details)
+        return csi_pb2.NodeUnpublishVolumeResponse()
+
+    def NodeStageVolume(self, request, context):  # noqa: N802 - gRPC method name
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "NodeStageVolume: STAGE_UNSTAGE_VOLUME is not supported")
+
+    def NodeUnstageVolume(self, request, context):  # noqa: N802
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "NodeUnstageVolume: STAGE_UNSTAGE_VOLUME is not supported")
+
+    def NodeGetVolumeStats(self, request, context):  # noqa: N802
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "NodeGetVolumeStats: GET_VOLUME_STATS is not supported")
+
+    def NodeExpandVolume(self, request, context):  # noqa: N802
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "NodeExpandVolume: EXPAND_VOLUME is not supported")
+
+    # ------------------------------------------------------------------ publish
+
+    def publish(self, request: csi_pb2.NodePublishVolumeRequest) -> None:
+        """Publish ``request.volume_id`` at ``request.target_path``; see the module docstring.
+
+        Raises:
+            CsiError: INVALID_ARGUMENT (missing or bad field or volume_context key),
+                ALREADY_EXISTS (the target holds another volume or another mount, or
+                this volume is already published there with a different capability,
+                readonly flag or backing path), FAILED_PRECONDITION (the volume is
+                published at another target on this node), DEADLINE_EXCEEDED (the
+                mount did not answer in ``mount_timeout_s``), INTERNAL (the worker
+                could not start or died; details carry its log tail).
+        """
+        plan = self._validate_publish(request)
+        log.info(
+            "NodePublishVolume volume=%s target=%s readonly=%s access_mode=%s context_keys=%s",
+            plan.volume_id, plan.target_path, plan.readonly,
+            csi_pb2.VolumeCapability.AccessMode.Mode.Name(plan.access_mode), sorted(request.volume_context),
+        )
+        with self._volume_lock(plan.volume_id):
+            existing = self._store.load(plan.volume_id)
+            if existing is not None:
+                if self._reuse_existing(existing, plan):
+                    return
+            self._refuse_occupied_target(plan)
+            self._start_worker(plan)
+
+    def _validate_publish(self, request: csi_pb2.NodePublishVolumeRequest) -> _PublishPlan:
+        volume_id = request.volume_id
+        if not volume_id:
+            raise _invalid("volume_id is required")
+        if not is_valid_volume_id(volume_id):
+            raise _invalid(f"volume_id {volume_id!r} must match {VOLUME_ID_PATTERN.pattern}")
+        if not request.target_path:
+            raise _invalid("target_path is required")
+        if not os.path.isabs(request.target_path):
+            raise _invalid(f"target_path {request.target_path!r} must be absolute")
+        target_path = os.path.normpath(request.target_path)
+        if not request.HasField("volume_capability"):
+            raise _invalid("volume_capability is required")
+        capability = request.volume_capability
+        access_type = capability.WhichOneof("access_type")
+        if access_type == "block":
+            raise _invalid("volume_capability.block is not supported: interposer volumes are file systems (use mount)")
+        if access_type != "mount":
+            raise _invalid("volume_capability.mount is required (access_type is unset)")
+        access_mode = capability.access_mode.mode
+        if access_mode == csi_pb2.VolumeCapability.AccessMode.UNKNOWN:
+            raise _invalid("volume_capability.access_mode.mode is required")
+
+        # The target itself may not exist yet; resolve only its parent.
+        real_target_path = os.path.join(
+            os.path.realpath(os.path.dirname(target_path)), os.path.basename(target_path)
+        )
+        context = request.volume_context
+        backing_dir = self._validate_backing_dir(context.get(CONTEXT_BACKING_PATH, ""), real_target_path)
+        backend = context.get(CONTEXT_BACKEND, DEFAULT_BACKEND)
+        if backend not in SUPPORTED_BACKENDS:
+            raise _invalid(
+                f"volume_context[{CONTEXT_BACKEND!r}] = {backend!r} is not supported "
+                f"(supported: {', '.join(sorted(SUPPORTED_BACKENDS))})"
+            )
+        policy_json = None
+        if CONTEXT_POLICY in context:
+            try:
+                policy_json = encode_policy(decode_policy(context[CONTEXT_POLICY]))
+            except PolicyError as exc:
+                raise _invalid(f"volume_context[{CONTEXT_POLICY!r}]: {exc}") from None
+        return _PublishPlan(
+            volume_id=volume_id,
+            target_path=target_path,
+            real_target_path=real_target_path,
+            backing_dir=backing_dir,
+            readonly=request.readonly or access_mode in READ_ONLY_ACCESS_MODES,
+            access_mode=access_mode,
+            policy_json=policy_json,
+            pod_namespace=context.get(CONTEXT_POD_NAMESPACE, ""),
+            pod_name=context.get(CONTEXT_POD_NAME, ""),
+        )
+
+    @staticmethod
+    def _validate_backing_dir(backing_path: str, real_target_path: str) -> str:
+        key = f"volume_context[{CONTEXT_BACKING_PATH!r}]"
+        if not backing_path:
+            raise _invalid(f"{key} is required: the directory the volume passes through to")
+        if not os.path.isabs(backing_path):
+            raise _invalid(f"{key} = {backing_path!r} must be absolute")
+        backing_dir = os.path.realpath(backing_path)
+        if not os.path.isdir(backing_dir):
+            raise _invalid(f"{key} = {backing_path!r} is not an existing directory")
+        if _is_within(backing_dir, real_target_path):
+            raise _invalid(f"{key} = {backing_path!r} is inside target_path: the mount would hide it")
+        if _is_within(real_target_path, backing_dir):
+            raise _invalid(f"target_path is inside {key} = {backing_path!r}: the volume would contain itself")
+        return backing_dir
+
+    def _reuse_existing(self, existing: VolumeState, plan: _PublishPlan) -> bool:
+        """Decide what to do with a volume that has state already.
+
+        Returns:
+            True if it is published as asked and healthy (nothing to do); False if
+            its worker is gone and was cleaned up, so a new one must start.
+
+        Raises:
+            CsiError: FAILED_PRECONDITION or ALREADY_EXISTS as in :meth:`publish`.
+        """
+        if existing.target_path != plan.target_path:
+            raise CsiError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"volume {plan.volume_id} is already published at {existing.target_path}; "
+                "interposer publishes a volume at one target per node",
+            )
+        conflicts = []
+        if existing.readonly != plan.readonly:
+            conflicts.append(f"readonly {existing.readonly} -> {plan.readonly}")
+        if existing.access_mode != plan.access_mode:
+            mode_name = csi_pb2.VolumeCapability.AccessMode.Mode.Name
+            conflicts.append(f"access_mode {mode_name(existing.access_mode)} -> {mode_name(plan.access_mode)}")
+        if existing.backing_dir != plan.backing_dir:
+            conflicts.append(f"backing dir {existing.backing_dir} -> {plan.backing_dir}")
+        if conflicts:
+            raise CsiError(
+                grpc.StatusCode.ALREADY_EXISTS,
+                f"volume {plan.volume_id} is already published at {plan.target_path} with different "
+                f"settings: {'; '.join(conflicts)}",
+            )
+        if self._launcher.is_running(existing.worker_pid, existing.volume_id) and self._mount_answers(
+            plan.real_target_path, MOUNT_STAT_TIMEOUT_S
+        ):
+            log.info("volume %s already published at %s: nothing to do", plan.volume_id, plan.target_path)
+            return True
+        log.warning(
+            "volume %s: worker pid %d or its mount at %s is gone; starting a new one",
+            plan.volume_id, existing.worker_pid, plan.target_path,
+        )
+        self._teardown(existing, plan.real_target_path)
+        self._store.delete(plan.volume_id)
+        return False
+
+    def _refuse_occupied_target(self, plan: _PublishPlan) -> None:
+        other = self._store.find_by_target(plan.target_path)
+        if other is not None and other.volume_id != plan.volume_id:
+            raise CsiError(
+                grpc.StatusCode.ALREADY_EXISTS,
+                f"target_path {plan.target_path} already holds volume {other.volume_id}",
+            )
+        fstype = mount_type(plan.real_target_path)
+        if fstype is not None:
+            raise CsiError(
+                grpc.StatusCode.ALREADY_EXISTS,
+                f"target_path {plan.target_path} is already a mount point ({fstype}) not made by this driver",
+            )
+
+    def _start_worker(self, plan: _PublishPlan) -> None:
+        try:
+            os.makedirs(plan.target_path, mode=0o750, exist_ok=True)
+        except FileExistsError:
+            raise _invalid(f"target_path {plan.target_path} exists and is not a directory") from None
+        except OSError as exc:
+            raise CsiError(grpc.StatusCode.INTERNAL, f"cannot create target_path {plan.target_path}: {exc}") from None
+
+        policy_file = ""
+        if plan.policy_json is not None:
+            policy_path = self._store.policy_path(plan.volume_id)
+            write_atomically(policy_path, plan.policy_json)
+            policy_file = str(policy_path)
+        spec = WorkerSpec(
+            volume_id=plan.volume_id,
+            backing_dir=plan.backing_dir,
+            mountpoint=plan.target_path,
+            nats_url=self._config.nats_url,
+            policy_file=policy_file,
+            pod_namespace=plan.pod_namespace,
+            pod_name=plan.pod_name,
+            read_only=plan.readonly,
+        )
+        log_path = self._store.log_path(plan.volume_id)
+        try:
+            pid = self._launcher.start(spec, log_path)
+        except OSError as exc:
+            self._store.delete(plan.volume_id)
+            raise CsiError(grpc.StatusCode.INTERNAL, f"cannot start fuse-worker: {exc}") from None
+        state = VolumeState(
+            volume_id=plan.volume_id,
+            target_path=plan.target_path,
+            backing_dir=plan.backing_dir,
+            readonly=plan.readonly,
+            access_mode=plan.access_mode,
+            worker_pid=pid,
+            worker_argv=self._launcher.argv(spec),
+            log_path=str(log_path),
+            policy_file=policy_file,
+        )
+        # Saved before waiting, so a csi-node that dies meanwhile still finds the worker.
+        self._store.save(state)
+        try:
+            self._wait_until_mounted(pid, plan, log_path)
+        except CsiError:
+            self._teardown(state, plan.real_target_path)
+            self._store.delete(plan.volume_id)
+            raise
+        self._store.save(msgspec.structs.replace(state, published_at_s=time.time()))
+        log.info("volume %s published at %s (worker pid %d)", plan.volume_id, plan.target_path, pid)
+
+    def _wait_until_mounted(self, pid: int, plan: _PublishPlan, log_path: Path) -> None:
+        timeout_s = self._config.mount_timeout_s
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if not self._launcher.is_running(pid, plan.volume_id):
+                status = self._launcher.exit_code(pid)
+                raise CsiError(
+                    grpc.StatusCode.INTERNAL,
+                    f"fuse-worker for volume {plan.volume_id} exited (status {status}) before its mount "
+                    f"answered; log tail:\n{_log_tail(log_path)}",
+                )
+            remaining_s = deadline - time.monotonic()
+            if self._mount_answers(plan.real_target_path, max(0.1, min(remaining_s, MOUNT_STAT_TIMEOUT_S))):
+                return
+            if time.monotonic() >= deadline:
+                raise CsiError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"mount of volume {plan.volume_id} at {plan.target_path} did not answer within "
+                    f"{timeout_s:.1f} s; log tail:\n{_log_tail(log_path)}",
+                )
+            time.sleep(MOUNT_POLL_INTERVAL_S)
+
+    @staticmethod
+    def _mount_answers(real_target_path: str, timeout_s: float) -> bool:
+        return is_fuse_mount(real_target_path) and stat_answers(real_target_path, timeout_s)
+
+    # ------------------------------------------------------------------ unpublish
+
+    def unpublish(self, volume_id: str, target_path: str) -> None:
+        """Unpublish ``volume_id`` from ``target_path``: stop its worker, unmount, remove the target.
+
+        Unpublishing something that is not published is OK (the spec's idempotency).
+
+        Args:
+            volume_id: the CSI volume id.
+            target_path: absolute path it was published at.
+
+        Raises:
+            CsiError: INVALID_ARGUMENT (missing or relative field), INTERNAL (the
+                mount could not be removed).
+        """
+        if not volume_id:
+            raise _invalid("volume_id is required")
+        if not target_path:
+            raise _invalid("target_path is required")
+        if not os.path.isabs(target_path):
+            raise _invalid(f"target_path {target_path!r} must be absolute")
+        target_path = os.path.normpath(target_path)
+        real_target_path = os.path.join(
+            os.path.realpath(os.path.dirname(target_path)), os.path.basename(target_path)
+        )
+        log.info("NodeUnpublishVolume volume=%s target=%s", volume_id, target_path)
+        with self._volume_lock(volume_id):
+            state = self._store.load(volume_id) if is_valid_volume_id(volume_id) else None
+            if state is None or state.target_path != target_path:
+                # Not published here by us: only clear a FUSE leftover and the empty directory.
+                if is_fuse_mount(real_target_path) and not unmount_lazily(real_target_path):
+                    raise CsiError(grpc.StatusCode.INTERNAL, f"cannot unmount {target_path}")
+                _remove_target_dir(target_path)
+                return
+            self._teardown(state, real_target_path)
+            _remove_target_dir(target_path)
+            self._store.delete(volume_id)
+        log.info("volume %s unpublished from %s", volume_id, target_path)
+
+    def _teardown(self, state: VolumeState, real_target_path: str) -> None:
+        """Stop the worker of ``state`` and make sure nothing stays mounted at its target.
+
+        Raises:
+            CsiError: INTERNAL if a mount remains after a lazy unmount.
+        """
+        stopped = self._launcher.stop(state.worker_pid, state.volume_id, self._config.unmount_timeout_s)
+        if not stopped:
+            log.error("fuse-worker pid %d of volume %s survived SIGKILL", state.worker_pid, state.volume_id)
+        if is_fuse_mount(real_target_path):
+            log.warning("volume %s: %s still mounted after the worker stopped; unmounting lazily",
+                        state.volume_id, state.target_path)
+            if not unmount_lazily(real_target_path):
+                raise CsiError(grpc.StatusCode.INTERNAL, f"cannot unmount {state.target_path}")
+
+    @contextmanager
+    def _volume_lock(self, volume_id: str) -> Iterator[None]:
+        with self._volume_locks_guard:
+            lock = self._volume_locks.setdefault(volume_id, threading.Lock())
+        with lock:
+            yield
+
+
+def _is_within(path: str, directory: str) -> bool:
+    """Return True if ``path`` is ``directory`` or below it (both absolute, normalized)."""
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
+
+
+def _remove_target_dir(target_path: str) -> None:
+    """Remove the (empty) target directory, as the spec asks of the plugin; leave it if busy."""
+    try:
+        os.rmdir(target_path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        if exc.errno in (errno.ENOTEMPTY, errno.EBUSY, errno.ENOTDIR):
+            log.warning("leaving %s in place: %s", target_path, exc.strerror)
+        else:
+            raise CsiError(grpc.StatusCode.INTERNAL, f"cannot remove target_path {target_path}: {exc}") from None
+
+
+def _log_tail(log_path: Path, limit_bytes: int = LOG_TAIL_BYTES) -> str:
+    """Return the last ``limit_bytes`` of a worker log as text ('' if unreadable)."""
+    try:
+        with open(log_path, "rb") as log_file:
+            log_file.seek(0, os.SEEK_END)
+            size = log_file.tell()
+            log_file.seek(max(0, size - limit_bytes))
+            return log_file.read().decode("utf-8", errors="replace").strip()
+    except OSError:
+        return ""

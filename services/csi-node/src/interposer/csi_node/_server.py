@@ -1,0 +1,96 @@
+"""The gRPC server of the csi-node: Identity + Node on a unix socket.
+
+Sync grpcio with a thread pool, not grpc.aio: every Node RPC blocks on the
+operating system — it spawns a worker, polls the mount table, ``stat``s a fresh
+FUSE mount (which can hang if the worker hangs), runs ``fusermount3`` — so an
+asyncio server would push each of them into threads anyway. Threads also make the
+per-volume ``threading.Lock`` the whole concurrency story: calls for different
+volumes run in parallel, calls for one volume queue. kubelet sends few,
+infrequent calls, so a small pool is plenty.
+
+Only the services that exist are registered: there is no Controller service yet,
+so a CO asking for it gets UNIMPLEMENTED from gRPC itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from concurrent import futures
+
+import grpc
+
+from interposer.proto.csi import csi_pb2_grpc
+
+from ._config import DRIVER_NAME, CsiNodeConfig, socket_path_of
+from ._identity import IdentityService
+from ._launcher import LocalProcessLauncher
+from ._node import NodeService
+from ._state import StateStore
+
+log = logging.getLogger(__name__)
+
+#: How long in-flight calls may finish after stop() is called, seconds.
+DEFAULT_STOP_GRACE_S = 5.0
+
+
+class CsiNodeServer:
+    """A csi-node: the gRPC server, its services and their launcher.
+
+    Args:
+        config: the service configuration.
+
+    Raises:
+        ValueError: ``config.endpoint`` is not a ``unix://`` endpoint.
+    """
+
+    def __init__(self, config: CsiNodeConfig) -> None:
+        self.config = config
+        self.socket_path = socket_path_of(config.endpoint)
+        self.store = StateStore(config.state_dir)
+        self.launcher = LocalProcessLauncher(config.worker_command)
+        self.identity = IdentityService(DRIVER_NAME)
+        self.node = NodeService(config, self.launcher, self.store)
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=config.grpc_workers, thread_name_prefix="csi")
+        )
+        csi_pb2_grpc.add_IdentityServicer_to_server(self.identity, self._server)
+        csi_pb2_grpc.add_NodeServicer_to_server(self.node, self._server)
+
+    def start(self) -> None:
+        """Bind the unix socket (replacing a stale one) and start serving.
+
+        Raises:
+            OSError: the socket directory cannot be created, or a non-socket file
+                occupies the socket path.
+            RuntimeError: gRPC could not bind the socket.
+        """
+        os.makedirs(os.path.dirname(self.socket_path), exist_ok=True)
+        try:
+            mode = os.lstat(self.socket_path).st_mode
+        except FileNotFoundError:
+            pass
+        else:
+            if not stat.S_ISSOCK(mode):
+                raise FileExistsError(f"{self.socket_path} exists and is not a socket")
+            os.unlink(self.socket_path)  # left by a previous run
+        self._server.add_insecure_port(f"unix://{self.socket_path}")
+        self._server.start()
+        published = self.store.all()
+        log.info(
+            "csi-node %s serving on %s (node %s, %d volume(s) in state)",
+            DRIVER_NAME, self.socket_path, self.config.node_id, len(published),
+        )
+
+    def stop(self, grace_s: float = DEFAULT_STOP_GRACE_S) -> None:
+        """Stop serving; running fuse-workers (and their mounts) are left running."""
+        self._server.stop(grace_s).wait()
+        try:
+            os.unlink(self.socket_path)
+        except FileNotFoundError:
+            pass
+
+    def wait_for_termination(self) -> None:
+        """Block until the server stops."""
+        self._server.wait_for_termination()
