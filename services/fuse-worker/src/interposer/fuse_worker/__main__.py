@@ -1,0 +1,42 @@
+"""``python -m interposer.fuse_worker``: flags → config → logging → serve."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+import msgspec
+
+from interposer.proto import PolicyError
+
+from ._config import WorkerConfig
+from ._worker import run
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--backing-dir", required=True, type=click.Path(exists=True, file_okay=False), help="Directory to serve.")
+@click.option("--mountpoint", required=True, type=click.Path(exists=True, file_okay=False), help="Where to mount.")
+@click.option("--volume-id", default="default", show_default=True, help="Volume id (subjects, KV key, labels).")
+@click.option("--nats-url", default="", help="NATS server URL; empty runs without a bus.")
+@click.option("--policy-file", default="", help="Initial JSON policy.")
+@click.option("--backend", default="passthrough", show_default=True, type=click.Choice(["passthrough"]))
+@click.option("--pod-namespace", default="", help="Namespace of the pod using the volume.")
+@click.option("--pod-name", default="", help="Name of the pod using the volume.")
+@click.option("--read-only", is_flag=True, help="Mount read-only.")
+@click.option("--log-level", default="INFO", show_default=True)
+def main(log_level: str, **flags: object) -> None:
+    """Serve one interposed volume in the foreground until unmounted or SIGTERM."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = msgspec.convert(flags, WorkerConfig)
+        run(config)
+    except (msgspec.ValidationError, PolicyError) as exc:
+        raise click.UsageError(str(exc)) from None
+    except (OSError, RuntimeError) as exc:
+        click.echo(f"fuse-worker: {exc}", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

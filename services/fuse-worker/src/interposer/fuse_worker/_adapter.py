@@ -1,0 +1,221 @@
+"""The only ``pyfuse3.Operations`` subclass: each FUSE callback → ``Op`` → layer chain → backend."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import pyfuse3
+
+from interposer.proto import Policy
+
+from ._op import BackendCall, Op
+from ._stack import Stack
+from ._telemetry import Telemetry
+from .backends import PassthroughBackend
+
+log = logging.getLogger(__name__)
+
+
+class InterposerOperations(pyfuse3.Operations):
+    """Serves FUSE requests through the current policy's layer chains.
+
+    Every callback builds an :class:`Op`, runs it through ``stack.chains[op]`` (or
+    straight to the backend when no layer targets the op), turns ``OSError`` into
+    ``FUSEError`` and records one event. ``apply`` swaps the stack between requests
+    (a plain attribute assignment on the trio thread), so a new policy never needs
+    a remount and requests already inside a chain finish under the old one.
+
+    Args:
+        backend: the backend to serve.
+        telemetry: event recorder.
+        policy: initial policy (revision 0).
+    """
+
+    enable_writeback_cache = False  # every write must reach the layers
+
+    def __init__(self, backend: PassthroughBackend, telemetry: Telemetry, policy: Policy | None = None) -> None:
+        super().__init__()
+        self.backend = backend
+        self.telemetry = telemetry
+        self.stack = Stack(policy or Policy(), 0)
+
+    @property
+    def revision(self) -> int:
+        """KV revision of the policy in force (0 = initial/local)."""
+        return self.stack.revision
+
+    def apply(self, policy: Policy, revision: int) -> None:
+        """Make ``policy`` the one in force for requests that start from now on."""
+        self.stack = Stack(policy, revision)
+        log.info("applied policy revision %d (%d layers)", revision, len(policy.layers))
+
+    async def _serve(self, op: Op, call: BackendCall) -> Any:
+        chain = self.stack.chains.get(op.name)
+        start_wall_ns = time.time_ns()
+        start_ns = time.perf_counter_ns()
+        err = 0
+        result: Any = None
+        try:
+            result = await (call() if chain is None else chain(op, call))
+            return result
+        except pyfuse3.FUSEError as exc:
+            err = exc.errno
+            raise
+        except OSError as exc:
+            err = exc.errno or errno.EIO
+            raise pyfuse3.FUSEError(err) from None
+        except Exception:
+            log.exception("internal error serving %s %s", op.name, op.path)
+            err = errno.EIO
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            if err or result is None:
+                nbytes = 0
+            elif op.name == "read":
+                nbytes = len(result)
+            elif op.name == "write":
+                nbytes = result
+            else:
+                nbytes = 0
+            self.telemetry.record(op, err, nbytes, start_wall_ns, time.perf_counter_ns() - start_ns)
+
+    def _op(self, name: str, ino: int, ctx: pyfuse3.RequestContext | None, **fields: Any) -> Op:
+        pid, uid = (ctx.pid, ctx.uid) if ctx is not None else (0, 0)
+        return Op(name, ino, self.backend.path_of(ino), pid=pid, uid=uid, **fields)
+
+    def _entry_op(self, name: str, parent_ino: int, entry: bytes, ctx: pyfuse3.RequestContext) -> Op:
+        return Op(name, parent_ino, self.backend.entry_path(parent_ino, entry), pid=ctx.pid, uid=ctx.uid)
+
+    # ---- entries -------------------------------------------------------------------
+
+    async def lookup(self, parent_inode, name, ctx):
+        op = self._entry_op("lookup", parent_inode, name, ctx)
+        return await self._serve(op, lambda: self.backend.lookup(parent_inode, name, ctx))
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        # Bookkeeping, not an op of the application: never delayed or failed.
+        await self.backend.forget(inode_list)
+
+    async def getattr(self, inode, ctx):
+        return await self._serve(self._op("getattr", inode, ctx), lambda: self.backend.getattr(inode, ctx))
+
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        op = self._op("setattr", inode, ctx, size=attr.st_size if fields.update_size else 0)
+        return await self._serve(op, lambda: self.backend.setattr(inode, attr, fields, fh, ctx))
+
+    async def readlink(self, inode, ctx):
+        return await self._serve(self._op("readlink", inode, ctx), lambda: self.backend.readlink(inode, ctx))
+
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        op = self._entry_op("mknod", parent_inode, name, ctx)
+        return await self._serve(op, lambda: self.backend.mknod(parent_inode, name, mode, rdev, ctx))
+
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        op = self._entry_op("mkdir", parent_inode, name, ctx)
+        return await self._serve(op, lambda: self.backend.mkdir(parent_inode, name, mode, ctx))
+
+    async def unlink(self, parent_inode, name, ctx):
+        op = self._entry_op("unlink", parent_inode, name, ctx)
+        return await self._serve(op, lambda: self.backend.unlink(parent_inode, name, ctx))
+
+    async def rmdir(self, parent_inode, name, ctx):
+        op = self._entry_op("rmdir", parent_inode, name, ctx)
+        return await self._serve(op, lambda: self.backend.rmdir(parent_inode, name, ctx))
+
+    async def symlink(self, parent_inode, name, target, ctx):
+        op = self._entry_op("symlink", parent_inode, name, ctx)
+        return await self._serve(op, lambda: self.backend.symlink(parent_inode, name, target, ctx))
+
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        op = self._entry_op("rename", parent_inode_old, name_old, ctx)
+        return await self._serve(
+            op, lambda: self.backend.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx)
+        )
+
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        op = self._entry_op("link", new_parent_inode, new_name, ctx)
+        return await self._serve(op, lambda: self.backend.link(inode, new_parent_inode, new_name, ctx))
+
+    # ---- files ---------------------------------------------------------------------
+
+    async def open(self, inode, flags, ctx):
+        op = self._op("open", inode, ctx)
+        info = await self._serve(op, lambda: self.backend.open(inode, flags, ctx))
+        info.direct_io = self.stack.touches_data(op.path)
+        return info
+
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        op = self._entry_op("create", parent_inode, name, ctx)
+        info, attrs = await self._serve(op, lambda: self.backend.create(parent_inode, name, mode, flags, ctx))
+        info.direct_io = self.stack.touches_data(op.path)
+        return info, attrs
+
+    async def read(self, fh, off, size):
+        backend = self.backend
+        ino = backend.ino_of_fh(fh)
+        op = Op("read", ino, backend.path_of(ino), offset=off, size=size)
+        return await self._serve(op, lambda: backend.read(fh, off, size))
+
+    async def write(self, fh, off, buf):
+        backend = self.backend
+        ino = backend.ino_of_fh(fh)
+        op = Op("write", ino, backend.path_of(ino), offset=off, size=len(buf))
+        return await self._serve(op, lambda: backend.write(fh, off, buf))
+
+    async def flush(self, fh):
+        ino = self.backend.ino_of_fh(fh)
+        return await self._serve(self._op("flush", ino, None), lambda: self.backend.flush(fh))
+
+    async def release(self, fh):
+        ino = self.backend.ino_of_fh(fh)
+        # release cannot fail towards the application (close already returned), so it
+        # bypasses the layers: a fault here would only leak the backing fd.
+        op = self._op("release", ino, None)
+        start_wall_ns, start_ns = time.time_ns(), time.perf_counter_ns()
+        await self.backend.release(fh)
+        self.telemetry.record(op, 0, 0, start_wall_ns, time.perf_counter_ns() - start_ns)
+
+    async def fsync(self, fh, datasync):
+        ino = self.backend.ino_of_fh(fh)
+        return await self._serve(self._op("fsync", ino, None), lambda: self.backend.fsync(fh, datasync))
+
+    # ---- directories ---------------------------------------------------------------
+
+    async def opendir(self, inode, ctx):
+        return await self._serve(self._op("opendir", inode, ctx), lambda: self.backend.opendir(inode, ctx))
+
+    async def readdir(self, fh, start_id, token):
+        ino = self.backend.ino_of_fh(fh)
+        op = self._op("readdir", ino, None, offset=start_id)
+        return await self._serve(op, lambda: self.backend.readdir(fh, start_id, token))
+
+    async def releasedir(self, fh):
+        ino = self.backend.ino_of_fh(fh)
+        return await self._serve(self._op("releasedir", ino, None), lambda: self.backend.releasedir(fh))
+
+    async def fsyncdir(self, fh, datasync):
+        ino = self.backend.ino_of_fh(fh)
+        return await self._serve(self._op("fsyncdir", ino, None), lambda: self.backend.fsyncdir(fh, datasync))
+
+    async def statfs(self, ctx):
+        return await self._serve(self._op("statfs", pyfuse3.ROOT_INODE, ctx), lambda: self.backend.statfs(ctx))
+
+    # ---- extended attributes ---------------------------------------------------------
+
+    async def getxattr(self, inode, name, ctx):
+        return await self._serve(self._op("getxattr", inode, ctx), lambda: self.backend.getxattr(inode, name, ctx))
+
+    async def setxattr(self, inode, name, value, ctx):
+        op = self._op("setxattr", inode, ctx)
+        return await self._serve(op, lambda: self.backend.setxattr(inode, name, value, ctx))
+
+    async def listxattr(self, inode, ctx):
+        return await self._serve(self._op("listxattr", inode, ctx), lambda: self.backend.listxattr(inode, ctx))
+
+    async def removexattr(self, inode, name, ctx):
+        op = self._op("removexattr", inode, ctx)
+        return await self._serve(op, lambda: self.backend.removexattr(inode, name, ctx))

@@ -1,0 +1,199 @@
+"""The worker's NATS side: policy watch, event batches and heartbeats, in an asyncio thread.
+
+pyfuse3 runs on trio; nats-py runs on asyncio. The bus gets its own thread with its
+own asyncio loop, so a slow or absent NATS can never stall a FUSE request: the data
+path only appends to :class:`Telemetry`'s deque, and new policies cross over with
+``trio.from_thread.run_sync`` (applied on the trio thread between requests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+
+import msgspec
+import nats
+import trio
+from nats.js.errors import BucketNotFoundError
+
+from interposer.proto import EventBatch, Policy, WorkerStatus, decode_record, subjects
+
+from ._config import WorkerConfig
+from ._telemetry import Telemetry
+
+log = logging.getLogger(__name__)
+
+#: Wait between reconnect attempts, seconds.
+DEFAULT_RECONNECT_TIME_WAIT_S = 1.0
+#: Wait before looking again for a policy bucket that does not exist yet, seconds.
+DEFAULT_BUCKET_RETRY_S = 1.0
+#: Time the bus gets to publish what is left when the worker stops, seconds.
+DEFAULT_SHUTDOWN_FLUSH_S = 3.0
+
+
+class Bus:
+    """Connects one worker to NATS.
+
+    Args:
+        config: worker configuration (``nats_url`` must be set).
+        telemetry: event buffer to drain.
+        apply_policy: called on the trio thread as ``apply_policy(policy, revision)``.
+        current_revision: returns the revision in force (for heartbeats).
+        trio_token: token of the trio run that serves FUSE.
+    """
+
+    def __init__(
+        self, config: WorkerConfig, telemetry: Telemetry, apply_policy: Callable[[Policy, int], None],
+        current_revision: Callable[[], int], trio_token: trio.lowlevel.TrioToken,
+    ) -> None:
+        self.config = config
+        self.telemetry = telemetry
+        self.worker_id = uuid.uuid4().hex[:12]
+        self._apply_policy = apply_policy
+        self._current_revision = current_revision
+        self._trio_token = trio_token
+        self._started_at_s = time.time()
+        self._seq = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._thread_main, name="interposer-bus", daemon=True)
+        self._encoder = msgspec.msgpack.Encoder()
+
+    def start(self) -> None:
+        """Start the bus thread; returns at once (connecting happens in the background)."""
+        self._thread.start()
+
+    def stop(self, timeout_s: float = DEFAULT_SHUTDOWN_FLUSH_S + 2) -> None:
+        """Publish what is buffered, drain the connection and end the thread."""
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout_s)
+
+    def _thread_main(self) -> None:
+        asyncio.run(self._main())
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        nc = await self._connect()
+        if nc is None:
+            return
+        tasks = [asyncio.create_task(coro) for coro in (self._watch_policy(nc), self._flush_loop(nc), self._status_loop(nc))]
+        await self._stop.wait()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        try:
+            await asyncio.wait_for(self._final_flush(nc), DEFAULT_SHUTDOWN_FLUSH_S)
+            await asyncio.wait_for(nc.drain(), DEFAULT_SHUTDOWN_FLUSH_S)
+        except Exception as exc:  # noqa: BLE001 - shutting down; report and go
+            log.warning("could not flush events on shutdown: %s", exc)
+
+    async def _connect(self) -> nats.NATS | None:
+        """Connect, retrying until it works or the bus is stopped."""
+        assert self._stop is not None
+        while not self._stop.is_set():
+            try:
+                return await nats.connect(
+                    self.config.nats_url, name=f"fuse-worker/{self.config.volume_id}",
+                    max_reconnect_attempts=-1, reconnect_time_wait=DEFAULT_RECONNECT_TIME_WAIT_S,
+                    connect_timeout=2,
+                )
+            except Exception as exc:  # noqa: BLE001 - any failure means: retry later
+                log.warning("NATS %s unreachable (%s); serving with the last policy", self.config.nats_url, exc)
+                try:
+                    await asyncio.wait_for(self._stop.wait(), DEFAULT_RECONNECT_TIME_WAIT_S)
+                except asyncio.TimeoutError:
+                    pass
+        return None
+
+    async def _watch_policy(self, nc: nats.NATS) -> None:
+        js = nc.jetstream()
+        volume = self.config.volume_id
+        while True:
+            try:
+                kv = await js.key_value(subjects.POLICY_KV_BUCKET)
+                watcher = await kv.watch(volume)
+            except BucketNotFoundError:
+                await asyncio.sleep(DEFAULT_BUCKET_RETRY_S)
+                continue
+            except Exception as exc:  # noqa: BLE001 - e.g. JetStream not ready yet
+                log.warning("policy watch failed (%s); retrying", exc)
+                await asyncio.sleep(DEFAULT_BUCKET_RETRY_S)
+                continue
+            async for entry in watcher:
+                if entry is None:  # end of the initial values
+                    continue
+                if entry.revision <= self._current_revision():
+                    continue
+                if entry.operation in ("DEL", "PURGE"):
+                    policy = Policy()
+                else:
+                    try:
+                        policy = decode_record(entry.value).policy
+                    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+                        log.error("ignoring undecodable policy revision %d: %s", entry.revision, exc)
+                        continue
+                trio.from_thread.run_sync(self._apply_policy, policy, entry.revision, trio_token=self._trio_token)
+
+    def _batch(self, events: list) -> bytes:
+        self._seq += 1
+        return self._encoder.encode(EventBatch(
+            volume=self.config.volume_id, worker_id=self.worker_id, seq=self._seq, events=events,
+            dropped_total=self.telemetry.events_dropped_total,
+            namespace=self.config.pod_namespace, pod=self.config.pod_name,
+        ))
+
+    async def _publish_events(self, nc: nats.NATS) -> None:
+        subject = subjects.events(self.config.volume_id)
+        telemetry = self.telemetry
+        while telemetry.buffer:
+            events = telemetry.take(self.config.batch_max_events)
+            try:
+                await nc.publish(subject, self._batch(events))
+            except Exception as exc:  # noqa: BLE001 - outbound buffer full while disconnected
+                telemetry.events_dropped_total += len(events)
+                log.debug("dropped %d events: %s", len(events), exc)
+                return
+            telemetry.events_published_total += len(events)
+
+    async def _flush_loop(self, nc: nats.NATS) -> None:
+        while True:
+            await asyncio.sleep(self.config.flush_interval_s)
+            await self._publish_events(nc)
+
+    def _status(self) -> bytes:
+        t = self.telemetry
+        return self._encoder.encode(WorkerStatus(
+            volume=self.config.volume_id, worker_id=self.worker_id, policy_revision=self._current_revision(),
+            ops_total=t.ops_total, events_total=t.ops_total, events_dropped_total=t.events_dropped_total,
+            events_published_total=t.events_published_total, started_at_s=self._started_at_s,
+            sent_at_s=time.time(), namespace=self.config.pod_namespace, pod=self.config.pod_name,
+        ))
+
+    async def _status_loop(self, nc: nats.NATS) -> None:
+        subject = subjects.status(self.config.volume_id)
+        last_revision = -1
+        next_beat = 0.0
+        while True:
+            # Beat on schedule, and at once when a new revision is applied, so that
+            # "applied" is visible within one flush interval.
+            revision = self._current_revision()
+            now = time.monotonic()
+            if revision != last_revision or now >= next_beat:
+                await self._publish_events(nc)  # events before the status that counts them
+                try:
+                    await nc.publish(subject, self._status())
+                except Exception as exc:  # noqa: BLE001
+                    log.debug("status not published: %s", exc)
+                last_revision, next_beat = revision, now + self.config.status_interval_s
+            await asyncio.sleep(min(self.config.flush_interval_s, self.config.status_interval_s))
+
+    async def _final_flush(self, nc: nats.NATS) -> None:
+        await self._publish_events(nc)
+        await nc.publish(subjects.status(self.config.volume_id), self._status())
+        await nc.flush()

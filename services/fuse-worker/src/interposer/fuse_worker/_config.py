@@ -1,0 +1,60 @@
+"""Worker configuration: one frozen Struct, filled from flags (``__main__``) or by callers."""
+
+from __future__ import annotations
+
+import msgspec
+
+from interposer.proto.subjects import VOLUME_ID_PATTERN
+
+
+class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Everything a fuse-worker needs to serve one volume.
+
+    Attributes:
+        volume_id: the volume's id (CSI volume_id); names its subjects and KV key.
+        backing_dir: directory served by the passthrough backend.
+        mountpoint: where the FUSE file system is mounted.
+        backend: backend kind; only ``passthrough`` for now.
+        nats_url: NATS server; ``""`` runs without a bus (initial policy only, no events).
+        policy_file: JSON policy applied before the first request; ``""`` = none.
+        pod_namespace: namespace of the pod using the volume (labels telemetry).
+        pod_name: name of that pod.
+        read_only: mount read-only (writes fail with EROFS in the kernel).
+        allow_other: let users other than the mounting one use the mount (pods run
+            as arbitrary uids); needs root or ``user_allow_other`` in /etc/fuse.conf.
+        entry_timeout_s: kernel cache time of name lookups, seconds.
+        attr_timeout_s: kernel cache time of attributes, seconds.
+        max_tasks: most FUSE requests served concurrently (pyfuse3 worker tasks).
+        event_buffer: most op events buffered before new ones are dropped.
+        batch_max_events: most events in one published batch.
+        flush_interval_s: how often buffered events are published, seconds.
+        status_interval_s: how often a ``WorkerStatus`` heartbeat is published, seconds.
+    """
+
+    volume_id: str = msgspec.field(default="default")
+    backing_dir: str
+    mountpoint: str
+    backend: str = "passthrough"
+    nats_url: str = ""
+    policy_file: str = ""
+    pod_namespace: str = ""
+    pod_name: str = ""
+    read_only: bool = False
+    allow_other: bool = True
+    entry_timeout_s: float = 1.0
+    attr_timeout_s: float = 1.0
+    max_tasks: int = 128
+    event_buffer: int = 100_000
+    batch_max_events: int = 5_000
+    flush_interval_s: float = 0.1
+    status_interval_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not VOLUME_ID_PATTERN.fullmatch(self.volume_id):
+            raise ValueError(f"volume_id {self.volume_id!r} must match {VOLUME_ID_PATTERN.pattern}")
+        if self.backend != "passthrough":
+            raise ValueError(f"backend {self.backend!r} is not supported (supported: passthrough)")
+        if self.max_tasks < 1 or self.event_buffer < 1 or self.batch_max_events < 1:
+            raise ValueError("max_tasks, event_buffer and batch_max_events must be >= 1")
+        if self.flush_interval_s <= 0 or self.status_interval_s <= 0:
+            raise ValueError("flush_interval_s and status_interval_s must be > 0")

@@ -1,0 +1,50 @@
+"""The request object layers see, and the handler signature they implement."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+
+#: The backend call of one request, bound to its arguments: ``await call()``.
+BackendCall = Callable[[], Awaitable[Any]]
+#: A layer chain entry point: ``await handler(op, call)`` returns the backend's reply
+#: (or raises ``pyfuse3.FUSEError``).
+Handler = Callable[["Op", BackendCall], Awaitable[Any]]
+
+
+class Op(msgspec.Struct):
+    """One FUSE request on its way through the layers.
+
+    Layers read the request fields and record what they did in the outcome fields;
+    the adapter turns the finished op into an ``OpEvent``.
+
+    Attributes:
+        name: FUSE op name (``read``, ``lookup``…).
+        ino: inode the op addresses (the parent directory for entry ops).
+        path: path inside the volume, starting with ``/`` (the entry's path for entry ops).
+        offset: byte offset for read/write, else 0.
+        size: bytes requested for read/write, else 0.
+        pid: caller pid (0 when FUSE gives none).
+        uid: caller uid.
+        fault: errno name a fault layer injected (outcome).
+        delay_ns: delay injected by delay layers, ns (outcome).
+        throttle_ns: time spent waiting for throttle tokens, ns (outcome).
+    """
+
+    name: str
+    ino: int
+    path: str
+    offset: int = 0
+    size: int = 0
+    pid: int = 0
+    uid: int = 0
+    fault: str = ""
+    delay_ns: int = 0
+    throttle_ns: int = 0
+
+
+async def invoke_backend(op: Op, call: BackendCall) -> Any:
+    """The innermost handler of every chain: run the backend call."""
+    return await call()

@@ -1,0 +1,3 @@
+"""Backends: what the layer stack finally talks to."""
+
+from .passthrough import PassthroughBackend as PassthroughBackend

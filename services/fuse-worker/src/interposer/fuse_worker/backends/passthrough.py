@@ -1,0 +1,390 @@
+"""Passthrough backend: serve a backing directory, only through fds relative to its root.
+
+Every backing file is reached by ``openat(parent_fd, name, O_PATH | O_NOFOLLOW)``
+one component at a time from the root fd, so no sequence of FUSE requests can
+resolve a path outside the backing directory: symlinks inside the tree are never
+followed by the worker (the kernel resolves them on the client side, against the
+client's own root), ``..`` is answered from the inode table, and names with ``/``
+are refused. Operations on an inode go through its O_PATH fd, directly
+(``fstat``) or via its ``/proc/self/fd/N`` magic link (reopen, chmod, truncate,
+utimens, xattrs) as libfuse's passthrough_hp does.
+
+Syscalls run on the event loop: on local disks a ``pread`` costs less than the
+thread hop (see docs/ARCHITECTURE.md).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Sequence
+
+import pyfuse3
+
+from .._inodes import Inode, InodeTable
+from ._renameat2 import renameat2
+
+_O_PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+#: Open flags never passed to the backing file: the kernel already handled them
+#: (O_CREAT/O_EXCL via create, O_NOCTTY meaningless), or they need aligned user
+#: buffers that Python's pread/pwrite do not give (O_DIRECT: the FUSE side of the
+#: mount already bypasses the page cache for O_DIRECT opens).
+_STRIPPED_OPEN_FLAGS = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT
+
+
+def _proc(fd: int) -> str:
+    return f"/proc/self/fd/{fd}"
+
+
+class PassthroughBackend:
+    """A backing directory served as a FUSE file system.
+
+    Args:
+        root_dir: backing directory (must exist).
+        entry_timeout_s: how long the kernel may cache name lookups, seconds.
+        attr_timeout_s: how long the kernel may cache attributes, seconds.
+
+    Raises:
+        NotADirectoryError, FileNotFoundError, PermissionError: ``root_dir`` unusable.
+    """
+
+    name = "passthrough"
+
+    def __init__(self, root_dir: str, entry_timeout_s: float = 1.0, attr_timeout_s: float = 1.0) -> None:
+        root_fd = os.open(root_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.inodes = InodeTable(root_fd)
+        self._entry_timeout_s = entry_timeout_s
+        self._attr_timeout_s = attr_timeout_s
+        self._am_root = os.geteuid() == 0
+        # fh → (fd, inode) of open files; fh → (inode, names) of open directories.
+        self._files: dict[int, tuple[int, Inode]] = {}
+        self._dirs: dict[int, tuple[Inode, list[bytes]]] = {}
+        self._next_fh = 1
+
+    # ---- helpers -------------------------------------------------------------------
+
+    def _attrs(self, st: os.stat_result, ino: int) -> pyfuse3.EntryAttributes:
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = ino
+        attr.generation = 0
+        attr.entry_timeout = self._entry_timeout_s
+        attr.attr_timeout = self._attr_timeout_s
+        attr.st_mode = st.st_mode
+        attr.st_nlink = st.st_nlink
+        attr.st_uid = st.st_uid
+        attr.st_gid = st.st_gid
+        attr.st_rdev = st.st_rdev
+        attr.st_size = st.st_size
+        attr.st_blksize = st.st_blksize
+        attr.st_blocks = st.st_blocks
+        attr.st_atime_ns = st.st_atime_ns
+        attr.st_mtime_ns = st.st_mtime_ns
+        attr.st_ctime_ns = st.st_ctime_ns
+        return attr
+
+    @staticmethod
+    def _check_name(name: bytes) -> None:
+        if b"/" in name or not name:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+
+    def _find(self, parent: Inode, name: bytes) -> tuple[Inode, os.stat_result]:
+        """Open ``parent``/``name`` O_PATH and register it (lookup count unchanged)."""
+        if name == b".":
+            return parent, os.fstat(parent.fd)
+        if name == b"..":
+            up = parent.parent or parent  # the root's parent is the root: no way out
+            return up, os.fstat(up.fd)
+        self._check_name(name)
+        fd = os.open(name, _O_PATH_FLAGS, dir_fd=parent.fd)
+        try:
+            st = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        return self.inodes.add_or_update(fd, st, parent, name), st
+
+    def _entry(self, parent: Inode, name: bytes) -> pyfuse3.EntryAttributes:
+        inode, st = self._find(parent, name)
+        inode.lookups += 1
+        return self._attrs(st, inode.ino)
+
+    def _chown_to_caller(self, parent: Inode, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        # Files are created by the worker; give them to the caller as the kernel
+        # would have (the worker runs as root, so ownership must be set explicitly).
+        if self._am_root and (ctx.uid != 0 or ctx.gid != 0):
+            os.chown(name, ctx.uid, ctx.gid, dir_fd=parent.fd, follow_symlinks=False)
+
+    def path_of(self, ino: int) -> str:
+        """Path of inode ``ino`` inside the volume; ``"?"`` if it is unknown."""
+        inode = self.inodes._by_ino.get(ino)
+        return self.inodes.path(inode) if inode is not None else "?"
+
+    def entry_path(self, parent_ino: int, name: bytes) -> str:
+        """Path of entry ``name`` in directory ``parent_ino``."""
+        parent_path = self.path_of(parent_ino)
+        decoded = os.fsdecode(name)
+        return parent_path + decoded if parent_path == "/" else f"{parent_path}/{decoded}"
+
+    def ino_of_fh(self, fh: int) -> int:
+        """Inode of an open file or directory handle (0 if unknown)."""
+        entry = self._files.get(fh)
+        if entry is not None:
+            return entry[1].ino
+        dentry = self._dirs.get(fh)
+        return dentry[0].ino if dentry is not None else 0
+
+    def _new_fh(self) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        return fh
+
+    def _file_fd(self, fh: int) -> int:
+        try:
+            return self._files[fh][0]
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.EBADF) from None
+
+    # ---- entries -------------------------------------------------------------------
+
+    async def lookup(self, parent_ino: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._entry(self.inodes.get(parent_ino), name)
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for ino, nlookup in inode_list:
+            self.inodes.forget(ino, nlookup)
+
+    async def getattr(self, ino: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._attrs(os.fstat(self.inodes.get(ino).fd), ino)
+
+    async def setattr(
+        self, ino: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        inode = self.inodes.get(ino)
+        path = _proc(inode.fd)
+        if fields.update_size:
+            if fh is not None and fh in self._files:
+                os.ftruncate(self._files[fh][0], attr.st_size)
+            else:
+                os.truncate(path, attr.st_size)
+        if fields.update_mode:
+            os.chmod(path, attr.st_mode & 0o7777)
+        if fields.update_uid or fields.update_gid:
+            uid = attr.st_uid if fields.update_uid else -1
+            gid = attr.st_gid if fields.update_gid else -1
+            os.chown(path, uid, gid)
+        if fields.update_atime or fields.update_mtime:
+            st = os.fstat(inode.fd)
+            atime = attr.st_atime_ns if fields.update_atime else st.st_atime_ns
+            mtime = attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns
+            os.utime(path, ns=(atime, mtime))
+        return self._attrs(os.fstat(inode.fd), ino)
+
+    async def readlink(self, ino: int, ctx: pyfuse3.RequestContext) -> bytes:
+        return os.readlink(b"", dir_fd=self.inodes.get(ino).fd)
+
+    async def mknod(
+        self, parent_ino: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        parent = self.inodes.get(parent_ino)
+        self._check_name(name)
+        os.mknod(name, mode, rdev, dir_fd=parent.fd)
+        self._chown_to_caller(parent, name, ctx)
+        return self._entry(parent, name)
+
+    async def mkdir(self, parent_ino: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        parent = self.inodes.get(parent_ino)
+        self._check_name(name)
+        os.mkdir(name, mode, dir_fd=parent.fd)
+        self._chown_to_caller(parent, name, ctx)
+        return self._entry(parent, name)
+
+    async def symlink(
+        self, parent_ino: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        parent = self.inodes.get(parent_ino)
+        self._check_name(name)
+        os.symlink(target, name, dir_fd=parent.fd)
+        self._chown_to_caller(parent, name, ctx)
+        return self._entry(parent, name)
+
+    async def link(
+        self, ino: int, new_parent_ino: int, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        inode = self.inodes.get(ino)
+        new_parent = self.inodes.get(new_parent_ino)
+        self._check_name(new_name)
+        # linkat(AT_FDCWD, "/proc/self/fd/N", newdirfd, name, AT_SYMLINK_FOLLOW) links the
+        # very inode the O_PATH fd holds, whatever its name is now.
+        os.link(_proc(inode.fd), new_name, dst_dir_fd=new_parent.fd, follow_symlinks=True)
+        return self._entry(new_parent, new_name)
+
+    async def unlink(self, parent_ino: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._check_name(name)
+        os.unlink(name, dir_fd=self.inodes.get(parent_ino).fd)
+
+    async def rmdir(self, parent_ino: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._check_name(name)
+        os.rmdir(name, dir_fd=self.inodes.get(parent_ino).fd)
+
+    async def rename(
+        self, old_parent_ino: int, old_name: bytes, new_parent_ino: int, new_name: bytes, flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        old_parent = self.inodes.get(old_parent_ino)
+        new_parent = self.inodes.get(new_parent_ino)
+        self._check_name(old_name)
+        self._check_name(new_name)
+        if flags:
+            renameat2(old_parent.fd, old_name, new_parent.fd, new_name, flags)
+        else:
+            os.rename(old_name, new_name, src_dir_fd=old_parent.fd, dst_dir_fd=new_parent.fd)
+        # Keep paths right for layers and events: find what now sits at the new name.
+        try:
+            st = os.stat(new_name, dir_fd=new_parent.fd, follow_symlinks=False)
+        except OSError:
+            return
+        for inode in (self.inodes._by_key.get((st.st_dev, st.st_ino)),):
+            if inode is not None:
+                self.inodes.moved(inode, new_parent, new_name)
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            st = os.stat(old_name, dir_fd=old_parent.fd, follow_symlinks=False)
+            other = self.inodes._by_key.get((st.st_dev, st.st_ino))
+            if other is not None:
+                self.inodes.moved(other, old_parent, old_name)
+
+    # ---- files ---------------------------------------------------------------------
+
+    async def open(self, ino: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        inode = self.inodes.get(ino)
+        fd = os.open(_proc(inode.fd), (flags & ~_STRIPPED_OPEN_FLAGS) | os.O_CLOEXEC)
+        fh = self._new_fh()
+        self._files[fh] = (fd, inode)
+        return pyfuse3.FileInfo(fh=fh)
+
+    async def create(
+        self, parent_ino: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        parent = self.inodes.get(parent_ino)
+        self._check_name(name)
+        open_flags = (flags & ~(os.O_DIRECT | os.O_NOCTTY)) | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(name, open_flags, mode, dir_fd=parent.fd)
+        try:
+            self._chown_to_caller(parent, name, ctx)
+            attrs = self._entry(parent, name)
+        except BaseException:
+            os.close(fd)
+            raise
+        fh = self._new_fh()
+        self._files[fh] = (fd, self.inodes.get(attrs.st_ino))
+        return pyfuse3.FileInfo(fh=fh), attrs
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return os.pread(self._file_fd(fh), size, off)
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        return os.pwrite(self._file_fd(fh), buf, off)
+
+    async def flush(self, fh: int) -> None:
+        # close() of a duplicate reports the errors a close of the backing file would
+        # (e.g. a network fs's deferred write errors), without closing the file.
+        os.close(os.dup(self._file_fd(fh)))
+
+    async def release(self, fh: int) -> None:
+        entry = self._files.pop(fh, None)
+        if entry is not None:
+            os.close(entry[0])
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        fd = self._file_fd(fh)
+        if datasync:
+            os.fdatasync(fd)
+        else:
+            os.fsync(fd)
+
+    # ---- directories ---------------------------------------------------------------
+
+    async def opendir(self, ino: int, ctx: pyfuse3.RequestContext) -> int:
+        inode = self.inodes.get(ino)
+        fd = os.open(_proc(inode.fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            # "." and ".." first, as a native getdents lists them (ls -a shows them).
+            names = [b".", b".."] + [os.fsencode(n) for n in os.listdir(fd)]
+        finally:
+            os.close(fd)
+        fh = self._new_fh()
+        self._dirs[fh] = (inode, names)
+        return fh
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        try:
+            inode, names = self._dirs[fh]
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.EBADF) from None
+        for index in range(start_id, len(names)):
+            name = names[index]
+            try:
+                child, st = self._find(inode, name)
+            except FileNotFoundError:
+                continue  # removed since opendir
+            if name in (b".", b".."):
+                # The kernel takes no lookup reference for these (pyfuse3 readdir contract).
+                if not pyfuse3.readdir_reply(token, name, self._attrs(st, child.ino), index + 1):
+                    return
+                continue
+            if not pyfuse3.readdir_reply(token, name, self._attrs(st, child.ino), index + 1):
+                if child.lookups == 0:
+                    self.inodes.forget(child.ino, 0)
+                return
+            child.lookups += 1
+
+    async def releasedir(self, fh: int) -> None:
+        self._dirs.pop(fh, None)
+
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        try:
+            inode = self._dirs[fh][0]
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.EBADF) from None
+        fd = os.open(_proc(inode.fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    # ---- file system -----------------------------------------------------------------
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        sv = os.statvfs(self.inodes.root.fd)
+        data = pyfuse3.StatvfsData()
+        for field in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree",
+                      "f_favail", "f_namemax"):
+            setattr(data, field, getattr(sv, field))
+        return data
+
+    # ---- extended attributes ---------------------------------------------------------
+
+    async def getxattr(self, ino: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        try:
+            return os.getxattr(_proc(self.inodes.get(ino).fd), name)
+        except OSError as exc:
+            if exc.errno == errno.ENODATA:
+                raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
+            raise
+
+    async def setxattr(self, ino: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        os.setxattr(_proc(self.inodes.get(ino).fd), name, value)
+
+    async def listxattr(self, ino: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        return [os.fsencode(n) for n in os.listxattr(_proc(self.inodes.get(ino).fd))]
+
+    async def removexattr(self, ino: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        os.removexattr(_proc(self.inodes.get(ino).fd), name)
+
+    def close(self) -> None:
+        """Close every fd the backend holds."""
+        for fd, _ in self._files.values():
+            os.close(fd)
+        self._files.clear()
+        self._dirs.clear()
+        self.inodes.close()
