@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import shlex
 import signal
 import sys
-from collections.abc import Sequence
 
+import click
 import msgspec
 
 from ._config import CsiNodeConfig
@@ -16,48 +15,41 @@ from ._server import CsiNodeServer
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
-
-def parse_config(argv: Sequence[str] | None = None) -> CsiNodeConfig:
-    """Turn command-line flags into a :class:`CsiNodeConfig` (unset flags keep its defaults)."""
-    defaults = CsiNodeConfig()
-    parser = argparse.ArgumentParser(prog="python -m interposer.csi_node", description=__doc__)
-    parser.add_argument("--endpoint", default=defaults.endpoint, help="unix:///path/csi.sock to listen on")
-    parser.add_argument("--nodeid", default=defaults.node_id, help="node id reported by NodeGetInfo")
-    parser.add_argument("--state-dir", default=defaults.state_dir, help="per-volume state, policies, worker logs")
-    parser.add_argument("--nats-url", default=defaults.nats_url, help="NATS URL handed to workers (empty: none)")
-    parser.add_argument(
-        "--worker-command", default=shlex.join(defaults.worker_command),
-        help="command that starts a fuse-worker (shell-quoted); volume flags are appended",
-    )
-    parser.add_argument("--mount-timeout-s", type=float, default=defaults.mount_timeout_s)
-    parser.add_argument("--unmount-timeout-s", type=float, default=defaults.unmount_timeout_s)
-    parser.add_argument("--max-volumes-per-node", type=int, default=defaults.max_volumes_per_node)
-    parser.add_argument("--grpc-workers", type=int, default=defaults.grpc_workers)
-    parser.add_argument("--log-level", default=defaults.log_level)
-    args = parser.parse_args(argv)
-    return msgspec.convert(
-        {
-            "endpoint": args.endpoint,
-            "node_id": args.nodeid,
-            "state_dir": args.state_dir,
-            "nats_url": args.nats_url,
-            "worker_command": shlex.split(args.worker_command),
-            "mount_timeout_s": args.mount_timeout_s,
-            "unmount_timeout_s": args.unmount_timeout_s,
-            "max_volumes_per_node": args.max_volumes_per_node,
-            "grpc_workers": args.grpc_workers,
-            "log_level": args.log_level.upper(),
-        },
-        CsiNodeConfig,
-    )
+_DEFAULTS = CsiNodeConfig()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the csi-node until SIGTERM or SIGINT; return the exit status."""
-    config = parse_config(argv)
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--endpoint", default=_DEFAULTS.endpoint, show_default=True, help="unix:///path/csi.sock to listen on.")
+@click.option("--nodeid", "node_id", default=_DEFAULTS.node_id, show_default="hostname", help="NodeGetInfo node id.")
+@click.option("--state-dir", default=_DEFAULTS.state_dir, show_default=True,
+              help="Per-volume state, policy files and worker logs.")
+@click.option("--nats-url", default=_DEFAULTS.nats_url, help="NATS URL handed to workers; empty: none.")
+@click.option("--worker-command", default=shlex.join(_DEFAULTS.worker_command), show_default="python -m interposer.fuse_worker",
+              help="Command (shell-quoted) that starts a fuse-worker; per-volume flags are appended.")
+@click.option("--mount-timeout-s", type=float, default=_DEFAULTS.mount_timeout_s, show_default=True,
+              help="Seconds NodePublishVolume waits for the mount to answer.")
+@click.option("--unmount-timeout-s", type=float, default=_DEFAULTS.unmount_timeout_s, show_default=True,
+              help="Seconds NodeUnpublishVolume waits for the worker to exit after SIGTERM.")
+@click.option("--max-volumes-per-node", type=int, default=_DEFAULTS.max_volumes_per_node, show_default=True,
+              help="NodeGetInfo max_volumes_per_node; 0 = no limit.")
+@click.option("--grpc-workers", type=int, default=_DEFAULTS.grpc_workers, show_default=True,
+              help="gRPC handler threads.")
+@click.option("--log-level", default=_DEFAULTS.log_level, show_default=True)
+def main(worker_command: str, log_level: str, **flags: object) -> None:
+    """Serve the CSI Identity and Node services of fs.interposer.io until SIGTERM."""
+    try:
+        config = msgspec.convert(
+            {**flags, "worker_command": shlex.split(worker_command), "log_level": log_level.upper()}, CsiNodeConfig
+        )
+    except msgspec.ValidationError as exc:
+        raise click.UsageError(str(exc)) from None
     logging.basicConfig(level=config.log_level, format=LOG_FORMAT, stream=sys.stderr)
-    server = CsiNodeServer(config)
-    server.start()
+    try:
+        server = CsiNodeServer(config)
+        server.start()
+    except (ValueError, OSError, RuntimeError) as exc:
+        click.echo(f"csi-node: {exc}", err=True)
+        sys.exit(1)
 
     def on_signal(signum: int, frame: object) -> None:
         logging.getLogger(__name__).info("%s: stopping", signal.Signals(signum).name)
@@ -66,8 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     server.wait_for_termination()
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

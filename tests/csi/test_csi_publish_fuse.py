@@ -1,0 +1,157 @@
+"""Publish → use → unpublish a real interposed volume through the real csi-node.
+
+These mount FUSE file systems: they fail (never skip) where FUSE is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from csi_support import (
+    RPC_TIMEOUT_S,
+    CsiNode,
+    fuse_mounts_under,
+    mounting_volume_request,
+    pid_alive,
+    require_fuse,
+    running_csi_node,
+)
+
+from interposer.proto.csi import csi_pb2
+
+pytestmark = pytest.mark.fuse
+
+VOLUME_ID = "pvc-0123-abcd"
+
+
+@pytest.fixture(autouse=True)
+def _fuse_available() -> None:
+    require_fuse()
+
+
+def unpublish(csi_node: CsiNode, volume_id: str, target: Path) -> None:
+    csi_node.node.NodeUnpublishVolume(
+        csi_pb2.NodeUnpublishVolumeRequest(volume_id=volume_id, target_path=str(target)), timeout=RPC_TIMEOUT_S
+    )
+
+
+def test_publish_use_unpublish_lifecycle(csi_node: CsiNode, csi_root: Path, backing_dir: Path) -> None:
+    target = csi_root / "pods" / "uid-1" / "volumes" / "mount"
+    request = mounting_volume_request(
+        VOLUME_ID, target, backing_dir,
+        extra_context={
+            "csi.storage.k8s.io/pod.namespace": "default",
+            "csi.storage.k8s.io/pod.name": "trainer-0",
+            "policy": json.dumps({"layers": [{"type": "delay", "delay_s": 0.0, "ops": ["read"]}]}),
+        },
+    )
+    csi_node.node.NodePublishVolume(request, timeout=RPC_TIMEOUT_S)
+
+    mounts = fuse_mounts_under(csi_root)
+    assert mounts.get(str(target), "").startswith("fuse"), mounts
+    (state,) = csi_node.volume_states()
+    worker_pid = state["worker_pid"]
+    assert pid_alive(worker_pid)
+    argv = state["worker_argv"]
+    assert argv[argv.index("--pod-namespace") + 1] == "default"
+    assert argv[argv.index("--pod-name") + 1] == "trainer-0"
+    assert "--policy-file" in argv and "--read-only" not in argv
+
+    # Written through the mount, it lands in the backing directory; and back.
+    (target / "hello.txt").write_bytes(b"through the interposer\n")
+    assert (backing_dir / "hello.txt").read_bytes() == b"through the interposer\n"
+    (backing_dir / "from-backing.txt").write_text("seen from the pod")
+    assert (target / "from-backing.txt").read_text() == "seen from the pod"
+
+    # Publishing the same volume at the same target again is OK and changes nothing.
+    csi_node.node.NodePublishVolume(request, timeout=RPC_TIMEOUT_S)
+    assert [s["worker_pid"] for s in csi_node.volume_states()] == [worker_pid]
+
+    unpublish(csi_node, VOLUME_ID, target)
+    assert fuse_mounts_under(csi_root) == {}
+    assert not pid_alive(worker_pid)
+    assert not target.exists()
+    assert csi_node.volume_states() == []
+    assert (backing_dir / "hello.txt").exists()
+
+    unpublish(csi_node, VOLUME_ID, target)  # again: still OK
+
+
+def test_republish_with_conflicting_readonly_is_already_exists(
+    csi_node: CsiNode, csi_root: Path, backing_dir: Path
+) -> None:
+    target = csi_root / "target"
+    csi_node.node.NodePublishVolume(mounting_volume_request(VOLUME_ID, target, backing_dir), timeout=RPC_TIMEOUT_S)
+    with pytest.raises(grpc.RpcError) as caught:
+        csi_node.node.NodePublishVolume(
+            mounting_volume_request(VOLUME_ID, target, backing_dir, readonly=True), timeout=RPC_TIMEOUT_S
+        )
+    assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    unpublish(csi_node, VOLUME_ID, target)
+
+
+def test_another_volume_at_a_published_target_is_already_exists(
+    csi_node: CsiNode, csi_root: Path, backing_dir: Path
+) -> None:
+    target = csi_root / "target"
+    csi_node.node.NodePublishVolume(mounting_volume_request(VOLUME_ID, target, backing_dir), timeout=RPC_TIMEOUT_S)
+    other_backing = csi_root / "other-backing"
+    other_backing.mkdir()
+    with pytest.raises(grpc.RpcError) as caught:
+        csi_node.node.NodePublishVolume(
+            mounting_volume_request("another-volume", target, other_backing), timeout=RPC_TIMEOUT_S
+        )
+    assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    unpublish(csi_node, VOLUME_ID, target)
+    assert fuse_mounts_under(csi_root) == {}
+
+
+def test_readonly_publish_refuses_writes(csi_node: CsiNode, csi_root: Path, backing_dir: Path) -> None:
+    (backing_dir / "data.bin").write_bytes(b"x" * 10)
+    target = csi_root / "target"
+    csi_node.node.NodePublishVolume(
+        mounting_volume_request(VOLUME_ID, target, backing_dir, readonly=True), timeout=RPC_TIMEOUT_S
+    )
+    assert "--read-only" in csi_node.volume_states()[0]["worker_argv"]
+    assert (target / "data.bin").read_bytes() == b"x" * 10
+    with pytest.raises(OSError):
+        (target / "new.txt").write_text("nope")
+    assert not (backing_dir / "new.txt").exists()
+    unpublish(csi_node, VOLUME_ID, target)
+
+
+def test_publish_recovers_a_volume_whose_worker_died(csi_node: CsiNode, csi_root: Path, backing_dir: Path) -> None:
+    target = csi_root / "target"
+    request = mounting_volume_request(VOLUME_ID, target, backing_dir)
+    csi_node.node.NodePublishVolume(request, timeout=RPC_TIMEOUT_S)
+    (dead_pid,) = [s["worker_pid"] for s in csi_node.volume_states()]
+    os.kill(dead_pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while pid_alive(dead_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+    csi_node.node.NodePublishVolume(request, timeout=RPC_TIMEOUT_S)
+    (state,) = csi_node.volume_states()
+    assert state["worker_pid"] != dead_pid and pid_alive(state["worker_pid"])
+    (target / "after-recovery.txt").write_text("ok")
+    assert (backing_dir / "after-recovery.txt").read_text() == "ok"
+    unpublish(csi_node, VOLUME_ID, target)
+    assert fuse_mounts_under(csi_root) == {}
+
+
+def test_worker_that_dies_at_start_is_internal_with_its_log(csi_root: Path, backing_dir: Path) -> None:
+    with running_csi_node(csi_root, worker_command="sh -c 'echo worker-broke-on-purpose >&2; exit 3' --") as node:
+        with pytest.raises(grpc.RpcError) as caught:
+            node.node.NodePublishVolume(
+                mounting_volume_request(VOLUME_ID, csi_root / "target", backing_dir), timeout=RPC_TIMEOUT_S
+            )
+        assert caught.value.code() == grpc.StatusCode.INTERNAL
+        assert "worker-broke-on-purpose" in caught.value.details()
+        assert node.volume_states() == []
+        assert fuse_mounts_under(csi_root) == {}
