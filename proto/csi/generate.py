@@ -51,7 +51,9 @@ def generate(out_root: Path = DEFAULT_OUT_ROOT) -> list[Path]:
     (out_root / VIRTUAL_PACKAGE_DIR).mkdir(parents=True, exist_ok=True)
     subprocess.run(
         [
-            sys.executable, "-m", "grpc_tools.protoc",
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
             f"-I{VIRTUAL_PACKAGE_DIR}={CSI_PROTO.parent}",
             f"--python_out={out_root}",
             f"--pyi_out={out_root}",

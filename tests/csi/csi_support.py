@@ -22,7 +22,6 @@ from pathlib import Path
 import grpc
 import msgspec
 import pytest
-
 from interposer.proto.csi import csi_pb2, csi_pb2_grpc
 
 TESTS_DIR = Path(__file__).resolve().parent.parent
@@ -134,7 +133,9 @@ def fresh_csi_root() -> Iterator[Path]:
 
 
 @contextmanager
-def running_csi_node(root: Path, worker_command: str | None = None) -> Iterator[CsiNode]:
+def running_csi_node(
+    root: Path, worker_command: str | None = None, mount_timeout_s: float = TEST_MOUNT_TIMEOUT_S
+) -> Iterator[CsiNode]:
     """Run ``python -m interposer.csi_node`` on ``<root>/csi.sock`` until the block ends.
 
     On exit the csi-node gets SIGTERM and every fuse-worker named in its state
@@ -144,13 +145,21 @@ def running_csi_node(root: Path, worker_command: str | None = None) -> Iterator[
     state_dir = root / "state"
     log_path = root / "csi-node.log"
     argv = [
-        sys.executable, "-m", "interposer.csi_node",
-        "--endpoint", f"unix://{socket_path}",
-        "--nodeid", "test-node",
-        "--state-dir", str(state_dir),
-        "--mount-timeout-s", str(TEST_MOUNT_TIMEOUT_S),
-        "--unmount-timeout-s", "5",
-        "--log-level", "DEBUG",
+        sys.executable,
+        "-m",
+        "interposer.csi_node",
+        "--endpoint",
+        f"unix://{socket_path}",
+        "--nodeid",
+        "test-node",
+        "--state-dir",
+        str(state_dir),
+        "--mount-timeout-s",
+        str(mount_timeout_s),
+        "--unmount-timeout-s",
+        "5",
+        "--log-level",
+        "DEBUG",
     ]
     if worker_command is not None:
         argv += ["--worker-command", worker_command]
@@ -177,7 +186,9 @@ def running_csi_node(root: Path, worker_command: str | None = None) -> Iterator[
                 break
             except grpc.RpcError:
                 if time.monotonic() > deadline:
-                    pytest.fail(f"csi-node did not answer Probe within {STARTUP_TIMEOUT_S} s:\n{node.log_text()}")
+                    pytest.fail(
+                        f"csi-node did not answer Probe within {STARTUP_TIMEOUT_S} s:\n{node.log_text()}"
+                    )
                 time.sleep(0.1)
         yield node
     finally:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
-
+from csi_support import RPC_TIMEOUT_S, CsiNode
 from interposer.csi_node import DRIVER_NAME
 from interposer.proto.csi import csi_pb2, csi_pb2_grpc
 
@@ -14,8 +14,6 @@ def csi_node(shared_csi_node: CsiNode) -> CsiNode:
     """The module's csi-node: these RPCs change nothing, so tests can share it."""
     return shared_csi_node
 
-from csi_support import RPC_TIMEOUT_S, CsiNode
-
 
 def test_get_plugin_info_names_the_driver(csi_node: CsiNode) -> None:
     info = csi_node.identity.GetPluginInfo(csi_pb2.GetPluginInfoRequest(), timeout=RPC_TIMEOUT_S)
@@ -24,7 +22,9 @@ def test_get_plugin_info_names_the_driver(csi_node: CsiNode) -> None:
 
 
 def test_plugin_capabilities_do_not_claim_a_controller(csi_node: CsiNode) -> None:
-    reply = csi_node.identity.GetPluginCapabilities(csi_pb2.GetPluginCapabilitiesRequest(), timeout=RPC_TIMEOUT_S)
+    reply = csi_node.identity.GetPluginCapabilities(
+        csi_pb2.GetPluginCapabilitiesRequest(), timeout=RPC_TIMEOUT_S
+    )
     services = [c.service.type for c in reply.capabilities if c.HasField("service")]
     assert csi_pb2.PluginCapability.Service.CONTROLLER_SERVICE not in services
 
@@ -62,5 +62,7 @@ def test_unsupported_node_rpcs_are_unimplemented(csi_node: CsiNode, method: str,
 def test_controller_service_is_not_registered(csi_node: CsiNode) -> None:
     controller = csi_pb2_grpc.ControllerStub(csi_node.channel)
     with pytest.raises(grpc.RpcError) as caught:
-        controller.ControllerGetCapabilities(csi_pb2.ControllerGetCapabilitiesRequest(), timeout=RPC_TIMEOUT_S)
+        controller.ControllerGetCapabilities(
+            csi_pb2.ControllerGetCapabilitiesRequest(), timeout=RPC_TIMEOUT_S
+        )
     assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED

@@ -22,7 +22,6 @@ from csi_support import (
     require_fuse,
     running_csi_node,
 )
-
 from interposer.proto.csi import csi_pb2
 
 pytestmark = pytest.mark.fuse
@@ -37,14 +36,17 @@ def _fuse_available() -> None:
 
 def unpublish(csi_node: CsiNode, volume_id: str, target: Path) -> None:
     csi_node.node.NodeUnpublishVolume(
-        csi_pb2.NodeUnpublishVolumeRequest(volume_id=volume_id, target_path=str(target)), timeout=RPC_TIMEOUT_S
+        csi_pb2.NodeUnpublishVolumeRequest(volume_id=volume_id, target_path=str(target)),
+        timeout=RPC_TIMEOUT_S,
     )
 
 
 def test_publish_use_unpublish_lifecycle(csi_node: CsiNode, csi_root: Path, backing_dir: Path) -> None:
     target = csi_root / "pods" / "uid-1" / "volumes" / "mount"
     request = mounting_volume_request(
-        VOLUME_ID, target, backing_dir,
+        VOLUME_ID,
+        target,
+        backing_dir,
         extra_context={
             "csi.storage.k8s.io/pod.namespace": "default",
             "csi.storage.k8s.io/pod.name": "trainer-0",
@@ -87,7 +89,9 @@ def test_republish_with_conflicting_readonly_is_already_exists(
     csi_node: CsiNode, csi_root: Path, backing_dir: Path
 ) -> None:
     target = csi_root / "target"
-    csi_node.node.NodePublishVolume(mounting_volume_request(VOLUME_ID, target, backing_dir), timeout=RPC_TIMEOUT_S)
+    csi_node.node.NodePublishVolume(
+        mounting_volume_request(VOLUME_ID, target, backing_dir), timeout=RPC_TIMEOUT_S
+    )
     with pytest.raises(grpc.RpcError) as caught:
         csi_node.node.NodePublishVolume(
             mounting_volume_request(VOLUME_ID, target, backing_dir, readonly=True), timeout=RPC_TIMEOUT_S
@@ -100,7 +104,9 @@ def test_another_volume_at_a_published_target_is_already_exists(
     csi_node: CsiNode, csi_root: Path, backing_dir: Path
 ) -> None:
     target = csi_root / "target"
-    csi_node.node.NodePublishVolume(mounting_volume_request(VOLUME_ID, target, backing_dir), timeout=RPC_TIMEOUT_S)
+    csi_node.node.NodePublishVolume(
+        mounting_volume_request(VOLUME_ID, target, backing_dir), timeout=RPC_TIMEOUT_S
+    )
     other_backing = csi_root / "other-backing"
     other_backing.mkdir()
     with pytest.raises(grpc.RpcError) as caught:
@@ -126,7 +132,9 @@ def test_readonly_publish_refuses_writes(csi_node: CsiNode, csi_root: Path, back
     unpublish(csi_node, VOLUME_ID, target)
 
 
-def test_publish_recovers_a_volume_whose_worker_died(csi_node: CsiNode, csi_root: Path, backing_dir: Path) -> None:
+def test_publish_recovers_a_volume_whose_worker_died(
+    csi_node: CsiNode, csi_root: Path, backing_dir: Path
+) -> None:
     target = csi_root / "target"
     request = mounting_volume_request(VOLUME_ID, target, backing_dir)
     csi_node.node.NodePublishVolume(request, timeout=RPC_TIMEOUT_S)
@@ -146,12 +154,25 @@ def test_publish_recovers_a_volume_whose_worker_died(csi_node: CsiNode, csi_root
 
 
 def test_worker_that_dies_at_start_is_internal_with_its_log(csi_root: Path, backing_dir: Path) -> None:
-    with running_csi_node(csi_root, worker_command="sh -c 'echo worker-broke-on-purpose >&2; exit 3' --") as node:
+    with running_csi_node(
+        csi_root, worker_command="sh -c 'echo worker-broke-on-purpose >&2; exit 3' --"
+    ) as node:
         with pytest.raises(grpc.RpcError) as caught:
             node.node.NodePublishVolume(
                 mounting_volume_request(VOLUME_ID, csi_root / "target", backing_dir), timeout=RPC_TIMEOUT_S
             )
         assert caught.value.code() == grpc.StatusCode.INTERNAL
         assert "worker-broke-on-purpose" in caught.value.details()
+        assert node.volume_states() == []
+        assert fuse_mounts_under(csi_root) == {}
+
+
+def test_mount_that_never_answers_is_deadline_exceeded(csi_root: Path, backing_dir: Path) -> None:
+    with running_csi_node(csi_root, worker_command="sh -c 'exec sleep 60' --", mount_timeout_s=1.0) as node:
+        with pytest.raises(grpc.RpcError) as caught:
+            node.node.NodePublishVolume(
+                mounting_volume_request(VOLUME_ID, csi_root / "target", backing_dir), timeout=RPC_TIMEOUT_S
+            )
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert node.volume_states() == []
         assert fuse_mounts_under(csi_root) == {}

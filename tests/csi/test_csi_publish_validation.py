@@ -10,7 +10,6 @@ from pathlib import Path
 import grpc
 import pytest
 from csi_support import RPC_TIMEOUT_S, CsiNode, fuse_mounts_under, mounting_volume_request
-
 from interposer.proto.csi import csi_pb2
 
 
@@ -175,7 +174,9 @@ def test_unpublish_of_something_never_published_is_ok(csi_node: CsiNode, csi_roo
 
 
 def test_secrets_are_not_logged(csi_node: CsiNode, csi_root: Path, backing_dir: Path) -> None:
-    request = mounting_volume_request("vol-1", csi_root / "target", backing_dir, extra_context={"backend": "x"})
+    request = mounting_volume_request(
+        "vol-1", csi_root / "target", backing_dir, extra_context={"backend": "x"}
+    )
     request.secrets["password"] = "hunter2-secret-value"
     request.volume_capability.mount.mount_flags.append("token=flag-secret-value")
     publish_error(csi_node, request)

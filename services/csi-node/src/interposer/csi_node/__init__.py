@@ -3,8 +3,11 @@
 Run it with ``python -m interposer.csi_node --endpoint unix:///path/csi.sock ...``.
 """
 
-from ._config import DRIVER_NAME as DRIVER_NAME, CsiNodeConfig as CsiNodeConfig
-from ._launcher import LocalProcessLauncher as LocalProcessLauncher, WorkerSpec as WorkerSpec
-from ._node import CsiError as CsiError, NodeService as NodeService
+from ._config import DRIVER_NAME as DRIVER_NAME
+from ._config import CsiNodeConfig as CsiNodeConfig
 from ._identity import IdentityService as IdentityService
+from ._launcher import LocalProcessLauncher as LocalProcessLauncher
+from ._launcher import WorkerSpec as WorkerSpec
+from ._node import CsiError as CsiError
+from ._node import NodeService as NodeService
 from ._server import CsiNodeServer as CsiNodeServer

@@ -19,27 +19,60 @@ _DEFAULTS = CsiNodeConfig()
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--endpoint", default=_DEFAULTS.endpoint, show_default=True, help="unix:///path/csi.sock to listen on.")
-@click.option("--nodeid", "node_id", default=_DEFAULTS.node_id, show_default="hostname", help="NodeGetInfo node id.")
-@click.option("--state-dir", default=_DEFAULTS.state_dir, show_default=True,
-              help="Per-volume state, policy files and worker logs.")
+@click.option(
+    "--endpoint", default=_DEFAULTS.endpoint, show_default=True, help="unix:///path/csi.sock to listen on."
+)
+@click.option(
+    "--nodeid", "node_id", default=_DEFAULTS.node_id, show_default="hostname", help="NodeGetInfo node id."
+)
+@click.option(
+    "--state-dir",
+    default=_DEFAULTS.state_dir,
+    show_default=True,
+    help="Per-volume state, policy files and worker logs.",
+)
 @click.option("--nats-url", default=_DEFAULTS.nats_url, help="NATS URL handed to workers; empty: none.")
-@click.option("--worker-command", default=shlex.join(_DEFAULTS.worker_command), show_default="python -m interposer.fuse_worker",
-              help="Command (shell-quoted) that starts a fuse-worker; per-volume flags are appended.")
-@click.option("--mount-timeout-s", type=float, default=_DEFAULTS.mount_timeout_s, show_default=True,
-              help="Seconds NodePublishVolume waits for the mount to answer.")
-@click.option("--unmount-timeout-s", type=float, default=_DEFAULTS.unmount_timeout_s, show_default=True,
-              help="Seconds NodeUnpublishVolume waits for the worker to exit after SIGTERM.")
-@click.option("--max-volumes-per-node", type=int, default=_DEFAULTS.max_volumes_per_node, show_default=True,
-              help="NodeGetInfo max_volumes_per_node; 0 = no limit.")
-@click.option("--grpc-workers", type=int, default=_DEFAULTS.grpc_workers, show_default=True,
-              help="gRPC handler threads.")
+@click.option(
+    "--worker-command",
+    default=shlex.join(_DEFAULTS.worker_command),
+    show_default="python -m interposer.fuse_worker",
+    help="Command (shell-quoted) that starts a fuse-worker; per-volume flags are appended.",
+)
+@click.option(
+    "--mount-timeout-s",
+    type=float,
+    default=_DEFAULTS.mount_timeout_s,
+    show_default=True,
+    help="Seconds NodePublishVolume waits for the mount to answer.",
+)
+@click.option(
+    "--unmount-timeout-s",
+    type=float,
+    default=_DEFAULTS.unmount_timeout_s,
+    show_default=True,
+    help="Seconds NodeUnpublishVolume waits for the worker to exit after SIGTERM.",
+)
+@click.option(
+    "--max-volumes-per-node",
+    type=int,
+    default=_DEFAULTS.max_volumes_per_node,
+    show_default=True,
+    help="NodeGetInfo max_volumes_per_node; 0 = no limit.",
+)
+@click.option(
+    "--grpc-workers",
+    type=int,
+    default=_DEFAULTS.grpc_workers,
+    show_default=True,
+    help="gRPC handler threads.",
+)
 @click.option("--log-level", default=_DEFAULTS.log_level, show_default=True)
 def main(worker_command: str, log_level: str, **flags: object) -> None:
     """Serve the CSI Identity and Node services of fs.interposer.io until SIGTERM."""
     try:
         config = msgspec.convert(
-            {**flags, "worker_command": shlex.split(worker_command), "log_level": log_level.upper()}, CsiNodeConfig
+            {**flags, "worker_command": shlex.split(worker_command), "log_level": log_level.upper()},
+            CsiNodeConfig,
         )
     except msgspec.ValidationError as exc:
         raise click.UsageError(str(exc)) from None

@@ -77,9 +77,9 @@ def socket_path_of(endpoint: str) -> str:
         ValueError: not a unix endpoint, or the path is not absolute.
     """
     if endpoint.startswith("unix://"):
-        path = endpoint[len("unix://"):]
+        path = endpoint[len("unix://") :]
     elif endpoint.startswith("unix:"):
-        path = endpoint[len("unix:"):]
+        path = endpoint[len("unix:") :]
     else:
         raise ValueError(f"endpoint {endpoint!r} is not a unix socket (expected unix:///path/csi.sock)")
     if not path.startswith("/"):

@@ -6,7 +6,6 @@ import importlib.metadata
 
 import grpc
 from google.protobuf import wrappers_pb2
-
 from interposer.proto.csi import csi_pb2, csi_pb2_grpc
 
 from ._config import DRIVER_NAME

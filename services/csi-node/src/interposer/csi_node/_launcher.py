@@ -53,7 +53,14 @@ class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
 
     def arguments(self) -> list[str]:
         """Return the worker flags for this spec (without the command itself)."""
-        args = ["--backing-dir", self.backing_dir, "--mountpoint", self.mountpoint, "--volume-id", self.volume_id]
+        args = [
+            "--backing-dir",
+            self.backing_dir,
+            "--mountpoint",
+            self.mountpoint,
+            "--volume-id",
+            self.volume_id,
+        ]
         optional = (
             ("--nats-url", self.nats_url),
             ("--policy-file", self.policy_file),
@@ -149,7 +156,9 @@ class LocalProcessLauncher:
         self._signal(pid, signal.SIGTERM)
         if self._wait_gone(pid, volume_id, timeout_s):
             return True
-        log.warning("fuse-worker pid %d (volume %s) ignored SIGTERM for %.1f s: killing it", pid, volume_id, timeout_s)
+        log.warning(
+            "fuse-worker pid %d (volume %s) ignored SIGTERM for %.1f s: killing it", pid, volume_id, timeout_s
+        )
         self._signal(pid, signal.SIGKILL)
         return self._wait_gone(pid, volume_id, KILL_WAIT_S)
 

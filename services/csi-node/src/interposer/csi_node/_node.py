@@ -21,7 +21,6 @@ from pathlib import Path
 
 import grpc
 import msgspec.structs
-
 from interposer.proto import PolicyError, decode_policy, encode_policy
 from interposer.proto.csi import csi_pb2, csi_pb2_grpc
 from interposer.proto.subjects import VOLUME_ID_PATTERN, is_valid_volume_id
@@ -47,10 +46,12 @@ SUPPORTED_BACKENDS = frozenset({"passthrough"})
 DEFAULT_BACKEND = "passthrough"
 
 #: Access modes that imply a read-only publish even when ``readonly`` is false.
-READ_ONLY_ACCESS_MODES = frozenset({
-    csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_READER_ONLY,
-    csi_pb2.VolumeCapability.AccessMode.MULTI_NODE_READER_ONLY,
-})
+READ_ONLY_ACCESS_MODES = frozenset(
+    {
+        csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_READER_ONLY,
+        csi_pb2.VolumeCapability.AccessMode.MULTI_NODE_READER_ONLY,
+    }
+)
 
 #: Poll interval while waiting for a new mount to answer, seconds.
 MOUNT_POLL_INTERVAL_S = 0.05
@@ -82,8 +83,17 @@ class _PublishPlan:
     """A validated NodePublishVolume request: everything needed to start the worker."""
 
     def __init__(
-        self, *, volume_id: str, target_path: str, real_target_path: str, backing_dir: str,
-        readonly: bool, access_mode: int, policy_json: bytes | None, pod_namespace: str, pod_name: str,
+        self,
+        *,
+        volume_id: str,
+        target_path: str,
+        real_target_path: str,
+        backing_dir: str,
+        readonly: bool,
+        access_mode: int,
+        policy_json: bytes | None,
+        pod_namespace: str,
+        pod_name: str,
     ) -> None:
         self.volume_id = volume_id
         self.target_path = target_path
@@ -155,7 +165,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         context.abort(grpc.StatusCode.UNIMPLEMENTED, "NodeStageVolume: STAGE_UNSTAGE_VOLUME is not supported")
 
     def NodeUnstageVolume(self, request, context):  # noqa: N802
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, "NodeUnstageVolume: STAGE_UNSTAGE_VOLUME is not supported")
+        context.abort(
+            grpc.StatusCode.UNIMPLEMENTED, "NodeUnstageVolume: STAGE_UNSTAGE_VOLUME is not supported"
+        )
 
     def NodeGetVolumeStats(self, request, context):  # noqa: N802
         context.abort(grpc.StatusCode.UNIMPLEMENTED, "NodeGetVolumeStats: GET_VOLUME_STATS is not supported")
@@ -180,8 +192,11 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         plan = self._validate_publish(request)
         log.info(
             "NodePublishVolume volume=%s target=%s readonly=%s access_mode=%s context_keys=%s",
-            plan.volume_id, plan.target_path, plan.readonly,
-            csi_pb2.VolumeCapability.AccessMode.Mode.Name(plan.access_mode), sorted(request.volume_context),
+            plan.volume_id,
+            plan.target_path,
+            plan.readonly,
+            csi_pb2.VolumeCapability.AccessMode.Mode.Name(plan.access_mode),
+            sorted(request.volume_context),
         )
         with self._volume_lock(plan.volume_id):
             existing = self._store.load(plan.volume_id)
@@ -207,7 +222,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         capability = request.volume_capability
         access_type = capability.WhichOneof("access_type")
         if access_type == "block":
-            raise _invalid("volume_capability.block is not supported: interposer volumes are file systems (use mount)")
+            raise _invalid(
+                "volume_capability.block is not supported: interposer volumes are file systems (use mount)"
+            )
         if access_type != "mount":
             raise _invalid("volume_capability.mount is required (access_type is unset)")
         access_mode = capability.access_mode.mode
@@ -281,7 +298,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             conflicts.append(f"readonly {existing.readonly} -> {plan.readonly}")
         if existing.access_mode != plan.access_mode:
             mode_name = csi_pb2.VolumeCapability.AccessMode.Mode.Name
-            conflicts.append(f"access_mode {mode_name(existing.access_mode)} -> {mode_name(plan.access_mode)}")
+            conflicts.append(
+                f"access_mode {mode_name(existing.access_mode)} -> {mode_name(plan.access_mode)}"
+            )
         if existing.backing_dir != plan.backing_dir:
             conflicts.append(f"backing dir {existing.backing_dir} -> {plan.backing_dir}")
         if conflicts:
@@ -297,7 +316,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             return True
         log.warning(
             "volume %s: worker pid %d or its mount at %s is gone; starting a new one",
-            plan.volume_id, existing.worker_pid, plan.target_path,
+            plan.volume_id,
+            existing.worker_pid,
+            plan.target_path,
         )
         self._teardown(existing, plan.real_target_path)
         self._store.delete(plan.volume_id)
@@ -323,7 +344,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         except FileExistsError:
             raise _invalid(f"target_path {plan.target_path} exists and is not a directory") from None
         except OSError as exc:
-            raise CsiError(grpc.StatusCode.INTERNAL, f"cannot create target_path {plan.target_path}: {exc}") from None
+            raise CsiError(
+                grpc.StatusCode.INTERNAL, f"cannot create target_path {plan.target_path}: {exc}"
+            ) from None
 
         policy_file = ""
         if plan.policy_json is not None:
@@ -443,8 +466,11 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         if not stopped:
             log.error("fuse-worker pid %d of volume %s survived SIGKILL", state.worker_pid, state.volume_id)
         if is_fuse_mount(real_target_path):
-            log.warning("volume %s: %s still mounted after the worker stopped; unmounting lazily",
-                        state.volume_id, state.target_path)
+            log.warning(
+                "volume %s: %s still mounted after the worker stopped; unmounting lazily",
+                state.volume_id,
+                state.target_path,
+            )
             if not unmount_lazily(real_target_path):
                 raise CsiError(grpc.StatusCode.INTERNAL, f"cannot unmount {state.target_path}")
 
@@ -471,7 +497,9 @@ def _remove_target_dir(target_path: str) -> None:
         if exc.errno in (errno.ENOTEMPTY, errno.EBUSY, errno.ENOTDIR):
             log.warning("leaving %s in place: %s", target_path, exc.strerror)
         else:
-            raise CsiError(grpc.StatusCode.INTERNAL, f"cannot remove target_path {target_path}: {exc}") from None
+            raise CsiError(
+                grpc.StatusCode.INTERNAL, f"cannot remove target_path {target_path}: {exc}"
+            ) from None
 
 
 def _log_tail(log_path: Path, limit_bytes: int = LOG_TAIL_BYTES) -> str:

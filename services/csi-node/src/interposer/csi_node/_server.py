@@ -20,7 +20,6 @@ import stat
 from concurrent import futures
 
 import grpc
-
 from interposer.proto.csi import csi_pb2_grpc
 
 from ._config import DRIVER_NAME, CsiNodeConfig, socket_path_of
@@ -80,7 +79,10 @@ class CsiNodeServer:
         published = self.store.all()
         log.info(
             "csi-node %s serving on %s (node %s, %d volume(s) in state)",
-            DRIVER_NAME, self.socket_path, self.config.node_id, len(published),
+            DRIVER_NAME,
+            self.socket_path,
+            self.config.node_id,
+            len(published),
         )
 
     def stop(self, grace_s: float = DEFAULT_STOP_GRACE_S) -> None:
