@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -34,3 +37,78 @@ def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
     finally:
         child.stop()
+
+
+class MountedVolume:
+    """A fuse-worker process serving ``backing`` at ``mountpoint``."""
+
+    def __init__(self, backing: Path, mountpoint: Path, proc: "subprocess.Popen[bytes]", log_path: Path) -> None:
+        self.backing = backing
+        self.mountpoint = mountpoint
+        self.proc = proc
+        self.log_path = log_path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def unmount(self) -> int:
+        """Unmount with fusermount3 and return the worker's exit code."""
+        if self.proc.poll() is None:
+            subprocess.run(["fusermount3", "-u", str(self.mountpoint)], check=False, capture_output=True)
+            try:
+                return self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                subprocess.run(["fusermount3", "-uz", str(self.mountpoint)], check=False, capture_output=True)
+        return self.proc.wait()
+
+
+def is_fuse_mount(path: Path) -> bool:
+    """True if ``path`` is a FUSE mount point (per /proc/self/mountinfo)."""
+    target = str(path.resolve())
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        sep = fields.index("-")
+        if fields[4] == target and fields[sep + 1].startswith("fuse"):
+            return True
+    return False
+
+
+@pytest.fixture
+def mount_worker(tmp_path: Path) -> Iterator[Callable[..., MountedVolume]]:
+    """Factory: start ``python -m interposer.fuse_worker`` on a fresh backing dir; unmount after."""
+    require_fuse()
+    volumes: list[MountedVolume] = []
+
+    def start(volume_id: str = "test", *, nats_url: str = "", policy: str | None = None,
+              backing: Path | None = None, extra: Sequence[str] = ()) -> MountedVolume:
+        index = len(volumes)
+        backing = backing or tmp_path / f"backing{index}"
+        backing.mkdir(exist_ok=True)
+        mountpoint = tmp_path / f"mnt{index}"
+        mountpoint.mkdir()
+        argv = [sys.executable, "-m", "interposer.fuse_worker", "--backing-dir", str(backing),
+                "--mountpoint", str(mountpoint), "--volume-id", volume_id, "--log-level", "DEBUG", *extra]
+        if nats_url:
+            argv += ["--nats-url", nats_url]
+        if policy is not None:
+            policy_path = tmp_path / f"policy{index}.json"
+            policy_path.write_text(policy)
+            argv += ["--policy-file", str(policy_path)]
+        log_path = tmp_path / f"worker{index}.log"
+        with open(log_path, "wb") as out:
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+        volume = MountedVolume(backing, mountpoint, proc, log_path)
+        volumes.append(volume)
+        deadline = time.monotonic() + 15
+        while not is_fuse_mount(mountpoint):
+            if proc.poll() is not None:
+                pytest.fail(f"worker exited with {proc.returncode}:\n{volume.log()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"worker did not mount within 15 s:\n{volume.log()}")
+            time.sleep(0.02)
+        return volume
+
+    yield start
+    for volume in volumes:
+        volume.unmount()
