@@ -19,11 +19,12 @@ from interposer.cli._procs import Child
 def start_collector(nats_url: str, tmp_path: Path) -> Iterator[Callable[..., CollectorProcess]]:
     """Factory that starts real collector processes on loopback; all are stopped after the test.
 
-    Each is ready (subscribed to NATS) when the factory returns.
+    ``start(*extra_flags, nats_url=..., wait_connected=True)`` returns once /metrics
+    answers and, unless ``wait_connected`` is False, the collector is subscribed.
     """
     started: list[Child] = []
 
-    def start(*extra_args: str) -> CollectorProcess:
+    def start(*extra_args: str, nats_url: str = nats_url, wait_connected: bool = True) -> CollectorProcess:
         index = len(started)
         port_file = tmp_path / f"collector-{index}.port"
         argv = [sys.executable, "-m", "interposer.collector", "--listen", "127.0.0.1:0",
@@ -32,7 +33,7 @@ def start_collector(nats_url: str, tmp_path: Path) -> Iterator[Callable[..., Col
         started.append(child)
         child.wait_ready(port_file.exists, COLLECTOR_READY_TIMEOUT_S)
         collector = CollectorProcess(child, int(port_file.read_text()))
-        child.wait_ready(lambda: collector.value("interposer_collector_nats_connected") == 1,
+        child.wait_ready(lambda: collector.value("interposer_collector_nats_connected") == int(wait_connected),
                          COLLECTOR_READY_TIMEOUT_S)
         return collector
 

@@ -125,6 +125,7 @@ class CollectorService:
         self._httpd: WSGIServer | None = None
         self._http_thread: threading.Thread | None = None
         self._nc: NATSClient | None = None
+        self._closing = False
         self._decode_log = _RateLimitedLog(config.decode_error_log_interval_s)
         self._slow_log = _RateLimitedLog(config.decode_error_log_interval_s)
 
@@ -198,7 +199,8 @@ class CollectorService:
 
     async def _on_disconnected(self) -> None:
         self.aggregator.set_nats_connected(False)
-        log.warning("disconnected from NATS; reconnecting every %.1f s", self.config.reconnect_time_wait_s)
+        if not self._closing:
+            log.warning("disconnected from NATS; reconnecting every %.1f s", self.config.reconnect_time_wait_s)
 
     async def _on_reconnected(self) -> None:
         # nats-py re-sends the subscriptions before calling this.
@@ -249,6 +251,7 @@ class CollectorService:
         nc, self._nc = self._nc, None
         if nc is None or nc.is_closed:
             return
+        self._closing = True
         try:
             await nc.drain()
             log.info("drained NATS subscriptions")
