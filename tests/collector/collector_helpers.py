@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 import nats
+from interposer.proto import EventBatch, OpEvent, WorkerStatus, subjects
 from prometheus_client.parser import text_string_to_metric_families
 
 from interposer.cli._procs import Child
-from interposer.proto import EventBatch, OpEvent, WorkerStatus
-from interposer.proto import subjects
 
 #: How long a collector gets to come up (port file + NATS subscriptions), seconds.
 COLLECTOR_READY_TIMEOUT_S = 20.0
@@ -22,6 +24,9 @@ COLLECTOR_READY_TIMEOUT_S = 20.0
 METRICS_TIMEOUT_S = 10.0
 #: Timeout of one /metrics HTTP request, seconds.
 SCRAPE_TIMEOUT_S = 5.0
+
+#: How long Prometheus gets to answer /-/ready, seconds.
+PROMETHEUS_READY_TIMEOUT_S = 30.0
 
 T = TypeVar("T")
 
@@ -37,7 +42,8 @@ def wait_for(check: Callable[[], T], timeout_s: float = METRICS_TIMEOUT_S, what:
     value = check()
     while not value:
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}; last value {value!r}")
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}; "
+                                 f"last value {value!r}")
         time.sleep(interval_s)
         value = check()
     return value
@@ -91,6 +97,46 @@ class CollectorProcess:
         return value(self.scrape(), name, **labels)
 
 
+class PrometheusServer:
+    """A Prometheus child process and its HTTP API."""
+
+    def __init__(self, child: Child, port: int) -> None:
+        self.child = child
+        self.port = port
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def ready(self) -> bool:
+        """True once /-/ready answers 200."""
+        try:
+            with urllib.request.urlopen(f"{self.base_url}/-/ready", timeout=SCRAPE_TIMEOUT_S) as response:
+                return response.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def query(self, promql: str) -> list[dict[str, Any]]:
+        """Evaluate an instant query; return the ``result`` list of the vector.
+
+        Raises:
+            AssertionError: the query failed (Prometheus's error in the message).
+        """
+        url = f"{self.base_url}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
+        with urllib.request.urlopen(url, timeout=SCRAPE_TIMEOUT_S) as response:
+            body = json.load(response)
+        assert body["status"] == "success", body
+        return body["data"]["result"]
+
+    def scalar(self, promql: str) -> float | None:
+        """Value of a single-element query result, None when the result is empty."""
+        result = self.query(promql)
+        if not result:
+            return None
+        assert len(result) == 1, result
+        return float(result[0]["value"][1])
+
+
 def publish(nats_url: str, messages: Iterable[tuple[str, bytes]]) -> None:
     """Publish ``(subject, payload)`` pairs with nats-py, as a worker does, and flush."""
 
@@ -115,7 +161,8 @@ def event(op: str, *, result: int = 0, errno: int = 0, duration_ns: int = 20_000
 
 
 def batch_message(volume: str, events: list[OpEvent], *, worker_id: str = "w-1", seq: int = 1,
-                  dropped_total: int = 0, namespace: str = "default", pod: str = "app-0") -> tuple[str, bytes]:
+                  dropped_total: int = 0, namespace: str = "default",
+                  pod: str = "app-0") -> tuple[str, bytes]:
     """``(subject, msgpack payload)`` of an ``EventBatch`` exactly as a worker publishes it."""
     batch = EventBatch(volume=volume, worker_id=worker_id, seq=seq, events=events,
                        dropped_total=dropped_total, namespace=namespace, pod=pod)
@@ -128,7 +175,8 @@ def status_message(volume: str, *, worker_id: str = "w-1", policy_revision: int 
     """``(subject, msgpack payload)`` of a ``WorkerStatus`` heartbeat."""
     now_s = time.time()
     status = WorkerStatus(volume=volume, worker_id=worker_id, policy_revision=policy_revision,
-                          ops_total=ops_total, events_total=ops_total, events_dropped_total=events_dropped_total,
+                          ops_total=ops_total, events_total=ops_total,
+                          events_dropped_total=events_dropped_total,
                           events_published_total=ops_total - events_dropped_total, started_at_s=now_s - 60,
                           sent_at_s=now_s if sent_at_s is None else sent_at_s, namespace=namespace, pod=pod)
     return subjects.status(volume), msgspec.msgpack.encode(status)
