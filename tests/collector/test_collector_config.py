@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-import msgspec
-import pytest
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import interposer.collector
+import msgspec
+import pytest
 from interposer.collector import CollectorConfig, make_config, parse_listen
 from interposer.collector.__main__ import config_from_args
 
@@ -74,3 +78,18 @@ def test_public_api() -> None:
         module = getattr(obj, "__module__", None)
         if module is not None and not isinstance(obj, (str, tuple)):
             assert module.startswith("interposer.collector"), (name, module)
+
+
+def test_listen_address_in_use_exits_1(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "interposer.collector", "--listen", f"127.0.0.1:{port}",
+             "--port-file", str(tmp_path / "port"), "--nats-url", "nats://127.0.0.1:1"],
+            capture_output=True, text=True, timeout=30,
+        )
+    assert done.returncode == 1, done.stderr
+    assert "cannot start" in done.stderr
+    assert not (tmp_path / "port").exists()

@@ -7,6 +7,7 @@ import signal
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from collector_helpers import (
@@ -20,7 +21,7 @@ from collector_helpers import (
     wait_for,
 )
 
-from interposer.cli._procs import free_port
+from interposer.cli._procs import free_port, start_nats_server
 
 pytestmark = pytest.mark.nats
 
@@ -44,7 +45,8 @@ def test_batches_and_status_become_metrics(nats_url: str, start_collector: Start
             event("lookup", errno=errno.ENOENT),
         ], seq=1, dropped_total=2),
         batch_message(volume, [event("getattr")], seq=2, dropped_total=3),
-        status_message(volume, policy_revision=7, ops_total=6, events_dropped_total=4, sent_at_s=1_700_000_000.5),
+        status_message(volume, policy_revision=7, ops_total=6, events_dropped_total=4,
+                       sent_at_s=1_700_000_000.5),
     ])
 
     def everything_arrived() -> Samples | None:
@@ -124,7 +126,7 @@ def test_two_replicas_count_every_batch_exactly_once(nats_url: str, start_collec
     # Heartbeats are not queue-grouped: every replica sees every one.
     publish(nats_url, [status_message(volume, policy_revision=3, ops_total=2000)])
     for replica in replicas:
-        wait_for(lambda: replica.value("interposer_worker_policy_revision", volume=volume) == 3,
+        wait_for(lambda r=replica: r.value("interposer_worker_policy_revision", volume=volume) == 3,
                  what="the heartbeat on every replica")
 
 
@@ -148,3 +150,24 @@ def test_serves_metrics_while_nats_is_unreachable(start_collector: StartCollecto
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=15) == 0
     assert "stopping before NATS was reached" in collector.child.log_path.read_text()
+
+
+def test_reconnects_after_nats_restarts(start_collector: StartCollector, tmp_path: Path) -> None:
+    port = free_port()
+    own_nats, url = start_nats_server(tmp_path / "own-nats", port=port)
+    try:
+        collector = start_collector("--reconnect-time-wait", "0.2", nats_url=url)
+        volume = volume_id("restart")
+        publish(url, [batch_message(volume, [event("read")], seq=1)])
+        wait_for(lambda: collector.value("interposer_ops_total", volume=volume) == 1, what="first batch")
+
+        own_nats.stop()
+        wait_for(lambda: collector.value("interposer_collector_nats_connected") == 0, what="the disconnect")
+        own_nats, url = start_nats_server(tmp_path / "own-nats", port=port)
+        wait_for(lambda: collector.value("interposer_collector_nats_connected") == 1, timeout_s=20.0,
+                 what="the reconnect")
+        publish(url, [batch_message(volume, [event("read")], seq=2)])
+        wait_for(lambda: collector.value("interposer_ops_total", volume=volume) == 2,
+                 what="a batch after the reconnect")
+    finally:
+        own_nats.stop()
