@@ -7,10 +7,9 @@ import threading
 
 import pytest
 from collector_helpers import event, parse_metrics, value
-from prometheus_client import generate_latest
-
 from interposer.collector import DURATION_BUCKETS_S, Aggregator, errno_name, make_registry
 from interposer.proto import EventBatch, OpEvent, WorkerStatus
+from prometheus_client import generate_latest
 
 LABELS = ("vol-a", "team-x", "trainer-0")
 

@@ -43,15 +43,18 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m interposer.collector",
         description="Aggregate interposer op events from NATS into Prometheus metrics on /metrics.",
     )
-    parser.add_argument("--listen", default=f"{DEFAULT_LISTEN_HOST}:{DEFAULT_LISTEN_PORT}", metavar="HOST:PORT",
-                        help="address of the /metrics HTTP server; port 0 picks a free port (default: %(default)s)")
+    parser.add_argument("--listen", default=f"{DEFAULT_LISTEN_HOST}:{DEFAULT_LISTEN_PORT}",
+                        metavar="HOST:PORT",
+                        help="address of the /metrics HTTP server; port 0 picks a free port "
+                             "(default: %(default)s)")
     parser.add_argument("--port-file", default="", metavar="PATH",
                         help="write the bound /metrics port to PATH once listening (atomically replaced)")
     parser.add_argument("--nats-url", default=os.environ.get(NATS_URL_ENV, DEFAULT_NATS_URL), metavar="URL",
                         help=f"NATS server URL(s), comma-separated (default: ${NATS_URL_ENV} or %(default)s)")
     parser.add_argument("--pending-msgs-limit", type=int, default=DEFAULT_PENDING_MSGS_LIMIT, metavar="N",
                         help="per-subscription buffer in messages before NATS drops (default: %(default)s)")
-    parser.add_argument("--pending-bytes-limit", type=int, default=DEFAULT_PENDING_BYTES_LIMIT, metavar="BYTES",
+    parser.add_argument("--pending-bytes-limit", type=int, default=DEFAULT_PENDING_BYTES_LIMIT,
+                        metavar="BYTES",
                         help="per-subscription buffer in bytes before NATS drops (default: %(default)s)")
     parser.add_argument("--reconnect-time-wait", type=float, default=DEFAULT_RECONNECT_TIME_WAIT_S,
                         metavar="SECONDS", help="wait between NATS reconnect attempts (default: %(default)s)")

@@ -17,7 +17,6 @@ import threading
 from bisect import bisect_left
 
 import msgspec
-
 from interposer.proto import EventBatch, WorkerStatus
 
 #: Upper bounds of the op-duration histogram buckets, ns: 10 µs … 10 s in 1-2.5-5 steps

@@ -75,7 +75,7 @@ def _durations(snapshot: Snapshot) -> HistogramMetricFamily:
     for labels, (counts, sum_s) in snapshot.durations.items():
         buckets: list[tuple[str, float]] = []
         cumulative = 0
-        for bound, count in zip(_BUCKET_BOUNDS, counts):
+        for bound, count in zip(_BUCKET_BOUNDS, counts[:-1], strict=True):
             cumulative += count
             buckets.append((bound, cumulative))
         buckets.append(("+Inf", cumulative + counts[-1]))

@@ -34,13 +34,12 @@ from wsgiref.simple_server import WSGIServer
 
 import msgspec
 import nats
+from interposer.proto import EventBatch, WorkerStatus
+from interposer.proto.subjects import COLLECTOR_QUEUE, EVENTS_PREFIX, STATUS_PREFIX, volume_of
 from nats.aio.client import Client as NATSClient
 from nats.aio.msg import Msg
 from nats.errors import SlowConsumerError
 from prometheus_client import CollectorRegistry, start_http_server
-
-from interposer.proto import EventBatch, WorkerStatus
-from interposer.proto.subjects import COLLECTOR_QUEUE, EVENTS_PREFIX, STATUS_PREFIX, volume_of
 
 from ._aggregate import Aggregator
 from ._config import CollectorConfig
@@ -200,7 +199,8 @@ class CollectorService:
     async def _on_disconnected(self) -> None:
         self.aggregator.set_nats_connected(False)
         if not self._closing:
-            log.warning("disconnected from NATS; reconnecting every %.1f s", self.config.reconnect_time_wait_s)
+            log.warning("disconnected from NATS; reconnecting every %.1f s",
+                        self.config.reconnect_time_wait_s)
 
     async def _on_reconnected(self) -> None:
         # nats-py re-sends the subscriptions before calling this.
