@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT, is_fuse_mount
+from interposer_testing import REPO_ROOT, is_fuse_mount
 
 
 def test_files_written_through_the_mount_land_in_the_backing_dir(mount_worker) -> None:

@@ -37,16 +37,17 @@ async def request(nats_url: str, subject: str, body: bytes = b"",
     return decode_reply(msg.data)
 
 
-async def set_policy(nats_url: str, volume: str, policy_json: bytes) -> PolicyReply:
+async def set_policy(nats_url: str, volume: str, policy_json: bytes,
+                     timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S) -> PolicyReply:
     """Ask the policy service to validate and store ``policy_json`` for ``volume``."""
-    return await request(nats_url, subjects.policy_set(volume), policy_json)
+    return await request(nats_url, subjects.policy_set(volume), policy_json, timeout_s)
 
 
-async def get_policy(nats_url: str, volume: str) -> PolicyReply:
+async def get_policy(nats_url: str, volume: str, timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S) -> PolicyReply:
     """Ask the policy service for the stored policy of ``volume``."""
-    return await request(nats_url, subjects.policy_get(volume))
+    return await request(nats_url, subjects.policy_get(volume), b"", timeout_s)
 
 
-async def clear_policy(nats_url: str, volume: str) -> PolicyReply:
+async def clear_policy(nats_url: str, volume: str, timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S) -> PolicyReply:
     """Ask the policy service to clear the policy of ``volume``."""
-    return await request(nats_url, subjects.policy_clear(volume))
+    return await request(nats_url, subjects.policy_clear(volume), b"", timeout_s)
