@@ -6,14 +6,17 @@ import re
 
 import pytest
 import yaml
-from deploy_support import DEPLOY_DIR, NAMESPACE, REPO_ROOT, Manifest, containers_of, find, pod_spec_of
+from deploy_support import DEPLOY_DIR, NAMESPACE, REPO_ROOT, Manifest, find, pod_spec_of
 from interposer.proto.policy import decode_policy
 
 DAEMONSET = "interposer-csi-node"
 CSI_NODE_ARGS = [
-    "--endpoint", "unix:///csi/csi.sock",
-    "--nodeid", "$(NODE_NAME)",
-    "--nats-url", f"nats://nats.{NAMESPACE}.svc:4222",
+    "--endpoint",
+    "unix:///csi/csi.sock",
+    "--nodeid",
+    "$(NODE_NAME)",
+    "--nats-url",
+    f"nats://nats.{NAMESPACE}.svc:4222",
 ]
 CSI_NODE_SRC = REPO_ROOT / "services" / "csi-node" / "src" / "interposer" / "csi_node"
 
@@ -26,7 +29,9 @@ def _container(pod_spec: dict, name: str) -> dict:
 
 def _volume_source(pod_spec: dict, container: dict, mount_path: str) -> tuple[dict, dict]:
     """Return (volumeMount, volume) of the mount of ``container`` at ``mount_path``."""
-    mounts = [m for m in container.get("volumeMounts", []) if m["mountPath"].rstrip("/") == mount_path.rstrip("/")]
+    mounts = [
+        m for m in container.get("volumeMounts", []) if m["mountPath"].rstrip("/") == mount_path.rstrip("/")
+    ]
     assert len(mounts) == 1, f"container {container['name']} mounts nothing at {mount_path}"
     volumes = {v["name"]: v for v in pod_spec["volumes"]}
     return mounts[0], volumes[mounts[0]["name"]]
@@ -55,7 +60,9 @@ def test_csi_node_container(node_pod: dict, driver_name: str) -> None:
     assert csi["args"] == CSI_NODE_ARGS
     env = {e["name"]: e for e in csi["env"]}
     assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
-    assert csi["securityContext"]["privileged"] is True, "FUSE mounts with Bidirectional propagation need privileged"
+    assert csi["securityContext"]["privileged"] is True, (
+        "FUSE mounts with Bidirectional propagation need privileged"
+    )
 
     mount, volume = _volume_source(node_pod, csi, "/csi")
     assert volume["hostPath"]["path"].rstrip("/") == f"/var/lib/kubelet/plugins/{driver_name}"
@@ -77,7 +84,9 @@ def test_worker_image_is_named_in_the_pod(node_pod: dict) -> None:
 
 def test_registrar_sidecar(node_pod: dict, driver_name: str) -> None:
     reg = _container(node_pod, "node-driver-registrar")
-    assert re.fullmatch(r"registry\.k8s\.io/sig-storage/csi-node-driver-registrar:v\d+\.\d+\.\d+", reg["image"])
+    assert re.fullmatch(
+        r"registry\.k8s\.io/sig-storage/csi-node-driver-registrar:v\d+\.\d+\.\d+", reg["image"]
+    )
     assert "--csi-address=/csi/csi.sock" in reg["args"]
     assert f"--kubelet-registration-path=/var/lib/kubelet/plugins/{driver_name}/csi.sock" in reg["args"]
     _, volume = _volume_source(node_pod, reg, "/registration")
@@ -122,7 +131,9 @@ def test_other_components_have_no_api_token(base: list[Manifest]) -> None:
         pod = pod_spec_of(obj)
         if pod is None or obj["kind"] == "DaemonSet":
             continue
-        assert pod.get("automountServiceAccountToken") is False, f"{obj['kind']}/{obj['metadata']['name']} mounts an API token"
+        assert pod.get("automountServiceAccountToken") is False, (
+            f"{obj['kind']}/{obj['metadata']['name']} mounts an API token"
+        )
 
 
 def test_every_rbac_rule_is_explained() -> None:
@@ -153,7 +164,9 @@ def test_examples_use_the_driver(examples: list[Manifest], driver_name: str) -> 
     assert inline, "deploy/examples has no pod with an inline CSI volume"
     for csi in inline:
         attrs = csi["volumeAttributes"]
-        assert attrs["backingPath"].startswith("/var/lib/interposer/"), "the node plugin mounts only /var/lib/interposer"
+        assert attrs["backingPath"].startswith("/var/lib/interposer/"), (
+            "the node plugin mounts only /var/lib/interposer"
+        )
         decode_policy(attrs["policy"])  # raises PolicyError naming the field
 
 

@@ -24,7 +24,9 @@ def _dockerfile(service: str) -> str:
 
 def _instructions(text: str) -> list[tuple[str, str]]:
     """Dockerfile instructions as (KEYWORD, arguments), continuation lines joined, comments dropped."""
-    joined = re.sub(r"\\\n", " ", "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#")))
+    joined = re.sub(
+        r"\\\n", " ", "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    )
     out = []
     for line in joined.splitlines():
         if line.strip():
@@ -70,7 +72,9 @@ def test_skaffold_renders_existing_kustomizations(skaffold_config: dict[str, Any
     profiles = {p["name"]: p for p in skaffold_config["profiles"]}
     assert set(profiles) >= {"dev", "monitoring"}
     for name, profile in profiles.items():
-        assert "patches" not in profile, f"profile {name}: select an overlay, do not patch skaffold.yaml by list index"
+        assert "patches" not in profile, (
+            f"profile {name}: select an overlay, do not patch skaffold.yaml by list index"
+        )
         paths = profile["manifests"]["kustomize"]["paths"]
         if name in {"dev", "monitoring"}:
             assert paths == [f"deploy/overlays/{name}"]
@@ -87,7 +91,9 @@ def test_built_images_are_deployed_and_deployed_images_built(
     ours = {image for image in used if image.startswith("interposer-")}
     assert ours <= built, f"manifests run images skaffold does not build: {sorted(ours - built)}"
     base_images = {c.spec["image"] for c in containers_of(all_rendered["deploy/base"])}
-    assert built <= base_images, f"skaffold builds images deploy/base never runs: {sorted(built - base_images)}"
+    assert built <= base_images, (
+        f"skaffold builds images deploy/base never runs: {sorted(built - base_images)}"
+    )
 
 
 def test_third_party_images_are_pinned(all_rendered: dict[str, list[Manifest]]) -> None:
@@ -164,14 +170,18 @@ def test_fuse_images_have_fuse(service: str) -> None:
 
 def test_csi_node_image_carries_the_fuse_worker() -> None:
     """The local launcher runs fuse-worker processes inside the csi-node container."""
-    installs = " ".join(a for k, a in _instructions(_dockerfile("csi-node")) if k == "RUN" and "pip install" in a)
+    installs = " ".join(
+        a for k, a in _instructions(_dockerfile("csi-node")) if k == "RUN" and "pip install" in a
+    )
     assert "/services/fuse-worker" in installs
 
 
 def _dockerignore() -> list[str]:
     path = REPO_ROOT / ".dockerignore"
     assert path.is_file(), ".dockerignore is missing at the repository root (the build context)"
-    return [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    return [
+        line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")
+    ]
 
 
 def test_dockerignore_keeps_the_context_small() -> None:

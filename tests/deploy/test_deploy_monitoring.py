@@ -38,7 +38,7 @@ def metric_names(expr: str) -> set[str]:
     e = re.sub(r"\$\{?\w+\}?", " ", e)
     names = set()
     for m in re.finditer(r"(?<![\w.])[A-Za-z_:][A-Za-z0-9_:]*", e):
-        if e[m.end():].lstrip().startswith("(") or m.group().lower() in PROMQL_KEYWORDS:
+        if e[m.end() :].lstrip().startswith("(") or m.group().lower() in PROMQL_KEYWORDS:
             continue
         names.add(m.group())
     return names
@@ -51,12 +51,17 @@ def variable_metric_names(query: str) -> set[str]:
 
 
 def test_metric_names_parser() -> None:
-    assert metric_names('sum by (op) (rate(interposer_ops_total{volume=~"$volume"}[1m]))') == {"interposer_ops_total"}
+    assert metric_names('sum by (op) (rate(interposer_ops_total{volume=~"$volume"}[1m]))') == {
+        "interposer_ops_total"
+    }
     assert metric_names(
         "histogram_quantile(0.99, sum by (op, le) (rate(interposer_op_duration_seconds_bucket[$__rate_interval])))"
     ) == {"interposer_op_duration_seconds_bucket"}
     assert variable_metric_names("label_values(interposer_ops_total, volume)") == {"interposer_ops_total"}
-    assert metric_names('sum(rate(a_total{result!="ok"}[1m])) / sum(rate(b_total[1m])) > 1e-3') == {"a_total", "b_total"}
+    assert metric_names('sum(rate(a_total{result!="ok"}[1m])) / sum(rate(b_total[1m])) > 1e-3') == {
+        "a_total",
+        "b_total",
+    }
 
 
 def _panels(dashboard: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -156,17 +161,25 @@ def test_grafana_provisioning_is_wired(monitoring: list[Manifest]) -> None:
 
     def mounted_at(configmap_prefix: str) -> str:
         cm = find_by_prefix(monitoring, "ConfigMap", configmap_prefix)
-        names = [n for n, v in volumes.items() if v.get("configMap", {}).get("name") == cm["metadata"]["name"]]
+        names = [
+            n for n, v in volumes.items() if v.get("configMap", {}).get("name") == cm["metadata"]["name"]
+        ]
         assert len(names) == 1, f"ConfigMap {cm['metadata']['name']} is not mounted once in Grafana"
         return mounts[names[0]]
 
-    providers = yaml.safe_load(find_by_prefix(monitoring, "ConfigMap", "grafana-provisioning-dashboards-")["data"]["dashboards.yaml"])
+    providers = yaml.safe_load(
+        find_by_prefix(monitoring, "ConfigMap", "grafana-provisioning-dashboards-")["data"]["dashboards.yaml"]
+    )
     assert mounted_at("grafana-provisioning-dashboards-") == "/etc/grafana/provisioning/dashboards"
     assert mounted_at("grafana-provisioning-datasources-") == "/etc/grafana/provisioning/datasources"
-    assert [p["options"]["path"] for p in providers["providers"]] == [mounted_at("grafana-dashboards-interposer-")]
+    assert [p["options"]["path"] for p in providers["providers"]] == [
+        mounted_at("grafana-dashboards-interposer-")
+    ]
 
     datasources = yaml.safe_load(
-        find_by_prefix(monitoring, "ConfigMap", "grafana-provisioning-datasources-")["data"]["datasources.yaml"]
+        find_by_prefix(monitoring, "ConfigMap", "grafana-provisioning-datasources-")["data"][
+            "datasources.yaml"
+        ]
     )
     [ds] = datasources["datasources"]
     assert ds["uid"] == "prometheus" and ds["type"] == "prometheus"
@@ -189,7 +202,9 @@ def test_collector_service_matches_container(base: list[Manifest]) -> None:
     assert (container_ports[target] if isinstance(target, str) else target) == METRICS_PORT
     assert container_ports["metrics"] == METRICS_PORT
     args = container["args"]
-    assert args[args.index("--metrics-port") + 1] == str(METRICS_PORT), "the collector must listen where the Service points"
+    assert args[args.index("--metrics-port") + 1] == str(METRICS_PORT), (
+        "the collector must listen where the Service points"
+    )
     annotations = service["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
     assert annotations["prometheus.io/port"] == str(METRICS_PORT)
@@ -203,7 +218,9 @@ def test_collectors_share_load(base: list[Manifest]) -> None:
 
 
 def test_prometheus_scrapes_every_collector(monitoring: list[Manifest]) -> None:
-    config = yaml.safe_load(find_by_prefix(monitoring, "ConfigMap", "prometheus-config-")["data"]["prometheus.yml"])
+    config = yaml.safe_load(
+        find_by_prefix(monitoring, "ConfigMap", "prometheus-config-")["data"]["prometheus.yml"]
+    )
     [job] = [j for j in config["scrape_configs"] if j["job_name"] == "interposer"]
     [sd] = job["kubernetes_sd_configs"]
     assert sd["role"] in {"endpointslice", "endpoints", "pod"}, "scrape each replica, not the ClusterIP"

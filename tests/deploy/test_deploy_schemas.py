@@ -13,8 +13,17 @@ from deploy_support import KUBERNETES_VERSION, KUSTOMIZATIONS, NAMESPACE, Manife
 #: Kinds each kustomization must contain at least once (what the deployment is for).
 REQUIRED_KINDS = {
     "deploy/base": {
-        "Namespace", "CSIDriver", "StorageClass", "DaemonSet", "StatefulSet", "Deployment",
-        "Service", "ServiceAccount", "Role", "RoleBinding", "ConfigMap",
+        "Namespace",
+        "CSIDriver",
+        "StorageClass",
+        "DaemonSet",
+        "StatefulSet",
+        "Deployment",
+        "Service",
+        "ServiceAccount",
+        "Role",
+        "RoleBinding",
+        "ConfigMap",
     },
     "deploy/overlays/dev": {"CSIDriver", "DaemonSet", "StatefulSet", "Deployment"},
     "deploy/overlays/monitoring": {"CSIDriver", "DaemonSet", "StatefulSet", "Deployment", "ConfigMap"},
@@ -86,7 +95,9 @@ def test_namespaced_objects_in_interposer_system(path: str, all_rendered: dict[s
 
 
 @pytest.mark.parametrize("path", ["deploy/overlays/dev", "deploy/overlays/monitoring"])
-def test_overlays_keep_every_base_object(path: str, base: list[Manifest], all_rendered: dict[str, list[Manifest]]) -> None:
+def test_overlays_keep_every_base_object(
+    path: str, base: list[Manifest], all_rendered: dict[str, list[Manifest]]
+) -> None:
     def key(o: Manifest) -> tuple[str, str]:
         # Generated ConfigMaps get a content hash suffix that patches may change.
         name = o["metadata"]["name"]
@@ -96,7 +107,9 @@ def test_overlays_keep_every_base_object(path: str, base: list[Manifest], all_re
     assert not missing, f"{path} drops base objects {sorted(missing)}"
 
 
-def test_skaffold_yaml_matches_schema(skaffold_config: dict[str, Any], skaffold_schema: dict[str, Any]) -> None:
+def test_skaffold_yaml_matches_schema(
+    skaffold_config: dict[str, Any], skaffold_schema: dict[str, Any]
+) -> None:
     validator_cls = jsonschema.validators.validator_for(skaffold_schema)
     validator_cls.check_schema(skaffold_schema)
     errors = sorted(validator_cls(skaffold_schema).iter_errors(skaffold_config), key=lambda e: list(e.path))
@@ -107,9 +120,13 @@ def test_skaffold_yaml_matches_schema(skaffold_config: dict[str, Any], skaffold_
     assert skaffold_config["kind"] == "Config"
 
 
-def test_skaffold_schema_rejects_typos(skaffold_config: dict[str, Any], skaffold_schema: dict[str, Any]) -> None:
+def test_skaffold_schema_rejects_typos(
+    skaffold_config: dict[str, Any], skaffold_schema: dict[str, Any]
+) -> None:
     """The schema check is not vacuous: a misspelt key fails it."""
     bad = copy.deepcopy(skaffold_config)
-    bad["build"]["artifacts"][0]["docker"]["dockerFile"] = bad["build"]["artifacts"][0]["docker"].pop("dockerfile")
+    bad["build"]["artifacts"][0]["docker"]["dockerFile"] = bad["build"]["artifacts"][0]["docker"].pop(
+        "dockerfile"
+    )
     validator = jsonschema.validators.validator_for(skaffold_schema)(skaffold_schema)
     assert not validator.is_valid(bad)
