@@ -123,16 +123,20 @@ def test_dev_overlay(render: Callable[[str], list[Manifest]]) -> None:
             and not c.init
         ):
             env = {e["name"]: e.get("value") for e in c.spec.get("env", [])}
-            assert env.get("INTERPOSER_LOG_LEVEL") == "debug", (
+            assert env.get("INTERPOSER_LOG_LEVEL") == "DEBUG", (
                 f"{c.owner}/{c.spec['name']} not at debug level"
             )
 
 
-def test_base_log_level_is_info(base: list[Manifest]) -> None:
+def test_base_log_level_is_info_and_used(base: list[Manifest]) -> None:
+    """Services take --log-level; the base passes it from an env var overlays can patch by name."""
     for c in containers_of(base):
         if c.spec["image"].startswith("interposer-") and not c.init:
+            where = f"{c.owner}/{c.spec['name']}"
             env = {e["name"]: e.get("value") for e in c.spec.get("env", [])}
-            assert env.get("INTERPOSER_LOG_LEVEL") == "info", f"{c.owner}/{c.spec['name']}"
+            assert env.get("INTERPOSER_LOG_LEVEL") == "INFO", where
+            args = c.spec["args"]
+            assert args[args.index("--log-level") + 1] == "$(INTERPOSER_LOG_LEVEL)", where
 
 
 def test_overlay_patches_target_kind_and_name() -> None:

@@ -57,7 +57,7 @@ def test_storageclass_uses_driver(base: list[Manifest], driver_name: str) -> Non
 def test_csi_node_container(node_pod: dict, driver_name: str) -> None:
     csi = _container(node_pod, "csi-node")
     assert csi["image"] == "interposer-csi-node"
-    assert csi["args"] == CSI_NODE_ARGS
+    assert csi["args"][: len(CSI_NODE_ARGS)] == CSI_NODE_ARGS
     env = {e["name"]: e for e in csi["env"]}
     assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
     assert csi["securityContext"]["privileged"] is True, (
@@ -170,10 +170,22 @@ def test_examples_use_the_driver(examples: list[Manifest], driver_name: str) -> 
         decode_policy(attrs["policy"])  # raises PolicyError naming the field
 
 
-def test_example_backing_paths_are_mounted_by_the_node_plugin(node_pod: dict) -> None:
+def test_example_backing_paths_exist_on_every_node(examples: list[Manifest], node_pod: dict) -> None:
+    """csi-node requires backingPath to be an existing directory it can see."""
     csi = _container(node_pod, "csi-node")
     _, volume = _volume_source(node_pod, csi, "/var/lib/interposer")
     assert volume["hostPath"]["path"] == "/var/lib/interposer"
+    created = {
+        v["hostPath"]["path"].rstrip("/")
+        for v in node_pod["volumes"]
+        if v.get("hostPath", {}).get("type") == "DirectoryOrCreate"
+    }
+    for obj in examples:
+        for v in (pod_spec_of(obj) or {}).get("volumes", []):
+            if "csi" in v:
+                assert v["csi"]["volumeAttributes"]["backingPath"].rstrip("/") in created, (
+                    "an example's backingPath must be a directory the DaemonSet creates"
+                )
 
 
 def test_driver_name_in_python_sources(driver_name: str) -> None:

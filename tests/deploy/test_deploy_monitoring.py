@@ -202,8 +202,8 @@ def test_collector_service_matches_container(base: list[Manifest]) -> None:
     assert (container_ports[target] if isinstance(target, str) else target) == METRICS_PORT
     assert container_ports["metrics"] == METRICS_PORT
     args = container["args"]
-    assert args[args.index("--metrics-port") + 1] == str(METRICS_PORT), (
-        "the collector must listen where the Service points"
+    assert args[args.index("--listen") + 1] == f":{METRICS_PORT}", (
+        "listen on all addresses, where the Service points"
     )
     annotations = service["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
