@@ -1,0 +1,108 @@
+"""``python -m interposer.collector``: flags → config → logging → run.
+
+Example::
+
+    python -m interposer.collector --nats-url nats://127.0.0.1:4222 --listen 127.0.0.1:0 \\
+        --port-file /run/interposer/collector.port
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+import msgspec
+
+from ._config import (
+    DEFAULT_LISTEN_HOST,
+    DEFAULT_LISTEN_PORT,
+    DEFAULT_NATS_URL,
+    DEFAULT_PENDING_BYTES_LIMIT,
+    DEFAULT_PENDING_MSGS_LIMIT,
+    DEFAULT_RECONNECT_TIME_WAIT_S,
+    CollectorConfig,
+    make_config,
+    parse_listen,
+)
+from ._service import serve
+
+#: Format of every log line of the service.
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+#: Environment variable read when ``--nats-url`` is not given.
+NATS_URL_ENV = "NATS_URL"
+
+log = logging.getLogger("interposer.collector")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the command-line parser of the collector."""
+    parser = argparse.ArgumentParser(
+        prog="python -m interposer.collector",
+        description="Aggregate interposer op events from NATS into Prometheus metrics on /metrics.",
+    )
+    parser.add_argument("--listen", default=f"{DEFAULT_LISTEN_HOST}:{DEFAULT_LISTEN_PORT}",
+                        metavar="HOST:PORT",
+                        help="address of the /metrics HTTP server; port 0 picks a free port "
+                             "(default: %(default)s)")
+    parser.add_argument("--port-file", default="", metavar="PATH",
+                        help="write the bound /metrics port to PATH once listening (atomically replaced)")
+    parser.add_argument("--nats-url", default=os.environ.get(NATS_URL_ENV, DEFAULT_NATS_URL), metavar="URL",
+                        help=f"NATS server URL(s), comma-separated (default: ${NATS_URL_ENV} or %(default)s)")
+    parser.add_argument("--pending-msgs-limit", type=int, default=DEFAULT_PENDING_MSGS_LIMIT, metavar="N",
+                        help="per-subscription buffer in messages before NATS drops (default: %(default)s)")
+    parser.add_argument("--pending-bytes-limit", type=int, default=DEFAULT_PENDING_BYTES_LIMIT,
+                        metavar="BYTES",
+                        help="per-subscription buffer in bytes before NATS drops (default: %(default)s)")
+    parser.add_argument("--reconnect-time-wait", type=float, default=DEFAULT_RECONNECT_TIME_WAIT_S,
+                        metavar="SECONDS", help="wait between NATS reconnect attempts (default: %(default)s)")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="(default: %(default)s)")
+    return parser
+
+
+def config_from_args(argv: list[str] | None = None) -> CollectorConfig:
+    """Parse command-line flags into a validated config.
+
+    Args:
+        argv: flags without the program name; None = ``sys.argv[1:]``.
+
+    Returns:
+        The frozen config.
+
+    Raises:
+        SystemExit: bad flags (status 2, with a usage message on stderr).
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        host, port = parse_listen(args.listen)
+        return make_config(
+            listen_host=host, listen_port=port, port_file=args.port_file, nats_url=args.nats_url,
+            pending_msgs_limit=args.pending_msgs_limit, pending_bytes_limit=args.pending_bytes_limit,
+            reconnect_time_wait_s=args.reconnect_time_wait, log_level=args.log_level,
+        )
+    except (ValueError, msgspec.ValidationError) as exc:
+        parser.error(str(exc))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the collector until SIGTERM/SIGINT.
+
+    Returns:
+        The process exit status: 0 after a clean shutdown, 1 if it could not start.
+    """
+    config = config_from_args(argv)
+    logging.basicConfig(level=config.log_level, format=LOG_FORMAT)
+    try:
+        asyncio.run(serve(config))
+    except OSError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,313 @@
+"""Aggregation of event batches and worker heartbeats into counters and histograms.
+
+No I/O here: :class:`Aggregator` is fed decoded :class:`~interposer.proto.EventBatch`
+and :class:`~interposer.proto.WorkerStatus` messages (from the NATS thread) and hands
+out consistent :class:`Snapshot` copies (to the HTTP scrape thread). One lock guards
+the state; it is held for one batch or one snapshot copy at a time.
+
+The per-event loop is the collector's hot path: it touches only dicts keyed by
+small tuples and a preallocated bucket list per op, and leaves every label
+formatting (errno names, seconds) to snapshot time.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import threading
+from bisect import bisect_left
+
+import msgspec
+from interposer.proto import EventBatch, WorkerStatus
+
+#: Upper bounds of the op-duration histogram buckets, ns: 10 µs … 10 s in 1-2.5-5 steps
+#: (a ``+Inf`` bucket follows). Integers, so bucket placement needs no float conversion.
+DURATION_BUCKETS_NS: tuple[int, ...] = (
+    10_000, 25_000, 50_000,
+    100_000, 250_000, 500_000,
+    1_000_000, 2_500_000, 5_000_000,
+    10_000_000, 25_000_000, 50_000_000,
+    100_000_000, 250_000_000, 500_000_000,
+    1_000_000_000, 2_500_000_000, 5_000_000_000,
+    10_000_000_000,
+)
+#: The same bounds in seconds, as exported in the ``le`` label.
+DURATION_BUCKETS_S: tuple[float, ...] = tuple(bound / 1e9 for bound in DURATION_BUCKETS_NS)
+
+#: ``result`` label of a successful op.
+RESULT_OK = "ok"
+#: ``direction`` label values of ``interposer_bytes_total``.
+DIRECTION_READ = "read"
+DIRECTION_WRITE = "write"
+
+_NS_PER_S = 1_000_000_000
+# Index of the running duration sum in an op's bucket list (after the +Inf bucket).
+_SUM_INDEX = len(DURATION_BUCKETS_NS) + 1
+
+Labels3 = tuple[str, str, str]
+"""``(volume, namespace, pod)``."""
+
+
+def errno_name(number: int) -> str:
+    """Return the ``result`` label of an errno number.
+
+    Args:
+        number: 0 for success, else a positive errno number.
+
+    Returns:
+        ``"ok"`` for 0, the platform's name (``"EIO"``) for a known errno, else the
+        number as decimal text.
+    """
+    if number == 0:
+        return RESULT_OK
+    return _errno.errorcode.get(number, str(number))
+
+
+class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
+    """A consistent copy of every aggregate, keyed by full label tuples.
+
+    Counters are totals since the collector started. Every dict is a fresh copy the
+    caller may keep.
+
+    Attributes:
+        ops: ``(volume, namespace, pod, op, result)`` → ops; ``result`` is ``"ok"`` or
+            an errno name.
+        durations: ``(volume, namespace, pod, op)`` → ``(bucket_counts, sum_s)``:
+            non-cumulative counts per bucket of :data:`DURATION_BUCKETS_S` followed by
+            the ``+Inf`` bucket, and the sum of durations in seconds.
+        bytes: ``(volume, namespace, pod, direction)`` → bytes moved by successful
+            reads (``"read"``) and writes (``"write"``).
+        faults: ``(volume, namespace, pod, op, errno_name)`` → injected faults.
+        delay_s: ``(volume, namespace, pod, op)`` → injected delay, seconds.
+        throttle_wait_s: ``(volume, namespace, pod, op)`` → throttle wait, seconds.
+        events_dropped: ``(volume, namespace, pod)`` → events the workers dropped.
+        worker_ops: ``(volume, namespace, pod)`` → ops the workers report serving.
+        policy_revision: volume → policy revision in the newest heartbeat.
+        last_heartbeat_s: volume → send time of the newest heartbeat, seconds since the
+            Unix epoch.
+        batches_total: event batches aggregated.
+        events_total: op events aggregated.
+        status_total: worker heartbeats aggregated.
+        decode_errors_total: malformed messages dropped.
+        slow_consumer_drops_total: messages NATS dropped because the collector fell behind.
+        nats_connected: True while connected to NATS with subscriptions in place.
+    """
+
+    ops: dict[tuple[str, str, str, str, str], int]
+    durations: dict[tuple[str, str, str, str], tuple[list[int], float]]
+    bytes: dict[tuple[str, str, str, str], int]
+    faults: dict[tuple[str, str, str, str, str], int]
+    delay_s: dict[tuple[str, str, str, str], float]
+    throttle_wait_s: dict[tuple[str, str, str, str], float]
+    events_dropped: dict[Labels3, int]
+    worker_ops: dict[Labels3, int]
+    policy_revision: dict[str, int]
+    last_heartbeat_s: dict[str, float]
+    batches_total: int
+    events_total: int
+    status_total: int
+    decode_errors_total: int
+    slow_consumer_drops_total: int
+    nats_connected: bool
+
+
+class _Group:
+    """Aggregates of one ``(volume, namespace, pod)``; mutated under the aggregator lock."""
+
+    __slots__ = ("ops", "durations", "bytes_read", "bytes_written", "faults", "delay_ns", "throttle_ns")
+
+    def __init__(self) -> None:
+        self.ops: dict[tuple[str, int], int] = {}  # (op, errno number) → ops
+        # op → [count per bucket ..., +Inf count, sum of durations in ns]
+        self.durations: dict[str, list[int]] = {}
+        self.bytes_read = 0
+        self.bytes_written = 0
+        self.faults: dict[tuple[str, str], int] = {}  # (op, errno name) → faults
+        self.delay_ns: dict[str, int] = {}  # op → injected delay, ns
+        self.throttle_ns: dict[str, int] = {}  # op → throttle wait, ns
+
+
+class _Worker:
+    """What the collector knows of one worker process (one ``(volume, worker_id)``)."""
+
+    __slots__ = ("namespace", "pod", "dropped_total", "ops_total")
+
+    def __init__(self) -> None:
+        self.namespace = ""
+        self.pod = ""
+        self.dropped_total = 0
+        self.ops_total = 0
+
+
+class Aggregator:
+    """Thread-safe running totals of everything the workers report.
+
+    Feed it with :meth:`add_batch` and :meth:`add_status` (any thread), read it with
+    :meth:`snapshot` (any thread).
+
+    Worker-reported totals (``dropped_total``, ``ops_total``) are absolute counts of a
+    worker process, so they are kept per ``(volume, worker_id)`` as the largest value
+    seen (messages may arrive out of order, and each collector replica sees only some
+    batches) and summed over the worker ids of a volume at snapshot time; a restarted
+    worker has a new id, so the sum never goes down.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._groups: dict[Labels3, _Group] = {}
+        self._workers: dict[tuple[str, str], _Worker] = {}  # (volume, worker_id) → worker
+        self._heartbeats: dict[str, tuple[float, int]] = {}  # volume → (sent_at_s, revision)
+        self._batches_total = 0
+        self._events_total = 0
+        self._status_total = 0
+        self._decode_errors_total = 0
+        self._slow_consumer_drops_total = 0
+        self._nats_connected = False
+
+    def _worker(self, volume: str, worker_id: str, namespace: str, pod: str) -> _Worker:
+        # Caller holds the lock.
+        worker = self._workers.get((volume, worker_id))
+        if worker is None:
+            worker = self._workers[(volume, worker_id)] = _Worker()
+        if namespace:
+            worker.namespace = namespace
+        if pod:
+            worker.pod = pod
+        return worker
+
+    def add_batch(self, batch: EventBatch) -> None:
+        """Add the events of one batch and the worker's dropped-event count.
+
+        Args:
+            batch: a decoded ``EventBatch``.
+        """
+        events = batch.events
+        bounds = DURATION_BUCKETS_NS
+        sum_index = _SUM_INDEX
+        with self._lock:
+            key = (batch.volume, batch.namespace, batch.pod)
+            group = self._groups.get(key)
+            if group is None:
+                group = self._groups[key] = _Group()
+            ops = group.ops
+            durations = group.durations
+            bytes_read = 0
+            bytes_written = 0
+            for event in events:
+                op = event.op
+                err = event.errno
+                op_key = (op, err)
+                ops[op_key] = ops.get(op_key, 0) + 1
+                buckets = durations.get(op)
+                if buckets is None:
+                    buckets = durations[op] = [0] * (sum_index + 1)
+                duration_ns = event.duration_ns
+                buckets[bisect_left(bounds, duration_ns)] += 1
+                buckets[sum_index] += duration_ns
+                if err == 0:
+                    if op == "read":
+                        bytes_read += event.result
+                    elif op == "write":
+                        bytes_written += event.result
+                if event.fault:
+                    fault_key = (op, event.fault)
+                    group.faults[fault_key] = group.faults.get(fault_key, 0) + 1
+                if event.delay_ns:
+                    group.delay_ns[op] = group.delay_ns.get(op, 0) + event.delay_ns
+                if event.throttle_ns:
+                    group.throttle_ns[op] = group.throttle_ns.get(op, 0) + event.throttle_ns
+            group.bytes_read += bytes_read
+            group.bytes_written += bytes_written
+            worker = self._worker(batch.volume, batch.worker_id, batch.namespace, batch.pod)
+            if batch.dropped_total > worker.dropped_total:
+                worker.dropped_total = batch.dropped_total
+            self._batches_total += 1
+            self._events_total += len(events)
+
+    def add_status(self, status: WorkerStatus) -> None:
+        """Add one worker heartbeat.
+
+        Args:
+            status: a decoded ``WorkerStatus``.
+        """
+        with self._lock:
+            worker = self._worker(status.volume, status.worker_id, status.namespace, status.pod)
+            if status.events_dropped_total > worker.dropped_total:
+                worker.dropped_total = status.events_dropped_total
+            if status.ops_total > worker.ops_total:
+                worker.ops_total = status.ops_total
+            newest = self._heartbeats.get(status.volume)
+            if newest is None or status.sent_at_s >= newest[0]:
+                self._heartbeats[status.volume] = (status.sent_at_s, status.policy_revision)
+            self._status_total += 1
+
+    def add_decode_error(self) -> None:
+        """Count one malformed message."""
+        with self._lock:
+            self._decode_errors_total += 1
+
+    def add_slow_consumer_drop(self) -> None:
+        """Count one message NATS dropped because a subscription buffer was full."""
+        with self._lock:
+            self._slow_consumer_drops_total += 1
+
+    def set_nats_connected(self, connected: bool) -> None:
+        """Record whether the collector is connected to NATS and subscribed."""
+        with self._lock:
+            self._nats_connected = connected
+
+    def snapshot(self) -> Snapshot:
+        """Return a consistent copy of every aggregate (see :class:`Snapshot`).
+
+        Takes time proportional to the number of series, not of events.
+        """
+        ops: dict[tuple[str, str, str, str, str], int] = {}
+        durations: dict[tuple[str, str, str, str], tuple[list[int], float]] = {}
+        moved: dict[tuple[str, str, str, str], int] = {}
+        faults: dict[tuple[str, str, str, str, str], int] = {}
+        delay_s: dict[tuple[str, str, str, str], float] = {}
+        throttle_wait_s: dict[tuple[str, str, str, str], float] = {}
+        events_dropped: dict[Labels3, int] = {}
+        worker_ops: dict[Labels3, int] = {}
+        with self._lock:
+            for (volume, namespace, pod), group in self._groups.items():
+                for (op, err), count in group.ops.items():
+                    key5 = (volume, namespace, pod, op, errno_name(err))
+                    # Two numbers can share a name (never on Linux); add, never overwrite.
+                    ops[key5] = ops.get(key5, 0) + count
+                for op, buckets in group.durations.items():
+                    durations[(volume, namespace, pod, op)] = (
+                        buckets[:_SUM_INDEX], buckets[_SUM_INDEX] / _NS_PER_S,
+                    )
+                if group.bytes_read or "read" in group.durations:
+                    moved[(volume, namespace, pod, DIRECTION_READ)] = group.bytes_read
+                if group.bytes_written or "write" in group.durations:
+                    moved[(volume, namespace, pod, DIRECTION_WRITE)] = group.bytes_written
+                for (op, fault), count in group.faults.items():
+                    faults[(volume, namespace, pod, op, fault)] = count
+                for op, total_ns in group.delay_ns.items():
+                    delay_s[(volume, namespace, pod, op)] = total_ns / _NS_PER_S
+                for op, total_ns in group.throttle_ns.items():
+                    throttle_wait_s[(volume, namespace, pod, op)] = total_ns / _NS_PER_S
+            for (volume, _worker_id), worker in self._workers.items():
+                key3 = (volume, worker.namespace, worker.pod)
+                events_dropped[key3] = events_dropped.get(key3, 0) + worker.dropped_total
+                worker_ops[key3] = worker_ops.get(key3, 0) + worker.ops_total
+            heartbeats = dict(self._heartbeats)
+            return Snapshot(
+                ops=ops,
+                durations=durations,
+                bytes=moved,
+                faults=faults,
+                delay_s=delay_s,
+                throttle_wait_s=throttle_wait_s,
+                events_dropped=events_dropped,
+                worker_ops=worker_ops,
+                policy_revision={volume: revision for volume, (_, revision) in heartbeats.items()},
+                last_heartbeat_s={volume: sent_at_s for volume, (sent_at_s, _) in heartbeats.items()},
+                batches_total=self._batches_total,
+                events_total=self._events_total,
+                status_total=self._status_total,
+                decode_errors_total=self._decode_errors_total,
+                slow_consumer_drops_total=self._slow_consumer_drops_total,
+                nats_connected=self._nats_connected,
+            )

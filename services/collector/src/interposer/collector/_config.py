@@ -1,0 +1,123 @@
+"""The collector's configuration: one frozen Struct, every field defaulted and documented."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+
+#: Address the /metrics HTTP server binds to by default (loopback: expose it on
+#: purpose, e.g. ``--listen 0.0.0.0:9464`` in a pod).
+DEFAULT_LISTEN_HOST = "127.0.0.1"
+#: Default /metrics TCP port (9464 is the port OpenTelemetry's Prometheus
+#: exporter uses too); 0 = let the kernel pick one.
+DEFAULT_LISTEN_PORT = 9464
+#: NATS server the collector subscribes to.
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+#: Client name shown by ``nats server report connections``.
+DEFAULT_CLIENT_NAME = "interposer-collector"
+#: Most event batches buffered per subscription before NATS drops them (slow consumer),
+#: messages. One batch holds up to a few thousand events.
+DEFAULT_PENDING_MSGS_LIMIT = 4096
+#: Most bytes buffered per subscription before NATS drops messages, bytes.
+DEFAULT_PENDING_BYTES_LIMIT = 64 * 1024 * 1024
+#: Wait between reconnect attempts, seconds.
+DEFAULT_RECONNECT_TIME_WAIT_S = 2.0
+#: Timeout of one connect attempt, seconds.
+DEFAULT_CONNECT_TIMEOUT_S = 2.0
+#: How long a drain on shutdown may take before the connection is closed anyway, seconds.
+DEFAULT_DRAIN_TIMEOUT_S = 10.0
+#: Shortest gap between two log lines about malformed messages, seconds (the count is
+#: always exact in ``interposer_collector_decode_errors_total``).
+DEFAULT_DECODE_ERROR_LOG_INTERVAL_S = 10.0
+
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
+PositiveFloat = Annotated[float, msgspec.Meta(gt=0.0)]
+
+
+class CollectorConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Everything the collector service needs to run.
+
+    Attributes:
+        listen_host: address of the /metrics HTTP server.
+        listen_port: TCP port of the /metrics HTTP server; 0 = any free port (it is
+            logged and written to ``port_file``).
+        port_file: if not empty, the bound /metrics port is written to this file (as
+            decimal text, replaced atomically) once the HTTP server listens.
+        nats_url: NATS server URL; several may be given separated by commas.
+        client_name: NATS client name.
+        pending_msgs_limit: per-subscription buffer, messages; more are dropped and
+            counted in ``interposer_collector_slow_consumer_drops_total``.
+        pending_bytes_limit: per-subscription buffer, bytes.
+        reconnect_time_wait_s: wait between reconnect attempts, seconds. The collector
+            reconnects forever.
+        connect_timeout_s: timeout of one connect attempt, seconds.
+        drain_timeout_s: longest shutdown drain, seconds.
+        decode_error_log_interval_s: shortest gap between two log lines about
+            malformed messages, seconds.
+        log_level: ``DEBUG``, ``INFO``, ``WARNING`` or ``ERROR``.
+    """
+
+    listen_host: str = DEFAULT_LISTEN_HOST
+    listen_port: Port = DEFAULT_LISTEN_PORT
+    port_file: str = ""
+    nats_url: str = DEFAULT_NATS_URL
+    client_name: str = DEFAULT_CLIENT_NAME
+    pending_msgs_limit: PositiveInt = DEFAULT_PENDING_MSGS_LIMIT
+    pending_bytes_limit: PositiveInt = DEFAULT_PENDING_BYTES_LIMIT
+    reconnect_time_wait_s: PositiveFloat = DEFAULT_RECONNECT_TIME_WAIT_S
+    connect_timeout_s: PositiveFloat = DEFAULT_CONNECT_TIMEOUT_S
+    drain_timeout_s: PositiveFloat = DEFAULT_DRAIN_TIMEOUT_S
+    decode_error_log_interval_s: Annotated[float, msgspec.Meta(ge=0.0)] = DEFAULT_DECODE_ERROR_LOG_INTERVAL_S
+    log_level: LogLevel = "INFO"
+
+    @property
+    def nats_servers(self) -> list[str]:
+        """``nats_url`` split at commas, blanks removed."""
+        return [url.strip() for url in self.nats_url.split(",") if url.strip()]
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """Split a ``--listen`` value into host and port.
+
+    Accepts ``HOST:PORT``, ``[IPV6]:PORT`` and ``:PORT`` (all addresses, ``0.0.0.0``).
+
+    Args:
+        text: the flag value, e.g. ``127.0.0.1:9464``.
+
+    Returns:
+        ``(host, port)``; port 0 means any free port.
+
+    Raises:
+        ValueError: no ``:PORT`` part, or the port is not an integer in 0..65535.
+    """
+    host, sep, port_text = text.rpartition(":")
+    if not sep:
+        raise ValueError(f"--listen {text!r}: expected HOST:PORT, e.g. 127.0.0.1:9464")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ValueError(f"--listen {text!r}: port {port_text!r} is not an integer") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--listen {text!r}: port {port} is outside 0..65535")
+    return host or "0.0.0.0", port
+
+
+def make_config(**fields: object) -> CollectorConfig:
+    """Build a validated config from keyword fields (as flags or a file give them).
+
+    Args:
+        **fields: any ``CollectorConfig`` attribute.
+
+    Returns:
+        The frozen config.
+
+    Raises:
+        msgspec.ValidationError: an unknown field, a wrong type or an out-of-range value;
+            the message names the field.
+    """
+    return msgspec.convert(fields, CollectorConfig)

@@ -1,0 +1,151 @@
+"""Prometheus exposition of the aggregates: a custom collector read at scrape time.
+
+Nothing is registered in prometheus_client's global default registry: callers get a
+fresh :class:`~prometheus_client.CollectorRegistry` from :func:`make_registry`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+from ._aggregate import DURATION_BUCKETS_S, Aggregator, Snapshot
+
+_VNP = ["volume", "namespace", "pod"]
+
+# The exported families: name (without the ``_total`` a counter gets), type, labels, help.
+# Kept in one table so describe(), the README and the tests agree.
+METRICS: tuple[tuple[str, str, list[str], str], ...] = (
+    ("interposer_ops", "counter", [*_VNP, "op", "result"],
+     "FUSE ops served, by result: ok or the errno name returned (EIO, ENOENT, ...)."),
+    ("interposer_op_duration_seconds", "histogram", [*_VNP, "op"],
+     "Time the worker spent serving an op, seconds (includes injected delay and throttle wait)."),
+    ("interposer_bytes", "counter", [*_VNP, "direction"],
+     "Bytes moved by successful reads (direction=read) and writes (direction=write)."),
+    ("interposer_injected_faults", "counter", [*_VNP, "op", "errno"],
+     "Ops failed on purpose by a fault layer, by injected errno name."),
+    ("interposer_injected_delay_seconds", "counter", [*_VNP, "op"],
+     "Delay injected by delay layers, seconds."),
+    ("interposer_throttle_wait_seconds", "counter", [*_VNP, "op"],
+     "Time ops waited for throttle tokens, seconds."),
+    ("interposer_events_dropped", "counter", list(_VNP),
+     "Op events the workers dropped because their buffer was full (summed over worker processes)."),
+    ("interposer_worker_ops", "counter", list(_VNP),
+     "FUSE ops the workers report serving, from their heartbeats (summed over worker processes)."),
+    ("interposer_worker_policy_revision", "gauge", ["volume"],
+     "Policy revision in force in the volume's worker (newest heartbeat); 0 = initial policy."),
+    ("interposer_worker_last_heartbeat_timestamp_seconds", "gauge", ["volume"],
+     "Send time of the volume's newest worker heartbeat, seconds since the Unix epoch."),
+    ("interposer_collector_batches", "counter", [], "Event batches this collector aggregated."),
+    ("interposer_collector_events", "counter", [], "Op events this collector aggregated."),
+    ("interposer_collector_status_messages", "counter", [], "Worker heartbeats this collector aggregated."),
+    ("interposer_collector_decode_errors", "counter", [], "Malformed messages this collector dropped."),
+    ("interposer_collector_slow_consumer_drops", "counter", [],
+     "Messages NATS dropped because this collector fell behind (subscription buffer full)."),
+    ("interposer_collector_nats_connected", "gauge", [],
+     "1 while this collector is connected to NATS with its subscriptions in place, else 0."),
+)
+
+_HELP = {name: text for name, _type, _labels, text in METRICS}
+_LABELS = {name: labels for name, _type, labels, _text in METRICS}
+_BUCKET_BOUNDS = [floatToGoString(bound) for bound in DURATION_BUCKETS_S]
+
+
+def _counter(name: str, samples: Iterable[tuple[tuple[str, ...], float]]) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, _HELP[name], labels=_LABELS[name])
+    for labels, value in samples:
+        family.add_metric(labels, value)
+    return family
+
+
+def _gauge(name: str, samples: Iterable[tuple[tuple[str, ...], float]]) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, _HELP[name], labels=_LABELS[name])
+    for labels, value in samples:
+        family.add_metric(labels, value)
+    return family
+
+
+def _durations(snapshot: Snapshot) -> HistogramMetricFamily:
+    name = "interposer_op_duration_seconds"
+    family = HistogramMetricFamily(name, _HELP[name], labels=_LABELS[name])
+    for labels, (counts, sum_s) in snapshot.durations.items():
+        buckets: list[tuple[str, float]] = []
+        cumulative = 0
+        for bound, count in zip(_BUCKET_BOUNDS, counts[:-1], strict=True):
+            cumulative += count
+            buckets.append((bound, cumulative))
+        buckets.append(("+Inf", cumulative + counts[-1]))
+        family.add_metric(list(labels), buckets, sum_s)
+    return family
+
+
+def families(snapshot: Snapshot) -> Iterator[Metric]:
+    """Yield every metric family of a snapshot, in the order of :data:`METRICS`.
+
+    Args:
+        snapshot: the aggregates to expose.
+
+    Yields:
+        prometheus_client metric families, ready for exposition.
+    """
+    yield _counter("interposer_ops", snapshot.ops.items())
+    yield _durations(snapshot)
+    yield _counter("interposer_bytes", snapshot.bytes.items())
+    yield _counter("interposer_injected_faults", snapshot.faults.items())
+    yield _counter("interposer_injected_delay_seconds", snapshot.delay_s.items())
+    yield _counter("interposer_throttle_wait_seconds", snapshot.throttle_wait_s.items())
+    yield _counter("interposer_events_dropped", snapshot.events_dropped.items())
+    yield _counter("interposer_worker_ops", snapshot.worker_ops.items())
+    yield _gauge("interposer_worker_policy_revision",
+                 (((volume,), revision) for volume, revision in snapshot.policy_revision.items()))
+    yield _gauge("interposer_worker_last_heartbeat_timestamp_seconds",
+                 (((volume,), sent_at_s) for volume, sent_at_s in snapshot.last_heartbeat_s.items()))
+    yield _counter("interposer_collector_batches", [((), snapshot.batches_total)])
+    yield _counter("interposer_collector_events", [((), snapshot.events_total)])
+    yield _counter("interposer_collector_status_messages", [((), snapshot.status_total)])
+    yield _counter("interposer_collector_decode_errors", [((), snapshot.decode_errors_total)])
+    yield _counter("interposer_collector_slow_consumer_drops", [((), snapshot.slow_consumer_drops_total)])
+    yield _gauge("interposer_collector_nats_connected", [((), 1.0 if snapshot.nats_connected else 0.0)])
+
+
+class MetricsCollector(Collector):
+    """prometheus_client collector that renders an :class:`Aggregator` at scrape time.
+
+    Args:
+        aggregator: the running totals to expose.
+    """
+
+    def __init__(self, aggregator: Aggregator) -> None:
+        self._aggregator = aggregator
+
+    def describe(self) -> Iterator[Metric]:
+        """Yield the (empty) families this collector exports, for registration checks."""
+        for name, kind, labels, text in METRICS:
+            if kind == "counter":
+                yield CounterMetricFamily(name, text, labels=labels)
+            elif kind == "gauge":
+                yield GaugeMetricFamily(name, text, labels=labels)
+            else:
+                yield HistogramMetricFamily(name, text, labels=labels)
+
+    def collect(self) -> Iterator[Metric]:
+        """Yield every family, computed from one consistent snapshot of the aggregates."""
+        yield from families(self._aggregator.snapshot())
+
+
+def make_registry(aggregator: Aggregator) -> CollectorRegistry:
+    """Return a fresh registry exposing ``aggregator`` (never the global default one).
+
+    Args:
+        aggregator: the running totals to expose.
+
+    Returns:
+        A ``CollectorRegistry`` holding one :class:`MetricsCollector`.
+    """
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(MetricsCollector(aggregator))
+    return registry

@@ -1,0 +1,319 @@
+"""The collector service: NATS subscriptions in, Prometheus /metrics out.
+
+Threads: the asyncio event loop (nats-py) decodes messages and updates the
+:class:`~interposer.collector.Aggregator`; prometheus_client's HTTP server thread
+renders a snapshot of it on each scrape. The aggregator's lock is the only shared
+state between them.
+
+Subscriptions:
+
+* ``interposer.events.*`` in queue group ``interposer-collector``: each batch goes to
+  exactly one collector replica, so N replicas share the load and every event is
+  counted once across replicas (``sum`` over replicas in PromQL).
+* ``interposer.status.*`` *without* a queue group: every replica gets every worker
+  heartbeat. Heartbeats are small and rare (one per worker every few seconds), and
+  they carry absolute values (policy revision, worker counters, dropped events), not
+  increments, so fanning them out costs little and gives every replica a complete,
+  current view: each replica exports the heartbeat gauges of every volume, and
+  ``interposer_events_dropped_total`` converges to the same value on all replicas even
+  though each sees only some batches. Aggregate these worker-reported series across
+  replicas with ``max by (volume, …)``, not ``sum``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import tempfile
+import threading
+import time
+from pathlib import Path
+from wsgiref.simple_server import WSGIServer
+
+import msgspec
+import nats
+from interposer.proto import EventBatch, WorkerStatus
+from interposer.proto.subjects import COLLECTOR_QUEUE, EVENTS_PREFIX, STATUS_PREFIX, volume_of
+from nats.aio.client import Client as NATSClient
+from nats.aio.msg import Msg
+from nats.errors import SlowConsumerError
+from prometheus_client import CollectorRegistry, start_http_server
+
+from ._aggregate import Aggregator
+from ._config import CollectorConfig
+from ._metrics import make_registry
+
+log = logging.getLogger(__name__)
+
+#: Subject pattern of the event batches of every volume.
+EVENTS_SUBJECT = f"{EVENTS_PREFIX}.*"
+#: Subject pattern of the heartbeats of every volume.
+STATUS_SUBJECT = f"{STATUS_PREFIX}.*"
+
+
+def write_port_file(path: str | os.PathLike[str], port: int) -> None:
+    """Write ``port`` as decimal text to ``path`` atomically (temp file, fsync, rename).
+
+    Args:
+        path: destination file; its directory must exist.
+        port: the TCP port.
+
+    Raises:
+        OSError: the directory is missing or not writable.
+    """
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(f"{port}\n")
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+class _RateLimitedLog:
+    """Logs a warning at most once per interval and says how many were suppressed."""
+
+    def __init__(self, interval_s: float) -> None:
+        self._interval_s = interval_s
+        self._next_s = 0.0
+        self._suppressed = 0
+
+    def warning(self, msg: str, *args: object) -> None:
+        now_s = time.monotonic()
+        if now_s < self._next_s:
+            self._suppressed += 1
+            return
+        if self._suppressed:
+            msg += " (%d similar messages suppressed)"
+            args = (*args, self._suppressed)
+        self._suppressed = 0
+        self._next_s = now_s + self._interval_s
+        log.warning(msg, *args)
+
+
+class CollectorService:
+    """One collector replica: HTTP /metrics server plus NATS subscriptions.
+
+    Args:
+        config: the service configuration.
+        aggregator: where to aggregate; a new one if None.
+
+    Attributes:
+        config: the configuration it runs with.
+        aggregator: the running totals.
+        registry: the Prometheus registry served on /metrics.
+        port: the bound /metrics port once :meth:`start_http` returned, else None.
+    """
+
+    def __init__(self, config: CollectorConfig, aggregator: Aggregator | None = None) -> None:
+        self.config = config
+        self.aggregator = aggregator if aggregator is not None else Aggregator()
+        self.registry: CollectorRegistry = make_registry(self.aggregator)
+        self.port: int | None = None
+        self._batch_decoder = msgspec.msgpack.Decoder(EventBatch)
+        self._status_decoder = msgspec.msgpack.Decoder(WorkerStatus)
+        self._httpd: WSGIServer | None = None
+        self._http_thread: threading.Thread | None = None
+        self._nc: NATSClient | None = None
+        self._closing = False
+        self._decode_log = _RateLimitedLog(config.decode_error_log_interval_s)
+        self._slow_log = _RateLimitedLog(config.decode_error_log_interval_s)
+
+    # -- HTTP ---------------------------------------------------------------------------
+
+    def start_http(self) -> int:
+        """Start serving /metrics and write the port file if one is configured.
+
+        Returns:
+            The bound TCP port (the kernel's choice when ``listen_port`` is 0).
+
+        Raises:
+            OSError: the address cannot be bound (e.g. ``EADDRINUSE``) or the port file
+                cannot be written.
+        """
+        self._httpd, self._http_thread = start_http_server(
+            self.config.listen_port, self.config.listen_host, registry=self.registry,
+        )
+        self.port = int(self._httpd.server_port)
+        log.info("serving metrics on http://%s:%d/metrics", self.config.listen_host, self.port)
+        if self.config.port_file:
+            write_port_file(self.config.port_file, self.port)
+        return self.port
+
+    def stop_http(self) -> None:
+        """Stop the /metrics server. Safe to repeat."""
+        httpd, self._httpd = self._httpd, None
+        if httpd is not None:
+            httpd.shutdown()
+            httpd.server_close()
+        if self._http_thread is not None:
+            self._http_thread.join()
+            self._http_thread = None
+
+    # -- NATS ---------------------------------------------------------------------------
+
+    async def _on_batch(self, msg: Msg) -> None:
+        try:
+            batch = self._batch_decoder.decode(msg.data)
+        except msgspec.DecodeError as exc:
+            self._decode_error(msg, f"not an EventBatch: {exc}")
+            return
+        if batch.volume != volume_of(msg.subject):
+            self._decode_error(msg, f"volume {batch.volume!r} does not match the subject")
+            return
+        self.aggregator.add_batch(batch)
+
+    async def _on_status(self, msg: Msg) -> None:
+        try:
+            status = self._status_decoder.decode(msg.data)
+        except msgspec.DecodeError as exc:
+            self._decode_error(msg, f"not a WorkerStatus: {exc}")
+            return
+        if status.volume != volume_of(msg.subject):
+            self._decode_error(msg, f"volume {status.volume!r} does not match the subject")
+            return
+        self.aggregator.add_status(status)
+
+    def _decode_error(self, msg: Msg, reason: str) -> None:
+        self.aggregator.add_decode_error()
+        self._decode_log.warning("dropped malformed message on %s (%d bytes): %s",
+                                 msg.subject, len(msg.data), reason)
+
+    async def _on_error(self, exc: Exception) -> None:
+        if isinstance(exc, SlowConsumerError):
+            self.aggregator.add_slow_consumer_drop()
+            self._slow_log.warning("falling behind: NATS dropped a message on %s (subscription buffer full)",
+                                   exc.subject)
+        else:
+            log.warning("nats: %s: %s", type(exc).__name__, exc)
+
+    async def _on_disconnected(self) -> None:
+        self.aggregator.set_nats_connected(False)
+        if not self._closing:
+            log.warning("disconnected from NATS; reconnecting every %.1f s",
+                        self.config.reconnect_time_wait_s)
+
+    async def _on_reconnected(self) -> None:
+        # nats-py re-sends the subscriptions before calling this.
+        self.aggregator.set_nats_connected(True)
+        log.info("reconnected to NATS at %s", self._nc.connected_url.netloc if self._nc else "?")
+
+    async def connect(self) -> None:
+        """Connect to NATS (retrying forever) and subscribe.
+
+        Returns once the server has processed the subscriptions, so messages published
+        afterwards reach this collector (or its queue group).
+
+        Raises:
+            nats.errors.Error: a non-retryable NATS error (e.g. authorization).
+        """
+        cfg = self.config
+        self._nc = await nats.connect(
+            servers=cfg.nats_servers,
+            name=cfg.client_name,
+            allow_reconnect=True,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=cfg.reconnect_time_wait_s,  # type: ignore[arg-type]
+            connect_timeout=cfg.connect_timeout_s,  # type: ignore[arg-type]
+            drain_timeout=cfg.drain_timeout_s,  # type: ignore[arg-type]
+            error_cb=self._on_error,
+            disconnected_cb=self._on_disconnected,
+            reconnected_cb=self._on_reconnected,
+        )
+        await self._nc.subscribe(
+            EVENTS_SUBJECT, queue=COLLECTOR_QUEUE, cb=self._on_batch,
+            pending_msgs_limit=cfg.pending_msgs_limit, pending_bytes_limit=cfg.pending_bytes_limit,
+        )
+        await self._nc.subscribe(
+            STATUS_SUBJECT, cb=self._on_status,
+            pending_msgs_limit=cfg.pending_msgs_limit, pending_bytes_limit=cfg.pending_bytes_limit,
+        )
+        await self._nc.flush()
+        self.aggregator.set_nats_connected(True)
+        log.info("connected to NATS at %s; subscribed to %s (queue %s) and %s",
+                 self._nc.connected_url.netloc if self._nc.connected_url else "?",
+                 EVENTS_SUBJECT, COLLECTOR_QUEUE, STATUS_SUBJECT)
+
+    async def drain(self) -> None:
+        """Stop taking messages, finish the buffered ones, close the connection.
+
+        Never raises: a drain that fails or times out falls back to a plain close.
+        """
+        nc, self._nc = self._nc, None
+        if nc is None or nc.is_closed:
+            return
+        self._closing = True
+        try:
+            await nc.drain()
+            log.info("drained NATS subscriptions")
+        except Exception as exc:  # noqa: BLE001 - shutting down either way
+            log.warning("drain failed (%s: %s); closing", type(exc).__name__, exc)
+            await nc.close()
+        finally:
+            self.aggregator.set_nats_connected(False)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve until ``stop`` is set, then drain and stop the HTTP server.
+
+        Args:
+            stop: set it to shut down (the signal handlers of :func:`serve` do).
+
+        Raises:
+            OSError: the /metrics address cannot be bound or the port file written.
+            nats.errors.Error: a non-retryable NATS error.
+        """
+        self.start_http()
+        try:
+            connecting = asyncio.create_task(self.connect())
+            stopping = asyncio.create_task(stop.wait())
+            await asyncio.wait({connecting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if not connecting.done():
+                log.info("stopping before NATS was reached")
+                connecting.cancel()
+                await asyncio.gather(connecting, return_exceptions=True)
+            else:
+                connecting.result()
+                await stopping
+            stopping.cancel()
+            await self.drain()
+        finally:
+            if self._nc is not None:
+                await self._nc.close()
+            self.stop_http()
+
+
+async def serve(config: CollectorConfig) -> None:
+    """Run one collector until SIGTERM or SIGINT, then drain and return.
+
+    Args:
+        config: the service configuration.
+
+    Raises:
+        OSError: the /metrics address cannot be bound or the port file written.
+        nats.errors.Error: a non-retryable NATS error.
+    """
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGTERM, signal.SIGINT)
+
+    def on_signal(signum: signal.Signals) -> None:
+        log.info("received %s; draining", signum.name)
+        stop.set()
+
+    for signum in signals:
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        await CollectorService(config).run(stop)
+    finally:
+        for signum in signals:
+            loop.remove_signal_handler(signum)
+    log.info("collector stopped")

@@ -1,0 +1,160 @@
+"""The embedded default: nats-server, policy service, collector and csi-node on one machine.
+
+``EmbeddedStack`` starts them as child processes (each in its own process group),
+waits for each to answer, writes their endpoints to ``<state_dir>/stack.json`` for
+the other ``interposer`` commands, and stops them in reverse order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import sys
+import urllib.request
+from pathlib import Path
+
+import msgspec
+
+from ._policy_client import PolicyClientError, get_policy
+from ._procs import Child, free_port, start_nats_server
+
+log = logging.getLogger(__name__)
+
+#: File in the state dir that records a running stack's endpoints.
+STACK_FILE = "stack.json"
+#: Volume id the readiness probe asks the policy service about.
+PROBE_VOLUME = "_probe"
+
+
+class StackEndpoints(msgspec.Struct, frozen=True):
+    """Where a running embedded stack can be reached.
+
+    Attributes:
+        nats_url: NATS client URL.
+        metrics_url: the collector's Prometheus endpoint (``http://host:port/metrics``).
+        csi_endpoint: the csi-node's gRPC endpoint (``unix:///…/csi.sock``).
+        state_dir: the stack's state directory.
+    """
+
+    nats_url: str
+    metrics_url: str
+    csi_endpoint: str
+    state_dir: str
+
+
+def read_endpoints(state_dir: Path) -> StackEndpoints | None:
+    """Endpoints of the stack running with ``state_dir``, or None if none is recorded."""
+    try:
+        return msgspec.json.decode((state_dir / STACK_FILE).read_bytes(), type=StackEndpoints)
+    except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+        return None
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def _policy_ready(nats_url: str) -> bool:
+    try:
+        return asyncio.run(get_policy(nats_url, PROBE_VOLUME)).ok
+    except PolicyClientError:
+        return False
+
+
+def _unix_socket_ready(path: Path) -> bool:
+    if not path.exists():
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            sock.connect(str(path))
+            return True
+        except OSError:
+            return False
+
+
+class EmbeddedStack:
+    """Start and stop the embedded services; use as a context manager.
+
+    Args:
+        state_dir: directory for JetStream data, logs, the CSI socket and worker state.
+        nats_port: NATS client port; None picks a free one.
+        metrics_port: collector port; 0 picks a free one.
+        node_id: CSI node id reported by NodeGetInfo.
+
+    Raises:
+        RuntimeError: a service did not start (its log tail is in the message).
+    """
+
+    def __init__(self, state_dir: Path, nats_port: int | None = None, metrics_port: int = 0,
+                 node_id: str | None = None) -> None:
+        self.state_dir = state_dir.resolve()
+        self.nats_port = nats_port
+        self.metrics_port = metrics_port
+        self.node_id = node_id or socket.gethostname()
+        self.children: list[Child] = []
+        self.endpoints: StackEndpoints | None = None
+
+    def _python(self, name: str, module: str, *args: str) -> Child:
+        child = Child(name, [sys.executable, "-m", module, *args], self.state_dir / "logs" / f"{name}.log")
+        self.children.append(child)
+        return child.start()
+
+    def start(self) -> StackEndpoints:
+        """Start every service and wait until each answers."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            nats_child, nats_url = start_nats_server(self.state_dir / "nats", self.nats_port)
+            self.children.append(nats_child)
+
+            policy = self._python("policy", "interposer.policy", "--nats-url", nats_url)
+            policy.wait_ready(lambda: _policy_ready(nats_url))
+
+            port_file = self.state_dir / "collector.port"
+            port_file.unlink(missing_ok=True)
+            listen = f"127.0.0.1:{self.metrics_port or free_port()}"
+            collector = self._python("collector", "interposer.collector", "--nats-url", nats_url,
+                                     "--listen", listen, "--port-file", str(port_file))
+            collector.wait_ready(lambda: port_file.exists() and _http_ok(
+                f"http://127.0.0.1:{port_file.read_text().strip()}/metrics"))
+            metrics_url = f"http://127.0.0.1:{port_file.read_text().strip()}/metrics"
+
+            socket_path = self.state_dir / "csi" / "csi.sock"
+            socket_path.parent.mkdir(parents=True, exist_ok=True)
+            csi_endpoint = f"unix://{socket_path}"
+            csi = self._python("csi-node", "interposer.csi_node", "--endpoint", csi_endpoint,
+                               "--nodeid", self.node_id, "--state-dir", str(self.state_dir / "csi"),
+                               "--nats-url", nats_url)
+            csi.wait_ready(lambda: _unix_socket_ready(socket_path))
+        except BaseException:
+            self.stop()
+            raise
+        self.endpoints = StackEndpoints(nats_url, metrics_url, csi_endpoint, str(self.state_dir))
+        tmp = self.state_dir / f".{STACK_FILE}.tmp"
+        tmp.write_bytes(msgspec.json.encode(self.endpoints))
+        os.replace(tmp, self.state_dir / STACK_FILE)
+        return self.endpoints
+
+    def stop(self) -> None:
+        """Stop every service, newest first. Safe to repeat."""
+        (self.state_dir / STACK_FILE).unlink(missing_ok=True)
+        for child in reversed(self.children):
+            child.stop()
+        self.children.clear()
+
+    def __enter__(self) -> StackEndpoints:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def describe(endpoints: StackEndpoints) -> str:
+    """Human-readable summary of a running stack."""
+    return json.dumps(msgspec.to_builtins(endpoints), indent=2)

@@ -1,0 +1,97 @@
+"""Fixtures of the collector tests: real collector processes on loopback.
+
+Nothing skips: without nats-server or prometheus the tests that need them fail.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from collector_helpers import (
+    COLLECTOR_READY_TIMEOUT_S,
+    PROMETHEUS_READY_TIMEOUT_S,
+    CollectorProcess,
+    PrometheusServer,
+)
+
+from interposer.cli._procs import Child, free_port
+
+
+@pytest.fixture
+def start_collector(nats_url: str, tmp_path: Path) -> Iterator[Callable[..., CollectorProcess]]:
+    """Factory that starts real collector processes on loopback; all are stopped after the test.
+
+    ``start(*extra_flags, nats_url=..., wait_connected=True)`` returns once /metrics
+    answers and, unless ``wait_connected`` is False, the collector is subscribed.
+    """
+    started: list[Child] = []
+
+    def start(*extra_args: str, nats_url: str = nats_url, wait_connected: bool = True) -> CollectorProcess:
+        index = len(started)
+        port_file = tmp_path / f"collector-{index}.port"
+        argv = [sys.executable, "-m", "interposer.collector", "--listen", "127.0.0.1:0",
+                "--port-file", str(port_file), "--nats-url", nats_url, "--log-level", "DEBUG", *extra_args]
+        child = Child(f"collector-{index}", argv, tmp_path / f"collector-{index}.log").start()
+        started.append(child)
+        child.wait_ready(port_file.exists, COLLECTOR_READY_TIMEOUT_S)
+        collector = CollectorProcess(child, int(port_file.read_text()))
+        connected = int(wait_connected)
+        child.wait_ready(lambda: collector.value("interposer_collector_nats_connected") == connected,
+                         COLLECTOR_READY_TIMEOUT_S)
+        return collector
+
+    try:
+        yield start
+    finally:
+        for child in started:
+            child.stop()
+
+
+#: The Debian package's Prometheus server.
+PROMETHEUS_BINARY = "/usr/bin/prometheus"
+#: Scrape (and rule evaluation) interval of the test Prometheus, seconds.
+PROMETHEUS_SCRAPE_INTERVAL_S = 1
+
+
+@pytest.fixture
+def start_prometheus(tmp_path: Path) -> Iterator[Callable[[list[int]], PrometheusServer]]:
+    """Factory: a real Prometheus on loopback scraping the given /metrics ports every second.
+
+    Fails (never skips) when the prometheus binary is missing. Stopped after the test.
+    """
+    if not os.access(PROMETHEUS_BINARY, os.X_OK):
+        pytest.fail(f"{PROMETHEUS_BINARY} is missing: apt-get install prometheus (make setup does)")
+    children: list[Child] = []
+
+    def start(target_ports: list[int]) -> PrometheusServer:
+        workdir = tmp_path / "prometheus"
+        (workdir / "data").mkdir(parents=True)
+        targets = ", ".join(f'"127.0.0.1:{port}"' for port in target_ports)
+        config = workdir / "prometheus.yml"
+        config.write_text(
+            "global:\n"
+            f"  scrape_interval: {PROMETHEUS_SCRAPE_INTERVAL_S}s\n"
+            f"  evaluation_interval: {PROMETHEUS_SCRAPE_INTERVAL_S}s\n"
+            "scrape_configs:\n"
+            "  - job_name: interposer-collector\n"
+            "    static_configs:\n"
+            f"      - targets: [{targets}]\n"
+        )
+        port = free_port()
+        argv = [PROMETHEUS_BINARY, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"]
+        child = Child("prometheus", argv, workdir / "prometheus.log").start()
+        children.append(child)
+        server = PrometheusServer(child, port)
+        child.wait_ready(server.ready, PROMETHEUS_READY_TIMEOUT_S)
+        return server
+
+    try:
+        yield start
+    finally:
+        for child in children:
+            child.stop()

@@ -1,0 +1,218 @@
+"""Unit tests of the aggregation and its Prometheus rendering (no NATS, no HTTP)."""
+
+from __future__ import annotations
+
+import errno
+import threading
+
+import pytest
+from collector_helpers import event, parse_metrics, value
+from interposer.collector import DURATION_BUCKETS_S, Aggregator, errno_name, make_registry
+from interposer.proto import EventBatch, OpEvent, WorkerStatus
+from prometheus_client import generate_latest
+
+LABELS = ("vol-a", "team-x", "trainer-0")
+
+
+def batch(events: list[OpEvent], *, volume: str = "vol-a", worker_id: str = "w-1", dropped_total: int = 0,
+          namespace: str = "team-x", pod: str = "trainer-0") -> EventBatch:
+    return EventBatch(volume=volume, worker_id=worker_id, seq=1, events=events, dropped_total=dropped_total,
+                      namespace=namespace, pod=pod)
+
+
+def status(*, volume: str = "vol-a", worker_id: str = "w-1", revision: int = 0, ops_total: int = 0,
+           dropped: int = 0, sent_at_s: float = 1000.0, namespace: str = "team-x",
+           pod: str = "trainer-0") -> WorkerStatus:
+    return WorkerStatus(volume=volume, worker_id=worker_id, policy_revision=revision, ops_total=ops_total,
+                        events_total=ops_total, events_dropped_total=dropped, events_published_total=0,
+                        started_at_s=900.0, sent_at_s=sent_at_s, namespace=namespace, pod=pod)
+
+
+def test_ops_counted_by_op_and_result_name() -> None:
+    agg = Aggregator()
+    agg.add_batch(batch([
+        event("read", result=10), event("read", result=10), event("read", errno=errno.EIO),
+        event("lookup", errno=errno.ENOENT), event("getattr"),
+    ]))
+    ops = agg.snapshot().ops
+    assert ops == {
+        (*LABELS, "read", "ok"): 2,
+        (*LABELS, "read", "EIO"): 1,
+        (*LABELS, "lookup", "ENOENT"): 1,
+        (*LABELS, "getattr", "ok"): 1,
+    }
+
+
+def test_errno_name() -> None:
+    assert errno_name(0) == "ok"
+    assert errno_name(errno.ENOSPC) == "ENOSPC"
+    assert errno_name(99999) == "99999"
+
+
+def test_bytes_only_from_successful_reads_and_writes() -> None:
+    agg = Aggregator()
+    agg.add_batch(batch([
+        event("read", result=4096), event("read", result=100),
+        event("write", result=512),
+        event("read", result=777, errno=errno.EIO),  # failed: not counted even if result is set
+        event("write", result=999, errno=errno.ENOSPC),
+        event("getxattr", result=55),  # not a data op
+    ]))
+    moved = agg.snapshot().bytes
+    assert moved == {(*LABELS, "read"): 4196, (*LABELS, "write"): 512}
+
+
+@pytest.mark.parametrize(("duration_ns", "upper_bound_s"), [
+    (0, 1e-05),
+    (10_000, 1e-05),          # exactly on a bound: le is "less or equal"
+    (10_001, 2.5e-05),
+    (3_000_000, 0.005),
+    (1_000_000_000, 1.0),
+    (10_000_000_000, 10.0),
+    (10_000_000_001, float("inf")),
+])
+def test_histogram_bucket_placement(duration_ns: int, upper_bound_s: float) -> None:
+    agg = Aggregator()
+    agg.add_batch(batch([event("read", duration_ns=duration_ns)]))
+    counts, sum_s = agg.snapshot().durations[(*LABELS, "read")]
+    assert len(counts) == len(DURATION_BUCKETS_S) + 1
+    assert sum(counts) == 1
+    index = counts.index(1)
+    bounds = [*DURATION_BUCKETS_S, float("inf")]
+    assert bounds[index] == upper_bound_s
+    assert sum_s == pytest.approx(duration_ns / 1e9)
+
+
+def test_histogram_buckets_cover_10us_to_10s_in_1_2_5_steps() -> None:
+    assert DURATION_BUCKETS_S[0] == pytest.approx(10e-6)
+    assert DURATION_BUCKETS_S[-1] == pytest.approx(10.0)
+    assert list(DURATION_BUCKETS_S) == sorted(DURATION_BUCKETS_S)
+    assert len(DURATION_BUCKETS_S) == 19
+
+
+def test_histogram_exposition_is_cumulative() -> None:
+    agg = Aggregator()
+    agg.add_batch(batch([event("write", duration_ns=d) for d in (5_000, 30_000, 30_000, 2_000_000_000)]))
+    samples = parse_metrics(generate_latest(make_registry(agg)).decode())
+    labels = dict(volume="vol-a", op="write")
+    assert value(samples, "interposer_op_duration_seconds_bucket", le="1e-05", **labels) == 1
+    assert value(samples, "interposer_op_duration_seconds_bucket", le="5e-05", **labels) == 3
+    assert value(samples, "interposer_op_duration_seconds_bucket", le="1.0", **labels) == 3
+    assert value(samples, "interposer_op_duration_seconds_bucket", le="2.5", **labels) == 4
+    assert value(samples, "interposer_op_duration_seconds_bucket", le="+Inf", **labels) == 4
+    assert value(samples, "interposer_op_duration_seconds_count", **labels) == 4
+    assert value(samples, "interposer_op_duration_seconds_sum", **labels) == pytest.approx(2.000065)
+
+
+def test_faults_delay_and_throttle() -> None:
+    agg = Aggregator()
+    agg.add_batch(batch([
+        event("read", errno=errno.EIO, fault="EIO"),
+        event("read", errno=errno.EIO, fault="EIO"),
+        event("write", errno=errno.ENOSPC, fault="ENOSPC", delay_ns=2_000_000),
+        event("read", result=10, delay_ns=1_000_000, throttle_ns=500_000_000),
+        event("read", errno=errno.EIO),  # a real error, not injected
+    ]))
+    snap = agg.snapshot()
+    assert snap.faults == {(*LABELS, "read", "EIO"): 2, (*LABELS, "write", "ENOSPC"): 1}
+    assert snap.delay_s == {(*LABELS, "write"): pytest.approx(0.002), (*LABELS, "read"): pytest.approx(0.001)}
+    assert snap.throttle_wait_s == {(*LABELS, "read"): pytest.approx(0.5)}
+    assert snap.ops[(*LABELS, "read", "EIO")] == 3
+
+
+def test_dropped_is_max_per_worker_summed_over_workers() -> None:
+    agg = Aggregator()
+    agg.add_batch(batch([event("read")], worker_id="w-1", dropped_total=5))
+    agg.add_batch(batch([event("read")], worker_id="w-1", dropped_total=3))  # out of order: max stays 5
+    agg.add_status(status(worker_id="w-1", dropped=4))
+    agg.add_status(status(worker_id="w-2", dropped=7))  # restarted worker, new id
+    agg.add_batch(batch([], worker_id="w-2", dropped_total=9))
+    agg.add_batch(batch([], volume="vol-b", worker_id="w-9", dropped_total=1))
+    snap = agg.snapshot()
+    assert snap.events_dropped == {LABELS: 5 + 9, ("vol-b", "team-x", "trainer-0"): 1}
+
+
+def test_worker_status_counters_and_gauges() -> None:
+    agg = Aggregator()
+    agg.add_status(status(worker_id="w-1", ops_total=100, revision=3, sent_at_s=1000.0))
+    agg.add_status(status(worker_id="w-1", ops_total=150, revision=4, sent_at_s=1002.0))
+    agg.add_status(status(worker_id="w-1", ops_total=120, revision=3, sent_at_s=1001.0))  # late arrival
+    agg.add_status(status(worker_id="w-2", ops_total=10, revision=4, sent_at_s=1003.0))
+    snap = agg.snapshot()
+    assert snap.worker_ops == {LABELS: 160}
+    assert snap.policy_revision == {"vol-a": 4}
+    assert snap.last_heartbeat_s == {"vol-a": 1003.0}
+    assert snap.status_total == 4
+
+
+def test_unknown_pod_gives_empty_labels() -> None:
+    agg = Aggregator()
+    agg.add_batch(batch([event("read")], namespace="", pod=""))
+    assert ("vol-a", "", "", "read", "ok") in agg.snapshot().ops
+
+
+def test_collector_self_counters() -> None:
+    agg = Aggregator()
+    agg.add_batch(batch([event("read")] * 3))
+    agg.add_batch(batch([event("write")] * 2))
+    agg.add_decode_error()
+    agg.add_slow_consumer_drop()
+    agg.set_nats_connected(True)
+    snap = agg.snapshot()
+    assert (snap.batches_total, snap.events_total, snap.decode_errors_total) == (2, 5, 1)
+    assert snap.slow_consumer_drops_total == 1
+    assert snap.nats_connected
+
+
+def test_exposition_has_every_metric_and_no_path_label() -> None:
+    agg = Aggregator()
+    agg.add_batch(batch([event("read", result=1, fault="EIO", errno=errno.EIO, delay_ns=1, throttle_ns=1),
+                         event("read", result=1)]))
+    agg.add_status(status(ops_total=2, revision=1))
+    text = generate_latest(make_registry(agg)).decode()
+    samples = parse_metrics(text)
+    names = {name for name, _ in samples}
+    for name in [
+        "interposer_ops_total", "interposer_op_duration_seconds_bucket", "interposer_bytes_total",
+        "interposer_injected_faults_total", "interposer_injected_delay_seconds_total",
+        "interposer_throttle_wait_seconds_total", "interposer_events_dropped_total",
+        "interposer_worker_ops_total", "interposer_worker_policy_revision",
+        "interposer_worker_last_heartbeat_timestamp_seconds", "interposer_collector_batches_total",
+        "interposer_collector_events_total", "interposer_collector_decode_errors_total",
+    ]:
+        assert name in names, name
+    assert "/data/file.bin" not in text
+    assert all("path" not in dict(labels) for _, labels in samples)
+    assert value(samples, "interposer_ops_total", volume="vol-a", namespace="team-x", pod="trainer-0",
+                 op="read", result="EIO") == 1
+    assert value(samples, "interposer_injected_faults_total", errno="EIO", op="read") == 1
+
+
+def test_registry_is_not_the_global_default() -> None:
+    from prometheus_client import REGISTRY
+
+    agg = Aggregator()
+    registry = make_registry(agg)
+    assert registry is not REGISTRY
+    assert REGISTRY.get_sample_value("interposer_collector_batches_total") is None
+    assert registry.get_sample_value("interposer_collector_batches_total") == 0
+
+
+def test_snapshot_while_adding_from_another_thread() -> None:
+    agg = Aggregator()
+    registry = make_registry(agg)
+    events = [event("read", result=1)] * 100
+    done = threading.Event()
+
+    def feed() -> None:
+        for _ in range(300):
+            agg.add_batch(batch(events))
+        done.set()
+
+    thread = threading.Thread(target=feed)
+    thread.start()
+    while not done.is_set():
+        generate_latest(registry)  # must never see a dict change size mid-iteration
+    thread.join()
+    assert registry.get_sample_value("interposer_ops_total", {
+        "volume": "vol-a", "namespace": "team-x", "pod": "trainer-0", "op": "read", "result": "ok"}) == 30_000

@@ -1,0 +1,208 @@
+"""The CSI pieces agree with each other: driver name, node DaemonSet, RBAC, examples."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import yaml
+from deploy_support import DEPLOY_DIR, NAMESPACE, REPO_ROOT, Manifest, find, pod_spec_of
+from interposer.proto.policy import decode_policy
+
+DAEMONSET = "interposer-csi-node"
+CSI_NODE_ARGS = [
+    "--endpoint",
+    "unix:///csi/csi.sock",
+    "--nodeid",
+    "$(NODE_NAME)",
+    "--nats-url",
+    f"nats://nats.{NAMESPACE}.svc:4222",
+]
+CSI_NODE_SRC = REPO_ROOT / "services" / "csi-node" / "src" / "interposer" / "csi_node"
+
+
+def _container(pod_spec: dict, name: str) -> dict:
+    hits = [c for c in pod_spec["containers"] if c["name"] == name]
+    assert len(hits) == 1, f"expected one container named {name}"
+    return hits[0]
+
+
+def _volume_source(pod_spec: dict, container: dict, mount_path: str) -> tuple[dict, dict]:
+    """Return (volumeMount, volume) of the mount of ``container`` at ``mount_path``."""
+    mounts = [
+        m for m in container.get("volumeMounts", []) if m["mountPath"].rstrip("/") == mount_path.rstrip("/")
+    ]
+    assert len(mounts) == 1, f"container {container['name']} mounts nothing at {mount_path}"
+    volumes = {v["name"]: v for v in pod_spec["volumes"]}
+    return mounts[0], volumes[mounts[0]["name"]]
+
+
+@pytest.fixture(scope="module")
+def node_pod(base: list[Manifest]) -> dict:
+    return pod_spec_of(find(base, "DaemonSet", DAEMONSET))
+
+
+def test_csidriver_spec(base: list[Manifest], driver_name: str) -> None:
+    spec = find(base, "CSIDriver", driver_name)["spec"]
+    assert driver_name == "fs.interposer.io"
+    assert spec["attachRequired"] is False
+    assert spec["podInfoOnMount"] is True
+    assert sorted(spec["volumeLifecycleModes"]) == ["Ephemeral", "Persistent"]
+
+
+def test_storageclass_uses_driver(base: list[Manifest], driver_name: str) -> None:
+    assert find(base, "StorageClass", "interposer")["provisioner"] == driver_name
+
+
+def test_csi_node_container(node_pod: dict, driver_name: str) -> None:
+    csi = _container(node_pod, "csi-node")
+    assert csi["image"] == "interposer-csi-node"
+    assert csi["args"][: len(CSI_NODE_ARGS)] == CSI_NODE_ARGS
+    env = {e["name"]: e for e in csi["env"]}
+    assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    assert csi["securityContext"]["privileged"] is True, (
+        "FUSE mounts with Bidirectional propagation need privileged"
+    )
+
+    mount, volume = _volume_source(node_pod, csi, "/csi")
+    assert volume["hostPath"]["path"].rstrip("/") == f"/var/lib/kubelet/plugins/{driver_name}"
+    mount, volume = _volume_source(node_pod, csi, "/var/lib/kubelet")
+    assert volume["hostPath"]["path"] == "/var/lib/kubelet"
+    assert mount["mountPropagation"] == "Bidirectional"
+    mount, volume = _volume_source(node_pod, csi, "/dev/fuse")
+    assert volume["hostPath"] == {"path": "/dev/fuse", "type": "CharDevice"}
+
+
+def test_worker_image_is_named_in_the_pod(node_pod: dict) -> None:
+    """The Kubernetes launcher finds the worker image through a container of its own pod."""
+    csi = _container(node_pod, "csi-node")
+    env = {e["name"]: e.get("value") for e in csi["env"]}
+    holder = env["INTERPOSER_WORKER_IMAGE_CONTAINER"]
+    images = {c["name"]: c["image"] for c in node_pod.get("initContainers", []) + node_pod["containers"]}
+    assert images.get(holder) == "interposer-fuse-worker"
+
+
+def test_registrar_sidecar(node_pod: dict, driver_name: str) -> None:
+    reg = _container(node_pod, "node-driver-registrar")
+    assert re.fullmatch(
+        r"registry\.k8s\.io/sig-storage/csi-node-driver-registrar:v\d+\.\d+\.\d+", reg["image"]
+    )
+    assert "--csi-address=/csi/csi.sock" in reg["args"]
+    assert f"--kubelet-registration-path=/var/lib/kubelet/plugins/{driver_name}/csi.sock" in reg["args"]
+    _, volume = _volume_source(node_pod, reg, "/registration")
+    assert volume["hostPath"]["path"].rstrip("/") == "/var/lib/kubelet/plugins_registry"
+    _, volume = _volume_source(node_pod, reg, "/csi")
+    assert volume["hostPath"]["path"].rstrip("/") == f"/var/lib/kubelet/plugins/{driver_name}"
+
+
+def test_livenessprobe_sidecar_serves_the_probed_port(node_pod: dict) -> None:
+    probe = _container(node_pod, "liveness-probe")
+    assert re.fullmatch(r"registry\.k8s\.io/sig-storage/livenessprobe:v\d+\.\d+\.\d+", probe["image"])
+    assert "--csi-address=/csi/csi.sock" in probe["args"]
+    health_port = int(next(a for a in probe["args"] if a.startswith("--health-port=")).split("=", 1)[1])
+    csi = _container(node_pod, "csi-node")
+    ports = {p["name"]: p["containerPort"] for p in csi["ports"]}
+    http_get = csi["livenessProbe"]["httpGet"]
+    assert http_get["path"] == "/healthz"
+    assert ports[http_get["port"]] == health_port
+
+
+def test_node_rbac_is_least_privilege(base: list[Manifest]) -> None:
+    kinds = {o["kind"] for o in base}
+    assert not kinds & {"ClusterRole", "ClusterRoleBinding"}, "nothing in base needs cluster-wide permissions"
+    role = find(base, "Role", DAEMONSET)
+    assert role["metadata"]["namespace"] == NAMESPACE
+    allowed_verbs = {"create", "delete", "get", "list", "watch"}
+    for rule in role["rules"]:
+        assert rule["apiGroups"] == [""] and rule["resources"] == ["pods"], f"unexpected rule {rule}"
+        assert set(rule["verbs"]) <= allowed_verbs, f"unexpected verbs in {rule}"
+        assert "*" not in rule["verbs"]
+    granted = {v for rule in role["rules"] for v in rule["verbs"]}
+    assert granted == allowed_verbs
+
+    binding = find(base, "RoleBinding", DAEMONSET)
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": DAEMONSET}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": DAEMONSET, "namespace": NAMESPACE}]
+    assert pod_spec_of(find(base, "DaemonSet", DAEMONSET))["serviceAccountName"] == DAEMONSET
+
+
+def test_other_components_have_no_api_token(base: list[Manifest]) -> None:
+    for obj in base:
+        pod = pod_spec_of(obj)
+        if pod is None or obj["kind"] == "DaemonSet":
+            continue
+        assert pod.get("automountServiceAccountToken") is False, (
+            f"{obj['kind']}/{obj['metadata']['name']} mounts an API token"
+        )
+
+
+def test_every_rbac_rule_is_explained() -> None:
+    """Each RBAC rule in deploy/ is preceded by a comment saying why it is needed."""
+    checked = 0
+    for path in sorted(DEPLOY_DIR.rglob("*.yaml")):
+        text = path.read_text()
+        if not {doc.get("kind") for doc in yaml.safe_load_all(text) if doc} & {"Role", "ClusterRole"}:
+            continue
+        lines = text.splitlines()
+        for i, line in enumerate(lines):
+            if re.match(r"\s*- apiGroups:", line):
+                checked += 1
+                assert lines[i - 1].strip().startswith("#"), (
+                    f"{path.relative_to(REPO_ROOT)}:{i + 1}: RBAC rule without a comment saying why"
+                )
+    assert checked, "no RBAC rules found under deploy/"
+
+
+def test_examples_use_the_driver(examples: list[Manifest], driver_name: str) -> None:
+    inline = []
+    for obj in examples:
+        pod = pod_spec_of(obj)
+        for volume in (pod or {}).get("volumes", []):
+            if "csi" in volume:
+                inline.append(volume["csi"])
+                assert volume["csi"]["driver"] == driver_name
+    assert inline, "deploy/examples has no pod with an inline CSI volume"
+    for csi in inline:
+        attrs = csi["volumeAttributes"]
+        assert attrs["backingPath"].startswith("/var/lib/interposer/"), (
+            "the node plugin mounts only /var/lib/interposer"
+        )
+        decode_policy(attrs["policy"])  # raises PolicyError naming the field
+
+
+def test_example_backing_paths_exist_on_every_node(examples: list[Manifest], node_pod: dict) -> None:
+    """csi-node requires backingPath to be an existing directory it can see."""
+    csi = _container(node_pod, "csi-node")
+    _, volume = _volume_source(node_pod, csi, "/var/lib/interposer")
+    assert volume["hostPath"]["path"] == "/var/lib/interposer"
+    created = {
+        v["hostPath"]["path"].rstrip("/")
+        for v in node_pod["volumes"]
+        if v.get("hostPath", {}).get("type") == "DirectoryOrCreate"
+    }
+    for obj in examples:
+        for v in (pod_spec_of(obj) or {}).get("volumes", []):
+            if "csi" in v:
+                assert v["csi"]["volumeAttributes"]["backingPath"].rstrip("/") in created, (
+                    "an example's backingPath must be a directory the DaemonSet creates"
+                )
+
+
+def test_driver_name_in_python_sources(driver_name: str) -> None:
+    """Once the csi-node package exists, its sources must define the same driver name."""
+    sources = sorted(CSI_NODE_SRC.rglob("*.py")) if CSI_NODE_SRC.is_dir() else []
+    if not sources:
+        # The csi-node package is being written; nothing to compare with yet.
+        return
+    assert any(driver_name in p.read_text() for p in sources), (
+        f"no module under {CSI_NODE_SRC.relative_to(REPO_ROOT)} mentions {driver_name!r}; "
+        "the driver name must match deploy/base/csi-driver.yaml"
+    )
+
+
+def test_no_other_driver_name_in_deploy(driver_name: str) -> None:
+    """Every *.interposer.io driver-like name in deploy/ is the one driver name."""
+    for path in DEPLOY_DIR.rglob("*"):
+        if path.suffix in {".yaml", ".yml"}:
+            for hit in re.findall(r"\b[a-z0-9-]+\.interposer\.io\b", path.read_text()):
+                assert hit == driver_name, f"{path.relative_to(REPO_ROOT)} names driver {hit!r}"

@@ -1,0 +1,238 @@
+"""Metrics plumbing: collector ports, Prometheus scrape config, Grafana dashboards."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import yaml
+from deploy_support import DEPLOY_DIR, NAMESPACE, Manifest, find, find_by_prefix, pod_spec_of
+
+#: The metric names the collector documents; dashboards may use no others.
+DOCUMENTED_METRICS = {
+    "interposer_ops_total",
+    "interposer_bytes_total",
+    "interposer_op_duration_seconds_bucket",
+    "interposer_injected_faults_total",
+    "interposer_events_dropped_total",
+}
+PROMQL_KEYWORDS = {"and", "or", "unless", "bool", "offset", "inf", "nan"}
+DASHBOARD_FILE = DEPLOY_DIR / "overlays" / "monitoring" / "dashboards" / "interposer-overview.json"
+METRICS_PORT = 9464
+
+
+def metric_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression selects.
+
+    Strings, label matchers, range windows, grouping clauses and Grafana variables
+    are removed first; what is left that is not a function, aggregation or keyword
+    is a metric name.
+    """
+    e = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+    e = re.sub(r"\{[^}]*\}", " ", e)
+    e = re.sub(r"\[[^\]]*\]", " ", e)
+    e = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", e)
+    e = re.sub(r"\$\{?\w+\}?", " ", e)
+    names = set()
+    for m in re.finditer(r"(?<![\w.])[A-Za-z_:][A-Za-z0-9_:]*", e):
+        if e[m.end() :].lstrip().startswith("(") or m.group().lower() in PROMQL_KEYWORDS:
+            continue
+        names.add(m.group())
+    return names
+
+
+def variable_metric_names(query: str) -> set[str]:
+    """Metric names of a Grafana Prometheus variable query (``label_values(<selector>, <label>)``)."""
+    m = re.fullmatch(r"\s*label_values\((.*),\s*\w+\s*\)\s*", query)
+    return metric_names(m.group(1) if m else query)
+
+
+def test_metric_names_parser() -> None:
+    assert metric_names('sum by (op) (rate(interposer_ops_total{volume=~"$volume"}[1m]))') == {
+        "interposer_ops_total"
+    }
+    assert metric_names(
+        "histogram_quantile(0.99, sum by (op, le) (rate(interposer_op_duration_seconds_bucket[$__rate_interval])))"
+    ) == {"interposer_op_duration_seconds_bucket"}
+    assert variable_metric_names("label_values(interposer_ops_total, volume)") == {"interposer_ops_total"}
+    assert metric_names('sum(rate(a_total{result!="ok"}[1m])) / sum(rate(b_total[1m])) > 1e-3') == {
+        "a_total",
+        "b_total",
+    }
+
+
+def _panels(dashboard: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    for panel in dashboard.get("panels", []):
+        yield panel
+        yield from panel.get("panels", [])  # collapsed rows hold their panels
+
+
+def _dashboards(all_rendered: dict[str, list[Manifest]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every JSON file in every rendered ConfigMap, parsed: (where, document)."""
+    for path, objects in all_rendered.items():
+        for obj in objects:
+            if obj["kind"] != "ConfigMap":
+                continue
+            for key, value in (obj.get("data") or {}).items():
+                if key.endswith(".json"):
+                    where = f"{path}: ConfigMap/{obj['metadata']['name']}[{key}]"
+                    try:
+                        yield where, json.loads(value)
+                    except json.JSONDecodeError as exc:
+                        pytest.fail(f"{where} is not JSON: {exc}")
+
+
+def test_dashboards_use_only_documented_metrics(all_rendered: dict[str, list[Manifest]]) -> None:
+    found = 0
+    for where, dashboard in _dashboards(all_rendered):
+        found += 1
+        queries = [
+            (t["expr"], metric_names(t["expr"]))
+            for p in _panels(dashboard)
+            for t in p.get("targets", [])
+            if t.get("expr")
+        ]
+        for v in dashboard.get("templating", {}).get("list", []):
+            if v.get("type") == "query":
+                q = v["query"]["query"] if isinstance(v["query"], dict) else v["query"]
+                queries.append((q, variable_metric_names(q)))
+        assert queries, f"{where}: no queries"
+        for query, names in queries:
+            assert names, f"{where}: {query!r} selects no metric"
+            unknown = names - DOCUMENTED_METRICS
+            assert not unknown, f"{where}: {query!r} uses undocumented metrics {sorted(unknown)}"
+    assert found, "no dashboard JSON in any rendered ConfigMap"
+
+
+def test_overview_dashboard_is_provisioned_verbatim(monitoring: list[Manifest]) -> None:
+    cm = find_by_prefix(monitoring, "ConfigMap", "grafana-dashboards-interposer-")
+    assert json.loads(cm["data"][DASHBOARD_FILE.name]) == json.loads(DASHBOARD_FILE.read_text())
+    assert cm["metadata"]["labels"].get("grafana_dashboard") == "1", "label for Grafana's dashboard sidecar"
+
+
+@pytest.fixture(scope="module")
+def overview() -> dict[str, Any]:
+    return json.loads(DASHBOARD_FILE.read_text())
+
+
+def test_overview_dashboard_panels(overview: dict[str, Any]) -> None:
+    panels = list(_panels(overview))
+    ids = [p["id"] for p in panels]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+    exprs = []
+    for panel in panels:
+        assert {"x", "y", "w", "h"} <= set(panel["gridPos"]), f"panel {panel['title']} has no position"
+        refs = [t["refId"] for t in panel["targets"]]
+        assert len(refs) == len(set(refs)), f"panel {panel['title']}: duplicate refId"
+        exprs += [re.sub(r"\s+", " ", t["expr"]) for t in panel["targets"]]
+
+    def has(*needles: str) -> bool:
+        return any(all(n in e for n in needles) for e in exprs)
+
+    assert has("sum by (op)", "rate(interposer_ops_total"), "ops/s by op"
+    assert has("sum by (direction)", "rate(interposer_bytes_total"), "throughput by direction"
+    assert has("histogram_quantile(0.5,", "interposer_op_duration_seconds_bucket", "le"), "p50 latency"
+    assert has("histogram_quantile(0.99,", "interposer_op_duration_seconds_bucket", "le"), "p99 latency"
+    assert has("interposer_ops_total", 'result!="ok"'), "error rate"
+    assert has("interposer_injected_faults_total"), "injected faults"
+    assert has("interposer_events_dropped_total"), "dropped events"
+    for expr in exprs:
+        assert "$volume" in expr, f"{expr!r} ignores the volume selector"
+
+
+def test_overview_dashboard_variables(overview: dict[str, Any]) -> None:
+    variables = {v["name"]: v for v in overview["templating"]["list"]}
+    volume = variables["volume"]
+    assert volume["type"] == "query"
+    assert volume["query"]["query"] == "label_values(interposer_ops_total, volume)"
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    for panel in _panels(overview):
+        assert panel["datasource"]["uid"] == "${datasource}"
+
+
+def test_grafana_provisioning_is_wired(monitoring: list[Manifest]) -> None:
+    pod = pod_spec_of(find(monitoring, "Deployment", "grafana"))
+    mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+
+    def mounted_at(configmap_prefix: str) -> str:
+        cm = find_by_prefix(monitoring, "ConfigMap", configmap_prefix)
+        names = [
+            n for n, v in volumes.items() if v.get("configMap", {}).get("name") == cm["metadata"]["name"]
+        ]
+        assert len(names) == 1, f"ConfigMap {cm['metadata']['name']} is not mounted once in Grafana"
+        return mounts[names[0]]
+
+    providers = yaml.safe_load(
+        find_by_prefix(monitoring, "ConfigMap", "grafana-provisioning-dashboards-")["data"]["dashboards.yaml"]
+    )
+    assert mounted_at("grafana-provisioning-dashboards-") == "/etc/grafana/provisioning/dashboards"
+    assert mounted_at("grafana-provisioning-datasources-") == "/etc/grafana/provisioning/datasources"
+    assert [p["options"]["path"] for p in providers["providers"]] == [
+        mounted_at("grafana-dashboards-interposer-")
+    ]
+
+    datasources = yaml.safe_load(
+        find_by_prefix(monitoring, "ConfigMap", "grafana-provisioning-datasources-")["data"][
+            "datasources.yaml"
+        ]
+    )
+    [ds] = datasources["datasources"]
+    assert ds["uid"] == "prometheus" and ds["type"] == "prometheus"
+    service = find(monitoring, "Service", "prometheus")
+    assert ds["url"] == f"http://prometheus.{NAMESPACE}.svc:{service['spec']['ports'][0]['port']}"
+
+
+def _collector(objects: list[Manifest]) -> tuple[dict[str, Any], dict[str, Any]]:
+    pod = pod_spec_of(find(objects, "Deployment", "interposer-collector"))
+    [container] = pod["containers"]
+    return container, find(objects, "Service", "interposer-collector")
+
+
+def test_collector_service_matches_container(base: list[Manifest]) -> None:
+    container, service = _collector(base)
+    container_ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    [port] = service["spec"]["ports"]
+    assert port["name"] == "metrics" and port["port"] == METRICS_PORT
+    target = port["targetPort"]
+    assert (container_ports[target] if isinstance(target, str) else target) == METRICS_PORT
+    assert container_ports["metrics"] == METRICS_PORT
+    args = container["args"]
+    assert args[args.index("--listen") + 1] == f":{METRICS_PORT}", (
+        "listen on all addresses, where the Service points"
+    )
+    annotations = service["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == str(METRICS_PORT)
+    assert annotations["prometheus.io/path"] == container["readinessProbe"]["httpGet"]["path"] == "/metrics"
+    labels = find(base, "Deployment", "interposer-collector")["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items(), "the Service selects no collector pod"
+
+
+def test_collectors_share_load(base: list[Manifest]) -> None:
+    assert find(base, "Deployment", "interposer-collector")["spec"]["replicas"] >= 2
+
+
+def test_prometheus_scrapes_every_collector(monitoring: list[Manifest]) -> None:
+    config = yaml.safe_load(
+        find_by_prefix(monitoring, "ConfigMap", "prometheus-config-")["data"]["prometheus.yml"]
+    )
+    [job] = [j for j in config["scrape_configs"] if j["job_name"] == "interposer"]
+    [sd] = job["kubernetes_sd_configs"]
+    assert sd["role"] in {"endpointslice", "endpoints", "pod"}, "scrape each replica, not the ClusterIP"
+    assert NAMESPACE in sd["namespaces"]["names"]
+    keep = {
+        tuple(r["source_labels"]): r["regex"] for r in job["relabel_configs"] if r.get("action") == "keep"
+    }
+    assert keep[("__meta_kubernetes_service_annotation_prometheus_io_scrape",)] == "true"
+    _, service = _collector(monitoring)
+    assert keep[("__meta_kubernetes_endpointslice_port_name",)] == service["spec"]["ports"][0]["name"]
+
+    role = find(monitoring, "Role", "prometheus")
+    granted = {(g, r) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
+    assert ("discovery.k8s.io", "endpointslices") in granted
+    assert all(set(rule["verbs"]) <= {"get", "list", "watch"} for rule in role["rules"]), "read-only"

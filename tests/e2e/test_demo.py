@@ -1,0 +1,103 @@
+"""The main job end to end: `interposer demo` with short phases, checked as a user would."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from interposer_testing import require_fuse
+
+MIB = 1024 * 1024
+PHASE_SECONDS = 4
+
+
+def _interposer_mounts() -> list[str]:
+    return [line for line in Path("/proc/self/mountinfo").read_text().splitlines() if "fuse.interposer" in line]
+
+
+def _interposer_processes() -> list[str]:
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    names = ("interposer.fuse_worker", "interposer.policy", "interposer.collector", "interposer.csi_node",
+             "nats-server")
+    return [line for line in out.splitlines() if any(name in line for name in names) and "pytest" not in line]
+
+
+@pytest.fixture(scope="module")
+def demo_report(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    require_fuse()
+    mounts_before = _interposer_mounts()
+    processes_before = _interposer_processes()
+    work = tmp_path_factory.mktemp("demo")
+    proc = subprocess.run(
+        [sys.executable, "-m", "interposer.cli", "demo", "--phase-seconds", str(PHASE_SECONDS), "--json",
+         "--work-dir", str(work)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, f"demo failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
+    report = json.loads(proc.stdout)
+    report["_leftover_mounts"] = [m for m in _interposer_mounts() if m not in mounts_before]
+    report["_leftover_files"] = list(work.iterdir())
+    report["_leftover_processes"] = [p for p in _interposer_processes() if p not in processes_before]
+    return report
+
+
+def _phase(report: dict, name: str) -> dict:
+    return next(p for p in report["phases"] if p["name"] == name)
+
+
+def _bw(phase: dict) -> float:
+    return phase["fio"]["read_bw_bytes_per_s"] + phase["fio"]["write_bw_bytes_per_s"]
+
+
+def test_phases_run_in_order_with_the_documented_fields(demo_report: dict) -> None:
+    assert [p["name"] for p in demo_report["phases"]] == ["baseline", "delay", "throttle", "fault", "cleared"]
+    for phase in demo_report["phases"]:
+        assert set(phase) == {"name", "policy", "fio", "collector"}
+        assert set(phase["fio"]) == {
+            "read_bw_bytes_per_s", "write_bw_bytes_per_s", "read_iops", "write_iops", "read_lat_mean_s",
+            "read_lat_p99_s", "write_lat_mean_s", "write_lat_p99_s", "errors"}
+        assert set(phase["collector"]) == {"ops", "bytes", "injected_faults"}
+        assert phase["collector"]["ops"] > 0 and _bw(phase) > 0
+
+
+def test_delay_phase_adds_at_least_2_ms_of_latency(demo_report: dict) -> None:
+    base, delay = _phase(demo_report, "baseline")["fio"], _phase(demo_report, "delay")["fio"]
+    assert delay["read_lat_mean_s"] >= base["read_lat_mean_s"] + 0.002
+    assert delay["write_lat_mean_s"] >= base["write_lat_mean_s"] + 0.002
+
+
+def test_throttle_phase_runs_at_20_mib_per_s(demo_report: dict) -> None:
+    bw = _bw(_phase(demo_report, "throttle"))
+    assert 0.9 * 20 * MIB <= bw <= 1.1 * 20 * MIB, f"{bw / MIB:.2f} MiB/s"
+
+
+def test_fault_phase_errors_match_injected_faults(demo_report: dict) -> None:
+    fault = _phase(demo_report, "fault")
+    assert fault["fio"]["errors"] > 0
+    assert fault["collector"]["injected_faults"] == fault["fio"]["errors"]
+    for name in ("baseline", "delay", "throttle", "cleared"):
+        phase = _phase(demo_report, name)
+        assert phase["fio"]["errors"] == 0 and phase["collector"]["injected_faults"] == 0, name
+
+
+def test_collector_bytes_match_fio(demo_report: dict) -> None:
+    # fio reports bandwidth over its runtime; the collector counts bytes exactly.
+    # Their ratio is the runtime fio used, within a few percent of the phase length.
+    for phase in demo_report["phases"]:
+        seconds = phase["collector"]["bytes"] / _bw(phase)
+        assert PHASE_SECONDS * 0.9 <= seconds <= PHASE_SECONDS * 1.15, (phase["name"], seconds)
+
+
+def test_cleared_phase_returns_to_baseline(demo_report: dict) -> None:
+    base, cleared = _bw(_phase(demo_report, "baseline")), _bw(_phase(demo_report, "cleared"))
+    assert abs(cleared - base) <= 0.2 * base, f"baseline {base / MIB:.1f} MiB/s, cleared {cleared / MIB:.1f}"
+
+
+def test_demo_leaves_nothing_behind(demo_report: dict) -> None:
+    assert demo_report["_leftover_mounts"] == []
+    assert demo_report["_leftover_files"] == []
+    assert demo_report["_leftover_processes"] == []

@@ -1,0 +1,56 @@
+"""Helpers shared by the test modules (import as ``from interposer_testing import …``)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def require_fuse() -> None:
+    """Fail the calling test unless FUSE mounts can be made here."""
+    if not os.path.exists("/dev/fuse"):
+        pytest.fail("/dev/fuse is missing: FUSE tests need it (install fuse3, run as root)")
+    if shutil.which("fusermount3") is None:
+        pytest.fail("fusermount3 is missing: apt-get install fuse3 (make setup does)")
+
+
+
+class MountedVolume:
+    """A fuse-worker process serving ``backing`` at ``mountpoint``."""
+
+    def __init__(self, backing: Path, mountpoint: Path, proc: "subprocess.Popen[bytes]", log_path: Path) -> None:
+        self.backing = backing
+        self.mountpoint = mountpoint
+        self.proc = proc
+        self.log_path = log_path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def unmount(self) -> int:
+        """Unmount with fusermount3 and return the worker's exit code."""
+        if self.proc.poll() is None:
+            subprocess.run(["fusermount3", "-u", str(self.mountpoint)], check=False, capture_output=True)
+            try:
+                return self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                subprocess.run(["fusermount3", "-uz", str(self.mountpoint)], check=False, capture_output=True)
+        return self.proc.wait()
+
+
+def is_fuse_mount(path: Path) -> bool:
+    """True if ``path`` is a FUSE mount point (per /proc/self/mountinfo)."""
+    target = str(path.resolve())
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        sep = fields.index("-")
+        if fields[4] == target and fields[sep + 1].startswith("fuse"):
+            return True
+    return False

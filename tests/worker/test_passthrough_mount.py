@@ -1,0 +1,166 @@
+"""A real FUSE mount of the passthrough backend behaves like the backing directory."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from interposer_testing import REPO_ROOT, is_fuse_mount
+
+
+def test_files_written_through_the_mount_land_in_the_backing_dir(mount_worker) -> None:
+    vol = mount_worker()
+    (vol.mountpoint / "a.txt").write_bytes(b"hello\n")
+    with open(vol.mountpoint / "a.txt", "ab") as f:
+        f.write(b"world\n")
+    assert (vol.backing / "a.txt").read_bytes() == b"hello\nworld\n"
+    (vol.backing / "b.txt").write_bytes(b"from below")
+    assert (vol.mountpoint / "b.txt").read_bytes() == b"from below"
+    assert sorted(os.listdir(vol.mountpoint)) == ["a.txt", "b.txt"]
+
+
+def test_copying_a_source_tree_round_trips(mount_worker) -> None:
+    vol = mount_worker()
+    source = REPO_ROOT / "services"
+    shutil.copytree(source, vol.mountpoint / "services", symlinks=True,
+                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    result = subprocess.run(["diff", "-r", "-x", "__pycache__", "-x", "*.egg-info", str(source),
+                             str(vol.mountpoint / "services")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    result = subprocess.run(["diff", "-r", str(vol.mountpoint / "services"), str(vol.backing / "services")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+    shutil.rmtree(vol.mountpoint / "services")
+    assert os.listdir(vol.backing) == []
+
+
+def _errno_of(fn, *args) -> int:
+    try:
+        fn(*args)
+    except OSError as exc:
+        return exc.errno
+    return 0
+
+
+def test_errors_are_those_of_the_backing_fs(mount_worker) -> None:
+    vol = mount_worker()
+    m = vol.mountpoint
+    os.mkdir(m / "d")
+    (m / "d" / "f").write_text("x")
+    assert _errno_of(os.stat, m / "missing") == errno.ENOENT
+    assert _errno_of(os.mkdir, m / "d") == errno.EEXIST
+    assert _errno_of(os.rmdir, m / "d") == errno.ENOTEMPTY
+    assert _errno_of(os.unlink, m / "d") == errno.EISDIR
+    assert _errno_of(os.rmdir, m / "d" / "f") == errno.ENOTDIR
+    assert _errno_of(os.open, m / "d" / "f", os.O_CREAT | os.O_EXCL | os.O_WRONLY) == errno.EEXIST
+
+
+def test_rename_links_and_inode_numbers(mount_worker) -> None:
+    vol = mount_worker()
+    m = vol.mountpoint
+    (m / "a").write_text("data")
+    ino = os.stat(m / "a").st_ino
+    os.rename(m / "a", m / "b")
+    assert os.stat(m / "b").st_ino == ino and not (m / "a").exists()
+    os.link(m / "b", m / "c")
+    assert os.stat(m / "c").st_ino == ino and os.stat(m / "b").st_nlink == 2
+    assert os.stat(vol.backing / "b").st_ino == os.stat(vol.backing / "c").st_ino
+    os.symlink("b", m / "s")
+    assert os.readlink(m / "s") == "b" and (m / "s").read_text() == "data"
+    assert os.path.islink(vol.backing / "s")
+    os.mkdir(m / "dir")
+    os.rename(m / "c", m / "dir" / "c")
+    assert (vol.backing / "dir" / "c").read_text() == "data"
+
+
+def test_attributes_truncate_chmod_times_xattrs_statfs(mount_worker) -> None:
+    vol = mount_worker()
+    f = vol.mountpoint / "f"
+    f.write_bytes(b"0123456789")
+    os.truncate(f, 4)
+    assert f.read_bytes() == b"0123"
+    os.chmod(f, 0o640)
+    assert stat.S_IMODE(os.stat(vol.backing / "f").st_mode) == 0o640
+    os.utime(f, ns=(1_000_000_123, 2_000_000_456))
+    st = os.stat(vol.backing / "f")
+    assert (st.st_atime_ns, st.st_mtime_ns) == (1_000_000_123, 2_000_000_456)
+    os.setxattr(f, b"user.color", b"blue")
+    assert os.getxattr(vol.backing / "f", b"user.color") == b"blue"
+    assert "user.color" in os.listxattr(f)
+    os.removexattr(f, b"user.color")
+    assert _errno_of(os.getxattr, f, b"user.color") == errno.ENODATA
+    fd = os.open(f, os.O_RDWR)
+    try:
+        os.write(fd, b"x")
+        os.fsync(fd)
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+    assert os.statvfs(vol.mountpoint).f_blocks == os.statvfs(vol.backing).f_blocks
+
+
+def test_dot_dot_at_the_root_does_not_leave_the_backing_dir(mount_worker, tmp_path: Path) -> None:
+    (tmp_path / "outside.txt").write_text("secret")
+    vol = mount_worker()
+    # Through the mount, ".." of the root is the mount's parent in the caller's own
+    # namespace; the worker never resolves it against the backing dir's parent.
+    assert "outside.txt" not in os.listdir(vol.mountpoint)
+    assert _errno_of(os.stat, vol.mountpoint / "outside.txt") == errno.ENOENT
+
+
+def test_unmount_and_sigterm_stop_the_worker_cleanly(mount_worker) -> None:
+    vol = mount_worker()
+    assert vol.unmount() == 0
+    assert not is_fuse_mount(vol.mountpoint)
+    vol2 = mount_worker()
+    vol2.proc.send_signal(signal.SIGTERM)
+    assert vol2.proc.wait(10) == 0
+    assert not is_fuse_mount(vol2.mountpoint)
+
+
+def test_initial_policy_file_injects_faults_only_where_it_says(mount_worker) -> None:
+    policy = '{"layers": [{"type": "fault", "errno": "EIO", "ops": ["read"], "path_glob": "/bad*"}]}'
+    vol = mount_worker(policy=policy)
+    (vol.mountpoint / "bad.txt").write_text("unreadable")  # writes are not matched
+    (vol.mountpoint / "good.txt").write_text("fine")
+    assert (vol.mountpoint / "good.txt").read_text() == "fine"
+    with pytest.raises(OSError) as info:
+        (vol.mountpoint / "bad.txt").read_text()
+    assert info.value.errno == errno.EIO
+    assert (vol.backing / "bad.txt").read_text() == "unreadable"
+
+
+def test_a_delayed_read_does_not_block_other_requests(mount_worker) -> None:
+    policy = '{"layers": [{"type": "delay", "delay_s": 3, "ops": ["read"], "path_glob": "/slow"}]}'
+    vol = mount_worker(policy=policy)
+    (vol.mountpoint / "slow").write_text("s")
+    (vol.mountpoint / "fast").write_text("f")
+    slow_done = threading.Event()
+
+    def read_slow() -> None:
+        fd = os.open(vol.mountpoint / "slow", os.O_RDONLY | os.O_DIRECT)
+        try:
+            os.pread(fd, 4096, 0)
+        finally:
+            os.close(fd)
+        slow_done.set()
+
+    thread = threading.Thread(target=read_slow)
+    started = time.monotonic()
+    thread.start()
+    time.sleep(0.3)  # let the slow read enter the delay layer
+    for _ in range(20):
+        assert (vol.mountpoint / "fast").read_text() == "f"
+        os.stat(vol.mountpoint / "fast")
+    assert not slow_done.is_set(), "the fast reads should finish while the slow read is still delayed"
+    thread.join()
+    assert time.monotonic() - started >= 3
