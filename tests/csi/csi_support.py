@@ -6,7 +6,6 @@ named ``conftest`` (tests/ and tests/csi/) cannot both be imported that way.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import signal
@@ -23,8 +22,6 @@ import grpc
 import msgspec
 import pytest
 from interposer.proto.csi import csi_pb2, csi_pb2_grpc
-
-TESTS_DIR = Path(__file__).resolve().parent.parent
 
 #: How long the csi-node may take to answer its first Probe, seconds.
 STARTUP_TIMEOUT_S = 20.0
@@ -102,21 +99,6 @@ def mounting_volume_request(
         readonly=readonly,
         volume_context=context,
     )
-
-
-def require_fuse() -> None:
-    """Fail the test unless FUSE works here: ``require_fuse`` of tests/conftest.py.
-
-    Loaded by path, because ``import conftest`` from here may find tests/csi/conftest.py.
-    """
-    spec = importlib.util.spec_from_file_location("interposer_tests_conftest", TESTS_DIR / "conftest.py")
-    assert spec is not None and spec.loader is not None
-    module = sys.modules.get(spec.name)
-    if module is None:
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        sys.modules[spec.name] = module
-    module.require_fuse()
 
 
 @contextmanager
