@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
+import msgspec
 import msgspec.structs
 from interposer.proto import PolicyError, decode_policy, encode_policy
 from interposer.proto.csi import csi_pb2, csi_pb2_grpc
@@ -199,7 +200,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             sorted(request.volume_context),
         )
         with self._volume_lock(plan.volume_id):
-            existing = self._store.load(plan.volume_id)
+            existing = self._load_state(plan.volume_id)
             if existing is not None:
                 if self._reuse_existing(existing, plan):
                     return
@@ -444,7 +445,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         )
         log.info("NodeUnpublishVolume volume=%s target=%s", volume_id, target_path)
         with self._volume_lock(volume_id):
-            state = self._store.load(volume_id) if is_valid_volume_id(volume_id) else None
+            state = self._load_state(volume_id) if is_valid_volume_id(volume_id) else None
             if state is None or state.target_path != target_path:
                 # Not published here by us: only clear a FUSE leftover and the empty directory.
                 if is_fuse_mount(real_target_path) and not unmount_lazily(real_target_path):
@@ -473,6 +474,21 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             )
             if not unmount_lazily(real_target_path):
                 raise CsiError(grpc.StatusCode.INTERNAL, f"cannot unmount {state.target_path}")
+
+    def _load_state(self, volume_id: str) -> VolumeState | None:
+        """Load the persisted state of ``volume_id``.
+
+        Raises:
+            CsiError: INTERNAL if the state file is unreadable or corrupt.
+        """
+        try:
+            return self._store.load(volume_id)
+        except (OSError, msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise CsiError(
+                grpc.StatusCode.INTERNAL,
+                f"state of volume {volume_id} is unreadable ({exc}); remove "
+                f"{self._store.state_path(volume_id)} after checking the mount by hand",
+            ) from None
 
     @contextmanager
     def _volume_lock(self, volume_id: str) -> Iterator[None]:
