@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -145,14 +146,25 @@ class InterposerOperations(pyfuse3.Operations):
     async def open(self, inode, flags, ctx):
         op = self._op("open", inode, ctx)
         info = await self._serve(op, lambda: self.backend.open(inode, flags, ctx))
-        info.direct_io = self.stack.touches_data(op.path)
+        info.direct_io = self._direct_io(flags, op.path)
         return info
 
     async def create(self, parent_inode, name, mode, flags, ctx):
         op = self._entry_op("create", parent_inode, name, ctx)
         info, attrs = await self._serve(op, lambda: self.backend.create(parent_inode, name, mode, flags, ctx))
-        info.direct_io = self.stack.touches_data(op.path)
+        info.direct_io = self._direct_io(flags, op.path)
         return info, attrs
+
+    def _direct_io(self, flags: int, path: str) -> bool:
+        """Whether a file opened with ``flags`` at ``path`` bypasses the page cache (FOPEN_DIRECT_IO).
+
+        Yes when a layer of the current policy may act on its reads or writes (a
+        cached read would hide the fault or delay), and for O_DIRECT opens, which
+        bypass the cache anyway: FOPEN_DIRECT_IO takes the kernel's plain direct path
+        instead of its O_DIRECT emulation, so the cost of a file does not depend on
+        whether a layer happens to be active.
+        """
+        return bool(flags & os.O_DIRECT) or self.stack.touches_data(path)
 
     async def read(self, fh, off, size):
         backend = self.backend
