@@ -16,7 +16,7 @@ from interposer.proto import Policy
 from ._op import BackendCall, Op
 from ._stack import Stack
 from ._telemetry import Telemetry
-from .backends import PassthroughBackend
+from .backends import Backend
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class InterposerOperations(pyfuse3.Operations):
 
     enable_writeback_cache = False  # every write must reach the layers
 
-    def __init__(self, backend: PassthroughBackend, telemetry: Telemetry, policy: Policy | None = None) -> None:
+    def __init__(self, backend: Backend, telemetry: Telemetry, policy: Policy | None = None) -> None:
         super().__init__()
         self.backend = backend
         self.telemetry = telemetry

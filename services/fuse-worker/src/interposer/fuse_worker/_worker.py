@@ -17,7 +17,7 @@ from ._adapter import InterposerOperations
 from ._bus import Bus
 from ._config import WorkerConfig
 from ._telemetry import Telemetry
-from .backends import PassthroughBackend
+from .backends import Backend, MemoryBackend, NullBackend, PassthroughBackend
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,20 @@ def mount_options(config: WorkerConfig) -> set[str]:
     return options
 
 
+def make_backend(config: WorkerConfig) -> Backend:
+    """The backend ``config.backend`` names, configured from ``config``.
+
+    Raises:
+        OSError: the passthrough backing dir is unusable.
+    """
+    timeouts = (config.entry_timeout_s, config.attr_timeout_s)
+    if config.backend == "memory":
+        return MemoryBackend(config.memory_size_bytes, *timeouts)
+    if config.backend == "null":
+        return NullBackend(config.memory_size_bytes, *timeouts)
+    return PassthroughBackend(config.backing_dir, *timeouts)
+
+
 async def serve(config: WorkerConfig) -> None:
     """Mount ``config.mountpoint`` and serve it until unmounted, SIGTERM or SIGINT.
 
@@ -65,12 +79,13 @@ async def serve(config: WorkerConfig) -> None:
     policy = load_policy_file(config.policy_file) if config.policy_file else Policy()
     os.umask(0)  # modes from the kernel already carry the caller's umask
     _raise_fd_limit()
-    backend = PassthroughBackend(config.backing_dir, config.entry_timeout_s, config.attr_timeout_s)
+    backend = make_backend(config)
     telemetry = Telemetry(config.event_buffer)
     operations = InterposerOperations(backend, telemetry, policy)
     bus: Bus | None = None
     pyfuse3.init(operations, config.mountpoint, mount_options(config))
-    log.info("volume %s: %s mounted on %s", config.volume_id, config.backing_dir, config.mountpoint)
+    log.info("volume %s: %s backend%s mounted on %s", config.volume_id, config.backend,
+             f" of {config.backing_dir}" if config.backend == "passthrough" else "", config.mountpoint)
     try:
         if config.nats_url:
             bus = Bus(config, telemetry, operations.apply, lambda: operations.revision, trio.lowlevel.current_trio_token())
@@ -101,4 +116,4 @@ def run(config: WorkerConfig) -> None:
     trio.run(serve, config)
 
 
-__all__ = ["PolicyError", "load_policy_file", "mount_options", "run", "serve"]
+__all__ = ["PolicyError", "load_policy_file", "make_backend", "mount_options", "run", "serve"]

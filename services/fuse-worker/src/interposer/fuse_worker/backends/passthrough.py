@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import pyfuse3
 
-from .._inodes import Inode, InodeTable
+from .._inodes import Inode, InodeTable, join_path
 from ._renameat2 import renameat2
 
 _O_PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -116,14 +116,12 @@ class PassthroughBackend:
 
     def path_of(self, ino: int) -> str:
         """Path of inode ``ino`` inside the volume; ``"?"`` if it is unknown."""
-        inode = self.inodes._by_ino.get(ino)
+        inode = self.inodes.find(ino)
         return self.inodes.path(inode) if inode is not None else "?"
 
     def entry_path(self, parent_ino: int, name: bytes) -> str:
         """Path of entry ``name`` in directory ``parent_ino``."""
-        parent_path = self.path_of(parent_ino)
-        decoded = os.fsdecode(name)
-        return parent_path + decoded if parent_path == "/" else f"{parent_path}/{decoded}"
+        return join_path(self.path_of(parent_ino), name)
 
     def ino_of_fh(self, fh: int) -> int:
         """Inode of an open file or directory handle (0 if unknown)."""
@@ -244,12 +242,12 @@ class PassthroughBackend:
             st = os.stat(new_name, dir_fd=new_parent.fd, follow_symlinks=False)
         except OSError:
             return
-        for inode in (self.inodes._by_key.get((st.st_dev, st.st_ino)),):
+        for inode in (self.inodes.by_key((st.st_dev, st.st_ino)),):
             if inode is not None:
                 self.inodes.moved(inode, new_parent, new_name)
         if flags & pyfuse3.RENAME_EXCHANGE:
             st = os.stat(old_name, dir_fd=old_parent.fd, follow_symlinks=False)
-            other = self.inodes._by_key.get((st.st_dev, st.st_ino))
+            other = self.inodes.by_key((st.st_dev, st.st_ino))
             if other is not None:
                 self.inodes.moved(other, old_parent, old_name)
 
