@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from collections.abc import Sequence
 
 import pyfuse3
@@ -108,11 +109,21 @@ class PassthroughBackend:
         inode.lookups += 1
         return self._attrs(st, inode.ino)
 
-    def _chown_to_caller(self, parent: Inode, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        # Files are created by the worker; give them to the caller as the kernel
-        # would have (the worker runs as root, so ownership must be set explicitly).
-        if self._am_root and (ctx.uid != 0 or ctx.gid != 0):
-            os.chown(name, ctx.uid, ctx.gid, dir_fd=parent.fd, follow_symlinks=False)
+    def _chown_to_caller(self, parent: Inode, name: bytes, ctx: pyfuse3.RequestContext, mode: int = 0) -> None:
+        """Give a file the worker just created to the caller, as the kernel would have.
+
+        The worker runs as root, so ownership is set explicitly: the caller's uid, and
+        the caller's gid unless the directory is set-group-ID (then the backing fs
+        already gave it the directory's group, and a new directory the bit).
+        ``chown`` clears set-user/group-ID bits of non-directories even for root, so
+        those of ``mode`` (what the caller asked for) are put back.
+        """
+        if not self._am_root or (ctx.uid == 0 and ctx.gid == 0):
+            return
+        gid = -1 if os.fstat(parent.fd).st_mode & stat.S_ISGID else ctx.gid
+        os.chown(name, ctx.uid, gid, dir_fd=parent.fd, follow_symlinks=False)
+        if mode & (stat.S_ISUID | stat.S_ISGID) and not stat.S_ISDIR(mode) and not stat.S_ISLNK(mode):
+            os.chmod(name, mode & 0o7777, dir_fd=parent.fd)
 
     def path_of(self, ino: int) -> str:
         """Path of inode ``ino`` inside the volume; ``"?"`` if it is unknown."""
@@ -187,7 +198,7 @@ class PassthroughBackend:
         parent = self.inodes.get(parent_ino)
         self._check_name(name)
         os.mknod(name, mode, rdev, dir_fd=parent.fd)
-        self._chown_to_caller(parent, name, ctx)
+        self._chown_to_caller(parent, name, ctx, mode)
         return self._entry(parent, name)
 
     async def mkdir(self, parent_ino: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -268,7 +279,7 @@ class PassthroughBackend:
         open_flags = (flags & ~(os.O_DIRECT | os.O_NOCTTY)) | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
         fd = os.open(name, open_flags, mode, dir_fd=parent.fd)
         try:
-            self._chown_to_caller(parent, name, ctx)
+            self._chown_to_caller(parent, name, ctx, stat.S_IFREG | mode)
             attrs = self._entry(parent, name)
         except BaseException:
             os.close(fd)
