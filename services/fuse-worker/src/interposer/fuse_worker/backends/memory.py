@@ -271,13 +271,17 @@ class MemoryBackend(PathTable):
         self._maybe_free(node)
 
     def _maybe_free(self, node: Node) -> None:
-        """Free ``node`` once no entry, kernel reference or open handle holds it."""
-        if node.nlink > 0 or node.lookups > 0 or node.opens > 0 or node is self.root:
+        """Free ``node``'s contents once no entry or open handle holds it, the inode once
+        no kernel reference does either."""
+        if node.nlink > 0 or node.opens > 0 or node is self.root:
             return
-        del self._nodes[node.ino]
+        # No name and no open handle: nobody can read the contents again, so they are
+        # freed now (as tmpfs does on unlink), not when the kernel forgets the inode.
         if node.data is not None:
             self.used_bytes -= node.size
             node.data = None
+        if node.lookups == 0:
+            del self._nodes[node.ino]
 
     def path_of(self, ino: int) -> str:
         """Path of inode ``ino`` inside the volume; ``"?"`` if it is unknown."""
