@@ -60,3 +60,5 @@ def test_worker_spec_arguments_follow_the_worker_contract() -> None:
     ]
     bare = csi_node.WorkerSpec(volume_id="v1", backing_dir="/b", mountpoint="/m")
     assert bare.arguments() == ["--backing-dir", "/b", "--mountpoint", "/m", "--volume-id", "v1"]
+    memory = csi_node.WorkerSpec(volume_id="v1", mountpoint="/m", backend="memory")
+    assert memory.arguments() == ["--mountpoint", "/m", "--volume-id", "v1", "--backend", "memory"]

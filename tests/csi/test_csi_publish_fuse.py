@@ -85,6 +85,20 @@ def test_publish_use_unpublish_lifecycle(csi_node: CsiNode, csi_root: Path, back
     unpublish(csi_node, VOLUME_ID, target)  # again: still OK
 
 
+def test_publish_without_volume_attributes_serves_a_memory_volume(csi_node: CsiNode, csi_root: Path) -> None:
+    # Generic CSI tooling (csi-sanity, an inline volume with no attributes) names no
+    # backing path: the volume is then an in-memory file system.
+    target = csi_root / "target-memory"
+    csi_node.node.NodePublishVolume(mounting_volume_request("vol-mem", target, None), timeout=RPC_TIMEOUT_S)
+    (state,) = csi_node.volume_states()
+    assert state["backend"] == "memory" and state["backing_dir"] == ""
+    assert "--backing-dir" not in state["worker_argv"]
+    (target / "f").write_text("in memory")
+    assert (target / "f").read_text() == "in memory"
+    unpublish(csi_node, "vol-mem", target)
+    assert fuse_mounts_under(csi_root) == {}
+
+
 def test_republish_with_conflicting_readonly_is_already_exists(
     csi_node: CsiNode, csi_root: Path, backing_dir: Path
 ) -> None:

@@ -81,10 +81,18 @@ def test_relative_target_path(csi_node: CsiNode, backing_dir: Path) -> None:
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_missing_backing_path(csi_node: CsiNode, csi_root: Path) -> None:
-    error = publish_error(csi_node, mounting_volume_request("vol-1", csi_root / "target", None))
+def test_missing_backing_path_for_passthrough(csi_node: CsiNode, csi_root: Path) -> None:
+    request = mounting_volume_request("vol-1", csi_root / "target", None, extra_context={"backend": "passthrough"})
+    error = publish_error(csi_node, request)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "backingPath" in error.details()
+
+
+def test_backing_path_with_the_memory_backend(csi_node: CsiNode, csi_root: Path, backing_dir: Path) -> None:
+    request = mounting_volume_request("vol-1", csi_root / "target", backing_dir, extra_context={"backend": "memory"})
+    error = publish_error(csi_node, request)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "only for the passthrough backend" in error.details()
 
 
 def test_backing_path_that_does_not_exist(csi_node: CsiNode, csi_root: Path) -> None:

@@ -113,19 +113,30 @@ def up(state_dir: Path, nats_port: int, metrics_port: int) -> None:
 
 
 @main.command()
-@click.argument("backing_dir", type=click.Path(exists=True, file_okay=False))
-@click.argument("mountpoint", type=click.Path(exists=True, file_okay=False))
+@click.argument("paths", nargs=-1, required=True, metavar="[BACKING_DIR] MOUNTPOINT",
+                type=click.Path(exists=True, file_okay=False))
 @click.option("--volume-id", default="default", show_default=True)
 @click.option("--nats-url", default="", help="NATS server for live policy and events (default: none).")
 @click.option("--policy-file", default="", type=click.Path(dir_okay=False), help="Initial JSON policy.")
-@click.option("--backend", default="passthrough", show_default=True, type=click.Choice(["passthrough"]))
+@click.option("--backend", default="passthrough", show_default=True,
+              type=click.Choice(["passthrough", "memory", "null"]),
+              help="passthrough serves BACKING_DIR; memory and null take only MOUNTPOINT.")
+@click.option("--memory-size-bytes", default=1 << 30, show_default=True, type=click.IntRange(min=4096),
+              help="Most bytes of file contents the memory backend holds.")
 @click.option("--read-only", is_flag=True)
-def mount(**flags: object) -> None:
-    """Serve BACKING_DIR at MOUNTPOINT in the foreground until unmounted or SIGTERM."""
+def mount(paths: tuple[str, ...], **flags: object) -> None:
+    """Serve BACKING_DIR (or, with --backend memory|null, nothing) at MOUNTPOINT until unmounted or SIGTERM."""
     from interposer.fuse_worker import WorkerConfig, run
 
+    wanted = 2 if flags["backend"] == "passthrough" else 1
+    if len(paths) != wanted:
+        usage = "BACKING_DIR MOUNTPOINT" if wanted == 2 else "MOUNTPOINT (no BACKING_DIR)"
+        raise click.UsageError(f"--backend {flags['backend']} takes {usage}; got {len(paths)} path(s)")
+    if wanted == 2:
+        flags["backing_dir"] = paths[0]
+    flags["mountpoint"] = paths[-1]
     try:
-        config = msgspec.convert({k: v for k, v in flags.items()}, WorkerConfig)
+        config = msgspec.convert(flags, WorkerConfig)
         run(config)
     except (msgspec.ValidationError, PolicyError) as exc:
         raise click.UsageError(str(exc)) from None

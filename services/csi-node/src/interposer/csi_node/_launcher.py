@@ -33,7 +33,9 @@ class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
 
     Attributes:
         volume_id: CSI volume id (matches ``subjects.VOLUME_ID_PATTERN``).
-        backing_dir: absolute, resolved backing directory.
+        backing_dir: absolute, resolved backing directory; empty (not passed) for
+            the memory and null backends.
+        backend: the worker's ``--backend``; passed only when not ``passthrough``.
         mountpoint: absolute target path the worker mounts on.
         nats_url: bus URL; empty = not passed.
         policy_file: JSON policy file; empty = not passed.
@@ -43,8 +45,9 @@ class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
     """
 
     volume_id: str
-    backing_dir: str
+    backing_dir: str = ""
     mountpoint: str
+    backend: str = "passthrough"
     nats_url: str = ""
     policy_file: str = ""
     pod_namespace: str = ""
@@ -53,14 +56,10 @@ class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
 
     def arguments(self) -> list[str]:
         """Return the worker flags for this spec (without the command itself)."""
-        args = [
-            "--backing-dir",
-            self.backing_dir,
-            "--mountpoint",
-            self.mountpoint,
-            "--volume-id",
-            self.volume_id,
-        ]
+        args = ["--backing-dir", self.backing_dir] if self.backing_dir else []
+        args += ["--mountpoint", self.mountpoint, "--volume-id", self.volume_id]
+        if self.backend != "passthrough":
+            args += ["--backend", self.backend]
         optional = (
             ("--nats-url", self.nats_url),
             ("--policy-file", self.policy_file),

@@ -33,9 +33,11 @@ from ._state import StateStore, VolumeState, write_atomically
 
 log = logging.getLogger(__name__)
 
-#: ``volume_context`` key: directory the volume passes through to. REQUIRED.
+#: ``volume_context`` key: directory the volume passes through to (passthrough backend only).
 CONTEXT_BACKING_PATH = "backingPath"
-#: ``volume_context`` key: backend of the worker; only ``passthrough`` for now.
+#: ``volume_context`` key: backend of the worker (``passthrough``, ``memory``, ``null``);
+#: default ``passthrough`` when ``backingPath`` is given, else ``memory`` (so generic CSI
+#: tooling that knows no volume attributes gets a working volume).
 CONTEXT_BACKEND = "backend"
 #: ``volume_context`` key: JSON ``Policy`` applied from the first op on. OPTIONAL.
 CONTEXT_POLICY = "policy"
@@ -43,8 +45,11 @@ CONTEXT_POLICY = "policy"
 CONTEXT_POD_NAMESPACE = "csi.storage.k8s.io/pod.namespace"
 CONTEXT_POD_NAME = "csi.storage.k8s.io/pod.name"
 
-SUPPORTED_BACKENDS = frozenset({"passthrough"})
+SUPPORTED_BACKENDS = frozenset({"passthrough", "memory", "null"})
+#: Backend of a publish that names a ``backingPath`` but no ``backend``.
 DEFAULT_BACKEND = "passthrough"
+#: Backend of a publish that names neither.
+DEFAULT_BACKEND_WITHOUT_BACKING_PATH = "memory"
 
 #: Access modes that imply a read-only publish even when ``readonly`` is false.
 READ_ONLY_ACCESS_MODES = frozenset(
@@ -90,6 +95,7 @@ class _PublishPlan:
         target_path: str,
         real_target_path: str,
         backing_dir: str,
+        backend: str,
         readonly: bool,
         access_mode: int,
         policy_json: bytes | None,
@@ -100,6 +106,7 @@ class _PublishPlan:
         self.target_path = target_path
         self.real_target_path = real_target_path
         self.backing_dir = backing_dir
+        self.backend = backend
         self.readonly = readonly
         self.access_mode = access_mode
         self.policy_json = policy_json
@@ -237,13 +244,23 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             os.path.realpath(os.path.dirname(target_path)), os.path.basename(target_path)
         )
         context = request.volume_context
-        backing_dir = self._validate_backing_dir(context.get(CONTEXT_BACKING_PATH, ""), real_target_path)
-        backend = context.get(CONTEXT_BACKEND, DEFAULT_BACKEND)
+        backing_path = context.get(CONTEXT_BACKING_PATH, "")
+        default_backend = DEFAULT_BACKEND if backing_path else DEFAULT_BACKEND_WITHOUT_BACKING_PATH
+        backend = context.get(CONTEXT_BACKEND, default_backend)
         if backend not in SUPPORTED_BACKENDS:
             raise _invalid(
                 f"volume_context[{CONTEXT_BACKEND!r}] = {backend!r} is not supported "
                 f"(supported: {', '.join(sorted(SUPPORTED_BACKENDS))})"
             )
+        if backend == "passthrough":
+            backing_dir = self._validate_backing_dir(backing_path, real_target_path)
+        elif backing_path:
+            raise _invalid(
+                f"volume_context[{CONTEXT_BACKING_PATH!r}] is only for the passthrough backend "
+                f"(volume_context[{CONTEXT_BACKEND!r}] = {backend!r})"
+            )
+        else:
+            backing_dir = ""
         policy_json = None
         if CONTEXT_POLICY in context:
             try:
@@ -255,6 +272,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             target_path=target_path,
             real_target_path=real_target_path,
             backing_dir=backing_dir,
+            backend=backend,
             readonly=request.readonly or access_mode in READ_ONLY_ACCESS_MODES,
             access_mode=access_mode,
             policy_json=policy_json,
@@ -302,6 +320,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             conflicts.append(
                 f"access_mode {mode_name(existing.access_mode)} -> {mode_name(plan.access_mode)}"
             )
+        if existing.backend != plan.backend:
+            conflicts.append(f"backend {existing.backend} -> {plan.backend}")
         if existing.backing_dir != plan.backing_dir:
             conflicts.append(f"backing dir {existing.backing_dir} -> {plan.backing_dir}")
         if conflicts:
@@ -357,6 +377,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         spec = WorkerSpec(
             volume_id=plan.volume_id,
             backing_dir=plan.backing_dir,
+            backend=plan.backend,
             mountpoint=plan.target_path,
             nats_url=self._config.nats_url,
             policy_file=policy_file,
@@ -374,6 +395,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             volume_id=plan.volume_id,
             target_path=plan.target_path,
             backing_dir=plan.backing_dir,
+            backend=plan.backend,
             readonly=plan.readonly,
             access_mode=plan.access_mode,
             worker_pid=pid,

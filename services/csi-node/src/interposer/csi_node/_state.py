@@ -19,7 +19,8 @@ class VolumeState(msgspec.Struct, frozen=True, kw_only=True):
     Attributes:
         volume_id: the CSI volume id.
         target_path: where the volume is published (the worker's mountpoint).
-        backing_dir: resolved backing directory.
+        backing_dir: resolved backing directory (empty for the memory and null backends).
+        backend: the worker's backend (``passthrough``, ``memory``, ``null``).
         readonly: published read-only.
         access_mode: ``VolumeCapability.AccessMode.Mode`` value it was published with.
         worker_pid: pid of the fuse-worker.
@@ -39,6 +40,7 @@ class VolumeState(msgspec.Struct, frozen=True, kw_only=True):
     log_path: str
     policy_file: str = ""
     published_at_s: float = 0.0
+    backend: str = "passthrough"
 
 
 _decoder = msgspec.json.Decoder(VolumeState)

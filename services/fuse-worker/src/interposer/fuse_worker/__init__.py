@@ -6,4 +6,9 @@ from ._op import Op as Op
 from ._stack import Stack as Stack
 from ._telemetry import Telemetry as Telemetry
 from ._worker import load_policy_file as load_policy_file, run as run, serve as serve
-from .backends import PassthroughBackend as PassthroughBackend
+from .backends import (
+    Backend as Backend,
+    MemoryBackend as MemoryBackend,
+    NullBackend as NullBackend,
+    PassthroughBackend as PassthroughBackend,
+)

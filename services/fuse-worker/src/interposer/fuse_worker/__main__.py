@@ -11,16 +11,21 @@ import msgspec
 from interposer.proto import PolicyError
 
 from ._config import WorkerConfig
+from .backends import BACKEND_KINDS, DEFAULT_MEMORY_SIZE_BYTES
 from ._worker import run
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--backing-dir", required=True, type=click.Path(exists=True, file_okay=False), help="Directory to serve.")
+@click.option("--backing-dir", default="", type=click.Path(file_okay=False),
+              help="Directory to serve (passthrough backend; required for it).")
 @click.option("--mountpoint", required=True, type=click.Path(exists=True, file_okay=False), help="Where to mount.")
 @click.option("--volume-id", default="default", show_default=True, help="Volume id (subjects, KV key, labels).")
 @click.option("--nats-url", default="", help="NATS server URL; empty runs without a bus.")
 @click.option("--policy-file", default="", help="Initial JSON policy.")
-@click.option("--backend", default="passthrough", show_default=True, type=click.Choice(["passthrough"]))
+@click.option("--backend", default="passthrough", show_default=True, type=click.Choice(BACKEND_KINDS),
+              help="passthrough: the backing dir; memory: a file system in memory; null: contents discarded.")
+@click.option("--memory-size-bytes", default=DEFAULT_MEMORY_SIZE_BYTES, show_default=True, type=click.IntRange(min=4096),
+              help="Most bytes of file contents the memory backend holds (ENOSPC beyond); statfs size of memory/null.")
 @click.option("--pod-namespace", default="", help="Namespace of the pod using the volume.")
 @click.option("--pod-name", default="", help="Name of the pod using the volume.")
 @click.option("--read-only", is_flag=True, help="Mount read-only.")

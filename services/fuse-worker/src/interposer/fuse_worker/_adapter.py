@@ -18,7 +18,7 @@ from ._op import BackendCall, Op
 from ._stack import Stack
 from .layers import QuotaContext
 from ._telemetry import Telemetry
-from .backends import PassthroughBackend
+from .backends import Backend
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class InterposerOperations(pyfuse3.Operations):
     enable_writeback_cache = False  # every write must reach the layers
 
     def __init__(
-        self, backend: PassthroughBackend, telemetry: Telemetry, policy: Policy | None = None,
+        self, backend: Backend, telemetry: Telemetry, policy: Policy | None = None,
         quota: QuotaContext | None = None,
     ) -> None:
         super().__init__()

@@ -6,15 +6,21 @@ import msgspec
 
 from interposer.proto.subjects import VOLUME_ID_PATTERN
 
+from .backends import BACKEND_KINDS, DEFAULT_MEMORY_SIZE_BYTES
+
 
 class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Everything a fuse-worker needs to serve one volume.
 
     Attributes:
         volume_id: the volume's id (CSI volume_id); names its subjects and KV key.
-        backing_dir: directory served by the passthrough backend.
+        backing_dir: directory served by the passthrough backend (required for it;
+            unused by ``memory`` and ``null``).
         mountpoint: where the FUSE file system is mounted.
-        backend: backend kind; only ``passthrough`` for now.
+        backend: backend kind: ``passthrough`` (a backing directory), ``memory`` (a
+            file system in the worker's memory) or ``null`` (contents discarded).
+        memory_size_bytes: most bytes of file contents the ``memory`` backend holds
+            (ENOSPC beyond); the size ``statfs`` reports for ``memory`` and ``null``.
         nats_url: NATS server; ``""`` runs without a bus (initial policy only, no events).
         policy_file: JSON policy applied before the first request; ``""`` = none.
         pod_namespace: namespace of the pod using the volume (labels telemetry).
@@ -32,9 +38,10 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     """
 
     volume_id: str = msgspec.field(default="default")
-    backing_dir: str
+    backing_dir: str = ""
     mountpoint: str
     backend: str = "passthrough"
+    memory_size_bytes: int = DEFAULT_MEMORY_SIZE_BYTES
     nats_url: str = ""
     policy_file: str = ""
     pod_namespace: str = ""
@@ -52,8 +59,12 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     def __post_init__(self) -> None:
         if not VOLUME_ID_PATTERN.fullmatch(self.volume_id):
             raise ValueError(f"volume_id {self.volume_id!r} must match {VOLUME_ID_PATTERN.pattern}")
-        if self.backend != "passthrough":
-            raise ValueError(f"backend {self.backend!r} is not supported (supported: passthrough)")
+        if self.backend not in BACKEND_KINDS:
+            raise ValueError(f"backend {self.backend!r} is not supported (supported: {', '.join(BACKEND_KINDS)})")
+        if self.backend == "passthrough" and not self.backing_dir:
+            raise ValueError("backing_dir is required for the passthrough backend")
+        if self.memory_size_bytes < 4096:
+            raise ValueError(f"memory_size_bytes = {self.memory_size_bytes} must be >= 4096")
         if self.max_tasks < 1 or self.event_buffer < 1 or self.batch_max_events < 1:
             raise ValueError("max_tasks, event_buffer and batch_max_events must be >= 1")
         if self.flush_interval_s <= 0 or self.status_interval_s <= 0:

@@ -1,4 +1,9 @@
-"""Inode table of the passthrough backend: FUSE inode → O_PATH fd, name and lookup count."""
+"""Inode bookkeeping shared by the backends: names, cached paths, lookup counts.
+
+``PathTable`` keeps what every backend needs for the adapter (the path of an inode
+for layer globs and events, rebuilt from parent links and cached until a rename);
+``InodeTable`` adds the passthrough backend's FUSE inode → O_PATH fd mapping.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,54 @@ import pyfuse3
 ROOT_INODE = pyfuse3.ROOT_INODE
 
 
-class Inode:
+def join_path(parent_path: str, name: bytes) -> str:
+    """Path of entry ``name`` in the directory at ``parent_path`` (``/`` for the root)."""
+    decoded = os.fsdecode(name)
+    return parent_path + decoded if parent_path == "/" else f"{parent_path}/{decoded}"
+
+
+class Named:
+    """Something with a place in the tree: its parent and its name there.
+
+    Attributes:
+        parent: the directory it was last seen in (None for the root).
+        name: its name there, bytes.
+    """
+
+    __slots__ = ("parent", "name", "_path", "_path_gen")
+
+    def __init__(self, parent: "Named | None", name: bytes) -> None:
+        self.parent = parent
+        self.name = name
+        self._path = ""
+        self._path_gen = -1
+
+
+class PathTable:
+    """Paths of :class:`Named` nodes, cached; a move invalidates every cached path.
+
+    A directory rename changes the path of everything below it, so instead of
+    walking the subtree a generation counter is bumped and paths are rebuilt lazily.
+    """
+
+    def __init__(self) -> None:
+        self._path_gen = 0
+
+    def moved(self, node: Named, parent: Named, name: bytes) -> None:
+        """Record that ``node`` is now ``parent``/``name``."""
+        node.parent, node.name = parent, name
+        self._path_gen += 1
+
+    def path(self, node: Named) -> str:
+        """Path of ``node`` inside the volume (``/`` for the root, ``/a/b`` below)."""
+        if node._path_gen == self._path_gen:
+            return node._path
+        path = "/" if node.parent is None else join_path(self.path(node.parent), node.name)
+        node._path, node._path_gen = path, self._path_gen
+        return path
+
+
+class Inode(Named):
     """One backing file known to the kernel.
 
     Attributes:
@@ -22,41 +74,43 @@ class Inode:
         name: its name there, bytes.
     """
 
-    __slots__ = ("ino", "fd", "key", "lookups", "parent", "name", "_path", "_path_gen")
+    __slots__ = ("ino", "fd", "key", "lookups")
 
     def __init__(self, ino: int, fd: int, key: tuple[int, int], parent: "Inode | None", name: bytes) -> None:
+        super().__init__(parent, name)
         self.ino = ino
         self.fd = fd
         self.key = key
         self.lookups = 0
-        self.parent = parent
-        self.name = name
-        self._path = ""
-        self._path_gen = -1
 
 
-class InodeTable:
+class InodeTable(PathTable):
     """Maps FUSE inodes to backing files by ``(st_dev, st_ino)``.
 
     Keying by the backing inode makes hard links share one FUSE inode and keeps
     numbers stable across renames. Holding an O_PATH fd per entry also pins the
     backing inode, so its number cannot be reused while the kernel knows it.
 
-    Paths (for layer globs and events) are built from parent links and cached; a
-    directory rename bumps a generation counter that invalidates every cached path.
-
     Args:
         root_fd: O_PATH fd of the backing root directory (owned by the table).
     """
 
     def __init__(self, root_fd: int) -> None:
+        super().__init__()
         st = os.fstat(root_fd)
         self.root = Inode(ROOT_INODE, root_fd, (st.st_dev, st.st_ino), None, b"")
         self.root.lookups = 1
         self._by_ino: dict[int, Inode] = {ROOT_INODE: self.root}
         self._by_key: dict[tuple[int, int], Inode] = {self.root.key: self.root}
         self._next_ino = ROOT_INODE + 1
-        self._path_gen = 0
+
+    def find(self, ino: int) -> Inode | None:
+        """Return the inode, or None if the kernel does not know it."""
+        return self._by_ino.get(ino)
+
+    def by_key(self, key: tuple[int, int]) -> Inode | None:
+        """Return the inode of backing file ``(st_dev, st_ino)``, or None."""
+        return self._by_key.get(key)
 
     def __len__(self) -> int:
         return len(self._by_ino)
@@ -91,11 +145,6 @@ class InodeTable:
             self.moved(inode, parent, name)
         return inode
 
-    def moved(self, inode: Inode, parent: Inode, name: bytes) -> None:
-        """Record that ``inode`` is now ``parent``/``name``."""
-        inode.parent, inode.name = parent, name
-        self._path_gen += 1
-
     def forget(self, ino: int, nlookup: int) -> None:
         """Drop ``nlookup`` kernel references; close the fd when none remain."""
         inode = self._by_ino.get(ino)
@@ -107,19 +156,6 @@ class InodeTable:
             if self._by_key.get(inode.key) is inode:
                 del self._by_key[inode.key]
             os.close(inode.fd)
-
-    def path(self, inode: Inode) -> str:
-        """Path of ``inode`` inside the volume (``/`` for the root, ``/a/b`` below)."""
-        if inode._path_gen == self._path_gen:
-            return inode._path
-        if inode.parent is None:
-            path = "/"
-        else:
-            parent_path = self.path(inode.parent)
-            name = os.fsdecode(inode.name)
-            path = parent_path + name if parent_path == "/" else f"{parent_path}/{name}"
-        inode._path, inode._path_gen = path, self._path_gen
-        return path
 
     def close(self) -> None:
         """Close every fd, the root's included."""

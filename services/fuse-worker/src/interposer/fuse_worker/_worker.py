@@ -18,7 +18,7 @@ from ._bus import Bus
 from ._config import WorkerConfig
 from ._expiry import expire_layers
 from ._telemetry import Telemetry
-from .backends import PassthroughBackend
+from .backends import Backend, MemoryBackend, NullBackend, PassthroughBackend
 from .layers import QuotaContext, Usage, walk_usage
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,20 @@ def quota_context(backend: object, backing_dir: str) -> QuotaContext:
     return QuotaContext(backend, measure)  # type: ignore[arg-type]
 
 
+def make_backend(config: WorkerConfig) -> Backend:
+    """The backend ``config.backend`` names, configured from ``config``.
+
+    Raises:
+        OSError: the passthrough backing dir is unusable.
+    """
+    timeouts = (config.entry_timeout_s, config.attr_timeout_s)
+    if config.backend == "memory":
+        return MemoryBackend(config.memory_size_bytes, *timeouts)
+    if config.backend == "null":
+        return NullBackend(config.memory_size_bytes, *timeouts)
+    return PassthroughBackend(config.backing_dir, *timeouts)
+
+
 async def serve(config: WorkerConfig) -> None:
     """Mount ``config.mountpoint`` and serve it until unmounted, SIGTERM or SIGINT.
 
@@ -74,12 +88,13 @@ async def serve(config: WorkerConfig) -> None:
     policy = load_policy_file(config.policy_file) if config.policy_file else Policy()
     os.umask(0)  # modes from the kernel already carry the caller's umask
     _raise_fd_limit()
-    backend = PassthroughBackend(config.backing_dir, config.entry_timeout_s, config.attr_timeout_s)
+    backend = make_backend(config)
     telemetry = Telemetry(config.event_buffer, volume=config.volume_id)
     operations = InterposerOperations(backend, telemetry, policy, quota=quota_context(backend, config.backing_dir))
     bus: Bus | None = None
     pyfuse3.init(operations, config.mountpoint, mount_options(config))
-    log.info("volume %s: %s mounted on %s", config.volume_id, config.backing_dir, config.mountpoint)
+    log.info("volume %s: %s backend%s mounted on %s", config.volume_id, config.backend,
+             f" of {config.backing_dir}" if config.backend == "passthrough" else "", config.mountpoint)
     try:
         if config.nats_url:
             bus = Bus(config, telemetry, operations.apply, lambda: operations.revision, trio.lowlevel.current_trio_token())
@@ -111,4 +126,4 @@ def run(config: WorkerConfig) -> None:
     trio.run(serve, config)
 
 
-__all__ = ["PolicyError", "load_policy_file", "mount_options", "run", "serve"]
+__all__ = ["PolicyError", "load_policy_file", "make_backend", "mount_options", "run", "serve"]

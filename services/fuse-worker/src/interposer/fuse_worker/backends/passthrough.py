@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from collections.abc import Sequence
 
 import pyfuse3
 
-from .._inodes import Inode, InodeTable
+from .._inodes import Inode, InodeTable, join_path
 from ._renameat2 import renameat2
 
 _O_PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -108,22 +109,30 @@ class PassthroughBackend:
         inode.lookups += 1
         return self._attrs(st, inode.ino)
 
-    def _chown_to_caller(self, parent: Inode, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        # Files are created by the worker; give them to the caller as the kernel
-        # would have (the worker runs as root, so ownership must be set explicitly).
-        if self._am_root and (ctx.uid != 0 or ctx.gid != 0):
-            os.chown(name, ctx.uid, ctx.gid, dir_fd=parent.fd, follow_symlinks=False)
+    def _chown_to_caller(self, parent: Inode, name: bytes, ctx: pyfuse3.RequestContext, mode: int = 0) -> None:
+        """Give a file the worker just created to the caller, as the kernel would have.
+
+        The worker runs as root, so ownership is set explicitly: the caller's uid, and
+        the caller's gid unless the directory is set-group-ID (then the backing fs
+        already gave it the directory's group, and a new directory the bit).
+        ``chown`` clears set-user/group-ID bits of non-directories even for root, so
+        those of ``mode`` (what the caller asked for) are put back.
+        """
+        if not self._am_root or (ctx.uid == 0 and ctx.gid == 0):
+            return
+        gid = -1 if os.fstat(parent.fd).st_mode & stat.S_ISGID else ctx.gid
+        os.chown(name, ctx.uid, gid, dir_fd=parent.fd, follow_symlinks=False)
+        if mode & (stat.S_ISUID | stat.S_ISGID) and not stat.S_ISDIR(mode) and not stat.S_ISLNK(mode):
+            os.chmod(name, mode & 0o7777, dir_fd=parent.fd)
 
     def path_of(self, ino: int) -> str:
         """Path of inode ``ino`` inside the volume; ``"?"`` if it is unknown."""
-        inode = self.inodes._by_ino.get(ino)
+        inode = self.inodes.find(ino)
         return self.inodes.path(inode) if inode is not None else "?"
 
     def entry_path(self, parent_ino: int, name: bytes) -> str:
         """Path of entry ``name`` in directory ``parent_ino``."""
-        parent_path = self.path_of(parent_ino)
-        decoded = os.fsdecode(name)
-        return parent_path + decoded if parent_path == "/" else f"{parent_path}/{decoded}"
+        return join_path(self.path_of(parent_ino), name)
 
     def ino_of_fh(self, fh: int) -> int:
         """Inode of an open file or directory handle (0 if unknown)."""
@@ -189,7 +198,7 @@ class PassthroughBackend:
         parent = self.inodes.get(parent_ino)
         self._check_name(name)
         os.mknod(name, mode, rdev, dir_fd=parent.fd)
-        self._chown_to_caller(parent, name, ctx)
+        self._chown_to_caller(parent, name, ctx, mode)
         return self._entry(parent, name)
 
     async def mkdir(self, parent_ino: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -244,12 +253,12 @@ class PassthroughBackend:
             st = os.stat(new_name, dir_fd=new_parent.fd, follow_symlinks=False)
         except OSError:
             return
-        for inode in (self.inodes._by_key.get((st.st_dev, st.st_ino)),):
+        for inode in (self.inodes.by_key((st.st_dev, st.st_ino)),):
             if inode is not None:
                 self.inodes.moved(inode, new_parent, new_name)
         if flags & pyfuse3.RENAME_EXCHANGE:
             st = os.stat(old_name, dir_fd=old_parent.fd, follow_symlinks=False)
-            other = self.inodes._by_key.get((st.st_dev, st.st_ino))
+            other = self.inodes.by_key((st.st_dev, st.st_ino))
             if other is not None:
                 self.inodes.moved(other, old_parent, old_name)
 
@@ -270,7 +279,7 @@ class PassthroughBackend:
         open_flags = (flags & ~(os.O_DIRECT | os.O_NOCTTY)) | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
         fd = os.open(name, open_flags, mode, dir_fd=parent.fd)
         try:
-            self._chown_to_caller(parent, name, ctx)
+            self._chown_to_caller(parent, name, ctx, stat.S_IFREG | mode)
             attrs = self._entry(parent, name)
         except BaseException:
             os.close(fd)

@@ -1,0 +1,116 @@
+"""Caller credentials: a non-root caller gets the errors and ownership it would get natively.
+
+The same script runs as uid/gid 65534 (nobody/nogroup, no supplementary groups)
+against a native directory and through the mount, over identical trees built as
+root; every outcome (errno name, or the owner/mode of what it created) must agree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+NOBODY = 65534
+#: The system interpreter: uid 65534 cannot enter the venv under /work or /root (the
+#: script needs only the standard library).
+CALLER_PYTHON = "/usr/bin/python3"
+OTHER_GID = 1234
+
+CALLER_SCRIPT = r'''
+import errno, json, os, stat
+
+def outcome(fn):
+    try:
+        value = fn()
+    except OSError as exc:
+        return errno.errorcode[exc.errno]
+    if isinstance(value, os.stat_result):
+        return [value.st_uid, value.st_gid, oct(value.st_mode)]
+    return value if isinstance(value, (int, str, list, type(None))) else repr(value)
+
+def create(path):
+    os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o664))
+    return os.stat(path)
+
+def mkdir(path):
+    os.mkdir(path, 0o775)
+    return os.stat(path)
+
+checks = {
+    "create in 0755 root dir": lambda: create("ro/x"),
+    "create in 0777 dir": lambda: create("rw/x"),
+    "mkdir in 0777 dir": lambda: mkdir("rw/sub"),
+    "create in setgid dir": lambda: create("sg/f"),
+    "mkdir in setgid dir": lambda: mkdir("sg/d"),
+    "read 0600 root file": lambda: open("secret", "rb").read().decode(),
+    "read 0644 root file": lambda: open("public", "rb").read().decode(),
+    "write 0644 root file": lambda: open("public", "ab").write(b"x"),
+    "truncate 0644 root file": lambda: os.truncate("public", 0),
+    "chmod root file": lambda: os.chmod("public", 0o777),
+    "chown own file": lambda: os.chown("rw/x", 0, 0),
+    "chmod own file": lambda: (os.chmod("rw/x", 0o600), os.stat("rw/x"))[1],
+    "utime root file explicit": lambda: os.utime("public", (1, 1)),
+    "utime root file now": lambda: os.utime("public", None),
+    "unlink root file in sticky dir": lambda: os.unlink("sticky/rootfile"),
+    "unlink own file in sticky dir": lambda: (create("sticky/mine"), os.unlink("sticky/mine"))[1],
+    "rename into 0755 dir": lambda: os.rename("rw/x", "ro/y"),
+    "setxattr on root file": lambda: os.setxattr("public", "user.k", b"v"),
+    "listdir 0700 root dir": lambda: os.listdir("private"),
+    "lookup in 0700 root dir": lambda: os.stat("private/inner"),
+}
+print(json.dumps({name: outcome(fn) for name, fn in checks.items()}))
+'''
+
+
+def _build_tree(root: Path) -> None:
+    """The tree every check runs over, built as root."""
+    os.umask(0o022)
+    for name, mode in (("ro", 0o755), ("rw", 0o777), ("sticky", 0o1777), ("sg", 0o2777), ("private", 0o700)):
+        (root / name).mkdir()
+        os.chmod(root / name, mode)
+    os.chown(root / "sg", 0, OTHER_GID)
+    (root / "secret").write_text("s")
+    os.chmod(root / "secret", 0o600)
+    (root / "public").write_text("p")
+    (root / "sticky" / "rootfile").write_text("r")
+    os.chmod(root / "sticky" / "rootfile", 0o666)
+    (root / "private" / "inner").write_text("i")
+
+
+def _run_as_nobody(cwd: Path) -> dict[str, object]:
+    def drop() -> None:
+        os.chdir(cwd)  # before dropping: the tmp dirs above are 0700 root
+        os.setgroups([])
+        os.setgid(NOBODY)
+        os.setuid(NOBODY)
+
+    result = subprocess.run([CALLER_PYTHON, "-c", CALLER_SCRIPT], preexec_fn=drop, capture_output=True,
+                            text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+@pytest.mark.fuse
+@pytest.mark.parametrize("backend", ["passthrough", "memory"])
+def test_a_non_root_caller_gets_native_errors_and_ownership(mount_worker, tmp_path: Path, backend: str) -> None:
+    assert os.geteuid() == 0, "this test switches to uid 65534, so it must start as root"
+    native = tmp_path / "native"
+    native.mkdir()
+    vol = mount_worker(extra=["--backend", backend])
+    _build_tree(native)
+    _build_tree(vol.mountpoint)
+    expected = _run_as_nobody(native)
+    got = _run_as_nobody(vol.mountpoint)
+    # Sanity: the script exercised both refusals and successes.
+    assert expected["create in 0755 root dir"] == "EACCES"
+    assert expected["create in 0777 dir"][:2] == [NOBODY, NOBODY]
+    assert expected["create in setgid dir"][:2] == [NOBODY, OTHER_GID]
+    differences = {k: (expected[k], got[k]) for k in expected if expected[k] != got[k]}
+    assert not differences, f"native vs mount: {differences}"
+    if backend == "passthrough":
+        st = os.stat(vol.backing / "rw" / "x")
+        assert (st.st_uid, st.st_gid) == (NOBODY, NOBODY)

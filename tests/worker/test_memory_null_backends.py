@@ -1,0 +1,58 @@
+"""Memory and null backends on a real mount: size limit, statfs, ENOSPC, discarded data."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+
+MIB = 1 << 20
+
+
+@pytest.mark.fuse
+def test_memory_backend_statfs_reflects_its_limit_and_refuses_writes_beyond_it(mount_worker) -> None:
+    vol = mount_worker(extra=["--backend", "memory", "--memory-size-bytes", str(MIB)])
+    m = vol.mountpoint
+    sv = os.statvfs(m)
+    assert sv.f_blocks * sv.f_frsize == MIB and sv.f_bavail == sv.f_blocks
+    fd = os.open(m / "big", os.O_CREAT | os.O_WRONLY, 0o644)
+    try:
+        written = 0
+        with pytest.raises(OSError) as info:
+            while True:
+                written += os.write(fd, b"x" * 65536)
+        assert info.value.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    assert written == MIB and os.stat(m / "big").st_size == MIB
+    assert os.statvfs(m).f_bavail == 0
+    with pytest.raises(OSError) as info:
+        os.truncate(m / "big", MIB + 1)
+    assert info.value.errno == errno.ENOSPC
+    os.unlink(m / "big")
+    assert os.statvfs(m).f_bavail == sv.f_blocks  # freed once the kernel forgets the inode
+    assert not os.listdir(vol.backing), "the memory backend must not touch a backing dir"
+
+
+@pytest.mark.fuse
+def test_null_backend_discards_data_but_keeps_metadata(mount_worker) -> None:
+    vol = mount_worker(extra=["--backend", "null", "--memory-size-bytes", str(MIB)])
+    m = vol.mountpoint
+    os.mkdir(m / "d")
+    (m / "d" / "f").write_bytes(b"hello" * 1000 + b"tail")
+    assert os.stat(m / "d" / "f").st_size == 5004
+    assert (m / "d" / "f").read_bytes() == bytes(5004)
+    # More than the size limit is accepted: nothing is stored.
+    with open(m / "huge", "wb") as f:
+        for _ in range(3):
+            f.write(bytes(MIB))
+    assert os.stat(m / "huge").st_size == 3 * MIB
+    os.link(m / "d" / "f", m / "g")
+    os.rename(m / "g", m / "h")
+    assert os.stat(m / "h").st_nlink == 2 and os.stat(m / "h").st_ino == os.stat(m / "d" / "f").st_ino
+    os.truncate(m / "h", 10)
+    assert (m / "d" / "f").read_bytes() == bytes(10)
+    os.setxattr(m / "h", "user.k", b"v")
+    assert os.getxattr(m / "d" / "f", "user.k") == b"v"
+    assert sorted(os.listdir(m)) == ["d", "h", "huge"]
