@@ -60,7 +60,9 @@ def test_node_get_volume_stats_missing_field(shared_csi_node: CsiNode, field: st
 
 
 def test_node_get_volume_stats_of_an_unknown_volume_is_not_found(shared_csi_node: CsiNode) -> None:
-    request = csi_pb2.NodeGetVolumeStatsRequest(volume_id="vol-none", volume_path="/tmp/csi-conformance-never")
+    request = csi_pb2.NodeGetVolumeStatsRequest(
+        volume_id="vol-none", volume_path="/tmp/csi-conformance-never"
+    )
     with pytest.raises(grpc.RpcError) as caught:
         shared_csi_node.node.NodeGetVolumeStats(request, timeout=RPC_TIMEOUT_S)
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
@@ -70,7 +72,9 @@ def test_node_unpublish_of_an_unknown_volume_is_ok(shared_csi_node: CsiNode) -> 
     # The spec: "Volume does not exist" is NOT_FOUND, but kubelet relies on
     # unpublish being idempotent after a successful one, so a volume not
     # published here is OK (as in csi-sanity's "should remove target path").
-    request = csi_pb2.NodeUnpublishVolumeRequest(volume_id="vol-none", target_path="/tmp/csi-conformance-never")
+    request = csi_pb2.NodeUnpublishVolumeRequest(
+        volume_id="vol-none", target_path="/tmp/csi-conformance-never"
+    )
     shared_csi_node.node.NodeUnpublishVolume(request, timeout=RPC_TIMEOUT_S)
 
 

@@ -60,7 +60,9 @@ def code_of(call) -> grpc.StatusCode:
 
 
 def test_identity_advertises_the_controller_service(controller: Controller) -> None:
-    reply = controller.identity.GetPluginCapabilities(csi_pb2.GetPluginCapabilitiesRequest(), timeout=RPC_TIMEOUT_S)
+    reply = controller.identity.GetPluginCapabilities(
+        csi_pb2.GetPluginCapabilitiesRequest(), timeout=RPC_TIMEOUT_S
+    )
     services = [c.service.type for c in reply.capabilities]
     assert services == [csi_pb2.PluginCapability.Service.CONTROLLER_SERVICE]
 
@@ -69,13 +71,16 @@ def test_controller_capabilities(controller: Controller) -> None:
     reply = controller.stub.ControllerGetCapabilities(
         csi_pb2.ControllerGetCapabilitiesRequest(), timeout=RPC_TIMEOUT_S
     )
-    assert [c.rpc.type for c in reply.capabilities] == [csi_pb2.ControllerServiceCapability.RPC.CREATE_DELETE_VOLUME]
+    assert [c.rpc.type for c in reply.capabilities] == [
+        csi_pb2.ControllerServiceCapability.RPC.CREATE_DELETE_VOLUME
+    ]
 
 
 def test_node_service_is_not_registered_in_controller_mode(controller: Controller) -> None:
-    assert code_of(
-        lambda: controller.node.NodeGetInfo(csi_pb2.NodeGetInfoRequest(), timeout=RPC_TIMEOUT_S)
-    ) == grpc.StatusCode.UNIMPLEMENTED
+    assert (
+        code_of(lambda: controller.node.NodeGetInfo(csi_pb2.NodeGetInfoRequest(), timeout=RPC_TIMEOUT_S))
+        == grpc.StatusCode.UNIMPLEMENTED
+    )
 
 
 def test_create_volume_carries_parameters_in_the_context_and_is_idempotent(controller: Controller) -> None:
@@ -99,8 +104,14 @@ def test_create_volume_carries_parameters_in_the_context_and_is_idempotent(contr
     [
         ({"backend": "memory"}, {"backend": "memory"}),
         ({"backend": "null"}, {"backend": "null"}),
-        ({"backend": "hostPath", "backingPath": "/srv/shared"}, {"backend": "passthrough", "backingPath": "/srv/shared"}),
-        ({"backend": "pvc", "backingClaim": "ml/data"}, {"backend": "passthrough", "backingClaim": "ml/data"}),
+        (
+            {"backend": "hostPath", "backingPath": "/srv/shared"},
+            {"backend": "passthrough", "backingPath": "/srv/shared"},
+        ),
+        (
+            {"backend": "pvc", "backingClaim": "ml/data"},
+            {"backend": "passthrough", "backingClaim": "ml/data"},
+        ),
     ],
     ids=["memory", "null", "hostPath-shared", "pvc"],
 )
@@ -118,7 +129,10 @@ def test_a_name_that_is_not_a_valid_id_gets_a_stable_hashed_id(controller: Contr
     [
         ({"name": ""}, "name"),
         ({"caps": []}, "volume_capabilities"),
-        ({"caps": [csi_pb2.VolumeCapability(access_mode=csi_pb2.VolumeCapability.AccessMode(mode=1))]}, "access_type"),
+        (
+            {"caps": [csi_pb2.VolumeCapability(access_mode=csi_pb2.VolumeCapability.AccessMode(mode=1))]},
+            "access_type",
+        ),
         ({"caps": [csi_pb2.VolumeCapability(mount=csi_pb2.VolumeCapability.MountVolume())]}, "access_mode"),
         ({"caps": [capability(block=True)]}, "block"),
         ({"caps": [capability(Mode.MULTI_NODE_SINGLE_WRITER)]}, "MULTI_NODE_SINGLE_WRITER"),
@@ -132,7 +146,11 @@ def test_a_name_that_is_not_a_valid_id_gets_a_stable_hashed_id(controller: Contr
     ],
 )
 def test_create_volume_invalid_argument(controller: Controller, fields: dict, word: str) -> None:
-    kwargs = {"name": fields.get("name", "pvc-bad"), "parameters": fields.get("parameters"), "caps": fields.get("caps")}
+    kwargs = {
+        "name": fields.get("name", "pvc-bad"),
+        "parameters": fields.get("parameters"),
+        "caps": fields.get("caps"),
+    }
     with pytest.raises(grpc.RpcError) as caught:
         controller.create(**kwargs)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -147,9 +165,10 @@ def test_create_volume_capacity_out_of_range(controller: Controller) -> None:
 def test_delete_volume_is_idempotent_and_needs_an_id(controller: Controller) -> None:
     for _ in range(2):
         controller.stub.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id="pvc-abc"), timeout=RPC_TIMEOUT_S)
-    assert code_of(
-        lambda: controller.stub.DeleteVolume(csi_pb2.DeleteVolumeRequest(), timeout=RPC_TIMEOUT_S)
-    ) == grpc.StatusCode.INVALID_ARGUMENT
+    assert (
+        code_of(lambda: controller.stub.DeleteVolume(csi_pb2.DeleteVolumeRequest(), timeout=RPC_TIMEOUT_S))
+        == grpc.StatusCode.INVALID_ARGUMENT
+    )
 
 
 def test_validate_volume_capabilities(controller: Controller) -> None:

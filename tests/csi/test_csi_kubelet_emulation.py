@@ -74,7 +74,9 @@ def kubelet_target(root: Path, volume_name: str) -> Path:
 def kubelet_publish(
     csi_node: CsiNode, volume_id: str, target: Path, context: dict[str, str], mode: int
 ) -> None:
-    capabilities = csi_node.node.NodeGetCapabilities(csi_pb2.NodeGetCapabilitiesRequest(), timeout=RPC_TIMEOUT_S)
+    capabilities = csi_node.node.NodeGetCapabilities(
+        csi_pb2.NodeGetCapabilitiesRequest(), timeout=RPC_TIMEOUT_S
+    )
     kinds = {c.rpc.type for c in capabilities.capabilities}
     assert NodeCap.STAGE_UNSTAGE_VOLUME not in kinds  # so kubelet skips NodeStageVolume
     if mode in (Mode.SINGLE_NODE_SINGLE_WRITER, Mode.SINGLE_NODE_MULTI_WRITER):
@@ -83,7 +85,8 @@ def kubelet_publish(
         volume_id=volume_id,
         target_path=str(target),
         volume_capability=csi_pb2.VolumeCapability(
-            mount=csi_pb2.VolumeCapability.MountVolume(), access_mode=csi_pb2.VolumeCapability.AccessMode(mode=mode)
+            mount=csi_pb2.VolumeCapability.MountVolume(),
+            access_mode=csi_pb2.VolumeCapability.AccessMode(mode=mode),
         ),
         readonly=False,
         volume_context=context,
@@ -118,7 +121,8 @@ def kubelet_stats_and_unpublish(csi_node: CsiNode, volume_id: str, target: Path,
     assert stats.volume_condition.abnormal is False and len(stats.usage) == 2
     worker_pid = csi_node.volume_states()[0]["worker_pid"]
     csi_node.node.NodeUnpublishVolume(
-        csi_pb2.NodeUnpublishVolumeRequest(volume_id=volume_id, target_path=str(target)), timeout=RPC_TIMEOUT_S
+        csi_pb2.NodeUnpublishVolumeRequest(volume_id=volume_id, target_path=str(target)),
+        timeout=RPC_TIMEOUT_S,
     )
     assert fuse_mounts_under(root) == {}
     assert not target.exists() and target.parent.exists()  # the plugin removes only the target

@@ -16,7 +16,14 @@ from pathlib import Path
 
 import grpc
 import pytest
-from csi_support import RPC_TIMEOUT_S, CsiNode, fuse_mounts_under, mounting_volume_request, pid_alive, running_csi_node
+from csi_support import (
+    RPC_TIMEOUT_S,
+    CsiNode,
+    fuse_mounts_under,
+    mounting_volume_request,
+    pid_alive,
+    running_csi_node,
+)
 from interposer.proto.csi import csi_pb2
 from interposer_testing import require_fuse
 
@@ -35,7 +42,9 @@ def _fuse_available() -> None:
 
 
 def publish(csi_node: CsiNode, volume_id: str, target: Path, backing: Path, **kwargs) -> dict:
-    csi_node.node.NodePublishVolume(mounting_volume_request(volume_id, target, backing, **kwargs), timeout=RPC_TIMEOUT_S)
+    csi_node.node.NodePublishVolume(
+        mounting_volume_request(volume_id, target, backing, **kwargs), timeout=RPC_TIMEOUT_S
+    )
     return next(s for s in csi_node.volume_states() if s["volume_id"] == volume_id)
 
 
@@ -77,7 +86,8 @@ def test_volume_stats_abnormal_while_the_worker_is_dead(csi_root: Path, backing_
         assert "not running" in reply.volume_condition.message
         assert list(reply.usage) == []
         csi_node.node.NodeUnpublishVolume(
-            csi_pb2.NodeUnpublishVolumeRequest(volume_id="vol-dead", target_path=str(target)), timeout=RPC_TIMEOUT_S
+            csi_pb2.NodeUnpublishVolumeRequest(volume_id="vol-dead", target_path=str(target)),
+            timeout=RPC_TIMEOUT_S,
         )
         assert fuse_mounts_under(csi_root) == {}
 
@@ -115,7 +125,11 @@ def test_writer_access_modes_publish_writable(
 
 @pytest.mark.parametrize(
     ("mode", "readonly"),
-    [(Mode.SINGLE_NODE_WRITER, True), (Mode.MULTI_NODE_READER_ONLY, False), (Mode.SINGLE_NODE_READER_ONLY, False)],
+    [
+        (Mode.SINGLE_NODE_WRITER, True),
+        (Mode.MULTI_NODE_READER_ONLY, False),
+        (Mode.SINGLE_NODE_READER_ONLY, False),
+    ],
     ids=["readonly-flag", "MULTI_NODE_READER_ONLY", "SINGLE_NODE_READER_ONLY"],
 )
 def test_read_only_publish_refuses_writes_with_erofs(
@@ -141,7 +155,9 @@ def test_multi_node_single_writer_is_refused(csi_node: CsiNode, csi_root: Path, 
     assert csi_node.volume_states() == [] and fuse_mounts_under(csi_root) == {}
 
 
-def test_killed_worker_is_restored_at_the_same_target(csi_node: CsiNode, csi_root: Path, backing_dir: Path) -> None:
+def test_killed_worker_is_restored_at_the_same_target(
+    csi_node: CsiNode, csi_root: Path, backing_dir: Path
+) -> None:
     """SIGKILL the worker: the app sees ENOTCONN, then the watcher brings the same path back."""
     target = csi_root / "pods" / "k" / "mount"
     state = publish(csi_node, "vol-kill", target, backing_dir)
@@ -183,7 +199,8 @@ def test_killed_worker_is_restored_at_the_same_target(csi_node: CsiNode, csi_roo
     (target / "after").write_text("new worker")
     assert (backing_dir / "after").read_text() == "new worker"
     csi_node.node.NodeUnpublishVolume(
-        csi_pb2.NodeUnpublishVolumeRequest(volume_id="vol-kill", target_path=str(target)), timeout=RPC_TIMEOUT_S
+        csi_pb2.NodeUnpublishVolumeRequest(volume_id="vol-kill", target_path=str(target)),
+        timeout=RPC_TIMEOUT_S,
     )
     assert fuse_mounts_under(csi_root) == {} and not pid_alive(new_state["worker_pid"])
 
@@ -218,7 +235,8 @@ def test_unpublish_drains_a_read_in_flight(csi_node: CsiNode, csi_root: Path, ba
     thread.start()
     time.sleep(0.5)  # the read is now sleeping in the worker's delay layer
     csi_node.node.NodeUnpublishVolume(
-        csi_pb2.NodeUnpublishVolumeRequest(volume_id="vol-drain", target_path=str(target)), timeout=RPC_TIMEOUT_S
+        csi_pb2.NodeUnpublishVolumeRequest(volume_id="vol-drain", target_path=str(target)),
+        timeout=RPC_TIMEOUT_S,
     )
     thread.join(RPC_TIMEOUT_S)
     assert outcome == [b"x" * 4096], outcome

@@ -118,7 +118,9 @@ PROVISIONER_CLUSTER_RULES = {
     ("", "nodes"): {"get", "list", "watch"},
     ("storage.k8s.io", "csinodes"): {"get", "list", "watch"},
 }
-PROVISIONER_LEADER_RULES = {("coordination.k8s.io", "leases"): {"get", "watch", "list", "delete", "update", "create"}}
+PROVISIONER_LEADER_RULES = {
+    ("coordination.k8s.io", "leases"): {"get", "watch", "list", "delete", "update", "create"}
+}
 CONTROLLER = "interposer-csi-controller"
 
 
@@ -143,7 +145,9 @@ def test_controller_rbac_is_what_csi_provisioner_documents(base: list[Manifest])
     leader = find(base, "Role", "interposer-csi-provisioner-leader")
     assert _rules_of(leader) == PROVISIONER_LEADER_RULES
     leader_binding = find(base, "RoleBinding", "interposer-csi-provisioner-leader")
-    assert leader_binding["subjects"] == [{"kind": "ServiceAccount", "name": CONTROLLER, "namespace": NAMESPACE}]
+    assert leader_binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": CONTROLLER, "namespace": NAMESPACE}
+    ]
     assert pod_spec_of(find(base, "Deployment", CONTROLLER))["serviceAccountName"] == CONTROLLER
 
 

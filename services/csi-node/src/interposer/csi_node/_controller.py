@@ -120,7 +120,9 @@ def volume_context_for(volume_id: str, parameters: dict[str, str]) -> dict[str, 
         CsiError: INVALID_ARGUMENT naming the parameter that is unknown or invalid.
     """
     unknown = sorted(
-        key for key in parameters if key not in KNOWN_PARAMETERS and not key.startswith(PROVISIONER_PARAMETER_PREFIX)
+        key
+        for key in parameters
+        if key not in KNOWN_PARAMETERS and not key.startswith(PROVISIONER_PARAMETER_PREFIX)
     )
     if unknown:
         raise _invalid(f"parameters {unknown} are unknown (known: {', '.join(sorted(KNOWN_PARAMETERS))})")
@@ -133,7 +135,9 @@ def volume_context_for(volume_id: str, parameters: dict[str, str]) -> dict[str, 
     claim = parameters.get(PARAM_BACKING_CLAIM, "")
     if backend == "hostPath":
         if bool(root) == bool(shared):
-            raise _invalid(f"backend hostPath needs exactly one of parameters {PARAM_BACKING_ROOT!r}, {PARAM_BACKING_PATH!r}")
+            raise _invalid(
+                f"backend hostPath needs exactly one of parameters {PARAM_BACKING_ROOT!r}, {PARAM_BACKING_PATH!r}"
+            )
         key, path = (PARAM_BACKING_ROOT, root) if root else (PARAM_BACKING_PATH, shared)
         if not os.path.isabs(path) or os.path.normpath(path) != path:
             raise _invalid(f"parameters[{key!r}] = {path!r} must be an absolute, normalized path")
@@ -143,11 +147,15 @@ def volume_context_for(volume_id: str, parameters: dict[str, str]) -> dict[str, 
         else:
             context[CONTEXT_BACKING_PATH] = shared
     elif root or shared:
-        raise _invalid(f"parameters {PARAM_BACKING_ROOT!r}/{PARAM_BACKING_PATH!r} apply to backend hostPath only")
+        raise _invalid(
+            f"parameters {PARAM_BACKING_ROOT!r}/{PARAM_BACKING_PATH!r} apply to backend hostPath only"
+        )
     if backend == "pvc":
         namespace, _, name = claim.partition("/")
         if not namespace or not name:
-            raise _invalid(f"backend pvc needs parameters[{PARAM_BACKING_CLAIM!r}] = 'namespace/name', got {claim!r}")
+            raise _invalid(
+                f"backend pvc needs parameters[{PARAM_BACKING_CLAIM!r}] = 'namespace/name', got {claim!r}"
+            )
         context[CONTEXT_BACKING_CLAIM] = claim
     elif claim:
         raise _invalid(f"parameters[{PARAM_BACKING_CLAIM!r}] applies to backend pvc only")

@@ -36,8 +36,8 @@ from ._mounts import (
     statvfs_within,
     unmount_lazily,
 )
-from ._stats import DEFAULT_STATS_TIMEOUT_S, volume_stats_response
 from ._state import StateStore, VolumeState, write_atomically
+from ._stats import DEFAULT_STATS_TIMEOUT_S, volume_stats_response
 
 log = logging.getLogger(__name__)
 
@@ -215,10 +215,10 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             context.abort(exc.code, exc.details)
         return csi_pb2.NodeUnpublishVolumeResponse()
 
-    def NodeStageVolume(self, request, context):  # noqa: N802 - gRPC method name
+    def NodeStageVolume(self, request, context):
         context.abort(grpc.StatusCode.UNIMPLEMENTED, "NodeStageVolume: STAGE_UNSTAGE_VOLUME is not supported")
 
-    def NodeUnstageVolume(self, request, context):  # noqa: N802
+    def NodeUnstageVolume(self, request, context):
         context.abort(
             grpc.StatusCode.UNIMPLEMENTED, "NodeUnstageVolume: STAGE_UNSTAGE_VOLUME is not supported"
         )
@@ -232,7 +232,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             log.warning("NodeGetVolumeStats %s failed: %s %s", request.volume_id, exc.code.name, exc.details)
             context.abort(exc.code, exc.details)
 
-    def NodeExpandVolume(self, request, context):  # noqa: N802
+    def NodeExpandVolume(self, request, context):
         context.abort(grpc.StatusCode.UNIMPLEMENTED, "NodeExpandVolume: EXPAND_VOLUME is not supported")
 
     # ------------------------------------------------------------------ publish
@@ -510,7 +510,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         state = self._load_state(volume_id) if is_valid_volume_id(volume_id) else None
         if state is None or state.target_path != volume_path:
             raise CsiError(
-                grpc.StatusCode.NOT_FOUND, f"volume {volume_id} is not published at {volume_path} on this node"
+                grpc.StatusCode.NOT_FOUND,
+                f"volume {volume_id} is not published at {volume_path} on this node",
             )
         running = self._launcher.is_running(state.worker_pid, volume_id)
         real_path = real_path_of_target(volume_path)

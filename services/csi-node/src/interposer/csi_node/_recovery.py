@@ -85,8 +85,10 @@ class WorkerWatcher:
                     return
                 try:
                     self.restore_if_dead(state.volume_id)
-                except Exception:  # noqa: BLE001 - the watcher must outlive one bad volume
-                    log.exception("volume %s: restore failed; retrying in %.1f s", state.volume_id, self._interval_s)
+                except Exception:
+                    log.exception(
+                        "volume %s: restore failed; retrying in %.1f s", state.volume_id, self._interval_s
+                    )
 
     def restore_if_dead(self, volume_id: str) -> bool:
         """Restore ``volume_id`` if it is published and its worker process is gone.
