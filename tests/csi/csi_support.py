@@ -116,9 +116,14 @@ def fresh_csi_root() -> Iterator[Path]:
 
 @contextmanager
 def running_csi_node(
-    root: Path, worker_command: str | None = None, mount_timeout_s: float = TEST_MOUNT_TIMEOUT_S
+    root: Path,
+    worker_command: str | None = None,
+    mount_timeout_s: float = TEST_MOUNT_TIMEOUT_S,
+    extra_args: list[str] | None = None,
 ) -> Iterator[CsiNode]:
     """Run ``python -m interposer.csi_node`` on ``<root>/csi.sock`` until the block ends.
+
+    ``extra_args`` are appended to its command line (``--mode controller``…).
 
     On exit the csi-node gets SIGTERM and every fuse-worker named in its state
     files is killed.
@@ -145,6 +150,7 @@ def running_csi_node(
     ]
     if worker_command is not None:
         argv += ["--worker-command", worker_command]
+    argv += extra_args or []
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
     channel = grpc.insecure_channel(f"unix://{socket_path}")

@@ -39,9 +39,12 @@ def test_node_get_info_reports_the_node_id(csi_node: CsiNode) -> None:
     assert reply.node_id == "test-node"
 
 
-def test_node_capabilities_are_empty(csi_node: CsiNode) -> None:
+def test_node_capabilities(csi_node: CsiNode) -> None:
     reply = csi_node.node.NodeGetCapabilities(csi_pb2.NodeGetCapabilitiesRequest(), timeout=RPC_TIMEOUT_S)
-    assert list(reply.capabilities) == []
+    rpc = csi_pb2.NodeServiceCapability.RPC
+    assert sorted(c.rpc.type for c in reply.capabilities) == sorted(
+        [rpc.GET_VOLUME_STATS, rpc.VOLUME_CONDITION, rpc.SINGLE_NODE_MULTI_WRITER]
+    )
 
 
 @pytest.mark.parametrize(
@@ -49,7 +52,6 @@ def test_node_capabilities_are_empty(csi_node: CsiNode) -> None:
     [
         ("NodeStageVolume", csi_pb2.NodeStageVolumeRequest(volume_id="v", staging_target_path="/x")),
         ("NodeUnstageVolume", csi_pb2.NodeUnstageVolumeRequest(volume_id="v", staging_target_path="/x")),
-        ("NodeGetVolumeStats", csi_pb2.NodeGetVolumeStatsRequest(volume_id="v", volume_path="/x")),
         ("NodeExpandVolume", csi_pb2.NodeExpandVolumeRequest(volume_id="v", volume_path="/x")),
     ],
 )

@@ -146,25 +146,26 @@ def test_readonly_publish_refuses_writes(csi_node: CsiNode, csi_root: Path, back
     unpublish(csi_node, VOLUME_ID, target)
 
 
-def test_publish_recovers_a_volume_whose_worker_died(
-    csi_node: CsiNode, csi_root: Path, backing_dir: Path
-) -> None:
-    target = csi_root / "target"
-    request = mounting_volume_request(VOLUME_ID, target, backing_dir)
-    csi_node.node.NodePublishVolume(request, timeout=RPC_TIMEOUT_S)
-    (dead_pid,) = [s["worker_pid"] for s in csi_node.volume_states()]
-    os.kill(dead_pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while pid_alive(dead_pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
+def test_publish_recovers_a_volume_whose_worker_died(csi_root: Path, backing_dir: Path) -> None:
+    """A republish restarts a dead worker (the path without the recovery watcher, turned off here)."""
+    with running_csi_node(csi_root, extra_args=["--watch-interval-s", "0"]) as csi_node:
+        target = csi_root / "target"
+        request = mounting_volume_request(VOLUME_ID, target, backing_dir)
+        csi_node.node.NodePublishVolume(request, timeout=RPC_TIMEOUT_S)
+        (dead_pid,) = [s["worker_pid"] for s in csi_node.volume_states()]
+        os.kill(dead_pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while pid_alive(dead_pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
 
-    csi_node.node.NodePublishVolume(request, timeout=RPC_TIMEOUT_S)
-    (state,) = csi_node.volume_states()
-    assert state["worker_pid"] != dead_pid and pid_alive(state["worker_pid"])
-    (target / "after-recovery.txt").write_text("ok")
-    assert (backing_dir / "after-recovery.txt").read_text() == "ok"
-    unpublish(csi_node, VOLUME_ID, target)
-    assert fuse_mounts_under(csi_root) == {}
+        csi_node.node.NodePublishVolume(request, timeout=RPC_TIMEOUT_S)
+        (state,) = csi_node.volume_states()
+        assert state["worker_pid"] != dead_pid and pid_alive(state["worker_pid"])
+        assert state["restarts"] == 0  # a new publish, not the watcher
+        (target / "after-recovery.txt").write_text("ok")
+        assert (backing_dir / "after-recovery.txt").read_text() == "ok"
+        unpublish(csi_node, VOLUME_ID, target)
+        assert fuse_mounts_under(csi_root) == {}
 
 
 def test_worker_that_dies_at_start_is_internal_with_its_log(csi_root: Path, backing_dir: Path) -> None:

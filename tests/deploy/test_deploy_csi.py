@@ -107,9 +107,65 @@ def test_livenessprobe_sidecar_serves_the_probed_port(node_pod: dict) -> None:
     assert ports[http_get["port"]] == health_port
 
 
+#: csi-provisioner's rules (its deploy/kubernetes/rbac.yaml, minus snapshots,
+#: secrets, volume attachments and capacity, which interposer does not use):
+#: (apiGroup, resource) → verbs. Exactly these, nothing more.
+PROVISIONER_CLUSTER_RULES = {
+    ("", "persistentvolumes"): {"get", "list", "watch", "create", "patch", "delete"},
+    ("", "persistentvolumeclaims"): {"get", "list", "watch", "update"},
+    ("storage.k8s.io", "storageclasses"): {"get", "list", "watch"},
+    ("", "events"): {"list", "watch", "create", "update", "patch"},
+    ("", "nodes"): {"get", "list", "watch"},
+    ("storage.k8s.io", "csinodes"): {"get", "list", "watch"},
+}
+PROVISIONER_LEADER_RULES = {
+    ("coordination.k8s.io", "leases"): {"get", "watch", "list", "delete", "update", "create"}
+}
+CONTROLLER = "interposer-csi-controller"
+
+
+def _rules_of(role: dict) -> dict[tuple[str, str], set[str]]:
+    rules: dict[tuple[str, str], set[str]] = {}
+    for rule in role["rules"]:
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                rules.setdefault((group, resource), set()).update(rule["verbs"])
+    return rules
+
+
+def test_controller_rbac_is_what_csi_provisioner_documents(base: list[Manifest]) -> None:
+    cluster_roles = [o for o in base if o["kind"] == "ClusterRole"]
+    assert [r["metadata"]["name"] for r in cluster_roles] == ["interposer-csi-provisioner"], (
+        "only csi-provisioner needs cluster-wide permissions"
+    )
+    assert _rules_of(cluster_roles[0]) == PROVISIONER_CLUSTER_RULES
+    (binding,) = [o for o in base if o["kind"] == "ClusterRoleBinding"]
+    assert binding["roleRef"]["name"] == "interposer-csi-provisioner"
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": CONTROLLER, "namespace": NAMESPACE}]
+    leader = find(base, "Role", "interposer-csi-provisioner-leader")
+    assert _rules_of(leader) == PROVISIONER_LEADER_RULES
+    leader_binding = find(base, "RoleBinding", "interposer-csi-provisioner-leader")
+    assert leader_binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": CONTROLLER, "namespace": NAMESPACE}
+    ]
+    assert pod_spec_of(find(base, "Deployment", CONTROLLER))["serviceAccountName"] == CONTROLLER
+
+
+def test_controller_deployment(base: list[Manifest], driver_name: str) -> None:
+    pod = pod_spec_of(find(base, "Deployment", CONTROLLER))
+    controller = _container(pod, "csi-controller")
+    assert controller["image"] == "interposer-csi-node"
+    assert controller["args"][:4] == ["--mode", "controller", "--endpoint", "unix:///csi/csi.sock"]
+    provisioner = _container(pod, "csi-provisioner")
+    assert provisioner["image"].startswith("registry.k8s.io/sig-storage/csi-provisioner:v")
+    assert "--csi-address=/csi/csi.sock" in provisioner["args"]
+    assert "--leader-election" in provisioner["args"]
+    for container in (controller, provisioner):
+        _volume_source(pod, container, "/csi")
+    assert find(base, "StorageClass", "interposer")["parameters"]["backend"] == "hostPath"
+
+
 def test_node_rbac_is_least_privilege(base: list[Manifest]) -> None:
-    kinds = {o["kind"] for o in base}
-    assert not kinds & {"ClusterRole", "ClusterRoleBinding"}, "nothing in base needs cluster-wide permissions"
     role = find(base, "Role", DAEMONSET)
     assert role["metadata"]["namespace"] == NAMESPACE
     allowed_verbs = {"create", "delete", "get", "list", "watch"}
@@ -129,7 +185,7 @@ def test_node_rbac_is_least_privilege(base: list[Manifest]) -> None:
 def test_other_components_have_no_api_token(base: list[Manifest]) -> None:
     for obj in base:
         pod = pod_spec_of(obj)
-        if pod is None or obj["kind"] == "DaemonSet":
+        if pod is None or obj["kind"] == "DaemonSet" or obj["metadata"]["name"] == CONTROLLER:
             continue
         assert pod.get("automountServiceAccountToken") is False, (
             f"{obj['kind']}/{obj['metadata']['name']} mounts an API token"

@@ -10,7 +10,7 @@ import sys
 import click
 import msgspec
 
-from ._config import CsiNodeConfig
+from ._config import MODES, CsiNodeConfig
 from ._server import CsiNodeServer
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -66,9 +66,23 @@ _DEFAULTS = CsiNodeConfig()
     show_default=True,
     help="gRPC handler threads.",
 )
+@click.option(
+    "--mode",
+    type=click.Choice(MODES),
+    default=_DEFAULTS.mode,
+    show_default=True,
+    help="node: Identity + Node (DaemonSet); controller: Identity + Controller (Deployment).",
+)
+@click.option(
+    "--watch-interval-s",
+    type=float,
+    default=_DEFAULTS.watch_interval_s,
+    show_default=True,
+    help="Seconds between checks for dead fuse-workers to restore; 0 = no recovery.",
+)
 @click.option("--log-level", default=_DEFAULTS.log_level, show_default=True)
 def main(worker_command: str, log_level: str, **flags: object) -> None:
-    """Serve the CSI Identity and Node services of fs.interposer.io until SIGTERM."""
+    """Serve the CSI Identity and Node (or Controller) services of fs.interposer.io until SIGTERM."""
     try:
         config = msgspec.convert(
             {**flags, "worker_command": shlex.split(worker_command), "log_level": log_level.upper()},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import sys
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -21,6 +22,13 @@ DEFAULT_MOUNT_TIMEOUT_S = 20.0
 DEFAULT_UNMOUNT_TIMEOUT_S = 10.0
 #: gRPC handler threads; each in-flight CSI call holds one.
 DEFAULT_GRPC_WORKERS = 8
+#: How often the recovery watcher checks the published volumes' workers, seconds.
+DEFAULT_WATCH_INTERVAL_S = 0.5
+
+#: ``--mode``: which CSI services this process serves besides Identity.
+MODE_NODE = "node"
+MODE_CONTROLLER = "controller"
+MODES = (MODE_NODE, MODE_CONTROLLER)
 
 
 def default_worker_command() -> tuple[str, ...]:
@@ -47,6 +55,10 @@ class CsiNodeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
         max_volumes_per_node: ``NodeGetInfo.max_volumes_per_node``; 0 = no limit.
         grpc_workers: gRPC handler threads.
         log_level: ``logging`` level name for the service's own logs.
+        mode: ``node`` (Identity + Node, in the DaemonSet) or ``controller``
+            (Identity + Controller, stateless, in a Deployment beside csi-provisioner).
+        watch_interval_s: seconds between the recovery watcher's checks of the
+            published volumes' workers; 0 turns recovery off.
     """
 
     endpoint: str = DEFAULT_ENDPOINT
@@ -59,6 +71,8 @@ class CsiNodeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     max_volumes_per_node: int = 0
     grpc_workers: int = DEFAULT_GRPC_WORKERS
     log_level: str = "INFO"
+    mode: Literal["node", "controller"] = MODE_NODE
+    watch_interval_s: Annotated[float, msgspec.Meta(ge=0)] = DEFAULT_WATCH_INTERVAL_S
 
 
 def socket_path_of(endpoint: str) -> str:

@@ -20,17 +20,21 @@ def plugin_version() -> str:
 
 
 class IdentityService(csi_pb2_grpc.IdentityServicer):
-    """Identity RPCs. The plugin serves no Controller service yet, so it reports
-    no plugin capabilities, and it is ready as soon as it listens.
+    """Identity RPCs. It advertises CONTROLLER_SERVICE only where the Controller
+    service is registered (``--mode controller``), and is ready as soon as it listens.
 
     Args:
         driver_name: ``GetPluginInfo.name``.
         vendor_version: ``GetPluginInfo.vendor_version``.
+        controller: whether this process serves the Controller service.
     """
 
-    def __init__(self, driver_name: str = DRIVER_NAME, vendor_version: str | None = None) -> None:
+    def __init__(
+        self, driver_name: str = DRIVER_NAME, vendor_version: str | None = None, *, controller: bool = False
+    ) -> None:
         self._driver_name = driver_name
         self._vendor_version = vendor_version or plugin_version()
+        self._controller = controller
 
     def GetPluginInfo(
         self, request: csi_pb2.GetPluginInfoRequest, context: grpc.ServicerContext
@@ -40,7 +44,10 @@ class IdentityService(csi_pb2_grpc.IdentityServicer):
     def GetPluginCapabilities(
         self, request: csi_pb2.GetPluginCapabilitiesRequest, context: grpc.ServicerContext
     ) -> csi_pb2.GetPluginCapabilitiesResponse:
-        return csi_pb2.GetPluginCapabilitiesResponse(capabilities=[])
+        if not self._controller:
+            return csi_pb2.GetPluginCapabilitiesResponse(capabilities=[])
+        service = csi_pb2.PluginCapability.Service(type=csi_pb2.PluginCapability.Service.CONTROLLER_SERVICE)
+        return csi_pb2.GetPluginCapabilitiesResponse(capabilities=[csi_pb2.PluginCapability(service=service)])
 
     def Probe(self, request: csi_pb2.ProbeRequest, context: grpc.ServicerContext) -> csi_pb2.ProbeResponse:
         return csi_pb2.ProbeResponse(ready=wrappers_pb2.BoolValue(value=True))

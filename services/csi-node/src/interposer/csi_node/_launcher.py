@@ -105,10 +105,35 @@ class LocalProcessLauncher:
         Raises:
             OSError: the command could not be executed.
         """
+        pid = self._spawn(self.argv(spec), log_path, append=False)
+        log.info("started fuse-worker pid %d for volume %s at %s", pid, spec.volume_id, spec.mountpoint)
+        return pid
+
+    def restart(self, volume_id: str, argv: Sequence[str], log_path: Path) -> int:
+        """Start a worker again with the command line it had (``VolumeState.worker_argv``).
+
+        The output is appended to ``log_path``, so the dead worker's last words stay.
+
+        Args:
+            volume_id: the volume (for the log line).
+            argv: the full command line :meth:`argv` returned when it was first started.
+            log_path: the volume's worker log.
+
+        Returns:
+            The new worker's pid.
+
+        Raises:
+            OSError: the command could not be executed.
+        """
+        pid = self._spawn(list(argv), log_path, append=True)
+        log.info("restarted fuse-worker for volume %s: pid %d", volume_id, pid)
+        return pid
+
+    def _spawn(self, argv: list[str], log_path: Path, *, append: bool) -> int:
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "wb") as log_file:
+        with open(log_path, "ab" if append else "wb") as log_file:
             child = subprocess.Popen(
-                self.argv(spec),
+                argv,
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
@@ -116,7 +141,6 @@ class LocalProcessLauncher:
                 close_fds=True,
             )
         self._children[child.pid] = child
-        log.info("started fuse-worker pid %d for volume %s at %s", child.pid, spec.volume_id, spec.mountpoint)
         return child.pid
 
     def is_running(self, pid: int, volume_id: str) -> bool:

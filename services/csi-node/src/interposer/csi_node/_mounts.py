@@ -67,6 +67,39 @@ def is_fuse_mount(path: str) -> bool:
     return fstype is not None and (fstype == "fuse" or fstype.startswith("fuse."))
 
 
+def real_path_of_target(target_path: str) -> str:
+    """Return ``target_path`` with its parent's symlinks resolved (the target itself may not exist).
+
+    The mount table names mount points by their real path; a FUSE mount point
+    itself must not be resolved (``realpath`` would ``stat`` it, which hangs on a
+    hung mount).
+
+    Args:
+        target_path: absolute, normalized path.
+    """
+    return os.path.join(os.path.realpath(os.path.dirname(target_path)), os.path.basename(target_path))
+
+
+def _call_within(function, path: str, timeout_s: float):
+    """Run ``function(path)`` in a daemon thread; return its result, or None on OSError or timeout.
+
+    A hung FUSE mount blocks the call in the kernel forever; the thread parks
+    there instead of the caller.
+    """
+    outcome: list[object] = []
+
+    def probe() -> None:
+        try:
+            outcome.append(function(path))
+        except OSError:
+            outcome.append(None)
+
+    thread = threading.Thread(target=probe, name=f"{function.__name__} {path}", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    return outcome[0] if outcome else None
+
+
 def stat_answers(path: str, timeout_s: float) -> bool:
     """Return True if ``os.stat(path)`` succeeds within ``timeout_s`` seconds.
 
@@ -77,19 +110,17 @@ def stat_answers(path: str, timeout_s: float) -> bool:
         path: path to stat.
         timeout_s: how long to wait, seconds.
     """
-    outcome: list[bool] = []
+    return _call_within(os.stat, path, timeout_s) is not None
 
-    def probe() -> None:
-        try:
-            os.stat(path)
-            outcome.append(True)
-        except OSError:
-            outcome.append(False)
 
-    thread = threading.Thread(target=probe, name=f"stat {path}", daemon=True)
-    thread.start()
-    thread.join(timeout_s)
-    return bool(outcome and outcome[0])
+def statvfs_within(path: str, timeout_s: float) -> os.statvfs_result | None:
+    """Return ``os.statvfs(path)``, or None if it fails (``ENOTCONN``…) or takes over ``timeout_s``.
+
+    Args:
+        path: a path on the file system to measure.
+        timeout_s: how long to wait, seconds.
+    """
+    return _call_within(os.statvfs, path, timeout_s)
 
 
 def unmount_lazily(path: str, timeout_s: float = DEFAULT_UNMOUNT_COMMAND_TIMEOUT_S) -> bool:

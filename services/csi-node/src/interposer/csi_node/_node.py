@@ -28,8 +28,16 @@ from interposer.proto.subjects import VOLUME_ID_PATTERN, is_valid_volume_id
 
 from ._config import CsiNodeConfig
 from ._launcher import LocalProcessLauncher, WorkerSpec
-from ._mounts import is_fuse_mount, mount_type, stat_answers, unmount_lazily
+from ._mounts import (
+    is_fuse_mount,
+    mount_type,
+    real_path_of_target,
+    stat_answers,
+    statvfs_within,
+    unmount_lazily,
+)
 from ._state import StateStore, VolumeState, write_atomically
+from ._stats import DEFAULT_STATS_TIMEOUT_S, volume_stats_response
 
 log = logging.getLogger(__name__)
 
@@ -39,17 +47,51 @@ CONTEXT_BACKING_PATH = "backingPath"
 #: default ``passthrough`` when ``backingPath`` is given, else ``memory`` (so generic CSI
 #: tooling that knows no volume attributes gets a working volume).
 CONTEXT_BACKEND = "backend"
+#: ``volume_context`` key: ``"true"`` = create ``backingPath`` first (set by the
+#: Controller service for StorageClasses with ``backingRoot``). OPTIONAL.
+CONTEXT_CREATE_BACKING_PATH = "createBackingPath"
 #: ``volume_context`` key: JSON ``Policy`` applied from the first op on. OPTIONAL.
 CONTEXT_POLICY = "policy"
 #: ``volume_context`` keys kubelet adds when the CSIDriver has ``podInfoOnMount: true``.
 CONTEXT_POD_NAMESPACE = "csi.storage.k8s.io/pod.namespace"
 CONTEXT_POD_NAME = "csi.storage.k8s.io/pod.name"
+CONTEXT_POD_UID = "csi.storage.k8s.io/pod.uid"
+CONTEXT_SERVICE_ACCOUNT = "csi.storage.k8s.io/serviceAccount.name"
+#: ``volume_context`` key kubelet sets to ``"true"`` for a CSI ephemeral inline volume.
+CONTEXT_EPHEMERAL = "csi.storage.k8s.io/ephemeral"
 
 SUPPORTED_BACKENDS = frozenset({"passthrough", "memory", "null"})
 #: Backend of a publish that names a ``backingPath`` but no ``backend``.
 DEFAULT_BACKEND = "passthrough"
 #: Backend of a publish that names neither.
 DEFAULT_BACKEND_WITHOUT_BACKING_PATH = "memory"
+
+_Mode = csi_pb2.VolumeCapability.AccessMode
+
+#: Access modes a volume can be published with. Every publish gets its own FUSE
+#: mount over a shared backing directory, so several writers (on one node or many)
+#: work; "single writer" modes are enforced by the kubelet on one node
+#: (SINGLE_NODE_SINGLE_WRITER = ReadWriteOncePod) and by the one-target-per-node
+#: rule here. MULTI_NODE_SINGLE_WRITER is refused: nothing could enforce a single
+#: writer across nodes.
+SUPPORTED_ACCESS_MODES = frozenset(
+    {
+        _Mode.SINGLE_NODE_WRITER,
+        _Mode.SINGLE_NODE_READER_ONLY,
+        _Mode.MULTI_NODE_READER_ONLY,
+        _Mode.MULTI_NODE_MULTI_WRITER,
+        _Mode.SINGLE_NODE_SINGLE_WRITER,
+        _Mode.SINGLE_NODE_MULTI_WRITER,
+    }
+)
+
+#: What NodeGetCapabilities advertises. SINGLE_NODE_MULTI_WRITER is the
+#: capability that lets a CO use the SINGLE_NODE_{SINGLE,MULTI}_WRITER modes.
+NODE_CAPABILITIES = (
+    csi_pb2.NodeServiceCapability.RPC.GET_VOLUME_STATS,
+    csi_pb2.NodeServiceCapability.RPC.VOLUME_CONDITION,
+    csi_pb2.NodeServiceCapability.RPC.SINGLE_NODE_MULTI_WRITER,
+)
 
 #: Access modes that imply a read-only publish even when ``readonly`` is false.
 READ_ONLY_ACCESS_MODES = frozenset(
@@ -101,6 +143,9 @@ class _PublishPlan:
         policy_json: bytes | None,
         pod_namespace: str,
         pod_name: str,
+        pod_uid: str,
+        service_account: str,
+        ephemeral: bool,
     ) -> None:
         self.volume_id = volume_id
         self.target_path = target_path
@@ -112,13 +157,16 @@ class _PublishPlan:
         self.policy_json = policy_json
         self.pod_namespace = pod_namespace
         self.pod_name = pod_name
+        self.pod_uid = pod_uid
+        self.service_account = service_account
+        self.ephemeral = ephemeral
 
 
 class NodeService(csi_pb2_grpc.NodeServicer):
-    """Node RPCs: NodeGetInfo, NodeGetCapabilities, NodePublishVolume, NodeUnpublishVolume.
+    """Node RPCs: NodeGetInfo, NodeGetCapabilities, NodePublishVolume,
+    NodeUnpublishVolume, NodeGetVolumeStats.
 
-    The other Node RPCs (stage/unstage, stats, expand) answer UNIMPLEMENTED, and
-    NodeGetCapabilities advertises none of them.
+    Stage/unstage and expand answer UNIMPLEMENTED and are not advertised.
 
     Args:
         config: the service configuration.
@@ -147,7 +195,12 @@ class NodeService(csi_pb2_grpc.NodeServicer):
     def NodeGetCapabilities(
         self, request: csi_pb2.NodeGetCapabilitiesRequest, context: grpc.ServicerContext
     ) -> csi_pb2.NodeGetCapabilitiesResponse:
-        return csi_pb2.NodeGetCapabilitiesResponse(capabilities=[])
+        return csi_pb2.NodeGetCapabilitiesResponse(
+            capabilities=[
+                csi_pb2.NodeServiceCapability(rpc=csi_pb2.NodeServiceCapability.RPC(type=kind))
+                for kind in NODE_CAPABILITIES
+            ]
+        )
 
     def NodePublishVolume(
         self, request: csi_pb2.NodePublishVolumeRequest, context: grpc.ServicerContext
@@ -169,18 +222,24 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             context.abort(exc.code, exc.details)
         return csi_pb2.NodeUnpublishVolumeResponse()
 
-    def NodeStageVolume(self, request, context):  # noqa: N802 - gRPC method name
+    def NodeStageVolume(self, request, context):
         context.abort(grpc.StatusCode.UNIMPLEMENTED, "NodeStageVolume: STAGE_UNSTAGE_VOLUME is not supported")
 
-    def NodeUnstageVolume(self, request, context):  # noqa: N802
+    def NodeUnstageVolume(self, request, context):
         context.abort(
             grpc.StatusCode.UNIMPLEMENTED, "NodeUnstageVolume: STAGE_UNSTAGE_VOLUME is not supported"
         )
 
-    def NodeGetVolumeStats(self, request, context):  # noqa: N802
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, "NodeGetVolumeStats: GET_VOLUME_STATS is not supported")
+    def NodeGetVolumeStats(
+        self, request: csi_pb2.NodeGetVolumeStatsRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodeGetVolumeStatsResponse:
+        try:
+            return self.volume_stats(request.volume_id, request.volume_path)
+        except CsiError as exc:
+            log.warning("NodeGetVolumeStats %s failed: %s %s", request.volume_id, exc.code.name, exc.details)
+            context.abort(exc.code, exc.details)
 
-    def NodeExpandVolume(self, request, context):  # noqa: N802
+    def NodeExpandVolume(self, request, context):
         context.abort(grpc.StatusCode.UNIMPLEMENTED, "NodeExpandVolume: EXPAND_VOLUME is not supported")
 
     # ------------------------------------------------------------------ publish
@@ -206,7 +265,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             csi_pb2.VolumeCapability.AccessMode.Mode.Name(plan.access_mode),
             sorted(request.volume_context),
         )
-        with self._volume_lock(plan.volume_id):
+        with self.volume_lock(plan.volume_id):
             existing = self._load_state(plan.volume_id)
             if existing is not None:
                 if self._reuse_existing(existing, plan):
@@ -238,12 +297,18 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         access_mode = capability.access_mode.mode
         if access_mode == csi_pb2.VolumeCapability.AccessMode.UNKNOWN:
             raise _invalid("volume_capability.access_mode.mode is required")
+        if access_mode not in SUPPORTED_ACCESS_MODES:
+            # The spec's code for "Exceeds capabilities" in NodePublishVolume.
+            raise CsiError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"volume_capability.access_mode.mode {_Mode.Mode.Name(access_mode)} is not supported "
+                f"(supported: {', '.join(sorted(_Mode.Mode.Name(m) for m in SUPPORTED_ACCESS_MODES))})",
+            )
 
         # The target itself may not exist yet; resolve only its parent.
-        real_target_path = os.path.join(
-            os.path.realpath(os.path.dirname(target_path)), os.path.basename(target_path)
-        )
+        real_target_path = real_path_of_target(target_path)
         context = request.volume_context
+        _create_backing_dir_if_asked(context)
         backing_path = context.get(CONTEXT_BACKING_PATH, "")
         default_backend = DEFAULT_BACKEND if backing_path else DEFAULT_BACKEND_WITHOUT_BACKING_PATH
         backend = context.get(CONTEXT_BACKEND, default_backend)
@@ -278,6 +343,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             policy_json=policy_json,
             pod_namespace=context.get(CONTEXT_POD_NAMESPACE, ""),
             pod_name=context.get(CONTEXT_POD_NAME, ""),
+            pod_uid=context.get(CONTEXT_POD_UID, ""),
+            service_account=context.get(CONTEXT_SERVICE_ACCOUNT, ""),
+            ephemeral=context.get(CONTEXT_EPHEMERAL, "false").lower() == "true",
         )
 
     @staticmethod
@@ -402,6 +470,11 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             worker_argv=self._launcher.argv(spec),
             log_path=str(log_path),
             policy_file=policy_file,
+            pod_namespace=plan.pod_namespace,
+            pod_name=plan.pod_name,
+            pod_uid=plan.pod_uid,
+            service_account=plan.service_account,
+            ephemeral=plan.ephemeral,
         )
         # Saved before waiting, so a csi-node that dies meanwhile still finds the worker.
         self._store.save(state)
@@ -440,6 +513,37 @@ class NodeService(csi_pb2_grpc.NodeServicer):
     def _mount_answers(real_target_path: str, timeout_s: float) -> bool:
         return is_fuse_mount(real_target_path) and stat_answers(real_target_path, timeout_s)
 
+    # ------------------------------------------------------------------ stats
+
+    def volume_stats(self, volume_id: str, volume_path: str) -> csi_pb2.NodeGetVolumeStatsResponse:
+        """Usage and condition of ``volume_id`` published at ``volume_path`` (see ``_stats``).
+
+        Raises:
+            CsiError: INVALID_ARGUMENT (missing or relative field), NOT_FOUND (the
+                volume is not published at ``volume_path`` on this node).
+        """
+        if not volume_id:
+            raise _invalid("volume_id is required")
+        if not volume_path:
+            raise _invalid("volume_path is required")
+        if not os.path.isabs(volume_path):
+            raise _invalid(f"volume_path {volume_path!r} must be absolute")
+        volume_path = os.path.normpath(volume_path)
+        state = self._load_state(volume_id) if is_valid_volume_id(volume_id) else None
+        if state is None or state.target_path != volume_path:
+            raise CsiError(
+                grpc.StatusCode.NOT_FOUND,
+                f"volume {volume_id} is not published at {volume_path} on this node",
+            )
+        running = self._launcher.is_running(state.worker_pid, volume_id)
+        real_path = real_path_of_target(volume_path)
+        stats = None
+        if running and is_fuse_mount(real_path):
+            stats = statvfs_within(real_path, DEFAULT_STATS_TIMEOUT_S)
+        return volume_stats_response(
+            worker_running=running, worker_pid=state.worker_pid, stats=stats, target_path=volume_path
+        )
+
     # ------------------------------------------------------------------ unpublish
 
     def unpublish(self, volume_id: str, target_path: str) -> None:
@@ -462,11 +566,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         if not os.path.isabs(target_path):
             raise _invalid(f"target_path {target_path!r} must be absolute")
         target_path = os.path.normpath(target_path)
-        real_target_path = os.path.join(
-            os.path.realpath(os.path.dirname(target_path)), os.path.basename(target_path)
-        )
+        real_target_path = real_path_of_target(target_path)
         log.info("NodeUnpublishVolume volume=%s target=%s", volume_id, target_path)
-        with self._volume_lock(volume_id):
+        with self.volume_lock(volume_id):
             state = self._load_state(volume_id) if is_valid_volume_id(volume_id) else None
             if state is None or state.target_path != target_path:
                 # Not published here by us: only clear a FUSE leftover and the empty directory.
@@ -513,11 +615,31 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             ) from None
 
     @contextmanager
-    def _volume_lock(self, volume_id: str) -> Iterator[None]:
+    def volume_lock(self, volume_id: str) -> Iterator[None]:
+        """Hold the lock that serializes every call (and recovery) for ``volume_id``."""
         with self._volume_locks_guard:
             lock = self._volume_locks.setdefault(volume_id, threading.Lock())
         with lock:
             yield
+
+
+def _create_backing_dir_if_asked(context) -> None:
+    """Create ``backingPath`` when the controller asked for it (StorageClass ``backingRoot``).
+
+    Raises:
+        CsiError: INVALID_ARGUMENT if the path is relative; INTERNAL if it cannot be created.
+    """
+    if context.get(CONTEXT_CREATE_BACKING_PATH, "false").lower() != "true":
+        return
+    path = context.get(CONTEXT_BACKING_PATH, "")
+    if not os.path.isabs(path):
+        return  # _validate_backing_dir names the problem
+    try:
+        os.makedirs(path, mode=0o750, exist_ok=True)
+    except OSError as exc:
+        raise CsiError(
+            grpc.StatusCode.INTERNAL, f"cannot create volume_context[{CONTEXT_BACKING_PATH!r}] {path}: {exc}"
+        ) from None
 
 
 def _is_within(path: str, directory: str) -> bool:

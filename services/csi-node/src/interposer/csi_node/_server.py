@@ -8,8 +8,10 @@ per-volume ``threading.Lock`` the whole concurrency story: calls for different
 volumes run in parallel, calls for one volume queue. kubelet sends few,
 infrequent calls, so a small pool is plenty.
 
-Only the services that exist are registered: there is no Controller service yet,
-so a CO asking for it gets UNIMPLEMENTED from gRPC itself.
+Only the services of the process's ``--mode`` are registered (Identity + Node, or
+Identity + Controller), so a CO asking for the other gets UNIMPLEMENTED from gRPC
+itself. In node mode a watcher thread restores volumes whose worker died
+(``_recovery``).
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ from concurrent import futures
 import grpc
 from interposer.proto.csi import csi_pb2_grpc
 
-from ._config import DRIVER_NAME, CsiNodeConfig, socket_path_of
+from ._config import DRIVER_NAME, MODE_CONTROLLER, CsiNodeConfig, socket_path_of
+from ._controller import ControllerService
 from ._identity import IdentityService
 from ._launcher import LocalProcessLauncher
 from ._node import NodeService
+from ._recovery import WorkerWatcher
 from ._state import StateStore
 
 log = logging.getLogger(__name__)
@@ -47,15 +51,29 @@ class CsiNodeServer:
     def __init__(self, config: CsiNodeConfig) -> None:
         self.config = config
         self.socket_path = socket_path_of(config.endpoint)
-        self.store = StateStore(config.state_dir)
-        self.launcher = LocalProcessLauncher(config.worker_command)
-        self.identity = IdentityService(DRIVER_NAME)
-        self.node = NodeService(config, self.launcher, self.store)
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.grpc_workers, thread_name_prefix="csi")
         )
+        controller = config.mode == MODE_CONTROLLER
+        self.identity = IdentityService(DRIVER_NAME, controller=controller)
         csi_pb2_grpc.add_IdentityServicer_to_server(self.identity, self._server)
+        self.watcher: WorkerWatcher | None = None
+        if controller:
+            self.store = None
+            csi_pb2_grpc.add_ControllerServicer_to_server(ControllerService(), self._server)
+            return
+        self.store = StateStore(config.state_dir)
+        self.launcher = LocalProcessLauncher(config.worker_command)
+        self.node = NodeService(config, self.launcher, self.store)
         csi_pb2_grpc.add_NodeServicer_to_server(self.node, self._server)
+        if config.watch_interval_s > 0:
+            self.watcher = WorkerWatcher(
+                self.node,
+                self.launcher,
+                self.store,
+                interval_s=config.watch_interval_s,
+                mount_timeout_s=config.mount_timeout_s,
+            )
 
     def start(self) -> None:
         """Bind the unix socket (replacing a stale one) and start serving.
@@ -76,6 +94,9 @@ class CsiNodeServer:
             os.unlink(self.socket_path)  # left by a previous run
         self._server.add_insecure_port(f"unix://{self.socket_path}")
         self._server.start()
+        if self.store is None:
+            log.info("csi %s controller serving on %s", DRIVER_NAME, self.socket_path)
+            return
         published = self.store.all()
         log.info(
             "csi-node %s serving on %s (node %s, %d volume(s) in state)",
@@ -84,9 +105,13 @@ class CsiNodeServer:
             self.config.node_id,
             len(published),
         )
+        if self.watcher is not None:
+            self.watcher.start()
 
     def stop(self, grace_s: float = DEFAULT_STOP_GRACE_S) -> None:
         """Stop serving; running fuse-workers (and their mounts) are left running."""
+        if self.watcher is not None:
+            self.watcher.stop()
         self._server.stop(grace_s).wait()
         try:
             os.unlink(self.socket_path)

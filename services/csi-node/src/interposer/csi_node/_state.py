@@ -27,7 +27,14 @@ class VolumeState(msgspec.Struct, frozen=True, kw_only=True):
         worker_argv: full worker command line.
         log_path: the worker's log file.
         policy_file: the policy file passed to the worker; empty if none.
-        published_at_s: when the worker answered, seconds since the Unix epoch.
+        published_at_s: when the worker answered, seconds since the Unix epoch;
+            0 while NodePublishVolume still waits for it.
+        pod_namespace, pod_name, pod_uid, service_account: the pod the volume
+            was published for (kubelet's ``podInfoOnMount`` keys); empty if unknown.
+        ephemeral: a CSI ephemeral inline volume (its id is kubelet's ``csi-<hash>``).
+        restarts: how many times the watcher restored a dead worker.
+        last_restore_s: how long the last restore took, from noticing the dead
+            worker to the mount answering again, seconds.
     """
 
     volume_id: str
@@ -41,6 +48,13 @@ class VolumeState(msgspec.Struct, frozen=True, kw_only=True):
     policy_file: str = ""
     published_at_s: float = 0.0
     backend: str = "passthrough"
+    pod_namespace: str = ""
+    pod_name: str = ""
+    pod_uid: str = ""
+    service_account: str = ""
+    ephemeral: bool = False
+    restarts: int = 0
+    last_restore_s: float = 0.0
 
 
 _decoder = msgspec.json.Decoder(VolumeState)
