@@ -65,3 +65,16 @@ def wait_until(condition, what: str, timeout_s: float = 10.0, interval_s: float 
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout_s:g} s waiting for {what}")
         time.sleep(interval_s)
+
+
+def read_errno(path: Path) -> int:
+    """Read 4 KiB of ``path`` with ``O_DIRECT`` (so the read reaches the worker); return the errno, 0 if it worked."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        try:
+            os.pread(fd, 4096, 0)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        return exc.errno
+    return 0
