@@ -200,8 +200,11 @@ def decode_policy(data: bytes | str) -> Policy:
         The validated, immutable ``Policy``.
 
     Raises:
-        PolicyError: malformed JSON, unknown fields, wrong types, out-of-range
-            values, unknown op or errno names; the message names the field.
+        PolicyError: malformed JSON (also invalid UTF-8, and nesting deep enough
+            to exhaust the decoder's recursion), unknown fields, wrong types,
+            out-of-range values, unknown op or errno names. The message is
+            printable, at most ``MAX_ERROR_CHARS`` long, and names the field
+            (`` - at `$.layers[0].probability` ``) or the byte offset.
     """
     if len(data) > MAX_POLICY_BYTES:
         raise PolicyError(f"policy is {len(data)} bytes, more than the {MAX_POLICY_BYTES} allowed - at `$`")
@@ -211,15 +214,37 @@ def decode_policy(data: bytes | str) -> Policy:
         raise PolicyError(_with_location(str(exc))) from None
     except msgspec.DecodeError as exc:
         raise PolicyError(_with_location(f"malformed JSON: {exc}")) from None
+    except UnicodeDecodeError as exc:
+        # A string with invalid UTF-8 (found by the fuzz test): msgspec lets Python's codec error through.
+        raise PolicyError(f"malformed JSON: invalid UTF-8 in a string (byte {exc.start})") from None
+    except RecursionError:
+        # msgspec decodes recursively; ``[[[[…`` thousands deep exhausts the stack
+        # (found by tests/proto/test_policy_fuzz.py). No valid policy nests past 5.
+        raise PolicyError("malformed JSON: nested too deeply - at `$`") from None
+
+
+#: Longest rejection message, characters; longer ones (an echoed 60 KiB field name)
+#: keep their head and their tail, where the location is.
+MAX_ERROR_CHARS = 1024
 
 
 def _with_location(message: str) -> str:
-    # msgspec names the location of every error below the root (`- at `$.layers[0]``)
-    # and of JSON syntax errors (`(byte 12)`); errors about the document itself
-    # ("Expected `object`, got `int`", "Input data was truncated") get `$`.
-    if " - at `$" in message or "(byte " in message:
-        return message
-    return f"{message} - at `$`"
+    """Make a decoder message readable: printable, bounded, and naming a location.
+
+    msgspec names the location of every error below the root (`` - at `$.layers[0]` ``)
+    and of JSON syntax errors (``(byte 12)``); errors about the document itself
+    ("Expected `object`, got `int`", "Input data was truncated") get `` `$` ``.
+    Messages echo user input (unknown field names), so control characters are
+    escaped (``\\x7f``) and the length is capped at ``MAX_ERROR_CHARS``.
+    """
+    if " - at `$" not in message and "(byte " not in message:
+        message = f"{message} - at `$`"
+    if not message.isprintable():
+        message = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in message)
+    if len(message) > MAX_ERROR_CHARS:
+        tail = MAX_ERROR_CHARS // 4
+        message = f"{message[:MAX_ERROR_CHARS - tail - 1]}…{message[-tail:]}"
+    return message
 
 
 def encode_policy(policy: Policy) -> bytes:
