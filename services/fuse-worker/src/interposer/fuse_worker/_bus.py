@@ -155,7 +155,7 @@ class Bus:
                 log.warning("policy watch failed (%s); retrying", exc)
                 await asyncio.sleep(DEFAULT_BUCKET_RETRY_S)
                 continue
-            consumer = asyncio.create_task(self._consume(watcher))
+            consumer = asyncio.create_task(self._consume(nc, watcher))
             rewatch = asyncio.create_task(self._rewatch.wait())
             await asyncio.wait({consumer, rewatch}, return_when=asyncio.FIRST_COMPLETED)
             for task in (consumer, rewatch):
@@ -165,7 +165,7 @@ class Bus:
             except Exception:  # noqa: BLE001 - the consumer may have gone with the old server
                 pass
 
-    async def _consume(self, watcher) -> None:  # noqa: ANN001 - nats KeyWatcher
+    async def _consume(self, nc: nats.NATS, watcher) -> None:  # noqa: ANN001 - nats KeyWatcher
         async for entry in watcher:
             if entry is None:  # end of the initial values: the stored policy is in force
                 self.initial_policy.set()
@@ -182,6 +182,10 @@ class Bus:
                     log.error("ignoring undecodable policy revision %d: %s", entry.revision, exc)
                     continue
             trio.from_thread.run_sync(self._apply_policy, policy, entry.revision, trio_token=self._trio_token)
+            try:  # acknowledge at once (the status loop only looks every flush interval)
+                await nc.publish(subjects.status(self.config.volume_id), self._status())
+            except Exception as exc:  # noqa: BLE001 - disconnected: the next heartbeat tells
+                log.debug("status not published: %s", exc)
             if entry.delta == 0:
                 self.initial_policy.set()
 
