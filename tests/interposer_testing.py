@@ -54,3 +54,27 @@ def is_fuse_mount(path: Path) -> bool:
         if fields[4] == target and fields[sep + 1].startswith("fuse"):
             return True
     return False
+
+
+def wait_until(condition, what: str, timeout_s: float = 10.0, interval_s: float = 0.05) -> None:  # noqa: ANN001
+    """Poll ``condition()`` until it is true; fail the test naming ``what`` after ``timeout_s`` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s:g} s waiting for {what}")
+        time.sleep(interval_s)
+
+
+def read_errno(path: Path) -> int:
+    """Read 4 KiB of ``path`` with ``O_DIRECT`` (so the read reaches the worker); return the errno, 0 if it worked."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        try:
+            os.pread(fd, 4096, 0)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        return exc.errno
+    return 0

@@ -13,9 +13,20 @@ from pathlib import Path
 import click
 import msgspec
 
-from interposer.proto import PolicyError, PolicyReply, decode_policy, encode_policy
+from interposer.proto import PolicyError, PolicyReply, RollbackRequest, decode_policy, encode_json, encode_policy, subjects
 
-from ._policy_client import PolicyClientError, clear_policy, get_policy, set_policy
+from ._policy_client import (
+    DEFAULT_WAIT_TIMEOUT_S,
+    PolicyClientError,
+    default_author,
+    get_policy,
+    list_policies,
+    policy_history,
+    policy_status,
+    request,
+    set_and_wait,
+)
+from ._policy_render import render_history, render_list, render_status
 from ._stack import EmbeddedStack, describe, read_endpoints
 
 #: Where ``interposer up`` keeps its state unless told otherwise.
@@ -146,42 +157,87 @@ def mount(paths: tuple[str, ...], **flags: object) -> None:
 
 # ---- policy ------------------------------------------------------------------------
 
+#: Exit code of ``policy set/clear/rollback --wait`` when workers did not apply in time.
+EXIT_WAIT_TIMEOUT = 3
+
 
 @main.group()
 def policy() -> None:
-    """Set, show and clear the live policy of a volume (through the policy service)."""
+    """Set, show, roll back and follow the live policy of volumes (through the policy service).
+
+    Exit codes: 0 ok; 1 rejected or failed; 3 --wait timed out (laggards named on stderr).
+    """
 
 
-def _print_reply(reply: PolicyReply) -> None:
+def _print_reply(reply: msgspec.Struct) -> None:
     click.echo(msgspec.json.format(msgspec.json.encode(reply), indent=2).decode())
     if not reply.ok:
         sys.exit(1)
 
 
-def _call(coro) -> PolicyReply:  # noqa: ANN001
+def _call(coro):  # noqa: ANN001, ANN202
     try:
         return asyncio.run(coro)
     except PolicyClientError as exc:
         raise click.ClickException(str(exc)) from None
 
 
+def _nats_option(f):  # noqa: ANN001, ANN202
+    return click.option("--nats-url", default=_default_nats_url,
+                        show_default="running stack or nats://127.0.0.1:4222")(f)
+
+
+def _change_options(f):  # noqa: ANN001, ANN202
+    """Options of every command that makes a revision: author and --wait."""
+    f = click.option("--author", default=default_author, show_default="user@host",
+                     help="Recorded with the revision (header Interposer-Author).")(f)
+    f = click.option("--wait", is_flag=True,
+                     help="Return once every live worker of VOLUME has applied the new revision.")(f)
+    f = click.option("--timeout", "timeout_s", default=DEFAULT_WAIT_TIMEOUT_S, show_default=True,
+                     type=click.FloatRange(0, 3600), help="Longest --wait, seconds.")(f)
+    f = click.option("--min-workers", default=1, show_default=True, type=click.IntRange(0),
+                     help="With --wait: fewest workers that must report the revision.")(f)
+    return f
+
+
+def _change(nats_url: str, volume: str, subject: str, body: bytes, author: str, wait: bool,
+            timeout_s: float, min_workers: int) -> None:
+    if not wait:
+        _print_reply(_call(request(nats_url, subject, body, author=author)))
+        return
+    result = _call(set_and_wait(nats_url, volume, subject, body, min_workers=min_workers,
+                                timeout_s=timeout_s, author=author))
+    if not result.reply.ok:
+        _print_reply(result.reply)
+    click.echo(msgspec.json.format(msgspec.json.encode(result.reply), indent=2).decode())
+    if result.laggards:
+        lag = ", ".join(f"{w} (at revision {r})" if r >= 0 else f"{w} (no heartbeat)"
+                        for w, r in sorted(result.laggards.items()))
+        click.echo(f"timed out after {timeout_s:g} s: revision {result.reply.revision} not applied by {lag}", err=True)
+        sys.exit(EXIT_WAIT_TIMEOUT)
+    click.echo(f"revision {result.reply.revision} applied by {len(result.applied)} worker(s) "
+               f"in {result.waited_s * 1000:.0f} ms", err=True)
+
+
 @policy.command("set")
 @click.argument("volume")
 @click.argument("policy_file", type=click.File("rb"))
-@click.option("--nats-url", default=_default_nats_url, show_default="running stack or nats://127.0.0.1:4222")
-def policy_set(volume: str, policy_file, nats_url: str) -> None:  # noqa: ANN001
+@_nats_option
+@_change_options
+def policy_set(volume: str, policy_file, nats_url: str, author: str, wait: bool,  # noqa: ANN001
+               timeout_s: float, min_workers: int) -> None:
     """Validate POLICY_FILE (JSON, or - for stdin) and make it VOLUME's policy."""
     body = policy_file.read()
     try:
         decode_policy(body)  # fail fast, with the same message the service would give
     except PolicyError as exc:
         _print_reply(PolicyReply(ok=False, error=str(exc)))
-    _print_reply(_call(set_policy(nats_url, volume, body)))
+    _change(nats_url, volume, subjects.policy_set(volume), body, author, wait, timeout_s, min_workers)
 
 
 @policy.command("get")
 @click.argument("volume")
-@click.option("--nats-url", default=_default_nats_url, show_default="running stack or nats://127.0.0.1:4222")
+@_nats_option
 def policy_get(volume: str, nats_url: str) -> None:
     """Show VOLUME's stored policy and its revision."""
     _print_reply(_call(get_policy(nats_url, volume)))
@@ -189,10 +245,61 @@ def policy_get(volume: str, nats_url: str) -> None:
 
 @policy.command("clear")
 @click.argument("volume")
-@click.option("--nats-url", default=_default_nats_url, show_default="running stack or nats://127.0.0.1:4222")
-def policy_clear(volume: str, nats_url: str) -> None:
-    """Remove every layer from VOLUME's policy (plain passthrough)."""
-    _print_reply(_call(clear_policy(nats_url, volume)))
+@_nats_option
+@_change_options
+def policy_clear(volume: str, nats_url: str, author: str, wait: bool, timeout_s: float, min_workers: int) -> None:
+    """Remove every layer from VOLUME's policy (plain passthrough), as a new revision."""
+    _change(nats_url, volume, subjects.policy_clear(volume), b"", author, wait, timeout_s, min_workers)
+
+
+@policy.command("rollback")
+@click.argument("volume")
+@click.argument("revision", type=click.IntRange(1))
+@_nats_option
+@_change_options
+def policy_rollback(volume: str, revision: int, nats_url: str, author: str, wait: bool, timeout_s: float,
+                    min_workers: int) -> None:
+    """Make REVISION's policy VOLUME's policy again (stored as a new revision)."""
+    body = encode_json(RollbackRequest(revision=revision))
+    _change(nats_url, volume, subjects.policy_rollback(volume), body, author, wait, timeout_s, min_workers)
+
+
+@policy.command("history")
+@click.argument("volume")
+@_nats_option
+@click.option("--json", "as_json", is_flag=True, help="Print the HistoryReply JSON.")
+def policy_history_cmd(volume: str, nats_url: str, as_json: bool) -> None:
+    """Show every stored revision of VOLUME: who, when, what (oldest first)."""
+    reply = _call(policy_history(nats_url, volume))
+    if as_json or not reply.ok:
+        _print_reply(reply)
+        return
+    click.echo(render_history(reply))
+
+
+@policy.command("list")
+@_nats_option
+@click.option("--json", "as_json", is_flag=True, help="Print the ListReply JSON.")
+def policy_list(nats_url: str, as_json: bool) -> None:
+    """List the volumes that have a stored policy."""
+    reply = _call(list_policies(nats_url))
+    if as_json or not reply.ok:
+        _print_reply(reply)
+        return
+    click.echo(render_list(reply))
+
+
+@policy.command("status")
+@click.argument("volume", required=False)
+@_nats_option
+@click.option("--json", "as_json", is_flag=True, help="Print the StatusReply JSON.")
+def policy_status_cmd(volume: str | None, nats_url: str, as_json: bool) -> None:
+    """Show desired (stored) vs applied (worker heartbeats) revision per volume."""
+    reply = _call(policy_status(nats_url, volume))
+    if as_json or not reply.ok:
+        _print_reply(reply)
+        return
+    click.echo(render_status(reply))
 
 
 @policy.command("validate")

@@ -4,6 +4,18 @@ Nothing else is shared between services; each imports its messages from here.
 """
 
 from . import subjects as subjects
+from .control import (
+    HistoryEntry as HistoryEntry,
+    HistoryReply as HistoryReply,
+    ListReply as ListReply,
+    RollbackRequest as RollbackRequest,
+    StatusReply as StatusReply,
+    VolumeStatus as VolumeStatus,
+    VolumeSummary as VolumeSummary,
+    WorkerState as WorkerState,
+    decode_json as decode_json,
+    encode_json as encode_json,
+)
 from .events import EventBatch as EventBatch, FaultRecord as FaultRecord, OpEvent as OpEvent, WorkerStatus as WorkerStatus
 from .policy import (
     ERRNO_BY_NAME as ERRNO_BY_NAME,

@@ -45,8 +45,8 @@ MAX_LAYERS = 64
 MAX_GLOB_LENGTH = 4096
 #: Largest encoded policy accepted, bytes.
 MAX_POLICY_BYTES = 64 * 1024
-#: Longest relative expiry, seconds (one year).
-MAX_EXPIRES_AFTER_S = 365 * 24 * 3600.0
+#: Longest experiment a policy or a layer may declare with ``expires_after_s``, seconds (30 days).
+MAX_EXPIRES_AFTER_S = 30 * 24 * 3600.0
 #: Most bytes one corrupt fault alters in one read.
 MAX_CORRUPT_BYTES = 4096
 #: Largest random seed (int64).
@@ -389,28 +389,58 @@ class ProfileLayer(_Layer, tag="profile", kw_only=True):
 Layer = Union[FaultLayer, DelayLayer, ThrottleLayer, QuotaLayer, MetadataLayer, ProfileLayer]
 
 
-class Policy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class Policy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
     """The desired behaviour of one volume.
 
     Attributes:
         layers: layers, outermost first (the first sees each op first).
         description: free text shown by ``interposer policy get``.
+        expires_after_s: make this policy an experiment: the policy service
+            reverts the volume to the revision that was in force before it this
+            many seconds after accepting it (0 < x ≤ 30 days). ``None`` = no expiry.
+        expires_at_s: the same as an absolute deadline, seconds since the Unix
+            epoch (must be in the future when the policy is accepted). At most one
+            of ``expires_after_s`` and ``expires_at_s`` may be set.
     """
 
     layers: Annotated[list[Layer], msgspec.Meta(max_length=MAX_LAYERS)] = []
     description: Annotated[str, msgspec.Meta(max_length=1024)] = ""
+    expires_after_s: Annotated[float, msgspec.Meta(gt=0.0, le=MAX_EXPIRES_AFTER_S)] | None = None
+    expires_at_s: Annotated[float, msgspec.Meta(gt=0.0, le=1e11)] | None = None
+
+    def __post_init__(self) -> None:
+        if self.expires_after_s is not None and self.expires_at_s is not None:
+            raise ValueError("fields `expires_after_s` and `expires_at_s`: set at most one of them")
 
 
 class PolicyRecord(msgspec.Struct, frozen=True, kw_only=True):
     """What the policy service stores in the KV bucket under the volume id.
 
+    The KV revision of the entry is the policy revision. Fields after
+    ``updated_at_s`` were added later and have defaults, so older records decode.
+
     Attributes:
         policy: the accepted policy.
         updated_at_s: when it was accepted, seconds since the Unix epoch.
+        author: who asked for it (the request's ``Interposer-Author`` header; the
+            CLI sends ``user@host``); ``""`` when the request did not say.
+        action: ``set``, ``clear``, ``rollback`` (re-stored an older revision) or
+            ``expire`` (the policy service reverted an experiment).
+        source_revision: for ``rollback`` and ``expire``: the revision whose
+            policy was re-stored (0 = the empty policy); 0 otherwise.
+        expires_at_s: when the policy service reverts this revision, seconds since
+            the Unix epoch; ``None`` = never.
+        revert_to: the revision in force before this one, restored at
+            ``expires_at_s`` (0 = the empty policy).
     """
 
     policy: Policy
     updated_at_s: float
+    author: str = ""
+    action: str = "set"  # a str, not a Literal: readers must accept actions added later
+    source_revision: int = 0
+    expires_at_s: float | None = None
+    revert_to: int = 0
 
 
 class PolicyReply(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -448,17 +478,51 @@ def decode_policy(data: bytes | str) -> Policy:
         The validated, immutable ``Policy``.
 
     Raises:
-        PolicyError: malformed JSON, unknown fields, wrong types, out-of-range
-            values, unknown op or errno names; the message names the field.
+        PolicyError: malformed JSON (also invalid UTF-8, and nesting deep enough
+            to exhaust the decoder's recursion), unknown fields, wrong types,
+            out-of-range values, unknown op or errno names. The message is
+            printable, at most ``MAX_ERROR_CHARS`` long, and names the field
+            (`` - at `$.layers[0].probability` ``) or the byte offset.
     """
     if len(data) > MAX_POLICY_BYTES:
-        raise PolicyError(f"policy is {len(data)} bytes, more than the {MAX_POLICY_BYTES} allowed")
+        raise PolicyError(f"policy is {len(data)} bytes, more than the {MAX_POLICY_BYTES} allowed - at `$`")
     try:
         return _policy_json_decoder.decode(data)
     except msgspec.ValidationError as exc:
-        raise PolicyError(str(exc)) from None
+        raise PolicyError(_with_location(str(exc))) from None
     except msgspec.DecodeError as exc:
-        raise PolicyError(f"malformed JSON: {exc}") from None
+        raise PolicyError(_with_location(f"malformed JSON: {exc}")) from None
+    except UnicodeDecodeError as exc:
+        # A string with invalid UTF-8 (found by the fuzz test): msgspec lets Python's codec error through.
+        raise PolicyError(f"malformed JSON: invalid UTF-8 in a string (byte {exc.start})") from None
+    except RecursionError:
+        # msgspec decodes recursively; ``[[[[…`` thousands deep exhausts the stack
+        # (found by tests/proto/test_policy_fuzz.py). No valid policy nests past 5.
+        raise PolicyError("malformed JSON: nested too deeply - at `$`") from None
+
+
+#: Longest rejection message, characters; longer ones (an echoed 60 KiB field name)
+#: keep their head and their tail, where the location is.
+MAX_ERROR_CHARS = 1024
+
+
+def _with_location(message: str) -> str:
+    """Make a decoder message readable: printable, bounded, and naming a location.
+
+    msgspec names the location of every error below the root (`` - at `$.layers[0]` ``)
+    and of JSON syntax errors (``(byte 12)``); errors about the document itself
+    ("Expected `object`, got `int`", "Input data was truncated") get `` `$` ``.
+    Messages echo user input (unknown field names), so control characters are
+    escaped (``\\x7f``) and the length is capped at ``MAX_ERROR_CHARS``.
+    """
+    if " - at `$" not in message and "(byte " not in message:
+        message = f"{message} - at `$`"
+    if not message.isprintable():
+        message = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in message)
+    if len(message) > MAX_ERROR_CHARS:
+        tail = MAX_ERROR_CHARS // 4
+        message = f"{message[:MAX_ERROR_CHARS - tail - 1]}…{message[-tail:]}"
+    return message
 
 
 def encode_policy(policy: Policy) -> bytes:

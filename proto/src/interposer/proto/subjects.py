@@ -17,6 +17,12 @@ VOLUME_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 POLICY_SET_PREFIX = "interposer.policy.set"
 POLICY_GET_PREFIX = "interposer.policy.get"
 POLICY_CLEAR_PREFIX = "interposer.policy.clear"
+POLICY_HISTORY_PREFIX = "interposer.policy.history"
+POLICY_ROLLBACK_PREFIX = "interposer.policy.rollback"
+#: ``interposer.policy.status`` (every volume) and ``interposer.policy.status.<volume>``.
+POLICY_STATUS = "interposer.policy.status"
+#: Every volume with a stored policy (no volume token).
+POLICY_LIST = "interposer.policy.list"
 EVENTS_PREFIX = "interposer.events"
 STATUS_PREFIX = "interposer.status"
 FAULTS_PREFIX = "interposer.faults"
@@ -25,6 +31,9 @@ FAULTS_PREFIX = "interposer.faults"
 POLICY_KV_BUCKET = "interposer-policy"
 #: Queue group of the policy service replicas (each request is answered once).
 POLICY_QUEUE = "interposer-policy"
+#: NATS message header naming who made a policy request (``user@host``); stored in
+#: the record as ``author`` and shown by ``interposer policy history``.
+AUTHOR_HEADER = "Interposer-Author"
 #: Queue group of the collectors (each event batch is counted once).
 COLLECTOR_QUEUE = "interposer-collector"
 
@@ -51,8 +60,27 @@ def policy_get(volume: str) -> str:
 
 
 def policy_clear(volume: str) -> str:
-    """Subject that deletes the policy of ``volume`` (reply: ``PolicyReply``)."""
+    """Subject that stores an empty policy for ``volume`` (reply: ``PolicyReply``)."""
     return _subject(POLICY_CLEAR_PREFIX, volume)
+
+
+def policy_history(volume: str) -> str:
+    """Subject answered with every stored revision of ``volume`` (reply: ``HistoryReply``)."""
+    return _subject(POLICY_HISTORY_PREFIX, volume)
+
+
+def policy_rollback(volume: str) -> str:
+    """Subject that re-stores an older revision of ``volume`` (body ``RollbackRequest``; reply ``PolicyReply``)."""
+    return _subject(POLICY_ROLLBACK_PREFIX, volume)
+
+
+def policy_status(volume: str | None = None) -> str:
+    """Subject answered with desired vs applied revisions (reply: ``StatusReply``).
+
+    Args:
+        volume: one volume, or None for every volume the service knows.
+    """
+    return POLICY_STATUS if volume is None else _subject(POLICY_STATUS, volume)
 
 
 def events(volume: str) -> str:

@@ -10,7 +10,7 @@ import msgspec
 
 from interposer.proto import PolicyError
 
-from ._config import WorkerConfig
+from ._config import DEFAULT_POLICY_WAIT_S, WorkerConfig
 from .backends import BACKEND_KINDS, DEFAULT_MEMORY_SIZE_BYTES
 from ._worker import run
 
@@ -29,6 +29,11 @@ from ._worker import run
 @click.option("--pod-namespace", default="", help="Namespace of the pod using the volume.")
 @click.option("--pod-name", default="", help="Name of the pod using the volume.")
 @click.option("--read-only", is_flag=True, help="Mount read-only.")
+@click.option("--policy-wait", "policy_wait_s", type=float, default=DEFAULT_POLICY_WAIT_S, show_default=True,
+              help="With --nats-url: seconds to wait for the stored policy before mounting.")
+@click.option("--on-bus-unreachable", type=click.Choice(["passthrough", "refuse"]),
+              default="passthrough", show_default=True,
+              help="If that wait times out: mount with the local policy, or exit without mounting.")
 @click.option("--log-level", default="INFO", show_default=True)
 def main(log_level: str, **flags: object) -> None:
     """Serve one interposed volume in the foreground until unmounted or SIGTERM."""

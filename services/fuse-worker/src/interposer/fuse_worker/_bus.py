@@ -61,6 +61,9 @@ class Bus:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._thread = threading.Thread(target=self._thread_main, name="interposer-bus", daemon=True)
+        #: Set once the KV watch has delivered the volume's current policy (or found none).
+        self.initial_policy = threading.Event()
+        self._rewatch: asyncio.Event | None = None
         self._encoder = msgspec.msgpack.Encoder()
 
     def start(self) -> None:
@@ -73,12 +76,27 @@ class Bus:
             self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(timeout_s)
 
+    def wait_initial_policy(self, timeout_s: float) -> bool:
+        """Block until the stored policy of the volume is in force (or none is stored).
+
+        Call from a worker thread (``trio.to_thread.run_sync``): the policy is
+        applied on the trio thread, which must keep running meanwhile.
+
+        Args:
+            timeout_s: longest wait, seconds.
+
+        Returns:
+            False if NATS or the bucket did not answer within ``timeout_s``.
+        """
+        return self.initial_policy.wait(timeout_s)
+
     def _thread_main(self) -> None:
         asyncio.run(self._main())
 
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
+        self._rewatch = asyncio.Event()
         nc = await self._connect()
         if nc is None:
             return
@@ -101,7 +119,7 @@ class Bus:
                 return await nats.connect(
                     self.config.nats_url, name=f"fuse-worker/{self.config.volume_id}",
                     max_reconnect_attempts=-1, reconnect_time_wait=DEFAULT_RECONNECT_TIME_WAIT_S,
-                    connect_timeout=2,
+                    connect_timeout=2, reconnected_cb=self._on_reconnected,
                 )
             except Exception as exc:  # noqa: BLE001 - any failure means: retry later
                 log.warning("NATS %s unreachable (%s); serving with the last policy", self.config.nats_url, exc)
@@ -111,34 +129,65 @@ class Bus:
                     pass
         return None
 
+    async def _on_reconnected(self) -> None:
+        # The KV watch is a JetStream consumer on the server; after a server restart
+        # it may be gone without an error reaching us. Re-create it on every
+        # reconnect: its first value is the newest revision, so we converge.
+        log.info("reconnected to NATS; re-creating the policy watch")
+        if self._rewatch is not None:
+            self._rewatch.set()
+
     async def _watch_policy(self, nc: nats.NATS) -> None:
+        """Apply every new revision of the volume's policy; start over after a reconnect."""
+        assert self._rewatch is not None
         js = nc.jetstream()
         volume = self.config.volume_id
         while True:
+            self._rewatch.clear()
             try:
                 kv = await js.key_value(subjects.POLICY_KV_BUCKET)
                 watcher = await kv.watch(volume)
             except BucketNotFoundError:
+                self.initial_policy.set()  # NATS answers and no policy exists yet: nothing to wait for
                 await asyncio.sleep(DEFAULT_BUCKET_RETRY_S)
                 continue
             except Exception as exc:  # noqa: BLE001 - e.g. JetStream not ready yet
                 log.warning("policy watch failed (%s); retrying", exc)
                 await asyncio.sleep(DEFAULT_BUCKET_RETRY_S)
                 continue
-            async for entry in watcher:
-                if entry is None:  # end of the initial values
+            consumer = asyncio.create_task(self._consume(nc, watcher))
+            rewatch = asyncio.create_task(self._rewatch.wait())
+            await asyncio.wait({consumer, rewatch}, return_when=asyncio.FIRST_COMPLETED)
+            for task in (consumer, rewatch):
+                task.cancel()
+            try:
+                await watcher.stop()
+            except Exception:  # noqa: BLE001 - the consumer may have gone with the old server
+                pass
+
+    async def _consume(self, nc: nats.NATS, watcher) -> None:  # noqa: ANN001 - nats KeyWatcher
+        async for entry in watcher:
+            if entry is None:  # end of the initial values: the stored policy is in force
+                self.initial_policy.set()
+                continue
+            if entry.revision <= self._current_revision():
+                self.initial_policy.set()
+                continue
+            if entry.operation in ("DEL", "PURGE"):
+                policy = Policy()
+            else:
+                try:
+                    policy = decode_record(entry.value).policy
+                except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+                    log.error("ignoring undecodable policy revision %d: %s", entry.revision, exc)
                     continue
-                if entry.revision <= self._current_revision():
-                    continue
-                if entry.operation in ("DEL", "PURGE"):
-                    policy = Policy()
-                else:
-                    try:
-                        policy = decode_record(entry.value).policy
-                    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-                        log.error("ignoring undecodable policy revision %d: %s", entry.revision, exc)
-                        continue
-                trio.from_thread.run_sync(self._apply_policy, policy, entry.revision, trio_token=self._trio_token)
+            trio.from_thread.run_sync(self._apply_policy, policy, entry.revision, trio_token=self._trio_token)
+            try:  # acknowledge at once (the status loop only looks every flush interval)
+                await nc.publish(subjects.status(self.config.volume_id), self._status())
+            except Exception as exc:  # noqa: BLE001 - disconnected: the next heartbeat tells
+                log.debug("status not published: %s", exc)
+            if entry.delta == 0:
+                self.initial_policy.set()
 
     def _batch(self, events: list) -> bytes:
         self._seq += 1

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import msgspec
 
 from interposer.proto.subjects import VOLUME_ID_PATTERN
 
 from .backends import BACKEND_KINDS, DEFAULT_MEMORY_SIZE_BYTES
+
+
+#: How long a worker with a bus waits for its stored policy before mounting, seconds.
+DEFAULT_POLICY_WAIT_S = 5.0
 
 
 class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -35,6 +41,13 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
         batch_max_events: most events in one published batch.
         flush_interval_s: how often buffered events are published, seconds.
         status_interval_s: how often a ``WorkerStatus`` heartbeat is published, seconds.
+        policy_wait_s: with ``nats_url``: how long the worker waits, before it
+            mounts, for the volume's stored policy, seconds; a worker that
+            (re)starts while the bus is reachable never serves a stale policy.
+        on_bus_unreachable: what to do when that wait times out: ``passthrough``
+            mounts with the local policy (``policy_file`` or none, revision 0) and
+            applies the stored one when the bus comes back; ``refuse`` exits
+            without mounting.
     """
 
     volume_id: str = msgspec.field(default="default")
@@ -55,6 +68,8 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     batch_max_events: int = 5_000
     flush_interval_s: float = 0.1
     status_interval_s: float = 1.0
+    policy_wait_s: float = DEFAULT_POLICY_WAIT_S
+    on_bus_unreachable: Literal["passthrough", "refuse"] = "passthrough"
 
     def __post_init__(self) -> None:
         if not VOLUME_ID_PATTERN.fullmatch(self.volume_id):
@@ -69,3 +84,5 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
             raise ValueError("max_tasks, event_buffer and batch_max_events must be >= 1")
         if self.flush_interval_s <= 0 or self.status_interval_s <= 0:
             raise ValueError("flush_interval_s and status_interval_s must be > 0")
+        if self.policy_wait_s < 0:
+            raise ValueError("policy_wait_s must be >= 0")

@@ -92,13 +92,19 @@ async def serve(config: WorkerConfig) -> None:
     telemetry = Telemetry(config.event_buffer, volume=config.volume_id)
     operations = InterposerOperations(backend, telemetry, policy, quota=quota_context(backend, config.backing_dir))
     bus: Bus | None = None
-    pyfuse3.init(operations, config.mountpoint, mount_options(config))
+    if config.nats_url:
+        bus = Bus(config, telemetry, operations.apply, lambda: operations.revision, trio.lowlevel.current_trio_token())
+        bus.start()
+        await _wait_for_stored_policy(bus, config)
+    try:
+        pyfuse3.init(operations, config.mountpoint, mount_options(config))
+    except BaseException:
+        if bus is not None:
+            bus.stop()
+        raise
     log.info("volume %s: %s backend%s mounted on %s", config.volume_id, config.backend,
              f" of {config.backing_dir}" if config.backend == "passthrough" else "", config.mountpoint)
     try:
-        if config.nats_url:
-            bus = Bus(config, telemetry, operations.apply, lambda: operations.revision, trio.lowlevel.current_trio_token())
-            bus.start()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_terminate_on_signal)
             nursery.start_soon(expire_layers, operations)
@@ -111,6 +117,23 @@ async def serve(config: WorkerConfig) -> None:
         backend.close()
         log.info("volume %s: unmounted; %d ops served, %d events dropped",
                  config.volume_id, telemetry.ops_total, telemetry.events_dropped_total)
+
+
+async def _wait_for_stored_policy(bus: Bus, config: WorkerConfig) -> None:
+    """Wait up to ``config.policy_wait_s`` for the volume's stored policy, before mounting.
+
+    Raises:
+        RuntimeError: the bus did not answer in time and ``on_bus_unreachable`` is
+            ``refuse`` (nothing is mounted).
+    """
+    if await trio.to_thread.run_sync(bus.wait_initial_policy, config.policy_wait_s):
+        return
+    if config.on_bus_unreachable == "refuse":
+        bus.stop()
+        raise RuntimeError(f"no policy from NATS {config.nats_url} within {config.policy_wait_s:g} s; "
+                           "not mounting (on_bus_unreachable=refuse)")
+    log.warning("no policy from NATS %s within %g s: serving the local policy until the bus answers",
+                config.nats_url, config.policy_wait_s)
 
 
 async def _terminate_on_signal() -> None:

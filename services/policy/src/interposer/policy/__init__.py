@@ -1,4 +1,7 @@
 """Policy service: the only writer of desired state (NATS JetStream KV)."""
 
 from ._config import PolicyServiceConfig as PolicyServiceConfig
-from ._service import PolicyService as PolicyService, ensure_bucket as ensure_bucket, serve as serve
+from ._expiry import ExpiryScheduler as ExpiryScheduler
+from ._service import PolicyService as PolicyService, serve as serve
+from ._status import StatusCache as StatusCache
+from ._store import PolicyStore as PolicyStore, ensure_bucket as ensure_bucket

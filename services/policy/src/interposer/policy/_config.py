@@ -10,10 +10,17 @@ class PolicyServiceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unkn
 
     Attributes:
         nats_url: NATS server with JetStream.
-        kv_history: revisions kept per volume in the KV bucket (JetStream allows ≤ 64).
+        kv_history: revisions kept per volume in the KV bucket (JetStream allows ≤ 64);
+            ``history`` and ``rollback`` reach this far back.
         kv_replicas: JetStream replicas of the bucket (1 for a single server).
+        worker_stale_after_s: a worker without a heartbeat for this long is shown
+            as stale and no longer counts for ``converged``, seconds (workers beat
+            every second by default).
+        worker_forget_after_s: a worker silent for this long leaves the status, seconds.
     """
 
     nats_url: str = "nats://127.0.0.1:4222"
     kv_history: int = 64
     kv_replicas: int = 1
+    worker_stale_after_s: float = 5.0
+    worker_forget_after_s: float = 300.0

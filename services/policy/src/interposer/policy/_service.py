@@ -1,6 +1,8 @@
 """The policy service: validate policy changes from NATS and store them in JetStream KV.
 
-Requests (any client; plain ``nats pub`` works, ``nats req`` gets a reply):
+Requests (any client; plain ``nats pub`` works, ``nats req`` gets a reply). A
+request may carry the header ``Interposer-Author: user@host``; it is stored with
+the revision and shown by ``interposer policy history``.
 
 - ``interposer.policy.set.<volume>`` — body: JSON ``Policy``. Reply
   ``{"ok": true, "revision": N}`` or ``{"ok": false, "error": "..."}``; a rejected
@@ -9,8 +11,16 @@ Requests (any client; plain ``nats pub`` works, ``nats req`` gets a reply):
   (revision 0 and an empty policy when none is stored).
 - ``interposer.policy.clear.<volume>`` — stores an empty policy (workers serve plain
   passthrough); reply ``{"ok": true, "revision": N}``.
+- ``interposer.policy.history.<volume>`` — reply ``HistoryReply``: every revision
+  still in the bucket's history (who, when, what), oldest first.
+- ``interposer.policy.rollback.<volume>`` — body ``{"revision": N}``: re-stores that
+  revision's policy as a new revision; reply ``PolicyReply``.
+- ``interposer.policy.list`` — reply ``ListReply``: every volume with a policy.
+- ``interposer.policy.status`` / ``interposer.policy.status.<volume>`` — reply
+  ``StatusReply``: desired (KV) vs applied (worker heartbeats) revision.
 
-Replicas subscribe in one queue group, so each request is handled once.
+Replicas subscribe in one queue group, so each request is handled once; every
+replica watches the bucket (expiries) and the heartbeats (status).
 """
 
 from __future__ import annotations
@@ -18,57 +28,76 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import time
+from collections.abc import Awaitable, Callable
 
+import msgspec
 import nats
 from nats.aio.msg import Msg
-from nats.js.api import KeyValueConfig
-from nats.js.errors import BucketNotFoundError, KeyDeletedError, KeyNotFoundError
-from nats.js.kv import KeyValue
 
 from interposer.proto import (
+    HistoryEntry,
+    HistoryReply,
+    ListReply,
     Policy,
     PolicyError,
-    PolicyRecord,
     PolicyReply,
+    RollbackRequest,
+    StatusReply,
+    VolumeSummary,
+    decode_json,
     decode_policy,
-    decode_record,
-    encode_policy,
-    encode_record,
-    encode_reply,
+    encode_json,
     subjects,
 )
 
 from ._config import PolicyServiceConfig
+from ._expiry import ExpiryScheduler
+from ._status import StatusCache
+from ._store import PolicyStore, ensure_bucket
 
 log = logging.getLogger(__name__)
 
 #: Wait between reconnect attempts, seconds.
 DEFAULT_RECONNECT_TIME_WAIT_S = 1.0
+#: Wait before retrying a failed bucket watch, seconds.
+DEFAULT_WATCH_RETRY_S = 1.0
+#: Longest author name kept, characters.
+MAX_AUTHOR_LENGTH = 256
+
+Reply = PolicyReply | HistoryReply | ListReply | StatusReply
 
 
-async def ensure_bucket(js, config: PolicyServiceConfig) -> KeyValue:
-    """Return the policy KV bucket, creating it if it does not exist."""
-    try:
-        return await js.key_value(subjects.POLICY_KV_BUCKET)
-    except BucketNotFoundError:
-        return await js.create_key_value(KeyValueConfig(
-            bucket=subjects.POLICY_KV_BUCKET, history=config.kv_history, replicas=config.kv_replicas,
-            description="interposer: desired policy per volume",
-        ))
+def _author(msg: Msg) -> str:
+    value = (msg.headers or {}).get(subjects.AUTHOR_HEADER, "")
+    return value[:MAX_AUTHOR_LENGTH]
 
 
 class PolicyService:
     """Answers policy requests; the only writer of the KV bucket.
 
     Args:
-        kv: the policy bucket.
+        store: the policy bucket.
+        status: heartbeat view (for ``status`` requests); a fresh one if None.
     """
 
-    def __init__(self, kv: KeyValue) -> None:
-        self.kv = kv
+    def __init__(self, store: PolicyStore, status: StatusCache | None = None,
+                 config: PolicyServiceConfig | None = None) -> None:
+        config = config or PolicyServiceConfig()
+        self.store = store
+        self.status = status or StatusCache(config.worker_stale_after_s, config.worker_forget_after_s)
 
-    async def set_policy(self, volume: str, body: bytes) -> PolicyReply:
+    async def _store(self, volume: str, policy: Policy, author: str, action: str,
+                     source_revision: int = 0) -> PolicyReply:
+        try:
+            revision = await self.store.store(volume, policy, author=author, action=action,
+                                              source_revision=source_revision)
+        except PolicyError as exc:
+            return PolicyReply(ok=False, error=str(exc))
+        log.info("volume %s: revision %d (%s by %s, %d layers)", volume, revision, action, author or "?",
+                 len(policy.layers))
+        return PolicyReply(ok=True, revision=revision)
+
+    async def set_policy(self, volume: str, body: bytes, author: str = "") -> PolicyReply:
         """Validate ``body`` and store it as the policy of ``volume``.
 
         Returns:
@@ -82,56 +111,168 @@ class PolicyService:
         except PolicyError as exc:
             log.info("rejected policy for %s: %s", volume, exc)
             return PolicyReply(ok=False, error=str(exc))
-        revision = await self.kv.put(volume, encode_record(PolicyRecord(policy=policy, updated_at_s=time.time())))
-        log.info("volume %s: policy revision %d (%d layers)", volume, revision, len(policy.layers))
-        return PolicyReply(ok=True, revision=revision)
+        return await self._store(volume, policy, author, "set")
 
     async def get_policy(self, volume: str) -> PolicyReply:
         """Return the stored policy of ``volume`` (empty, revision 0, if none)."""
         if not subjects.is_valid_volume_id(volume):
             return PolicyReply(ok=False, error=f"invalid volume id {volume!r}")
-        try:
-            entry = await self.kv.get(volume)
-        except (KeyNotFoundError, KeyDeletedError):
-            return PolicyReply(ok=True, revision=0, policy=Policy())
-        return PolicyReply(ok=True, revision=entry.revision, policy=decode_record(entry.value).policy)
+        revision, record = await self.store.current(volume)
+        return PolicyReply(ok=True, revision=revision, policy=record.policy if record else Policy())
 
-    async def clear_policy(self, volume: str) -> PolicyReply:
+    async def clear_policy(self, volume: str, author: str = "") -> PolicyReply:
         """Store an empty policy for ``volume``: workers serve plain passthrough.
 
         Clearing is a revision like any other (not a KV delete), so it has a
         revision number that ``--wait`` and the history can refer to.
         """
-        return await self.set_policy(volume, encode_policy(Policy(description="cleared")))
+        if not subjects.is_valid_volume_id(volume):
+            return PolicyReply(ok=False, error=f"invalid volume id {volume!r}")
+        return await self._store(volume, Policy(description="cleared"), author, "clear")
+
+    async def rollback(self, volume: str, body: bytes, author: str = "") -> PolicyReply:
+        """Re-store the policy of an earlier revision of ``volume`` as a new revision.
+
+        A relative ``expires_after_s`` in that policy is armed again from now; an
+        absolute ``expires_at_s`` that has passed is refused.
+        """
+        if not subjects.is_valid_volume_id(volume):
+            return PolicyReply(ok=False, error=f"invalid volume id {volume!r}")
+        try:
+            request = decode_json(body, RollbackRequest)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            return PolicyReply(ok=False, error=f"bad rollback request ({{\"revision\": N}} expected): {exc}")
+        record = await self.store.record_at(volume, request.revision)
+        if record is None:
+            return PolicyReply(ok=False, error=f"volume {volume} has no revision {request.revision} in its history "
+                                               f"- at `$.revision`")
+        return await self._store(volume, record.policy, author, "rollback", source_revision=request.revision)
+
+    async def history(self, volume: str) -> HistoryReply:
+        """Every revision of ``volume`` still in the bucket's history, oldest first."""
+        if not subjects.is_valid_volume_id(volume):
+            return HistoryReply(ok=False, error=f"invalid volume id {volume!r}")
+        entries = [
+            HistoryEntry(revision=rev, updated_at_s=r.updated_at_s, author=r.author, action=r.action,
+                         source_revision=r.source_revision, expires_at_s=r.expires_at_s, policy=r.policy)
+            for rev, r in await self.store.history(volume)
+        ]
+        return HistoryReply(ok=True, volume=volume, entries=entries)
+
+    async def list_volumes(self) -> ListReply:
+        """Every volume with a stored policy and its current revision."""
+        summaries = []
+        for volume in await self.store.volumes():
+            revision, record = await self.store.current(volume)
+            if record is not None:
+                summaries.append(VolumeSummary(
+                    volume=volume, revision=revision, updated_at_s=record.updated_at_s, author=record.author,
+                    action=record.action, layers=len(record.policy.layers), expires_at_s=record.expires_at_s,
+                ))
+        return ListReply(ok=True, volumes=summaries)
+
+    async def volume_status(self, volume: str | None) -> StatusReply:
+        """Desired vs applied revision of ``volume``, or of every known volume (None)."""
+        if volume is not None and not subjects.is_valid_volume_id(volume):
+            return StatusReply(ok=False, error=f"invalid volume id {volume!r}")
+        volumes = [volume] if volume is not None else sorted(set(await self.store.volumes()) | set(self.status.workers))
+        out = []
+        for name in volumes:
+            revision, record = await self.store.current(name)
+            out.append(self.status.volume_status(name, revision, record.updated_at_s if record else 0.0))
+        return StatusReply(ok=True, volumes=out)
+
+    async def dispatch(self, msg: Msg) -> Reply:
+        """Answer one request according to its subject."""
+        author = _author(msg)
+        if msg.subject == subjects.POLICY_LIST:
+            return await self.list_volumes()
+        if msg.subject == subjects.POLICY_STATUS:
+            return await self.volume_status(None)
+        prefix, _, volume = msg.subject.rpartition(".")
+        handlers: dict[str, Callable[[], Awaitable[Reply]]] = {
+            subjects.POLICY_SET_PREFIX: lambda: self.set_policy(volume, msg.data, author),
+            subjects.POLICY_GET_PREFIX: lambda: self.get_policy(volume),
+            subjects.POLICY_CLEAR_PREFIX: lambda: self.clear_policy(volume, author),
+            subjects.POLICY_ROLLBACK_PREFIX: lambda: self.rollback(volume, msg.data, author),
+            subjects.POLICY_HISTORY_PREFIX: lambda: self.history(volume),
+            subjects.POLICY_STATUS: lambda: self.volume_status(volume),
+        }
+        handler = handlers.get(prefix)
+        if handler is None:
+            return PolicyReply(ok=False, error=f"unknown subject {msg.subject}")
+        return await handler()
 
     async def handle(self, msg: Msg) -> None:
-        """Dispatch one request by its subject prefix and reply if asked to."""
-        prefix, _, volume = msg.subject.rpartition(".")
+        """Dispatch one request and reply if asked to; a failure still gets an answer."""
         try:
-            if prefix == subjects.POLICY_SET_PREFIX:
-                reply = await self.set_policy(volume, msg.data)
-            elif prefix == subjects.POLICY_GET_PREFIX:
-                reply = await self.get_policy(volume)
-            elif prefix == subjects.POLICY_CLEAR_PREFIX:
-                reply = await self.clear_policy(volume)
-            else:
-                reply = PolicyReply(ok=False, error=f"unknown subject {msg.subject}")
+            reply = await self.dispatch(msg)
         except Exception as exc:  # noqa: BLE001 - a store failure must still get an answer
             log.exception("request on %s failed", msg.subject)
             reply = PolicyReply(ok=False, error=f"internal error: {exc}")
         if msg.reply:
-            await msg.respond(encode_reply(reply))
+            await msg.respond(encode_json(reply))
+
+    async def on_status(self, msg: Msg) -> None:
+        """Record one worker heartbeat."""
+        self.status.observe(msg.data)
+
+
+async def watch_bucket(store: PolicyStore, expiry: ExpiryScheduler, restart: asyncio.Event) -> None:
+    """Feed every change of the bucket to ``expiry``; start over when ``restart`` is set.
+
+    A KV watch is a JetStream consumer on the server; after a NATS restart it may be
+    gone, so the watch is re-created on every reconnect (its first values are the
+    latest record of each volume, which re-arms every pending deadline).
+    """
+    while True:
+        restart.clear()
+        try:
+            watcher = await store.kv.watchall()
+        except Exception as exc:  # noqa: BLE001 - JetStream not ready, NATS away
+            log.warning("bucket watch failed (%s); retrying", exc)
+            await asyncio.sleep(DEFAULT_WATCH_RETRY_S)
+            continue
+
+        async def consume() -> None:
+            async for entry in watcher:
+                if entry is not None:
+                    expiry.observe(entry.key, entry.revision, None if entry.operation else entry.value)
+
+        consumer = asyncio.create_task(consume())
+        waiter = asyncio.create_task(restart.wait())
+        await asyncio.wait({consumer, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (consumer, waiter):
+            task.cancel()
+        try:
+            await watcher.stop()
+        except Exception:  # noqa: BLE001 - the consumer may already be gone with the old server
+            pass
+        log.info("re-creating the bucket watch")
 
 
 async def serve(config: PolicyServiceConfig) -> None:
     """Connect, subscribe and answer requests until SIGTERM/SIGINT; then drain."""
+    restart_watch = asyncio.Event()
+
+    async def on_reconnect() -> None:
+        log.info("reconnected to NATS")
+        restart_watch.set()
+
     nc = await nats.connect(
         config.nats_url, name="interposer-policy", max_reconnect_attempts=-1,
-        reconnect_time_wait=DEFAULT_RECONNECT_TIME_WAIT_S,
+        reconnect_time_wait=DEFAULT_RECONNECT_TIME_WAIT_S, reconnected_cb=on_reconnect,
     )
-    service = PolicyService(await ensure_bucket(nc.jetstream(), config))
-    for prefix in (subjects.POLICY_SET_PREFIX, subjects.POLICY_GET_PREFIX, subjects.POLICY_CLEAR_PREFIX):
+    store = PolicyStore(await ensure_bucket(nc.jetstream(), config))
+    service = PolicyService(store, config=config)
+    expiry = ExpiryScheduler(store)
+    for prefix in (subjects.POLICY_SET_PREFIX, subjects.POLICY_GET_PREFIX, subjects.POLICY_CLEAR_PREFIX,
+                   subjects.POLICY_HISTORY_PREFIX, subjects.POLICY_ROLLBACK_PREFIX, subjects.POLICY_STATUS):
         await nc.subscribe(f"{prefix}.*", queue=subjects.POLICY_QUEUE, cb=service.handle)
+    for subject in (subjects.POLICY_LIST, subjects.POLICY_STATUS):
+        await nc.subscribe(subject, queue=subjects.POLICY_QUEUE, cb=service.handle)
+    await nc.subscribe(f"{subjects.STATUS_PREFIX}.*", cb=service.on_status)
+    tasks = [asyncio.create_task(watch_bucket(store, expiry, restart_watch)), asyncio.create_task(expiry.run())]
     await nc.flush()
     log.info("policy service ready on %s", config.nats_url)
     stop = asyncio.Event()
@@ -139,4 +280,7 @@ async def serve(config: PolicyServiceConfig) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
     await nc.drain()

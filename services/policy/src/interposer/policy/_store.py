@@ -1,0 +1,154 @@
+"""The policy bucket: revisions, history and compare-and-set writes.
+
+Every write goes through :meth:`PolicyStore.store`, which reads the volume's
+current revision and writes with JetStream's expected-last-subject-sequence
+header (``KeyValue.update(last=…)``). Two replicas (or a request racing an
+expiry) can therefore never interleave: the loser re-reads and retries, so
+``revert_to`` always names the revision that was really in force before.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import msgspec
+from nats.js.api import KeyValueConfig
+from nats.js.errors import BucketNotFoundError, KeyDeletedError, KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+from nats.js.kv import KeyValue
+
+from interposer.proto import Policy, PolicyError, PolicyRecord, decode_record, encode_record, subjects
+
+from ._config import PolicyServiceConfig
+
+log = logging.getLogger(__name__)
+
+#: Compare-and-set attempts before a write gives up (only concurrent writers retry).
+DEFAULT_CAS_ATTEMPTS = 8
+
+
+async def ensure_bucket(js, config: PolicyServiceConfig) -> KeyValue:  # noqa: ANN001 - JetStreamContext
+    """Return the policy KV bucket, creating it if it does not exist."""
+    try:
+        return await js.key_value(subjects.POLICY_KV_BUCKET)
+    except BucketNotFoundError:
+        return await js.create_key_value(KeyValueConfig(
+            bucket=subjects.POLICY_KV_BUCKET, history=config.kv_history, replicas=config.kv_replicas,
+            description="interposer: desired policy per volume",
+        ))
+
+
+class StoreConflict(RuntimeError):
+    """The volume changed under a compare-and-set write too many times in a row."""
+
+
+class PolicyStore:
+    """Typed access to the ``interposer-policy`` bucket.
+
+    Args:
+        kv: the bucket.
+    """
+
+    def __init__(self, kv: KeyValue) -> None:
+        self.kv = kv
+
+    async def current(self, volume: str) -> tuple[int, PolicyRecord | None]:
+        """Return ``(revision, record)`` of ``volume``; ``(0, None)`` if nothing is stored."""
+        try:
+            entry = await self.kv.get(volume)
+        except (KeyNotFoundError, KeyDeletedError):
+            return 0, None
+        return entry.revision, decode_record(entry.value)
+
+    async def record_at(self, volume: str, revision: int) -> PolicyRecord | None:
+        """Return the record stored as ``revision`` of ``volume``.
+
+        Returns:
+            None if that revision does not exist, belongs to another volume, or
+            has left the bucket's history.
+        """
+        try:
+            entry = await self.kv.get(volume, revision=revision)
+        except (KeyNotFoundError, KeyDeletedError):
+            return None
+        if entry.key != volume or entry.value is None:
+            return None
+        try:
+            return decode_record(entry.value)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            return None
+
+    async def history(self, volume: str) -> list[tuple[int, PolicyRecord]]:
+        """Every revision of ``volume`` still in the bucket's history, oldest first."""
+        try:
+            entries = await self.kv.history(volume)
+        except NoKeysError:
+            return []
+        out = []
+        for entry in entries:
+            if entry.operation is None and entry.value:
+                try:
+                    out.append((entry.revision, decode_record(entry.value)))
+                except (msgspec.ValidationError, msgspec.DecodeError):
+                    log.warning("volume %s: revision %d is not a PolicyRecord; left out", volume, entry.revision)
+        return out
+
+    async def volumes(self) -> list[str]:
+        """Every volume with a stored policy, sorted."""
+        try:
+            return sorted(await self.kv.keys())
+        except NoKeysError:
+            return []
+
+    async def store(self, volume: str, policy: Policy, *, author: str, action: str,
+                    source_revision: int = 0, expires_at_s: float | None = None,
+                    revert_to: int | None = None, expect_revision: int | None = None,
+                    now_s: float | None = None) -> int:
+        """Store ``policy`` as the next revision of ``volume``.
+
+        Args:
+            volume: volume id.
+            policy: validated policy.
+            author: who asked for it.
+            action: ``set``, ``clear``, ``rollback`` or ``expire``.
+            source_revision: revision re-stored by ``rollback``/``expire``.
+            expires_at_s: explicit deadline (``expire`` carries the restored
+                revision's own); None = derived from ``policy.expires_after_s`` /
+                ``policy.expires_at_s``.
+            revert_to: revision restored at the deadline; None = the revision in
+                force before this write.
+            expect_revision: write only if this is still the current revision
+                (``expire`` uses it so that a newer change wins); None = retry
+                on concurrent writes.
+            now_s: the time of acceptance, seconds since the Unix epoch (tests).
+
+        Returns:
+            The new revision.
+
+        Raises:
+            PolicyError: ``policy.expires_at_s`` is not in the future.
+            KeyWrongLastSequenceError: ``expect_revision`` is no longer current.
+            StoreConflict: concurrent writers kept winning.
+        """
+        now_s = time.time() if now_s is None else now_s
+        if expires_at_s is None:
+            if policy.expires_after_s is not None:
+                expires_at_s = now_s + policy.expires_after_s
+            elif policy.expires_at_s is not None:
+                if policy.expires_at_s <= now_s:
+                    raise PolicyError(f"field `expires_at_s`: {policy.expires_at_s} is not in the future "
+                                      f"(now is {now_s:.3f}) - at `$.expires_at_s`")
+                expires_at_s = policy.expires_at_s
+        for _ in range(DEFAULT_CAS_ATTEMPTS):
+            current = expect_revision if expect_revision is not None else (await self.current(volume))[0]
+            record = PolicyRecord(
+                policy=policy, updated_at_s=now_s, author=author, action=action, source_revision=source_revision,
+                expires_at_s=expires_at_s, revert_to=current if revert_to is None else revert_to,
+            )
+            try:
+                return await self.kv.update(volume, encode_record(record), last=current)
+            except KeyWrongLastSequenceError:
+                if expect_revision is not None:
+                    raise
+                log.debug("volume %s changed during a write; retrying", volume)
+        raise StoreConflict(f"volume {volume}: {DEFAULT_CAS_ATTEMPTS} concurrent writes in a row; try again")

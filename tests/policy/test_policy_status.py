@@ -1,0 +1,89 @@
+"""Acknowledgement: desired vs applied revision, and ``set --wait`` with real workers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+
+import msgspec
+
+from interposer.cli._policy_client import policy_status, set_and_wait, set_policy
+from interposer.proto import StatusReply, subjects
+
+from interposer_testing import wait_until
+
+DELAY = b'{"layers": [{"type": "delay", "delay_s": 0.001}]}'
+
+
+def _cli(nats_url: str, *args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+    env = {**os.environ, "INTERPOSER_NATS_URL": nats_url}
+    return subprocess.run([sys.executable, "-m", "interposer.cli", "policy", *args], input=stdin,
+                          capture_output=True, env=env, timeout=60)
+
+
+def _status(nats_url: str, volume: str):  # noqa: ANN202
+    reply = asyncio.run(policy_status(nats_url, volume))
+    assert reply.ok and [v.volume for v in reply.volumes] == [volume]
+    return reply.volumes[0]
+
+
+def test_set_wait_returns_once_the_worker_applied_and_status_shows_it(
+        nats_url, policy_service, mount_worker, fresh_volume) -> None:
+    volume = fresh_volume
+    mount_worker(volume, nats_url=nats_url)
+    wait_until(lambda: len(_status(nats_url, volume).workers) == 1, "the worker's first heartbeat")
+
+    done = _cli(nats_url, "set", volume, "-", "--wait", "--timeout", "20", stdin=DELAY)
+    assert done.returncode == 0, done.stderr
+    revision = msgspec.json.decode(done.stdout)["revision"]
+    assert f"revision {revision} applied by 1 worker" in done.stderr.decode()
+
+    status = _status(nats_url, volume)
+    assert status.desired_revision == revision and status.converged
+    (worker,) = status.workers
+    assert worker.applied_revision == revision and not worker.stale
+    assert worker.applied_since_s >= status.desired_since_s - 1
+
+    table = _cli(nats_url, "status", volume).stdout.decode().splitlines()
+    assert table[0].split()[:4] == ["VOLUME", "DESIRED", "WORKER", "APPLIED"]
+    assert volume in table[1] and worker.worker_id in table[1] and table[1].rstrip().endswith("ok")
+    everything = msgspec.json.decode(_cli(nats_url, "status", "--json").stdout, type=StatusReply)
+    assert volume in {v.volume for v in everything.volumes}
+
+
+def test_set_wait_times_out_naming_a_worker_that_does_not_apply(
+        nats_url, policy_service, mount_worker, fresh_volume) -> None:
+    volume = fresh_volume
+    vol = mount_worker(volume, nats_url=nats_url)
+    wait_until(lambda: len(_status(nats_url, volume).workers) == 1, "the worker's first heartbeat")
+    (worker,) = _status(nats_url, volume).workers
+    os.kill(vol.proc.pid, signal.SIGSTOP)  # alive for the service (not stale yet), but applies nothing
+    try:
+        late = _cli(nats_url, "set", volume, "-", "--wait", "--timeout", "1", stdin=DELAY)
+    finally:
+        os.kill(vol.proc.pid, signal.SIGCONT)
+    assert late.returncode == 3, late.stderr
+    assert worker.worker_id in late.stderr.decode() and "not applied by" in late.stderr.decode()
+    revision = msgspec.json.decode(late.stdout)["revision"]
+    wait_until(lambda: _status(nats_url, volume).converged, "the resumed worker to apply the revision")
+    assert _status(nats_url, volume).workers[0].applied_revision == revision
+
+
+def test_set_wait_without_workers(nats_url, policy_service, fresh_volume) -> None:
+    none = asyncio.run(set_and_wait(nats_url, fresh_volume, subjects.policy_set(fresh_volume), DELAY, timeout_s=0.5))
+    assert none.reply.ok and not none.complete and "no worker" in next(iter(none.laggards))
+    optional = asyncio.run(set_and_wait(nats_url, fresh_volume, subjects.policy_set(fresh_volume), DELAY,
+                                        min_workers=0, timeout_s=0.5))
+    assert optional.complete
+    rejected = _cli(nats_url, "set", fresh_volume, "-", "--wait", stdin=b'{"layers": 3}')
+    assert rejected.returncode == 1 and b"$.layers" in rejected.stdout
+
+
+def test_status_of_a_volume_without_workers(nats_url, policy_service, fresh_volume) -> None:
+    reply = asyncio.run(set_policy(nats_url, fresh_volume, DELAY))
+    status = _status(nats_url, fresh_volume)
+    assert (status.desired_revision, status.workers, status.converged) == (reply.revision, [], False)
+    assert status.desired_since_s > 0
