@@ -31,6 +31,8 @@ class Op(msgspec.Struct):
         fault: errno name a fault layer injected (outcome).
         delay_ns: delay injected by delay layers, ns (outcome).
         throttle_ns: time spent waiting for throttle tokens, ns (outcome).
+        session: file session id (``OpEvent.session``) of the file handle the op
+            uses, 0 if none.
     """
 
     name: str
@@ -43,6 +45,7 @@ class Op(msgspec.Struct):
     fault: str = ""
     delay_ns: int = 0
     throttle_ns: int = 0
+    session: int = 0
 
 
 async def invoke_backend(op: Op, call: BackendCall) -> Any:

@@ -66,7 +66,7 @@ async def serve(config: WorkerConfig) -> None:
     os.umask(0)  # modes from the kernel already carry the caller's umask
     _raise_fd_limit()
     backend = PassthroughBackend(config.backing_dir, config.entry_timeout_s, config.attr_timeout_s)
-    telemetry = Telemetry(config.event_buffer)
+    telemetry = Telemetry(config.event_buffer, config.event_sampling, enabled=config.events)
     operations = InterposerOperations(backend, telemetry, policy)
     bus: Bus | None = None
     pyfuse3.init(operations, config.mountpoint, mount_options(config))
