@@ -12,6 +12,9 @@ import msgspec
 import nats
 from interposer.proto import EventBatch, OpEvent, WorkerStatus, subjects
 
+from interposer.cli._metrics import scrape, total
+from interposer.cli._procs import Child
+
 #: How long a tap waits for its subscriptions to be in place, seconds.
 TAP_READY_TIMEOUT_S = 10.0
 #: How long tests wait for published telemetry to arrive, seconds.
@@ -117,3 +120,15 @@ class BusTap:
         if status.events_published_total + status.events_dropped_total != status.events_total:
             return None
         return status
+
+
+class Collector:
+    """A running ``python -m interposer.collector`` and its /metrics URL."""
+
+    def __init__(self, child: Child, port: int) -> None:
+        self.child = child
+        self.metrics_url = f"http://127.0.0.1:{port}/metrics"
+
+    def total(self, name: str, **labels: str) -> float:
+        """Sum of the samples called ``name`` whose labels include ``labels``."""
+        return total(scrape(self.metrics_url), name, labels)

@@ -5,25 +5,20 @@ from __future__ import annotations
 import errno
 import json
 import os
-import sys
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 
 import msgspec
 import pytest
 from otlp_receiver import OtlpReceiver
-from telemetry_helpers import wait_for
+from telemetry_helpers import Collector, wait_for
 
-from interposer.cli._procs import Child
 from interposer.collector import CollectorConfig, OtlpExporter, session_ids
 from interposer.proto import EventBatch, OpEvent
 from interposer_testing import MountedVolume
 from opentelemetry.sdk._logs.export import InMemoryLogRecordExporter
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-#: How long a collector gets to come up, seconds.
-COLLECTOR_READY_TIMEOUT_S = 20.0
 T0_NS = 1_700_000_000_000_000_000
 
 
@@ -137,35 +132,15 @@ def test_open_sessions_are_bounded() -> None:
 # ---- real worker → collector → OTLP receiver -------------------------------------------------
 
 
-@pytest.fixture
-def otlp_collector(nats_url: str, tmp_path: Path) -> Callable[..., Child]:
-    children: list[Child] = []
-
-    def start(endpoint: str, *extra: str) -> Child:
-        port_file = tmp_path / "collector.port"
-        argv = [sys.executable, "-m", "interposer.collector", "--listen", "127.0.0.1:0", "--port-file",
-                str(port_file), "--nats-url", nats_url, "--otlp-endpoint", endpoint, *extra]
-        child = Child("collector", argv, tmp_path / "collector.log").start()
-        children.append(child)
-        child.wait_ready(port_file.exists, COLLECTOR_READY_TIMEOUT_S)
-        child.wait_ready(lambda: "connected to NATS" in (tmp_path / "collector.log").read_text(),
-                         COLLECTOR_READY_TIMEOUT_S)
-        return child
-
-    yield start
-    for child in children:
-        child.stop()
-
-
 @pytest.mark.nats
 @pytest.mark.fuse
 def test_worker_ops_arrive_as_spans_and_fault_logs_at_a_real_otlp_receiver(
-        nats_url: str, mount_worker: Callable[..., MountedVolume], otlp_collector: Callable[..., Child]) -> None:
+        nats_url: str, mount_worker: Callable[..., MountedVolume], start_collector: Callable[..., Collector]) -> None:
     volume = f"otlp-{uuid.uuid4().hex[:8]}"
     policy = {"layers": [{"type": "fault", "errno": "EIO", "probability": 1.0, "ops": ["read"],
                           "path_glob": "/bad*"}]}
     with OtlpReceiver() as receiver:
-        otlp_collector(receiver.endpoint)
+        start_collector("--otlp-endpoint", receiver.endpoint)
         vol = mount_worker(volume, nats_url=nats_url, policy=json.dumps(policy))
         (vol.mountpoint / "good").write_bytes(b"g" * 8192)
         (vol.mountpoint / "bad").write_bytes(b"b" * 100)
