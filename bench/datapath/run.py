@@ -1,0 +1,194 @@
+"""Data-path benchmark: fio through an interposed mount vs the backing directory itself.
+
+For each test, runs fio on the native backing directory, on a passthrough mount with
+no layers, and on a passthrough mount whose policy holds one of each layer set to do
+nothing (fault probability 0, delay 0 s, throttle at 1 TiB/s) — the cost of the layer
+machinery. Prints medians of ``--repeat`` runs and the ratio to native, plus the
+worker's RSS and how long the mount took to answer. Page caches are dropped before
+each run (``/proc/sys/vm/drop_caches``, needs root).
+
+Usage: ``.venv/bin/python bench/datapath/run.py [--quick] [--repeat N] [--json]``
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+
+NOOP_LAYERS = json.dumps({"description": "every layer, doing nothing", "layers": [
+    {"type": "fault", "errno": "EIO", "probability": 0.0},
+    {"type": "delay", "delay_s": 0.0},
+    {"type": "throttle", "rate_bytes_per_s": 1 << 40},
+]})
+
+
+def drop_caches() -> None:
+    """Write back and drop the page cache, dentries and inodes (root only; ignored otherwise)."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError:
+        pass
+
+
+def fio(directory: Path, args: list[str]) -> dict:
+    """Run fio with ``args`` in ``directory``; return its JSON job (group_reporting)."""
+    cmd = ["fio", "--name=bench", f"--directory={directory}", "--group_reporting", "--output-format=json", *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out[out.index("{"):])["jobs"][0]
+
+
+class Test:
+    """One fio workload and how to read its figure of merit."""
+
+    def __init__(self, name: str, unit: str, prepare: list[str] | None, args: list[str],
+                 value: Callable[[dict], float], cold: bool = True) -> None:
+        self.name, self.unit, self.prepare, self.args, self.value, self.cold = name, unit, prepare, args, value, cold
+
+    def run(self, directory: Path) -> float:
+        if self.prepare:
+            fio(directory, self.prepare)
+        if self.cold:
+            drop_caches()
+        return self.value(fio(directory, self.args))
+
+
+def metadata_ops_per_s(directory: Path, seconds: float) -> float:
+    """create + stat + unlink of empty files for ``seconds``; each call counts as one op."""
+    code = (
+        "import os, sys, time\n"
+        "d, end, n = sys.argv[1], time.monotonic() + float(sys.argv[2]), 0\n"
+        "while time.monotonic() < end:\n"
+        "    for i in range(100):\n"
+        "        p = os.path.join(d, f'f{i}')\n"
+        "        os.close(os.open(p, os.O_CREAT | os.O_WRONLY, 0o644)); os.stat(p); os.unlink(p)\n"
+        "    n += 300\n"
+        "print(n / float(sys.argv[2]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(directory), str(seconds)],
+                         capture_output=True, text=True, check=True)
+    return float(out.stdout)
+
+
+def tests(size: str, runtime_s: float) -> list[Test]:
+    bw = lambda job: (job["read"]["bw_bytes"] + job["write"]["bw_bytes"]) / 1e6  # noqa: E731
+    iops = lambda job: job["read"]["iops"] + job["write"]["iops"]  # noqa: E731
+    layout = ["--rw=write", "--bs=1M", f"--size={size}", "--ioengine=psync"]
+    timed = ["--time_based", f"--runtime={runtime_s:g}s"]
+    rand = ["--rw=randread", "--bs=4k", f"--size={size}", "--ioengine=psync", "--fadvise_hint=0", *timed]
+    return [
+        Test("seq write 1 MiB (incl. fsync)", "MB/s", None,
+             ["--rw=write", "--bs=1M", f"--size={size}", "--ioengine=psync", "--end_fsync=1"], bw),
+        Test("seq read 1 MiB, cold", "MB/s", layout, ["--rw=read", "--bs=1M", f"--size={size}", "--ioengine=psync"], bw),
+        Test("rand read 4 KiB QD1", "IOPS", layout, rand, iops),
+        Test("rand read 4 KiB 16 jobs", "IOPS", layout, [*rand, "--numjobs=16", "--filename=bench.0.0"], iops),
+    ]
+
+
+class Mount:
+    """A worker process serving ``backing`` at ``mountpoint``."""
+
+    def __init__(self, backing: Path, mountpoint: Path, policy: str | None, work: Path) -> None:
+        argv = [sys.executable, "-m", "interposer.fuse_worker", "--backing-dir", str(backing),
+                "--mountpoint", str(mountpoint), "--volume-id", "bench", "--log-level", "WARNING"]
+        if policy:
+            (work / "policy.json").write_text(policy)
+            argv += ["--policy-file", str(work / "policy.json")]
+        start = time.monotonic()
+        self.proc = subprocess.Popen(argv)
+        while not os.path.ismount(mountpoint):
+            if self.proc.poll() is not None or time.monotonic() - start > 30:
+                raise RuntimeError("worker did not mount")
+            time.sleep(0.005)
+        self.ready_s = time.monotonic() - start
+        self.mountpoint = mountpoint
+
+    def rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    def close(self) -> None:
+        subprocess.run(["fusermount3", "-u", str(self.mountpoint)], check=False)
+        self.proc.wait(30)
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{os.cpu_count()} CPUs ({cpu}), {mem_gib:.0f} GiB RAM, Linux {platform.release()}, Python {platform.python_version()}"
+
+
+@click.command()
+@click.option("--quick", is_flag=True, help="Smoke run: small files, 1 s runs, one repeat.")
+@click.option("--repeat", default=3, show_default=True, help="Runs per cell; the median is reported.")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--dir", "base", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where to put backing dirs (default: system temp; should be on the disk under test).")
+def main(quick: bool, repeat: int, as_json: bool, base: Path | None) -> None:
+    """Print fio results native vs interposed, as ratios measured in the same run."""
+    if shutil.which("fio") is None:
+        raise click.ClickException("fio is not installed (make setup)")
+    size, runtime_s, meta_s = ("64M", 1.0, 1.0) if quick else ("1G", 10.0, 10.0)
+    repeat = 1 if quick else repeat
+    variants = [("native", None), ("passthrough", ""), ("+ no-op layers", NOOP_LAYERS)]
+    results: dict[str, dict[str, float]] = {}
+    extras: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="interposer-bench-", dir=base) as tmp:
+        work = Path(tmp)
+        for variant, policy in variants:
+            backing = work / f"backing-{len(results)}"
+            backing.mkdir()
+            mount = None
+            target = backing
+            if policy is not None:
+                mnt = work / f"mnt-{len(results)}"
+                mnt.mkdir()
+                mount = Mount(backing, mnt, policy or None, work)
+                target = mnt
+            row: dict[str, float] = {}
+            try:
+                for test in tests(size, runtime_s):
+                    row[test.name] = statistics.median(test.run(target) for _ in range(repeat))
+                    for f in target.iterdir():
+                        f.unlink()
+                row["create+stat+unlink"] = statistics.median(
+                    metadata_ops_per_s(target, meta_s) for _ in range(repeat))
+                if mount is not None:
+                    extras[variant] = {"worker RSS MB": mount.rss_mb(), "mount ready s": mount.ready_s}
+            finally:
+                if mount is not None:
+                    mount.close()
+            results[variant] = row
+            click.echo(f"{variant}: done", err=True)
+    units = {t.name: t.unit for t in tests(size, runtime_s)} | {"create+stat+unlink": "ops/s"}
+    if as_json:
+        click.echo(json.dumps({"machine": machine(), "results": results, "worker": extras}, indent=2))
+        return
+    click.echo(f"machine: {machine()}; size {size}, runtime {runtime_s:g} s, median of {repeat}")
+    header = "| test | native | " + " | ".join(v for v, _ in variants[1:]) + " |"
+    click.echo(header)
+    click.echo("|---" * (len(variants) + 1) + "|")
+    for name, unit in units.items():
+        native = results["native"][name]
+        cells = [f"{results[v][name]:,.0f} ({results[v][name] / native:.2f})" for v, _ in variants[1:]]
+        click.echo(f"| {name} ({unit}) | {native:,.0f} | " + " | ".join(cells) + " |")
+    for variant, values in extras.items():
+        click.echo(f"{variant}: " + ", ".join(f"{k} {v:.2f}" for k, v in values.items()))
+
+
+if __name__ == "__main__":
+    main()
