@@ -220,5 +220,18 @@ def policy_validate(policy_file) -> None:  # noqa: ANN001
         raise click.ClickException(str(exc)) from None
 
 
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the profiles and their layers as JSON.")
+def profiles(as_json: bool) -> None:
+    """List the storage profiles usable as {"type": "profile", "name": NAME} in a policy."""
+    from interposer.proto.profiles import PROFILES
+
+    if as_json:
+        click.echo(msgspec.json.format(msgspec.json.encode(list(PROFILES.values())), indent=2).decode())
+        return
+    for profile in PROFILES.values():
+        click.echo(f"{profile.name:<12} {profile.summary}\n{'':<12} source: {profile.source}\n")
+
+
 if __name__ == "__main__":
     main()

@@ -4,16 +4,19 @@ Nothing else is shared between services; each imports its messages from here.
 """
 
 from . import subjects as subjects
-from .events import EventBatch as EventBatch, OpEvent as OpEvent, WorkerStatus as WorkerStatus
+from .events import EventBatch as EventBatch, FaultRecord as FaultRecord, OpEvent as OpEvent, WorkerStatus as WorkerStatus
 from .policy import (
     ERRNO_BY_NAME as ERRNO_BY_NAME,
     DelayLayer as DelayLayer,
     FaultLayer as FaultLayer,
     Layer as Layer,
+    MetadataLayer as MetadataLayer,
     Policy as Policy,
     PolicyError as PolicyError,
     PolicyRecord as PolicyRecord,
     PolicyReply as PolicyReply,
+    ProfileLayer as ProfileLayer,
+    QuotaLayer as QuotaLayer,
     ThrottleLayer as ThrottleLayer,
     decode_policy as decode_policy,
     decode_record as decode_record,

@@ -98,6 +98,8 @@ class WorkerStatus(msgspec.Struct):
         sent_at_s: time of this heartbeat, seconds since the Unix epoch.
         namespace: pod namespace, ``""`` if unknown.
         pod: pod name, ``""`` if unknown.
+        faults_total: fault records produced since start.
+        faults_dropped_total: fault records dropped because the buffer was full.
     """
 
     volume: str
@@ -111,3 +113,44 @@ class WorkerStatus(msgspec.Struct):
     sent_at_s: float
     namespace: str = ""
     pod: str = ""
+    faults_total: int = 0
+    faults_dropped_total: int = 0
+
+
+class FaultRecord(msgspec.Struct, kw_only=True):
+    """One fault a worker injected, published on ``interposer.faults.<volume>``.
+
+    Each message is a msgpack array of records. Compare them with what the
+    application logged: every errno, short read/write and corruption the layers
+    injected gets one record; when the worker's fault buffer is full new records
+    are dropped and counted (``WorkerStatus.faults_dropped_total``).
+
+    Attributes:
+        time_ns: wall-clock start of the faulted op, ns since the Unix epoch.
+        op: FUSE op name.
+        path: path inside the volume.
+        kind: ``errno``, ``short_read``, ``short_write`` or ``corrupt``.
+        errno: errno name for ``kind == "errno"``, else ``""``.
+        pid: caller process id (0 where FUSE does not say, e.g. read/write).
+        uid: caller user id.
+        volume: volume id.
+        layer: index of the injecting layer in the policy's ``layers``.
+        offset: byte offset of the op (read/write), else 0.
+        size: bytes requested, else 0.
+        result: bytes transferred after a short read/write, else 0.
+        policy_revision: revision of the policy in force.
+    """
+
+    time_ns: int
+    op: str
+    path: str
+    kind: str
+    errno: str = ""
+    pid: int = 0
+    uid: int = 0
+    volume: str = ""
+    layer: int = 0
+    offset: int = 0
+    size: int = 0
+    result: int = 0
+    policy_revision: int = 0

@@ -24,6 +24,8 @@ from typing import Annotated, Literal, Union
 
 import msgspec
 
+from ._profile_names import ProfileName
+
 #: FUSE op names a layer can match (pyfuse3 / libfuse low-level names).
 OpName = Literal[
     "lookup", "getattr", "setattr", "readlink", "symlink", "mknod", "mkdir", "unlink",
@@ -34,8 +36,8 @@ OpName = Literal[
 #: The ops that move file data; throttle layers can only match these.
 DataOpName = Literal["read", "write"]
 
-#: Upper bound of a fixed delay, seconds: longer than this stalls kernel requests
-#: past any useful experiment (and past FUSE's own request timeouts in some kernels).
+#: Upper bound of any single injected delay, seconds: longer than this stalls kernel
+#: requests past any useful experiment (and past FUSE's own request timeouts in some kernels).
 MAX_DELAY_S = 60.0
 #: Most layers one policy may hold.
 MAX_LAYERS = 64
@@ -43,70 +45,348 @@ MAX_LAYERS = 64
 MAX_GLOB_LENGTH = 4096
 #: Largest encoded policy accepted, bytes.
 MAX_POLICY_BYTES = 64 * 1024
+#: Longest relative expiry, seconds (one year).
+MAX_EXPIRES_AFTER_S = 365 * 24 * 3600.0
+#: Most bytes one corrupt fault alters in one read.
+MAX_CORRUPT_BYTES = 4096
+#: Largest random seed (int64).
+MAX_SEED = (1 << 63) - 1
+#: Largest rate, IOPS or byte limit a layer accepts (2**50, about 1 PiB).
+MAX_LIMIT = 1 << 50
 
 Probability = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
 Glob = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_GLOB_LENGTH)]
+DelaySeconds = Annotated[float, msgspec.Meta(ge=0.0, le=MAX_DELAY_S)]
+PositiveLimit = Annotated[int, msgspec.Meta(gt=0, le=MAX_LIMIT)]
+
+
+def check_glob(pattern: str) -> None:
+    """Reject ``fnmatch`` patterns whose ``[`` has no closing ``]``.
+
+    ``fnmatch`` silently treats an unbalanced ``[`` as a literal character, which
+    turns a typo (``/data/[ab*``) into a glob that matches nothing.
+
+    Raises:
+        ValueError: the pattern has an unbalanced ``[`` (message names the field).
+    """
+    i, n = 0, len(pattern)
+    while i < n:
+        if pattern[i] == "[":
+            j = i + 1
+            if j < n and pattern[j] == "!":
+                j += 1
+            if j < n and pattern[j] == "]":  # a leading ] is part of the set
+                j += 1
+            close = pattern.find("]", j)
+            if close < 0:
+                raise ValueError(f"field `path_glob`: unbalanced '[' at position {i} in {pattern!r}")
+            i = close + 1
+        else:
+            i += 1
+
+
+def _check_errno(field: str, name: str) -> None:
+    if name not in ERRNO_BY_NAME:
+        raise ValueError(f"field `{field}`: unknown errno name {name!r} (expected a name such as EIO, ENOSPC)")
 
 
 class _Layer(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag_field="type"):
     """Fields every layer has.
 
     Attributes:
-        ops: FUSE op names the layer applies to; empty = every op.
+        ops: FUSE op names the layer applies to; empty = every op the layer kind
+            can act on.
         path_glob: ``fnmatch`` pattern matched against the op's path inside the
-            volume (``/data/*.bin``); ``*`` matches ``/`` too.
+            volume (``/data/*.bin``); ``*`` matches ``/`` too; an unbalanced ``[``
+            is an error.
+        expires_after_s: drop the layer this many seconds after the worker applied
+            the policy revision (0 < s <= one year); ``None`` = never.
+        expires_at: drop the layer at this wall-clock time, seconds since the Unix
+            epoch; ``None`` = never. At most one of the two expiries may be given.
     """
 
     ops: frozenset[OpName] = frozenset()
     path_glob: Glob = "*"
+    expires_after_s: Annotated[float, msgspec.Meta(gt=0.0, le=MAX_EXPIRES_AFTER_S)] | None = None
+    expires_at: Annotated[float, msgspec.Meta(gt=0.0)] | None = None
+
+    def __post_init__(self) -> None:
+        check_glob(self.path_glob)
+        if self.expires_after_s is not None and self.expires_at is not None:
+            raise ValueError("fields `expires_after_s` and `expires_at`: give at most one of them")
+
+
+FaultKind = Literal["errno", "short_read", "short_write", "corrupt"]
+#: Ops each fault kind can act on (``errno`` acts on any op).
+FAULT_KIND_OPS: dict[str, frozenset[str]] = {
+    "short_read": frozenset({"read"}),
+    "short_write": frozenset({"write"}),
+    "corrupt": frozenset({"read"}),
+}
+#: Ops a fault with ``on="open"`` acts on.
+OPEN_OPS: frozenset[str] = frozenset({"open", "create", "opendir"})
 
 
 class FaultLayer(_Layer, tag="fault", kw_only=True):
-    """Fail matching ops with an errno.
+    """Fail matching ops with an errno, shorten their I/O, or corrupt read data.
+
+    A matching op is *eligible* once ``after_bytes`` bytes of matching reads and
+    writes have passed the layer, and only every ``every_nth`` matching op; an
+    eligible op is faulted with ``probability``.
 
     Attributes:
+        kind: ``errno`` (fail the op), ``short_read`` (return fewer bytes than
+            asked), ``short_write`` (write and report fewer bytes than asked; the
+            kernel passes a short write to the application), ``corrupt`` (alter
+            bytes of the data a read returns).
         errno: errno name returned to the application (``EIO``, ``ENOSPC``, …);
-            any name in Python's ``errno.errorcode``.
-        probability: chance, 0..1, that a matching op fails.
+            any name in Python's ``errno.errorcode``. Used when ``errnos`` is empty.
+        errnos: errno name → relative weight (> 0), e.g. ``{"EIO": 3, "ENOSPC": 1}``;
+            each fault draws one name with these weights. Overrides ``errno``.
+        probability: chance, 0..1, that an eligible op is faulted.
+        every_nth: only every n-th matching op is eligible (the n-th, 2n-th, …);
+            0 or 1 = every op.
+        after_bytes: bytes of matching reads/writes the layer lets through before
+            any op is eligible; 0 = from the start.
+        on: ``every_op`` (act on each matching op) or ``open`` (act only on
+            open/create/opendir: the file cannot be opened, later I/O is left alone).
+        short_ratio: for short reads/writes, the fraction (0 < r < 1) of the
+            requested bytes transferred (at least 1 byte).
+        corrupt_bytes: for ``corrupt``, how many bytes of one read are altered
+            (1..4096, fewer if the read is shorter).
+        corrupt_mode: ``zero`` (set the bytes to 0) or ``random`` (random values,
+            each different from the original byte).
     """
 
+    kind: FaultKind = "errno"
     errno: str = "EIO"
+    errnos: dict[str, Annotated[float, msgspec.Meta(gt=0.0)]] = {}
     probability: Probability = 1.0
+    every_nth: Annotated[int, msgspec.Meta(ge=0, le=MAX_LIMIT)] = 0
+    after_bytes: Annotated[int, msgspec.Meta(ge=0, le=MAX_LIMIT)] = 0
+    on: Literal["every_op", "open"] = "every_op"
+    short_ratio: Annotated[float, msgspec.Meta(gt=0.0, lt=1.0)] = 0.5
+    corrupt_bytes: Annotated[int, msgspec.Meta(ge=1, le=MAX_CORRUPT_BYTES)] = 1
+    corrupt_mode: Literal["zero", "random"] = "random"
 
     def __post_init__(self) -> None:
-        if self.errno not in ERRNO_BY_NAME:
-            raise ValueError(f"field `errno`: unknown errno name {self.errno!r} (expected a name such as EIO, ENOSPC)")
+        super().__post_init__()
+        _check_errno("errno", self.errno)
+        for name in self.errnos:
+            _check_errno("errnos", name)
+        allowed = FAULT_KIND_OPS.get(self.kind)
+        if allowed is not None:
+            if self.on == "open":
+                raise ValueError(f"field `on`: kind {self.kind!r} acts on data, not on open")
+            extra = sorted(set(self.ops) - allowed)
+            if extra:
+                raise ValueError(f"field `ops`: kind {self.kind!r} acts only on {sorted(allowed)}, not {extra}")
+
+
+class FixedDistribution(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag_field="type", tag="fixed"):
+    """Always the same delay.
+
+    Attributes:
+        delay_s: the delay, seconds.
+    """
+
+    delay_s: DelaySeconds
+
+
+class UniformDistribution(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag_field="type", tag="uniform"):
+    """Delay uniform on ``[min_s, max_s]`` seconds."""
+
+    min_s: DelaySeconds
+    max_s: DelaySeconds
+
+    def __post_init__(self) -> None:
+        if self.max_s < self.min_s:
+            raise ValueError("field `max_s`: must be >= `min_s`")
+
+
+class NormalDistribution(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag_field="type", tag="normal"):
+    """Normal delay with ``mean_s`` and ``stddev_s`` seconds; draws below 0 become 0."""
+
+    mean_s: DelaySeconds
+    stddev_s: DelaySeconds
+
+
+class LognormalDistribution(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag_field="type", tag="lognormal"):
+    """Log-normal delay: ``median_s * exp(sigma * Z)``, Z standard normal.
+
+    Attributes:
+        median_s: median delay, seconds (> 0).
+        sigma: shape, the standard deviation of ``ln(delay)`` (0 < sigma <= 10).
+    """
+
+    median_s: Annotated[float, msgspec.Meta(gt=0.0, le=MAX_DELAY_S)]
+    sigma: Annotated[float, msgspec.Meta(gt=0.0, le=10.0)]
+
+
+class ParetoDistribution(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag_field="type", tag="pareto"):
+    """Pareto (heavy-tailed) delay: ``P(delay > x) = (scale_s / x) ** alpha`` for x >= scale_s.
+
+    Attributes:
+        scale_s: smallest delay, seconds (> 0).
+        alpha: tail index (> 0; the mean is finite only for alpha > 1).
+    """
+
+    scale_s: Annotated[float, msgspec.Meta(gt=0.0, le=MAX_DELAY_S)]
+    alpha: Annotated[float, msgspec.Meta(gt=0.0, le=100.0)]
+
+
+Distribution = Union[
+    FixedDistribution, UniformDistribution, NormalDistribution, LognormalDistribution, ParetoDistribution
+]
 
 
 class DelayLayer(_Layer, tag="delay", kw_only=True):
-    """Delay matching ops by a fixed time before passing them on.
+    """Delay matching ops before passing them on.
+
+    Give either ``delay_s`` (a fixed delay, as before distributions existed) or
+    ``distribution``. Every draw is capped at ``max_s``.
 
     Attributes:
-        delay_s: delay in seconds, 0..60.
+        delay_s: fixed delay in seconds, 0..60.
+        distribution: a delay distribution, e.g.
+            ``{"type": "lognormal", "median_s": 0.001, "sigma": 0.5}``.
+        probability: chance, 0..1, that a matching op is delayed.
+        max_s: cap of every drawn delay, seconds (default and most: 60).
+        seed: seed of this layer's own random source, for reproducible runs;
+            ``None`` = the worker's shared random source.
     """
 
-    delay_s: Annotated[float, msgspec.Meta(ge=0.0, le=MAX_DELAY_S)]
+    delay_s: DelaySeconds | None = None
+    distribution: Distribution | None = None
+    probability: Probability = 1.0
+    max_s: DelaySeconds = MAX_DELAY_S
+    seed: Annotated[int, msgspec.Meta(ge=0, le=MAX_SEED)] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if (self.delay_s is None) == (self.distribution is None):
+            raise ValueError("fields `delay_s` and `distribution`: give exactly one of them")
+
+    @property
+    def resolved_distribution(self) -> Distribution:
+        """The distribution in force (``delay_s`` as a fixed one)."""
+        if self.distribution is not None:
+            return self.distribution
+        assert self.delay_s is not None
+        return FixedDistribution(delay_s=self.delay_s)
 
 
 class ThrottleLayer(_Layer, tag="throttle", kw_only=True):
-    """Limit the bandwidth of reads and writes with one token bucket.
+    """Limit the bandwidth and/or the operation rate of reads and writes.
 
-    Matching reads and writes share the bucket. An op waits until the bucket has
-    credit for its size; it is never shortened (a FUSE reply must be whole).
+    Matching reads and writes share the layer's buckets; for separate read and
+    write limits use two layers with ``ops: ["read"]`` and ``ops: ["write"]``. An
+    op waits until every bucket has credit for it, in arrival order (FIFO); it is
+    never shortened (a FUSE reply must be whole).
 
     Attributes:
-        rate_bytes_per_s: sustained rate, bytes per second (> 0).
-        burst_bytes: bucket size in bytes; 0 = ``DEFAULT_BURST_S`` of rate, at
-            least one 1 MiB request.
+        rate_bytes_per_s: sustained bandwidth, bytes per second; ``None`` = no
+            bandwidth limit.
+        burst_bytes: bandwidth bucket size in bytes; 0 = ``DEFAULT_BURST_S`` of the
+            rate, at least one 1 MiB request.
+        iops: sustained operations per second; ``None`` = no IOPS limit.
+        burst_ops: IOPS bucket size in ops; 0 = ``DEFAULT_BURST_S`` of the rate, at
+            least 1.
         ops: ``read`` and/or ``write``; empty = both.
     """
 
-    rate_bytes_per_s: Annotated[int, msgspec.Meta(gt=0, le=1 << 50)]
-    burst_bytes: Annotated[int, msgspec.Meta(ge=0, le=1 << 50)] = 0
+    rate_bytes_per_s: PositiveLimit | None = None
+    burst_bytes: Annotated[int, msgspec.Meta(ge=0, le=MAX_LIMIT)] = 0
+    iops: PositiveLimit | None = None
+    burst_ops: Annotated[int, msgspec.Meta(ge=0, le=MAX_LIMIT)] = 0
     ops: frozenset[DataOpName] = frozenset()
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.rate_bytes_per_s is None and self.iops is None:
+            raise ValueError("fields `rate_bytes_per_s` and `iops`: give at least one of them")
 
-Layer = Union[FaultLayer, DelayLayer, ThrottleLayer]
+
+class QuotaLayer(_Layer, tag="quota", kw_only=True):
+    """Limit the bytes and inodes of the volume.
+
+    Usage is taken from the backing store when the layer comes into force and kept
+    up to date by the layer. Writes that would grow usage past ``bytes`` and
+    creates (create, mkdir, mknod, symlink) past ``inodes`` fail with ``errno``;
+    ``statfs`` reports the quota as the file system's size, so ``df`` shows it.
+    ``ops`` and ``path_glob`` are not used: a quota is volume-wide.
+
+    Attributes:
+        bytes: most bytes of file data (apparent sizes); ``None`` = no limit.
+        inodes: most files, directories and links; ``None`` = no limit.
+        errno: ``ENOSPC`` (a full file system) or ``EDQUOT`` (a user's quota).
+    """
+
+    bytes: Annotated[int, msgspec.Meta(ge=0, le=MAX_LIMIT)] | None = None
+    inodes: Annotated[int, msgspec.Meta(ge=0, le=MAX_LIMIT)] | None = None
+    errno: Literal["ENOSPC", "EDQUOT"] = "ENOSPC"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.bytes is None and self.inodes is None:
+            raise ValueError("fields `bytes` and `inodes`: give at least one of them")
+        if self.ops or self.path_glob != "*":
+            raise ValueError("fields `ops`/`path_glob`: a quota applies to the whole volume")
+
+
+class MetadataLayer(_Layer, tag="metadata", kw_only=True):
+    """Override and jitter the attributes lookup/getattr/setattr/create/mkdir/… return.
+
+    Attributes:
+        size: ``st_size`` reported, bytes.
+        mode: permission bits reported (``0o644`` as 420); the file type is kept.
+        nlink: ``st_nlink`` reported.
+        uid: ``st_uid`` reported.
+        gid: ``st_gid`` reported.
+        atime: ``st_atime`` reported, seconds since the Unix epoch.
+        mtime: ``st_mtime`` reported, seconds since the Unix epoch.
+        ctime: ``st_ctime`` reported, seconds since the Unix epoch.
+        time_jitter_s: add a uniform random offset in ``[-j, +j]`` seconds to each
+            timestamp (after overrides); 0 = none.
+        seed: seed of this layer's own random source; ``None`` = shared source.
+    """
+
+    size: Annotated[int, msgspec.Meta(ge=0, le=MAX_LIMIT)] | None = None
+    mode: Annotated[int, msgspec.Meta(ge=0, le=0o7777)] | None = None
+    nlink: Annotated[int, msgspec.Meta(ge=0, le=1 << 32)] | None = None
+    uid: Annotated[int, msgspec.Meta(ge=0, lt=1 << 32)] | None = None
+    gid: Annotated[int, msgspec.Meta(ge=0, lt=1 << 32)] | None = None
+    atime: Annotated[float, msgspec.Meta(ge=0.0, le=1e11)] | None = None
+    mtime: Annotated[float, msgspec.Meta(ge=0.0, le=1e11)] | None = None
+    ctime: Annotated[float, msgspec.Meta(ge=0.0, le=1e11)] | None = None
+    time_jitter_s: Annotated[float, msgspec.Meta(ge=0.0, le=MAX_EXPIRES_AFTER_S)] = 0.0
+    seed: Annotated[int, msgspec.Meta(ge=0, le=MAX_SEED)] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        extra = sorted(set(self.ops) - METADATA_OPS)
+        if extra:
+            raise ValueError(f"field `ops`: metadata layers act only on {sorted(METADATA_OPS)}, not {extra}")
+
+
+#: Ops whose reply carries attributes a metadata layer can alter.
+METADATA_OPS: frozenset[str] = frozenset({"lookup", "getattr", "setattr", "create", "mkdir", "mknod", "symlink", "link"})
+
+
+class ProfileLayer(_Layer, tag="profile", kw_only=True):
+    """A named storage profile, expanded by the worker into throttle and delay layers.
+
+    See :mod:`interposer.proto.profiles` for the profiles and their sources. The
+    layer's ``ops``, ``path_glob`` and expiry apply to every expanded layer.
+
+    Attributes:
+        name: profile name (``gp3``, ``st1``, ``pd-standard``, ``wan-nfs``, ``hdd-7200``).
+    """
+
+    name: ProfileName
+
+
+Layer = Union[FaultLayer, DelayLayer, ThrottleLayer, QuotaLayer, MetadataLayer, ProfileLayer]
 
 
 class Policy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

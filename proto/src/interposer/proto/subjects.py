@@ -19,6 +19,7 @@ POLICY_GET_PREFIX = "interposer.policy.get"
 POLICY_CLEAR_PREFIX = "interposer.policy.clear"
 EVENTS_PREFIX = "interposer.events"
 STATUS_PREFIX = "interposer.status"
+FAULTS_PREFIX = "interposer.faults"
 
 #: JetStream key-value bucket holding one ``PolicyRecord`` per volume id.
 POLICY_KV_BUCKET = "interposer-policy"
@@ -62,6 +63,11 @@ def events(volume: str) -> str:
 def status(volume: str) -> str:
     """Subject of the msgpack ``WorkerStatus`` heartbeats of ``volume``."""
     return _subject(STATUS_PREFIX, volume)
+
+
+def faults(volume: str) -> str:
+    """Subject of the msgpack arrays of ``FaultRecord`` of ``volume``."""
+    return _subject(FAULTS_PREFIX, volume)
 
 
 def volume_of(subject: str) -> str:

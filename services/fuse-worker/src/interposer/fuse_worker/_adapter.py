@@ -10,11 +10,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import pyfuse3
+import trio
 
 from interposer.proto import Policy
 
 from ._op import BackendCall, Op
 from ._stack import Stack
+from .layers import QuotaContext
 from ._telemetry import Telemetry
 from .backends import PassthroughBackend
 
@@ -34,15 +36,25 @@ class InterposerOperations(pyfuse3.Operations):
         backend: the backend to serve.
         telemetry: event recorder.
         policy: initial policy (revision 0).
+        quota: worker-lifetime quota state, for policies with a quota layer.
+
+    Raises:
+        QuotaUnavailable: ``policy`` has a quota layer and ``quota`` is None.
     """
 
     enable_writeback_cache = False  # every write must reach the layers
 
-    def __init__(self, backend: PassthroughBackend, telemetry: Telemetry, policy: Policy | None = None) -> None:
+    def __init__(
+        self, backend: PassthroughBackend, telemetry: Telemetry, policy: Policy | None = None,
+        quota: QuotaContext | None = None,
+    ) -> None:
         super().__init__()
         self.backend = backend
         self.telemetry = telemetry
-        self.stack = Stack(policy or Policy(), 0)
+        self.quota = quota
+        self.stack = Stack(policy or Policy(), 0, quota=quota)
+        #: Set (and replaced) whenever a new stack is installed; the expiry task waits on it.
+        self.stack_changed = trio.Event()
 
     @property
     def revision(self) -> int:
@@ -51,11 +63,18 @@ class InterposerOperations(pyfuse3.Operations):
 
     def apply(self, policy: Policy, revision: int) -> None:
         """Make ``policy`` the one in force for requests that start from now on."""
-        self.stack = Stack(policy, revision)
+        self.install(Stack(policy, revision, quota=self.quota))
         log.info("applied policy revision %d (%d layers)", revision, len(policy.layers))
 
+    def install(self, stack: Stack) -> None:
+        """Put ``stack`` in force (on the trio thread) and wake whoever waits for a change."""
+        self.stack = stack
+        self.stack_changed.set()
+        self.stack_changed = trio.Event()
+
     async def _serve(self, op: Op, call: BackendCall) -> Any:
-        chain = self.stack.chains.get(op.name)
+        stack = self.stack
+        chain = stack.chains.get(op.name)
         start_wall_ns = time.time_ns()
         start_ns = time.perf_counter_ns()
         err = 0
@@ -82,7 +101,7 @@ class InterposerOperations(pyfuse3.Operations):
                 nbytes = result
             else:
                 nbytes = 0
-            self.telemetry.record(op, err, nbytes, start_wall_ns, time.perf_counter_ns() - start_ns)
+            self.telemetry.record(op, err, nbytes, start_wall_ns, time.perf_counter_ns() - start_ns, stack.revision)
 
     def _op(self, name: str, ino: int, ctx: pyfuse3.RequestContext | None, **fields: Any) -> Op:
         pid, uid = (ctx.pid, ctx.uid) if ctx is not None else (0, 0)
@@ -180,7 +199,10 @@ class InterposerOperations(pyfuse3.Operations):
         ino = backend.ino_of_fh(fh)
         op = Op("write", ino, backend.path_of(ino), offset=off, size=len(buf),
                 session=self.telemetry.session_of(fh))
-        return await self._serve(op, lambda: backend.write(fh, off, buf))
+        # A short-write fault sets op.short_size: only that many bytes reach the backend.
+        return await self._serve(
+            op, lambda: backend.write(fh, off, buf if op.short_size < 0 else buf[: op.short_size])
+        )
 
     async def flush(self, fh):
         ino = self.backend.ino_of_fh(fh)

@@ -162,10 +162,24 @@ class Bus:
                 return
             telemetry.events_published_total += len(events)
 
+    async def _publish_faults(self, nc: nats.NATS) -> None:
+        subject = subjects.faults(self.config.volume_id)
+        telemetry = self.telemetry
+        while telemetry.faults:
+            records = telemetry.take_faults(self.config.batch_max_events)
+            try:
+                await nc.publish(subject, self._encoder.encode(records))
+            except Exception as exc:  # noqa: BLE001 - outbound buffer full while disconnected
+                telemetry.faults_dropped_total += len(records)
+                log.debug("dropped %d fault records: %s", len(records), exc)
+                return
+            telemetry.faults_published_total += len(records)
+
     async def _flush_loop(self, nc: nats.NATS) -> None:
         while True:
             await asyncio.sleep(self.config.flush_interval_s)
             await self._publish_events(nc)
+            await self._publish_faults(nc)
 
     def _status(self) -> bytes:
         t = self.telemetry
@@ -174,6 +188,7 @@ class Bus:
             ops_total=t.ops_total, events_total=t.events_total, events_dropped_total=t.events_dropped_total,
             events_published_total=t.events_published_total, started_at_s=self._started_at_s,
             sent_at_s=time.time(), namespace=self.config.pod_namespace, pod=self.config.pod_name,
+            faults_total=t.faults_total, faults_dropped_total=t.faults_dropped_total,
         ))
 
     async def _status_loop(self, nc: nats.NATS) -> None:
@@ -196,5 +211,6 @@ class Bus:
 
     async def _final_flush(self, nc: nats.NATS) -> None:
         await self._publish_events(nc)
+        await self._publish_faults(nc)
         await nc.publish(subjects.status(self.config.volume_id), self._status())
         await nc.flush()

@@ -33,6 +33,10 @@ class Op(msgspec.Struct):
         throttle_ns: time spent waiting for throttle tokens, ns (outcome).
         session: file session id (``OpEvent.session``) of the file handle the op
             uses, 0 if none.
+        short_size: bytes the backend call transfers when a layer shortened a
+            write (the adapter passes ``buf[:short_size]``); -1 = all.
+        injected: ``list[Injection]`` of faults layers injected (outcome), ``None``
+            if none; each becomes a ``FaultRecord``.
     """
 
     name: str
@@ -46,6 +50,32 @@ class Op(msgspec.Struct):
     delay_ns: int = 0
     throttle_ns: int = 0
     session: int = 0
+    short_size: int = -1
+    injected: "list[Injection] | None" = None
+
+    def inject(self, layer: int, kind: str, errno_name: str = "", result: int = 0) -> None:
+        """Note a fault layer ``layer`` injected into this op (``fault`` shows the first)."""
+        if self.injected is None:
+            self.injected = []
+        self.injected.append(Injection(layer, kind, errno_name, result))
+        if not self.fault:
+            self.fault = errno_name or kind
+
+
+class Injection(msgspec.Struct, frozen=True, array_like=True):
+    """One injected fault of an op.
+
+    Attributes:
+        layer: index of the layer in the policy.
+        kind: ``errno``, ``short_read``, ``short_write`` or ``corrupt``.
+        errno_name: errno name for ``errno`` faults, else ``""``.
+        result: bytes transferred after a short read/write, else 0.
+    """
+
+    layer: int
+    kind: str
+    errno_name: str = ""
+    result: int = 0
 
 
 async def invoke_backend(op: Op, call: BackendCall) -> Any:

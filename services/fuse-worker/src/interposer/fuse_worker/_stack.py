@@ -1,44 +1,96 @@
 """Compile a policy into per-op handler chains.
 
-A policy is an ordered list of layers. For every FUSE op name the stack keeps only
-the layers whose op set can match that op, bound inside out (Starlette's
-``build_middleware_stack`` pattern), so an op no layer targets goes straight to the
-backend. A layer's runtime object (its counters, its token bucket) is shared by all
-the chains it appears in.
+A policy is an ordered list of layers. Profile layers are expanded into the
+throttle and delay layers they stand for, and layers whose expiry has passed are
+left out. For every FUSE op name the stack keeps only the layers whose op set can
+match that op, bound inside out (Starlette's ``build_middleware_stack`` pattern),
+so an op no layer targets goes straight to the backend. A layer's runtime object
+(its counters, its token bucket) is shared by all the chains it appears in, and
+by the stack that replaces this one when a layer expires.
 """
 
 from __future__ import annotations
 
 import random
+import time
 import typing
 
-from interposer.proto import DelayLayer, FaultLayer, Layer, Policy, ThrottleLayer
-from interposer.proto.policy import DataOpName, OpName
+from interposer.proto import (
+    DelayLayer,
+    FaultLayer,
+    Layer,
+    MetadataLayer,
+    Policy,
+    ProfileLayer,
+    QuotaLayer,
+    ThrottleLayer,
+)
+from interposer.proto.policy import FAULT_KIND_OPS, METADATA_OPS, OPEN_OPS, DataOpName, OpName
+from interposer.proto.profiles import expand_profile
 
 from ._op import Handler, invoke_backend
-from .layers import Delay, Fault, Throttle
+from .layers import Delay, Fault, Metadata, Quota, QuotaContext, Throttle
 from .layers._match import compile_glob
+from .layers.quota import QUOTA_OPS
 
 ALL_OPS: frozenset[str] = frozenset(typing.get_args(OpName))
 DATA_OPS: frozenset[str] = frozenset(typing.get_args(DataOpName))
 
-LayerRuntime = Fault | Delay | Throttle
+LayerRuntime = Fault | Delay | Throttle | Quota | Metadata
 
 
-def _ops_of(spec: Layer) -> frozenset[str]:
+def ops_of(spec: Layer) -> frozenset[str]:
+    """The FUSE ops a (non-profile) layer acts on."""
     if isinstance(spec, ThrottleLayer):
         return spec.ops or DATA_OPS
+    if isinstance(spec, QuotaLayer):
+        return QUOTA_OPS
+    if isinstance(spec, MetadataLayer):
+        return spec.ops or METADATA_OPS
+    if isinstance(spec, FaultLayer):
+        ops = spec.ops or FAULT_KIND_OPS.get(spec.kind, ALL_OPS)
+        return ops & OPEN_OPS if spec.on == "open" else ops
     return spec.ops or ALL_OPS
 
 
-def _runtime(spec: Layer, rng: random.Random) -> LayerRuntime:
+def _alters_data(spec: Layer) -> bool:
+    # Quota only refuses writes: cached reads hide nothing it does.
+    return not isinstance(spec, (QuotaLayer, MetadataLayer)) and bool(ops_of(spec) & DATA_OPS)
+
+
+class QuotaUnavailable(RuntimeError):
+    """A policy has a quota layer but the stack was built without a ``QuotaContext``."""
+
+
+def _runtime(spec: Layer, index: int, rng: random.Random, quota: QuotaContext | None) -> LayerRuntime:
     if isinstance(spec, FaultLayer):
-        return Fault(spec, rng)
+        return Fault(spec, rng, index)
     if isinstance(spec, DelayLayer):
-        return Delay(spec)
+        return Delay(spec, rng)
     if isinstance(spec, ThrottleLayer):
         return Throttle(spec)
+    if isinstance(spec, MetadataLayer):
+        return Metadata(spec, rng)
+    if isinstance(spec, QuotaLayer):
+        if quota is None:
+            raise QuotaUnavailable("quota layers need the worker's QuotaContext")
+        return Quota(spec, quota, index)
     raise TypeError(f"no runtime for layer {type(spec).__name__}")
+
+
+def _deadline(spec: Layer, applied_at_s: float) -> float | None:
+    if spec.expires_at is not None:
+        return spec.expires_at
+    if spec.expires_after_s is not None:
+        return applied_at_s + spec.expires_after_s
+    return None
+
+
+class _Entry(typing.NamedTuple):
+    index: int  # in policy.layers
+    spec: Layer
+    runtime: LayerRuntime
+    deadline_s: float | None  # wall clock
 
 
 class Stack:
@@ -48,30 +100,66 @@ class Stack:
         policy: validated policy.
         revision: KV revision it came from (0 = initial/local policy).
         rng: random source for probabilistic layers.
+        quota: worker-lifetime quota state; needed when the policy has a quota layer.
+        applied_at_s: when the worker applied the revision, seconds since the Unix
+            epoch (``expires_after_s`` counts from here); default now.
+        now_s: the time to compile for (layers expired by then are left out),
+            seconds since the Unix epoch; default now.
+
+    Raises:
+        QuotaUnavailable: the policy has a quota layer and ``quota`` is None.
 
     Attributes:
         chains: ``dict[str, Handler]``: op name → entry handler, only for ops at
             least one layer applies to.
-        layers: the layer runtimes in policy order.
+        layers: the runtimes of the layers in force, in policy order (a profile
+            contributes several).
+        next_expiry_s: earliest expiry of a layer in force, seconds since the Unix
+            epoch; None if none expires.
     """
 
-    def __init__(self, policy: Policy, revision: int, rng: random.Random | None = None) -> None:
+    def __init__(
+        self, policy: Policy, revision: int, rng: random.Random | None = None, *,
+        quota: QuotaContext | None = None, applied_at_s: float | None = None, now_s: float | None = None,
+        _entries: list[_Entry] | None = None,
+    ) -> None:
         self.policy = policy
         self.revision = revision
-        rng = rng or random.Random()
-        self.layers: list[LayerRuntime] = [_runtime(spec, rng) for spec in policy.layers]
+        self.quota = quota
+        self.applied_at_s = time.time() if applied_at_s is None else applied_at_s
+        now_s = time.time() if now_s is None else now_s
+        if _entries is None:
+            rng = rng or random.Random()
+            _entries = []
+            for index, spec in enumerate(policy.layers):
+                for part in expand_profile(spec) if isinstance(spec, ProfileLayer) else [spec]:
+                    deadline = _deadline(part, self.applied_at_s)
+                    if deadline is None or deadline > now_s:
+                        _entries.append(_Entry(index, part, _runtime(part, index, rng, quota), deadline))
+        self._entries = [e for e in _entries if e.deadline_s is None or e.deadline_s > now_s]
+        self.layers: list[LayerRuntime] = [e.runtime for e in self._entries]
+        deadlines = [e.deadline_s for e in self._entries if e.deadline_s is not None]
+        self.next_expiry_s: float | None = min(deadlines) if deadlines else None
+        if quota is not None and not any(isinstance(e.spec, QuotaLayer) for e in self._entries):
+            quota.stop()
         self.chains: dict[str, Handler] = {}
         for op_name in ALL_OPS:
             handler: Handler = invoke_backend
-            for spec, runtime in zip(reversed(policy.layers), reversed(self.layers)):
-                if op_name in _ops_of(spec):
-                    handler = runtime.bind(handler)
+            for entry in reversed(self._entries):
+                if op_name in ops_of(entry.spec):
+                    handler = entry.runtime.bind(handler)
             if handler is not invoke_backend:
                 self.chains[op_name] = handler
-        # Data-path layers decide the page-cache mode of files opened under them.
-        self._data_globs = [
-            compile_glob(spec.path_glob) for spec in policy.layers if _ops_of(spec) & DATA_OPS
-        ]
+        # Layers acting on data decide the page-cache mode of files opened under them.
+        self._data_globs = [compile_glob(e.spec.path_glob) for e in self._entries if _alters_data(e.spec)]
+
+    def expire(self, now_s: float | None = None) -> Stack:
+        """A stack of the same revision without the layers expired by ``now_s``.
+
+        The remaining layers keep their runtimes (token buckets, counters, usage).
+        """
+        return Stack(self.policy, self.revision, quota=self.quota, applied_at_s=self.applied_at_s,
+                     now_s=now_s, _entries=self._entries)
 
     def touches_data(self, path: str) -> bool:
         """True if some layer may act on reads or writes of ``path``.

@@ -8,7 +8,7 @@ import time
 import typing
 from collections.abc import Callable, Iterable
 
-from interposer.proto import OpEvent
+from interposer.proto import FaultRecord, OpEvent
 from interposer.proto.policy import OpName
 
 from ._config import EventSampleRule
@@ -17,6 +17,8 @@ from .layers._match import compile_glob
 
 #: Events held for the bus before new ones are dropped.
 DEFAULT_EVENT_BUFFER = 100_000
+#: Fault records held for the bus before new ones are dropped.
+DEFAULT_FAULT_BUFFER = 100_000
 
 #: Every FUSE op name an event can carry (the policy's op names).
 _OP_NAMES: tuple[str, ...] = typing.get_args(OpName)
@@ -57,19 +59,32 @@ class Telemetry:
     Every op is counted in ``ops_total``; only the ops the sampling rules keep (all,
     by default) become events, the others are counted in ``sampled_out_total``.
 
+    Injected faults (``Op.injected``) also become ``FaultRecord`` s in a second
+    bounded deque, ``faults``, drained the same way; they are never sampled and are
+    recorded even with events off.
+
     Args:
         capacity: most events buffered.
         sampling: event sampling rules (first match wins; unmatched ops are kept).
-        enabled: False records no events at all (counters only).
+        enabled: False records no events at all (counters and fault records only).
         rng: ``() -> float`` in [0, 1) used for sampling decisions (tests pass a
             deterministic one).
+        volume: volume id written into fault records.
+        fault_capacity: most fault records buffered.
     """
 
     def __init__(self, capacity: int = DEFAULT_EVENT_BUFFER, sampling: Iterable[EventSampleRule] = (),
-                 enabled: bool = True, rng: Callable[[], float] = random.random) -> None:
+                 enabled: bool = True, rng: Callable[[], float] = random.random, *, volume: str = "",
+                 fault_capacity: int = DEFAULT_FAULT_BUFFER) -> None:
         self.capacity = capacity
         self.enabled = enabled
+        self.volume = volume
+        self.fault_capacity = fault_capacity
         self.buffer: collections.deque[OpEvent] = collections.deque()
+        self.faults: collections.deque[FaultRecord] = collections.deque()
+        self.faults_total = 0
+        self.faults_dropped_total = 0
+        self.faults_published_total = 0
         self.ops_total = 0
         self.events_total = 0
         self.events_dropped_total = 0
@@ -104,8 +119,9 @@ class Telemetry:
                 return ratio >= 1.0 or (ratio > 0.0 and self._rng() < ratio)
         return True
 
-    def record(self, op: Op, errno: int, result_bytes: int, start_ns: int, duration_ns: int) -> None:
-        """Count the op and queue its event (or count it as sampled out or dropped).
+    def record(self, op: Op, errno: int, result_bytes: int, start_ns: int, duration_ns: int,
+               revision: int = 0) -> None:
+        """Count the op and queue its event and fault records (or count them as sampled out or dropped).
 
         Args:
             op: the finished op (request and outcome fields).
@@ -113,8 +129,11 @@ class Telemetry:
             result_bytes: bytes done (read/write), else 0.
             start_ns: wall-clock start, ns since the Unix epoch.
             duration_ns: time spent serving the op, ns.
+            revision: policy revision the op was served under (for fault records).
         """
         self.ops_total += 1
+        if op.injected:
+            self._record_faults(op, start_ns, revision)
         if not self.enabled:
             return
         rules = self._sampling.get(op.name)
@@ -129,6 +148,25 @@ class Telemetry:
             op.name, op.ino, op.path, op.offset, op.size, result_bytes, errno, start_ns, duration_ns,
             op.fault, op.delay_ns, op.throttle_ns, op.pid, op.uid, op.session,
         ))
+
+    def _record_faults(self, op: Op, start_ns: int, revision: int) -> None:
+        for injection in op.injected or ():
+            self.faults_total += 1
+            if len(self.faults) >= self.fault_capacity:
+                self.faults_dropped_total += 1
+                continue
+            self.faults.append(FaultRecord(
+                time_ns=start_ns, op=op.name, path=op.path, kind=injection.kind, errno=injection.errno_name,
+                pid=op.pid, uid=op.uid, volume=self.volume, layer=injection.layer, offset=op.offset,
+                size=op.size, result=injection.result, policy_revision=revision,
+            ))
+
+    def take_faults(self, max_records: int) -> list[FaultRecord]:
+        """Pop up to ``max_records`` fault records, oldest first."""
+        faults, out = self.faults, []
+        for _ in range(min(max_records, len(faults))):
+            out.append(faults.popleft())
+        return out
 
     def take(self, max_events: int) -> list[OpEvent]:
         """Pop up to ``max_events`` events, oldest first."""

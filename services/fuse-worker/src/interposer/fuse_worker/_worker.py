@@ -16,8 +16,10 @@ from interposer.proto import Policy, PolicyError, decode_policy
 from ._adapter import InterposerOperations
 from ._bus import Bus
 from ._config import WorkerConfig
+from ._expiry import expire_layers
 from ._telemetry import Telemetry
 from .backends import PassthroughBackend
+from .layers import QuotaContext, Usage, walk_usage
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,13 @@ def mount_options(config: WorkerConfig) -> set[str]:
     return options
 
 
+def quota_context(backend: object, backing_dir: str) -> QuotaContext:
+    """Quota state of a worker: usage comes from ``backend.usage()`` if it has one, else a walk of ``backing_dir``."""
+    usage = getattr(backend, "usage", None)
+    measure = (lambda: Usage(*usage())) if callable(usage) else (lambda: walk_usage(backing_dir))
+    return QuotaContext(backend, measure)  # type: ignore[arg-type]
+
+
 async def serve(config: WorkerConfig) -> None:
     """Mount ``config.mountpoint`` and serve it until unmounted, SIGTERM or SIGINT.
 
@@ -66,8 +75,9 @@ async def serve(config: WorkerConfig) -> None:
     os.umask(0)  # modes from the kernel already carry the caller's umask
     _raise_fd_limit()
     backend = PassthroughBackend(config.backing_dir, config.entry_timeout_s, config.attr_timeout_s)
-    telemetry = Telemetry(config.event_buffer, config.event_sampling, enabled=config.events)
-    operations = InterposerOperations(backend, telemetry, policy)
+    telemetry = Telemetry(config.event_buffer, config.event_sampling, enabled=config.events,
+                          volume=config.volume_id)
+    operations = InterposerOperations(backend, telemetry, policy, quota=quota_context(backend, config.backing_dir))
     bus: Bus | None = None
     pyfuse3.init(operations, config.mountpoint, mount_options(config))
     log.info("volume %s: %s mounted on %s", config.volume_id, config.backing_dir, config.mountpoint)
@@ -77,6 +87,7 @@ async def serve(config: WorkerConfig) -> None:
             bus.start()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_terminate_on_signal)
+            nursery.start_soon(expire_layers, operations)
             await pyfuse3.main(min_tasks=4, max_tasks=config.max_tasks)
             nursery.cancel_scope.cancel()
     finally:

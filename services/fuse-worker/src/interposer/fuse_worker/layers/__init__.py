@@ -1,5 +1,13 @@
 """Layers: one module per layer kind, each a runtime for one policy layer type."""
 
-from .delay import Delay as Delay, DelayStatistics as DelayStatistics
+from .delay import Delay as Delay, DelayStatistics as DelayStatistics, sampler as sampler
 from .fault import Fault as Fault, FaultStatistics as FaultStatistics
+from .metadata import Metadata as Metadata, MetadataStatistics as MetadataStatistics
+from .quota import (
+    Quota as Quota,
+    QuotaContext as QuotaContext,
+    QuotaStatistics as QuotaStatistics,
+    Usage as Usage,
+    walk_usage as walk_usage,
+)
 from .throttle import Throttle as Throttle, ThrottleStatistics as ThrottleStatistics, TokenBucket as TokenBucket

@@ -1,4 +1,4 @@
-"""Throttle layer: a token bucket on the bytes of reads and writes."""
+"""Throttle layer: token buckets on the bytes and the operations of reads and writes."""
 
 from __future__ import annotations
 
@@ -16,14 +16,17 @@ from ._match import compile_glob
 DEFAULT_BURST_S = 0.05
 #: Smallest default bucket, bytes: one maximal FUSE request (1 MiB) fits.
 MIN_DEFAULT_BURST_BYTES = 1 << 20
+#: Smallest default IOPS bucket, ops.
+MIN_DEFAULT_BURST_OPS = 1
 
 
 class ThrottleStatistics(msgspec.Struct, frozen=True):
-    """Counters of a throttle layer: ops and bytes admitted, total wait, seconds."""
+    """Counters of a throttle layer: ops and bytes admitted, ops that waited, total wait, seconds."""
 
     ops: int
     bytes: int
     wait_s_total: float
+    waited: int = 0
 
 
 class TokenBucket:
@@ -32,7 +35,8 @@ class TokenBucket:
     Each request reserves ``size / rate`` seconds of the schedule at the moment it
     arrives, so waiters are served in arrival order (FIFO) and a request is never
     split. The schedule may run up to ``burst_bytes / rate`` seconds ahead of now
-    before requests have to wait.
+    before requests have to wait. The tokens are bytes for a bandwidth bucket and
+    ops (``size_bytes=1`` per op) for an IOPS bucket.
 
     Args:
         rate_bytes_per_s: sustained rate, bytes per second.
@@ -55,8 +59,12 @@ class TokenBucket:
 class Throttle:
     """Runtime of a :class:`~interposer.proto.ThrottleLayer`.
 
-    One bucket per layer, shared by every op the layer matches (reads and writes
-    together unless the policy names one of them).
+    Up to two buckets per layer (bytes, ops), shared by every op the layer matches
+    (reads and writes together unless the policy names one of them). An op
+    reserves in both at arrival and waits for the later of the two, so waiters
+    are still served in arrival order: each bucket's release times grow with the
+    arrival order, and so does their maximum. The wait is added to
+    ``Op.throttle_ns``.
 
     Args:
         spec: the validated layer from the policy.
@@ -64,23 +72,36 @@ class Throttle:
 
     def __init__(self, spec: ThrottleLayer) -> None:
         self.spec = spec
-        burst = spec.burst_bytes or max(spec.rate_bytes_per_s * DEFAULT_BURST_S, MIN_DEFAULT_BURST_BYTES)
-        self.bucket = TokenBucket(spec.rate_bytes_per_s, burst)
+        self.bucket: TokenBucket | None = None
+        self.ops_bucket: TokenBucket | None = None
+        if spec.rate_bytes_per_s is not None:
+            burst = spec.burst_bytes or max(spec.rate_bytes_per_s * DEFAULT_BURST_S, MIN_DEFAULT_BURST_BYTES)
+            self.bucket = TokenBucket(spec.rate_bytes_per_s, burst)
+        if spec.iops is not None:
+            burst_ops = spec.burst_ops or max(spec.iops * DEFAULT_BURST_S, MIN_DEFAULT_BURST_OPS)
+            self.ops_bucket = TokenBucket(spec.iops, burst_ops)
         self._match = compile_glob(spec.path_glob)
         self._ops = 0
         self._bytes = 0
+        self._waited = 0
         self._wait_s = 0.0
 
     def bind(self, inner: Handler) -> Handler:
         """Return a handler that applies this layer, then calls ``inner``."""
-        bucket, match = self.bucket, self._match
+        bucket, ops_bucket, match = self.bucket, self.ops_bucket, self._match
 
         async def throttle(op: Op, call: BackendCall) -> Any:
             if match is None or match(op.path):
-                wait_s = bucket.reserve(op.size, trio.current_time())
+                now = trio.current_time()
+                wait_s = 0.0
+                if bucket is not None:
+                    wait_s = bucket.reserve(op.size, now)
+                if ops_bucket is not None:
+                    wait_s = max(wait_s, ops_bucket.reserve(1, now))
                 self._ops += 1
                 self._bytes += op.size
                 if wait_s > 0:
+                    self._waited += 1
                     self._wait_s += wait_s
                     op.throttle_ns += int(wait_s * 1e9)
                     await trio.sleep(wait_s)
@@ -90,4 +111,4 @@ class Throttle:
 
     def statistics(self) -> ThrottleStatistics:
         """Snapshot of this layer's counters."""
-        return ThrottleStatistics(ops=self._ops, bytes=self._bytes, wait_s_total=self._wait_s)
+        return ThrottleStatistics(ops=self._ops, bytes=self._bytes, wait_s_total=self._wait_s, waited=self._waited)

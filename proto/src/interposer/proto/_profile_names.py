@@ -1,0 +1,9 @@
+"""Names of the storage profiles (see :mod:`interposer.proto.profiles`).
+
+Kept apart from the profile definitions so that ``policy.py`` can validate a
+profile name without importing the layers the profiles expand into.
+"""
+
+from typing import Literal
+
+ProfileName = Literal["gp3", "st1", "pd-standard", "wan-nfs", "hdd-7200"]

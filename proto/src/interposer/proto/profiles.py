@@ -1,0 +1,162 @@
+"""Named storage profiles: throttle + delay layers that emulate real storage.
+
+A policy layer ``{"type": "profile", "name": "gp3"}`` is expanded by the worker
+when it compiles the policy (not when the policy is validated), so the stored
+policy keeps saying what the user asked for, and the layers a profile expands to
+inherit the profile layer's ``path_glob`` and expiry. Every number comes with the
+published source it was taken from; where a source gives a range, the value used
+and the reason are written beside it.
+
+Limits of the emulation (see docs/layers.md): a FUSE file system sees requests
+of at most 128 KiB (the kernel splits larger ones), so IOPS limits count FUSE
+requests, not the provider's I/O units; and a delay layer cannot tell sequential
+from random access, so disk profiles model the latency of a random I/O.
+"""
+
+from __future__ import annotations
+
+import typing
+
+import msgspec
+
+from ._profile_names import ProfileName
+from .policy import (
+    DelayLayer,
+    Layer,
+    LognormalDistribution,
+    OpName,
+    NormalDistribution,
+    ProfileLayer,
+    ThrottleLayer,
+    UniformDistribution,
+)
+
+MIB = 1 << 20
+MB = 1_000_000
+
+
+class Profile(msgspec.Struct, frozen=True, kw_only=True):
+    """A named preset.
+
+    Attributes:
+        name: the name used in policies.
+        summary: one line: what is emulated.
+        source: where the numbers come from (URL or document, and the figures used).
+        layers: the layers it expands into, outermost first (``ops``/``path_glob``
+            of the profile layer are applied on expansion).
+    """
+
+    name: str
+    summary: str
+    source: str
+    layers: tuple[Layer, ...]
+
+
+PROFILES: dict[str, Profile] = {p.name: p for p in (
+    Profile(
+        name="gp3",
+        summary="AWS EBS gp3 SSD at its baseline: 3000 IOPS, 125 MiB/s, ~1 ms latency",
+        source=(
+            "AWS EBS User Guide, 'General Purpose SSD volumes': gp3 baseline 3,000 IOPS and 125 MiB/s "
+            "throughput at any size, 'single-digit millisecond latency' "
+            "(https://docs.aws.amazon.com/ebs/latest/userguide/general-purpose.html); latency modelled "
+            "as log-normal, median 1 ms, sigma 0.3"
+        ),
+        layers=(
+            ThrottleLayer(iops=3000, rate_bytes_per_s=125 * MIB),
+            DelayLayer(ops=frozenset({"read", "write"}),
+                       distribution=LognormalDistribution(median_s=0.001, sigma=0.3)),
+        ),
+    ),
+    Profile(
+        name="st1",
+        summary="AWS EBS st1 throughput-optimised HDD, 1 TiB baseline: 40 MiB/s, 500 IOPS",
+        source=(
+            "AWS EBS User Guide, 'Throughput Optimized HDD volumes': baseline 40 MiB/s per TiB, burst "
+            "250 MiB/s per TiB, max 500 IOPS (1 MiB I/O) "
+            "(https://docs.aws.amazon.com/ebs/latest/userguide/hdd-vols.html); a 1 TiB volume's "
+            "baseline with a 1 s burst bucket; latency as a 7200 rpm disk's random I/O (below)"
+        ),
+        layers=(
+            ThrottleLayer(iops=500, rate_bytes_per_s=40 * MIB, burst_bytes=250 * MIB),
+            DelayLayer(ops=frozenset({"read", "write"}),
+                       distribution=UniformDistribution(min_s=0.0085, max_s=0.0085 + 60 / 7200)),
+        ),
+    ),
+    Profile(
+        name="pd-standard",
+        summary="GCP pd-standard, 1 TiB: 768 read / 1536 write IOPS, 120 MiB/s",
+        source=(
+            "Google Cloud, 'Configure disks to meet performance requirements' (Persistent Disk "
+            "performance): pd-standard 0.75 read IOPS/GiB, 1.5 write IOPS/GiB, 0.12 MiB/s per GiB "
+            "(https://cloud.google.com/compute/docs/disks/performance); a 1024 GiB disk; latency "
+            "log-normal, median 5 ms, sigma 0.5 (HDD-backed network disk)"
+        ),
+        layers=(
+            ThrottleLayer(ops=frozenset({"read"}), iops=768),
+            ThrottleLayer(ops=frozenset({"write"}), iops=1536),
+            ThrottleLayer(rate_bytes_per_s=int(0.12 * 1024 * MIB)),
+            DelayLayer(ops=frozenset({"read", "write"}),
+                       distribution=LognormalDistribution(median_s=0.005, sigma=0.5)),
+        ),
+    ),
+    Profile(
+        name="wan-nfs",
+        summary="NFS share across a WAN: 40 ms RTT on every op, 100 Mbit/s",
+        source=(
+            "NFSv3 (RFC 1813) serves each file-system op as one RPC, so every op pays one round trip; "
+            "40 ms RTT is a typical cross-region figure (e.g. AWS us-east-1 to us-west-2 is 60-70 ms, "
+            "intra-continent 20-40 ms: https://www.cloudping.co); 100 Mbit/s = 12.5 MB/s link; "
+            "RTT jitter normal, sd 2 ms"
+        ),
+        layers=(
+            ThrottleLayer(rate_bytes_per_s=100_000_000 // 8),
+            DelayLayer(distribution=NormalDistribution(mean_s=0.040, stddev_s=0.002)),
+        ),
+    ),
+    Profile(
+        name="hdd-7200",
+        summary="7200 rpm SATA disk, random I/O: 8.5 ms seek + 0-8.3 ms rotation, 160 MB/s",
+        source=(
+            "7200 rpm = 8.33 ms per revolution (60/7200 s), rotational latency uniform on 0-8.33 ms; "
+            "average seek 8.5 ms and sustained transfer 160 MB/s as in Seagate BarraCuda 3.5\" "
+            "(ST1000DM010) data sheet; about 80 random IOPS at queue depth 1"
+        ),
+        layers=(
+            ThrottleLayer(rate_bytes_per_s=160 * MB),
+            DelayLayer(ops=frozenset({"read", "write"}),
+                       distribution=UniformDistribution(min_s=0.0085, max_s=0.0085 + 60 / 7200)),
+        ),
+    ),
+)}
+
+assert set(PROFILES) == set(typing.get_args(ProfileName)), "profile names out of sync"
+
+
+def expand_profile(layer: ProfileLayer) -> list[Layer]:
+    """The layers ``layer`` stands for, with its ``path_glob``, ``ops`` and expiry applied.
+
+    ``ops`` of the profile layer narrows each expanded layer's ops (an expanded
+    layer whose ops do not intersect is left out).
+
+    Raises:
+        KeyError: unknown profile name (cannot happen for a validated layer).
+    """
+    out: list[Layer] = []
+    for inner in PROFILES[layer.name].layers:
+        ops = inner.ops
+        if layer.ops:
+            ops = (ops & layer.ops) if ops else layer.ops & _kind_ops(inner)
+            if not ops:
+                continue
+        out.append(msgspec.structs.replace(
+            inner, ops=ops, path_glob=layer.path_glob,
+            expires_after_s=layer.expires_after_s, expires_at=layer.expires_at,
+        ))
+    return out
+
+
+def _kind_ops(layer: Layer) -> frozenset[str]:
+    if isinstance(layer, ThrottleLayer):
+        return frozenset({"read", "write"})
+    return frozenset(layer.ops) or frozenset(typing.get_args(OpName))

@@ -1,0 +1,102 @@
+"""Schema of the layer kinds: faults, delay distributions, IOPS, quota, metadata, profiles, expiry."""
+
+from __future__ import annotations
+
+import json
+import typing
+
+import pytest
+
+from interposer.proto import PolicyError, ProfileLayer, ThrottleLayer, decode_policy, encode_policy
+from interposer.proto.policy import LognormalDistribution, check_glob
+from interposer.proto.profiles import PROFILES, expand_profile
+
+
+def _one(layer: dict) -> object:
+    return decode_policy(json.dumps({"layers": [layer]})).layers[0]
+
+
+def test_every_layer_kind_round_trips() -> None:
+    text = json.dumps({"layers": [
+        {"type": "fault", "errnos": {"EIO": 3, "ENOSPC": 1}, "every_nth": 3, "after_bytes": 4096, "on": "every_op"},
+        {"type": "fault", "kind": "short_write", "short_ratio": 0.25, "expires_after_s": 30},
+        {"type": "fault", "kind": "corrupt", "corrupt_bytes": 8, "corrupt_mode": "zero", "path_glob": "/d/[ab]*"},
+        {"type": "delay", "distribution": {"type": "lognormal", "median_s": 0.001, "sigma": 0.5}, "seed": 7},
+        {"type": "delay", "distribution": {"type": "pareto", "scale_s": 0.001, "alpha": 1.5}, "probability": 0.1},
+        {"type": "throttle", "iops": 3000, "rate_bytes_per_s": 1 << 27, "burst_ops": 10},
+        {"type": "quota", "bytes": 1 << 20, "inodes": 100, "errno": "EDQUOT", "expires_at": 4102444800},
+        {"type": "metadata", "mode": 0o600, "uid": 1000, "time_jitter_s": 5, "ops": ["getattr"]},
+        {"type": "profile", "name": "gp3", "path_glob": "/data/*"},
+    ]})
+    policy = decode_policy(text)
+    assert decode_policy(encode_policy(policy)) == policy
+    assert policy.layers[3].resolved_distribution == LognormalDistribution(median_s=0.001, sigma=0.5)
+
+
+def test_delay_s_still_means_a_fixed_delay() -> None:
+    layer = _one({"type": "delay", "delay_s": 0.25})
+    assert layer.resolved_distribution.delay_s == 0.25
+
+
+@pytest.mark.parametrize(("layer", "expected"), [
+    ({"type": "fault", "errnos": {"EIO": 1, "EBOGUS": 1}}, "field `errnos`: unknown errno name 'EBOGUS'"),
+    ({"type": "fault", "errnos": {"EIO": 0}}, "$.layers[0].errnos"),
+    ({"type": "fault", "every_nth": -1}, "$.layers[0].every_nth"),
+    ({"type": "fault", "after_bytes": -5}, "$.layers[0].after_bytes"),
+    ({"type": "fault", "on": "close"}, "$.layers[0].on"),
+    ({"type": "fault", "kind": "explode"}, "$.layers[0].kind"),
+    ({"type": "fault", "kind": "short_read", "ops": ["write"]}, "field `ops`: kind 'short_read' acts only on ['read']"),
+    ({"type": "fault", "kind": "corrupt", "on": "open"}, "field `on`"),
+    ({"type": "fault", "kind": "short_write", "short_ratio": 1.0}, "$.layers[0].short_ratio"),
+    ({"type": "fault", "kind": "corrupt", "corrupt_bytes": 0}, "$.layers[0].corrupt_bytes"),
+    ({"type": "fault", "path_glob": "/data/[ab*"}, "field `path_glob`: unbalanced '['"),
+    ({"type": "fault", "expires_after_s": 0}, "$.layers[0].expires_after_s"),
+    ({"type": "fault", "expires_after_s": 5, "expires_at": 4102444800}, "give at most one of them"),
+    ({"type": "delay", "delay_s": 0.1, "distribution": {"type": "fixed", "delay_s": 0.1}}, "give exactly one"),
+    ({"type": "delay", "distribution": {"type": "uniform", "min_s": 0.2, "max_s": 0.1}}, "field `max_s`"),
+    ({"type": "delay", "distribution": {"type": "normal", "mean_s": 0.1, "stddev_s": -1}}, "$.layers[0].distribution.stddev_s"),
+    ({"type": "delay", "distribution": {"type": "lognormal", "median_s": 0, "sigma": 1}}, "$.layers[0].distribution.median_s"),
+    ({"type": "delay", "distribution": {"type": "pareto", "scale_s": 0.001, "alpha": 0}}, "$.layers[0].distribution.alpha"),
+    ({"type": "delay", "distribution": {"type": "gamma"}}, "$.layers[0].distribution.type"),
+    ({"type": "delay", "delay_s": 0.1, "seed": -1}, "$.layers[0].seed"),
+    ({"type": "throttle"}, "give at least one of them"),
+    ({"type": "throttle", "iops": 0}, "$.layers[0].iops"),
+    ({"type": "quota"}, "give at least one of them"),
+    ({"type": "quota", "bytes": 10, "errno": "EIO"}, "$.layers[0].errno"),
+    ({"type": "quota", "bytes": 10, "path_glob": "/a"}, "whole volume"),
+    ({"type": "metadata", "mode": 0o17777}, "$.layers[0].mode"),
+    ({"type": "metadata", "ops": ["read"]}, "metadata layers act only on"),
+    ({"type": "profile", "name": "floppy"}, "$.layers[0].name"),
+])
+def test_bad_layers_are_rejected_with_the_field(layer: dict, expected: str) -> None:
+    with pytest.raises(PolicyError) as info:
+        _one(layer)
+    assert expected in str(info.value)
+
+
+@pytest.mark.parametrize("pattern", ["*", "/a/[bc]", "/[!x]*", "/[]]", "/[!]]x", "/a]b"])
+def test_balanced_globs_pass(pattern: str) -> None:
+    check_glob(pattern)
+
+
+@pytest.mark.parametrize("pattern", ["/[", "/a[b", "/[!", "/[]"])
+def test_unbalanced_globs_fail(pattern: str) -> None:
+    with pytest.raises(ValueError, match="unbalanced"):
+        check_glob(pattern)
+
+
+def test_every_profile_has_a_source_and_expands_to_throttle_and_delay() -> None:
+    assert set(PROFILES) == set(typing.get_args(typing.get_type_hints(ProfileLayer)["name"]))
+    for name, profile in PROFILES.items():
+        assert profile.source and profile.summary
+        layers = expand_profile(ProfileLayer(name=name))
+        assert {type(layer).__name__ for layer in layers} == {"ThrottleLayer", "DelayLayer"}
+
+
+def test_profile_expansion_carries_glob_ops_and_expiry() -> None:
+    layers = expand_profile(ProfileLayer(name="pd-standard", ops=frozenset({"read"}), path_glob="/d/*",
+                                         expires_after_s=10))
+    assert all(layer.path_glob == "/d/*" and layer.expires_after_s == 10 for layer in layers)
+    assert all(layer.ops == frozenset({"read"}) for layer in layers)
+    # the write-IOPS throttle of pd-standard drops out when only reads are asked for
+    assert [layer.iops for layer in layers if isinstance(layer, ThrottleLayer)] == [768, None]

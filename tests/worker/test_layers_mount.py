@@ -1,0 +1,140 @@
+"""Layers on a real mount: what the application sees, and the fault records on the bus."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import json
+import os
+import subprocess
+import threading
+import time
+
+import msgspec
+import nats
+
+from interposer.proto import FaultRecord, subjects
+
+MIB = 1 << 20
+
+
+def _policy(*layers: dict) -> str:
+    return json.dumps({"layers": list(layers)})
+
+
+def _errno_of(fn, *args) -> int:
+    try:
+        fn(*args)
+    except OSError as exc:
+        return exc.errno
+    return 0
+
+
+def test_fault_reaches_the_application_with_its_errno(mount_worker) -> None:
+    vol = mount_worker(policy=_policy({"type": "fault", "errno": "ENOSPC", "ops": ["write"], "path_glob": "/bad*"}))
+    fd = os.open(vol.mountpoint / "bad.bin", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        assert _errno_of(os.write, fd, b"x" * 100) == errno.ENOSPC
+    finally:
+        os.close(fd)
+    (vol.mountpoint / "good.bin").write_bytes(b"fine")
+    assert (vol.backing / "good.bin").read_bytes() == b"fine"
+    assert (vol.backing / "bad.bin").read_bytes() == b""
+
+
+def test_short_write_is_observed_by_os_write(mount_worker) -> None:
+    vol = mount_worker(policy=_policy({"type": "fault", "kind": "short_write", "short_ratio": 0.25}))
+    fd = os.open(vol.mountpoint / "f", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        assert os.write(fd, b"a" * 4096) == 1024
+    finally:
+        os.close(fd)
+    assert (vol.backing / "f").read_bytes() == b"a" * 1024
+
+
+def test_corruption_is_detected_by_checksum(mount_worker, tmp_path) -> None:
+    backing = tmp_path / "corrupt-backing"
+    backing.mkdir()
+    payload = os.urandom(256 * 1024)
+    (backing / "data.bin").write_bytes(payload)
+    vol = mount_worker(backing=backing, policy=_policy(
+        {"type": "fault", "kind": "corrupt", "corrupt_bytes": 3, "path_glob": "/data.bin"}))
+    read_back = (vol.mountpoint / "data.bin").read_bytes()
+    assert len(read_back) == len(payload)
+    assert hashlib.sha256(read_back).digest() != hashlib.sha256(payload).digest()
+    assert (backing / "data.bin").read_bytes() == payload  # the backing store is untouched
+
+
+def test_quota_gives_enospc_and_df_shows_it(mount_worker, tmp_path) -> None:
+    backing = tmp_path / "quota-backing"
+    backing.mkdir()
+    (backing / "existing").write_bytes(b"e" * (MIB // 2))  # counted at start
+    vol = mount_worker(backing=backing, policy=_policy({"type": "quota", "bytes": MIB, "inodes": 3}))
+    sv = os.statvfs(vol.mountpoint)
+    assert sv.f_blocks * sv.f_frsize == MIB
+    assert sv.f_bavail * sv.f_frsize == MIB // 2 and sv.f_files == 3 and sv.f_favail == 2
+    df = subprocess.run(["df", "-B1", "--output=size,avail", str(vol.mountpoint)], capture_output=True,
+                        text=True, check=True).stdout.split()
+    assert df[-2:] == [str(MIB), str(MIB // 2)]
+    with open(vol.mountpoint / "new", "wb", buffering=0) as f:
+        f.write(b"n" * (MIB // 4))
+        assert _errno_of(f.write, b"n" * (MIB // 2)) == errno.ENOSPC
+    os.mkdir(vol.mountpoint / "d")
+    assert _errno_of(os.mkdir, vol.mountpoint / "d2") == errno.ENOSPC
+    os.unlink(vol.mountpoint / "existing")
+    os.mkdir(vol.mountpoint / "d2")
+    assert os.statvfs(vol.mountpoint).f_bavail * sv.f_frsize == MIB - MIB // 4
+
+
+def test_expiry_reverts_on_time_without_a_bus(mount_worker) -> None:
+    vol = mount_worker(policy=_policy({"type": "fault", "errno": "EIO", "ops": ["getattr", "lookup"],
+                                       "path_glob": "/probe", "expires_after_s": 2}))
+    (vol.backing / "probe").write_bytes(b"p")
+    started = time.monotonic()
+    assert _errno_of(os.stat, vol.mountpoint / "probe") == errno.EIO
+    while _errno_of(os.stat, vol.mountpoint / "probe") == errno.EIO:
+        assert time.monotonic() - started < 15, "fault layer did not expire"
+        time.sleep(0.1)
+    assert time.monotonic() - started >= 1.5  # not before its time
+    assert "layers expired" in vol.log()
+
+
+def test_fault_records_are_published_on_the_bus(mount_worker, nats_url) -> None:
+    volume = "faultrec"
+    records: list[FaultRecord] = []
+    ready, done = threading.Event(), threading.Event()
+
+    async def listen() -> None:
+        nc = await nats.connect(nats_url)
+        decoder = msgspec.msgpack.Decoder(list[FaultRecord])
+
+        async def on_message(msg) -> None:
+            records.extend(decoder.decode(msg.data))
+            if len(records) >= 2:
+                done.set()
+
+        await nc.subscribe(subjects.faults(volume), cb=on_message)
+        await nc.flush()
+        ready.set()
+        for _ in range(200):
+            if done.is_set():
+                break
+            await asyncio.sleep(0.05)
+        await nc.close()
+
+    listener = threading.Thread(target=asyncio.run, args=(listen(),))
+    listener.start()
+    assert ready.wait(10)
+    vol = mount_worker(volume, nats_url=nats_url, policy=_policy(
+        {"type": "fault", "errno": "EIO", "ops": ["write"]},
+        {"type": "fault", "kind": "short_read", "path_glob": "/r"}))
+    (vol.backing / "r").write_bytes(b"r" * 1000)
+    with open(vol.mountpoint / "r", "rb", buffering=0) as f:
+        assert len(f.read(1000)) == 500
+    fd = os.open(vol.mountpoint / "w", os.O_WRONLY | os.O_CREAT, 0o644)
+    assert _errno_of(os.write, fd, b"w") == errno.EIO
+    os.close(fd)
+    listener.join(15)
+    kinds = sorted((r.kind, r.errno, r.op, r.path, r.layer, r.volume) for r in records)
+    assert kinds == [("errno", "EIO", "write", "/w", 0, volume), ("short_read", "", "read", "/r", 1, volume)]
