@@ -16,8 +16,15 @@ DOCUMENTED_METRICS = {
     "interposer_ops_total",
     "interposer_bytes_total",
     "interposer_op_duration_seconds_bucket",
+    "interposer_op_duration_seconds_sum",
+    "interposer_op_duration_seconds_count",
     "interposer_injected_faults_total",
+    "interposer_injected_delay_seconds_total",
+    "interposer_throttle_wait_seconds_total",
     "interposer_events_dropped_total",
+    "interposer_events_sampled_out_total",
+    "interposer_worker_policy_revision",
+    "interposer_worker_last_heartbeat_timestamp_seconds",
 }
 PROMQL_KEYWORDS = {"and", "or", "unless", "bool", "offset", "inf", "nan"}
 DASHBOARD_FILE = DEPLOY_DIR / "overlays" / "monitoring" / "dashboards" / "interposer-overview.json"

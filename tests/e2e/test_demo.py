@@ -15,22 +15,22 @@ MIB = 1024 * 1024
 PHASE_SECONDS = 4
 
 
-def _interposer_mounts() -> list[str]:
-    return [line for line in Path("/proc/self/mountinfo").read_text().splitlines() if "fuse.interposer" in line]
+def _mounts_under(root: Path) -> list[str]:
+    """Mount points below ``root`` (the demo mounts its volume inside its work dir)."""
+    return [line for line in Path("/proc/self/mountinfo").read_text().splitlines()
+            if line.split()[4].startswith(str(root))]
 
 
-def _interposer_processes() -> list[str]:
+def _processes_using(root: Path) -> list[str]:
+    """Processes whose command line names ``root``: every process the demo starts
+    (nats-server, services, workers) gets a path inside its work dir."""
     out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    names = ("interposer.fuse_worker", "interposer.policy", "interposer.collector", "interposer.csi_node",
-             "nats-server")
-    return [line for line in out.splitlines() if any(name in line for name in names) and "pytest" not in line]
+    return [line for line in out.splitlines() if str(root) in line and "ps -eo" not in line]
 
 
 @pytest.fixture(scope="module")
 def demo_report(tmp_path_factory: pytest.TempPathFactory) -> dict:
     require_fuse()
-    mounts_before = _interposer_mounts()
-    processes_before = _interposer_processes()
     work = tmp_path_factory.mktemp("demo")
     proc = subprocess.run(
         [sys.executable, "-m", "interposer.cli", "demo", "--phase-seconds", str(PHASE_SECONDS), "--json",
@@ -39,9 +39,9 @@ def demo_report(tmp_path_factory: pytest.TempPathFactory) -> dict:
     )
     assert proc.returncode == 0, f"demo failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
     report = json.loads(proc.stdout)
-    report["_leftover_mounts"] = [m for m in _interposer_mounts() if m not in mounts_before]
+    report["_leftover_mounts"] = _mounts_under(work)
     report["_leftover_files"] = list(work.iterdir())
-    report["_leftover_processes"] = [p for p in _interposer_processes() if p not in processes_before]
+    report["_leftover_processes"] = _processes_using(work)
     return report
 
 

@@ -155,6 +155,32 @@ def mount(paths: tuple[str, ...], **flags: object) -> None:
         raise click.ClickException(str(exc)) from None
 
 
+# ---- top ---------------------------------------------------------------------------
+
+
+def _default_metrics_url() -> str:
+    endpoints = read_endpoints(DEFAULT_STATE_DIR)
+    return endpoints.metrics_url if endpoints else "http://127.0.0.1:9464/metrics"
+
+
+@main.command()
+@click.option("--url", default=_default_metrics_url, show_default="running stack or http://127.0.0.1:9464/metrics",
+              help="The collector's /metrics URL.")
+@click.option("--interval", "interval_s", default=2.0, show_default=True, type=click.FloatRange(0.1, 3600),
+              help="Seconds between scrapes (the rates' window).")
+@click.option("--once", is_flag=True, help="Print one frame (two scrapes INTERVAL apart) and exit.")
+def top(url: str, interval_s: float, once: bool) -> None:
+    """Live per volume/pod I/O: IOPS, MB/s, p99 latency, errors and injected faults."""
+    from ._top import run_top
+
+    try:
+        run_top(url, interval_s, once)
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:
+        raise click.ClickException(f"cannot scrape {url}: {exc}") from None
+
+
 # ---- policy ------------------------------------------------------------------------
 
 #: Exit code of ``policy set/clear/rollback --wait`` when workers did not apply in time.

@@ -22,8 +22,10 @@ class OpEvent(msgspec.Struct, array_like=True, gc=False):
         path: path of that inode inside the volume at the time of the op,
             ``/``-separated, starting with ``/``; for entry ops the entry's path.
         offset: byte offset (read/write), else 0.
-        size: bytes requested (read/write), else 0.
-        result: bytes transferred (read/write) when the op succeeded, else 0.
+        size: bytes requested (read/write; the new size for a truncating setattr), else 0.
+        result: bytes done, i.e. transferred by a successful read/write (may be less
+            than ``size``: a short read at end of file, or a short I/O a layer made),
+            else 0.
         errno: 0 on success, else the errno number returned to the kernel.
         start_ns: wall-clock start, ns since the Unix epoch.
         duration_ns: time spent serving the op, ns (includes injected delay).
@@ -32,6 +34,11 @@ class OpEvent(msgspec.Struct, array_like=True, gc=False):
         throttle_ns: time spent waiting for throttle tokens, ns.
         pid: caller process id (0 where FUSE does not say, e.g. release).
         uid: caller user id.
+        session: file session id: set by ``open``/``create`` and carried by every op on
+            the file handle it returned (read, write, flush, fsync, release), so a
+            consumer can group what happened to one opened file (open → release).
+            Unique per worker process (a counter, never reused even when the kernel
+            reuses the fh number); 0 for ops outside a file session.
     """
 
     op: str
@@ -48,6 +55,7 @@ class OpEvent(msgspec.Struct, array_like=True, gc=False):
     throttle_ns: int = 0
     pid: int = 0
     uid: int = 0
+    session: int = 0
 
 
 class EventBatch(msgspec.Struct):
@@ -61,6 +69,8 @@ class EventBatch(msgspec.Struct):
         dropped_total: events this worker dropped so far because its buffer was full.
         namespace: Kubernetes namespace of the pod using the volume, ``""`` if unknown.
         pod: name of that pod, ``""`` if unknown.
+        sampled_out_total: ops this worker served but, by its event sampling rules,
+            did not turn into events, so far (counted in ``WorkerStatus.ops_total``).
     """
 
     volume: str
@@ -70,6 +80,7 @@ class EventBatch(msgspec.Struct):
     dropped_total: int = 0
     namespace: str = ""
     pod: str = ""
+    sampled_out_total: int = 0
 
 
 class WorkerStatus(msgspec.Struct):

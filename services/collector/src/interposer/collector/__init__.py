@@ -1,4 +1,4 @@
-"""interposer collector: NATS op-event batches and worker heartbeats → Prometheus metrics.
+"""interposer collector: NATS op-event batches and worker heartbeats → Prometheus metrics and OTLP traces/logs.
 
 Run it with ``python -m interposer.collector`` (see ``services/collector/README.md``).
 """
@@ -38,6 +38,12 @@ from ._metrics import (
 )
 from ._metrics import (
     make_registry as make_registry,
+)
+from ._otlp import (
+    OtlpExporter as OtlpExporter,
+)
+from ._otlp import (
+    session_ids as session_ids,
 )
 from ._service import (
     EVENTS_SUBJECT as EVENTS_SUBJECT,

@@ -20,6 +20,9 @@ from ._config import (
     DEFAULT_LISTEN_HOST,
     DEFAULT_LISTEN_PORT,
     DEFAULT_NATS_URL,
+    DEFAULT_OTLP_ENDPOINT,
+    DEFAULT_OTLP_MIN_DURATION_S,
+    DEFAULT_OTLP_SAMPLE_RATIO,
     DEFAULT_PENDING_BYTES_LIMIT,
     DEFAULT_PENDING_MSGS_LIMIT,
     DEFAULT_RECONNECT_TIME_WAIT_S,
@@ -58,6 +61,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="per-subscription buffer in bytes before NATS drops (default: %(default)s)")
     parser.add_argument("--reconnect-time-wait", type=float, default=DEFAULT_RECONNECT_TIME_WAIT_S,
                         metavar="SECONDS", help="wait between NATS reconnect attempts (default: %(default)s)")
+    otlp = parser.add_argument_group("OpenTelemetry (a span per op, a log record per injected fault)")
+    otlp.add_argument("--otlp-endpoint", default=DEFAULT_OTLP_ENDPOINT, metavar="URL",
+                      help="OTLP/gRPC endpoint, e.g. http://127.0.0.1:4317 (https:// uses TLS); "
+                           "export is off unless given")
+    otlp.add_argument("--otlp-ops", default="", metavar="OP[,OP…]",
+                      help="FUSE ops exported as spans, comma-separated (default: every op)")
+    otlp.add_argument("--otlp-path-glob", default="*", metavar="GLOB",
+                      help="export only ops and file sessions whose path matches (default: %(default)s)")
+    otlp.add_argument("--otlp-min-duration", type=float, default=DEFAULT_OTLP_MIN_DURATION_S, metavar="SECONDS",
+                      help="export only ops at least this long (default: %(default)s)")
+    otlp.add_argument("--otlp-sample-ratio", type=float, default=DEFAULT_OTLP_SAMPLE_RATIO, metavar="RATIO",
+                      help="share of traces exported, 0..1, per file session (default: %(default)s)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="(default: %(default)s)")
     return parser
@@ -83,6 +98,10 @@ def config_from_args(argv: list[str] | None = None) -> CollectorConfig:
             listen_host=host, listen_port=port, port_file=args.port_file, nats_url=args.nats_url,
             pending_msgs_limit=args.pending_msgs_limit, pending_bytes_limit=args.pending_bytes_limit,
             reconnect_time_wait_s=args.reconnect_time_wait, log_level=args.log_level,
+            otlp_endpoint=args.otlp_endpoint,
+            otlp_ops=[op.strip() for op in args.otlp_ops.split(",") if op.strip()],
+            otlp_path_glob=args.otlp_path_glob, otlp_min_duration_s=args.otlp_min_duration,
+            otlp_sample_ratio=args.otlp_sample_ratio,
         )
     except (ValueError, msgspec.ValidationError) as exc:
         parser.error(str(exc))

@@ -80,6 +80,8 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
         delay_s: ``(volume, namespace, pod, op)`` → injected delay, seconds.
         throttle_wait_s: ``(volume, namespace, pod, op)`` → throttle wait, seconds.
         events_dropped: ``(volume, namespace, pod)`` → events the workers dropped.
+        events_sampled_out: ``(volume, namespace, pod)`` → ops the workers' sampling
+            rules kept out of the event stream.
         worker_ops: ``(volume, namespace, pod)`` → ops the workers report serving.
         policy_revision: volume → policy revision in the newest heartbeat.
         last_heartbeat_s: volume → send time of the newest heartbeat, seconds since the
@@ -99,6 +101,7 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
     delay_s: dict[tuple[str, str, str, str], float]
     throttle_wait_s: dict[tuple[str, str, str, str], float]
     events_dropped: dict[Labels3, int]
+    events_sampled_out: dict[Labels3, int]
     worker_ops: dict[Labels3, int]
     policy_revision: dict[str, int]
     last_heartbeat_s: dict[str, float]
@@ -129,13 +132,14 @@ class _Group:
 class _Worker:
     """What the collector knows of one worker process (one ``(volume, worker_id)``)."""
 
-    __slots__ = ("namespace", "pod", "dropped_total", "ops_total")
+    __slots__ = ("namespace", "pod", "dropped_total", "ops_total", "sampled_out_total")
 
     def __init__(self) -> None:
         self.namespace = ""
         self.pod = ""
         self.dropped_total = 0
         self.ops_total = 0
+        self.sampled_out_total = 0
 
 
 class Aggregator:
@@ -220,6 +224,8 @@ class Aggregator:
             worker = self._worker(batch.volume, batch.worker_id, batch.namespace, batch.pod)
             if batch.dropped_total > worker.dropped_total:
                 worker.dropped_total = batch.dropped_total
+            if batch.sampled_out_total > worker.sampled_out_total:
+                worker.sampled_out_total = batch.sampled_out_total
             self._batches_total += 1
             self._events_total += len(events)
 
@@ -267,6 +273,7 @@ class Aggregator:
         delay_s: dict[tuple[str, str, str, str], float] = {}
         throttle_wait_s: dict[tuple[str, str, str, str], float] = {}
         events_dropped: dict[Labels3, int] = {}
+        events_sampled_out: dict[Labels3, int] = {}
         worker_ops: dict[Labels3, int] = {}
         with self._lock:
             for (volume, namespace, pod), group in self._groups.items():
@@ -291,6 +298,7 @@ class Aggregator:
             for (volume, _worker_id), worker in self._workers.items():
                 key3 = (volume, worker.namespace, worker.pod)
                 events_dropped[key3] = events_dropped.get(key3, 0) + worker.dropped_total
+                events_sampled_out[key3] = events_sampled_out.get(key3, 0) + worker.sampled_out_total
                 worker_ops[key3] = worker_ops.get(key3, 0) + worker.ops_total
             heartbeats = dict(self._heartbeats)
             return Snapshot(
@@ -301,6 +309,7 @@ class Aggregator:
                 delay_s=delay_s,
                 throttle_wait_s=throttle_wait_s,
                 events_dropped=events_dropped,
+                events_sampled_out=events_sampled_out,
                 worker_ops=worker_ops,
                 policy_revision={volume: revision for volume, (_, revision) in heartbeats.items()},
                 last_heartbeat_s={volume: sent_at_s for volume, (sent_at_s, _) in heartbeats.items()},

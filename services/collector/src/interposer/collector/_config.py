@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 import msgspec
+from interposer.proto.policy import MAX_GLOB_LENGTH, OpName
 
 #: Address the /metrics HTTP server binds to by default (loopback: expose it on
 #: purpose, e.g. ``--listen 0.0.0.0:9464`` in a pod).
@@ -30,6 +31,19 @@ DEFAULT_DRAIN_TIMEOUT_S = 10.0
 #: Shortest gap between two log lines about malformed messages, seconds (the count is
 #: always exact in ``interposer_collector_decode_errors_total``).
 DEFAULT_DECODE_ERROR_LOG_INTERVAL_S = 10.0
+
+#: OTLP export (traces and fault logs) is off unless an endpoint is given.
+DEFAULT_OTLP_ENDPOINT = ""
+#: Shortest op exported as a span, seconds (0 = every op).
+DEFAULT_OTLP_MIN_DURATION_S = 0.0
+#: Share of traces exported, 0..1 (decided per trace, so a file session is whole or absent).
+DEFAULT_OTLP_SAMPLE_RATIO = 1.0
+#: Most file sessions (open → release) tracked at once for their parent spans; when
+#: more are open the oldest is ended early (its span says so).
+DEFAULT_OTLP_MAX_OPEN_SESSIONS = 10_000
+#: Most spans (and, separately, log records) queued for export before the SDK drops
+#: new ones.
+DEFAULT_OTLP_MAX_QUEUE = 65_536
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
@@ -58,6 +72,18 @@ class CollectorConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
         decode_error_log_interval_s: shortest gap between two log lines about
             malformed messages, seconds.
         log_level: ``DEBUG``, ``INFO``, ``WARNING`` or ``ERROR``.
+        otlp_endpoint: OTLP/gRPC endpoint (``http://host:4317``; ``https://`` uses TLS)
+            that receives a span per op and a log record per injected fault; ``""``
+            disables OpenTelemetry export.
+        otlp_ops: FUSE op names exported as spans; empty = every op.
+        otlp_path_glob: ``fnmatch`` glob on the op path (``*`` and ``?`` match ``/``);
+            ops and file sessions whose path does not match are not exported.
+        otlp_min_duration_s: ops shorter than this are not exported as spans, seconds.
+        otlp_sample_ratio: share of traces exported, 0..1, decided from the trace id
+            (as OpenTelemetry's ``TraceIdRatioBased`` sampler), so every replica makes
+            the same choice for one file session.
+        otlp_max_open_sessions: most file sessions tracked at once.
+        otlp_max_queue: most spans (and log records) queued for export.
     """
 
     listen_host: str = DEFAULT_LISTEN_HOST
@@ -72,6 +98,13 @@ class CollectorConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     drain_timeout_s: PositiveFloat = DEFAULT_DRAIN_TIMEOUT_S
     decode_error_log_interval_s: Annotated[float, msgspec.Meta(ge=0.0)] = DEFAULT_DECODE_ERROR_LOG_INTERVAL_S
     log_level: LogLevel = "INFO"
+    otlp_endpoint: str = DEFAULT_OTLP_ENDPOINT
+    otlp_ops: frozenset[OpName] = frozenset()
+    otlp_path_glob: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_GLOB_LENGTH)] = "*"
+    otlp_min_duration_s: Annotated[float, msgspec.Meta(ge=0.0)] = DEFAULT_OTLP_MIN_DURATION_S
+    otlp_sample_ratio: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = DEFAULT_OTLP_SAMPLE_RATIO
+    otlp_max_open_sessions: PositiveInt = DEFAULT_OTLP_MAX_OPEN_SESSIONS
+    otlp_max_queue: PositiveInt = DEFAULT_OTLP_MAX_QUEUE
 
     @property
     def nats_servers(self) -> list[str]:

@@ -34,6 +34,8 @@ METRICS: tuple[tuple[str, str, list[str], str], ...] = (
      "Time ops waited for throttle tokens, seconds."),
     ("interposer_events_dropped", "counter", list(_VNP),
      "Op events the workers dropped because their buffer was full (summed over worker processes)."),
+    ("interposer_events_sampled_out", "counter", list(_VNP),
+     "Ops the workers served but, by their event sampling rules, did not turn into events."),
     ("interposer_worker_ops", "counter", list(_VNP),
      "FUSE ops the workers report serving, from their heartbeats (summed over worker processes)."),
     ("interposer_worker_policy_revision", "gauge", ["volume"],
@@ -99,6 +101,7 @@ def families(snapshot: Snapshot) -> Iterator[Metric]:
     yield _counter("interposer_injected_delay_seconds", snapshot.delay_s.items())
     yield _counter("interposer_throttle_wait_seconds", snapshot.throttle_wait_s.items())
     yield _counter("interposer_events_dropped", snapshot.events_dropped.items())
+    yield _counter("interposer_events_sampled_out", snapshot.events_sampled_out.items())
     yield _counter("interposer_worker_ops", snapshot.worker_ops.items())
     yield _gauge("interposer_worker_policy_revision",
                  (((volume,), revision) for volume, revision in snapshot.policy_revision.items()))

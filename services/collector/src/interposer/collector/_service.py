@@ -44,6 +44,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from ._aggregate import Aggregator
 from ._config import CollectorConfig
 from ._metrics import make_registry
+from ._otlp import OtlpExporter
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,8 @@ class CollectorService:
         self._http_thread: threading.Thread | None = None
         self._nc: NATSClient | None = None
         self._closing = False
+        #: Span and fault-log export, when ``config.otlp_endpoint`` is set.
+        self.otlp: OtlpExporter | None = OtlpExporter(config) if config.otlp_endpoint else None
         self._decode_log = _RateLimitedLog(config.decode_error_log_interval_s)
         self._slow_log = _RateLimitedLog(config.decode_error_log_interval_s)
 
@@ -171,6 +174,8 @@ class CollectorService:
             self._decode_error(msg, f"volume {batch.volume!r} does not match the subject")
             return
         self.aggregator.add_batch(batch)
+        if self.otlp is not None:
+            self.otlp.add_batch(batch)
 
     async def _on_status(self, msg: Msg) -> None:
         try:
@@ -289,6 +294,8 @@ class CollectorService:
             if self._nc is not None:
                 await self._nc.close()
             self.stop_http()
+            if self.otlp is not None:
+                await asyncio.to_thread(self.otlp.shutdown)
 
 
 async def serve(config: CollectorConfig) -> None:

@@ -10,7 +10,7 @@ import msgspec
 
 from interposer.proto import PolicyError
 
-from ._config import DEFAULT_POLICY_WAIT_S, WorkerConfig
+from ._config import DEFAULT_POLICY_WAIT_S, WorkerConfig, parse_sample_rule
 from .backends import BACKEND_KINDS, DEFAULT_MEMORY_SIZE_BYTES
 from ._worker import run
 
@@ -34,12 +34,23 @@ from ._worker import run
 @click.option("--on-bus-unreachable", type=click.Choice(["passthrough", "refuse"]),
               default="passthrough", show_default=True,
               help="If that wait times out: mount with the local policy, or exit without mounting.")
+@click.option("--events/--no-events", default=True, show_default=True,
+              help="Publish one op event per served op (--no-events: heartbeat counters only).")
+@click.option("--event-sample", "event_sampling", multiple=True, metavar="OPS:GLOB:RATIO",
+              help="Record only RATIO (0..1) of the ops named in OPS (comma-separated, empty = all) "
+                   "whose path matches GLOB, e.g. 'getattr,lookup:*:0.01'. Repeatable; the first "
+                   "matching rule wins; unmatched ops are all recorded.")
 @click.option("--log-level", default="INFO", show_default=True)
-def main(log_level: str, **flags: object) -> None:
+def main(log_level: str, event_sampling: tuple[str, ...], **flags: object) -> None:
     """Serve one interposed volume in the foreground until unmounted or SIGTERM."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        rules = [parse_sample_rule(text) for text in event_sampling]
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--event-sample") from None
+    try:
         config = msgspec.convert(flags, WorkerConfig)
+        config = msgspec.structs.replace(config, event_sampling=tuple(rules))
         run(config)
     except (msgspec.ValidationError, PolicyError) as exc:
         raise click.UsageError(str(exc)) from None

@@ -163,15 +163,18 @@ class InterposerOperations(pyfuse3.Operations):
     # ---- files ---------------------------------------------------------------------
 
     async def open(self, inode, flags, ctx):
-        op = self._op("open", inode, ctx)
+        op = self._op("open", inode, ctx, session=self.telemetry.new_session())
         info = await self._serve(op, lambda: self.backend.open(inode, flags, ctx))
         info.direct_io = self._direct_io(flags, op.path)
+        self.telemetry.bind_session(info.fh, op.session)
         return info
 
     async def create(self, parent_inode, name, mode, flags, ctx):
         op = self._entry_op("create", parent_inode, name, ctx)
+        op.session = self.telemetry.new_session()
         info, attrs = await self._serve(op, lambda: self.backend.create(parent_inode, name, mode, flags, ctx))
         info.direct_io = self._direct_io(flags, op.path)
+        self.telemetry.bind_session(info.fh, op.session)
         return info, attrs
 
     def _direct_io(self, flags: int, path: str) -> bool:
@@ -188,13 +191,14 @@ class InterposerOperations(pyfuse3.Operations):
     async def read(self, fh, off, size):
         backend = self.backend
         ino = backend.ino_of_fh(fh)
-        op = Op("read", ino, backend.path_of(ino), offset=off, size=size)
+        op = Op("read", ino, backend.path_of(ino), offset=off, size=size, session=self.telemetry.session_of(fh))
         return await self._serve(op, lambda: backend.read(fh, off, size))
 
     async def write(self, fh, off, buf):
         backend = self.backend
         ino = backend.ino_of_fh(fh)
-        op = Op("write", ino, backend.path_of(ino), offset=off, size=len(buf))
+        op = Op("write", ino, backend.path_of(ino), offset=off, size=len(buf),
+                session=self.telemetry.session_of(fh))
         # A short-write fault sets op.short_size: only that many bytes reach the backend.
         return await self._serve(
             op, lambda: backend.write(fh, off, buf if op.short_size < 0 else buf[: op.short_size])
@@ -202,20 +206,22 @@ class InterposerOperations(pyfuse3.Operations):
 
     async def flush(self, fh):
         ino = self.backend.ino_of_fh(fh)
-        return await self._serve(self._op("flush", ino, None), lambda: self.backend.flush(fh))
+        op = self._op("flush", ino, None, session=self.telemetry.session_of(fh))
+        return await self._serve(op, lambda: self.backend.flush(fh))
 
     async def release(self, fh):
         ino = self.backend.ino_of_fh(fh)
         # release cannot fail towards the application (close already returned), so it
         # bypasses the layers: a fault here would only leak the backing fd.
-        op = self._op("release", ino, None)
+        op = self._op("release", ino, None, session=self.telemetry.end_session(fh))
         start_wall_ns, start_ns = time.time_ns(), time.perf_counter_ns()
         await self.backend.release(fh)
         self.telemetry.record(op, 0, 0, start_wall_ns, time.perf_counter_ns() - start_ns)
 
     async def fsync(self, fh, datasync):
         ino = self.backend.ino_of_fh(fh)
-        return await self._serve(self._op("fsync", ino, None), lambda: self.backend.fsync(fh, datasync))
+        op = self._op("fsync", ino, None, session=self.telemetry.session_of(fh))
+        return await self._serve(op, lambda: self.backend.fsync(fh, datasync))
 
     # ---- directories ---------------------------------------------------------------
 

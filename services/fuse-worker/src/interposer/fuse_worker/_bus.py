@@ -195,6 +195,7 @@ class Bus:
             volume=self.config.volume_id, worker_id=self.worker_id, seq=self._seq, events=events,
             dropped_total=self.telemetry.events_dropped_total,
             namespace=self.config.pod_namespace, pod=self.config.pod_name,
+            sampled_out_total=self.telemetry.sampled_out_total,
         ))
 
     async def _publish_events(self, nc: nats.NATS) -> None:
@@ -233,7 +234,7 @@ class Bus:
         t = self.telemetry
         return self._encoder.encode(WorkerStatus(
             volume=self.config.volume_id, worker_id=self.worker_id, policy_revision=self._current_revision(),
-            ops_total=t.ops_total, events_total=t.ops_total, events_dropped_total=t.events_dropped_total,
+            ops_total=t.ops_total, events_total=t.events_total, events_dropped_total=t.events_dropped_total,
             events_published_total=t.events_published_total, started_at_s=self._started_at_s,
             sent_at_s=time.time(), namespace=self.config.pod_namespace, pod=self.config.pod_name,
             faults_total=t.faults_total, faults_dropped_total=t.faults_dropped_total,

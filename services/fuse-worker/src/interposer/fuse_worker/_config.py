@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
+from interposer.proto.policy import MAX_GLOB_LENGTH, OpName
 from interposer.proto.subjects import VOLUME_ID_PATTERN
 
 from .backends import BACKEND_KINDS, DEFAULT_MEMORY_SIZE_BYTES
@@ -13,6 +14,61 @@ from .backends import BACKEND_KINDS, DEFAULT_MEMORY_SIZE_BYTES
 
 #: How long a worker with a bus waits for its stored policy before mounting, seconds.
 DEFAULT_POLICY_WAIT_S = 5.0
+
+#: Most event sampling rules one worker takes.
+MAX_EVENT_SAMPLE_RULES = 64
+
+
+class EventSampleRule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Which share of the matching ops become op events.
+
+    The first rule whose ``ops`` and ``path_glob`` match an op decides; an op no
+    rule matches always becomes an event. Every op is counted in ``ops_total``
+    whether or not it is sampled.
+
+    Attributes:
+        ops: FUSE op names the rule applies to; empty = every op.
+        path_glob: ``fnmatch`` glob on the op's path inside the volume (``*`` and
+            ``?`` also match ``/``); ``*`` = every path.
+        ratio: share of the matching ops recorded, 0..1 (0 = none, 1 = all); each
+            op is kept independently with this probability.
+    """
+
+    ops: frozenset[OpName] = frozenset()
+    path_glob: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_GLOB_LENGTH)] = "*"
+    ratio: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 1.0
+
+
+def parse_sample_rule(text: str) -> EventSampleRule:
+    """Parse a ``--event-sample`` value ``OPS:GLOB:RATIO`` into a rule.
+
+    ``OPS`` is a comma-separated list of FUSE op names (empty = all), ``GLOB`` a path
+    glob (may itself contain ``:``), ``RATIO`` a number in 0..1. Examples:
+    ``getattr,lookup:*:0.01``, ``read,write:/scratch/*:0``, ``:*.log:0.1``.
+
+    Args:
+        text: the flag value.
+
+    Returns:
+        The validated rule.
+
+    Raises:
+        ValueError: not ``OPS:GLOB:RATIO``, an unknown op name, or a ratio outside
+            0..1 (the message names the part).
+    """
+    ops_text, sep1, rest = text.partition(":")
+    glob, sep2, ratio_text = rest.rpartition(":")
+    if not (sep1 and sep2):
+        raise ValueError(f"event sample rule {text!r}: expected OPS:GLOB:RATIO, e.g. getattr,lookup:*:0.01")
+    try:
+        ratio = float(ratio_text)
+    except ValueError:
+        raise ValueError(f"event sample rule {text!r}: ratio {ratio_text!r} is not a number") from None
+    ops = [op.strip() for op in ops_text.split(",") if op.strip()]
+    try:
+        return msgspec.convert({"ops": ops, "path_glob": glob or "*", "ratio": ratio}, EventSampleRule)
+    except msgspec.ValidationError as exc:
+        raise ValueError(f"event sample rule {text!r}: {exc}") from None
 
 
 class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -48,6 +104,10 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
             mounts with the local policy (``policy_file`` or none, revision 0) and
             applies the stored one when the bus comes back; ``refuse`` exits
             without mounting.
+        events: turn served ops into op events; False keeps only the counters of the
+            heartbeat (to measure what telemetry costs the data path).
+        event_sampling: rules choosing which share of ops become events (first match
+            wins; unmatched ops are all recorded); see :class:`EventSampleRule`.
     """
 
     volume_id: str = msgspec.field(default="default")
@@ -70,6 +130,10 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     status_interval_s: float = 1.0
     policy_wait_s: float = DEFAULT_POLICY_WAIT_S
     on_bus_unreachable: Literal["passthrough", "refuse"] = "passthrough"
+    events: bool = True
+    event_sampling: Annotated[
+        tuple[EventSampleRule, ...], msgspec.Meta(max_length=MAX_EVENT_SAMPLE_RULES)
+    ] = ()
 
     def __post_init__(self) -> None:
         if not VOLUME_ID_PATTERN.fullmatch(self.volume_id):

@@ -31,6 +31,8 @@ class Op(msgspec.Struct):
         fault: errno name a fault layer injected (outcome).
         delay_ns: delay injected by delay layers, ns (outcome).
         throttle_ns: time spent waiting for throttle tokens, ns (outcome).
+        session: file session id (``OpEvent.session``) of the file handle the op
+            uses, 0 if none.
         short_size: bytes the backend call transfers when a layer shortened a
             write (the adapter passes ``buf[:short_size]``); -1 = all.
         injected: ``list[Injection]`` of faults layers injected (outcome), ``None``
@@ -47,6 +49,7 @@ class Op(msgspec.Struct):
     fault: str = ""
     delay_ns: int = 0
     throttle_ns: int = 0
+    session: int = 0
     short_size: int = -1
     injected: "list[Injection] | None" = None
 

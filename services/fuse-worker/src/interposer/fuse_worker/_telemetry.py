@@ -3,16 +3,49 @@
 from __future__ import annotations
 
 import collections
+import random
 import time
+import typing
+from collections.abc import Callable, Iterable
 
 from interposer.proto import FaultRecord, OpEvent
+from interposer.proto.policy import OpName
 
+from ._config import EventSampleRule
 from ._op import Op
+from .layers._match import compile_glob
 
 #: Events held for the bus before new ones are dropped.
 DEFAULT_EVENT_BUFFER = 100_000
 #: Fault records held for the bus before new ones are dropped.
 DEFAULT_FAULT_BUFFER = 100_000
+
+#: Every FUSE op name an event can carry (the policy's op names).
+_OP_NAMES: tuple[str, ...] = typing.get_args(OpName)
+
+#: One compiled rule: (path predicate, None = every path; ratio 0..1).
+_CompiledRule = tuple[Callable[[str], object] | None, float]
+
+
+def compile_sampling(rules: Iterable[EventSampleRule]) -> dict[str, tuple[_CompiledRule, ...]]:
+    """Compile sampling rules into ``op name → rules that can apply to it``, in order.
+
+    Ops no rule names are left out, so the data path of an unsampled op costs one
+    dict miss.
+
+    Args:
+        rules: the configured rules, first match wins.
+
+    Returns:
+        ``dict[str, tuple[(predicate | None, ratio), ...]]``.
+    """
+    compiled = [(rule.ops, compile_glob(rule.path_glob), rule.ratio) for rule in rules]
+    by_op: dict[str, tuple[_CompiledRule, ...]] = {}
+    for name in _OP_NAMES:
+        applicable = tuple((match, ratio) for ops, match, ratio in compiled if not ops or name in ops)
+        if applicable:
+            by_op[name] = applicable
+    return by_op
 
 
 class Telemetry:
@@ -23,18 +56,28 @@ class Telemetry:
     is taken on the data path. When the buffer is full the event is dropped and
     counted: the data path never waits for the network.
 
+    Every op is counted in ``ops_total``; only the ops the sampling rules keep (all,
+    by default) become events, the others are counted in ``sampled_out_total``.
+
     Injected faults (``Op.injected``) also become ``FaultRecord`` s in a second
-    bounded deque, ``faults``, drained the same way.
+    bounded deque, ``faults``, drained the same way; they are never sampled and are
+    recorded even with events off.
 
     Args:
         capacity: most events buffered.
+        sampling: event sampling rules (first match wins; unmatched ops are kept).
+        enabled: False records no events at all (counters and fault records only).
+        rng: ``() -> float`` in [0, 1) used for sampling decisions (tests pass a
+            deterministic one).
         volume: volume id written into fault records.
         fault_capacity: most fault records buffered.
     """
 
-    def __init__(self, capacity: int = DEFAULT_EVENT_BUFFER, volume: str = "",
+    def __init__(self, capacity: int = DEFAULT_EVENT_BUFFER, sampling: Iterable[EventSampleRule] = (),
+                 enabled: bool = True, rng: Callable[[], float] = random.random, *, volume: str = "",
                  fault_capacity: int = DEFAULT_FAULT_BUFFER) -> None:
         self.capacity = capacity
+        self.enabled = enabled
         self.volume = volume
         self.fault_capacity = fault_capacity
         self.buffer: collections.deque[OpEvent] = collections.deque()
@@ -43,21 +86,67 @@ class Telemetry:
         self.faults_dropped_total = 0
         self.faults_published_total = 0
         self.ops_total = 0
+        self.events_total = 0
         self.events_dropped_total = 0
         self.events_published_total = 0
+        self.sampled_out_total = 0
+        self._sampling = compile_sampling(sampling)
+        self._rng = rng
+        #: ``dict[int, int]``: open file handle → its file session id.
+        self.sessions: dict[int, int] = {}
+        self._last_session = 0
+
+    def new_session(self) -> int:
+        """Return a new file session id (1, 2, …; never reused in this process)."""
+        self._last_session += 1
+        return self._last_session
+
+    def bind_session(self, fh: int, session: int) -> None:
+        """Attach ``session`` to file handle ``fh`` until :meth:`end_session`."""
+        self.sessions[fh] = session
+
+    def session_of(self, fh: int) -> int:
+        """Return the file session id of ``fh``, 0 if it has none."""
+        return self.sessions.get(fh, 0)
+
+    def end_session(self, fh: int) -> int:
+        """Detach and return the file session id of ``fh`` (on release), 0 if none."""
+        return self.sessions.pop(fh, 0)
+
+    def _keep(self, rules: tuple[_CompiledRule, ...], path: str) -> bool:
+        for match, ratio in rules:
+            if match is None or match(path):
+                return ratio >= 1.0 or (ratio > 0.0 and self._rng() < ratio)
+        return True
 
     def record(self, op: Op, errno: int, result_bytes: int, start_ns: int, duration_ns: int,
                revision: int = 0) -> None:
-        """Count the op and queue its event and fault records (or count drops)."""
+        """Count the op and queue its event and fault records (or count them as sampled out or dropped).
+
+        Args:
+            op: the finished op (request and outcome fields).
+            errno: 0 on success, else the errno number returned to the kernel.
+            result_bytes: bytes done (read/write), else 0.
+            start_ns: wall-clock start, ns since the Unix epoch.
+            duration_ns: time spent serving the op, ns.
+            revision: policy revision the op was served under (for fault records).
+        """
         self.ops_total += 1
         if op.injected:
             self._record_faults(op, start_ns, revision)
+        if not self.enabled:
+            return
+        rules = self._sampling.get(op.name)
+        if rules is not None and not self._keep(rules, op.path):
+            self.sampled_out_total += 1
+            return
+        self.events_total += 1
         if len(self.buffer) >= self.capacity:
             self.events_dropped_total += 1
             return
         self.buffer.append(OpEvent(
             op.name, op.ino, op.path, op.offset, op.size, result_bytes, errno, start_ns, duration_ns,
-            op.fault, op.delay_ns, op.throttle_ns, op.pid, op.uid,
+            op.fault, op.delay_ns, op.throttle_ns, op.pid, op.uid, op.session,
         ))
 
     def _record_faults(self, op: Op, start_ns: int, revision: int) -> None:

@@ -89,7 +89,8 @@ async def serve(config: WorkerConfig) -> None:
     os.umask(0)  # modes from the kernel already carry the caller's umask
     _raise_fd_limit()
     backend = make_backend(config)
-    telemetry = Telemetry(config.event_buffer, volume=config.volume_id)
+    telemetry = Telemetry(config.event_buffer, config.event_sampling, enabled=config.events,
+                          volume=config.volume_id)
     operations = InterposerOperations(backend, telemetry, policy, quota=quota_context(backend, config.backing_dir))
     bus: Bus | None = None
     if config.nats_url:

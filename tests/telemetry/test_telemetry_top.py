@@ -1,0 +1,101 @@
+"""``interposer top``: rates from two scrapes, and one frame against a real collector and mount."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Callable
+
+import pytest
+from telemetry_helpers import Collector
+
+from interposer.cli._top import bucket_quantile, compute_rows
+from interposer_testing import MountedVolume
+
+
+def _s(name: str, value: float, **labels: str) -> tuple[tuple[str, frozenset[tuple[str, str]]], float]:
+    return (name, frozenset(labels.items())), value
+
+
+def test_bucket_quantile_interpolates_like_histogram_quantile() -> None:
+    buckets = [(0.001, 0.0), (0.002, 50.0), (0.004, 100.0), (math.inf, 100.0)]
+    assert bucket_quantile(0.5, buckets) == pytest.approx(0.002)
+    assert bucket_quantile(0.99, buckets) == pytest.approx(0.002 + 0.002 * 49 / 50)
+    assert bucket_quantile(0.25, buckets) == pytest.approx(0.0015)
+    assert bucket_quantile(0.99, [(0.001, 1.0), (math.inf, 100.0)]) == 0.001  # in +Inf: highest finite bound
+    assert math.isnan(bucket_quantile(0.99, [(0.001, 0.0), (math.inf, 0.0)]))
+
+
+def test_compute_rows_differences_two_scrapes() -> None:
+    vnp = {"volume": "v", "namespace": "ns", "pod": "p"}
+    before = dict([
+        _s("interposer_ops_total", 100, op="read", result="ok", **vnp),
+        _s("interposer_bytes_total", 1_000_000, direction="read", **vnp),
+        _s("interposer_op_duration_seconds_bucket", 100, op="read", le="0.001", **vnp),
+        _s("interposer_op_duration_seconds_bucket", 100, op="read", le="+Inf", **vnp),
+    ])
+    after = dict([
+        _s("interposer_ops_total", 300, op="read", result="ok", **vnp),
+        _s("interposer_ops_total", 20, op="read", result="EIO", **vnp),  # new series: counts from 0
+        _s("interposer_bytes_total", 5_000_000, direction="read", **vnp),
+        _s("interposer_injected_faults_total", 20, op="read", errno="EIO", **vnp),
+        _s("interposer_op_duration_seconds_bucket", 300, op="read", le="0.001", **vnp),
+        _s("interposer_op_duration_seconds_bucket", 320, op="read", le="+Inf", **vnp),
+        _s("interposer_ops_total", 5, op="getattr", result="ok", volume="idle", namespace="", pod=""),
+    ])
+    busy, idle = compute_rows(before, after, 2.0)
+    assert (busy.volume, busy.namespace, busy.pod) == ("v", "ns", "p")
+    assert busy.iops == 110 and busy.read_mb_per_s == 2.0 and busy.write_mb_per_s == 0
+    assert busy.errors_per_s == 10 and busy.faults_per_s == 10
+    assert busy.p99_latency_s == 0.001  # 99 % of 220 new ops is past 200: in +Inf → highest finite bound
+    assert idle.volume == "idle" and idle.iops == 2.5 and math.isnan(idle.p99_latency_s)
+    with pytest.raises(ValueError, match="interval_s"):
+        compute_rows(before, after, 0)
+
+
+@pytest.mark.nats
+@pytest.mark.fuse
+def test_top_once_shows_a_live_volume(nats_url: str, mount_worker: Callable[..., MountedVolume],
+                                      start_collector: Callable[..., Collector]) -> None:
+    collector = start_collector()
+    volume = f"top-{uuid.uuid4().hex[:8]}"
+    policy = {"layers": [{"type": "fault", "errno": "EIO", "probability": 1.0, "ops": ["read"],
+                          "path_glob": "/faulty"}]}
+    vol = mount_worker(volume, nats_url=nats_url, policy=json.dumps(policy),
+                       extra=["--pod-namespace", "ns1", "--pod-name", "pod1"])
+    (vol.mountpoint / "faulty").write_bytes(b"x" * 4096)
+    stop = threading.Event()
+
+    def workload() -> None:
+        while not stop.is_set():
+            (vol.mountpoint / "data").write_bytes(b"d" * 65536)
+            fd = os.open(vol.mountpoint / "faulty", os.O_RDONLY | os.O_DIRECT)
+            try:
+                os.read(fd, 4096)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+
+    thread = threading.Thread(target=workload, daemon=True)
+    thread.start()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "interposer.cli", "top", "--url", collector.metrics_url, "--once",
+             "--interval", "2"],
+            capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "200"})
+    finally:
+        stop.set()
+        thread.join(10)
+    assert proc.returncode == 0, proc.stderr
+    [row] = [line for line in proc.stdout.splitlines() if volume in line]
+    cells = [cell.strip() for cell in row.strip("│┃| ").split("│")]
+    assert cells[:3] == [volume, "ns1", "pod1"], cells
+    iops, _read_mb, write_mb, p99_ms, errors, faults = (float(c) for c in cells[3:9])
+    assert iops > 0 and write_mb > 0 and p99_ms > 0
+    assert errors > 0 and faults > 0, "every read of /faulty fails on purpose"

@@ -1,0 +1,175 @@
+"""Worker-side telemetry: file sessions, sampling rules, events off — on real mounts and in units."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable
+
+import pytest
+from telemetry_helpers import BusTap, wait_for
+
+from interposer.fuse_worker._config import EventSampleRule, WorkerConfig, parse_sample_rule
+from interposer.fuse_worker._op import Op
+from interposer.fuse_worker._telemetry import Telemetry
+from interposer_testing import MountedVolume
+
+pytestmark = [pytest.mark.nats]
+
+
+# ---- units -----------------------------------------------------------------------------
+
+
+def test_parse_sample_rule() -> None:
+    assert parse_sample_rule("getattr,lookup:*:0.01") == EventSampleRule(
+        ops=frozenset({"getattr", "lookup"}), path_glob="*", ratio=0.01)
+    assert parse_sample_rule(":/a:b/*.log:0") == EventSampleRule(path_glob="/a:b/*.log", ratio=0.0)
+    assert parse_sample_rule("read::1") == EventSampleRule(ops=frozenset({"read"}))
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    ("read", "OPS:GLOB:RATIO"),
+    ("read:*:x", "ratio 'x'"),
+    ("reed:*:1", "$.ops[0]"),
+    ("read:*:1.5", "$.ratio"),
+])
+def test_parse_sample_rule_rejects_bad_input_naming_the_part(text: str, needle: str) -> None:
+    with pytest.raises(ValueError, match=None) as info:
+        parse_sample_rule(text)
+    assert needle in str(info.value) and text in str(info.value)
+
+
+def test_worker_config_limits_sampling_rules() -> None:
+    import msgspec
+
+    with pytest.raises(msgspec.ValidationError, match="event_sampling"):
+        msgspec.convert({"backing_dir": "/b", "mountpoint": "/m", "event_sampling": [{}] * 65}, WorkerConfig)
+
+
+def _record(telemetry: Telemetry, name: str, path: str = "/f") -> None:
+    telemetry.record(Op(name, 2, path), 0, 0, 0, 1)
+
+
+def test_sampling_first_matching_rule_decides_and_every_op_is_counted() -> None:
+    draws = iter([0.3, 0.7] * 50)
+    telemetry = Telemetry(sampling=[
+        EventSampleRule(ops=frozenset({"read"}), path_glob="/keep/*", ratio=1.0),
+        EventSampleRule(ops=frozenset({"read"}), ratio=0.5),
+        EventSampleRule(ops=frozenset({"getattr"}), ratio=0.0),
+    ], rng=lambda: next(draws))
+    for _ in range(10):
+        _record(telemetry, "read", "/keep/a")   # rule 1: all kept
+        _record(telemetry, "read", "/other")    # rule 2: draws 0.3 (kept), 0.7 (not) alternate
+        _record(telemetry, "getattr")           # rule 3: none
+        _record(telemetry, "write")             # no rule: all kept
+    kept = telemetry.take(1000)
+    assert telemetry.ops_total == 40
+    assert [e.path for e in kept if e.op == "read"].count("/keep/a") == 10
+    assert [e.path for e in kept if e.op == "read"].count("/other") == 5
+    assert not [e for e in kept if e.op == "getattr"]
+    assert len([e for e in kept if e.op == "write"]) == 10
+    assert telemetry.sampled_out_total == 15
+    assert telemetry.events_total == len(kept) == 25
+
+
+def test_full_buffer_drops_and_disabled_events_only_count() -> None:
+    telemetry = Telemetry(capacity=3)
+    for _ in range(5):
+        _record(telemetry, "read")
+    assert (telemetry.ops_total, telemetry.events_total, telemetry.events_dropped_total) == (5, 5, 2)
+    off = Telemetry(enabled=False)
+    for _ in range(5):
+        _record(off, "read")
+    assert (off.ops_total, off.events_total, len(off.buffer)) == (5, 0, 0)
+
+
+def test_session_ids_are_unique_per_process_even_when_fh_numbers_are_reused() -> None:
+    telemetry = Telemetry()
+    first = telemetry.new_session()
+    telemetry.bind_session(7, first)
+    assert telemetry.session_of(7) == first
+    assert telemetry.end_session(7) == first
+    assert telemetry.session_of(7) == 0 and telemetry.end_session(7) == 0
+    second = telemetry.new_session()
+    telemetry.bind_session(7, second)
+    assert second != first and telemetry.session_of(7) == second
+
+
+# ---- real mounts -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def volume() -> str:
+    return f"tel-{uuid.uuid4().hex[:8]}"
+
+
+def _settle(tap: BusTap) -> None:
+    """Wait until every event the worker produced so far has arrived and its ops stopped."""
+    seen: list[int] = []
+
+    def quiet() -> bool:
+        status = tap.settled()
+        if status is None:
+            return False
+        seen.append(status.ops_total)
+        return len(seen) >= 2 and seen[-1] == seen[-2] and tap.statuses[-1] is status
+
+    wait_for(quiet, what="the worker's events to settle", interval_s=1.1)
+
+
+def test_file_sessions_group_open_to_release(nats_url: str, mount_worker: Callable[..., MountedVolume],
+                                            volume: str) -> None:
+    with BusTap(nats_url, volume) as tap:
+        vol = mount_worker(volume, nats_url=nats_url)
+        path = vol.mountpoint / "s.bin"
+        with open(path, "wb") as out:  # create → write → flush → release
+            out.write(b"a" * 4096)
+        fd = os.open(path, os.O_RDONLY)  # open → read → flush → release
+        os.pread(fd, 4096, 0)
+        os.close(fd)
+        _settle(tap)
+    events = [e for e in tap.events if e.path == "/s.bin"]
+    sessions: dict[int, list[str]] = {}
+    for event in events:
+        if event.session:
+            sessions.setdefault(event.session, []).append(event.op)
+    assert len(sessions) == 2, events
+    first, second = (sessions[s] for s in sorted(sessions))
+    assert first[0] == "create" and first[-1] == "release" and "write" in first and "flush" in first
+    assert second[0] == "open" and second[-1] == "release" and "read" in second
+    assert all(e.session == 0 for e in events if e.op in {"lookup", "getattr"})
+    written = [e for e in events if e.op == "write"]
+    assert sum(e.size for e in written) == sum(e.result for e in written) == 4096
+
+
+def test_sampling_flags_keep_counts_exact(nats_url: str, mount_worker: Callable[..., MountedVolume],
+                                          volume: str) -> None:
+    with BusTap(nats_url, volume) as tap:
+        vol = mount_worker(volume, nats_url=nats_url,
+                           extra=["--event-sample", "getattr,lookup:*:0", "--event-sample", "read:/skip/*:0"])
+        (vol.mountpoint / "skip").mkdir()
+        for name in ("skip/a", "keep"):
+            (vol.mountpoint / name).write_bytes(b"x" * 1000)
+            fd = os.open(vol.mountpoint / name, os.O_RDONLY | os.O_DIRECT)
+            os.read(fd, 4096)
+            os.close(fd)
+        _settle(tap)
+    events = tap.events
+    status = tap.last_status()
+    assert not [e for e in events if e.op in {"getattr", "lookup"}]
+    reads = [e for e in events if e.op == "read"]
+    assert reads and all(e.path == "/keep" for e in reads)
+    assert [e for e in events if e.op == "write" and e.path == "/skip/a"], "only reads of /skip/* are sampled"
+    sampled_out = tap.batches[-1].sampled_out_total
+    assert sampled_out > 0
+    assert status.ops_total == status.events_total + sampled_out == len(events) + sampled_out
+
+
+def test_no_events_flag_publishes_only_heartbeats(nats_url: str, mount_worker: Callable[..., MountedVolume],
+                                                  volume: str) -> None:
+    with BusTap(nats_url, volume) as tap:
+        vol = mount_worker(volume, nats_url=nats_url, extra=["--no-events"])
+        (vol.mountpoint / "f").write_bytes(b"x" * 100)
+        wait_for(lambda: (s := tap.last_status()) is not None and s.ops_total > 0, what="a heartbeat with ops")
+    assert tap.batches == []
+    assert tap.last_status().events_total == 0
