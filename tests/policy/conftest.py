@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from interposer.cli._auth import ensure_credentials, write_server_config
 from interposer.cli._policy_client import PolicyClientError, get_policy
 from interposer.cli._procs import Child, free_port, start_nats_server
 
 
-def _ready(nats_url: str) -> bool:
+def _ready(nats_url: str, creds_file: str = "") -> bool:
     try:
-        return asyncio.run(get_policy(nats_url, "_probe", timeout_s=1)).ok
+        return asyncio.run(get_policy(nats_url, "_probe", timeout_s=1, creds_file=creds_file)).ok
     except PolicyClientError:
         return False
 
@@ -29,12 +30,53 @@ def policy_service(nats_url: str, tmp_path_factory: pytest.TempPathFactory) -> I
         child.stop()
 
 
-def start_policy_service(nats_url: str, log_path: Path) -> Child:
-    """Start ``python -m interposer.policy`` and wait until it answers."""
-    child = Child("policy", [sys.executable, "-m", "interposer.policy", "--nats-url", nats_url,
-                             "--log-level", "DEBUG"], log_path).start()
-    child.wait_ready(lambda: _ready(nats_url))
+def start_policy_service(nats_url: str, log_path: Path, creds: dict[str, str] | None = None) -> Child:
+    """Start ``python -m interposer.policy`` and wait until it answers.
+
+    With ``creds`` (role → credentials file) the service runs as the ``policy``
+    role and readiness is asked as the ``user`` role.
+    """
+    argv = [sys.executable, "-m", "interposer.policy", "--nats-url", nats_url, "--log-level", "DEBUG"]
+    if creds:
+        argv += ["--nats-creds", creds["policy"]]
+    child = Child("policy", argv, log_path).start()
+    child.wait_ready(lambda: _ready(nats_url, creds["user"] if creds else ""))
     return child
+
+
+class AuthBus:
+    """A nats-server with the embedded stack's users and permissions, and a policy service.
+
+    Attributes:
+        url: NATS URL.
+        creds: role (``worker``, ``policy``, ``collector``, ``user``) → credentials file.
+        state_dir: where the credentials and the server config are.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.state_dir = root
+        self.creds = ensure_credentials(root)
+        config = write_server_config(root / "nats" / "nats.conf", self.creds)
+        self.nats, self.url = start_nats_server(root / "nats", config_file=config)
+        try:
+            self.policy = start_policy_service(self.url, root / "policy.log", self.creds)
+        except BaseException:
+            self.nats.stop()
+            raise
+
+    def stop(self) -> None:
+        self.policy.stop()
+        self.nats.stop()
+
+
+@pytest.fixture(scope="module")
+def auth_bus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuthBus]:
+    """NATS with authentication and per-role permissions (as ``interposer up`` runs it) + a policy service."""
+    bus = AuthBus(Path(tmp_path_factory.mktemp("auth")))
+    try:
+        yield bus
+    finally:
+        bus.stop()
 
 
 class PrivateBus:

@@ -14,6 +14,7 @@ import click
 import msgspec
 
 from interposer.proto import PolicyError, PolicyReply, RollbackRequest, decode_policy, encode_json, encode_policy, subjects
+from interposer.proto.connection import CredentialsError, connect_options
 
 from ._policy_client import (
     DEFAULT_WAIT_TIMEOUT_S,
@@ -40,6 +41,13 @@ def _default_nats_url() -> str:
         return url
     endpoints = read_endpoints(DEFAULT_STATE_DIR)
     return endpoints.nats_url if endpoints else DEFAULT_NATS_URL
+
+
+def _default_nats_creds() -> str:
+    if creds := os.environ.get("INTERPOSER_NATS_CREDS"):
+        return creds
+    endpoints = read_endpoints(DEFAULT_STATE_DIR)
+    return endpoints.user_creds if endpoints else ""
 
 
 def _sigterm_as_interrupt() -> None:
@@ -104,10 +112,26 @@ def demo(phase_seconds: float, as_json: bool, work_dir: Path | None) -> None:
               show_default=True)
 @click.option("--nats-port", type=int, default=4222, show_default=True, help="0 picks a free port.")
 @click.option("--metrics-port", type=int, default=9464, show_default=True, help="0 picks a free port.")
-def up(state_dir: Path, nats_port: int, metrics_port: int) -> None:
-    """Run the embedded stack (nats-server, policy, collector, csi-node) until Ctrl-C."""
+@click.option("--nats-tls-cert", default="", type=click.Path(dir_okay=False, exists=True),
+              help="Serve NATS over TLS with this certificate (PEM); needs --nats-tls-key and --nats-tls-ca.")
+@click.option("--nats-tls-key", default="", type=click.Path(dir_okay=False, exists=True),
+              help="Private key (PEM) of --nats-tls-cert.")
+@click.option("--nats-tls-ca", default="", type=click.Path(dir_okay=False, exists=True),
+              help="CA (PEM) that signed --nats-tls-cert; written into every credentials file.")
+def up(state_dir: Path, nats_port: int, metrics_port: int, nats_tls_cert: str, nats_tls_key: str,
+       nats_tls_ca: str) -> None:
+    """Run the embedded stack (nats-server, policy, collector, csi-node) until Ctrl-C.
+
+    NATS refuses anonymous connections: each role's credentials are in
+    STATE_DIR/credentials/ (mode 0600); `interposer policy` uses the `user` file.
+    """
+    if nats_tls_cert and not (nats_tls_key and nats_tls_ca):
+        raise click.UsageError("--nats-tls-cert needs --nats-tls-key and --nats-tls-ca")
     _sigterm_as_interrupt()
-    stack = EmbeddedStack(state_dir, nats_port=nats_port or None, metrics_port=metrics_port)
+    stack = EmbeddedStack(state_dir, nats_port=nats_port or None, metrics_port=metrics_port,
+                          tls_cert=str(Path(nats_tls_cert).resolve()) if nats_tls_cert else "",
+                          tls_key=str(Path(nats_tls_key).resolve()) if nats_tls_key else "",
+                          tls_ca=str(Path(nats_tls_ca).resolve()) if nats_tls_ca else "")
     try:
         endpoints = stack.start()
         click.echo(describe(endpoints))
@@ -128,6 +152,8 @@ def up(state_dir: Path, nats_port: int, metrics_port: int) -> None:
                 type=click.Path(exists=True, file_okay=False))
 @click.option("--volume-id", default="default", show_default=True)
 @click.option("--nats-url", default="", help="NATS server for live policy and events (default: none).")
+@click.option("--nats-creds", default="", type=click.Path(dir_okay=False, exists=True),
+              help="NATS credentials file of the worker role (JSON: user, password, ca, cert, key).")
 @click.option("--policy-file", default="", type=click.Path(dir_okay=False), help="Initial JSON policy.")
 @click.option("--backend", default="passthrough", show_default=True,
               type=click.Choice(["passthrough", "memory", "null"]),
@@ -148,8 +174,9 @@ def mount(paths: tuple[str, ...], **flags: object) -> None:
     flags["mountpoint"] = paths[-1]
     try:
         config = msgspec.convert(flags, WorkerConfig)
+        connect_options(config.nats_creds)
         run(config)
-    except (msgspec.ValidationError, PolicyError) as exc:
+    except (msgspec.ValidationError, PolicyError, CredentialsError) as exc:
         raise click.UsageError(str(exc)) from None
     except (OSError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from None
@@ -209,6 +236,10 @@ def _call(coro):  # noqa: ANN001, ANN202
 
 
 def _nats_option(f):  # noqa: ANN001, ANN202
+    f = click.option("--nats-creds", default=_default_nats_creds, type=click.Path(dir_okay=False),
+                     show_default="$INTERPOSER_NATS_CREDS, else the running stack's user credentials",
+                     help="NATS credentials file (JSON: user, password, ca, cert, key); "
+                          "empty = anonymous.")(f)
     return click.option("--nats-url", default=_default_nats_url,
                         show_default="running stack or nats://127.0.0.1:4222")(f)
 
@@ -226,13 +257,13 @@ def _change_options(f):  # noqa: ANN001, ANN202
     return f
 
 
-def _change(nats_url: str, volume: str, subject: str, body: bytes, author: str, wait: bool,
+def _change(nats_url: str, nats_creds: str, volume: str, subject: str, body: bytes, author: str, wait: bool,
             timeout_s: float, min_workers: int) -> None:
     if not wait:
-        _print_reply(_call(request(nats_url, subject, body, author=author)))
+        _print_reply(_call(request(nats_url, subject, body, author=author, creds_file=nats_creds)))
         return
     result = _call(set_and_wait(nats_url, volume, subject, body, min_workers=min_workers,
-                                timeout_s=timeout_s, author=author))
+                                timeout_s=timeout_s, author=author, creds_file=nats_creds))
     if not result.reply.ok:
         _print_reply(result.reply)
     click.echo(msgspec.json.format(msgspec.json.encode(result.reply), indent=2).decode())
@@ -250,32 +281,35 @@ def _change(nats_url: str, volume: str, subject: str, body: bytes, author: str, 
 @click.argument("policy_file", type=click.File("rb"))
 @_nats_option
 @_change_options
-def policy_set(volume: str, policy_file, nats_url: str, author: str, wait: bool,  # noqa: ANN001
-               timeout_s: float, min_workers: int) -> None:
+def policy_set(volume: str, policy_file, nats_url: str, nats_creds: str, author: str,  # noqa: ANN001
+               wait: bool, timeout_s: float, min_workers: int) -> None:
     """Validate POLICY_FILE (JSON, or - for stdin) and make it VOLUME's policy."""
     body = policy_file.read()
     try:
         decode_policy(body)  # fail fast, with the same message the service would give
     except PolicyError as exc:
         _print_reply(PolicyReply(ok=False, error=str(exc)))
-    _change(nats_url, volume, subjects.policy_set(volume), body, author, wait, timeout_s, min_workers)
+    _change(nats_url, nats_creds, volume, subjects.policy_set(volume), body, author, wait, timeout_s,
+            min_workers)
 
 
 @policy.command("get")
 @click.argument("volume")
 @_nats_option
-def policy_get(volume: str, nats_url: str) -> None:
+def policy_get(volume: str, nats_url: str, nats_creds: str) -> None:
     """Show VOLUME's stored policy and its revision."""
-    _print_reply(_call(get_policy(nats_url, volume)))
+    _print_reply(_call(get_policy(nats_url, volume, creds_file=nats_creds)))
 
 
 @policy.command("clear")
 @click.argument("volume")
 @_nats_option
 @_change_options
-def policy_clear(volume: str, nats_url: str, author: str, wait: bool, timeout_s: float, min_workers: int) -> None:
+def policy_clear(volume: str, nats_url: str, nats_creds: str, author: str, wait: bool, timeout_s: float,
+                 min_workers: int) -> None:
     """Remove every layer from VOLUME's policy (plain passthrough), as a new revision."""
-    _change(nats_url, volume, subjects.policy_clear(volume), b"", author, wait, timeout_s, min_workers)
+    _change(nats_url, nats_creds, volume, subjects.policy_clear(volume), b"", author, wait, timeout_s,
+            min_workers)
 
 
 @policy.command("rollback")
@@ -283,20 +317,21 @@ def policy_clear(volume: str, nats_url: str, author: str, wait: bool, timeout_s:
 @click.argument("revision", type=click.IntRange(1))
 @_nats_option
 @_change_options
-def policy_rollback(volume: str, revision: int, nats_url: str, author: str, wait: bool, timeout_s: float,
-                    min_workers: int) -> None:
+def policy_rollback(volume: str, revision: int, nats_url: str, nats_creds: str, author: str, wait: bool,
+                    timeout_s: float, min_workers: int) -> None:
     """Make REVISION's policy VOLUME's policy again (stored as a new revision)."""
     body = encode_json(RollbackRequest(revision=revision))
-    _change(nats_url, volume, subjects.policy_rollback(volume), body, author, wait, timeout_s, min_workers)
+    _change(nats_url, nats_creds, volume, subjects.policy_rollback(volume), body, author, wait, timeout_s,
+            min_workers)
 
 
 @policy.command("history")
 @click.argument("volume")
 @_nats_option
 @click.option("--json", "as_json", is_flag=True, help="Print the HistoryReply JSON.")
-def policy_history_cmd(volume: str, nats_url: str, as_json: bool) -> None:
+def policy_history_cmd(volume: str, nats_url: str, nats_creds: str, as_json: bool) -> None:
     """Show every stored revision of VOLUME: who, when, what (oldest first)."""
-    reply = _call(policy_history(nats_url, volume))
+    reply = _call(policy_history(nats_url, volume, creds_file=nats_creds))
     if as_json or not reply.ok:
         _print_reply(reply)
         return
@@ -306,9 +341,9 @@ def policy_history_cmd(volume: str, nats_url: str, as_json: bool) -> None:
 @policy.command("list")
 @_nats_option
 @click.option("--json", "as_json", is_flag=True, help="Print the ListReply JSON.")
-def policy_list(nats_url: str, as_json: bool) -> None:
+def policy_list(nats_url: str, nats_creds: str, as_json: bool) -> None:
     """List the volumes that have a stored policy."""
-    reply = _call(list_policies(nats_url))
+    reply = _call(list_policies(nats_url, creds_file=nats_creds))
     if as_json or not reply.ok:
         _print_reply(reply)
         return
@@ -319,9 +354,9 @@ def policy_list(nats_url: str, as_json: bool) -> None:
 @click.argument("volume", required=False)
 @_nats_option
 @click.option("--json", "as_json", is_flag=True, help="Print the StatusReply JSON.")
-def policy_status_cmd(volume: str | None, nats_url: str, as_json: bool) -> None:
+def policy_status_cmd(volume: str | None, nats_url: str, nats_creds: str, as_json: bool) -> None:
     """Show desired (stored) vs applied (worker heartbeats) revision per volume."""
-    reply = _call(policy_status(nats_url, volume))
+    reply = _call(policy_status(nats_url, volume, creds_file=nats_creds))
     if as_json or not reply.ok:
         _print_reply(reply)
         return

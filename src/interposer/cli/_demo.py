@@ -135,8 +135,11 @@ class _Collector:
 
 def run_phases(metrics_url: str, nats_url: str, volume: str, spec: FioSpec, phase_seconds: float,
                phases: tuple[Phase, ...] = PHASES, on_phase: Callable[[PhaseResult], None] | None = None,
-               ) -> DemoReport:
+               nats_creds: str = "") -> DemoReport:
     """Run fio through ``phases`` on an already published volume.
+
+    ``nats_creds`` is the ``--nats-creds`` file policies are set with (the stack's
+    ``user`` role); ``""`` = anonymous.
 
     Raises:
         TimeoutError: the worker did not apply a policy, or the collector did not
@@ -149,7 +152,7 @@ def run_phases(metrics_url: str, nats_url: str, volume: str, spec: FioSpec, phas
     run_fio(spec, WARMUP_S)  # warm caches and the worker, so the baseline is not the cold run
     results = []
     for phase in phases:
-        reply = asyncio.run(set_policy(nats_url, volume, encode_policy(phase.policy)))
+        reply = asyncio.run(set_policy(nats_url, volume, encode_policy(phase.policy), creds_file=nats_creds))
         if not reply.ok:
             raise RuntimeError(f"policy of phase {phase.name} rejected: {reply.error}")
         revision = reply.revision or 0
@@ -190,7 +193,8 @@ def run_demo(phase_seconds: float, on_phase: Callable[[PhaseResult], None] | Non
                 try:
                     log(f"running fio for {len(PHASES)} phases of {phase_seconds:g} s …")
                     return run_phases(endpoints.metrics_url, endpoints.nats_url, DEMO_VOLUME,
-                                      FioSpec(directory=target), phase_seconds, on_phase=on_phase)
+                                      FioSpec(directory=target), phase_seconds, on_phase=on_phase,
+                                      nats_creds=endpoints.user_creds)
                 finally:
                     client.unpublish(DEMO_VOLUME, str(target))
             finally:

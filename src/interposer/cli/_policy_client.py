@@ -22,6 +22,7 @@ from interposer.proto import (
     encode_json,
     subjects,
 )
+from interposer.proto.connection import CredentialsError, connect_options
 
 #: How long to wait for the policy service's answer, seconds.
 DEFAULT_REQUEST_TIMEOUT_S = 5.0
@@ -44,9 +45,14 @@ def default_author() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
-async def _connect(nats_url: str, timeout_s: float) -> nats.NATS:
+async def _connect(nats_url: str, timeout_s: float, creds_file: str = "") -> nats.NATS:
     try:
-        return await nats.connect(nats_url, connect_timeout=timeout_s, max_reconnect_attempts=0)
+        options = connect_options(creds_file)
+    except CredentialsError as exc:
+        raise PolicyClientError(str(exc)) from None
+    try:
+        return await nats.connect(nats_url, connect_timeout=timeout_s, max_reconnect_attempts=0,
+                                  allow_reconnect=False, **options)
     except Exception as exc:  # noqa: BLE001 - nats-py raises several unrelated types
         raise PolicyClientError(f"cannot connect to NATS at {nats_url}: {exc}") from None
 
@@ -59,6 +65,8 @@ async def _request_on(nc: nats.NATS, subject: str, body: bytes, timeout_s: float
     except nats.errors.NoRespondersError:
         raise PolicyClientError("no policy service is running (no responders)") from None
     except nats.errors.TimeoutError:
+        if nc.last_error is not None and "permissions violation" in str(nc.last_error).lower():
+            raise PolicyClientError(f"not allowed to publish on {subject}: {nc.last_error}") from None
         raise PolicyClientError(f"the policy service did not answer within {timeout_s} s") from None
     try:
         return decode_json(msg.data, kind)
@@ -68,7 +76,7 @@ async def _request_on(nc: nats.NATS, subject: str, body: bytes, timeout_s: float
 
 async def request(nats_url: str, subject: str, body: bytes = b"",
                   timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S, *, author: str | None = None,
-                  kind: type[R] = PolicyReply) -> R:
+                  kind: type[R] = PolicyReply, creds_file: str = "") -> R:
     """Send one request to the policy service and decode its reply.
 
     Args:
@@ -78,12 +86,14 @@ async def request(nats_url: str, subject: str, body: bytes = b"",
         timeout_s: how long to wait for connection and answer, seconds.
         author: sent as the ``Interposer-Author`` header when given.
         kind: reply type (``PolicyReply``, ``HistoryReply``, ``ListReply``, ``StatusReply``).
+        creds_file: ``--nats-creds`` file (``interposer.proto.connection``); ``""`` = anonymous.
 
     Raises:
-        PolicyClientError: no NATS, no policy service (no responders), no answer
-            within ``timeout_s``, or an answer that is not a ``kind``.
+        PolicyClientError: no NATS, refused credentials, a subject these
+            credentials may not publish on, no policy service (no responders), no
+            answer within ``timeout_s``, or an answer that is not a ``kind``.
     """
-    nc = await _connect(nats_url, timeout_s)
+    nc = await _connect(nats_url, timeout_s, creds_file)
     try:
         return await _request_on(nc, subject, body, timeout_s, author, kind)
     finally:
@@ -91,43 +101,54 @@ async def request(nats_url: str, subject: str, body: bytes = b"",
 
 
 async def set_policy(nats_url: str, volume: str, policy_json: bytes,
-                     timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S, author: str | None = None) -> PolicyReply:
+                     timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S, author: str | None = None,
+                     creds_file: str = "") -> PolicyReply:
     """Ask the policy service to validate and store ``policy_json`` for ``volume``."""
-    return await request(nats_url, subjects.policy_set(volume), policy_json, timeout_s, author=author)
+    return await request(nats_url, subjects.policy_set(volume), policy_json, timeout_s, author=author,
+                         creds_file=creds_file)
 
 
-async def get_policy(nats_url: str, volume: str, timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S) -> PolicyReply:
+async def get_policy(nats_url: str, volume: str, timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
+                     creds_file: str = "") -> PolicyReply:
     """Ask the policy service for the stored policy of ``volume``."""
-    return await request(nats_url, subjects.policy_get(volume), b"", timeout_s)
+    return await request(nats_url, subjects.policy_get(volume), b"", timeout_s, creds_file=creds_file)
 
 
 async def clear_policy(nats_url: str, volume: str, timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
-                       author: str | None = None) -> PolicyReply:
+                       author: str | None = None, creds_file: str = "") -> PolicyReply:
     """Ask the policy service to clear the policy of ``volume``."""
-    return await request(nats_url, subjects.policy_clear(volume), b"", timeout_s, author=author)
+    return await request(nats_url, subjects.policy_clear(volume), b"", timeout_s, author=author,
+                         creds_file=creds_file)
 
 
 async def rollback_policy(nats_url: str, volume: str, revision: int,
-                          timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S, author: str | None = None) -> PolicyReply:
+                          timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S, author: str | None = None,
+                          creds_file: str = "") -> PolicyReply:
     """Ask the policy service to re-store ``revision`` of ``volume`` as a new revision."""
     body = encode_json(RollbackRequest(revision=revision))
-    return await request(nats_url, subjects.policy_rollback(volume), body, timeout_s, author=author)
+    return await request(nats_url, subjects.policy_rollback(volume), body, timeout_s, author=author,
+                         creds_file=creds_file)
 
 
-async def policy_history(nats_url: str, volume: str, timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S) -> HistoryReply:
+async def policy_history(nats_url: str, volume: str, timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
+                         creds_file: str = "") -> HistoryReply:
     """Every stored revision of ``volume``, oldest first."""
-    return await request(nats_url, subjects.policy_history(volume), b"", timeout_s, kind=HistoryReply)
+    return await request(nats_url, subjects.policy_history(volume), b"", timeout_s, kind=HistoryReply,
+                         creds_file=creds_file)
 
 
-async def list_policies(nats_url: str, timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S) -> ListReply:
+async def list_policies(nats_url: str, timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
+                        creds_file: str = "") -> ListReply:
     """Every volume with a stored policy."""
-    return await request(nats_url, subjects.POLICY_LIST, b"", timeout_s, kind=ListReply)
+    return await request(nats_url, subjects.POLICY_LIST, b"", timeout_s, kind=ListReply,
+                         creds_file=creds_file)
 
 
 async def policy_status(nats_url: str, volume: str | None = None,
-                        timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S) -> StatusReply:
+                        timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S, creds_file: str = "") -> StatusReply:
     """Desired vs applied revision of ``volume`` (or of every volume)."""
-    return await request(nats_url, subjects.policy_status(volume), b"", timeout_s, kind=StatusReply)
+    return await request(nats_url, subjects.policy_status(volume), b"", timeout_s, kind=StatusReply,
+                         creds_file=creds_file)
 
 
 class WaitResult(msgspec.Struct, kw_only=True):
@@ -154,7 +175,8 @@ class WaitResult(msgspec.Struct, kw_only=True):
 
 async def set_and_wait(nats_url: str, volume: str, subject: str, body: bytes, *, min_workers: int = 1,
                        timeout_s: float = DEFAULT_WAIT_TIMEOUT_S, author: str | None = None,
-                       request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S) -> WaitResult:
+                       request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
+                       creds_file: str = "") -> WaitResult:
     """Send a revision-making request and wait until the volume's workers applied it.
 
     The targeted workers are those the policy service reports as live for the
@@ -172,11 +194,12 @@ async def set_and_wait(nats_url: str, volume: str, subject: str, body: bytes, *,
         timeout_s: how long to wait for the workers after the reply, seconds.
         author: ``Interposer-Author`` header.
         request_timeout_s: timeout of each request to the policy service, seconds.
+        creds_file: ``--nats-creds`` file; ``""`` = anonymous.
 
     Raises:
         PolicyClientError: as :func:`request`.
     """
-    nc = await _connect(nats_url, request_timeout_s)
+    nc = await _connect(nats_url, request_timeout_s, creds_file)
     try:
         seen: dict[str, int] = {}
         changed = asyncio.Event()

@@ -129,13 +129,16 @@ class Child:
             proc.wait()
 
 
-def start_nats_server(state_dir: Path, port: int | None = None, host: str = "127.0.0.1") -> tuple[Child, str]:
+def start_nats_server(state_dir: Path, port: int | None = None, host: str = "127.0.0.1",
+                      config_file: Path | None = None) -> tuple[Child, str]:
     """Start a nats-server with JetStream on loopback.
 
     Args:
         state_dir: directory for JetStream storage and the server log.
         port: client port; None picks a free one.
         host: listen address (loopback by default).
+        config_file: nats-server config (users, permissions, TLS; see
+            ``_auth.server_config``); None = no authentication.
 
     Returns:
         ``(child, url)`` with ``url`` like ``nats://127.0.0.1:4222``, once the
@@ -149,6 +152,8 @@ def start_nats_server(state_dir: Path, port: int | None = None, host: str = "127
     store = state_dir / "jetstream"
     store.mkdir(parents=True, exist_ok=True)
     argv = [nats_server_binary(), "-a", host, "-p", str(port), "-js", "-sd", str(store)]
+    if config_file is not None:
+        argv += ["-c", str(config_file)]
     child = Child("nats-server", argv, state_dir / "nats-server.log").start()
     child.wait_ready(lambda: tcp_ready(host, port))
     return child, f"nats://{host}:{port}"

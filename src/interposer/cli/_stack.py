@@ -3,6 +3,12 @@
 ``EmbeddedStack`` starts them as child processes (each in its own process group),
 waits for each to answer, writes their endpoints to ``<state_dir>/stack.json`` for
 the other ``interposer`` commands, and stops them in reverse order.
+
+NATS runs with authentication: every role gets its own user and permissions
+(``_auth``), its password in ``<state_dir>/credentials/<role>.json`` (mode 0600),
+and each service the file of its role (``--nats-creds``); anonymous connections
+are refused. The csi-node hands the worker file to the workers it starts, and
+``interposer policy`` reads the ``user`` file named in ``stack.json``.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from pathlib import Path
 
 import msgspec
 
+from ._auth import ensure_credentials, write_server_config
 from ._policy_client import PolicyClientError, get_policy
 from ._procs import Child, free_port, start_nats_server
 
@@ -37,12 +44,15 @@ class StackEndpoints(msgspec.Struct, frozen=True):
         metrics_url: the collector's Prometheus endpoint (``http://host:port/metrics``).
         csi_endpoint: the csi-node's gRPC endpoint (``unix:///…/csi.sock``).
         state_dir: the stack's state directory.
+        user_creds: the ``--nats-creds`` file of the ``user`` role (what
+            ``interposer policy`` uses); ``""`` = NATS without authentication.
     """
 
     nats_url: str
     metrics_url: str
     csi_endpoint: str
     state_dir: str
+    user_creds: str = ""
 
 
 def read_endpoints(state_dir: Path) -> StackEndpoints | None:
@@ -61,9 +71,9 @@ def _http_ok(url: str) -> bool:
         return False
 
 
-def _policy_ready(nats_url: str) -> bool:
+def _policy_ready(nats_url: str, creds_file: str) -> bool:
     try:
-        return asyncio.run(get_policy(nats_url, PROBE_VOLUME)).ok
+        return asyncio.run(get_policy(nats_url, PROBE_VOLUME, creds_file=creds_file)).ok
     except PolicyClientError:
         return False
 
@@ -87,14 +97,20 @@ class EmbeddedStack:
         nats_port: NATS client port; None picks a free one.
         metrics_port: collector port; 0 picks a free one.
         node_id: CSI node id reported by NodeGetInfo.
+        tls_cert: nats-server certificate (PEM); ``""`` = plain TCP. Every
+            credentials file then names ``tls_ca`` so the services verify it.
+        tls_key: its private key (PEM).
+        tls_ca: CA bundle (PEM) that signed ``tls_cert``.
 
     Raises:
         RuntimeError: a service did not start (its log tail is in the message).
     """
 
     def __init__(self, state_dir: Path, nats_port: int | None = None, metrics_port: int = 0,
-                 node_id: str | None = None) -> None:
+                 node_id: str | None = None, tls_cert: str = "", tls_key: str = "",
+                 tls_ca: str = "") -> None:
         self.state_dir = state_dir.resolve()
+        self.tls = {"tls_cert": tls_cert, "tls_key": tls_key, "tls_ca": tls_ca}
         self.nats_port = nats_port
         self.metrics_port = metrics_port
         self.node_id = node_id or socket.gethostname()
@@ -110,16 +126,21 @@ class EmbeddedStack:
         """Start every service and wait until each answers."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         try:
-            nats_child, nats_url = start_nats_server(self.state_dir / "nats", self.nats_port)
+            creds = ensure_credentials(self.state_dir, ca=self.tls["tls_ca"])
+            nats_config = write_server_config(self.state_dir / "nats" / "nats.conf", creds, **self.tls)
+            nats_child, nats_url = start_nats_server(self.state_dir / "nats", self.nats_port,
+                                                     config_file=nats_config)
             self.children.append(nats_child)
 
-            policy = self._python("policy", "interposer.policy", "--nats-url", nats_url)
-            policy.wait_ready(lambda: _policy_ready(nats_url))
+            policy = self._python("policy", "interposer.policy", "--nats-url", nats_url,
+                                  "--nats-creds", creds["policy"])
+            policy.wait_ready(lambda: _policy_ready(nats_url, creds["user"]))
 
             port_file = self.state_dir / "collector.port"
             port_file.unlink(missing_ok=True)
             listen = f"127.0.0.1:{self.metrics_port or free_port()}"
             collector = self._python("collector", "interposer.collector", "--nats-url", nats_url,
+                                     "--nats-creds", creds["collector"],
                                      "--listen", listen, "--port-file", str(port_file))
             collector.wait_ready(lambda: port_file.exists() and _http_ok(
                 f"http://127.0.0.1:{port_file.read_text().strip()}/metrics"))
@@ -130,12 +151,13 @@ class EmbeddedStack:
             csi_endpoint = f"unix://{socket_path}"
             csi = self._python("csi-node", "interposer.csi_node", "--endpoint", csi_endpoint,
                                "--nodeid", self.node_id, "--state-dir", str(self.state_dir / "csi"),
-                               "--nats-url", nats_url)
+                               "--nats-url", nats_url, "--nats-creds", creds["worker"])
             csi.wait_ready(lambda: _unix_socket_ready(socket_path))
         except BaseException:
             self.stop()
             raise
-        self.endpoints = StackEndpoints(nats_url, metrics_url, csi_endpoint, str(self.state_dir))
+        self.endpoints = StackEndpoints(nats_url, metrics_url, csi_endpoint, str(self.state_dir),
+                                        user_creds=creds["user"])
         tmp = self.state_dir / f".{STACK_FILE}.tmp"
         tmp.write_bytes(msgspec.json.encode(self.endpoints))
         os.replace(tmp, self.state_dir / STACK_FILE)

@@ -15,6 +15,7 @@ import os
 import sys
 
 import msgspec
+from interposer.proto.connection import CredentialsError, connect_options
 
 from ._config import (
     DEFAULT_LISTEN_HOST,
@@ -54,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="write the bound /metrics port to PATH once listening (atomically replaced)")
     parser.add_argument("--nats-url", default=os.environ.get(NATS_URL_ENV, DEFAULT_NATS_URL), metavar="URL",
                         help=f"NATS server URL(s), comma-separated (default: ${NATS_URL_ENV} or %(default)s)")
+    parser.add_argument("--nats-creds", default="", metavar="FILE",
+                        help="NATS credentials file of the collector role (JSON: user, password, ca, cert, "
+                             "key); empty = anonymous")
     parser.add_argument("--pending-msgs-limit", type=int, default=DEFAULT_PENDING_MSGS_LIMIT, metavar="N",
                         help="per-subscription buffer in messages before NATS drops (default: %(default)s)")
     parser.add_argument("--pending-bytes-limit", type=int, default=DEFAULT_PENDING_BYTES_LIMIT,
@@ -94,8 +98,10 @@ def config_from_args(argv: list[str] | None = None) -> CollectorConfig:
     args = parser.parse_args(argv)
     try:
         host, port = parse_listen(args.listen)
+        connect_options(args.nats_creds)  # a bad file is a usage error, before anything starts
         return make_config(
             listen_host=host, listen_port=port, port_file=args.port_file, nats_url=args.nats_url,
+            nats_creds=args.nats_creds,
             pending_msgs_limit=args.pending_msgs_limit, pending_bytes_limit=args.pending_bytes_limit,
             reconnect_time_wait_s=args.reconnect_time_wait, log_level=args.log_level,
             otlp_endpoint=args.otlp_endpoint,
@@ -103,7 +109,7 @@ def config_from_args(argv: list[str] | None = None) -> CollectorConfig:
             otlp_path_glob=args.otlp_path_glob, otlp_min_duration_s=args.otlp_min_duration,
             otlp_sample_ratio=args.otlp_sample_ratio,
         )
-    except (ValueError, msgspec.ValidationError) as exc:
+    except (ValueError, CredentialsError, msgspec.ValidationError) as exc:
         parser.error(str(exc))
 
 

@@ -61,6 +61,8 @@ class CollectorConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
         port_file: if not empty, the bound /metrics port is written to this file (as
             decimal text, replaced atomically) once the HTTP server listens.
         nats_url: NATS server URL; several may be given separated by commas.
+        nats_creds: ``--nats-creds`` file of the ``collector`` role
+            (``interposer.proto.connection``); ``""`` = anonymous.
         client_name: NATS client name.
         pending_msgs_limit: per-subscription buffer, messages; more are dropped and
             counted in ``interposer_collector_slow_consumer_drops_total``.
@@ -90,6 +92,7 @@ class CollectorConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     listen_port: Port = DEFAULT_LISTEN_PORT
     port_file: str = ""
     nats_url: str = DEFAULT_NATS_URL
+    nats_creds: str = ""
     client_name: str = DEFAULT_CLIENT_NAME
     pending_msgs_limit: PositiveInt = DEFAULT_PENDING_MSGS_LIMIT
     pending_bytes_limit: PositiveInt = DEFAULT_PENDING_BYTES_LIMIT

@@ -35,6 +35,7 @@ from wsgiref.simple_server import WSGIServer
 import msgspec
 import nats
 from interposer.proto import EventBatch, WorkerStatus
+from interposer.proto.connection import connect_options
 from interposer.proto.subjects import COLLECTOR_QUEUE, EVENTS_PREFIX, STATUS_PREFIX, volume_of
 from nats.aio.client import Client as NATSClient
 from nats.aio.msg import Msg
@@ -233,6 +234,7 @@ class CollectorService:
             error_cb=self._on_error,
             disconnected_cb=self._on_disconnected,
             reconnected_cb=self._on_reconnected,
+            **connect_options(cfg.nats_creds),
         )
         await self._nc.subscribe(
             EVENTS_SUBJECT, queue=COLLECTOR_QUEUE, cb=self._on_batch,

@@ -33,6 +33,11 @@ _DEFAULTS = CsiNodeConfig()
 )
 @click.option("--nats-url", default=_DEFAULTS.nats_url, help="NATS URL handed to workers; empty: none.")
 @click.option(
+    "--nats-creds",
+    default=_DEFAULTS.nats_creds,
+    help="NATS credentials file (worker role, an absolute path) handed to workers; empty: anonymous.",
+)
+@click.option(
     "--worker-command",
     default=shlex.join(_DEFAULTS.worker_command),
     show_default="python -m interposer.fuse_worker",

@@ -47,6 +47,8 @@ class CsiNodeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             logs; created if missing. Must survive csi-node restarts.
         nats_url: NATS URL handed to every worker (``--nats-url``); empty = let the
             worker run without the bus (no live policy, no events).
+        nats_creds: ``--nats-creds`` file (worker role) handed to every worker;
+            only the path travels (command line, state files), never the password.
         worker_command: argv prefix that starts a fuse-worker; the per-volume flags
             are appended.
         mount_timeout_s: seconds NodePublishVolume waits for the mount to answer.
@@ -65,6 +67,7 @@ class CsiNodeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     node_id: str = msgspec.field(default_factory=socket.gethostname)
     state_dir: str = DEFAULT_STATE_DIR
     nats_url: str = ""
+    nats_creds: str = ""
     worker_command: tuple[str, ...] = msgspec.field(default_factory=default_worker_command)
     mount_timeout_s: float = DEFAULT_MOUNT_TIMEOUT_S
     unmount_timeout_s: float = DEFAULT_UNMOUNT_TIMEOUT_S

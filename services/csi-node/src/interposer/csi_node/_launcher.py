@@ -38,6 +38,7 @@ class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
         backend: the worker's ``--backend``; passed only when not ``passthrough``.
         mountpoint: absolute target path the worker mounts on.
         nats_url: bus URL; empty = not passed.
+        nats_creds: the worker role's ``--nats-creds`` file; empty = not passed.
         policy_file: JSON policy file; empty = not passed.
         pod_namespace: namespace of the pod the volume is for; empty = unknown.
         pod_name: name of that pod; empty = unknown.
@@ -49,6 +50,7 @@ class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
     mountpoint: str
     backend: str = "passthrough"
     nats_url: str = ""
+    nats_creds: str = ""
     policy_file: str = ""
     pod_namespace: str = ""
     pod_name: str = ""
@@ -62,6 +64,7 @@ class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
             args += ["--backend", self.backend]
         optional = (
             ("--nats-url", self.nats_url),
+            ("--nats-creds", self.nats_creds),
             ("--policy-file", self.policy_file),
             ("--pod-namespace", self.pod_namespace),
             ("--pod-name", self.pod_name),

@@ -448,6 +448,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             backend=plan.backend,
             mountpoint=plan.target_path,
             nats_url=self._config.nats_url,
+            nats_creds=self._config.nats_creds,
             policy_file=policy_file,
             pod_namespace=plan.pod_namespace,
             pod_name=plan.pod_name,

@@ -9,6 +9,7 @@ import click
 import msgspec
 
 from interposer.proto import PolicyError
+from interposer.proto.connection import CredentialsError, connect_options
 
 from ._config import DEFAULT_POLICY_WAIT_S, WorkerConfig, parse_sample_rule
 from .backends import BACKEND_KINDS, DEFAULT_MEMORY_SIZE_BYTES
@@ -21,6 +22,8 @@ from ._worker import run
 @click.option("--mountpoint", required=True, type=click.Path(exists=True, file_okay=False), help="Where to mount.")
 @click.option("--volume-id", default="default", show_default=True, help="Volume id (subjects, KV key, labels).")
 @click.option("--nats-url", default="", help="NATS server URL; empty runs without a bus.")
+@click.option("--nats-creds", default="", help="NATS credentials file of the worker role "
+              "(JSON: user, password, ca, cert, key); empty = anonymous.")
 @click.option("--policy-file", default="", help="Initial JSON policy.")
 @click.option("--backend", default="passthrough", show_default=True, type=click.Choice(BACKEND_KINDS),
               help="passthrough: the backing dir; memory: a file system in memory; null: contents discarded.")
@@ -48,6 +51,10 @@ def main(log_level: str, event_sampling: tuple[str, ...], **flags: object) -> No
         rules = [parse_sample_rule(text) for text in event_sampling]
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--event-sample") from None
+    try:
+        connect_options(str(flags["nats_creds"]))  # a bad file is a usage error, before mounting
+    except CredentialsError as exc:
+        raise click.BadParameter(str(exc), param_hint="--nats-creds") from None
     try:
         config = msgspec.convert(flags, WorkerConfig)
         config = msgspec.structs.replace(config, event_sampling=tuple(rules))

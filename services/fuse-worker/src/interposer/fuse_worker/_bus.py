@@ -21,6 +21,7 @@ import trio
 from nats.js.errors import BucketNotFoundError
 
 from interposer.proto import EventBatch, Policy, WorkerStatus, decode_record, subjects
+from interposer.proto.connection import CredentialsError, connect_options
 
 from ._config import WorkerConfig
 from ._telemetry import Telemetry
@@ -114,12 +115,17 @@ class Bus:
     async def _connect(self) -> nats.NATS | None:
         """Connect, retrying until it works or the bus is stopped."""
         assert self._stop is not None
+        try:
+            options = connect_options(self.config.nats_creds)
+        except CredentialsError as exc:
+            log.error("not connecting to NATS: %s", exc)
+            return None
         while not self._stop.is_set():
             try:
                 return await nats.connect(
                     self.config.nats_url, name=f"fuse-worker/{self.config.volume_id}",
                     max_reconnect_attempts=-1, reconnect_time_wait=DEFAULT_RECONNECT_TIME_WAIT_S,
-                    connect_timeout=2, reconnected_cb=self._on_reconnected,
+                    connect_timeout=2, reconnected_cb=self._on_reconnected, **options,
                 )
             except Exception as exc:  # noqa: BLE001 - any failure means: retry later
                 log.warning("NATS %s unreachable (%s); serving with the last policy", self.config.nats_url, exc)

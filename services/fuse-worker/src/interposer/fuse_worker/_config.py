@@ -84,6 +84,8 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
         memory_size_bytes: most bytes of file contents the ``memory`` backend holds
             (ENOSPC beyond); the size ``statfs`` reports for ``memory`` and ``null``.
         nats_url: NATS server; ``""`` runs without a bus (initial policy only, no events).
+        nats_creds: ``--nats-creds`` file of the ``worker`` role
+            (``interposer.proto.connection``: user, password, TLS files); ``""`` = anonymous.
         policy_file: JSON policy applied before the first request; ``""`` = none.
         pod_namespace: namespace of the pod using the volume (labels telemetry).
         pod_name: name of that pod.
@@ -116,6 +118,7 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     backend: str = "passthrough"
     memory_size_bytes: int = DEFAULT_MEMORY_SIZE_BYTES
     nats_url: str = ""
+    nats_creds: str = ""
     policy_file: str = ""
     pod_namespace: str = ""
     pod_name: str = ""

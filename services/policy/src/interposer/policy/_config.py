@@ -10,6 +10,8 @@ class PolicyServiceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unkn
 
     Attributes:
         nats_url: NATS server with JetStream.
+        nats_creds: ``--nats-creds`` file of the ``policy`` role
+            (``interposer.proto.connection``); ``""`` = anonymous.
         kv_history: revisions kept per volume in the KV bucket (JetStream allows ≤ 64);
             ``history`` and ``rollback`` reach this far back.
         kv_replicas: JetStream replicas of the bucket (1 for a single server).
@@ -20,6 +22,7 @@ class PolicyServiceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unkn
     """
 
     nats_url: str = "nats://127.0.0.1:4222"
+    nats_creds: str = ""
     kv_history: int = 64
     kv_replicas: int = 1
     worker_stale_after_s: float = 5.0

@@ -49,6 +49,7 @@ from interposer.proto import (
     encode_json,
     subjects,
 )
+from interposer.proto.connection import connect_options
 
 from ._config import PolicyServiceConfig
 from ._expiry import ExpiryScheduler
@@ -262,6 +263,7 @@ async def serve(config: PolicyServiceConfig) -> None:
     nc = await nats.connect(
         config.nats_url, name="interposer-policy", max_reconnect_attempts=-1,
         reconnect_time_wait=DEFAULT_RECONNECT_TIME_WAIT_S, reconnected_cb=on_reconnect,
+        **connect_options(config.nats_creds),
     )
     store = PolicyStore(await ensure_bucket(nc.jetstream(), config))
     service = PolicyService(store, config=config)

@@ -1,0 +1,162 @@
+"""How a service authenticates to NATS: the credentials file and its TLS settings.
+
+Every component (fuse-worker, policy service, collector, csi-node, the CLI) takes
+``--nats-creds PATH``. Only the path travels on command lines and in the
+csi-node's state files; the password stays in a file readable by its owner only
+(the embedded stack writes them with mode 0600). ``PATH`` is either
+
+* a JSON file with the same field names as a ``nats`` CLI context (``user``,
+  ``password``, ``ca``, ``cert``, ``key``; what ``interposer up`` writes)::
+
+      {"user": "worker", "password": "x7…", "ca": "/etc/interposer/nats/ca.pem"}
+
+* or a directory laid out as Kubernetes mounts Secrets: ``username`` and
+  ``password`` (a ``kubernetes.io/basic-auth`` Secret), optionally ``ca.crt``,
+  ``tls.crt`` and ``tls.key`` (a ``kubernetes.io/tls`` Secret's keys) — so a
+  Secret mounted as a volume is used as is, and the same Secret feeds the
+  server's password by ``secretKeyRef``.
+
+Fields:
+    user, password: NATS username/password (``authorization { users = [...] }`` in
+        the server config). Empty = connect without credentials.
+    ca: PEM file of the CA that signed the server's certificate; setting it turns
+        TLS on (the server must have a ``tls {}`` block).
+    cert, key: PEM client certificate and key, for servers that verify clients
+        (``tls { verify: true }``).
+"""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+import msgspec
+
+#: Longest credentials file accepted, bytes (a few paths and a password).
+MAX_CREDENTIALS_BYTES = 64 * 1024
+#: File names in a credentials directory (Kubernetes basic-auth and TLS Secret keys) → field.
+SECRET_DIR_FILES = {"username": "user", "password": "password", "ca.crt": "ca", "tls.crt": "cert",
+                    "tls.key": "key"}
+#: Of those, the ones whose contents (not path) are the value.
+_SECRET_DIR_VALUES = frozenset({"username", "password"})
+
+
+class CredentialsError(ValueError):
+    """A credentials file is missing, unreadable or malformed (the message names the file and field)."""
+
+
+class NatsCredentials(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The contents of a ``--nats-creds`` file.
+
+    Attributes:
+        user: NATS username; ``""`` = no username/password.
+        password: its password.
+        ca: CA bundle (PEM) that verifies the server; ``""`` = no TLS unless
+            ``cert`` is set (then the system CAs verify the server).
+        cert: client certificate (PEM) for servers that verify clients.
+        key: private key (PEM) of ``cert``; ``""`` = in ``cert``.
+    """
+
+    user: str = ""
+    password: str = ""
+    ca: str = ""
+    cert: str = ""
+    key: str = ""
+
+
+def encode_credentials(credentials: NatsCredentials) -> bytes:
+    """Serialize ``credentials`` as the JSON of a ``--nats-creds`` file (empty fields left out)."""
+    fields = {k: v for k, v in msgspec.structs.asdict(credentials).items() if v}
+    return msgspec.json.format(msgspec.json.encode(fields), indent=2) + b"\n"
+
+
+def _load_directory(path: Path) -> NatsCredentials:
+    fields = {}
+    for name, field in SECRET_DIR_FILES.items():
+        item = path / name
+        if not item.is_file():
+            continue
+        if name in _SECRET_DIR_VALUES:
+            try:
+                fields[field] = item.read_text().strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise CredentialsError(f"NATS credentials directory {path}: {name}: {exc}") from None
+        else:
+            fields[field] = str(item)
+    return NatsCredentials(**fields)
+
+
+def load_credentials(path: str | Path) -> NatsCredentials:
+    """Read and validate a ``--nats-creds`` file (JSON) or directory (Secret layout).
+
+    Args:
+        path: the file or directory.
+
+    Returns:
+        The credentials.
+
+    Raises:
+        CredentialsError: the file cannot be read, is larger than
+            ``MAX_CREDENTIALS_BYTES``, is not JSON, has an unknown field or a
+            field of the wrong type (named in the message), or has a
+            ``password`` without a ``user``.
+    """
+    if Path(path).is_dir():
+        credentials = _load_directory(Path(path))
+    else:
+        try:
+            with open(path, "rb") as f:
+                data = f.read(MAX_CREDENTIALS_BYTES + 1)
+        except OSError as exc:
+            raise CredentialsError(f"NATS credentials file {path}: {exc.strerror or exc}") from None
+        if len(data) > MAX_CREDENTIALS_BYTES:
+            raise CredentialsError(f"NATS credentials file {path}: larger than {MAX_CREDENTIALS_BYTES} bytes")
+        try:
+            credentials = msgspec.json.decode(data, type=NatsCredentials)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            raise CredentialsError(f"NATS credentials file {path}: {exc}") from None
+    if credentials.password and not credentials.user:
+        raise CredentialsError(f"NATS credentials file {path}: `password` without `user` - at `$.user`")
+    return credentials
+
+
+def tls_context(credentials: NatsCredentials) -> ssl.SSLContext | None:
+    """The client TLS context the credentials ask for, or None for plain TCP.
+
+    Raises:
+        CredentialsError: a certificate or key file cannot be loaded.
+    """
+    if not (credentials.ca or credentials.cert):
+        return None
+    try:
+        context = ssl.create_default_context(cafile=credentials.ca or None)
+        if credentials.cert:
+            context.load_cert_chain(credentials.cert, credentials.key or None)
+    except (OSError, ssl.SSLError) as exc:
+        raise CredentialsError(f"NATS TLS files ({credentials.ca or credentials.cert}): {exc}") from None
+    return context
+
+
+def connect_options(creds_file: str | Path | None) -> dict[str, object]:
+    """Keyword arguments for ``nats.connect`` from a ``--nats-creds`` file.
+
+    Args:
+        creds_file: the file; ``""``/None = no options (anonymous, plain TCP).
+
+    Returns:
+        ``{"user": …, "password": …, "tls": ssl.SSLContext}`` — only the keys the
+        file sets.
+
+    Raises:
+        CredentialsError: as :func:`load_credentials` and :func:`tls_context`.
+    """
+    if not creds_file:
+        return {}
+    credentials = load_credentials(creds_file)
+    options: dict[str, object] = {}
+    if credentials.user:
+        options["user"] = credentials.user
+        options["password"] = credentials.password
+    if (context := tls_context(credentials)) is not None:
+        options["tls"] = context
+    return options
