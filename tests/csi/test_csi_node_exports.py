@@ -36,9 +36,11 @@ def test_worker_spec_arguments_follow_the_worker_contract() -> None:
         backing_dir="/b",
         mountpoint="/m",
         nats_url="nats://x:4222",
+        nats_creds="/creds/worker.json",
         policy_file="/p.json",
         pod_namespace="ns",
         pod_name="pod",
+        node_name="n1",
         read_only=True,
     )
     assert spec.arguments() == [
@@ -50,12 +52,16 @@ def test_worker_spec_arguments_follow_the_worker_contract() -> None:
         "v1",
         "--nats-url",
         "nats://x:4222",
+        "--nats-creds",
+        "/creds/worker.json",
         "--policy-file",
         "/p.json",
         "--pod-namespace",
         "ns",
         "--pod-name",
         "pod",
+        "--node-name",
+        "n1",
         "--read-only",
     ]
     bare = csi_node.WorkerSpec(volume_id="v1", backing_dir="/b", mountpoint="/m")

@@ -85,13 +85,13 @@ def test_worker_credentials_read_policy_but_cannot_write_it(auth_bus, fresh_volu
     async def as_worker() -> int:
         nc = await _connect(auth_bus, "worker", errors)
         try:
-            kv = await nc.jetstream().key_value(subjects.POLICY_KV_BUCKET)
+            js = nc.jetstream(timeout=DENIED_TIMEOUT_S)
+            kv = await js.key_value(subjects.POLICY_KV_BUCKET)
             watcher = await kv.watch(fresh_volume)  # what a worker does: allowed
             entry = await watcher.updates(timeout=5)
             await watcher.stop()
             with pytest.raises((nats.errors.TimeoutError, nats.errors.NoRespondersError)):
                 await kv.put(fresh_volume, b'{"policy": {}}')  # KV put = publish on $KV.…
-            js = nc.jetstream(timeout=DENIED_TIMEOUT_S)
             with pytest.raises((nats.errors.TimeoutError, nats.errors.NoRespondersError)):
                 await js.purge_stream(f"KV_{subjects.POLICY_KV_BUCKET}")
             with pytest.raises((nats.errors.TimeoutError, nats.errors.NoRespondersError)):
@@ -262,8 +262,9 @@ def test_deploy_auth_conf_is_generated_from_the_permissions_and_serves(tmp_path,
         "deploy/base/nats/auth.conf is stale: run `python -m interposer.cli._auth > deploy/base/nats/auth.conf`")
     for role in ROLES:
         monkeypatch.setenv(password_env(role), f"secret-of-{role}")
-    config = tmp_path / "nats.conf"
-    config.write_text(f'include "{auth_conf}"\n')
+    config = tmp_path / "nats.conf"  # as deploy/base/nats/nats.conf: include a file next to it
+    (tmp_path / "auth.conf").write_text(auth_conf.read_text())
+    config.write_text("include auth.conf\n")
     secret = tmp_path / "secret"  # as Kubernetes mounts a kubernetes.io/basic-auth Secret
     secret.mkdir()
     (secret / "username").write_text("user")

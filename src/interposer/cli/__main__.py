@@ -13,7 +13,16 @@ from pathlib import Path
 import click
 import msgspec
 
-from interposer.proto import PolicyError, PolicyReply, RollbackRequest, decode_policy, encode_json, encode_policy, subjects
+from interposer.proto import (
+    PolicyError,
+    PolicyReply,
+    RollbackRequest,
+    decode_policy,
+    decode_selector_request,
+    encode_json,
+    encode_policy,
+    subjects,
+)
 from interposer.proto.connection import CredentialsError, connect_options
 
 from ._policy_client import (
@@ -291,6 +300,48 @@ def policy_set(volume: str, policy_file, nats_url: str, nats_creds: str, author:
         _print_reply(PolicyReply(ok=False, error=str(exc)))
     _change(nats_url, nats_creds, volume, subjects.policy_set(volume), body, author, wait, timeout_s,
             min_workers)
+
+
+def _check_selector_name(name: str) -> None:
+    if not subjects.is_valid_volume_id(name):
+        raise click.BadParameter(f"{name!r} must match {subjects.VOLUME_ID_PATTERN.pattern}",
+                                 param_hint="NAME")
+
+
+@policy.command("select")
+@click.argument("name")
+@click.argument("request_file", type=click.File("rb"))
+@_nats_option
+@click.option("--author", default=default_author, show_default="user@host",
+              help="Recorded with the revision (header Interposer-Author).")
+def policy_select(name: str, request_file, nats_url: str, nats_creds: str,  # noqa: ANN001
+                  author: str) -> None:
+    """Store selector policy NAME from REQUEST_FILE (JSON, or - for stdin): a fleet push.
+
+    REQUEST_FILE is {"selector": {"namespace": GLOB, "pod": GLOB, "node": GLOB,
+    "volume": GLOB} or {"all": true}, "policy": {...}, "priority": N}. Every worker
+    whose volume matches merges the policy's layers after its own.
+    """
+    _check_selector_name(name)
+    body = request_file.read()
+    try:
+        decode_selector_request(body)
+    except PolicyError as exc:
+        _print_reply(PolicyReply(ok=False, error=str(exc)))
+    _print_reply(_call(request(nats_url, subjects.policy_select(name), body, author=author,
+                               creds_file=nats_creds)))
+
+
+@policy.command("unselect")
+@click.argument("name")
+@_nats_option
+@click.option("--author", default=default_author, show_default="user@host",
+              help="Recorded with the revision (header Interposer-Author).")
+def policy_unselect(name: str, nats_url: str, nats_creds: str, author: str) -> None:
+    """Deactivate selector policy NAME (a new revision; its volumes drop its layers)."""
+    _check_selector_name(name)
+    _print_reply(_call(request(nats_url, subjects.policy_unselect(name), b"", author=author,
+                               creds_file=nats_creds)))
 
 
 @policy.command("get")

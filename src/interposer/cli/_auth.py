@@ -46,9 +46,11 @@ _KV_SUBJECTS = f"$KV.{subjects.POLICY_KV_BUCKET}.>"
 #: Request replies and push-consumer deliveries (nats-py's default inbox prefix).
 _INBOX = "_INBOX.>"
 #: JetStream API calls on the policy bucket's stream: ``$JS.API.<KIND>.<VERB>.KV_…``
-#: (STREAM.CREATE, STREAM.INFO, CONSUMER.CREATE, CONSUMER.DELETE, STREAM.MSG.GET) and their
-#: longer forms (``CONSUMER.CREATE.<stream>.<name>.<filter>``, ``DIRECT.GET.<stream>.<subject>``).
-_JS_BUCKET_API = [f"$JS.API.*.*.{_KV_STREAM}", f"$JS.API.*.*.{_KV_STREAM}.>"]
+#: (STREAM.CREATE, STREAM.INFO, CONSUMER.CREATE/INFO/DELETE, DIRECT.GET), their longer
+#: forms (``CONSUMER.CREATE.<stream>.<name>.<filter>``, ``DIRECT.GET.<stream>.<subject>``)
+#: and ``STREAM.MSG.GET.<stream>`` (a read of one revision).
+_JS_BUCKET_API = [f"$JS.API.*.*.{_KV_STREAM}", f"$JS.API.*.*.{_KV_STREAM}.>",
+                   f"$JS.API.STREAM.MSG.GET.{_KV_STREAM}"]
 #: What a KV watch (an ordered push consumer) needs besides creating the consumer:
 #: flow-control replies.
 _JS_FLOW_CONTROL = "$JS.FC.>"
@@ -63,7 +65,8 @@ PERMISSIONS: dict[str, dict[str, object]] = {
             f"{subjects.EVENTS_PREFIX}.*", f"{subjects.STATUS_PREFIX}.*", f"{subjects.FAULTS_PREFIX}.*",
             f"$JS.API.STREAM.INFO.{_KV_STREAM}",
             f"$JS.API.CONSUMER.CREATE.{_KV_STREAM}", f"$JS.API.CONSUMER.CREATE.{_KV_STREAM}.>",
-            f"$JS.API.CONSUMER.DELETE.{_KV_STREAM}.>", _JS_FLOW_CONTROL,
+            f"$JS.API.CONSUMER.INFO.{_KV_STREAM}.>", f"$JS.API.CONSUMER.DELETE.{_KV_STREAM}.>",
+            _JS_FLOW_CONTROL,
         ]},
         "subscribe": {"allow": [_INBOX]},
     },

@@ -20,6 +20,7 @@ Layers apply in list order: the first layer sees an op first.
 from __future__ import annotations
 
 import errno as _errno
+import fnmatch
 from typing import Annotated, Literal, Union
 
 import msgspec
@@ -413,6 +414,67 @@ class Policy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
             raise ValueError("fields `expires_after_s` and `expires_at_s`: set at most one of them")
 
 
+#: Longest pod, namespace, node or volume glob in a selector, characters.
+MAX_SELECTOR_FIELD_LENGTH = 253
+#: Selector priorities: higher is applied first (outermost), ties by name.
+MAX_SELECTOR_PRIORITY = 1000
+SelectorGlob = Annotated[str, msgspec.Meta(max_length=MAX_SELECTOR_FIELD_LENGTH)]
+
+
+class Selector(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
+    """Which volumes a selector policy applies to ("fleet push"), matched by each worker.
+
+    Every non-empty field must match (``fnmatch`` globs, case-sensitive); a worker
+    that does not know a field's value (no pod namespace, no node) does not match
+    a selector that sets it.
+
+    Attributes:
+        all: select every volume; may not be combined with other fields.
+        namespace: glob on the namespace of the pod using the volume.
+        pod: glob on the name of that pod.
+        node: glob on the node the worker runs on (the csi-node's node id).
+        volume: glob on the volume id.
+    """
+
+    all: bool = False
+    namespace: SelectorGlob = ""
+    pod: SelectorGlob = ""
+    node: SelectorGlob = ""
+    volume: SelectorGlob = ""
+
+    def __post_init__(self) -> None:
+        narrowed = any((self.namespace, self.pod, self.node, self.volume))
+        if self.all and narrowed:
+            raise ValueError("field `all`: `all: true` selects every volume; leave the other fields out")
+        if not self.all and not narrowed:
+            raise ValueError("an empty selector would select every volume: set `all: true` for a fleet push, "
+                             "or one of `namespace`, `pod`, `node`, `volume`")
+
+    def matches(self, *, volume: str, namespace: str, pod: str, node: str) -> bool:
+        """True if a volume with these attributes is selected (an unknown ``""`` value never matches)."""
+        if self.all:
+            return True
+        for pattern, value in ((self.namespace, namespace), (self.pod, pod), (self.node, node),
+                               (self.volume, volume)):
+            if pattern and not (value and fnmatch.fnmatchcase(value, pattern)):
+                return False
+        return True
+
+
+class SelectorRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Body of ``interposer.policy.select.<name>``: a policy for every volume a selector matches.
+
+    Attributes:
+        selector: which volumes.
+        policy: the policy merged into theirs (see ``selector.effective_policy``).
+        priority: order among selectors, −1000..1000; higher is applied first.
+    """
+
+    selector: Selector
+    policy: Policy = Policy()
+    priority: Annotated[int, msgspec.Meta(ge=-MAX_SELECTOR_PRIORITY, le=MAX_SELECTOR_PRIORITY)] = 0
+
+
 class PolicyRecord(msgspec.Struct, frozen=True, kw_only=True):
     """What the policy service stores in the KV bucket under the volume id.
 
@@ -432,6 +494,9 @@ class PolicyRecord(msgspec.Struct, frozen=True, kw_only=True):
             the Unix epoch; ``None`` = never.
         revert_to: the revision in force before this one, restored at
             ``expires_at_s`` (0 = the empty policy).
+        selector: for a selector key (``_sel.<name>``): the volumes ``policy``
+            applies to; None = inactive (deleted) or a volume key.
+        priority: for a selector key: its ``SelectorRequest.priority``.
     """
 
     policy: Policy
@@ -441,6 +506,8 @@ class PolicyRecord(msgspec.Struct, frozen=True, kw_only=True):
     source_revision: int = 0
     expires_at_s: float | None = None
     revert_to: int = 0
+    selector: Selector | None = None
+    priority: int = 0
 
 
 class PolicyReply(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -461,6 +528,7 @@ ERRNO_BY_NAME: dict[str, int] = {name: num for num, name in _errno.errorcode.ite
 
 _policy_json_decoder = msgspec.json.Decoder(Policy)
 _record_json_decoder = msgspec.json.Decoder(PolicyRecord)
+_selector_json_decoder = msgspec.json.Decoder(SelectorRequest)
 _reply_json_decoder = msgspec.json.Decoder(PolicyReply)
 
 
@@ -523,6 +591,27 @@ def _with_location(message: str) -> str:
         tail = MAX_ERROR_CHARS // 4
         message = f"{message[:MAX_ERROR_CHARS - tail - 1]}…{message[-tail:]}"
     return message
+
+
+def decode_selector_request(data: bytes | str) -> SelectorRequest:
+    """Decode and validate the JSON body of ``interposer.policy.select.<name>``.
+
+    Raises:
+        PolicyError: as :func:`decode_policy` (locations are under
+            `` `$.policy` `` / `` `$.selector` ``).
+    """
+    if len(data) > MAX_POLICY_BYTES:
+        raise PolicyError(f"request is {len(data)} bytes, more than the {MAX_POLICY_BYTES} allowed - at `$`")
+    try:
+        return _selector_json_decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        raise PolicyError(_with_location(str(exc))) from None
+    except msgspec.DecodeError as exc:
+        raise PolicyError(_with_location(f"malformed JSON: {exc}")) from None
+    except UnicodeDecodeError as exc:
+        raise PolicyError(f"malformed JSON: invalid UTF-8 in a string (byte {exc.start})") from None
+    except RecursionError:
+        raise PolicyError("malformed JSON: nested too deeply - at `$`") from None
 
 
 def encode_policy(policy: Policy) -> bytes:

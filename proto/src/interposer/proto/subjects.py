@@ -23,6 +23,13 @@ POLICY_ROLLBACK_PREFIX = "interposer.policy.rollback"
 POLICY_STATUS = "interposer.policy.status"
 #: Every volume with a stored policy (no volume token).
 POLICY_LIST = "interposer.policy.list"
+#: ``interposer.policy.select.<name>``: store a selector policy (``SelectorRequest``).
+POLICY_SELECT_PREFIX = "interposer.policy.select"
+#: ``interposer.policy.unselect.<name>``: deactivate a selector (a new revision).
+POLICY_UNSELECT_PREFIX = "interposer.policy.unselect"
+#: KV keys of selector policies are ``_sel.<name>`` (a volume id has no ``.``, so
+#: they cannot collide); every worker watches ``_sel.>``.
+SELECTOR_KEY_PREFIX = "_sel."
 EVENTS_PREFIX = "interposer.events"
 STATUS_PREFIX = "interposer.status"
 FAULTS_PREFIX = "interposer.faults"
@@ -81,6 +88,23 @@ def policy_status(volume: str | None = None) -> str:
         volume: one volume, or None for every volume the service knows.
     """
     return POLICY_STATUS if volume is None else _subject(POLICY_STATUS, volume)
+
+
+def policy_select(name: str) -> str:
+    """Subject that stores the selector policy ``name`` (body ``SelectorRequest``; reply ``PolicyReply``)."""
+    return _subject(POLICY_SELECT_PREFIX, name)
+
+
+def policy_unselect(name: str) -> str:
+    """Subject that deactivates the selector policy ``name`` (reply ``PolicyReply``)."""
+    return _subject(POLICY_UNSELECT_PREFIX, name)
+
+
+def selector_key(name: str) -> str:
+    """KV key of the selector policy ``name`` (a selector name follows the volume id rules)."""
+    if not is_valid_volume_id(name):
+        raise ValueError(f"invalid selector name {name!r}: must match {VOLUME_ID_PATTERN.pattern}")
+    return f"{SELECTOR_KEY_PREFIX}{name}"
 
 
 def events(volume: str) -> str:

@@ -42,6 +42,7 @@ class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
         policy_file: JSON policy file; empty = not passed.
         pod_namespace: namespace of the pod the volume is for; empty = unknown.
         pod_name: name of that pod; empty = unknown.
+        node_name: the node id (for selector policies); empty = not passed.
         read_only: mount read-only.
     """
 
@@ -54,6 +55,7 @@ class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
     policy_file: str = ""
     pod_namespace: str = ""
     pod_name: str = ""
+    node_name: str = ""
     read_only: bool = False
 
     def arguments(self) -> list[str]:
@@ -68,6 +70,7 @@ class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
             ("--policy-file", self.policy_file),
             ("--pod-namespace", self.pod_namespace),
             ("--pod-name", self.pod_name),
+            ("--node-name", self.node_name),
         )
         for flag, value in optional:
             if value:

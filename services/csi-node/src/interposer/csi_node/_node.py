@@ -452,6 +452,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             policy_file=policy_file,
             pod_namespace=plan.pod_namespace,
             pod_name=plan.pod_name,
+            node_name=self._config.node_id,
             read_only=plan.readonly,
         )
         log_path = self._store.log_path(plan.volume_id)

@@ -20,8 +20,9 @@ import nats
 import trio
 from nats.js.errors import BucketNotFoundError
 
-from interposer.proto import EventBatch, Policy, WorkerStatus, decode_record, subjects
+from interposer.proto import EventBatch, Policy, PolicyRecord, WorkerStatus, decode_record, subjects
 from interposer.proto.connection import CredentialsError, connect_options
+from interposer.proto.selector import effective_policy, selected
 
 from ._config import WorkerConfig
 from ._telemetry import Telemetry
@@ -66,6 +67,14 @@ class Bus:
         self.initial_policy = threading.Event()
         self._rewatch: asyncio.Event | None = None
         self._encoder = msgspec.msgpack.Encoder()
+        #: The volume's own stored policy (empty until the watch delivers one).
+        self._own_policy = Policy()
+        #: Selector name → its latest record (``_sel.<name>`` keys).
+        self._selectors: dict[str, PolicyRecord] = {}
+        #: Newest KV revision that changed this volume's effective policy.
+        self._pending_revision = 0
+        #: Which watches ("volume", "selectors") have delivered their initial values.
+        self._initial = {"volume": False, "selectors": False}
 
     def start(self) -> None:
         """Start the bus thread; returns at once (connecting happens in the background)."""
@@ -144,56 +153,95 @@ class Bus:
             self._rewatch.set()
 
     async def _watch_policy(self, nc: nats.NATS) -> None:
-        """Apply every new revision of the volume's policy; start over after a reconnect."""
+        """Apply every new revision of the volume's policy; start over after a reconnect.
+
+        Two KV watches: the volume's own key and every selector key (``_sel.>``).
+        Nothing is applied until both have delivered their initial values, so
+        the first policy in force already holds every selector that matches.
+        """
         assert self._rewatch is not None
         js = nc.jetstream()
         volume = self.config.volume_id
         while True:
             self._rewatch.clear()
+            self._initial = {"volume": False, "selectors": False}
+            watchers = []
             try:
                 kv = await js.key_value(subjects.POLICY_KV_BUCKET)
-                watcher = await kv.watch(volume)
+                watchers.append(("volume", await kv.watch(volume)))
+                watchers.append(("selectors", await kv.watch(f"{subjects.SELECTOR_KEY_PREFIX}>")))
             except BucketNotFoundError:
                 self.initial_policy.set()  # NATS answers and no policy exists yet: nothing to wait for
                 await asyncio.sleep(DEFAULT_BUCKET_RETRY_S)
                 continue
             except Exception as exc:  # noqa: BLE001 - e.g. JetStream not ready yet
                 log.warning("policy watch failed (%s); retrying", exc)
+                await self._stop_watchers(watchers)
                 await asyncio.sleep(DEFAULT_BUCKET_RETRY_S)
                 continue
-            consumer = asyncio.create_task(self._consume(nc, watcher))
-            rewatch = asyncio.create_task(self._rewatch.wait())
-            await asyncio.wait({consumer, rewatch}, return_when=asyncio.FIRST_COMPLETED)
-            for task in (consumer, rewatch):
+            tasks = {asyncio.create_task(self._consume(nc, kind, watcher)) for kind, watcher in watchers}
+            tasks.add(asyncio.create_task(self._rewatch.wait()))
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in tasks:
                 task.cancel()
+            await self._stop_watchers(watchers)
+
+    @staticmethod
+    async def _stop_watchers(watchers: list) -> None:
+        for _, watcher in watchers:
             try:
                 await watcher.stop()
             except Exception:  # noqa: BLE001 - the consumer may have gone with the old server
                 pass
 
-    async def _consume(self, nc: nats.NATS, watcher) -> None:  # noqa: ANN001 - nats KeyWatcher
-        async for entry in watcher:
-            if entry is None:  # end of the initial values: the stored policy is in force
-                self.initial_policy.set()
-                continue
-            if entry.revision <= self._current_revision():
-                self.initial_policy.set()
-                continue
-            if entry.operation in ("DEL", "PURGE"):
-                policy = Policy()
+    def _effective(self) -> Policy:
+        config = self.config
+        chosen = selected(self._selectors, volume=config.volume_id, namespace=config.pod_namespace,
+                          pod=config.pod_name, node=config.node_name)
+        return effective_policy(self._own_policy, chosen)
+
+    def _take(self, kind: str, entry) -> None:  # noqa: ANN001 - nats KeyValue.Entry
+        """Record one KV entry; bump the revision to apply if it changes this volume's policy."""
+        record = None
+        if entry.operation not in ("DEL", "PURGE") and entry.value:
+            try:
+                record = decode_record(entry.value)
+            except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+                log.error("ignoring undecodable policy revision %d of %s: %s", entry.revision, entry.key, exc)
+                return
+        before = self._effective()
+        if kind == "volume":
+            self._own_policy = record.policy if record is not None else Policy()
+        else:
+            name = entry.key[len(subjects.SELECTOR_KEY_PREFIX):]
+            if record is None:
+                self._selectors.pop(name, None)
             else:
-                try:
-                    policy = decode_record(entry.value).policy
-                except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-                    log.error("ignoring undecodable policy revision %d: %s", entry.revision, exc)
-                    continue
-            trio.from_thread.run_sync(self._apply_policy, policy, entry.revision, trio_token=self._trio_token)
-            try:  # acknowledge at once (the status loop only looks every flush interval)
-                await nc.publish(subjects.status(self.config.volume_id), self._status())
-            except Exception as exc:  # noqa: BLE001 - disconnected: the next heartbeat tells
-                log.debug("status not published: %s", exc)
-            if entry.delta == 0:
-                self.initial_policy.set()
+                self._selectors[name] = record
+        # The volume's own key always counts (so `set --wait` sees its revision);
+        # a selector change counts only when it changes what this volume serves.
+        if kind == "volume" or self._effective() != before:
+            self._pending_revision = max(self._pending_revision, entry.revision)
+
+    async def _consume(self, nc: nats.NATS, kind: str, watcher) -> None:  # noqa: ANN001 - nats KeyWatcher
+        async for entry in watcher:
+            if entry is None:  # end of the initial values
+                self._initial[kind] = True
+            else:
+                self._take(kind, entry)
+                if entry.delta == 0:
+                    self._initial[kind] = True
+            if not all(self._initial.values()):
+                continue  # apply once both watches have delivered what is stored
+            revision = self._pending_revision
+            if revision > self._current_revision():
+                policy = self._effective()
+                trio.from_thread.run_sync(self._apply_policy, policy, revision, trio_token=self._trio_token)
+                try:  # acknowledge at once (the status loop only looks every flush interval)
+                    await nc.publish(subjects.status(self.config.volume_id), self._status())
+                except Exception as exc:  # noqa: BLE001 - disconnected: the next heartbeat tells
+                    log.debug("status not published: %s", exc)
+            self.initial_policy.set()
 
     def _batch(self, events: list) -> bytes:
         self._seq += 1

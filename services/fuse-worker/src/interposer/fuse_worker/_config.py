@@ -89,6 +89,8 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
         policy_file: JSON policy applied before the first request; ``""`` = none.
         pod_namespace: namespace of the pod using the volume (labels telemetry).
         pod_name: name of that pod.
+        node_name: the node this worker runs on (the csi-node's node id); matched
+            by selector policies with a ``node`` (``""`` = unknown, never matches).
         read_only: mount read-only (writes fail with EROFS in the kernel).
         allow_other: let users other than the mounting one use the mount (pods run
             as arbitrary uids); needs root or ``user_allow_other`` in /etc/fuse.conf.
@@ -122,6 +124,7 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     policy_file: str = ""
     pod_namespace: str = ""
     pod_name: str = ""
+    node_name: str = ""
     read_only: bool = False
     allow_other: bool = True
     entry_timeout_s: float = 1.0

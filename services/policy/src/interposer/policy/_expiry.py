@@ -91,6 +91,7 @@ class ExpiryScheduler:
             return None
         target = record.revert_to
         restored = await self.store.record_at(volume, target) if target else None
+        selector, priority = (restored.selector, restored.priority) if restored is not None else (None, 0)
         if restored is None:
             policy = Policy(description=f"empty: experiment r{revision} expired")
             expires_at_s, revert_to = None, 0
@@ -103,6 +104,7 @@ class ExpiryScheduler:
             new = await self.store.store(
                 volume, policy, author=EXPIRY_AUTHOR, action="expire", source_revision=target,
                 expires_at_s=expires_at_s, revert_to=revert_to, expect_revision=revision,
+                selector=selector, priority=priority,
             )
         except KeyWrongLastSequenceError:
             log.info("volume %s: revision %d was superseded before it expired", volume, revision)

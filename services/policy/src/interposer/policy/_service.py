@@ -40,12 +40,14 @@ from interposer.proto import (
     ListReply,
     Policy,
     PolicyError,
+    Selector,
     PolicyReply,
     RollbackRequest,
     StatusReply,
     VolumeSummary,
     decode_json,
     decode_policy,
+    decode_selector_request,
     encode_json,
     subjects,
 )
@@ -88,10 +90,12 @@ class PolicyService:
         self.status = status or StatusCache(config.worker_stale_after_s, config.worker_forget_after_s)
 
     async def _store(self, volume: str, policy: Policy, author: str, action: str,
-                     source_revision: int = 0) -> PolicyReply:
+                     source_revision: int = 0, selector: Selector | None = None,
+                     priority: int = 0) -> PolicyReply:
         try:
             revision = await self.store.store(volume, policy, author=author, action=action,
-                                              source_revision=source_revision)
+                                              source_revision=source_revision, selector=selector,
+                                              priority=priority)
         except PolicyError as exc:
             return PolicyReply(ok=False, error=str(exc))
         log.info("volume %s: revision %d (%s by %s, %d layers)", volume, revision, action, author or "?",
@@ -113,6 +117,36 @@ class PolicyService:
             log.info("rejected policy for %s: %s", volume, exc)
             return PolicyReply(ok=False, error=str(exc))
         return await self._store(volume, policy, author, "set")
+
+    async def select(self, name: str, body: bytes, author: str = "") -> PolicyReply:
+        """Validate a ``SelectorRequest`` and store it under ``_sel.<name>``.
+
+        Every worker watches ``_sel.>`` and merges the selector's policy into its
+        own when the selector matches it (``interposer.proto.selector``).
+
+        Returns:
+            ``ok`` with the new revision, or ``ok=False`` naming the field; nothing
+            is stored on error.
+        """
+        if not subjects.is_valid_volume_id(name):
+            return PolicyReply(ok=False, error=f"invalid selector name {name!r}")
+        try:
+            request = decode_selector_request(body)
+        except PolicyError as exc:
+            log.info("rejected selector %s: %s", name, exc)
+            return PolicyReply(ok=False, error=str(exc))
+        return await self._store(subjects.selector_key(name), request.policy, author, "select",
+                                 selector=request.selector, priority=request.priority)
+
+    async def unselect(self, name: str, author: str = "") -> PolicyReply:
+        """Deactivate the selector ``name`` (a new revision without a selector)."""
+        if not subjects.is_valid_volume_id(name):
+            return PolicyReply(ok=False, error=f"invalid selector name {name!r}")
+        _, record = await self.store.current(subjects.selector_key(name))
+        if record is None or record.selector is None:
+            return PolicyReply(ok=False, error=f"no active selector {name!r}")
+        return await self._store(subjects.selector_key(name), Policy(description="unselected"), author,
+                                 "unselect")
 
     async def get_policy(self, volume: str) -> PolicyReply:
         """Return the stored policy of ``volume`` (empty, revision 0, if none)."""
@@ -177,6 +211,7 @@ class PolicyService:
         if volume is not None and not subjects.is_valid_volume_id(volume):
             return StatusReply(ok=False, error=f"invalid volume id {volume!r}")
         volumes = [volume] if volume is not None else sorted(set(await self.store.volumes()) | set(self.status.workers))
+        volumes = [v for v in volumes if not v.startswith(subjects.SELECTOR_KEY_PREFIX)]  # no workers of their own
         out = []
         for name in volumes:
             revision, record = await self.store.current(name)
@@ -198,6 +233,8 @@ class PolicyService:
             subjects.POLICY_ROLLBACK_PREFIX: lambda: self.rollback(volume, msg.data, author),
             subjects.POLICY_HISTORY_PREFIX: lambda: self.history(volume),
             subjects.POLICY_STATUS: lambda: self.volume_status(volume),
+            subjects.POLICY_SELECT_PREFIX: lambda: self.select(volume, msg.data, author),
+            subjects.POLICY_UNSELECT_PREFIX: lambda: self.unselect(volume, author),
         }
         handler = handlers.get(prefix)
         if handler is None:
@@ -269,7 +306,8 @@ async def serve(config: PolicyServiceConfig) -> None:
     service = PolicyService(store, config=config)
     expiry = ExpiryScheduler(store)
     for prefix in (subjects.POLICY_SET_PREFIX, subjects.POLICY_GET_PREFIX, subjects.POLICY_CLEAR_PREFIX,
-                   subjects.POLICY_HISTORY_PREFIX, subjects.POLICY_ROLLBACK_PREFIX, subjects.POLICY_STATUS):
+                   subjects.POLICY_HISTORY_PREFIX, subjects.POLICY_ROLLBACK_PREFIX, subjects.POLICY_STATUS,
+                   subjects.POLICY_SELECT_PREFIX, subjects.POLICY_UNSELECT_PREFIX):
         await nc.subscribe(f"{prefix}.*", queue=subjects.POLICY_QUEUE, cb=service.handle)
     for subject in (subjects.POLICY_LIST, subjects.POLICY_STATUS):
         await nc.subscribe(subject, queue=subjects.POLICY_QUEUE, cb=service.handle)

@@ -17,7 +17,15 @@ from nats.js.api import KeyValueConfig
 from nats.js.errors import BucketNotFoundError, KeyDeletedError, KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
 from nats.js.kv import KeyValue
 
-from interposer.proto import Policy, PolicyError, PolicyRecord, decode_record, encode_record, subjects
+from interposer.proto import (
+    Policy,
+    PolicyError,
+    PolicyRecord,
+    Selector,
+    decode_record,
+    encode_record,
+    subjects,
+)
 
 from ._config import PolicyServiceConfig
 
@@ -103,7 +111,7 @@ class PolicyStore:
     async def store(self, volume: str, policy: Policy, *, author: str, action: str,
                     source_revision: int = 0, expires_at_s: float | None = None,
                     revert_to: int | None = None, expect_revision: int | None = None,
-                    now_s: float | None = None) -> int:
+                    now_s: float | None = None, selector: Selector | None = None, priority: int = 0) -> int:
         """Store ``policy`` as the next revision of ``volume``.
 
         Args:
@@ -121,6 +129,9 @@ class PolicyStore:
                 (``expire`` uses it so that a newer change wins); None = retry
                 on concurrent writes.
             now_s: the time of acceptance, seconds since the Unix epoch (tests).
+            selector: for a selector key (``_sel.<name>``): the volumes it selects;
+                None = a volume key, or an inactive selector.
+            priority: for a selector key: its merge priority.
 
         Returns:
             The new revision.
@@ -144,6 +155,7 @@ class PolicyStore:
             record = PolicyRecord(
                 policy=policy, updated_at_s=now_s, author=author, action=action, source_revision=source_revision,
                 expires_at_s=expires_at_s, revert_to=current if revert_to is None else revert_to,
+                selector=selector, priority=priority,
             )
             try:
                 return await self.kv.update(volume, encode_record(record), last=current)
