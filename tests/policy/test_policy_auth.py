@@ -25,10 +25,10 @@ from interposer.cli._auth import (
     server_config,
     write_server_config,
 )
-from interposer.cli._policy_client import PolicyClientError, get_policy, policy_status, set_policy
+from interposer.cli._policy_client import PolicyClientError, get_policy, policy_status, request, set_policy
 from interposer.cli._procs import start_nats_server
 from interposer.cli._stack import EmbeddedStack
-from interposer.proto import subjects
+from interposer.proto import HistoryReply, ListReply, StatusReply, subjects
 from interposer.proto.connection import CredentialsError, connect_options, load_credentials
 
 FAULT_READS = b'{"layers": [{"type": "fault", "errno": "EIO", "ops": ["read"]}]}'
@@ -74,7 +74,7 @@ def test_anonymous_connections_are_refused_and_an_anonymous_set_changes_nothing(
         asyncio.run(set_policy(auth_bus.url, fresh_volume, DELAY, creds_file=str(wrong)))
     after = _stored(auth_bus, fresh_volume)
     assert after.revision == before.revision
-    assert after.policy is not None and after.policy.layers[0].type == "fault"
+    assert after.policy is not None and after.policy.layers[0].errno == "EIO"
 
 
 def test_worker_credentials_read_policy_but_cannot_write_it(auth_bus, fresh_volume) -> None:
@@ -112,7 +112,7 @@ def test_worker_credentials_read_policy_but_cannot_write_it(auth_bus, fresh_volu
     assert "subscription to \"interposer.policy.set.*\"" in denied
     after = _stored(auth_bus, fresh_volume)
     assert after.revision == before.revision
-    assert after.policy is not None and after.policy.layers[0].type == "fault"
+    assert after.policy is not None and after.policy.layers[0].errno == "EIO"
 
 
 def test_collector_and_user_credentials_cannot_write_the_bucket(auth_bus, fresh_volume) -> None:
@@ -281,3 +281,25 @@ def test_deploy_auth_conf_is_generated_from_the_permissions_and_serves(tmp_path,
             asyncio.run(connect({}))
     finally:
         child.stop()
+
+
+def test_the_policy_role_covers_every_request_the_service_answers(auth_bus, fresh_volume) -> None:
+    user = auth_bus.creds["user"]
+
+    def ask(subject: str, body: bytes = b"", kind=None):  # noqa: ANN001, ANN202
+        kwargs = {"kind": kind} if kind else {}
+        reply = asyncio.run(request(auth_bus.url, subject, body, creds_file=user, **kwargs))
+        assert reply.ok, (subject, reply.error)
+        return reply
+
+    first = ask(subjects.policy_set(fresh_volume), FAULT_READS)
+    ask(subjects.policy_set(fresh_volume), DELAY)
+    ask(subjects.policy_rollback(fresh_volume), json.dumps({"revision": first.revision}).encode())
+    assert len(ask(subjects.policy_history(fresh_volume), kind=HistoryReply).entries) == 3
+    ask(subjects.POLICY_LIST, kind=ListReply)
+    ask(subjects.policy_status(fresh_volume), kind=StatusReply)
+    ask(subjects.policy_clear(fresh_volume))
+    ask(subjects.policy_select(fresh_volume), b'{"selector": {"namespace": "nobody"}, "policy": {}}')
+    ask(subjects.policy_unselect(fresh_volume))
+    log = (auth_bus.state_dir / "policy.log").read_text().lower()
+    assert "permissions violation" not in log and "traceback" not in log
