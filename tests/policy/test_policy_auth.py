@@ -9,7 +9,7 @@ import os
 import stat
 import subprocess
 import sys
-from pathlib import Path
+import urllib.request
 
 import nats
 import pytest
@@ -206,16 +206,22 @@ def test_generated_credentials_are_private_and_kept(tmp_path) -> None:
     assert "no_auth_user" not in config.read_text()
 
 
-def test_tls_by_configuration(tmp_path) -> None:
-    """The server serves TLS from its config; clients verify it with the `ca` of their credentials file."""
-    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
+def _self_signed(directory) -> tuple[str, str]:  # noqa: ANN001 - Path
+    """A self-signed certificate for 127.0.0.1 made with openssl: ``(cert, key)`` paths."""
+    cert, key = directory / "server.pem", directory / "server.key"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
                     "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
                     "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True, timeout=60)
-    creds = ensure_credentials(tmp_path, ca=str(cert))
-    assert load_credentials(creds["user"]).ca == str(cert)
+    return str(cert), str(key)
+
+
+def test_tls_by_configuration(tmp_path) -> None:
+    """The server serves TLS from its config; clients verify it with the `ca` of their credentials file."""
+    cert, key = _self_signed(tmp_path)
+    creds = ensure_credentials(tmp_path, ca=cert)
+    assert load_credentials(creds["user"]).ca == cert
     config = tmp_path / "nats.conf"
-    config.write_bytes(server_config(creds, tls_cert=str(cert), tls_key=str(key)))
+    config.write_bytes(server_config(creds, tls_cert=cert, tls_key=key))
     child, url = start_nats_server(tmp_path / "nats", config_file=config)
     try:
         async def connect(options: dict) -> bool:
@@ -303,3 +309,14 @@ def test_the_policy_role_covers_every_request_the_service_answers(auth_bus, fres
     ask(subjects.policy_unselect(fresh_volume))
     log = (auth_bus.state_dir / "policy.log").read_text().lower()
     assert "permissions violation" not in log and "traceback" not in log
+
+
+def test_embedded_stack_over_tls(tmp_path, fresh_volume) -> None:
+    """Every service of the stack connects over TLS with the CA from its credentials file."""
+    cert, key = _self_signed(tmp_path)
+    with EmbeddedStack(tmp_path / "state", metrics_port=0, tls_cert=cert, tls_key=key, tls_ca=cert) as endpoints:
+        reply = asyncio.run(set_policy(endpoints.nats_url, fresh_volume, DELAY, creds_file=endpoints.user_creds))
+        assert reply.ok  # the policy service (TLS) stored it; the client verified the server
+        with urllib.request.urlopen(endpoints.metrics_url, timeout=5) as response:
+            metrics = response.read().decode()
+        assert "interposer_collector_nats_connected 1.0" in metrics

@@ -10,7 +10,10 @@ import time
 import pytest
 from interposer_testing import read_errno, wait_until
 
-from interposer.cli._policy_client import request, set_policy
+from click.testing import CliRunner
+
+from interposer.cli.__main__ import main as cli
+from interposer.cli._policy_client import policy_status, request, set_policy
 from interposer.proto import (
     FaultLayer,
     Policy,
@@ -93,11 +96,17 @@ def test_a_selector_reaches_matching_workers_only_and_unselect_removes_it(
     for volume in (inside, outside):
         (volume.mountpoint / "data").write_bytes(b"x" * 8192)
     name = f"sel-{fresh_volume}"
-    _select(nats_url, name, {"selector": {"namespace": namespace}, "policy": EIO_READS})
+    revision = _select(nats_url, name, {"selector": {"namespace": namespace}, "policy": EIO_READS})
     try:
         wait_until(lambda: read_errno(inside.mountpoint / "data") == errno.EIO, "the selector to reach the worker")
         time.sleep(0.3)  # the other worker got the same KV update at the same moment
         assert read_errno(outside.mountpoint / "data") == 0
+        # Only the selected worker reports the selector's revision as applied (the
+        # other one did not rebuild its stack).
+        applied = {v.volume: max((w.applied_revision for w in v.workers), default=0)
+                   for v in asyncio.run(policy_status(nats_url)).volumes}
+        assert applied[f"{fresh_volume}-a"] == revision
+        assert applied[f"{fresh_volume}-b"] < revision
     finally:
         _unselect(nats_url, name)
     wait_until(lambda: read_errno(inside.mountpoint / "data") == 0, "unselect to reach the worker")
@@ -122,3 +131,23 @@ def test_a_worker_starting_later_serves_its_own_and_its_selectors_policy_from_th
         assert info.value.errno == errno.ENOSPC  # the volume's own policy is in force too
     finally:
         _unselect(nats_url, name)
+
+
+def test_cli_select_validates_offline_and_unselect_needs_an_active_selector(
+        nats_url, policy_service, fresh_volume, tmp_path) -> None:
+    runner = CliRunner()
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"selector": {}, "policy": {}}')
+    rejected = runner.invoke(cli, ["policy", "select", "x", str(bad), "--nats-url", nats_url])
+    assert rejected.exit_code == 1 and "all: true" in rejected.output
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"selector": {"volume": f"{fresh_volume}-*"}, "policy": EIO_READS}))
+    name = f"cli-{fresh_volume}"
+    stored = runner.invoke(cli, ["policy", "select", name, str(good), "--nats-url", nats_url])
+    assert stored.exit_code == 0 and json.loads(stored.output)["ok"], stored.output
+    listed = runner.invoke(cli, ["policy", "list", "--json", "--nats-url", nats_url])
+    assert f"_sel.{name}" in {v["volume"] for v in json.loads(listed.output)["volumes"]}
+    assert runner.invoke(cli, ["policy", "unselect", name, "--nats-url", nats_url]).exit_code == 0
+    again = runner.invoke(cli, ["policy", "unselect", name, "--nats-url", nats_url])
+    assert again.exit_code == 1 and "no active selector" in again.output
+    assert runner.invoke(cli, ["policy", "select", "a.b", str(good), "--nats-url", nats_url]).exit_code == 2
