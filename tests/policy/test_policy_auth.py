@@ -320,3 +320,34 @@ def test_embedded_stack_over_tls(tmp_path, fresh_volume) -> None:
         with urllib.request.urlopen(endpoints.metrics_url, timeout=5) as response:
             metrics = response.read().decode()
         assert "interposer_collector_nats_connected 1.0" in metrics
+
+
+def test_a_worker_cannot_make_jetstream_send_requests_on_its_behalf(auth_bus, fresh_volume) -> None:
+    """A push consumer delivering the bucket's records to `interposer.policy.clear.<victim>` changes nothing.
+
+    Creating a consumer is allowed to workers (a KV watch is one) and nats-server
+    does not check its deliver subject against the creator's permissions. It is
+    harmless because a delivered message keeps its own subject (`$KV.…`) and the
+    service dispatches on the message subject, not on the subscription's.
+    """
+    before = asyncio.run(set_policy(auth_bus.url, fresh_volume, FAULT_READS, creds_file=auth_bus.creds["user"]))
+    errors: list[str] = []
+
+    async def as_worker() -> None:
+        nc = await _connect(auth_bus, "worker", errors)
+        try:
+            js = nc.jetstream(timeout=2)
+            try:
+                await js.add_consumer(f"KV_{subjects.POLICY_KV_BUCKET}", nats.js.api.ConsumerConfig(
+                    deliver_subject=subjects.policy_clear(fresh_volume), deliver_group=subjects.POLICY_QUEUE, ack_policy="none",
+                    deliver_policy="all", inactive_threshold=5.0))
+            except Exception:  # noqa: BLE001 - a refusal is as good
+                pass
+            await asyncio.sleep(1.0)
+        finally:
+            await nc.close()
+
+    asyncio.run(as_worker())
+    after = _stored(auth_bus, fresh_volume)
+    assert after.revision == before.revision
+    assert after.policy is not None and after.policy.layers[0].errno == "EIO"
