@@ -219,7 +219,13 @@ class PolicyService:
         return StatusReply(ok=True, volumes=out)
 
     async def dispatch(self, msg: Msg) -> Reply:
-        """Answer one request according to its subject."""
+        """Answer one request according to its subject.
+
+        Dispatch on ``msg.subject`` (never on the subscription's subject): any
+        client allowed to create a JetStream consumer (workers, for their KV
+        watch) could point its deliver subject at ``interposer.policy.clear.<v>``;
+        such deliveries keep their ``$KV.…`` subject and are refused here.
+        """
         author = _author(msg)
         if msg.subject == subjects.POLICY_LIST:
             return await self.list_volumes()
