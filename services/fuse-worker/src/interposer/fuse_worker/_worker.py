@@ -17,7 +17,7 @@ from ._adapter import InterposerOperations
 from ._bus import Bus
 from ._config import WorkerConfig
 from ._expiry import expire_layers
-from ._telemetry import Telemetry
+from ._telemetry import Telemetry, quota_usage
 from .backends import Backend, MemoryBackend, NullBackend, PassthroughBackend
 from .layers import QuotaContext, Usage, walk_usage
 
@@ -90,11 +90,12 @@ async def serve(config: WorkerConfig) -> None:
     _raise_fd_limit()
     backend = make_backend(config)
     telemetry = Telemetry(config.event_buffer, config.event_sampling, enabled=config.events,
-                          volume=config.volume_id)
+                          volume=config.volume_id, namespace=config.pod_namespace, pod=config.pod_name)
     operations = InterposerOperations(backend, telemetry, policy, quota=quota_context(backend, config.backing_dir))
     bus: Bus | None = None
     if config.nats_url:
-        bus = Bus(config, telemetry, operations.apply, lambda: operations.revision, trio.lowlevel.current_trio_token())
+        bus = Bus(config, telemetry, operations.apply, lambda: operations.revision, trio.lowlevel.current_trio_token(),
+                  quota_usage=lambda: quota_usage(operations.stack.layers))
         bus.start()
         await _wait_for_stored_policy(bus, config)
     try:
