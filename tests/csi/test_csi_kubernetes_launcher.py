@@ -189,8 +189,11 @@ def test_publish_runs_a_worker_pod_over_the_claim_and_recovers_it(cluster: _Clus
     assert cluster.store.load("pvc-1").restarts == 1
     assert list(fuse_mounts_under(cluster.root)) == [str(target)]
 
+    handoff_dir = Path(cluster.config.state_dir) / "handoff" / "pvc-1"
+    assert handoff_dir.is_dir()
     cluster.node.unpublish("pvc-1", str(target))
     assert cluster.api.worker_pods() == []
+    assert not handoff_dir.exists()
     assert fuse_mounts_under(cluster.root) == {}
     assert not target.exists()
     # Exactly the API surface the RBAC Role grants (tests/deploy pins the Role to the code).

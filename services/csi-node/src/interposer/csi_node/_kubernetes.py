@@ -390,7 +390,8 @@ class KubernetesLauncher:
         return None
 
     def stop(self, pid: int, volume_id: str, timeout_s: float) -> bool:
-        """Delete the worker pod (SIGTERM, SIGKILL after ``timeout_s``) and wait until it is gone.
+        """Delete the worker pod (SIGTERM, SIGKILL after ``timeout_s``), wait until it is gone,
+        and remove the volume's handoff directory.
 
         Returns:
             True if the pod is gone; False if it still exists ``timeout_s`` + 5 s later.
@@ -402,15 +403,13 @@ class KubernetesLauncher:
             log.warning("cannot delete worker pod %s: %s", name, exc)
             return False
         deadline = time.monotonic() + timeout_s + 5.0
-        while time.monotonic() < deadline:
-            if not self._pod_exists(name):
-                return True
+        while self._pod_exists(name):
+            if time.monotonic() >= deadline:
+                return False
             time.sleep(DELETE_POLL_INTERVAL_S)
-        return not self._pod_exists(name)
-
-    def cleanup_handoff_dir(self, volume_id: str) -> None:
-        """Remove the handoff directory of an unpublished volume."""
+        # Its socket and policy copy; the next start of the volume makes them anew.
         shutil.rmtree(handoff_dir_of(self.settings, volume_id), ignore_errors=True)
+        return True
 
     # ------------------------------------------------------------------ API helpers
 
