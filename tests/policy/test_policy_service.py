@@ -17,6 +17,7 @@ import pytest
 
 from interposer.cli._policy_client import get_policy, request, set_policy
 from interposer.proto import EventBatch, PolicyReply, decode_reply, subjects
+from interposer_testing import read_errno, wait_until
 
 _volume_ids = itertools.count(1)
 
@@ -80,42 +81,23 @@ def test_plain_publish_without_reply_is_applied(nats_url, policy_service, volume
         time.sleep(0.05)
 
 
-def _read_errno(path: Path) -> int:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-        try:
-            os.pread(fd, 4096, 0)
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        return exc.errno
-    return 0
-
-
-def _until(condition, what: str, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 def test_worker_applies_policy_changes_live_and_keeps_the_last_good_one(
         nats_url, policy_service, mount_worker, volume) -> None:
     vol = mount_worker(volume, nats_url=nats_url)
     data = vol.mountpoint / "data.bin"
     data.write_bytes(b"x" * 8192)
-    assert _read_errno(data) == 0
+    assert read_errno(data) == 0
 
     assert asyncio.run(set_policy(nats_url, volume, FAULT_READS)).ok
-    _until(lambda: _read_errno(data) == errno.EIO, "the fault policy to reach the worker")
+    wait_until(lambda: read_errno(data) == errno.EIO, "the fault policy to reach the worker")
 
     bad = asyncio.run(request(nats_url, subjects.policy_set(volume), b'{"layers": [{"type": "fault", "errno": "EFOO"}]}'))
     assert not bad.ok
     time.sleep(0.5)
-    assert _read_errno(data) == errno.EIO  # still the last accepted policy
+    assert read_errno(data) == errno.EIO  # still the last accepted policy
 
     assert asyncio.run(request(nats_url, subjects.policy_clear(volume))).ok
-    _until(lambda: _read_errno(data) == 0, "the cleared policy to reach the worker")
+    wait_until(lambda: read_errno(data) == 0, "the cleared policy to reach the worker")
     assert vol.proc.poll() is None, "the worker must not remount or restart"
 
 
