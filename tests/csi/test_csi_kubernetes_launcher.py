@@ -25,6 +25,7 @@ from interposer.csi_node._kubernetes import (
     LABEL_INCARNATION,
     LABEL_VOLUME_ID,
     label_value,
+    read_own_pod,
     worker_pod_manifest,
 )
 from interposer.csi_node._recovery import WorkerWatcher
@@ -39,6 +40,9 @@ NAMESPACE = "interposer-system"
 NODE = "node-a"
 OWN_POD = "interposer-csi-node-x7k2p"
 OWN_UID = "0d6f6c1e-3a2b-4c5d-8e9f-0123456789ab"
+DAEMONSET_UID = "5e1f2a3b-4c5d-6e7f-8091-a2b3c4d5e6f7"
+#: The owner of worker pods: the csi-node pod's DaemonSet (survives csi-node upgrades).
+OWNER = {"apiVersion": "apps/v1", "kind": "DaemonSet", "name": "interposer-csi-node", "uid": DAEMONSET_UID}
 WORKER_IMAGE = "registry.example/interposer-fuse-worker:v1"
 #: kubelet's id of an ephemeral inline volume: 68 characters, too long for a label value.
 EPHEMERAL_ID = "csi-" + "a1" * 32
@@ -47,7 +51,7 @@ EPHEMERAL_ID = "csi-" + "a1" * 32
 def _settings(handoff_dir: str = "/var/lib/interposer/csi-node/handoff") -> WorkerPodSettings:
     return WorkerPodSettings(
         namespace=NAMESPACE, node_name=NODE, image=WORKER_IMAGE, handoff_dir=handoff_dir,
-        owner_name=OWN_POD, owner_uid=OWN_UID, nats_url="nats://nats.interposer-system.svc:4222",
+        owner=OWNER, nats_url="nats://nats.interposer-system.svc:4222",
     )
 
 
@@ -73,7 +77,7 @@ def test_worker_pod_spec_is_a_valid_unprivileged_pod_pinned_to_the_node(spec: Wo
     _validate(manifest)
     meta, pod = manifest["metadata"], manifest["spec"]
     assert meta["namespace"] == NAMESPACE and meta["name"].endswith("-3")
-    assert meta["ownerReferences"] == [{"apiVersion": "v1", "kind": "Pod", "name": OWN_POD, "uid": OWN_UID}]
+    assert meta["ownerReferences"] == [OWNER]
     labels = meta["labels"]
     assert labels["app.kubernetes.io/managed-by"] == "interposer-csi-node"
     assert labels["app.kubernetes.io/part-of"] == "interposer"
@@ -122,7 +126,8 @@ class _Cluster:
         self.api = FakeCoreV1Api(self.kubelet)
         self.api.add_pod({
             "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": OWN_POD, "namespace": NAMESPACE, "uid": OWN_UID},
+            "metadata": {"name": OWN_POD, "namespace": NAMESPACE, "uid": OWN_UID,
+                         "ownerReferences": [{**OWNER, "controller": True, "blockOwnerDeletion": True}]},
             "spec": {
                 "initContainers": [{"name": "fuse-worker-image", "image": WORKER_IMAGE}],
                 "containers": [{"name": "csi-node", "image": "interposer-csi-node"}],
@@ -160,6 +165,7 @@ def test_publish_runs_a_worker_pod_over_the_claim_and_recovers_it(cluster: _Clus
     require_fuse()
     assert isinstance(cluster.launcher, KubernetesLauncher)
     assert cluster.launcher.settings.image == WORKER_IMAGE  # read from its own pod's init container
+    assert cluster.launcher.settings.owner == OWNER  # its DaemonSet, from its own pod
     target = cluster.root / "pods" / "p1" / "volumes" / "mount"
     request = mounting_volume_request(
         "pvc-1", target, None,
@@ -231,6 +237,19 @@ def test_the_local_launcher_refuses_backing_claims(tmp_path: Path) -> None:
     with pytest.raises(CsiError, match="needs the Kubernetes launcher") as failed:
         node.publish(mounting_volume_request("v", tmp_path / "t", None, extra_context={"backingClaim": "data"}))
     assert failed.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_standalone_csi_node_pod_owns_its_workers_itself() -> None:
+    api = FakeCoreV1Api()
+    api.add_pod({"metadata": {"name": "solo", "namespace": NAMESPACE, "uid": OWN_UID},
+                 "spec": {"containers": [{"name": "fuse-worker-image", "image": WORKER_IMAGE}]}})
+    assert read_own_pod(api, NAMESPACE, "solo", "fuse-worker-image") == (
+        {"apiVersion": "v1", "kind": "Pod", "name": "solo", "uid": OWN_UID}, WORKER_IMAGE
+    )
+    with pytest.raises(OSError, match="no container 'absent'"):
+        read_own_pod(api, NAMESPACE, "solo", "absent")
+    with pytest.raises(OSError, match="cannot read own pod"):
+        read_own_pod(api, NAMESPACE, "missing", "fuse-worker-image")
 
 
 def test_api_errors_become_os_errors_naming_the_call() -> None:

@@ -12,8 +12,10 @@ reaches the application pod the same way as with the local launcher.
 Each pod is pinned to this node (``spec.nodeName``, tolerating every taint),
 carries ``app.kubernetes.io/*`` labels and ``interposer.io/{volume-id,node,incarnation}``
 labels (found and removed by label selector), and an owner reference to the
-csi-node pod, so deleting the csi-node pod (or the DaemonSet) garbage-collects its
-workers. A worker handle (``VolumeState.worker_pid``) is the pod's incarnation:
+csi-node pod's controller — the DaemonSet — (or to the csi-node pod itself if it has
+none): uninstalling garbage-collects every worker, while a csi-node pod replaced by
+a rolling update leaves them (and the application pods' mounts) running; the new
+csi-node finds them through its state files. A worker handle (``VolumeState.worker_pid``) is the pod's incarnation:
 the pod of incarnation *n* is ``interposer-worker-<hash>-<n>``; recovery deletes
 the dead pod and creates incarnation *n + 1* (``restartPolicy: Never``, so only
 the csi-node decides when a new worker mounts).
@@ -32,6 +34,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -100,8 +103,8 @@ class WorkerPodSettings(msgspec.Struct, frozen=True, kw_only=True):
             references cannot cross namespaces).
         node_name: this node (``spec.nodeName`` of every worker pod).
         image: the fuse-worker image.
-        owner_name: name of the csi-node pod (owner of its workers); empty = none.
-        owner_uid: uid of that pod.
+        owner: owner reference of every worker pod (``apiVersion``, ``kind``,
+            ``name``, ``uid``): the csi-node pod's DaemonSet; empty = none.
         handoff_dir: host directory (mounted at the same path in the csi-node) under
             which each volume gets a handoff directory, hostPath-mounted into its pod.
         nats_url: bus URL handed to each worker; empty = none.
@@ -119,8 +122,7 @@ class WorkerPodSettings(msgspec.Struct, frozen=True, kw_only=True):
     node_name: str
     image: str
     handoff_dir: str
-    owner_name: str = ""
-    owner_uid: str = ""
+    owner: dict[str, str] = msgspec.field(default_factory=dict)
     nats_url: str = ""
     service_account: str = "interposer-fuse-worker"
     image_pull_policy: str = "IfNotPresent"
@@ -219,10 +221,8 @@ def worker_pod_manifest(spec: WorkerSpec, settings: WorkerPodSettings, incarnati
         },
         "annotations": {ANNOTATION_VOLUME_ID: spec.volume_id, ANNOTATION_TARGET_PATH: spec.mountpoint},
     }
-    if settings.owner_name and settings.owner_uid:
-        metadata["ownerReferences"] = [
-            {"apiVersion": "v1", "kind": "Pod", "name": settings.owner_name, "uid": settings.owner_uid}
-        ]
+    if settings.owner:
+        metadata["ownerReferences"] = [dict(settings.owner)]
     container = {
         "name": WORKER_CONTAINER,
         "image": settings.image,
@@ -446,7 +446,7 @@ class KubernetesLauncher:
 class _Throttled:
     """Calls ``check`` at most every ``interval_s`` seconds; answers the last result in between."""
 
-    def __init__(self, check: Any, interval_s: float) -> None:
+    def __init__(self, check: Callable[[], bool], interval_s: float) -> None:
         self._check = check
         self._interval_s = interval_s
         self._next_s = 0.0
@@ -467,8 +467,8 @@ def _incarnation_of(pod: Any) -> int:
         return 0
 
 
-def read_own_pod(api: Any, namespace: str, name: str, image_container: str) -> tuple[str, str]:
-    """Return (uid, image) of the csi-node's own pod: the owner of its workers and their image.
+def read_own_pod(api: Any, namespace: str, name: str, image_container: str) -> tuple[dict[str, str], str]:
+    """Read the csi-node's own pod: the owner reference for its workers, and their image.
 
     Args:
         api: a ``CoreV1Api``.
@@ -476,14 +476,25 @@ def read_own_pod(api: Any, namespace: str, name: str, image_container: str) -> t
         name: its name (``POD_NAME``).
         image_container: the (init) container whose image is the fuse-worker's.
 
+    Returns:
+        ``(owner, image)``: ``owner`` is the pod's controller reference (its
+        DaemonSet) as ``{apiVersion, kind, name, uid}``, or the pod itself when it
+        has no controller; ``image`` is ``image_container``'s image.
+
     Raises:
         OSError: the pod cannot be read, or has no container ``image_container``.
     """
     try:
         pod = api.read_namespaced_pod(name, namespace)
-    except Exception as exc:
+    except Exception as exc:  # ApiException (HTTP) or urllib3 errors (connection)
         raise OSError(f"cannot read own pod {namespace}/{name}: {exc}") from None
+    controllers = [ref for ref in pod.metadata.owner_references or () if ref.controller]
+    if controllers:
+        ref = controllers[0]
+        owner = {"apiVersion": ref.api_version, "kind": ref.kind, "name": ref.name, "uid": ref.uid}
+    else:
+        owner = {"apiVersion": "v1", "kind": "Pod", "name": name, "uid": pod.metadata.uid}
     for container in [*(pod.spec.init_containers or ()), *pod.spec.containers]:
         if container.name == image_container:
-            return pod.metadata.uid, container.image
+            return owner, container.image
     raise OSError(f"own pod {namespace}/{name} has no container {image_container!r} naming the worker image")

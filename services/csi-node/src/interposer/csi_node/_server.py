@@ -153,14 +153,13 @@ def make_launcher(config: CsiNodeConfig, api: object | None = None) -> Launcher:
 
         kubernetes.config.load_incluster_config()
         api = kubernetes.client.CoreV1Api()
-    owner_uid, own_image = read_own_pod(api, config.pod_namespace, config.pod_name, config.worker_image_container)
+    owner, own_image = read_own_pod(api, config.pod_namespace, config.pod_name, config.worker_image_container)
     settings = WorkerPodSettings(
         namespace=config.pod_namespace,
         node_name=config.node_id,
         image=config.worker_image or own_image,
         handoff_dir=handoff_dir,
-        owner_name=config.pod_name,
-        owner_uid=owner_uid,
+        owner=owner,
         nats_url=config.nats_url,
         termination_grace_s=max(1, int(config.unmount_timeout_s)),
     )
