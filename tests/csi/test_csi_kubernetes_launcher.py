@@ -195,6 +195,20 @@ def test_publish_runs_a_worker_pod_over_the_claim_and_recovers_it(cluster: _Clus
     assert cluster.store.load("pvc-1").restarts == 1
     assert list(fuse_mounts_under(cluster.root)) == [str(target)]
 
+    # Someone deletes the pod (kubectl delete pod, node drain): recreated as incarnation 3.
+    cluster.api.delete_namespaced_pod(new_pod["metadata"]["name"], NAMESPACE, grace_period_seconds=0)
+    assert cluster.watcher.restore_if_dead("pvc-1"), cluster.logs()
+    (third_pod,) = cluster.api.worker_pods()
+    assert third_pod["metadata"]["labels"][LABEL_INCARNATION] == "3"
+    assert (target / "f").read_text() == "via the worker pod"
+
+    # A restarted csi-node (new launcher, same state dir) finds the running pod: nothing created.
+    creates = [c[0] for c in cluster.api.calls].count("create_namespaced_pod")
+    restarted = NodeService(cluster.config, make_launcher(cluster.config, cluster.api), cluster.store)
+    restarted.publish(request)
+    assert not cluster.watcher.restore_if_dead("pvc-1")
+    assert [c[0] for c in cluster.api.calls].count("create_namespaced_pod") == creates
+
     handoff_dir = Path(cluster.config.state_dir) / "handoff" / "pvc-1"
     assert handoff_dir.is_dir()
     cluster.node.unpublish("pvc-1", str(target))
