@@ -15,6 +15,9 @@ from .backends import BACKEND_KINDS, DEFAULT_MEMORY_SIZE_BYTES
 #: How long a worker with a bus waits for its stored policy before mounting, seconds.
 DEFAULT_POLICY_WAIT_S = 5.0
 
+#: How long a worker with ``fuse_fd_socket`` waits to receive its FUSE fd, seconds.
+DEFAULT_FUSE_FD_WAIT_S = 30.0
+
 #: Most event sampling rules one worker takes.
 MAX_EVENT_SAMPLE_RULES = 64
 
@@ -94,7 +97,13 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
         volume_id: the volume's id (CSI volume_id); names its subjects and KV key.
         backing_dir: directory served by the passthrough backend (required for it;
             unused by ``memory`` and ``null``).
-        mountpoint: where the FUSE file system is mounted.
+        mountpoint: where the FUSE file system is mounted (by the worker itself);
+            informative only with ``fuse_fd_socket``.
+        fuse_fd_socket: unix socket of the csi-node to receive an already mounted
+            ``/dev/fuse`` fd from (``SCM_RIGHTS``) instead of mounting: the worker
+            then needs no ``CAP_SYS_ADMIN`` and no ``/dev/fuse``; ``""`` = mount
+            ``mountpoint`` itself.
+        fuse_fd_wait_s: with ``fuse_fd_socket``: how long to wait for the fd, seconds.
         backend: backend kind: ``passthrough`` (a backing directory), ``memory`` (a
             file system in the worker's memory) or ``null`` (contents discarded).
         memory_size_bytes: most bytes of file contents the ``memory`` backend holds
@@ -128,7 +137,9 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
 
     volume_id: str = msgspec.field(default="default")
     backing_dir: str = ""
-    mountpoint: str
+    mountpoint: str = ""
+    fuse_fd_socket: str = ""
+    fuse_fd_wait_s: float = DEFAULT_FUSE_FD_WAIT_S
     backend: str = "passthrough"
     memory_size_bytes: int = DEFAULT_MEMORY_SIZE_BYTES
     nats_url: str = ""
@@ -154,6 +165,8 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     def __post_init__(self) -> None:
         if not VOLUME_ID_PATTERN.fullmatch(self.volume_id):
             raise ValueError(f"volume_id {self.volume_id!r} must match {VOLUME_ID_PATTERN.pattern}")
+        if not self.mountpoint and not self.fuse_fd_socket:
+            raise ValueError("mountpoint or fuse_fd_socket is required")
         if self.backend not in BACKEND_KINDS:
             raise ValueError(f"backend {self.backend!r} is not supported (supported: {', '.join(BACKEND_KINDS)})")
         if self.backend == "passthrough" and not self.backing_dir:
