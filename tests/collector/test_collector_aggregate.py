@@ -8,7 +8,7 @@ import threading
 import pytest
 from collector_helpers import event, parse_metrics, value
 from interposer.collector import DURATION_BUCKETS_S, Aggregator, errno_name, make_registry
-from interposer.proto import EventBatch, OpEvent, WorkerStatus
+from interposer.proto import EventBatch, FaultRecord, OpEvent, WorkerStatus
 from prometheus_client import generate_latest
 
 LABELS = ("vol-a", "team-x", "trainer-0")
@@ -22,10 +22,21 @@ def batch(events: list[OpEvent], *, volume: str = "vol-a", worker_id: str = "w-1
 
 def status(*, volume: str = "vol-a", worker_id: str = "w-1", revision: int = 0, ops_total: int = 0,
            dropped: int = 0, sent_at_s: float = 1000.0, namespace: str = "team-x",
-           pod: str = "trainer-0") -> WorkerStatus:
+           pod: str = "trainer-0", **extra: object) -> WorkerStatus:
     return WorkerStatus(volume=volume, worker_id=worker_id, policy_revision=revision, ops_total=ops_total,
                         events_total=ops_total, events_dropped_total=dropped, events_published_total=0,
-                        started_at_s=900.0, sent_at_s=sent_at_s, namespace=namespace, pod=pod)
+                        started_at_s=900.0, sent_at_s=sent_at_s, namespace=namespace, pod=pod,
+                        **extra)  # type: ignore[arg-type]
+
+
+class FakeClock:
+    """A monotonic clock the test moves by hand, seconds."""
+
+    def __init__(self) -> None:
+        self.now_s = 100.0
+
+    def __call__(self) -> float:
+        return self.now_s
 
 
 def test_ops_counted_by_op_and_result_name() -> None:
@@ -143,6 +154,66 @@ def test_worker_status_counters_and_gauges() -> None:
     assert snap.policy_revision == {"vol-a": 4}
     assert snap.last_heartbeat_s == {"vol-a": 1003.0}
     assert snap.status_total == 4
+
+
+def test_worker_up_while_heartbeats_are_younger_than_three_intervals() -> None:
+    clock = FakeClock()
+    agg = Aggregator(clock=clock)
+    agg.add_status(status(worker_id="w-1", status_interval_s=2.0))
+    assert agg.snapshot().worker_up == {LABELS: 1}
+    clock.now_s += 5.9  # < 3 × 2 s
+    assert agg.snapshot().worker_up == {LABELS: 1}
+    clock.now_s += 0.2
+    assert agg.snapshot().worker_up == {LABELS: 0}
+    agg.add_status(status(worker_id="w-2", status_interval_s=1.0))  # the restarted worker
+    assert agg.snapshot().worker_up == {LABELS: 1}
+    clock.now_s += 3.0
+    assert agg.snapshot().worker_up == {LABELS: 0}
+
+
+def test_quota_and_open_files_come_from_the_newest_heartbeat_of_an_up_worker() -> None:
+    clock = FakeClock()
+    agg = Aggregator(clock=clock)
+    agg.add_status(status(sent_at_s=1000.0, open_files=3, quota_bytes_used=10, quota_bytes_limit=100,
+                          quota_inodes_used=2))
+    agg.add_status(status(sent_at_s=1001.0, open_files=1, quota_bytes_used=40, quota_bytes_limit=100,
+                          quota_inodes_used=5))
+    agg.add_status(status(sent_at_s=999.0, open_files=9, quota_bytes_used=1))  # late arrival: ignored
+    agg.add_status(status(volume="vol-b", sent_at_s=1001.0))  # no quota in force
+    snap = agg.snapshot()
+    vol_b = ("vol-b", "team-x", "trainer-0")
+    assert snap.open_files == {LABELS: 1, vol_b: 0}
+    assert (snap.quota_used_bytes, snap.quota_limit_bytes) == ({LABELS: 40}, {LABELS: 100})
+    assert (snap.quota_used_inodes, snap.quota_limit_inodes) == ({LABELS: 5}, {})
+    samples = parse_metrics(generate_latest(make_registry(agg)).decode())
+    assert value(samples, "interposer_quota_used_bytes", volume="vol-a") == 40
+    assert value(samples, "interposer_quota_limit_bytes", volume="vol-a") == 100
+    assert value(samples, "interposer_quota_used_inodes", volume="vol-a") == 5
+    assert value(samples, "interposer_open_files", volume="vol-a", namespace="team-x", pod="trainer-0") == 1
+    assert value(samples, "interposer_worker_up", volume="vol-b") == 1
+    assert not any(name == "interposer_quota_limit_inodes" for name, _ in samples)
+    clock.now_s += 10  # the worker stopped: its gauges go, worker_up says why
+    snap = agg.snapshot()
+    assert snap.open_files == {} and snap.quota_used_bytes == {} and snap.worker_up == {LABELS: 0, vol_b: 0}
+
+
+def fault(op: str = "read", kind: str = "errno", err: str = "EIO", **extra: object) -> FaultRecord:
+    fields: dict = {"volume": "vol-a", "worker_id": "w-1", "namespace": "team-x", "pod": "trainer-0", **extra}
+    return FaultRecord(time_ns=1, op=op, path="/f", kind=kind, errno=err, **fields)
+
+
+def test_fault_records_by_op_kind_and_errno() -> None:
+    agg = Aggregator()
+    agg.add_faults([fault(), fault(), fault("write", "errno", "ENOSPC"), fault(kind="short_read", err="")])
+    agg.add_batch(batch([], worker_id="w-old"))
+    agg.add_faults([fault(worker_id="w-old", namespace="", pod="")])  # an older worker: labels of its batches
+    assert agg.snapshot().fault_records == {
+        (*LABELS, "read", "errno", "EIO"): 3, (*LABELS, "write", "errno", "ENOSPC"): 1,
+        (*LABELS, "read", "short_read", ""): 1,
+    }
+    samples = parse_metrics(generate_latest(make_registry(agg)).decode())
+    assert value(samples, "interposer_fault_records_total", op="read", kind="short_read") == 1
+    assert value(samples, "interposer_fault_records_total", kind="errno", errno="EIO") == 3
 
 
 def test_unknown_pod_gives_empty_labels() -> None:

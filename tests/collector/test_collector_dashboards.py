@@ -1,6 +1,6 @@
 """Every Grafana panel, with its template variables filled in, returns data from a real Prometheus.
 
-A real worker mount (initial policy: faults, delay and throttling on some paths) runs a
+A real worker mount (initial policy: faults, delay and throttling on some paths, a quota) runs a
 small workload; its events go over a real NATS to a real collector, which a real
 Prometheus (``/usr/bin/prometheus``, loopback, 1 s scrapes) scrapes. Each template
 variable is resolved through Prometheus's label-values API (and must offer the test's
@@ -37,8 +37,10 @@ PANELS_TIMEOUT_S = 60.0
 #: What the test substitutes for Grafana's ``$__rate_interval`` (≥ 4 scrape intervals).
 RATE_INTERVAL = "1m"
 NAMESPACE, POD = "team-a", "trainer-0"
-#: Initial policy: EIO on reads of /faulty*, 1 ms delay on reads of /data/*, 256 KiB/s on /slow/*.
+#: Initial policy: EIO on reads of /faulty*, 1 ms delay on reads of /data/*, 256 KiB/s on /slow/*,
+#: and a quota far above what the workload uses (for the quota panels).
 POLICY = {"layers": [
+    {"type": "quota", "bytes": 1 << 30, "inodes": 100_000},
     {"type": "fault", "errno": "EIO", "probability": 1.0, "ops": ["read"], "path_glob": "/faulty*"},
     {"type": "delay", "delay_s": 0.001, "ops": ["read"], "path_glob": "/data/*"},
     {"type": "throttle", "rate_bytes_per_s": 262144, "ops": ["write"], "path_glob": "/slow/*"},

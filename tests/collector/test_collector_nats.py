@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+import msgspec
 import pytest
 from collector_helpers import (
     CollectorProcess,
@@ -22,6 +23,7 @@ from collector_helpers import (
 )
 
 from interposer.cli._procs import free_port, start_nats_server
+from interposer.proto import FaultRecord
 
 pytestmark = pytest.mark.nats
 
@@ -89,12 +91,19 @@ def test_garbage_is_counted_and_the_collector_keeps_working(nats_url: str,
         (good_subject, b'{"json": "is not msgpack"}'),
         (good_subject, b"\x93\x01\x02\x03"),  # valid msgpack, not an EventBatch
         (f"interposer.status.{volume}", b"\xff\xff"),
+        (f"interposer.faults.{volume}", b"\x91\x01"),  # an array, but not of FaultRecord
+        (f"interposer.faults.{volume}", msgspec.msgpack.encode([FaultRecord(time_ns=1, op="read", path="/f",
+                                                                            kind="errno", volume="other")])),
         (good_subject, other_volume_payload),  # payload's volume does not match the subject
         (good_subject, good_payload),
+        (f"interposer.faults.{volume}", msgspec.msgpack.encode([FaultRecord(
+            time_ns=1, op="read", path="/f", kind="short_read", volume=volume, worker_id="w-1")])),
     ])
-    wait_for(lambda: collector.value("interposer_collector_decode_errors_total") == 6,
-             what="6 decode errors")
+    wait_for(lambda: collector.value("interposer_collector_decode_errors_total") == 8,
+             what="8 decode errors")
     wait_for(lambda: collector.value("interposer_ops_total", volume=volume) == 1, what="the good batch")
+    wait_for(lambda: collector.value("interposer_fault_records_total", volume=volume, kind="short_read") == 1,
+             what="the good fault record")
     assert collector.value("interposer_collector_batches_total") == 1
     # Still alive and still consuming.
     publish(nats_url, [batch_message(volume, [event("write", result=3)], seq=2)])

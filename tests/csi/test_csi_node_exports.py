@@ -12,8 +12,11 @@ PUBLIC_NAMES = {
     "CsiNodeConfig",
     "CsiNodeServer",
     "IdentityService",
+    "KubernetesLauncher",
+    "Launcher",
     "LocalProcessLauncher",
     "NodeService",
+    "WorkerPodSettings",
     "WorkerSpec",
 }
 

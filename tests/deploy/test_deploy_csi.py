@@ -165,16 +165,48 @@ def test_controller_deployment(base: list[Manifest], driver_name: str) -> None:
     assert find(base, "StorageClass", "interposer")["parameters"]["backend"] == "hostPath"
 
 
-def test_node_rbac_is_least_privilege(base: list[Manifest]) -> None:
+#: Verb of each ``CoreV1Api`` method prefix (the Kubernetes API's verbs).
+API_METHOD_VERBS = {"create": "create", "read": "get", "list": "list", "delete": "delete",
+                    "patch": "patch", "replace": "update", "watch": "watch"}
+#: Resource of each ``CoreV1Api`` method suffix.
+API_METHOD_RESOURCES = {"pod": "pods"}
+
+
+def _csi_node_api_calls() -> set[tuple[str, str]]:
+    """(resource, verb) of every Kubernetes API call in the csi-node's code.
+
+    Calls are ``api.<method>`` / ``self._api.<method>`` of a ``CoreV1Api``
+    (called or passed on); a file using ``watch=True`` or ``Watch()`` also
+    watches every resource it lists.
+    """
+    calls = set()
+    for path in CSI_NODE_SRC.glob("*.py"):
+        text = path.read_text()
+        for method in re.findall(r"\b(?:self\._api|api)\.(\w+)", text):
+            match = re.fullmatch(r"(create|read|list|delete|patch|replace)_namespaced_(\w+)", method)
+            assert match, f"{path.name}: unknown API method {method}: add it to this test's mapping"
+            verb, kind = match.groups()
+            resource = API_METHOD_RESOURCES[kind]
+            calls.add((resource, API_METHOD_VERBS[verb]))
+            if verb == "list" and ("watch=True" in text or "Watch()" in text):
+                calls.add((resource, "watch"))
+    return calls
+
+
+def test_node_rbac_grants_exactly_the_calls_of_the_code(base: list[Manifest]) -> None:
+    """Every API call of the csi-node has a Role rule, and every rule a call."""
     role = find(base, "Role", DAEMONSET)
     assert role["metadata"]["namespace"] == NAMESPACE
-    allowed_verbs = {"create", "delete", "get", "list", "watch"}
+    granted = set()
     for rule in role["rules"]:
-        assert rule["apiGroups"] == [""] and rule["resources"] == ["pods"], f"unexpected rule {rule}"
-        assert set(rule["verbs"]) <= allowed_verbs, f"unexpected verbs in {rule}"
-        assert "*" not in rule["verbs"]
-    granted = {v for rule in role["rules"] for v in rule["verbs"]}
-    assert granted == allowed_verbs
+        assert rule["apiGroups"] == [""], f"unexpected rule {rule}"
+        assert "*" not in rule["verbs"] and "*" not in rule["resources"]
+        granted |= {(resource, verb) for resource in rule["resources"] for verb in rule["verbs"]}
+    called = _csi_node_api_calls()
+    assert called, "found no API calls in the csi-node: the scan is broken"
+    assert called == granted, f"code calls {sorted(called - granted)} without a rule; rules {sorted(granted - called)} are unused"
+    assert not [o for o in base if o["kind"] == "ClusterRoleBinding" and any(
+        s.get("name") == DAEMONSET for s in o.get("subjects", []))], "the csi-node needs no cluster-wide rights"
 
     binding = find(base, "RoleBinding", DAEMONSET)
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": DAEMONSET}

@@ -25,6 +25,13 @@ DOCUMENTED_METRICS = {
     "interposer_events_sampled_out_total",
     "interposer_worker_policy_revision",
     "interposer_worker_last_heartbeat_timestamp_seconds",
+    "interposer_worker_up",
+    "interposer_fault_records_total",
+    "interposer_open_files",
+    "interposer_quota_used_bytes",
+    "interposer_quota_limit_bytes",
+    "interposer_quota_used_inodes",
+    "interposer_quota_limit_inodes",
 }
 PROMQL_KEYWORDS = {"and", "or", "unless", "bool", "offset", "inf", "nan"}
 DASHBOARD_FILE = DEPLOY_DIR / "overlays" / "monitoring" / "dashboards" / "interposer-overview.json"

@@ -1,9 +1,11 @@
-"""Fidelity: after fio on a real mount, the collector's totals equal the worker's and fio's.
+"""Fidelity: after fio on a real mount, the collectors' totals equal the worker's and fio's.
 
 The worker counts every op it serves (``WorkerStatus.ops_total``, exported as
 ``interposer_worker_ops_total``); the collector counts the events it received
 (``interposer_ops_total``). With no event dropped and no sampling they must be equal,
-exactly. Bytes: fio opens with O_DIRECT, so every byte fio reads or writes is one FUSE
+exactly — also when two collector replicas share the event stream in their queue
+group: each batch goes to one of them, so their ``interposer_ops_total`` sum to the
+worker's count, while both see every heartbeat (``max``, not ``sum``, of the worker's). Bytes: fio opens with O_DIRECT, so every byte fio reads or writes is one FUSE
 read/write byte — the collector's ``interposer_bytes_total`` must match fio's
 ``io_bytes`` within 1 % (it is exact here; metadata ops move no bytes, and fio's file
 creation is an ftruncate, a ``setattr``, not a write: ``--fallocate=truncate``; with
@@ -48,9 +50,16 @@ def _fio(directory: str) -> dict[str, int]:
     return {direction: sum(job[direction]["io_bytes"] for job in report["jobs"]) for direction in ("read", "write")}
 
 
-def test_collector_totals_equal_the_workers_and_fios(
+def test_two_collectors_totals_sum_to_the_workers_and_fios(
         nats_url: str, mount_worker: Callable[..., MountedVolume], start_collector: Callable[..., Collector]) -> None:
-    collector = start_collector()
+    replicas = [start_collector(), start_collector()]
+
+    def summed(name: str, **labels: str) -> float:
+        return sum(replica.total(name, **labels) for replica in replicas)
+
+    def worker_reported(name: str, **labels: str) -> float:
+        return max(replica.total(name, **labels) for replica in replicas)
+
     volume = f"fid-{uuid.uuid4().hex[:8]}"
     vol = mount_worker(volume, nats_url=nats_url)
     fio_bytes = _fio(str(vol.mountpoint))
@@ -61,19 +70,21 @@ def test_collector_totals_equal_the_workers_and_fios(
     def settled() -> bool:
         # Heartbeats come every second; settled = the worker's count stopped moving and
         # the collector has counted every event of it.
-        worker_ops = collector.total("interposer_worker_ops_total", volume=volume)
-        event_ops = collector.total("interposer_ops_total", volume=volume)
+        worker_ops = worker_reported("interposer_worker_ops_total", volume=volume)
+        event_ops = summed("interposer_ops_total", volume=volume)
         seen.append((worker_ops, event_ops))
         return len(seen) >= 3 and worker_ops > 0 and worker_ops == event_ops and seen[-3][0] == worker_ops
 
-    wait_for(settled, what="the collector to count every op the worker served", interval_s=0.5)
-    assert collector.total("interposer_events_dropped_total", volume=volume) == 0
-    assert collector.total("interposer_events_sampled_out_total", volume=volume) == 0
-    reads = collector.total("interposer_ops_total", volume=volume, op="read", result="ok")
-    writes = collector.total("interposer_ops_total", volume=volume, op="write", result="ok")
+    wait_for(settled, what="the collectors to count every op the worker served", interval_s=0.5)
+    assert [replica.total("interposer_worker_ops_total", volume=volume) for replica in replicas] == [seen[-1][0]] * 2
+    assert summed("interposer_collector_batches_total") >= 2
+    assert worker_reported("interposer_events_dropped_total", volume=volume) == 0
+    assert worker_reported("interposer_events_sampled_out_total", volume=volume) == 0
+    reads = summed("interposer_ops_total", volume=volume, op="read", result="ok")
+    writes = summed("interposer_ops_total", volume=volume, op="write", result="ok")
     assert (reads, writes) == (FIO_SIZE_BYTES // FIO_BLOCK_BYTES,) * 2
     for direction, expected in fio_bytes.items():
-        counted = collector.total("interposer_bytes_total", volume=volume, direction=direction)
+        counted = summed("interposer_bytes_total", volume=volume, direction=direction)
         assert abs(counted - expected) <= BYTES_TOLERANCE * expected, (direction, counted, expected)
         assert counted == expected, "O_DIRECT: every fio byte is one FUSE byte"
 

@@ -1,4 +1,9 @@
-"""OpenTelemetry export: unit tests of the span/log mapping, and a real worker → collector → OTLP receiver run."""
+"""OpenTelemetry export: unit tests of the span/log mapping, and a real worker → collector → OTLP receiver run.
+
+Spans come from op events (``interposer.events.*``), fault log records from the
+workers' fault records (``interposer.faults.*``); both streams are queue-grouped, so
+a fault's log record may be exported by another replica than its op's span.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +11,15 @@ import errno
 import json
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import msgspec
 import pytest
 from otlp_receiver import OtlpReceiver
 from telemetry_helpers import Collector, wait_for
 
-from interposer.collector import CollectorConfig, OtlpExporter, session_ids
-from interposer.proto import EventBatch, OpEvent
+from interposer.collector import CollectorConfig, OtlpExporter, op_span_ids, session_ids
+from interposer.proto import EventBatch, FaultRecord, OpEvent
 from interposer_testing import MountedVolume
 from opentelemetry.sdk._logs.export import InMemoryLogRecordExporter
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -30,6 +35,15 @@ def _event(op: str, path: str = "/f", *, session: int = 0, start_ms: int = 0, du
                    pid=42, uid=1000, session=session)
 
 
+def _fault(op: str, path: str = "/f", *, session: int = 0, start_ms: int = 0, duration_us: int = 100,
+           kind: str = "errno", err: str = "EIO", worker_id: str = "w1", result: int = 0) -> FaultRecord:
+    """The worker's record of the fault injected into the op ``_event`` with the same arguments describes."""
+    return FaultRecord(time_ns=T0_NS + start_ms * 1_000_000, op=op, path=path, kind=kind, errno=err, pid=42,
+                       uid=1000, volume="vol", layer=1, offset=0, size=4096 if op in ("read", "write") else 0,
+                       result=result, policy_revision=7, worker_id=worker_id, session=session,
+                       duration_ns=duration_us * 1000, namespace="ns", pod="app-0")
+
+
 def _batch(events: list[OpEvent], worker_id: str = "w1") -> EventBatch:
     return EventBatch(volume="vol", worker_id=worker_id, seq=1, events=events, namespace="ns", pod="app-0")
 
@@ -42,9 +56,10 @@ class _Export:
         self.logs = InMemoryLogRecordExporter()
         self.exporter = OtlpExporter(msgspec.convert(config, CollectorConfig), self.spans, self.logs)
 
-    def run(self, *batches: EventBatch) -> tuple[list, list]:
+    def run(self, *batches: EventBatch, faults: Sequence[FaultRecord] = ()) -> tuple[list, list]:
         for batch in batches:
             self.exporter.add_batch(batch)
+        self.exporter.add_faults(faults)
         self.exporter.shutdown()
         return list(self.spans.get_finished_spans()), list(self.logs.get_finished_logs())
 
@@ -56,10 +71,12 @@ SESSION = [
     _event("flush", session=1, start_ms=3),
     _event("release", session=1, start_ms=4),
 ]
+#: The worker's fault record of SESSION's failed read.
+SESSION_FAULT = _fault("read", session=1, start_ms=2)
 
 
 def test_session_ops_are_children_of_one_session_span_with_event_times() -> None:
-    spans, logs = _Export().run(_batch([_event("lookup", start_ms=0), *SESSION]))
+    spans, logs = _Export().run(_batch([_event("lookup", start_ms=0), *SESSION]), faults=[SESSION_FAULT])
     by_name = {}
     for span in spans:
         by_name.setdefault(span.name, []).append(span)
@@ -83,12 +100,41 @@ def test_session_ops_are_children_of_one_session_span_with_event_times() -> None
     [log] = logs
     assert (log.log_record.trace_id, log.log_record.span_id) == (trace_id, failed[0].context.span_id)
     assert log.log_record.attributes["error.type"] == "EIO" and log.log_record.event_name == "interposer.fault.injected"
+    assert (log.log_record.attributes["interposer.fault.layer"], log.log_record.attributes["interposer.policy.revision"],
+            log.log_record.attributes["interposer.fault.kind"]) == (1, 7, "errno")
+    assert log.log_record.timestamp == T0_NS + 2_000_000 + 100_000
+    assert log.log_record.body == "injected EIO into read /f"
+    assert log.resource.attributes["k8s.pod.name"] == "app-0" and log.resource.attributes["service.instance.id"] == "w1"
+
+
+def test_a_fault_record_links_to_the_op_span_another_replica_exported() -> None:
+    mkdir = _event("mkdir", "/d", start_ms=9, err=errno.EACCES, fault="EACCES")
+    spans, _ = _Export().run(_batch([*SESSION, mkdir]))
+    _, logs = _Export().run(faults=[SESSION_FAULT, _fault("mkdir", "/d", start_ms=9, err="EACCES")])
+    span_ids = {(s.name, s.attributes.get("error.type")): (s.context.trace_id, s.context.span_id) for s in spans}
+    linked = {log.log_record.attributes["interposer.op"]: (log.log_record.trace_id, log.log_record.span_id)
+              for log in logs}
+    assert linked == {"read": span_ids[("read", "EIO")], "mkdir": span_ids[("mkdir", "EACCES")]}
+    assert linked["mkdir"] == op_span_ids("vol", "w1", 0, "mkdir", T0_NS + 9_000_000)
+
+
+def test_short_reads_and_records_of_older_workers() -> None:
+    short = _fault("read", session=1, start_ms=2, kind="short_read", err="", result=1024)
+    old = FaultRecord(time_ns=T0_NS, op="read", path="/f", kind="errno", errno="EIO", volume="vol")
+    _, logs = _Export().run(faults=[short, old])
+    [short_log, old_log] = sorted(logs, key=lambda log: log.log_record.attributes["interposer.fault"] != "short_read")
+    attributes = short_log.log_record.attributes
+    assert "error.type" not in attributes and attributes["interposer.result_bytes"] == 1024
+    assert short_log.log_record.body == "injected short_read into read /f"
+    assert short_log.log_record.span_id == op_span_ids("vol", "w1", 1, "read", T0_NS + 2_000_000)[1]
+    assert old_log.log_record.span_id == 0, "no worker id: nothing to link to"
 
 
 def test_filters_ops_min_duration_and_path_glob() -> None:
     events = [*SESSION, _event("read", "/other", start_ms=5, duration_us=5000),
               _event("read", "/f", start_ms=6, duration_us=5000)]
-    spans, logs = _Export(otlp_ops=["read"], otlp_min_duration_s=0.001, otlp_path_glob="/f").run(_batch(events))
+    spans, logs = _Export(otlp_ops=["read"], otlp_min_duration_s=0.001, otlp_path_glob="/f").run(
+        _batch(events), faults=[SESSION_FAULT, _fault("read", "/other", start_ms=5, duration_us=5000)])
     assert sorted(s.name for s in spans) == ["file session", "read"]
     [read] = [s for s in spans if s.name == "read"]
     assert read.attributes["file.path"] == "/f" and read.parent is None
@@ -178,3 +224,5 @@ def test_worker_ops_arrive_as_spans_and_fault_logs_at_a_real_otlp_receiver(
     assert (fault_log["trace_id"], fault_log["span_id"]) == (failed["trace_id"], failed["span_id"])
     assert fault_log["attributes"]["error.type"] == "EIO" and fault_log["attributes"]["file.path"] == "/bad"
     assert fault_log["event_name"] == "interposer.fault.injected"
+    assert fault_log["attributes"]["interposer.fault.kind"] == "errno"
+    assert fault_log["attributes"]["interposer.fault.layer"] == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import uuid
 from collections.abc import Callable
@@ -11,7 +12,10 @@ from telemetry_helpers import BusTap, wait_for
 
 from interposer.fuse_worker._config import EventSampleRule, WorkerConfig, parse_sample_rule
 from interposer.fuse_worker._op import Op
-from interposer.fuse_worker._telemetry import Telemetry
+from interposer.fuse_worker._stack import Stack
+from interposer.fuse_worker._telemetry import QuotaUsage, Telemetry, quota_usage
+from interposer.fuse_worker.layers.quota import QuotaContext, Usage
+from interposer.proto import DelayLayer, Policy, QuotaLayer
 from interposer_testing import MountedVolume
 
 pytestmark = [pytest.mark.nats]
@@ -93,6 +97,44 @@ def test_session_ids_are_unique_per_process_even_when_fh_numbers_are_reused() ->
     second = telemetry.new_session()
     telemetry.bind_session(7, second)
     assert second != first and telemetry.session_of(7) == second
+
+
+def test_open_files_count_the_open_file_sessions() -> None:
+    telemetry = Telemetry()
+    for fh in (3, 4):
+        telemetry.bind_session(fh, telemetry.new_session())
+    assert telemetry.open_files == 2
+    telemetry.end_session(3)
+    assert telemetry.open_files == 1
+
+
+def test_fault_records_name_their_op_for_linking_to_its_span() -> None:
+    telemetry = Telemetry(volume="vol", worker_id="w-7", namespace="ns", pod="app-0")
+    op = Op("read", 2, "/f", offset=8192, size=4096, pid=42, session=5)
+    op.inject(1, "errno", "EIO")
+    telemetry.record(op, errno.EIO, 0, 1_000, 250, revision=3)
+    [record] = telemetry.take_faults(10)
+    assert (record.volume, record.worker_id, record.session, record.op, record.time_ns, record.duration_ns) == (
+        "vol", "w-7", 5, "read", 1_000, 250)
+    assert (record.namespace, record.pod, record.layer, record.policy_revision) == ("ns", "app-0", 1, 3)
+    assert Telemetry().worker_id != Telemetry().worker_id, "a fresh id per worker process"
+
+
+class _NoBackend:
+    """Quota layers here never reach the backend (no write or create is served)."""
+
+
+def test_quota_usage_reports_the_tightest_limits_of_the_quota_layers_in_force() -> None:
+    context = QuotaContext(_NoBackend(), lambda: Usage(5000, 12))  # type: ignore[arg-type]
+    assert quota_usage(Stack(Policy(), 1, quota=context).layers) is None
+    stack = Stack(Policy(layers=[QuotaLayer(bytes=1 << 20), DelayLayer(delay_s=0),
+                                 QuotaLayer(bytes=1 << 16, inodes=100)]), 2, quota=context)
+    assert quota_usage(stack.layers) == QuotaUsage(bytes_used=5000, inodes_used=12, bytes_limit=1 << 16,
+                                                   inodes_limit=100)
+    stack.layers[0].usage.bytes_used += 1  # the layers keep the shared usage up to date
+    assert quota_usage(stack.layers).bytes_used == 5001
+    only_inodes = Stack(Policy(layers=[QuotaLayer(inodes=9)]), 3, quota=context)
+    assert quota_usage(only_inodes.layers) == QuotaUsage(bytes_used=5001, inodes_used=12, inodes_limit=9)
 
 
 # ---- real mounts -------------------------------------------------------------------------

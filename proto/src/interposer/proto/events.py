@@ -100,6 +100,16 @@ class WorkerStatus(msgspec.Struct):
         pod: pod name, ``""`` if unknown.
         faults_total: fault records produced since start.
         faults_dropped_total: fault records dropped because the buffer was full.
+        status_interval_s: how often this worker sends a heartbeat, seconds (a
+            consumer calls the worker down after a few intervals without one).
+        open_files: open file handles (file sessions between ``open``/``create`` and
+            ``release``) now.
+        quota_bytes_used: bytes (apparent sizes of regular files) the quota layer
+            counts in use; ``None`` when no quota layer is in force (not tracked).
+        quota_bytes_limit: the byte limit of the quota in force; ``None`` = none.
+        quota_inodes_used: files, directories and links the quota layer counts in
+            use; ``None`` when no quota layer is in force.
+        quota_inodes_limit: the inode limit of the quota in force; ``None`` = none.
     """
 
     volume: str
@@ -115,6 +125,12 @@ class WorkerStatus(msgspec.Struct):
     pod: str = ""
     faults_total: int = 0
     faults_dropped_total: int = 0
+    status_interval_s: float = 1.0
+    open_files: int = 0
+    quota_bytes_used: int | None = None
+    quota_bytes_limit: int | None = None
+    quota_inodes_used: int | None = None
+    quota_inodes_limit: int | None = None
 
 
 class FaultRecord(msgspec.Struct, kw_only=True):
@@ -139,6 +155,13 @@ class FaultRecord(msgspec.Struct, kw_only=True):
         size: bytes requested, else 0.
         result: bytes transferred after a short read/write, else 0.
         policy_revision: revision of the policy in force.
+        worker_id: the worker process that injected it (``EventBatch.worker_id``).
+        session: file session id of the op (``OpEvent.session``), 0 outside one.
+            With ``volume``, ``worker_id``, ``op`` and ``time_ns`` it names the op's
+            event, so a consumer can link the record to the op's span.
+        duration_ns: time spent serving the faulted op, ns (``OpEvent.duration_ns``).
+        namespace: pod namespace (``EventBatch.namespace``), ``""`` if unknown.
+        pod: pod name, ``""`` if unknown.
     """
 
     time_ns: int
@@ -154,3 +177,8 @@ class FaultRecord(msgspec.Struct, kw_only=True):
     size: int = 0
     result: int = 0
     policy_revision: int = 0
+    worker_id: str = ""
+    session: int = 0
+    duration_ns: int = 0
+    namespace: str = ""
+    pod: str = ""

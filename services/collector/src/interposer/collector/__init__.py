@@ -43,10 +43,16 @@ from ._otlp import (
     OtlpExporter as OtlpExporter,
 )
 from ._otlp import (
+    op_span_ids as op_span_ids,
+)
+from ._otlp import (
     session_ids as session_ids,
 )
 from ._service import (
     EVENTS_SUBJECT as EVENTS_SUBJECT,
+)
+from ._service import (
+    FAULTS_SUBJECT as FAULTS_SUBJECT,
 )
 from ._service import (
     STATUS_SUBJECT as STATUS_SUBJECT,

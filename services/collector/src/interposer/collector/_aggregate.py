@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import errno as _errno
 import threading
+import time
 from bisect import bisect_left
+from collections.abc import Callable, Iterable
 
 import msgspec
-from interposer.proto import EventBatch, WorkerStatus
+from interposer.proto import EventBatch, FaultRecord, WorkerStatus
 
 #: Upper bounds of the op-duration histogram buckets, ns: 10 µs … 10 s in 1-2.5-5 steps
 #: (a ``+Inf`` bucket follows). Integers, so bucket placement needs no float conversion.
@@ -38,6 +40,11 @@ RESULT_OK = "ok"
 #: ``direction`` label values of ``interposer_bytes_total``.
 DIRECTION_READ = "read"
 DIRECTION_WRITE = "write"
+
+#: A worker is up while its newest heartbeat is younger than this many of its
+#: heartbeat intervals (``WorkerStatus.status_interval_s``): one late or lost
+#: heartbeat is not an outage, three in a row are.
+WORKER_UP_HEARTBEATS = 3
 
 _NS_PER_S = 1_000_000_000
 # Index of the running duration sum in an op's bucket list (after the +Inf bucket).
@@ -86,6 +93,18 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
         policy_revision: volume → policy revision in the newest heartbeat.
         last_heartbeat_s: volume → send time of the newest heartbeat, seconds since the
             Unix epoch.
+        fault_records: ``(volume, namespace, pod, op, kind, errno_name)`` → fault
+            records received (``errno_name`` is ``""`` unless ``kind == "errno"``).
+        worker_up: ``(volume, namespace, pod)`` → 1 while a worker of it sent a
+            heartbeat within :data:`WORKER_UP_HEARTBEATS` of its intervals (measured
+            on the collector's clock, from when the heartbeat arrived), else 0.
+        open_files: ``(volume, namespace, pod)`` → open file handles (newest
+            heartbeat of an up worker).
+        quota_used_bytes: ``(volume, namespace, pod)`` → bytes in use, for up workers
+            with a quota in force.
+        quota_limit_bytes: the same key → byte limit, for quotas that have one.
+        quota_used_inodes: the same key → inodes in use (quota in force).
+        quota_limit_inodes: the same key → inode limit, for quotas that have one.
         batches_total: event batches aggregated.
         events_total: op events aggregated.
         status_total: worker heartbeats aggregated.
@@ -105,6 +124,13 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
     worker_ops: dict[Labels3, int]
     policy_revision: dict[str, int]
     last_heartbeat_s: dict[str, float]
+    fault_records: dict[tuple[str, str, str, str, str, str], int]
+    worker_up: dict[Labels3, int]
+    open_files: dict[Labels3, int]
+    quota_used_bytes: dict[Labels3, int]
+    quota_limit_bytes: dict[Labels3, int]
+    quota_used_inodes: dict[Labels3, int]
+    quota_limit_inodes: dict[Labels3, int]
     batches_total: int
     events_total: int
     status_total: int
@@ -116,7 +142,8 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
 class _Group:
     """Aggregates of one ``(volume, namespace, pod)``; mutated under the aggregator lock."""
 
-    __slots__ = ("ops", "durations", "bytes_read", "bytes_written", "faults", "delay_ns", "throttle_ns")
+    __slots__ = ("ops", "durations", "bytes_read", "bytes_written", "faults", "delay_ns", "throttle_ns",
+                 "fault_records")
 
     def __init__(self) -> None:
         self.ops: dict[tuple[str, int], int] = {}  # (op, errno number) → ops
@@ -127,12 +154,13 @@ class _Group:
         self.faults: dict[tuple[str, str], int] = {}  # (op, errno name) → faults
         self.delay_ns: dict[str, int] = {}  # op → injected delay, ns
         self.throttle_ns: dict[str, int] = {}  # op → throttle wait, ns
+        self.fault_records: dict[tuple[str, str, str], int] = {}  # (op, kind, errno name) → records
 
 
 class _Worker:
     """What the collector knows of one worker process (one ``(volume, worker_id)``)."""
 
-    __slots__ = ("namespace", "pod", "dropped_total", "ops_total", "sampled_out_total")
+    __slots__ = ("namespace", "pod", "dropped_total", "ops_total", "sampled_out_total", "status", "received_s")
 
     def __init__(self) -> None:
         self.namespace = ""
@@ -140,6 +168,8 @@ class _Worker:
         self.dropped_total = 0
         self.ops_total = 0
         self.sampled_out_total = 0
+        self.status: WorkerStatus | None = None  # newest heartbeat (by send time)
+        self.received_s = 0.0  # collector clock when the newest heartbeat arrived
 
 
 class Aggregator:
@@ -153,9 +183,14 @@ class Aggregator:
     seen (messages may arrive out of order, and each collector replica sees only some
     batches) and summed over the worker ids of a volume at snapshot time; a restarted
     worker has a new id, so the sum never goes down.
+
+    Args:
+        clock: monotonic clock of the collector, seconds (tests pass a fake one);
+            heartbeat ages for ``worker_up`` are measured on it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
         self._lock = threading.Lock()
         self._groups: dict[Labels3, _Group] = {}
         self._workers: dict[tuple[str, str], _Worker] = {}  # (volume, worker_id) → worker
@@ -241,10 +276,36 @@ class Aggregator:
                 worker.dropped_total = status.events_dropped_total
             if status.ops_total > worker.ops_total:
                 worker.ops_total = status.ops_total
+            if worker.status is None or status.sent_at_s >= worker.status.sent_at_s:
+                worker.status = status
+                worker.received_s = self._clock()
             newest = self._heartbeats.get(status.volume)
             if newest is None or status.sent_at_s >= newest[0]:
                 self._heartbeats[status.volume] = (status.sent_at_s, status.policy_revision)
             self._status_total += 1
+
+    def add_faults(self, records: Iterable[FaultRecord]) -> None:
+        """Count fault records (one message of ``interposer.faults.<volume>``).
+
+        Records from workers that do not send ``namespace``/``pod`` in them get the
+        labels their worker's batches and heartbeats carried.
+
+        Args:
+            records: decoded ``FaultRecord`` s.
+        """
+        with self._lock:
+            for record in records:
+                namespace, pod = record.namespace, record.pod
+                if not (namespace or pod):
+                    worker = self._workers.get((record.volume, record.worker_id))
+                    if worker is not None:
+                        namespace, pod = worker.namespace, worker.pod
+                key = (record.volume, namespace, pod)
+                group = self._groups.get(key)
+                if group is None:
+                    group = self._groups[key] = _Group()
+                record_key = (record.op, record.kind, record.errno)
+                group.fault_records[record_key] = group.fault_records.get(record_key, 0) + 1
 
     def add_decode_error(self) -> None:
         """Count one malformed message."""
@@ -275,7 +336,11 @@ class Aggregator:
         events_dropped: dict[Labels3, int] = {}
         events_sampled_out: dict[Labels3, int] = {}
         worker_ops: dict[Labels3, int] = {}
+        fault_records: dict[tuple[str, str, str, str, str, str], int] = {}
+        worker_up: dict[Labels3, int] = {}
+        newest: dict[Labels3, WorkerStatus] = {}  # newest heartbeat of an up worker
         with self._lock:
+            now_s = self._clock()
             for (volume, namespace, pod), group in self._groups.items():
                 for (op, err), count in group.ops.items():
                     key5 = (volume, namespace, pod, op, errno_name(err))
@@ -295,11 +360,20 @@ class Aggregator:
                     delay_s[(volume, namespace, pod, op)] = total_ns / _NS_PER_S
                 for op, total_ns in group.throttle_ns.items():
                     throttle_wait_s[(volume, namespace, pod, op)] = total_ns / _NS_PER_S
+                for (op, kind, err), count in group.fault_records.items():
+                    fault_records[(volume, namespace, pod, op, kind, err)] = count
             for (volume, _worker_id), worker in self._workers.items():
                 key3 = (volume, worker.namespace, worker.pod)
                 events_dropped[key3] = events_dropped.get(key3, 0) + worker.dropped_total
                 events_sampled_out[key3] = events_sampled_out.get(key3, 0) + worker.sampled_out_total
                 worker_ops[key3] = worker_ops.get(key3, 0) + worker.ops_total
+                status = worker.status
+                if status is None:
+                    continue
+                up = now_s - worker.received_s < WORKER_UP_HEARTBEATS * status.status_interval_s
+                worker_up[key3] = max(worker_up.get(key3, 0), int(up))
+                if up and (key3 not in newest or status.sent_at_s >= newest[key3].sent_at_s):
+                    newest[key3] = status
             heartbeats = dict(self._heartbeats)
             return Snapshot(
                 ops=ops,
@@ -313,6 +387,13 @@ class Aggregator:
                 worker_ops=worker_ops,
                 policy_revision={volume: revision for volume, (_, revision) in heartbeats.items()},
                 last_heartbeat_s={volume: sent_at_s for volume, (sent_at_s, _) in heartbeats.items()},
+                fault_records=fault_records,
+                worker_up=worker_up,
+                open_files={key3: status.open_files for key3, status in newest.items()},
+                quota_used_bytes=_present(newest, "quota_bytes_used"),
+                quota_limit_bytes=_present(newest, "quota_bytes_limit"),
+                quota_used_inodes=_present(newest, "quota_inodes_used"),
+                quota_limit_inodes=_present(newest, "quota_inodes_limit"),
                 batches_total=self._batches_total,
                 events_total=self._events_total,
                 status_total=self._status_total,
@@ -320,3 +401,13 @@ class Aggregator:
                 slow_consumer_drops_total=self._slow_consumer_drops_total,
                 nats_connected=self._nats_connected,
             )
+
+
+def _present(statuses: dict[Labels3, WorkerStatus], field: str) -> dict[Labels3, int]:
+    """``key → statuses[key].<field>`` for the heartbeats where that field is not None."""
+    out: dict[Labels3, int] = {}
+    for key3, status in statuses.items():
+        value = getattr(status, field)
+        if value is not None:
+            out[key3] = value
+    return out

@@ -42,6 +42,20 @@ METRICS: tuple[tuple[str, str, list[str], str], ...] = (
      "Policy revision in force in the volume's worker (newest heartbeat); 0 = initial policy."),
     ("interposer_worker_last_heartbeat_timestamp_seconds", "gauge", ["volume"],
      "Send time of the volume's newest worker heartbeat, seconds since the Unix epoch."),
+    ("interposer_fault_records", "counter", [*_VNP, "op", "kind", "errno"],
+     "Faults the workers recorded injecting (errno, short_read, short_write, corrupt), from their fault records."),
+    ("interposer_worker_up", "gauge", list(_VNP),
+     "1 while the worker sent a heartbeat within the last 3 of its heartbeat intervals, else 0."),
+    ("interposer_open_files", "gauge", list(_VNP),
+     "Open file handles of the volume (file sessions between open/create and release)."),
+    ("interposer_quota_used_bytes", "gauge", list(_VNP),
+     "Bytes (apparent file sizes) the volume's quota counts in use; absent without a quota."),
+    ("interposer_quota_limit_bytes", "gauge", list(_VNP),
+     "Byte limit of the volume's quota; absent without a byte limit."),
+    ("interposer_quota_used_inodes", "gauge", list(_VNP),
+     "Files, directories and links the volume's quota counts in use; absent without a quota."),
+    ("interposer_quota_limit_inodes", "gauge", list(_VNP),
+     "Inode limit of the volume's quota; absent without an inode limit."),
     ("interposer_collector_batches", "counter", [], "Event batches this collector aggregated."),
     ("interposer_collector_events", "counter", [], "Op events this collector aggregated."),
     ("interposer_collector_status_messages", "counter", [], "Worker heartbeats this collector aggregated."),
@@ -107,6 +121,13 @@ def families(snapshot: Snapshot) -> Iterator[Metric]:
                  (((volume,), revision) for volume, revision in snapshot.policy_revision.items()))
     yield _gauge("interposer_worker_last_heartbeat_timestamp_seconds",
                  (((volume,), sent_at_s) for volume, sent_at_s in snapshot.last_heartbeat_s.items()))
+    yield _counter("interposer_fault_records", snapshot.fault_records.items())
+    yield _gauge("interposer_worker_up", snapshot.worker_up.items())
+    yield _gauge("interposer_open_files", snapshot.open_files.items())
+    yield _gauge("interposer_quota_used_bytes", snapshot.quota_used_bytes.items())
+    yield _gauge("interposer_quota_limit_bytes", snapshot.quota_limit_bytes.items())
+    yield _gauge("interposer_quota_used_inodes", snapshot.quota_used_inodes.items())
+    yield _gauge("interposer_quota_limit_inodes", snapshot.quota_limit_inodes.items())
     yield _counter("interposer_collector_batches", [((), snapshot.batches_total)])
     yield _counter("interposer_collector_events", [((), snapshot.events_total)])
     yield _counter("interposer_collector_status_messages", [((), snapshot.status_total)])

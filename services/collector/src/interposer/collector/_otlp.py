@@ -4,7 +4,8 @@ Op events are finished records, not live calls, so spans are built directly as
 ``ReadableSpan`` objects (start and end from the event's ``start_ns`` and
 ``duration_ns``) and handed to the SDK's ``BatchSpanProcessor``, which exports them
 over OTLP/gRPC from its own thread; fault log records go the same way through a
-``BatchLogRecordProcessor``.
+``BatchLogRecordProcessor``. Fault log records come from the workers'
+``FaultRecord`` stream (``interposer.faults.<volume>``), not from the op events.
 
 Trace shape:
 
@@ -16,7 +17,11 @@ Trace shape:
   ``TraceIdRatioBased`` sampler does) is the same on every replica. The root span is
   emitted by the replica that sees the ``release``, starting at the earliest op of
   the session that replica saw (the ``open`` itself when it saw it);
-* an op outside a session (``lookup``, ``getattr``…) is a trace of its own.
+* an op outside a session (``lookup``, ``getattr``…) is a trace of its own;
+* an op's span id (and, outside a session, its trace id) is BLAKE2b of the op's
+  identity ``(volume, worker_id, session, op, start_ns)``, which its ``FaultRecord``
+  carries too: the replica that gets a fault record links its log record to the op's
+  span without having seen the op's event.
 
 Resource attributes identify the worker (``service.name`` ``interposer-fuse-worker``,
 ``service.instance.id`` = worker id, ``k8s.volume.name``, ``k8s.namespace.name``,
@@ -32,11 +37,10 @@ import errno as _errno
 import fnmatch
 import hashlib
 import logging
-import random
 import re
-from collections.abc import Callable
+from collections.abc import Iterable
 
-from interposer.proto import EventBatch, OpEvent
+from interposer.proto import EventBatch, FaultRecord, OpEvent
 from opentelemetry import trace
 from opentelemetry._logs import LogRecord, SeverityNumber
 from opentelemetry.sdk._logs import ReadWriteLogRecord
@@ -91,6 +95,33 @@ def session_ids(volume: str, worker_id: str, session: int) -> tuple[int, int]:
     return int.from_bytes(digest[:16], "big") or 1, int.from_bytes(digest[16:], "big") or 1
 
 
+def op_span_ids(volume: str, worker_id: str, session: int, op: str, start_ns: int) -> tuple[int, int]:
+    """Return ``(trace_id, span_id)`` of one op's span.
+
+    The span id is BLAKE2b of the op's identity, which both its ``OpEvent`` (with its
+    batch) and its ``FaultRecord`` carry, so a fault's log record links to the op's
+    span on any replica. The trace id is the file session's (:func:`session_ids`), or,
+    for an op outside a session, from the same digest. Two ops collide only if they
+    have the same name and session and start in the same nanosecond on one worker.
+
+    Args:
+        volume: volume id.
+        worker_id: the worker process id.
+        session: file session id, 0 outside one.
+        op: FUSE op name.
+        start_ns: the op's wall-clock start, ns since the Unix epoch.
+
+    Returns:
+        A 128-bit trace id and a 64-bit span id, both non-zero.
+    """
+    digest = hashlib.blake2b(f"{volume}\0{worker_id}\0{session}\0{op}\0{start_ns}".encode(),
+                             digest_size=24).digest()
+    span_id = int.from_bytes(digest[16:], "big") or 1
+    if session:
+        return session_ids(volume, worker_id, session)[0], span_id
+    return int.from_bytes(digest[:16], "big") or 1, span_id
+
+
 def trace_sampled(trace_id: int, ratio: float) -> bool:
     """Whether a trace is kept at ``ratio`` (rule of ``TraceIdRatioBased``: low 64 bits < ratio·2⁶⁴)."""
     return (trace_id & _TRACE_ID_LOW_MASK) < round(ratio * (1 << 64))
@@ -116,11 +147,12 @@ class _Session:
 
 
 class OtlpExporter:
-    """Turns event batches into OTLP spans and fault log records.
+    """Turns event batches into OTLP spans, and fault records into OTLP log records.
 
-    Not thread-safe: call :meth:`add_batch` from one thread (the collector's asyncio
-    loop). Export itself runs in the SDK processors' threads and never blocks the
-    caller; when their queues are full the SDK drops new items.
+    Not thread-safe: call :meth:`add_batch` and :meth:`add_faults` from one thread
+    (the collector's asyncio loop). Export itself runs in the SDK processors'
+    threads and never blocks the caller; when their queues are full the SDK drops
+    new items.
 
     Args:
         config: the collector config (``otlp_*`` fields).
@@ -128,7 +160,6 @@ class OtlpExporter:
             ``config.otlp_endpoint``.
         log_exporter: where log records go; default an ``OTLPLogExporter`` to the same
             endpoint.
-        rng: ``() -> int`` giving random 64-bit ids (tests pass a seeded one).
 
     Attributes:
         spans_total: spans handed to the span processor.
@@ -136,8 +167,7 @@ class OtlpExporter:
     """
 
     def __init__(self, config: CollectorConfig, span_exporter: SpanExporter | None = None,
-                 log_exporter: LogRecordExporter | None = None,
-                 rng: Callable[[], int] = lambda: random.getrandbits(64)) -> None:
+                 log_exporter: LogRecordExporter | None = None) -> None:
         if span_exporter is None or log_exporter is None:
             from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
@@ -153,34 +183,37 @@ class OtlpExporter:
         self._min_duration_ns = round(config.otlp_min_duration_s * 1e9)
         self._ratio = config.otlp_sample_ratio
         self._max_sessions = config.otlp_max_open_sessions
-        self._rng = rng
         self._resources: dict[tuple[str, str, str, str], Resource] = {}
         # (volume, worker_id, session) → session, oldest first.
         self._sessions: collections.OrderedDict[tuple[str, str, int], _Session] = collections.OrderedDict()
         self.spans_total = 0
         self.logs_total = 0
 
-    def _resource(self, batch: EventBatch) -> Resource:
-        key = (batch.volume, batch.worker_id, batch.namespace, batch.pod)
+    def _resource(self, volume: str, worker_id: str, namespace: str, pod: str) -> Resource:
+        key = (volume, worker_id, namespace, pod)
         resource = self._resources.get(key)
         if resource is None:
-            attributes: dict[str, str] = {
-                SERVICE_NAME: SERVICE, SERVICE_INSTANCE_ID: batch.worker_id, K8S_VOLUME_NAME: batch.volume,
-            }
-            if batch.namespace:
-                attributes[K8S_NAMESPACE_NAME] = batch.namespace
-            if batch.pod:
-                attributes[K8S_POD_NAME] = batch.pod
+            attributes: dict[str, str] = {SERVICE_NAME: SERVICE, K8S_VOLUME_NAME: volume}
+            if worker_id:
+                attributes[SERVICE_INSTANCE_ID] = worker_id
+            if namespace:
+                attributes[K8S_NAMESPACE_NAME] = namespace
+            if pod:
+                attributes[K8S_POD_NAME] = pod
             resource = self._resources[key] = Resource.create(attributes)
         return resource
 
+    def _op_exported(self, op: str, duration_ns: int) -> bool:
+        """Whether the op filters let an op's span through (path and sampling aside)."""
+        return (not self._ops or op in self._ops) and duration_ns >= self._min_duration_ns
+
     def add_batch(self, batch: EventBatch) -> None:
-        """Export the spans and fault log records of one batch (subject to the filters).
+        """Export the spans of one batch (subject to the filters).
 
         Args:
             batch: a decoded ``EventBatch``.
         """
-        resource = self._resource(batch)
+        resource = self._resource(batch.volume, batch.worker_id, batch.namespace, batch.pod)
         for event in batch.events:
             if self._path_match is not None and not self._path_match(event.path):
                 if event.session and event.op == "release":  # renamed out of the glob: still close it
@@ -188,23 +221,14 @@ class OtlpExporter:
                     if ended is not None and trace_sampled(ended.trace_id, self._ratio):
                         self._end_session(ended, complete=True)
                 continue
-            parent: _Session | None = None
-            if event.session:
-                parent = self._session(batch, event, resource)
-                trace_id = parent.trace_id
-            else:
-                trace_id = (self._rng() << 64) | self._rng() or 1
+            parent = self._session(batch, event, resource) if event.session else None
+            trace_id, span_id = op_span_ids(batch.volume, batch.worker_id, event.session, event.op, event.start_ns)
             if not trace_sampled(trace_id, self._ratio):
                 if parent is not None and event.op == "release":
                     self._sessions.pop((batch.volume, batch.worker_id, event.session), None)
                 continue
-            span_context: SpanContext | None = None
-            if (not self._ops or event.op in self._ops) and event.duration_ns >= self._min_duration_ns:
-                span_context = self._op_span(event, trace_id, parent, resource)
-            if event.fault:
-                context = span_context or (
-                    SpanContext(parent.trace_id, parent.span_id, False, _SAMPLED) if parent else None)
-                self._fault_log(event, context, resource)
+            if self._op_exported(event.op, event.duration_ns):
+                self._op_span(event, SpanContext(trace_id, span_id, False, _SAMPLED), parent, resource)
             if parent is not None and event.op == "release":
                 self._end_session(self._sessions.pop((batch.volume, batch.worker_id, event.session)),
                                   complete=True)
@@ -231,8 +255,8 @@ class OtlpExporter:
             session.path = event.path
         return session
 
-    def _op_span(self, event: OpEvent, trace_id: int, parent: _Session | None, resource: Resource) -> SpanContext:
-        context = SpanContext(trace_id, self._rng() or 1, False, _SAMPLED)
+    def _op_span(self, event: OpEvent, context: SpanContext, parent: _Session | None, resource: Resource) -> None:
+        trace_id = context.trace_id
         attributes: dict[str, str | int] = {
             FILE_PATH: event.path, "interposer.op": event.op, "interposer.ino": event.ino,
             PROCESS_USER_ID: event.uid,
@@ -263,7 +287,6 @@ class OtlpExporter:
             start_time=event.start_ns, end_time=event.start_ns + event.duration_ns, instrumentation_scope=SCOPE,
         ))
         self.spans_total += 1
-        return context
 
     def _end_session(self, session: _Session, complete: bool) -> None:
         attributes: dict[str, str | int | bool] = {
@@ -281,23 +304,63 @@ class OtlpExporter:
         ))
         self.spans_total += 1
 
-    def _fault_log(self, event: OpEvent, context: SpanContext | None, resource: Resource) -> None:
+    def add_faults(self, records: Iterable[FaultRecord]) -> None:
+        """Export one log record per fault record, linked to the faulted op's span.
+
+        The link is the op's span when the filters let it through (computed with
+        :func:`op_span_ids`, whichever replica exports that span), else the file
+        session's root span, else none. Records whose path the path glob excludes, or
+        whose trace the sampling ratio leaves out, are not exported; records of
+        workers that send no ``worker_id`` are exported without a link. A worker
+        running with events off (or sampling an op out) still sends the record; its
+        log record then names a span that is never exported.
+
+        Args:
+            records: decoded ``FaultRecord`` s.
+        """
+        for record in records:
+            if self._path_match is not None and not self._path_match(record.path):
+                continue
+            context: SpanContext | None = None
+            if record.worker_id:
+                trace_id, span_id = op_span_ids(record.volume, record.worker_id, record.session, record.op,
+                                                record.time_ns)
+                if not trace_sampled(trace_id, self._ratio):
+                    continue
+                if self._op_exported(record.op, record.duration_ns):
+                    context = SpanContext(trace_id, span_id, False, _SAMPLED)
+                elif record.session:
+                    context = SpanContext(*session_ids(record.volume, record.worker_id, record.session), False,
+                                          _SAMPLED)
+            self._fault_log(record, context)
+
+    def _fault_log(self, record: FaultRecord, context: SpanContext | None) -> None:
+        injected = record.errno or record.kind
         attributes: dict[str, str | int] = {
-            FILE_PATH: event.path, ERROR_TYPE: event.fault, "interposer.op": event.op,
-            "interposer.fault": event.fault, PROCESS_USER_ID: event.uid,
+            FILE_PATH: record.path, "interposer.op": record.op, "interposer.fault": injected,
+            "interposer.fault.kind": record.kind, "interposer.fault.layer": record.layer,
+            "interposer.policy.revision": record.policy_revision, PROCESS_USER_ID: record.uid,
         }
-        if event.pid:
-            attributes[PROCESS_PID] = event.pid
-        if event.session:
-            attributes["interposer.session"] = event.session
-        record = LogRecord(
-            timestamp=event.start_ns + event.duration_ns,
+        if record.errno:
+            attributes[ERROR_TYPE] = record.errno
+        if record.pid:
+            attributes[PROCESS_PID] = record.pid
+        if record.session:
+            attributes["interposer.session"] = record.session
+        if record.op in ("read", "write") or record.size:
+            attributes["interposer.offset"] = record.offset
+            attributes["interposer.size_bytes"] = record.size
+        if record.kind in ("short_read", "short_write"):
+            attributes["interposer.result_bytes"] = record.result
+        log_record = LogRecord(
+            timestamp=record.time_ns + record.duration_ns,
             context=trace.set_span_in_context(trace.NonRecordingSpan(context)) if context else None,
             severity_number=SeverityNumber.WARN, severity_text="WARN",
-            body=f"injected {event.fault} into {event.op} {event.path}",
+            body=f"injected {injected} into {record.op} {record.path}",
             attributes=attributes, event_name=FAULT_EVENT_NAME,
         )
-        self.logs.on_emit(ReadWriteLogRecord(record, resource=resource, instrumentation_scope=SCOPE))
+        resource = self._resource(record.volume, record.worker_id, record.namespace, record.pod)
+        self.logs.on_emit(ReadWriteLogRecord(log_record, resource=resource, instrumentation_scope=SCOPE))
         self.logs_total += 1
 
     def open_sessions(self) -> int:

@@ -10,6 +10,11 @@ Subscriptions:
 * ``interposer.events.*`` in queue group ``interposer-collector``: each batch goes to
   exactly one collector replica, so N replicas share the load and every event is
   counted once across replicas (``sum`` over replicas in PromQL).
+* ``interposer.faults.*`` in the same queue group: each message (an array of
+  ``FaultRecord``) goes to one replica, which counts it in
+  ``interposer_fault_records_total`` and turns each record into an OTel log record
+  linked to the op's span (the span ids are derived from the op's identity, so the
+  link holds whichever replica got the op's event).
 * ``interposer.status.*`` *without* a queue group: every replica gets every worker
   heartbeat. Heartbeats are small and rare (one per worker every few seconds), and
   they carry absolute values (policy revision, worker counters, dropped events), not
@@ -34,9 +39,9 @@ from wsgiref.simple_server import WSGIServer
 
 import msgspec
 import nats
-from interposer.proto import EventBatch, WorkerStatus
+from interposer.proto import EventBatch, FaultRecord, WorkerStatus
 from interposer.proto.connection import connect_options
-from interposer.proto.subjects import COLLECTOR_QUEUE, EVENTS_PREFIX, STATUS_PREFIX, volume_of
+from interposer.proto.subjects import COLLECTOR_QUEUE, EVENTS_PREFIX, FAULTS_PREFIX, STATUS_PREFIX, volume_of
 from nats.aio.client import Client as NATSClient
 from nats.aio.msg import Msg
 from nats.errors import SlowConsumerError
@@ -53,6 +58,8 @@ log = logging.getLogger(__name__)
 EVENTS_SUBJECT = f"{EVENTS_PREFIX}.*"
 #: Subject pattern of the heartbeats of every volume.
 STATUS_SUBJECT = f"{STATUS_PREFIX}.*"
+#: Subject pattern of the fault records of every volume.
+FAULTS_SUBJECT = f"{FAULTS_PREFIX}.*"
 
 
 def write_port_file(path: str | os.PathLike[str], port: int) -> None:
@@ -123,6 +130,7 @@ class CollectorService:
         self.port: int | None = None
         self._batch_decoder = msgspec.msgpack.Decoder(EventBatch)
         self._status_decoder = msgspec.msgpack.Decoder(WorkerStatus)
+        self._faults_decoder = msgspec.msgpack.Decoder(list[FaultRecord])
         self._httpd: WSGIServer | None = None
         self._http_thread: threading.Thread | None = None
         self._nc: NATSClient | None = None
@@ -189,6 +197,20 @@ class CollectorService:
             return
         self.aggregator.add_status(status)
 
+    async def _on_faults(self, msg: Msg) -> None:
+        try:
+            records = self._faults_decoder.decode(msg.data)
+        except msgspec.DecodeError as exc:
+            self._decode_error(msg, f"not an array of FaultRecord: {exc}")
+            return
+        volume = volume_of(msg.subject)
+        if any(record.volume != volume for record in records):
+            self._decode_error(msg, "a fault record's volume does not match the subject")
+            return
+        self.aggregator.add_faults(records)
+        if self.otlp is not None:
+            self.otlp.add_faults(records)
+
     def _decode_error(self, msg: Msg, reason: str) -> None:
         self.aggregator.add_decode_error()
         self._decode_log.warning("dropped malformed message on %s (%d bytes): %s",
@@ -241,14 +263,18 @@ class CollectorService:
             pending_msgs_limit=cfg.pending_msgs_limit, pending_bytes_limit=cfg.pending_bytes_limit,
         )
         await self._nc.subscribe(
+            FAULTS_SUBJECT, queue=COLLECTOR_QUEUE, cb=self._on_faults,
+            pending_msgs_limit=cfg.pending_msgs_limit, pending_bytes_limit=cfg.pending_bytes_limit,
+        )
+        await self._nc.subscribe(
             STATUS_SUBJECT, cb=self._on_status,
             pending_msgs_limit=cfg.pending_msgs_limit, pending_bytes_limit=cfg.pending_bytes_limit,
         )
         await self._nc.flush()
         self.aggregator.set_nats_connected(True)
-        log.info("connected to NATS at %s; subscribed to %s (queue %s) and %s",
+        log.info("connected to NATS at %s; subscribed to %s and %s (queue %s) and %s",
                  self._nc.connected_url.netloc if self._nc.connected_url else "?",
-                 EVENTS_SUBJECT, COLLECTOR_QUEUE, STATUS_SUBJECT)
+                 EVENTS_SUBJECT, FAULTS_SUBJECT, COLLECTOR_QUEUE, STATUS_SUBJECT)
 
     async def drain(self) -> None:
         """Stop taking messages, finish the buffered ones, close the connection.

@@ -6,6 +6,9 @@ Run it with ``python -m interposer.csi_node --endpoint unix:///path/csi.sock ...
 from ._config import DRIVER_NAME as DRIVER_NAME
 from ._config import CsiNodeConfig as CsiNodeConfig
 from ._identity import IdentityService as IdentityService
+from ._kubernetes import KubernetesLauncher as KubernetesLauncher
+from ._kubernetes import WorkerPodSettings as WorkerPodSettings
+from ._launcher import Launcher as Launcher
 from ._launcher import LocalProcessLauncher as LocalProcessLauncher
 from ._launcher import WorkerSpec as WorkerSpec
 from ._node import CsiError as CsiError

@@ -10,7 +10,7 @@ import sys
 import click
 import msgspec
 
-from ._config import MODES, CsiNodeConfig
+from ._config import LAUNCHERS, MODES, CsiNodeConfig
 from ._server import CsiNodeServer
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -84,6 +84,41 @@ _DEFAULTS = CsiNodeConfig()
     default=_DEFAULTS.watch_interval_s,
     show_default=True,
     help="Seconds between checks for dead fuse-workers to restore; 0 = no recovery.",
+)
+@click.option(
+    "--launcher",
+    type=click.Choice(LAUNCHERS),
+    default=_DEFAULTS.launcher,
+    show_default=True,
+    help="local: workers are child processes; kubernetes: one worker pod per volume on this node.",
+)
+@click.option(
+    "--fuse-fd-handoff/--no-fuse-fd-handoff",
+    default=_DEFAULTS.fuse_fd_handoff,
+    show_default=True,
+    help="Mount targets here and hand the /dev/fuse fd to the worker (always on with --launcher kubernetes).",
+)
+@click.option("--pod-name", envvar="POD_NAME", default="", help="This csi-node's pod (owner of worker pods).")
+@click.option("--pod-namespace", envvar="POD_NAMESPACE", default="", help="Its namespace, where worker pods run.")
+@click.option(
+    "--worker-image",
+    envvar="INTERPOSER_WORKER_IMAGE",
+    default="",
+    help="fuse-worker image of worker pods; empty: the image of --worker-image-container in this pod.",
+)
+@click.option(
+    "--worker-image-container",
+    envvar="INTERPOSER_WORKER_IMAGE_CONTAINER",
+    default=_DEFAULTS.worker_image_container,
+    show_default=True,
+    help="The container of this pod whose image is the fuse-worker image.",
+)
+@click.option(
+    "--pod-start-timeout-s",
+    type=float,
+    default=_DEFAULTS.pod_start_timeout_s,
+    show_default=True,
+    help="Seconds a new worker pod may take to start and take its FUSE fd.",
 )
 @click.option("--log-level", default=_DEFAULTS.log_level, show_default=True)
 def main(worker_command: str, log_level: str, **flags: object) -> None:

@@ -30,6 +30,15 @@ MODE_NODE = "node"
 MODE_CONTROLLER = "controller"
 MODES = (MODE_NODE, MODE_CONTROLLER)
 
+#: ``--launcher``: where fuse-workers run.
+LAUNCHER_LOCAL = "local"
+LAUNCHER_KUBERNETES = "kubernetes"
+LAUNCHERS = (LAUNCHER_LOCAL, LAUNCHER_KUBERNETES)
+#: The csi-node's (init) container whose image is the fuse-worker image (Kubernetes launcher).
+DEFAULT_WORKER_IMAGE_CONTAINER = "fuse-worker-image"
+#: How long a new worker pod may take to start and ask for its FUSE fd, seconds.
+DEFAULT_POD_START_TIMEOUT_S = 60.0
+
 
 def default_worker_command() -> tuple[str, ...]:
     """The fuse-worker started by this interpreter: ``python -m interposer.fuse_worker``."""
@@ -61,6 +70,17 @@ class CsiNodeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             (Identity + Controller, stateless, in a Deployment beside csi-provisioner).
         watch_interval_s: seconds between the recovery watcher's checks of the
             published volumes' workers; 0 turns recovery off.
+        launcher: ``local`` (workers are child processes) or ``kubernetes`` (one
+            worker pod per volume on this node; implies ``fuse_fd_handoff``).
+        fuse_fd_handoff: the csi-node mounts each target and hands the
+            ``/dev/fuse`` fd to the worker (``--fuse-fd-socket``), which then
+            needs no ``CAP_SYS_ADMIN``; False = local workers mount themselves.
+        pod_name: the csi-node's own pod (owner of its worker pods); downward API.
+        pod_namespace: its namespace, where worker pods run.
+        worker_image: fuse-worker image of the worker pods; empty = the image of
+            the csi-node pod's container ``worker_image_container``.
+        worker_image_container: see ``worker_image``.
+        pod_start_timeout_s: how long a new worker pod may take to take its fd, seconds.
     """
 
     endpoint: str = DEFAULT_ENDPOINT
@@ -76,6 +96,18 @@ class CsiNodeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     log_level: str = "INFO"
     mode: Literal["node", "controller"] = MODE_NODE
     watch_interval_s: Annotated[float, msgspec.Meta(ge=0)] = DEFAULT_WATCH_INTERVAL_S
+    launcher: Literal["local", "kubernetes"] = LAUNCHER_LOCAL
+    fuse_fd_handoff: bool = False
+    pod_name: str = ""
+    pod_namespace: str = ""
+    worker_image: str = ""
+    worker_image_container: str = DEFAULT_WORKER_IMAGE_CONTAINER
+    pod_start_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = DEFAULT_POD_START_TIMEOUT_S
+
+    def __post_init__(self) -> None:
+        if self.launcher == LAUNCHER_KUBERNETES and self.mode == MODE_NODE:
+            if not (self.pod_name and self.pod_namespace):
+                raise ValueError("launcher kubernetes needs pod_name and pod_namespace (--pod-name, --pod-namespace)")
 
 
 def socket_path_of(endpoint: str) -> str:

@@ -6,6 +6,10 @@ purpose: a restarted csi-node finds them again through their persisted pid, and 
 mounts of running pods stay up meanwhile. Before signalling a pid the launcher did
 not start itself, it checks ``/proc/<pid>/cmdline`` names the same volume, so a
 recycled pid is never killed.
+
+With ``fd_handoff_dir`` the csi-node mounts each target itself and hands the
+``/dev/fuse`` fd to the worker over a per-volume unix socket (``_fuse_fd``), so
+the worker never calls ``mount(2)`` and may run without ``CAP_SYS_ADMIN``.
 """
 
 from __future__ import annotations
@@ -17,8 +21,14 @@ import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
 import msgspec
+import msgspec.structs
+
+from ._fuse_fd import FdHandoff, handoff_name, mount_fuse_fd
+from ._mounts import unmount_lazily
+from ._state import VolumeState
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +36,8 @@ log = logging.getLogger(__name__)
 EXIT_POLL_INTERVAL_S = 0.05
 #: How long to wait after SIGKILL before giving up on a worker, seconds.
 KILL_WAIT_S = 5.0
+#: How long a started worker may take to ask for its FUSE fd, seconds.
+DEFAULT_HANDOFF_TIMEOUT_S = 20.0
 
 
 class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
@@ -44,6 +56,10 @@ class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
         pod_name: name of that pod; empty = unknown.
         node_name: the node id (for selector policies); empty = not passed.
         read_only: mount read-only.
+        fuse_fd_socket: the csi-node socket the worker receives its mounted FUSE fd
+            from (``--fuse-fd-socket``); empty = the worker mounts ``mountpoint`` itself.
+        backing_claim: PersistentVolumeClaim the backing directory is on (Kubernetes
+            launcher: mounted into the worker pod); empty = ``backing_dir`` is a host path.
     """
 
     volume_id: str
@@ -57,11 +73,15 @@ class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
     pod_name: str = ""
     node_name: str = ""
     read_only: bool = False
+    fuse_fd_socket: str = ""
+    backing_claim: str = ""
 
     def arguments(self) -> list[str]:
         """Return the worker flags for this spec (without the command itself)."""
         args = ["--backing-dir", self.backing_dir] if self.backing_dir else []
-        args += ["--mountpoint", self.mountpoint, "--volume-id", self.volume_id]
+        if self.mountpoint:
+            args += ["--mountpoint", self.mountpoint]
+        args += ["--volume-id", self.volume_id]
         if self.backend != "passthrough":
             args += ["--backend", self.backend]
         optional = (
@@ -71,6 +91,7 @@ class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
             ("--pod-namespace", self.pod_namespace),
             ("--pod-name", self.pod_name),
             ("--node-name", self.node_name),
+            ("--fuse-fd-socket", self.fuse_fd_socket),
         )
         for flag, value in optional:
             if value:
@@ -80,23 +101,66 @@ class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
         return args
 
 
+class Launcher(Protocol):
+    """What the Node service and the recovery watcher need from a launcher.
+
+    A worker is named by an ``int`` handle stored as ``VolumeState.worker_pid``:
+    the process id for :class:`LocalProcessLauncher`, the pod's incarnation
+    number (1, 2, … per volume and node) for ``KubernetesLauncher``.
+    """
+
+    def argv(self, spec: WorkerSpec) -> list[str]: ...
+
+    def start(self, spec: WorkerSpec, log_path: Path) -> int: ...
+
+    def restart(self, state: VolumeState) -> int: ...
+
+    def is_running(self, pid: int, volume_id: str) -> bool: ...
+
+    def exit_code(self, pid: int) -> int | None: ...
+
+    def stop(self, pid: int, volume_id: str, timeout_s: float) -> bool: ...
+
+
 class LocalProcessLauncher:
     """Runs each volume's fuse-worker as a child process of the csi-node.
 
     Args:
         command: argv prefix of the worker (``python -m interposer.fuse_worker``).
+        fd_handoff_dir: directory for the per-volume fd-handoff sockets; None =
+            workers mount their targets themselves.
+        handoff_timeout_s: how long a started worker may take to ask for its fd, seconds.
     """
 
-    def __init__(self, command: Sequence[str]) -> None:
+    def __init__(
+        self,
+        command: Sequence[str],
+        *,
+        fd_handoff_dir: str | os.PathLike[str] | None = None,
+        handoff_timeout_s: float = DEFAULT_HANDOFF_TIMEOUT_S,
+    ) -> None:
         if not command:
             raise ValueError("worker command is empty")
         self._command = list(command)
+        self._handoff_dir = Path(fd_handoff_dir) if fd_handoff_dir is not None else None
+        self._handoff_timeout_s = handoff_timeout_s
         # pid → Popen of the workers this process started (so they can be reaped).
         self._children: dict[int, subprocess.Popen[bytes]] = {}
 
     def argv(self, spec: WorkerSpec) -> list[str]:
         """Return the full command line that :meth:`start` runs for ``spec``."""
+        if self._handoff_dir is not None:
+            # No --mountpoint: the worker must not touch the target, whose first
+            # access blocks until the worker itself answers FUSE_INIT.
+            spec = msgspec.structs.replace(
+                spec, mountpoint="", fuse_fd_socket=str(self.handoff_socket(spec.volume_id))
+            )
         return [*self._command, *spec.arguments()]
+
+    def handoff_socket(self, volume_id: str) -> Path:
+        """The fd-handoff socket of ``volume_id`` (only with ``fd_handoff_dir``)."""
+        assert self._handoff_dir is not None
+        return self._handoff_dir / f"{handoff_name(volume_id)}.sock"
 
     def start(self, spec: WorkerSpec, log_path: Path) -> int:
         """Start the worker of ``spec``; its output replaces ``log_path``.
@@ -109,30 +173,55 @@ class LocalProcessLauncher:
             The worker's pid.
 
         Raises:
-            OSError: the command could not be executed.
+            OSError: the command could not be executed; with fd handoff also: the
+                target could not be mounted, or the worker did not ask for its fd in time.
         """
-        pid = self._spawn(self.argv(spec), log_path, append=False)
+        pid = self._launch(self.argv(spec), spec.volume_id, spec.mountpoint, spec.read_only, log_path, append=False)
         log.info("started fuse-worker pid %d for volume %s at %s", pid, spec.volume_id, spec.mountpoint)
         return pid
 
-    def restart(self, volume_id: str, argv: Sequence[str], log_path: Path) -> int:
-        """Start a worker again with the command line it had (``VolumeState.worker_argv``).
+    def restart(self, state: VolumeState) -> int:
+        """Start a worker again with the command line it had (``state.worker_argv``).
 
-        The output is appended to ``log_path``, so the dead worker's last words stay.
+        The output is appended to ``state.log_path``, so the dead worker's last
+        words stay. The dead mount must be gone from ``state.target_path``.
 
         Args:
-            volume_id: the volume (for the log line).
-            argv: the full command line :meth:`argv` returned when it was first started.
-            log_path: the volume's worker log.
+            state: the volume's persisted state.
 
         Returns:
             The new worker's pid.
 
         Raises:
-            OSError: the command could not be executed.
+            OSError: as :meth:`start`.
         """
-        pid = self._spawn(list(argv), log_path, append=True)
-        log.info("restarted fuse-worker for volume %s: pid %d", volume_id, pid)
+        pid = self._launch(
+            list(state.worker_argv), state.volume_id, state.target_path, state.readonly, Path(state.log_path),
+            append=True,
+        )
+        log.info("restarted fuse-worker for volume %s: pid %d", state.volume_id, pid)
+        return pid
+
+    def _launch(
+        self, argv: list[str], volume_id: str, target_path: str, read_only: bool, log_path: Path, *, append: bool
+    ) -> int:
+        if self._handoff_dir is None:
+            return self._spawn(argv, log_path, append=append)
+        with FdHandoff(self.handoff_socket(volume_id)) as handoff:
+            fd = mount_fuse_fd(target_path, volume_id, read_only=read_only)
+            try:
+                pid = self._spawn(argv, log_path, append=append)
+                try:
+                    handoff.send(fd, volume_id, self._handoff_timeout_s, lambda: self.is_running(pid, volume_id))
+                except ChildProcessError:
+                    # The caller's wait for the mount reports the exit with the log tail.
+                    return pid
+                except OSError:
+                    self.stop(pid, volume_id, KILL_WAIT_S)
+                    unmount_lazily(target_path)
+                    raise
+            finally:
+                os.close(fd)  # the worker holds its own reference now (or nobody needs one)
         return pid
 
     def _spawn(self, argv: list[str], log_path: Path, *, append: bool) -> int:

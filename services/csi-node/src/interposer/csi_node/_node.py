@@ -27,7 +27,7 @@ from interposer.proto.csi import csi_pb2, csi_pb2_grpc
 from interposer.proto.subjects import VOLUME_ID_PATTERN, is_valid_volume_id
 
 from ._config import CsiNodeConfig
-from ._launcher import LocalProcessLauncher, WorkerSpec
+from ._launcher import Launcher, WorkerSpec
 from ._mounts import (
     is_fuse_mount,
     mount_type,
@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 
 #: ``volume_context`` key: directory the volume passes through to (passthrough backend only).
 CONTEXT_BACKING_PATH = "backingPath"
+#: ``volume_context`` key: ``[namespace/]name`` of a PersistentVolumeClaim the worker
+#: pod mounts as its backing directory (passthrough, Kubernetes launcher only).
+CONTEXT_BACKING_CLAIM = "backingClaim"
 #: ``volume_context`` key: backend of the worker (``passthrough``, ``memory``, ``null``);
 #: default ``passthrough`` when ``backingPath`` is given, else ``memory`` (so generic CSI
 #: tooling that knows no volume attributes gets a working volume).
@@ -137,6 +140,7 @@ class _PublishPlan:
         target_path: str,
         real_target_path: str,
         backing_dir: str,
+        backing_claim: str,
         backend: str,
         readonly: bool,
         access_mode: int,
@@ -151,6 +155,7 @@ class _PublishPlan:
         self.target_path = target_path
         self.real_target_path = real_target_path
         self.backing_dir = backing_dir
+        self.backing_claim = backing_claim
         self.backend = backend
         self.readonly = readonly
         self.access_mode = access_mode
@@ -174,7 +179,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         store: persisted per-volume state.
     """
 
-    def __init__(self, config: CsiNodeConfig, launcher: LocalProcessLauncher, store: StateStore) -> None:
+    def __init__(self, config: CsiNodeConfig, launcher: Launcher, store: StateStore) -> None:
         self._config = config
         self._launcher = launcher
         self._store = store
@@ -310,16 +315,20 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         context = request.volume_context
         _create_backing_dir_if_asked(context)
         backing_path = context.get(CONTEXT_BACKING_PATH, "")
-        default_backend = DEFAULT_BACKEND if backing_path else DEFAULT_BACKEND_WITHOUT_BACKING_PATH
+        backing_claim = context.get(CONTEXT_BACKING_CLAIM, "")
+        has_backing = bool(backing_path or backing_claim)
+        default_backend = DEFAULT_BACKEND if has_backing else DEFAULT_BACKEND_WITHOUT_BACKING_PATH
         backend = context.get(CONTEXT_BACKEND, default_backend)
         if backend not in SUPPORTED_BACKENDS:
             raise _invalid(
                 f"volume_context[{CONTEXT_BACKEND!r}] = {backend!r} is not supported "
                 f"(supported: {', '.join(sorted(SUPPORTED_BACKENDS))})"
             )
-        if backend == "passthrough":
+        if backend == "passthrough" and backing_claim:
+            backing_dir, backing_claim = "", self._validate_backing_claim(backing_claim, backing_path)
+        elif backend == "passthrough":
             backing_dir = self._validate_backing_dir(backing_path, real_target_path)
-        elif backing_path:
+        elif has_backing:
             raise _invalid(
                 f"volume_context[{CONTEXT_BACKING_PATH!r}] is only for the passthrough backend "
                 f"(volume_context[{CONTEXT_BACKEND!r}] = {backend!r})"
@@ -337,6 +346,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             target_path=target_path,
             real_target_path=real_target_path,
             backing_dir=backing_dir,
+            backing_claim=backing_claim,
             backend=backend,
             readonly=request.readonly or access_mode in READ_ONLY_ACCESS_MODES,
             access_mode=access_mode,
@@ -363,6 +373,28 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         if _is_within(real_target_path, backing_dir):
             raise _invalid(f"target_path is inside {key} = {backing_path!r}: the volume would contain itself")
         return backing_dir
+
+    def _validate_backing_claim(self, backing_claim: str, backing_path: str) -> str:
+        """Return the claim name of ``backingClaim`` (``[namespace/]name``) if worker pods can mount it.
+
+        Raises:
+            CsiError: INVALID_ARGUMENT if ``backingPath`` is given too, the launcher
+                runs no pods, or the claim is in another namespace than the worker
+                pods (a pod mounts only claims of its own namespace).
+        """
+        key = f"volume_context[{CONTEXT_BACKING_CLAIM!r}]"
+        if backing_path:
+            raise _invalid(f"{key} and volume_context[{CONTEXT_BACKING_PATH!r}] exclude each other")
+        namespace = getattr(self._launcher, "claim_namespace", None)
+        if namespace is None:
+            raise _invalid(f"{key} needs the Kubernetes launcher (--launcher kubernetes)")
+        claim_namespace, _, name = backing_claim.rpartition("/")
+        if not name or (claim_namespace and claim_namespace != namespace):
+            raise _invalid(
+                f"{key} = {backing_claim!r}: worker pods run in namespace {namespace!r} and a pod can "
+                "only mount claims of its own namespace"
+            )
+        return name
 
     def _reuse_existing(self, existing: VolumeState, plan: _PublishPlan) -> bool:
         """Decide what to do with a volume that has state already.
@@ -392,6 +424,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             conflicts.append(f"backend {existing.backend} -> {plan.backend}")
         if existing.backing_dir != plan.backing_dir:
             conflicts.append(f"backing dir {existing.backing_dir} -> {plan.backing_dir}")
+        if existing.backing_claim != plan.backing_claim:
+            conflicts.append(f"backing claim {existing.backing_claim} -> {plan.backing_claim}")
         if conflicts:
             raise CsiError(
                 grpc.StatusCode.ALREADY_EXISTS,
@@ -445,6 +479,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         spec = WorkerSpec(
             volume_id=plan.volume_id,
             backing_dir=plan.backing_dir,
+            backing_claim=plan.backing_claim,
             backend=plan.backend,
             mountpoint=plan.target_path,
             nats_url=self._config.nats_url,
@@ -465,6 +500,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             volume_id=plan.volume_id,
             target_path=plan.target_path,
             backing_dir=plan.backing_dir,
+            backing_claim=plan.backing_claim,
             backend=plan.backend,
             readonly=plan.readonly,
             access_mode=plan.access_mode,
@@ -593,7 +629,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         if not stopped:
             log.error("fuse-worker pid %d of volume %s survived SIGKILL", state.worker_pid, state.volume_id)
         if is_fuse_mount(real_target_path):
-            log.warning(
+            # Expected when the csi-node mounted it (fd handoff): the worker cannot unmount.
+            log.info(
                 "volume %s: %s still mounted after the worker stopped; unmounting lazily",
                 state.volume_id,
                 state.target_path,

@@ -21,11 +21,10 @@ import logging
 import os
 import threading
 import time
-from pathlib import Path
 
 import msgspec.structs
 
-from ._launcher import LocalProcessLauncher
+from ._launcher import Launcher
 from ._mounts import is_fuse_mount, mount_type, real_path_of_target, stat_answers, unmount_lazily
 from ._node import NodeService
 from ._state import StateStore
@@ -45,7 +44,7 @@ class WorkerWatcher:
 
     Args:
         node: the Node service (its per-volume locks keep restores and CSI calls apart).
-        launcher: restarts workers.
+        launcher: restarts workers (a local process or a pod).
         store: persisted per-volume state.
         interval_s: seconds between checks.
         mount_timeout_s: how long a restored mount may take to answer, seconds.
@@ -54,7 +53,7 @@ class WorkerWatcher:
     def __init__(
         self,
         node: NodeService,
-        launcher: LocalProcessLauncher,
+        launcher: Launcher,
         store: StateStore,
         *,
         interval_s: float = DEFAULT_WATCH_INTERVAL_S,
@@ -122,7 +121,7 @@ class WorkerWatcher:
                 log.error("volume %s: cannot unmount the dead mount at %s", volume_id, state.target_path)
                 return False
             os.makedirs(state.target_path, mode=0o750, exist_ok=True)
-            pid = self._launcher.restart(volume_id, state.worker_argv, Path(state.log_path))
+            pid = self._launcher.restart(state)
             # Saved at once, so a csi-node restart meanwhile finds the new worker.
             state = msgspec.structs.replace(state, worker_pid=pid, restarts=state.restarts + 1)
             self._store.save(state)

@@ -24,10 +24,10 @@ from concurrent import futures
 import grpc
 from interposer.proto.csi import csi_pb2_grpc
 
-from ._config import DRIVER_NAME, MODE_CONTROLLER, CsiNodeConfig, socket_path_of
+from ._config import DRIVER_NAME, LAUNCHER_KUBERNETES, MODE_CONTROLLER, CsiNodeConfig, socket_path_of
 from ._controller import ControllerService
 from ._identity import IdentityService
-from ._launcher import LocalProcessLauncher
+from ._launcher import Launcher, LocalProcessLauncher
 from ._node import NodeService
 from ._recovery import WorkerWatcher
 from ._state import StateStore
@@ -63,7 +63,7 @@ class CsiNodeServer:
             csi_pb2_grpc.add_ControllerServicer_to_server(ControllerService(), self._server)
             return
         self.store = StateStore(config.state_dir)
-        self.launcher = LocalProcessLauncher(config.worker_command)
+        self.launcher = make_launcher(config)
         self.node = NodeService(config, self.launcher, self.store)
         csi_pb2_grpc.add_NodeServicer_to_server(self.node, self._server)
         if config.watch_interval_s > 0:
@@ -121,3 +121,49 @@ class CsiNodeServer:
     def wait_for_termination(self) -> None:
         """Block until the server stops."""
         self._server.wait_for_termination()
+
+
+#: Under ``--state-dir``: the per-volume fd-handoff sockets (and worker pods' policy files).
+HANDOFF_SUBDIR = "handoff"
+
+
+def make_launcher(config: CsiNodeConfig, api: object | None = None) -> Launcher:
+    """The launcher ``config.launcher`` names.
+
+    Args:
+        config: the service configuration.
+        api: a ``kubernetes.client.CoreV1Api`` for the Kubernetes launcher; None =
+            the in-cluster one (service account token of the csi-node pod).
+
+    Raises:
+        OSError: the Kubernetes launcher cannot read its own pod.
+        kubernetes.config.ConfigException: not running in a pod.
+    """
+    handoff_dir = os.path.join(config.state_dir, HANDOFF_SUBDIR)
+    if config.launcher != LAUNCHER_KUBERNETES:
+        return LocalProcessLauncher(
+            config.worker_command,
+            fd_handoff_dir=handoff_dir if config.fuse_fd_handoff else None,
+            handoff_timeout_s=config.mount_timeout_s,
+        )
+    from ._kubernetes import DEFAULT_NATS_CREDS_SECRET, KubernetesLauncher, WorkerPodSettings, read_own_pod
+
+    if api is None:
+        import kubernetes
+
+        kubernetes.config.load_incluster_config()
+        api = kubernetes.client.CoreV1Api()
+    owner, own_image = read_own_pod(api, config.pod_namespace, config.pod_name, config.worker_image_container)
+    settings = WorkerPodSettings(
+        namespace=config.pod_namespace,
+        node_name=config.node_id,
+        image=config.worker_image or own_image,
+        handoff_dir=handoff_dir,
+        owner=owner,
+        nats_url=config.nats_url,
+        # The worker pods mount the worker role's Secret (the csi-node's own
+        # --nats-creds is the same Secret mounted in its container).
+        nats_creds_secret=DEFAULT_NATS_CREDS_SECRET if config.nats_creds else "",
+        termination_grace_s=max(1, int(config.unmount_timeout_s)),
+    )
+    return KubernetesLauncher(api, settings, pod_start_timeout_s=config.pod_start_timeout_s)

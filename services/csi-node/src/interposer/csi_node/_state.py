@@ -19,11 +19,15 @@ class VolumeState(msgspec.Struct, frozen=True, kw_only=True):
     Attributes:
         volume_id: the CSI volume id.
         target_path: where the volume is published (the worker's mountpoint).
-        backing_dir: resolved backing directory (empty for the memory and null backends).
+        backing_dir: resolved backing directory (empty for the memory and null
+            backends, and for a backing claim).
+        backing_claim: PersistentVolumeClaim the worker pod mounts as its backing
+            directory (Kubernetes launcher); empty = none.
         backend: the worker's backend (``passthrough``, ``memory``, ``null``).
         readonly: published read-only.
         access_mode: ``VolumeCapability.AccessMode.Mode`` value it was published with.
-        worker_pid: pid of the fuse-worker.
+        worker_pid: the worker's handle: its pid (local launcher) or its pod's
+            incarnation (Kubernetes launcher).
         worker_argv: full worker command line.
         log_path: the worker's log file.
         policy_file: the policy file passed to the worker; empty if none.
@@ -55,6 +59,7 @@ class VolumeState(msgspec.Struct, frozen=True, kw_only=True):
     ephemeral: bool = False
     restarts: int = 0
     last_restore_s: float = 0.0
+    backing_claim: str = ""
 
 
 _decoder = msgspec.json.Decoder(VolumeState)

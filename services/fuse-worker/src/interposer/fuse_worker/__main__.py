@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import click
@@ -19,7 +20,12 @@ from ._worker import run
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--backing-dir", default="", type=click.Path(file_okay=False),
               help="Directory to serve (passthrough backend; required for it).")
-@click.option("--mountpoint", required=True, type=click.Path(exists=True, file_okay=False), help="Where to mount.")
+@click.option("--mountpoint", type=click.Path(file_okay=False),
+              help="Where to mount (required without --fuse-fd-socket; with it, not accessed: the "
+                   "csi-node's mount blocks until this worker answers FUSE_INIT).")
+@click.option("--fuse-fd-socket", type=click.Path(dir_okay=False),
+              help="Receive an already mounted /dev/fuse fd from this csi-node unix socket instead of "
+                   "mounting (no CAP_SYS_ADMIN needed).")
 @click.option("--volume-id", default="default", show_default=True, help="Volume id (subjects, KV key, labels).")
 @click.option("--nats-url", default="", help="NATS server URL; empty runs without a bus.")
 @click.option("--nats-creds", default="", help="NATS credentials file of the worker role "
@@ -52,12 +58,14 @@ def main(log_level: str, event_sampling: tuple[str, ...], **flags: object) -> No
         rules = [parse_sample_rule(text) for text in event_sampling]
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--event-sample") from None
+    if flags["mountpoint"] and not flags["fuse_fd_socket"] and not os.path.isdir(flags["mountpoint"]):
+        raise click.BadParameter(f"directory {flags['mountpoint']!r} does not exist", param_hint="--mountpoint")
     try:
-        connect_options(str(flags["nats_creds"]))  # a bad file is a usage error, before mounting
+        connect_options(str(flags.get("nats_creds") or ""))  # a bad file is a usage error, before mounting
     except CredentialsError as exc:
         raise click.BadParameter(str(exc), param_hint="--nats-creds") from None
     try:
-        config = msgspec.convert(flags, WorkerConfig)
+        config = msgspec.convert({k: v for k, v in flags.items() if v is not None}, WorkerConfig)
         config = msgspec.structs.replace(config, event_sampling=tuple(rules))
         run(config)
     except (msgspec.ValidationError, PolicyError) as exc:

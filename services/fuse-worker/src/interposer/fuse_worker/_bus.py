@@ -12,22 +12,24 @@ import asyncio
 import logging
 import threading
 import time
-import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
 
 import msgspec
 import nats
 import trio
 from nats.js.errors import BucketNotFoundError
 
-from interposer.proto import EventBatch, Policy, PolicyRecord, WorkerStatus, decode_record, subjects
+from interposer.proto import EventBatch, OpEvent, Policy, PolicyRecord, WorkerStatus, decode_record, subjects
 from interposer.proto.connection import CredentialsError, connect_options
 from interposer.proto.selector import effective_policy, selected
 
 from ._config import WorkerConfig
-from ._telemetry import Telemetry
+from ._telemetry import QuotaUsage, Telemetry
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: Wait between reconnect attempts, seconds.
 DEFAULT_RECONNECT_TIME_WAIT_S = 1.0
@@ -46,15 +48,19 @@ class Bus:
         apply_policy: called on the trio thread as ``apply_policy(policy, revision)``.
         current_revision: returns the revision in force (for heartbeats).
         trio_token: token of the trio run that serves FUSE.
+        quota_usage: returns the usage and limits of the quota in force, None if
+            none (for heartbeats); called on the bus thread.
     """
 
     def __init__(
         self, config: WorkerConfig, telemetry: Telemetry, apply_policy: Callable[[Policy, int], None],
         current_revision: Callable[[], int], trio_token: trio.lowlevel.TrioToken,
+        quota_usage: Callable[[], QuotaUsage | None] = lambda: None,
     ) -> None:
         self.config = config
         self.telemetry = telemetry
-        self.worker_id = uuid.uuid4().hex[:12]
+        self.worker_id = telemetry.worker_id
+        self._quota_usage = quota_usage
         self._apply_policy = apply_policy
         self._current_revision = current_revision
         self._trio_token = trio_token
@@ -243,10 +249,10 @@ class Bus:
                     log.debug("status not published: %s", exc)
             self.initial_policy.set()
 
-    def _batch(self, events: list) -> bytes:
-        self._seq += 1
+    def _batch(self, events: Sequence[OpEvent]) -> bytes:
+        """Encode ``events`` as the next ``EventBatch`` (its ``seq`` is taken only once it is sent)."""
         return self._encoder.encode(EventBatch(
-            volume=self.config.volume_id, worker_id=self.worker_id, seq=self._seq, events=events,
+            volume=self.config.volume_id, worker_id=self.worker_id, seq=self._seq + 1, events=list(events),
             dropped_total=self.telemetry.events_dropped_total,
             namespace=self.config.pod_namespace, pod=self.config.pod_name,
             sampled_out_total=self.telemetry.sampled_out_total,
@@ -257,26 +263,38 @@ class Bus:
         telemetry = self.telemetry
         while telemetry.buffer:
             events = telemetry.take(self.config.batch_max_events)
-            try:
-                await nc.publish(subject, self._batch(events))
-            except Exception as exc:  # noqa: BLE001 - outbound buffer full while disconnected
-                telemetry.events_dropped_total += len(events)
-                log.debug("dropped %d events: %s", len(events), exc)
-                return
-            telemetry.events_published_total += len(events)
+            # Encode (and number) every part before the first await: the flush and
+            # status loops both publish, and must not interleave sequence numbers.
+            parts = []
+            for payload, count in fitting(events, self._batch, nc.max_payload):
+                self._seq += 1
+                parts.append((payload, count))
+            done = 0
+            for payload, count in parts:
+                try:
+                    await nc.publish(subject, payload)
+                except Exception as exc:  # noqa: BLE001 - outbound buffer full while disconnected
+                    telemetry.events_dropped_total += len(events) - done
+                    log.debug("dropped %d events: %s", len(events) - done, exc)
+                    return
+                done += count
+                telemetry.events_published_total += count
 
     async def _publish_faults(self, nc: nats.NATS) -> None:
         subject = subjects.faults(self.config.volume_id)
         telemetry = self.telemetry
         while telemetry.faults:
             records = telemetry.take_faults(self.config.batch_max_events)
-            try:
-                await nc.publish(subject, self._encoder.encode(records))
-            except Exception as exc:  # noqa: BLE001 - outbound buffer full while disconnected
-                telemetry.faults_dropped_total += len(records)
-                log.debug("dropped %d fault records: %s", len(records), exc)
-                return
-            telemetry.faults_published_total += len(records)
+            done = 0
+            for payload, count in fitting(records, self._encoder.encode, nc.max_payload):
+                try:
+                    await nc.publish(subject, payload)
+                except Exception as exc:  # noqa: BLE001 - outbound buffer full while disconnected
+                    telemetry.faults_dropped_total += len(records) - done
+                    log.debug("dropped %d fault records: %s", len(records) - done, exc)
+                    return
+                done += count
+                telemetry.faults_published_total += count
 
     async def _flush_loop(self, nc: nats.NATS) -> None:
         while True:
@@ -286,12 +304,18 @@ class Bus:
 
     def _status(self) -> bytes:
         t = self.telemetry
+        quota = self._quota_usage()
         return self._encoder.encode(WorkerStatus(
             volume=self.config.volume_id, worker_id=self.worker_id, policy_revision=self._current_revision(),
             ops_total=t.ops_total, events_total=t.events_total, events_dropped_total=t.events_dropped_total,
             events_published_total=t.events_published_total, started_at_s=self._started_at_s,
             sent_at_s=time.time(), namespace=self.config.pod_namespace, pod=self.config.pod_name,
             faults_total=t.faults_total, faults_dropped_total=t.faults_dropped_total,
+            status_interval_s=self.config.status_interval_s, open_files=t.open_files,
+            quota_bytes_used=quota.bytes_used if quota else None,
+            quota_bytes_limit=quota.bytes_limit if quota else None,
+            quota_inodes_used=quota.inodes_used if quota else None,
+            quota_inodes_limit=quota.inodes_limit if quota else None,
         ))
 
     async def _status_loop(self, nc: nats.NATS) -> None:
@@ -317,3 +341,31 @@ class Bus:
         await self._publish_faults(nc)
         await nc.publish(subjects.status(self.config.volume_id), self._status())
         await nc.flush()
+
+
+def fitting(items: Sequence[T], encode: Callable[[Sequence[T]], bytes], max_payload: int,
+            ) -> Iterator[tuple[bytes, int]]:
+    """Encode ``items`` in as few consecutive messages as fit in ``max_payload`` bytes.
+
+    The whole sequence is encoded first (one message in the common case); a message
+    larger than ``max_payload`` (NATS refuses it with ``MaxPayloadError``, and
+    everything in it would be lost) is split in halves until each part fits. A
+    single item larger than ``max_payload`` is yielded alone (publishing it fails
+    and it is counted as dropped).
+
+    Args:
+        items: events or fault records, in order.
+        encode: turns a run of items into one message.
+        max_payload: the server's largest message, bytes (``nc.max_payload``).
+
+    Yields:
+        ``(payload, number of items in it)``, in order; each part is encoded only
+        when the previous one has been taken.
+    """
+    payload = encode(items)
+    if len(payload) <= max_payload or len(items) <= 1:
+        yield payload, len(items)
+        return
+    half = len(items) // 2
+    yield from fitting(items[:half], encode, max_payload)
+    yield from fitting(items[half:], encode, max_payload)

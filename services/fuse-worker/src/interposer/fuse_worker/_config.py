@@ -15,8 +15,27 @@ from .backends import BACKEND_KINDS, DEFAULT_MEMORY_SIZE_BYTES
 #: How long a worker with a bus waits for its stored policy before mounting, seconds.
 DEFAULT_POLICY_WAIT_S = 5.0
 
+#: How long a worker with ``fuse_fd_socket`` waits to receive its FUSE fd, seconds.
+DEFAULT_FUSE_FD_WAIT_S = 30.0
+
 #: Most event sampling rules one worker takes.
 MAX_EVENT_SAMPLE_RULES = 64
+
+# Event batching, sized for issue #6's goal of no drops at 50,000 ops/s:
+#: How often buffered events are published, seconds: events reach the collector
+#: within ~0.1 s, and at 50,000 ops/s one flush carries 5,000 events.
+DEFAULT_FLUSH_INTERVAL_S = 0.1
+#: Most events in one published batch: one flush interval at 50,000 ops/s, so the
+#: steady state is one message per flush. With typical paths (< 100 bytes) that is
+#: well under NATS's default ``max_payload`` of 1 MiB; a batch encoding larger than
+#: the server's ``max_payload`` (long paths) is split in halves until each part fits,
+#: never dropped (``Bus``).
+DEFAULT_BATCH_MAX_EVENTS = 5_000
+#: Most op events buffered before new ones are dropped: 2 s of events at 50,000
+#: ops/s, i.e. 20 flush intervals the bus thread may fall behind (GIL contention with
+#: the FUSE thread, a NATS stall) before anything is lost; about 25 MB at ~250 bytes
+#: per buffered ``OpEvent``.
+DEFAULT_EVENT_BUFFER = 100_000
 
 
 class EventSampleRule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -78,7 +97,13 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
         volume_id: the volume's id (CSI volume_id); names its subjects and KV key.
         backing_dir: directory served by the passthrough backend (required for it;
             unused by ``memory`` and ``null``).
-        mountpoint: where the FUSE file system is mounted.
+        mountpoint: where the FUSE file system is mounted (by the worker itself);
+            informative only with ``fuse_fd_socket``.
+        fuse_fd_socket: unix socket of the csi-node to receive an already mounted
+            ``/dev/fuse`` fd from (``SCM_RIGHTS``) instead of mounting: the worker
+            then needs no ``CAP_SYS_ADMIN`` and no ``/dev/fuse``; ``""`` = mount
+            ``mountpoint`` itself.
+        fuse_fd_wait_s: with ``fuse_fd_socket``: how long to wait for the fd, seconds.
         backend: backend kind: ``passthrough`` (a backing directory), ``memory`` (a
             file system in the worker's memory) or ``null`` (contents discarded).
         memory_size_bytes: most bytes of file contents the ``memory`` backend holds
@@ -116,7 +141,9 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
 
     volume_id: str = msgspec.field(default="default")
     backing_dir: str = ""
-    mountpoint: str
+    mountpoint: str = ""
+    fuse_fd_socket: str = ""
+    fuse_fd_wait_s: float = DEFAULT_FUSE_FD_WAIT_S
     backend: str = "passthrough"
     memory_size_bytes: int = DEFAULT_MEMORY_SIZE_BYTES
     nats_url: str = ""
@@ -130,9 +157,9 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     entry_timeout_s: float = 1.0
     attr_timeout_s: float = 1.0
     max_tasks: int = 128
-    event_buffer: int = 100_000
-    batch_max_events: int = 5_000
-    flush_interval_s: float = 0.1
+    event_buffer: int = DEFAULT_EVENT_BUFFER
+    batch_max_events: int = DEFAULT_BATCH_MAX_EVENTS
+    flush_interval_s: float = DEFAULT_FLUSH_INTERVAL_S
     status_interval_s: float = 1.0
     policy_wait_s: float = DEFAULT_POLICY_WAIT_S
     on_bus_unreachable: Literal["passthrough", "refuse"] = "passthrough"
@@ -144,6 +171,8 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     def __post_init__(self) -> None:
         if not VOLUME_ID_PATTERN.fullmatch(self.volume_id):
             raise ValueError(f"volume_id {self.volume_id!r} must match {VOLUME_ID_PATTERN.pattern}")
+        if not self.mountpoint and not self.fuse_fd_socket:
+            raise ValueError("mountpoint or fuse_fd_socket is required")
         if self.backend not in BACKEND_KINDS:
             raise ValueError(f"backend {self.backend!r} is not supported (supported: {', '.join(BACKEND_KINDS)})")
         if self.backend == "passthrough" and not self.backing_dir:

@@ -6,17 +6,18 @@ import collections
 import random
 import time
 import typing
+import uuid
 from collections.abc import Callable, Iterable
+
+import msgspec
 
 from interposer.proto import FaultRecord, OpEvent
 from interposer.proto.policy import OpName
 
-from ._config import EventSampleRule
+from ._config import DEFAULT_EVENT_BUFFER as DEFAULT_EVENT_BUFFER, EventSampleRule
 from ._op import Op
 from .layers._match import compile_glob
-
-#: Events held for the bus before new ones are dropped.
-DEFAULT_EVENT_BUFFER = 100_000
+from .layers.quota import Quota
 #: Fault records held for the bus before new ones are dropped.
 DEFAULT_FAULT_BUFFER = 100_000
 
@@ -71,14 +72,26 @@ class Telemetry:
             deterministic one).
         volume: volume id written into fault records.
         fault_capacity: most fault records buffered.
+        worker_id: id of this worker process (``EventBatch.worker_id``, written into
+            fault records); default a new random one.
+        namespace: pod namespace written into fault records.
+        pod: pod name written into fault records.
+
+    Attributes:
+        worker_id: id of this worker process; unique per process start.
+        sessions: ``dict[int, int]``: open file handle → its file session id.
     """
 
     def __init__(self, capacity: int = DEFAULT_EVENT_BUFFER, sampling: Iterable[EventSampleRule] = (),
                  enabled: bool = True, rng: Callable[[], float] = random.random, *, volume: str = "",
-                 fault_capacity: int = DEFAULT_FAULT_BUFFER) -> None:
+                 fault_capacity: int = DEFAULT_FAULT_BUFFER, worker_id: str = "", namespace: str = "",
+                 pod: str = "") -> None:
         self.capacity = capacity
         self.enabled = enabled
         self.volume = volume
+        self.worker_id = worker_id or uuid.uuid4().hex[:12]
+        self.namespace = namespace
+        self.pod = pod
         self.fault_capacity = fault_capacity
         self.buffer: collections.deque[OpEvent] = collections.deque()
         self.faults: collections.deque[FaultRecord] = collections.deque()
@@ -92,7 +105,6 @@ class Telemetry:
         self.sampled_out_total = 0
         self._sampling = compile_sampling(sampling)
         self._rng = rng
-        #: ``dict[int, int]``: open file handle → its file session id.
         self.sessions: dict[int, int] = {}
         self._last_session = 0
 
@@ -112,6 +124,11 @@ class Telemetry:
     def end_session(self, fh: int) -> int:
         """Detach and return the file session id of ``fh`` (on release), 0 if none."""
         return self.sessions.pop(fh, 0)
+
+    @property
+    def open_files(self) -> int:
+        """Open file handles now: file sessions opened and not yet released."""
+        return len(self.sessions)
 
     def _keep(self, rules: tuple[_CompiledRule, ...], path: str) -> bool:
         for match, ratio in rules:
@@ -133,7 +150,7 @@ class Telemetry:
         """
         self.ops_total += 1
         if op.injected:
-            self._record_faults(op, start_ns, revision)
+            self._record_faults(op, start_ns, duration_ns, revision)
         if not self.enabled:
             return
         rules = self._sampling.get(op.name)
@@ -149,7 +166,7 @@ class Telemetry:
             op.fault, op.delay_ns, op.throttle_ns, op.pid, op.uid, op.session,
         ))
 
-    def _record_faults(self, op: Op, start_ns: int, revision: int) -> None:
+    def _record_faults(self, op: Op, start_ns: int, duration_ns: int, revision: int) -> None:
         for injection in op.injected or ():
             self.faults_total += 1
             if len(self.faults) >= self.fault_capacity:
@@ -158,7 +175,8 @@ class Telemetry:
             self.faults.append(FaultRecord(
                 time_ns=start_ns, op=op.name, path=op.path, kind=injection.kind, errno=injection.errno_name,
                 pid=op.pid, uid=op.uid, volume=self.volume, layer=injection.layer, offset=op.offset,
-                size=op.size, result=injection.result, policy_revision=revision,
+                size=op.size, result=injection.result, policy_revision=revision, worker_id=self.worker_id,
+                session=op.session, duration_ns=duration_ns, namespace=self.namespace, pod=self.pod,
             ))
 
     def take_faults(self, max_records: int) -> list[FaultRecord]:
@@ -174,6 +192,49 @@ class Telemetry:
         for _ in range(min(max_events, len(buffer))):
             out.append(buffer.popleft())
         return out
+
+
+class QuotaUsage(msgspec.Struct, frozen=True, kw_only=True):
+    """Usage and limits of the quota in force (``WorkerStatus.quota_*``).
+
+    Attributes:
+        bytes_used: bytes (apparent sizes of regular files) in use.
+        bytes_limit: most bytes; None = no byte limit.
+        inodes_used: files, directories and links in use.
+        inodes_limit: most inodes; None = no inode limit.
+    """
+
+    bytes_used: int
+    inodes_used: int
+    bytes_limit: int | None = None
+    inodes_limit: int | None = None
+
+
+def _tightest(limits: Iterable[int | None]) -> int | None:
+    given = [limit for limit in limits if limit is not None]
+    return min(given) if given else None
+
+
+def quota_usage(layers: Iterable[object]) -> QuotaUsage | None:
+    """Usage and limits of the quota layers among ``layers`` (a ``Stack.layers``).
+
+    Quota layers of one stack share the worker's tracked usage; with several, the
+    tightest limit of each kind applies (each layer refuses on its own), so that is
+    the one reported. Safe to call from the bus thread: it only reads ints.
+
+    Args:
+        layers: the runtimes of the layers in force.
+
+    Returns:
+        None when no quota layer is in force (usage is not tracked then).
+    """
+    quotas = [layer for layer in layers if isinstance(layer, Quota)]
+    if not quotas:
+        return None
+    stats = quotas[0].statistics()
+    return QuotaUsage(bytes_used=stats.bytes_used, inodes_used=stats.inodes_used,
+                      bytes_limit=_tightest(q.spec.bytes for q in quotas),
+                      inodes_limit=_tightest(q.spec.inodes for q in quotas))
 
 
 def wall_ns() -> int:

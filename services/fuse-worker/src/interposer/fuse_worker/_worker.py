@@ -6,6 +6,8 @@ import logging
 import os
 import resource
 import signal
+import socket
+import time
 from pathlib import Path
 
 import pyfuse3
@@ -17,7 +19,7 @@ from ._adapter import InterposerOperations
 from ._bus import Bus
 from ._config import WorkerConfig
 from ._expiry import expire_layers
-from ._telemetry import Telemetry
+from ._telemetry import Telemetry, quota_usage
 from .backends import Backend, MemoryBackend, NullBackend, PassthroughBackend
 from .layers import QuotaContext, Usage, walk_usage
 
@@ -32,6 +34,59 @@ def load_policy_file(path: str) -> Policy:
         OSError: the file cannot be read.
     """
     return decode_policy(Path(path).read_bytes())
+
+
+#: Most bytes of the csi-node's answer on the fd-handoff socket.
+FD_HANDOFF_ANSWER_MAX_BYTES = 1024
+#: Pause between attempts to connect to the fd-handoff socket, seconds.
+FD_HANDOFF_RETRY_S = 0.05
+
+
+def receive_fuse_fd(socket_path: str, volume_id: str, timeout_s: float) -> int:
+    """Receive the mounted ``/dev/fuse`` fd of ``volume_id`` from the csi-node.
+
+    The csi-node (privileged) opened ``/dev/fuse`` and mounted it at the target
+    with ``fd=N``; it listens on ``socket_path``. The worker connects, sends its
+    volume id (UTF-8), and gets ``b"OK"`` with the fd as ``SCM_RIGHTS`` ancillary
+    data, or ``b"ERR <reason>"`` without one (protocol of
+    ``interposer.csi_node._fuse_fd.FdHandoff``). libfuse then serves the fd when
+    given the mountpoint ``/dev/fd/N`` and never calls ``mount(2)``.
+
+    Args:
+        socket_path: the csi-node's unix socket for this volume.
+        volume_id: this worker's volume id (the csi-node checks it).
+        timeout_s: how long to keep trying to connect and wait for the answer, seconds.
+
+    Returns:
+        The received fd (inheritable: not closed across libfuse's use).
+
+    Raises:
+        OSError: no answer within ``timeout_s`` (``ETIMEDOUT``), or the csi-node
+            refused (the message carries its reason).
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            sock.connect(socket_path)
+            sock.sendall(volume_id.encode())
+            sock.shutdown(socket.SHUT_WR)
+            answer, fds, _flags, _addr = socket.recv_fds(sock, FD_HANDOFF_ANSWER_MAX_BYTES, 1)
+        except (FileNotFoundError, ConnectionRefusedError):
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"no fd-handoff socket at {socket_path} within {timeout_s:g} s") from None
+            time.sleep(FD_HANDOFF_RETRY_S)
+            continue
+        except socket.timeout:
+            raise TimeoutError(f"no FUSE fd from {socket_path} within {timeout_s:g} s") from None
+        finally:
+            sock.close()
+        if answer != b"OK" or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            raise ConnectionRefusedError(f"{socket_path} refused the FUSE fd: {answer.decode(errors='replace')}")
+        return fds[0]
 
 
 def _raise_fd_limit() -> None:
@@ -90,21 +145,29 @@ async def serve(config: WorkerConfig) -> None:
     _raise_fd_limit()
     backend = make_backend(config)
     telemetry = Telemetry(config.event_buffer, config.event_sampling, enabled=config.events,
-                          volume=config.volume_id)
+                          volume=config.volume_id, namespace=config.pod_namespace, pod=config.pod_name)
     operations = InterposerOperations(backend, telemetry, policy, quota=quota_context(backend, config.backing_dir))
     bus: Bus | None = None
     if config.nats_url:
-        bus = Bus(config, telemetry, operations.apply, lambda: operations.revision, trio.lowlevel.current_trio_token())
+        bus = Bus(config, telemetry, operations.apply, lambda: operations.revision, trio.lowlevel.current_trio_token(),
+                  quota_usage=lambda: quota_usage(operations.stack.layers))
         bus.start()
         await _wait_for_stored_policy(bus, config)
     try:
-        pyfuse3.init(operations, config.mountpoint, mount_options(config))
+        mountpoint = config.mountpoint
+        if config.fuse_fd_socket:
+            # Mounted by the csi-node; libfuse serves /dev/fd/N without mounting.
+            fd = await trio.to_thread.run_sync(receive_fuse_fd, config.fuse_fd_socket, config.volume_id,
+                                               config.fuse_fd_wait_s)
+            mountpoint = f"/dev/fd/{fd}"
+        pyfuse3.init(operations, mountpoint, mount_options(config))
     except BaseException:
         if bus is not None:
             bus.stop()
         raise
-    log.info("volume %s: %s backend%s mounted on %s", config.volume_id, config.backend,
-             f" of {config.backing_dir}" if config.backend == "passthrough" else "", config.mountpoint)
+    log.info("volume %s: %s backend%s serving %s%s", config.volume_id, config.backend,
+             f" of {config.backing_dir}" if config.backend == "passthrough" else "", mountpoint,
+             f" (mounted by the csi-node at {config.mountpoint or 'its target'})" if config.fuse_fd_socket else "")
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_terminate_on_signal)
@@ -116,8 +179,9 @@ async def serve(config: WorkerConfig) -> None:
         if bus is not None:
             bus.stop()
         backend.close()
-        log.info("volume %s: unmounted; %d ops served, %d events dropped",
-                 config.volume_id, telemetry.ops_total, telemetry.events_dropped_total)
+        log.info("volume %s: %s; %d ops served, %d events dropped", config.volume_id,
+                 "FUSE fd closed (the csi-node unmounts)" if config.fuse_fd_socket else "unmounted",
+                 telemetry.ops_total, telemetry.events_dropped_total)
 
 
 async def _wait_for_stored_policy(bus: Bus, config: WorkerConfig) -> None:
@@ -150,4 +214,4 @@ def run(config: WorkerConfig) -> None:
     trio.run(serve, config)
 
 
-__all__ = ["PolicyError", "load_policy_file", "make_backend", "mount_options", "run", "serve"]
+__all__ = ["PolicyError", "load_policy_file", "make_backend", "mount_options", "receive_fuse_fd", "run", "serve"]

@@ -1,0 +1,293 @@
+"""The Kubernetes launcher: worker pod specs, its API calls, recovery through pods.
+
+No API server runs here: the launcher talks to ``kube_fake.FakeCoreV1Api``, a
+fake of ``kubernetes.client.CoreV1Api`` (same methods, the real client's models
+and ``ApiException``), whose fake kubelet runs each created pod's container as a
+real, unprivileged fuse-worker process. The pod specs themselves are validated
+against the Kubernetes schema (``kubernetes-validate``). Publishing mounts real
+FUSE file systems: those tests fail (never skip) where FUSE is missing.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import kubernetes_validate
+import msgspec
+import pytest
+from csi_support import fuse_mounts_under, mounting_volume_request
+from interposer.csi_node import CsiError, CsiNodeConfig, KubernetesLauncher, NodeService, WorkerPodSettings, WorkerSpec
+from interposer.csi_node._kubernetes import (
+    LABEL_INCARNATION,
+    LABEL_VOLUME_ID,
+    label_value,
+    read_own_pod,
+    worker_pod_manifest,
+)
+from interposer.csi_node._recovery import WorkerWatcher
+from interposer.csi_node._server import make_launcher
+from interposer.csi_node._state import StateStore
+from interposer_testing import require_fuse
+from kube_fake import FakeCoreV1Api, FakeKubelet
+
+#: Kubernetes version whose schema the pod specs must satisfy (as tests/deploy).
+KUBERNETES_VERSION = "1.33"
+NAMESPACE = "interposer-system"
+NODE = "node-a"
+OWN_POD = "interposer-csi-node-x7k2p"
+OWN_UID = "0d6f6c1e-3a2b-4c5d-8e9f-0123456789ab"
+DAEMONSET_UID = "5e1f2a3b-4c5d-6e7f-8091-a2b3c4d5e6f7"
+#: The owner of worker pods: the csi-node pod's DaemonSet (survives csi-node upgrades).
+OWNER = {"apiVersion": "apps/v1", "kind": "DaemonSet", "name": "interposer-csi-node", "uid": DAEMONSET_UID}
+WORKER_IMAGE = "registry.example/interposer-fuse-worker:v1"
+#: kubelet's id of an ephemeral inline volume: 68 characters, too long for a label value.
+EPHEMERAL_ID = "csi-" + "a1" * 32
+
+
+def _settings(handoff_dir: str = "/var/lib/interposer/csi-node/handoff") -> WorkerPodSettings:
+    return WorkerPodSettings(
+        namespace=NAMESPACE, node_name=NODE, image=WORKER_IMAGE, handoff_dir=handoff_dir,
+        owner=OWNER, nats_url="nats://nats.interposer-system.svc:4222",
+    )
+
+
+def _validate(manifest: dict) -> None:
+    try:
+        kubernetes_validate.validate(manifest, KUBERNETES_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as exc:
+        pytest.fail(f"invalid pod spec at {'.'.join(map(str, exc.path))}: {exc.message}")
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        WorkerSpec(volume_id="pvc-1", backing_claim="data", mountpoint="/var/lib/kubelet/pods/u/volumes/m"),
+        WorkerSpec(volume_id="vol_2", backing_dir="/var/lib/interposer/backing/x", mountpoint="/t",
+                   policy_file="/state/vol_2.policy.json", pod_namespace="app", pod_name="web-0", read_only=True),
+        WorkerSpec(volume_id=EPHEMERAL_ID, backend="memory", mountpoint="/t"),
+    ],
+    ids=["claim", "host-path-read-only", "memory-ephemeral"],
+)
+def test_worker_pod_spec_is_a_valid_unprivileged_pod_pinned_to_the_node(spec: WorkerSpec) -> None:
+    manifest = worker_pod_manifest(spec, _settings(), 3)
+    _validate(manifest)
+    meta, pod = manifest["metadata"], manifest["spec"]
+    assert meta["namespace"] == NAMESPACE and meta["name"].endswith("-3")
+    assert meta["ownerReferences"] == [OWNER]
+    labels = meta["labels"]
+    assert labels["app.kubernetes.io/managed-by"] == "interposer-csi-node"
+    assert labels["app.kubernetes.io/part-of"] == "interposer"
+    assert labels[LABEL_VOLUME_ID] == label_value(spec.volume_id) and labels[LABEL_INCARNATION] == "3"
+    assert meta["annotations"]["interposer.io/volume-id"] == spec.volume_id
+    assert pod["nodeName"] == NODE and pod["tolerations"] == [{"operator": "Exists"}]
+    assert pod["restartPolicy"] == "Never" and pod["automountServiceAccountToken"] is False
+    (container,) = pod["containers"]
+    security = container["securityContext"]
+    assert security["privileged"] is False and security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"]["drop"] == ["ALL"] and "SYS_ADMIN" not in security["capabilities"]["add"]
+    assert not any("fuse" in v.get("hostPath", {}).get("path", "") for v in pod["volumes"] if v["name"] != "handoff")
+    assert container["resources"]["requests"] and "cpu" not in container["resources"]["limits"]
+    args = container["args"]
+    assert args[args.index("--fuse-fd-socket") + 1] == "/run/interposer/fuse.sock"
+    assert "--mountpoint" not in args  # the target exists only on the node
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    if spec.backing_claim:
+        assert volumes["backing"]["persistentVolumeClaim"] == {"claimName": "data", "readOnly": False}
+    elif spec.backing_dir:
+        assert volumes["backing"]["hostPath"] == {"path": spec.backing_dir, "type": "Directory"}
+        assert "--read-only" in args and args[args.index("--policy-file") + 1] == "/run/interposer/policy.json"
+    else:
+        assert "backing" not in volumes and args[args.index("--backend") + 1] == "memory"
+
+
+def test_worker_pods_get_the_worker_nats_credentials_secret() -> None:
+    spec = WorkerSpec(volume_id="v", backend="memory", mountpoint="/t")
+    settings = msgspec.structs.replace(_settings(), nats_creds_secret="interposer-nats-worker")
+    manifest = worker_pod_manifest(spec, settings, 1)
+    _validate(manifest)
+    (container,) = manifest["spec"]["containers"]
+    args = container["args"]
+    assert args[args.index("--nats-creds") + 1] == "/etc/interposer/nats-worker"
+    assert args[args.index("--node-name") + 1] == NODE
+    volumes = {v["name"]: v for v in manifest["spec"]["volumes"]}
+    assert volumes["nats-credentials"]["secret"]["secretName"] == "interposer-nats-worker"
+    assert {"name": "nats-credentials", "mountPath": "/etc/interposer/nats-worker", "readOnly": True} in \
+        container["volumeMounts"]
+    assert "--nats-creds" not in worker_pod_manifest(spec, _settings(), 1)["spec"]["containers"][0]["args"]
+
+
+def test_label_values_of_long_or_odd_ids_are_hashed() -> None:
+    assert label_value("pvc-0d6f6c1e") == "pvc-0d6f6c1e"
+    for odd in (EPHEMERAL_ID, "_starts-with-underscore", "ends-"):
+        hashed = label_value(odd)
+        assert len(hashed) == 41 and hashed.startswith("h") and hashed == label_value(odd)
+
+
+# ---------------------------------------------------------------------- through pods, on real FUSE
+
+
+class _Cluster:
+    """A NodeService with the Kubernetes launcher over the fake API, on real FUSE."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.backing = root / "claim-data"
+        self.backing.mkdir()
+        (root / "pod-logs").mkdir()
+        self.kubelet = FakeKubelet({"data": self.backing}, root / "pod-logs")
+        self.api = FakeCoreV1Api(self.kubelet)
+        self.api.add_pod({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": OWN_POD, "namespace": NAMESPACE, "uid": OWN_UID,
+                         "ownerReferences": [{**OWNER, "controller": True, "blockOwnerDeletion": True}]},
+            "spec": {
+                "initContainers": [{"name": "fuse-worker-image", "image": WORKER_IMAGE}],
+                "containers": [{"name": "csi-node", "image": "interposer-csi-node"}],
+            },
+        })
+        self.config = CsiNodeConfig(
+            endpoint=f"unix://{root}/csi.sock", node_id=NODE, state_dir=str(root / "state"),
+            mount_timeout_s=15.0, unmount_timeout_s=5.0, launcher="kubernetes",
+            pod_name=OWN_POD, pod_namespace=NAMESPACE, pod_start_timeout_s=15.0,
+        )
+        self.launcher = make_launcher(self.config, self.api)
+        self.store = StateStore(self.config.state_dir)
+        self.node = NodeService(self.config, self.launcher, self.store)
+        self.watcher = WorkerWatcher(self.node, self.launcher, self.store, mount_timeout_s=15.0)
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')}" for p in (self.root / "pod-logs").iterdir())
+
+
+@pytest.fixture
+def cluster() -> Iterator[_Cluster]:
+    root = Path(tempfile.mkdtemp(prefix="k8slaunch-", dir="/tmp"))
+    cluster = _Cluster(root)
+    try:
+        yield cluster
+    finally:
+        cluster.kubelet.kill_all()
+        for mountpoint in sorted(fuse_mounts_under(root), key=len, reverse=True):
+            subprocess.run(["umount", "-l", mountpoint], capture_output=True, check=False)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.fuse
+def test_publish_runs_a_worker_pod_over_the_claim_and_recovers_it(cluster: _Cluster) -> None:
+    require_fuse()
+    assert isinstance(cluster.launcher, KubernetesLauncher)
+    assert cluster.launcher.settings.image == WORKER_IMAGE  # read from its own pod's init container
+    assert cluster.launcher.settings.owner == OWNER  # its DaemonSet, from its own pod
+    target = cluster.root / "pods" / "p1" / "volumes" / "mount"
+    request = mounting_volume_request(
+        "pvc-1", target, None,
+        extra_context={"backingClaim": f"{NAMESPACE}/data", "csi.storage.k8s.io/pod.namespace": "app",
+                       "csi.storage.k8s.io/pod.name": "web-0"},
+    )
+    cluster.node.publish(request)
+    (pod,) = cluster.api.worker_pods()
+    _validate({k: v for k, v in pod.items() if k != "status"})
+    assert pod["metadata"]["labels"][LABEL_INCARNATION] == "1"
+    assert fuse_mounts_under(cluster.root) == {str(target): "fuse.interposer"}, cluster.logs()
+    (target / "f").write_text("via the worker pod")
+    assert (cluster.backing / "f").read_text() == "via the worker pod"
+    state = cluster.store.load("pvc-1")
+    assert state.worker_pid == 1 and state.backing_claim == "data" and state.backing_dir == ""
+
+    cluster.node.publish(request)  # idempotent: same pod, nothing created
+    assert [c[0] for c in cluster.api.calls].count("create_namespaced_pod") == 1
+
+    # The worker container dies: the watcher replaces the pod and the mount answers again.
+    cluster.kubelet.processes[pod["metadata"]["name"]].kill()
+    cluster.kubelet.processes[pod["metadata"]["name"]].wait()
+    assert cluster.watcher.restore_if_dead("pvc-1"), cluster.logs()
+    (new_pod,) = cluster.api.worker_pods()
+    assert new_pod["metadata"]["labels"][LABEL_INCARNATION] == "2"
+    assert (target / "f").read_text() == "via the worker pod"
+    assert cluster.store.load("pvc-1").restarts == 1
+    assert list(fuse_mounts_under(cluster.root)) == [str(target)]
+
+    # Someone deletes the pod (kubectl delete pod, node drain): recreated as incarnation 3.
+    cluster.api.delete_namespaced_pod(new_pod["metadata"]["name"], NAMESPACE, grace_period_seconds=0)
+    assert cluster.watcher.restore_if_dead("pvc-1"), cluster.logs()
+    (third_pod,) = cluster.api.worker_pods()
+    assert third_pod["metadata"]["labels"][LABEL_INCARNATION] == "3"
+    assert (target / "f").read_text() == "via the worker pod"
+
+    # A restarted csi-node (new launcher, same state dir) finds the running pod: nothing created.
+    creates = [c[0] for c in cluster.api.calls].count("create_namespaced_pod")
+    restarted = NodeService(cluster.config, make_launcher(cluster.config, cluster.api), cluster.store)
+    restarted.publish(request)
+    assert not cluster.watcher.restore_if_dead("pvc-1")
+    assert [c[0] for c in cluster.api.calls].count("create_namespaced_pod") == creates
+
+    handoff_dir = Path(cluster.config.state_dir) / "handoff" / "pvc-1"
+    assert handoff_dir.is_dir()
+    cluster.node.unpublish("pvc-1", str(target))
+    assert cluster.api.worker_pods() == []
+    assert not handoff_dir.exists()
+    assert fuse_mounts_under(cluster.root) == {}
+    assert not target.exists()
+    # Exactly the API surface the RBAC Role grants (tests/deploy pins the Role to the code).
+    assert {c[0] for c in cluster.api.calls} == {
+        "read_namespaced_pod", "list_namespaced_pod", "create_namespaced_pod", "delete_namespaced_pod"
+    }
+    assert all(c[1] == NAMESPACE for c in cluster.api.calls)
+
+
+@pytest.mark.fuse
+def test_a_refused_pod_leaves_nothing_mounted(cluster: _Cluster) -> None:
+    require_fuse()
+    cluster.api.fail_create = 403
+    target = cluster.root / "pods" / "p2" / "mount"
+    with pytest.raises(CsiError) as failed:
+        cluster.node.publish(mounting_volume_request("vol-x", target, None, extra_context={"backend": "memory"}))
+    assert failed.value.code == grpc.StatusCode.INTERNAL and "403" in failed.value.details
+    assert fuse_mounts_under(cluster.root) == {} and cluster.api.worker_pods() == []
+    assert cluster.store.load("vol-x") is None
+
+
+def test_backing_claims_must_be_in_the_worker_namespace(cluster: _Cluster, tmp_path: Path) -> None:
+    target = tmp_path / "t"
+    with pytest.raises(CsiError, match="only mount claims of its own namespace") as failed:
+        cluster.node.publish(mounting_volume_request("v", target, None, extra_context={"backingClaim": "other/data"}))
+    assert failed.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(CsiError, match="exclude each other"):
+        cluster.node.publish(mounting_volume_request("v", target, tmp_path, extra_context={"backingClaim": "data"}))
+    assert cluster.api.calls == [("read_namespaced_pod", NAMESPACE, OWN_POD)]  # validation calls no API
+
+
+def test_the_local_launcher_refuses_backing_claims(tmp_path: Path) -> None:
+    config = CsiNodeConfig(state_dir=str(tmp_path / "state"))
+    node = NodeService(config, make_launcher(config), StateStore(config.state_dir))
+    with pytest.raises(CsiError, match="needs the Kubernetes launcher") as failed:
+        node.publish(mounting_volume_request("v", tmp_path / "t", None, extra_context={"backingClaim": "data"}))
+    assert failed.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_standalone_csi_node_pod_owns_its_workers_itself() -> None:
+    api = FakeCoreV1Api()
+    api.add_pod({"metadata": {"name": "solo", "namespace": NAMESPACE, "uid": OWN_UID},
+                 "spec": {"containers": [{"name": "fuse-worker-image", "image": WORKER_IMAGE}]}})
+    assert read_own_pod(api, NAMESPACE, "solo", "fuse-worker-image") == (
+        {"apiVersion": "v1", "kind": "Pod", "name": "solo", "uid": OWN_UID}, WORKER_IMAGE
+    )
+    with pytest.raises(OSError, match="no container 'absent'"):
+        read_own_pod(api, NAMESPACE, "solo", "absent")
+    with pytest.raises(OSError, match="cannot read own pod"):
+        read_own_pod(api, NAMESPACE, "missing", "fuse-worker-image")
+
+
+def test_api_errors_become_os_errors_naming_the_call() -> None:
+    api = FakeCoreV1Api()
+    api.fail_create = 403
+    launcher = KubernetesLauncher(api, _settings())
+    with pytest.raises(OSError, match="cannot create pods"):
+        launcher._call("create", "x", api.create_namespaced_pod, NAMESPACE, {"metadata": {"name": "x"}})
+    assert launcher.is_running(1, "absent") is False  # 404 → gone
+    assert launcher.stop(1, "absent", 0.1) is True

@@ -1,0 +1,87 @@
+"""Worker heartbeats and fault records end to end: a real mount → NATS → a real collector's /metrics.
+
+Quota usage and limits, open files and worker health come from the heartbeat
+(``WorkerStatus``); ``interposer_fault_records_total`` from the fault records
+(``interposer.faults.<volume>``), which count short reads too.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import uuid
+from collections.abc import Callable
+
+import pytest
+from telemetry_helpers import Collector, wait_for
+
+from interposer.cli._metrics import scrape
+from interposer_testing import MountedVolume
+
+pytestmark = [pytest.mark.nats, pytest.mark.fuse]
+
+#: The quota of the test's policy.
+QUOTA_BYTES, QUOTA_INODES = 1 << 20, 50
+POLICY = {"layers": [
+    {"type": "quota", "bytes": QUOTA_BYTES, "inodes": QUOTA_INODES},
+    {"type": "fault", "errno": "EIO", "probability": 1.0, "ops": ["read"], "path_glob": "/bad"},
+    {"type": "fault", "kind": "short_read", "probability": 1.0, "ops": ["read"], "path_glob": "/short"},
+]}
+#: Failed reads of /bad the test makes.
+BAD_READS = 3
+
+
+def test_quota_open_files_fault_records_and_worker_up_reach_the_collector(
+        nats_url: str, mount_worker: Callable[..., MountedVolume], start_collector: Callable[..., Collector]) -> None:
+    collector = start_collector()
+    volume = f"wst-{uuid.uuid4().hex[:8]}"
+    vol = mount_worker(volume, nats_url=nats_url, policy=json.dumps(POLICY),
+                       extra=["--pod-namespace", "team-q", "--pod-name", "app-q"])
+    labels = {"volume": volume, "namespace": "team-q", "pod": "app-q"}
+    (vol.mountpoint / "a").write_bytes(b"a" * 10_000)
+    (vol.mountpoint / "bad").write_bytes(b"b" * 100)
+    (vol.mountpoint / "short").write_bytes(b"s" * 4096)
+    fd = os.open(vol.mountpoint / "bad", os.O_RDONLY)
+    for _ in range(BAD_READS):
+        with pytest.raises(OSError) as info:
+            os.pread(fd, 100, 0)
+        assert info.value.errno == errno.EIO
+    os.close(fd)
+    fd = os.open(vol.mountpoint / "short", os.O_RDONLY)
+    assert len(os.pread(fd, 4096, 0)) == 2048, "one short read (ratio 0.5)"
+    os.close(fd)
+    held = os.open(vol.mountpoint / "a", os.O_RDONLY)  # the one open file
+    try:
+        expected = {
+            "interposer_worker_up": 1, "interposer_open_files": 1,
+            "interposer_quota_used_bytes": 10_000 + 100 + 4096, "interposer_quota_limit_bytes": QUOTA_BYTES,
+            "interposer_quota_used_inodes": 3, "interposer_quota_limit_inodes": QUOTA_INODES,
+        }
+        seen: dict[str, float] = {}
+
+        def arrived() -> bool:
+            seen.update({name: collector.total(name, **labels) for name in expected})
+            seen["errno"] = collector.total("interposer_fault_records_total", op="read", kind="errno", errno="EIO",
+                                            **labels)
+            seen["short_read"] = collector.total("interposer_fault_records_total", op="read", kind="short_read",
+                                                 **labels)
+            return seen == {**expected, "errno": BAD_READS, "short_read": 1}
+
+        wait_for(arrived, what="heartbeat gauges and fault records in the collector", interval_s=0.3)
+        assert collector.total("interposer_injected_faults_total", op="read", errno="EIO", **labels) == BAD_READS
+    finally:
+        os.close(held)
+    wait_for(lambda: collector.total("interposer_open_files", **labels) == 0, what="the file to be released")
+    vol.unmount()
+
+    def down() -> bool:
+        return (collector.total("interposer_worker_up", **labels) == 0
+                and "interposer_quota_used_bytes" not in collector_names(collector, volume))
+
+    wait_for(down, what="the stopped worker to be reported down (3 missed heartbeats)", interval_s=0.3)
+
+
+def collector_names(collector: Collector, volume: str) -> set[str]:
+    """Names of the samples the collector exports for ``volume``."""
+    return {name for name, labels in scrape(collector.metrics_url) if ("volume", volume) in labels}
