@@ -12,7 +12,7 @@ import pytest
 from interposer_testing import require_fuse
 
 MIB = 1024 * 1024
-PHASE_SECONDS = 4
+PHASE_SECONDS = 5
 
 
 def _mounts_under(root: Path) -> list[str]:
