@@ -161,8 +161,9 @@ def up(state_dir: Path, nats_port: int, metrics_port: int, nats_tls_cert: str, n
                 type=click.Path(exists=True, file_okay=False))
 @click.option("--volume-id", default="default", show_default=True)
 @click.option("--nats-url", default="", help="NATS server for live policy and events (default: none).")
-@click.option("--nats-creds", default="", type=click.Path(dir_okay=False, exists=True),
-              help="NATS credentials file of the worker role (JSON: user, password, ca, cert, key).")
+@click.option("--nats-creds", default=None, type=click.Path(exists=True),
+              help="NATS credentials of the worker role: a JSON file (user, password, ca, cert, key) "
+                   "or a mounted Secret directory; default: anonymous.")
 @click.option("--policy-file", default="", type=click.Path(dir_okay=False), help="Initial JSON policy.")
 @click.option("--backend", default="passthrough", show_default=True,
               type=click.Choice(["passthrough", "memory", "null"]),
@@ -181,6 +182,7 @@ def mount(paths: tuple[str, ...], **flags: object) -> None:
     if wanted == 2:
         flags["backing_dir"] = paths[0]
     flags["mountpoint"] = paths[-1]
+    flags["nats_creds"] = flags["nats_creds"] or ""
     try:
         config = msgspec.convert(flags, WorkerConfig)
         connect_options(config.nats_creds)

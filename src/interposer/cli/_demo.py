@@ -10,6 +10,7 @@ op the worker served, so the collector's numbers for a phase are exact.
 from __future__ import annotations
 
 import asyncio
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -158,6 +159,7 @@ def run_phases(metrics_url: str, nats_url: str, volume: str, spec: FioSpec, phas
         revision = reply.revision or 0
         _wait_for(lambda: collector.applied_revision() >= revision,
                   f"the worker to apply policy revision {revision}")
+        os.sync()  # every phase starts with no dirty pages of the last one still being written back
         before = collector.wait_settled()
         fio = run_fio(spec, phase_seconds)
         assert fio is not None

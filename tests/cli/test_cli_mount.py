@@ -1,0 +1,61 @@
+"""`interposer mount`, the building block users start by hand, on a real FUSE mount."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from interposer_testing import is_fuse_mount, require_fuse, wait_until
+
+
+def _mount(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "wb") as out:
+        return subprocess.Popen([sys.executable, "-m", "interposer.cli", "mount", *args], stdout=out,
+                                stderr=subprocess.STDOUT)
+
+
+def test_mount_serves_a_backing_dir_until_unmounted(tmp_path: Path) -> None:
+    require_fuse()
+    backing, mnt = tmp_path / "backing", tmp_path / "mnt"
+    backing.mkdir()
+    mnt.mkdir()
+    proc = _mount([str(backing), str(mnt), "--volume-id", "cli"], tmp_path / "mount.log")
+    try:
+        wait_until(lambda: is_fuse_mount(mnt) or proc.poll() is not None, "the mount")
+        assert proc.poll() is None, (tmp_path / "mount.log").read_text()
+        (mnt / "hello.txt").write_text("hi")
+        assert (backing / "hello.txt").read_text() == "hi"
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
+    assert proc.wait(10) == 0
+    assert not is_fuse_mount(mnt)
+
+
+def test_mount_memory_backend_takes_only_a_mountpoint(tmp_path: Path) -> None:
+    require_fuse()
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    proc = _mount(["--backend", "memory", str(mnt)], tmp_path / "mount.log")
+    try:
+        wait_until(lambda: is_fuse_mount(mnt) or proc.poll() is not None, "the mount")
+        (mnt / "f").write_bytes(b"x" * 100)
+        assert (mnt / "f").stat().st_size == 100
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
+    assert proc.wait(10) == 0
+
+
+def test_mount_rejects_a_bad_policy_file_before_mounting(tmp_path: Path) -> None:
+    require_fuse()
+    backing, mnt = tmp_path / "backing", tmp_path / "mnt"
+    backing.mkdir()
+    mnt.mkdir()
+    policy = tmp_path / "policy.json"
+    policy.write_text('{"layers": [{"type": "fault", "probability": 3}]}')
+    result = subprocess.run([sys.executable, "-m", "interposer.cli", "mount", str(backing), str(mnt),
+                             "--policy-file", str(policy)], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "$.layers[0].probability" in result.stderr
+    time.sleep(0.2)
+    assert not is_fuse_mount(mnt)
