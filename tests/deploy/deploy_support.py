@@ -17,7 +17,10 @@ SKAFFOLD_SCHEMA = REPO_ROOT.parent / "shared" / "schemas" / "skaffold-v4beta13.j
 KUBERNETES_VERSION = "1.33"
 NAMESPACE = "interposer-system"
 #: Every kustomization a user may apply, relative to the repository root.
-KUSTOMIZATIONS = ("deploy/base", "deploy/overlays/dev", "deploy/overlays/monitoring", "deploy/examples")
+KUSTOMIZATIONS = (
+    "deploy/base", "deploy/overlays/dev", "deploy/overlays/monitoring", "deploy/examples",
+    "deploy/examples/stacked-pvc", "deploy/examples/minio-warp",
+)
 #: Python package of each service (``python -m interposer.<package>``), by folder under services/.
 SERVICES = {
     "csi-node": "csi_node",

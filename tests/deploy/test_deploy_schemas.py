@@ -28,6 +28,8 @@ REQUIRED_KINDS = {
     "deploy/overlays/dev": {"CSIDriver", "DaemonSet", "StatefulSet", "Deployment"},
     "deploy/overlays/monitoring": {"CSIDriver", "DaemonSet", "StatefulSet", "Deployment", "ConfigMap"},
     "deploy/examples": {"Pod"},
+    "deploy/examples/stacked-pvc": {"StorageClass", "PersistentVolumeClaim", "Job"},
+    "deploy/examples/minio-warp": {"PersistentVolumeClaim", "Deployment", "Service", "Job", "Secret"},
 }
 CLUSTER_SCOPED = {"Namespace", "CSIDriver", "StorageClass", "ClusterRole", "ClusterRoleBinding"}
 
