@@ -17,8 +17,10 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import socket
 import sys
+import tempfile
 import urllib.request
 from pathlib import Path
 
@@ -32,6 +34,8 @@ log = logging.getLogger(__name__)
 
 #: File in the state dir that records a running stack's endpoints.
 STACK_FILE = "stack.json"
+#: Longest unix socket path, bytes (``sun_path`` is 108 bytes with its NUL; unix(7)).
+MAX_UNIX_SOCKET_PATH_BYTES = 107
 #: Volume id the readiness probe asks the policy service about.
 PROBE_VOLUME = "_probe"
 
@@ -116,6 +120,7 @@ class EmbeddedStack:
         self.node_id = node_id or socket.gethostname()
         self.children: list[Child] = []
         self.endpoints: StackEndpoints | None = None
+        self._short_socket_dir: Path | None = None
 
     def _python(self, name: str, module: str, *args: str) -> Child:
         child = Child(name, [sys.executable, "-m", module, *args], self.state_dir / "logs" / f"{name}.log")
@@ -146,8 +151,7 @@ class EmbeddedStack:
                 f"http://127.0.0.1:{port_file.read_text().strip()}/metrics"))
             metrics_url = f"http://127.0.0.1:{port_file.read_text().strip()}/metrics"
 
-            socket_path = self.state_dir / "csi" / "csi.sock"
-            socket_path.parent.mkdir(parents=True, exist_ok=True)
+            socket_path = self._csi_socket_path()
             csi_endpoint = f"unix://{socket_path}"
             csi = self._python("csi-node", "interposer.csi_node", "--endpoint", csi_endpoint,
                                "--nodeid", self.node_id, "--state-dir", str(self.state_dir / "csi"),
@@ -163,12 +167,28 @@ class EmbeddedStack:
         os.replace(tmp, self.state_dir / STACK_FILE)
         return self.endpoints
 
+    def _csi_socket_path(self) -> Path:
+        """``<state>/csi/csi.sock``, or a short temp dir when that path is too long.
+
+        A unix socket path holds at most 107 bytes (``sun_path``, unix(7)); a deep
+        state dir (e.g. a test's tmp dir) would make the csi-node fail to bind.
+        """
+        socket_path = self.state_dir / "csi" / "csi.sock"
+        if len(os.fsencode(socket_path)) > MAX_UNIX_SOCKET_PATH_BYTES:
+            self._short_socket_dir = Path(tempfile.mkdtemp(prefix="interposer-csi-"))
+            socket_path = self._short_socket_dir / "csi.sock"
+        socket_path.parent.mkdir(parents=True, exist_ok=True)
+        return socket_path
+
     def stop(self) -> None:
         """Stop every service, newest first. Safe to repeat."""
         (self.state_dir / STACK_FILE).unlink(missing_ok=True)
         for child in reversed(self.children):
             child.stop()
         self.children.clear()
+        if self._short_socket_dir is not None:
+            shutil.rmtree(self._short_socket_dir, ignore_errors=True)
+            self._short_socket_dir = None
 
     def __enter__(self) -> StackEndpoints:
         return self.start()
