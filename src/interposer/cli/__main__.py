@@ -121,11 +121,11 @@ def demo(phase_seconds: float, as_json: bool, work_dir: Path | None) -> None:
               show_default=True)
 @click.option("--nats-port", type=int, default=4222, show_default=True, help="0 picks a free port.")
 @click.option("--metrics-port", type=int, default=9464, show_default=True, help="0 picks a free port.")
-@click.option("--nats-tls-cert", default="", type=click.Path(dir_okay=False, exists=True),
+@click.option("--nats-tls-cert", default=None, type=click.Path(dir_okay=False, exists=True),
               help="Serve NATS over TLS with this certificate (PEM); needs --nats-tls-key and --nats-tls-ca.")
-@click.option("--nats-tls-key", default="", type=click.Path(dir_okay=False, exists=True),
+@click.option("--nats-tls-key", default=None, type=click.Path(dir_okay=False, exists=True),
               help="Private key (PEM) of --nats-tls-cert.")
-@click.option("--nats-tls-ca", default="", type=click.Path(dir_okay=False, exists=True),
+@click.option("--nats-tls-ca", default=None, type=click.Path(dir_okay=False, exists=True),
               help="CA (PEM) that signed --nats-tls-cert; written into every credentials file.")
 def up(state_dir: Path, nats_port: int, metrics_port: int, nats_tls_cert: str, nats_tls_key: str,
        nats_tls_ca: str) -> None:
@@ -134,6 +134,7 @@ def up(state_dir: Path, nats_port: int, metrics_port: int, nats_tls_cert: str, n
     NATS refuses anonymous connections: each role's credentials are in
     STATE_DIR/credentials/ (mode 0600); `interposer policy` uses the `user` file.
     """
+    nats_tls_cert, nats_tls_key, nats_tls_ca = nats_tls_cert or "", nats_tls_key or "", nats_tls_ca or ""
     if nats_tls_cert and not (nats_tls_key and nats_tls_ca):
         raise click.UsageError("--nats-tls-cert needs --nats-tls-key and --nats-tls-ca")
     _sigterm_as_interrupt()
