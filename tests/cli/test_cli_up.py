@@ -8,6 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import grpc
+import pytest
+from interposer.cli._stack import EmbeddedStack
+from interposer.csi_node._config import DRIVER_NAME, MAX_GRPC_UNIX_SOCKET_PATH_BYTES, socket_path_of
+from interposer.proto.csi import csi_pb2, csi_pb2_grpc
 from interposer_testing import wait_until
 
 
@@ -29,3 +34,28 @@ def test_up_runs_the_stack_until_sigterm(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
     assert not (state / "stack.json").exists()
+
+
+def test_stack_starts_when_the_state_dir_is_too_deep_for_a_socket(tmp_path: Path) -> None:
+    """A state dir whose ``csi/csi.sock`` is 106 bytes (one past what grpcio binds) still works.
+
+    CI hit this: pytest's tmp dir for a long test name made the csi-node fail to bind.
+    """
+    suffix, failing_length = "/csi/csi.sock", 106  # the length of the socket path CI failed on
+    state = tmp_path / ("s" * (failing_length - len(str(tmp_path)) - len("/") - len(suffix)))
+    assert len(str(state) + suffix) == failing_length
+    stack = EmbeddedStack(state, metrics_port=0)
+    with stack as endpoints:
+        socket_path = endpoints.csi_endpoint[len("unix://"):]
+        assert len(socket_path) <= MAX_GRPC_UNIX_SOCKET_PATH_BYTES
+        with grpc.insecure_channel(endpoints.csi_endpoint) as channel:
+            info = csi_pb2_grpc.IdentityStub(channel).GetPluginInfo(csi_pb2.GetPluginInfoRequest(), timeout=10)
+        assert info.name == DRIVER_NAME
+    assert not Path(socket_path).parent.exists(), "the short socket dir outlived the stack"
+
+
+def test_csi_node_refuses_an_endpoint_longer_than_grpc_binds() -> None:
+    fits = "/" + "a" * (MAX_GRPC_UNIX_SOCKET_PATH_BYTES - 1)
+    assert socket_path_of(f"unix://{fits}") == fits
+    with pytest.raises(ValueError, match="106 bytes, longer than the 105"):
+        socket_path_of(f"unix://{fits}b")

@@ -25,6 +25,7 @@ import urllib.request
 from pathlib import Path
 
 import msgspec
+from interposer.csi_node._config import MAX_GRPC_UNIX_SOCKET_PATH_BYTES
 
 from ._auth import ensure_credentials, write_server_config
 from ._policy_client import PolicyClientError, get_policy
@@ -34,8 +35,6 @@ log = logging.getLogger(__name__)
 
 #: File in the state dir that records a running stack's endpoints.
 STACK_FILE = "stack.json"
-#: Longest unix socket path, bytes (``sun_path`` is 108 bytes with its NUL; unix(7)).
-MAX_UNIX_SOCKET_PATH_BYTES = 107
 #: Volume id the readiness probe asks the policy service about.
 PROBE_VOLUME = "_probe"
 
@@ -170,11 +169,12 @@ class EmbeddedStack:
     def _csi_socket_path(self) -> Path:
         """``<state>/csi/csi.sock``, or a short temp dir when that path is too long.
 
-        A unix socket path holds at most 107 bytes (``sun_path``, unix(7)); a deep
+        gRPC binds a unix socket path of at most 105 bytes (``sun_path`` is 108 with
+        its NUL, unix(7), and grpcio keeps a margin); a deep
         state dir (e.g. a test's tmp dir) would make the csi-node fail to bind.
         """
         socket_path = self.state_dir / "csi" / "csi.sock"
-        if len(os.fsencode(socket_path)) > MAX_UNIX_SOCKET_PATH_BYTES:
+        if len(os.fsencode(socket_path)) > MAX_GRPC_UNIX_SOCKET_PATH_BYTES:
             self._short_socket_dir = Path(tempfile.mkdtemp(prefix="interposer-csi-"))
             socket_path = self._short_socket_dir / "csi.sock"
         socket_path.parent.mkdir(parents=True, exist_ok=True)

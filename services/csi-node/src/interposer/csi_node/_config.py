@@ -14,6 +14,10 @@ DRIVER_NAME = "fs.interposer.io"
 
 #: Where kubelet's node-driver-registrar looks for plugin sockets by convention.
 DEFAULT_ENDPOINT = f"unix:///var/lib/kubelet/plugins/{DRIVER_NAME}/csi.sock"
+#: Longest unix socket path grpcio binds, bytes. ``sun_path`` holds 107 bytes plus
+#: its NUL (unix(7)), but grpcio 1.85 refuses paths of 106 bytes and more (measured:
+#: 105 binds, 106 fails with "Path name should not have more than 107 characters").
+MAX_GRPC_UNIX_SOCKET_PATH_BYTES = 105
 #: Per-volume state, policy files and worker logs.
 DEFAULT_STATE_DIR = "/var/lib/interposer/csi-node"
 #: How long NodePublishVolume waits for a new worker's mount to answer, seconds.
@@ -123,7 +127,8 @@ def socket_path_of(endpoint: str) -> str:
         The absolute socket path.
 
     Raises:
-        ValueError: not a unix endpoint, or the path is not absolute.
+        ValueError: not a unix endpoint, the path is not absolute, or it is longer
+            than ``MAX_GRPC_UNIX_SOCKET_PATH_BYTES``.
     """
     if endpoint.startswith("unix://"):
         path = endpoint[len("unix://") :]
@@ -133,4 +138,7 @@ def socket_path_of(endpoint: str) -> str:
         raise ValueError(f"endpoint {endpoint!r} is not a unix socket (expected unix:///path/csi.sock)")
     if not path.startswith("/"):
         raise ValueError(f"endpoint {endpoint!r}: socket path must be absolute")
+    if len(path.encode()) > MAX_GRPC_UNIX_SOCKET_PATH_BYTES:
+        raise ValueError(f"endpoint {endpoint!r}: socket path is {len(path.encode())} bytes, "
+                         f"longer than the {MAX_GRPC_UNIX_SOCKET_PATH_BYTES} a unix socket allows")
     return path
