@@ -37,8 +37,15 @@ MAX_CREDENTIALS_BYTES = 64 * 1024
 #: File names in a credentials directory (Kubernetes basic-auth and TLS Secret keys) → field.
 SECRET_DIR_FILES = {"username": "user", "password": "password", "ca.crt": "ca", "tls.crt": "cert",
                     "tls.key": "key"}
+#: The NATS users, one per role (their permissions: ``interposer.cli._auth.PERMISSIONS``).
+NATS_ROLES = ("worker", "policy", "collector", "user")
 #: Of those, the ones whose contents (not path) are the value.
 _SECRET_DIR_VALUES = frozenset({"username", "password"})
+
+
+def nats_secret_name(role: str) -> str:
+    """Name of the ``kubernetes.io/basic-auth`` Secret holding ``role``'s NATS password in a cluster."""
+    return f"interposer-nats-{role}"
 
 
 class CredentialsError(ValueError):

@@ -40,6 +40,7 @@ from typing import Any
 
 import msgspec
 import msgspec.structs
+from interposer.proto.connection import nats_secret_name
 
 from ._fuse_fd import FdHandoff, handoff_name, mount_fuse_fd
 from ._launcher import WorkerSpec
@@ -57,7 +58,7 @@ POD_BACKING_DIR = "/backing"
 #: Where a worker pod mounts the worker role's NATS credentials Secret (``--nats-creds``).
 POD_NATS_CREDS_DIR = "/etc/interposer/nats-worker"
 #: The worker role's ``kubernetes.io/basic-auth`` Secret (deploy/base, docs/policy.md).
-DEFAULT_NATS_CREDS_SECRET = "interposer-nats-worker"
+DEFAULT_NATS_CREDS_SECRET = nats_secret_name("worker")
 #: The handoff socket's name inside a volume's handoff directory.
 HANDOFF_SOCKET_NAME = "fuse.sock"
 #: The initial policy's name inside a volume's handoff directory.

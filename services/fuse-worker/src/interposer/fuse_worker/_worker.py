@@ -19,7 +19,7 @@ from ._adapter import InterposerOperations
 from ._bus import Bus
 from ._config import WorkerConfig
 from ._expiry import expire_layers
-from ._telemetry import Telemetry, quota_usage
+from ._telemetry import DEFAULT_FAULT_BUFFER, Telemetry, quota_usage
 from .backends import Backend, MemoryBackend, NullBackend, PassthroughBackend
 from .layers import QuotaContext, Usage, walk_usage
 
@@ -144,8 +144,12 @@ async def serve(config: WorkerConfig) -> None:
     os.umask(0)  # modes from the kernel already carry the caller's umask
     _raise_fd_limit()
     backend = make_backend(config)
-    telemetry = Telemetry(config.event_buffer, config.event_sampling, enabled=config.events,
-                          volume=config.volume_id, namespace=config.pod_namespace, pod=config.pod_name)
+    # Without a bus nothing drains the buffers: recording events would only fill them
+    # (up to ~25 MB of OpEvents) and then count drops. Counters still run.
+    has_bus = bool(config.nats_url)
+    telemetry = Telemetry(config.event_buffer, config.event_sampling, enabled=config.events and has_bus,
+                          volume=config.volume_id, namespace=config.pod_namespace, pod=config.pod_name,
+                          fault_capacity=DEFAULT_FAULT_BUFFER if has_bus else 0)
     operations = InterposerOperations(backend, telemetry, policy, quota=quota_context(backend, config.backing_dir))
     bus: Bus | None = None
     if config.nats_url:
