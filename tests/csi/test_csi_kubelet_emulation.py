@@ -134,6 +134,8 @@ def check_pod_info_reached_the_worker(csi_node: CsiNode, volume_id: str) -> dict
     argv = state["worker_argv"]
     assert argv[argv.index("--pod-namespace") + 1] == POD["namespace"]
     assert argv[argv.index("--pod-name") + 1] == POD["name"]
+    assert argv[argv.index("--pod-uid") + 1] == POD["uid"]
+    assert argv[argv.index("--service-account") + 1] == POD["sa"]
     assert (state["pod_uid"], state["service_account"]) == (POD["uid"], POD["sa"])
     return state
 

@@ -187,7 +187,8 @@ def test_publish_runs_a_worker_pod_over_the_claim_and_recovers_it(cluster: _Clus
     request = mounting_volume_request(
         "pvc-1", target, None,
         extra_context={"backingClaim": f"{NAMESPACE}/data", "csi.storage.k8s.io/pod.namespace": "app",
-                       "csi.storage.k8s.io/pod.name": "web-0"},
+                       "csi.storage.k8s.io/pod.name": "web-0", "csi.storage.k8s.io/pod.uid": "uid-1",
+                       "csi.storage.k8s.io/serviceAccount.name": "web"},
     )
     cluster.node.publish(request)
     (pod,) = cluster.api.worker_pods()
@@ -208,6 +209,10 @@ def test_publish_runs_a_worker_pod_over_the_claim_and_recovers_it(cluster: _Clus
     assert cluster.watcher.restore_if_dead("pvc-1"), cluster.logs()
     (new_pod,) = cluster.api.worker_pods()
     assert new_pod["metadata"]["labels"][LABEL_INCARNATION] == "2"
+    for worker in (pod, new_pod):  # the replacement labels its telemetry with the same pod
+        args = worker["spec"]["containers"][0]["args"]
+        assert [args[args.index(flag) + 1] for flag in ("--pod-namespace", "--pod-name", "--pod-uid",
+                                                         "--service-account")] == ["app", "web-0", "uid-1", "web"]
     assert (target / "f").read_text() == "via the worker pod"
     assert cluster.store.load("pvc-1").restarts == 1
     assert list(fuse_mounts_under(cluster.root)) == [str(target)]

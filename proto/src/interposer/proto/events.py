@@ -71,6 +71,7 @@ class EventBatch(msgspec.Struct):
         pod: name of that pod, ``""`` if unknown.
         sampled_out_total: ops this worker served but, by its event sampling rules,
             did not turn into events, so far (counted in ``WorkerStatus.ops_total``).
+        pod_uid: uid of the pod using the volume (``k8s.pod.uid``), ``""`` if unknown.
     """
 
     volume: str
@@ -81,6 +82,7 @@ class EventBatch(msgspec.Struct):
     namespace: str = ""
     pod: str = ""
     sampled_out_total: int = 0
+    pod_uid: str = ""
 
 
 class WorkerStatus(msgspec.Struct):
@@ -110,6 +112,8 @@ class WorkerStatus(msgspec.Struct):
         quota_inodes_used: files, directories and links the quota layer counts in
             use; ``None`` when no quota layer is in force.
         quota_inodes_limit: the inode limit of the quota in force; ``None`` = none.
+        pod_uid: uid of the pod using the volume, ``""`` if unknown.
+        service_account: that pod's ServiceAccount name, ``""`` if unknown.
     """
 
     volume: str
@@ -131,6 +135,8 @@ class WorkerStatus(msgspec.Struct):
     quota_bytes_limit: int | None = None
     quota_inodes_used: int | None = None
     quota_inodes_limit: int | None = None
+    pod_uid: str = ""
+    service_account: str = ""
 
 
 class FaultRecord(msgspec.Struct, kw_only=True):

@@ -209,6 +209,8 @@ def worker_pod_manifest(spec: WorkerSpec, settings: WorkerPodSettings, incarnati
         ("--policy-file", f"{POD_HANDOFF_DIR}/{HANDOFF_POLICY_NAME}" if spec.policy_file else ""),
         ("--pod-namespace", spec.pod_namespace),
         ("--pod-name", spec.pod_name),
+        ("--pod-uid", spec.pod_uid),
+        ("--service-account", spec.service_account),
         ("--node-name", settings.node_name),
         ("--nats-creds", POD_NATS_CREDS_DIR if settings.nats_creds_secret else ""),
     )
@@ -335,17 +337,7 @@ class KubernetesLauncher:
             OSError: as :meth:`start`.
         """
         self._delete_pod(worker_pod_name(self.settings.node_name, state.volume_id, state.worker_pid), grace_s=0)
-        spec = WorkerSpec(
-            volume_id=state.volume_id,
-            backing_dir=state.backing_dir,
-            backing_claim=state.backing_claim,
-            backend=state.backend,
-            mountpoint=state.target_path,
-            policy_file=state.policy_file,
-            pod_namespace=state.pod_namespace,
-            pod_name=state.pod_name,
-            read_only=state.readonly,
-        )
+        spec = WorkerSpec.of_volume(state, policy_file=state.policy_file)
         return self._launch(spec, state.worker_pid + 1)
 
     def _launch(self, spec: WorkerSpec, incarnation: int) -> int:

@@ -21,7 +21,7 @@ import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import msgspec
 import msgspec.structs
@@ -54,6 +54,8 @@ class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
         policy_file: JSON policy file; empty = not passed.
         pod_namespace: namespace of the pod the volume is for; empty = unknown.
         pod_name: name of that pod; empty = unknown.
+        pod_uid: uid of that pod; empty = unknown.
+        service_account: that pod's ServiceAccount name; empty = unknown.
         node_name: the node id (for selector policies); empty = not passed.
         read_only: mount read-only.
         fuse_fd_socket: the csi-node socket the worker receives its mounted FUSE fd
@@ -71,10 +73,29 @@ class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
     policy_file: str = ""
     pod_namespace: str = ""
     pod_name: str = ""
+    pod_uid: str = ""
+    service_account: str = ""
     node_name: str = ""
     read_only: bool = False
     fuse_fd_socket: str = ""
     backing_claim: str = ""
+
+    @classmethod
+    def of_volume(cls, volume: Any, **settings: Any) -> WorkerSpec:
+        """The spec of a volume being published (a publish plan) or restored (a ``VolumeState``).
+
+        Args:
+            volume: anything with ``volume_id``, ``backing_dir``, ``backing_claim``,
+                ``backend``, ``target_path``, ``readonly`` and the pod fields
+                (``pod_namespace``, ``pod_name``, ``pod_uid``, ``service_account``).
+            settings: the remaining fields (``nats_url``, ``policy_file``…).
+        """
+        return cls(
+            volume_id=volume.volume_id, backing_dir=volume.backing_dir, backing_claim=volume.backing_claim,
+            backend=volume.backend, mountpoint=volume.target_path, read_only=volume.readonly,
+            pod_namespace=volume.pod_namespace, pod_name=volume.pod_name, pod_uid=volume.pod_uid,
+            service_account=volume.service_account, **settings,
+        )
 
     def arguments(self) -> list[str]:
         """Return the worker flags for this spec (without the command itself)."""
@@ -90,6 +111,8 @@ class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
             ("--policy-file", self.policy_file),
             ("--pod-namespace", self.pod_namespace),
             ("--pod-name", self.pod_name),
+            ("--pod-uid", self.pod_uid),
+            ("--service-account", self.service_account),
             ("--node-name", self.node_name),
             ("--fuse-fd-socket", self.fuse_fd_socket),
         )

@@ -476,20 +476,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             policy_path = self._store.policy_path(plan.volume_id)
             write_atomically(policy_path, plan.policy_json)
             policy_file = str(policy_path)
-        spec = WorkerSpec(
-            volume_id=plan.volume_id,
-            backing_dir=plan.backing_dir,
-            backing_claim=plan.backing_claim,
-            backend=plan.backend,
-            mountpoint=plan.target_path,
-            nats_url=self._config.nats_url,
-            nats_creds=self._config.nats_creds,
-            policy_file=policy_file,
-            pod_namespace=plan.pod_namespace,
-            pod_name=plan.pod_name,
-            node_name=self._config.node_id,
-            read_only=plan.readonly,
-        )
+        spec = WorkerSpec.of_volume(plan, nats_url=self._config.nats_url, nats_creds=self._config.nats_creds,
+                                    policy_file=policy_file, node_name=self._config.node_id)
         log_path = self._store.log_path(plan.volume_id)
         try:
             pid = self._launcher.start(spec, log_path)

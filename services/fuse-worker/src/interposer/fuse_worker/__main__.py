@@ -37,6 +37,8 @@ from ._worker import run
               help="Most bytes of file contents the memory backend holds (ENOSPC beyond); statfs size of memory/null.")
 @click.option("--pod-namespace", default="", help="Namespace of the pod using the volume.")
 @click.option("--pod-name", default="", help="Name of the pod using the volume.")
+@click.option("--pod-uid", default="", help="Uid of the pod using the volume (csi.storage.k8s.io/pod.uid).")
+@click.option("--service-account", default="", help="ServiceAccount of that pod (csi.storage.k8s.io/serviceAccount.name).")
 @click.option("--node-name", default="", help="Node this worker runs on (for selector policies).")
 @click.option("--read-only", is_flag=True, help="Mount read-only.")
 @click.option("--policy-wait", "policy_wait_s", type=float, default=DEFAULT_POLICY_WAIT_S, show_default=True,

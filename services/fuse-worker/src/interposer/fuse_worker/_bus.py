@@ -255,7 +255,7 @@ class Bus:
             volume=self.config.volume_id, worker_id=self.worker_id, seq=self._seq + 1, events=list(events),
             dropped_total=self.telemetry.events_dropped_total,
             namespace=self.config.pod_namespace, pod=self.config.pod_name,
-            sampled_out_total=self.telemetry.sampled_out_total,
+            sampled_out_total=self.telemetry.sampled_out_total, pod_uid=self.config.pod_uid,
         ))
 
     async def _publish_events(self, nc: nats.NATS) -> None:
@@ -316,6 +316,7 @@ class Bus:
             quota_bytes_limit=quota.bytes_limit if quota else None,
             quota_inodes_used=quota.inodes_used if quota else None,
             quota_inodes_limit=quota.inodes_limit if quota else None,
+            pod_uid=self.config.pod_uid, service_account=self.config.service_account,
         ))
 
     async def _status_loop(self, nc: nats.NATS) -> None:

@@ -114,6 +114,8 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
         policy_file: JSON policy applied before the first request; ``""`` = none.
         pod_namespace: namespace of the pod using the volume (labels telemetry).
         pod_name: name of that pod.
+        pod_uid: uid of that pod (worker heartbeats and event batches carry it).
+        service_account: that pod's ServiceAccount name (heartbeats carry it).
         node_name: the node this worker runs on (the csi-node's node id); matched
             by selector policies with a ``node`` (``""`` = unknown, never matches).
         read_only: mount read-only (writes fail with EROFS in the kernel).
@@ -151,6 +153,8 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     policy_file: str = ""
     pod_namespace: str = ""
     pod_name: str = ""
+    pod_uid: str = ""
+    service_account: str = ""
     node_name: str = ""
     read_only: bool = False
     allow_other: bool = True
