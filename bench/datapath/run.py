@@ -99,9 +99,10 @@ def tests(size: str, runtime_s: float) -> list[Test]:
 class Mount:
     """A worker process serving ``backing`` at ``mountpoint``."""
 
-    def __init__(self, backing: Path, mountpoint: Path, policy: str | None, work: Path) -> None:
+    def __init__(self, backing: Path, mountpoint: Path, policy: str | None, work: Path,
+                 extra: tuple[str, ...] = ()) -> None:
         argv = [sys.executable, "-m", "interposer.fuse_worker", "--backing-dir", str(backing),
-                "--mountpoint", str(mountpoint), "--volume-id", "bench", "--log-level", "WARNING"]
+                "--mountpoint", str(mountpoint), "--volume-id", "bench", "--log-level", "WARNING", *extra]
         if policy:
             (work / "policy.json").write_text(policy)
             argv += ["--policy-file", str(work / "policy.json")]
@@ -144,12 +145,14 @@ def main(quick: bool, repeat: int, as_json: bool, base: Path | None) -> None:
         raise click.ClickException("fio is not installed (make setup)")
     size, runtime_s, meta_s = ("64M", 1.0, 1.0) if quick else ("1G", 10.0, 10.0)
     repeat = 1 if quick else repeat
-    variants = [("native", None), ("passthrough", ""), ("+ no-op layers", NOOP_LAYERS)]
+    # (name, policy or None for the bare directory, extra worker flags)
+    variants = [("native", None, ()), ("passthrough, pyfuse3 loop", "", ("--session-loop", "pyfuse3")),
+                ("passthrough", "", ()), ("+ no-op layers", NOOP_LAYERS, ())]
     results: dict[str, dict[str, float]] = {}
     extras: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="interposer-bench-", dir=base) as tmp:
         work = Path(tmp)
-        for variant, policy in variants:
+        for variant, policy, extra in variants:
             backing = work / f"backing-{len(results)}"
             backing.mkdir()
             mount = None
@@ -157,7 +160,7 @@ def main(quick: bool, repeat: int, as_json: bool, base: Path | None) -> None:
             if policy is not None:
                 mnt = work / f"mnt-{len(results)}"
                 mnt.mkdir()
-                mount = Mount(backing, mnt, policy or None, work)
+                mount = Mount(backing, mnt, policy or None, work, extra)
                 target = mnt
             row: dict[str, float] = {}
             try:
@@ -179,12 +182,12 @@ def main(quick: bool, repeat: int, as_json: bool, base: Path | None) -> None:
         click.echo(json.dumps({"machine": machine(), "results": results, "worker": extras}, indent=2))
         return
     click.echo(f"machine: {machine()}; size {size}, runtime {runtime_s:g} s, median of {repeat}")
-    header = "| test | native | " + " | ".join(v for v, _ in variants[1:]) + " |"
+    header = "| test | native | " + " | ".join(v for v, _, _ in variants[1:]) + " |"
     click.echo(header)
     click.echo("|---" * (len(variants) + 1) + "|")
     for name, unit in units.items():
         native = results["native"][name]
-        cells = [f"{results[v][name]:,.0f} ({results[v][name] / native:.2f})" for v, _ in variants[1:]]
+        cells = [f"{results[v][name]:,.0f} ({results[v][name] / native:.2f})" for v, _, _ in variants[1:]]
         click.echo(f"| {name} ({unit}) | {native:,.0f} | " + " | ".join(cells) + " |")
     for variant, values in extras.items():
         click.echo(f"{variant}: " + ", ".join(f"{k} {v:.2f}" for k, v in values.items()))

@@ -139,9 +139,10 @@ def test_initial_policy_file_injects_faults_only_where_it_says(mount_worker) -> 
     assert (vol.backing / "bad.txt").read_text() == "unreadable"
 
 
-def test_a_delayed_read_does_not_block_other_requests(mount_worker) -> None:
+@pytest.mark.parametrize("session_loop", ["lean", "pyfuse3"])
+def test_a_delayed_read_does_not_block_other_requests(mount_worker, session_loop: str) -> None:
     policy = '{"layers": [{"type": "delay", "delay_s": 3, "ops": ["read"], "path_glob": "/slow"}]}'
-    vol = mount_worker(policy=policy)
+    vol = mount_worker(policy=policy, extra=["--session-loop", session_loop])
     (vol.mountpoint / "slow").write_text("s")
     (vol.mountpoint / "fast").write_text("f")
     slow_done = threading.Event()
@@ -164,3 +165,4 @@ def test_a_delayed_read_does_not_block_other_requests(mount_worker) -> None:
     assert not slow_done.is_set(), "the fast reads should finish while the slow read is still delayed"
     thread.join()
     assert time.monotonic() - started >= 3
+

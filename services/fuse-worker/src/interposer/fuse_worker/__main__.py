@@ -41,6 +41,8 @@ from ._worker import run
 @click.option("--service-account", default="", help="ServiceAccount of that pod (csi.storage.k8s.io/serviceAccount.name).")
 @click.option("--node-name", default="", help="Node this worker runs on (for selector policies).")
 @click.option("--read-only", is_flag=True, help="Mount read-only.")
+@click.option("--session-loop", type=click.Choice(["lean", "pyfuse3"]), default="lean", show_default=True,
+              help="FUSE request loop: pyfuse3's on leaner primitives, or pyfuse3's own (for comparison).")
 @click.option("--policy-wait", "policy_wait_s", type=float, default=DEFAULT_POLICY_WAIT_S, show_default=True,
               help="With --nats-url: seconds to wait for the stored policy before mounting.")
 @click.option("--on-bus-unreachable", type=click.Choice(["passthrough", "refuse"]),

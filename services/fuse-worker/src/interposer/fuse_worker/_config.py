@@ -124,6 +124,9 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
         entry_timeout_s: kernel cache time of name lookups, seconds.
         attr_timeout_s: kernel cache time of attributes, seconds.
         max_tasks: most FUSE requests served concurrently (pyfuse3 worker tasks).
+        session_loop: ``lean`` (default) runs pyfuse3's request loop on the leaner
+            primitives of ``_session_loop`` (fewer scheduling rounds per request);
+            ``pyfuse3`` keeps pyfuse3's own (for comparison: bench/datapath).
         event_buffer: most op events buffered before new ones are dropped.
         batch_max_events: most events in one published batch.
         flush_interval_s: how often buffered events are published, seconds.
@@ -161,6 +164,7 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     entry_timeout_s: float = 1.0
     attr_timeout_s: float = 1.0
     max_tasks: int = 128
+    session_loop: Literal["lean", "pyfuse3"] = "lean"
     event_buffer: int = DEFAULT_EVENT_BUFFER
     batch_max_events: int = DEFAULT_BATCH_MAX_EVENTS
     flush_interval_s: float = DEFAULT_FLUSH_INTERVAL_S

@@ -18,6 +18,7 @@ from interposer.proto import Policy, PolicyError, decode_policy
 from ._adapter import InterposerOperations
 from ._bus import Bus
 from ._config import WorkerConfig
+from . import _session_loop
 from ._expiry import expire_layers
 from ._telemetry import DEFAULT_FAULT_BUFFER, Telemetry, quota_usage
 from .backends import Backend, MemoryBackend, NullBackend, PassthroughBackend
@@ -176,7 +177,12 @@ async def serve(config: WorkerConfig) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_terminate_on_signal)
             nursery.start_soon(expire_layers, operations)
-            await pyfuse3.main(min_tasks=4, max_tasks=config.max_tasks)
+            if config.session_loop == "lean":
+                _session_loop.install()
+            try:
+                await pyfuse3.main(min_tasks=4, max_tasks=config.max_tasks)
+            finally:
+                _session_loop.uninstall()
             nursery.cancel_scope.cancel()
     finally:
         pyfuse3.close(unmount=True)
