@@ -166,3 +166,35 @@ def test_a_delayed_read_does_not_block_other_requests(mount_worker, session_loop
     thread.join()
     assert time.monotonic() - started >= 3
 
+
+
+@pytest.mark.parametrize(("flag", "expected_kib"), [((), 1024), (("--read-ahead-kib", "0"), 128)])
+def test_mount_reads_ahead_in_whole_fuse_requests(mount_worker, flag: tuple[str, ...], expected_kib: int) -> None:
+    """By default sequential reads reach the worker as 1 MiB requests (readahead 1 MiB),
+    with 0 the kernel's 128 KiB stays."""
+    from interposer.fuse_worker._readahead import mount_device
+
+    vol = mount_worker(extra=list(flag))
+    (vol.mountpoint / "warm").write_text("x")  # FUSE_INIT is long answered
+    device = mount_device(str(vol.mountpoint))
+    assert device is not None
+    read_ahead = Path(f"/sys/class/bdi/{device}/read_ahead_kb")
+    deadline = time.monotonic() + 5
+    while int(read_ahead.read_text()) != expected_kib and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert int(read_ahead.read_text()) == expected_kib
+
+
+def test_mount_device_reads_escaped_mountinfo_paths(tmp_path: Path) -> None:
+    from interposer.fuse_worker._readahead import mount_device
+
+    table = tmp_path / "mountinfo"
+    table.write_text(
+        "22 1 0:21 / / rw - ext4 /dev/vda rw\n"
+        "40 22 0:39 / /mnt/with\\040space rw,nosuid - fuse.interposer interposer:a rw\n"
+        "41 22 0:40 / /mnt/other rw - fuse.interposer interposer:b rw\n"
+        "42 40 0:41 / /mnt/with\\040space rw - fuse.interposer interposer:c rw\n"
+    )
+    assert mount_device("/mnt/with space", str(table)) == "0:41", "the newest mount on a path is the visible one"
+    assert mount_device("/mnt/other", str(table)) == "0:40"
+    assert mount_device("/mnt/none", str(table)) is None

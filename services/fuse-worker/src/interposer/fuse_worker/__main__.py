@@ -13,6 +13,7 @@ from interposer.proto import PolicyError
 from interposer.proto.connection import CredentialsError, connect_options
 
 from ._config import DEFAULT_POLICY_WAIT_S, WorkerConfig, parse_sample_rule
+from ._readahead import DEFAULT_READ_AHEAD_KIB
 from .backends import BACKEND_KINDS, DEFAULT_MEMORY_SIZE_BYTES
 from ._worker import run
 
@@ -41,6 +42,8 @@ from ._worker import run
 @click.option("--service-account", default="", help="ServiceAccount of that pod (csi.storage.k8s.io/serviceAccount.name).")
 @click.option("--node-name", default="", help="Node this worker runs on (for selector policies).")
 @click.option("--read-only", is_flag=True, help="Mount read-only.")
+@click.option("--read-ahead-kib", type=click.IntRange(0, 65536), default=DEFAULT_READ_AHEAD_KIB, show_default=True,
+              help="Kernel readahead of the mount, KiB (0 = kernel default, 128).")
 @click.option("--session-loop", type=click.Choice(["lean", "pyfuse3"]), default="lean", show_default=True,
               help="FUSE request loop: pyfuse3's on leaner primitives, or pyfuse3's own (for comparison).")
 @click.option("--policy-wait", "policy_wait_s", type=float, default=DEFAULT_POLICY_WAIT_S, show_default=True,

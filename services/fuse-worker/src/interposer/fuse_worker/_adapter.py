@@ -55,6 +55,13 @@ class InterposerOperations(pyfuse3.Operations):
         self.stack = Stack(policy or Policy(), 0, quota=quota)
         #: Set (and replaced) whenever a new stack is installed; the expiry task waits on it.
         self.stack_changed = trio.Event()
+        #: Set once the kernel's FUSE_INIT has been answered (mount settings are final).
+        self.initialized = trio.Event()
+
+    def init(self) -> None:
+        # pyfuse3 calls this on FUSE_INIT, just before it replies; the kernel applies the
+        # reply's limits (and resets the mount's readahead) when the reply arrives.
+        self.initialized.set()
 
     @property
     def revision(self) -> int:

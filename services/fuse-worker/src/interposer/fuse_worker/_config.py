@@ -9,6 +9,7 @@ import msgspec
 from interposer.proto.policy import MAX_GLOB_LENGTH, OpName
 from interposer.proto.subjects import VOLUME_ID_PATTERN
 
+from ._readahead import DEFAULT_READ_AHEAD_KIB
 from .backends import BACKEND_KINDS, DEFAULT_MEMORY_SIZE_BYTES
 
 
@@ -127,6 +128,9 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
         session_loop: ``lean`` (default) runs pyfuse3's request loop on the leaner
             primitives of ``_session_loop`` (fewer scheduling rounds per request);
             ``pyfuse3`` keeps pyfuse3's own (for comparison: bench/datapath).
+        read_ahead_kib: kernel readahead of the mount, KiB (``_readahead``); 0 =
+            the kernel's default (128 KiB). Not applied with ``fuse_fd_socket``
+            (the csi-node made the mount).
         event_buffer: most op events buffered before new ones are dropped.
         batch_max_events: most events in one published batch.
         flush_interval_s: how often buffered events are published, seconds.
@@ -165,6 +169,7 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     attr_timeout_s: float = 1.0
     max_tasks: int = 128
     session_loop: Literal["lean", "pyfuse3"] = "lean"
+    read_ahead_kib: Annotated[int, msgspec.Meta(ge=0, le=65536)] = DEFAULT_READ_AHEAD_KIB
     event_buffer: int = DEFAULT_EVENT_BUFFER
     batch_max_events: int = DEFAULT_BATCH_MAX_EVENTS
     flush_interval_s: float = DEFAULT_FLUSH_INTERVAL_S

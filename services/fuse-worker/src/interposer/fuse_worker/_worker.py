@@ -20,6 +20,7 @@ from ._bus import Bus
 from ._config import WorkerConfig
 from . import _session_loop
 from ._expiry import expire_layers
+from ._readahead import set_read_ahead
 from ._telemetry import DEFAULT_FAULT_BUFFER, Telemetry, quota_usage
 from .backends import Backend, MemoryBackend, NullBackend, PassthroughBackend
 from .layers import QuotaContext, Usage, walk_usage
@@ -177,6 +178,9 @@ async def serve(config: WorkerConfig) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_terminate_on_signal)
             nursery.start_soon(expire_layers, operations)
+            if config.read_ahead_kib and not config.fuse_fd_socket:
+                nursery.start_soon(_set_read_ahead_after_init, operations, os.path.abspath(mountpoint),
+                                   config.read_ahead_kib)
             if config.session_loop == "lean":
                 _session_loop.install()
             try:
@@ -192,6 +196,13 @@ async def serve(config: WorkerConfig) -> None:
         log.info("volume %s: %s; %d ops served, %d events dropped", config.volume_id,
                  "FUSE fd closed (the csi-node unmounts)" if config.fuse_fd_socket else "unmounted",
                  telemetry.ops_total, telemetry.events_dropped_total)
+
+
+async def _set_read_ahead_after_init(operations: InterposerOperations, mountpoint: str, kib: int) -> None:
+    """Set the mount's readahead once FUSE_INIT is answered (the kernel resets it then)."""
+    await operations.initialized.wait()
+    await trio.sleep(0)  # the INIT reply is written when the handler that set the event returns
+    await trio.to_thread.run_sync(set_read_ahead, mountpoint, kib)
 
 
 async def _wait_for_stored_policy(bus: Bus, config: WorkerConfig) -> None:
