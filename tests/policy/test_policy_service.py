@@ -81,6 +81,31 @@ def test_plain_publish_without_reply_is_applied(nats_url, policy_service, volume
         time.sleep(0.05)
 
 
+def test_a_burst_of_sets_is_stored_in_arrival_order_per_volume(nats_url, policy_service, volume) -> None:
+    """Requests are handled concurrently across volumes, but one volume's changes land
+    in the order they were sent: the last one sent is the one in force."""
+    other = f"{volume}-other"
+    delays = [round(0.001 * (i + 1), 3) for i in range(30)]
+
+    async def burst() -> list[PolicyReply]:
+        nc = await nats.connect(nats_url)
+        bodies = [b'{"layers": [{"type": "delay", "delay_s": %g}]}' % d for d in delays]
+        # Sent back to back, interleaved with another volume's, without waiting for answers.
+        replies = [asyncio.ensure_future(nc.request(subjects.policy_set(v), body, timeout=10))
+                   for body in bodies for v in (volume, other)]
+        answers = [decode_reply((await r).data) for r in replies]
+        await nc.close()
+        return answers
+
+    answers = asyncio.run(burst())
+    assert all(a.ok for a in answers), [a.error for a in answers if not a.ok]
+    mine = [a.revision for a in answers[0::2]]
+    assert mine == sorted(mine), f"revisions out of send order: {mine}"
+    for name in (volume, other):
+        stored = asyncio.run(get_policy(nats_url, name))
+        assert stored.policy is not None and stored.policy.layers[0].delay_s == delays[-1]
+
+
 def test_worker_applies_policy_changes_live_and_keeps_the_last_good_one(
         nats_url, policy_service, mount_worker, volume) -> None:
     vol = mount_worker(volume, nats_url=nats_url)

@@ -55,6 +55,7 @@ from interposer.proto.connection import connect_options
 
 from ._config import PolicyServiceConfig
 from ._expiry import ExpiryScheduler
+from ._ordering import OrderedPerKey
 from ._status import StatusCache
 from ._store import PolicyStore, ensure_bucket
 
@@ -88,6 +89,7 @@ class PolicyService:
         config = config or PolicyServiceConfig()
         self.store = store
         self.status = status or StatusCache(config.worker_stale_after_s, config.worker_forget_after_s)
+        self.requests = OrderedPerKey()
 
     async def _store(self, volume: str, policy: Policy, author: str, action: str,
                      source_revision: int = 0, selector: Selector | None = None,
@@ -248,6 +250,11 @@ class PolicyService:
         return await handler()
 
     async def handle(self, msg: Msg) -> None:
+        """Queue one request (subscription callback): requests for different volumes run
+        concurrently, those for one volume (the subject's last token) in arrival order."""
+        await self.requests.submit(msg.subject.rpartition(".")[2], lambda: self.answer(msg))
+
+    async def answer(self, msg: Msg) -> None:
         """Dispatch one request and reply if asked to; a failure still gets an answer."""
         try:
             reply = await self.dispatch(msg)
@@ -311,12 +318,13 @@ async def serve(config: PolicyServiceConfig) -> None:
     store = PolicyStore(await ensure_bucket(nc.jetstream(), config))
     service = PolicyService(store, config=config)
     expiry = ExpiryScheduler(store)
+    requests = []
     for prefix in (subjects.POLICY_SET_PREFIX, subjects.POLICY_GET_PREFIX, subjects.POLICY_CLEAR_PREFIX,
                    subjects.POLICY_HISTORY_PREFIX, subjects.POLICY_ROLLBACK_PREFIX, subjects.POLICY_STATUS,
                    subjects.POLICY_SELECT_PREFIX, subjects.POLICY_UNSELECT_PREFIX):
-        await nc.subscribe(f"{prefix}.*", queue=subjects.POLICY_QUEUE, cb=service.handle)
+        requests.append(await nc.subscribe(f"{prefix}.*", queue=subjects.POLICY_QUEUE, cb=service.handle))
     for subject in (subjects.POLICY_LIST, subjects.POLICY_STATUS):
-        await nc.subscribe(subject, queue=subjects.POLICY_QUEUE, cb=service.handle)
+        requests.append(await nc.subscribe(subject, queue=subjects.POLICY_QUEUE, cb=service.handle))
     await nc.subscribe(f"{subjects.STATUS_PREFIX}.*", cb=service.on_status)
     tasks = [asyncio.create_task(watch_bucket(store, expiry, restart_watch)), asyncio.create_task(expiry.run())]
     await nc.flush()
@@ -326,6 +334,9 @@ async def serve(config: PolicyServiceConfig) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
+    # Stop taking requests, finish (store and answer) the ones taken, then close.
+    await asyncio.gather(*(sub.drain() for sub in requests), return_exceptions=True)
+    await service.requests.drain()
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
