@@ -21,6 +21,7 @@ import grpc
 import pytest
 from csi_support import RPC_TIMEOUT_S, CsiNode, fuse_mounts_under, mounting_volume_request, pid_alive, running_csi_node
 from interposer.csi_node._fuse_fd import FdHandoff, fuse_mount_options
+from interposer.csi_node._mounts import READ_AHEAD_KIB
 from interposer.fuse_worker._worker import receive_fuse_fd
 from interposer.proto.csi import csi_pb2
 from interposer_testing import require_fuse
@@ -51,6 +52,12 @@ def _holds_dev_fuse(pid: int) -> bool:
     return any(os.readlink(fd_dir / name) == "/dev/fuse" for name in os.listdir(fd_dir))
 
 
+def _read_ahead_kib(mountpoint: Path) -> int:
+    (device,) = [line.split()[2] for line in Path("/proc/self/mountinfo").read_text().splitlines()
+                 if line.split()[4] == str(mountpoint)]
+    return int(Path(f"/sys/class/bdi/{device}/read_ahead_kb").read_text())
+
+
 def _publish(csi_node: CsiNode, volume_id: str, target: Path, backing: Path) -> dict:
     csi_node.node.NodePublishVolume(mounting_volume_request(volume_id, target, backing), timeout=RPC_TIMEOUT_S)
     return next(s for s in csi_node.volume_states() if s["volume_id"] == volume_id)
@@ -68,6 +75,7 @@ def test_unprivileged_worker_serves_the_mount_the_csi_node_made(csi_root: Path, 
         assert "--fuse-fd-socket" in state["worker_argv"]
         assert _holds_dev_fuse(pid), "the worker does not hold the /dev/fuse fd it serves"
         assert fuse_mounts_under(csi_root) == {str(target): "fuse.interposer"}
+        assert _read_ahead_kib(target) == READ_AHEAD_KIB, "the csi-node sets the readahead of mounts it made"
 
         (target / "hello").write_text("through the passed fd")
         assert (backing_dir / "hello").read_text() == "through the passed fd"
@@ -91,6 +99,7 @@ def test_unprivileged_worker_serves_the_mount_the_csi_node_made(csi_root: Path, 
         assert restored["worker_pid"] != pid and pid_alive(restored["worker_pid"])
         assert not _capabilities(restored["worker_pid"])["CapEff"] >> CAP_SYS_ADMIN_BIT & 1
         assert list(fuse_mounts_under(csi_root)) == [str(target)]
+        assert _read_ahead_kib(target) == READ_AHEAD_KIB, "and of the new mount after a recovery"
         print(f"\nfd handoff: SIGKILL → read answering again after a new mount + handoff: "
               f"{time.monotonic() - killed_at:.3f} s (watcher's restore: {restored['last_restore_s']:.3f} s)")
 

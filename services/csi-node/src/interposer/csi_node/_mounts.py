@@ -17,6 +17,8 @@ import threading
 log = logging.getLogger(__name__)
 
 MOUNTINFO_PATH = "/proc/self/mountinfo"
+#: Readahead of the FUSE mounts the csi-node makes, KiB: one maximal FUSE request.
+READ_AHEAD_KIB = 1024
 #: How long ``fusermount3 -uz`` / ``umount -l`` may take, seconds.
 DEFAULT_UNMOUNT_COMMAND_TIMEOUT_S = 10.0
 
@@ -37,14 +39,9 @@ def _unescape(field: str) -> str:
     return "".join(out)
 
 
-def mount_table() -> dict[str, str]:
-    """Return the current mounts of this mount namespace.
-
-    Returns:
-        ``dict[str, str]``: mount point → file system type (``fuse.interposer``,
-        ``ext4``…). Where mounts are stacked, the topmost wins.
-    """
-    table: dict[str, str] = {}
+def _mountinfo() -> list[tuple[str, str, str]]:
+    """``(mount point, file system type, major:minor)`` of every mount, in table order."""
+    mounts = []
     with open(MOUNTINFO_PATH, encoding="utf-8", errors="surrogateescape") as mountinfo:
         for line in mountinfo:
             # id parent major:minor root mountpoint options [optional...] - fstype source superopts
@@ -52,8 +49,40 @@ def mount_table() -> dict[str, str]:
             fields = before.split()
             if len(fields) < 5 or not after:
                 continue
-            table[_unescape(fields[4])] = after.split()[0]
-    return table
+            mounts.append((_unescape(fields[4]), after.split()[0], fields[2]))
+    return mounts
+
+
+def mount_table() -> dict[str, str]:
+    """Return the current mounts of this mount namespace.
+
+    Returns:
+        ``dict[str, str]``: mount point → file system type (``fuse.interposer``,
+        ``ext4``…). Where mounts are stacked, the topmost wins.
+    """
+    return {point: fstype for point, fstype, _ in _mountinfo()}
+
+
+def set_read_ahead(path: str, kib: int = READ_AHEAD_KIB, sysfs: str = "/sys/class/bdi") -> bool:
+    """Set the kernel readahead of the mount at ``path`` (its bdi ``read_ahead_kb``) to ``kib``.
+
+    For the mounts the csi-node makes (fd handoff), once their worker has answered
+    FUSE_INIT (which resets it): sequential reads then reach the worker as 1 MiB
+    requests instead of 128 KiB ones (what the worker does for its own mounts,
+    ``interposer.fuse_worker._readahead``). Best effort: False when not mounted or
+    sysfs is read-only.
+    """
+    devices = {point: device for point, _, device in _mountinfo()}
+    device = devices.get(os.path.normpath(path))
+    if device is None:
+        return False
+    try:
+        with open(os.path.join(sysfs, device, "read_ahead_kb"), "w") as setting:
+            setting.write(str(kib))
+    except OSError as exc:
+        log.warning("cannot set the readahead of %s (%s)", path, exc)
+        return False
+    return True
 
 
 def mount_type(path: str) -> str | None:

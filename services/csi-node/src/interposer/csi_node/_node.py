@@ -32,6 +32,7 @@ from ._mounts import (
     is_fuse_mount,
     mount_type,
     real_path_of_target,
+    set_read_ahead,
     stat_answers,
     statvfs_within,
     unmount_lazily,
@@ -526,6 +527,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 )
             remaining_s = deadline - time.monotonic()
             if self._mount_answers(plan.real_target_path, max(0.1, min(remaining_s, MOUNT_STAT_TIMEOUT_S))):
+                set_read_ahead(plan.real_target_path)  # FUSE_INIT is answered: the value sticks
                 return
             if time.monotonic() >= deadline:
                 raise CsiError(

@@ -25,7 +25,7 @@ import time
 import msgspec.structs
 
 from ._launcher import Launcher
-from ._mounts import is_fuse_mount, mount_type, real_path_of_target, stat_answers, unmount_lazily
+from ._mounts import is_fuse_mount, mount_type, real_path_of_target, set_read_ahead, stat_answers, unmount_lazily
 from ._node import NodeService
 from ._state import StateStore
 
@@ -151,6 +151,7 @@ class WorkerWatcher:
             if not self._launcher.is_running(pid, volume_id):
                 return False
             if is_fuse_mount(real_path) and stat_answers(real_path, RESTORE_STAT_TIMEOUT_S):
+                set_read_ahead(real_path)  # a new mount (fd handoff) starts at the kernel default
                 return True
             time.sleep(RESTORE_POLL_INTERVAL_S)
         return False
