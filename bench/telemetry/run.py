@@ -1,19 +1,29 @@
 """Telemetry benchmark: collector ingest rate, and what per-op events cost the data path.
 
-1. **Ingest**: a real collector (``python -m interposer.collector``, pinned to one core
-   with ``os.sched_setaffinity`` when the machine has more than one) subscribes to a
-   real nats-server; this script publishes synthetic ``EventBatch`` es (5,000 events,
-   the worker's largest batch) as fast as NATS takes them and reads
-   ``interposer_collector_events_total`` until every event is counted. Reported:
-   events per second from the first publish to the last event counted, and the
-   messages NATS dropped because the collector fell behind (slow consumer).
+1. **Ingest**: a real collector (``python -m interposer.collector``) subscribes to a
+   real nats-server; on a machine with more than one CPU the collector is pinned to
+   CPU 0 and the publisher and nats-server to the others (``os.sched_setaffinity``),
+   so the collector has one core to itself. This script publishes synthetic
+   ``EventBatch`` es (5,000 events, the worker's largest batch) with at most
+   :data:`WINDOW_BATCHES` published but not yet counted (read from
+   ``interposer_collector_events_total``): enough to keep the collector busy, far less
+   than NATS buffers for it. Publishing without such a window measures the buffers,
+   not the collector: the backlog grows at the publisher's rate (hundreds of MB/s)
+   until a buffer overflows. Reported: events per second from the first publish to
+   the last event counted, events per CPU second of the collector (from
+   ``/proc/<pid>/stat``; the number to trust on a busy machine), the ratio to the
+   200k events/s goal, and every loss: batches the collector's NATS client dropped
+   (slow consumer) and NATS disconnects. A run that stops making progress ends
+   after :data:`STALL_TIMEOUT_S` and says so.
 2. **Data-path cost**: fio (random 4 KiB reads, O_DIRECT, psync, 1 job: the op rate is
    what events cost per op) on a real mount with a collector running, once with
    events on and once with ``--no-events``; reported: IOPS of each, the loss in
    percent, and the events the worker dropped.
 
 Usage: ``.venv/bin/python bench/telemetry/run.py [--quick] [--json]`` (root: FUSE).
-``--quick`` is a smoke run of a few seconds that only proves the script works.
+The full run publishes 2,000 batches (10M events) and runs fio 20 s per case;
+``--quick`` is a smoke run of a few seconds that only proves the script works. Exit
+status 1 when the ingest lost events or stalled.
 """
 
 from __future__ import annotations
@@ -39,8 +49,21 @@ from interposer.proto import EventBatch, OpEvent, subjects
 BATCH_EVENTS = 5_000
 #: Longest wait for a collector or a mount to come up, seconds.
 READY_TIMEOUT_S = 30.0
-#: Longest wait for the collector to count what was published, seconds.
-DRAIN_TIMEOUT_S = 300.0
+#: Most batches published but not yet counted by the collector (about 27 MB, 480k
+#: events): covers :data:`POLL_INTERVAL_S` of ingest at several times the goal, and
+#: stays well inside the collector's subscription buffer (4,096 messages, 64 MiB)
+#: and the server's buffer per client (64 MiB).
+WINDOW_BATCHES = 96
+#: Gap between two reads of the collector's counters while the window is full,
+#: seconds. Each read is a /metrics scrape that costs the collector ~2 ms of its core.
+POLL_INTERVAL_S = 0.25
+#: Gap between two reads once everything is published, seconds (times the end).
+TAIL_POLL_INTERVAL_S = 0.02
+#: A run whose counters (events counted plus batches dropped) do not move for this
+#: long has lost events (the collector says how in its counters); seconds.
+STALL_TIMEOUT_S = 30.0
+#: The goal of issue #6, events per second one collector ingests on one core.
+GOAL_EVENTS_PER_S = 200_000
 
 
 def _connected(url: str) -> bool:
@@ -48,6 +71,12 @@ def _connected(url: str) -> bool:
         return total(scrape(url), "interposer_collector_nats_connected") == 1
     except OSError:
         return False
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of process ``pid`` (all its threads), seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _collector(nats_url: str, work: Path, name: str, cpu: int | None) -> tuple[Child, str]:
@@ -74,41 +103,81 @@ def _batch(seq: int) -> bytes:
     return msgspec.msgpack.encode(batch)
 
 
-def bench_ingest(nats_url: str, work: Path, batches: int) -> dict:
-    """Publish ``batches`` batches; time until the collector has counted every event."""
+class _Progress:
+    """The collector's loss-relevant counters, read from one /metrics scrape."""
+
+    def __init__(self, url: str) -> None:
+        samples = scrape(url)
+        self.events = int(total(samples, "interposer_collector_events_total"))
+        self.dropped_batches = int(total(samples, "interposer_collector_slow_consumer_drops_total"))
+        self.disconnects = int(total(samples, "interposer_collector_nats_disconnects_total"))
+
+    def batches_done(self) -> int:
+        """Batches counted or dropped (every bench batch holds :data:`BATCH_EVENTS`)."""
+        return self.events // BATCH_EVENTS + self.dropped_batches
+
+
+def bench_ingest(nats_url: str, nats: Child, work: Path, batches: int) -> dict:
+    """Publish ``batches`` batches, at most :data:`WINDOW_BATCHES` ahead of the collector.
+
+    Returns:
+        The result (see the module docstring); ``complete`` is False when events were
+        lost or the run stalled.
+    """
     import asyncio
 
-    import nats
+    import nats as nats_client
 
-    cpu = 0 if (os.cpu_count() or 1) > 1 else None
-    child, url = _collector(nats_url, work, "collector-ingest", cpu)
+    cpus = sorted(os.sched_getaffinity(0))
+    collector_cpu = cpus[0] if len(cpus) > 1 else None
+    child, url = _collector(nats_url, work, "collector-ingest", collector_cpu)
+    assert child.proc is not None and nats.proc is not None
+    others = set(cpus[1:]) if collector_cpu is not None else set(cpus)
+    os.sched_setaffinity(nats.proc.pid, others)
+    os.sched_setaffinity(0, others)
     try:
         payloads = [_batch(seq) for seq in range(1, min(batches, 20) + 1)]  # reuse: encoding is not measured
         expected = batches * BATCH_EVENTS
 
-        async def publish() -> float:
-            nc = await nats.connect(nats_url, name="bench-telemetry")
-            start = time.perf_counter()
-            for i in range(batches):
-                await nc.publish(subjects.events("bench"), payloads[i % len(payloads)])
-            await nc.flush()
+        async def publish() -> tuple[float, float, float, float, _Progress]:
+            nc = await nats_client.connect(nats_url, name="bench-telemetry")
+            cpu_start_s = _cpu_seconds(child.proc.pid)
+            start_s = time.perf_counter()
+            progress = _Progress(url)
+            published, moved_s = 0, time.monotonic()
+            while True:
+                while published < batches and published - progress.batches_done() < WINDOW_BATCHES:
+                    await nc.publish(subjects.events("bench"), payloads[published % len(payloads)])
+                    published += 1
+                await nc.flush()
+                await asyncio.sleep(POLL_INTERVAL_S if published < batches else TAIL_POLL_INTERVAL_S)
+                before, progress = progress.batches_done(), _Progress(url)
+                if progress.batches_done() != before:
+                    moved_s = time.monotonic()
+                if (progress.batches_done() >= batches or progress.disconnects  # a disconnect loses events
+                        or time.monotonic() - moved_s > STALL_TIMEOUT_S):
+                    break
+            end_s = time.perf_counter()
             await nc.close()
-            return start
+            return start_s, end_s, cpu_start_s, _cpu_seconds(child.proc.pid), progress
 
-        start = asyncio.run(publish())
-        deadline = time.monotonic() + DRAIN_TIMEOUT_S
-        while True:
-            samples = scrape(url)
-            counted = total(samples, "interposer_collector_events_total")
-            dropped = total(samples, "interposer_collector_slow_consumer_drops_total")
-            if counted + dropped * BATCH_EVENTS >= expected or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-        elapsed = time.perf_counter() - start
-        return {"events": int(counted), "published": expected, "seconds": round(elapsed, 3),
-                "events_per_s": round(counted / elapsed), "slow_consumer_drops": int(dropped),
-                "collector_cpu": cpu}
+        start_s, end_s, cpu_start_s, cpu_end_s, progress = asyncio.run(publish())
+        elapsed_s, cpu_s = end_s - start_s, cpu_end_s - cpu_start_s
+        events_per_s = round(progress.events / elapsed_s)
+        complete = progress.events == expected and progress.disconnects == 0
+        result = {"events": progress.events, "published": expected, "seconds": round(elapsed_s, 3),
+                  "events_per_s": events_per_s, "collector_cpu_seconds": round(cpu_s, 3),
+                  "events_per_cpu_s": round(progress.events / cpu_s) if cpu_s else None,
+                  "goal_events_per_s": GOAL_EVENTS_PER_S,
+                  "goal_ratio": round(events_per_s / GOAL_EVENTS_PER_S, 2),
+                  "slow_consumer_drops": progress.dropped_batches, "nats_disconnects": progress.disconnects,
+                  "complete": complete, "collector_cpu": collector_cpu, "window_batches": WINDOW_BATCHES}
+        if not complete:
+            result["collector_log_tail"] = child.log_tail(10)
+        return result
     finally:
+        os.sched_setaffinity(0, cpus)
+        os.sched_setaffinity(nats.proc.pid, cpus)
         child.stop()
 
 
@@ -174,7 +243,7 @@ def main(quick: bool, as_json: bool) -> None:
     """Measure collector ingest (events/s on one core) and the data-path cost of events."""
     if shutil.which("fio") is None:
         raise click.ClickException("fio is missing: apt-get install fio")
-    batches, runtime_s, size = (20, 1.0, "4M") if quick else (400, 20.0, "256M")
+    batches, runtime_s, size = (40, 1.0, "4M") if quick else (2000, 20.0, "256M")
     with tempfile.TemporaryDirectory(prefix="interposer-bench-telemetry-") as tmp:
         work = Path(tmp)
         nats, nats_url = start_nats_server(work / "nats")
@@ -183,18 +252,28 @@ def main(quick: bool, as_json: bool) -> None:
                 "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                             "kernel": platform.release()},
                 "quick": quick,
-                "ingest": bench_ingest(nats_url, work, batches),
+                "ingest": bench_ingest(nats_url, nats, work, batches),
                 "datapath": bench_datapath(nats_url, work, runtime_s, size),
             }
         finally:
             nats.stop()
+    ingest, data = results["ingest"], results["datapath"]
     if as_json:
         click.echo(json.dumps(results, indent=2))
-        return
-    ingest, data = results["ingest"], results["datapath"]
+    else:
+        _print(ingest, data)
+    if not ingest["complete"]:
+        raise click.ClickException("ingest lost events or stalled; the collector's log ends with:\n"
+                                   + ingest["collector_log_tail"])
+
+
+def _print(ingest: dict, data: dict) -> None:
     click.echo(f"ingest: {ingest['events']:,} of {ingest['published']:,} events in {ingest['seconds']} s = "
-               f"{ingest['events_per_s']:,} events/s (collector on CPU {ingest['collector_cpu']}), "
-               f"{ingest['slow_consumer_drops']} batches dropped by NATS")
+               f"{ingest['events_per_s']:,} events/s (collector on CPU {ingest['collector_cpu']}; "
+               f"{ingest['events_per_cpu_s']:,} events per collector CPU second) = "
+               f"{ingest['goal_ratio']} x the goal of {GOAL_EVENTS_PER_S:,} events/s; "
+               f"{ingest['slow_consumer_drops']} batches dropped by the collector's NATS client, "
+               f"{ingest['nats_disconnects']} NATS disconnects")
     click.echo(f"data path (fio randread 4 KiB O_DIRECT): events on {data['events-on']['iops']:,} IOPS "
                f"({data['events-on']['events_dropped']} events dropped), events off "
                f"{data['events-off']['iops']:,} IOPS: {data['loss_percent']} % loss")

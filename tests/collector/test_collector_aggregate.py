@@ -232,7 +232,19 @@ def test_collector_self_counters() -> None:
     snap = agg.snapshot()
     assert (snap.batches_total, snap.events_total, snap.decode_errors_total) == (2, 5, 1)
     assert snap.slow_consumer_drops_total == 1
+    assert snap.nats_disconnects_total == 0
     assert snap.nats_connected
+
+
+def test_a_lost_nats_connection_is_counted_and_marks_the_collector_disconnected() -> None:
+    agg = Aggregator()
+    agg.set_nats_connected(True)
+    agg.add_nats_disconnect()
+    snap = agg.snapshot()
+    assert (snap.nats_disconnects_total, snap.nats_connected) == (1, False)
+    agg.set_nats_connected(True)  # reconnected: the count stays
+    agg.add_nats_disconnect()
+    assert agg.snapshot().nats_disconnects_total == 2
 
 
 def test_exposition_has_every_metric_and_no_path_label() -> None:
@@ -250,6 +262,7 @@ def test_exposition_has_every_metric_and_no_path_label() -> None:
         "interposer_worker_ops_total", "interposer_worker_policy_revision",
         "interposer_worker_last_heartbeat_timestamp_seconds", "interposer_collector_batches_total",
         "interposer_collector_events_total", "interposer_collector_decode_errors_total",
+        "interposer_collector_slow_consumer_drops_total", "interposer_collector_nats_disconnects_total",
     ]:
         assert name in names, name
     assert "/data/file.bin" not in text

@@ -109,7 +109,10 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
         events_total: op events aggregated.
         status_total: worker heartbeats aggregated.
         decode_errors_total: malformed messages dropped.
-        slow_consumer_drops_total: messages NATS dropped because the collector fell behind.
+        slow_consumer_drops_total: messages the collector's NATS client dropped because
+            a subscription buffer was full (the collector fell behind).
+        nats_disconnects_total: times the collector lost its NATS connection (what the
+            server was still holding for it then is lost; see :meth:`Aggregator.add_nats_disconnect`).
         nats_connected: True while connected to NATS with subscriptions in place.
     """
 
@@ -136,6 +139,7 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
     status_total: int
     decode_errors_total: int
     slow_consumer_drops_total: int
+    nats_disconnects_total: int
     nats_connected: bool
 
 
@@ -200,6 +204,7 @@ class Aggregator:
         self._status_total = 0
         self._decode_errors_total = 0
         self._slow_consumer_drops_total = 0
+        self._nats_disconnects_total = 0
         self._nats_connected = False
 
     def _worker(self, volume: str, worker_id: str, namespace: str, pod: str) -> _Worker:
@@ -317,6 +322,19 @@ class Aggregator:
         with self._lock:
             self._slow_consumer_drops_total += 1
 
+    def add_nats_disconnect(self) -> None:
+        """Count one lost NATS connection (not a shutdown) and mark the collector disconnected.
+
+        Core NATS delivers at most once: messages the server had buffered for this
+        collector, and those published while it reconnects (unless another replica of the
+        queue group takes them), are gone. A server also cuts off a client whose backlog
+        exceeds its ``max_pending`` (slow consumer), so a disconnect is how falling far
+        behind shows, and it must be counted, never only logged.
+        """
+        with self._lock:
+            self._nats_disconnects_total += 1
+            self._nats_connected = False
+
     def set_nats_connected(self, connected: bool) -> None:
         """Record whether the collector is connected to NATS and subscribed."""
         with self._lock:
@@ -399,6 +417,7 @@ class Aggregator:
                 status_total=self._status_total,
                 decode_errors_total=self._decode_errors_total,
                 slow_consumer_drops_total=self._slow_consumer_drops_total,
+                nats_disconnects_total=self._nats_disconnects_total,
                 nats_connected=self._nats_connected,
             )
 

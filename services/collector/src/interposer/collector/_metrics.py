@@ -62,6 +62,9 @@ METRICS: tuple[tuple[str, str, list[str], str], ...] = (
     ("interposer_collector_decode_errors", "counter", [], "Malformed messages this collector dropped."),
     ("interposer_collector_slow_consumer_drops", "counter", [],
      "Messages NATS dropped because this collector fell behind (subscription buffer full)."),
+    ("interposer_collector_nats_disconnects", "counter", [],
+     ("Times this collector lost its NATS connection; what the server held for it then is lost "
+      "(a server cuts off a collector that falls too far behind as a slow consumer).")),
     ("interposer_collector_nats_connected", "gauge", [],
      "1 while this collector is connected to NATS with its subscriptions in place, else 0."),
 )
@@ -133,6 +136,7 @@ def families(snapshot: Snapshot) -> Iterator[Metric]:
     yield _counter("interposer_collector_status_messages", [((), snapshot.status_total)])
     yield _counter("interposer_collector_decode_errors", [((), snapshot.decode_errors_total)])
     yield _counter("interposer_collector_slow_consumer_drops", [((), snapshot.slow_consumer_drops_total)])
+    yield _counter("interposer_collector_nats_disconnects", [((), snapshot.nats_disconnects_total)])
     yield _gauge("interposer_collector_nats_connected", [((), 1.0 if snapshot.nats_connected else 0.0)])
 
 

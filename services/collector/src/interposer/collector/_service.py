@@ -5,6 +5,18 @@ Threads: the asyncio event loop (nats-py) decodes messages and updates the
 renders a snapshot of it on each scrape. The aggregator's lock is the only shared
 state between them.
 
+Falling behind: core NATS has two buffers per collector, and only one of them loses
+messages visibly. The client's (``pending_msgs_limit``/``pending_bytes_limit`` per
+subscription) drops the newest message when full and says so
+(``interposer_collector_slow_consumer_drops_total``). The server's (``max_pending``,
+64 MiB by default) cuts the whole connection off as a slow consumer when full, and
+what it held is gone. nats-py reads the socket from one task that only runs between
+callbacks, so a collector busy aggregating would leave its backlog in the server's
+buffer; after each batch the collector therefore hands the loop to the reader until
+the socket is drained (:meth:`CollectorService._read_ahead`), which moves the backlog
+into the client's buffer, where overflow is counted. A disconnect is counted too
+(``interposer_collector_nats_disconnects_total``) and logged.
+
 Subscriptions:
 
 * ``interposer.events.*`` in queue group ``interposer-collector``: each batch goes to
@@ -60,6 +72,14 @@ EVENTS_SUBJECT = f"{EVENTS_PREFIX}.*"
 STATUS_SUBJECT = f"{STATUS_PREFIX}.*"
 #: Subject pattern of the fault records of every volume.
 FAULTS_SUBJECT = f"{FAULTS_PREFIX}.*"
+
+#: Bytes one event-loop turn moves from the socket to nats-py's reader at most:
+#: asyncio's selector transports ``recv`` 256 KiB per readiness event.
+READ_TURN_BYTES = 256 * 1024
+#: Most event-loop turns given to the reader after one batch, so that a flood the
+#: reader can never drain still leaves the aggregation its share of the CPU
+#: (64 turns read up to 16 MiB, far more than one batch takes to aggregate).
+READ_AHEAD_MAX_TURNS = 64
 
 
 def write_port_file(path: str | os.PathLike[str], port: int) -> None:
@@ -185,6 +205,7 @@ class CollectorService:
         self.aggregator.add_batch(batch)
         if self.otlp is not None:
             self.otlp.add_batch(batch)
+        await self._read_ahead(len(msg.data))
 
     async def _on_status(self, msg: Msg) -> None:
         try:
@@ -210,6 +231,42 @@ class CollectorService:
         self.aggregator.add_faults(records)
         if self.otlp is not None:
             self.otlp.add_faults(records)
+        await self._read_ahead(len(msg.data))
+
+    async def _read_ahead(self, message_bytes: int) -> None:
+        """Give nats-py's socket reader the event loop until nothing more arrives.
+
+        nats-py's subscription task does not yield between queued messages, and its
+        read task runs only when the loop gets a turn: without this, a busy collector
+        reads about one message per message aggregated, and a backlog stays in the
+        server until it cuts the collector off. Each ``sleep(0)`` is one loop turn (one
+        ``recv`` of up to :data:`READ_TURN_BYTES`, parsed into the subscriptions'
+        bounded buffers, where overflow is counted); the reader is done when
+        ``nc.stats["in_bytes"]`` (bytes of complete messages) stops growing for as
+        many turns as one message of this size takes to arrive (a ``recv`` turn and a
+        parse turn per :data:`READ_TURN_BYTES`). With nothing to read this costs a few
+        turns of some microseconds each.
+
+        Args:
+            message_bytes: size of the message just handled, bytes (the next one is
+                likely about as large).
+        """
+        nc = self._nc
+        if nc is None:
+            return
+        stats = nc.stats
+        patience = 2 + 2 * (message_bytes // READ_TURN_BYTES)
+        quiet = 0
+        seen = stats["in_bytes"]
+        for _ in range(READ_AHEAD_MAX_TURNS):
+            await asyncio.sleep(0)
+            now = stats["in_bytes"]
+            if now != seen:
+                seen, quiet = now, 0
+            else:
+                quiet += 1
+                if quiet >= patience:
+                    return
 
     def _decode_error(self, msg: Msg, reason: str) -> None:
         self.aggregator.add_decode_error()
@@ -225,10 +282,14 @@ class CollectorService:
             log.warning("nats: %s: %s", type(exc).__name__, exc)
 
     async def _on_disconnected(self) -> None:
-        self.aggregator.set_nats_connected(False)
-        if not self._closing:
-            log.warning("disconnected from NATS; reconnecting every %.1f s",
-                        self.config.reconnect_time_wait_s)
+        if self._closing:
+            self.aggregator.set_nats_connected(False)
+            return
+        self.aggregator.add_nats_disconnect()
+        log.warning("disconnected from NATS; reconnecting every %.1f s. Messages the server held for this "
+                    "collector are lost (counted in interposer_collector_nats_disconnects_total; a server "
+                    "also disconnects a collector that falls too far behind: see its log for "
+                    "'Slow Consumer Detected')", self.config.reconnect_time_wait_s)
 
     async def _on_reconnected(self) -> None:
         # nats-py re-sends the subscriptions before calling this.
