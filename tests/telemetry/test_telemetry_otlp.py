@@ -45,7 +45,8 @@ def _fault(op: str, path: str = "/f", *, session: int = 0, start_ms: int = 0, du
 
 
 def _batch(events: list[OpEvent], worker_id: str = "w1") -> EventBatch:
-    return EventBatch(volume="vol", worker_id=worker_id, seq=1, events=events, namespace="ns", pod="app-0")
+    return EventBatch(volume="vol", worker_id=worker_id, seq=1, events=events, namespace="ns", pod="app-0",
+                      pod_uid="uid-0")
 
 
 class _Export:
@@ -97,6 +98,7 @@ def test_session_ops_are_children_of_one_session_span_with_event_times() -> None
     assert failed[0].attributes["file.path"] == "/f" and failed[0].attributes["process.pid"] == 42
     assert failed[0].resource.attributes["k8s.volume.name"] == "vol"
     assert failed[0].resource.attributes["k8s.pod.name"] == "app-0"
+    assert failed[0].resource.attributes["k8s.pod.uid"] == "uid-0"
     [log] = logs
     assert (log.log_record.trace_id, log.log_record.span_id) == (trace_id, failed[0].context.span_id)
     assert log.log_record.attributes["error.type"] == "EIO" and log.log_record.event_name == "interposer.fault.injected"

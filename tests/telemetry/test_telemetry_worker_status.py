@@ -37,7 +37,8 @@ def test_quota_open_files_fault_records_and_worker_up_reach_the_collector(
     collector = start_collector()
     volume = f"wst-{uuid.uuid4().hex[:8]}"
     vol = mount_worker(volume, nats_url=nats_url, policy=json.dumps(POLICY),
-                       extra=["--pod-namespace", "team-q", "--pod-name", "app-q"])
+                       extra=["--pod-namespace", "team-q", "--pod-name", "app-q", "--pod-uid", "uid-q",
+                              "--service-account", "sa-q"])
     labels = {"volume": volume, "namespace": "team-q", "pod": "app-q"}
     (vol.mountpoint / "a").write_bytes(b"a" * 10_000)
     (vol.mountpoint / "bad").write_bytes(b"b" * 100)
@@ -54,7 +55,7 @@ def test_quota_open_files_fault_records_and_worker_up_reach_the_collector(
     held = os.open(vol.mountpoint / "a", os.O_RDONLY)  # the one open file
     try:
         expected = {
-            "interposer_worker_up": 1, "interposer_open_files": 1,
+            "interposer_worker_up": 1, "interposer_open_files": 1, "interposer_volume_info": 1,
             "interposer_quota_used_bytes": 10_000 + 100 + 4096, "interposer_quota_limit_bytes": QUOTA_BYTES,
             "interposer_quota_used_inodes": 3, "interposer_quota_limit_inodes": QUOTA_INODES,
         }
@@ -70,6 +71,8 @@ def test_quota_open_files_fault_records_and_worker_up_reach_the_collector(
 
         wait_for(arrived, what="heartbeat gauges and fault records in the collector", interval_s=0.3)
         assert collector.total("interposer_injected_faults_total", op="read", errno="EIO", **labels) == BAD_READS
+        # podInfoOnMount's uid and ServiceAccount, for joins on the volume
+        assert collector.total("interposer_volume_info", pod_uid="uid-q", service_account="sa-q", **labels) == 1
     finally:
         os.close(held)
     wait_for(lambda: collector.total("interposer_open_files", **labels) == 0, what="the file to be released")
@@ -77,7 +80,7 @@ def test_quota_open_files_fault_records_and_worker_up_reach_the_collector(
 
     def down() -> bool:
         return (collector.total("interposer_worker_up", **labels) == 0
-                and "interposer_quota_used_bytes" not in collector_names(collector, volume))
+                and not {"interposer_quota_used_bytes", "interposer_volume_info"} & collector_names(collector, volume))
 
     wait_for(down, what="the stopped worker to be reported down (3 missed heartbeats)", interval_s=0.3)
 

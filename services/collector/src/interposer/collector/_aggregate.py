@@ -105,6 +105,8 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
         quota_limit_bytes: the same key → byte limit, for quotas that have one.
         quota_used_inodes: the same key → inodes in use (quota in force).
         quota_limit_inodes: the same key → inode limit, for quotas that have one.
+        volume_info: ``(volume, namespace, pod, pod_uid, service_account)`` → 1 for
+            each up worker (newest heartbeat): who uses the volume, for joins in PromQL.
         batches_total: event batches aggregated.
         events_total: op events aggregated.
         status_total: worker heartbeats aggregated.
@@ -134,6 +136,7 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
     quota_limit_bytes: dict[Labels3, int]
     quota_used_inodes: dict[Labels3, int]
     quota_limit_inodes: dict[Labels3, int]
+    volume_info: dict[tuple[str, str, str, str, str], int]
     batches_total: int
     events_total: int
     status_total: int
@@ -412,6 +415,7 @@ class Aggregator:
                 quota_limit_bytes=_present(newest, "quota_bytes_limit"),
                 quota_used_inodes=_present(newest, "quota_inodes_used"),
                 quota_limit_inodes=_present(newest, "quota_inodes_limit"),
+                volume_info={(*key3, status.pod_uid, status.service_account): 1 for key3, status in newest.items()},
                 batches_total=self._batches_total,
                 events_total=self._events_total,
                 status_total=self._status_total,

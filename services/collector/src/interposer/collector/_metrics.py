@@ -56,6 +56,8 @@ METRICS: tuple[tuple[str, str, list[str], str], ...] = (
      "Files, directories and links the volume's quota counts in use; absent without a quota."),
     ("interposer_quota_limit_inodes", "gauge", list(_VNP),
      "Inode limit of the volume's quota; absent without an inode limit."),
+    ("interposer_volume_info", "gauge", [*_VNP, "pod_uid", "service_account"],
+     "1 per volume with an up worker: the pod using it (uid, ServiceAccount; podInfoOnMount). Join on volume."),
     ("interposer_collector_batches", "counter", [], "Event batches this collector aggregated."),
     ("interposer_collector_events", "counter", [], "Op events this collector aggregated."),
     ("interposer_collector_status_messages", "counter", [], "Worker heartbeats this collector aggregated."),
@@ -131,6 +133,7 @@ def families(snapshot: Snapshot) -> Iterator[Metric]:
     yield _gauge("interposer_quota_limit_bytes", snapshot.quota_limit_bytes.items())
     yield _gauge("interposer_quota_used_inodes", snapshot.quota_used_inodes.items())
     yield _gauge("interposer_quota_limit_inodes", snapshot.quota_limit_inodes.items())
+    yield _gauge("interposer_volume_info", snapshot.volume_info.items())
     yield _counter("interposer_collector_batches", [((), snapshot.batches_total)])
     yield _counter("interposer_collector_events", [((), snapshot.events_total)])
     yield _counter("interposer_collector_status_messages", [((), snapshot.status_total)])

@@ -53,6 +53,7 @@ from opentelemetry.semconv._incubating.attributes.file_attributes import FILE_PA
 from opentelemetry.semconv._incubating.attributes.k8s_attributes import (
     K8S_NAMESPACE_NAME,
     K8S_POD_NAME,
+    K8S_POD_UID,
     K8S_VOLUME_NAME,
 )
 from opentelemetry.semconv._incubating.attributes.process_attributes import PROCESS_PID, PROCESS_USER_ID
@@ -183,14 +184,14 @@ class OtlpExporter:
         self._min_duration_ns = round(config.otlp_min_duration_s * 1e9)
         self._ratio = config.otlp_sample_ratio
         self._max_sessions = config.otlp_max_open_sessions
-        self._resources: dict[tuple[str, str, str, str], Resource] = {}
+        self._resources: dict[tuple[str, str, str, str, str], Resource] = {}
         # (volume, worker_id, session) → session, oldest first.
         self._sessions: collections.OrderedDict[tuple[str, str, int], _Session] = collections.OrderedDict()
         self.spans_total = 0
         self.logs_total = 0
 
-    def _resource(self, volume: str, worker_id: str, namespace: str, pod: str) -> Resource:
-        key = (volume, worker_id, namespace, pod)
+    def _resource(self, volume: str, worker_id: str, namespace: str, pod: str, pod_uid: str = "") -> Resource:
+        key = (volume, worker_id, namespace, pod, pod_uid)
         resource = self._resources.get(key)
         if resource is None:
             attributes: dict[str, str] = {SERVICE_NAME: SERVICE, K8S_VOLUME_NAME: volume}
@@ -200,6 +201,8 @@ class OtlpExporter:
                 attributes[K8S_NAMESPACE_NAME] = namespace
             if pod:
                 attributes[K8S_POD_NAME] = pod
+            if pod_uid:
+                attributes[K8S_POD_UID] = pod_uid
             resource = self._resources[key] = Resource.create(attributes)
         return resource
 
@@ -213,7 +216,7 @@ class OtlpExporter:
         Args:
             batch: a decoded ``EventBatch``.
         """
-        resource = self._resource(batch.volume, batch.worker_id, batch.namespace, batch.pod)
+        resource = self._resource(batch.volume, batch.worker_id, batch.namespace, batch.pod, batch.pod_uid)
         for event in batch.events:
             if self._path_match is not None and not self._path_match(event.path):
                 if event.session and event.op == "release":  # renamed out of the glob: still close it
