@@ -160,7 +160,7 @@ def test_publish_recovers_a_volume_whose_worker_died(csi_root: Path, backing_dir
 
         csi_node.node.NodePublishVolume(request, timeout=RPC_TIMEOUT_S)
         (state,) = csi_node.volume_states()
-        assert state["worker_pid"] != dead_pid and pid_alive(state["worker_pid"])
+        assert state["worker_pid"] != dead_pid and pid_alive(state["worker_pid"]), csi_node.log_text()
         assert state["restarts"] == 0  # a new publish, not the watcher
         (target / "after-recovery.txt").write_text("ok")
         assert (backing_dir / "after-recovery.txt").read_text() == "ok"

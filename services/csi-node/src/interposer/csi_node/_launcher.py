@@ -269,7 +269,9 @@ class LocalProcessLauncher:
         child = self._children.get(pid)
         if child is not None:
             if child.poll() is None:
-                return True
+                # poll() also says None when it cannot take Popen's waitpid lock; a
+                # killed child may already be a zombie. Ask /proc too.
+                return _is_worker_of(pid, volume_id)
             del self._children[pid]
             return False
         return _is_worker_of(pid, volume_id)
