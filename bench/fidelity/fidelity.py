@@ -1,28 +1,40 @@
 """Fidelity benchmark: does the application see what the layers emulate?
 
-For each scenario (every profile, single throttle and delay settings, and a stack
-of do-nothing layers vs bare passthrough) it mounts a fuse-worker with that
-policy, runs fio against the mount at queue depth 1 and 16 (``numjobs`` psync
-jobs, so it works buffered and direct alike), with buffered and direct I/O, and
-prints target vs achieved bandwidth, IOPS and latency p50/p99 with their ratio.
+For each scenario (every profile, single throttle settings, fixed and log-normal
+delays in both delay modes, and a stack of do-nothing layers vs bare passthrough)
+it mounts a fuse-worker with that policy over one shared backing directory, runs
+fio against the mount at queue depth 1 and 16 (``numjobs`` psync jobs, so it
+works buffered and direct alike), with buffered and direct I/O, and prints
+target vs achieved bandwidth, IOPS and latency p50/p99 with their ratio.
 
 Usage (as root, from the repo's venv)::
 
-    .venv/bin/python bench/fidelity/fidelity.py            # full run (minutes; quiet machine)
-    .venv/bin/python bench/fidelity/fidelity.py --quick    # smoke run (~20 s)
+    .venv/bin/python bench/fidelity/fidelity.py            # every scenario, ~10 min (quiet machine)
+    .venv/bin/python bench/fidelity/fidelity.py --quick    # every scenario, 1 s each (~1 min, smoke)
+    .venv/bin/python bench/fidelity/fidelity.py --noop     # do-nothing stack vs bare only, alternated
+    .venv/bin/python bench/fidelity/fidelity.py --only 'delay-*' --only profile-gp3
+
+The fio files are laid out in the backing directory once, *before* any worker
+mounts it, so no policy (a 40 MiB/s throttle, a 40 ms delay per op) slows the
+layout down; every scenario then reads the same files through its own mount.
 
 Targets: a throttle's bandwidth/IOPS is its configured rate; a delay's latency
-p50 is the distribution's median (the layers add to the backing store's own
-latency, which the "bare" scenario shows); where several limits apply the target
-is the tightest one (e.g. IOPS at QD1 with a 1 ms delay is at most 1000).
+p50/p99 are the quantiles of its distribution (``layers.quantile``). In ``add``
+mode the achieved latency is that plus the request's own service time (the
+"bare" scenario shows it), in ``floor`` mode it should be the target itself.
+Where several limits apply the target is the tightest one: IOPS at most
+``qd / mean latency`` (Little's law) and at most the throttle's; when a
+throttle binds, the p50 target is ``qd / IOPS`` and there is no p99 target.
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import math
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,32 +42,42 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from interposer.proto.profiles import PROFILES
+from interposer.fuse_worker.layers import quantile
+from interposer.proto import DelayLayer, ProfileLayer, ThrottleLayer, decode_policy
+from interposer.proto.profiles import PROFILES, expand_profile
 
 MIB = 1 << 20
-#: Default fio run time per measurement, seconds (full mode).
-DEFAULT_RUNTIME_S = 20.0
+#: fio run time per measurement, seconds (full mode): 13 scenarios x 4 modes x 10 s ~ 9 min of fio.
+DEFAULT_RUNTIME_S = 10.0
 #: fio run time per measurement in --quick mode, seconds.
 QUICK_RUNTIME_S = 1.0
-#: Size of each fio job's file, bytes (full / quick).
+#: Bytes of the fio files per queue depth (one file at QD1, qd files of size/qd above), full / quick.
 DEFAULT_FILE_BYTES = 256 * MIB
 QUICK_FILE_BYTES = 8 * MIB
 #: How long to wait for a worker to mount, seconds.
 MOUNT_TIMEOUT_S = 15.0
+#: Queue depths and I/O modes measured (full mode); --quick and --noop use fewer.
+FULL_MODES = [(qd, direct) for qd in (1, 16) for direct in (True, False)]
+QUICK_MODES = [(1, True), (16, False)]
+#: Quantile levels printed for latency.
+P50, P99 = 0.5, 0.99
+#: Bins of the numeric mean of a delay distribution (mean = integral of its quantile function).
+MEAN_BINS = 2000
 
 
 @dataclass
 class Target:
-    """What a scenario should achieve; None = not a target of this scenario."""
+    """What a scenario should achieve at one queue depth; None = not a target of this scenario."""
 
     bw_bytes_per_s: float | None = None
     iops: float | None = None
     lat_p50_s: float | None = None
+    lat_p99_s: float | None = None
 
 
 @dataclass
 class Scenario:
-    """A policy, the fio workload that probes it, and its targets per queue depth."""
+    """A policy and the fio workload that probes it."""
 
     name: str
     layers: list[dict]
@@ -63,50 +85,73 @@ class Scenario:
     bs: int = 4096
     targets: dict[int, Target] = field(default_factory=dict)  # queue depth → target
 
+    def __post_init__(self) -> None:
+        if not self.targets:
+            self.targets = {qd: targets_of(self.layers, self.bs, qd) for qd in (1, 16)}
 
-def _profile_targets(name: str, bs: int) -> dict[int, Target]:
-    """Tightest of the profile's IOPS, bandwidth and latency limits, for read workloads."""
-    iops_limit, bw_limit, median_s = math.inf, math.inf, 0.0
-    for layer in PROFILES[name].layers:
-        kind = type(layer).__name__
-        if kind == "ThrottleLayer" and (not layer.ops or "read" in layer.ops):
-            iops_limit = min(iops_limit, layer.iops or math.inf)
-            bw_limit = min(bw_limit, layer.rate_bytes_per_s or math.inf)
-        elif kind == "DelayLayer":
-            dist = layer.resolved_distribution
-            median_s += {"fixed": lambda d: d.delay_s, "uniform": lambda d: (d.min_s + d.max_s) / 2,
-                         "normal": lambda d: d.mean_s, "lognormal": lambda d: d.median_s,
-                         "pareto": lambda d: d.scale_s * 2 ** (1 / d.alpha)}[type(dist).__name__.removesuffix("Distribution").lower()](dist)
-    out = {}
-    for qd in (1, 16):
-        iops = min(iops_limit, bw_limit / bs, qd / median_s if median_s else math.inf)
-        out[qd] = Target(bw_bytes_per_s=iops * bs, iops=iops, lat_p50_s=median_s or None)
+
+def _read_layers(layers: list[dict]) -> list:
+    """The validated layers of a policy, profiles expanded, keeping those that act on reads."""
+    out = []
+    for layer in decode_policy(json.dumps({"layers": layers})).layers:
+        for part in expand_profile(layer) if isinstance(layer, ProfileLayer) else [layer]:
+            if not part.ops or "read" in part.ops:
+                out.append(part)
     return out
 
 
-def scenarios(quick: bool) -> list[Scenario]:
-    """The scenarios to run (a small subset in quick mode)."""
-    noop = [{"type": "fault", "probability": 0.0}, {"type": "delay", "delay_s": 0.0},
-            {"type": "throttle", "rate_bytes_per_s": 1 << 40, "iops": 1 << 30},
-            {"type": "metadata", "time_jitter_s": 0}]
+def targets_of(layers: list[dict], bs: int, qd: int) -> Target:
+    """Targets of a read workload of ``bs``-byte requests at queue depth ``qd`` under ``layers``.
+
+    Bandwidth and IOPS: the tightest of the throttles (bytes/s, ops/s) and of
+    ``qd / mean delay`` (Little's law; the mean is the integral of the quantile
+    function, so caps and probabilities count). Latency: the delay's p50/p99
+    (summed over delay layers: exact for one, an upper bound for more), or
+    ``qd / IOPS`` when a throttle is what limits the rate.
+    """
+    iops_limit, bw_limit = math.inf, math.inf
+    p50 = p99 = mean = 0.0
+    for layer in _read_layers(layers):
+        if isinstance(layer, ThrottleLayer):
+            iops_limit = min(iops_limit, layer.iops or math.inf)
+            bw_limit = min(bw_limit, layer.rate_bytes_per_s or math.inf)
+        elif isinstance(layer, DelayLayer):
+            dist, kw = layer.resolved_distribution, {"max_s": layer.max_s, "probability": layer.probability}
+            p50 += quantile(dist, P50, **kw)
+            p99 += quantile(dist, P99, **kw)
+            mean += sum(quantile(dist, (i + 0.5) / MEAN_BINS, **kw) for i in range(MEAN_BINS)) / MEAN_BINS
+    throttled = min(iops_limit, bw_limit / bs)
+    delayed = qd / mean if mean else math.inf
+    iops = min(throttled, delayed)
+    if math.isinf(iops):
+        return Target()
+    if throttled < delayed:
+        return Target(bw_bytes_per_s=iops * bs, iops=iops, lat_p50_s=qd / iops)
+    return Target(bw_bytes_per_s=iops * bs, iops=iops, lat_p50_s=p50, lat_p99_s=p99)
+
+
+NOOP_LAYERS = [
+    {"type": "fault", "probability": 0.0},
+    {"type": "delay", "delay_s": 0.0},
+    {"type": "throttle", "rate_bytes_per_s": 1 << 40, "iops": 1 << 30},
+    {"type": "metadata", "time_jitter_s": 0},
+]
+
+
+def scenarios() -> list[Scenario]:
+    """Every scenario, in the order they run ("bare" first: "noop-stack" is compared with it)."""
+    delays = {"fixed-2ms": {"delay_s": 0.002},
+              "lognormal-1ms": {"distribution": {"type": "lognormal", "median_s": 0.001, "sigma": 0.5}}}
     out = [
-        Scenario("bare", [], rw="read", bs=128 * 1024),
-        Scenario("noop-stack", noop, rw="read", bs=128 * 1024),
-        Scenario("throttle-20MiB/s", [{"type": "throttle", "rate_bytes_per_s": 20 * MIB}], rw="read", bs=128 * 1024,
-                 targets={qd: Target(bw_bytes_per_s=20 * MIB) for qd in (1, 16)}),
-        Scenario("throttle-500iops", [{"type": "throttle", "iops": 500}],
-                 targets={qd: Target(iops=500) for qd in (1, 16)}),
-        Scenario("delay-fixed-2ms", [{"type": "delay", "delay_s": 0.002, "ops": ["read"]}],
-                 targets={1: Target(lat_p50_s=0.002, iops=500), 16: Target(lat_p50_s=0.002, iops=8000)}),
-        Scenario("delay-lognormal-1ms", [{"type": "delay", "ops": ["read"],
-                                          "distribution": {"type": "lognormal", "median_s": 0.001, "sigma": 0.5}}],
-                 targets={qd: Target(lat_p50_s=0.001) for qd in (1, 16)}),
+        Scenario("bare", [], rw="read", bs=128 * 1024, targets={1: Target(), 16: Target()}),
+        Scenario("noop-stack", NOOP_LAYERS, rw="read", bs=128 * 1024, targets={1: Target(), 16: Target()}),
+        Scenario("throttle-20MiB/s", [{"type": "throttle", "rate_bytes_per_s": 20 * MIB}], rw="read",
+                 bs=128 * 1024),
+        Scenario("throttle-500iops", [{"type": "throttle", "iops": 500}]),
     ]
-    out += [Scenario(f"profile-{name}", [{"type": "profile", "name": name}], targets=_profile_targets(name, 4096))
-            for name in PROFILES]
-    if quick:
-        keep = {"bare", "noop-stack", "throttle-20MiB/s", "delay-fixed-2ms", "profile-gp3"}
-        out = [s for s in out if s.name in keep]
+    out += [Scenario(f"delay-{name}-{mode}", [{"type": "delay", "ops": ["read"], "mode": mode, **spec}])
+            for name, spec in delays.items() for mode in ("add", "floor")]
+    out += [Scenario(f"profile-{name}", [{"type": "profile", "name": name}]) for name in PROFILES]
     return out
 
 
@@ -122,14 +167,13 @@ def _is_fuse_mount(path: Path) -> bool:
 class Mount:
     """A fuse-worker serving ``backing`` at ``mountpoint`` with a policy, as a context manager."""
 
-    def __init__(self, work: Path, layers: list[dict]) -> None:
-        self.backing, self.mountpoint = work / "backing", work / "mnt"
-        self.backing.mkdir(exist_ok=True)
-        self.mountpoint.mkdir(exist_ok=True)
-        policy = work / "policy.json"
+    def __init__(self, backing: Path, mountpoint: Path, layers: list[dict]) -> None:
+        self.mountpoint = mountpoint
+        mountpoint.mkdir(exist_ok=True)
+        policy = mountpoint.parent / "policy.json"
         policy.write_text(json.dumps({"layers": layers}))
-        self.argv = [sys.executable, "-m", "interposer.fuse_worker", "--backing-dir", str(self.backing),
-                     "--mountpoint", str(self.mountpoint), "--policy-file", str(policy), "--log-level", "WARNING"]
+        self.argv = [sys.executable, "-m", "interposer.fuse_worker", "--backing-dir", str(backing),
+                     "--mountpoint", str(mountpoint), "--policy-file", str(policy), "--log-level", "WARNING"]
 
     def __enter__(self) -> Mount:
         self.proc = subprocess.Popen(self.argv)
@@ -147,15 +191,32 @@ class Mount:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+            subprocess.run(["fusermount3", "-uz", str(self.mountpoint)], check=False, capture_output=True)
+
+
+def _fio_argv(directory: Path, qd: int, file_bytes: int) -> list[str]:
+    """fio options naming and sizing the files of queue depth ``qd`` (the same for layout and runs)."""
+    return [shutil.which("fio") or "fio", f"--name=fidelity-qd{qd}", f"--directory={directory}",
+            f"--numjobs={qd}", f"--size={file_bytes // qd}", "--ioengine=psync"]
+
+
+def lay_out(backing: Path, qds: set[int], file_bytes: int) -> None:
+    """Create the fio files of every queue depth directly in ``backing``, before any mount."""
+    for qd in sorted(qds):
+        argv = [*_fio_argv(backing, qd, file_bytes), "--rw=write", "--bs=128k", "--create_only=1"]
+        proc = subprocess.run(argv, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"fio layout failed ({proc.returncode}): {' '.join(argv)}\n{proc.stderr}")
 
 
 def run_fio(directory: Path, scenario: Scenario, qd: int, direct: bool, runtime_s: float, file_bytes: int) -> dict:
-    """Run fio; return ``{bw, iops, p50, p99}`` of reads (bytes/s, ops/s, seconds)."""
-    argv = [shutil.which("fio") or "fio", "--name=fidelity", f"--directory={directory}", "--ioengine=psync",
-            f"--direct={int(direct)}", f"--bs={scenario.bs}", f"--rw={scenario.rw}", f"--numjobs={qd}",
-            f"--size={file_bytes // qd if qd > 1 else file_bytes}", "--group_reporting", "--output-format=json",
-            "--time_based", f"--runtime={runtime_s:g}s", "--percentile_list=50:99"]
-    proc = subprocess.run(argv, capture_output=True, text=True, check=True)
+    """Run fio; return ``{bw, iops, p50, p99}`` of reads (bytes/s, ops/s, seconds, seconds)."""
+    argv = [*_fio_argv(directory, qd, file_bytes), f"--direct={int(direct)}", f"--bs={scenario.bs}",
+            f"--rw={scenario.rw}", "--group_reporting", "--output-format=json", "--time_based",
+            f"--runtime={runtime_s:g}s", f"--percentile_list={P50 * 100:g}:{P99 * 100:g}"]
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"fio failed ({proc.returncode}): {' '.join(argv)}\n{proc.stderr}")
     read = json.loads(proc.stdout[proc.stdout.find("{"):])["jobs"][0]["read"]
     pct = read["clat_ns"].get("percentile", {})
     return {"bw": float(read["bw_bytes"]), "iops": float(read["iops"]),
@@ -172,35 +233,103 @@ def _fmt(value: float | None, unit: str) -> str:
     return f"{value:.0f}"
 
 
-def main() -> None:
-    """Run the scenarios and print the table."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke mode: few scenarios, QD1 direct, 1 s each")
-    parser.add_argument("--runtime-s", type=float, default=None, help="fio run time per measurement, seconds")
-    args = parser.parse_args()
-    runtime_s = args.runtime_s or (QUICK_RUNTIME_S if args.quick else DEFAULT_RUNTIME_S)
-    file_bytes = QUICK_FILE_BYTES if args.quick else DEFAULT_FILE_BYTES
-    modes = [(1, True)] if args.quick else [(qd, direct) for qd in (1, 16) for direct in (True, False)]
-    header = f"{'scenario':<22} {'qd':>2} {'io':<8} {'metric':<6} {'target':>12} {'achieved':>12} {'ratio':>6}"
-    print(header)
-    print("-" * len(header))
+HEADER = f"{'scenario':<24} {'qd':>2} {'io':<8} {'metric':<6} {'target':>12} {'achieved':>12} {'ratio':>6}"
+
+
+def _row(name: str, qd: int, direct: bool, metric: str, want: float | None, have: float, unit: str) -> str:
+    ratio = f"{have / want:.2f}" if want else "-"
+    io = "direct" if direct else "buffered"
+    return f"{name:<24} {qd:>2} {io:<8} {metric:<6} {_fmt(want, unit):>12} {_fmt(have, unit):>12} {ratio:>6}"
+
+
+def run_table(chosen: list[Scenario], modes: list[tuple[int, bool]], work: Path, runtime_s: float,
+              file_bytes: int) -> None:
+    """Measure every scenario in every mode and print one row per metric."""
+    print(HEADER)
+    print("-" * len(HEADER), flush=True)
     bare_bw: dict[tuple[int, bool], float] = {}
-    for scenario in scenarios(args.quick):
-        with tempfile.TemporaryDirectory(prefix="interposer-fidelity-") as tmp, Mount(Path(tmp), scenario.layers) as m:
+    for scenario in chosen:
+        with Mount(work / "backing", work / "mnt", scenario.layers) as mount:
             for qd, direct in modes:
-                got = run_fio(m.mountpoint, scenario, qd, direct, runtime_s, file_bytes)
-                io = "direct" if direct else "buffered"
+                got = run_fio(mount.mountpoint, scenario, qd, direct, runtime_s, file_bytes)
                 target = scenario.targets.get(qd, Target())
                 if scenario.name == "bare":
                     bare_bw[(qd, direct)] = got["bw"]
-                if scenario.name == "noop-stack":
+                elif scenario.name == "noop-stack":
                     target = Target(bw_bytes_per_s=bare_bw.get((qd, direct)))
-                rows = [("bw", target.bw_bytes_per_s, got["bw"], "B/s"), ("iops", target.iops, got["iops"], ""),
-                        ("p50", target.lat_p50_s, got["p50"], "s"), ("p99", None, got["p99"], "s")]
-                for metric, want, have, unit in rows:
-                    ratio = f"{have / want:.2f}" if want else "-"
-                    print(f"{scenario.name:<22} {qd:>2} {io:<8} {metric:<6} {_fmt(want, unit):>12} "
-                          f"{_fmt(have, unit):>12} {ratio:>6}", flush=True)
+                for metric, want, have, unit in (
+                    ("bw", target.bw_bytes_per_s, got["bw"], "B/s"), ("iops", target.iops, got["iops"], ""),
+                    ("p50", target.lat_p50_s, got["p50"], "s"), ("p99", target.lat_p99_s, got["p99"], "s"),
+                ):
+                    print(_row(scenario.name, qd, direct, metric, want, have, unit), flush=True)
+
+
+def run_noop(modes: list[tuple[int, bool]], work: Path, runtime_s: float, file_bytes: int, repeat: int) -> None:
+    """Do-nothing stack vs bare passthrough, alternated ``repeat`` times per mode; median ratio per mode.
+
+    Issue #4's goal: the do-nothing stack keeps at least 0.90 of bare bandwidth.
+    """
+    by_name = {s.name: s for s in scenarios()}
+    bare, noop = by_name["bare"], by_name["noop-stack"]
+    print(f"{'qd':>2} {'io':<8} {'round':>5} {'bare':>12} {'noop-stack':>12} {'ratio':>6}")
+    for qd, direct in modes:
+        ratios = []
+        for round_ in range(repeat):
+            bw = {}
+            for scenario in (bare, noop) if round_ % 2 == 0 else (noop, bare):
+                with Mount(work / "backing", work / "mnt", scenario.layers) as mount:
+                    bw[scenario.name] = run_fio(mount.mountpoint, scenario, qd, direct, runtime_s, file_bytes)["bw"]
+            ratios.append(bw["noop-stack"] / bw["bare"])
+            print(f"{qd:>2} {'direct' if direct else 'buffered':<8} {round_ + 1:>5} {_fmt(bw['bare'], 'B/s'):>12} "
+                  f"{_fmt(bw['noop-stack'], 'B/s'):>12} {ratios[-1]:>6.2f}", flush=True)
+        verdict = "meets" if statistics.median(ratios) >= 0.90 else "misses"
+        print(f"{qd:>2} {'direct' if direct else 'buffered':<8} median ratio {statistics.median(ratios):.3f} "
+              f"({verdict} the >= 0.90 goal)", flush=True)
+
+
+def main() -> None:
+    """Lay out the files, then run the chosen scenarios and print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help=f"smoke mode: every scenario, QD1 direct and QD16 buffered, {QUICK_RUNTIME_S:g} s each")
+    parser.add_argument("--noop", action="store_true",
+                        help="only the do-nothing stack vs bare, alternated --repeat times per mode")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds of each mode with --noop (default 3)")
+    parser.add_argument("--only", action="append", default=[], metavar="GLOB",
+                        help="run only scenarios whose name matches GLOB (repeatable; 'bare' is added for "
+                             "'noop-stack')")
+    parser.add_argument("--runtime-s", type=float, default=None, help="fio run time per measurement, seconds")
+    parser.add_argument("--work-dir", type=Path, default=None,
+                        help="where the backing files and the mount go (default: a fresh temporary directory)")
+    parser.add_argument("--list", action="store_true", help="print the scenarios with their targets and exit")
+    args = parser.parse_args()
+    runtime_s = args.runtime_s or (QUICK_RUNTIME_S if args.quick else DEFAULT_RUNTIME_S)
+    file_bytes = QUICK_FILE_BYTES if args.quick else DEFAULT_FILE_BYTES
+    modes = QUICK_MODES if args.quick else FULL_MODES
+    chosen = scenarios()
+    if args.only:
+        wanted = {s.name for s in chosen if any(fnmatch.fnmatchcase(s.name, g) for g in args.only)}
+        if "noop-stack" in wanted:
+            wanted.add("bare")
+        chosen = [s for s in chosen if s.name in wanted]
+        if not chosen:
+            parser.error(f"no scenario matches {args.only}; --list shows them")
+    if args.list:
+        for s in chosen:
+            print(s.name, json.dumps(s.layers), {qd: t for qd, t in s.targets.items()})
+        return
+    with tempfile.TemporaryDirectory(prefix="interposer-fidelity-", dir=args.work_dir) as tmp:
+        work = Path(tmp)
+        (work / "backing").mkdir()
+        started = time.monotonic()
+        lay_out(work / "backing", {qd for qd, _ in modes}, file_bytes)
+        print(f"# fio files laid out in {time.monotonic() - started:.1f} s (before any policy); "
+              f"fio {runtime_s:g} s per measurement", flush=True)
+        if args.noop:
+            run_noop(modes, work, runtime_s, file_bytes, args.repeat)
+        else:
+            run_table(chosen, modes, work, runtime_s, file_bytes)
+        print(f"# total {time.monotonic() - started:.0f} s", flush=True)
 
 
 if __name__ == "__main__":

@@ -26,11 +26,15 @@ def test_every_layer_kind_round_trips() -> None:
         {"type": "throttle", "iops": 3000, "rate_bytes_per_s": 1 << 27, "burst_ops": 10},
         {"type": "quota", "bytes": 1 << 20, "inodes": 100, "errno": "EDQUOT", "expires_at": 4102444800},
         {"type": "metadata", "mode": 0o600, "uid": 1000, "time_jitter_s": 5, "ops": ["getattr"]},
+        {"type": "metadata", "readdir_order": "shuffle", "seed": 3, "path_glob": "/big"},
+        {"type": "delay", "delay_s": 0.002, "mode": "floor"},
         {"type": "profile", "name": "gp3", "path_glob": "/data/*"},
     ]})
     policy = decode_policy(text)
     assert decode_policy(encode_policy(policy)) == policy
     assert policy.layers[3].resolved_distribution == LognormalDistribution(median_s=0.001, sigma=0.5)
+    assert policy.layers[3].mode == "add" and policy.layers[9].mode == "floor"
+    assert policy.layers[7].readdir_order == "backend" and policy.layers[8].readdir_order == "shuffle"
 
 
 def test_delay_s_still_means_a_fixed_delay() -> None:
@@ -66,6 +70,12 @@ def test_delay_s_still_means_a_fixed_delay() -> None:
     ({"type": "quota", "bytes": 10, "path_glob": "/a"}, "whole volume"),
     ({"type": "metadata", "mode": 0o17777}, "$.layers[0].mode"),
     ({"type": "metadata", "ops": ["read"]}, "metadata layers act only on"),
+    ({"type": "delay", "delay_s": 0.1, "mode": "ceiling"}, "$.layers[0].mode"),
+    ({"type": "delay", "delay_s": 0.1, "mode": 1}, "$.layers[0].mode"),
+    ({"type": "metadata", "readdir_order": "random"}, "$.layers[0].readdir_order"),
+    ({"type": "metadata", "readdir_order": "shuffle", "ops": ["getattr"]}, "fields `ops` and `readdir_order`"),
+    ({"type": "metadata", "ops": ["opendir"]}, "fields `ops` and `readdir_order`"),
+    ({"type": "metadata", "ops": ["readdir"], "readdir_order": "shuffle"}, "metadata layers act only on"),
     ({"type": "profile", "name": "floppy"}, "$.layers[0].name"),
 ])
 def test_bad_layers_are_rejected_with_the_field(layer: dict, expected: str) -> None:

@@ -88,7 +88,7 @@ def test_on_open_fails_opens_only() -> None:
     stack = Stack(Policy(layers=[FaultLayer(on="open", errno="EACCES")]), 1)
     assert set(stack.chains) == {"open", "create", "opendir"}
     assert _errnos(stack, 1, "open") == [errno.EACCES]
-    assert not stack.touches_data("/f")
+    assert not stack.needs_direct_io("/f")
 
 
 def test_short_read_returns_a_prefix_and_is_recorded() -> None:
@@ -250,7 +250,7 @@ def test_iops_and_bandwidth_together_wait_for_the_slower() -> None:
 def test_profile_expands_into_its_layers() -> None:
     stack = Stack(Policy(layers=[ProfileLayer(name="gp3")]), 1)
     assert [type(layer).__name__ for layer in stack.layers] == ["Throttle", "Delay"]
-    assert stack.layers[0].ops_bucket.rate_bytes_per_s == 3000 and stack.touches_data("/x")
+    assert stack.layers[0].ops_bucket.rate_bytes_per_s == 3000 and stack.needs_direct_io("/x")
 
 
 # ---- expiry ----------------------------------------------------------------------------------
@@ -370,7 +370,7 @@ def test_walk_usage_counts_bytes_once_per_inode(tmp_path) -> None:
 def test_metadata_overrides_and_jitters_attributes() -> None:
     stack = Stack(Policy(layers=[MetadataLayer(mode=0o600, uid=1234, size=7, mtime=1e9, time_jitter_s=2,
                                                path_glob="/meta/*", seed=3)]), 1)
-    assert "read" not in stack.chains and not stack.touches_data("/meta/x")
+    assert "read" not in stack.chains and not stack.needs_direct_io("/meta/x")
 
     def attrs() -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()

@@ -138,3 +138,42 @@ def test_fault_records_are_published_on_the_bus(mount_worker, nats_url) -> None:
     listener.join(15)
     kinds = sorted((r.kind, r.errno, r.op, r.path, r.layer, r.volume) for r in records)
     assert kinds == [("errno", "EIO", "write", "/w", 0, volume), ("short_read", "", "read", "/r", 1, volume)]
+
+
+def _served_from_cache(vol, name: str) -> bool:
+    """Read ``name`` through the mount, change its backing bytes behind the kernel's back, read again.
+
+    The backing file keeps its size and mtime (restored to the nanosecond), so the
+    kernel has no reason to drop its page cache (FUSE invalidates cached data on a
+    size or mtime change); the second read through the same descriptor returns the
+    old bytes if it was served from the page cache, the new ones if it reached the
+    worker (FOPEN_DIRECT_IO).
+    """
+    backing = vol.backing / name
+    backing.write_bytes(b"a" * 4096)
+    fd = os.open(vol.mountpoint / name, os.O_RDONLY)
+    try:
+        assert os.pread(fd, 4096, 0) == b"a" * 4096
+        st = os.stat(backing)
+        with open(backing, "r+b") as f:
+            f.write(b"b" * 4096)
+        os.utime(backing, ns=(st.st_atime_ns, st.st_mtime_ns))
+        again = os.pread(fd, 4096, 0)
+    finally:
+        os.close(fd)
+    assert again in (b"a" * 4096, b"b" * 4096)
+    return again == b"a" * 4096
+
+
+def test_do_nothing_layers_keep_the_page_cache_and_a_read_layer_bypasses_it(mount_worker) -> None:
+    do_nothing = [
+        {"type": "fault", "probability": 0.0},
+        {"type": "delay", "delay_s": 0.0},
+        {"type": "throttle", "rate_bytes_per_s": 1 << 40, "iops": 1 << 30},
+        {"type": "metadata", "time_jitter_s": 0},
+        {"type": "delay", "delay_s": 0.01, "ops": ["write"], "path_glob": "/w*"},  # acts on writes only
+        {"type": "delay", "delay_s": 0.0001, "ops": ["read"], "path_glob": "/slow*"},
+    ]
+    vol = mount_worker(policy=_policy(*do_nothing))
+    assert _served_from_cache(vol, "plain") and _served_from_cache(vol, "written")
+    assert not _served_from_cache(vol, "slow")

@@ -241,8 +241,12 @@ Distribution = Union[
 ]
 
 
+#: How a delay layer uses its draw: see :class:`DelayLayer`.
+DelayMode = Literal["add", "floor"]
+
+
 class DelayLayer(_Layer, tag="delay", kw_only=True):
-    """Delay matching ops before passing them on.
+    """Delay matching ops.
 
     Give either ``delay_s`` (a fixed delay, as before distributions existed) or
     ``distribution``. Every draw is capped at ``max_s``.
@@ -255,6 +259,12 @@ class DelayLayer(_Layer, tag="delay", kw_only=True):
         max_s: cap of every drawn delay, seconds (default and most: 60).
         seed: seed of this layer's own random source, for reproducible runs;
             ``None`` = the worker's shared random source.
+        mode: what the draw means. ``add`` (default): sleep the draw, then pass
+            the op on, so the op takes the draw *plus* its own service time.
+            ``floor``: the draw is a latency target; pass the op on first, then
+            sleep ``max(0, draw - time the layers below and the backend took)``,
+            so the op takes ``max(draw, own service time)`` (an emulated device
+            with that latency). A failed op is held the same way.
     """
 
     delay_s: DelaySeconds | None = None
@@ -262,6 +272,7 @@ class DelayLayer(_Layer, tag="delay", kw_only=True):
     probability: Probability = 1.0
     max_s: DelaySeconds = MAX_DELAY_S
     seed: Annotated[int, msgspec.Meta(ge=0, le=MAX_SEED)] | None = None
+    mode: DelayMode = "add"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -335,8 +346,13 @@ class QuotaLayer(_Layer, tag="quota", kw_only=True):
             raise ValueError("fields `ops`/`path_glob`: a quota applies to the whole volume")
 
 
+#: Order of directory listings under a metadata layer: see :class:`MetadataLayer`.
+ReaddirOrder = Literal["backend", "shuffle", "hash"]
+
+
 class MetadataLayer(_Layer, tag="metadata", kw_only=True):
-    """Override and jitter the attributes lookup/getattr/setattr/create/mkdir/… return.
+    """Override and jitter the attributes lookup/getattr/setattr/create/mkdir/… return,
+    and reorder directory listings.
 
     Attributes:
         size: ``st_size`` reported, bytes.
@@ -349,6 +365,14 @@ class MetadataLayer(_Layer, tag="metadata", kw_only=True):
         ctime: ``st_ctime`` reported, seconds since the Unix epoch.
         time_jitter_s: add a uniform random offset in ``[-j, +j]`` seconds to each
             timestamp (after overrides); 0 = none.
+        readdir_order: order of the entries a directory listing returns:
+            ``backend`` (default: as the backend lists them), ``shuffle`` (a new
+            random permutation for every opendir; one handle keeps its order, so
+            several readdir calls, rewinddir and seekdir stay consistent) or
+            ``hash`` (sorted by a hash of the name keyed by ``seed``: the same
+            order for every opendir while the seed stays, as in a hash-indexed
+            directory such as ext4's ``dir_index``). ``.`` and ``..`` stay first.
+            Acts at ``opendir`` on directories whose path matches ``path_glob``.
         seed: seed of this layer's own random source; ``None`` = shared source.
     """
 
@@ -361,17 +385,44 @@ class MetadataLayer(_Layer, tag="metadata", kw_only=True):
     mtime: Annotated[float, msgspec.Meta(ge=0.0, le=1e11)] | None = None
     ctime: Annotated[float, msgspec.Meta(ge=0.0, le=1e11)] | None = None
     time_jitter_s: Annotated[float, msgspec.Meta(ge=0.0, le=MAX_EXPIRES_AFTER_S)] = 0.0
+    readdir_order: ReaddirOrder = "backend"
     seed: Annotated[int, msgspec.Meta(ge=0, le=MAX_SEED)] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        extra = sorted(set(self.ops) - METADATA_OPS)
+        allowed = METADATA_OPS | READDIR_ORDER_OPS
+        extra = sorted(set(self.ops) - allowed)
         if extra:
-            raise ValueError(f"field `ops`: metadata layers act only on {sorted(METADATA_OPS)}, not {extra}")
+            raise ValueError(f"field `ops`: metadata layers act only on {sorted(allowed)}, not {extra}")
+        if self.ops and self.readdir_order != "backend" and not self.ops & READDIR_ORDER_OPS:
+            raise ValueError("fields `ops` and `readdir_order`: the order is chosen at opendir; "
+                             "add \"opendir\" to `ops` or leave `ops` empty")
+        if self.readdir_order == "backend" and self.ops & READDIR_ORDER_OPS:
+            raise ValueError("fields `ops` and `readdir_order`: \"opendir\" only serves `readdir_order`, "
+                             "which is \"backend\" (set it to \"shuffle\" or \"hash\")")
+
+    @property
+    def alters_attributes(self) -> bool:
+        """True if the layer changes attributes (an override or a timestamp jitter is set)."""
+        return self.time_jitter_s > 0.0 or any(
+            value is not None
+            for value in (self.size, self.mode, self.nlink, self.uid, self.gid, self.atime, self.mtime, self.ctime)
+        )
+
+    @property
+    def default_ops(self) -> frozenset[str]:
+        """The ops the layer acts on when ``ops`` is empty: the attribute replies if it
+        alters attributes, ``opendir`` if it reorders listings, else the attribute replies."""
+        reorders = self.readdir_order != "backend"
+        if reorders and not self.alters_attributes:
+            return READDIR_ORDER_OPS
+        return METADATA_OPS | READDIR_ORDER_OPS if reorders else METADATA_OPS
 
 
 #: Ops whose reply carries attributes a metadata layer can alter.
 METADATA_OPS: frozenset[str] = frozenset({"lookup", "getattr", "setattr", "create", "mkdir", "mknod", "symlink", "link"})
+#: The op at which a metadata layer fixes the order of a directory listing.
+READDIR_ORDER_OPS: frozenset[str] = frozenset({"opendir"})
 
 
 class ProfileLayer(_Layer, tag="profile", kw_only=True):

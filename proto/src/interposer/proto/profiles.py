@@ -7,6 +7,12 @@ inherit the profile layer's ``path_glob`` and expiry. Every number comes with th
 published source it was taken from; where a source gives a range, the value used
 and the reason are written beside it.
 
+Where the published figure is a device's latency (the disks), the delay layer
+uses ``mode="floor"``: the figure is a target the op's total latency is raised
+to, not an amount added to the backing store's own service time. Where it is a
+network round trip that adds to the server's work (``wan-nfs``), the delay is
+added (``mode="add"``).
+
 Limits of the emulation (see docs/layers.md): a FUSE file system sees requests
 of at most 128 KiB (the kernel splits larger ones), so IOPS limits count FUSE
 requests, not the provider's I/O units; and a delay layer cannot tell sequential
@@ -60,11 +66,11 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
             "AWS EBS User Guide, 'General Purpose SSD volumes': gp3 baseline 3,000 IOPS and 125 MiB/s "
             "throughput at any size, 'single-digit millisecond latency' "
             "(https://docs.aws.amazon.com/ebs/latest/userguide/general-purpose.html); latency modelled "
-            "as log-normal, median 1 ms, sigma 0.3"
+            "as log-normal, median 1 ms, sigma 0.3, the total latency of an op (floor)"
         ),
         layers=(
             ThrottleLayer(iops=3000, rate_bytes_per_s=125 * MIB),
-            DelayLayer(ops=frozenset({"read", "write"}),
+            DelayLayer(ops=frozenset({"read", "write"}), mode="floor",
                        distribution=LognormalDistribution(median_s=0.001, sigma=0.3)),
         ),
     ),
@@ -75,11 +81,11 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
             "AWS EBS User Guide, 'Throughput Optimized HDD volumes': baseline 40 MiB/s per TiB, burst "
             "250 MiB/s per TiB, max 500 IOPS (1 MiB I/O) "
             "(https://docs.aws.amazon.com/ebs/latest/userguide/hdd-vols.html); a 1 TiB volume's "
-            "baseline with a 1 s burst bucket; latency as a 7200 rpm disk's random I/O (below)"
+            "baseline with a 1 s burst bucket; latency as a 7200 rpm disk's random I/O (below), a floor"
         ),
         layers=(
             ThrottleLayer(iops=500, rate_bytes_per_s=40 * MIB, burst_bytes=250 * MIB),
-            DelayLayer(ops=frozenset({"read", "write"}),
+            DelayLayer(ops=frozenset({"read", "write"}), mode="floor",
                        distribution=UniformDistribution(min_s=0.0085, max_s=0.0085 + 60 / 7200)),
         ),
     ),
@@ -90,13 +96,13 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
             "Google Cloud, 'Configure disks to meet performance requirements' (Persistent Disk "
             "performance): pd-standard 0.75 read IOPS/GiB, 1.5 write IOPS/GiB, 0.12 MiB/s per GiB "
             "(https://cloud.google.com/compute/docs/disks/performance); a 1024 GiB disk; latency "
-            "log-normal, median 5 ms, sigma 0.5 (HDD-backed network disk)"
+            "log-normal, median 5 ms, sigma 0.5 (HDD-backed network disk), a floor"
         ),
         layers=(
             ThrottleLayer(ops=frozenset({"read"}), iops=768),
             ThrottleLayer(ops=frozenset({"write"}), iops=1536),
             ThrottleLayer(rate_bytes_per_s=int(0.12 * 1024 * MIB)),
-            DelayLayer(ops=frozenset({"read", "write"}),
+            DelayLayer(ops=frozenset({"read", "write"}), mode="floor",
                        distribution=LognormalDistribution(median_s=0.005, sigma=0.5)),
         ),
     ),
@@ -107,7 +113,7 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
             "NFSv3 (RFC 1813) serves each file-system op as one RPC, so every op pays one round trip; "
             "40 ms RTT is a typical cross-region figure (e.g. AWS us-east-1 to us-west-2 is 60-70 ms, "
             "intra-continent 20-40 ms: https://www.cloudping.co); 100 Mbit/s = 12.5 MB/s link; "
-            "RTT jitter normal, sd 2 ms"
+            "RTT jitter normal, sd 2 ms, added to the server's own time"
         ),
         layers=(
             ThrottleLayer(rate_bytes_per_s=100_000_000 // 8),
@@ -120,11 +126,12 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
         source=(
             "7200 rpm = 8.33 ms per revolution (60/7200 s), rotational latency uniform on 0-8.33 ms; "
             "average seek 8.5 ms and sustained transfer 160 MB/s as in Seagate BarraCuda 3.5\" "
-            "(ST1000DM010) data sheet; about 80 random IOPS at queue depth 1"
+            "(ST1000DM010) data sheet; seek + rotation as a floor of each op's latency; about 80 random "
+            "IOPS at queue depth 1"
         ),
         layers=(
             ThrottleLayer(rate_bytes_per_s=160 * MB),
-            DelayLayer(ops=frozenset({"read", "write"}),
+            DelayLayer(ops=frozenset({"read", "write"}), mode="floor",
                        distribution=UniformDistribution(min_s=0.0085, max_s=0.0085 + 60 / 7200)),
         ),
     ),

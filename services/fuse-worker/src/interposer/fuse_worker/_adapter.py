@@ -187,13 +187,14 @@ class InterposerOperations(pyfuse3.Operations):
     def _direct_io(self, flags: int, path: str) -> bool:
         """Whether a file opened with ``flags`` at ``path`` bypasses the page cache (FOPEN_DIRECT_IO).
 
-        Yes when a layer of the current policy may act on its reads or writes (a
-        cached read would hide the fault or delay), and for O_DIRECT opens, which
-        bypass the cache anyway: FOPEN_DIRECT_IO takes the kernel's plain direct path
-        instead of its O_DIRECT emulation, so the cost of a file does not depend on
-        whether a layer happens to be active.
+        Yes when a layer of the current policy can act on its reads, or shorten its
+        writes (``Stack.needs_direct_io``: a cached read would hide the fault or
+        delay, and only FOPEN_DIRECT_IO hands a short count to the application),
+        and for O_DIRECT opens, which bypass the cache anyway: FOPEN_DIRECT_IO takes
+        the kernel's plain direct path instead of its O_DIRECT emulation, so the cost
+        of a file does not depend on whether a layer happens to be active.
         """
-        return bool(flags & os.O_DIRECT) or self.stack.touches_data(path)
+        return bool(flags & os.O_DIRECT) or self.stack.needs_direct_io(path)
 
     async def read(self, fh, off, size):
         backend = self.backend
@@ -233,7 +234,12 @@ class InterposerOperations(pyfuse3.Operations):
     # ---- directories ---------------------------------------------------------------
 
     async def opendir(self, inode, ctx):
-        return await self._serve(self._op("opendir", inode, ctx), lambda: self.backend.opendir(inode, ctx))
+        op = self._op("opendir", inode, ctx)
+        fh = await self._serve(op, lambda: self.backend.opendir(inode, ctx))
+        if op.dir_order is not None:
+            # A metadata layer's readdir_order: fixed once per handle, before any readdir.
+            self.backend.order_dir(fh, op.dir_order)
+        return fh
 
     async def readdir(self, fh, start_id, token):
         ino = self.backend.ino_of_fh(fh)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -12,6 +12,9 @@ BackendCall = Callable[[], Awaitable[Any]]
 #: A layer chain entry point: ``await handler(op, call)`` returns the backend's reply
 #: (or raises ``pyfuse3.FUSEError``).
 Handler = Callable[["Op", BackendCall], Awaitable[Any]]
+#: Order of one directory listing: gets the entry names (without ``.`` and ``..``) and
+#: returns a permutation of their positions (``Backend.order_dir``).
+DirOrder = Callable[[Sequence[bytes]], list[int]]
 
 
 class Op(msgspec.Struct):
@@ -37,6 +40,9 @@ class Op(msgspec.Struct):
             write (the adapter passes ``buf[:short_size]``); -1 = all.
         injected: ``list[Injection]`` of faults layers injected (outcome), ``None``
             if none; each becomes a ``FaultRecord``.
+        dir_order: for ``opendir``: the order a metadata layer chose for the
+            listing (outcome), applied by the adapter through the backend's
+            ``order_dir``; ``None`` = the backend's own order.
     """
 
     name: str
@@ -52,6 +58,7 @@ class Op(msgspec.Struct):
     session: int = 0
     short_size: int = -1
     injected: "list[Injection] | None" = None
+    dir_order: "DirOrder | None" = None
 
     def inject(self, layer: int, kind: str, errno_name: str = "", result: int = 0) -> None:
         """Note a fault layer ``layer`` injected into this op (``fault`` shows the first)."""

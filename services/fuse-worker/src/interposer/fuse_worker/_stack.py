@@ -3,10 +3,13 @@
 A policy is an ordered list of layers. Profile layers are expanded into the
 throttle and delay layers they stand for, and layers whose expiry has passed are
 left out. For every FUSE op name the stack keeps only the layers whose op set can
-match that op, bound inside out (Starlette's ``build_middleware_stack`` pattern),
-so an op no layer targets goes straight to the backend. A layer's runtime object
-(its counters, its token bucket) is shared by all the chains it appears in, and
-by the stack that replaces this one when a layer expires.
+match that op and that can act at all (``runtime.acts``: a fault of probability 0,
+a delay that always draws 0 s, a throttle no worker can reach, a metadata layer
+that changes nothing are compiled out), bound inside out (Starlette's
+``build_middleware_stack`` pattern), so an op no layer acts on goes straight to the
+backend. A layer's runtime object (its counters, its token bucket) is shared by all
+the chains it appears in, and by the stack that replaces this one when a layer
+expires.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from interposer.proto import (
     QuotaLayer,
     ThrottleLayer,
 )
-from interposer.proto.policy import FAULT_KIND_OPS, METADATA_OPS, OPEN_OPS, DataOpName, OpName
+from interposer.proto.policy import FAULT_KIND_OPS, OPEN_OPS, DataOpName, OpName
 from interposer.proto.profiles import expand_profile
 
 from ._op import Handler, invoke_backend
@@ -46,16 +49,31 @@ def ops_of(spec: Layer) -> frozenset[str]:
     if isinstance(spec, QuotaLayer):
         return QUOTA_OPS
     if isinstance(spec, MetadataLayer):
-        return spec.ops or METADATA_OPS
+        return spec.ops or spec.default_ops
     if isinstance(spec, FaultLayer):
         ops = spec.ops or FAULT_KIND_OPS.get(spec.kind, ALL_OPS)
         return ops & OPEN_OPS if spec.on == "open" else ops
     return spec.ops or ALL_OPS
 
 
-def _alters_data(spec: Layer) -> bool:
-    # Quota only refuses writes: cached reads hide nothing it does.
-    return not isinstance(spec, (QuotaLayer, MetadataLayer)) and bool(ops_of(spec) & DATA_OPS)
+def needs_direct_io(spec: Layer) -> bool:
+    """True if files the layer matches must bypass the page cache (FOPEN_DIRECT_IO).
+
+    A layer acting on reads needs it (a read served from the cache never reaches
+    the layer: the fault, delay or wait would be hidden), and so does a short-write
+    fault (only with FOPEN_DIRECT_IO does the kernel hand a short count to
+    ``write(2)``). A layer acting only on writes does not: writeback caching is
+    off, so every ``write(2)`` is sent to the worker and waits for its reply
+    (errno, delay and throttle reach the application unchanged). Quota refuses
+    writes and metadata alters attributes: neither acts on reads. The caller also
+    checks that the layer can act at all (``runtime.acts``).
+    """
+    if isinstance(spec, (QuotaLayer, MetadataLayer)):
+        return False
+    ops = ops_of(spec)
+    if "read" in ops:
+        return True
+    return isinstance(spec, FaultLayer) and spec.kind == "short_write" and "write" in ops
 
 
 class QuotaUnavailable(RuntimeError):
@@ -111,9 +129,10 @@ class Stack:
 
     Attributes:
         chains: ``dict[str, Handler]``: op name → entry handler, only for ops at
-            least one layer applies to.
+            least one layer that can act applies to.
         layers: the runtimes of the layers in force, in policy order (a profile
-            contributes several).
+            contributes several), including those compiled out of the chains
+            because they can never act (``runtime.acts`` False).
         next_expiry_s: earliest expiry of a layer in force, seconds since the Unix
             epoch; None if none expires.
     """
@@ -142,16 +161,19 @@ class Stack:
         self.next_expiry_s: float | None = min(deadlines) if deadlines else None
         if quota is not None and not any(isinstance(e.spec, QuotaLayer) for e in self._entries):
             quota.stop()
+        # Layers that can never act are compiled out: no per-op cost, no direct I/O.
+        active = [e for e in self._entries if e.runtime.acts]
         self.chains: dict[str, Handler] = {}
         for op_name in ALL_OPS:
             handler: Handler = invoke_backend
-            for entry in reversed(self._entries):
+            for entry in reversed(active):
                 if op_name in ops_of(entry.spec):
                     handler = entry.runtime.bind(handler)
             if handler is not invoke_backend:
                 self.chains[op_name] = handler
-        # Layers acting on data decide the page-cache mode of files opened under them.
-        self._data_globs = [compile_glob(e.spec.path_glob) for e in self._entries if _alters_data(e.spec)]
+        # Layers acting on reads (or shortening writes) decide the page-cache mode of
+        # files opened under them.
+        self._direct_io_globs = [compile_glob(e.spec.path_glob) for e in active if needs_direct_io(e.spec)]
 
     def expire(self, now_s: float | None = None) -> Stack:
         """A stack of the same revision without the layers expired by ``now_s``.
@@ -161,11 +183,11 @@ class Stack:
         return Stack(self.policy, self.revision, quota=self.quota, applied_at_s=self.applied_at_s,
                      now_s=now_s, _entries=self._entries)
 
-    def touches_data(self, path: str) -> bool:
-        """True if some layer may act on reads or writes of ``path``.
+    def needs_direct_io(self, path: str) -> bool:
+        """True if files opened at ``path`` must bypass the page cache (FOPEN_DIRECT_IO).
 
-        Files opened under such a layer bypass the page cache (FOPEN_DIRECT_IO), so
-        every read and write reaches the layers: a cached read would hide an
-        injected fault or delay.
+        That is when a layer that can act (``runtime.acts``) acts on reads of
+        ``path`` or shortens its writes (:func:`needs_direct_io`): a cached read would
+        hide an injected fault or delay. Every other file keeps the page cache.
         """
-        return any(match is None or match(path) for match in self._data_globs)
+        return any(match is None or match(path) for match in self._direct_io_globs)

@@ -9,8 +9,8 @@ inode and handle, for layer globs and events.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from collections.abc import Callable, Sequence
+from typing import Protocol, TypeVar, runtime_checkable
 
 import pyfuse3
 
@@ -106,6 +106,21 @@ class Backend(Protocol):
 
     async def opendir(self, ino: int, ctx: pyfuse3.RequestContext) -> int: ...
 
+    def order_dir(self, fh: int, order: Callable[[Sequence[bytes]], list[int]]) -> None:
+        """Reorder the listing of open directory ``fh`` (the metadata layer's ``readdir_order``).
+
+        A backend takes a snapshot of the entries at ``opendir`` and answers readdir
+        with positions in it as offsets. This hook permutes the snapshot once, right
+        after ``opendir`` and before any readdir of ``fh``: ``order`` gets the entry
+        names without ``.`` and ``..`` (which stay first) and returns a permutation
+        of their positions. Every later readdir of ``fh`` — continued, rewound or
+        after a seekdir — sees the new order.
+
+        Raises:
+            ValueError: ``order`` did not return a permutation.
+        """
+        ...
+
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None: ...
 
     async def releasedir(self, fh: int) -> None: ...
@@ -123,3 +138,18 @@ class Backend(Protocol):
     async def listxattr(self, ino: int, ctx: pyfuse3.RequestContext) -> list[bytes]: ...
 
     async def removexattr(self, ino: int, name: bytes, ctx: pyfuse3.RequestContext) -> None: ...
+
+
+_T = TypeVar("_T")
+
+
+def permuted(items: list[_T], positions: list[int]) -> list[_T]:
+    """``items`` in the order ``positions`` gives (``[items[i] for i in positions]``), for ``order_dir``.
+
+    Raises:
+        ValueError: ``positions`` is not a permutation of ``range(len(items))`` (an
+            entry would be lost or listed twice).
+    """
+    if sorted(positions) != list(range(len(items))):
+        raise ValueError(f"directory order is not a permutation of {len(items)} entries")
+    return [items[i] for i in positions]

@@ -23,11 +23,12 @@ import errno
 import os
 import stat
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pyfuse3
 
 from .._inodes import ROOT_INODE, Named, PathTable, join_path
+from ._base import permuted
 
 #: Default limit of file contents held in memory, bytes (1 GiB).
 DEFAULT_MEMORY_SIZE_BYTES = 1 << 30
@@ -568,6 +569,11 @@ class MemoryBackend(PathTable):
         self._dirs[fh] = (node, listing)
         node.opens += 1
         return fh
+
+    def order_dir(self, fh: int, order: Callable[[Sequence[bytes]], list[int]]) -> None:
+        node, listing = self._dirs[fh]
+        entries = listing[2:]
+        self._dirs[fh] = (node, listing[:2] + permuted(entries, order([name for name, _ in entries])))
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         try:

@@ -18,11 +18,12 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pyfuse3
 
 from .._inodes import Inode, InodeTable, join_path
+from ._base import permuted
 from ._renameat2 import renameat2
 
 _O_PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -324,6 +325,10 @@ class PassthroughBackend:
         fh = self._new_fh()
         self._dirs[fh] = (inode, names)
         return fh
+
+    def order_dir(self, fh: int, order: Callable[[Sequence[bytes]], list[int]]) -> None:
+        inode, names = self._dirs[fh]
+        self._dirs[fh] = (inode, names[:2] + permuted(names[2:], order(names[2:])))
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         try:

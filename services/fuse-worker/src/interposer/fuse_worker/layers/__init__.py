@@ -1,6 +1,12 @@
 """Layers: one module per layer kind, each a runtime for one policy layer type."""
 
-from .delay import Delay as Delay, DelayStatistics as DelayStatistics, sampler as sampler
+from .delay import (
+    Delay as Delay,
+    DelayStatistics as DelayStatistics,
+    always_zero as always_zero,
+    quantile as quantile,
+    sampler as sampler,
+)
 from .fault import Fault as Fault, FaultStatistics as FaultStatistics
 from .metadata import Metadata as Metadata, MetadataStatistics as MetadataStatistics
 from .quota import (

@@ -1,10 +1,11 @@
-"""Delay layer: hold matching ops for a time drawn from a distribution, then pass them on."""
+"""Delay layer: hold matching ops for a time drawn from a distribution (added to the op, or as a latency floor)."""
 
 from __future__ import annotations
 
 import math
 import random
 from collections.abc import Callable
+from statistics import NormalDist
 from typing import Any
 
 import msgspec
@@ -12,6 +13,7 @@ import trio
 
 from interposer.proto import DelayLayer
 from interposer.proto.policy import (
+    MAX_DELAY_S,
     Distribution,
     FixedDistribution,
     LognormalDistribution,
@@ -22,10 +24,11 @@ from interposer.proto.policy import (
 
 from .._op import BackendCall, Handler, Op
 from ._match import compile_glob
+from ._timer import sleep
 
 
 class DelayStatistics(msgspec.Struct, frozen=True):
-    """Counters of a delay layer: ops delayed and total delay injected, seconds."""
+    """Counters of a delay layer: ops it drew a delay for, and the time it slept in total, seconds."""
 
     delayed: int
     delay_s_total: float
@@ -55,15 +58,73 @@ def sampler(dist: Distribution, rng: random.Random, max_s: float) -> Callable[[]
     raise TypeError(f"unknown distribution {type(dist).__name__}")
 
 
+def always_zero(dist: Distribution) -> bool:
+    """True if every draw of ``dist`` is 0 s (fixed 0, uniform on [0, 0], normal with mean and sd 0)."""
+    match dist:
+        case FixedDistribution(delay_s=d):
+            return d == 0.0
+        case UniformDistribution(max_s=hi):
+            return hi == 0.0
+        case NormalDistribution(mean_s=mu, stddev_s=sd):
+            return mu == 0.0 and sd == 0.0
+    return False  # log-normal and Pareto draws are > 0
+
+
+def quantile(dist: Distribution, q: float, *, max_s: float = MAX_DELAY_S, probability: float = 1.0) -> float:
+    """The ``q``-quantile of the delay a layer draws, seconds (the targets of bench/fidelity).
+
+    Args:
+        dist: the distribution (parameters in seconds).
+        q: probability level, 0 < q < 1.
+        max_s: cap of every draw, seconds.
+        probability: chance an op is delayed at all (the other ops draw 0 s).
+
+    Raises:
+        ValueError: ``q`` outside (0, 1).
+    """
+    if not 0.0 < q < 1.0:
+        raise ValueError(f"quantile level q={q} outside (0, 1)")
+    if q <= 1.0 - probability:
+        return 0.0
+    q = (q - (1.0 - probability)) / probability  # level within the delayed ops
+    z = NormalDist().inv_cdf(q)
+    match dist:
+        case FixedDistribution(delay_s=d):
+            value = d
+        case UniformDistribution(min_s=lo, max_s=hi):
+            value = lo + q * (hi - lo)
+        case NormalDistribution(mean_s=mu, stddev_s=sd):
+            value = max(0.0, mu + z * sd)
+        case LognormalDistribution(median_s=median, sigma=sigma):
+            value = median * math.exp(sigma * z)
+        case ParetoDistribution(scale_s=scale, alpha=alpha):
+            value = scale * (1.0 - q) ** (-1.0 / alpha)
+        case _:
+            raise TypeError(f"unknown distribution {type(dist).__name__}")
+    return min(value, max_s)
+
+
 class Delay:
     """Runtime of a :class:`~interposer.proto.DelayLayer`.
 
-    The wait is a ``trio.sleep``, so a delayed op holds only its own request task;
-    other requests keep being served meanwhile.
+    The wait is a precise sleep (:func:`._timer.sleep`: a timerfd trio waits on,
+    not ``trio.sleep``, which rounds up to whole milliseconds), so a delayed op
+    holds only its own request task; other requests keep being served meanwhile.
+
+    In ``add`` mode the layer sleeps the draw, then passes the op on; in ``floor``
+    mode it passes the op on first, then sleeps what is left of the draw after the
+    time the layers below and the backend took (measured on trio's clock, so
+    ``MockClock`` tests see it), also when the op failed. ``Op.delay_ns`` gets the
+    time asked to sleep (ns).
 
     Args:
         spec: the validated layer from the policy.
         rng: shared random source, used unless the layer has its own ``seed``.
+
+    Attributes:
+        acts: False when the layer can never delay an op (probability 0, or every
+            draw is 0 s: a fixed 0, ``max_s`` 0…); the stack leaves such a layer
+            out of its chains.
     """
 
     def __init__(self, spec: DelayLayer, rng: random.Random | None = None) -> None:
@@ -73,6 +134,7 @@ class Delay:
         self._match = compile_glob(spec.path_glob)
         self._delayed = 0
         self._delay_s_total = 0.0
+        self.acts = spec.probability > 0.0 and spec.max_s > 0.0 and not always_zero(spec.resolved_distribution)
 
     def bind(self, inner: Handler) -> Handler:
         """Return a handler that applies this layer, then calls ``inner``."""
@@ -82,12 +144,33 @@ class Delay:
             if (match is None or match(op.path)) and (probability >= 1.0 or rng.random() < probability):
                 delay_s = draw()
                 self._delayed += 1
-                self._delay_s_total += delay_s
-                op.delay_ns += int(delay_s * 1e9)
-                await trio.sleep(delay_s)
+                if delay_s > 0.0:
+                    self._delay_s_total += delay_s
+                    op.delay_ns += int(delay_s * 1e9)
+                    await sleep(delay_s)
             return await inner(op, call)
 
-        return delay
+        async def floor(op: Op, call: BackendCall) -> Any:
+            if (match is not None and not match(op.path)) or (probability < 1.0 and rng.random() >= probability):
+                return await inner(op, call)
+            target_s = draw()
+            self._delayed += 1
+            start_s = trio.current_time()
+            try:
+                result = await inner(op, call)
+            except Exception:
+                await self._hold(op, target_s - (trio.current_time() - start_s))
+                raise
+            await self._hold(op, target_s - (trio.current_time() - start_s))
+            return result
+
+        return floor if self.spec.mode == "floor" else delay
+
+    async def _hold(self, op: Op, remaining_s: float) -> None:
+        if remaining_s > 0.0:
+            self._delay_s_total += remaining_s
+            op.delay_ns += int(remaining_s * 1e9)
+            await sleep(remaining_s)
 
     def statistics(self) -> DelayStatistics:
         """Snapshot of this layer's counters."""

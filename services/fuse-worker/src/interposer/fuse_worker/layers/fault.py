@@ -35,6 +35,10 @@ class Fault:
         spec: the validated layer from the policy.
         rng: random source (seed it for reproducible runs).
         index: index of the layer in the policy (for fault records).
+
+    Attributes:
+        acts: False when the layer can never fault an op (``probability`` 0); the
+            stack leaves such a layer out of its chains, so its counters stay 0.
     """
 
     def __init__(self, spec: FaultLayer, rng: random.Random, index: int = 0) -> None:
@@ -47,6 +51,7 @@ class Fault:
             self._names, self._cum_weights = [spec.errno], None
         self._match = compile_glob(spec.path_glob)
         self._rng = rng
+        self.acts = spec.probability > 0.0
         self._matched = 0
         self._injected = 0
         self._bytes_seen = 0

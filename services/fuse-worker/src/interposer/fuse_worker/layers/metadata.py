@@ -1,8 +1,11 @@
-"""Metadata layer: override and jitter the attributes entry and attribute replies carry."""
+"""Metadata layer: override and jitter the attributes entry and attribute replies carry,
+and reorder directory listings."""
 
 from __future__ import annotations
 
+import hashlib
 import random
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
@@ -18,9 +21,10 @@ _PERMISSION_BITS = 0o7777
 
 
 class MetadataStatistics(msgspec.Struct, frozen=True):
-    """Counters of a metadata layer: replies altered."""
+    """Counters of a metadata layer: attribute replies altered, directory listings reordered."""
 
     altered: int
+    reordered: int = 0
 
 
 class Metadata:
@@ -33,16 +37,50 @@ class Metadata:
     ``default_permissions`` the kernel checks access against the altered mode and
     owner.
 
+    With ``readdir_order`` other than ``backend``, a matching ``opendir`` leaves an
+    order function on ``Op.dir_order``; the adapter hands it to the backend's
+    ``order_dir`` hook, which reorders the listing snapshot of that handle once,
+    before its first readdir. Readdir offsets are positions in that snapshot, so
+    every readdir, rewinddir and seekdir of the handle sees the same order.
+
     Args:
         spec: the validated layer.
         rng: shared random source, used unless the layer has its own ``seed``.
+
+    Attributes:
+        acts: False when the layer changes nothing (no override, no jitter,
+            ``readdir_order`` ``backend``); the stack leaves it out of its chains.
     """
 
     def __init__(self, spec: MetadataLayer, rng: random.Random | None = None) -> None:
         self.spec = spec
         self._rng = random.Random(spec.seed) if spec.seed is not None else (rng or random.Random())
+        # Listing orders draw from a source of their own, so attribute jitter (drawn per
+        # reply) does not change which permutation the n-th opendir gets.
+        self._order_rng = random.Random(f"readdir-order:{spec.seed}") if spec.seed is not None else self._rng
+        self._hash_key = b""
+        if spec.readdir_order == "hash":
+            self._hash_key = (spec.seed if spec.seed is not None else self._rng.getrandbits(63)).to_bytes(8, "little")
         self._match = compile_glob(spec.path_glob)
         self._altered = 0
+        self._reordered = 0
+        self.acts = spec.alters_attributes or spec.readdir_order != "backend"
+
+    def order(self, names: Sequence[bytes]) -> list[int]:
+        """The order of one listing: a permutation of ``range(len(names))`` (positions in ``names``).
+
+        ``shuffle``: a fresh uniform permutation per call. ``hash``: positions sorted
+        by BLAKE2b of the name keyed with the seed, so equal for equal names and
+        seed. ``backend``: unchanged.
+        """
+        self._reordered += 1
+        positions = list(range(len(names)))
+        if self.spec.readdir_order == "shuffle":
+            self._order_rng.shuffle(positions)
+        elif self.spec.readdir_order == "hash":
+            key = self._hash_key
+            positions.sort(key=lambda i: hashlib.blake2b(names[i], key=key, digest_size=8).digest())
+        return positions
 
     def alter(self, attrs: pyfuse3.EntryAttributes) -> pyfuse3.EntryAttributes:
         """Apply the overrides and jitter to ``attrs`` (in place) and return it."""
@@ -68,11 +106,17 @@ class Metadata:
 
     def bind(self, inner: Handler) -> Handler:
         """Return a handler that applies this layer, then calls ``inner``."""
-        match = self._match
+        match, reorder, alters = self._match, self.spec.readdir_order != "backend", self.spec.alters_attributes
 
         async def metadata(op: Op, call: BackendCall) -> Any:
             result = await inner(op, call)
             if match is None or match(op.path):
+                if op.name == "opendir":
+                    if reorder:
+                        op.dir_order = self.order
+                    return result
+                if not alters:
+                    return result
                 if op.name == "create":
                     info, attrs = result
                     return info, self.alter(attrs)
@@ -84,4 +128,4 @@ class Metadata:
 
     def statistics(self) -> MetadataStatistics:
         """Snapshot of this layer's counters."""
-        return MetadataStatistics(altered=self._altered)
+        return MetadataStatistics(altered=self._altered, reordered=self._reordered)

@@ -124,7 +124,12 @@ class Quota:
         spec: the validated layer.
         context: worker-lifetime quota state.
         index: index of the layer in the policy (for fault records).
+
+    Attributes:
+        acts: always True: even a quota no write can reach keeps usage and shapes ``statfs``.
     """
+
+    acts = True
 
     def __init__(self, spec: QuotaLayer, context: QuotaContext, index: int = 0) -> None:
         self.spec = spec

@@ -11,6 +11,7 @@ from interposer.proto import ThrottleLayer
 
 from .._op import BackendCall, Handler, Op
 from ._match import compile_glob
+from ._timer import sleep
 
 #: Default bucket size as seconds of the rate, when the policy gives none.
 DEFAULT_BURST_S = 0.05
@@ -18,6 +19,16 @@ DEFAULT_BURST_S = 0.05
 MIN_DEFAULT_BURST_BYTES = 1 << 20
 #: Smallest default IOPS bucket, ops.
 MIN_DEFAULT_BURST_OPS = 1
+#: A bandwidth limit at or above this, with a bucket of at least ``DEFAULT_BURST_S`` of it,
+#: can never make an op wait, bytes/s (2**40, 1 TiB/s): more than a whole host's memory
+#: bandwidth (12 channels of DDR5-4800 move 12 x 38.4 GB/s = 461 GB/s, JEDEC JESD79-5),
+#: let alone one FUSE worker's. Such a layer is left out of the chains (``Throttle.acts``).
+UNREACHABLE_BYTES_PER_S = 1 << 40
+#: An IOPS limit at or above this, with a bucket of at least ``DEFAULT_BURST_S`` of it, can
+#: never make an op wait, ops/s (2**30, about 1.07e9): a FUSE request costs at least two
+#: system calls and a context switch of the worker (read from /dev/fuse, write the reply),
+#: about a microsecond each, so one worker serves well under 1e6 requests/s.
+UNREACHABLE_IOPS = 1 << 30
 
 
 class ThrottleStatistics(msgspec.Struct, frozen=True):
@@ -56,6 +67,11 @@ class TokenBucket:
         return max(0.0, tat - now_s - self._burst_s)
 
 
+def _unreachable(bucket: TokenBucket, rate_limit: float) -> bool:
+    """True if ``bucket`` runs at least ``rate_limit`` tokens/s with at least its default size."""
+    return bucket.rate_bytes_per_s >= rate_limit and bucket.burst_bytes >= bucket.rate_bytes_per_s * DEFAULT_BURST_S
+
+
 class Throttle:
     """Runtime of a :class:`~interposer.proto.ThrottleLayer`.
 
@@ -63,11 +79,18 @@ class Throttle:
     (reads and writes together unless the policy names one of them). An op
     reserves in both at arrival and waits for the later of the two, so waiters
     are still served in arrival order: each bucket's release times grow with the
-    arrival order, and so does their maximum. The wait is added to
-    ``Op.throttle_ns``.
+    arrival order, and so does their maximum. The wait is a precise sleep
+    (:func:`._timer.sleep`, not ``trio.sleep``, which rounds up to whole
+    milliseconds) and is added to ``Op.throttle_ns``.
 
     Args:
         spec: the validated layer from the policy.
+
+    Attributes:
+        acts: False when no bucket can ever make an op wait: every limit given is at
+            least ``UNREACHABLE_BYTES_PER_S`` / ``UNREACHABLE_IOPS`` with a bucket of
+            at least ``DEFAULT_BURST_S`` of it (the default). The stack leaves such a
+            layer out of its chains, so its counters stay 0.
     """
 
     def __init__(self, spec: ThrottleLayer) -> None:
@@ -80,6 +103,10 @@ class Throttle:
         if spec.iops is not None:
             burst_ops = spec.burst_ops or max(spec.iops * DEFAULT_BURST_S, MIN_DEFAULT_BURST_OPS)
             self.ops_bucket = TokenBucket(spec.iops, burst_ops)
+        self.acts = not (
+            (self.bucket is None or _unreachable(self.bucket, UNREACHABLE_BYTES_PER_S))
+            and (self.ops_bucket is None or _unreachable(self.ops_bucket, UNREACHABLE_IOPS))
+        )
         self._match = compile_glob(spec.path_glob)
         self._ops = 0
         self._bytes = 0
@@ -104,7 +131,7 @@ class Throttle:
                     self._waited += 1
                     self._wait_s += wait_s
                     op.throttle_ns += int(wait_s * 1e9)
-                    await trio.sleep(wait_s)
+                    await sleep(wait_s)
             return await inner(op, call)
 
         return throttle
