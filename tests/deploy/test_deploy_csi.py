@@ -135,11 +135,13 @@ def _rules_of(role: dict) -> dict[tuple[str, str], set[str]]:
 
 def test_controller_rbac_is_what_csi_provisioner_documents(base: list[Manifest]) -> None:
     cluster_roles = [o for o in base if o["kind"] == "ClusterRole"]
-    assert [r["metadata"]["name"] for r in cluster_roles] == ["interposer-csi-provisioner"], (
-        "only csi-provisioner needs cluster-wide permissions"
+    names = sorted(r["metadata"]["name"] for r in cluster_roles)
+    assert names == ["interposer-csi-provisioner", "interposer-policy"], (
+        "only csi-provisioner and the policy service (InterposerPolicy in every namespace, "
+        "test_deploy_policy) need cluster-wide permissions"
     )
-    assert _rules_of(cluster_roles[0]) == PROVISIONER_CLUSTER_RULES
-    (binding,) = [o for o in base if o["kind"] == "ClusterRoleBinding"]
+    assert _rules_of(find(base, "ClusterRole", "interposer-csi-provisioner")) == PROVISIONER_CLUSTER_RULES
+    binding = find(base, "ClusterRoleBinding", "interposer-csi-provisioner")
     assert binding["roleRef"]["name"] == "interposer-csi-provisioner"
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": CONTROLLER, "namespace": NAMESPACE}]
     leader = find(base, "Role", "interposer-csi-provisioner-leader")
@@ -217,7 +219,9 @@ def test_node_rbac_grants_exactly_the_calls_of_the_code(base: list[Manifest]) ->
 def test_other_components_have_no_api_token(base: list[Manifest]) -> None:
     for obj in base:
         pod = pod_spec_of(obj)
-        if pod is None or obj["kind"] == "DaemonSet" or obj["metadata"]["name"] == CONTROLLER:
+        # The policy service's token is checked in test_deploy_policy.
+        exempt = obj["kind"] == "DaemonSet" or obj["metadata"]["name"] in (CONTROLLER, "interposer-policy")
+        if pod is None or exempt:
             continue
         assert pod.get("automountServiceAccountToken") is False, (
             f"{obj['kind']}/{obj['metadata']['name']} mounts an API token"
@@ -288,9 +292,10 @@ def test_driver_name_in_python_sources(driver_name: str) -> None:
     )
 
 
-def test_no_other_driver_name_in_deploy(driver_name: str) -> None:
-    """Every *.interposer.io driver-like name in deploy/ is the one driver name."""
+def test_no_other_driver_name_in_deploy(driver_name: str, base: list[Manifest]) -> None:
+    """Every *.interposer.io driver-like name in deploy/ is the one driver name (or a CRD's name)."""
+    crd_names = {o["metadata"]["name"] for o in base if o["kind"] == "CustomResourceDefinition"}
     for path in DEPLOY_DIR.rglob("*"):
         if path.suffix in {".yaml", ".yml"}:
             for hit in re.findall(r"\b[a-z0-9-]+\.interposer\.io\b", path.read_text()):
-                assert hit == driver_name, f"{path.relative_to(REPO_ROOT)} names driver {hit!r}"
+                assert hit in {driver_name} | crd_names, f"{path.relative_to(REPO_ROOT)} names driver {hit!r}"

@@ -134,7 +134,8 @@ def test_watch_without_a_volume_follows_every_volume_and_selector(nats_url, poli
     watches.append(watch)
     assert "every volume and selector" in watch.wait_ready()
     stored = asyncio.run(set_policy(nats_url, fresh_volume, DELAY, author="dan@lab"))
-    select_body = b'{"selector": {"namespace": "ml"}, "policy": {"layers": [{"type": "profile", "name": "gp3"}]}}'
+    select_body = (b'{"selector": {"namespace": "ml"}, '
+                   b'"policy": {"layers": [{"type": "profile", "name": "gp3"}]}}')
     selected = asyncio.run(request(nats_url, subjects.policy_select(name), select_body, author="erin@lab"))
     assert stored.ok and selected.ok
 

@@ -122,31 +122,33 @@ async def follow(nats_url: str, key: str | None, on_change: Callable[[PolicyChan
             raise PolicyClientError(_explain(nc, f"cannot read the policy bucket: {exc}")) from None
         if on_ready is not None:
             on_ready(last)
-        stopped = asyncio.ensure_future(stop.wait()) if stop is not None else asyncio.get_running_loop().create_future()
+
+        async def on_msg(msg: Msg) -> None:
+            nonlocal last
+            revision = msg.metadata.sequence.stream
+            if revision <= last:
+                return  # a duplicate across a consumer reset
+            last = revision
+            change = change_of(msg.subject, revision, msg.data, (msg.headers or {}).get(KV_OPERATION_HEADER))
+            if change is not None:
+                on_change(change)
+
+        loop = asyncio.get_running_loop()
+        stopped = asyncio.ensure_future(stop.wait()) if stop is not None else loop.create_future()
         first = True
         try:
             while not stopped.done():
                 rewatch.clear()
-
-                async def on_msg(msg: Msg) -> None:
-                    nonlocal last
-                    revision = msg.metadata.sequence.stream
-                    if revision <= last:
-                        return  # a duplicate across a consumer reset
-                    last = revision
-                    operation = (msg.headers or {}).get(KV_OPERATION_HEADER)
-                    change = change_of(msg.subject, revision, msg.data, operation)
-                    if change is not None:
-                        on_change(change)
-
-                config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=last + 1,
+                start = last + 1
+                config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start,
                                         inactive_threshold=DEFAULT_INACTIVE_THRESHOLD_S)
                 try:
                     sub = await js.subscribe(f"{KV_SUBJECT_PREFIX}{key or '>'}", stream=KV_STREAM, cb=on_msg,
                                              ordered_consumer=True, config=config)
                 except Exception as exc:  # noqa: BLE001 - denied, or the server is away
                     if first:
-                        raise PolicyClientError(_explain(nc, f"cannot watch the policy bucket: {exc}")) from None
+                        raise PolicyClientError(_explain(nc, f"cannot watch the policy bucket: {exc}")
+                                                ) from None
                     log.warning("re-creating the watch failed (%s); retrying", exc)
                     await asyncio.sleep(DEFAULT_RECONNECT_TIME_WAIT_S)
                     continue
