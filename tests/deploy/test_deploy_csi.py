@@ -136,9 +136,9 @@ def _rules_of(role: dict) -> dict[tuple[str, str], set[str]]:
 def test_controller_rbac_is_what_csi_provisioner_documents(base: list[Manifest]) -> None:
     cluster_roles = [o for o in base if o["kind"] == "ClusterRole"]
     names = sorted(r["metadata"]["name"] for r in cluster_roles)
-    assert names == ["interposer-csi-provisioner", "interposer-policy"], (
-        "only csi-provisioner and the policy service (InterposerPolicy in every namespace, "
-        "test_deploy_policy) need cluster-wide permissions"
+    assert names == ["interposer-csi-node-pod-labels", "interposer-csi-provisioner", "interposer-policy"], (
+        "only csi-provisioner, the policy service (InterposerPolicy in every namespace, "
+        "test_deploy_policy) and the csi-node's pod label read need cluster-wide permissions"
     )
     assert _rules_of(find(base, "ClusterRole", "interposer-csi-provisioner")) == PROVISIONER_CLUSTER_RULES
     binding = find(base, "ClusterRoleBinding", "interposer-csi-provisioner")
@@ -195,6 +195,10 @@ def _csi_node_api_calls() -> set[tuple[str, str]]:
     return calls
 
 
+#: The ClusterRole of the csi-node's one call outside its namespace: the application pod's labels.
+LABELS_ROLE = "interposer-csi-node-pod-labels"
+
+
 def test_node_rbac_grants_exactly_the_calls_of_the_code(base: list[Manifest]) -> None:
     """Every API call of the csi-node has a Role rule, and every rule a call."""
     role = find(base, "Role", DAEMONSET)
@@ -207,8 +211,16 @@ def test_node_rbac_grants_exactly_the_calls_of_the_code(base: list[Manifest]) ->
     called = _csi_node_api_calls()
     assert called, "found no API calls in the csi-node: the scan is broken"
     assert called == granted, f"code calls {sorted(called - granted)} without a rule; rules {sorted(granted - called)} are unused"
-    assert not [o for o in base if o["kind"] == "ClusterRoleBinding" and any(
-        s.get("name") == DAEMONSET for s in o.get("subjects", []))], "the csi-node needs no cluster-wide rights"
+    cluster_bindings = [o for o in base if o["kind"] == "ClusterRoleBinding" and any(
+        s.get("name") == DAEMONSET for s in o.get("subjects", []))]
+    assert [b["roleRef"]["name"] for b in cluster_bindings] == [LABELS_ROLE], (
+        "the csi-node's only cluster-wide right is reading application pods' labels")
+    assert cluster_bindings[0]["subjects"] == [{"kind": "ServiceAccount", "name": DAEMONSET,
+                                                "namespace": NAMESPACE}]
+    assert _rules_of(find(base, "ClusterRole", LABELS_ROLE)) == {("", "pods"): {"get"}}
+    assert re.search(r"self\._api\.read_namespaced_pod\(name, namespace\)",
+                     (CSI_NODE_SRC / "_kubernetes.py").read_text()), (
+        "the cluster-wide get is for pod_labels(): read_namespaced_pod(name, namespace)")
 
     binding = find(base, "RoleBinding", DAEMONSET)
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": DAEMONSET}

@@ -11,7 +11,14 @@ from crd_schema import PRESERVE, storage_schema, structural_errors
 from deploy_support import NAMESPACE, REPO_ROOT, Manifest, find, pod_spec_of
 
 from interposer.proto import resource, subjects
-from interposer.proto.policy import MAX_LAYERS, MAX_SELECTOR_PRIORITY, Layer, Policy, Selector
+from interposer.proto.policy import (
+    MAX_LAYERS,
+    MAX_SELECTOR_LABELS,
+    MAX_SELECTOR_PRIORITY,
+    Layer,
+    Policy,
+    Selector,
+)
 from interposer.proto.resource import ResourceSpec, ResourceTarget, decode_spec
 
 POLICY = "interposer-policy"
@@ -56,7 +63,9 @@ def test_crd_schema_follows_the_decoder(base: list[Manifest]) -> None:
     target = spec["properties"]["target"]
     assert set(target["properties"]) == _fields(ResourceTarget)
     assert target["properties"]["volume"]["pattern"] == subjects.VOLUME_ID_PATTERN.pattern
-    assert set(target["properties"]["selector"]["properties"]) == _fields(Selector)
+    selector = target["properties"]["selector"]
+    assert set(selector["properties"]) == _fields(Selector)
+    assert selector["properties"]["labels"]["maxProperties"] == MAX_SELECTOR_LABELS
     policy = spec["properties"]["policy"]
     assert set(policy["properties"]) == _fields(Policy)
     layers = policy["properties"]["layers"]

@@ -123,13 +123,15 @@ def test_deleting_a_resource_clears_its_policy_but_not_one_set_after_it(kube) ->
 def test_a_selector_resource_and_its_deletion(kube) -> None:
     key = subjects.selector_key(resource.selector_name_of("ml", "train.slow"))
     assert key == "_sel.k8s_ml_train_slow"
-    kube.create("ml", "train.slow", {"target": {"selector": {"namespace": "ml", "pod": "train-*"}},
+    kube.create("ml", "train.slow", {"target": {"selector": {"namespace": "ml", "pod": "train-*",
+                                                             "labels": {"app": "trainer"}}},
                                      "priority": 7, "policy": DELAY})
     status = kube.status_of("ml", "train.slow", 1)
     assert status["key"] == key and _accepted(status)["status"] == "True"
     revision, record = kube.current(key)
     assert revision == status["revision"] and record.action == "select"
     assert (record.selector.namespace, record.selector.pod, record.priority) == ("ml", "train-*", 7)
+    assert record.selector.labels == {"app": "trainer"}
     kube.delete("ml", "train.slow")
     wait_until(lambda: kube.current(key)[0] > revision, "the unselect after the deletion")
     _, record = kube.current(key)

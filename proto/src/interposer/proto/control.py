@@ -88,6 +88,7 @@ class WorkerState(msgspec.Struct, kw_only=True, omit_defaults=True):
         stale: no heartbeat for longer than the service's ``worker_stale_after_s``.
         namespace: pod namespace, if the worker knows it.
         pod: pod name, if the worker knows it.
+        labels: the pod's labels, if the worker knows them (selectors match them).
     """
 
     worker_id: str
@@ -97,6 +98,7 @@ class WorkerState(msgspec.Struct, kw_only=True, omit_defaults=True):
     stale: bool = False
     namespace: str = ""
     pod: str = ""
+    labels: dict[str, str] = {}
 
 
 class VolumeStatus(msgspec.Struct, kw_only=True, omit_defaults=True):

@@ -110,6 +110,8 @@ class WorkerStatus(msgspec.Struct):
         quota_inodes_used: files, directories and links the quota layer counts in
             use; ``None`` when no quota layer is in force.
         quota_inodes_limit: the inode limit of the quota in force; ``None`` = none.
+        labels: the labels of the pod using the volume (``{}`` = unknown), which
+            selector policies with ``labels`` match.
     """
 
     volume: str
@@ -131,6 +133,7 @@ class WorkerStatus(msgspec.Struct):
     quota_bytes_limit: int | None = None
     quota_inodes_used: int | None = None
     quota_inodes_limit: int | None = None
+    labels: dict[str, str] = {}
 
 
 class FaultRecord(msgspec.Struct, kw_only=True):
