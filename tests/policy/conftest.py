@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -22,6 +23,8 @@ from interposer_testing import wait_until
 
 #: User agent of the tests' own Kubernetes API calls (the service's are the client's default).
 TEST_AGENT = "interposer-tests"
+#: Where the fake API server listens: never through a proxy.
+LOOPBACK = "127.0.0.1"
 
 
 def _ready(nats_url: str, creds_file: str = "") -> bool:
@@ -41,16 +44,17 @@ def policy_service(nats_url: str, tmp_path_factory: pytest.TempPathFactory) -> I
 
 
 def start_policy_service(nats_url: str, log_path: Path, creds: dict[str, str] | None = None,
-                         extra: Sequence[str] = ()) -> Child:
+                         extra: Sequence[str] = (), env: dict[str, str] | None = None) -> Child:
     """Start ``python -m interposer.policy`` and wait until it answers.
 
     With ``creds`` (role → credentials file) the service runs as the ``policy``
-    role and readiness is asked as the ``user`` role. ``extra``: more flags.
+    role and readiness is asked as the ``user`` role. ``extra``: more flags;
+    ``env``: more environment variables.
     """
     argv = [sys.executable, "-m", "interposer.policy", "--nats-url", nats_url, "--log-level", "DEBUG", *extra]
     if creds:
         argv += ["--nats-creds", creds["policy"]]
-    child = Child("policy", argv, log_path).start()
+    child = Child("policy", argv, log_path, env=env).start()
     child.wait_ready(lambda: _ready(nats_url, creds["user"] if creds else ""))
     return child
 
@@ -162,6 +166,7 @@ class KubeBus:
         self.kubeconfig = self.kube.kubeconfig(root / "kubeconfig.json")
         configuration = client.Configuration()
         config.load_kube_config(config_file=str(self.kubeconfig), client_configuration=configuration)
+        configuration.no_proxy = LOOPBACK  # the client takes HTTP(S)_PROXY from the environment
         api_client = client.ApiClient(configuration)
         api_client.user_agent = TEST_AGENT
         self.api = client.CustomObjectsApi(api_client)
@@ -174,8 +179,10 @@ class KubeBus:
 
     def start_service(self) -> Child:
         """Start one more policy service replica with ``--kubernetes`` (waits until it answers)."""
+        no_proxy = ",".join(filter(None, (os.environ.get("NO_PROXY", ""), LOOPBACK)))
         child = start_policy_service(self.url, self.root / f"policy{len(self.services)}.log",
-                                     extra=["--kubernetes", "--kubeconfig", str(self.kubeconfig)])
+                                     extra=["--kubernetes", "--kubeconfig", str(self.kubeconfig)],
+                                     env={"NO_PROXY": no_proxy, "no_proxy": no_proxy})
         self.services.append(child)
         return child
 

@@ -16,6 +16,7 @@ field pruning and CEL, and in-cluster configuration (service account token).
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 from typing import Any
@@ -224,9 +225,12 @@ def test_two_replicas_store_each_generation_once(kube) -> None:
 
 
 def test_policy_service_flags_for_kubernetes(tmp_path) -> None:
+    # Not in a pod, even where the tests themselves run in one (CI): no in-cluster config.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_SERVICE_")}
+
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "interposer.policy", *args], capture_output=True,
-                              text=True, timeout=60)
+                              text=True, timeout=60, env=env)
 
     alone = run("--kubeconfig", str(tmp_path / "k"))
     assert alone.returncode == 2 and "only used with --kubernetes" in alone.stderr
