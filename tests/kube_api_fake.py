@@ -24,6 +24,9 @@ depends on them:
   log's start gets an ``ERROR`` event with ``410 Gone`` (``expire_watches``);
 * every request is recorded (:class:`Request`), with its verb and resource in RBAC terms.
 
+``lists_before`` answers lists as if taken before an object was created (the
+window in which another client may already act on it).
+
 Not served: label/field selectors, pagination, server-side apply, JSON patch,
 ``deletionTimestamp``/finalizers, discovery.
 """
@@ -117,6 +120,9 @@ class FakeApiServer:
         self.requests: list[Request] = []
         self._log_start = 0
         self._rv = 0
+        #: (namespace, name) → resourceVersion it was created at (``lists_before``).
+        self._created_rv: dict[tuple[str, str], int] = {}
+        self._listed_before: tuple[str, str] | None = None
         self._epoch = 0  # bumped to end every open watch
         self._paused = False
         self._changed = threading.Condition()
@@ -169,10 +175,28 @@ class FakeApiServer:
         and must list again.
         """
         with self._changed:
-            self._log_start = self._rv
-            self.events.clear()
+            # Never past the newest version a list returns (see lists_before).
+            self._log_start = self._list_rv()
+            self.events = [e for e in self.events if e[0] > self._log_start]
             self._epoch += 1
             self._changed.notify_all()
+
+    @contextlib.contextmanager
+    def lists_before(self, namespace: str, name: str) -> Iterator[None]:
+        """Answer lists as if taken just before ``namespace/name`` was created.
+
+        The object (and every later one) is left out and the list's
+        ``resourceVersion`` is the one before its creation, so a watch from it
+        delivers its ``ADDED`` event — what a client sees when an object is
+        created right after its list. A ``get`` finds it as usual.
+        """
+        with self._changed:
+            self._listed_before = (namespace, name)
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._listed_before = None
 
     def get(self, namespace: str, name: str) -> dict[str, Any] | None:
         """The stored object (a copy), or None."""
@@ -213,7 +237,9 @@ class FakeApiServer:
             meta.update(namespace=namespace, uid=str(uuid.uuid4()), generation=1,
                         creationTimestamp=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
             self.objects[(namespace, name)] = obj
-            return self._record("ADDED", obj)
+            created = self._record("ADDED", obj)
+            self._created_rv[(namespace, name)] = self._rv
+            return created
 
     def _existing(self, namespace: str, name: str) -> dict[str, Any]:
         obj = self.objects.get((namespace, name))
@@ -254,12 +280,19 @@ class FakeApiServer:
                     "details": {"name": name, "group": self.group, "kind": self.plural,
                                 "uid": obj["metadata"]["uid"]}}
 
+    def _list_rv(self) -> int:
+        """The resourceVersion a list returns now (the lock is held)."""
+        if self._listed_before is not None:
+            return self._created_rv[self._listed_before] - 1
+        return self._rv
+
     def list(self, namespace: str | None) -> dict[str, Any]:
         with self._changed:
-            items = [copy.deepcopy(o) for (ns, _), o in sorted(self.objects.items())
-                     if namespace is None or ns == namespace]
+            rv = self._list_rv()
+            items = [copy.deepcopy(o) for (ns, name), o in sorted(self.objects.items())
+                     if (namespace is None or ns == namespace) and self._created_rv[(ns, name)] <= rv]
             return {"apiVersion": f"{self.group}/{self.version}", "kind": f"{self.kind}List",
-                    "metadata": {"resourceVersion": str(self._rv)}, "items": items}
+                    "metadata": {"resourceVersion": str(rv)}, "items": items}
 
     def watch(self, namespace: str | None, since: int, timeout_s: float) -> Iterator[dict[str, Any]]:
         """Events after ``since`` (then new ones) until ``timeout_s``, ``expire_watches`` or ``stop``."""
@@ -341,12 +374,13 @@ class FakeApiServer:
                     ns, name, status, query = self._route()
                     resource = api.plural + ("/status" if status else "")
                     if verb == "GET" and name is None:
-                        watching = query.get("watch", ["false"])[0] == "true"
-                        self._note("watch" if watching else "list", resource)
-                        if watching:
+                        if query.get("watch", ["false"])[0] == "true":
+                            self._note("watch", resource)
                             self._stream(ns, query)
                             return
-                        self._send(200, api.list(ns))
+                        listing = api.list(ns)
+                        self._note("list", resource)  # once the list is taken (lists_before)
+                        self._send(200, listing)
                         return
                     if ns is None or (name is None and verb != "POST"):
                         raise ApiError(405, "MethodNotAllowed", f"{verb} {self.path}")

@@ -18,7 +18,7 @@ from nats.js.errors import KeyNotFoundError
 from interposer.cli._auth import ensure_credentials, write_server_config
 from interposer.cli._policy_client import PolicyClientError, get_policy
 from interposer.cli._procs import Child, free_port, start_nats_server
-from interposer.proto import decode_record, resource, subjects
+from interposer.proto import decode_record, encode_record, resource, subjects
 from interposer_testing import wait_until
 
 #: User agent of the tests' own Kubernetes API calls (the service's are the client's default).
@@ -234,6 +234,22 @@ class KubeBus:
                 await nc.close()
 
         return asyncio.run(read())
+
+    def put_record(self, key: str, record: Any) -> int:
+        """Store ``record`` (a ``PolicyRecord``) under ``key`` as a policy service would.
+
+        Returns:
+            Its revision.
+        """
+        async def put() -> int:
+            nc = await nats.connect(self.url)
+            try:
+                kv = await nc.jetstream().key_value(subjects.POLICY_KV_BUCKET)
+                return await kv.put(key, encode_record(record))
+            finally:
+                await nc.close()
+
+        return asyncio.run(put())
 
     def service_calls(self) -> set[tuple[str, str]]:
         """``(verb, resource)`` of every API call the policy services made so far."""

@@ -16,21 +16,24 @@ field pruning and CEL, and in-cluster configuration (service account token).
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
+import time
 from typing import Any
 
 import pytest
 
 from interposer.cli._policy_client import get_policy, policy_history, set_policy
-from interposer.proto import resource, subjects
+from interposer.proto import PolicyRecord, decode_policy, resource, subjects
 from interposer_testing import wait_until
 
 DELAY = {"layers": [{"type": "delay", "delay_s": 0.001}], "description": "from k8s"}
 FAULT = {"layers": [{"type": "fault", "errno": "EIO", "ops": ["read"]}]}
 #: The calls the ClusterRole interposer-policy grants (deploy/base/rbac/policy-role.yaml).
-GRANTED = {("list", resource.PLURAL), ("watch", resource.PLURAL), ("patch", f"{resource.PLURAL}/status")}
+GRANTED = {("get", resource.PLURAL), ("list", resource.PLURAL), ("watch", resource.PLURAL),
+           ("patch", f"{resource.PLURAL}/status")}
 
 
 def _accepted(status: dict[str, Any]) -> dict[str, Any]:
@@ -250,8 +253,8 @@ def test_a_condition_keeps_its_transition_time_until_its_status_changes() -> Non
     async def write(namespace: str, name: str, status: dict[str, Any]) -> None:
         written.append(status)
 
-    reconciler = Reconciler(service=None, write_status=write,  # type: ignore[arg-type] - _report needs none
-                            now=lambda: f"2024-01-01T00:00:{next(ticks):02d}Z")
+    reconciler = Reconciler(service=None, write_status=write, read_resource=None,  # type: ignore[arg-type]
+                            now=lambda: f"2024-01-01T00:00:{next(ticks):02d}Z")  # _report uses neither
     other = {"type": "Ready", "status": "True", "reason": "Elsewhere", "message": "",
              "lastTransitionTime": "2023-01-01T00:00:00Z"}
     obj: dict[str, Any] = {"metadata": {"namespace": "a", "name": "b", "generation": 1},
@@ -274,3 +277,23 @@ def test_a_condition_keeps_its_transition_time_until_its_status_changes() -> Non
     assert len(written) == count, "an unchanged status was written again"
     rejected = report("Invalid", 4, 3)
     assert (rejected["status"], rejected["lastTransitionTime"]) == ("False", "2024-01-01T00:00:04Z")
+
+
+def test_the_sweep_spares_a_resource_created_after_its_list(kube) -> None:
+    """Another replica may store a resource this replica's list did not have yet: it is not cleared."""
+    with kube.kube.watches_paused():
+        kube.create("team-l", "early", {"target": {"volume": "k8s-vol-l0"}, "policy": DELAY})
+        kube.create("team-l", "late", {"target": {"volume": "k8s-vol-l"}, "policy": DELAY})
+        # What the other replica stored for "late" (same policy, its author).
+        revision = kube.put_record("k8s-vol-l", PolicyRecord(
+            policy=decode_policy(json.dumps(DELAY)), updated_at_s=time.time(), author="k8s:team-l/late"))
+        lists = sum(1 for r in list(kube.kube.requests) if r.verb == "list")
+        with kube.kube.lists_before("team-l", "late"):
+            kube.kube.expire_watches()  # 410: this replica lists again, without "late"; then sweeps
+            wait_until(lambda: sum(1 for r in list(kube.kube.requests) if r.verb == "list") > lists,
+                       "the list without the late resource")
+    status = kube.status_of("team-l", "late", 1)  # its ADDED event, after that list's sweep
+    assert status["revision"] == revision and _accepted(status)["status"] == "True"
+    history = asyncio.run(policy_history(kube.url, "k8s-vol-l"))
+    assert [(e.revision, e.action) for e in history.entries] == [(revision, "set")], "the sweep cleared it"
+    assert ("get", resource.PLURAL) in kube.service_calls()

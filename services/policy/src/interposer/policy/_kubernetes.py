@@ -7,6 +7,7 @@ rules in ``deploy/base/rbac/policy-role.yaml`` (a test pins them together):
 
 * ``list_cluster_custom_object`` — list ``interposerpolicies`` in every
   namespace, and watch them from the list's ``resourceVersion``;
+* ``get_namespaced_custom_object`` — read one resource (is it really gone?);
 * ``patch_namespaced_custom_object_status`` — merge-patch a resource's status.
 
 List + watch: the watch starts at the list's ``resourceVersion`` and continues
@@ -169,6 +170,22 @@ def status_writer(api: Any):  # noqa: ANN201 - a StatusWriter
     return write
 
 
+def resource_reader(api: Any):  # noqa: ANN201 - a ResourceReader
+    """A coroutine function ``(namespace, name)`` → the resource, or None if it does not exist."""
+    from kubernetes.client.exceptions import ApiException
+
+    async def read(namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return await asyncio.to_thread(api.get_namespaced_custom_object, resource.GROUP, resource.VERSION,
+                                           namespace, resource.PLURAL, name)
+        except ApiException as exc:
+            if exc.status == NOT_FOUND:
+                return None
+            raise
+
+    return read
+
+
 async def reconcile(service: PolicyService, config: PolicyServiceConfig) -> None:
     """Reconcile ``InterposerPolicy`` resources into the bucket until cancelled."""
     api = await asyncio.to_thread(load_api, config.kubeconfig)
@@ -176,7 +193,7 @@ async def reconcile(service: PolicyService, config: PolicyServiceConfig) -> None
     feed = ResourceFeed(api, events, asyncio.get_running_loop(), config.kubernetes_resync_s)
     feed.start()
     try:
-        await run(Reconciler(service, status_writer(api)), events, DEFAULT_EVENT_RETRY_S,
-                  DEFAULT_EVENT_ATTEMPTS)
+        await run(Reconciler(service, status_writer(api), resource_reader(api)), events,
+                  DEFAULT_EVENT_RETRY_S, DEFAULT_EVENT_ATTEMPTS)
     finally:
         feed.stop()

@@ -1,7 +1,8 @@
 """Reconcile ``InterposerPolicy`` resources into the policy bucket and report their status.
 
 Knows nothing of HTTP: it is handed the resources as the API server returns them
-(dicts, from ``_kubernetes.ResourceFeed``) and a coroutine that writes a status.
+(dicts, from ``_kubernetes.ResourceFeed``) and coroutines that write a status and
+read a resource.
 
 * **Write path.** An accepted spec is stored through :class:`PolicyService`
   (``set_policy`` for a volume target, ``select`` for a selector target) — the
@@ -20,11 +21,13 @@ Knows nothing of HTTP: it is handed the resources as the API server returns them
   unselects (selector) the keys whose current record it wrote — never a key
   someone changed after it. The watch's ``DELETED`` event does it at once; every
   full list (start, ``410 Gone``, periodic resync) also sweeps: any key whose
-  current record a resource wrote that no longer exists, or no longer targets
-  that key, is released. So a deletion while no policy service ran is caught up,
-  and no finalizer can keep a resource (or its namespace) from being deleted
-  when the policy service is not installed any more. A finalizer would also need
-  ``update`` on the resources themselves; this needs ``patch`` on their status only.
+  current record a resource wrote that is not in the list is released — after a
+  ``get`` confirms the resource is gone, because another replica may have stored
+  a resource created after this replica's list was taken. So a deletion while no
+  policy service ran is caught up, and no finalizer can keep a resource (or its
+  namespace) from being deleted when the policy service is not installed any
+  more. A finalizer would also need ``update`` on the resources themselves; this
+  needs ``get`` on them and ``patch`` on their status only.
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ log = logging.getLogger(__name__)
 
 #: ``(namespace, name, status)`` → writes ``status`` (the whole ``status`` object).
 StatusWriter = Callable[[str, str, dict[str, Any]], Awaitable[None]]
+#: ``(namespace, name)`` → the resource as the API server has it now, None if it does not exist.
+ResourceReader = Callable[[str, str], Awaitable[dict[str, Any] | None]]
 
 #: ``reason`` of the ``Accepted`` condition: the spec is stored.
 REASON_STORED = "Stored"
@@ -89,13 +94,15 @@ class Reconciler:
     Args:
         service: the policy service whose validation and writes are used.
         write_status: writes a resource's ``status``.
+        read_resource: reads a resource (the sweep's check that it is gone).
         now: RFC 3339 time for ``lastTransitionTime`` (tests).
     """
 
-    def __init__(self, service: PolicyService, write_status: StatusWriter,
+    def __init__(self, service: PolicyService, write_status: StatusWriter, read_resource: ResourceReader,
                  now: Callable[[], str] = _now) -> None:
         self.service = service
         self.write_status = write_status
+        self.read_resource = read_resource
         self.now = now
 
     async def sync(self, objects: list[dict[str, Any]]) -> None:
@@ -156,19 +163,29 @@ class Reconciler:
                                f"InterposerPolicy {namespace}/{name} deleted")
 
     async def sweep(self, owners: dict[str, set[str]]) -> None:
-        """Release every key whose current record a resource wrote that no longer owns it.
+        """Release every key whose current record a resource wrote that is gone.
+
+        A resource in ``owners`` that no longer targets a key it wrote released it
+        when it was applied (its status names the old key); here only resources
+        missing from the list are considered, and each is read first: one
+        created after the list was taken may already have been stored by another
+        replica, and its own event follows.
 
         Args:
             owners: author (``k8s:<namespace>/<name>``) → the keys it may own, for
-                every resource that exists (from a full list).
+                every resource in the list.
         """
         for key in await self.service.store.volumes():
             _, record = await self.service.store.current(key)
             if (record is None or not record.author.startswith(AUTHOR_PREFIX) or not _live(key, record)
                     or key in owners.get(record.author, set())):
                 continue
-            resource = record.author[len(AUTHOR_PREFIX):]
-            await self.release(key, record.author, f"InterposerPolicy {resource} deleted or retargeted")
+            namespace, _, name = record.author[len(AUTHOR_PREFIX):].partition("/")
+            if record.author not in owners and await self.read_resource(namespace, name) is not None:
+                log.info("%s: InterposerPolicy %s/%s exists but was not listed; left to its events",
+                         key, namespace, name)
+                continue
+            await self.release(key, record.author, f"InterposerPolicy {namespace}/{name} deleted")
 
     async def release(self, key: str, author: str, why: str) -> int | None:
         """Clear (volume) or unselect (selector) ``key`` if its current record is ``author``'s.
