@@ -180,6 +180,10 @@ def cluster() -> Iterator[_Cluster]:
 @pytest.mark.fuse
 def test_publish_runs_a_worker_pod_over_the_claim_and_recovers_it(cluster: _Cluster) -> None:
     require_fuse()
+    # The application pod, whose labels the launcher reads for selector policies.
+    cluster.api.add_pod({"apiVersion": "v1", "kind": "Pod", "metadata": {
+        "name": "web-0", "namespace": "app",
+        "labels": {"app.kubernetes.io/name": "web", "tier": "frontend"}}})
     assert isinstance(cluster.launcher, KubernetesLauncher)
     assert cluster.launcher.settings.image == WORKER_IMAGE  # read from its own pod's init container
     assert cluster.launcher.settings.owner == OWNER  # its DaemonSet, from its own pod
@@ -194,6 +198,9 @@ def test_publish_runs_a_worker_pod_over_the_claim_and_recovers_it(cluster: _Clus
     (pod,) = cluster.api.worker_pods()
     _validate({k: v for k, v in pod.items() if k != "status"})
     assert pod["metadata"]["labels"][LABEL_INCARNATION] == "1"
+    args = pod["spec"]["containers"][0]["args"]
+    assert [args[i + 1] for i, a in enumerate(args) if a == "--pod-label"] == [
+        "app.kubernetes.io/name=web", "tier=frontend"]  # and the real worker accepted them: it serves
     assert fuse_mounts_under(cluster.root) == {str(target): "fuse.interposer"}, cluster.logs()
     (target / "f").write_text("via the worker pod")
     assert (cluster.backing / "f").read_text() == "via the worker pod"
@@ -213,6 +220,7 @@ def test_publish_runs_a_worker_pod_over_the_claim_and_recovers_it(cluster: _Clus
         args = worker["spec"]["containers"][0]["args"]
         assert [args[args.index(flag) + 1] for flag in ("--pod-namespace", "--pod-name", "--pod-uid",
                                                          "--service-account")] == ["app", "web-0", "uid-1", "web"]
+    assert "tier=frontend" in new_pod["spec"]["containers"][0]["args"], "a recovered worker lost its labels"
     assert (target / "f").read_text() == "via the worker pod"
     assert cluster.store.load("pvc-1").restarts == 1
     assert list(fuse_mounts_under(cluster.root)) == [str(target)]
@@ -242,7 +250,8 @@ def test_publish_runs_a_worker_pod_over_the_claim_and_recovers_it(cluster: _Clus
     assert {c[0] for c in cluster.api.calls} == {
         "read_namespaced_pod", "list_namespaced_pod", "create_namespaced_pod", "delete_namespaced_pod"
     }
-    assert all(c[1] == NAMESPACE for c in cluster.api.calls)
+    # ...all in its own namespace but the reads of the application pod's labels (ClusterRole).
+    assert {c for c in cluster.api.calls if c[1] != NAMESPACE} == {("read_namespaced_pod", "app", "web-0")}
 
 
 @pytest.mark.fuse
@@ -296,3 +305,18 @@ def test_api_errors_become_os_errors_naming_the_call() -> None:
         launcher._call("create", "x", api.create_namespaced_pod, NAMESPACE, {"metadata": {"name": "x"}})
     assert launcher.is_running(1, "absent") is False  # 404 → gone
     assert launcher.stop(1, "absent", 0.1) is True
+
+
+def test_pod_labels_are_read_once_per_pod_and_never_fail_a_publish() -> None:
+    api = FakeCoreV1Api()
+    api.add_pod({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web-0", "namespace": "app",
+                                                                 "labels": {"tier": "frontend"}}})
+    launcher = KubernetesLauncher(api, _settings())
+    assert launcher.pod_labels("app", "web-0") == {"tier": "frontend"}
+    assert launcher.pod_labels("app", "gone") == {}  # 404 (or 403 without the ClusterRole): no labels
+    assert launcher.pod_labels("", "") == {}  # no pod info in the volume context: no call
+    assert api.calls == [("read_namespaced_pod", "app", "web-0"), ("read_namespaced_pod", "app", "gone")]
+    spec = WorkerSpec(volume_id="v", backend="memory", mountpoint="/t", pod_labels={"b": "2", "a": "1"})
+    args = worker_pod_manifest(spec, _settings(), 1)["spec"]["containers"][0]["args"]
+    first = args.index("--pod-label")
+    assert args[first:first + 4] == ["--pod-label", "a=1", "--pod-label", "b=2"]

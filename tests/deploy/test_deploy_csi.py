@@ -135,11 +135,13 @@ def _rules_of(role: dict) -> dict[tuple[str, str], set[str]]:
 
 def test_controller_rbac_is_what_csi_provisioner_documents(base: list[Manifest]) -> None:
     cluster_roles = [o for o in base if o["kind"] == "ClusterRole"]
-    assert [r["metadata"]["name"] for r in cluster_roles] == ["interposer-csi-provisioner"], (
-        "only csi-provisioner needs cluster-wide permissions"
+    names = sorted(r["metadata"]["name"] for r in cluster_roles)
+    assert names == ["interposer-csi-node-pod-labels", "interposer-csi-provisioner", "interposer-policy"], (
+        "only csi-provisioner, the policy service (InterposerPolicy in every namespace, "
+        "test_deploy_policy) and the csi-node's pod label read need cluster-wide permissions"
     )
-    assert _rules_of(cluster_roles[0]) == PROVISIONER_CLUSTER_RULES
-    (binding,) = [o for o in base if o["kind"] == "ClusterRoleBinding"]
+    assert _rules_of(find(base, "ClusterRole", "interposer-csi-provisioner")) == PROVISIONER_CLUSTER_RULES
+    binding = find(base, "ClusterRoleBinding", "interposer-csi-provisioner")
     assert binding["roleRef"]["name"] == "interposer-csi-provisioner"
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": CONTROLLER, "namespace": NAMESPACE}]
     leader = find(base, "Role", "interposer-csi-provisioner-leader")
@@ -193,6 +195,10 @@ def _csi_node_api_calls() -> set[tuple[str, str]]:
     return calls
 
 
+#: The ClusterRole of the csi-node's one call outside its namespace: the application pod's labels.
+LABELS_ROLE = "interposer-csi-node-pod-labels"
+
+
 def test_node_rbac_grants_exactly_the_calls_of_the_code(base: list[Manifest]) -> None:
     """Every API call of the csi-node has a Role rule, and every rule a call."""
     role = find(base, "Role", DAEMONSET)
@@ -205,8 +211,16 @@ def test_node_rbac_grants_exactly_the_calls_of_the_code(base: list[Manifest]) ->
     called = _csi_node_api_calls()
     assert called, "found no API calls in the csi-node: the scan is broken"
     assert called == granted, f"code calls {sorted(called - granted)} without a rule; rules {sorted(granted - called)} are unused"
-    assert not [o for o in base if o["kind"] == "ClusterRoleBinding" and any(
-        s.get("name") == DAEMONSET for s in o.get("subjects", []))], "the csi-node needs no cluster-wide rights"
+    cluster_bindings = [o for o in base if o["kind"] == "ClusterRoleBinding" and any(
+        s.get("name") == DAEMONSET for s in o.get("subjects", []))]
+    assert [b["roleRef"]["name"] for b in cluster_bindings] == [LABELS_ROLE], (
+        "the csi-node's only cluster-wide right is reading application pods' labels")
+    assert cluster_bindings[0]["subjects"] == [{"kind": "ServiceAccount", "name": DAEMONSET,
+                                                "namespace": NAMESPACE}]
+    assert _rules_of(find(base, "ClusterRole", LABELS_ROLE)) == {("", "pods"): {"get"}}
+    assert re.search(r"self\._api\.read_namespaced_pod\(name, namespace\)",
+                     (CSI_NODE_SRC / "_kubernetes.py").read_text()), (
+        "the cluster-wide get is for pod_labels(): read_namespaced_pod(name, namespace)")
 
     binding = find(base, "RoleBinding", DAEMONSET)
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": DAEMONSET}
@@ -217,7 +231,9 @@ def test_node_rbac_grants_exactly_the_calls_of_the_code(base: list[Manifest]) ->
 def test_other_components_have_no_api_token(base: list[Manifest]) -> None:
     for obj in base:
         pod = pod_spec_of(obj)
-        if pod is None or obj["kind"] == "DaemonSet" or obj["metadata"]["name"] == CONTROLLER:
+        # The policy service's token is checked in test_deploy_policy.
+        exempt = obj["kind"] == "DaemonSet" or obj["metadata"]["name"] in (CONTROLLER, "interposer-policy")
+        if pod is None or exempt:
             continue
         assert pod.get("automountServiceAccountToken") is False, (
             f"{obj['kind']}/{obj['metadata']['name']} mounts an API token"
@@ -288,9 +304,10 @@ def test_driver_name_in_python_sources(driver_name: str) -> None:
     )
 
 
-def test_no_other_driver_name_in_deploy(driver_name: str) -> None:
-    """Every *.interposer.io driver-like name in deploy/ is the one driver name."""
+def test_no_other_driver_name_in_deploy(driver_name: str, base: list[Manifest]) -> None:
+    """Every *.interposer.io driver-like name in deploy/ is the one driver name (or a CRD's name)."""
+    crd_names = {o["metadata"]["name"] for o in base if o["kind"] == "CustomResourceDefinition"}
     for path in DEPLOY_DIR.rglob("*"):
         if path.suffix in {".yaml", ".yml"}:
             for hit in re.findall(r"\b[a-z0-9-]+\.interposer\.io\b", path.read_text()):
-                assert hit == driver_name, f"{path.relative_to(REPO_ROOT)} names driver {hit!r}"
+                assert hit in {driver_name} | crd_names, f"{path.relative_to(REPO_ROOT)} names driver {hit!r}"

@@ -8,6 +8,7 @@ from typing import Any
 import jsonschema
 import kubernetes_validate
 import pytest
+from crd_schema import load_crd, storage_schema, validation_errors
 from deploy_support import KUBERNETES_VERSION, KUSTOMIZATIONS, NAMESPACE, Manifest, find
 
 #: Kinds each kustomization must contain at least once (what the deployment is for).
@@ -24,14 +25,24 @@ REQUIRED_KINDS = {
         "Role",
         "RoleBinding",
         "ConfigMap",
+        "CustomResourceDefinition",
+        "ClusterRole",
+        "ClusterRoleBinding",
     },
     "deploy/overlays/dev": {"CSIDriver", "DaemonSet", "StatefulSet", "Deployment"},
     "deploy/overlays/monitoring": {"CSIDriver", "DaemonSet", "StatefulSet", "Deployment", "ConfigMap"},
-    "deploy/examples": {"Pod"},
+    "deploy/examples": {"Pod", "InterposerPolicy"},
     "deploy/examples/stacked-pvc": {"StorageClass", "PersistentVolumeClaim", "Job"},
     "deploy/examples/minio-warp": {"PersistentVolumeClaim", "Deployment", "Service", "Job", "Secret"},
 }
-CLUSTER_SCOPED = {"Namespace", "CSIDriver", "StorageClass", "ClusterRole", "ClusterRoleBinding"}
+CLUSTER_SCOPED = {"Namespace", "CSIDriver", "StorageClass", "ClusterRole", "ClusterRoleBinding",
+                  "CustomResourceDefinition"}
+#: Custom resources of this repository: (apiVersion, kind) → their CRD's schema.
+_CRD = load_crd()
+CUSTOM_SCHEMAS = {
+    (f"{_CRD['spec']['group']}/{v['name']}", _CRD["spec"]["names"]["kind"]): v["schema"]["openAPIV3Schema"]
+    for v in _CRD["spec"]["versions"] if v["served"]
+}
 
 
 def validate_k8s(obj: Manifest) -> None:
@@ -41,6 +52,12 @@ def validate_k8s(obj: Manifest) -> None:
         AssertionError: the object is invalid or its kind/apiVersion has no schema.
     """
     name = f"{obj.get('kind')}/{obj.get('metadata', {}).get('name')}"
+    custom = CUSTOM_SCHEMAS.get((obj.get("apiVersion"), obj.get("kind")))
+    if custom is not None:  # kubernetes-validate knows only built-in kinds: use the CRD's own schema
+        errors = validation_errors(custom, obj)
+        if errors:
+            raise AssertionError(f"{name}: invalid at " + "; ".join(errors))
+        return
     try:
         kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
     except kubernetes_validate.SchemaNotFoundError as exc:
@@ -72,7 +89,8 @@ def test_every_object_validates(path: str, all_rendered: dict[str, list[Manifest
 
 
 def test_validator_rejects_bad_objects(base: list[Manifest]) -> None:
-    """The validation above is not vacuous: a typo, a wrong type and an unknown kind all fail."""
+    """The validation above is not vacuous: a typo, a wrong type and an unknown kind all fail,
+    and so do a custom resource against its CRD and an unknown field of it."""
     daemonset = copy.deepcopy(find(base, "DaemonSet", "interposer-csi-node"))
     daemonset["spec"]["template"]["spec"]["containers"][0]["mountPropagaton"] = "Bidirectional"
     with pytest.raises(AssertionError, match="mountPropagaton"):
@@ -81,6 +99,14 @@ def test_validator_rejects_bad_objects(base: list[Manifest]) -> None:
     csidriver["spec"]["attachRequired"] = "no"
     with pytest.raises(AssertionError, match="invalid at spec/attachRequired"):
         validate_k8s(csidriver)
+    policy = {"apiVersion": "interposer.io/v1alpha1", "kind": "InterposerPolicy", "metadata": {"name": "x"},
+              "spec": {"target": {"volume": "v"}, "policy": {"layers": [{"type": "faulty"}]}}}
+    with pytest.raises(AssertionError, match="spec.policy.layers.0.type: 'faulty' is not one of"):
+        validate_k8s(policy)
+    policy["spec"]["policy"]["layers"][0]["type"] = "fault"
+    policy["status"] = {"revison": 3}
+    with pytest.raises(AssertionError, match="status.revison: unknown field"):
+        validate_k8s(policy)
     unknown: dict[str, Any] = {"apiVersion": "example.io/v1", "kind": "Gadget", "metadata": {"name": "x"}}
     with pytest.raises(AssertionError, match="no schema"):
         validate_k8s(unknown)

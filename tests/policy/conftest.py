@@ -1,17 +1,30 @@
-"""A real policy service process on the session's nats-server."""
+"""A real policy service process on the session's nats-server; buses of the tests' own."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
+import nats
 import pytest
+from kube_api_fake import FakeApiServer
+from kubernetes import client, config
+from nats.js.errors import KeyNotFoundError
 
 from interposer.cli._auth import ensure_credentials, write_server_config
 from interposer.cli._policy_client import PolicyClientError, get_policy
 from interposer.cli._procs import Child, free_port, start_nats_server
+from interposer.proto import decode_record, encode_record, resource, subjects
+from interposer_testing import wait_until
+
+#: User agent of the tests' own Kubernetes API calls (the service's are the client's default).
+TEST_AGENT = "interposer-tests"
+#: Where the fake API server listens: never through a proxy.
+LOOPBACK = "127.0.0.1"
 
 
 def _ready(nats_url: str, creds_file: str = "") -> bool:
@@ -30,16 +43,18 @@ def policy_service(nats_url: str, tmp_path_factory: pytest.TempPathFactory) -> I
         child.stop()
 
 
-def start_policy_service(nats_url: str, log_path: Path, creds: dict[str, str] | None = None) -> Child:
+def start_policy_service(nats_url: str, log_path: Path, creds: dict[str, str] | None = None,
+                         extra: Sequence[str] = (), env: dict[str, str] | None = None) -> Child:
     """Start ``python -m interposer.policy`` and wait until it answers.
 
     With ``creds`` (role → credentials file) the service runs as the ``policy``
-    role and readiness is asked as the ``user`` role.
+    role and readiness is asked as the ``user`` role. ``extra``: more flags;
+    ``env``: more environment variables.
     """
-    argv = [sys.executable, "-m", "interposer.policy", "--nats-url", nats_url, "--log-level", "DEBUG"]
+    argv = [sys.executable, "-m", "interposer.policy", "--nats-url", nats_url, "--log-level", "DEBUG", *extra]
     if creds:
         argv += ["--nats-creds", creds["policy"]]
-    child = Child("policy", argv, log_path).start()
+    child = Child("policy", argv, log_path, env=env).start()
     child.wait_ready(lambda: _ready(nats_url, creds["user"] if creds else ""))
     return child
 
@@ -139,3 +154,113 @@ def fresh_volume() -> str:
     import os
 
     return f"vol-{os.getpid()}-c{next(_volume_ids)}"
+
+
+class KubeBus:
+    """A nats-server, a fake API server and a policy service reconciling between them."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.nats, self.url = start_nats_server(root / "nats")
+        self.kube = FakeApiServer().start()
+        self.kubeconfig = self.kube.kubeconfig(root / "kubeconfig.json")
+        configuration = client.Configuration()
+        config.load_kube_config(config_file=str(self.kubeconfig), client_configuration=configuration)
+        configuration.no_proxy = LOOPBACK  # the client takes HTTP(S)_PROXY from the environment
+        api_client = client.ApiClient(configuration)
+        api_client.user_agent = TEST_AGENT
+        self.api = client.CustomObjectsApi(api_client)
+        self.services: list[Child] = []
+        try:
+            self.start_service()
+        except BaseException:
+            self.stop()
+            raise
+
+    def start_service(self) -> Child:
+        """Start one more policy service replica with ``--kubernetes`` (waits until it answers)."""
+        no_proxy = ",".join(filter(None, (os.environ.get("NO_PROXY", ""), LOOPBACK)))
+        child = start_policy_service(self.url, self.root / f"policy{len(self.services)}.log",
+                                     extra=["--kubernetes", "--kubeconfig", str(self.kubeconfig)],
+                                     env={"NO_PROXY": no_proxy, "no_proxy": no_proxy})
+        self.services.append(child)
+        return child
+
+    def stop(self) -> None:
+        for child in self.services:
+            child.stop()
+        self.kube.stop()
+        self.nats.stop()
+
+    # ---- the resources, through the API (as kubectl would) -------------------------
+
+    def create(self, namespace: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+        body = {"apiVersion": resource.API_VERSION, "kind": resource.KIND,
+                "metadata": {"name": name, "namespace": namespace}, "spec": spec}
+        return self.api.create_namespaced_custom_object(resource.GROUP, resource.VERSION, namespace,
+                                                        resource.PLURAL, body)
+
+    def patch_spec(self, namespace: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+        return self.api.patch_namespaced_custom_object(resource.GROUP, resource.VERSION, namespace,
+                                                       resource.PLURAL, name, {"spec": spec})
+
+    def delete(self, namespace: str, name: str) -> None:
+        self.api.delete_namespaced_custom_object(resource.GROUP, resource.VERSION, namespace, resource.PLURAL,
+                                                 name)
+
+    def status_of(self, namespace: str, name: str, generation: int) -> dict[str, Any]:
+        """Wait until the status is about ``generation``; return it."""
+        def observed() -> bool:
+            obj = self.kube.get(namespace, name)
+            return obj is not None and (obj.get("status") or {}).get("observedGeneration") == generation
+
+        wait_until(observed, f"the status of {namespace}/{name} generation {generation}", timeout_s=30)
+        return self.kube.get(namespace, name)["status"]
+
+    # ---- the bucket -----------------------------------------------------------------
+
+    def current(self, key: str) -> tuple[int, Any]:
+        """``(revision, PolicyRecord)`` of ``key`` as stored (``(0, None)`` if none)."""
+        async def read() -> tuple[int, Any]:
+            nc = await nats.connect(self.url)
+            try:
+                kv = await nc.jetstream().key_value(subjects.POLICY_KV_BUCKET)
+                try:
+                    entry = await kv.get(key)
+                except KeyNotFoundError:
+                    return 0, None
+                return entry.revision, decode_record(entry.value)
+            finally:
+                await nc.close()
+
+        return asyncio.run(read())
+
+    def put_record(self, key: str, record: Any) -> int:
+        """Store ``record`` (a ``PolicyRecord``) under ``key`` as a policy service would.
+
+        Returns:
+            Its revision.
+        """
+        async def put() -> int:
+            nc = await nats.connect(self.url)
+            try:
+                kv = await nc.jetstream().key_value(subjects.POLICY_KV_BUCKET)
+                return await kv.put(key, encode_record(record))
+            finally:
+                await nc.close()
+
+        return asyncio.run(put())
+
+    def service_calls(self) -> set[tuple[str, str]]:
+        """``(verb, resource)`` of every API call the policy services made so far."""
+        return {(r.verb, r.resource) for r in list(self.kube.requests) if r.agent != TEST_AGENT}
+
+
+@pytest.fixture(scope="module")
+def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeBus]:
+    """A nats-server, a fake Kubernetes API server and a policy service with ``--kubernetes``."""
+    bus = KubeBus(Path(tmp_path_factory.mktemp("kube")))
+    try:
+        yield bus
+    finally:
+        bus.stop()

@@ -41,10 +41,26 @@ def test_selectors_match_by_glob_and_never_on_unknown_values() -> None:
     assert Selector(volume="db-*").matches(volume="db-1", namespace="", pod="", node="")
 
 
+def test_label_selectors_need_every_label_exactly_and_never_match_unknown_labels() -> None:
+    trainer = Selector(namespace="ml", labels={"app": "trainer", "tier": "gpu"})
+    pod = {"app": "trainer", "tier": "gpu", "other": "x"}
+    assert trainer.matches(volume="v", namespace="ml", pod="p", node="", labels=pod)
+    assert not trainer.matches(volume="v", namespace="ml", pod="p", node="", labels={"app": "trainer"})
+    assert not trainer.matches(volume="v", namespace="ml", pod="p", node="", labels={**pod, "tier": "cpu"})
+    assert not trainer.matches(volume="v", namespace="web", pod="p", node="", labels=pod)
+    assert not trainer.matches(volume="v", namespace="ml", pod="p", node="")  # labels unknown
+    assert not Selector(labels={"app": "trainer*"}).matches(volume="v", namespace="", pod="", node="",
+                                                             labels=pod), "label values are not globs"
+    assert Selector(labels={"canary": ""}).matches(volume="v", namespace="", pod="", node="",
+                                                   labels={"canary": ""})
+
+
 @pytest.mark.parametrize(("body", "where"), [
     (b'{"selector": {}, "policy": {}}', "`all: true`"),
     (b'{"selector": {"all": true, "pod": "x"}, "policy": {}}', "field `all`"),
-    (b'{"selector": {"labels": {"a": "b"}}, "policy": {}}', "$.selector"),
+    (b'{"selector": {"labels": {"a b": "c"}}, "policy": {}}', "`key` in `$.selector.labels`"),
+    (b'{"selector": {"labels": {"app": "-x"}}, "policy": {}}', "$.selector.labels"),
+    (b'{"selector": {"lables": {"app": "x"}}, "policy": {}}', "lables"),
     (b'{"selector": {"all": true}, "policy": {"layers": [{"type": "fault", "errno": "EFOO"}]}}', "EFOO"),
     (b'{"selector": {"all": true}, "priority": 5000}', "$.priority"),
     (b'{"policy": {}}', "selector"),
@@ -151,3 +167,49 @@ def test_cli_select_validates_offline_and_unselect_needs_an_active_selector(
     again = runner.invoke(cli, ["policy", "unselect", name, "--nats-url", nats_url])
     assert again.exit_code == 1 and "no active selector" in again.output
     assert runner.invoke(cli, ["policy", "select", "a.b", str(good), "--nats-url", nats_url]).exit_code == 2
+
+
+def test_a_label_selector_reaches_the_workers_whose_pod_carries_the_labels(
+        nats_url, policy_service, mount_worker, fresh_volume) -> None:
+    trainer_labels = {"app": f"{fresh_volume}-trainer", "tier": "gpu"}
+    trainer = mount_worker(f"{fresh_volume}-t", nats_url=nats_url, extra=[
+        "--pod-namespace", "ml", "--pod-name", "train-0",
+        "--pod-label", f"app={fresh_volume}-trainer", "--pod-label", "tier=gpu"])
+    web = mount_worker(f"{fresh_volume}-w", nats_url=nats_url, extra=[
+        "--pod-namespace", "ml", "--pod-name", "web-0", "--pod-label", f"app={fresh_volume}-web",
+        "--pod-label", "tier=gpu"])
+    for volume in (trainer, web):
+        (volume.mountpoint / "data").write_bytes(b"x" * 8192)
+    name, marker = f"lbl-{fresh_volume}", f"lbl-{fresh_volume}-web"
+    _select(nats_url, name, {"selector": {"labels": trainer_labels}, "policy": EIO_READS})
+    # A second selector that only the web worker matches: selectors reach a worker
+    # through one watch, in order, so once it applied this one it has seen the first.
+    marker_revision = _select(nats_url, marker, {"selector": {"labels": {"app": f"{fresh_volume}-web"}},
+                                                 "policy": {"layers": [{"type": "delay", "delay_s": 0}]}})
+    try:
+        wait_until(lambda: read_errno(trainer.mountpoint / "data") == errno.EIO, "the label selector")
+
+        def web_applied() -> int:
+            status = asyncio.run(policy_status(nats_url, f"{fresh_volume}-w"))
+            return max((w.applied_revision for v in status.volumes for w in v.workers), default=0)
+
+        wait_until(lambda: web_applied() == marker_revision, "the web worker to apply the later selector")
+        assert read_errno(web.mountpoint / "data") == 0, "the web pod lacks app=…-trainer"
+        status = asyncio.run(policy_status(nats_url, f"{fresh_volume}-t"))
+        assert [w.labels for v in status.volumes for w in v.workers] == [trainer_labels]  # from the heartbeat
+    finally:
+        _unselect(nats_url, name)
+        _unselect(nats_url, marker)
+
+
+def test_the_worker_refuses_malformed_pod_labels(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    (tmp_path / "b").mkdir()
+    (tmp_path / "m").mkdir()
+    base = [sys.executable, "-m", "interposer.fuse_worker", "--backing-dir", str(tmp_path / "b"),
+            "--mountpoint", str(tmp_path / "m")]
+    for label, message in (("tier", "'tier' is not KEY=VALUE"), ("a b=c", "pod_labels")):
+        proc = subprocess.run([*base, "--pod-label", label], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr

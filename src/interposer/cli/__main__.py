@@ -14,6 +14,7 @@ import click
 import msgspec
 
 from interposer.proto import (
+    PolicyChange,
     PolicyError,
     PolicyReply,
     RollbackRequest,
@@ -37,6 +38,7 @@ from ._policy_client import (
     set_and_wait,
 )
 from ._policy_render import render_history, render_list, render_status
+from ._policy_watch import follow
 from ._stack import EmbeddedStack, describe, read_endpoints
 
 #: Where ``interposer up`` keeps its state unless told otherwise.
@@ -415,6 +417,38 @@ def policy_status_cmd(volume: str | None, nats_url: str, nats_creds: str, as_jso
         _print_reply(reply)
         return
     click.echo(render_status(reply))
+
+
+@policy.command("watch")
+@click.argument("volume", required=False)
+@_nats_option
+def policy_watch(volume: str | None, nats_url: str, nats_creds: str) -> None:
+    """Print each new revision of VOLUME (of every volume and selector if omitted) until Ctrl-C.
+
+    One JSON line per revision, in revision order: {"volume", "revision", "action",
+    "updated_at_s", "author", "policy", ...}; selector keys show as _sel.NAME.
+    Only revisions stored after the watch began are printed (`history` shows
+    the earlier ones); after a lost connection the watch resumes after the last
+    revision it printed.
+    """
+    if volume is not None and not (subjects.is_valid_volume_id(volume) or (
+            volume.startswith(subjects.SELECTOR_KEY_PREFIX)
+            and subjects.is_valid_volume_id(volume[len(subjects.SELECTOR_KEY_PREFIX):]))):
+        raise click.BadParameter(f"{volume!r} is neither a volume id ({subjects.VOLUME_ID_PATTERN.pattern}) "
+                                 f"nor {subjects.SELECTOR_KEY_PREFIX}NAME", param_hint="VOLUME")
+
+    def ready(revision: int) -> None:
+        click.echo(f"watching {volume or 'every volume and selector'} for revisions after {revision} "
+                   "(Ctrl-C to stop)", err=True)
+
+    def changed(change: PolicyChange) -> None:
+        click.echo(encode_json(change).decode())
+
+    _sigterm_as_interrupt()
+    try:
+        _call(follow(nats_url, volume, changed, creds_file=nats_creds, on_ready=ready))
+    except KeyboardInterrupt:
+        pass  # Ctrl-C is how a watch ends
 
 
 @policy.command("validate")

@@ -55,6 +55,16 @@ _JS_BUCKET_API = [f"$JS.API.*.*.{_KV_STREAM}", f"$JS.API.*.*.{_KV_STREAM}.>",
 #: flow-control replies.
 _JS_FLOW_CONTROL = "$JS.FC.>"
 
+#: What reading the bucket through a watch needs (a KV watch is an ordered push
+#: consumer on the bucket's stream, delivered to an inbox): the stream's info, creating,
+#: inspecting and deleting the consumer, and its flow-control replies. No KV put.
+_KV_WATCH = [
+    f"$JS.API.STREAM.INFO.{_KV_STREAM}",
+    f"$JS.API.CONSUMER.CREATE.{_KV_STREAM}", f"$JS.API.CONSUMER.CREATE.{_KV_STREAM}.>",
+    f"$JS.API.CONSUMER.INFO.{_KV_STREAM}.>", f"$JS.API.CONSUMER.DELETE.{_KV_STREAM}.>",
+    _JS_FLOW_CONTROL,
+]
+
 #: Role → ``{"publish": {"allow": [...]}, "subscribe": {"allow": [...]}, ...}``.
 PERMISSIONS: dict[str, dict[str, object]] = {
     # Reads its policy (KV watch = consumer on the bucket's stream, delivered to an
@@ -63,10 +73,7 @@ PERMISSIONS: dict[str, dict[str, object]] = {
     "worker": {
         "publish": {"allow": [
             f"{subjects.EVENTS_PREFIX}.*", f"{subjects.STATUS_PREFIX}.*", f"{subjects.FAULTS_PREFIX}.*",
-            f"$JS.API.STREAM.INFO.{_KV_STREAM}",
-            f"$JS.API.CONSUMER.CREATE.{_KV_STREAM}", f"$JS.API.CONSUMER.CREATE.{_KV_STREAM}.>",
-            f"$JS.API.CONSUMER.INFO.{_KV_STREAM}.>", f"$JS.API.CONSUMER.DELETE.{_KV_STREAM}.>",
-            _JS_FLOW_CONTROL,
+            *_KV_WATCH,
         ]},
         "subscribe": {"allow": [_INBOX]},
     },
@@ -84,9 +91,10 @@ PERMISSIONS: dict[str, dict[str, object]] = {
         "allow_responses": True,
     },
     # People (the CLI, `nats req`): may ask the policy service, follow heartbeats
-    # (`set --wait`), nothing else — in particular not write the bucket directly.
+    # (`set --wait`) and the bucket (`policy watch`), nothing else — in particular
+    # not write the bucket directly.
     "user": {
-        "publish": {"allow": ["interposer.policy.>"]},
+        "publish": {"allow": ["interposer.policy.>", *_KV_WATCH]},
         "subscribe": {"allow": [f"{subjects.STATUS_PREFIX}.*", _INBOX]},
     },
 }

@@ -8,6 +8,7 @@ from .control import (
     HistoryEntry as HistoryEntry,
     HistoryReply as HistoryReply,
     ListReply as ListReply,
+    PolicyChange as PolicyChange,
     RollbackRequest as RollbackRequest,
     StatusReply as StatusReply,
     VolumeStatus as VolumeStatus,

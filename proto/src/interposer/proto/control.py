@@ -1,4 +1,4 @@
-"""Replies of the policy service's read-side requests: history, list, status, rollback.
+"""Replies of the policy service's read-side requests (history, list, status, rollback) and watch lines.
 
 These are JSON (like ``PolicyReply``) so ``nats req`` shows them readably. Replies
 only ever gain fields with defaults; requests from users (``RollbackRequest``)
@@ -11,7 +11,7 @@ from typing import Annotated
 
 import msgspec
 
-from .policy import Policy
+from .policy import Policy, Selector
 
 
 class RollbackRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -88,6 +88,7 @@ class WorkerState(msgspec.Struct, kw_only=True, omit_defaults=True):
         stale: no heartbeat for longer than the service's ``worker_stale_after_s``.
         namespace: pod namespace, if the worker knows it.
         pod: pod name, if the worker knows it.
+        labels: the pod's labels, if the worker knows them (selectors match them).
     """
 
     worker_id: str
@@ -97,6 +98,7 @@ class WorkerState(msgspec.Struct, kw_only=True, omit_defaults=True):
     stale: bool = False
     namespace: str = ""
     pod: str = ""
+    labels: dict[str, str] = {}
 
 
 class VolumeStatus(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -123,6 +125,37 @@ class StatusReply(msgspec.Struct, kw_only=True, omit_defaults=True):
     ok: bool
     volumes: list[VolumeStatus] = []
     error: str | None = None
+
+
+class PolicyChange(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One new revision of a key of the policy bucket, as ``interposer policy watch`` prints it.
+
+    Attributes:
+        volume: the KV key: a volume id, or ``_sel.<name>`` for a selector policy.
+        revision: KV revision.
+        action: what made it: ``set``, ``clear``, ``rollback``, ``expire``,
+            ``select``, ``unselect`` (a ``PolicyRecord.action``); ``delete`` or
+            ``purge`` when the key was removed from the bucket by hand (the service
+            never does).
+        updated_at_s: when it was stored, seconds since the Unix epoch (0 = unknown).
+        author: who asked for it (``""`` = not said).
+        source_revision: for ``rollback``/``expire``, the revision re-stored.
+        expires_at_s: the experiment deadline of this revision, if any.
+        selector: for a selector key, the volumes it selects (None = inactive).
+        priority: for a selector key, its merge priority.
+        policy: the policy stored (None for ``delete``/``purge``).
+    """
+
+    volume: str
+    revision: int
+    action: str
+    updated_at_s: float = 0.0
+    author: str = ""
+    source_revision: int = 0
+    expires_at_s: float | None = None
+    selector: Selector | None = None
+    priority: int = 0
+    policy: Policy | None = None
 
 
 def encode_json(message: msgspec.Struct) -> bytes:

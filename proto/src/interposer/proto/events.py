@@ -114,6 +114,8 @@ class WorkerStatus(msgspec.Struct):
         quota_inodes_limit: the inode limit of the quota in force; ``None`` = none.
         pod_uid: uid of the pod using the volume, ``""`` if unknown.
         service_account: that pod's ServiceAccount name, ``""`` if unknown.
+        labels: the labels of the pod using the volume (``{}`` = unknown), which
+            selector policies with ``labels`` match.
     """
 
     volume: str
@@ -137,6 +139,7 @@ class WorkerStatus(msgspec.Struct):
     quota_inodes_limit: int | None = None
     pod_uid: str = ""
     service_account: str = ""
+    labels: dict[str, str] = {}
 
 
 class FaultRecord(msgspec.Struct, kw_only=True):

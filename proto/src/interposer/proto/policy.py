@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno as _errno
 import fnmatch
+from collections.abc import Mapping
 from typing import Annotated, Literal, Union
 
 import msgspec
@@ -470,6 +471,16 @@ MAX_SELECTOR_FIELD_LENGTH = 253
 #: Selector priorities: higher is applied first (outermost), ties by name.
 MAX_SELECTOR_PRIORITY = 1000
 SelectorGlob = Annotated[str, msgspec.Meta(max_length=MAX_SELECTOR_FIELD_LENGTH)]
+#: Most labels a selector may require.
+MAX_SELECTOR_LABELS = 64
+#: A Kubernetes label key: an optional DNS-subdomain prefix and ``/``, then a name of
+#: at most 63 alphanumerics, ``-``, ``_``, ``.`` (starting and ending alphanumeric).
+LABEL_KEY_PATTERN = (r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+                     r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+#: A Kubernetes label value: empty, or at most 63 characters as a key's name.
+LABEL_VALUE_PATTERN = r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$"
+LabelKey = Annotated[str, msgspec.Meta(pattern=LABEL_KEY_PATTERN, max_length=317)]
+LabelValue = Annotated[str, msgspec.Meta(pattern=LABEL_VALUE_PATTERN)]
 
 
 class Selector(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
@@ -485,6 +496,9 @@ class Selector(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         pod: glob on the name of that pod.
         node: glob on the node the worker runs on (the csi-node's node id).
         volume: glob on the volume id.
+        labels: label key → value the pod using the volume must carry, each exactly
+            (a label selector's ``matchLabels``); the worker knows its pod's labels
+            only when the csi-node read them (the Kubernetes launcher).
     """
 
     all: bool = False
@@ -492,24 +506,32 @@ class Selector(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     pod: SelectorGlob = ""
     node: SelectorGlob = ""
     volume: SelectorGlob = ""
+    labels: Annotated[dict[LabelKey, LabelValue], msgspec.Meta(max_length=MAX_SELECTOR_LABELS)] = {}
 
     def __post_init__(self) -> None:
-        narrowed = any((self.namespace, self.pod, self.node, self.volume))
+        narrowed = any((self.namespace, self.pod, self.node, self.volume, self.labels))
         if self.all and narrowed:
             raise ValueError("field `all`: `all: true` selects every volume; leave the other fields out")
         if not self.all and not narrowed:
             raise ValueError("an empty selector would select every volume: set `all: true` for a fleet push, "
-                             "or one of `namespace`, `pod`, `node`, `volume`")
+                             "or one of `namespace`, `pod`, `node`, `volume`, `labels`")
 
-    def matches(self, *, volume: str, namespace: str, pod: str, node: str) -> bool:
-        """True if a volume with these attributes is selected (an unknown ``""`` value never matches)."""
+    def matches(self, *, volume: str, namespace: str, pod: str, node: str,
+                labels: Mapping[str, str] | None = None) -> bool:
+        """True if a volume with these attributes is selected (an unknown ``""`` value never matches).
+
+        Args:
+            volume, namespace, pod, node: what the worker knows (``""`` = unknown).
+            labels: the labels of the pod using the volume (None or empty = unknown).
+        """
         if self.all:
             return True
         for pattern, value in ((self.namespace, namespace), (self.pod, pod), (self.node, node),
                                (self.volume, volume)):
             if pattern and not (value and fnmatch.fnmatchcase(value, pattern)):
                 return False
-        return True
+        known = labels or {}
+        return all(key in known and known[key] == value for key, value in self.labels.items())
 
 
 class SelectorRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -634,7 +656,7 @@ def _with_location(message: str) -> str:
     Messages echo user input (unknown field names), so control characters are
     escaped (``\\x7f``) and the length is capped at ``MAX_ERROR_CHARS``.
     """
-    if " - at `$" not in message and "(byte " not in message:
+    if " - at `" not in message and "(byte " not in message:  # `$…`, or `key` in `$…` for a dict key
         message = f"{message} - at `$`"
     if not message.isprintable():
         message = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in message)

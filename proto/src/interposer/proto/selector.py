@@ -3,7 +3,7 @@
 A selector policy is stored under the KV key ``_sel.<name>`` as a ``PolicyRecord``
 whose ``selector`` says which volumes it is for. Every worker watches its own key
 and ``_sel.>``, matches the selectors against what it knows about itself (volume
-id, pod namespace and name, node) and serves :func:`effective_policy`:
+id, pod namespace, name and labels, node) and serves :func:`effective_policy`:
 
 1. the volume's own policy (its key) — its layers come first, so they see each op
    first (a fault there fires before any selector's layers run);
@@ -22,7 +22,7 @@ from .policy import Policy, PolicyRecord
 
 
 def selected(selectors: Mapping[str, PolicyRecord], *, volume: str, namespace: str, pod: str,
-             node: str) -> list[tuple[str, PolicyRecord]]:
+             node: str, labels: Mapping[str, str] | None = None) -> list[tuple[str, PolicyRecord]]:
     """The selector records that apply to a volume, in merge order.
 
     Args:
@@ -31,13 +31,15 @@ def selected(selectors: Mapping[str, PolicyRecord], *, volume: str, namespace: s
         namespace: namespace of the pod using it (``""`` = unknown).
         pod: that pod's name (``""`` = unknown).
         node: the node the worker runs on (``""`` = unknown).
+        labels: that pod's labels (None or empty = unknown).
 
     Returns:
         ``[(name, record), …]``: higher ``priority`` first, then by name.
     """
     chosen = [(name, record) for name, record in selectors.items()
               if record.selector is not None
-              and record.selector.matches(volume=volume, namespace=namespace, pod=pod, node=node)]
+              and record.selector.matches(volume=volume, namespace=namespace, pod=pod, node=node,
+                                          labels=labels)]
     return sorted(chosen, key=lambda item: (-item[1].priority, item[0]))
 
 

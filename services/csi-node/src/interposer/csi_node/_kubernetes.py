@@ -23,6 +23,11 @@ the csi-node decides when a new worker mounts).
 API calls (and so the RBAC Role ``interposer-csi-node``, pinned by
 ``tests/deploy``): pods ``create``, ``get``, ``list``, ``delete`` in the csi-node's
 namespace. No ``watch``: liveness is one ``get`` per published volume per check.
+One ``get`` of the application pod (any namespace: ClusterRole
+``interposer-csi-node-pod-labels``) before each worker pod is created, for its
+labels, which the kubelet does not pass in the CSI volume context: they become
+``--pod-label`` flags, so selector policies with ``labels`` reach the volume. If
+that read fails the worker starts without labels (such selectors do not match it).
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ import msgspec.structs
 from interposer.proto.connection import nats_secret_name
 
 from ._fuse_fd import FdHandoff, handoff_name, mount_fuse_fd
-from ._launcher import WorkerSpec
+from ._launcher import WorkerSpec, label_arguments
 from ._mounts import unmount_lazily
 from ._state import VolumeState, write_atomically
 
@@ -217,6 +222,7 @@ def worker_pod_manifest(spec: WorkerSpec, settings: WorkerPodSettings, incarnati
     for flag, value in optional:
         if value:
             args += [flag, value]
+    args += label_arguments(spec.pod_labels)
     if spec.read_only:
         args.append("--read-only")
     if settings.nats_creds_secret:
@@ -340,7 +346,21 @@ class KubernetesLauncher:
         spec = WorkerSpec.of_volume(state, policy_file=state.policy_file)
         return self._launch(spec, state.worker_pid + 1)
 
+    def pod_labels(self, namespace: str, name: str) -> dict[str, str]:
+        """The labels of the application pod ``namespace/name`` (``{}`` if unknown or unreadable)."""
+        if not namespace or not name:
+            return {}
+        try:
+            pod = self._api.read_namespaced_pod(name, namespace)
+        except Exception as exc:  # noqa: BLE001 - RBAC missing, pod gone, API away: serve without labels
+            log.warning("cannot read the labels of pod %s/%s (%s); selectors with labels will not match it",
+                        namespace, name, exc)
+            return {}
+        return dict(pod.metadata.labels or {})
+
     def _launch(self, spec: WorkerSpec, incarnation: int) -> int:
+        # Read on every (re)start: a recovered worker gets the labels the pod has now.
+        spec = msgspec.structs.replace(spec, pod_labels=self.pod_labels(spec.pod_namespace, spec.pod_name))
         handoff_dir = Path(handoff_dir_of(self.settings, spec.volume_id))
         handoff_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         if spec.policy_file:

@@ -57,6 +57,9 @@ class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
         pod_uid: uid of that pod; empty = unknown.
         service_account: that pod's ServiceAccount name; empty = unknown.
         node_name: the node id (for selector policies); empty = not passed.
+        pod_labels: labels of the pod the volume is for (``--pod-label KEY=VALUE``
+            each, for selector policies); the Kubernetes launcher reads them from
+            the API; empty = unknown.
         read_only: mount read-only.
         fuse_fd_socket: the csi-node socket the worker receives its mounted FUSE fd
             from (``--fuse-fd-socket``); empty = the worker mounts ``mountpoint`` itself.
@@ -76,6 +79,7 @@ class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
     pod_uid: str = ""
     service_account: str = ""
     node_name: str = ""
+    pod_labels: dict[str, str] = {}
     read_only: bool = False
     fuse_fd_socket: str = ""
     backing_claim: str = ""
@@ -119,9 +123,18 @@ class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
         for flag, value in optional:
             if value:
                 args += [flag, value]
+        args += label_arguments(self.pod_labels)
         if self.read_only:
             args.append("--read-only")
         return args
+
+
+def label_arguments(labels: dict[str, str]) -> list[str]:
+    """``--pod-label KEY=VALUE`` for each label, sorted by key (stable command lines)."""
+    args = []
+    for key, value in sorted(labels.items()):
+        args += ["--pod-label", f"{key}={value}"]
+    return args
 
 
 class Launcher(Protocol):

@@ -41,6 +41,8 @@ from ._worker import run
 @click.option("--pod-uid", default="", help="Uid of the pod using the volume (csi.storage.k8s.io/pod.uid).")
 @click.option("--service-account", default="", help="ServiceAccount of that pod (csi.storage.k8s.io/serviceAccount.name).")
 @click.option("--node-name", default="", help="Node this worker runs on (for selector policies).")
+@click.option("--pod-label", "pod_label", multiple=True, metavar="KEY=VALUE",
+              help="A label of the pod using the volume (for selector policies with labels). Repeatable.")
 @click.option("--read-only", is_flag=True, help="Mount read-only.")
 @click.option("--read-ahead-kib", type=click.IntRange(0, 65536), default=DEFAULT_READ_AHEAD_KIB, show_default=True,
               help="Kernel readahead of the mount, KiB (0 = kernel default, 128).")
@@ -58,13 +60,18 @@ from ._worker import run
                    "whose path matches GLOB, e.g. 'getattr,lookup:*:0.01'. Repeatable; the first "
                    "matching rule wins; unmatched ops are all recorded.")
 @click.option("--log-level", default="INFO", show_default=True)
-def main(log_level: str, event_sampling: tuple[str, ...], **flags: object) -> None:
+def main(log_level: str, event_sampling: tuple[str, ...], pod_label: tuple[str, ...],
+         **flags: object) -> None:
     """Serve one interposed volume in the foreground until unmounted or SIGTERM."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         rules = [parse_sample_rule(text) for text in event_sampling]
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--event-sample") from None
+    for text in pod_label:
+        if "=" not in text:
+            raise click.BadParameter(f"{text!r} is not KEY=VALUE", param_hint="--pod-label")
+    flags["pod_labels"] = dict(text.split("=", 1) for text in pod_label)  # validated by WorkerConfig
     if flags["mountpoint"] and not flags["fuse_fd_socket"] and not os.path.isdir(flags["mountpoint"]):
         raise click.BadParameter(f"directory {flags['mountpoint']!r} does not exist", param_hint="--mountpoint")
     try:

@@ -203,7 +203,7 @@ class Bus:
     def _effective(self) -> Policy:
         config = self.config
         chosen = selected(self._selectors, volume=config.volume_id, namespace=config.pod_namespace,
-                          pod=config.pod_name, node=config.node_name)
+                          pod=config.pod_name, node=config.node_name, labels=config.pod_labels)
         return effective_policy(self._own_policy, chosen)
 
     def _take(self, kind: str, entry) -> None:  # noqa: ANN001 - nats KeyValue.Entry
@@ -315,7 +315,7 @@ class Bus:
             quota_bytes_used=quota.bytes_used if quota else None,
             quota_bytes_limit=quota.bytes_limit if quota else None,
             quota_inodes_used=quota.inodes_used if quota else None,
-            quota_inodes_limit=quota.inodes_limit if quota else None,
+            quota_inodes_limit=quota.inodes_limit if quota else None, labels=self.config.pod_labels,
             pod_uid=self.config.pod_uid, service_account=self.config.service_account,
         ))
 

@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from interposer.proto.policy import MAX_GLOB_LENGTH, OpName
+from interposer.proto.policy import MAX_GLOB_LENGTH, MAX_SELECTOR_LABELS, LabelKey, LabelValue, OpName
 from interposer.proto.subjects import VOLUME_ID_PATTERN
 
 from ._readahead import DEFAULT_READ_AHEAD_KIB
@@ -119,6 +119,9 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
         service_account: that pod's ServiceAccount name (heartbeats carry it).
         node_name: the node this worker runs on (the csi-node's node id); matched
             by selector policies with a ``node`` (``""`` = unknown, never matches).
+        pod_labels: the labels of the pod using the volume (label key → value, as
+            the csi-node read them from the API); matched by selector policies with
+            ``labels`` and sent in the heartbeat (empty = unknown, never matches).
         read_only: mount read-only (writes fail with EROFS in the kernel).
         allow_other: let users other than the mounting one use the mount (pods run
             as arbitrary uids); needs root or ``user_allow_other`` in /etc/fuse.conf.
@@ -163,6 +166,7 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     pod_uid: str = ""
     service_account: str = ""
     node_name: str = ""
+    pod_labels: Annotated[dict[LabelKey, LabelValue], msgspec.Meta(max_length=MAX_SELECTOR_LABELS)] = {}
     read_only: bool = False
     allow_other: bool = True
     entry_timeout_s: float = 1.0

@@ -19,6 +19,12 @@ class PolicyServiceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unkn
             as stale and no longer counts for ``converged``, seconds (workers beat
             every second by default).
         worker_forget_after_s: a worker silent for this long leaves the status, seconds.
+        kubernetes: reconcile ``InterposerPolicy`` resources into the bucket
+            (``_reconciler.py``); off in the embedded stack, which has no API server.
+        kubeconfig: kubeconfig file for ``kubernetes``; ``""`` = the in-cluster
+            config (the pod's service account).
+        kubernetes_resync_s: list every resource again this often (besides the
+            watch), which also retries status writes that failed, seconds.
     """
 
     nats_url: str = "nats://127.0.0.1:4222"
@@ -27,3 +33,6 @@ class PolicyServiceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unkn
     kv_replicas: int = 1
     worker_stale_after_s: float = 5.0
     worker_forget_after_s: float = 300.0
+    kubernetes: bool = False
+    kubeconfig: str = ""
+    kubernetes_resync_s: float = 300.0

@@ -51,6 +51,7 @@ from interposer.proto import (
     encode_json,
     subjects,
 )
+from interposer.proto import resource
 from interposer.proto.connection import connect_options
 
 from ._config import PolicyServiceConfig
@@ -93,23 +94,34 @@ class PolicyService:
 
     async def _store(self, volume: str, policy: Policy, author: str, action: str,
                      source_revision: int = 0, selector: Selector | None = None,
-                     priority: int = 0) -> PolicyReply:
+                     priority: int = 0, expect_revision: int | None = None) -> PolicyReply:
         try:
             revision = await self.store.store(volume, policy, author=author, action=action,
                                               source_revision=source_revision, selector=selector,
-                                              priority=priority)
+                                              priority=priority, expect_revision=expect_revision)
         except PolicyError as exc:
             return PolicyReply(ok=False, error=str(exc))
         log.info("volume %s: revision %d (%s by %s, %d layers)", volume, revision, action, author or "?",
                  len(policy.layers))
         return PolicyReply(ok=True, revision=revision)
 
-    async def set_policy(self, volume: str, body: bytes, author: str = "") -> PolicyReply:
+    async def set_policy(self, volume: str, body: bytes, author: str = "",
+                         expect_revision: int | None = None) -> PolicyReply:
         """Validate ``body`` and store it as the policy of ``volume``.
+
+        Args:
+            volume: volume id.
+            body: JSON ``Policy``.
+            author: recorded with the revision.
+            expect_revision: store only if this is still the current revision
+                (0 = no revision yet); None = whatever is current (retried on races).
 
         Returns:
             ``ok`` with the new revision, or ``ok=False`` with the reason; nothing is
             stored on error.
+
+        Raises:
+            KeyWrongLastSequenceError: ``expect_revision`` is no longer current.
         """
         if not subjects.is_valid_volume_id(volume):
             return PolicyReply(ok=False, error=f"invalid volume id {volume!r}")
@@ -118,13 +130,15 @@ class PolicyService:
         except PolicyError as exc:
             log.info("rejected policy for %s: %s", volume, exc)
             return PolicyReply(ok=False, error=str(exc))
-        return await self._store(volume, policy, author, "set")
+        return await self._store(volume, policy, author, "set", expect_revision=expect_revision)
 
-    async def select(self, name: str, body: bytes, author: str = "") -> PolicyReply:
+    async def select(self, name: str, body: bytes, author: str = "",
+                     expect_revision: int | None = None) -> PolicyReply:
         """Validate a ``SelectorRequest`` and store it under ``_sel.<name>``.
 
         Every worker watches ``_sel.>`` and merges the selector's policy into its
         own when the selector matches it (``interposer.proto.selector``).
+        ``expect_revision`` as in :meth:`set_policy`.
 
         Returns:
             ``ok`` with the new revision, or ``ok=False`` naming the field; nothing
@@ -138,17 +152,21 @@ class PolicyService:
             log.info("rejected selector %s: %s", name, exc)
             return PolicyReply(ok=False, error=str(exc))
         return await self._store(subjects.selector_key(name), request.policy, author, "select",
-                                 selector=request.selector, priority=request.priority)
+                                 selector=request.selector, priority=request.priority,
+                                 expect_revision=expect_revision)
 
-    async def unselect(self, name: str, author: str = "") -> PolicyReply:
-        """Deactivate the selector ``name`` (a new revision without a selector)."""
+    async def unselect(self, name: str, author: str = "", expect_revision: int | None = None) -> PolicyReply:
+        """Deactivate the selector ``name`` (a new revision without a selector).
+
+        ``expect_revision`` as in :meth:`set_policy`.
+        """
         if not subjects.is_valid_volume_id(name):
             return PolicyReply(ok=False, error=f"invalid selector name {name!r}")
         _, record = await self.store.current(subjects.selector_key(name))
         if record is None or record.selector is None:
             return PolicyReply(ok=False, error=f"no active selector {name!r}")
         return await self._store(subjects.selector_key(name), Policy(description="unselected"), author,
-                                 "unselect")
+                                 "unselect", expect_revision=expect_revision)
 
     async def get_policy(self, volume: str) -> PolicyReply:
         """Return the stored policy of ``volume`` (empty, revision 0, if none)."""
@@ -157,15 +175,18 @@ class PolicyService:
         revision, record = await self.store.current(volume)
         return PolicyReply(ok=True, revision=revision, policy=record.policy if record else Policy())
 
-    async def clear_policy(self, volume: str, author: str = "") -> PolicyReply:
+    async def clear_policy(self, volume: str, author: str = "", expect_revision: int | None = None,
+                           description: str = "cleared") -> PolicyReply:
         """Store an empty policy for ``volume``: workers serve plain passthrough.
 
         Clearing is a revision like any other (not a KV delete), so it has a
         revision number that ``--wait`` and the history can refer to.
+        ``expect_revision`` as in :meth:`set_policy`; ``description`` says why.
         """
         if not subjects.is_valid_volume_id(volume):
             return PolicyReply(ok=False, error=f"invalid volume id {volume!r}")
-        return await self._store(volume, Policy(description="cleared"), author, "clear")
+        return await self._store(volume, Policy(description=description), author, "clear",
+                                 expect_revision=expect_revision)
 
     async def rollback(self, volume: str, body: bytes, author: str = "") -> PolicyReply:
         """Re-store the policy of an earlier revision of ``volume`` as a new revision.
@@ -229,6 +250,11 @@ class PolicyService:
         such deliveries keep their ``$KV.…`` subject and are refused here.
         """
         author = _author(msg)
+        if author.startswith(resource.AUTHOR_PREFIX):
+            # The reconciler's ownership marker (see _reconciler.py): a request may not forge it.
+            return PolicyReply(ok=False, error=f"author {author!r}: the prefix {resource.AUTHOR_PREFIX!r} is "
+                                               f"reserved for InterposerPolicy resources - header "
+                                               f"{subjects.AUTHOR_HEADER}")
         if msg.subject == subjects.POLICY_LIST:
             return await self.list_volumes()
         if msg.subject == subjects.POLICY_STATUS:
@@ -302,6 +328,12 @@ async def watch_bucket(store: PolicyStore, expiry: ExpiryScheduler, restart: asy
         log.info("re-creating the bucket watch")
 
 
+def _log_failure(task: asyncio.Task[None]) -> None:
+    """A background task must not die silently (it would only show at shutdown)."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("%s stopped: %r", task.get_coro().__qualname__, task.exception(), exc_info=task.exception())
+
+
 async def serve(config: PolicyServiceConfig) -> None:
     """Connect, subscribe and answer requests until SIGTERM/SIGINT; then drain."""
     restart_watch = asyncio.Event()
@@ -327,6 +359,12 @@ async def serve(config: PolicyServiceConfig) -> None:
         requests.append(await nc.subscribe(subject, queue=subjects.POLICY_QUEUE, cb=service.handle))
     await nc.subscribe(f"{subjects.STATUS_PREFIX}.*", cb=service.on_status)
     tasks = [asyncio.create_task(watch_bucket(store, expiry, restart_watch)), asyncio.create_task(expiry.run())]
+    if config.kubernetes:
+        from ._kubernetes import reconcile  # imports the kubernetes client: only when asked for
+
+        tasks.append(asyncio.create_task(reconcile(service, config)))
+    for task in tasks:
+        task.add_done_callback(_log_failure)
     await nc.flush()
     log.info("policy service ready on %s", config.nats_url)
     stop = asyncio.Event()

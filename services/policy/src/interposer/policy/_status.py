@@ -50,7 +50,7 @@ class StatusCache:
             since = previous.applied_since_s
         workers[status.worker_id] = WorkerState(
             worker_id=status.worker_id, applied_revision=status.policy_revision, applied_since_s=since,
-            last_seen_s=now_s, namespace=status.namespace, pod=status.pod,
+            last_seen_s=now_s, namespace=status.namespace, pod=status.pod, labels=status.labels,
         )
         return status
 
