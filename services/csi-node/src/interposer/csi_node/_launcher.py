@@ -284,7 +284,7 @@ class LocalProcessLauncher:
             if child.poll() is None:
                 # poll() also says None when it cannot take Popen's waitpid lock; a
                 # killed child may already be a zombie. Ask /proc too.
-                return _is_worker_of(pid, volume_id)
+                return _process_state(pid) not in (None, b"Z")
             del self._children[pid]
             return False
         return _is_worker_of(pid, volume_id)
@@ -333,16 +333,23 @@ class LocalProcessLauncher:
         return True
 
 
+def _process_state(pid: int) -> bytes | None:
+    """The state letter of process ``pid`` (``R``, ``S``, ``Z``…; proc(5)), None if there is none."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat_file:
+            return stat_file.read().rpartition(b")")[2].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None
+
+
 def _is_worker_of(pid: int, volume_id: str) -> bool:
     """Return True if process ``pid`` exists and its command line has ``--volume-id volume_id``."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as cmdline_file:
             argv = cmdline_file.read().split(b"\0")
-        with open(f"/proc/{pid}/stat", "rb") as stat_file:
-            state = stat_file.read().rpartition(b")")[2].split()[0]
-    except (FileNotFoundError, ProcessLookupError, IndexError):
+    except (FileNotFoundError, ProcessLookupError):
         return False
-    if state == b"Z":  # a zombie of another parent: already exited
+    if _process_state(pid) in (None, b"Z"):  # gone, or a zombie of another parent: already exited
         return False
     needle = volume_id.encode()
     return any(arg == b"--volume-id" and nxt == needle for arg, nxt in zip(argv, argv[1:]))
