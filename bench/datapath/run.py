@@ -1,11 +1,16 @@
 """Data-path benchmark: fio through an interposed mount vs the backing directory itself.
 
-For each test, runs fio on the native backing directory, on a passthrough mount with
-no layers, and on a passthrough mount whose policy holds one of each layer set to do
-nothing (fault probability 0, delay 0 s, throttle at 1 TiB/s) — the cost of the layer
-machinery. Prints medians of ``--repeat`` runs and the ratio to native, plus the
-worker's RSS and how long the mount took to answer. Page caches are dropped before
-each run (``/proc/sys/vm/drop_caches``, needs root).
+For each test, runs fio on the native backing directory, on passthrough mounts with
+no layers (pyfuse3's own request loop and the worker's lean one), and on a
+passthrough mount whose policy holds one of each layer set to do nothing (fault
+probability 0, delay 0 s, throttle at 1 TiB/s) — the cost of the layer machinery.
+Every variant is mounted for the whole run and the variants take turns within each
+repeat, in a rotated order, so that drift of the VM (measured: ±30 % over ten
+minutes) hits them alike. Prints medians of ``--repeat`` runs and the ratio to
+native, the worker CPU time per application I/O (user + system, from
+``/proc/<pid>/stat``: less noisy than throughput on a shared machine), the worker's
+RSS and how long the mount took to answer. Page caches are dropped before each run
+(``/proc/sys/vm/drop_caches``, needs root).
 
 Usage: ``.venv/bin/python bench/datapath/run.py [--quick] [--repeat N] [--json]``
 """
@@ -56,16 +61,25 @@ class Test:
                  value: Callable[[dict], float], cold: bool = True) -> None:
         self.name, self.unit, self.prepare, self.args, self.value, self.cold = name, unit, prepare, args, value, cold
 
-    def run(self, directory: Path) -> float:
+    def run(self, directory: Path, cpu_s: Callable[[], float] = lambda: 0.0) -> tuple[float, float]:
+        """Run the workload in ``directory``; return (figure of merit, ``cpu_s()`` seconds per I/O)."""
         if self.prepare:
             fio(directory, self.prepare)
         if self.cold:
             drop_caches()
-        return self.value(fio(directory, self.args))
+        before = cpu_s()
+        job = fio(directory, self.args)
+        ios = job["read"]["total_ios"] + job["write"]["total_ios"]
+        return self.value(job), (cpu_s() - before) / max(ios, 1)
 
 
-def metadata_ops_per_s(directory: Path, seconds: float) -> float:
-    """create + stat + unlink of empty files for ``seconds``; each call counts as one op."""
+def metadata_ops_per_s(directory: Path, seconds: float,
+                       cpu_s: Callable[[], float] = lambda: 0.0) -> tuple[float, float]:
+    """create + stat + unlink of empty files for ``seconds``; each call counts as one op.
+
+    Returns:
+        (ops per second, ``cpu_s()`` seconds per op).
+    """
     code = (
         "import os, sys, time\n"
         "d, end, n = sys.argv[1], time.monotonic() + float(sys.argv[2]), 0\n"
@@ -74,11 +88,13 @@ def metadata_ops_per_s(directory: Path, seconds: float) -> float:
         "        p = os.path.join(d, f'f{i}')\n"
         "        os.close(os.open(p, os.O_CREAT | os.O_WRONLY, 0o644)); os.stat(p); os.unlink(p)\n"
         "    n += 300\n"
-        "print(n / float(sys.argv[2]))\n"
+        "print(n)\n"
     )
+    before = cpu_s()
     out = subprocess.run([sys.executable, "-c", code, str(directory), str(seconds)],
                          capture_output=True, text=True, check=True)
-    return float(out.stdout)
+    ops = int(out.stdout)
+    return ops / seconds, (cpu_s() - before) / max(ops, 1)
 
 
 def tests(size: str, runtime_s: float) -> list[Test]:
@@ -104,8 +120,9 @@ class Mount:
         argv = [sys.executable, "-m", "interposer.fuse_worker", "--backing-dir", str(backing),
                 "--mountpoint", str(mountpoint), "--volume-id", "bench", "--log-level", "WARNING", *extra]
         if policy:
-            (work / "policy.json").write_text(policy)
-            argv += ["--policy-file", str(work / "policy.json")]
+            policy_file = work / f"{mountpoint.name}.policy.json"
+            policy_file.write_text(policy)
+            argv += ["--policy-file", str(policy_file)]
         start = time.monotonic()
         self.proc = subprocess.Popen(argv)
         while not os.path.ismount(mountpoint):
@@ -114,6 +131,11 @@ class Mount:
             time.sleep(0.005)
         self.ready_s = time.monotonic() - start
         self.mountpoint = mountpoint
+
+    def cpu_s(self) -> float:
+        """CPU time the worker used so far (user + system), seconds."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def rss_mb(self) -> float:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
@@ -148,47 +170,64 @@ def main(quick: bool, repeat: int, as_json: bool, base: Path | None) -> None:
     # (name, policy or None for the bare directory, extra worker flags)
     variants = [("native", None, ()), ("passthrough, pyfuse3 loop", "", ("--session-loop", "pyfuse3")),
                 ("passthrough", "", ()), ("+ no-op layers", NOOP_LAYERS, ())]
-    results: dict[str, dict[str, float]] = {}
+    results: dict[str, dict[str, list[float]]] = {v: {} for v, _, _ in variants}
+    cpu_us: dict[str, dict[str, list[float]]] = {v: {} for v, _, _ in variants}
     extras: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="interposer-bench-", dir=base) as tmp:
         work = Path(tmp)
-        for variant, policy, extra in variants:
-            backing = work / f"backing-{len(results)}"
-            backing.mkdir()
-            mount = None
-            target = backing
-            if policy is not None:
-                mnt = work / f"mnt-{len(results)}"
-                mnt.mkdir()
-                mount = Mount(backing, mnt, policy or None, work, extra)
-                target = mnt
-            row: dict[str, float] = {}
-            try:
-                for test in tests(size, runtime_s):
-                    row[test.name] = statistics.median(test.run(target) for _ in range(repeat))
-                    for f in target.iterdir():
-                        f.unlink()
-                row["create+stat+unlink"] = statistics.median(
-                    metadata_ops_per_s(target, meta_s) for _ in range(repeat))
-                if mount is not None:
-                    extras[variant] = {"worker RSS MB": mount.rss_mb(), "mount ready s": mount.ready_s}
-            finally:
-                if mount is not None:
-                    mount.close()
-            results[variant] = row
-            click.echo(f"{variant}: done", err=True)
+        targets: dict[str, Path] = {}
+        mounts: dict[str, Mount] = {}
+        try:
+            for i, (variant, policy, extra) in enumerate(variants):
+                backing = work / f"backing-{i}"
+                backing.mkdir()
+                targets[variant] = backing
+                if policy is not None:
+                    mnt = work / f"mnt-{i}"
+                    mnt.mkdir()
+                    mounts[variant] = Mount(backing, mnt, policy or None, work, extra)
+                    targets[variant] = mnt
+            for test in [*tests(size, runtime_s), None]:
+                name = test.name if test else "create+stat+unlink"
+                for r in range(repeat):
+                    order = variants[r % len(variants):] + variants[:r % len(variants)]
+                    for variant, _, _ in order:
+                        mount = mounts.get(variant)
+                        cpu = mount.cpu_s if mount else (lambda: 0.0)
+                        if test is None:
+                            value, per_op = metadata_ops_per_s(targets[variant], meta_s, cpu)
+                        else:
+                            value, per_op = test.run(targets[variant], cpu)
+                            for f in targets[variant].iterdir():
+                                f.unlink()
+                        results[variant].setdefault(name, []).append(value)
+                        cpu_us[variant].setdefault(name, []).append(per_op * 1e6)
+                click.echo(f"{name}: done", err=True)
+            for variant, mount in mounts.items():
+                extras[variant] = {"worker RSS MB": mount.rss_mb(), "mount ready s": mount.ready_s}
+        finally:
+            for mount in mounts.values():
+                mount.close()
+    medians = {v: {n: statistics.median(xs) for n, xs in row.items()} for v, row in results.items()}
+    cpu_medians = {v: {n: statistics.median(xs) for n, xs in row.items()} for v, row in cpu_us.items()}
     units = {t.name: t.unit for t in tests(size, runtime_s)} | {"create+stat+unlink": "ops/s"}
     if as_json:
-        click.echo(json.dumps({"machine": machine(), "results": results, "worker": extras}, indent=2))
+        click.echo(json.dumps({"machine": machine(), "results": medians, "worker_cpu_us_per_io": cpu_medians,
+                               "runs": results, "worker": extras}, indent=2))
         return
     click.echo(f"machine: {machine()}; size {size}, runtime {runtime_s:g} s, median of {repeat}")
     header = "| test | native | " + " | ".join(v for v, _, _ in variants[1:]) + " |"
     click.echo(header)
     click.echo("|---" * (len(variants) + 1) + "|")
     for name, unit in units.items():
-        native = results["native"][name]
-        cells = [f"{results[v][name]:,.0f} ({results[v][name] / native:.2f})" for v, _, _ in variants[1:]]
+        native = medians["native"][name]
+        cells = [f"{medians[v][name]:,.0f} ({medians[v][name] / native:.2f})" for v, _, _ in variants[1:]]
         click.echo(f"| {name} ({unit}) | {native:,.0f} | " + " | ".join(cells) + " |")
+    click.echo("\nworker CPU per application I/O, µs (median):")
+    click.echo("| test | " + " | ".join(v for v, _, _ in variants[1:]) + " |")
+    click.echo("|---" * len(variants) + "|")
+    for name in units:
+        click.echo(f"| {name} | " + " | ".join(f"{cpu_medians[v][name]:.1f}" for v, _, _ in variants[1:]) + " |")
     for variant, values in extras.items():
         click.echo(f"{variant}: " + ", ".join(f"{k} {v:.2f}" for k, v in values.items()))
 
