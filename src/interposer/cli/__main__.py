@@ -444,9 +444,17 @@ def policy_watch(volume: str | None, nats_url: str, nats_creds: str) -> None:
     def changed(change: PolicyChange) -> None:
         click.echo(encode_json(change).decode())
 
-    _sigterm_as_interrupt()
+    async def watch_until_signalled() -> None:
+        # Ctrl-C and SIGTERM set ``stop``: the watch unsubscribes and closes in
+        # order instead of being cancelled wherever it happens to wait.
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await follow(nats_url, volume, changed, creds_file=nats_creds, on_ready=ready, stop=stop)
+
     try:
-        _call(follow(nats_url, volume, changed, creds_file=nats_creds, on_ready=ready))
+        _call(watch_until_signalled())
     except KeyboardInterrupt:
         pass  # Ctrl-C is how a watch ends
 

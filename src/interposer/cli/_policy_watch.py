@@ -157,7 +157,7 @@ async def follow(nats_url: str, key: str | None, on_change: Callable[[PolicyChan
                 await asyncio.wait({stopped, waiter}, return_when=asyncio.FIRST_COMPLETED)
                 waiter.cancel()
                 try:
-                    await sub.unsubscribe()
+                    await asyncio.wait_for(sub.unsubscribe(), timeout_s)
                 except Exception:  # noqa: BLE001 - the old server and its consumer may be gone
                     pass
                 if not stopped.done():
@@ -165,7 +165,11 @@ async def follow(nats_url: str, key: str | None, on_change: Callable[[PolicyChan
         finally:
             stopped.cancel()
     finally:
-        await nc.close()
+        # Bounded: a watch must end promptly on Ctrl-C even if the server is slow or gone.
+        try:
+            await asyncio.wait_for(nc.close(), timeout_s)
+        except (Exception, asyncio.CancelledError):  # noqa: BLE001 - closing is best effort
+            pass
 
 
 def _explain(nc: nats.NATS, message: str) -> str:
