@@ -48,7 +48,7 @@ import msgspec.structs
 from interposer.proto.connection import nats_secret_name
 
 from ._fuse_fd import FdHandoff, handoff_name, mount_fuse_fd
-from ._launcher import WorkerSpec, label_arguments
+from ._launcher import WorkerSpec, label_arguments, optional_flags
 from ._mounts import unmount_lazily
 from ._state import VolumeState, write_atomically
 
@@ -219,9 +219,7 @@ def worker_pod_manifest(spec: WorkerSpec, settings: WorkerPodSettings, incarnati
         ("--node-name", settings.node_name),
         ("--nats-creds", POD_NATS_CREDS_DIR if settings.nats_creds_secret else ""),
     )
-    for flag, value in optional:
-        if value:
-            args += [flag, value]
+    args += optional_flags(optional)
     args += label_arguments(spec.pod_labels)
     if spec.read_only:
         args.append("--read-only")

@@ -120,13 +120,16 @@ class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
             ("--node-name", self.node_name),
             ("--fuse-fd-socket", self.fuse_fd_socket),
         )
-        for flag, value in optional:
-            if value:
-                args += [flag, value]
+        args += optional_flags(optional)
         args += label_arguments(self.pod_labels)
         if self.read_only:
             args.append("--read-only")
         return args
+
+
+def optional_flags(pairs: Sequence[tuple[str, str]]) -> list[str]:
+    """``[flag, value, …]`` for each ``(flag, value)`` pair whose value is not empty."""
+    return [item for flag, value in pairs if value for item in (flag, value)]
 
 
 def label_arguments(labels: dict[str, str]) -> list[str]:
