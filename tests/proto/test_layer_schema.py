@@ -77,6 +77,12 @@ def test_delay_s_still_means_a_fixed_delay() -> None:
     ({"type": "metadata", "ops": ["opendir"]}, "fields `ops` and `readdir_order`"),
     ({"type": "metadata", "ops": ["readdir"], "readdir_order": "shuffle"}, "metadata layers act only on"),
     ({"type": "profile", "name": "floppy"}, "$.layers[0].name"),
+    ({"type": "delay", "delay_s": 0.1, "page_cache": "warm"}, "$.layers[0].page_cache"),
+    ({"type": "fault", "kind": "short_read", "page_cache": "keep"}, "field `page_cache`: kind 'short_read'"),
+    ({"type": "fault", "kind": "short_write", "page_cache": "keep"}, "field `page_cache`: kind 'short_write'"),
+    ({"type": "fault", "kind": "corrupt", "page_cache": "keep"}, "field `page_cache`: kind 'corrupt'"),
+    ({"type": "quota", "bytes": 10, "page_cache": "keep"}, "field `page_cache`: a quota layer"),
+    ({"type": "metadata", "mode": 0o644, "page_cache": "keep"}, "field `page_cache`: a metadata layer"),
 ])
 def test_bad_layers_are_rejected_with_the_field(layer: dict, expected: str) -> None:
     with pytest.raises(PolicyError) as info:
@@ -110,3 +116,9 @@ def test_profile_expansion_carries_glob_ops_and_expiry() -> None:
     assert all(layer.ops == frozenset({"read"}) for layer in layers)
     # the write-IOPS throttle of pd-standard drops out when only reads are asked for
     assert [layer.iops for layer in layers if isinstance(layer, ThrottleLayer)] == [768, None]
+
+
+def test_profile_expansion_carries_page_cache() -> None:
+    assert {layer.page_cache for layer in expand_profile(ProfileLayer(name="gp3"))} == {"bypass"}
+    layers = expand_profile(ProfileLayer(name="gp3", page_cache="keep"))
+    assert layers and {layer.page_cache for layer in layers} == {"keep"}

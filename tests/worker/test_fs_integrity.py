@@ -119,3 +119,15 @@ def test_random_io_mix_keeps_data_intact_under_a_delay_layer(mount_worker) -> No
         mmap.mmap(f.fileno(), 1)
     assert info.value.errno == errno.ENODEV
     assert (vol.backing / "fsx.dat").read_bytes() == (vol.mountpoint / "fsx.dat").read_bytes()
+
+
+@pytest.mark.fuse
+def test_random_io_mix_with_mmap_under_a_delay_layer_that_keeps_the_page_cache(mount_worker) -> None:
+    # `page_cache: keep` leaves the page cache in front of the delay (an emulated
+    # device), so the file is opened normally and shared mmap works again.
+    policy = ('{"layers": [{"type": "delay", "delay_s": 0.0002, "ops": ["read", "write", "setattr"], '
+              '"page_cache": "keep"}]}')
+    vol = mount_worker(policy=policy)
+    counts = run_fsx(vol.mountpoint / "fsx.dat", SEED + 2, ops=1000)
+    assert counts["mapread"] > 0 and counts["mapwrite"] > 0
+    assert (vol.backing / "fsx.dat").read_bytes() == (vol.mountpoint / "fsx.dat").read_bytes()

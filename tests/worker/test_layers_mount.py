@@ -177,3 +177,18 @@ def test_do_nothing_layers_keep_the_page_cache_and_a_read_layer_bypasses_it(moun
     vol = mount_worker(policy=_policy(*do_nothing))
     assert _served_from_cache(vol, "plain") and _served_from_cache(vol, "written")
     assert not _served_from_cache(vol, "slow")
+
+
+def test_a_read_layer_that_keeps_the_page_cache_acts_only_on_cache_misses(mount_worker) -> None:
+    # With `page_cache: keep` a re-read is served from the cache (the delay never sees it),
+    # while a miss still reaches the layers: the EIO fault fails the first read.
+    vol = mount_worker(policy=_policy(
+        {"type": "delay", "delay_s": 0.0001, "ops": ["read"], "path_glob": "/kept*", "page_cache": "keep"},
+        {"type": "delay", "delay_s": 0.0001, "ops": ["read"], "path_glob": "/slow*"},
+        {"type": "fault", "errno": "EIO", "ops": ["read"], "path_glob": "/broken*", "page_cache": "keep"},
+    ))
+    assert _served_from_cache(vol, "kept")
+    assert not _served_from_cache(vol, "slow")
+    (vol.backing / "broken").write_bytes(b"x" * 4096)
+    with open(vol.mountpoint / "broken", "rb") as f:
+        assert _errno_of(f.read) == errno.EIO

@@ -87,9 +87,18 @@ def check_glob(pattern: str) -> None:
             i += 1
 
 
+def _check_no_page_cache_choice(layer: _Layer, kind: str) -> None:
+    if layer.page_cache != "bypass":
+        raise ValueError(f"field `page_cache`: a {kind} layer never bypasses the page cache, so there is nothing to keep")
+
+
 def _check_errno(field: str, name: str) -> None:
     if name not in ERRNO_BY_NAME:
         raise ValueError(f"field `{field}`: unknown errno name {name!r} (expected a name such as EIO, ENOSPC)")
+
+
+#: Where the page cache sits for a layer acting on reads: see ``_Layer.page_cache``.
+PageCache = Literal["bypass", "keep"]
 
 
 class _Layer(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag_field="type"):
@@ -105,12 +114,25 @@ class _Layer(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
             the policy revision (0 < s <= one year); ``None`` = never.
         expires_at: drop the layer at this wall-clock time, seconds since the Unix
             epoch; ``None`` = never. At most one of the two expiries may be given.
+        page_cache: where the kernel's page cache sits for a layer acting on reads
+            (fault, delay, throttle, profile). ``bypass`` (default): files the layer
+            matches are opened with ``FOPEN_DIRECT_IO``, so every application read
+            reaches the layer and nothing hides the fault, delay or wait; a shared
+            ``mmap`` of such a file fails with ENODEV (see docs/posix.md).
+            ``keep``: the page cache stays in front of the layer, as it stands in
+            front of a real device: only reads it misses (readahead-sized, up to
+            1 MiB) reach the layer, cached reads are served at memory speed, and
+            ``mmap`` works. Refused where the cache would change what the layer
+            does: short reads, short writes and corruption (the kernel would cache
+            a short or altered page as the file's content), quota and metadata
+            layers (they never bypass the cache).
     """
 
     ops: frozenset[OpName] = frozenset()
     path_glob: Glob = "*"
     expires_after_s: Annotated[float, msgspec.Meta(gt=0.0, le=MAX_EXPIRES_AFTER_S)] | None = None
     expires_at: Annotated[float, msgspec.Meta(gt=0.0)] | None = None
+    page_cache: PageCache = "bypass"
 
     def __post_init__(self) -> None:
         check_glob(self.path_glob)
@@ -183,6 +205,9 @@ class FaultLayer(_Layer, tag="fault", kw_only=True):
             extra = sorted(set(self.ops) - allowed)
             if extra:
                 raise ValueError(f"field `ops`: kind {self.kind!r} acts only on {sorted(allowed)}, not {extra}")
+            if self.page_cache == "keep":
+                raise ValueError(f"field `page_cache`: kind {self.kind!r} needs the page cache bypassed "
+                                 "(the kernel would cache the short or altered data as the file's content)")
 
 
 class FixedDistribution(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag_field="type", tag="fixed"):
@@ -345,6 +370,7 @@ class QuotaLayer(_Layer, tag="quota", kw_only=True):
             raise ValueError("fields `bytes` and `inodes`: give at least one of them")
         if self.ops or self.path_glob != "*":
             raise ValueError("fields `ops`/`path_glob`: a quota applies to the whole volume")
+        _check_no_page_cache_choice(self, "quota")
 
 
 #: Order of directory listings under a metadata layer: see :class:`MetadataLayer`.
@@ -401,6 +427,7 @@ class MetadataLayer(_Layer, tag="metadata", kw_only=True):
         if self.readdir_order == "backend" and self.ops & READDIR_ORDER_OPS:
             raise ValueError("fields `ops` and `readdir_order`: \"opendir\" only serves `readdir_order`, "
                              "which is \"backend\" (set it to \"shuffle\" or \"hash\")")
+        _check_no_page_cache_choice(self, "metadata")
 
     @property
     def alters_attributes(self) -> bool:

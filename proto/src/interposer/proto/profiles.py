@@ -141,7 +141,7 @@ assert set(PROFILES) == set(typing.get_args(ProfileName)), "profile names out of
 
 
 def expand_profile(layer: ProfileLayer) -> list[Layer]:
-    """The layers ``layer`` stands for, with its ``path_glob``, ``ops`` and expiry applied.
+    """The layers ``layer`` stands for, with its ``path_glob``, ``ops``, ``page_cache`` and expiry applied.
 
     ``ops`` of the profile layer narrows each expanded layer's ops (an expanded
     layer whose ops do not intersect is left out).
@@ -157,7 +157,7 @@ def expand_profile(layer: ProfileLayer) -> list[Layer]:
             if not ops:
                 continue
         out.append(msgspec.structs.replace(
-            inner, ops=ops, path_glob=layer.path_glob,
+            inner, ops=ops, path_glob=layer.path_glob, page_cache=layer.page_cache,
             expires_after_s=layer.expires_after_s, expires_at=layer.expires_at,
         ))
     return out

@@ -66,9 +66,10 @@ def needs_direct_io(spec: Layer) -> bool:
     off, so every ``write(2)`` is sent to the worker and waits for its reply
     (errno, delay and throttle reach the application unchanged). Quota refuses
     writes and metadata alters attributes: neither acts on reads. The caller also
-    checks that the layer can act at all (``runtime.acts``).
+    checks that the layer can act at all (``runtime.acts``). A layer with
+    ``page_cache: keep`` never does: its user put the cache in front of it.
     """
-    if isinstance(spec, (QuotaLayer, MetadataLayer)):
+    if isinstance(spec, (QuotaLayer, MetadataLayer)) or spec.page_cache == "keep":
         return False
     ops = ops_of(spec)
     if "read" in ops:
