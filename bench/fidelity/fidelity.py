@@ -167,13 +167,13 @@ def _is_fuse_mount(path: Path) -> bool:
 class Mount:
     """A fuse-worker serving ``backing`` at ``mountpoint`` with a policy, as a context manager."""
 
-    def __init__(self, backing: Path, mountpoint: Path, layers: list[dict]) -> None:
+    def __init__(self, backing: Path, mountpoint: Path, layers: list[dict], worker_flags: tuple[str, ...] = ()) -> None:
         self.mountpoint = mountpoint
         mountpoint.mkdir(exist_ok=True)
         policy = mountpoint.parent / "policy.json"
         policy.write_text(json.dumps({"layers": layers}))
         self.argv = [sys.executable, "-m", "interposer.fuse_worker", "--backing-dir", str(backing),
-                     "--mountpoint", str(mountpoint), "--policy-file", str(policy), "--log-level", "WARNING"]
+                     "--mountpoint", str(mountpoint), "--policy-file", str(policy), "--log-level", "WARNING", *worker_flags]
 
     def __enter__(self) -> Mount:
         self.proc = subprocess.Popen(self.argv)
@@ -243,13 +243,13 @@ def _row(name: str, qd: int, direct: bool, metric: str, want: float | None, have
 
 
 def run_table(chosen: list[Scenario], modes: list[tuple[int, bool]], work: Path, runtime_s: float,
-              file_bytes: int) -> None:
+              file_bytes: int, worker_flags: tuple[str, ...] = ()) -> None:
     """Measure every scenario in every mode and print one row per metric."""
     print(HEADER)
     print("-" * len(HEADER), flush=True)
     bare_bw: dict[tuple[int, bool], float] = {}
     for scenario in chosen:
-        with Mount(work / "backing", work / "mnt", scenario.layers) as mount:
+        with Mount(work / "backing", work / "mnt", scenario.layers, worker_flags) as mount:
             for qd, direct in modes:
                 got = run_fio(mount.mountpoint, scenario, qd, direct, runtime_s, file_bytes)
                 target = scenario.targets.get(qd, Target())
@@ -301,11 +301,19 @@ def main() -> None:
     parser.add_argument("--runtime-s", type=float, default=None, help="fio run time per measurement, seconds")
     parser.add_argument("--work-dir", type=Path, default=None,
                         help="where the backing files and the mount go (default: a fresh temporary directory)")
+    parser.add_argument("--wake-compensation", choices=["off", "worker", "round-trip"], default=None,
+                        help="the workers' --wake-compensation (default: the worker's default)")
+    parser.add_argument("--mode", action="append", default=[], choices=["qd1-direct", "qd1-buffered",
+                        "qd16-direct", "qd16-buffered"], help="run only these queue depth / cache modes (repeatable)")
     parser.add_argument("--list", action="store_true", help="print the scenarios with their targets and exit")
     args = parser.parse_args()
     runtime_s = args.runtime_s or (QUICK_RUNTIME_S if args.quick else DEFAULT_RUNTIME_S)
     file_bytes = QUICK_FILE_BYTES if args.quick else DEFAULT_FILE_BYTES
     modes = QUICK_MODES if args.quick else FULL_MODES
+    if args.mode:
+        modes = [(qd, direct) for qd, direct in FULL_MODES
+                 if f"qd{qd}-{'direct' if direct else 'buffered'}" in args.mode]
+    worker_flags = ("--wake-compensation", args.wake_compensation) if args.wake_compensation else ()
     chosen = scenarios()
     if args.only:
         wanted = {s.name for s in chosen if any(fnmatch.fnmatchcase(s.name, g) for g in args.only)}
@@ -328,7 +336,7 @@ def main() -> None:
         if args.noop:
             run_noop(modes, work, runtime_s, file_bytes, args.repeat)
         else:
-            run_table(chosen, modes, work, runtime_s, file_bytes)
+            run_table(chosen, modes, work, runtime_s, file_bytes, worker_flags)
         print(f"# total {time.monotonic() - started:.0f} s", flush=True)
 
 

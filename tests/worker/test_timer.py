@@ -1,4 +1,4 @@
-"""The layers' precise sleep (``layers._timer.sleep``) on the real clock: never early, cancellable, no fd leak.
+"""The layers' precise sleep (``layers._timer.sleep``) on the real clock: on time or late (early only by its compensation), cancellable, no fd leak.
 
 Speed is not asserted here (bench/fidelity measures how close sleeps come to
 their target); these check what must hold on any machine.
@@ -12,14 +12,18 @@ import time
 import trio
 import trio.testing
 
-from interposer.fuse_worker.layers._timer import sleep
+import pytest
+
+from interposer.fuse_worker.layers import _timer
+from interposer.fuse_worker.layers._timer import MAX_COMPENSATION_S, WakeCompensation, sleep
 
 
 def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def test_a_sleep_never_returns_before_its_time() -> None:
+def test_a_sleep_never_returns_before_its_time_without_compensation() -> None:
+    _timer.configure("off")
     async def main() -> list[tuple[float, float]]:
         out = []
         for seconds in (0.0002, 0.0011, 0.003, 0.0):
@@ -69,3 +73,49 @@ def test_under_mockclock_it_is_virtual_time() -> None:
         return trio.current_time()
 
     assert trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0)) == 3600
+
+
+def test_compensation_learns_the_wake_lateness_and_arms_early_by_it() -> None:
+    worker, round_trip, off = WakeCompensation("worker"), WakeCompensation("round-trip"), WakeCompensation("off")
+    for _ in range(200):  # a steady 150 µs late wake-up
+        for c in (worker, round_trip, off):
+            c.observe(150e-6)
+    assert worker.lead_s(0.002) == pytest.approx(150e-6, rel=0.01)
+    assert round_trip.lead_s(0.002) == pytest.approx(300e-6, rel=0.01)
+    assert off.lead_s(0.002) == 0.0
+    # never more than half the sleep
+    assert round_trip.lead_s(0.0004) == pytest.approx(0.0002)
+
+
+def test_compensation_ignores_early_wakes_and_caps_stalls() -> None:
+    c = WakeCompensation("round-trip")
+    c.observe(-0.5)
+    assert c.lateness_s == 0.0
+    for _ in range(200):
+        c.observe(0.25)  # a stalled VM, not an ordinary wake-up
+    assert c.lateness_s == pytest.approx(MAX_COMPENSATION_S, rel=0.01)
+    assert c.lead_s(1.0) == MAX_COMPENSATION_S
+
+
+def test_an_unknown_compensation_mode_is_refused() -> None:
+    with pytest.raises(ValueError, match="wake compensation 'always'"):
+        _timer.configure("always")
+
+
+def test_a_compensated_sleep_ends_at_most_its_lead_early() -> None:
+    async def main(c: WakeCompensation) -> list[tuple[float, float, float]]:
+        out = []
+        for _ in range(20):
+            lead = c.lead_s(0.002)
+            start = time.monotonic()
+            await sleep(0.002)
+            out.append((0.002, lead, time.monotonic() - start))
+        return out
+
+    c = _timer.configure("round-trip")
+    try:
+        for asked, lead, took in trio.run(main, c):
+            assert took >= asked - lead
+        assert c.lateness_s > 0.0  # it measured its wake-ups
+    finally:
+        _timer.configure("off")

@@ -12,7 +12,7 @@ import msgspec
 from interposer.proto import PolicyError
 from interposer.proto.connection import CredentialsError, connect_options
 
-from ._config import DEFAULT_POLICY_WAIT_S, WorkerConfig, parse_sample_rule
+from ._config import DEFAULT_POLICY_WAIT_S, DEFAULT_WAKE_COMPENSATION, WorkerConfig, parse_sample_rule
 from ._readahead import DEFAULT_READ_AHEAD_KIB
 from .backends import BACKEND_KINDS, DEFAULT_MEMORY_SIZE_BYTES
 from ._worker import run
@@ -48,6 +48,10 @@ from ._worker import run
               help="Kernel readahead of the mount, KiB (0 = kernel default, 128).")
 @click.option("--session-loop", type=click.Choice(["lean", "pyfuse3"]), default="pyfuse3", show_default=True,
               help="FUSE request loop: pyfuse3's own, or the same loop on leaner primitives (opt-in, see docs/ARCHITECTURE.md).")
+@click.option("--wake-compensation", type=click.Choice(["off", "worker", "round-trip"]),
+              default=DEFAULT_WAKE_COMPENSATION, show_default=True,
+              help="Arm delay/throttle timers early by the measured wake-up lateness: the worker's own, "
+                   "or twice it to cover the application's wake-up too (see docs/layers.md).")
 @click.option("--policy-wait", "policy_wait_s", type=float, default=DEFAULT_POLICY_WAIT_S, show_default=True,
               help="With --nats-url: seconds to wait for the stored policy before mounting.")
 @click.option("--on-bus-unreachable", type=click.Choice(["passthrough", "refuse"]),

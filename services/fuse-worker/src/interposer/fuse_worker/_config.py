@@ -18,6 +18,8 @@ DEFAULT_POLICY_WAIT_S = 5.0
 
 #: How long a worker with ``fuse_fd_socket`` waits to receive its FUSE fd, seconds.
 DEFAULT_FUSE_FD_WAIT_S = 30.0
+#: Wake compensation of delay and throttle timers (see ``layers._timer``).
+DEFAULT_WAKE_COMPENSATION = "worker"
 
 #: Most event sampling rules one worker takes.
 MAX_EVENT_SAMPLE_RULES = 64
@@ -133,6 +135,10 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
             scheduling rounds per request, ~40 % less worker CPU per request) — opt-in
             until an open question is settled: under fault injection, fio counted
             ~1 % more EIO errors than the worker returned in 3 of 9 demo runs.
+        wake_compensation: how early delay and throttle timers are armed to make up
+            for late wake-ups (``layers._timer.WakeCompensation``): ``off``,
+            ``worker`` (the worker's own measured lateness) or ``round-trip``
+            (twice it: also the application's wake-up when the reply arrives).
         read_ahead_kib: kernel readahead of the mount, KiB (``_readahead``); 0 =
             the kernel's default (128 KiB). Not applied with ``fuse_fd_socket``
             (the csi-node made the mount).
@@ -175,6 +181,7 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     attr_timeout_s: float = 1.0
     max_tasks: int = 128
     session_loop: Literal["lean", "pyfuse3"] = "pyfuse3"
+    wake_compensation: Literal["off", "worker", "round-trip"] = DEFAULT_WAKE_COMPENSATION
     read_ahead_kib: Annotated[int, msgspec.Meta(ge=0, le=65536)] = DEFAULT_READ_AHEAD_KIB
     event_buffer: int = DEFAULT_EVENT_BUFFER
     batch_max_events: int = DEFAULT_BATCH_MAX_EVENTS
