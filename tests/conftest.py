@@ -65,5 +65,5 @@ def mount_worker(tmp_path: Path) -> Iterator[Callable[..., MountedVolume]]:
         return volume
 
     yield start
-    for volume in volumes:
+    for volume in reversed(volumes):  # a mount may serve another one's backing dir
         volume.unmount()

@@ -168,6 +168,43 @@ def test_a_delayed_read_does_not_block_other_requests(mount_worker, session_loop
 
 
 
+@pytest.mark.parametrize("blocking_io", ["adaptive", "loop"])
+def test_a_read_blocked_in_a_slow_backing_store_does_not_stall_other_requests(mount_worker, blocking_io: str) -> None:
+    # The backing store of the worker under test is itself a worker whose reads of
+    # /slow take 1 s each: to the worker under test its pread of /slow blocks, as on a
+    # slow network volume. With --blocking-io adaptive such reads move to a thread once
+    # one of them is measured slow while other requests queued behind it (the first
+    # two concurrent reads below); from then on reads of /fast are served while a
+    # slow read is pending. Pinned to the loop, they queue behind it every time.
+    slow_store = mount_worker(policy='{"layers": [{"type": "delay", "delay_s": 1.0, "ops": ["read"], '
+                                     '"path_glob": "/slow"}]}')
+    (slow_store.mountpoint / "slow").write_bytes(b"s" * 4096)
+    (slow_store.mountpoint / "fast").write_bytes(b"f" * 4096)
+    vol = mount_worker(backing=slow_store.mountpoint, extra=["--blocking-io", blocking_io])
+
+    def direct_read(name: str) -> bytes:
+        fd = os.open(vol.mountpoint / name, os.O_RDONLY | os.O_DIRECT)  # every read reaches the worker
+        try:
+            return os.pread(fd, 4096, 0)
+        finally:
+            os.close(fd)
+
+    def fast_read_finishes_first(first: str) -> bool:
+        """Start a read of /slow in a thread, then read ``first``: did it finish while /slow was pending?"""
+        slow_done = threading.Event()
+        thread = threading.Thread(target=lambda: (direct_read("slow"), slow_done.set()))
+        thread.start()
+        time.sleep(0.3)  # the slow read is now blocked in the backing store
+        data = direct_read(first)
+        finished_first = not slow_done.is_set()
+        thread.join()
+        assert data == (b"f" if first == "fast" else b"s") * 4096
+        return finished_first
+
+    fast_read_finishes_first("slow")  # warm-up: a slow read with another queued behind it
+    assert fast_read_finishes_first("fast") == (blocking_io == "adaptive")
+
+
 @pytest.mark.parametrize(("flag", "expected_kib"), [((), 1024), (("--read-ahead-kib", "0"), 128)])
 def test_mount_reads_ahead_in_whole_fuse_requests(mount_worker, flag: tuple[str, ...], expected_kib: int) -> None:
     """By default sequential reads reach the worker as 1 MiB requests (readahead 1 MiB),

@@ -48,6 +48,10 @@ from ._worker import run
               help="Kernel readahead of the mount, KiB (0 = kernel default, 128).")
 @click.option("--session-loop", type=click.Choice(["lean", "pyfuse3"]), default="pyfuse3", show_default=True,
               help="FUSE request loop: pyfuse3's own, or the same loop on leaner primitives (opt-in, see docs/ARCHITECTURE.md).")
+@click.option("--blocking-io", type=click.Choice(["adaptive", "loop", "thread"]), default="adaptive",
+              show_default=True,
+              help="Passthrough reads/writes/syncs: on the event loop while fast, in a thread once slow "
+                   "(adaptive), or always one way (see docs/ARCHITECTURE.md).")
 @click.option("--wake-compensation", type=click.Choice(["off", "worker", "round-trip"]),
               default=DEFAULT_WAKE_COMPENSATION, show_default=True,
               help="Arm delay/throttle timers early by the measured wake-up lateness: the worker's own, "

@@ -135,6 +135,10 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
             scheduling rounds per request, ~40 % less worker CPU per request) — opt-in
             until an open question is settled: under fault injection, fio counted
             ~1 % more EIO errors than the worker returned in 3 of 9 demo runs.
+        blocking_io: where the passthrough backend's reads, writes, flushes and
+            syncs run: ``adaptive`` (on the event loop while they are measured to
+            be fast, in a thread once they block for long, e.g. a network volume),
+            ``loop`` or ``thread`` (``backends._offload``).
         wake_compensation: how early delay and throttle timers are armed to make up
             for late wake-ups (``layers._timer.WakeCompensation``): ``off``,
             ``worker`` (the worker's own measured lateness) or ``round-trip``
@@ -181,6 +185,7 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     attr_timeout_s: float = 1.0
     max_tasks: int = 128
     session_loop: Literal["lean", "pyfuse3"] = "pyfuse3"
+    blocking_io: Literal["adaptive", "loop", "thread"] = "adaptive"
     wake_compensation: Literal["off", "worker", "round-trip"] = DEFAULT_WAKE_COMPENSATION
     read_ahead_kib: Annotated[int, msgspec.Meta(ge=0, le=65536)] = DEFAULT_READ_AHEAD_KIB
     event_buffer: int = DEFAULT_EVENT_BUFFER

@@ -22,6 +22,7 @@ from . import _session_loop
 from .layers import _timer
 from ._expiry import expire_layers
 from ._readahead import set_read_ahead
+from .backends._offload import fuse_device_fd, readable
 from ._telemetry import DEFAULT_FAULT_BUFFER, Telemetry, quota_usage
 from .backends import Backend, MemoryBackend, NullBackend, PassthroughBackend
 from .layers import QuotaContext, Usage, walk_usage
@@ -132,7 +133,7 @@ def make_backend(config: WorkerConfig) -> Backend:
         return MemoryBackend(config.memory_size_bytes, *timeouts)
     if config.backend == "null":
         return NullBackend(config.memory_size_bytes, *timeouts)
-    return PassthroughBackend(config.backing_dir, *timeouts)
+    return PassthroughBackend(config.backing_dir, *timeouts, blocking_io=config.blocking_io)
 
 
 async def serve(config: WorkerConfig) -> None:
@@ -168,6 +169,10 @@ async def serve(config: WorkerConfig) -> None:
                                                config.fuse_fd_wait_s)
             mountpoint = f"/dev/fd/{fd}"
         pyfuse3.init(operations, mountpoint, mount_options(config))
+        if isinstance(backend, PassthroughBackend):
+            fuse_fd = fuse_device_fd()
+            if fuse_fd is not None:
+                backend.blocking.watch(readable(fuse_fd), lambda: telemetry.ops_total)
     except BaseException:
         if bus is not None:
             bus.stop()

@@ -9,8 +9,9 @@ are refused. Operations on an inode go through its O_PATH fd, directly
 (``fstat``) or via its ``/proc/self/fd/N`` magic link (reopen, chmod, truncate,
 utimens, xattrs) as libfuse's passthrough_hp does.
 
-Syscalls run on the event loop: on local disks a ``pread`` costs less than the
-thread hop (see docs/ARCHITECTURE.md).
+Syscalls run on the event loop, except those that may block for long: reads the
+page cache cannot serve, writes and flushes run in a thread while they are
+measured to be slow, syncs always (``_offload``; see docs/ARCHITECTURE.md).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import pyfuse3
 
 from .._inodes import Inode, InodeTable, join_path
 from ._base import permuted
+from ._offload import BlockingCalls, BlockingIOMode
 from ._renameat2 import renameat2
 
 _O_PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -45,6 +47,9 @@ class PassthroughBackend:
         root_dir: backing directory (must exist).
         entry_timeout_s: how long the kernel may cache name lookups, seconds.
         attr_timeout_s: how long the kernel may cache attributes, seconds.
+        blocking_io: where reads, writes, flushes and syncs run (``adaptive``:
+            on the loop while fast, in a thread once slow; ``loop``; ``thread``),
+            see ``_offload``.
 
     Raises:
         NotADirectoryError, FileNotFoundError, PermissionError: ``root_dir`` unusable.
@@ -52,12 +57,14 @@ class PassthroughBackend:
 
     name = "passthrough"
 
-    def __init__(self, root_dir: str, entry_timeout_s: float = 1.0, attr_timeout_s: float = 1.0) -> None:
+    def __init__(self, root_dir: str, entry_timeout_s: float = 1.0, attr_timeout_s: float = 1.0,
+                 blocking_io: BlockingIOMode = "adaptive") -> None:
         root_fd = os.open(root_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self.inodes = InodeTable(root_fd)
         self._entry_timeout_s = entry_timeout_s
         self._attr_timeout_s = attr_timeout_s
         self._am_root = os.geteuid() == 0
+        self.blocking = BlockingCalls(blocking_io)
         # fh → (fd, inode) of open files; fh → (inode, names) of open directories.
         self._files: dict[int, tuple[int, Inode]] = {}
         self._dirs: dict[int, tuple[Inode, list[bytes]]] = {}
@@ -289,16 +296,16 @@ class PassthroughBackend:
         self._files[fh] = (fd, self.inodes.get(attrs.st_ino))
         return pyfuse3.FileInfo(fh=fh), attrs
 
-    async def read(self, fh: int, off: int, size: int) -> bytes:
-        return os.pread(self._file_fd(fh), size, off)
+    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray | memoryview:
+        return await self.blocking.pread(self._file_fd(fh), size, off)
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        return os.pwrite(self._file_fd(fh), buf, off)
+        return await self.blocking.pwrite(self._file_fd(fh), buf, off)
 
     async def flush(self, fh: int) -> None:
         # close() of a duplicate reports the errors a close of the backing file would
         # (e.g. a network fs's deferred write errors), without closing the file.
-        os.close(os.dup(self._file_fd(fh)))
+        await self.blocking.flush(self._file_fd(fh))
 
     async def release(self, fh: int) -> None:
         entry = self._files.pop(fh, None)
@@ -306,11 +313,7 @@ class PassthroughBackend:
             os.close(entry[0])
 
     async def fsync(self, fh: int, datasync: bool) -> None:
-        fd = self._file_fd(fh)
-        if datasync:
-            os.fdatasync(fd)
-        else:
-            os.fsync(fd)
+        await self.blocking.sync(self._file_fd(fh), datasync)
 
     # ---- directories ---------------------------------------------------------------
 
@@ -362,7 +365,7 @@ class PassthroughBackend:
             raise pyfuse3.FUSEError(errno.EBADF) from None
         fd = os.open(_proc(inode.fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            os.fsync(fd)
+            await self.blocking.sync(fd, datasync)
         finally:
             os.close(fd)
 

@@ -1,0 +1,231 @@
+"""Where the passthrough backend's blocking syscalls run: on the event loop or in a thread.
+
+The worker serves every FUSE request on one trio thread. A syscall that blocks
+there — a ``pread`` the page cache cannot serve from a slow disk or a network
+volume, an ``fsync`` — stalls every other request for as long. A thread hop
+(``trio.to_thread.run_sync``) frees the loop but costs ~30-60 µs of scheduling on
+this 2-core machine kind (issue #3: 2-7× a cached ``pread``), so it pays off only
+for calls that block longer than that:
+
+* ``fsync``/``fdatasync``/``fsyncdir`` always go to a thread: they wait for the
+  device by definition.
+* A read of at most :data:`NOWAIT_READ_MAX_BYTES` first tries
+  ``preadv2(RWF_NOWAIT)``, which returns only what the page cache holds and never
+  waits for I/O; what it cannot serve (a cache miss) is a *slow call*.
+* Larger reads, writes and ``flush`` are slow calls as they are.
+
+A :class:`CallRouter` decides where the next slow call runs. A hop pays off only
+when the call blocks for longer than the hop costs *and* something else waits for
+the loop meanwhile; at queue depth 1 nothing does, and the hop only adds its
+latency. So, in ``adaptive`` mode (the default):
+
+* on the loop, a call moves the router to a thread when the mean duration of the
+  calls (exponentially weighted) is above :data:`OFFLOAD_ABOVE_S` and FUSE
+  requests queued up in the kernel while it blocked (``queued()``: the FUSE
+  device is readable);
+* in a thread, it moves back when the mean falls below half that (hysteresis),
+  or when the loop served no other request during :data:`SOLO_CALLS_BEFORE_LOOP`
+  offloaded calls in a row (``served()``: the worker's served-ops counter did
+  not move).
+
+So a local SSD whose misses take ~20 µs, and a lone reader of a slow volume, keep
+the cheap path, while concurrent readers of a network volume are served
+concurrently. ``mode="loop"`` and ``mode="thread"`` pin the choice
+(``--blocking-io``; for measurements).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import time
+from collections.abc import Callable
+from typing import Literal, TypeVar
+
+import trio
+
+T = TypeVar("T")
+
+#: Mean duration of a slow call above which it moves to a thread, seconds: about
+#: twice the thread hop measured on this machine kind (30-60 µs), so that a hop
+#: never costs more than the stall it avoids.
+OFFLOAD_ABOVE_S = 100e-6
+#: Weight of a new duration sample in the mean: 1/8, the gain of TCP's smoothed
+#: round-trip time (RFC 6298, section 2).
+DURATION_GAIN = 0.125
+#: Offloaded calls in a row during which the loop served nothing else before the
+#: router returns to the loop (nothing gained from the hops).
+SOLO_CALLS_BEFORE_LOOP = 32
+#: Largest read that probes the page cache with ``RWF_NOWAIT`` first, bytes. The
+#: probe reads into a zero-filled ``bytearray``; past this size the zero-fill
+#: costs more than the probe saves (measured: +0.4 µs at 4 KiB, +67 µs at 1 MiB).
+NOWAIT_READ_MAX_BYTES = 64 * 1024
+
+BlockingIOMode = Literal["adaptive", "loop", "thread"]
+#: Errors of ``preadv2(RWF_NOWAIT)`` that mean "would block" or "cannot tell"
+#: (a file system or a file mode without NOWAIT support): read the normal way.
+_NOWAIT_FALLBACK_ERRNOS = frozenset({errno.EAGAIN, errno.EOPNOTSUPP, errno.EINVAL})
+
+
+def _timed(fn: Callable[..., T], *args: object) -> tuple[T, float]:
+    start = time.perf_counter()
+    result = fn(*args)
+    return result, time.perf_counter() - start
+
+
+class CallRouter:
+    """Runs one kind of slow call on the loop or in a thread (see the module docstring).
+
+    Args:
+        mode: ``adaptive``, ``loop`` or ``thread``.
+        queued: whether FUSE requests are waiting for the loop (default: always
+            assumed, so the mean duration alone decides).
+        served: the worker's count of served requests, to see whether the loop
+            did other work during an offloaded call (default: not tracked).
+
+    Attributes:
+        mean_s: exponentially weighted mean duration of the calls, seconds
+            (measured where they ran, without the hop).
+        offloaded: whether calls currently go to a thread.
+
+    Raises:
+        ValueError: unknown ``mode``.
+    """
+
+    def __init__(self, mode: BlockingIOMode = "adaptive", queued: Callable[[], bool] | None = None,
+                 served: Callable[[], int] | None = None) -> None:
+        if mode not in ("adaptive", "loop", "thread"):
+            raise ValueError(f"blocking I/O mode {mode!r}: expected adaptive, loop or thread")
+        self.mode = mode
+        self.queued = queued or (lambda: True)
+        self.served = served
+        self.mean_s = 0.0
+        self.offloaded = mode == "thread"
+        self._solo_calls = 0
+
+    async def call(self, fn: Callable[..., T], *args: object) -> T:
+        """``fn(*args)`` on the loop or in a thread; its exceptions propagate unchanged."""
+        if not self.offloaded:
+            result, took_s = _timed(fn, *args)
+            self.observe(took_s, self.queued)  # polled only when the mean is high
+            return result
+        served_before = self.served() if self.served is not None else 0
+        result, took_s = await trio.to_thread.run_sync(_timed, fn, *args)
+        # The counter moved while this call ran: the loop served other requests meanwhile
+        # (this request is counted only when it completes, after this returns).
+        others_served = self.served is None or self.served() > served_before
+        self.observe(took_s, others_waited=others_served)
+        return result
+
+    def observe(self, took_s: float, others_waited: bool | Callable[[], bool] = True) -> None:
+        """Feed one call: its duration, seconds, and whether other requests waited for
+        the loop meanwhile (on the loop; a callable is asked only when it matters) or
+        were served meanwhile (in a thread)."""
+        self.mean_s += DURATION_GAIN * (took_s - self.mean_s)
+        if self.mode != "adaptive":
+            return
+        if not self.offloaded:
+            if self.mean_s > OFFLOAD_ABOVE_S and (others_waited() if callable(others_waited) else others_waited):
+                self.offloaded, self._solo_calls = True, 0
+            return
+        self._solo_calls = 0 if others_waited else self._solo_calls + 1
+        if self.mean_s < OFFLOAD_ABOVE_S / 2 or self._solo_calls >= SOLO_CALLS_BEFORE_LOOP:
+            self.offloaded = False
+
+
+def read_cached(fd: int, size: int, offset: int) -> bytes | memoryview | None:
+    """What the page cache holds of ``size`` bytes at ``offset`` of ``fd``, without waiting.
+
+    Returns:
+        the data (possibly shorter than ``size`` at end of file or where the cache
+        stops: callers compare the length), or None when nothing could be read
+        without I/O or the file system cannot tell (``EAGAIN``, ``EOPNOTSUPP``).
+
+    Raises:
+        OSError: any other error of ``preadv2`` (EBADF, EIO…).
+    """
+    buf = bytearray(size)
+    try:
+        got = os.preadv(fd, [buf], offset, os.RWF_NOWAIT)
+    except OSError as exc:
+        if exc.errno in _NOWAIT_FALLBACK_ERRNOS:
+            return None
+        raise
+    return memoryview(buf)[:got] if got < size else buf
+
+
+class BlockingCalls:
+    """The passthrough backend's blocking syscalls, each routed as the module docstring says.
+
+    Args:
+        mode: ``adaptive``, ``loop`` or ``thread`` (see :class:`CallRouter`).
+    """
+
+    def __init__(self, mode: BlockingIOMode = "adaptive") -> None:
+        self.mode = mode
+        self.reads = CallRouter(mode)
+        self.writes = CallRouter(mode)
+        self.flushes = CallRouter(mode)
+
+    def watch(self, queued: Callable[[], bool], served: Callable[[], int]) -> None:
+        """Give the routers the worker's signals (see :class:`CallRouter`): whether FUSE
+        requests are queued, and the count of requests served so far."""
+        for router in (self.reads, self.writes, self.flushes):
+            router.queued, router.served = queued, served
+
+    async def pread(self, fd: int, size: int, offset: int) -> bytes | bytearray | memoryview:
+        """Read up to ``size`` bytes at ``offset``: from the cache at once, the rest as a slow call.
+
+        Raises:
+            OSError: what ``pread`` raises.
+        """
+        if self.mode != "thread" and size <= NOWAIT_READ_MAX_BYTES:
+            cached = read_cached(fd, size, offset)
+            if cached is not None:
+                got = len(cached)
+                # All of it, nothing (NOWAIT reads 0 bytes only at end of file), or all
+                # there is before end of file: done. Otherwise the cache stopped part-way.
+                if got == size or got == 0 or offset + got >= os.fstat(fd).st_size:
+                    return cached
+                rest = await self.reads.call(os.pread, fd, size - got, offset + got)
+                return bytes(cached) + rest
+        return await self.reads.call(os.pread, fd, size, offset)
+
+    async def pwrite(self, fd: int, data: bytes, offset: int) -> int:
+        """``os.pwrite`` as a slow call (see :class:`CallRouter`)."""
+        return await self.writes.call(os.pwrite, fd, data, offset)
+
+    async def flush(self, fd: int) -> None:
+        """Close a duplicate of ``fd`` (reports deferred write errors, e.g. a network fs's)."""
+        await self.flushes.call(_close_duplicate, fd)
+
+    async def sync(self, fd: int, datasync: bool) -> None:
+        """``fdatasync``/``fsync`` in a thread (unless pinned to the loop): it waits for the device."""
+        call = os.fdatasync if datasync else os.fsync
+        if self.mode == "loop":
+            call(fd)
+        else:
+            await trio.to_thread.run_sync(call, fd)
+
+
+def _close_duplicate(fd: int) -> None:
+    os.close(os.dup(fd))
+
+
+def fuse_device_fd() -> int | None:
+    """This process's open ``/dev/fuse`` descriptor (the session libfuse serves), if any."""
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") == "/dev/fuse":
+                return int(name)
+        except OSError:
+            continue  # closed since listed
+    return None
+
+
+def readable(fd: int) -> Callable[[], bool]:
+    """A function telling, without waiting, whether ``fd`` has data (FUSE requests) to read."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return lambda: bool(poller.poll(0))
