@@ -3,9 +3,10 @@
 The worker serves every FUSE request on one trio thread. A syscall that blocks
 there — a ``pread`` the page cache cannot serve from a slow disk or a network
 volume, an ``fsync`` — stalls every other request for as long. A thread hop
-(``trio.to_thread.run_sync``) frees the loop but costs ~30-60 µs of scheduling on
-this 2-core machine kind (issue #3: 2-7× a cached ``pread``), so it pays off only
-for calls that block longer than that:
+frees the loop but costs a few tens of µs of scheduling on this 2-core machine
+kind (issue #3: 2-7× a cached ``pread``), so it pays off only for calls that block
+longer than that. The hop is :class:`ThreadHop`, a lean pool of threads (half the
+CPU of ``trio.to_thread.run_sync`` per call, measured: 55-64 vs 122-130 µs):
 
 * ``fsync``/``fdatasync``/``fsyncdir`` always go to a thread: they wait for the
   device by definition.
@@ -38,22 +39,31 @@ from __future__ import annotations
 
 import errno
 import os
+import queue
 import select
+import threading
 import time
 from collections.abc import Callable
 from typing import Literal, TypeVar
 
+import outcome
 import trio
 
 T = TypeVar("T")
 
 #: Mean duration of a slow call above which it moves to a thread, seconds: about
-#: twice the thread hop measured on this machine kind (30-60 µs), so that a hop
-#: never costs more than the stall it avoids.
-OFFLOAD_ABOVE_S = 100e-6
+#: four times the CPU a :class:`ThreadHop` call costs on this machine kind (55-64
+#: µs). The worker is CPU-bound on 2 cores long before the device is, so a hop pays
+#: off only for calls that mostly wait (a network volume, ~1 ms), not for a local
+#: disk under load (misses of 100-200 µs at queue depth 16, measured: offloading
+#: those lost throughput).
+OFFLOAD_ABOVE_S = 250e-6
 #: Weight of a new duration sample in the mean: 1/8, the gain of TCP's smoothed
 #: round-trip time (RFC 6298, section 2).
 DURATION_GAIN = 0.125
+#: Most threads a :class:`ThreadHop` starts (calls beyond wait in its queue):
+#: trio's own default limit for ``to_thread``.
+MAX_HOP_THREADS = 40
 #: Offloaded calls in a row during which the loop served nothing else before the
 #: router returns to the loop (nothing gained from the hops).
 SOLO_CALLS_BEFORE_LOOP = 32
@@ -74,6 +84,45 @@ def _timed(fn: Callable[..., T], *args: object) -> tuple[T, float]:
     return result, time.perf_counter() - start
 
 
+class ThreadHop:
+    """Runs blocking functions in a pool of threads on behalf of trio tasks.
+
+    What ``trio.to_thread.run_sync`` does, without what this use does not need
+    (capacity limiter, context copy, per-call thread-cache handoff): a task puts
+    ``(task, fn, args)`` on a queue and parks; a pool thread runs ``fn`` and hands
+    the outcome back with ``run_sync_soon``. Threads start on demand, at most
+    :data:`MAX_HOP_THREADS`; they are daemons, idle in ``queue.get``. A waiting
+    task cannot be cancelled (neither can ``to_thread`` by default): the call is
+    already running.
+    """
+
+    def __init__(self) -> None:
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads = 0
+        self._busy = 0
+
+    async def run(self, fn: Callable[..., T], *args: object) -> T:
+        """``fn(*args)`` in a pool thread; returns its result or raises its exception."""
+        self._busy += 1
+        if self._busy > self._threads and self._threads < MAX_HOP_THREADS:
+            threading.Thread(target=self._serve, name=f"blocking-io-{self._threads}", daemon=True).start()
+            self._threads += 1
+        self._calls.put((trio.lowlevel.current_trio_token(), trio.lowlevel.current_task(), fn, args))
+        try:
+            return await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
+        finally:
+            self._busy -= 1
+
+    def _serve(self) -> None:
+        while True:
+            token, task, fn, args = self._calls.get()
+            result = outcome.capture(fn, *args)
+            try:
+                token.run_sync_soon(trio.lowlevel.reschedule, task, result)
+            except trio.RunFinishedError:
+                pass  # the trio run that asked is over (the worker is shutting down)
+
+
 class CallRouter:
     """Runs one kind of slow call on the loop or in a thread (see the module docstring).
 
@@ -83,6 +132,7 @@ class CallRouter:
             assumed, so the mean duration alone decides).
         served: the worker's count of served requests, to see whether the loop
             did other work during an offloaded call (default: not tracked).
+        hop: the threads offloaded calls run in (default: a pool of its own).
 
     Attributes:
         mean_s: exponentially weighted mean duration of the calls, seconds
@@ -94,12 +144,13 @@ class CallRouter:
     """
 
     def __init__(self, mode: BlockingIOMode = "adaptive", queued: Callable[[], bool] | None = None,
-                 served: Callable[[], int] | None = None) -> None:
+                 served: Callable[[], int] | None = None, hop: ThreadHop | None = None) -> None:
         if mode not in ("adaptive", "loop", "thread"):
             raise ValueError(f"blocking I/O mode {mode!r}: expected adaptive, loop or thread")
         self.mode = mode
         self.queued = queued or (lambda: True)
         self.served = served
+        self.hop = hop or ThreadHop()
         self.mean_s = 0.0
         self.offloaded = mode == "thread"
         self._solo_calls = 0
@@ -111,7 +162,7 @@ class CallRouter:
             self.observe(took_s, self.queued)  # polled only when the mean is high
             return result
         served_before = self.served() if self.served is not None else 0
-        result, took_s = await trio.to_thread.run_sync(_timed, fn, *args)
+        result, took_s = await self.hop.run(_timed, fn, *args)
         # The counter moved while this call ran: the loop served other requests meanwhile
         # (this request is counted only when it completes, after this returns).
         others_served = self.served is None or self.served() > served_before
@@ -164,9 +215,10 @@ class BlockingCalls:
 
     def __init__(self, mode: BlockingIOMode = "adaptive") -> None:
         self.mode = mode
-        self.reads = CallRouter(mode)
-        self.writes = CallRouter(mode)
-        self.flushes = CallRouter(mode)
+        self.hop = ThreadHop()
+        self.reads = CallRouter(mode, hop=self.hop)
+        self.writes = CallRouter(mode, hop=self.hop)
+        self.flushes = CallRouter(mode, hop=self.hop)
 
     def watch(self, queued: Callable[[], bool], served: Callable[[], int]) -> None:
         """Give the routers the worker's signals (see :class:`CallRouter`): whether FUSE
@@ -206,7 +258,7 @@ class BlockingCalls:
         if self.mode == "loop":
             call(fd)
         else:
-            await trio.to_thread.run_sync(call, fd)
+            await self.hop.run(call, fd)
 
 
 def _close_duplicate(fd: int) -> None:
