@@ -14,7 +14,8 @@ sleeping op still holds only its own task.
 A timerfd still wakes the worker late: on a VM an idle vCPU is descheduled by
 the host, and waking it costs ~0.1-0.2 ms (measured here: 2 ms sleeps wake
 76-162 µs late, p50). :class:`WakeCompensation` keeps a running estimate of that
-lateness and arms each timer early by it, so a sleep ends on time on average.
+lateness and arms a timer early by it where the sleep ends at a latency target
+(a delay in ``floor`` mode), so that target is met on average.
 The application's thread pays the same kind of wake-up when the reply arrives
 after a long idle period, which the worker cannot see; the ``round-trip`` mode
 assumes it equals the worker's own (same machine, same idle states) and arms
@@ -126,18 +127,21 @@ def _armed_timerfd(seconds: float) -> int:
     return fd
 
 
-async def sleep(seconds: float) -> None:
+async def sleep(seconds: float, *, compensate: bool = False) -> None:
     """Sleep ``seconds`` with sub-millisecond precision (a checkpoint when ``seconds <= 0``).
 
     Under trio's ``MockClock`` (tests in virtual time) this is ``trio.sleep``, so
-    the virtual clock still governs. Otherwise the task waits for a timerfd armed
-    early by the configured :class:`WakeCompensation` (at most half the sleep), and
-    how late it woke updates the estimate; it is cancellable like ``trio.sleep``,
-    and the descriptor is closed either way.
+    the virtual clock still governs. Otherwise the task waits for a timerfd; it is
+    cancellable like ``trio.sleep``, and the descriptor is closed either way. How
+    late the timer woke the worker updates the estimate of :class:`WakeCompensation`.
 
     Args:
         seconds: how long, seconds (any float; at most the 60 s a layer may ask for
             is expected).
+        compensate: arm the timer early by the configured compensation (at most
+            half the sleep), for a sleep that ends at a latency *target* (a delay
+            in ``floor`` mode); other sleeps (``add`` delays, throttle waits) are
+            minimums and are never shortened.
 
     Raises:
         OSError: no timerfd could be made (EMFILE).
@@ -149,7 +153,7 @@ async def sleep(seconds: float) -> None:
         await trio.sleep(seconds)
         return
     compensation = _compensation
-    armed_s = seconds - compensation.lead_s(seconds)
+    armed_s = seconds - compensation.lead_s(seconds) if compensate else seconds
     fd = _armed_timerfd(armed_s)
     start = time.perf_counter()
     try:

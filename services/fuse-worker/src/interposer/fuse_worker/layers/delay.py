@@ -170,7 +170,7 @@ class Delay:
         if remaining_s > 0.0:
             self._delay_s_total += remaining_s
             op.delay_ns += int(remaining_s * 1e9)
-            await sleep(remaining_s)
+            await sleep(remaining_s, compensate=True)  # a latency target: wake-ups count
 
     def statistics(self) -> DelayStatistics:
         """Snapshot of this layer's counters."""
