@@ -200,9 +200,9 @@ async def serve(config: WorkerConfig) -> None:
         if bus is not None:
             bus.stop()
         backend.close()
-        log.info("volume %s: %s; %d ops served, %d events dropped", config.volume_id,
+        log.info("volume %s: %s; %d ops served, %d faults injected, %d events dropped", config.volume_id,
                  "FUSE fd closed (the csi-node unmounts)" if config.fuse_fd_socket else "unmounted",
-                 telemetry.ops_total, telemetry.events_dropped_total)
+                 telemetry.ops_total, telemetry.faults_total, telemetry.events_dropped_total)
 
 
 async def _set_read_ahead_after_init(operations: InterposerOperations, mountpoint: str, kib: int) -> None:
