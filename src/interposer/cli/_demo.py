@@ -106,19 +106,29 @@ class _Collector:
     def applied_revision(self) -> float:
         return total(self.samples(), "interposer_worker_policy_revision", self.where)
 
-    def settled(self) -> Samples | None:
-        """Samples once the collector counted every op the worker reports, else None."""
+    def settled(self, not_before_s: float) -> Samples | None:
+        """Samples once the collector counted every op the worker reports, else None.
+
+        The worker's count comes from its heartbeat; one sent before ``not_before_s``
+        (seconds since the epoch, e.g. when fio ended) may miss the last ops, and the
+        collector can catch up with it while newer events are still on their way, so
+        it does not count.
+        """
         samples = self.samples()
         served = total(samples, "interposer_worker_ops_total", self.where)
         counted = total(samples, "interposer_ops_total", self.where)
         dropped = total(samples, "interposer_events_dropped_total", self.where)
-        return samples if served > 0 and counted + dropped == served else None
+        heartbeat_s = total(samples, "interposer_worker_last_heartbeat_timestamp_seconds", self.where)
+        fresh = heartbeat_s >= not_before_s
+        return samples if fresh and served > 0 and counted + dropped == served else None
 
     def wait_settled(self) -> Samples:
+        """Samples once the collector counted every op the worker served until now."""
         result: list[Samples] = []
+        now_s = time.time()
 
         def check() -> bool:
-            samples = self.settled()
+            samples = self.settled(now_s)
             if samples is not None:
                 result.append(samples)
             return samples is not None
