@@ -168,7 +168,7 @@ def main(quick: bool, repeat: int, as_json: bool, base: Path | None) -> None:
     size, runtime_s, meta_s = ("64M", 1.0, 1.0) if quick else ("1G", 10.0, 10.0)
     repeat = 1 if quick else repeat
     # (name, policy or None for the bare directory, extra worker flags)
-    variants = [("native", None, ()), ("passthrough, pyfuse3 loop", "", ()),
+    variants = [("native", None, ()), ("passthrough, pyfuse3 loop", "", ("--session-loop", "pyfuse3")),
                 ("passthrough, lean loop", "", ("--session-loop", "lean")), ("+ no-op layers", NOOP_LAYERS, ())]
     results: dict[str, dict[str, list[float]]] = {v: {} for v, _, _ in variants}
     cpu_us: dict[str, dict[str, list[float]]] = {v: {} for v, _, _ in variants}

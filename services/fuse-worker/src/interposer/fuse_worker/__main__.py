@@ -46,8 +46,8 @@ from ._worker import run
 @click.option("--read-only", is_flag=True, help="Mount read-only.")
 @click.option("--read-ahead-kib", type=click.IntRange(0, 65536), default=DEFAULT_READ_AHEAD_KIB, show_default=True,
               help="Kernel readahead of the mount, KiB (0 = kernel default, 128).")
-@click.option("--session-loop", type=click.Choice(["lean", "pyfuse3"]), default="pyfuse3", show_default=True,
-              help="FUSE request loop: pyfuse3's own, or the same loop on leaner primitives (opt-in, see docs/ARCHITECTURE.md).")
+@click.option("--session-loop", type=click.Choice(["lean", "pyfuse3"]), default="lean", show_default=True,
+              help="FUSE request loop: pyfuse3's own on leaner primitives (lean), or as it is (see docs/ARCHITECTURE.md).")
 @click.option("--blocking-io", type=click.Choice(["adaptive", "loop", "thread"]), default="adaptive",
               show_default=True,
               help="Passthrough reads/writes/syncs: on the event loop while fast, in a thread once slow "
