@@ -296,7 +296,8 @@ class PolicyService:
 
 
 async def watch_bucket(store: PolicyStore, expiry: ExpiryScheduler, restart: asyncio.Event) -> None:
-    """Feed every change of the bucket to ``expiry``; start over when ``restart`` is set.
+    """Feed every change of the bucket to ``expiry`` (and its revision to ``store``'s
+    compare-and-set cache); start over when ``restart`` is set.
 
     A KV watch is a JetStream consumer on the server; after a NATS restart it may be
     gone, so the watch is re-created on every reconnect (its first values are the
@@ -314,6 +315,7 @@ async def watch_bucket(store: PolicyStore, expiry: ExpiryScheduler, restart: asy
         async def consume() -> None:
             async for entry in watcher:
                 if entry is not None:
+                    store.observe(entry.key, entry.revision)
                     expiry.observe(entry.key, entry.revision, None if entry.operation else entry.value)
 
         consumer = asyncio.create_task(consume())
