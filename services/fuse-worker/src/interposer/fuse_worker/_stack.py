@@ -163,14 +163,14 @@ class Stack:
             quota.stop()
         # Layers that can never act are compiled out: no per-op cost, no direct I/O.
         active = [e for e in self._entries if e.runtime.acts]
+        active_ops = [(e.runtime, ops_of(e.spec)) for e in reversed(active)]
         self.chains: dict[str, Handler] = {}
-        for op_name in ALL_OPS:
+        for op_name in set().union(*(ops for _, ops in active_ops)):
             handler: Handler = invoke_backend
-            for entry in reversed(active):
-                if op_name in ops_of(entry.spec):
-                    handler = entry.runtime.bind(handler)
-            if handler is not invoke_backend:
-                self.chains[op_name] = handler
+            for runtime, ops in active_ops:
+                if op_name in ops:
+                    handler = runtime.bind(handler)
+            self.chains[op_name] = handler
         # Layers acting on reads (or shortening writes) decide the page-cache mode of
         # files opened under them.
         self._direct_io_globs = [compile_glob(e.spec.path_glob) for e in active if needs_direct_io(e.spec)]
