@@ -135,6 +135,7 @@ class Stack:
             because they can never act (``runtime.acts`` False).
         next_expiry_s: earliest expiry of a layer in force, seconds since the Unix
             epoch; None if none expires.
+        has_quota: a quota layer is in force (its state is the trio thread's).
     """
 
     def __init__(
@@ -159,7 +160,8 @@ class Stack:
         self.layers: list[LayerRuntime] = [e.runtime for e in self._entries]
         deadlines = [e.deadline_s for e in self._entries if e.deadline_s is not None]
         self.next_expiry_s: float | None = min(deadlines) if deadlines else None
-        if quota is not None and not any(isinstance(e.spec, QuotaLayer) for e in self._entries):
+        self.has_quota = any(isinstance(e.spec, QuotaLayer) for e in self._entries)
+        if quota is not None and not self.has_quota:
             quota.stop()
         # Layers that can never act are compiled out: no per-op cost, no direct I/O.
         active = [e for e in self._entries if e.runtime.acts]
