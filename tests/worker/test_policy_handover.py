@@ -123,3 +123,22 @@ def test_the_expiry_task_never_reinstates_a_stack_a_newer_revision_replaced() ->
 
     trio.run(main)
     assert operations.revision == 2 and operations.stack.policy == PLAIN
+
+
+def test_a_revision_with_the_policy_in_force_is_acknowledged_without_recompiling() -> None:
+    """A selector change that leaves a selected worker's policy as it is (say, its priority):
+    the worker reports the revision, and its layers keep their state (token buckets, counters)."""
+    operations = _operations()
+    assert _off_trio(operations, PLAIN, 3)
+    runtimes = operations.stack.layers
+    assert _off_trio(operations, Policy(layers=list(PLAIN.layers), description="plain"), 4)
+    assert operations.revision == 4 and operations.stack.layers == runtimes
+    assert all(new is old for new, old in zip(operations.stack.layers, runtimes))
+
+    async def apply_on_trio() -> None:
+        operations.apply(PLAIN, 5)
+
+    trio.run(apply_on_trio)
+    assert operations.revision == 5 and all(new is old for new, old in zip(operations.stack.layers, runtimes))
+    assert _off_trio(operations, Policy(layers=[DelayLayer(delay_s=0.002)]), 6)
+    assert operations.stack.layers[0] is not runtimes[0]  # another policy: compiled anew

@@ -95,6 +95,7 @@ class WorkerState(msgspec.Struct, kw_only=True, omit_defaults=True):
         namespace: pod namespace, if the worker knows it.
         pod: pod name, if the worker knows it.
         labels: the pod's labels, if the worker knows them (selectors match them).
+        node: the worker's node, if it knows it (selectors match it).
     """
 
     worker_id: str
@@ -105,6 +106,7 @@ class WorkerState(msgspec.Struct, kw_only=True, omit_defaults=True):
     namespace: str = ""
     pod: str = ""
     labels: dict[str, str] = {}
+    node: str = ""
 
 
 class VolumeStatus(msgspec.Struct, kw_only=True, omit_defaults=True):

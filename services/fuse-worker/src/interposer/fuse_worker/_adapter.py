@@ -72,8 +72,14 @@ class InterposerOperations(pyfuse3.Operations):
         return self.stack.revision
 
     def apply(self, policy: Policy, revision: int) -> None:
-        """Make ``policy`` the one in force for requests that start from now on (trio thread)."""
-        self.install(Stack(policy, revision, quota=self.quota))
+        """Make ``policy`` the one in force for requests that start from now on (trio thread).
+
+        A policy equal to the one in force is not recompiled: the stack is only
+        relabelled with ``revision`` (its layers keep their state).
+        """
+        current = self.stack
+        self.install(current.relabel(revision) if policy == current.policy else Stack(policy, revision,
+                                                                                       quota=self.quota))
         log.info("applied policy revision %d (%d layers)", revision, len(policy.layers))
 
     def apply_off_trio(self, policy: Policy, revision: int) -> bool:
@@ -92,8 +98,8 @@ class InterposerOperations(pyfuse3.Operations):
         current = self.stack
         if current.has_quota:
             return False
-        try:
-            stack = Stack(policy, revision)  # no QuotaContext: a quota layer raises
+        try:  # an equal policy keeps the compiled stack; a quota layer raises (no QuotaContext)
+            stack = current.relabel(revision) if policy == current.policy else Stack(policy, revision)
         except QuotaUnavailable:
             return False
         if stack.next_expiry_s is not None:

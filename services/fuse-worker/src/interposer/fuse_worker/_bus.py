@@ -233,15 +233,24 @@ class Bus:
             self._own_policy = record.policy if record is not None else Policy()
             self._pending_revision = max(self._pending_revision, entry.revision)
             return
-        # A selector change counts only when it changes what this volume serves.
-        before = self._effective()
+        # A selector change counts on the workers it selects (or selected): they
+        # report its revision as applied (so acknowledgements can count them), and
+        # rebuild their stack only if what they serve changed (InterposerOperations
+        # keeps the stack's runtimes for an equal policy). Other workers ignore it.
         name = entry.key[len(subjects.SELECTOR_KEY_PREFIX):]
+        before = self._selectors.get(name)
         if record is None:
             self._selectors.pop(name, None)
         else:
             self._selectors[name] = record
-        if self._effective() != before:
+        if self._selects_me(before) or self._selects_me(record):
             self._pending_revision = max(self._pending_revision, entry.revision)
+
+    def _selects_me(self, record: PolicyRecord | None) -> bool:
+        config = self.config
+        return (record is not None and record.selector is not None
+                and record.selector.matches(volume=config.volume_id, namespace=config.pod_namespace,
+                                            pod=config.pod_name, node=config.node_name, labels=config.pod_labels))
 
     async def _consume(self, kind: str, watcher) -> None:  # noqa: ANN001 - nats KeyWatcher
         async for entry in watcher:
@@ -363,6 +372,7 @@ class Bus:
             quota_inodes_used=quota.inodes_used if quota else None,
             quota_inodes_limit=quota.inodes_limit if quota else None, labels=self.config.pod_labels,
             pod_uid=self.config.pod_uid, service_account=self.config.service_account,
+            node=self.config.node_name,
         ))
 
     async def _status_loop(self, nc: nats.NATS) -> None:

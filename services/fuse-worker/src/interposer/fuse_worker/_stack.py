@@ -177,6 +177,15 @@ class Stack:
         # files opened under them.
         self._direct_io_globs = [compile_glob(e.spec.path_glob) for e in active if needs_direct_io(e.spec)]
 
+    def relabel(self, revision: int) -> Stack:
+        """The same compiled stack as ``revision`` (a new revision whose policy is this one).
+
+        The layers keep their runtimes (token buckets, counters, quota usage) and
+        their expiry deadlines: nothing is recompiled.
+        """
+        return Stack(self.policy, revision, quota=self.quota, applied_at_s=self.applied_at_s,
+                     _entries=self._entries)
+
     def expire(self, now_s: float | None = None) -> Stack:
         """A stack of the same revision without the layers expired by ``now_s``.
 
