@@ -274,7 +274,12 @@ class Bus:
                 # thread, are handed over. Either way this thread never waits for
                 # the trio thread (trio.from_thread.run_sync would, and would spawn
                 # a task there per revision).
-                if nothing_in_flight and self._apply_off_trio(policy, revision):
+                try:
+                    done = nothing_in_flight and self._apply_off_trio(policy, revision)
+                except Exception:  # noqa: BLE001 - cannot happen for a decoded policy; the trio path logs it
+                    log.exception("could not apply policy revision %d on the bus thread", revision)
+                    done = False
+                if done:
                     self._applied()
                     continue
                 try:
