@@ -10,7 +10,8 @@ in the same round, concurrently. Then a *fleet push*: one selector policy
 from its ``_sel.>`` watch — latency from that one request to each worker's
 heartbeat. Beside each it reports the CPU (``/proc/<pid>/stat``, idle subtracted)
 the workers spend per applied revision and the policy service per request — the
-figure to compare on a busy machine. Then it measures how many changes per second
+figure to compare on a busy machine (CPU times count whole clock ticks, 10 ms, so
+they need the full run's hundreds of changes; ``--quick``'s are noise). Then it measures how many changes per second
 the policy service accepts (validated, stored in KV, answered) with
 ``--concurrency`` requests in flight.
 
