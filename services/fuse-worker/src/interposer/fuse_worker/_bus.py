@@ -80,9 +80,9 @@ class Bus:
         #: Set once the KV watch has delivered the volume's current policy (or found none).
         self.initial_policy = threading.Event()
         self._rewatch: asyncio.Event | None = None
-        #: Set (from the trio thread) when a revision was applied: heartbeat now.
+        #: Set (on the bus loop, see _applied) when a revision was put in force: heartbeat now.
         self._beat: asyncio.Event | None = None
-        #: Newest revision handed to the trio thread (applied, or about to be).
+        #: Newest revision put in force on this thread or handed to the trio thread.
         self._handed_revision = 0
         self._encoder = msgspec.msgpack.Encoder()
         #: The volume's own stored policy (empty until the watch delivers one).
@@ -247,6 +247,7 @@ class Bus:
             self._pending_revision = max(self._pending_revision, entry.revision)
 
     def _selects_me(self, record: PolicyRecord | None) -> bool:
+        """True if ``record`` is an active selector that matches this worker."""
         config = self.config
         return (record is not None and record.selector is not None
                 and record.selector.matches(volume=config.volume_id, namespace=config.pod_namespace,
