@@ -31,6 +31,8 @@ from pathlib import Path
 
 import click
 
+from interposer.cli._procs import cpu_seconds
+
 NOOP_LAYERS = json.dumps({"description": "every layer, doing nothing", "layers": [
     {"type": "fault", "errno": "EIO", "probability": 0.0},
     {"type": "delay", "delay_s": 0.0},
@@ -134,8 +136,7 @@ class Mount:
 
     def cpu_s(self) -> float:
         """CPU time the worker used so far (user + system), seconds."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return cpu_seconds(self.proc.pid)
 
     def rss_mb(self) -> float:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():

@@ -42,7 +42,7 @@ import click
 import msgspec
 
 from interposer.cli._metrics import scrape, total
-from interposer.cli._procs import Child, start_nats_server
+from interposer.cli._procs import Child, cpu_seconds, start_nats_server
 from interposer.proto import EventBatch, OpEvent, subjects
 
 #: Events per published batch (the worker's ``batch_max_events`` default).
@@ -71,12 +71,6 @@ def _connected(url: str) -> bool:
         return total(scrape(url), "interposer_collector_nats_connected") == 1
     except OSError:
         return False
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of process ``pid`` (all its threads), seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _collector(nats_url: str, work: Path, name: str, cpu: int | None) -> tuple[Child, str]:
@@ -141,7 +135,7 @@ def bench_ingest(nats_url: str, nats: Child, work: Path, batches: int) -> dict:
 
         async def publish() -> tuple[float, float, float, float, _Progress]:
             nc = await nats_client.connect(nats_url, name="bench-telemetry")
-            cpu_start_s = _cpu_seconds(child.proc.pid)
+            cpu_start_s = cpu_seconds(child.proc.pid)
             start_s = time.perf_counter()
             progress = _Progress(url)
             published, moved_s = 0, time.monotonic()
@@ -159,7 +153,7 @@ def bench_ingest(nats_url: str, nats: Child, work: Path, batches: int) -> dict:
                     break
             end_s = time.perf_counter()
             await nc.close()
-            return start_s, end_s, cpu_start_s, _cpu_seconds(child.proc.pid), progress
+            return start_s, end_s, cpu_start_s, cpu_seconds(child.proc.pid), progress
 
         start_s, end_s, cpu_start_s, cpu_end_s, progress = asyncio.run(publish())
         elapsed_s, cpu_s = end_s - start_s, cpu_end_s - cpu_start_s

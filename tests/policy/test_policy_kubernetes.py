@@ -297,3 +297,56 @@ def test_the_sweep_spares_a_resource_created_after_its_list(kube) -> None:
     history = asyncio.run(policy_history(kube.url, "k8s-vol-l"))
     assert [(e.revision, e.action) for e in history.entries] == [(revision, "set")], "the sweep cleared it"
     assert ("get", resource.PLURAL) in kube.service_calls()
+
+
+def _ack(kube, namespace: str, name: str) -> tuple[int, int, list[str]] | None:
+    status = (kube.kube.get(namespace, name) or {}).get("status") or {}
+    if "targetedVolumes" not in status:
+        return None
+    return status["targetedVolumes"], status["appliedVolumes"], status["laggingVolumes"]
+
+
+def _wait_ack(kube, namespace: str, name: str, expected: tuple[int, int, list[str]], timeout_s: float = 30) -> None:
+    wait_until(lambda: _ack(kube, namespace, name) == expected,
+               f"{namespace}/{name} to report (targeted, applied, lagging) = {expected}, "
+               f"not {_ack(kube, namespace, name)}", timeout_s=timeout_s)
+
+
+def test_the_status_counts_the_targeted_volumes_that_applied_the_revision_and_names_the_laggards(
+        kube, mount_worker, fresh_volume) -> None:
+    """Real workers heartbeat to the service; the resource's status follows what they applied."""
+    import signal
+
+    namespace = f"ack-{fresh_volume}"
+    workers = {v: mount_worker(v, nats_url=kube.url, extra=["--pod-namespace", ns, "--pod-name", "train-0"])
+               for v, ns in ((f"{fresh_volume}-a", namespace), (f"{fresh_volume}-b", namespace),
+                             (f"{fresh_volume}-c", "elsewhere"))}
+    a, b, _c = sorted(workers)
+    started = time.monotonic()
+    kube.create(namespace, "fleet", {"target": {"selector": {"namespace": namespace}}, "policy": DELAY})
+    kube.status_of(namespace, "fleet", 1)
+    _wait_ack(kube, namespace, "fleet", (2, 2, []))  # c is in another namespace: not targeted
+    kube.create(namespace, "one", {"target": {"volume": a}, "policy": DELAY})
+    _wait_ack(kube, namespace, "one", (1, 1, []))
+
+    # b cannot apply the next generation while it is stopped (it stays "live" for
+    # the service's worker_stale_after_s, 5 s, after its last heartbeat).
+    os.kill(workers[b].proc.pid, signal.SIGSTOP)
+    try:
+        kube.patch_spec(namespace, "fleet", {"policy": FAULT})
+        kube.status_of(namespace, "fleet", 2)
+        _wait_ack(kube, namespace, "fleet", (2, 1, [b]), timeout_s=4)
+    finally:
+        os.kill(workers[b].proc.pid, signal.SIGCONT)
+    _wait_ack(kube, namespace, "fleet", (2, 2, []))
+    assert kube.kube.get(namespace, "fleet")["status"]["revision"] == kube.current(
+        subjects.selector_key(resource.selector_name_of(namespace, "fleet")))[0]
+
+    # Rate-limited: at most one acknowledgement patch per resource per second.
+    elapsed_s = time.monotonic() - started
+    patches = [r for r in list(kube.kube.requests)
+               if r.verb == "patch" and r.resource == f"{resource.PLURAL}/status"
+               and r.name == f"{namespace}/fleet"]
+    assert len(patches) <= 2 * (elapsed_s + 2), patches  # Accepted and acknowledgement writes
+    kube.delete(namespace, "fleet")
+    kube.delete(namespace, "one")

@@ -274,10 +274,13 @@ def test_expiry_task_installs_the_reduced_stack_on_time() -> None:
         def __init__(self, stack: Stack) -> None:
             self.stack, self.stack_changed = stack, trio.Event()
 
-        def install(self, stack: Stack) -> None:
+        def install(self, stack: Stack, replacing: Stack | None = None) -> bool:
+            if replacing is not None and self.stack is not replacing:
+                return False
             self.stack = stack
             self.stack_changed.set()
             self.stack_changed = trio.Event()
+            return True
 
     async def main() -> list[tuple[float, int]]:
         wall = lambda: 1000.0 + trio.current_time()  # noqa: E731 - wall clock follows the mock clock

@@ -368,26 +368,64 @@ def policy_clear(volume: str, nats_url: str, nats_creds: str, author: str, wait:
             min_workers)
 
 
+def _target(target: str, selector: bool) -> tuple[str, bool]:
+    """``(name, is a selector)`` of a history/rollback TARGET: a volume id, ``_sel.NAME``
+    (as ``list`` shows selector policies) or, with ``--selector``, a selector NAME.
+
+    Raises:
+        click.BadParameter: not a valid volume id / selector name.
+    """
+    if target.startswith(subjects.SELECTOR_KEY_PREFIX):
+        target, selector = target[len(subjects.SELECTOR_KEY_PREFIX):], True
+    if not subjects.is_valid_volume_id(target):
+        raise click.BadParameter(f"{target!r} must match {subjects.VOLUME_ID_PATTERN.pattern} "
+                                 f"(or be {subjects.SELECTOR_KEY_PREFIX}NAME for a selector policy)",
+                                 param_hint="TARGET")
+    return target, selector
+
+
+_selector_flag = click.option("--selector", is_flag=True,
+                              help="TARGET is the name of a selector policy (as `select NAME`).")
+
+
 @policy.command("rollback")
-@click.argument("volume")
+@click.argument("target")
 @click.argument("revision", type=click.IntRange(1))
+@_selector_flag
 @_nats_option
 @_change_options
-def policy_rollback(volume: str, revision: int, nats_url: str, nats_creds: str, author: str, wait: bool,
-                    timeout_s: float, min_workers: int) -> None:
-    """Make REVISION's policy VOLUME's policy again (stored as a new revision)."""
+def policy_rollback(target: str, revision: int, selector: bool, nats_url: str, nats_creds: str, author: str,
+                    wait: bool, timeout_s: float, min_workers: int) -> None:
+    """Make REVISION's policy TARGET's policy again (stored as a new revision).
+
+    TARGET is a volume id, or a selector policy: _sel.NAME or NAME with --selector
+    (its selector and priority come back with its policy).
+    """
+    name, selector = _target(target, selector)
     body = encode_json(RollbackRequest(revision=revision))
-    _change(nats_url, nats_creds, volume, subjects.policy_rollback(volume), body, author, wait, timeout_s,
+    if selector:
+        if wait:
+            raise click.UsageError("--wait is per volume: which workers a selector reaches is decided by "
+                                   "the workers (see `interposer policy status`)")
+        _print_reply(_call(request(nats_url, subjects.selector_rollback(name), body, author=author,
+                                   creds_file=nats_creds)))
+        return
+    _change(nats_url, nats_creds, name, subjects.policy_rollback(name), body, author, wait, timeout_s,
             min_workers)
 
 
 @policy.command("history")
-@click.argument("volume")
+@click.argument("target")
+@_selector_flag
 @_nats_option
 @click.option("--json", "as_json", is_flag=True, help="Print the HistoryReply JSON.")
-def policy_history_cmd(volume: str, nats_url: str, nats_creds: str, as_json: bool) -> None:
-    """Show every stored revision of VOLUME: who, when, what (oldest first)."""
-    reply = _call(policy_history(nats_url, volume, creds_file=nats_creds))
+def policy_history_cmd(target: str, selector: bool, nats_url: str, nats_creds: str, as_json: bool) -> None:
+    """Show every stored revision of TARGET: who, when, what (oldest first).
+
+    TARGET is a volume id, or a selector policy: _sel.NAME or NAME with --selector.
+    """
+    name, selector = _target(target, selector)
+    reply = _call(policy_history(nats_url, name, creds_file=nats_creds, selector=selector))
     if as_json or not reply.ok:
         _print_reply(reply)
         return

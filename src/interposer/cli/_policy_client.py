@@ -123,18 +123,30 @@ async def clear_policy(nats_url: str, volume: str, timeout_s: float = DEFAULT_RE
 
 async def rollback_policy(nats_url: str, volume: str, revision: int,
                           timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S, author: str | None = None,
-                          creds_file: str = "") -> PolicyReply:
-    """Ask the policy service to re-store ``revision`` of ``volume`` as a new revision."""
+                          creds_file: str = "", selector: bool = False) -> PolicyReply:
+    """Ask the policy service to re-store ``revision`` of ``volume`` as a new revision.
+
+    ``selector=True``: ``volume`` is the name of a selector policy (key ``_sel.<name>``).
+
+    Raises:
+        ValueError: ``volume`` is not a valid volume id / selector name.
+        PolicyClientError: as :func:`request`.
+    """
     body = encode_json(RollbackRequest(revision=revision))
-    return await request(nats_url, subjects.policy_rollback(volume), body, timeout_s, author=author,
-                         creds_file=creds_file)
+    subject = subjects.selector_rollback(volume) if selector else subjects.policy_rollback(volume)
+    return await request(nats_url, subject, body, timeout_s, author=author, creds_file=creds_file)
 
 
 async def policy_history(nats_url: str, volume: str, timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
-                         creds_file: str = "") -> HistoryReply:
-    """Every stored revision of ``volume``, oldest first."""
-    return await request(nats_url, subjects.policy_history(volume), b"", timeout_s, kind=HistoryReply,
-                         creds_file=creds_file)
+                         creds_file: str = "", selector: bool = False) -> HistoryReply:
+    """Every stored revision of ``volume`` (of the selector policy ``volume`` if ``selector``), oldest first.
+
+    Raises:
+        ValueError: ``volume`` is not a valid volume id / selector name.
+        PolicyClientError: as :func:`request`.
+    """
+    subject = subjects.selector_history(volume) if selector else subjects.policy_history(volume)
+    return await request(nats_url, subject, b"", timeout_s, kind=HistoryReply, creds_file=creds_file)
 
 
 async def list_policies(nats_url: str, timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,

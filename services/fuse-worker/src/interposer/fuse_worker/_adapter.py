@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -15,7 +16,7 @@ import trio
 from interposer.proto import Policy
 
 from ._op import BackendCall, Op
-from ._stack import Stack
+from ._stack import QuotaUnavailable, Stack
 from .layers import QuotaContext
 from ._telemetry import Telemetry
 from .backends import Backend
@@ -53,6 +54,8 @@ class InterposerOperations(pyfuse3.Operations):
         self.telemetry = telemetry
         self.quota = quota
         self.stack = Stack(policy or Policy(), 0, quota=quota)
+        #: Guards replacing ``stack``: the bus thread may swap it (apply_off_trio).
+        self._swap_lock = threading.Lock()
         #: Set (and replaced) whenever a new stack is installed; the expiry task waits on it.
         self.stack_changed = trio.Event()
         #: Set once the kernel's FUSE_INIT has been answered (mount settings are final).
@@ -69,15 +72,63 @@ class InterposerOperations(pyfuse3.Operations):
         return self.stack.revision
 
     def apply(self, policy: Policy, revision: int) -> None:
-        """Make ``policy`` the one in force for requests that start from now on."""
-        self.install(Stack(policy, revision, quota=self.quota))
+        """Make ``policy`` the one in force for requests that start from now on (trio thread).
+
+        A policy equal to the one in force is not recompiled: the stack is only
+        relabelled with ``revision`` (its layers keep their state).
+        """
+        current = self.stack
+        self.install(current.relabel(revision) if policy == current.policy else Stack(policy, revision,
+                                                                                       quota=self.quota))
         log.info("applied policy revision %d (%d layers)", revision, len(policy.layers))
 
-    def install(self, stack: Stack) -> None:
-        """Put ``stack`` in force (on the trio thread) and wake whoever waits for a change."""
-        self.stack = stack
+    def apply_off_trio(self, policy: Policy, revision: int) -> bool:
+        """Compile ``policy`` and put it in force from another thread, if that is safe.
+
+        Safe when no quota layer is in force or coming (quota usage is trio-side
+        state) and no layer of the new stack expires (the expiry task on the trio
+        thread must be woken for that). The swap is one attribute assignment under
+        ``_swap_lock``: a request reads ``self.stack`` once when it starts, so it
+        runs wholly under the old or the new stack, as with :meth:`apply`.
+
+        Returns:
+            True if ``policy`` is in force; False if nothing was changed and
+            :meth:`apply` must run on the trio thread instead.
+        """
+        current = self.stack
+        if current.has_quota:
+            return False
+        try:  # an equal policy keeps the compiled stack; a quota layer raises (no QuotaContext)
+            stack = current.relabel(revision) if policy == current.policy else Stack(policy, revision)
+        except QuotaUnavailable:
+            return False
+        if stack.next_expiry_s is not None:
+            return False
+        with self._swap_lock:
+            if self.stack is not current:  # the trio thread installed one meanwhile
+                return False
+            self.stack = stack
+        log.info("applied policy revision %d (%d layers)", revision, len(policy.layers))
+        return True
+
+    def install(self, stack: Stack, replacing: Stack | None = None) -> bool:
+        """Put ``stack`` in force (on the trio thread) and wake whoever waits for a change.
+
+        Args:
+            stack: the new stack.
+            replacing: install only if this is still the stack in force (the
+                expiry task's compare-and-swap); None = unconditionally.
+
+        Returns:
+            False if ``replacing`` was no longer in force (nothing changed).
+        """
+        with self._swap_lock:
+            if replacing is not None and self.stack is not replacing:
+                return False
+            self.stack = stack
         self.stack_changed.set()
         self.stack_changed = trio.Event()
+        return True
 
     async def _serve(self, op: Op, call: BackendCall) -> Any:
         stack = self.stack

@@ -2,8 +2,11 @@
 
 pyfuse3 runs on trio; nats-py runs on asyncio. The bus gets its own thread with its
 own asyncio loop, so a slow or absent NATS can never stall a FUSE request: the data
-path only appends to :class:`Telemetry`'s deque, and new policies cross over with
-``trio.from_thread.run_sync`` (applied on the trio thread between requests).
+path only appends to :class:`Telemetry`'s deque. A new policy revision is compiled
+and swapped in on the bus thread when it touches no trio-side state
+(``InterposerOperations.apply_off_trio``), else handed to the trio thread with
+``TrioToken.run_sync_soon`` (applied there between requests); the bus thread never
+waits for the trio thread.
 """
 
 from __future__ import annotations
@@ -50,18 +53,23 @@ class Bus:
         trio_token: token of the trio run that serves FUSE.
         quota_usage: returns the usage and limits of the quota in force, None if
             none (for heartbeats); called on the bus thread.
+        apply_off_trio: called on the bus thread as ``apply_off_trio(policy,
+            revision)``: puts the policy in force there and returns True when that
+            is safe, else returns False and ``apply_policy`` runs on the trio thread.
     """
 
     def __init__(
         self, config: WorkerConfig, telemetry: Telemetry, apply_policy: Callable[[Policy, int], None],
         current_revision: Callable[[], int], trio_token: trio.lowlevel.TrioToken,
         quota_usage: Callable[[], QuotaUsage | None] = lambda: None,
+        apply_off_trio: Callable[[Policy, int], bool] = lambda policy, revision: False,
     ) -> None:
         self.config = config
         self.telemetry = telemetry
         self.worker_id = telemetry.worker_id
         self._quota_usage = quota_usage
         self._apply_policy = apply_policy
+        self._apply_off_trio = apply_off_trio
         self._current_revision = current_revision
         self._trio_token = trio_token
         self._started_at_s = time.time()
@@ -72,6 +80,10 @@ class Bus:
         #: Set once the KV watch has delivered the volume's current policy (or found none).
         self.initial_policy = threading.Event()
         self._rewatch: asyncio.Event | None = None
+        #: Set (on the bus loop, see _applied) when a revision was put in force: heartbeat now.
+        self._beat: asyncio.Event | None = None
+        #: Newest revision put in force on this thread or handed to the trio thread.
+        self._handed_revision = 0
         self._encoder = msgspec.msgpack.Encoder()
         #: The volume's own stored policy (empty until the watch delivers one).
         self._own_policy = Policy()
@@ -113,6 +125,7 @@ class Bus:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         self._rewatch = asyncio.Event()
+        self._beat = asyncio.Event()
         nc = await self._connect()
         if nc is None:
             return
@@ -185,7 +198,7 @@ class Bus:
                 await self._stop_watchers(watchers)
                 await asyncio.sleep(DEFAULT_BUCKET_RETRY_S)
                 continue
-            tasks = {asyncio.create_task(self._consume(nc, kind, watcher)) for kind, watcher in watchers}
+            tasks = {asyncio.create_task(self._consume(kind, watcher)) for kind, watcher in watchers}
             tasks.add(asyncio.create_task(self._rewatch.wait()))
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in tasks:
@@ -215,21 +228,32 @@ class Bus:
             except (msgspec.ValidationError, msgspec.DecodeError) as exc:
                 log.error("ignoring undecodable policy revision %d of %s: %s", entry.revision, entry.key, exc)
                 return
-        before = self._effective()
         if kind == "volume":
+            # The volume's own key always counts (so `set --wait` sees its revision).
             self._own_policy = record.policy if record is not None else Policy()
+            self._pending_revision = max(self._pending_revision, entry.revision)
+            return
+        # A selector change counts on the workers it selects (or selected): they
+        # report its revision as applied (so acknowledgements can count them), and
+        # rebuild their stack only if what they serve changed (InterposerOperations
+        # keeps the stack's runtimes for an equal policy). Other workers ignore it.
+        name = entry.key[len(subjects.SELECTOR_KEY_PREFIX):]
+        before = self._selectors.get(name)
+        if record is None:
+            self._selectors.pop(name, None)
         else:
-            name = entry.key[len(subjects.SELECTOR_KEY_PREFIX):]
-            if record is None:
-                self._selectors.pop(name, None)
-            else:
-                self._selectors[name] = record
-        # The volume's own key always counts (so `set --wait` sees its revision);
-        # a selector change counts only when it changes what this volume serves.
-        if kind == "volume" or self._effective() != before:
+            self._selectors[name] = record
+        if self._selects_me(before) or self._selects_me(record):
             self._pending_revision = max(self._pending_revision, entry.revision)
 
-    async def _consume(self, nc: nats.NATS, kind: str, watcher) -> None:  # noqa: ANN001 - nats KeyWatcher
+    def _selects_me(self, record: PolicyRecord | None) -> bool:
+        """True if ``record`` is an active selector that matches this worker."""
+        config = self.config
+        return (record is not None and record.selector is not None
+                and record.selector.matches(volume=config.volume_id, namespace=config.pod_namespace,
+                                            pod=config.pod_name, node=config.node_name, labels=config.pod_labels))
+
+    async def _consume(self, kind: str, watcher) -> None:  # noqa: ANN001 - nats KeyWatcher
         async for entry in watcher:
             if entry is None:  # end of the initial values
                 self._initial[kind] = True
@@ -240,14 +264,51 @@ class Bus:
             if not all(self._initial.values()):
                 continue  # apply once both watches have delivered what is stored
             revision = self._pending_revision
-            if revision > self._current_revision():
+            current = self._current_revision()
+            if revision > max(current, self._handed_revision):
                 policy = self._effective()
-                trio.from_thread.run_sync(self._apply_policy, policy, revision, trio_token=self._trio_token)
-                try:  # acknowledge at once (the status loop only looks every flush interval)
-                    await nc.publish(subjects.status(self.config.volume_id), self._status())
-                except Exception as exc:  # noqa: BLE001 - disconnected: the next heartbeat tells
-                    log.debug("status not published: %s", exc)
-            self.initial_policy.set()
+                nothing_in_flight = self._handed_revision <= current
+                self._handed_revision = revision
+                # Most revisions are compiled and swapped in right here (no trio
+                # wake-up at all); those that touch trio-side state (quota, layer
+                # expiry), or that would overtake one still queued for the trio
+                # thread, are handed over. Either way this thread never waits for
+                # the trio thread (trio.from_thread.run_sync would, and would spawn
+                # a task there per revision).
+                try:
+                    done = nothing_in_flight and self._apply_off_trio(policy, revision)
+                except Exception:  # noqa: BLE001 - cannot happen for a decoded policy; the trio path logs it
+                    log.exception("could not apply policy revision %d on the bus thread", revision)
+                    done = False
+                if done:
+                    self._applied()
+                    continue
+                try:
+                    self._trio_token.run_sync_soon(self._apply_on_trio, policy, revision)
+                except trio.RunFinishedError:
+                    return  # the worker is shutting down
+            elif self._handed_revision <= current:
+                # Nothing newer than what is in force, and nothing in flight (an
+                # apply in flight sets it itself once the policy is in force).
+                self.initial_policy.set()
+
+    def _apply_on_trio(self, policy: Policy, revision: int) -> None:
+        """Trio thread: put ``policy`` in force, then have the bus thread send a heartbeat."""
+        try:
+            self._apply_policy(policy, revision)
+        except Exception:  # noqa: BLE001 - a bad revision must not end the trio run; the old one stays
+            log.exception("could not apply policy revision %d; serving the previous one", revision)
+        if self._loop is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._applied)
+            except RuntimeError:  # the bus loop has closed (shutting down)
+                self.initial_policy.set()
+
+    def _applied(self) -> None:
+        """Bus thread: a revision is in force; heartbeat at once and release the initial wait."""
+        if self._beat is not None:
+            self._beat.set()
+        self.initial_policy.set()
 
     def _batch(self, events: Sequence[OpEvent]) -> bytes:
         """Encode ``events`` as the next ``EventBatch`` (its ``seq`` is taken only once it is sent)."""
@@ -317,25 +378,26 @@ class Bus:
             quota_inodes_used=quota.inodes_used if quota else None,
             quota_inodes_limit=quota.inodes_limit if quota else None, labels=self.config.pod_labels,
             pod_uid=self.config.pod_uid, service_account=self.config.service_account,
+            node=self.config.node_name,
         ))
 
     async def _status_loop(self, nc: nats.NATS) -> None:
+        """Heartbeat every ``status_interval_s``, and at once when a revision was applied
+        (``_beat`` is set from the trio thread), so "applied" is seen without waiting."""
+        assert self._beat is not None
         subject = subjects.status(self.config.volume_id)
-        last_revision = -1
-        next_beat = 0.0
         while True:
-            # Beat on schedule, and at once when a new revision is applied, so that
-            # "applied" is visible within one flush interval.
-            revision = self._current_revision()
-            now = time.monotonic()
-            if revision != last_revision or now >= next_beat:
-                await self._publish_events(nc)  # events before the status that counts them
-                try:
-                    await nc.publish(subject, self._status())
-                except Exception as exc:  # noqa: BLE001
-                    log.debug("status not published: %s", exc)
-                last_revision, next_beat = revision, now + self.config.status_interval_s
-            await asyncio.sleep(min(self.config.flush_interval_s, self.config.status_interval_s))
+            self._beat.clear()
+            await self._publish_events(nc)  # events before the status that counts them
+            try:
+                await nc.publish(subject, self._status())
+            except Exception as exc:  # noqa: BLE001
+                log.debug("status not published: %s", exc)
+            try:
+                async with asyncio.timeout(self.config.status_interval_s):
+                    await self._beat.wait()
+            except TimeoutError:
+                pass
 
     async def _final_flush(self, nc: nats.NATS) -> None:
         await self._publish_events(nc)

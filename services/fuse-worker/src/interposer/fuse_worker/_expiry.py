@@ -33,7 +33,8 @@ async def expire_layers(operations: InterposerOperations, wall_clock: Callable[[
         with trio.move_on_after(max(0.0, deadline - wall_clock())):
             await changed.wait()
         now = wall_clock()
-        if operations.stack is stack and now >= deadline:
+        if now >= deadline and operations.stack is stack:
             new = stack.expire(now)
-            operations.install(new)
+            if not operations.install(new, replacing=stack):
+                continue  # a new revision came in meanwhile (from the bus thread)
             log.info("policy revision %d: layers expired, %d left", stack.revision, len(new.layers))

@@ -136,6 +136,7 @@ class Stack:
             because they can never act (``runtime.acts`` False).
         next_expiry_s: earliest expiry of a layer in force, seconds since the Unix
             epoch; None if none expires.
+        has_quota: a quota layer is in force (its state is the trio thread's).
     """
 
     def __init__(
@@ -160,21 +161,31 @@ class Stack:
         self.layers: list[LayerRuntime] = [e.runtime for e in self._entries]
         deadlines = [e.deadline_s for e in self._entries if e.deadline_s is not None]
         self.next_expiry_s: float | None = min(deadlines) if deadlines else None
-        if quota is not None and not any(isinstance(e.spec, QuotaLayer) for e in self._entries):
+        self.has_quota = any(isinstance(e.spec, QuotaLayer) for e in self._entries)
+        if quota is not None and not self.has_quota:
             quota.stop()
         # Layers that can never act are compiled out: no per-op cost, no direct I/O.
         active = [e for e in self._entries if e.runtime.acts]
+        active_ops = [(e.runtime, ops_of(e.spec)) for e in reversed(active)]
         self.chains: dict[str, Handler] = {}
-        for op_name in ALL_OPS:
+        for op_name in set().union(*(ops for _, ops in active_ops)):
             handler: Handler = invoke_backend
-            for entry in reversed(active):
-                if op_name in ops_of(entry.spec):
-                    handler = entry.runtime.bind(handler)
-            if handler is not invoke_backend:
-                self.chains[op_name] = handler
+            for runtime, ops in active_ops:
+                if op_name in ops:
+                    handler = runtime.bind(handler)
+            self.chains[op_name] = handler
         # Layers acting on reads (or shortening writes) decide the page-cache mode of
         # files opened under them.
         self._direct_io_globs = [compile_glob(e.spec.path_glob) for e in active if needs_direct_io(e.spec)]
+
+    def relabel(self, revision: int) -> Stack:
+        """The same compiled stack as ``revision`` (a new revision whose policy is this one).
+
+        The layers keep their runtimes (token buckets, counters, quota usage) and
+        their expiry deadlines: nothing is recompiled.
+        """
+        return Stack(self.policy, revision, quota=self.quota, applied_at_s=self.applied_at_s,
+                     _entries=self._entries)
 
     def expire(self, now_s: float | None = None) -> Stack:
         """A stack of the same revision without the layers expired by ``now_s``.

@@ -158,7 +158,8 @@ async def serve(config: WorkerConfig) -> None:
     bus: Bus | None = None
     if config.nats_url:
         bus = Bus(config, telemetry, operations.apply, lambda: operations.revision, trio.lowlevel.current_trio_token(),
-                  quota_usage=lambda: quota_usage(operations.stack.layers))
+                  quota_usage=lambda: quota_usage(operations.stack.layers),
+                  apply_off_trio=operations.apply_off_trio)
         bus.start()
         await _wait_for_stored_policy(bus, config)
     try:

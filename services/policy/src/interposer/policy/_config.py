@@ -25,6 +25,9 @@ class PolicyServiceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unkn
             config (the pod's service account).
         kubernetes_resync_s: list every resource again this often (besides the
             watch), which also retries status writes that failed, seconds.
+        kubernetes_status_interval_s: least time between two acknowledgement
+            patches (``targetedVolumes``/``appliedVolumes``/``laggingVolumes``) of
+            one resource, seconds.
     """
 
     nats_url: str = "nats://127.0.0.1:4222"
@@ -36,3 +39,4 @@ class PolicyServiceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unkn
     kubernetes: bool = False
     kubeconfig: str = ""
     kubernetes_resync_s: float = 300.0
+    kubernetes_status_interval_s: float = 1.0

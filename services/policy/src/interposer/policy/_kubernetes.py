@@ -192,8 +192,10 @@ async def reconcile(service: PolicyService, config: PolicyServiceConfig) -> None
     events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
     feed = ResourceFeed(api, events, asyncio.get_running_loop(), config.kubernetes_resync_s)
     feed.start()
+    reconciler = Reconciler(service, status_writer(api), resource_reader(api))
+    acknowledgements = asyncio.create_task(reconciler.run_acknowledgements(config.kubernetes_status_interval_s))
     try:
-        await run(Reconciler(service, status_writer(api), resource_reader(api)), events,
-                  DEFAULT_EVENT_RETRY_S, DEFAULT_EVENT_ATTEMPTS)
+        await run(reconciler, events, DEFAULT_EVENT_RETRY_S, DEFAULT_EVENT_ATTEMPTS)
     finally:
+        acknowledgements.cancel()
         feed.stop()

@@ -28,6 +28,17 @@ read a resource.
   namespace) from being deleted when the policy service is not installed any
   more. A finalizer would also need ``update`` on the resources themselves; this
   needs ``get`` on them and ``patch`` on their status only.
+* **Acknowledgement.** Each resource's status also says how many volumes its
+  target selects (``targetedVolumes``: volumes with a live worker — heartbeat within
+  ``worker_stale_after_s`` — that is the target volume, or that the selector
+  matches by the worker's volume, namespace, pod, node and labels), how many of
+  them run the stored revision or a later one on every live worker
+  (``appliedVolumes``), and which do not yet (``laggingVolumes``, sorted, at most
+  ``MAX_LAGGING_LISTED``). It follows the heartbeats (the service's
+  ``StatusCache``): a pass runs when a worker appears or reports another revision,
+  and at least every ``refresh_s`` (workers going stale), and patches only the
+  resources whose figures changed, each at most once per ``interval_s``. These
+  fields are written by their own merge patch, apart from the ``Accepted`` ones.
 """
 
 from __future__ import annotations
@@ -41,7 +52,7 @@ from typing import Any
 import msgspec
 from nats.js.errors import KeyWrongLastSequenceError
 
-from interposer.proto import Policy, PolicyError, PolicyRecord, subjects
+from interposer.proto import Policy, PolicyError, PolicyRecord, Selector, WorkerState, subjects
 from interposer.proto.resource import (
     AUTHOR_PREFIX,
     CONDITION_ACCEPTED,
@@ -70,6 +81,57 @@ REASON_INVALID = "Invalid"
 DEFAULT_CAS_ATTEMPTS = 8
 #: Longest condition message (``metav1.Condition.message`` allows 32768), characters.
 MAX_MESSAGE_CHARS = 32768
+#: Least time between two acknowledgement passes (so between two patches of one resource), seconds.
+DEFAULT_ACK_INTERVAL_S = 1.0
+#: Longest time between two acknowledgement passes without a heartbeat change (stale workers), seconds.
+DEFAULT_ACK_REFRESH_S = 2.0
+#: Most lagging volume ids a status lists; the others are only counted.
+MAX_LAGGING_LISTED = 20
+#: The status fields of the acknowledgement (written by their own patch).
+ACK_FIELDS = ("targetedVolumes", "appliedVolumes", "laggingVolumes")
+
+
+class Target(msgspec.Struct, frozen=True):
+    """What a resource's stored revision is for.
+
+    Attributes:
+        key: the bucket key written (a volume id, or ``_sel.<name>``).
+        revision: the revision stored for the resource's current generation.
+        selector: the selector of a selector target; None = the volume ``key``.
+    """
+
+    key: str
+    revision: int
+    selector: Selector | None = None
+
+
+def acknowledgement(target: Target, live: dict[str, list[WorkerState]]) -> dict[str, Any]:
+    """The acknowledgement status fields of ``target``.
+
+    Args:
+        target: the resource's key, revision and selector.
+        live: volume → its live workers (``StatusCache.live()``).
+
+    Returns:
+        ``{"targetedVolumes": int, "appliedVolumes": int, "laggingVolumes": [volume id, …]}``:
+        a volume is applied when every live worker it has that the target selects
+        reports ``target.revision`` or later; the list is sorted and cut at
+        ``MAX_LAGGING_LISTED``.
+    """
+    if target.selector is None:
+        chosen = {target.key: live[target.key]} if target.key in live else {}
+    else:
+        selector = target.selector
+        chosen = {}
+        for volume, workers in live.items():
+            matching = [w for w in workers if selector.matches(volume=volume, namespace=w.namespace, pod=w.pod,
+                                                               node=w.node, labels=w.labels)]
+            if matching:
+                chosen[volume] = matching
+    lagging = sorted(v for v, workers in chosen.items() if any(w.applied_revision < target.revision
+                                                              for w in workers))
+    return {"targetedVolumes": len(chosen), "appliedVolumes": len(chosen) - len(lagging),
+            "laggingVolumes": lagging[:MAX_LAGGING_LISTED]}
 
 
 def _now() -> str:
@@ -104,6 +166,11 @@ class Reconciler:
         self.write_status = write_status
         self.read_resource = read_resource
         self.now = now
+        #: (namespace, name) → what its stored revision is for (resources with one).
+        self.targets: dict[tuple[str, str], Target] = {}
+        #: (namespace, name) → the acknowledgement fields its status has (as last written or read).
+        self._acked: dict[tuple[str, str], dict[str, Any]] = {}
+        self._heartbeats_changed = asyncio.Event()
 
     async def sync(self, objects: list[dict[str, Any]]) -> None:
         """Handle a full list: apply every resource, then release what no resource owns any more."""
@@ -111,6 +178,9 @@ class Reconciler:
         for obj in objects:
             meta = obj["metadata"]
             owners[author_of(meta["namespace"], meta["name"])] = await self.apply(obj)
+        listed = {(o["metadata"]["namespace"], o["metadata"]["name"]) for o in objects}
+        for gone in set(self.targets) - listed:
+            self._untrack(*gone)
         await self.sweep(owners)
 
     async def apply(self, obj: dict[str, Any]) -> set[str]:
@@ -138,6 +208,7 @@ class Reconciler:
         key = key_of(namespace, name, spec)
         if (status.get("observedGeneration") == generation and previous_key == key
                 and self._accepted(status) == "True"):
+            self._track(namespace, name, Target(key, status.get("revision", 0), spec.target.selector), status)
             return {key}
         try:
             revision = await self._write(key, spec, policy, author)
@@ -147,12 +218,70 @@ class Reconciler:
         if previous_key and previous_key != key:
             await self.release(previous_key, author, f"InterposerPolicy {namespace}/{name} now targets {key}")
         await self._report(obj, REASON_STORED, f"stored as revision {revision} of {key}", revision, key)
+        self._track(namespace, name, Target(key, revision, spec.target.selector), status)
         return {key}
+
+    def _track(self, namespace: str, name: str, target: Target, status: dict[str, Any]) -> None:
+        """Follow the acknowledgement of ``target`` for this resource (``status``: as it has it now)."""
+        if self.targets.get((namespace, name)) != target:
+            self.targets[(namespace, name)] = target
+            self._heartbeats_changed.set()  # recount at the next pass
+        self._acked.setdefault((namespace, name), {f: status.get(f) for f in ACK_FIELDS})
+
+    def _untrack(self, namespace: str, name: str) -> None:
+        self.targets.pop((namespace, name), None)
+        self._acked.pop((namespace, name), None)
+
+    async def acknowledge(self) -> None:
+        """One pass: patch the acknowledgement fields of every resource whose figures changed.
+
+        A failed patch is logged and tried again at the next pass.
+        """
+        live = self.service.status.live()
+        for (namespace, name), target in list(self.targets.items()):
+            fields = acknowledgement(target, live)
+            if self._acked.get((namespace, name)) == fields:
+                continue
+            try:
+                await self.write_status(namespace, name, fields)
+            except Exception as exc:  # noqa: BLE001 - the API away: the next pass tries again
+                log.warning("InterposerPolicy %s/%s: acknowledgement not written (%s)", namespace, name, exc)
+                self._heartbeats_changed.set()
+                continue
+            if (namespace, name) in self.targets:  # not deleted meanwhile
+                self._acked[(namespace, name)] = fields
+
+    async def run_acknowledgements(self, interval_s: float = DEFAULT_ACK_INTERVAL_S,
+                                   refresh_s: float = DEFAULT_ACK_REFRESH_S) -> None:
+        """Keep every resource's acknowledgement current until cancelled.
+
+        Args:
+            interval_s: least time between two passes (rate limit of the patches), seconds.
+            refresh_s: longest time between two passes when no heartbeat changed
+                (so a worker going stale is seen), seconds.
+        """
+        listeners = self.service.status.listeners
+        listeners.append(self._heartbeats_changed.set)
+        try:
+            await self._acknowledge_forever(interval_s, refresh_s)
+        finally:
+            listeners.remove(self._heartbeats_changed.set)
+
+    async def _acknowledge_forever(self, interval_s: float, refresh_s: float) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._heartbeats_changed.wait(), refresh_s)
+            except asyncio.TimeoutError:
+                pass
+            self._heartbeats_changed.clear()
+            await self.acknowledge()
+            await asyncio.sleep(interval_s)
 
     async def delete(self, obj: dict[str, Any]) -> None:
         """The resource is gone: release the keys whose current record it wrote."""
         meta = obj["metadata"]
         namespace, name = meta["namespace"], meta["name"]
+        self._untrack(namespace, name)
         keys = {(obj.get("status") or {}).get("key") or ""}
         try:
             keys.add(key_of(namespace, name, decode_spec(obj.get("spec"))[0]))

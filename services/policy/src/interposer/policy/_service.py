@@ -15,6 +15,9 @@ the revision and shown by ``interposer policy history``.
   still in the bucket's history (who, when, what), oldest first.
 - ``interposer.policy.rollback.<volume>`` — body ``{"revision": N}``: re-stores that
   revision's policy as a new revision; reply ``PolicyReply``.
+- ``interposer.policy.selector.history.<name>``, ``interposer.policy.selector.rollback.<name>``
+  — the same for the selector policy ``name`` (key ``_sel.<name>``); a rollback
+  restores that revision's selector and priority with its policy.
 - ``interposer.policy.list`` — reply ``ListReply``: every volume with a policy.
 - ``interposer.policy.status`` / ``interposer.policy.status.<volume>`` — reply
   ``StatusReply``: desired (KV) vs applied (worker heartbeats) revision.
@@ -193,29 +196,66 @@ class PolicyService:
 
         A relative ``expires_after_s`` in that policy is armed again from now; an
         absolute ``expires_at_s`` that has passed is refused.
+
+        Returns:
+            ``ok`` with the new revision, or ``ok=False`` naming ``$.revision`` (no
+            such revision of this volume in the history) or the body's field;
+            nothing is stored on error.
         """
         if not subjects.is_valid_volume_id(volume):
             return PolicyReply(ok=False, error=f"invalid volume id {volume!r}")
+        return await self._rollback(volume, f"volume {volume}", body, author)
+
+    async def rollback_selector(self, name: str, body: bytes, author: str = "") -> PolicyReply:
+        """Re-store an earlier revision of the selector policy ``name`` as a new revision.
+
+        The revision's selector, priority and policy come back together (an
+        ``unselect`` revision restores "inactive"). Expiry as in :meth:`rollback`.
+
+        Returns:
+            As :meth:`rollback`; a revision of another key (a volume, another
+            selector) is refused.
+        """
+        if not subjects.is_valid_volume_id(name):
+            return PolicyReply(ok=False, error=f"invalid selector name {name!r}")
+        return await self._rollback(subjects.selector_key(name), f"selector {name}", body, author)
+
+    async def _rollback(self, key: str, what: str, body: bytes, author: str) -> PolicyReply:
         try:
             request = decode_json(body, RollbackRequest)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             return PolicyReply(ok=False, error=f"bad rollback request ({{\"revision\": N}} expected): {exc}")
-        record = await self.store.record_at(volume, request.revision)
+        record = await self.store.record_at(key, request.revision)
         if record is None:
-            return PolicyReply(ok=False, error=f"volume {volume} has no revision {request.revision} in its history "
+            return PolicyReply(ok=False, error=f"{what} has no revision {request.revision} in its history "
                                                f"- at `$.revision`")
-        return await self._store(volume, record.policy, author, "rollback", source_revision=request.revision)
+        return await self._store(key, record.policy, author, "rollback", source_revision=request.revision,
+                                 selector=record.selector, priority=record.priority)
 
     async def history(self, volume: str) -> HistoryReply:
         """Every revision of ``volume`` still in the bucket's history, oldest first."""
         if not subjects.is_valid_volume_id(volume):
             return HistoryReply(ok=False, error=f"invalid volume id {volume!r}")
+        return await self._history(volume)
+
+    async def selector_history(self, name: str) -> HistoryReply:
+        """Every revision of the selector policy ``name`` still in the bucket's history, oldest first.
+
+        Each entry carries the revision's ``selector`` (None once unselected) and
+        ``priority``; the reply's ``volume`` is the key ``_sel.<name>``.
+        """
+        if not subjects.is_valid_volume_id(name):
+            return HistoryReply(ok=False, error=f"invalid selector name {name!r}")
+        return await self._history(subjects.selector_key(name))
+
+    async def _history(self, key: str) -> HistoryReply:
         entries = [
             HistoryEntry(revision=rev, updated_at_s=r.updated_at_s, author=r.author, action=r.action,
-                         source_revision=r.source_revision, expires_at_s=r.expires_at_s, policy=r.policy)
-            for rev, r in await self.store.history(volume)
+                         source_revision=r.source_revision, expires_at_s=r.expires_at_s, policy=r.policy,
+                         selector=r.selector, priority=r.priority)
+            for rev, r in await self.store.history(key)
         ]
-        return HistoryReply(ok=True, volume=volume, entries=entries)
+        return HistoryReply(ok=True, volume=key, entries=entries)
 
     async def list_volumes(self) -> ListReply:
         """Every volume with a stored policy and its current revision."""
@@ -269,6 +309,8 @@ class PolicyService:
             subjects.POLICY_STATUS: lambda: self.volume_status(volume),
             subjects.POLICY_SELECT_PREFIX: lambda: self.select(volume, msg.data, author),
             subjects.POLICY_UNSELECT_PREFIX: lambda: self.unselect(volume, author),
+            subjects.SELECTOR_HISTORY_PREFIX: lambda: self.selector_history(volume),
+            subjects.SELECTOR_ROLLBACK_PREFIX: lambda: self.rollback_selector(volume, msg.data, author),
         }
         handler = handlers.get(prefix)
         if handler is None:
@@ -296,7 +338,8 @@ class PolicyService:
 
 
 async def watch_bucket(store: PolicyStore, expiry: ExpiryScheduler, restart: asyncio.Event) -> None:
-    """Feed every change of the bucket to ``expiry``; start over when ``restart`` is set.
+    """Feed every change of the bucket to ``expiry`` (and its revision to ``store``'s
+    compare-and-set cache); start over when ``restart`` is set.
 
     A KV watch is a JetStream consumer on the server; after a NATS restart it may be
     gone, so the watch is re-created on every reconnect (its first values are the
@@ -314,6 +357,7 @@ async def watch_bucket(store: PolicyStore, expiry: ExpiryScheduler, restart: asy
         async def consume() -> None:
             async for entry in watcher:
                 if entry is not None:
+                    store.observe(entry.key, entry.revision)
                     expiry.observe(entry.key, entry.revision, None if entry.operation else entry.value)
 
         consumer = asyncio.create_task(consume())
@@ -353,7 +397,8 @@ async def serve(config: PolicyServiceConfig) -> None:
     requests = []
     for prefix in (subjects.POLICY_SET_PREFIX, subjects.POLICY_GET_PREFIX, subjects.POLICY_CLEAR_PREFIX,
                    subjects.POLICY_HISTORY_PREFIX, subjects.POLICY_ROLLBACK_PREFIX, subjects.POLICY_STATUS,
-                   subjects.POLICY_SELECT_PREFIX, subjects.POLICY_UNSELECT_PREFIX):
+                   subjects.POLICY_SELECT_PREFIX, subjects.POLICY_UNSELECT_PREFIX,
+                   subjects.SELECTOR_HISTORY_PREFIX, subjects.SELECTOR_ROLLBACK_PREFIX):
         requests.append(await nc.subscribe(f"{prefix}.*", queue=subjects.POLICY_QUEUE, cb=service.handle))
     for subject in (subjects.POLICY_LIST, subjects.POLICY_STATUS):
         requests.append(await nc.subscribe(subject, queue=subjects.POLICY_QUEUE, cb=service.handle))

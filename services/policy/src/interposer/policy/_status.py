@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import msgspec
 
@@ -33,6 +34,8 @@ class StatusCache:
         self.forget_after_s = forget_after_s
         #: volume → worker id → what it last reported.
         self.workers: dict[str, dict[str, WorkerState]] = {}
+        #: Called (no arguments) when a worker appears or reports another revision.
+        self.listeners: list[Callable[[], None]] = []
         self._decoder = msgspec.msgpack.Decoder(WorkerStatus)
 
     def observe(self, data: bytes, now_s: float | None = None) -> WorkerStatus | None:
@@ -51,8 +54,22 @@ class StatusCache:
         workers[status.worker_id] = WorkerState(
             worker_id=status.worker_id, applied_revision=status.policy_revision, applied_since_s=since,
             last_seen_s=now_s, namespace=status.namespace, pod=status.pod, labels=status.labels,
+            node=status.node,
         )
+        if previous is None or previous.applied_revision != status.policy_revision:
+            for listener in self.listeners:
+                listener()
         return status
+
+    def live(self, now_s: float | None = None) -> dict[str, list[WorkerState]]:
+        """volume → its workers heard from within ``stale_after_s`` (volumes without any left out)."""
+        now_s = time.time() if now_s is None else now_s
+        out = {}
+        for volume, workers in self.workers.items():
+            fresh = [w for w in workers.values() if now_s - w.last_seen_s <= self.stale_after_s]
+            if fresh:
+                out[volume] = fresh
+        return out
 
     def volume_status(self, volume: str, desired_revision: int, desired_since_s: float,
                       now_s: float | None = None) -> VolumeStatus:

@@ -1,10 +1,16 @@
 """The policy bucket: revisions, history and compare-and-set writes.
 
-Every write goes through :meth:`PolicyStore.store`, which reads the volume's
-current revision and writes with JetStream's expected-last-subject-sequence
-header (``KeyValue.update(last=…)``). Two replicas (or a request racing an
-expiry) can therefore never interleave: the loser re-reads and retries, so
-``revert_to`` always names the revision that was really in force before.
+Every write goes through :meth:`PolicyStore.store`, which writes with JetStream's
+expected-last-subject-sequence header (``KeyValue.update(last=…)``) against the
+key's current revision. Two replicas (or a request racing an expiry) can
+therefore never interleave: the loser re-reads and retries, so ``revert_to``
+always names the revision that was really in force before.
+
+The current revision is taken from a per-key cache (the store's own writes and
+reads, and the service's bucket watch feed it through :meth:`PolicyStore.observe`)
+instead of a KV ``get`` before every write: a stale entry only costs a refused
+compare-and-set and a re-read, and the write path is one round trip instead of
+two (the ``get`` was ~60 % of a write's CPU in the service, issue #5).
 """
 
 from __future__ import annotations
@@ -59,13 +65,23 @@ class PolicyStore:
 
     def __init__(self, kv: KeyValue) -> None:
         self.kv = kv
+        #: key → the newest revision of it seen (written, read or watched); a hint
+        #: for compare-and-set, never trusted without the server's check.
+        self._revisions: dict[str, int] = {}
+
+    def observe(self, key: str, revision: int) -> None:
+        """Note that ``key`` has (at least) ``revision`` (from a bucket watch)."""
+        if revision > self._revisions.get(key, 0):
+            self._revisions[key] = revision
 
     async def current(self, volume: str) -> tuple[int, PolicyRecord | None]:
         """Return ``(revision, record)`` of ``volume``; ``(0, None)`` if nothing is stored."""
         try:
             entry = await self.kv.get(volume)
         except (KeyNotFoundError, KeyDeletedError):
+            self._revisions.pop(volume, None)
             return 0, None
+        self._revisions[volume] = entry.revision
         return entry.revision, decode_record(entry.value)
 
     async def record_at(self, volume: str, revision: int) -> PolicyRecord | None:
@@ -150,17 +166,26 @@ class PolicyStore:
                     raise PolicyError(f"field `expires_at_s`: {policy.expires_at_s} is not in the future "
                                       f"(now is {now_s:.3f}) - at `$.expires_at_s`")
                 expires_at_s = policy.expires_at_s
+        cached = self._revisions.get(volume)
         for _ in range(DEFAULT_CAS_ATTEMPTS):
-            current = expect_revision if expect_revision is not None else (await self.current(volume))[0]
+            if expect_revision is not None:
+                current = expect_revision
+            elif cached is not None:
+                current, cached = cached, None  # one try with the cached revision, then read
+            else:
+                current = (await self.current(volume))[0]
             record = PolicyRecord(
                 policy=policy, updated_at_s=now_s, author=author, action=action, source_revision=source_revision,
                 expires_at_s=expires_at_s, revert_to=current if revert_to is None else revert_to,
                 selector=selector, priority=priority,
             )
             try:
-                return await self.kv.update(volume, encode_record(record), last=current)
+                revision = await self.kv.update(volume, encode_record(record), last=current)
             except KeyWrongLastSequenceError:
                 if expect_revision is not None:
                     raise
                 log.debug("volume %s changed during a write; retrying", volume)
+                continue
+            self.observe(volume, revision)
+            return revision
         raise StoreConflict(f"volume {volume}: {DEFAULT_CAS_ATTEMPTS} concurrent writes in a row; try again")
