@@ -19,7 +19,7 @@ DEFAULT_POLICY_WAIT_S = 5.0
 #: How long a worker with ``fuse_fd_socket`` waits to receive its FUSE fd, seconds.
 DEFAULT_FUSE_FD_WAIT_S = 30.0
 #: Wake compensation of delay and throttle timers (see ``layers._timer``).
-DEFAULT_WAKE_COMPENSATION = "worker"
+DEFAULT_WAKE_COMPENSATION = "round-trip"
 
 #: Most event sampling rules one worker takes.
 MAX_EVENT_SAMPLE_RULES = 64
