@@ -79,6 +79,21 @@ def test_list_shows_every_volume_with_a_policy(nats_url, policy_service, fresh_v
     assert listed[b].revision == rb.revision
 
 
+def test_list_never_misses_a_volume_just_set(nats_url, policy_service, fresh_volume) -> None:
+    # Regression: KeyValue.keys() ended its watch early about once in 300 calls and
+    # listed nothing (CI, 2026-11-22); every list right after a set must show it.
+    async def go() -> list[int]:
+        missing = []
+        for i in range(200):
+            volume = f"{fresh_volume}-n{i}"
+            assert (await set_policy(nats_url, volume, DELAY)).ok
+            if volume not in {v.volume for v in (await list_policies(nats_url)).volumes}:
+                missing.append(i)
+        return missing
+
+    assert asyncio.run(go()) == []
+
+
 def test_raw_json_replies_for_nats_req(nats_url, policy_service, fresh_volume) -> None:
     async def go() -> tuple[dict, dict]:
         nc = await nats.connect(nats_url)

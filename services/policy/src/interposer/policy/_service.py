@@ -391,7 +391,8 @@ async def serve(config: PolicyServiceConfig) -> None:
         reconnect_time_wait=DEFAULT_RECONNECT_TIME_WAIT_S, reconnected_cb=on_reconnect,
         **connect_options(config.nats_creds),
     )
-    store = PolicyStore(await ensure_bucket(nc.jetstream(), config))
+    js = nc.jetstream()
+    store = PolicyStore(await ensure_bucket(js, config), js)
     service = PolicyService(store, config=config)
     expiry = ExpiryScheduler(store)
     requests = []

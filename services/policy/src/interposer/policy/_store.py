@@ -61,10 +61,12 @@ class PolicyStore:
 
     Args:
         kv: the bucket.
+        js: the JetStream context it lives in (lists the keys, :meth:`volumes`).
     """
 
-    def __init__(self, kv: KeyValue) -> None:
+    def __init__(self, kv: KeyValue, js) -> None:  # noqa: ANN001 - JetStreamContext
         self.kv = kv
+        self.js = js
         #: key → the newest revision of it seen (written, read or watched); a hint
         #: for compare-and-set, never trusted without the server's check.
         self._revisions: dict[str, int] = {}
@@ -118,11 +120,20 @@ class PolicyStore:
         return out
 
     async def volumes(self) -> list[str]:
-        """Every volume with a stored policy, sorted."""
-        try:
-            return sorted(await self.kv.keys())
-        except NoKeysError:
-            return []
+        """Every key of the bucket (a volume, or a selector's ``_sel.`` key), sorted.
+
+        Keys whose last revision is a delete or purge are listed too; their
+        :meth:`current` is ``(0, None)``. The list comes from one STREAM.INFO
+        request with a subjects filter (the bucket is stream ``KV_<bucket>``, a key
+        is subject ``$KV.<bucket>.<key>``: NATS ADR-8), not from ``KeyValue.keys()``:
+        that one ends its watch early when the consumer's backlog is delivered
+        before its own consumer-info check returns, and then lists nothing (CI run
+        on 2026-11-22, ``test_list_shows_every_volume_with_a_policy``).
+        """
+        bucket = subjects.POLICY_KV_BUCKET
+        info = await self.js.stream_info(f"KV_{bucket}", subjects_filter=f"$KV.{bucket}.>")
+        prefix = f"$KV.{bucket}."
+        return sorted(subject[len(prefix):] for subject in (info.state.subjects or {}))
 
     async def store(self, volume: str, policy: Policy, *, author: str, action: str,
                     source_revision: int = 0, expires_at_s: float | None = None,
