@@ -5,7 +5,9 @@ count N starts N real fuse-workers (passthrough over temp dirs, so memory stays
 small) and measures, per round, the time from sending ``interposer.policy.set.<vol>``
 to each worker's ``WorkerStatus`` heartbeat reporting the new revision (workers
 publish one at once when they apply a revision). All N volumes get their change
-in the same round, concurrently. Then a *fleet push*: one selector policy
+in the same round, concurrently (the harsher case: N service writes and N applies
+at once); then *one at a time*: one volume's change per round, round-robin, with
+all N workers running (what one user's change costs on a busy node). Then a *fleet push*: one selector policy
 (``interposer.policy.select.bench-all``, ``{"all": true}``) that every worker picks up
 from its ``_sel.>`` watch — latency from that one request to each worker's
 heartbeat. Beside each it reports the CPU (``/proc/<pid>/stat``, idle subtracted)
@@ -51,6 +53,10 @@ def is_fuse_mount(path: Path) -> bool:
 
 
 DELAYS_S = [0.0001, 0.0002]  # alternate between two policies so every round is a real change
+
+
+#: Single changes measured per round of concurrent ones (one at a time is cheap).
+SINGLE_CHANGES_PER_ROUND = 5
 
 
 def policy(round_no: int) -> bytes:
@@ -211,16 +217,17 @@ class Heartbeats:
 
 
 async def propagation(nats_url: str, count: int, rounds: int, fleet_rounds: int,
-                      cpu: CpuMeter) -> tuple[list[float], list[float]]:
+                      cpu: CpuMeter) -> tuple[list[float], list[float], list[float]]:
     """Latency samples, seconds: a change sent → the worker's heartbeat showing its revision.
 
     First ``rounds`` rounds of per-volume changes (``count`` concurrent
-    ``interposer.policy.set.<vol>`` requests per round), then ``fleet_rounds`` fleet
+    ``interposer.policy.set.<vol>`` requests per round), then 5 × ``rounds`` single
+    changes (one volume per round, round-robin), then ``fleet_rounds`` fleet
     pushes (one ``interposer.policy.select.bench-all`` request selecting every
-    volume; one sample per worker). ``cpu`` is read around each phase.
+    volume; one sample per worker). ``cpu`` is read around the first and last phase.
 
     Returns:
-        ``(per-volume samples, fleet-push samples)``.
+        ``(per-volume samples, one-at-a-time samples, fleet-push samples)``.
     """
     nc = await nats.connect(nats_url)
     volumes = [f"bench-{i}" for i in range(count)]
@@ -243,6 +250,16 @@ async def propagation(nats_url: str, count: int, rounds: int, fleet_rounds: int,
         per_volume += [reached[v] - sent[v] for v in volumes]
         await asyncio.sleep(0.05)
     cpu.end("per-volume", count * rounds)
+    single: list[float] = []
+    for r in range(SINGLE_CHANGES_PER_ROUND * rounds):  # enough samples for a p99
+        volume = volumes[r % count]
+        beats.expect([volume])
+        sent_s = time.perf_counter()
+        reply = decode_reply((await nc.request(subjects.policy_set(volume), policy(rounds + r), timeout=10)).data)
+        assert reply.ok, reply.error
+        beats.set_revision(volume, reply.revision or 0)
+        single.append((await beats.wait())[volume] - sent_s)
+        await asyncio.sleep(0.02)
     fleet: list[float] = []
     cpu.begin("fleet")
     for r in range(fleet_rounds):
@@ -261,7 +278,7 @@ async def propagation(nats_url: str, count: int, rounds: int, fleet_rounds: int,
         reply = decode_reply((await nc.request(subjects.policy_unselect("bench-all"), b"", timeout=10)).data)
         assert reply.ok, reply.error
     await nc.close()
-    return per_volume, fleet
+    return per_volume, single, fleet
 
 
 async def accept_rate(nats_url: str, changes: int, concurrency: int) -> float:
@@ -317,10 +334,11 @@ def main(quick: bool, worker_counts: str, rounds: int, fleet_rounds: int, change
                 try:
                     time.sleep(1.0)  # past start-up
                     cpu.measure_idle(2.0)
-                    per_volume, fleet = asyncio.run(propagation(url, count, rounds, fleet_rounds, cpu))
+                    per_volume, single, fleet = asyncio.run(propagation(url, count, rounds, fleet_rounds, cpu))
                 finally:
                     stop_workers(workers)
-                row = {"workers": count, **_row(per_volume), "fleet": _row(fleet), "cpu": cpu.results}
+                row = {"workers": count, **_row(per_volume), "one_at_a_time": _row(single), "fleet": _row(fleet),
+                       "cpu": cpu.results}
                 results["propagation"].append(row)
                 if not as_json:
                     per, push = cpu.results["per-volume"], cpu.results["fleet"]
@@ -329,6 +347,9 @@ def main(quick: bool, worker_counts: str, rounds: int, fleet_rounds: int, change
                                f"| fleet push p50 {row['fleet']['p50_ms']:.1f} ms, "
                                f"p99 {row['fleet']['p99_ms']:.1f} ms, max {row['fleet']['max_ms']:.1f} ms "
                                f"({len(fleet)} samples)")
+                    click.echo(f"             one change at a time: p50 {row['one_at_a_time']['p50_ms']:.1f} ms, "
+                               f"p99 {row['one_at_a_time']['p99_ms']:.1f} ms, max "
+                               f"{row['one_at_a_time']['max_ms']:.1f} ms ({len(single)} samples)")
                     click.echo(f"             CPU per applied revision: worker {per['worker_cpu_ms_per_apply']:.2f} ms "
                                f"(fleet push {push['worker_cpu_ms_per_apply']:.2f} ms); policy service per set "
                                f"{per['service_cpu_ms_per_change']:.2f} ms, per push "
