@@ -17,8 +17,13 @@ import msgspec
 import nats
 import pytest
 
-from interposer.fuse_worker._bus import Bus, fitting
-from interposer.fuse_worker._config import WorkerConfig
+from interposer.fuse_worker._bus import Bus, fitting, next_flush_wait
+from interposer.fuse_worker._config import (
+    DEFAULT_EVENT_BUFFER,
+    DEFAULT_FLUSH_INTERVAL_S,
+    IDLE_FLUSH_INTERVAL_MAX_S,
+    WorkerConfig,
+)
 from interposer.fuse_worker._op import Op
 from interposer.fuse_worker._telemetry import Telemetry
 from interposer.proto import EventBatch, FaultRecord, subjects
@@ -33,6 +38,20 @@ BURST_FAULTS = TARGET_OPS_PER_S // 10
 LONG_PATH = "/" + "/".join(["d" * 255] * 2)
 #: How long the published burst gets to arrive, seconds.
 ARRIVAL_TIMEOUT_S = 30.0
+
+
+def test_idle_flush_backs_off_and_snaps_back_on_the_first_events() -> None:
+    interval = DEFAULT_FLUSH_INTERVAL_S
+    waits, wait = [], interval
+    for _ in range(6):  # nothing buffered
+        wait = next_flush_wait(wait, False, interval)
+        waits.append(wait)
+    assert waits == sorted(waits) and waits[0] == 2 * interval and waits[-1] == IDLE_FLUSH_INTERVAL_MAX_S
+    assert next_flush_wait(wait, True, interval) == interval  # events: back to the busy rate at once
+    # The longest idle wait still leaves the buffer room for a burst at the target rate.
+    assert IDLE_FLUSH_INTERVAL_MAX_S * TARGET_OPS_PER_S <= DEFAULT_EVENT_BUFFER / 2
+    # A configured interval above the idle cap is kept as it is.
+    assert next_flush_wait(2.0, False, 2.0) == 2.0
 
 
 def test_fitting_splits_until_each_message_fits() -> None:

@@ -27,7 +27,7 @@ from interposer.proto import EventBatch, OpEvent, Policy, PolicyRecord, WorkerSt
 from interposer.proto.connection import CredentialsError, connect_options
 from interposer.proto.selector import effective_policy, selected
 
-from ._config import WorkerConfig
+from ._config import IDLE_FLUSH_INTERVAL_MAX_S, WorkerConfig
 from ._telemetry import QuotaUsage, Telemetry
 
 log = logging.getLogger(__name__)
@@ -358,10 +358,13 @@ class Bus:
                 telemetry.faults_published_total += count
 
     async def _flush_loop(self, nc: nats.NATS) -> None:
+        wait_s = self.config.flush_interval_s
         while True:
-            await asyncio.sleep(self.config.flush_interval_s)
+            await asyncio.sleep(wait_s)
+            found = bool(self.telemetry.buffer or self.telemetry.faults)
             await self._publish_events(nc)
             await self._publish_faults(nc)
+            wait_s = next_flush_wait(wait_s, found, self.config.flush_interval_s)
 
     def _status(self) -> bytes:
         t = self.telemetry
@@ -404,6 +407,18 @@ class Bus:
         await self._publish_faults(nc)
         await nc.publish(subjects.status(self.config.volume_id), self._status())
         await nc.flush()
+
+
+def next_flush_wait(wait_s: float, found_events: bool, interval_s: float) -> float:
+    """Seconds until the next event flush, after one that waited ``wait_s``.
+
+    Back to ``interval_s`` when that flush found events or fault records; otherwise
+    twice the last wait, at most :data:`IDLE_FLUSH_INTERVAL_MAX_S` (never below
+    ``interval_s``): an idle worker wakes 2.5 times a second instead of 10.
+    """
+    if found_events:
+        return interval_s
+    return max(interval_s, min(2 * wait_s, IDLE_FLUSH_INTERVAL_MAX_S))
 
 
 def fitting(items: Sequence[T], encode: Callable[[Sequence[T]], bytes], max_payload: int,

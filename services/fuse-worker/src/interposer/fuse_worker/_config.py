@@ -28,6 +28,13 @@ MAX_EVENT_SAMPLE_RULES = 64
 #: How often buffered events are published, seconds: events reach the collector
 #: within ~0.1 s, and at 50,000 ops/s one flush carries 5,000 events.
 DEFAULT_FLUSH_INTERVAL_S = 0.1
+#: Longest wait between flushes while nothing is buffered, seconds: an idle worker's
+#: flush timer backs off (doubling) from ``flush_interval_s`` to this, and returns to
+#: ``flush_interval_s`` after a flush that found events. Measured: the 10 Hz timer was
+#: ~3.5 of an idle worker's 5 ms of CPU per second (50 workers on a node: 25 % of a
+#: core, issue #5). The first events after idle wait at most this long, and at
+#: 50,000 ops/s that is 20,000 events: a fifth of ``DEFAULT_EVENT_BUFFER``.
+IDLE_FLUSH_INTERVAL_MAX_S = 0.4
 #: Most events in one published batch: one flush interval at 50,000 ops/s, so the
 #: steady state is one message per flush. With typical paths (< 100 bytes) that is
 #: well under NATS's default ``max_payload`` of 1 MiB; a batch encoding larger than
