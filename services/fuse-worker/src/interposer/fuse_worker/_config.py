@@ -31,8 +31,9 @@ DEFAULT_FLUSH_INTERVAL_S = 0.1
 #: Longest wait between flushes while nothing is buffered, seconds: an idle worker's
 #: flush timer backs off (doubling) from ``flush_interval_s`` to this, and returns to
 #: ``flush_interval_s`` after a flush that found events. Measured: the 10 Hz timer was
-#: ~3.5 of an idle worker's 5 ms of CPU per second (50 workers on a node: 25 % of a
-#: core, issue #5). The first events after idle wait at most this long, and at
+#: ~3.5 of an idle worker's 5 ms of CPU per second; with the backoff an idle worker
+#: takes 2-2.5 ms/s (50 idle workers on a node: 12-15 % of a core saved, issue #5).
+#: The first events after idle wait at most this long, and at
 #: 50,000 ops/s that is 20,000 events: a fifth of ``DEFAULT_EVENT_BUFFER``.
 IDLE_FLUSH_INTERVAL_MAX_S = 0.4
 #: Most events in one published batch: one flush interval at 50,000 ops/s, so the
