@@ -70,6 +70,61 @@ def test_a_cancelled_sleep_closes_its_timer() -> None:
     assert _open_fds() == before
 
 
+def test_concurrent_sleeps_share_one_timer_and_wake_in_deadline_order() -> None:
+    """64 sleeps of shuffled lengths: no more descriptors than one sleep; each wakes at or after its time."""
+    seconds = [0.0005 + 0.0001 * i for i in range(64)]
+
+    def run(asked_list: list[float]) -> tuple[list[tuple[float, float]], int]:
+        woke: list[tuple[float, float]] = []  # (when it was due, when it woke), monotonic seconds
+        fds: list[int] = []
+
+        async def one(asked: float) -> None:
+            due = time.monotonic() + asked
+            await sleep(asked)
+            woke.append((due, time.monotonic()))
+
+        async def main() -> None:
+            async with trio.open_nursery() as nursery:
+                for asked in asked_list:
+                    nursery.start_soon(one, asked)
+                await trio.testing.wait_all_tasks_blocked()  # every sleeper has parked
+                fds.append(_open_fds())
+
+        trio.run(main)
+        return woke, fds[0]
+
+    before = _open_fds()
+    _, fds_one_sleeper = run([0.01])
+    woke, fds_64_sleepers = run(seconds[::7] + [s for i, s in enumerate(seconds) if i % 7])
+    assert fds_64_sleepers == fds_one_sleeper
+    assert len(woke) == len(seconds)
+    assert all(at >= due for due, at in woke)
+    # in deadline order (sleepers that one wake-up serves together run in trio's order)
+    by_due = sorted(woke)
+    assert all(a_at <= b_at for i, (a_due, a_at) in enumerate(by_due) for b_due, b_at in by_due[i + 1:]
+               if b_due - a_due > 0.001)
+    assert _open_fds() == before
+
+
+def test_a_cancelled_earliest_sleep_does_not_hold_up_later_ones() -> None:
+    woke: list[float] = []
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            async def later() -> None:
+                await sleep(0.003)
+                woke.append(0.003)
+
+            nursery.start_soon(later)
+            with trio.move_on_after(0.0005):
+                await sleep(0.001)  # the timer is armed for this one, then it is cancelled
+            woke.append(-1.0)
+
+    start = time.monotonic()
+    trio.run(main)
+    assert woke == [-1.0, 0.003] and time.monotonic() - start < 1.0
+
+
 def test_under_mockclock_it_is_virtual_time() -> None:
     async def main() -> float:
         await sleep(3600)

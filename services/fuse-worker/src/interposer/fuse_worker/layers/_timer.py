@@ -9,7 +9,9 @@ Measured on the 2-core dev machine (p50 of 200 sleeps): ``trio.sleep`` 0.3 ms �
 up to a whole millisecond, so the layers sleep on a ``timerfd`` (nanosecond
 resolution, plus the kernel's timer slack of 50 µs for ordinary threads,
 ``prctl(2)`` PR_SET_TIMERSLACK) that trio waits on like any file descriptor: the
-sleeping op still holds only its own task.
+sleeping op still holds only its own task. All sleeps of a run share one timerfd,
+armed for the earliest deadline (:class:`TimerQueue`): a timerfd per sleep cost
+~48 µs of CPU per sleep with 16 sleepers, the shared one ~18 µs.
 
 A timerfd still wakes the worker late: on a VM an idle vCPU is descheduled by
 the host, and waking it costs ~0.1-0.2 ms (measured here: 2 ms sleeps wake
@@ -28,6 +30,8 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import heapq
+import itertools
 import os
 import time
 
@@ -108,32 +112,117 @@ _libc.timerfd_settime.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.POINTER(_It
 _libc.timerfd_settime.restype = ctypes.c_int
 
 
-def _armed_timerfd(seconds: float) -> int:
-    """A non-blocking timerfd on CLOCK_MONOTONIC that becomes readable ``seconds`` from now.
+#: ``timerfd_settime`` flag: ``it_value`` is an absolute time on the timer's clock (timerfd_create(2)).
+_TFD_TIMER_ABSTIME = 1
+
+
+def _timerfd() -> int:
+    """A new non-blocking, disarmed timerfd on CLOCK_MONOTONIC (the clock of ``time.monotonic_ns``).
 
     Raises:
-        OSError: timerfd_create or timerfd_settime failed (EMFILE: out of descriptors).
+        OSError: timerfd_create failed (EMFILE: out of descriptors).
     """
     fd = _libc.timerfd_create(time.CLOCK_MONOTONIC, _TFD_FLAGS)
     if fd < 0:
         err = ctypes.get_errno()
         raise OSError(err, f"timerfd_create: {os.strerror(err)}")
-    ns = max(1, round(seconds * _NS_PER_S))  # an all-zero it_value would disarm the timer
-    spec = _Itimerspec(_Timespec(0, 0), _Timespec(ns // _NS_PER_S, ns % _NS_PER_S))
-    if _libc.timerfd_settime(fd, 0, ctypes.byref(spec), None) < 0:
-        err = ctypes.get_errno()
-        os.close(fd)
-        raise OSError(err, f"timerfd_settime: {os.strerror(err)}")
     return fd
+
+
+class _Sleeper:
+    """One pending sleep: the task to wake, or None once its sleep was cancelled."""
+
+    __slots__ = ("task",)
+
+    def __init__(self, task: trio.lowlevel.Task) -> None:
+        self.task: trio.lowlevel.Task | None = task
+
+
+class TimerQueue:
+    """Every precise sleep of one ``trio.run``, on one timerfd armed for the earliest deadline.
+
+    A timerfd per sleep costs five syscalls and an epoll registration each
+    (create, settime, epoll_ctl, read, close): measured here, ~48 µs of CPU per
+    1 ms sleep with 16 concurrent sleepers against ~18 µs with this queue; with
+    16 delayed FUSE reads in flight the worker's CPU per read went from ~103 to
+    ~81 µs. One queue costs a heap push and, only when the new
+    deadline is the earliest, one ``timerfd_settime``; one wake-up serves every
+    deadline that has passed. A system task (:meth:`run`) waits on the fd.
+    Cancelled sleeps stay in the heap, marked, until their deadline pops.
+    """
+
+    def __init__(self) -> None:
+        self._fd = _timerfd()
+        self._heap: list[tuple[int, int, _Sleeper]] = []
+        self._seq = itertools.count()
+        self._armed_ns: int | None = None
+        self._spec = _Itimerspec()
+
+    def _arm(self, deadline_ns: int) -> None:
+        deadline_ns = max(1, deadline_ns)  # an all-zero it_value would disarm the timer
+        self._spec.it_value.tv_sec, self._spec.it_value.tv_nsec = divmod(deadline_ns, _NS_PER_S)
+        if _libc.timerfd_settime(self._fd, _TFD_TIMER_ABSTIME, ctypes.byref(self._spec), None) < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"timerfd_settime: {os.strerror(err)}")
+        self._armed_ns = deadline_ns
+
+    async def sleep_until(self, deadline_ns: int) -> None:
+        """Park the calling task until ``time.monotonic_ns() >= deadline_ns`` (cancellable)."""
+        sleeper = _Sleeper(trio.lowlevel.current_task())
+        heapq.heappush(self._heap, (deadline_ns, next(self._seq), sleeper))
+        if self._armed_ns is None or deadline_ns < self._armed_ns:
+            self._arm(deadline_ns)
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            sleeper.task = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+    async def run(self) -> None:
+        """Wake sleepers as their deadlines pass, until the run ends (then close the fd)."""
+        heap = self._heap
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(self._fd)
+                try:
+                    os.read(self._fd, 8)  # the expiry count; only clears readability
+                except BlockingIOError:  # re-armed for a later deadline after it fired
+                    continue
+                self._armed_ns = None
+                now_ns = time.monotonic_ns()
+                while heap and heap[0][0] <= now_ns:
+                    task = heapq.heappop(heap)[2].task
+                    if task is not None:
+                        trio.lowlevel.reschedule(task)
+                if heap:
+                    self._arm(heap[0][0])
+        finally:
+            os.close(self._fd)
+
+
+_QUEUE: trio.lowlevel.RunVar[TimerQueue] = trio.lowlevel.RunVar("interposer_timer_queue")
+
+
+def _queue() -> TimerQueue:
+    """This run's :class:`TimerQueue`, made (and its system task started) on first use."""
+    try:
+        return _QUEUE.get()
+    except LookupError:
+        queue = TimerQueue()
+        trio.lowlevel.spawn_system_task(queue.run, name="interposer timer queue")
+        _QUEUE.set(queue)
+        return queue
 
 
 async def sleep(seconds: float, *, compensate: bool = False) -> None:
     """Sleep ``seconds`` with sub-millisecond precision (a checkpoint when ``seconds <= 0``).
 
     Under trio's ``MockClock`` (tests in virtual time) this is ``trio.sleep``, so
-    the virtual clock still governs. Otherwise the task waits for a timerfd; it is
-    cancellable like ``trio.sleep``, and the descriptor is closed either way. How
-    late the timer woke the worker updates the estimate of :class:`WakeCompensation`.
+    the virtual clock still governs. Otherwise the task parks in this run's
+    :class:`TimerQueue` (one timerfd trio waits on); it is cancellable like
+    ``trio.sleep``. How late the task woke updates the estimate of
+    :class:`WakeCompensation`.
 
     Args:
         seconds: how long, seconds (any float; at most the 60 s a layer may ask for
@@ -144,7 +233,7 @@ async def sleep(seconds: float, *, compensate: bool = False) -> None:
             minimums and are never shortened.
 
     Raises:
-        OSError: no timerfd could be made (EMFILE).
+        OSError: the run's timerfd could not be made (EMFILE) or armed.
     """
     if seconds <= 0.0:
         await trio.lowlevel.checkpoint()
@@ -154,10 +243,6 @@ async def sleep(seconds: float, *, compensate: bool = False) -> None:
         return
     compensation = _compensation
     armed_s = seconds - compensation.lead_s(seconds) if compensate else seconds
-    fd = _armed_timerfd(armed_s)
-    start = time.perf_counter()
-    try:
-        await trio.lowlevel.wait_readable(fd)
-    finally:
-        os.close(fd)
-    compensation.observe(time.perf_counter() - start - armed_s)
+    deadline_ns = time.monotonic_ns() + max(1, round(armed_s * _NS_PER_S))
+    await _queue().sleep_until(deadline_ns)
+    compensation.observe((time.monotonic_ns() - deadline_ns) / _NS_PER_S)
