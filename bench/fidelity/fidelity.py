@@ -19,9 +19,12 @@ mounts it, so no policy (a 40 MiB/s throttle, a 40 ms delay per op) slows the
 layout down; every scenario then reads the same files through its own mount.
 
 Targets: a throttle's bandwidth/IOPS is its configured rate; a delay's latency
-p50/p99 are the quantiles of its distribution (``layers.quantile``). In ``add``
-mode the achieved latency is that plus the request's own service time (the
-"bare" scenario shows it), in ``floor`` mode it should be the target itself.
+p50/p99 are the quantiles of its distribution (``layers.quantile``). In ``floor``
+mode that is the target itself. In ``add`` mode the layer promises the draw *on
+top of* what the request costs anyway, so the target adds the request's own
+service time: the p50 and mean of 4 KiB random reads through a mount with no
+layers (QD1 direct, measured first in the same run, printed as "service time");
+p99 adds the service p50 to the delay's p99.
 Where several limits apply the target is the tightest one: IOPS at most
 ``qd / mean latency`` (Little's law) and at most the throttle's; when a
 throttle binds, the p50 target is ``qd / IOPS`` and there is no p99 target.
@@ -76,6 +79,14 @@ class Target:
 
 
 @dataclass
+class ServiceTime:
+    """What a 4 KiB random read costs through a mount with no layers (QD1 direct), seconds."""
+
+    p50_s: float
+    mean_s: float
+
+
+@dataclass
 class Scenario:
     """A policy and the fio workload that probes it."""
 
@@ -100,17 +111,26 @@ def _read_layers(layers: list[dict]) -> list:
     return out
 
 
-def targets_of(layers: list[dict], bs: int, qd: int) -> Target:
+def has_added_delay(layers: list[dict]) -> bool:
+    """True if a delay layer acting on reads is in ``add`` mode (its target includes the service time)."""
+    return any(isinstance(layer, DelayLayer) and layer.mode == "add" for layer in _read_layers(layers))
+
+
+def targets_of(layers: list[dict], bs: int, qd: int, service: ServiceTime | None = None) -> Target:
     """Targets of a read workload of ``bs``-byte requests at queue depth ``qd`` under ``layers``.
 
     Bandwidth and IOPS: the tightest of the throttles (bytes/s, ops/s) and of
     ``qd / mean delay`` (Little's law; the mean is the integral of the quantile
     function, so caps and probabilities count). Latency: the delay's p50/p99
     (summed over delay layers: exact for one, an upper bound for more), or
-    ``qd / IOPS`` when a throttle is what limits the rate.
+    ``qd / IOPS`` when a throttle is what limits the rate. With an ``add``-mode
+    delay and ``service`` given, the service time is added once: its p50 to the
+    p50 and p99, its mean to the mean.
     """
     iops_limit, bw_limit = math.inf, math.inf
     p50 = p99 = mean = 0.0
+    if service is not None and has_added_delay(layers):
+        p50, p99, mean = service.p50_s, service.p50_s, service.mean_s
     for layer in _read_layers(layers):
         if isinstance(layer, ThrottleLayer):
             iops_limit = min(iops_limit, layer.iops or math.inf)
@@ -210,7 +230,7 @@ def lay_out(backing: Path, qds: set[int], file_bytes: int) -> None:
 
 
 def run_fio(directory: Path, scenario: Scenario, qd: int, direct: bool, runtime_s: float, file_bytes: int) -> dict:
-    """Run fio; return ``{bw, iops, p50, p99}`` of reads (bytes/s, ops/s, seconds, seconds)."""
+    """Run fio; return ``{bw, iops, mean, p50, p99}`` of reads (bytes/s, ops/s, then seconds)."""
     argv = [*_fio_argv(directory, qd, file_bytes), f"--direct={int(direct)}", f"--bs={scenario.bs}",
             f"--rw={scenario.rw}", "--group_reporting", "--output-format=json", "--time_based",
             f"--runtime={runtime_s:g}s", f"--percentile_list={P50 * 100:g}:{P99 * 100:g}"]
@@ -219,7 +239,7 @@ def run_fio(directory: Path, scenario: Scenario, qd: int, direct: bool, runtime_
         raise RuntimeError(f"fio failed ({proc.returncode}): {' '.join(argv)}\n{proc.stderr}")
     read = json.loads(proc.stdout[proc.stdout.find("{"):])["jobs"][0]["read"]
     pct = read["clat_ns"].get("percentile", {})
-    return {"bw": float(read["bw_bytes"]), "iops": float(read["iops"]),
+    return {"bw": float(read["bw_bytes"]), "iops": float(read["iops"]), "mean": read["clat_ns"]["mean"] / 1e9,
             "p50": pct.get("50.000000", 0) / 1e9, "p99": pct.get("99.000000", 0) / 1e9}
 
 
@@ -242,9 +262,22 @@ def _row(name: str, qd: int, direct: bool, metric: str, want: float | None, have
     return f"{name:<24} {qd:>2} {io:<8} {metric:<6} {_fmt(want, unit):>12} {_fmt(have, unit):>12} {ratio:>6}"
 
 
+def measure_service_time(work: Path, runtime_s: float, file_bytes: int, worker_flags: tuple[str, ...]) -> ServiceTime:
+    """4 KiB random reads through a mount with no layers, QD1 direct: the service time ``add`` targets build on."""
+    probe = Scenario("service-time", [], targets={1: Target()})
+    with Mount(work / "backing", work / "mnt", [], worker_flags) as mount:
+        got = run_fio(mount.mountpoint, probe, 1, True, runtime_s, file_bytes)
+    return ServiceTime(p50_s=got["p50"], mean_s=got["mean"])
+
+
 def run_table(chosen: list[Scenario], modes: list[tuple[int, bool]], work: Path, runtime_s: float,
               file_bytes: int, worker_flags: tuple[str, ...] = ()) -> None:
     """Measure every scenario in every mode and print one row per metric."""
+    service = None
+    if any(has_added_delay(s.layers) for s in chosen):
+        service = measure_service_time(work, runtime_s, file_bytes, worker_flags)
+        print(f"# service time (4 KiB random reads, no layers, QD1 direct): p50 {service.p50_s * 1e3:.3f} ms, "
+              f"mean {service.mean_s * 1e3:.3f} ms; added to the targets of add-mode delays", flush=True)
     print(HEADER)
     print("-" * len(HEADER), flush=True)
     bare_bw: dict[tuple[int, bool], float] = {}
@@ -253,6 +286,8 @@ def run_table(chosen: list[Scenario], modes: list[tuple[int, bool]], work: Path,
             for qd, direct in modes:
                 got = run_fio(mount.mountpoint, scenario, qd, direct, runtime_s, file_bytes)
                 target = scenario.targets.get(qd, Target())
+                if service is not None and has_added_delay(scenario.layers):
+                    target = targets_of(scenario.layers, scenario.bs, qd, service)
                 if scenario.name == "bare":
                     bare_bw[(qd, direct)] = got["bw"]
                 elif scenario.name == "noop-stack":
@@ -330,7 +365,8 @@ def main() -> None:
         work = Path(tmp)
         (work / "backing").mkdir()
         started = time.monotonic()
-        lay_out(work / "backing", {qd for qd, _ in modes}, file_bytes)
+        adds = not args.noop and any(has_added_delay(s.layers) for s in chosen)
+        lay_out(work / "backing", {qd for qd, _ in modes} | ({1} if adds else set()), file_bytes)
         print(f"# fio files laid out in {time.monotonic() - started:.1f} s (before any policy); "
               f"fio {runtime_s:g} s per measurement", flush=True)
         if args.noop:
