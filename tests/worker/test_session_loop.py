@@ -8,11 +8,16 @@ wait and that its lock hands over like a lock.
 from __future__ import annotations
 
 import os
+import threading
+import time
+from collections.abc import Awaitable, Callable
 
+import pytest
 import trio
 import trio.testing
 
 from interposer.fuse_worker._session_loop import MAX_REQUESTS_WITHOUT_YIELD, LeanLowlevel, ReaderLock
+from interposer.fuse_worker.layers import _timer
 
 
 def test_wait_readable_yields_after_a_bounded_run_of_ready_requests() -> None:
@@ -102,3 +107,77 @@ def test_reader_lock_is_exclusive_and_hands_over_on_release() -> None:
     assert len(order) == 6
     for i in range(0, 6, 2):  # never two holders at once
         assert order[i].endswith(" in") and order[i + 1] == order[i].replace(" in", " out")
+
+
+@pytest.fixture
+def pipe() -> tuple[int, int]:
+    read_end, write_end = os.pipe()
+    yield read_end, write_end
+    os.close(read_end)
+    os.close(write_end)
+
+
+def _count_trio_waits(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count the reader's waits that go through trio's ``wait_readable`` (epoll)."""
+    calls: list[int] = []
+    real = trio.lowlevel.wait_readable
+
+    async def counting(fd: int) -> None:
+        calls.append(fd)
+        await real(fd)
+
+    monkeypatch.setattr(trio.lowlevel, "wait_readable", counting)
+    return calls
+
+
+@pytest.mark.parametrize("busy_poll_s", [0.0, 1.0])
+def test_busy_poll_takes_a_request_arriving_within_the_window_without_sleeping(
+        pipe: tuple[int, int], monkeypatch: pytest.MonkeyPatch, busy_poll_s: float) -> None:
+    read_end, write_end = pipe
+    trio_waits = _count_trio_waits(monkeypatch)
+    threading.Timer(0.005, os.write, (write_end, b"x")).start()  # the application's next request
+    trio.run(LeanLowlevel(busy_poll_s).wait_readable, read_end)
+    assert len(trio_waits) == (0 if busy_poll_s else 1)
+
+
+async def _trio_sleep_20ms() -> None:
+    await trio.sleep(0.02)
+
+
+async def _timer_sleep_20ms() -> None:
+    await _timer.sleep(0.02)
+
+
+@pytest.mark.parametrize("sleep", [_trio_sleep_20ms, _timer_sleep_20ms], ids=["trio deadline", "layer timer"])
+def test_busy_poll_never_holds_the_loop_past_a_due_sleep(
+        pipe: tuple[int, int], sleep: Callable[[], Awaitable[None]]) -> None:
+    """A delayed request's timer (or any trio deadline) ends the window: the sleeper wakes on time."""
+    read_end, write_end = pipe
+
+    async def sleeper_then_request() -> None:
+        await sleep()
+        os.write(write_end, b"x")
+
+    async def main() -> float:
+        start = time.monotonic()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sleeper_then_request)
+            await trio.testing.wait_all_tasks_blocked()  # the sleeper's deadline is set
+            await LeanLowlevel(busy_poll_s=5.0).wait_readable(read_end)
+        return time.monotonic() - start
+
+    assert trio.run(main) < 1.0  # not the 5 s window
+
+
+def test_busy_poll_stops_when_another_thread_queues_a_callback(pipe: tuple[int, int]) -> None:
+    """The bus thread and the blocking-I/O threads reach the loop by callbacks; they must not wait for a window."""
+    read_end, write_end = pipe
+
+    async def main() -> float:
+        token = trio.lowlevel.current_trio_token()
+        threading.Timer(0.02, token.run_sync_soon, (os.write, write_end, b"x")).start()
+        start = time.monotonic()
+        await LeanLowlevel(busy_poll_s=5.0).wait_readable(read_end)
+        return time.monotonic() - start
+
+    assert trio.run(main) < 1.0

@@ -12,7 +12,13 @@ import msgspec
 from interposer.proto import PolicyError
 from interposer.proto.connection import CredentialsError, connect_options
 
-from ._config import DEFAULT_POLICY_WAIT_S, DEFAULT_WAKE_COMPENSATION, WorkerConfig, parse_sample_rule
+from ._config import (
+    DEFAULT_BUSY_POLL_US,
+    DEFAULT_POLICY_WAIT_S,
+    DEFAULT_WAKE_COMPENSATION,
+    WorkerConfig,
+    parse_sample_rule,
+)
 from ._readahead import DEFAULT_READ_AHEAD_KIB
 from .backends import BACKEND_KINDS, DEFAULT_MEMORY_SIZE_BYTES
 from ._worker import run
@@ -48,6 +54,9 @@ from ._worker import run
               help="Kernel readahead of the mount, KiB (0 = kernel default, 128).")
 @click.option("--session-loop", type=click.Choice(["lean", "pyfuse3"]), default="lean", show_default=True,
               help="FUSE request loop: pyfuse3's own on leaner primitives (lean), or as it is (see docs/ARCHITECTURE.md).")
+@click.option("--busy-poll-us", type=click.IntRange(0, 10_000), default=DEFAULT_BUSY_POLL_US, show_default=True,
+              help="Lean loop: how long to keep polling /dev/fuse for the next request before sleeping, µs "
+                   "(0 = never; costs CPU only right after a request, see docs/ARCHITECTURE.md).")
 @click.option("--blocking-io", type=click.Choice(["adaptive", "loop", "thread"]), default="adaptive",
               show_default=True,
               help="Passthrough reads/writes/syncs: on the event loop while fast, in a thread once slow "

@@ -20,6 +20,9 @@ DEFAULT_POLICY_WAIT_S = 5.0
 DEFAULT_FUSE_FD_WAIT_S = 30.0
 #: Wake compensation of delay and throttle timers (see ``layers._timer``).
 DEFAULT_WAKE_COMPENSATION = "round-trip"
+#: How long the lean request loop polls an empty FUSE device before it sleeps, µs
+#: (``_session_loop``: on a VM, cheaper than being woken; chosen by measurement).
+DEFAULT_BUSY_POLL_US = 50
 
 #: Most event sampling rules one worker takes.
 MAX_EVENT_SAMPLE_RULES = 64
@@ -141,6 +144,8 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
         session_loop: ``lean`` (default) runs pyfuse3's request loop on the leaner
             primitives of ``_session_loop`` (fewer scheduling rounds per request,
             ~40 % less worker CPU per request); ``pyfuse3`` runs it as it is.
+        busy_poll_us: with the lean loop, how long a reader keeps polling an empty
+            FUSE device before it yields, µs (``_session_loop``; 0 = never).
         blocking_io: where the passthrough backend's reads, writes, flushes and
             syncs run: ``adaptive`` (on the event loop while they are measured to
             be fast, in a thread once they block for long, e.g. a network volume),
@@ -191,6 +196,7 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     attr_timeout_s: float = 1.0
     max_tasks: int = 128
     session_loop: Literal["lean", "pyfuse3"] = "lean"
+    busy_poll_us: Annotated[int, msgspec.Meta(ge=0, le=10_000)] = DEFAULT_BUSY_POLL_US
     blocking_io: Literal["adaptive", "loop", "thread"] = "adaptive"
     wake_compensation: Literal["off", "worker", "round-trip"] = DEFAULT_WAKE_COMPENSATION
     read_ahead_kib: Annotated[int, msgspec.Meta(ge=0, le=65536)] = DEFAULT_READ_AHEAD_KIB

@@ -25,6 +25,18 @@ except for two things pyfuse3's loop uses:
   most :data:`MAX_REQUESTS_WITHOUT_YIELD` requests in a row are taken that
   way; then the reader yields through trio's real ``wait_readable``.
 
+When nothing is queued, the reader may keep polling for up to ``busy_poll_s``
+(50 µs by default, ``--busy-poll-us``) before it yields: at queue depth 1 the
+application's next request usually arrives within that time, and on a VM the
+alternative — sleeping in ``epoll_wait`` and being woken — costs more than the
+poll. Measured on the 2-vCPU benchmark machine (issue #3): QD1 random 4 KiB
+reads of cached data 13.7k → 24.9k IOPS at *less* worker CPU per read (57 → 39
+µs), create+stat+unlink ~5.6k → ~7.3k ops/s. It never delays other work on the loop: it does not start while a task
+is runnable, a callback from another thread is queued or a trio deadline or a
+delay/throttle timer (``layers._timer``) is due within the window, and it stops
+as soon as a thread queues a callback. It costs CPU only right after a request:
+an idle worker does not poll.
+
 Nothing else changes: requests are still served concurrently (a handler that
 blocks frees the lock and another reader takes over), cancellation and unmount
 still go through trio (``notify_closing`` wakes the real ``wait_readable``;
@@ -34,15 +46,21 @@ pyfuse3 checks its exit flag before every wait).
 from __future__ import annotations
 
 import select
+import time
 import types
 from typing import Any
 
 import pyfuse3
 import trio
 
+from ._config import DEFAULT_BUSY_POLL_US
+from .layers import _timer
+
 #: Requests a reader may take in a row without yielding to trio's scheduler.
 #: Each is served in ~30-60 µs here, so other tasks wait at most ~1 ms.
 MAX_REQUESTS_WITHOUT_YIELD = 16
+#: Polls between two checks for callbacks queued by other threads while busy-polling.
+_POLLS_PER_CHECK = 8
 
 
 class ReaderLock:
@@ -50,16 +68,24 @@ class ReaderLock:
 
     Same interface as the part of ``trio.Lock`` pyfuse3 uses (``async with``).
     Not FIFO and not reentrant: any idle reader is as good as another.
+
+    Attributes:
+        woken: readers unparked by :meth:`release` that have not run yet (they
+            count as runnable tasks for trio, but only come to re-park).
     """
 
     def __init__(self) -> None:
         self._held = False
         self._lot = trio.lowlevel.ParkingLot()
+        self.woken = 0
 
     async def acquire(self) -> None:
         """Take the lock; park until it is free if another reader holds it."""
         while self._held:
-            await self._lot.park()
+            try:
+                await self._lot.park()
+            finally:
+                self.woken = max(0, self.woken - 1)
         self._held = True
 
     def release(self) -> None:
@@ -67,6 +93,7 @@ class ReaderLock:
         self._held = False
         if self._lot:
             self._lot.unpark(count=1)
+            self.woken += 1
 
     async def __aenter__(self) -> None:
         await self.acquire()
@@ -76,13 +103,20 @@ class ReaderLock:
 
 
 class LeanLowlevel(types.SimpleNamespace):
-    """``trio.lowlevel`` with a ``wait_readable`` that skips the scheduler when data is queued."""
+    """``trio.lowlevel`` with a ``wait_readable`` that skips the scheduler when data is queued.
 
-    def __init__(self) -> None:
+    Args:
+        busy_poll_s: how long to keep polling an empty device before yielding,
+            seconds (0 = yield at once).
+    """
+
+    def __init__(self, busy_poll_s: float = DEFAULT_BUSY_POLL_US * 1e-6) -> None:
         super().__init__()
         self._poller: Any = None
         self._fd = -1
         self._budget = MAX_REQUESTS_WITHOUT_YIELD
+        self._busy_poll_ns = round(busy_poll_s * 1e9)
+        self.reader_lock: ReaderLock | None = None  # set by LeanTrio when pyfuse3 makes its lock
 
     def __getattr__(self, name: str) -> Any:
         return getattr(trio.lowlevel, name)
@@ -94,26 +128,66 @@ class LeanLowlevel(types.SimpleNamespace):
                 self._poller = select.poll()
                 self._poller.register(fd, select.POLLIN)
                 self._fd = fd
-            if self._poller.poll(0):
+            if self._poller.poll(0) or (self._busy_poll_ns and self._busy_poll()):
                 self._budget -= 1
                 return
         self._budget = MAX_REQUESTS_WITHOUT_YIELD
         await trio.lowlevel.wait_readable(fd)
 
+    def _busy_poll(self) -> bool:
+        """Poll the device until a request is queued (True) or the window closes (False).
+
+        The window is ``busy_poll_s``, cut short by the next trio deadline and the
+        next delay/throttle timer; it is not opened while anything else on the
+        loop is ready to run, and is closed when another thread queues a callback.
+        """
+        stats = trio.lowlevel.current_statistics()
+        woken_readers = self.reader_lock.woken if self.reader_lock else 0
+        if stats.tasks_runnable > woken_readers or stats.run_sync_soon_queue_size:
+            return False
+        now_ns = time.monotonic_ns()
+        end_ns = now_ns + self._busy_poll_ns
+        if stats.seconds_to_next_deadline < self._busy_poll_ns * 1e-9:  # inf when no deadline
+            end_ns = now_ns + int(stats.seconds_to_next_deadline * 1e9)
+        timer_ns = _timer.next_deadline_ns()
+        if timer_ns is not None:
+            end_ns = min(end_ns, timer_ns)
+        poll, polls = self._poller.poll, 0
+        while time.monotonic_ns() < end_ns:
+            if poll(0):
+                return True
+            polls += 1
+            if polls % _POLLS_PER_CHECK == 0 and trio.lowlevel.current_statistics().run_sync_soon_queue_size:
+                return False
+        return False
+
 
 class LeanTrio(types.SimpleNamespace):
-    """The ``trio`` module as pyfuse3 sees it after :func:`install` (see the module docstring)."""
+    """The ``trio`` module as pyfuse3 sees it after :func:`install` (see the module docstring).
 
-    def __init__(self) -> None:
-        super().__init__(Lock=ReaderLock, lowlevel=LeanLowlevel())
+    Args:
+        busy_poll_s: see :class:`LeanLowlevel`.
+    """
+
+    def __init__(self, busy_poll_s: float = DEFAULT_BUSY_POLL_US * 1e-6) -> None:
+        super().__init__(lowlevel=LeanLowlevel(busy_poll_s))
+
+    def Lock(self) -> ReaderLock:  # noqa: N802 - stands in for trio.Lock
+        """A :class:`ReaderLock` (pyfuse3 makes one for its readers), known to ``lowlevel``'s busy poll."""
+        lock = self.lowlevel.reader_lock = ReaderLock()
+        return lock
 
     def __getattr__(self, name: str) -> Any:
         return getattr(trio, name)
 
 
-def install() -> None:
-    """Make pyfuse3's session loop use :class:`LeanTrio` (call before ``pyfuse3.main``)."""
-    pyfuse3.trio = LeanTrio()  # type: ignore[attr-defined]
+def install(busy_poll_s: float = DEFAULT_BUSY_POLL_US * 1e-6) -> None:
+    """Make pyfuse3's session loop use :class:`LeanTrio` (call before ``pyfuse3.main``).
+
+    Args:
+        busy_poll_s: how long a reader polls an empty device before yielding, seconds.
+    """
+    pyfuse3.trio = LeanTrio(busy_poll_s)  # type: ignore[attr-defined]
 
 
 def uninstall() -> None:

@@ -190,7 +190,7 @@ async def serve(config: WorkerConfig) -> None:
                                    config.read_ahead_kib)
             _timer.configure(config.wake_compensation)
             if config.session_loop == "lean":
-                _session_loop.install()
+                _session_loop.install(config.busy_poll_us * 1e-6)
             try:
                 await pyfuse3.main(min_tasks=4, max_tasks=config.max_tasks)
             finally:

@@ -158,6 +158,11 @@ class TimerQueue:
         self._armed_ns: int | None = None
         self._spec = _Itimerspec()
 
+    @property
+    def armed_ns(self) -> int | None:
+        """When the timer fires next, ``time.monotonic_ns()`` ns; None = no sleep pending."""
+        return self._armed_ns
+
     def _arm(self, deadline_ns: int) -> None:
         deadline_ns = max(1, deadline_ns)  # an all-zero it_value would disarm the timer
         self._spec.it_value.tv_sec, self._spec.it_value.tv_nsec = divmod(deadline_ns, _NS_PER_S)
@@ -213,6 +218,14 @@ def _queue() -> TimerQueue:
         trio.lowlevel.spawn_system_task(queue.run, name="interposer timer queue")
         _QUEUE.set(queue)
         return queue
+
+
+def next_deadline_ns() -> int | None:
+    """When this run's timer fires next (``time.monotonic_ns()`` ns), or None if no sleep is pending."""
+    try:
+        return _QUEUE.get().armed_ns
+    except LookupError:
+        return None
 
 
 async def sleep(seconds: float, *, compensate: bool = False) -> None:
