@@ -170,6 +170,7 @@ def main(quick: bool, repeat: int, as_json: bool, base: Path | None) -> None:
     repeat = 1 if quick else repeat
     # (name, policy or None for the bare directory, extra worker flags)
     variants = [("native", None, ()), ("passthrough, pyfuse3 loop", "", ("--session-loop", "pyfuse3")),
+                ("lean loop, no busy poll", "", ("--session-loop", "lean", "--busy-poll-us", "0")),
                 ("passthrough, lean loop", "", ("--session-loop", "lean")), ("+ no-op layers", NOOP_LAYERS, ())]
     results: dict[str, dict[str, list[float]]] = {v: {} for v, _, _ in variants}
     cpu_us: dict[str, dict[str, list[float]]] = {v: {} for v, _, _ in variants}

@@ -32,9 +32,12 @@ alternative — sleeping in ``epoll_wait`` and being woken — costs more than t
 poll. Measured on the 2-vCPU benchmark machine (issue #3): QD1 random 4 KiB
 reads of cached data 13.7k → 24.9k IOPS at *less* worker CPU per read (57 → 39
 µs), create+stat+unlink ~5.6k → ~7.3k ops/s. It never delays other work on the loop: it does not start while a task
-is runnable, a callback from another thread is queued or a trio deadline or a
-delay/throttle timer (``layers._timer``) is due within the window, and it stops
-as soon as a thread queues a callback. It costs CPU only right after a request:
+is runnable, a callback from another thread is queued, a blocking call runs in
+a pool thread (``backends._offload``: the poll loop would hold the GIL that
+thread needs to hand its result back — a precaution: the one slowdown seen,
+cold 1 MiB reads at 0.71× in one bench run, did not reproduce in alternating
+reruns with or without it) or a trio deadline or a delay/throttle timer (``layers._timer``) is due
+within the window, and it stops as soon as a thread queues a callback. It costs CPU only right after a request:
 an idle worker does not poll.
 
 Nothing else changes: requests are still served concurrently (a handler that
@@ -54,6 +57,7 @@ import pyfuse3
 import trio
 
 from ._config import DEFAULT_BUSY_POLL_US
+from .backends._offload import ThreadHop
 from .layers import _timer
 
 #: Requests a reader may take in a row without yielding to trio's scheduler.
@@ -139,12 +143,13 @@ class LeanLowlevel(types.SimpleNamespace):
 
         The window is ``busy_poll_s``, cut short by the next trio deadline and the
         next delay/throttle timer; it is not opened while anything else on the
-        loop is ready to run, and is closed when another thread queues a callback.
+        loop is ready to run or a blocking call runs in a pool thread, and is
+        closed when another thread queues a callback.
         """
         stats = trio.lowlevel.current_statistics()
         woken_readers = self.reader_lock.woken if self.reader_lock else 0
-        if stats.tasks_runnable > woken_readers or stats.run_sync_soon_queue_size:
-            return False
+        if stats.tasks_runnable > woken_readers or stats.run_sync_soon_queue_size or ThreadHop.in_flight:
+            return False  # the poll would hold the GIL a pool thread needs to hand its result back
         now_ns = time.monotonic_ns()
         end_ns = now_ns + self._busy_poll_ns
         if stats.seconds_to_next_deadline < self._busy_poll_ns * 1e-9:  # inf when no deadline

@@ -94,7 +94,14 @@ class ThreadHop:
     :data:`MAX_HOP_THREADS`; they are daemons, idle in ``queue.get``. A waiting
     task cannot be cancelled (neither can ``to_thread`` by default): the call is
     already running.
+
+    Attributes:
+        in_flight: calls running or queued in any pool of the process (class-wide):
+            the request loop does not busy-poll while a pool thread may need the GIL
+            to hand its result back (``_session_loop``).
     """
+
+    in_flight = 0
 
     def __init__(self) -> None:
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
@@ -104,6 +111,7 @@ class ThreadHop:
     async def run(self, fn: Callable[..., T], *args: object) -> T:
         """``fn(*args)`` in a pool thread; returns its result or raises its exception."""
         self._busy += 1
+        ThreadHop.in_flight += 1
         if self._busy > self._threads and self._threads < MAX_HOP_THREADS:
             threading.Thread(target=self._serve, name=f"blocking-io-{self._threads}", daemon=True).start()
             self._threads += 1
@@ -112,6 +120,7 @@ class ThreadHop:
             return await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
         finally:
             self._busy -= 1
+            ThreadHop.in_flight -= 1
 
     def _serve(self) -> None:
         while True:
