@@ -31,14 +31,15 @@ application's next request usually arrives within that time, and on a VM the
 alternative — sleeping in ``epoll_wait`` and being woken — costs more than the
 poll. Measured on the 2-vCPU benchmark machine (issue #3): QD1 random 4 KiB
 reads of cached data 13.7k → 24.9k IOPS at *less* worker CPU per read (57 → 39
-µs), create+stat+unlink ~5.6k → ~7.3k ops/s. It never delays other work on the loop: it does not start while a task
-is runnable, a callback from another thread is queued, a blocking call runs in
-a pool thread (``backends._offload``: the poll loop would hold the GIL that
-thread needs to hand its result back — a precaution: the one slowdown seen,
-cold 1 MiB reads at 0.71× in one bench run, did not reproduce in alternating
-reruns with or without it) or a trio deadline or a delay/throttle timer (``layers._timer``) is due
-within the window, and it stops as soon as a thread queues a callback. It costs CPU only right after a request:
-an idle worker does not poll.
+µs), create+stat+unlink ~5.6k → ~7.3k ops/s. It never delays other work on the
+loop: it does not start while a task is runnable, a callback from another
+thread is queued, a blocking call runs in a pool thread (``backends._offload``:
+the poll loop would hold the GIL that thread needs to hand its result back; a
+precaution, as the one slowdown seen — cold 1 MiB reads at 0.71× in one bench
+run — did not reproduce in alternating reruns with or without it), or a trio
+deadline or a delay/throttle timer (``layers._timer``) is due within the
+window; and it stops as soon as a thread queues a callback. It costs CPU only
+right after a request: an idle worker does not poll.
 
 Nothing else changes: requests are still served concurrently (a handler that
 blocks frees the lock and another reader takes over), cancellation and unmount
@@ -149,7 +150,7 @@ class LeanLowlevel(types.SimpleNamespace):
         stats = trio.lowlevel.current_statistics()
         woken_readers = self.reader_lock.woken if self.reader_lock else 0
         if stats.tasks_runnable > woken_readers or stats.run_sync_soon_queue_size or ThreadHop.in_flight:
-            return False  # the poll would hold the GIL a pool thread needs to hand its result back
+            return False  # other work is ready, or a pool thread will need the GIL to hand a result back
         now_ns = time.monotonic_ns()
         end_ns = now_ns + self._busy_poll_ns
         if stats.seconds_to_next_deadline < self._busy_poll_ns * 1e-9:  # inf when no deadline
