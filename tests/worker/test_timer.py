@@ -99,10 +99,11 @@ def test_concurrent_sleeps_share_one_timer_and_wake_in_deadline_order() -> None:
     assert fds_64_sleepers == fds_one_sleeper
     assert len(woke) == len(seconds)
     assert all(at >= due for due, at in woke)
-    # in deadline order (sleepers that one wake-up serves together run in trio's order)
+    # In deadline order. Sleepers one wake-up serves together (all that a stalled VM
+    # let pass at once) run in trio's order, within the same scheduling batch: allow
+    # them 1 ms, far less than the 6.3 ms the deadlines span.
     by_due = sorted(woke)
-    assert all(a_at <= b_at for i, (a_due, a_at) in enumerate(by_due) for b_due, b_at in by_due[i + 1:]
-               if b_due - a_due > 0.001)
+    assert all(a_at <= b_at + 0.001 for i, (_, a_at) in enumerate(by_due) for _, b_at in by_due[i + 1:])
     assert _open_fds() == before
 
 
