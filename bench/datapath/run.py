@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -32,6 +31,9 @@ from pathlib import Path
 import click
 
 from interposer.cli._procs import cpu_seconds
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _host import StealMeter, machine  # noqa: E402 - bench/_host.py
 
 NOOP_LAYERS = json.dumps({"description": "every layer, doing nothing", "layers": [
     {"type": "fault", "errno": "EIO", "probability": 0.0},
@@ -149,13 +151,6 @@ class Mount:
         self.proc.wait(30)
 
 
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{os.cpu_count()} CPUs ({cpu}), {mem_gib:.0f} GiB RAM, Linux {platform.release()}, Python {platform.python_version()}"
-
-
 @click.command()
 @click.option("--quick", is_flag=True, help="Smoke run: small files, 1 s runs, one repeat.")
 @click.option("--repeat", default=3, show_default=True, help="Runs per cell; the median is reported.")
@@ -175,6 +170,7 @@ def main(quick: bool, repeat: int, as_json: bool, base: Path | None) -> None:
     results: dict[str, dict[str, list[float]]] = {v: {} for v, _, _ in variants}
     cpu_us: dict[str, dict[str, list[float]]] = {v: {} for v, _, _ in variants}
     extras: dict[str, dict[str, float]] = {}
+    steal = StealMeter()
     with tempfile.TemporaryDirectory(prefix="interposer-bench-", dir=base) as tmp:
         work = Path(tmp)
         targets: dict[str, Path] = {}
@@ -214,7 +210,7 @@ def main(quick: bool, repeat: int, as_json: bool, base: Path | None) -> None:
     cpu_medians = {v: {n: statistics.median(xs) for n, xs in row.items()} for v, row in cpu_us.items()}
     units = {t.name: t.unit for t in tests(size, runtime_s)} | {"create+stat+unlink": "ops/s"}
     if as_json:
-        click.echo(json.dumps({"machine": machine(), "results": medians, "worker_cpu_us_per_io": cpu_medians,
+        click.echo(json.dumps({"machine": machine(), "steal_share": steal.share(), "results": medians, "worker_cpu_us_per_io": cpu_medians,
                                "runs": results, "worker": extras}, indent=2))
         return
     click.echo(f"machine: {machine()}; size {size}, runtime {runtime_s:g} s, median of {repeat}")
@@ -232,6 +228,7 @@ def main(quick: bool, repeat: int, as_json: bool, base: Path | None) -> None:
         click.echo(f"| {name} | " + " | ".join(f"{cpu_medians[v][name]:.1f}" for v, _, _ in variants[1:]) + " |")
     for variant, values in extras.items():
         click.echo(f"{variant}: " + ", ".join(f"{k} {v:.2f}" for k, v in values.items()))
+    click.echo(steal.report())
 
 
 if __name__ == "__main__":
