@@ -13,7 +13,7 @@ import os
 import platform
 from pathlib import Path
 
-#: Steal share above which a run is flagged as disturbed (quiet runs here: < 0.1 %).
+#: Steal share above which a run is flagged as disturbed (the quiet full runs recorded in docs/benchmarks.md: < 0.1 %).
 NOISY_STEAL_SHARE = 0.01
 
 
