@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from interposer_testing import REPO_ROOT, is_fuse_mount
+from interposer_testing import REPO_ROOT, is_fuse_mount, wait_until
 
 
 def test_files_written_through_the_mount_land_in_the_backing_dir(mount_worker) -> None:
@@ -125,6 +125,43 @@ def test_unmount_and_sigterm_stop_the_worker_cleanly(mount_worker) -> None:
     vol2.proc.send_signal(signal.SIGTERM)
     assert vol2.proc.wait(10) == 0
     assert not is_fuse_mount(vol2.mountpoint)
+
+
+def test_a_missing_name_is_cached_until_created_through_the_mount_or_the_timeout(mount_worker) -> None:
+    """A lookup that found nothing is cached (negative entry); the mount's own creates show at once."""
+    vol = mount_worker(extra=["--negative-timeout", "30"])
+    m = vol.mountpoint
+    assert not (m / "outside").exists()
+    (vol.backing / "outside").write_text("made below the mount")
+    assert not (m / "outside").exists(), "the negative entry was not cached"
+    assert not (m / "inside").exists()
+    (m / "inside").write_text("made through the mount")
+    assert (m / "inside").read_text() == "made through the mount"
+    os.unlink(m / "inside")
+    assert not (m / "inside").exists()
+    os.mkdir(m / "dir")
+    os.rename(m / "dir", m / "moved")
+    assert (m / "moved").is_dir() and not (m / "dir").exists()
+
+    short = mount_worker(extra=["--negative-timeout", "0.3"])
+    assert not (short.mountpoint / "later").exists()
+    (short.backing / "later").write_text("x")
+    started = time.monotonic()
+    wait_until(lambda: (short.mountpoint / "later").exists(), "a name created below the mount to show", 5.0)
+    assert time.monotonic() - started < 2.0
+
+
+@pytest.mark.parametrize("setting", ["--negative-timeout 0", "delay layer on lookup"])
+def test_a_missing_name_is_looked_up_every_time_when_asked_or_when_a_layer_acts_on_lookups(
+        mount_worker, setting: str) -> None:
+    """With caching off, or a layer that must see every lookup (its delay, its fault), nothing is cached."""
+    if setting == "delay layer on lookup":
+        vol = mount_worker(policy='{"layers": [{"type": "delay", "delay_s": 0.001, "ops": ["lookup"]}]}')
+    else:
+        vol = mount_worker(extra=setting.split())
+    assert not (vol.mountpoint / "f").exists()
+    (vol.backing / "f").write_text("x")
+    assert (vol.mountpoint / "f").exists()
 
 
 def test_initial_policy_file_injects_faults_only_where_it_says(mount_worker) -> None:

@@ -38,6 +38,8 @@ class InterposerOperations(pyfuse3.Operations):
         telemetry: event recorder.
         policy: initial policy (revision 0).
         quota: worker-lifetime quota state, for policies with a quota layer.
+        negative_timeout_s: how long the kernel may cache a lookup that found no
+            such name, seconds (0 = not at all); see :meth:`lookup`.
 
     Raises:
         QuotaUnavailable: ``policy`` has a quota layer and ``quota`` is None.
@@ -47,9 +49,14 @@ class InterposerOperations(pyfuse3.Operations):
 
     def __init__(
         self, backend: Backend, telemetry: Telemetry, policy: Policy | None = None,
-        quota: QuotaContext | None = None,
+        quota: QuotaContext | None = None, negative_timeout_s: float = 0.0,
     ) -> None:
         super().__init__()
+        self._negative_entry: pyfuse3.EntryAttributes | None = None
+        if negative_timeout_s > 0:
+            self._negative_entry = pyfuse3.EntryAttributes()
+            self._negative_entry.st_ino = 0  # FUSE's negative entry (fuse_entry_param.ino)
+            self._negative_entry.entry_timeout = negative_timeout_s
         self.backend = backend
         self.telemetry = telemetry
         self.quota = quota
@@ -171,8 +178,25 @@ class InterposerOperations(pyfuse3.Operations):
     # ---- entries -------------------------------------------------------------------
 
     async def lookup(self, parent_inode, name, ctx):
+        """Look ``name`` up; a name the backend does not have may be answered cacheably.
+
+        A backend's ENOENT becomes a negative entry (inode 0 with an entry timeout:
+        libfuse's ``fuse_entry_param.ino``), so repeated lookups of a missing name
+        (``$PATH``, library and include paths, polling for a file) are answered by the kernel's
+        dentry cache. The kernel drops it when the name is created through the
+        mount; a name created directly in the backing dir shows once it expires.
+        Not while a layer acts on lookups (the cache would hide its delays and
+        faults), and never for an ENOENT a fault layer injected.
+        """
         op = self._entry_op("lookup", parent_inode, name, ctx)
-        return await self._serve(op, lambda: self.backend.lookup(parent_inode, name, ctx))
+        stack = self.stack
+        try:
+            return await self._serve(op, lambda: self.backend.lookup(parent_inode, name, ctx))
+        except pyfuse3.FUSEError as exc:
+            negative = self._negative_entry
+            if negative is None or exc.errno != errno.ENOENT or op.fault or "lookup" in stack.chains:
+                raise
+            return negative
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         # Bookkeeping, not an op of the application: never delayed or failed.

@@ -23,6 +23,12 @@ DEFAULT_WAKE_COMPENSATION = "round-trip"
 #: How long the lean request loop polls an empty FUSE device before it sleeps, µs
 #: (``_session_loop``: on a VM, cheaper than being woken; chosen by measurement).
 DEFAULT_BUSY_POLL_US = 50
+#: How long the kernel may cache "no such name", seconds: the entry timeout of names
+#: that exist (a name is cached for the same time whether found or not), so a file
+#: created directly in the backing dir shows within it, as a deleted one already did.
+DEFAULT_NEGATIVE_TIMEOUT_S = 1.0
+#: Longest negative cache time accepted, seconds.
+MAX_NEGATIVE_TIMEOUT_S = 3600.0
 
 #: Most event sampling rules one worker takes.
 MAX_EVENT_SAMPLE_RULES = 64
@@ -140,6 +146,10 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
             as arbitrary uids); needs root or ``user_allow_other`` in /etc/fuse.conf.
         entry_timeout_s: kernel cache time of name lookups, seconds.
         attr_timeout_s: kernel cache time of attributes, seconds.
+        negative_timeout_s: kernel cache time of a lookup that found no such name,
+            seconds (FUSE's negative entry: inode 0 with an entry timeout); 0 = every
+            lookup of a missing name reaches the worker. Not used while a layer acts
+            on lookups, nor for an injected ENOENT (``InterposerOperations.lookup``).
         max_tasks: most FUSE requests served concurrently (pyfuse3 worker tasks).
         session_loop: ``lean`` (default) runs pyfuse3's request loop on the leaner
             primitives of ``_session_loop`` (fewer scheduling rounds per request,
@@ -194,6 +204,7 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     allow_other: bool = True
     entry_timeout_s: float = 1.0
     attr_timeout_s: float = 1.0
+    negative_timeout_s: Annotated[float, msgspec.Meta(ge=0, le=MAX_NEGATIVE_TIMEOUT_S)] = DEFAULT_NEGATIVE_TIMEOUT_S
     max_tasks: int = 128
     session_loop: Literal["lean", "pyfuse3"] = "lean"
     busy_poll_us: Annotated[int, msgspec.Meta(ge=0, le=10_000)] = DEFAULT_BUSY_POLL_US
