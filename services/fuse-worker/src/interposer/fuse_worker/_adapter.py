@@ -182,11 +182,11 @@ class InterposerOperations(pyfuse3.Operations):
 
         A backend's ENOENT becomes a negative entry (inode 0 with an entry timeout:
         libfuse's ``fuse_entry_param.ino``), so repeated lookups of a missing name
-        (``$PATH``, library and include paths, polling for a file) are answered by the kernel's
-        dentry cache. The kernel drops it when the name is created through the
-        mount; a name created directly in the backing dir shows once it expires.
-        Not while a layer acts on lookups (the cache would hide its delays and
-        faults), and never for an ENOENT a fault layer injected.
+        (``$PATH``, library and include paths, polling for a file) are answered by
+        the kernel's dentry cache. The kernel drops it when the name is created
+        through the mount; a name created directly in the backing dir shows once it
+        expires. Not while a layer acts on lookups (the cache would hide its delays
+        and faults), and never for an ENOENT a fault layer injected.
         """
         op = self._entry_op("lookup", parent_inode, name, ctx)
         stack = self.stack
