@@ -81,14 +81,14 @@ def _build_tree(root: Path) -> None:
     (root / "private" / "inner").write_text("i")
 
 
-def _run_as_nobody(cwd: Path) -> dict[str, object]:
+def _run_as_nobody(cwd: Path, script: str = CALLER_SCRIPT) -> dict[str, object]:
     def drop() -> None:
         os.chdir(cwd)  # before dropping: the tmp dirs above are 0700 root
         os.setgroups([])
         os.setgid(NOBODY)
         os.setuid(NOBODY)
 
-    result = subprocess.run([CALLER_PYTHON, "-c", CALLER_SCRIPT], preexec_fn=drop, capture_output=True,
+    result = subprocess.run([CALLER_PYTHON, "-c", script], preexec_fn=drop, capture_output=True,
                             text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
@@ -114,3 +114,55 @@ def test_a_non_root_caller_gets_native_errors_and_ownership(mount_worker, tmp_pa
     if backend == "passthrough":
         st = os.stat(vol.backing / "rw" / "x")
         assert (st.st_uid, st.st_gid) == (NOBODY, NOBODY)
+
+
+LOOK_SCRIPT = r'''
+import json, os
+print(json.dumps({name: os.path.exists(name) for name in ("sticky/target", "rw/victim")}))
+'''
+
+ACT_SCRIPT = r'''
+import errno, json, os
+
+def outcome(fn):
+    try:
+        fn()
+    except OSError as exc:
+        return errno.errorcode[exc.errno]
+    return "ok"
+
+def replace_in_sticky():
+    os.close(os.open("sticky/mine", os.O_CREAT | os.O_WRONLY, 0o644))
+    os.rename("sticky/mine", "sticky/target")
+
+print(json.dumps({
+    "rename onto root's file in sticky dir": outcome(replace_in_sticky),
+    "open(O_CREAT) of root's 0600 file": outcome(lambda: os.close(os.open("rw/victim", os.O_CREAT | os.O_WRONLY))),
+}))
+'''
+
+
+@pytest.mark.fuse
+def test_a_name_created_below_a_cached_absence_gets_the_checks_of_an_existing_file(
+        mount_worker, tmp_path: Path) -> None:
+    """The kernel checks create/rename against its cached view; the worker must not act on a stale one.
+
+    The caller sees two names missing (negative entries, cached for 30 s), then root
+    creates them directly in the backing dir. Natively the caller may neither
+    replace root's file in a sticky directory nor open root's 0600 file. The kernel
+    looks a rename target up again itself (``LOOKUP_RENAME_TARGET``); a plain
+    ``O_CREAT`` it sends as CREATE, which the worker answers with ESTALE when the
+    name exists, so that the VFS looks it up again (``LOOKUP_REVAL``).
+    """
+    vol = mount_worker(extra=["--negative-timeout", "30"])
+    _build_tree(vol.mountpoint)
+    assert _run_as_nobody(vol.mountpoint, LOOK_SCRIPT) == {"sticky/target": False, "rw/victim": False}
+    (vol.backing / "sticky" / "target").write_text("root's")
+    (vol.backing / "rw" / "victim").write_text("secret")
+    os.chmod(vol.backing / "rw" / "victim", 0o600)
+    assert _run_as_nobody(vol.mountpoint, LOOK_SCRIPT) == {"sticky/target": False, "rw/victim": False}, \
+        "the absences were not cached, so this test proves nothing"
+    got = _run_as_nobody(vol.mountpoint, ACT_SCRIPT)
+    assert got == {"rename onto root's file in sticky dir": "EPERM", "open(O_CREAT) of root's 0600 file": "EACCES"}
+    for path, text in ((vol.backing / "sticky" / "target", "root's"), (vol.backing / "rw" / "victim", "secret")):
+        assert path.read_text() == text and path.stat().st_uid == 0

@@ -284,8 +284,20 @@ class PassthroughBackend:
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         parent = self.inodes.get(parent_ino)
         self._check_name(name)
-        open_flags = (flags & ~(os.O_DIRECT | os.O_NOCTTY)) | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(name, open_flags, mode, dir_fd=parent.fd)
+        # Always O_EXCL: the kernel sends CREATE only when it believes the name absent,
+        # and has checked permissions for creating, not for opening what is there.
+        open_flags = (flags & ~(os.O_DIRECT | os.O_NOCTTY)) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(name, open_flags, mode, dir_fd=parent.fd)
+        except FileExistsError:
+            if flags & os.O_EXCL:
+                raise
+            # The name appeared in the backing dir after the kernel's lookup (a cached
+            # negative entry, or a race): opening it here, as root, would skip the
+            # checks an existing file gets and give it to the caller. ESTALE makes the
+            # VFS retry the open once with LOOKUP_REVAL (do_filp_open), which looks the
+            # name up again and opens the existing file the normal way.
+            raise OSError(errno.ESTALE, os.strerror(errno.ESTALE)) from None
         try:
             self._chown_to_caller(parent, name, ctx, stat.S_IFREG | mode)
             attrs = self._entry(parent, name)
