@@ -166,3 +166,51 @@ def test_a_name_created_below_a_cached_absence_gets_the_checks_of_an_existing_fi
     assert got == {"rename onto root's file in sticky dir": "EPERM", "open(O_CREAT) of root's 0600 file": "EACCES"}
     for path, text in ((vol.backing / "sticky" / "target", "root's"), (vol.backing / "rw" / "victim", "secret")):
         assert path.read_text() == text and path.stat().st_uid == 0
+
+
+STAT_MINE_SCRIPT = r'''
+import json, os
+for name in ("sticky/mine-a", "sticky/mine-b"):
+    os.close(os.open(name, os.O_CREAT | os.O_WRONLY, 0o644))
+print(json.dumps([os.stat(name).st_uid for name in ("sticky/mine-a", "sticky/mine-b")]))
+'''
+
+REMOVE_SCRIPT = r'''
+import errno, json, os
+
+def outcome(fn):
+    try:
+        fn()
+    except OSError as exc:
+        return errno.errorcode[exc.errno]
+    return "ok"
+
+print(json.dumps({
+    "unlink": outcome(lambda: os.unlink("sticky/mine-a")),
+    "rename away": outcome(lambda: os.rename("sticky/mine-b", "rw/taken")),
+}))
+'''
+
+
+@pytest.mark.fuse
+def test_a_name_replaced_below_a_cached_entry_gets_the_checks_of_what_is_there_now(
+        mount_worker, tmp_path: Path) -> None:
+    """An unlink or a rename's source is checked by the kernel against its cached inode; not the worker's excuse.
+
+    The caller creates two files in a sticky directory (entries cached for 30 s);
+    root then replaces both directly in the backing dir with files of its own.
+    Natively the caller may neither remove nor move root's files out of a sticky
+    directory: EPERM, and root's files stay.
+    """
+    vol = mount_worker(extra=["--entry-timeout", "30", "--attr-timeout", "30"])
+    _build_tree(vol.mountpoint)
+    assert _run_as_nobody(vol.mountpoint, STAT_MINE_SCRIPT) == [NOBODY, NOBODY]
+    for name in ("mine-a", "mine-b"):
+        replacement = vol.backing / "sticky" / f".{name}.new"
+        replacement.write_text("root's")
+        os.replace(replacement, vol.backing / "sticky" / name)
+    got = _run_as_nobody(vol.mountpoint, REMOVE_SCRIPT)
+    assert got == {"unlink": "EPERM", "rename away": "EPERM"}
+    for name in ("mine-a", "mine-b"):
+        path = vol.backing / "sticky" / name
+        assert path.read_text() == "root's" and path.stat().st_uid == 0

@@ -17,7 +17,7 @@ from ._config import (
     DEFAULT_NEGATIVE_TIMEOUT_S,
     DEFAULT_POLICY_WAIT_S,
     DEFAULT_WAKE_COMPENSATION,
-    MAX_NEGATIVE_TIMEOUT_S,
+    MAX_CACHE_TIMEOUT_S,
     WorkerConfig,
     parse_sample_rule,
 )
@@ -59,7 +59,11 @@ from ._worker import run
 @click.option("--busy-poll-us", type=click.IntRange(0, 10_000), default=DEFAULT_BUSY_POLL_US, show_default=True,
               help="Lean loop: how long to keep polling /dev/fuse for the next request before sleeping, µs "
                    "(0 = never; costs CPU only right after a request, see docs/ARCHITECTURE.md).")
-@click.option("--negative-timeout", "negative_timeout_s", type=click.FloatRange(0, MAX_NEGATIVE_TIMEOUT_S),
+@click.option("--entry-timeout", "entry_timeout_s", type=click.FloatRange(0, MAX_CACHE_TIMEOUT_S), default=1.0,
+              show_default=True, help="Seconds the kernel may cache a name it looked up (see docs/posix.md).")
+@click.option("--attr-timeout", "attr_timeout_s", type=click.FloatRange(0, MAX_CACHE_TIMEOUT_S), default=1.0,
+              show_default=True, help="Seconds the kernel may cache a file's attributes (see docs/posix.md).")
+@click.option("--negative-timeout", "negative_timeout_s", type=click.FloatRange(0, MAX_CACHE_TIMEOUT_S),
               default=DEFAULT_NEGATIVE_TIMEOUT_S, show_default=True,
               help="Seconds the kernel may cache a lookup that found no such name (0 = never, like NFS's "
                    "lookupcache=positive; off anyway while a layer acts on lookups).")

@@ -27,8 +27,8 @@ DEFAULT_BUSY_POLL_US = 50
 #: that exist (a name is cached for the same time whether found or not), so a file
 #: created directly in the backing dir shows within it, as a deleted one already did.
 DEFAULT_NEGATIVE_TIMEOUT_S = 1.0
-#: Longest negative cache time accepted, seconds.
-MAX_NEGATIVE_TIMEOUT_S = 3600.0
+#: Longest kernel cache time (entry, attribute, negative entry) accepted, seconds.
+MAX_CACHE_TIMEOUT_S = 3600.0
 
 #: Most event sampling rules one worker takes.
 MAX_EVENT_SAMPLE_RULES = 64
@@ -202,9 +202,9 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     pod_labels: Annotated[dict[LabelKey, LabelValue], msgspec.Meta(max_length=MAX_SELECTOR_LABELS)] = {}
     read_only: bool = False
     allow_other: bool = True
-    entry_timeout_s: float = 1.0
-    attr_timeout_s: float = 1.0
-    negative_timeout_s: Annotated[float, msgspec.Meta(ge=0, le=MAX_NEGATIVE_TIMEOUT_S)] = DEFAULT_NEGATIVE_TIMEOUT_S
+    entry_timeout_s: Annotated[float, msgspec.Meta(ge=0, le=MAX_CACHE_TIMEOUT_S)] = 1.0
+    attr_timeout_s: Annotated[float, msgspec.Meta(ge=0, le=MAX_CACHE_TIMEOUT_S)] = 1.0
+    negative_timeout_s: Annotated[float, msgspec.Meta(ge=0, le=MAX_CACHE_TIMEOUT_S)] = DEFAULT_NEGATIVE_TIMEOUT_S
     max_tasks: int = 128
     session_loop: Literal["lean", "pyfuse3"] = "lean"
     busy_poll_us: Annotated[int, msgspec.Meta(ge=0, le=10_000)] = DEFAULT_BUSY_POLL_US

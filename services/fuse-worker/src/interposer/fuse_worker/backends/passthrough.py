@@ -237,12 +237,38 @@ class PassthroughBackend:
         return self._entry(new_parent, new_name)
 
     async def unlink(self, parent_ino: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        parent = self.inodes.get(parent_ino)
         self._check_name(name)
-        os.unlink(name, dir_fd=self.inodes.get(parent_ino).fd)
+        self._check_kernel_knows(parent, name)
+        os.unlink(name, dir_fd=parent.fd)
 
     async def rmdir(self, parent_ino: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        parent = self.inodes.get(parent_ino)
         self._check_name(name)
-        os.rmdir(name, dir_fd=self.inodes.get(parent_ino).fd)
+        self._check_kernel_knows(parent, name)
+        os.rmdir(name, dir_fd=parent.fd)
+
+    def _check_kernel_knows(self, parent: Inode, name: bytes) -> None:
+        """ESTALE when what is at ``parent``/``name`` now is not an inode the kernel looked up.
+
+        The kernel checks an unlink, an rmdir or a rename's source (the sticky bit,
+        for one) against the inode its cached entry names, which it holds, so the
+        worker knows it (lookup count > 0). Anything else at the name was put there
+        directly in the backing dir since; removing it as root would skip the checks
+        it would get. ESTALE makes the VFS repeat the call once with LOOKUP_REVAL
+        (``retry_estale`` in do_unlinkat, do_rmdir, do_renameat2), which looks the
+        name up again, so its checks see what is really there.
+
+        Raises:
+            OSError: ESTALE, as above.
+        """
+        try:
+            st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return  # the call itself answers ENOENT
+        inode = self.inodes.by_key((st.st_dev, st.st_ino))
+        if inode is None or inode.lookups <= 0:
+            raise OSError(errno.ESTALE, os.strerror(errno.ESTALE))
 
     async def rename(
         self, old_parent_ino: int, old_name: bytes, new_parent_ino: int, new_name: bytes, flags: int,
@@ -252,6 +278,7 @@ class PassthroughBackend:
         new_parent = self.inodes.get(new_parent_ino)
         self._check_name(old_name)
         self._check_name(new_name)
+        self._check_kernel_knows(old_parent, old_name)  # the target the kernel looks up again itself
         if flags:
             renameat2(old_parent.fd, old_name, new_parent.fd, new_name, flags)
         else:
