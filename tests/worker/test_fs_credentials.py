@@ -121,7 +121,8 @@ import json, os
 print(json.dumps({name: os.path.exists(name) for name in ("sticky/target", "rw/victim")}))
 '''
 
-ACT_SCRIPT = r'''
+#: Caller-side helper of the scripts below: an errno name, or "ok".
+OUTCOME = r'''
 import errno, json, os
 
 def outcome(fn):
@@ -130,6 +131,9 @@ def outcome(fn):
     except OSError as exc:
         return errno.errorcode[exc.errno]
     return "ok"
+'''
+
+ACT_SCRIPT = OUTCOME + r'''
 
 def replace_in_sticky():
     os.close(os.open("sticky/mine", os.O_CREAT | os.O_WRONLY, 0o644))
@@ -175,15 +179,7 @@ for name in ("sticky/mine-a", "sticky/mine-b"):
 print(json.dumps([os.stat(name).st_uid for name in ("sticky/mine-a", "sticky/mine-b")]))
 '''
 
-REMOVE_SCRIPT = r'''
-import errno, json, os
-
-def outcome(fn):
-    try:
-        fn()
-    except OSError as exc:
-        return errno.errorcode[exc.errno]
-    return "ok"
+REMOVE_SCRIPT = OUTCOME + r'''
 
 print(json.dumps({
     "unlink": outcome(lambda: os.unlink("sticky/mine-a")),
