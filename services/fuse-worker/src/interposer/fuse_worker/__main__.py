@@ -13,7 +13,9 @@ from interposer.proto import PolicyError
 from interposer.proto.connection import CredentialsError, connect_options
 
 from ._config import (
+    DEFAULT_ATTR_TIMEOUT_S,
     DEFAULT_BUSY_POLL_US,
+    DEFAULT_ENTRY_TIMEOUT_S,
     DEFAULT_NEGATIVE_TIMEOUT_S,
     DEFAULT_POLICY_WAIT_S,
     DEFAULT_WAKE_COMPENSATION,
@@ -59,10 +61,10 @@ from ._worker import run
 @click.option("--busy-poll-us", type=click.IntRange(0, 10_000), default=DEFAULT_BUSY_POLL_US, show_default=True,
               help="Lean loop: how long to keep polling /dev/fuse for the next request before sleeping, µs "
                    "(0 = never; costs CPU only right after a request, see docs/ARCHITECTURE.md).")
-@click.option("--entry-timeout", "entry_timeout_s", type=click.FloatRange(0, MAX_CACHE_TIMEOUT_S), default=1.0,
-              show_default=True, help="Seconds the kernel may cache a name it looked up (see docs/posix.md).")
-@click.option("--attr-timeout", "attr_timeout_s", type=click.FloatRange(0, MAX_CACHE_TIMEOUT_S), default=1.0,
-              show_default=True, help="Seconds the kernel may cache a file's attributes (see docs/posix.md).")
+@click.option("--entry-timeout", "entry_timeout_s", type=click.FloatRange(0, MAX_CACHE_TIMEOUT_S),
+              default=DEFAULT_ENTRY_TIMEOUT_S, show_default=True, help="Seconds the kernel may cache a name it looked up (see docs/posix.md).")
+@click.option("--attr-timeout", "attr_timeout_s", type=click.FloatRange(0, MAX_CACHE_TIMEOUT_S),
+              default=DEFAULT_ATTR_TIMEOUT_S, show_default=True, help="Seconds the kernel may cache a file's attributes (see docs/posix.md).")
 @click.option("--negative-timeout", "negative_timeout_s", type=click.FloatRange(0, MAX_CACHE_TIMEOUT_S),
               default=DEFAULT_NEGATIVE_TIMEOUT_S, show_default=True,
               help="Seconds the kernel may cache a lookup that found no such name (0 = never, like NFS's "

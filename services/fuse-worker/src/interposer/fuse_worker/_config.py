@@ -23,10 +23,14 @@ DEFAULT_WAKE_COMPENSATION = "round-trip"
 #: How long the lean request loop polls an empty FUSE device before it sleeps, µs
 #: (``_session_loop``: on a VM, cheaper than being woken; chosen by measurement).
 DEFAULT_BUSY_POLL_US = 50
+#: How long the kernel may cache a name it looked up, and a file's attributes, seconds
+#: (docs/posix.md: changes made directly in the backing dir show within this time).
+DEFAULT_ENTRY_TIMEOUT_S = 1.0
+DEFAULT_ATTR_TIMEOUT_S = 1.0
 #: How long the kernel may cache "no such name", seconds: the entry timeout of names
 #: that exist (a name is cached for the same time whether found or not), so a file
 #: created directly in the backing dir shows within it, as a deleted one already did.
-DEFAULT_NEGATIVE_TIMEOUT_S = 1.0
+DEFAULT_NEGATIVE_TIMEOUT_S = DEFAULT_ENTRY_TIMEOUT_S
 #: Longest kernel cache time (entry, attribute, negative entry) accepted, seconds.
 MAX_CACHE_TIMEOUT_S = 3600.0
 
@@ -202,8 +206,8 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     pod_labels: Annotated[dict[LabelKey, LabelValue], msgspec.Meta(max_length=MAX_SELECTOR_LABELS)] = {}
     read_only: bool = False
     allow_other: bool = True
-    entry_timeout_s: Annotated[float, msgspec.Meta(ge=0, le=MAX_CACHE_TIMEOUT_S)] = 1.0
-    attr_timeout_s: Annotated[float, msgspec.Meta(ge=0, le=MAX_CACHE_TIMEOUT_S)] = 1.0
+    entry_timeout_s: Annotated[float, msgspec.Meta(ge=0, le=MAX_CACHE_TIMEOUT_S)] = DEFAULT_ENTRY_TIMEOUT_S
+    attr_timeout_s: Annotated[float, msgspec.Meta(ge=0, le=MAX_CACHE_TIMEOUT_S)] = DEFAULT_ATTR_TIMEOUT_S
     negative_timeout_s: Annotated[float, msgspec.Meta(ge=0, le=MAX_CACHE_TIMEOUT_S)] = DEFAULT_NEGATIVE_TIMEOUT_S
     max_tasks: int = 128
     session_loop: Literal["lean", "pyfuse3"] = "lean"
