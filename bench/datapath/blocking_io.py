@@ -29,7 +29,7 @@ from pathlib import Path
 import click
 
 from run import Mount, drop_caches, fio  # bench/datapath/run.py, which puts bench/ on sys.path
-from _host import StealMeter, machine  # noqa: E402, I001 - bench/_host.py
+from _host import HostMeter, machine  # noqa: E402, I001 - bench/_host.py
 
 MODES = ("loop", "adaptive", "thread")
 
@@ -54,7 +54,7 @@ def main(quick: bool, repeat: int, slow_ms: float, as_json: bool) -> None:
                                           "mode": "floor"}]})
     iops: dict[tuple[str, str, int], list[float]] = {}
     cpu_us: dict[tuple[str, str, int], list[float]] = {}
-    steal = StealMeter()
+    host = HostMeter()
     with tempfile.TemporaryDirectory(prefix="interposer-blocking-") as tmp:
         work = Path(tmp)
         mounts: list[Mount] = []
@@ -96,7 +96,7 @@ def main(quick: bool, repeat: int, slow_ms: float, as_json: bool) -> None:
     med = {k: statistics.median(v) for k, v in iops.items()}
     cpu = {k: statistics.median(v) for k, v in cpu_us.items()}
     if as_json:
-        click.echo(json.dumps({"machine": machine(), "steal_share": steal.share(), "iops": {" / ".join(map(str, k)): v for k, v in med.items()},
+        click.echo(json.dumps({"machine": machine(), "steal_share": host.share(), "host_reclaimed_mib": host.reclaimed_mib(), "iops": {" / ".join(map(str, k)): v for k, v in med.items()},
                                "worker_cpu_us_per_read": {" / ".join(map(str, k)): v for k, v in cpu.items()}},
                               indent=2))
         return
@@ -110,7 +110,7 @@ def main(quick: bool, repeat: int, slow_ms: float, as_json: bool) -> None:
             cells = [f"{med[(store, m, jobs)]:,.0f} ({med[(store, m, jobs)] / base:.2f}; "
                      f"{cpu[(store, m, jobs)]:.0f} µs CPU)" for m in MODES]
             click.echo(f"| {store} | {jobs} | {base:,.0f} | " + " | ".join(cells) + " |")
-    click.echo(steal.report())
+    click.echo(host.report())
 
 
 if __name__ == "__main__":

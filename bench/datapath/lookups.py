@@ -23,7 +23,7 @@ from pathlib import Path
 import click
 
 from run import Mount  # bench/datapath/run.py, which puts bench/ on sys.path
-from _host import StealMeter, machine  # noqa: E402, I001 - bench/_host.py
+from _host import HostMeter, machine  # noqa: E402, I001 - bench/_host.py
 
 #: Distinct missing names probed in turn.
 NAMES = 50
@@ -56,7 +56,7 @@ def missing_stats_per_s(directory: Path, seconds: float) -> float:
 def main(quick: bool, repeat: int) -> None:
     """Print missing-name stat rates: native, negative entries cached (default), not cached."""
     seconds, repeat = (0.5, 1) if quick else (3.0, repeat)
-    steal = StealMeter()
+    host = HostMeter()
     variants = {"native": None, "mount, --negative-timeout 1 (default)": (),
                 "mount, --negative-timeout 0": ("--negative-timeout", "0")}
     rates: dict[str, list[float]] = {name: [] for name in variants}
@@ -90,7 +90,7 @@ def main(quick: bool, repeat: int) -> None:
         rate = statistics.median(rates[name])
         cpu = f"{statistics.median(cpu_us[name]):.1f}" if name in mounts else "-"
         click.echo(f"| {name} | {rate:,.0f} | {rate / native:.2f} | {cpu} |")
-    click.echo(steal.report())
+    click.echo(host.report())
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ import click
 from interposer.cli._procs import cpu_seconds
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _host import StealMeter, machine  # noqa: E402 - bench/_host.py
+from _host import HostMeter, machine  # noqa: E402 - bench/_host.py
 
 NOOP_LAYERS = json.dumps({"description": "every layer, doing nothing", "layers": [
     {"type": "fault", "errno": "EIO", "probability": 0.0},
@@ -170,7 +170,7 @@ def main(quick: bool, repeat: int, as_json: bool, base: Path | None) -> None:
     results: dict[str, dict[str, list[float]]] = {v: {} for v, _, _ in variants}
     cpu_us: dict[str, dict[str, list[float]]] = {v: {} for v, _, _ in variants}
     extras: dict[str, dict[str, float]] = {}
-    steal = StealMeter()
+    host = HostMeter()
     with tempfile.TemporaryDirectory(prefix="interposer-bench-", dir=base) as tmp:
         work = Path(tmp)
         targets: dict[str, Path] = {}
@@ -210,7 +210,7 @@ def main(quick: bool, repeat: int, as_json: bool, base: Path | None) -> None:
     cpu_medians = {v: {n: statistics.median(xs) for n, xs in row.items()} for v, row in cpu_us.items()}
     units = {t.name: t.unit for t in tests(size, runtime_s)} | {"create+stat+unlink": "ops/s"}
     if as_json:
-        click.echo(json.dumps({"machine": machine(), "steal_share": steal.share(), "results": medians, "worker_cpu_us_per_io": cpu_medians,
+        click.echo(json.dumps({"machine": machine(), "steal_share": host.share(), "host_reclaimed_mib": host.reclaimed_mib(), "results": medians, "worker_cpu_us_per_io": cpu_medians,
                                "runs": results, "worker": extras}, indent=2))
         return
     click.echo(f"machine: {machine()}; size {size}, runtime {runtime_s:g} s, median of {repeat}")
@@ -228,7 +228,7 @@ def main(quick: bool, repeat: int, as_json: bool, base: Path | None) -> None:
         click.echo(f"| {name} | " + " | ".join(f"{cpu_medians[v][name]:.1f}" for v, _, _ in variants[1:]) + " |")
     for variant, values in extras.items():
         click.echo(f"{variant}: " + ", ".join(f"{k} {v:.2f}" for k, v in values.items()))
-    click.echo(steal.report())
+    click.echo(host.report())
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ from interposer.proto import DelayLayer, ProfileLayer, ThrottleLayer, decode_pol
 from interposer.proto.profiles import PROFILES, expand_profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _host import StealMeter, machine  # noqa: E402 - bench/_host.py
+from _host import HostMeter, machine  # noqa: E402 - bench/_host.py
 
 MIB = 1 << 20
 #: fio run time per measurement, seconds (full mode): 13 scenarios x 4 modes x 10 s ~ 9 min of fio.
@@ -368,7 +368,7 @@ def main() -> None:
         work = Path(tmp)
         (work / "backing").mkdir()
         started = time.monotonic()
-        steal = StealMeter()
+        host = HostMeter()
         print(f"# machine: {machine()}", flush=True)
         adds = not args.noop and any(has_added_delay(s.layers) for s in chosen)
         lay_out(work / "backing", {qd for qd, _ in modes} | ({1} if adds else set()), file_bytes)
@@ -378,7 +378,7 @@ def main() -> None:
             run_noop(modes, work, runtime_s, file_bytes, args.repeat)
         else:
             run_table(chosen, modes, work, runtime_s, file_bytes, worker_flags)
-        print(f"# total {time.monotonic() - started:.0f} s; {steal.report()}", flush=True)
+        print(f"# total {time.monotonic() - started:.0f} s; {host.report()}", flush=True)
 
 
 if __name__ == "__main__":
