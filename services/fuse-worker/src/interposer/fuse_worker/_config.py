@@ -8,6 +8,7 @@ import msgspec
 
 from interposer.proto.policy import MAX_GLOB_LENGTH, MAX_SELECTOR_LABELS, LabelKey, LabelValue, OpName
 from interposer.proto.subjects import VOLUME_ID_PATTERN
+from interposer.proto.worker_tuning import MAX_BUSY_POLL_US, MAX_CACHE_TIMEOUT_S
 
 from ._readahead import DEFAULT_READ_AHEAD_KIB
 from .backends import BACKEND_KINDS, DEFAULT_MEMORY_SIZE_BYTES
@@ -31,8 +32,6 @@ DEFAULT_ATTR_TIMEOUT_S = 1.0
 #: that exist (a name is cached for the same time whether found or not), so a file
 #: created directly in the backing dir shows within it, as a deleted one already did.
 DEFAULT_NEGATIVE_TIMEOUT_S = DEFAULT_ENTRY_TIMEOUT_S
-#: Longest kernel cache time (entry, attribute, negative entry) accepted, seconds.
-MAX_CACHE_TIMEOUT_S = 3600.0
 
 #: Most event sampling rules one worker takes.
 MAX_EVENT_SAMPLE_RULES = 64
@@ -211,7 +210,7 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     negative_timeout_s: Annotated[float, msgspec.Meta(ge=0, le=MAX_CACHE_TIMEOUT_S)] = DEFAULT_NEGATIVE_TIMEOUT_S
     max_tasks: int = 128
     session_loop: Literal["lean", "pyfuse3"] = "lean"
-    busy_poll_us: Annotated[int, msgspec.Meta(ge=0, le=10_000)] = DEFAULT_BUSY_POLL_US
+    busy_poll_us: Annotated[int, msgspec.Meta(ge=0, le=MAX_BUSY_POLL_US)] = DEFAULT_BUSY_POLL_US
     blocking_io: Literal["adaptive", "loop", "thread"] = "adaptive"
     wake_compensation: Literal["off", "worker", "round-trip"] = DEFAULT_WAKE_COMPENSATION
     read_ahead_kib: Annotated[int, msgspec.Meta(ge=0, le=65536)] = DEFAULT_READ_AHEAD_KIB
