@@ -103,8 +103,11 @@ def mounting_volume_request(
 
 @contextmanager
 def fresh_csi_root() -> Iterator[Path]:
-    """A fresh ``/tmp/csi-*`` directory; every mount under it is removed at the end."""
-    root = Path(tempfile.mkdtemp(prefix="csi-", dir="/tmp"))
+    """A fresh ``csi-*`` directory in ``$TMPDIR`` (``/tmp``); every mount under it is removed at the end.
+
+    ``$TMPDIR`` lets checkouts tested side by side keep their mounts apart.
+    """
+    root = Path(tempfile.mkdtemp(prefix="csi-"))
     try:
         yield root
     finally:

@@ -166,7 +166,7 @@ class _Cluster:
 
 @pytest.fixture
 def cluster() -> Iterator[_Cluster]:
-    root = Path(tempfile.mkdtemp(prefix="k8slaunch-", dir="/tmp"))
+    root = Path(tempfile.mkdtemp(prefix="k8slaunch-"))  # in $TMPDIR, as csi_support
     cluster = _Cluster(root)
     try:
         yield cluster
