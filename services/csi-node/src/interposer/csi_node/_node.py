@@ -39,6 +39,7 @@ from ._mounts import (
 )
 from ._state import StateStore, VolumeState, write_atomically
 from ._stats import DEFAULT_STATS_TIMEOUT_S, volume_stats_response
+from ._worker_tuning import WorkerTuning
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +152,7 @@ class _PublishPlan:
         pod_uid: str,
         service_account: str,
         ephemeral: bool,
+        tuning: WorkerTuning,
     ) -> None:
         self.volume_id = volume_id
         self.target_path = target_path
@@ -166,6 +168,7 @@ class _PublishPlan:
         self.pod_uid = pod_uid
         self.service_account = service_account
         self.ephemeral = ephemeral
+        self.tuning = tuning
 
 
 class NodeService(csi_pb2_grpc.NodeServicer):
@@ -257,10 +260,10 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             CsiError: INVALID_ARGUMENT (missing or bad field or volume_context key),
                 ALREADY_EXISTS (the target holds another volume or another mount, or
                 this volume is already published there with a different capability,
-                readonly flag or backing path), FAILED_PRECONDITION (the volume is
-                published at another target on this node), DEADLINE_EXCEEDED (the
-                mount did not answer in ``mount_timeout_s``), INTERNAL (the worker
-                could not start or died; details carry its log tail).
+                readonly flag, backing path or worker tuning), FAILED_PRECONDITION
+                (the volume is published at another target on this node),
+                DEADLINE_EXCEEDED (the mount did not answer in ``mount_timeout_s``),
+                INTERNAL (the worker could not start or died; details carry its log tail).
         """
         plan = self._validate_publish(request)
         log.info(
@@ -357,6 +360,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             pod_uid=context.get(CONTEXT_POD_UID, ""),
             service_account=context.get(CONTEXT_SERVICE_ACCOUNT, ""),
             ephemeral=context.get(CONTEXT_EPHEMERAL, "false").lower() == "true",
+            tuning=WorkerTuning(),
         )
 
     @staticmethod
@@ -427,6 +431,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             conflicts.append(f"backing dir {existing.backing_dir} -> {plan.backing_dir}")
         if existing.backing_claim != plan.backing_claim:
             conflicts.append(f"backing claim {existing.backing_claim} -> {plan.backing_claim}")
+        if existing.tuning != plan.tuning:
+            conflicts.append(f"worker tuning {_describe(existing.tuning)} -> {_describe(plan.tuning)}")
         if conflicts:
             raise CsiError(
                 grpc.StatusCode.ALREADY_EXISTS,
@@ -502,6 +508,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             pod_uid=plan.pod_uid,
             service_account=plan.service_account,
             ephemeral=plan.ephemeral,
+            tuning=plan.tuning,
         )
         # Saved before waiting, so a csi-node that dies meanwhile still finds the worker.
         self._store.save(state)
@@ -650,6 +657,11 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             lock = self._volume_locks.setdefault(volume_id, threading.Lock())
         with lock:
             yield
+
+
+def _describe(tuning: WorkerTuning) -> str:
+    """``tuning`` as the worker flags it sets, for error details."""
+    return " ".join(tuning.arguments()) or "(worker defaults)"
 
 
 def _create_backing_dir_if_asked(context) -> None:
