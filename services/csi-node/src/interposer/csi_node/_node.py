@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import msgspec.structs
 from interposer.proto import PolicyError, decode_policy, encode_policy
 from interposer.proto.csi import csi_pb2, csi_pb2_grpc
 from interposer.proto.subjects import VOLUME_ID_PATTERN, is_valid_volume_id
+from interposer.proto.worker_tuning import MAX_BUSY_POLL_US, MAX_CACHE_TIMEOUT_S
 
 from ._config import CsiNodeConfig
 from ._launcher import Launcher, WorkerSpec
@@ -57,6 +59,26 @@ CONTEXT_BACKEND = "backend"
 CONTEXT_CREATE_BACKING_PATH = "createBackingPath"
 #: ``volume_context`` key: JSON ``Policy`` applied from the first op on. OPTIONAL.
 CONTEXT_POLICY = "policy"
+#: ``volume_context`` keys: how long the kernel may cache a name it looked up, a
+#: file's attributes, and a lookup that found no such name: decimal seconds, 0 to
+#: ``MAX_CACHE_TIMEOUT_S`` (the worker's ``--entry-timeout``, ``--attr-timeout``,
+#: ``--negative-timeout``). OPTIONAL: unset = the worker's default, 1 s each.
+CONTEXT_ENTRY_TIMEOUT = "entryTimeoutSeconds"
+CONTEXT_ATTR_TIMEOUT = "attrTimeoutSeconds"
+CONTEXT_NEGATIVE_TIMEOUT = "negativeTimeoutSeconds"
+#: ``volume_context`` key: how long the worker keeps polling the FUSE device after a
+#: request before it sleeps, whole µs, 0 to ``MAX_BUSY_POLL_US`` (``--busy-poll-us``;
+#: 0 spares a busy node's CPU). OPTIONAL: unset = the worker's default, 50.
+CONTEXT_BUSY_POLL = "busyPollMicroseconds"
+#: ``volume_context`` key: ``default`` (the timeouts as given) or ``strict`` (all three
+#: 0: a name or file another node changes in a shared backing dir shows at once, and
+#: every stat and lookup is a round trip to the worker). OPTIONAL.
+CONTEXT_CACHE_COHERENCE = "cacheCoherence"
+CACHE_COHERENCE_MODES = ("default", "strict")
+#: The three kernel cache timeout keys (checked in this order).
+CACHE_TIMEOUT_KEYS = (CONTEXT_ENTRY_TIMEOUT, CONTEXT_ATTR_TIMEOUT, CONTEXT_NEGATIVE_TIMEOUT)
+#: Every key :func:`worker_tuning_of` reads (also StorageClass parameters of the Controller).
+WORKER_TUNING_KEYS = frozenset({*CACHE_TIMEOUT_KEYS, CONTEXT_BUSY_POLL, CONTEXT_CACHE_COHERENCE})
 #: ``volume_context`` keys kubelet adds when the CSIDriver has ``podInfoOnMount: true``.
 CONTEXT_POD_NAMESPACE = "csi.storage.k8s.io/pod.namespace"
 CONTEXT_POD_NAME = "csi.storage.k8s.io/pod.name"
@@ -317,6 +339,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         # The target itself may not exist yet; resolve only its parent.
         real_target_path = real_path_of_target(target_path)
         context = request.volume_context
+        tuning = worker_tuning_of(context, "volume_context")  # before anything is created
         _create_backing_dir_if_asked(context)
         backing_path = context.get(CONTEXT_BACKING_PATH, "")
         backing_claim = context.get(CONTEXT_BACKING_CLAIM, "")
@@ -360,7 +383,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             pod_uid=context.get(CONTEXT_POD_UID, ""),
             service_account=context.get(CONTEXT_SERVICE_ACCOUNT, ""),
             ephemeral=context.get(CONTEXT_EPHEMERAL, "false").lower() == "true",
-            tuning=WorkerTuning(),
+            tuning=tuning,
         )
 
     @staticmethod
@@ -657,6 +680,84 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             lock = self._volume_locks.setdefault(volume_id, threading.Lock())
         with lock:
             yield
+
+
+def worker_tuning_of(settings: Mapping[str, str], field: str) -> WorkerTuning:
+    """The worker tuning that the keys :data:`WORKER_TUNING_KEYS` of ``settings`` ask for.
+
+    Args:
+        settings: a ``volume_context``, or a StorageClass's ``parameters`` (same
+            keys); other keys are ignored.
+        field: what error details call ``settings`` (``volume_context``, ``parameters``).
+
+    Returns:
+        The tuning; a setting no key names stays None (the worker's default).
+
+    Raises:
+        CsiError: INVALID_ARGUMENT naming the key, the reason and what is allowed: a
+            timeout that is not a finite decimal number from 0 to
+            ``MAX_CACHE_TIMEOUT_S`` seconds, a busy poll that is not an integer from
+            0 to ``MAX_BUSY_POLL_US`` µs, a ``cacheCoherence`` other than
+            ``default``/``strict``, or ``strict`` beside a non-zero timeout.
+    """
+    timeouts_s = {
+        key: _setting_in_range(settings, key, field, float, "decimal seconds", MAX_CACHE_TIMEOUT_S)
+        for key in CACHE_TIMEOUT_KEYS
+        if key in settings
+    }
+    coherence = settings.get(CONTEXT_CACHE_COHERENCE, "default")
+    coherence_key = f"{field}[{CONTEXT_CACHE_COHERENCE!r}]"
+    if coherence not in CACHE_COHERENCE_MODES:
+        raise _invalid(f"{coherence_key} = {coherence!r} is not one of: {', '.join(CACHE_COHERENCE_MODES)}")
+    if coherence == "strict":
+        for key, timeout_s in timeouts_s.items():
+            if timeout_s:
+                raise _invalid(
+                    f"{coherence_key} = 'strict' sets every cache timeout to 0, but {field}[{key!r}] = "
+                    f"{settings[key]!r}: set only one of them"
+                )
+        timeouts_s = dict.fromkeys(CACHE_TIMEOUT_KEYS, 0.0)
+    busy_poll_us = None
+    if CONTEXT_BUSY_POLL in settings:
+        busy_poll_us = _setting_in_range(
+            settings, CONTEXT_BUSY_POLL, field, int, "whole microseconds", MAX_BUSY_POLL_US
+        )
+    return WorkerTuning(
+        entry_timeout_s=timeouts_s.get(CONTEXT_ENTRY_TIMEOUT),
+        attr_timeout_s=timeouts_s.get(CONTEXT_ATTR_TIMEOUT),
+        negative_timeout_s=timeouts_s.get(CONTEXT_NEGATIVE_TIMEOUT),
+        busy_poll_us=busy_poll_us,
+    )
+
+
+def _setting_in_range(
+    settings: Mapping[str, str],
+    key: str,
+    field: str,
+    parse: Callable[[str], float],
+    unit: str,
+    maximum: float,
+) -> float:
+    """``parse(settings[key])`` if it is a finite number from 0 to ``maximum``.
+
+    Raises:
+        CsiError: INVALID_ARGUMENT naming ``field[key]``, why, and the allowed range in ``unit``.
+    """
+    text = settings[key]
+    try:
+        value = parse(text)
+    except ValueError:
+        reason = "is not an integer" if parse is int else "is not a number"
+    else:
+        if not math.isfinite(value):
+            reason = "is not finite"
+        elif value < 0:
+            reason = "is negative"
+        elif value > maximum:
+            reason = f"is above {maximum:g}"
+        else:
+            return value
+    raise _invalid(f"{field}[{key!r}] = {text!r} {reason} (allowed: {unit} from 0 to {maximum:g})")
 
 
 def _describe(tuning: WorkerTuning) -> str:
