@@ -162,8 +162,8 @@ def test_bad_policy_is_rejected_and_nothing_is_mounted(
     assert not target.exists()
 
 
-def rejected_tuning_details(csi_node: CsiNode, csi_root: Path, context: dict[str, str]) -> str:
-    """Publish with worker tuning ``context``; check it is INVALID_ARGUMENT and made nothing; the details."""
+def rejected_publish_details(csi_node: CsiNode, csi_root: Path, context: dict[str, str]) -> str:
+    """Publish with ``context`` and a backing dir to create; check INVALID_ARGUMENT, nothing made; the details."""
     target = csi_root / "target"
     backing = csi_root / "backing-to-create"  # the node would create it (StorageClass backingRoot)
     request = mounting_volume_request(
@@ -174,6 +174,19 @@ def rejected_tuning_details(csi_node: CsiNode, csi_root: Path, context: dict[str
     assert_nothing_published(csi_node, csi_root)
     assert not target.exists() and not backing.exists()
     return error.details()
+
+
+@pytest.mark.parametrize(
+    ("context", "expected_in_details"),
+    [
+        ({"policy": "{not json"}, "policy"),
+        ({"backend": "tape"}, "backend"),
+    ],
+)
+def test_a_refused_publish_does_not_create_the_backing_dir(
+    csi_node: CsiNode, csi_root: Path, context: dict[str, str], expected_in_details: str
+) -> None:
+    assert expected_in_details in rejected_publish_details(csi_node, csi_root, context)
 
 
 @pytest.mark.parametrize(
@@ -192,7 +205,7 @@ def rejected_tuning_details(csi_node: CsiNode, csi_root: Path, context: dict[str
 def test_bad_worker_tuning_value(
     csi_node: CsiNode, csi_root: Path, key: str, value: str, reason: str
 ) -> None:
-    details = rejected_tuning_details(csi_node, csi_root, {key: value})
+    details = rejected_publish_details(csi_node, csi_root, {key: value})
     allowed = "microseconds from 0 to 10000" if key == "busyPollMicroseconds" else "seconds from 0 to 3600"
     assert f"[{key!r}] = {value!r} {reason}" in details and allowed in details
 
@@ -211,7 +224,7 @@ def test_bad_worker_tuning_value(
 def test_bad_cache_coherence(
     csi_node: CsiNode, csi_root: Path, context: dict, expected_in_details: list
 ) -> None:
-    details = rejected_tuning_details(csi_node, csi_root, context)
+    details = rejected_publish_details(csi_node, csi_root, context)
     for expected in expected_in_details:
         assert expected in details
 

@@ -339,8 +339,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         # The target itself may not exist yet; resolve only its parent.
         real_target_path = real_path_of_target(target_path)
         context = request.volume_context
-        tuning = worker_tuning_of(context, "volume_context")  # before anything is created
-        _create_backing_dir_if_asked(context)
+        tuning = worker_tuning_of(context, "volume_context")
         backing_path = context.get(CONTEXT_BACKING_PATH, "")
         backing_claim = context.get(CONTEXT_BACKING_CLAIM, "")
         has_backing = bool(backing_path or backing_claim)
@@ -351,23 +350,24 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 f"volume_context[{CONTEXT_BACKEND!r}] = {backend!r} is not supported "
                 f"(supported: {', '.join(sorted(SUPPORTED_BACKENDS))})"
             )
-        if backend == "passthrough" and backing_claim:
-            backing_dir, backing_claim = "", self._validate_backing_claim(backing_claim, backing_path)
-        elif backend == "passthrough":
-            backing_dir = self._validate_backing_dir(backing_path, real_target_path)
-        elif has_backing:
+        if has_backing and backend != "passthrough":
             raise _invalid(
                 f"volume_context[{CONTEXT_BACKING_PATH!r}] is only for the passthrough backend "
                 f"(volume_context[{CONTEXT_BACKEND!r}] = {backend!r})"
             )
-        else:
-            backing_dir = ""
         policy_json = None
         if CONTEXT_POLICY in context:
             try:
                 policy_json = encode_policy(decode_policy(context[CONTEXT_POLICY]))
             except PolicyError as exc:
                 raise _invalid(f"volume_context[{CONTEXT_POLICY!r}]: {exc}") from None
+        # The backing directory last: it may be created here, and a refused publish creates nothing.
+        backing_dir = ""
+        if backend == "passthrough" and backing_claim:
+            backing_claim = self._validate_backing_claim(backing_claim, backing_path)
+        elif backend == "passthrough":
+            create = context.get(CONTEXT_CREATE_BACKING_PATH, "false").lower() == "true"
+            backing_dir = self._validate_backing_dir(backing_path, real_target_path, create=create)
         return _PublishPlan(
             volume_id=volume_id,
             target_path=target_path,
@@ -387,19 +387,32 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         )
 
     @staticmethod
-    def _validate_backing_dir(backing_path: str, real_target_path: str) -> str:
+    def _validate_backing_dir(backing_path: str, real_target_path: str, *, create: bool) -> str:
+        """Return the resolved ``backingPath``; create it first when ``create`` (StorageClass ``backingRoot``).
+
+        Raises:
+            CsiError: INVALID_ARGUMENT if the path is missing, relative, overlaps the
+                target or is not a directory (checked before creating anything);
+                INTERNAL if it cannot be created.
+        """
         key = f"volume_context[{CONTEXT_BACKING_PATH!r}]"
         if not backing_path:
             raise _invalid(f"{key} is required: the directory the volume passes through to")
         if not os.path.isabs(backing_path):
             raise _invalid(f"{key} = {backing_path!r} must be absolute")
         backing_dir = os.path.realpath(backing_path)
-        if not os.path.isdir(backing_dir):
-            raise _invalid(f"{key} = {backing_path!r} is not an existing directory")
         if _is_within(backing_dir, real_target_path):
             raise _invalid(f"{key} = {backing_path!r} is inside target_path: the mount would hide it")
         if _is_within(real_target_path, backing_dir):
             raise _invalid(f"target_path is inside {key} = {backing_path!r}: the volume would contain itself")
+        if create:
+            try:
+                os.makedirs(backing_dir, mode=0o750, exist_ok=True)
+            except OSError as exc:
+                details = f"cannot create {key} {backing_path}: {exc}"
+                raise CsiError(grpc.StatusCode.INTERNAL, details) from None
+        if not os.path.isdir(backing_dir):
+            raise _invalid(f"{key} = {backing_path!r} is not an existing directory")
         return backing_dir
 
     def _validate_backing_claim(self, backing_claim: str, backing_path: str) -> str:
@@ -763,25 +776,6 @@ def _setting_in_range(
 def _describe(tuning: WorkerTuning) -> str:
     """``tuning`` as the worker flags it sets, for error details."""
     return " ".join(tuning.arguments()) or "(worker defaults)"
-
-
-def _create_backing_dir_if_asked(context) -> None:
-    """Create ``backingPath`` when the controller asked for it (StorageClass ``backingRoot``).
-
-    Raises:
-        CsiError: INVALID_ARGUMENT if the path is relative; INTERNAL if it cannot be created.
-    """
-    if context.get(CONTEXT_CREATE_BACKING_PATH, "false").lower() != "true":
-        return
-    path = context.get(CONTEXT_BACKING_PATH, "")
-    if not os.path.isabs(path):
-        return  # _validate_backing_dir names the problem
-    try:
-        os.makedirs(path, mode=0o750, exist_ok=True)
-    except OSError as exc:
-        raise CsiError(
-            grpc.StatusCode.INTERNAL, f"cannot create volume_context[{CONTEXT_BACKING_PATH!r}] {path}: {exc}"
-        ) from None
 
 
 def _is_within(path: str, directory: str) -> bool:
