@@ -17,7 +17,6 @@ from ._config import (
     DEFAULT_ATTR_TIMEOUT_S,
     DEFAULT_BUSY_POLL_US,
     DEFAULT_ENTRY_TIMEOUT_S,
-    DEFAULT_NEGATIVE_TIMEOUT_S,
     DEFAULT_POLICY_WAIT_S,
     DEFAULT_WAKE_COMPENSATION,
     WorkerConfig,
@@ -66,9 +65,10 @@ from ._worker import run
 @click.option("--attr-timeout", "attr_timeout_s", type=click.FloatRange(0, MAX_CACHE_TIMEOUT_S),
               default=DEFAULT_ATTR_TIMEOUT_S, show_default=True, help="Seconds the kernel may cache a file's attributes (see docs/posix.md).")
 @click.option("--negative-timeout", "negative_timeout_s", type=click.FloatRange(0, MAX_CACHE_TIMEOUT_S),
-              default=DEFAULT_NEGATIVE_TIMEOUT_S, show_default=True,
+              default=None,
               help="Seconds the kernel may cache a lookup that found no such name (0 = never, like NFS's "
-                   "lookupcache=positive; off anyway while a layer acts on lookups).")
+                   "lookupcache=positive; off anyway while a layer acts on lookups)  [default: the entry "
+                   "timeout]")
 @click.option("--blocking-io", type=click.Choice(["adaptive", "loop", "thread"]), default="adaptive",
               show_default=True,
               help="Passthrough reads/writes/syncs: on the event loop while fast, in a thread once slow "
