@@ -17,8 +17,7 @@ class WorkerTuning(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
         attr_timeout_s: how long the kernel may cache a file's attributes, seconds
             (``--attr-timeout``; worker default 1 s).
         negative_timeout_s: how long the kernel may cache a lookup that found no such
-            name, seconds (``--negative-timeout``; worker default 1 s, whatever
-            ``entry_timeout_s`` is).
+            name, seconds (``--negative-timeout``; worker default: the entry timeout).
         busy_poll_us: how long the worker keeps polling the FUSE device for the next
             request before it sleeps, µs (``--busy-poll-us``; worker default 50; 0 = never).
     """
