@@ -1,7 +1,7 @@
 """Fixtures for the csi-node tests: a real csi-node process on a unix socket.
 
 Each test gets its own csi-node (``python -m interposer.csi_node``) in a fresh
-``/tmp/csi-*`` directory, or shares one per module where nothing is published,
+``csi-*`` directory in ``$TMPDIR``, or shares one per module where nothing is published,
 and talks to it with the generated CSI stubs, as kubelet does. Teardown stops the
 csi-node, kills any fuse-worker it left (pids from its state files) and lazily
 unmounts anything still mounted under the directory.
@@ -18,7 +18,7 @@ from csi_support import CsiNode, fresh_csi_root, running_csi_node
 
 @pytest.fixture
 def csi_root() -> Iterator[Path]:
-    """A fresh ``/tmp/csi-*`` directory for one test, mounts under it removed at the end."""
+    """A fresh ``csi-*`` directory (in ``$TMPDIR``) for one test, mounts under it removed at the end."""
     with fresh_csi_root() as root:
         yield root
 

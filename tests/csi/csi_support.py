@@ -56,6 +56,15 @@ class CsiNode:
         ]
 
 
+#: The worker flags a volume's ``WorkerTuning`` sets (kernel cache times, busy polling).
+TUNING_FLAGS = ("--entry-timeout", "--attr-timeout", "--negative-timeout", "--busy-poll-us")
+
+
+def tuning_flags(argv: list[str]) -> dict[str, str]:
+    """The worker tuning flags in a worker's ``argv``: flag → value."""
+    return {flag: argv[argv.index(flag) + 1] for flag in TUNING_FLAGS if flag in argv}
+
+
 def fuse_mounts_under(root: Path) -> dict[str, str]:
     """Mount point → fstype for every mount at or below ``root`` (from /proc/self/mountinfo)."""
     found = {}
@@ -103,8 +112,11 @@ def mounting_volume_request(
 
 @contextmanager
 def fresh_csi_root() -> Iterator[Path]:
-    """A fresh ``/tmp/csi-*`` directory; every mount under it is removed at the end."""
-    root = Path(tempfile.mkdtemp(prefix="csi-", dir="/tmp"))
+    """A fresh ``csi-*`` directory in ``$TMPDIR`` (``/tmp``); every mount under it is removed at the end.
+
+    ``$TMPDIR`` lets checkouts tested side by side keep their mounts apart.
+    """
+    root = Path(tempfile.mkdtemp(prefix="csi-"))
     try:
         yield root
     finally:

@@ -119,6 +119,20 @@ def test_create_volume_backends(controller: Controller, parameters: dict, contex
     assert dict(controller.create("pvc-b", parameters).volume.volume_context) == context
 
 
+@pytest.mark.parametrize(
+    "tuning",
+    [
+        {"cacheCoherence": "strict", "busyPollMicroseconds": "0"},
+        {"entryTimeoutSeconds": "0.5", "attrTimeoutSeconds": "30", "negativeTimeoutSeconds": "0"},
+    ],
+    ids=["strict-no-busy-poll", "timeouts"],
+)
+def test_create_volume_carries_worker_tuning(controller: Controller, tuning: dict) -> None:
+    parameters = {"backend": "hostPath", "backingPath": "/srv/shared", **tuning}
+    context = controller.create("pvc-shared", parameters).volume.volume_context
+    assert dict(context) == {"backend": "passthrough", "backingPath": "/srv/shared", **tuning}
+
+
 def test_a_name_that_is_not_a_valid_id_gets_a_stable_hashed_id(controller: Controller) -> None:
     first = controller.create("My Volume/1").volume.volume_id
     assert first.startswith("iv-") and first == controller.create("My Volume/1").volume.volume_id
@@ -143,6 +157,16 @@ def test_a_name_that_is_not_a_valid_id_gets_a_stable_hashed_id(controller: Contr
         ({"parameters": {"backend": "memory", "backingRoot": "/x"}}, "hostPath only"),
         ({"parameters": {"backend": "memory", "colour": "blue"}}, "colour"),
         ({"parameters": {"backend": "memory", "policy": "{"}}, "policy"),
+        (
+            {"parameters": {"backend": "memory", "entryTimeoutSeconds": "-1"}},
+            "parameters['entryTimeoutSeconds'] = '-1' is negative",
+        ),
+        ({"parameters": {"backend": "memory", "busyPollMicroseconds": "fast"}}, "'busyPollMicroseconds'"),
+        ({"parameters": {"backend": "memory", "cacheCoherence": "eventual"}}, "'cacheCoherence'"),
+        (
+            {"parameters": {"backend": "memory", "cacheCoherence": "strict", "attrTimeoutSeconds": "5"}},
+            "parameters['attrTimeoutSeconds']",
+        ),
     ],
 )
 def test_create_volume_invalid_argument(controller: Controller, fields: dict, word: str) -> None:

@@ -20,7 +20,7 @@ import grpc
 import kubernetes_validate
 import msgspec
 import pytest
-from csi_support import fuse_mounts_under, mounting_volume_request
+from csi_support import fuse_mounts_under, mounting_volume_request, tuning_flags
 from interposer.csi_node import CsiError, CsiNodeConfig, KubernetesLauncher, NodeService, WorkerPodSettings, WorkerSpec
 from interposer.csi_node._kubernetes import (
     LABEL_INCARNATION,
@@ -166,7 +166,7 @@ class _Cluster:
 
 @pytest.fixture
 def cluster() -> Iterator[_Cluster]:
-    root = Path(tempfile.mkdtemp(prefix="k8slaunch-", dir="/tmp"))
+    root = Path(tempfile.mkdtemp(prefix="k8slaunch-"))  # in $TMPDIR, as csi_support
     cluster = _Cluster(root)
     try:
         yield cluster
@@ -252,6 +252,34 @@ def test_publish_runs_a_worker_pod_over_the_claim_and_recovers_it(cluster: _Clus
     }
     # ...all in its own namespace but the reads of the application pod's labels (ClusterRole).
     assert {c for c in cluster.api.calls if c[1] != NAMESPACE} == {("read_namespaced_pod", "app", "web-0")}
+
+
+@pytest.mark.fuse
+def test_worker_pods_carry_the_volume_tuning_across_restarts(cluster: _Cluster) -> None:
+    """Worker tuning reaches the pod's args, and the replacement pod's (built from the state, not an argv)."""
+    require_fuse()
+    target = cluster.root / "pods" / "p3" / "mount"
+    context = {"backend": "memory", "cacheCoherence": "strict", "busyPollMicroseconds": "0"}
+    request = mounting_volume_request("vol-t", target, None, extra_context=context)
+    cluster.node.publish(request)
+    (pod,) = cluster.api.worker_pods()
+    _validate({k: v for k, v in pod.items() if k != "status"})
+    flags = {"--entry-timeout": "0.0", "--attr-timeout": "0.0", "--negative-timeout": "0.0",
+             "--busy-poll-us": "0"}
+    assert tuning_flags(pod["spec"]["containers"][0]["args"]) == flags
+    cluster.kubelet.processes[pod["metadata"]["name"]].kill()
+    cluster.kubelet.processes[pod["metadata"]["name"]].wait()
+    assert cluster.watcher.restore_if_dead("vol-t"), cluster.logs()
+    (new_pod,) = cluster.api.worker_pods()
+    assert new_pod["metadata"]["labels"][LABEL_INCARNATION] == "2"
+    assert tuning_flags(new_pod["spec"]["containers"][0]["args"]) == flags
+    (target / "f").write_text("served by the restored pod")
+
+    # A restarted csi-node reads the tuning back from the state file: the same publish is a no-op.
+    restarted = NodeService(cluster.config, make_launcher(cluster.config, cluster.api), cluster.store)
+    restarted.publish(request)
+    assert [c[0] for c in cluster.api.calls].count("create_namespaced_pod") == 2
+    cluster.node.unpublish("vol-t", str(target))
 
 
 @pytest.mark.fuse

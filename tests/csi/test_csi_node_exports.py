@@ -18,6 +18,7 @@ PUBLIC_NAMES = {
     "NodeService",
     "WorkerPodSettings",
     "WorkerSpec",
+    "WorkerTuning",
 }
 
 
@@ -71,3 +72,9 @@ def test_worker_spec_arguments_follow_the_worker_contract() -> None:
     assert bare.arguments() == ["--backing-dir", "/b", "--mountpoint", "/m", "--volume-id", "v1"]
     memory = csi_node.WorkerSpec(volume_id="v1", mountpoint="/m", backend="memory")
     assert memory.arguments() == ["--mountpoint", "/m", "--volume-id", "v1", "--backend", "memory"]
+    tuned = msgspec.structs.replace(
+        bare, tuning=csi_node.WorkerTuning(attr_timeout_s=2.5, negative_timeout_s=0.0, busy_poll_us=0)
+    )
+    assert tuned.arguments()[len(bare.arguments()):] == [
+        "--attr-timeout", "2.5", "--negative-timeout", "0.0", "--busy-poll-us", "0"
+    ]

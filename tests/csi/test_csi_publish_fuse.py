@@ -20,9 +20,10 @@ from csi_support import (
     mounting_volume_request,
     pid_alive,
     running_csi_node,
+    tuning_flags,
 )
 from interposer.proto.csi import csi_pb2
-from interposer_testing import require_fuse  # the project-wide FUSE check: fails, never skips
+from interposer_testing import require_fuse, wait_until  # require_fuse: fails, never skips
 
 pytestmark = pytest.mark.fuse
 
@@ -83,6 +84,73 @@ def test_publish_use_unpublish_lifecycle(csi_node: CsiNode, csi_root: Path, back
     assert (backing_dir / "hello.txt").exists()
 
     unpublish(csi_node, VOLUME_ID, target)  # again: still OK
+
+
+#: The worker flags of ``cacheCoherence: strict``.
+STRICT_FLAGS = {"--entry-timeout": "0.0", "--attr-timeout": "0.0", "--negative-timeout": "0.0"}
+
+
+def tuning_flags_of(pid: int) -> dict[str, str]:
+    """The tuning flags on the command line of running process ``pid`` (flag → value)."""
+    return tuning_flags(Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0"))
+
+
+def shows_at_once(target: Path, backing_dir: Path, name: str) -> bool:
+    """Whether a file made in the backing dir (as another node would) shows through the mount at once.
+
+    The name is looked up through the mount first, so the kernel may cache its absence.
+    """
+    assert not (target / name).exists()
+    (backing_dir / name).write_text("made on another node")
+    return (target / name).exists()
+
+
+@pytest.mark.parametrize(
+    ("context", "flags", "seen_at_once"),
+    [({"cacheCoherence": "strict"}, STRICT_FLAGS, True), ({}, {}, False)],
+    ids=["strict", "default"],
+)
+def test_cache_coherence_reaches_the_worker(
+    csi_node: CsiNode, csi_root: Path, backing_dir: Path, context: dict, flags: dict, seen_at_once: bool
+) -> None:
+    target = csi_root / "target"
+    csi_node.node.NodePublishVolume(
+        mounting_volume_request(VOLUME_ID, target, backing_dir, extra_context=context), timeout=RPC_TIMEOUT_S
+    )
+    (state,) = csi_node.volume_states()
+    assert tuning_flags_of(state["worker_pid"]) == flags
+    # By default the kernel answers "no such name" from its cache for 1 s (negative entry).
+    assert shows_at_once(target, backing_dir, "made-elsewhere") is seen_at_once
+    unpublish(csi_node, VOLUME_ID, target)
+
+
+def test_worker_tuning_survives_a_worker_restart(
+    csi_node: CsiNode, csi_root: Path, backing_dir: Path
+) -> None:
+    target = csi_root / "target"
+    context = {"negativeTimeoutSeconds": "0", "attrTimeoutSeconds": "2.5", "busyPollMicroseconds": "0"}
+    request = mounting_volume_request(VOLUME_ID, target, backing_dir, extra_context=context)
+    csi_node.node.NodePublishVolume(request, timeout=RPC_TIMEOUT_S)
+    (state,) = csi_node.volume_states()
+    flags = {"--attr-timeout": "2.5", "--negative-timeout": "0.0", "--busy-poll-us": "0"}
+    assert tuning_flags_of(state["worker_pid"]) == flags
+    assert state["tuning"] == {"attr_timeout_s": 2.5, "negative_timeout_s": 0.0, "busy_poll_us": 0}
+
+    os.kill(state["worker_pid"], signal.SIGKILL)
+    wait_until(lambda: csi_node.volume_states()[0]["last_restore_s"], "the watcher to restore the worker")
+    (restored,) = csi_node.volume_states()
+    assert restored["worker_pid"] != state["worker_pid"]
+    assert tuning_flags_of(restored["worker_pid"]) == flags
+    assert shows_at_once(target, backing_dir, "made-after-the-restore")
+
+    # The same volume asked for with other settings: the running worker does not have them.
+    strict = {"cacheCoherence": "strict"}
+    other_settings = mounting_volume_request(VOLUME_ID, target, backing_dir, extra_context=strict)
+    with pytest.raises(grpc.RpcError) as caught:
+        csi_node.node.NodePublishVolume(other_settings, timeout=RPC_TIMEOUT_S)
+    assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert "worker tuning" in caught.value.details()
+    unpublish(csi_node, VOLUME_ID, target)
 
 
 def test_publish_without_volume_attributes_serves_a_memory_volume(csi_node: CsiNode, csi_root: Path) -> None:

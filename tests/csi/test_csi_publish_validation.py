@@ -162,6 +162,73 @@ def test_bad_policy_is_rejected_and_nothing_is_mounted(
     assert not target.exists()
 
 
+def rejected_publish_details(csi_node: CsiNode, csi_root: Path, context: dict[str, str]) -> str:
+    """Publish with ``context`` and a backing dir to create; check INVALID_ARGUMENT, nothing made; the details."""
+    target = csi_root / "target"
+    backing = csi_root / "backing-to-create"  # the node would create it (StorageClass backingRoot)
+    request = mounting_volume_request(
+        "vol-1", target, backing, extra_context={"createBackingPath": "true", **context}
+    )
+    error = publish_error(csi_node, request)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert_nothing_published(csi_node, csi_root)
+    assert not target.exists() and not backing.exists()
+    return error.details()
+
+
+@pytest.mark.parametrize(
+    ("context", "expected_in_details"),
+    [
+        ({"policy": "{not json"}, "policy"),
+        ({"backend": "tape"}, "backend"),
+    ],
+)
+def test_a_refused_publish_does_not_create_the_backing_dir(
+    csi_node: CsiNode, csi_root: Path, context: dict[str, str], expected_in_details: str
+) -> None:
+    assert expected_in_details in rejected_publish_details(csi_node, csi_root, context)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "reason"),
+    [
+        ("entryTimeoutSeconds", "soon", "is not a number"),
+        ("attrTimeoutSeconds", "nan", "is not finite"),
+        ("negativeTimeoutSeconds", "inf", "is not finite"),
+        ("entryTimeoutSeconds", "-0.5", "is negative"),
+        ("attrTimeoutSeconds", "3600.5", "is above 3600"),
+        ("busyPollMicroseconds", "2.5", "is not an integer"),
+        ("busyPollMicroseconds", "-1", "is negative"),
+        ("busyPollMicroseconds", "10001", "is above 10000"),
+    ],
+)
+def test_bad_worker_tuning_value(
+    csi_node: CsiNode, csi_root: Path, key: str, value: str, reason: str
+) -> None:
+    details = rejected_publish_details(csi_node, csi_root, {key: value})
+    allowed = "microseconds from 0 to 10000" if key == "busyPollMicroseconds" else "seconds from 0 to 3600"
+    assert f"[{key!r}] = {value!r} {reason}" in details and allowed in details
+
+
+@pytest.mark.parametrize(
+    ("context", "expected_in_details"),
+    [
+        ({"cacheCoherence": "relaxed"}, ["'cacheCoherence'", "'relaxed'", "default, strict"]),
+        (
+            {"cacheCoherence": "strict", "negativeTimeoutSeconds": "1"},
+            ["'cacheCoherence'", "'negativeTimeoutSeconds'", "every cache timeout to 0"],
+        ),
+    ],
+    ids=["unknown", "strict-beside-a-timeout"],
+)
+def test_bad_cache_coherence(
+    csi_node: CsiNode, csi_root: Path, context: dict, expected_in_details: list
+) -> None:
+    details = rejected_publish_details(csi_node, csi_root, context)
+    for expected in expected_in_details:
+        assert expected in details
+
+
 def test_unpublish_missing_fields(csi_node: CsiNode, csi_root: Path) -> None:
     for request in (
         csi_pb2.NodeUnpublishVolumeRequest(volume_id="", target_path=str(csi_root / "t")),

@@ -19,7 +19,7 @@ NAMESPACE = "interposer-system"
 #: Every kustomization a user may apply, relative to the repository root.
 KUSTOMIZATIONS = (
     "deploy/base", "deploy/overlays/dev", "deploy/overlays/monitoring", "deploy/examples",
-    "deploy/examples/stacked-pvc", "deploy/examples/minio-warp",
+    "deploy/examples/stacked-pvc", "deploy/examples/minio-warp", "deploy/examples/shared-strict",
 )
 #: Python package of each service (``python -m interposer.<package>``), by folder under services/.
 SERVICES = {

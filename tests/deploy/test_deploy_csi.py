@@ -7,6 +7,8 @@ import re
 import pytest
 import yaml
 from deploy_support import DEPLOY_DIR, NAMESPACE, REPO_ROOT, Manifest, find, pod_spec_of
+from interposer.csi_node import CsiError
+from interposer.csi_node._controller import volume_context_for
 from interposer.proto.policy import decode_policy
 
 DAEMONSET = "interposer-csi-node"
@@ -272,6 +274,22 @@ def test_examples_use_the_driver(examples: list[Manifest], driver_name: str) -> 
             "the node plugin mounts only /var/lib/interposer"
         )
         decode_policy(attrs["policy"])  # raises PolicyError naming the field
+
+
+def test_the_controller_accepts_every_storage_class(
+    all_rendered: dict[str, list[Manifest]], driver_name: str
+) -> None:
+    """CreateVolume would turn each StorageClass of the driver into a volume context (no INVALID_ARGUMENT)."""
+    classes = [
+        obj for objects in all_rendered.values() for obj in objects
+        if obj["kind"] == "StorageClass" and obj["provisioner"] == driver_name
+    ]
+    assert len(classes) >= 3, "the base StorageClass and the examples' are missing"
+    for storage_class in classes:
+        try:
+            volume_context_for("pvc-example", storage_class["parameters"])
+        except CsiError as exc:
+            pytest.fail(f"StorageClass {storage_class['metadata']['name']}: {exc.details}")
 
 
 def test_example_backing_paths_exist_on_every_node(examples: list[Manifest], node_pod: dict) -> None:

@@ -34,6 +34,7 @@ REQUIRED_KINDS = {
     "deploy/examples": {"Pod", "InterposerPolicy"},
     "deploy/examples/stacked-pvc": {"StorageClass", "PersistentVolumeClaim", "Job"},
     "deploy/examples/minio-warp": {"PersistentVolumeClaim", "Deployment", "Service", "Job", "Secret"},
+    "deploy/examples/shared-strict": {"StorageClass", "PersistentVolumeClaim", "Pod"},
 }
 CLUSTER_SCOPED = {"Namespace", "CSIDriver", "StorageClass", "ClusterRole", "ClusterRoleBinding",
                   "CustomResourceDefinition"}

@@ -151,10 +151,13 @@ def test_a_missing_name_is_cached_until_created_through_the_mount_or_the_timeout
     assert time.monotonic() - started < 2.0
 
 
-@pytest.mark.parametrize("setting", ["--negative-timeout 0", "delay layer on lookup"])
+@pytest.mark.parametrize("setting", ["--negative-timeout 0", "--entry-timeout 0", "delay layer on lookup"])
 def test_a_missing_name_is_looked_up_every_time_when_asked_or_when_a_layer_acts_on_lookups(
         mount_worker, setting: str) -> None:
-    """With caching off, or a layer that must see every lookup (its delay, its fault), nothing is cached."""
+    """With caching off, or a layer that must see every lookup (its delay, its fault), nothing is cached.
+
+    An unset ``--negative-timeout`` follows ``--entry-timeout``.
+    """
     if setting == "delay layer on lookup":
         vol = mount_worker(policy='{"layers": [{"type": "delay", "delay_s": 0.001, "ops": ["lookup"]}]}')
     else:

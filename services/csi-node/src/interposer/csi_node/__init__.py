@@ -14,3 +14,4 @@ from ._launcher import WorkerSpec as WorkerSpec
 from ._node import CsiError as CsiError
 from ._node import NodeService as NodeService
 from ._server import CsiNodeServer as CsiNodeServer
+from ._worker_tuning import WorkerTuning as WorkerTuning

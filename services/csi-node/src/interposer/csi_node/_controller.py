@@ -22,6 +22,7 @@ StorageClass ``parameters``:
 | ``backingClaim`` | pvc: ``namespace/name`` of the existing PVC the volume stacks over |
 | ``profile`` | name of a policy profile, passed through to the worker's context |
 | ``policy`` | JSON ``Policy`` applied from the first op (validated here) |
+| ``cacheCoherence``, ``*TimeoutSeconds``, ``busyPollMicroseconds`` | worker tuning, checked as at publish |
 """
 
 from __future__ import annotations
@@ -41,7 +42,9 @@ from ._node import (
     CONTEXT_CREATE_BACKING_PATH,
     CONTEXT_POLICY,
     SUPPORTED_ACCESS_MODES,
+    WORKER_TUNING_KEYS,
     CsiError,
+    worker_tuning_of,
 )
 
 log = logging.getLogger(__name__)
@@ -53,9 +56,10 @@ PARAM_BACKING_PATH = "backingPath"
 PARAM_BACKING_CLAIM = "backingClaim"
 PARAM_PROFILE = "profile"
 PARAM_POLICY = "policy"
+#: Worker tuning parameters have the names of their volume context keys.
 KNOWN_PARAMETERS = frozenset(
     {PARAM_BACKEND, PARAM_BACKING_ROOT, PARAM_BACKING_PATH, PARAM_BACKING_CLAIM, PARAM_PROFILE, PARAM_POLICY}
-)
+) | WORKER_TUNING_KEYS
 #: Prefix of the keys csi-provisioner adds itself (``--extra-create-metadata``);
 #: they are passed through into the volume context.
 PROVISIONER_PARAMETER_PREFIX = "csi.storage.k8s.io/"
@@ -166,8 +170,9 @@ def volume_context_for(volume_id: str, parameters: dict[str, str]) -> dict[str, 
             context[CONTEXT_POLICY] = encode_policy(decode_policy(parameters[PARAM_POLICY])).decode()
         except PolicyError as exc:
             raise _invalid(f"parameters[{PARAM_POLICY!r}]: {exc}") from None
+    worker_tuning_of(parameters, "parameters")  # a bad StorageClass fails here, not at every publish
     for key, value in parameters.items():
-        if key.startswith(PROVISIONER_PARAMETER_PREFIX):
+        if key.startswith(PROVISIONER_PARAMETER_PREFIX) or key in WORKER_TUNING_KEYS:
             context[key] = value
     return context
 

@@ -221,6 +221,7 @@ def worker_pod_manifest(spec: WorkerSpec, settings: WorkerPodSettings, incarnati
     )
     args += optional_flags(optional)
     args += label_arguments(spec.pod_labels)
+    args += spec.tuning.arguments()
     if spec.read_only:
         args.append("--read-only")
     if settings.nats_creds_secret:

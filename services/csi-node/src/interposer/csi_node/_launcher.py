@@ -29,6 +29,7 @@ import msgspec.structs
 from ._fuse_fd import FdHandoff, handoff_name, mount_fuse_fd
 from ._mounts import unmount_lazily
 from ._state import VolumeState
+from ._worker_tuning import WorkerTuning
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,8 @@ class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
             from (``--fuse-fd-socket``); empty = the worker mounts ``mountpoint`` itself.
         backing_claim: PersistentVolumeClaim the backing directory is on (Kubernetes
             launcher: mounted into the worker pod); empty = ``backing_dir`` is a host path.
+        tuning: the worker's kernel cache times (seconds) and busy polling (µs), see
+            :class:`WorkerTuning`; a setting left None is not passed (the worker's default).
     """
 
     volume_id: str
@@ -83,6 +86,7 @@ class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
     read_only: bool = False
     fuse_fd_socket: str = ""
     backing_claim: str = ""
+    tuning: WorkerTuning = WorkerTuning()
 
     @classmethod
     def of_volume(cls, volume: Any, **settings: Any) -> WorkerSpec:
@@ -90,7 +94,7 @@ class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
 
         Args:
             volume: anything with ``volume_id``, ``backing_dir``, ``backing_claim``,
-                ``backend``, ``target_path``, ``readonly`` and the pod fields
+                ``backend``, ``target_path``, ``readonly``, ``tuning`` and the pod fields
                 (``pod_namespace``, ``pod_name``, ``pod_uid``, ``service_account``).
             settings: the remaining fields (``nats_url``, ``policy_file``…).
         """
@@ -98,7 +102,7 @@ class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
             volume_id=volume.volume_id, backing_dir=volume.backing_dir, backing_claim=volume.backing_claim,
             backend=volume.backend, mountpoint=volume.target_path, read_only=volume.readonly,
             pod_namespace=volume.pod_namespace, pod_name=volume.pod_name, pod_uid=volume.pod_uid,
-            service_account=volume.service_account, **settings,
+            service_account=volume.service_account, tuning=volume.tuning, **settings,
         )
 
     def arguments(self) -> list[str]:
@@ -122,6 +126,7 @@ class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
         )
         args += optional_flags(optional)
         args += label_arguments(self.pod_labels)
+        args += self.tuning.arguments()
         if self.read_only:
             args.append("--read-only")
         return args

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import msgspec.structs
 from interposer.proto import PolicyError, decode_policy, encode_policy
 from interposer.proto.csi import csi_pb2, csi_pb2_grpc
 from interposer.proto.subjects import VOLUME_ID_PATTERN, is_valid_volume_id
+from interposer.proto.worker_tuning import MAX_BUSY_POLL_US, MAX_CACHE_TIMEOUT_S
 
 from ._config import CsiNodeConfig
 from ._launcher import Launcher, WorkerSpec
@@ -39,6 +41,7 @@ from ._mounts import (
 )
 from ._state import StateStore, VolumeState, write_atomically
 from ._stats import DEFAULT_STATS_TIMEOUT_S, volume_stats_response
+from ._worker_tuning import WorkerTuning
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,26 @@ CONTEXT_BACKEND = "backend"
 CONTEXT_CREATE_BACKING_PATH = "createBackingPath"
 #: ``volume_context`` key: JSON ``Policy`` applied from the first op on. OPTIONAL.
 CONTEXT_POLICY = "policy"
+#: ``volume_context`` keys: how long the kernel may cache a name it looked up, a
+#: file's attributes, and a lookup that found no such name: decimal seconds, 0 to
+#: ``MAX_CACHE_TIMEOUT_S`` (the worker's ``--entry-timeout``, ``--attr-timeout``,
+#: ``--negative-timeout``). OPTIONAL: unset = the worker's default, 1 s each.
+CONTEXT_ENTRY_TIMEOUT = "entryTimeoutSeconds"
+CONTEXT_ATTR_TIMEOUT = "attrTimeoutSeconds"
+CONTEXT_NEGATIVE_TIMEOUT = "negativeTimeoutSeconds"
+#: ``volume_context`` key: how long the worker keeps polling the FUSE device after a
+#: request before it sleeps, whole µs, 0 to ``MAX_BUSY_POLL_US`` (``--busy-poll-us``;
+#: 0 spares a busy node's CPU). OPTIONAL: unset = the worker's default, 50.
+CONTEXT_BUSY_POLL = "busyPollMicroseconds"
+#: ``volume_context`` key: ``default`` (the timeouts as given) or ``strict`` (all three
+#: 0: a name or file another node changes in a shared backing dir shows at once, and
+#: every stat and lookup is a round trip to the worker). OPTIONAL.
+CONTEXT_CACHE_COHERENCE = "cacheCoherence"
+CACHE_COHERENCE_MODES = ("default", "strict")
+#: The three kernel cache timeout keys (checked in this order).
+CACHE_TIMEOUT_KEYS = (CONTEXT_ENTRY_TIMEOUT, CONTEXT_ATTR_TIMEOUT, CONTEXT_NEGATIVE_TIMEOUT)
+#: Every key :func:`worker_tuning_of` reads (also StorageClass parameters of the Controller).
+WORKER_TUNING_KEYS = frozenset({*CACHE_TIMEOUT_KEYS, CONTEXT_BUSY_POLL, CONTEXT_CACHE_COHERENCE})
 #: ``volume_context`` keys kubelet adds when the CSIDriver has ``podInfoOnMount: true``.
 CONTEXT_POD_NAMESPACE = "csi.storage.k8s.io/pod.namespace"
 CONTEXT_POD_NAME = "csi.storage.k8s.io/pod.name"
@@ -151,6 +174,7 @@ class _PublishPlan:
         pod_uid: str,
         service_account: str,
         ephemeral: bool,
+        tuning: WorkerTuning,
     ) -> None:
         self.volume_id = volume_id
         self.target_path = target_path
@@ -166,6 +190,7 @@ class _PublishPlan:
         self.pod_uid = pod_uid
         self.service_account = service_account
         self.ephemeral = ephemeral
+        self.tuning = tuning
 
 
 class NodeService(csi_pb2_grpc.NodeServicer):
@@ -257,10 +282,10 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             CsiError: INVALID_ARGUMENT (missing or bad field or volume_context key),
                 ALREADY_EXISTS (the target holds another volume or another mount, or
                 this volume is already published there with a different capability,
-                readonly flag or backing path), FAILED_PRECONDITION (the volume is
-                published at another target on this node), DEADLINE_EXCEEDED (the
-                mount did not answer in ``mount_timeout_s``), INTERNAL (the worker
-                could not start or died; details carry its log tail).
+                readonly flag, backing path or worker tuning), FAILED_PRECONDITION
+                (the volume is published at another target on this node),
+                DEADLINE_EXCEEDED (the mount did not answer in ``mount_timeout_s``),
+                INTERNAL (the worker could not start or died; details carry its log tail).
         """
         plan = self._validate_publish(request)
         log.info(
@@ -314,7 +339,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         # The target itself may not exist yet; resolve only its parent.
         real_target_path = real_path_of_target(target_path)
         context = request.volume_context
-        _create_backing_dir_if_asked(context)
+        tuning = worker_tuning_of(context, "volume_context")
         backing_path = context.get(CONTEXT_BACKING_PATH, "")
         backing_claim = context.get(CONTEXT_BACKING_CLAIM, "")
         has_backing = bool(backing_path or backing_claim)
@@ -325,23 +350,24 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 f"volume_context[{CONTEXT_BACKEND!r}] = {backend!r} is not supported "
                 f"(supported: {', '.join(sorted(SUPPORTED_BACKENDS))})"
             )
-        if backend == "passthrough" and backing_claim:
-            backing_dir, backing_claim = "", self._validate_backing_claim(backing_claim, backing_path)
-        elif backend == "passthrough":
-            backing_dir = self._validate_backing_dir(backing_path, real_target_path)
-        elif has_backing:
+        if has_backing and backend != "passthrough":
             raise _invalid(
                 f"volume_context[{CONTEXT_BACKING_PATH!r}] is only for the passthrough backend "
                 f"(volume_context[{CONTEXT_BACKEND!r}] = {backend!r})"
             )
-        else:
-            backing_dir = ""
         policy_json = None
         if CONTEXT_POLICY in context:
             try:
                 policy_json = encode_policy(decode_policy(context[CONTEXT_POLICY]))
             except PolicyError as exc:
                 raise _invalid(f"volume_context[{CONTEXT_POLICY!r}]: {exc}") from None
+        # The backing directory last: it may be created here, and a refused publish creates nothing.
+        backing_dir = ""
+        if backend == "passthrough" and backing_claim:
+            backing_claim = self._validate_backing_claim(backing_claim, backing_path)
+        elif backend == "passthrough":
+            create = context.get(CONTEXT_CREATE_BACKING_PATH, "false").lower() == "true"
+            backing_dir = self._validate_backing_dir(backing_path, real_target_path, create=create)
         return _PublishPlan(
             volume_id=volume_id,
             target_path=target_path,
@@ -357,22 +383,36 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             pod_uid=context.get(CONTEXT_POD_UID, ""),
             service_account=context.get(CONTEXT_SERVICE_ACCOUNT, ""),
             ephemeral=context.get(CONTEXT_EPHEMERAL, "false").lower() == "true",
+            tuning=tuning,
         )
 
     @staticmethod
-    def _validate_backing_dir(backing_path: str, real_target_path: str) -> str:
+    def _validate_backing_dir(backing_path: str, real_target_path: str, *, create: bool) -> str:
+        """Return the resolved ``backingPath``; create it first when ``create`` (StorageClass ``backingRoot``).
+
+        Raises:
+            CsiError: INVALID_ARGUMENT if the path is missing, relative, overlaps the
+                target or is not a directory (checked before creating anything);
+                INTERNAL if it cannot be created.
+        """
         key = f"volume_context[{CONTEXT_BACKING_PATH!r}]"
         if not backing_path:
             raise _invalid(f"{key} is required: the directory the volume passes through to")
         if not os.path.isabs(backing_path):
             raise _invalid(f"{key} = {backing_path!r} must be absolute")
         backing_dir = os.path.realpath(backing_path)
-        if not os.path.isdir(backing_dir):
-            raise _invalid(f"{key} = {backing_path!r} is not an existing directory")
         if _is_within(backing_dir, real_target_path):
             raise _invalid(f"{key} = {backing_path!r} is inside target_path: the mount would hide it")
         if _is_within(real_target_path, backing_dir):
             raise _invalid(f"target_path is inside {key} = {backing_path!r}: the volume would contain itself")
+        if create:
+            try:
+                os.makedirs(backing_dir, mode=0o750, exist_ok=True)
+            except OSError as exc:
+                details = f"cannot create {key} {backing_path}: {exc}"
+                raise CsiError(grpc.StatusCode.INTERNAL, details) from None
+        if not os.path.isdir(backing_dir):
+            raise _invalid(f"{key} = {backing_path!r} is not an existing directory")
         return backing_dir
 
     def _validate_backing_claim(self, backing_claim: str, backing_path: str) -> str:
@@ -427,6 +467,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             conflicts.append(f"backing dir {existing.backing_dir} -> {plan.backing_dir}")
         if existing.backing_claim != plan.backing_claim:
             conflicts.append(f"backing claim {existing.backing_claim} -> {plan.backing_claim}")
+        if existing.tuning != plan.tuning:
+            conflicts.append(f"worker tuning {_describe(existing.tuning)} -> {_describe(plan.tuning)}")
         if conflicts:
             raise CsiError(
                 grpc.StatusCode.ALREADY_EXISTS,
@@ -502,6 +544,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             pod_uid=plan.pod_uid,
             service_account=plan.service_account,
             ephemeral=plan.ephemeral,
+            tuning=plan.tuning,
         )
         # Saved before waiting, so a csi-node that dies meanwhile still finds the worker.
         self._store.save(state)
@@ -652,23 +695,87 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             yield
 
 
-def _create_backing_dir_if_asked(context) -> None:
-    """Create ``backingPath`` when the controller asked for it (StorageClass ``backingRoot``).
+def worker_tuning_of(settings: Mapping[str, str], field: str) -> WorkerTuning:
+    """The worker tuning that the keys :data:`WORKER_TUNING_KEYS` of ``settings`` ask for.
+
+    Args:
+        settings: a ``volume_context``, or a StorageClass's ``parameters`` (same
+            keys); other keys are ignored.
+        field: what error details call ``settings`` (``volume_context``, ``parameters``).
+
+    Returns:
+        The tuning; a setting no key names stays None (the worker's default).
 
     Raises:
-        CsiError: INVALID_ARGUMENT if the path is relative; INTERNAL if it cannot be created.
+        CsiError: INVALID_ARGUMENT naming the key, the reason and what is allowed: a
+            timeout that is not a finite decimal number from 0 to
+            ``MAX_CACHE_TIMEOUT_S`` seconds, a busy poll that is not an integer from
+            0 to ``MAX_BUSY_POLL_US`` µs, a ``cacheCoherence`` other than
+            ``default``/``strict``, or ``strict`` beside a non-zero timeout.
     """
-    if context.get(CONTEXT_CREATE_BACKING_PATH, "false").lower() != "true":
-        return
-    path = context.get(CONTEXT_BACKING_PATH, "")
-    if not os.path.isabs(path):
-        return  # _validate_backing_dir names the problem
+    timeouts_s = {
+        key: _setting_in_range(settings, key, field, float, "decimal seconds", MAX_CACHE_TIMEOUT_S)
+        for key in CACHE_TIMEOUT_KEYS
+        if key in settings
+    }
+    coherence = settings.get(CONTEXT_CACHE_COHERENCE, "default")
+    coherence_key = f"{field}[{CONTEXT_CACHE_COHERENCE!r}]"
+    if coherence not in CACHE_COHERENCE_MODES:
+        raise _invalid(f"{coherence_key} = {coherence!r} is not one of: {', '.join(CACHE_COHERENCE_MODES)}")
+    if coherence == "strict":
+        for key, timeout_s in timeouts_s.items():
+            if timeout_s:
+                raise _invalid(
+                    f"{coherence_key} = 'strict' sets every cache timeout to 0, but {field}[{key!r}] = "
+                    f"{settings[key]!r}: set only one of them"
+                )
+        timeouts_s = dict.fromkeys(CACHE_TIMEOUT_KEYS, 0.0)
+    busy_poll_us = None
+    if CONTEXT_BUSY_POLL in settings:
+        busy_poll_us = _setting_in_range(
+            settings, CONTEXT_BUSY_POLL, field, int, "whole microseconds", MAX_BUSY_POLL_US
+        )
+    return WorkerTuning(
+        entry_timeout_s=timeouts_s.get(CONTEXT_ENTRY_TIMEOUT),
+        attr_timeout_s=timeouts_s.get(CONTEXT_ATTR_TIMEOUT),
+        negative_timeout_s=timeouts_s.get(CONTEXT_NEGATIVE_TIMEOUT),
+        busy_poll_us=busy_poll_us,
+    )
+
+
+def _setting_in_range(
+    settings: Mapping[str, str],
+    key: str,
+    field: str,
+    parse: Callable[[str], float],
+    unit: str,
+    maximum: float,
+) -> float:
+    """``parse(settings[key])`` if it is a finite number from 0 to ``maximum``.
+
+    Raises:
+        CsiError: INVALID_ARGUMENT naming ``field[key]``, why, and the allowed range in ``unit``.
+    """
+    text = settings[key]
     try:
-        os.makedirs(path, mode=0o750, exist_ok=True)
-    except OSError as exc:
-        raise CsiError(
-            grpc.StatusCode.INTERNAL, f"cannot create volume_context[{CONTEXT_BACKING_PATH!r}] {path}: {exc}"
-        ) from None
+        value = parse(text)
+    except ValueError:
+        reason = "is not an integer" if parse is int else "is not a number"
+    else:
+        if not math.isfinite(value):
+            reason = "is not finite"
+        elif value < 0:
+            reason = "is negative"
+        elif value > maximum:
+            reason = f"is above {maximum:g}"
+        else:
+            return value
+    raise _invalid(f"{field}[{key!r}] = {text!r} {reason} (allowed: {unit} from 0 to {maximum:g})")
+
+
+def _describe(tuning: WorkerTuning) -> str:
+    """``tuning`` as the worker flags it sets, for error details."""
+    return " ".join(tuning.arguments()) or "(worker defaults)"
 
 
 def _is_within(path: str, directory: str) -> bool:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import msgspec
 
+from ._worker_tuning import WorkerTuning
+
 
 class VolumeState(msgspec.Struct, frozen=True, kw_only=True):
     """What NodePublishVolume did for one volume.
@@ -39,6 +41,9 @@ class VolumeState(msgspec.Struct, frozen=True, kw_only=True):
         restarts: how many times the watcher restored a dead worker.
         last_restore_s: how long the last restore took, from noticing the dead
             worker to the mount answering again, seconds.
+        tuning: the worker's kernel cache times and busy polling from the volume
+            context (also in ``worker_argv``; the Kubernetes launcher builds a
+            restarted worker's pod from the fields, not from the argv).
     """
 
     volume_id: str
@@ -60,6 +65,7 @@ class VolumeState(msgspec.Struct, frozen=True, kw_only=True):
     restarts: int = 0
     last_restore_s: float = 0.0
     backing_claim: str = ""
+    tuning: WorkerTuning = WorkerTuning()
 
 
 _decoder = msgspec.json.Decoder(VolumeState)

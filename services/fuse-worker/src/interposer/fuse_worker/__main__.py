@@ -11,15 +11,14 @@ import msgspec
 
 from interposer.proto import PolicyError
 from interposer.proto.connection import CredentialsError, connect_options
+from interposer.proto.worker_tuning import MAX_BUSY_POLL_US, MAX_CACHE_TIMEOUT_S
 
 from ._config import (
     DEFAULT_ATTR_TIMEOUT_S,
     DEFAULT_BUSY_POLL_US,
     DEFAULT_ENTRY_TIMEOUT_S,
-    DEFAULT_NEGATIVE_TIMEOUT_S,
     DEFAULT_POLICY_WAIT_S,
     DEFAULT_WAKE_COMPENSATION,
-    MAX_CACHE_TIMEOUT_S,
     WorkerConfig,
     parse_sample_rule,
 )
@@ -58,7 +57,7 @@ from ._worker import run
               help="Kernel readahead of the mount, KiB (0 = kernel default, 128).")
 @click.option("--session-loop", type=click.Choice(["lean", "pyfuse3"]), default="lean", show_default=True,
               help="FUSE request loop: pyfuse3's own on leaner primitives (lean), or as it is (see docs/ARCHITECTURE.md).")
-@click.option("--busy-poll-us", type=click.IntRange(0, 10_000), default=DEFAULT_BUSY_POLL_US, show_default=True,
+@click.option("--busy-poll-us", type=click.IntRange(0, MAX_BUSY_POLL_US), default=DEFAULT_BUSY_POLL_US, show_default=True,
               help="Lean loop: how long to keep polling /dev/fuse for the next request before sleeping, µs "
                    "(0 = never; costs CPU only right after a request, see docs/ARCHITECTURE.md).")
 @click.option("--entry-timeout", "entry_timeout_s", type=click.FloatRange(0, MAX_CACHE_TIMEOUT_S),
@@ -66,9 +65,10 @@ from ._worker import run
 @click.option("--attr-timeout", "attr_timeout_s", type=click.FloatRange(0, MAX_CACHE_TIMEOUT_S),
               default=DEFAULT_ATTR_TIMEOUT_S, show_default=True, help="Seconds the kernel may cache a file's attributes (see docs/posix.md).")
 @click.option("--negative-timeout", "negative_timeout_s", type=click.FloatRange(0, MAX_CACHE_TIMEOUT_S),
-              default=DEFAULT_NEGATIVE_TIMEOUT_S, show_default=True,
+              default=None,
               help="Seconds the kernel may cache a lookup that found no such name (0 = never, like NFS's "
-                   "lookupcache=positive; off anyway while a layer acts on lookups).")
+                   "lookupcache=positive; off anyway while a layer acts on lookups)  [default: the entry "
+                   "timeout]")
 @click.option("--blocking-io", type=click.Choice(["adaptive", "loop", "thread"]), default="adaptive",
               show_default=True,
               help="Passthrough reads/writes/syncs: on the event loop while fast, in a thread once slow "

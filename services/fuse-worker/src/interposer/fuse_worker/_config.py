@@ -8,6 +8,7 @@ import msgspec
 
 from interposer.proto.policy import MAX_GLOB_LENGTH, MAX_SELECTOR_LABELS, LabelKey, LabelValue, OpName
 from interposer.proto.subjects import VOLUME_ID_PATTERN
+from interposer.proto.worker_tuning import MAX_BUSY_POLL_US, MAX_CACHE_TIMEOUT_S
 
 from ._readahead import DEFAULT_READ_AHEAD_KIB
 from .backends import BACKEND_KINDS, DEFAULT_MEMORY_SIZE_BYTES
@@ -27,12 +28,6 @@ DEFAULT_BUSY_POLL_US = 50
 #: (docs/posix.md: changes made directly in the backing dir show within this time).
 DEFAULT_ENTRY_TIMEOUT_S = 1.0
 DEFAULT_ATTR_TIMEOUT_S = 1.0
-#: How long the kernel may cache "no such name", seconds: the entry timeout of names
-#: that exist (a name is cached for the same time whether found or not), so a file
-#: created directly in the backing dir shows within it, as a deleted one already did.
-DEFAULT_NEGATIVE_TIMEOUT_S = DEFAULT_ENTRY_TIMEOUT_S
-#: Longest kernel cache time (entry, attribute, negative entry) accepted, seconds.
-MAX_CACHE_TIMEOUT_S = 3600.0
 
 #: Most event sampling rules one worker takes.
 MAX_EVENT_SAMPLE_RULES = 64
@@ -152,8 +147,11 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
         attr_timeout_s: kernel cache time of attributes, seconds.
         negative_timeout_s: kernel cache time of a lookup that found no such name,
             seconds (FUSE's negative entry: inode 0 with an entry timeout); 0 = every
-            lookup of a missing name reaches the worker. Not used while a layer acts
-            on lookups, nor for an injected ENOENT (``InterposerOperations.lookup``).
+            lookup of a missing name reaches the worker; None = ``entry_timeout_s``
+            (a name is cached as long whether found or not, so a file created directly
+            in the backing dir shows within the time a deleted one already took; read
+            it as :attr:`negative_entry_timeout_s`). Not used while a layer acts on
+            lookups, nor for an injected ENOENT (``InterposerOperations.lookup``).
         max_tasks: most FUSE requests served concurrently (pyfuse3 worker tasks).
         session_loop: ``lean`` (default) runs pyfuse3's request loop on the leaner
             primitives of ``_session_loop`` (fewer scheduling rounds per request,
@@ -208,10 +206,10 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     allow_other: bool = True
     entry_timeout_s: Annotated[float, msgspec.Meta(ge=0, le=MAX_CACHE_TIMEOUT_S)] = DEFAULT_ENTRY_TIMEOUT_S
     attr_timeout_s: Annotated[float, msgspec.Meta(ge=0, le=MAX_CACHE_TIMEOUT_S)] = DEFAULT_ATTR_TIMEOUT_S
-    negative_timeout_s: Annotated[float, msgspec.Meta(ge=0, le=MAX_CACHE_TIMEOUT_S)] = DEFAULT_NEGATIVE_TIMEOUT_S
+    negative_timeout_s: Annotated[float, msgspec.Meta(ge=0, le=MAX_CACHE_TIMEOUT_S)] | None = None
     max_tasks: int = 128
     session_loop: Literal["lean", "pyfuse3"] = "lean"
-    busy_poll_us: Annotated[int, msgspec.Meta(ge=0, le=10_000)] = DEFAULT_BUSY_POLL_US
+    busy_poll_us: Annotated[int, msgspec.Meta(ge=0, le=MAX_BUSY_POLL_US)] = DEFAULT_BUSY_POLL_US
     blocking_io: Literal["adaptive", "loop", "thread"] = "adaptive"
     wake_compensation: Literal["off", "worker", "round-trip"] = DEFAULT_WAKE_COMPENSATION
     read_ahead_kib: Annotated[int, msgspec.Meta(ge=0, le=65536)] = DEFAULT_READ_AHEAD_KIB
@@ -225,6 +223,11 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     event_sampling: Annotated[
         tuple[EventSampleRule, ...], msgspec.Meta(max_length=MAX_EVENT_SAMPLE_RULES)
     ] = ()
+
+    @property
+    def negative_entry_timeout_s(self) -> float:
+        """Kernel cache time of a lookup that found no such name, seconds (resolved ``negative_timeout_s``)."""
+        return self.entry_timeout_s if self.negative_timeout_s is None else self.negative_timeout_s
 
     def __post_init__(self) -> None:
         if not VOLUME_ID_PATTERN.fullmatch(self.volume_id):

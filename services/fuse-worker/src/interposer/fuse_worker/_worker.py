@@ -155,7 +155,7 @@ async def serve(config: WorkerConfig) -> None:
                           volume=config.volume_id, namespace=config.pod_namespace, pod=config.pod_name,
                           fault_capacity=DEFAULT_FAULT_BUFFER if has_bus else 0)
     operations = InterposerOperations(backend, telemetry, policy, quota=quota_context(backend, config.backing_dir),
-                                      negative_timeout_s=config.negative_timeout_s)
+                                      negative_timeout_s=config.negative_entry_timeout_s)
     bus: Bus | None = None
     if config.nats_url:
         bus = Bus(config, telemetry, operations.apply, lambda: operations.revision, trio.lowlevel.current_trio_token(),

@@ -1,0 +1,15 @@
+"""Bounds of the fuse-worker's kernel cache and request loop settings.
+
+The worker's flags (``--entry-timeout``, ``--attr-timeout``, ``--negative-timeout``,
+``--busy-poll-us``) accept these ranges, and the csi-node checks a volume's
+``volume_context`` and a StorageClass's parameters against the same ones, so a bad
+value is refused at NodePublishVolume or CreateVolume rather than by a worker that
+then fails to start. The defaults stay with the worker (``fuse_worker._config``).
+"""
+
+from __future__ import annotations
+
+#: Longest kernel cache time (entry, attribute, negative entry) a worker accepts, seconds.
+MAX_CACHE_TIMEOUT_S = 3600.0
+#: Longest time a worker's lean request loop may busy-poll the FUSE device, µs.
+MAX_BUSY_POLL_US = 10_000

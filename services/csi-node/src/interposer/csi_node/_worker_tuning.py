@@ -1,0 +1,39 @@
+"""The kernel cache and request loop settings a volume's fuse-worker is started with."""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class WorkerTuning(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """How long the kernel may cache what the worker answered, and how the worker polls.
+
+    A setting left None is not passed, so the worker's own default applies (the
+    bounds are ``interposer.proto.worker_tuning``'s).
+
+    Attributes:
+        entry_timeout_s: how long the kernel may cache a name it looked up, seconds
+            (``--entry-timeout``; worker default 1 s).
+        attr_timeout_s: how long the kernel may cache a file's attributes, seconds
+            (``--attr-timeout``; worker default 1 s).
+        negative_timeout_s: how long the kernel may cache a lookup that found no such
+            name, seconds (``--negative-timeout``; worker default: the entry timeout).
+        busy_poll_us: how long the worker keeps polling the FUSE device for the next
+            request before it sleeps, µs (``--busy-poll-us``; worker default 50; 0 = never).
+    """
+
+    entry_timeout_s: float | None = None
+    attr_timeout_s: float | None = None
+    negative_timeout_s: float | None = None
+    busy_poll_us: int | None = None
+
+    def arguments(self) -> list[str]:
+        """The worker flags of the settings that are not None, e.g. ``["--entry-timeout", "0.0"]``."""
+        settings = (
+            ("--entry-timeout", self.entry_timeout_s),
+            ("--attr-timeout", self.attr_timeout_s),
+            ("--negative-timeout", self.negative_timeout_s),
+            ("--busy-poll-us", self.busy_poll_us),
+        )
+        # repr: the shortest text that parses back to the same float.
+        return [item for flag, value in settings if value is not None for item in (flag, repr(value))]
