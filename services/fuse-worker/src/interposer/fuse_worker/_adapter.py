@@ -8,6 +8,7 @@ import os
 import threading
 import time
 from collections.abc import Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import pyfuse3
@@ -16,12 +17,18 @@ import trio
 from interposer.proto import Policy
 
 from ._op import BackendCall, Op
+from ._setid import setid_bits_to_clear
 from ._stack import QuotaUnavailable, Stack
 from .layers import QuotaContext
 from ._telemetry import Telemetry
 from .backends import Backend
 
 log = logging.getLogger(__name__)
+
+#: ``SetattrFields`` of a mode-only change made by the worker itself (pyfuse3's own
+#: class cannot be built from Python; backends only read its ``update_*`` flags).
+_MODE_ONLY = SimpleNamespace(update_size=False, update_mode=True, update_uid=False, update_gid=False,
+                             update_atime=False, update_mtime=False)
 
 
 class InterposerOperations(pyfuse3.Operations):
@@ -67,6 +74,9 @@ class InterposerOperations(pyfuse3.Operations):
         self.stack_changed = trio.Event()
         #: Set once the kernel's FUSE_INIT has been answered (mount settings are final).
         self.initialized = trio.Event()
+        #: fh → context of the non-root opener, for files opened for writing with
+        #: FOPEN_DIRECT_IO, whose writes must clear set-ID bits here (``_setid``).
+        self._setid_writers: dict[int, pyfuse3.RequestContext] = {}
 
     def init(self) -> None:
         # pyfuse3 calls this on FUSE_INIT, just before it replies; the kernel applies the
@@ -247,17 +257,22 @@ class InterposerOperations(pyfuse3.Operations):
     async def open(self, inode, flags, ctx):
         op = self._op("open", inode, ctx, session=self.telemetry.new_session())
         info = await self._serve(op, lambda: self.backend.open(inode, flags, ctx))
-        info.direct_io = self._direct_io(flags, op.path)
-        self.telemetry.bind_session(info.fh, op.session)
+        self._opened(info, flags, op, ctx)
         return info
 
     async def create(self, parent_inode, name, mode, flags, ctx):
         op = self._entry_op("create", parent_inode, name, ctx)
         op.session = self.telemetry.new_session()
         info, attrs = await self._serve(op, lambda: self.backend.create(parent_inode, name, mode, flags, ctx))
-        info.direct_io = self._direct_io(flags, op.path)
-        self.telemetry.bind_session(info.fh, op.session)
+        self._opened(info, flags, op, ctx)
         return info, attrs
+
+    def _opened(self, info: pyfuse3.FileInfo, flags: int, op: Op, ctx: pyfuse3.RequestContext) -> None:
+        """Choose the caching of a file just opened, and note what its writes must do."""
+        info.direct_io = self._direct_io(flags, op.path)
+        if info.direct_io and ctx.uid != 0 and (flags & os.O_ACCMODE) != os.O_RDONLY:
+            self._setid_writers[info.fh] = ctx
+        self.telemetry.bind_session(info.fh, op.session)
 
     def _direct_io(self, flags: int, path: str) -> bool:
         """Whether a file opened with ``flags`` at ``path`` bypasses the page cache (FOPEN_DIRECT_IO).
@@ -282,10 +297,23 @@ class InterposerOperations(pyfuse3.Operations):
         ino = backend.ino_of_fh(fh)
         op = Op("write", ino, backend.path_of(ino), offset=off, size=len(buf),
                 session=self.telemetry.session_of(fh))
-        # A short-write fault sets op.short_size: only that many bytes reach the backend.
-        return await self._serve(
-            op, lambda: backend.write(fh, off, buf if op.short_size < 0 else buf[: op.short_size])
-        )
+        writer = self._setid_writers.get(fh)
+
+        async def write() -> int:
+            if writer is not None:
+                await self._clear_setid_bits(ino, writer)
+            # A short-write fault sets op.short_size: only that many bytes reach the backend.
+            return await backend.write(fh, off, buf if op.short_size < 0 else buf[: op.short_size])
+
+        return await self._serve(op, write)
+
+    async def _clear_setid_bits(self, ino: int, writer: pyfuse3.RequestContext) -> None:
+        """Clear the set-ID bits a write by ``writer`` clears (``_setid``): for direct I/O the kernel does not."""
+        attrs = await self.backend.getattr(ino, writer)
+        bits = setid_bits_to_clear(attrs.st_mode, attrs.st_gid, writer.uid, writer.gid)
+        if bits:
+            attrs.st_mode &= ~bits
+            await self.backend.setattr(ino, attrs, _MODE_ONLY, None, writer)
 
     async def flush(self, fh):
         ino = self.backend.ino_of_fh(fh)
@@ -297,6 +325,7 @@ class InterposerOperations(pyfuse3.Operations):
         # release cannot fail towards the application (close already returned), so it
         # bypasses the layers: a fault here would only leak the backing fd.
         op = self._op("release", ino, None, session=self.telemetry.end_session(fh))
+        self._setid_writers.pop(fh, None)
         start_wall_ns, start_ns = time.time_ns(), time.perf_counter_ns()
         await self.backend.release(fh)
         self.telemetry.record(op, 0, 0, start_wall_ns, time.perf_counter_ns() - start_ns)
