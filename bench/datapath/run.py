@@ -101,15 +101,41 @@ def metadata_ops_per_s(directory: Path, seconds: float,
     return ops / seconds, (cpu_s() - before) / max(ops, 1)
 
 
-def tests(size: str, runtime_s: float) -> list[Test]:
+class WriteOnlySeqWrite:
+    """``dd bs=1M conv=fsync`` into a new file: the write-only open of cp, dd and checkpoint writers.
+
+    fio opens its files read-write, so its write tests never show how a mount treats a
+    write-only open (the worker bypasses the page cache for them: docs/ARCHITECTURE.md).
+    The figure of merit is MB/s (10^6 bytes) from the wall time of the whole ``dd``,
+    the final ``fsync`` included; per-I/O CPU is per 1 MiB block.
+    """
+
+    name, unit = "seq write 1 MiB, write-only open (dd, incl. fsync)", "MB/s"
+
+    def __init__(self, size_bytes: int) -> None:
+        self.blocks = size_bytes >> 20
+
+    def run(self, directory: Path, cpu_s: Callable[[], float] = lambda: 0.0) -> tuple[float, float]:
+        """Write ``blocks`` MiB to ``directory/dd.out``; return (MB/s, ``cpu_s()`` seconds per MiB)."""
+        drop_caches()
+        before_cpu, start = cpu_s(), time.monotonic()
+        subprocess.run(["dd", "if=/dev/zero", f"of={directory / 'dd.out'}", "bs=1M", f"count={self.blocks}",
+                        "conv=fsync"], capture_output=True, check=True)
+        elapsed = time.monotonic() - start
+        return (self.blocks << 20) / elapsed / 1e6, (cpu_s() - before_cpu) / self.blocks
+
+
+def tests(size: str, runtime_s: float) -> list[Test | WriteOnlySeqWrite]:
     bw = lambda job: (job["read"]["bw_bytes"] + job["write"]["bw_bytes"]) / 1e6  # noqa: E731
     iops = lambda job: job["read"]["iops"] + job["write"]["iops"]  # noqa: E731
     layout = ["--rw=write", "--bs=1M", f"--size={size}", "--ioengine=psync"]
     timed = ["--time_based", f"--runtime={runtime_s:g}s"]
     rand = ["--rw=randread", "--bs=4k", f"--size={size}", "--ioengine=psync", "--fadvise_hint=0", *timed]
+    size_bytes = int(size[:-1]) << {"M": 20, "G": 30}[size[-1]]
     return [
         Test("seq write 1 MiB (incl. fsync)", "MB/s", None,
              ["--rw=write", "--bs=1M", f"--size={size}", "--ioengine=psync", "--end_fsync=1"], bw),
+        WriteOnlySeqWrite(size_bytes),
         Test("seq read 1 MiB, cold", "MB/s", layout, ["--rw=read", "--bs=1M", f"--size={size}", "--ioengine=psync"], bw),
         Test("rand read 4 KiB QD1", "IOPS", layout, rand, iops),
         Test("rand read 4 KiB 16 jobs", "IOPS", layout, [*rand, "--numjobs=16", "--filename=bench.0.0"], iops),

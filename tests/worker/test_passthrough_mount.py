@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import mmap
 import os
 import shutil
 import signal
@@ -26,6 +28,68 @@ def test_files_written_through_the_mount_land_in_the_backing_dir(mount_worker) -
     (vol.backing / "b.txt").write_bytes(b"from below")
     assert (vol.mountpoint / "b.txt").read_bytes() == b"from below"
     assert sorted(os.listdir(vol.mountpoint)) == ["a.txt", "b.txt"]
+
+
+def resident_pages(path: Path, size: int) -> int:
+    """How many of the first ``size`` bytes' pages of ``path`` are in the page cache (mincore(2))."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)  # maps, reads nothing
+        assert addr not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
+        pages = (ctypes.c_ubyte * ((size + mmap.PAGESIZE - 1) // mmap.PAGESIZE))()
+        try:
+            assert libc.mincore(addr, size, pages) == 0, os.strerror(ctypes.get_errno())
+        finally:
+            libc.munmap(addr, size)
+        return sum(page & 1 for page in pages)
+    finally:
+        os.close(fd)
+
+
+def test_data_written_write_only_is_cached_once_below_the_mount(mount_worker) -> None:
+    """A write-only open skips the mount's page cache: the backing file's cache holds the data."""
+    vol = mount_worker()
+    size = 1 << 20
+    for flags, expected_pages in ((os.O_WRONLY, 0), (os.O_RDWR, size // mmap.PAGESIZE)):
+        path = vol.mountpoint / f"f{flags}"
+        fd = os.open(path, flags | os.O_CREAT, 0o644)
+        os.write(fd, b"x" * size)
+        os.close(fd)
+        assert resident_pages(path, size) == expected_pages, f"flags {flags:#o}"
+        assert path.read_bytes() == b"x" * size
+
+
+def test_write_only_writes_are_seen_at_once_by_cached_readers_and_maps(mount_worker) -> None:
+    """A write-only open bypasses the page cache (FOPEN_DIRECT_IO); what others cached of it is dropped."""
+    vol = mount_worker()
+    path = vol.mountpoint / "f"
+    for round_ in range(20):  # a stale page would show in some round, not necessarily the first
+        path.write_bytes(b"A" * 8192)
+        reader = os.open(path, os.O_RDONLY)
+        try:
+            assert os.pread(reader, 8192, 0) == b"A" * 8192  # now in the page cache
+            with mmap.mmap(reader, 8192, prot=mmap.PROT_READ) as view:
+                assert view[:1] == b"A"
+                writer = os.open(path, os.O_WRONLY)
+                os.pwrite(writer, bytes([66 + round_ % 2]) * 4096, 0)
+                os.close(writer)
+                new = bytes([66 + round_ % 2])
+                assert view[:1] == new and view[4096:4097] == b"A", f"round {round_}: stale map"
+            assert os.pread(reader, 1, 0) == new, f"round {round_}: stale cached read"
+        finally:
+            os.close(reader)
+    with open(path, "ab") as appender:  # O_WRONLY | O_APPEND
+        appender.write(b"tail")
+    assert path.stat().st_size == 8196 and (vol.backing / "f").read_bytes()[-4:] == b"tail"
+    with pytest.raises(OSError) as info:  # as on any file system: a write-only fd cannot be mapped
+        with open(path, "ab") as f:
+            mmap.mmap(f.fileno(), 4096)
+    assert info.value.errno == errno.EACCES
 
 
 def test_copying_a_source_tree_round_trips(mount_worker) -> None:
