@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import posix  # the real pread, while the test counts calls of os.pread
 import threading
 from pathlib import Path
 
@@ -151,3 +152,61 @@ def test_thread_hop_runs_calls_concurrently_and_passes_errors_back() -> None:
         return sorted(results)
 
     assert trio.run(main) == [0, 1, 2, 3]
+
+
+class ArrivingCache:
+    """Stands in for ``read_cached``: the page cache "receives" the data after ``misses`` probes.
+
+    What a probe that submitted a disk read then sees, without depending on the disk's speed.
+    """
+
+    def __init__(self, misses: int) -> None:
+        self.misses, self.probes = misses, 0
+
+    def __call__(self, fd: int, size: int, offset: int) -> bytes | None:
+        self.probes += 1
+        return None if self.probes <= self.misses else posix.pread(fd, size, offset)
+
+
+def _polling_calls(window_s: float, queued: bool = False) -> BlockingCalls:
+    calls = BlockingCalls("adaptive")
+    calls.watch(lambda: queued, lambda: 0, miss_poll_s=window_s)
+    return calls
+
+
+def _read_with(calls: BlockingCalls, cache: ArrivingCache, monkeypatch, tmp_path: Path) -> tuple[bytes, int]:
+    """One 4 KiB read through ``calls`` with ``cache`` as the page cache; (data, plain preads made)."""
+    data = os.urandom(4096)
+    (tmp_path / "f").write_bytes(data)
+    fd = os.open(tmp_path / "f", os.O_RDONLY)
+    preads = []
+    monkeypatch.setattr(_offload, "read_cached", cache)
+    monkeypatch.setattr(_offload.os, "pread", lambda *a: (preads.append(a), posix.pread(*a))[1])
+    try:
+        got = bytes(trio.run(calls.pread, fd, 4096, 0))
+    finally:
+        os.close(fd)
+        monkeypatch.undo()
+    assert got == data
+    return got, len(preads)
+
+
+def test_a_miss_is_polled_for_until_the_cache_holds_it(monkeypatch, tmp_path: Path) -> None:
+    cache = ArrivingCache(misses=20)
+    _, preads = _read_with(_polling_calls(window_s=1.0), cache, monkeypatch, tmp_path)
+    assert preads == 0 and cache.probes == 21  # served from the cache, no blocking read
+
+
+@pytest.mark.parametrize("why", ["window closes first", "requests are queued", "misses are slow", "polling off"])
+def test_a_miss_falls_back_to_a_blocking_read(monkeypatch, tmp_path: Path, why: str) -> None:
+    cache = ArrivingCache(misses=10**9)
+    calls = _polling_calls(window_s=0.0 if why == "polling off" else 200e-6 if why != "misses are slow" else 1e-3,
+                           queued=why == "requests are queued")
+    if why == "misses are slow":
+        calls.reads.mean_s = _offload.MISS_POLL_MEAN_FACTOR * 1e-3 * 1.1  # a network volume's misses
+    _, preads = _read_with(calls, cache, monkeypatch, tmp_path)
+    assert preads == 1
+    if why == "window closes first":
+        assert cache.probes > 2  # it did poll, then gave up
+    else:
+        assert cache.probes == 1  # the probe only: no polling

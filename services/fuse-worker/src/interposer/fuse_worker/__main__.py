@@ -58,8 +58,9 @@ from ._worker import run
 @click.option("--session-loop", type=click.Choice(["lean", "pyfuse3"]), default="lean", show_default=True,
               help="FUSE request loop: pyfuse3's own on leaner primitives (lean), or as it is (see docs/ARCHITECTURE.md).")
 @click.option("--busy-poll-us", type=click.IntRange(0, MAX_BUSY_POLL_US), default=DEFAULT_BUSY_POLL_US, show_default=True,
-              help="Lean loop: how long to keep polling /dev/fuse for the next request before sleeping, µs "
-                   "(0 = never; costs CPU only right after a request, see docs/ARCHITECTURE.md).")
+              help="How long to keep polling for the next request (lean loop), and for a disk read the page "
+                   "cache is waiting for (passthrough), before sleeping, µs (0 = never; costs CPU only right "
+                   "after a request or a miss, see docs/ARCHITECTURE.md).")
 @click.option("--entry-timeout", "entry_timeout_s", type=click.FloatRange(0, MAX_CACHE_TIMEOUT_S),
               default=DEFAULT_ENTRY_TIMEOUT_S, show_default=True, help="Seconds the kernel may cache a name it looked up (see docs/posix.md).")
 @click.option("--attr-timeout", "attr_timeout_s", type=click.FloatRange(0, MAX_CACHE_TIMEOUT_S),

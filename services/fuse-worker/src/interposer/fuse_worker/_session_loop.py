@@ -58,8 +58,9 @@ import pyfuse3
 import trio
 
 from ._config import DEFAULT_BUSY_POLL_US
+from . import _spin
+from ._spin import callback_queued, spin_end_ns
 from .backends._offload import ThreadHop
-from .layers import _timer
 
 #: Requests a reader may take in a row without yielding to trio's scheduler.
 #: Each is served in ~30-60 µs here, so other tasks wait at most ~1 ms.
@@ -121,7 +122,6 @@ class LeanLowlevel(types.SimpleNamespace):
         self._fd = -1
         self._budget = MAX_REQUESTS_WITHOUT_YIELD
         self._busy_poll_ns = round(busy_poll_s * 1e9)
-        self.reader_lock: ReaderLock | None = None  # set by LeanTrio when pyfuse3 makes its lock
 
     def __getattr__(self, name: str) -> Any:
         return getattr(trio.lowlevel, name)
@@ -142,28 +142,19 @@ class LeanLowlevel(types.SimpleNamespace):
     def _busy_poll(self) -> bool:
         """Poll the device until a request is queued (True) or the window closes (False).
 
-        The window is ``busy_poll_s``, cut short by the next trio deadline and the
-        next delay/throttle timer; it is not opened while anything else on the
-        loop is ready to run or a blocking call runs in a pool thread, and is
-        closed when another thread queues a callback.
+        The window is ``busy_poll_s``, when and as long as ``_spin`` allows (not
+        while other work is ready, cut short by deadlines and timers); it closes
+        when another thread queues a callback.
         """
-        stats = trio.lowlevel.current_statistics()
-        woken_readers = self.reader_lock.woken if self.reader_lock else 0
-        if stats.tasks_runnable > woken_readers or stats.run_sync_soon_queue_size or ThreadHop.in_flight:
-            return False  # other work is ready, or a pool thread will need the GIL to hand a result back
-        now_ns = time.monotonic_ns()
-        end_ns = now_ns + self._busy_poll_ns
-        if stats.seconds_to_next_deadline < self._busy_poll_ns * 1e-9:  # inf when no deadline
-            end_ns = now_ns + int(stats.seconds_to_next_deadline * 1e9)
-        timer_ns = _timer.next_deadline_ns()
-        if timer_ns is not None:
-            end_ns = min(end_ns, timer_ns)
+        end_ns = spin_end_ns(self._busy_poll_ns, pool_busy=ThreadHop.in_flight > 0)
+        if end_ns is None:
+            return False
         poll, polls = self._poller.poll, 0
         while time.monotonic_ns() < end_ns:
             if poll(0):
                 return True
             polls += 1
-            if polls % _POLLS_PER_CHECK == 0 and trio.lowlevel.current_statistics().run_sync_soon_queue_size:
+            if polls % _POLLS_PER_CHECK == 0 and callback_queued():
                 return False
         return False
 
@@ -179,8 +170,9 @@ class LeanTrio(types.SimpleNamespace):
         super().__init__(lowlevel=LeanLowlevel(busy_poll_s))
 
     def Lock(self) -> ReaderLock:  # noqa: N802 - stands in for trio.Lock
-        """A :class:`ReaderLock` (pyfuse3 makes one for its readers), known to ``lowlevel``'s busy poll."""
-        lock = self.lowlevel.reader_lock = ReaderLock()
+        """A :class:`ReaderLock` (pyfuse3 makes one for its readers); its woken readers are not work to ``_spin``."""
+        lock = ReaderLock()
+        _spin.idle_runnable = lambda: lock.woken  # woken only to park again: not work
         return lock
 
     def __getattr__(self, name: str) -> Any:
@@ -199,3 +191,4 @@ def install(busy_poll_s: float = DEFAULT_BUSY_POLL_US * 1e-6) -> None:
 def uninstall() -> None:
     """Give pyfuse3 back the real ``trio`` module."""
     pyfuse3.trio = trio  # type: ignore[attr-defined]
+    _spin.idle_runnable = lambda: 0

@@ -174,7 +174,7 @@ async def serve(config: WorkerConfig) -> None:
         if isinstance(backend, PassthroughBackend):
             fuse_fd = fuse_device_fd()
             if fuse_fd is not None:
-                backend.blocking.watch(readable(fuse_fd), lambda: telemetry.ops_total)
+                backend.blocking.watch(readable(fuse_fd), lambda: telemetry.ops_total, config.busy_poll_us * 1e-6)
     except BaseException:
         if bus is not None:
             bus.stop()

@@ -14,6 +14,16 @@ CPU of ``trio.to_thread.run_sync`` per call, measured: 55-64 vs 122-130 µs):
   ``preadv2(RWF_NOWAIT)``, which returns only what the page cache holds and never
   waits for I/O; what it cannot serve (a cache miss) is a *slow call*.
 * Larger reads, writes and ``flush`` are slow calls as they are.
+* After a miss, while the loop has nothing else to do (``_spin``) and misses
+  have been completing within the window, the read keeps polling the page cache
+  with ``RWF_NOWAIT`` for up to the busy-poll window (``--busy-poll-us``, 50 µs):
+  the probe has already submitted the disk read, and on a VM a local disk
+  answers within that time more cheaply than a blocking ``pread`` that sleeps
+  and is woken. Measured (QD1 random 4 KiB reads of cold data through a mount,
+  alternating rounds): 6.1k → 7.6k IOPS (medians of 6; a prototype: 6.8k →
+  8.3-8.6k with windows of 50, 100 and 200 µs alike), worker CPU per read about
+  the same (120 → 125 µs). A slow store's misses outlast the window, their mean rises well above
+  it and the polling stops (:data:`MISS_POLL_MEAN_FACTOR`).
 
 A :class:`CallRouter` decides where the next slow call runs. A hop pays off only
 when the call blocks for longer than the hop costs *and* something else waits for
@@ -49,6 +59,8 @@ from typing import Literal, TypeVar
 import outcome
 import trio
 
+from .._spin import callback_queued, spin_end_ns
+
 T = TypeVar("T")
 
 #: Mean duration of a slow call above which it moves to a thread, seconds: about
@@ -71,6 +83,11 @@ SOLO_CALLS_BEFORE_LOOP = 32
 #: probe reads into a zero-filled ``bytearray``; past this size the zero-fill
 #: costs more than the probe saves (measured: +0.4 µs at 4 KiB, +67 µs at 1 MiB).
 NOWAIT_READ_MAX_BYTES = 64 * 1024
+
+#: Misses are polled for while their mean duration is below this many times the
+#: polling window: a local disk's (30-100 µs here) are, a network volume's (~1 ms)
+#: are not, so a slow store costs at most one window of polling per read and soon none.
+MISS_POLL_MEAN_FACTOR = 4
 
 BlockingIOMode = Literal["adaptive", "loop", "thread"]
 #: Errors of ``preadv2(RWF_NOWAIT)`` that mean "would block" or "cannot tell"
@@ -215,6 +232,13 @@ def read_cached(fd: int, size: int, offset: int) -> bytes | memoryview | None:
     return memoryview(buf)[:got] if got < size else buf
 
 
+def _is_whole(cached: bytes | memoryview, size: int, offset: int, fd: int) -> bool:
+    """Whether ``cached`` (read at ``offset``) is all a read of ``size`` bytes gets: all of
+    it, nothing (NOWAIT reads 0 bytes only at end of file), or all up to end of file."""
+    got = len(cached)
+    return got == size or got == 0 or offset + got >= os.fstat(fd).st_size
+
+
 class BlockingCalls:
     """The passthrough backend's blocking syscalls, each routed as the module docstring says.
 
@@ -228,12 +252,15 @@ class BlockingCalls:
         self.reads = CallRouter(mode, hop=self.hop)
         self.writes = CallRouter(mode, hop=self.hop)
         self.flushes = CallRouter(mode, hop=self.hop)
+        self._miss_poll_ns = 0
 
-    def watch(self, queued: Callable[[], bool], served: Callable[[], int]) -> None:
+    def watch(self, queued: Callable[[], bool], served: Callable[[], int], miss_poll_s: float = 0.0) -> None:
         """Give the routers the worker's signals (see :class:`CallRouter`): whether FUSE
-        requests are queued, and the count of requests served so far."""
+        requests are queued, and the count of requests served so far; and how long a
+        read that missed the page cache may poll it, seconds (0 = not at all)."""
         for router in (self.reads, self.writes, self.flushes):
             router.queued, router.served = queued, served
+        self._miss_poll_ns = round(miss_poll_s * 1e9)
 
     async def pread(self, fd: int, size: int, offset: int) -> bytes | bytearray | memoryview:
         """Read up to ``size`` bytes at ``offset``: from the cache at once, the rest as a slow call.
@@ -243,15 +270,38 @@ class BlockingCalls:
         """
         if self.mode != "thread" and size <= NOWAIT_READ_MAX_BYTES:
             cached = read_cached(fd, size, offset)
+            if cached is None:
+                cached = self._poll_cache(fd, size, offset)
             if cached is not None:
-                got = len(cached)
-                # All of it, nothing (NOWAIT reads 0 bytes only at end of file), or all
-                # there is before end of file: done. Otherwise the cache stopped part-way.
-                if got == size or got == 0 or offset + got >= os.fstat(fd).st_size:
+                if _is_whole(cached, size, offset, fd):
                     return cached
+                got = len(cached)  # the cache stopped part-way
                 rest = await self.reads.call(os.pread, fd, size - got, offset + got)
                 return bytes(cached) + rest
         return await self.reads.call(os.pread, fd, size, offset)
+
+    def _poll_cache(self, fd: int, size: int, offset: int) -> bytes | memoryview | None:
+        """After a miss, poll the page cache for the read the probe submitted (module docstring).
+
+        Returns:
+            the whole read once the cache holds it, or None: no polling allowed
+            (misses slower than the window, calls in threads, requests queued, other
+            work on the loop) or the window closed first.
+        """
+        reads = self.reads
+        if (not self._miss_poll_ns or reads.offloaded or reads.mean_s * 1e9 > MISS_POLL_MEAN_FACTOR * self._miss_poll_ns
+                or reads.queued()):
+            return None
+        start_ns = time.monotonic_ns()
+        end_ns = spin_end_ns(self._miss_poll_ns, pool_busy=ThreadHop.in_flight > 0)
+        while end_ns is not None and time.monotonic_ns() < end_ns:
+            cached = read_cached(fd, size, offset)
+            if cached is not None and _is_whole(cached, size, offset, fd):
+                reads.observe((time.monotonic_ns() - start_ns) * 1e-9, others_waited=False)
+                return cached
+            if reads.queued() or callback_queued():
+                break
+        return None
 
     async def pwrite(self, fd: int, data: bytes, offset: int) -> int:
         """``os.pwrite`` as a slow call (see :class:`CallRouter`)."""
