@@ -174,8 +174,8 @@ def _polling_calls(window_s: float, queued: bool = False) -> BlockingCalls:
     return calls
 
 
-def _read_with(calls: BlockingCalls, cache: ArrivingCache, monkeypatch, tmp_path: Path) -> tuple[bytes, int]:
-    """One 4 KiB read through ``calls`` with ``cache`` as the page cache; (data, plain preads made)."""
+def _read_with(calls: BlockingCalls, cache: ArrivingCache, monkeypatch, tmp_path: Path) -> int:
+    """One 4 KiB read through ``calls`` with ``cache`` as the page cache (checked); the plain preads made."""
     data = os.urandom(4096)
     (tmp_path / "f").write_bytes(data)
     fd = os.open(tmp_path / "f", os.O_RDONLY)
@@ -188,12 +188,12 @@ def _read_with(calls: BlockingCalls, cache: ArrivingCache, monkeypatch, tmp_path
         os.close(fd)
         monkeypatch.undo()
     assert got == data
-    return got, len(preads)
+    return len(preads)
 
 
 def test_a_miss_is_polled_for_until_the_cache_holds_it(monkeypatch, tmp_path: Path) -> None:
     cache = ArrivingCache(misses=20)
-    _, preads = _read_with(_polling_calls(window_s=1.0), cache, monkeypatch, tmp_path)
+    preads = _read_with(_polling_calls(window_s=1.0), cache, monkeypatch, tmp_path)
     assert preads == 0 and cache.probes == 21  # served from the cache, no blocking read
 
 
@@ -204,7 +204,7 @@ def test_a_miss_falls_back_to_a_blocking_read(monkeypatch, tmp_path: Path, why: 
                            queued=why == "requests are queued")
     if why == "misses are slow":
         calls.reads.mean_s = _offload.MISS_POLL_MEAN_FACTOR * 1e-3 * 1.1  # a network volume's misses
-    _, preads = _read_with(calls, cache, monkeypatch, tmp_path)
+    preads = _read_with(calls, cache, monkeypatch, tmp_path)
     assert preads == 1
     if why == "window closes first":
         assert cache.probes > 2  # it did poll, then gave up

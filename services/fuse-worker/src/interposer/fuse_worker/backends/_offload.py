@@ -22,8 +22,8 @@ CPU of ``trio.to_thread.run_sync`` per call, measured: 55-64 vs 122-130 µs):
   and is woken. Measured (QD1 random 4 KiB reads of cold data through a mount,
   alternating rounds): 6.1k → 7.6k IOPS (medians of 6; a prototype: 6.8k →
   8.3-8.6k with windows of 50, 100 and 200 µs alike), worker CPU per read about
-  the same (120 → 125 µs). A slow store's misses outlast the window, their mean rises well above
-  it and the polling stops (:data:`MISS_POLL_MEAN_FACTOR`).
+  the same (120 → 125 µs). A slow store's misses outlast the window, their mean
+  rises well above it and the polling stops (:data:`MISS_POLL_MEAN_FACTOR`).
 
 A :class:`CallRouter` decides where the next slow call runs. A hop pays off only
 when the call blocks for longer than the hop costs *and* something else waits for
@@ -232,13 +232,6 @@ def read_cached(fd: int, size: int, offset: int) -> bytes | memoryview | None:
     return memoryview(buf)[:got] if got < size else buf
 
 
-def _is_whole(cached: bytes | memoryview, size: int, offset: int, fd: int) -> bool:
-    """Whether ``cached`` (read at ``offset``) is all a read of ``size`` bytes gets: all of
-    it, nothing (NOWAIT reads 0 bytes only at end of file), or all up to end of file."""
-    got = len(cached)
-    return got == size or got == 0 or offset + got >= os.fstat(fd).st_size
-
-
 class BlockingCalls:
     """The passthrough backend's blocking syscalls, each routed as the module docstring says.
 
@@ -273,9 +266,11 @@ class BlockingCalls:
             if cached is None:
                 cached = self._poll_cache(fd, size, offset)
             if cached is not None:
-                if _is_whole(cached, size, offset, fd):
+                got = len(cached)
+                # All of it, nothing (NOWAIT reads 0 bytes only at end of file), or all
+                # there is before end of file: done. Otherwise the cache stopped part-way.
+                if got == size or got == 0 or offset + got >= os.fstat(fd).st_size:
                     return cached
-                got = len(cached)  # the cache stopped part-way
                 rest = await self.reads.call(os.pread, fd, size - got, offset + got)
                 return bytes(cached) + rest
         return await self.reads.call(os.pread, fd, size, offset)
@@ -284,9 +279,10 @@ class BlockingCalls:
         """After a miss, poll the page cache for the read the probe submitted (module docstring).
 
         Returns:
-            the whole read once the cache holds it, or None: no polling allowed
-            (misses slower than the window, calls in threads, requests queued, other
-            work on the loop) or the window closed first.
+            what the cache holds once it holds anything (as :func:`read_cached`;
+            the caller reads the rest), or None: no polling allowed (misses slower
+            than the window, calls in threads, requests queued, other work on the
+            loop) or the window closed first.
         """
         reads = self.reads
         if (not self._miss_poll_ns or reads.offloaded or reads.mean_s * 1e9 > MISS_POLL_MEAN_FACTOR * self._miss_poll_ns
@@ -296,7 +292,7 @@ class BlockingCalls:
         end_ns = spin_end_ns(self._miss_poll_ns, pool_busy=ThreadHop.in_flight > 0)
         while end_ns is not None and time.monotonic_ns() < end_ns:
             cached = read_cached(fd, size, offset)
-            if cached is not None and _is_whole(cached, size, offset, fd):
+            if cached is not None:
                 reads.observe((time.monotonic_ns() - start_ns) * 1e-9, others_waited=False)
                 return cached
             if reads.queued() or callback_queued():
