@@ -40,6 +40,14 @@ def mkdir(path):
     os.mkdir(path, 0o775)
     return os.stat(path)
 
+def create_mode(path, mode):
+    old = os.umask(0)
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, mode))
+    finally:
+        os.umask(old)
+    return os.stat(path)
+
 def write_then_mode(path, flags):
     fd = os.open(path, flags)
     try:
@@ -60,6 +68,9 @@ checks = {
     "mkdir in 0777 dir": lambda: mkdir("rw/sub"),
     "create in setgid dir": lambda: create("sg/f"),
     "mkdir in setgid dir": lambda: mkdir("sg/d"),
+    # the file's group is the directory's, which the caller is not in: S_ISGID must go
+    "create setgid executable in setgid dir": lambda: create_mode("sg/sgid-exec", 0o2755),
+    "chmod own file setgid in setgid dir": lambda: (os.chmod("sg/f", 0o2775), os.stat("sg/f"))[1],
     "read 0600 root file": lambda: open("secret", "rb").read().decode(),
     "read 0644 root file": lambda: open("public", "rb").read().decode(),
     "write 0644 root file": lambda: open("public", "ab").write(b"x"),
@@ -144,6 +155,7 @@ def test_a_non_root_caller_gets_native_errors_and_ownership(mount_worker, tmp_pa
     assert expected["create in 0777 dir"][:2] == [NOBODY, NOBODY]
     assert expected["create in setgid dir"][:2] == [NOBODY, OTHER_GID]
     assert expected["write setid-setuid-O_DIRECT"] == oct(0o100777)
+    assert expected["create setgid executable in setgid dir"][2] == oct(0o100755)
     differences = {k: (expected[k], got[k]) for k in expected if expected[k] != got[k]}
     assert differences == {k: (expected[k], v) for k, v in KERNEL_FUSE_DIFFERENCES.items()}, (
         f"native vs mount: {differences}"
