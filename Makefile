@@ -8,7 +8,7 @@ DEBIAN_PACKAGES := fuse3 libfuse3-dev pkg-config fio prometheus
 PHASE_SECONDS ?= 10
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps python-deps demo test proto lint clean
+.PHONY: setup system-deps python-deps demo test proto clean
 
 setup: system-deps python-deps
 

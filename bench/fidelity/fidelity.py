@@ -51,6 +51,7 @@ from interposer.proto.profiles import PROFILES, expand_profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _host import HostMeter, machine  # noqa: E402 - bench/_host.py
+from fuse_trace import FuseRequestTrace, available, percentile  # noqa: E402 - bench/fidelity/fuse_trace.py
 
 MIB = 1 << 20
 #: fio run time per measurement, seconds (full mode): 13 scenarios x 4 modes x 10 s ~ 9 min of fio.
@@ -274,8 +275,13 @@ def measure_service_time(work: Path, runtime_s: float, file_bytes: int, worker_f
 
 
 def run_table(chosen: list[Scenario], modes: list[tuple[int, bool]], work: Path, runtime_s: float,
-              file_bytes: int, worker_flags: tuple[str, ...] = ()) -> None:
-    """Measure every scenario in every mode and print one row per metric."""
+              file_bytes: int, worker_flags: tuple[str, ...] = (), fuse_trace: bool = False) -> None:
+    """Measure every scenario in every mode and print one row per metric.
+
+    With ``fuse_trace``, also the read latency p50/p99 the kernel saw at the FUSE
+    device (rows ``fuse50``/``fuse99``, :mod:`fuse_trace`): what the worker's
+    side adds, without the application's own wake-up and scheduling.
+    """
     service = None
     if any(has_added_delay(s.layers) for s in chosen):
         service = measure_service_time(work, runtime_s, file_bytes, worker_flags)
@@ -287,7 +293,12 @@ def run_table(chosen: list[Scenario], modes: list[tuple[int, bool]], work: Path,
     for scenario in chosen:
         with Mount(work / "backing", work / "mnt", scenario.layers, worker_flags) as mount:
             for qd, direct in modes:
-                got = run_fio(mount.mountpoint, scenario, qd, direct, runtime_s, file_bytes)
+                if fuse_trace:
+                    with FuseRequestTrace(mount.mountpoint) as trace:
+                        got = run_fio(mount.mountpoint, scenario, qd, direct, runtime_s, file_bytes)
+                    fuse_latencies = trace.latencies()
+                else:
+                    got = run_fio(mount.mountpoint, scenario, qd, direct, runtime_s, file_bytes)
                 target = scenario.targets.get(qd, Target())
                 if service is not None and has_added_delay(scenario.layers):
                     target = targets_of(scenario.layers, scenario.bs, qd, service)
@@ -300,6 +311,10 @@ def run_table(chosen: list[Scenario], modes: list[tuple[int, bool]], work: Path,
                     ("p50", target.lat_p50_s, got["p50"], "s"), ("p99", target.lat_p99_s, got["p99"], "s"),
                 ):
                     print(_row(scenario.name, qd, direct, metric, want, have, unit), flush=True)
+                if fuse_trace and fuse_latencies:  # the same quantiles, at the FUSE device
+                    for metric, want, q in (("fuse50", target.lat_p50_s, P50), ("fuse99", target.lat_p99_s, P99)):
+                        have = percentile(fuse_latencies, q)
+                        print(_row(scenario.name, qd, direct, metric, want, have, "s"), flush=True)
 
 
 def run_noop(modes: list[tuple[int, bool]], work: Path, runtime_s: float, file_bytes: int, repeat: int) -> None:
@@ -344,7 +359,11 @@ def main() -> None:
     parser.add_argument("--mode", action="append", default=[], choices=["qd1-direct", "qd1-buffered",
                         "qd16-direct", "qd16-buffered"], help="run only these queue depth / cache modes (repeatable)")
     parser.add_argument("--list", action="store_true", help="print the scenarios with their targets and exit")
+    parser.add_argument("--fuse-trace", action="store_true",
+                        help="also print read latency p50/p99 at the FUSE device (kernel tracepoints via perf; root)")
     args = parser.parse_args()
+    if args.fuse_trace and (reason := available()) is not None:
+        parser.error(f"--fuse-trace: {reason}")
     runtime_s = args.runtime_s or (QUICK_RUNTIME_S if args.quick else DEFAULT_RUNTIME_S)
     file_bytes = QUICK_FILE_BYTES if args.quick else DEFAULT_FILE_BYTES
     modes = QUICK_MODES if args.quick else FULL_MODES
@@ -377,7 +396,7 @@ def main() -> None:
         if args.noop:
             run_noop(modes, work, runtime_s, file_bytes, args.repeat)
         else:
-            run_table(chosen, modes, work, runtime_s, file_bytes, worker_flags)
+            run_table(chosen, modes, work, runtime_s, file_bytes, worker_flags, args.fuse_trace)
         print(f"# total {time.monotonic() - started:.0f} s; {host.report()}", flush=True)
 
 
