@@ -33,6 +33,7 @@ throttle binds, the p50 target is ``qd / IOPS`` and there is no p99 target.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fnmatch
 import json
 import math
@@ -293,11 +294,8 @@ def run_table(chosen: list[Scenario], modes: list[tuple[int, bool]], work: Path,
     for scenario in chosen:
         with Mount(work / "backing", work / "mnt", scenario.layers, worker_flags) as mount:
             for qd, direct in modes:
-                if fuse_trace:
-                    with FuseRequestTrace(mount.mountpoint) as trace:
-                        got = run_fio(mount.mountpoint, scenario, qd, direct, runtime_s, file_bytes)
-                    fuse_latencies = trace.latencies()
-                else:
+                trace = FuseRequestTrace(mount.mountpoint) if fuse_trace else None
+                with trace or contextlib.nullcontext():
                     got = run_fio(mount.mountpoint, scenario, qd, direct, runtime_s, file_bytes)
                 target = scenario.targets.get(qd, Target())
                 if service is not None and has_added_delay(scenario.layers):
@@ -311,10 +309,9 @@ def run_table(chosen: list[Scenario], modes: list[tuple[int, bool]], work: Path,
                     ("p50", target.lat_p50_s, got["p50"], "s"), ("p99", target.lat_p99_s, got["p99"], "s"),
                 ):
                     print(_row(scenario.name, qd, direct, metric, want, have, unit), flush=True)
-                if fuse_trace and fuse_latencies:  # the same quantiles, at the FUSE device
+                if trace is not None and (latencies := trace.latencies()):  # the same quantiles, at the device
                     for metric, want, q in (("fuse50", target.lat_p50_s, P50), ("fuse99", target.lat_p99_s, P99)):
-                        have = percentile(fuse_latencies, q)
-                        print(_row(scenario.name, qd, direct, metric, want, have, "s"), flush=True)
+                        print(_row(scenario.name, qd, direct, metric, want, percentile(latencies, q), "s"), flush=True)
 
 
 def run_noop(modes: list[tuple[int, bool]], work: Path, runtime_s: float, file_bytes: int, repeat: int) -> None:
