@@ -6,8 +6,8 @@ kernel's FUSE tracepoints (``fuse:fuse_request_send`` when a request is queued
 on the device, ``fuse:fuse_request_end`` when its reply arrived; in
 ``fs/fuse/fuse_trace.h`` of recent kernels, 6.18 here) bound the worker's share:
 queueing on ``/dev/fuse``, serving, the delay, replying. :class:`FuseRequestTrace`
-records both with ``perf record -a`` (root) for one measurement and returns the
-percentiles of one opcode's send→end time on one mount.
+records both with ``perf record -a`` (root) for one measurement and returns
+every send→end time of one opcode on one mount.
 """
 
 from __future__ import annotations
@@ -34,12 +34,6 @@ def available() -> str | None:
     if not Path("/sys/kernel/tracing/events/fuse/fuse_request_send").exists():
         return "this kernel has no fuse:fuse_request_send tracepoint"
     return None
-
-
-def percentile(sorted_values: list[float], q: float) -> float:
-    """The ``q``-quantile (0 < q < 1) of ascending ``sorted_values`` by the nearest-rank method."""
-    index = min(len(sorted_values) - 1, max(0, int(q * len(sorted_values) + 0.5) - 1))
-    return sorted_values[index]
 
 
 def request_latencies(perf_script: str, connection: int, opcode: str) -> list[float]:
