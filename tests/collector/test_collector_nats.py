@@ -43,18 +43,19 @@ def test_batches_and_status_become_metrics(nats_url: str, start_collector: Start
             event("read", result=4096, duration_ns=3_000_000),
             event("read", result=4096, duration_ns=3_000_000, throttle_ns=1_000_000),
             event("write", result=100, duration_ns=40_000),
+            event("copy_file_range", result=1000, duration_ns=50_000),
             event("read", errno=errno.EIO, fault="EIO", delay_ns=2_000_000, duration_ns=2_100_000),
             event("lookup", errno=errno.ENOENT),
         ], seq=1, dropped_total=2),
         batch_message(volume, [event("getattr")], seq=2, dropped_total=3),
-        status_message(volume, policy_revision=7, ops_total=6, events_dropped_total=4,
+        status_message(volume, policy_revision=7, ops_total=7, events_dropped_total=4,
                        sent_at_s=1_700_000_000.5),
     ])
 
     def everything_arrived() -> Samples | None:
         samples = collector.scrape()
         arrived = (value(samples, "interposer_worker_policy_revision", volume=volume) == 7
-                   and value(samples, "interposer_ops_total", volume=volume) == 6)
+                   and value(samples, "interposer_ops_total", volume=volume) == 7)
         return samples if arrived else None
 
     samples = wait_for(everything_arrived, what="the batches and the heartbeat in /metrics")
@@ -62,8 +63,9 @@ def test_batches_and_status_become_metrics(nats_url: str, start_collector: Start
     assert value(samples, "interposer_ops_total", op="read", result="ok", **vnp) == 2
     assert value(samples, "interposer_ops_total", op="read", result="EIO", **vnp) == 1
     assert value(samples, "interposer_ops_total", op="lookup", result="ENOENT", **vnp) == 1
-    assert value(samples, "interposer_bytes_total", direction="read", **vnp) == 8192
-    assert value(samples, "interposer_bytes_total", direction="write", **vnp) == 100
+    # A copy served inside the volume read and wrote its bytes there.
+    assert value(samples, "interposer_bytes_total", direction="read", **vnp) == 8192 + 1000
+    assert value(samples, "interposer_bytes_total", direction="write", **vnp) == 100 + 1000
     assert value(samples, "interposer_op_duration_seconds_bucket", op="read", le="0.0025", **vnp) == 1
     assert value(samples, "interposer_op_duration_seconds_bucket", op="read", le="0.005", **vnp) == 3
     assert value(samples, "interposer_op_duration_seconds_count", op="read", **vnp) == 3
@@ -71,11 +73,11 @@ def test_batches_and_status_become_metrics(nats_url: str, start_collector: Start
     assert value(samples, "interposer_injected_delay_seconds_total", op="read", **vnp) == pytest.approx(0.002)
     assert value(samples, "interposer_throttle_wait_seconds_total", op="read", **vnp) == pytest.approx(0.001)
     assert value(samples, "interposer_events_dropped_total", **vnp) == 4
-    assert value(samples, "interposer_worker_ops_total", **vnp) == 6
+    assert value(samples, "interposer_worker_ops_total", **vnp) == 7
     assert value(samples, "interposer_worker_last_heartbeat_timestamp_seconds",
                  volume=volume) == pytest.approx(1_700_000_000.5)
     assert value(samples, "interposer_collector_batches_total") == 2
-    assert value(samples, "interposer_collector_events_total") == 6
+    assert value(samples, "interposer_collector_events_total") == 7
     assert value(samples, "interposer_collector_decode_errors_total") == 0
 
 

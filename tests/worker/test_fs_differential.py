@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
-from interposer.fuse_worker.backends._renameat2 import renameat2
+from interposer.fuse_worker.backends._libc import renameat2
 
 from fs_compare_support import describe_difference, outcome, snapshot
 

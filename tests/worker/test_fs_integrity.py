@@ -1,6 +1,8 @@
 """fsx-style data integrity: a long random mix of I/O against a shadow copy of the file.
 
-After Apple's/Linux Test Project's ``fsx``: every op is applied to the file through
+After Apple's/Linux Test Project's ``fsx``: every op (writes, reads, truncates,
+``fallocate`` that extends, keeps the size or punches a hole, ``copy_file_range``
+between two ranges of the file, shared ``mmap``) is applied to the file through
 the mount and to an in-memory shadow buffer; every read (``pread``, a read of an
 ``mmap`` mapping) must return the shadow's bytes, the size must always agree, and a
 SHA-256 of the whole file is compared every few ops and at the end, after
@@ -18,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from interposer.fuse_worker.backends._libc import fallocate
+
 #: Ops per run, largest file size, largest single I/O, bytes.
 OPS_PER_RUN = 2000
 MAX_FILE_SIZE_BYTES = 256 * 1024
@@ -25,6 +29,12 @@ MAX_IO_BYTES = 64 * 1024
 #: A full-file checksum is compared every this many ops.
 CHECKSUM_EVERY_OPS = 50
 SEED = 20240607
+#: fallocate(2) modes (<linux/falloc.h>).
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+#: Every op kind :func:`run_fsx` draws from (mmap ones only with ``use_mmap``).
+FSX_OPS = ("write", "read", "truncate", "ftruncate", "reopen", "allocate", "punch", "copy")
+MMAP_OPS = ("mapread", "mapwrite")
 
 
 def _full_read(fd: int) -> bytes:
@@ -45,9 +55,9 @@ def run_fsx(path: Path, seed: int, ops: int = OPS_PER_RUN, use_mmap: bool = True
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         for step in range(ops):
-            kinds = ["write", "write", "read", "read", "truncate", "ftruncate", "reopen"]
+            kinds = ["write", "read", *FSX_OPS]
             if use_mmap:
-                kinds += ["mapread", "mapwrite"]
+                kinds += MMAP_OPS
             kind = rng.choice(kinds)
             counts[kind] = counts.get(kind, 0) + 1
             where = f"step {step} ({kind}, seed {seed})"
@@ -68,10 +78,38 @@ def run_fsx(path: Path, seed: int, ops: int = OPS_PER_RUN, use_mmap: bool = True
                 (os.ftruncate(fd, size) if kind == "ftruncate" else os.truncate(path, size))
                 del shadow[size:]
                 shadow.extend(bytes(size - len(shadow)))
+            elif kind == "allocate":
+                off = rng.randrange(MAX_FILE_SIZE_BYTES)
+                size = rng.randrange(1, min(MAX_IO_BYTES, MAX_FILE_SIZE_BYTES - off) + 1)
+                keep_size = rng.random() < 0.5
+                fallocate(fd, FALLOC_FL_KEEP_SIZE if keep_size else 0, off, size)
+                if not keep_size and off + size > len(shadow):
+                    shadow.extend(bytes(off + size - len(shadow)))
+            elif kind == "punch":
+                off = rng.randrange(len(shadow) + 1)
+                size = rng.randrange(1, MAX_IO_BYTES)
+                fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, size)
+                end = min(off + size, len(shadow))
+                shadow[off:end] = bytes(max(0, end - off))
+            elif kind == "copy" and shadow:
+                # Two ranges of the same file must not overlap (copy_file_range(2): EINVAL).
+                off_in = rng.randrange(len(shadow))
+                size = rng.randrange(1, min(MAX_IO_BYTES, len(shadow) - off_in) + 1)
+                off_out = rng.randrange(MAX_FILE_SIZE_BYTES - size)
+                if off_out < off_in + size and off_in < off_out + size:
+                    off_out = off_in + size if off_in + 2 * size <= MAX_FILE_SIZE_BYTES else max(0, off_in - size)
+                if off_out < off_in + size and off_in < off_out + size:
+                    continue
+                copied = os.copy_file_range(fd, fd, size, off_in, off_out)
+                assert 0 < copied <= size, where
+                data = bytes(shadow[off_in:off_in + copied])
+                if off_out > len(shadow):
+                    shadow.extend(bytes(off_out - len(shadow)))
+                shadow[off_out:off_out + copied] = data
             elif kind == "reopen":
                 os.close(fd)
                 fd = os.open(path, os.O_RDWR)
-            elif shadow:
+            elif kind in MMAP_OPS and shadow:
                 with mmap.mmap(fd, len(shadow)) as mapping:
                     off = rng.randrange(len(shadow))
                     size = rng.randrange(1, min(MAX_IO_BYTES, len(shadow) - off) + 1)
@@ -97,7 +135,7 @@ def run_fsx(path: Path, seed: int, ops: int = OPS_PER_RUN, use_mmap: bool = True
 def test_random_io_mix_keeps_data_intact(mount_worker, backend: str) -> None:
     vol = mount_worker(extra=["--backend", backend])
     counts = run_fsx(vol.mountpoint / "fsx.dat", SEED)
-    assert set(counts) == {"write", "read", "truncate", "ftruncate", "reopen", "mapread", "mapwrite"}
+    assert set(counts) == {*FSX_OPS, *MMAP_OPS}
     if backend == "passthrough":
         # What the mount said is what the backing file holds.
         assert (vol.backing / "fsx.dat").read_bytes() == (vol.mountpoint / "fsx.dat").read_bytes()
@@ -114,7 +152,7 @@ def test_random_io_mix_keeps_data_intact_under_a_delay_layer(mount_worker) -> No
     policy = '{"layers": [{"type": "delay", "delay_s": 0.0002, "ops": ["read", "write", "setattr"]}]}'
     vol = mount_worker(policy=policy)
     counts = run_fsx(vol.mountpoint / "fsx.dat", SEED + 1, ops=1000, use_mmap=False)
-    assert counts["write"] > 0 and counts["read"] > 0
+    assert set(counts) == set(FSX_OPS)  # copies here take the kernel's read/write fallback
     with open(vol.mountpoint / "fsx.dat", "r+b") as f, pytest.raises(OSError) as info:
         mmap.mmap(f.fileno(), 1)
     assert info.value.errno == errno.ENODEV

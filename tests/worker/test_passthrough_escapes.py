@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from interposer.fuse_worker.backends._renameat2 import renameat2
+from interposer.fuse_worker.backends._libc import renameat2
 
 RENAME_EXCHANGE = 2
 #: How long the swap race runs, seconds (a bound on work, not an assertion on speed).

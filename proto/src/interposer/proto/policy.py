@@ -33,7 +33,7 @@ OpName = Literal[
     "lookup", "getattr", "setattr", "readlink", "symlink", "mknod", "mkdir", "unlink",
     "rmdir", "rename", "link", "open", "read", "write", "flush", "release", "fsync",
     "opendir", "readdir", "releasedir", "fsyncdir", "statfs", "access", "create",
-    "getxattr", "setxattr", "listxattr", "removexattr",
+    "getxattr", "setxattr", "listxattr", "removexattr", "fallocate", "copy_file_range", "lseek",
 ]
 #: The ops that move file data; throttle layers can only match these.
 DataOpName = Literal["read", "write"]

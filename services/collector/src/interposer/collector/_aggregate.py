@@ -255,6 +255,9 @@ class Aggregator:
                         bytes_read += event.result
                     elif op == "write":
                         bytes_written += event.result
+                    elif op == "copy_file_range":  # read and written inside the volume
+                        bytes_read += event.result
+                        bytes_written += event.result
                 if event.fault:
                     fault_key = (op, event.fault)
                     group.faults[fault_key] = group.faults.get(fault_key, 0) + 1

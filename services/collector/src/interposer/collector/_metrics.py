@@ -25,7 +25,8 @@ METRICS: tuple[tuple[str, str, list[str], str], ...] = (
     ("interposer_op_duration_seconds", "histogram", [*_VNP, "op"],
      "Time the worker spent serving an op, seconds (includes injected delay and throttle wait)."),
     ("interposer_bytes", "counter", [*_VNP, "direction"],
-     "Bytes moved by successful reads (direction=read) and writes (direction=write)."),
+     "Bytes moved by successful reads (direction=read) and writes (direction=write); "
+     "a copy_file_range served in the volume counts in both."),
     ("interposer_injected_faults", "counter", [*_VNP, "op", "errno"],
      "Ops failed on purpose by a fault layer, by injected errno name."),
     ("interposer_injected_delay_seconds", "counter", [*_VNP, "op"],

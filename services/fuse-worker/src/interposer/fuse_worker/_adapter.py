@@ -17,6 +17,7 @@ import trio
 
 from interposer.proto import Policy
 
+from ._extra_ops import Caller
 from ._op import BackendCall, Op
 from ._setid import setid_bits_to_clear
 from ._stack import QuotaUnavailable, Stack
@@ -182,7 +183,7 @@ class InterposerOperations(pyfuse3.Operations):
                 nbytes = 0
             elif op.name == "read":
                 nbytes = len(result)
-            elif op.name == "write":
+            elif op.name in ("write", "copy_file_range"):
                 nbytes = result
             else:
                 nbytes = 0
@@ -362,6 +363,62 @@ class InterposerOperations(pyfuse3.Operations):
         ino = self.backend.ino_of_fh(fh)
         op = self._op("fsync", ino, None, session=self.telemetry.session_of(fh))
         return await self._serve(op, lambda: self.backend.fsync(fh, datasync))
+
+    # ---- ops pyfuse3 does not dispatch: called by ``_extra_ops`` ------------------------
+
+    async def fallocate(self, fh: int, mode: int, offset: int, length: int, caller: Caller) -> None:
+        """``fallocate(2)`` on open file ``fh``: ``mode`` is ``FALLOC_FL_*``, ``offset``/``length`` in bytes.
+
+        Raises:
+            pyfuse3.FUSEError: the backend's errno (EOPNOTSUPP for a mode it lacks,
+                ENOSPC), or a layer's.
+        """
+        backend = self.backend
+        ino = backend.ino_of_fh(fh)
+        op = Op("fallocate", ino, backend.path_of(ino), offset=offset, size=length, mode=mode,
+                pid=caller.pid, uid=caller.uid, session=self.telemetry.session_of(fh))
+        await self._serve(op, lambda: backend.fallocate(fh, mode, offset, length))
+
+    async def copy_file_range(self, fh_in: int, off_in: int, fh_out: int, off_out: int, length: int, flags: int,
+                              caller: Caller) -> int:
+        """Copy up to ``length`` bytes from ``fh_in`` at ``off_in`` to ``fh_out`` at ``off_out`` in the backend.
+
+        The op is the destination's (path, offset, size). While a layer acts on reads
+        or writes, the copy is declined with EOPNOTSUPP, which makes the kernel copy
+        through read and write requests (``vfs_copy_file_range``'s splice fallback),
+        so those layers see, delay, throttle, fail and count every byte as they would
+        without copy offload. A declined copy is not recorded: the application never
+        sees it.
+
+        Returns:
+            bytes copied (0 at the source's end of file).
+
+        Raises:
+            pyfuse3.FUSEError: EOPNOTSUPP (declined), the backend's errno, or a layer's.
+        """
+        chains = self.stack.chains
+        if "read" in chains or "write" in chains:
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+        backend = self.backend
+        ino = backend.ino_of_fh(fh_out)
+        op = Op("copy_file_range", ino, backend.path_of(ino), offset=off_out, size=length, mode=flags,
+                pid=caller.pid, uid=caller.uid, session=self.telemetry.session_of(fh_out))
+        return await self._serve(op, lambda: backend.copy_file_range(fh_in, off_in, fh_out, off_out, length, flags))
+
+    async def lseek(self, fh: int, offset: int, whence: int, caller: Caller) -> int:
+        """``lseek(2)`` with ``SEEK_DATA`` or ``SEEK_HOLE`` (the kernel answers the others itself).
+
+        Returns:
+            the offset found, bytes.
+
+        Raises:
+            pyfuse3.FUSEError: ENXIO past the end of file, or the backend's errno.
+        """
+        backend = self.backend
+        ino = backend.ino_of_fh(fh)
+        op = Op("lseek", ino, backend.path_of(ino), offset=offset, mode=whence, pid=caller.pid, uid=caller.uid,
+                session=self.telemetry.session_of(fh))
+        return await self._serve(op, lambda: backend.lseek(fh, offset, whence))
 
     # ---- directories ---------------------------------------------------------------
 

@@ -16,6 +16,10 @@ Handler = Callable[["Op", BackendCall], Awaitable[Any]]
 #: returns a permutation of their positions (``Backend.order_dir``).
 DirOrder = Callable[[Sequence[bytes]], list[int]]
 
+#: ``fallocate(2)`` mode bits (<linux/falloc.h>) that ``Op.mode`` may carry.
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+
 
 class Op(msgspec.Struct):
     """One FUSE request on its way through the layers.
@@ -27,8 +31,11 @@ class Op(msgspec.Struct):
         name: FUSE op name (``read``, ``lookup``…).
         ino: inode the op addresses (the parent directory for entry ops).
         path: path inside the volume, starting with ``/`` (the entry's path for entry ops).
-        offset: byte offset for read/write, else 0.
-        size: bytes requested for read/write, else 0.
+        offset: byte offset for read/write/fallocate/lseek (the destination's for
+            copy_file_range), else 0.
+        size: bytes requested for read/write/fallocate/copy_file_range, else 0.
+        mode: fallocate's mode (``FALLOC_FL_*``), copy_file_range's flags,
+            lseek's whence; else 0.
         pid: caller pid (0 when FUSE gives none).
         uid: caller uid.
         fault: errno name a fault layer injected (outcome).
@@ -50,6 +57,7 @@ class Op(msgspec.Struct):
     path: str
     offset: int = 0
     size: int = 0
+    mode: int = 0
     pid: int = 0
     uid: int = 0
     fault: str = ""

@@ -19,6 +19,7 @@ from ._adapter import InterposerOperations
 from ._bus import Bus
 from ._config import WorkerConfig
 from . import _session_loop
+from ._extra_ops import ExtraOps, ExtraOpsUnavailable
 from .layers import _timer
 from ._expiry import expire_layers
 from ._readahead import set_read_ahead
@@ -189,6 +190,10 @@ async def serve(config: WorkerConfig) -> None:
             if config.read_ahead_kib and not config.fuse_fd_socket:
                 nursery.start_soon(_set_read_ahead_after_init, operations, os.path.abspath(mountpoint),
                                    config.read_ahead_kib)
+            try:
+                ExtraOps(operations).install(nursery)
+            except ExtraOpsUnavailable as exc:
+                log.warning("fallocate, copy_file_range and lseek answered ENOSYS (kernel fallbacks): %s", exc)
             _timer.configure(config.wake_compensation)
             if config.session_loop == "lean":
                 _session_loop.install(config.busy_poll_us * 1e-6)

@@ -102,6 +102,23 @@ class Backend(Protocol):
 
     async def fsync(self, fh: int, datasync: bool) -> None: ...
 
+    async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        """``fallocate(2)`` with ``mode`` (``FALLOC_FL_*``) on ``length`` bytes at ``offset``.
+
+        Raises EOPNOTSUPP for a mode the backend does not implement, as a local
+        file system does.
+        """
+        ...
+
+    async def copy_file_range(self, fh_in: int, off_in: int, fh_out: int, off_out: int, length: int,
+                              flags: int) -> int:
+        """Copy up to ``length`` bytes between open files; returns bytes copied (0 at end of file)."""
+        ...
+
+    async def lseek(self, fh: int, offset: int, whence: int) -> int:
+        """``SEEK_DATA``/``SEEK_HOLE`` from ``offset``; ENXIO at or past end of file."""
+        ...
+
     # ---- directories ------------------------------------------------------------------
 
     async def opendir(self, ino: int, ctx: pyfuse3.RequestContext) -> int: ...

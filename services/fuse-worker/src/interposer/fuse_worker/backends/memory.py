@@ -14,7 +14,8 @@ handle holds it (an unlinked open file stays readable until released and
 forgotten, as POSIX requires). File contents count against ``size_bytes``: a
 write or truncate that would pass it fails with ENOSPC (a write that partly fits
 is shortened, as on a full disk); ``statfs`` reports the limit and what is used.
-Files are not sparse: a hole costs memory like data.
+Files are not sparse: a hole costs memory like data, ``fallocate`` has tmpfs's
+modes (allocate, keep size, punch hole) and ``SEEK_HOLE`` finds only end of file.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from collections.abc import Callable, Sequence
 import pyfuse3
 
 from .._inodes import ROOT_INODE, Named, PathTable, join_path
+from .._op import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
 from ._base import permuted
 
 #: Default limit of file contents held in memory, bytes (1 GiB).
@@ -180,6 +182,11 @@ class MemoryBackend(PathTable):
     def _read_data(self, node: Node, off: int, size: int) -> bytes:
         assert node.data is not None
         return bytes(node.data[off:off + size])
+
+    def _zero_data(self, node: Node, start: int, end: int) -> None:
+        """Zero bytes ``start:end`` of a regular file, all within its size (a punched hole)."""
+        assert node.data is not None
+        node.data[start:end] = bytes(end - start)
 
     # ---- helpers ----------------------------------------------------------------------
 
@@ -558,6 +565,52 @@ class MemoryBackend(PathTable):
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         self._file(fh)
+
+    async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        """The modes tmpfs has: allocate (extending unless ``FALLOC_FL_KEEP_SIZE``) and punch holes.
+
+        Contents are never sparse, so allocating only checks that the range fits the
+        size limit (ENOSPC otherwise, nothing changed) and extends the file if asked;
+        a punched hole reads back as zeros. ``FALLOC_FL_ZERO_RANGE`` and the rest:
+        EOPNOTSUPP, as on tmpfs.
+        """
+        node, _ = self._file(fh)
+        if offset < 0 or length <= 0:
+            raise _fail(errno.EINVAL)
+        end = offset + length
+        if mode & ~FALLOC_FL_KEEP_SIZE == 0:
+            if end > node.size:
+                if end - node.size > self.size_bytes - self.used_bytes:
+                    raise _fail(errno.ENOSPC)
+                if not mode & FALLOC_FL_KEEP_SIZE:
+                    self._resize(node, end)
+        elif mode == FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE:
+            if offset < node.size:
+                self._zero_data(node, offset, min(end, node.size))
+        else:
+            raise _fail(errno.EOPNOTSUPP)
+        node.mtime_ns = node.ctime_ns = time.time_ns()
+
+    async def copy_file_range(self, fh_in: int, off_in: int, fh_out: int, off_out: int, length: int,
+                              flags: int) -> int:
+        if flags:
+            raise _fail(errno.EINVAL)
+        source, _ = self._file(fh_in)
+        target, _ = self._file(fh_out)
+        if off_in >= source.size or length == 0:
+            return 0
+        copied = self._write_data(target, off_out, self._read_data(source, off_in, min(length, source.size - off_in)))
+        target.mtime_ns = target.ctime_ns = time.time_ns()
+        return copied
+
+    async def lseek(self, fh: int, offset: int, whence: int) -> int:
+        # No holes are kept: the whole file is data, as the kernel's generic llseek says.
+        node, _ = self._file(fh)
+        if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
+            raise _fail(errno.EINVAL)
+        if offset < 0 or offset >= node.size:
+            raise _fail(errno.ENXIO)
+        return offset if whence == os.SEEK_DATA else node.size
 
     # ---- directories ------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ import pyfuse3
 from .._inodes import Inode, InodeTable, join_path
 from ._base import permuted
 from ._offload import BlockingCalls, BlockingIOMode
-from ._renameat2 import renameat2
+from ._libc import fallocate, renameat2
 
 _O_PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 #: Open flags never passed to the backing file: the kernel already handled them
@@ -353,6 +353,22 @@ class PassthroughBackend:
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         await self.blocking.sync(self._file_fd(fh), datasync)
+
+    async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        # Can take long (zeroing, a network fs): a slow call like a write.
+        await self.blocking.writes.call(fallocate, self._file_fd(fh), mode, offset, length)
+
+    async def copy_file_range(self, fh_in: int, off_in: int, fh_out: int, off_out: int, length: int,
+                              flags: int) -> int:
+        if flags:  # copy_file_range(2) defines none yet; os.copy_file_range passes none
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        fd_in, fd_out = self._file_fd(fh_in), self._file_fd(fh_out)
+        # Always in a thread: one request may copy gigabytes inside the backing fs.
+        return await self.blocking.hop.run(os.copy_file_range, fd_in, fd_out, length, off_in, off_out)
+
+    async def lseek(self, fh: int, offset: int, whence: int) -> int:
+        # The backing fd's own position is never used (reads and writes are pread/pwrite).
+        return os.lseek(self._file_fd(fh), offset, whence)
 
     # ---- directories ---------------------------------------------------------------
 

@@ -61,7 +61,7 @@ class Fault:
         spec = self.spec
         self._matched += 1
         seen = self._bytes_seen
-        if op.name in ("read", "write"):
+        if op.name in ("read", "write", "copy_file_range"):
             self._bytes_seen += op.size
         if seen < spec.after_bytes:
             return False

@@ -13,10 +13,10 @@ import pyfuse3
 
 from interposer.proto import QuotaLayer
 
-from .._op import BackendCall, Handler, Op
+from .._op import FALLOC_FL_KEEP_SIZE, BackendCall, Handler, Op
 
 #: Ops a quota layer acts on.
-QUOTA_OPS: frozenset[str] = frozenset({"write", "setattr", "create", "mkdir", "mknod", "symlink", "unlink", "rmdir", "statfs"})
+QUOTA_OPS: frozenset[str] = frozenset({"write", "fallocate", "setattr", "create", "mkdir", "mknod", "symlink", "unlink", "rmdir", "statfs"})
 _CREATING_OPS = frozenset({"create", "mkdir", "mknod", "symlink"})
 #: Block size reported by statfs when the backend reports none, bytes.
 DEFAULT_FRSIZE = 4096
@@ -114,7 +114,9 @@ class Quota:
     """Runtime of a :class:`~interposer.proto.QuotaLayer`.
 
     A write is refused when it would grow the volume past ``bytes`` (the growth is
-    ``offset + size`` past the file's size, asked from the backend first); a
+    ``offset + size`` past the file's size, asked from the backend first), and so
+    is a ``fallocate`` that extends the file (one with ``FALLOC_FL_KEEP_SIZE``
+    changes no apparent size, which is what usage counts); a
     create/mkdir/mknod/symlink when the inodes are used up. Truncation is not
     refused (a sparse extension takes no space) but is counted. Concurrent
     extending writes of one file may overshoot the limit by one request. Renames
@@ -161,6 +163,14 @@ class Quota:
                 written = await inner(op, call)
                 usage.bytes_used += max(0, op.offset + written - before)
                 return written
+            if name == "fallocate":
+                before = await self._size(op.ino)
+                grows = 0 if op.mode & FALLOC_FL_KEEP_SIZE else max(0, op.offset + op.size - before)
+                if spec.bytes is not None and usage.bytes_used + grows > spec.bytes:
+                    self._refuse(op)
+                result = await inner(op, call)
+                usage.bytes_used += await self._size(op.ino) - before
+                return result
             if name == "setattr":
                 before = await self._size(op.ino)
                 attrs = await inner(op, call)

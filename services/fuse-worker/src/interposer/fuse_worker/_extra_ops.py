@@ -1,0 +1,267 @@
+"""Serve the FUSE ops pyfuse3 3.5 leaves out: fallocate, copy_file_range and lseek.
+
+pyfuse3 fills libfuse's ``struct fuse_lowlevel_ops`` with its handlers and passes
+it to ``fuse_session_new``, which copies it into the session. libfuse answers a
+request whose slot is NULL with ENOSYS, and on ENOSYS the kernel stops sending
+that op for the life of the mount (``fc->no_fallocate`` and the like in
+fs/fuse/file.c): ``fallocate(2)`` then fails with EOPNOTSUPP (``posix_fallocate``
+falls back to writing zeros, holes cannot be punched, ``KEEP_SIZE``
+preallocation is impossible), ``copy_file_range(2)`` is carried out by the
+kernel as read and write requests, and ``SEEK_DATA``/``SEEK_HOLE`` see every
+file as one block of data.
+
+:func:`install` writes ctypes callbacks into those three slots of the session's
+copy, after ``pyfuse3.init`` and before the session loop runs. Finding that copy
+uses two facts that no API gives:
+
+* pyfuse3's extension module keeps the session pointer and the table it filled
+  in module globals (Cython names ``__pyx_v_7pyfuse3_session`` and
+  ``__pyx_v_7pyfuse3_fuse_ops``). They are not exported, but they are in the
+  module's ELF symbol table (``.symtab``, read with pyelftools); the module's
+  load address comes from its exported ``PyInit_pyfuse3``.
+* The table's offset inside libfuse's private ``struct fuse_session`` is found
+  by searching the session for a byte-exact copy of pyfuse3's table.
+
+The slot numbers are those of the public header (``fuse_lowlevel.h``; libfuse 3
+only ever appends members) and are checked against the table itself: pyfuse3's
+own ``write_buf``, ``forget_multi`` and ``readdirplus`` handlers must sit in
+slots 36, 38 and 41, and the three slots to fill must be empty. If anything
+does not match (a stripped module, another pyfuse3 or libfuse), nothing is
+written, :class:`ExtraOpsUnavailable` says why, and the kernel's fallbacks stay.
+
+The callbacks run on the trio thread, inside ``fuse_session_process_buf``
+called by a pyfuse3 reader task. Each reads what it needs from the request (the
+``fuse_file_info`` is on libfuse's stack and gone once the callback returns),
+starts a task in the worker's nursery and returns; the task runs the op
+through the adapter (layers, backend, telemetry) and replies with
+``fuse_reply_err``/``fuse_reply_write``/``fuse_reply_lseek``. Every request
+gets exactly one reply, EINTR if the worker is stopping.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, NamedTuple, Protocol
+
+import pyfuse3
+import trio
+
+log = logging.getLogger(__name__)
+
+#: Slots of ``struct fuse_lowlevel_ops`` (fuse_lowlevel.h, libfuse 3.x), in pointers.
+SLOT_WRITE_BUF = 36
+SLOT_FORGET_MULTI = 38
+SLOT_FALLOCATE = 40
+SLOT_READDIRPLUS = 41
+SLOT_COPY_FILE_RANGE = 42
+SLOT_LSEEK = 43
+#: Offset of ``fh`` in ``struct fuse_file_info`` (fuse_common.h, libfuse 3.x), bytes.
+FILE_INFO_FH_OFFSET = 16
+#: How far into ``struct fuse_session`` the op table is searched for, bytes
+#: (libfuse 3.14 has it at 56).
+SESSION_SEARCH_BYTES = 256
+
+_POINTER = ctypes.sizeof(ctypes.c_void_p)
+_PYFUSE3 = "pyfuse3"
+_SYMBOLS = {
+    "session": f"__pyx_v_7{_PYFUSE3}_session",
+    "fuse_ops": f"__pyx_v_7{_PYFUSE3}_fuse_ops",
+    "write_buf": f"__pyx_f_7{_PYFUSE3}_fuse_write_buf",
+    "forget_multi": f"__pyx_f_7{_PYFUSE3}_fuse_forget_multi",
+    "readdirplus": f"__pyx_f_7{_PYFUSE3}_fuse_readdirplus",
+    "init": f"PyInit_{_PYFUSE3}",
+}
+
+_FALLOCATE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int, ctypes.c_int64,
+                              ctypes.c_int64, ctypes.c_void_p)
+_COPY_FILE_RANGE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int64, ctypes.c_void_p,
+                                    ctypes.c_uint64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_size_t,
+                                    ctypes.c_int)
+_LSEEK = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p)
+
+
+class Caller(NamedTuple):
+    """Who sent a request (``struct fuse_ctx``): what the adapter's ops read of a context."""
+
+    uid: int
+    gid: int
+    pid: int
+
+
+class _FuseCtx(ctypes.Structure):
+    _fields_ = [("uid", ctypes.c_uint32), ("gid", ctypes.c_uint32), ("pid", ctypes.c_int32),
+                ("umask", ctypes.c_uint32)]
+
+
+class ExtraOpsUnavailable(RuntimeError):
+    """The session's op table could not be found or did not look as expected (nothing was changed)."""
+
+
+class ExtraOpsHandler(Protocol):
+    """What serves the three ops (the adapter, ``InterposerOperations``).
+
+    Each raises ``pyfuse3.FUSEError`` with the errno the application should see.
+    """
+
+    async def fallocate(self, fh: int, mode: int, offset: int, length: int, caller: Caller) -> None: ...
+
+    async def copy_file_range(self, fh_in: int, off_in: int, fh_out: int, off_out: int, length: int,
+                              flags: int, caller: Caller) -> int: ...
+
+    async def lseek(self, fh: int, offset: int, whence: int, caller: Caller) -> int: ...
+
+
+def _libfuse() -> ctypes.CDLL:
+    lib = ctypes.CDLL(ctypes.util.find_library("fuse3") or "libfuse3.so.3")
+    lib.fuse_reply_err.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    lib.fuse_reply_err.restype = ctypes.c_int
+    lib.fuse_reply_write.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    lib.fuse_reply_write.restype = ctypes.c_int
+    lib.fuse_reply_lseek.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    lib.fuse_reply_lseek.restype = ctypes.c_int
+    lib.fuse_req_ctx.argtypes = [ctypes.c_void_p]
+    lib.fuse_req_ctx.restype = ctypes.POINTER(_FuseCtx)
+    return lib
+
+
+def _pyfuse3_symbols() -> tuple[dict[str, int], int]:
+    """Addresses of :data:`_SYMBOLS` in this process, and the size of pyfuse3's op table in bytes.
+
+    Raises:
+        ExtraOpsUnavailable: the module has no symbol table or lacks a symbol.
+    """
+    from elftools.elf.elffile import ELFFile  # only the worker needs it, once
+
+    path = pyfuse3.__file__
+    if path is None:
+        raise ExtraOpsUnavailable("pyfuse3 has no module file")
+    with open(path, "rb") as f:
+        symtab = ELFFile(f).get_section_by_name(".symtab")
+        if symtab is None:
+            raise ExtraOpsUnavailable(f"{path} has no symbol table (stripped)")
+        found = {}
+        for key, name in _SYMBOLS.items():
+            symbols = symtab.get_symbol_by_name(name)
+            if not symbols:
+                raise ExtraOpsUnavailable(f"{path} has no symbol {name}")
+            found[key] = (symbols[0]["st_value"], symbols[0]["st_size"])
+    exported = ctypes.cast(getattr(ctypes.CDLL(path), _SYMBOLS["init"]), ctypes.c_void_p).value
+    assert exported is not None
+    base = exported - found["init"][0]
+    return {key: base + value for key, (value, _) in found.items()}, found["fuse_ops"][1]
+
+
+def _session_op_table() -> int:
+    """Address of the op table inside pyfuse3's libfuse session.
+
+    Raises:
+        ExtraOpsUnavailable: no session yet (call after ``pyfuse3.init``), or the
+            table is not where, or not what, it is expected to be.
+    """
+    address, table_bytes = _pyfuse3_symbols()
+    session = ctypes.c_void_p.from_address(address["session"]).value
+    if not session:
+        raise ExtraOpsUnavailable("no FUSE session (pyfuse3.init has not run)")
+    if table_bytes < (SLOT_LSEEK + 1) * _POINTER:
+        raise ExtraOpsUnavailable(f"pyfuse3's op table has {table_bytes} bytes, too few for lseek")
+    table = ctypes.string_at(address["fuse_ops"], table_bytes)
+
+    def slot(index: int) -> int:
+        return int.from_bytes(table[index * _POINTER:(index + 1) * _POINTER], "little")
+
+    expected = {SLOT_WRITE_BUF: address["write_buf"], SLOT_FORGET_MULTI: address["forget_multi"],
+                SLOT_READDIRPLUS: address["readdirplus"], SLOT_FALLOCATE: 0, SLOT_COPY_FILE_RANGE: 0,
+                SLOT_LSEEK: 0}
+    wrong = [index for index, value in expected.items() if slot(index) != value]
+    if wrong:
+        raise ExtraOpsUnavailable(f"pyfuse3's op table does not have the libfuse 3 layout (slots {wrong})")
+    window = ctypes.string_at(session, SESSION_SEARCH_BYTES + table_bytes)
+    offset = window.find(table)
+    if offset < 0 or offset % _POINTER or offset > SESSION_SEARCH_BYTES:
+        raise ExtraOpsUnavailable("the session holds no copy of pyfuse3's op table")
+    return session + offset
+
+
+class ExtraOps:
+    """The three callbacks, bound to a handler and a nursery; :meth:`install` puts them in the session.
+
+    Args:
+        handler: serves the ops (the adapter).
+    """
+
+    def __init__(self, handler: ExtraOpsHandler) -> None:
+        self._handler = handler
+        self._lib = _libfuse()
+        self._nursery: trio.Nursery | None = None
+        # Kept here: the C pointers stay valid only while these objects live.
+        self._callbacks = {
+            SLOT_FALLOCATE: _FALLOCATE(self._fallocate),
+            SLOT_COPY_FILE_RANGE: _COPY_FILE_RANGE(self._copy_file_range),
+            SLOT_LSEEK: _LSEEK(self._lseek),
+        }
+
+    def install(self, nursery: trio.Nursery) -> None:
+        """Fill the fallocate, copy_file_range and lseek slots of the current session.
+
+        Call on the trio thread after ``pyfuse3.init`` and before ``pyfuse3.main``;
+        ``nursery`` must outlive the session loop (replies are sent from its tasks)
+        and close before ``pyfuse3.close``.
+
+        Raises:
+            ExtraOpsUnavailable: the table was not found as expected; nothing was written.
+        """
+        table = _session_op_table()
+        self._nursery = nursery
+        for index, callback in self._callbacks.items():
+            ctypes.c_void_p.from_address(table + index * _POINTER).value = ctypes.cast(callback, ctypes.c_void_p).value
+
+    # ---- callbacks (C → Python, on the trio thread) ---------------------------------
+
+    def _caller(self, req: int) -> Caller:
+        ctx = self._lib.fuse_req_ctx(req).contents
+        return Caller(ctx.uid, ctx.gid, ctx.pid)
+
+    def _start(self, req: int, serve: Callable[[], Awaitable[Any]], reply: Callable[[int, Any], object]) -> None:
+        try:
+            assert self._nursery is not None
+            self._nursery.start_soon(self._finish, req, serve, reply)
+        except BaseException:  # never let an exception into libfuse: the request still needs its reply
+            log.exception("cannot start a FUSE request")
+            self._lib.fuse_reply_err(req, errno.EIO)
+
+    async def _finish(self, req: int, serve: Callable[[], Awaitable[Any]], reply: Callable[[int, Any], object]) -> None:
+        try:
+            result = await serve()
+        except pyfuse3.FUSEError as exc:
+            self._lib.fuse_reply_err(req, exc.errno)
+        except trio.Cancelled:
+            self._lib.fuse_reply_err(req, errno.EINTR)
+            raise
+        except BaseException:
+            log.exception("internal error in a FUSE request")
+            self._lib.fuse_reply_err(req, errno.EIO)
+        else:
+            reply(req, result)
+
+    @staticmethod
+    def _fh(fi: int) -> int:
+        return ctypes.c_uint64.from_address(fi + FILE_INFO_FH_OFFSET).value
+
+    def _fallocate(self, req: int, ino: int, mode: int, offset: int, length: int, fi: int) -> None:
+        fh, caller = self._fh(fi), self._caller(req)
+        self._start(req, lambda: self._handler.fallocate(fh, mode, offset, length, caller),
+                    lambda r, _: self._lib.fuse_reply_err(r, 0))
+
+    def _copy_file_range(self, req: int, ino_in: int, off_in: int, fi_in: int, ino_out: int, off_out: int,
+                         fi_out: int, length: int, flags: int) -> None:
+        fh_in, fh_out, caller = self._fh(fi_in), self._fh(fi_out), self._caller(req)
+        self._start(req, lambda: self._handler.copy_file_range(fh_in, off_in, fh_out, off_out, length, flags, caller),
+                    self._lib.fuse_reply_write)
+
+    def _lseek(self, req: int, ino: int, offset: int, whence: int, fi: int) -> None:
+        fh, caller = self._fh(fi), self._caller(req)
+        self._start(req, lambda: self._handler.lseek(fh, offset, whence, caller), self._lib.fuse_reply_lseek)

@@ -1,0 +1,153 @@
+"""fallocate, copy_file_range and SEEK_DATA/SEEK_HOLE on a real mount (``_extra_ops``).
+
+pyfuse3 3.5 has no handlers for these; the worker fills their slots in libfuse's
+session. Without that, the kernel gets ENOSYS once and then falls back for good:
+fallocate(2) fails with EOPNOTSUPP, holes cannot be punched, SEEK_HOLE finds only
+end of file. Each test below fails in that case.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from interposer.fuse_worker import _extra_ops
+from interposer.fuse_worker.backends._libc import fallocate
+
+MIB = 1 << 20
+KIB = 1024
+#: fallocate(2) modes (<linux/falloc.h>).
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+#: What the worker logs when it cannot serve the three ops.
+NOT_SERVED = "answered ENOSYS"
+
+
+def _errno_of(call, *args) -> int:  # noqa: ANN001
+    try:
+        call(*args)
+    except OSError as exc:
+        return exc.errno
+    return 0
+
+
+def _sparse_file_story(path: Path) -> list[object]:
+    """Allocate, fill, punch, preallocate, zero and seek in a file; return what each step showed."""
+    seen: list[object] = []
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        os.posix_fallocate(fd, 0, MIB)
+        seen.append(("allocated", os.fstat(fd).st_size, os.stat(path).st_blocks * 512 >= MIB))
+        os.pwrite(fd, b"x" * MIB, 0)
+        fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 64 * KIB, 128 * KIB)
+        seen.append(("punched", os.fstat(fd).st_size, os.pread(fd, 16, 64 * KIB), os.pread(fd, 4, 0),
+                     os.pread(fd, 4, 192 * KIB)))
+        seen.append(("seek", os.lseek(fd, 0, os.SEEK_HOLE), os.lseek(fd, 64 * KIB, os.SEEK_DATA),
+                     _errno_of(os.lseek, fd, MIB, os.SEEK_DATA)))
+        fallocate(fd, FALLOC_FL_KEEP_SIZE, MIB, MIB)
+        seen.append(("kept size", os.fstat(fd).st_size))
+        seen.append(("zero range", _errno_of(fallocate, fd, FALLOC_FL_ZERO_RANGE, 0, 4 * KIB),
+                     os.pread(fd, 4, 0)))
+        seen.append(("bad range", _errno_of(fallocate, fd, 0, 0, 0)))
+    finally:
+        os.close(fd)
+    seen.append(("contents", path.read_bytes().count(b"x")))
+    return seen
+
+
+@pytest.mark.fuse
+def test_fallocate_and_seek_data_through_passthrough_do_what_the_backing_fs_does(mount_worker, tmp_path) -> None:
+    native = tmp_path / "native"
+    native.mkdir()
+    expected = _sparse_file_story(native / "f")
+    assert expected[1][2] == bytes(16) and expected[2][1] == 64 * KIB, "the backing fs must punch holes"
+    vol = mount_worker()
+    assert _sparse_file_story(vol.mountpoint / "f") == expected
+    # The hole is in the backing file, not only in what the mount answers.
+    assert os.lseek(os.open(vol.backing / "f", os.O_RDONLY), 0, os.SEEK_HOLE) == 64 * KIB
+    assert NOT_SERVED not in vol.log()
+
+
+@pytest.mark.fuse
+def test_copy_file_range_is_served_in_the_backend_and_layers_naming_it_act_on_it(mount_worker) -> None:
+    policy = '{"layers": [{"type": "fault", "errno": "EIO", "ops": ["copy_file_range"], "path_glob": "/bad*"}]}'
+    vol = mount_worker(policy=policy)
+    m = vol.mountpoint
+    data = os.urandom(3 * MIB + 17)
+    (m / "src").write_bytes(data)
+    with open(m / "src", "rb") as src, open(m / "copy", "wb") as dst:
+        copied = os.copy_file_range(src.fileno(), dst.fileno(), len(data) + 100, 0, 5)
+    assert copied == len(data)
+    assert (vol.backing / "copy").read_bytes() == bytes(5) + data
+    # Only the worker could fail it: the kernel's own fallback has no such op.
+    with open(m / "src", "rb") as src, open(m / "bad", "wb") as dst:
+        assert _errno_of(os.copy_file_range, src.fileno(), dst.fileno(), 10) == errno.EIO
+    assert NOT_SERVED not in vol.log()
+
+
+@pytest.mark.fuse
+def test_copy_file_range_goes_through_read_and_write_layers_while_one_is_active(mount_worker) -> None:
+    # A layer acting on writes must see a copy's bytes: the worker declines the copy
+    # and the kernel copies through write requests, which the fault fails.
+    policy = '{"layers": [{"type": "fault", "errno": "ENOSPC", "ops": ["write"], "path_glob": "/full"}]}'
+    vol = mount_worker(policy=policy)
+    m = vol.mountpoint
+    data = os.urandom(MIB)
+    (m / "src").write_bytes(data)
+    with open(m / "src", "rb") as src, open(m / "full", "wb") as dst:
+        assert _errno_of(os.copy_file_range, src.fileno(), dst.fileno(), MIB) == errno.ENOSPC
+    with open(m / "src", "rb") as src, open(m / "ok", "wb") as dst:
+        assert os.copy_file_range(src.fileno(), dst.fileno(), MIB) == MIB
+    assert (vol.backing / "ok").read_bytes() == data
+
+
+@pytest.mark.fuse
+def test_quota_refuses_an_extending_fallocate_and_df_counts_the_allowed_one(mount_worker) -> None:
+    vol = mount_worker(policy=f'{{"layers": [{{"type": "quota", "bytes": {MIB}}}]}}')
+    m = vol.mountpoint
+    free_before = os.statvfs(m).f_bavail * os.statvfs(m).f_frsize
+    fd = os.open(m / "f", os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        assert _errno_of(os.posix_fallocate, fd, 0, 2 * MIB) == errno.ENOSPC
+        assert os.fstat(fd).st_size == 0 and os.stat(vol.backing / "f").st_blocks == 0
+        os.posix_fallocate(fd, 0, 512 * KIB)
+        fallocate(fd, FALLOC_FL_KEEP_SIZE, 0, 2 * MIB)  # no apparent size: not counted
+    finally:
+        os.close(fd)
+    assert os.stat(m / "f").st_size == 512 * KIB
+    assert free_before - os.statvfs(m).f_bavail * os.statvfs(m).f_frsize == 512 * KIB
+
+
+@pytest.mark.fuse
+def test_memory_backend_fallocate_copy_and_seek(mount_worker) -> None:
+    vol = mount_worker(extra=["--backend", "memory", "--memory-size-bytes", str(MIB)])
+    m = vol.mountpoint
+    fd = os.open(m / "f", os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        assert _errno_of(os.posix_fallocate, fd, 0, 2 * MIB) == errno.ENOSPC
+        assert os.fstat(fd).st_size == 0
+        os.posix_fallocate(fd, 0, 256 * KIB)
+        os.pwrite(fd, b"y" * (256 * KIB), 0)
+        fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 4 * KIB, 8 * KIB)
+        assert os.pread(fd, 8 * KIB + 2, 4 * KIB - 1) == b"y" + bytes(8 * KIB) + b"y"
+        assert _errno_of(fallocate, fd, FALLOC_FL_ZERO_RANGE, 0, KIB) == errno.EOPNOTSUPP  # as tmpfs
+        assert os.lseek(fd, 10, os.SEEK_HOLE) == 256 * KIB and os.lseek(fd, 10, os.SEEK_DATA) == 10
+        assert _errno_of(os.lseek, fd, 256 * KIB, os.SEEK_DATA) == errno.ENXIO
+        out = os.open(m / "g", os.O_CREAT | os.O_WRONLY, 0o644)
+        assert os.copy_file_range(fd, out, MIB, 0, 1) == 256 * KIB
+        os.close(out)
+    finally:
+        os.close(fd)
+    assert (m / "g").read_bytes() == bytes(1) + (m / "f").read_bytes()
+    assert NOT_SERVED not in vol.log()
+
+
+def test_the_slots_are_not_written_without_a_session() -> None:
+    # The layout checks pass on this pyfuse3 build; with no session (this test
+    # process never called pyfuse3.init) nothing may be written anywhere.
+    with pytest.raises(_extra_ops.ExtraOpsUnavailable, match="no FUSE session"):
+        _extra_ops._session_op_table()
