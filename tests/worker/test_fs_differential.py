@@ -1,7 +1,9 @@
 """Differential test: random op sequences on a native directory and through a mount agree.
 
 A hypothesis ``RuleBasedStateMachine`` applies each generated op to a native tmp
-directory (ext4 here) and to a fresh directory inside the mount, compares the
+directory (ext4 here) and to a fresh directory inside the mount (writes, reads,
+truncates, ``fallocate``, ``copy_file_range``, renames, links, modes, owners,
+xattrs…), compares the
 outcome (the result, or the errno name), and after every step compares the whole
 trees: names, types and modes, nlink, owners, sizes, contents, symlink targets,
 ``user.*`` xattrs and which names share an inode. Any difference fails with the
@@ -19,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
-from interposer.fuse_worker.backends._libc import renameat2
+from interposer.fuse_worker.backends._libc import fallocate, renameat2
 
 from fs_compare_support import describe_difference, outcome, snapshot
 
@@ -28,6 +30,8 @@ MAX_EXAMPLES = 40
 STEPS_PER_EXAMPLE = 30
 
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
+#: fallocate(2) modes both backends share with ext4: allocate, keep size, punch a hole.
+FALLOCATE_MODES = st.sampled_from([0, 0x01, 0x02 | 0x01])
 NAMES = ("a", "b", "d", "e")
 PREFIXES = ("", "", "d/", "e/", "d/d/", "d/e/")
 PATHS = st.sampled_from([prefix + name for prefix in PREFIXES for name in NAMES])
@@ -101,6 +105,32 @@ class DifferentialMachine(RuleBasedStateMachine):
             finally:
                 os.close(fd)
         self.both(pread, path)
+
+    @rule(pick=st.data(), mode=FALLOCATE_MODES, offset=OFFSETS, length=st.integers(min_value=0, max_value=400))
+    def fallocate(self, pick: st.DataObject, mode: int, offset: int, length: int) -> None:
+        path = self.existing(pick, "path")
+        def fallocate_(root: Path, path: str) -> None:
+            fd = os.open(root / path, os.O_WRONLY)
+            try:
+                fallocate(fd, mode, offset, length)
+            finally:
+                os.close(fd)
+        self.both(fallocate_, path)
+
+    @rule(pick=st.data(), off_in=OFFSETS, off_out=OFFSETS, size=st.integers(min_value=0, max_value=500))
+    def copy_file_range(self, pick: st.DataObject, off_in: int, off_out: int, size: int) -> None:
+        src, dst = self.existing(pick, "src"), self.existing(pick, "dst")
+        def copy_file_range(root: Path, src: str, dst: str) -> int:
+            fd_in = os.open(root / src, os.O_RDONLY)
+            try:
+                fd_out = os.open(root / dst, os.O_WRONLY)
+                try:
+                    return os.copy_file_range(fd_in, fd_out, size, off_in, off_out)
+                finally:
+                    os.close(fd_out)
+            finally:
+                os.close(fd_in)
+        self.both(copy_file_range, src, dst)
 
     @rule(pick=st.data(), size=OFFSETS)
     def truncate(self, pick: st.DataObject, size: int) -> None:
