@@ -125,7 +125,39 @@ class WriteOnlySeqWrite:
         return (self.blocks << 20) / elapsed / 1e6, (cpu_s() - before_cpu) / self.blocks
 
 
-def tests(size: str, runtime_s: float) -> list[Test | WriteOnlySeqWrite]:
+class CopyFile:
+    """``cp`` of a file inside the volume, cold, then ``fsync`` of the copy.
+
+    GNU cp (≥ 9) copies with ``copy_file_range(2)``; through the mount the worker
+    serves that inside the backing fs when no layer acts on reads or writes
+    (docs/ARCHITECTURE.md, "Ops pyfuse3 does not dispatch"), else the kernel copies
+    through FUSE read and write requests. MB/s (10^6 bytes) from the wall time of
+    ``cp`` and the ``fsync``; per-I/O CPU is per MiB copied.
+    """
+
+    name, unit = "cp (copy_file_range), cold, incl. fsync", "MB/s"
+
+    def __init__(self, size_bytes: int) -> None:
+        self.blocks = size_bytes >> 20
+
+    def run(self, directory: Path, cpu_s: Callable[[], float] = lambda: 0.0) -> tuple[float, float]:
+        """Write a ``blocks`` MiB source, drop caches, time ``cp`` + fsync; return (MB/s, seconds per MiB)."""
+        source, copy = directory / "cp.src", directory / "cp.dst"
+        subprocess.run(["dd", "if=/dev/urandom", f"of={source}", "bs=1M", f"count={self.blocks}", "conv=fsync"],
+                       capture_output=True, check=True)
+        drop_caches()
+        before_cpu, start = cpu_s(), time.monotonic()
+        subprocess.run(["cp", str(source), str(copy)], check=True)
+        fd = os.open(copy, os.O_WRONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        elapsed = time.monotonic() - start
+        return (self.blocks << 20) / elapsed / 1e6, (cpu_s() - before_cpu) / self.blocks
+
+
+def tests(size: str, runtime_s: float) -> list[Test | WriteOnlySeqWrite | CopyFile]:
     bw = lambda job: (job["read"]["bw_bytes"] + job["write"]["bw_bytes"]) / 1e6  # noqa: E731
     iops = lambda job: job["read"]["iops"] + job["write"]["iops"]  # noqa: E731
     layout = ["--rw=write", "--bs=1M", f"--size={size}", "--ioengine=psync"]
@@ -139,6 +171,7 @@ def tests(size: str, runtime_s: float) -> list[Test | WriteOnlySeqWrite]:
         Test("seq read 1 MiB, cold", "MB/s", layout, ["--rw=read", "--bs=1M", f"--size={size}", "--ioengine=psync"], bw),
         Test("rand read 4 KiB QD1", "IOPS", layout, rand, iops),
         Test("rand read 4 KiB 16 jobs", "IOPS", layout, [*rand, "--numjobs=16", "--filename=bench.0.0"], iops),
+        CopyFile(size_bytes),
     ]
 
 

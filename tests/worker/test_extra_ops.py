@@ -151,3 +151,22 @@ def test_the_slots_are_not_written_without_a_session() -> None:
     # process never called pyfuse3.init) nothing may be written anywhere.
     with pytest.raises(_extra_ops.ExtraOpsUnavailable, match="no FUSE session"):
         _extra_ops._session_op_table()
+
+
+def test_elf_symbols_agree_with_the_dynamic_loader(tmp_path) -> None:
+    import ctypes
+
+    import pyfuse3
+
+    from interposer.fuse_worker import _elf
+
+    found = _elf.symbols(pyfuse3.__file__, ["PyInit_pyfuse3", "__pyx_v_7pyfuse3_session", "no_such_symbol"])
+    assert set(found) == {"PyInit_pyfuse3", "__pyx_v_7pyfuse3_session"}
+    assert found["__pyx_v_7pyfuse3_session"][1] == ctypes.sizeof(ctypes.c_void_p)
+    # The loader's address of an exported symbol is the load base plus its st_value:
+    # the base must be page-aligned, as every mapping is.
+    exported = ctypes.cast(ctypes.CDLL(pyfuse3.__file__).PyInit_pyfuse3, ctypes.c_void_p).value
+    assert (exported - found["PyInit_pyfuse3"][0]) % os.sysconf("SC_PAGE_SIZE") == 0
+    (tmp_path / "not-elf").write_bytes(b"#!/bin/sh\n")
+    with pytest.raises(_elf.ElfError, match="not a 64-bit"):
+        _elf.symbols(str(tmp_path / "not-elf"), ["x"])

@@ -17,7 +17,7 @@ uses two facts that no API gives:
 * pyfuse3's extension module keeps the session pointer and the table it filled
   in module globals (Cython names ``__pyx_v_7pyfuse3_session`` and
   ``__pyx_v_7pyfuse3_fuse_ops``). They are not exported, but they are in the
-  module's ELF symbol table (``.symtab``, read with pyelftools); the module's
+  module's ELF symbol table (``.symtab``, read by ``_elf``); the module's
   load address comes from its exported ``PyInit_pyfuse3``.
 * The table's offset inside libfuse's private ``struct fuse_session`` is found
   by searching the session for a byte-exact copy of pyfuse3's table.
@@ -49,6 +49,8 @@ from typing import Any, NamedTuple, Protocol
 
 import pyfuse3
 import trio
+
+from ._elf import ElfError, symbols as elf_symbols
 
 log = logging.getLogger(__name__)
 
@@ -134,25 +136,21 @@ def _pyfuse3_symbols() -> tuple[dict[str, int], int]:
     Raises:
         ExtraOpsUnavailable: the module has no symbol table or lacks a symbol.
     """
-    from elftools.elf.elffile import ELFFile  # only the worker needs it, once
-
     path = pyfuse3.__file__
     if path is None:
         raise ExtraOpsUnavailable("pyfuse3 has no module file")
-    with open(path, "rb") as f:
-        symtab = ELFFile(f).get_section_by_name(".symtab")
-        if symtab is None:
-            raise ExtraOpsUnavailable(f"{path} has no symbol table (stripped)")
-        found = {}
-        for key, name in _SYMBOLS.items():
-            symbols = symtab.get_symbol_by_name(name)
-            if not symbols:
-                raise ExtraOpsUnavailable(f"{path} has no symbol {name}")
-            found[key] = (symbols[0]["st_value"], symbols[0]["st_size"])
+    try:
+        found = elf_symbols(path, _SYMBOLS.values())
+    except (ElfError, OSError) as exc:
+        raise ExtraOpsUnavailable(str(exc)) from None
+    missing = sorted(set(_SYMBOLS.values()) - set(found))
+    if missing:
+        raise ExtraOpsUnavailable(f"{path} has no symbol {', '.join(missing)}")
     exported = ctypes.cast(getattr(ctypes.CDLL(path), _SYMBOLS["init"]), ctypes.c_void_p).value
     assert exported is not None
-    base = exported - found["init"][0]
-    return {key: base + value for key, (value, _) in found.items()}, found["fuse_ops"][1]
+    base = exported - found[_SYMBOLS["init"]][0]
+    address = {key: base + found[name][0] for key, name in _SYMBOLS.items()}
+    return address, found[_SYMBOLS["fuse_ops"]][1]
 
 
 def _session_op_table() -> int:
