@@ -236,12 +236,12 @@ class ExtraOps:
             result = await serve()
         except pyfuse3.FUSEError as exc:
             self._lib.fuse_reply_err(req, exc.errno)
-        except trio.Cancelled:
-            self._lib.fuse_reply_err(req, errno.EINTR)
-            raise
-        except BaseException:
+        except Exception:
             log.exception("internal error in a FUSE request")
             self._lib.fuse_reply_err(req, errno.EIO)
+        except BaseException:  # trio.Cancelled: the worker is stopping
+            self._lib.fuse_reply_err(req, errno.EINTR)
+            raise
         else:
             reply(req, result)
 
