@@ -1,4 +1,4 @@
-"""libc calls Python's ``os`` lacks: ``renameat2(2)`` with flags and ``fallocate(2)`` with a mode."""
+"""libc calls Python's ``os`` lacks: ``renameat2(2)`` with flags, ``fallocate(2)`` with a mode, ``mallopt(3)``."""
 
 from __future__ import annotations
 
@@ -44,3 +44,17 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     """
     if _fallocate(fd, mode, offset, length) != 0:
         _raise_errno()
+
+
+#: ``mallopt`` parameter: most malloc arenas (glibc <malloc.h>).
+M_ARENA_MAX = -8
+
+
+def limit_malloc_arenas(arenas: int) -> bool:
+    """Let glibc's malloc use at most ``arenas`` arenas (``mallopt(M_ARENA_MAX)``); call before threads start.
+
+    Returns:
+        False if the C library refused or has no ``mallopt`` (not glibc).
+    """
+    mallopt = getattr(_libc, "mallopt", None)
+    return mallopt is not None and mallopt(M_ARENA_MAX, arenas) == 1
