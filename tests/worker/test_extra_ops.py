@@ -9,7 +9,9 @@ end of file. Each test below fails in that case.
 from __future__ import annotations
 
 import errno
+import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -170,3 +172,28 @@ def test_elf_symbols_agree_with_the_dynamic_loader(tmp_path) -> None:
     (tmp_path / "not-elf").write_bytes(b"#!/bin/sh\n")
     with pytest.raises(_elf.ElfError, match="not a 64-bit"):
         _elf.symbols(str(tmp_path / "not-elf"), ["x"])
+
+
+def _fio_async_read_iops(mountpoint: Path, iodepth: int, runtime_s: float) -> float:
+    (mountpoint / "aio").write_bytes(os.urandom(MIB))
+    out = subprocess.run(
+        ["fio", "--name=aio", f"--filename={mountpoint / 'aio'}", "--rw=randread", "--bs=4k", "--direct=1",
+         "--ioengine=libaio", f"--iodepth={iodepth}", "--time_based", f"--runtime={runtime_s}s",
+         "--output-format=json"], capture_output=True, text=True, check=True).stdout
+    return json.loads(out[out.index("{"):])["jobs"][0]["read"]["iops"]
+
+
+@pytest.mark.fuse
+@pytest.mark.parametrize("max_background", [None, 0])
+def test_async_direct_reads_get_the_queue_depth_they_ask_for(mount_worker, max_background) -> None:
+    # Each read is held 0.2 s, so IOPS = requests in flight / 0.2 s. The kernel's
+    # default limit of 12 asynchronous requests caps that at 60 whatever the
+    # application's queue depth; the worker's default (64) lets all 32 through (160).
+    policy = '{"layers": [{"type": "delay", "delay_s": 0.2, "ops": ["read"]}]}'
+    extra = [] if max_background is None else ["--max-background", str(max_background)]
+    vol = mount_worker(policy=policy, extra=extra)
+    iops = _fio_async_read_iops(vol.mountpoint, iodepth=32, runtime_s=2.0)
+    if max_background is None:
+        assert iops > 100, f"{iops:.0f} IOPS: fewer than 32 reads in flight"
+    else:
+        assert iops < 65, f"{iops:.0f} IOPS with the kernel's limit of 12"

@@ -17,8 +17,10 @@ from ._config import (
     DEFAULT_ATTR_TIMEOUT_S,
     DEFAULT_BUSY_POLL_US,
     DEFAULT_ENTRY_TIMEOUT_S,
+    DEFAULT_MAX_BACKGROUND,
     DEFAULT_POLICY_WAIT_S,
     DEFAULT_WAKE_COMPENSATION,
+    MAX_MAX_BACKGROUND,
     WorkerConfig,
     parse_sample_rule,
 )
@@ -61,6 +63,10 @@ from ._worker import run
               help="How long to keep polling for the next request (lean loop), and for a disk read the page "
                    "cache is waiting for (passthrough), before sleeping, µs (0 = never; costs CPU only right "
                    "after a request or a miss, see docs/ARCHITECTURE.md).")
+@click.option("--max-background", type=click.IntRange(0, MAX_MAX_BACKGROUND), default=DEFAULT_MAX_BACKGROUND,
+              show_default=True,
+              help="Most asynchronous requests (async direct I/O, readahead) the kernel keeps in flight: "
+                   "the deepest queue an application gets (0 = kernel default, 12).")
 @click.option("--entry-timeout", "entry_timeout_s", type=click.FloatRange(0, MAX_CACHE_TIMEOUT_S),
               default=DEFAULT_ENTRY_TIMEOUT_S, show_default=True, help="Seconds the kernel may cache a name it looked up (see docs/posix.md).")
 @click.option("--attr-timeout", "attr_timeout_s", type=click.FloatRange(0, MAX_CACHE_TIMEOUT_S),

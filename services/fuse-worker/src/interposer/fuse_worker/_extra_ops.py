@@ -1,4 +1,4 @@
-"""Serve the FUSE ops pyfuse3 3.5 leaves out: fallocate, copy_file_range and lseek.
+"""Serve the FUSE ops pyfuse3 3.5 leaves out (fallocate, copy_file_range, lseek), and tune FUSE_INIT.
 
 pyfuse3 fills libfuse's ``struct fuse_lowlevel_ops`` with its handlers and passes
 it to ``fuse_session_new``, which copies it into the session. libfuse answers a
@@ -29,6 +29,12 @@ slots 36, 38 and 41, and the three slots to fill must be empty. If anything
 does not match (a stripped module, another pyfuse3 or libfuse), nothing is
 written, :class:`ExtraOpsUnavailable` says why, and the kernel's fallbacks stay.
 
+The same way, pyfuse3's ``init`` slot is wrapped: pyfuse3's handler runs first
+(its capability choices, then ``Operations.init``), then the wrapper sets what
+pyfuse3 does not expose of ``struct fuse_conn_info`` (public, fuse_common.h):
+``max_background`` and ``congestion_threshold``, the kernel's limit on
+asynchronous requests in flight (``WorkerConfig.max_background``).
+
 The callbacks run on the trio thread, inside ``fuse_session_process_buf``
 called by a pyfuse3 reader task. Each reads what it needs from the request (the
 ``fuse_file_info`` is on libfuse's stack and gone once the callback returns),
@@ -55,6 +61,7 @@ from ._elf import ElfError, symbols as elf_symbols
 log = logging.getLogger(__name__)
 
 #: Slots of ``struct fuse_lowlevel_ops`` (fuse_lowlevel.h, libfuse 3.x), in pointers.
+SLOT_INIT = 0
 SLOT_WRITE_BUF = 36
 SLOT_FORGET_MULTI = 38
 SLOT_FALLOCATE = 40
@@ -72,6 +79,7 @@ _PYFUSE3 = "pyfuse3"
 _SYMBOLS = {
     "session": f"__pyx_v_7{_PYFUSE3}_session",
     "fuse_ops": f"__pyx_v_7{_PYFUSE3}_fuse_ops",
+    "fuse_init": f"__pyx_f_7{_PYFUSE3}_fuse_init",
     "write_buf": f"__pyx_f_7{_PYFUSE3}_fuse_write_buf",
     "forget_multi": f"__pyx_f_7{_PYFUSE3}_fuse_forget_multi",
     "readdirplus": f"__pyx_f_7{_PYFUSE3}_fuse_readdirplus",
@@ -83,6 +91,10 @@ _FALLOCATE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_i
 _COPY_FILE_RANGE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int64, ctypes.c_void_p,
                                     ctypes.c_uint64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_size_t,
                                     ctypes.c_int)
+#: ``void init(void *userdata, struct fuse_conn_info *conn)``: the slot's type, and
+#: the type pyfuse3's own handler is called through (it needs the GIL kept).
+_INIT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)
+_PYFUSE3_INIT = ctypes.PYFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)
 _LSEEK = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p)
 
 
@@ -97,6 +109,14 @@ class Caller(NamedTuple):
 class _FuseCtx(ctypes.Structure):
     _fields_ = [("uid", ctypes.c_uint32), ("gid", ctypes.c_uint32), ("pid", ctypes.c_int32),
                 ("umask", ctypes.c_uint32)]
+
+
+class _ConnInfo(ctypes.Structure):
+    """The leading fields of ``struct fuse_conn_info`` (fuse_common.h, libfuse 3.x)."""
+
+    _fields_ = [(name, ctypes.c_uint) for name in (
+        "proto_major", "proto_minor", "max_write", "max_read", "max_readahead", "capable", "want",
+        "max_background", "congestion_threshold", "time_gran")]
 
 
 class ExtraOpsUnavailable(RuntimeError):
@@ -171,7 +191,7 @@ def _session_op_table() -> int:
     def slot(index: int) -> int:
         return int.from_bytes(table[index * _POINTER:(index + 1) * _POINTER], "little")
 
-    expected = {SLOT_WRITE_BUF: address["write_buf"], SLOT_FORGET_MULTI: address["forget_multi"],
+    expected = {SLOT_INIT: address["fuse_init"], SLOT_WRITE_BUF: address["write_buf"], SLOT_FORGET_MULTI: address["forget_multi"],
                 SLOT_READDIRPLUS: address["readdirplus"], SLOT_FALLOCATE: 0, SLOT_COPY_FILE_RANGE: 0,
                 SLOT_LSEEK: 0}
     wrong = [index for index, value in expected.items() if slot(index) != value]
@@ -189,21 +209,28 @@ class ExtraOps:
 
     Args:
         handler: serves the ops (the adapter).
+        max_background: most asynchronous requests the kernel may keep in flight,
+            answered in FUSE_INIT; 0 leaves pyfuse3's ``init`` slot alone (the
+            kernel's default, 12).
     """
 
-    def __init__(self, handler: ExtraOpsHandler) -> None:
+    def __init__(self, handler: ExtraOpsHandler, max_background: int = 0) -> None:
         self._handler = handler
         self._lib = _libfuse()
         self._nursery: trio.Nursery | None = None
+        self._max_background = max_background
+        self._pyfuse3_init: Any = None
         # Kept here: the C pointers stay valid only while these objects live.
-        self._callbacks = {
+        self._callbacks: dict[int, Any] = {
             SLOT_FALLOCATE: _FALLOCATE(self._fallocate),
             SLOT_COPY_FILE_RANGE: _COPY_FILE_RANGE(self._copy_file_range),
             SLOT_LSEEK: _LSEEK(self._lseek),
         }
+        if max_background:
+            self._callbacks[SLOT_INIT] = _INIT(self._init)
 
     def install(self, nursery: trio.Nursery) -> None:
-        """Fill the fallocate, copy_file_range and lseek slots of the current session.
+        """Fill the fallocate, copy_file_range and lseek slots of the current session (and wrap ``init``).
 
         Call on the trio thread after ``pyfuse3.init`` and before ``pyfuse3.main``;
         ``nursery`` must outlive the session loop (replies are sent from its tasks)
@@ -214,10 +241,17 @@ class ExtraOps:
         """
         table = _session_op_table()
         self._nursery = nursery
+        self._pyfuse3_init = _PYFUSE3_INIT(ctypes.c_void_p.from_address(table + SLOT_INIT * _POINTER).value)
         for index, callback in self._callbacks.items():
             ctypes.c_void_p.from_address(table + index * _POINTER).value = ctypes.cast(callback, ctypes.c_void_p).value
 
     # ---- callbacks (C → Python, on the trio thread) ---------------------------------
+
+    def _init(self, userdata: int, conn: int) -> None:
+        self._pyfuse3_init(userdata, conn)
+        info = _ConnInfo.from_address(conn)
+        info.max_background = self._max_background
+        info.congestion_threshold = self._max_background * 3 // 4
 
     def _caller(self, req: int) -> Caller:
         ctx = self._lib.fuse_req_ctx(req).contents

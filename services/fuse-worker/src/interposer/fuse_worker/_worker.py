@@ -202,9 +202,10 @@ async def serve(config: WorkerConfig) -> None:
                 nursery.start_soon(_set_read_ahead_after_init, operations, os.path.abspath(mountpoint),
                                    config.read_ahead_kib)
             try:
-                ExtraOps(operations).install(nursery)
+                ExtraOps(operations, config.max_background).install(nursery)
             except ExtraOpsUnavailable as exc:
-                log.warning("fallocate, copy_file_range and lseek answered ENOSYS (kernel fallbacks): %s", exc)
+                log.warning("fallocate, copy_file_range and lseek answered ENOSYS (kernel fallbacks), "
+                            "max_background the kernel's: %s", exc)
             _timer.configure(config.wake_compensation)
             if config.session_loop == "lean":
                 _session_loop.install(config.busy_poll_us * 1e-6)
