@@ -4,7 +4,8 @@ For each scenario (every profile, single throttle settings, fixed and log-normal
 delays in both delay modes, and a stack of do-nothing layers vs bare passthrough)
 it mounts a fuse-worker with that policy over one shared backing directory, runs
 fio against the mount at queue depth 1 and 16 (``numjobs`` psync jobs, so it
-works buffered and direct alike), with buffered and direct I/O, and prints
+works buffered and direct alike; with ``--aio``, one libaio job of that
+``iodepth``, direct only), with buffered and direct I/O, and prints
 target vs achieved bandwidth, IOPS and latency p50/p99 with their ratio.
 
 Usage (as root, from the repo's venv)::
@@ -13,6 +14,7 @@ Usage (as root, from the repo's venv)::
     .venv/bin/python bench/fidelity/fidelity.py --quick    # every scenario, 1 s each (~1 min, smoke)
     .venv/bin/python bench/fidelity/fidelity.py --noop     # do-nothing stack vs bare only, alternated
     .venv/bin/python bench/fidelity/fidelity.py --only 'delay-*' --only profile-gp3
+    .venv/bin/python bench/fidelity/fidelity.py --aio --mode qd16-direct   # asynchronous queue depth
 
 The fio files are laid out in the backing directory once, *before* any worker
 mounts it, so no policy (a 40 MiB/s throttle, a 40 ms delay per op) slows the
@@ -219,24 +221,34 @@ class Mount:
             subprocess.run(["fusermount3", "-uz", str(self.mountpoint)], check=False, capture_output=True)
 
 
-def _fio_argv(directory: Path, qd: int, file_bytes: int) -> list[str]:
-    """fio options naming and sizing the files of queue depth ``qd`` (the same for layout and runs)."""
-    return [shutil.which("fio") or "fio", f"--name=fidelity-qd{qd}", f"--directory={directory}",
-            f"--numjobs={qd}", f"--size={file_bytes // qd}", "--ioengine=psync"]
+def _fio_argv(directory: Path, qd: int, file_bytes: int, aio: bool = False) -> list[str]:
+    """fio options naming and sizing the files of queue depth ``qd`` (the same for layout and runs).
+
+    ``qd`` psync jobs, each on a file of its own; with ``aio``, one libaio job of
+    ``iodepth`` ``qd`` on one file (asynchronous requests: FUSE's ``max_background``
+    limits how many are in flight).
+    """
+    fio = shutil.which("fio") or "fio"
+    if aio:
+        return [fio, "--name=fidelity-aio", f"--directory={directory}", "--numjobs=1", f"--size={file_bytes}",
+                "--ioengine=libaio", f"--iodepth={qd}"]
+    return [fio, f"--name=fidelity-qd{qd}", f"--directory={directory}", f"--numjobs={qd}",
+            f"--size={file_bytes // qd}", "--ioengine=psync"]
 
 
-def lay_out(backing: Path, qds: set[int], file_bytes: int) -> None:
+def lay_out(backing: Path, qds: set[int], file_bytes: int, aio: bool = False) -> None:
     """Create the fio files of every queue depth directly in ``backing``, before any mount."""
     for qd in sorted(qds):
-        argv = [*_fio_argv(backing, qd, file_bytes), "--rw=write", "--bs=128k", "--create_only=1"]
+        argv = [*_fio_argv(backing, qd, file_bytes, aio), "--rw=write", "--bs=128k", "--create_only=1"]
         proc = subprocess.run(argv, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"fio layout failed ({proc.returncode}): {' '.join(argv)}\n{proc.stderr}")
 
 
-def run_fio(directory: Path, scenario: Scenario, qd: int, direct: bool, runtime_s: float, file_bytes: int) -> dict:
+def run_fio(directory: Path, scenario: Scenario, qd: int, direct: bool, runtime_s: float, file_bytes: int,
+            aio: bool = False) -> dict:
     """Run fio; return ``{bw, iops, mean, p50, p99}`` of reads (bytes/s, ops/s, then seconds)."""
-    argv = [*_fio_argv(directory, qd, file_bytes), f"--direct={int(direct)}", f"--bs={scenario.bs}",
+    argv = [*_fio_argv(directory, qd, file_bytes, aio), f"--direct={int(direct)}", f"--bs={scenario.bs}",
             f"--rw={scenario.rw}", "--group_reporting", "--output-format=json", "--time_based",
             f"--runtime={runtime_s:g}s", f"--percentile_list={P50 * 100:g}:{P99 * 100:g}"]
     proc = subprocess.run(argv, capture_output=True, text=True)
@@ -267,16 +279,18 @@ def _row(name: str, qd: int, direct: bool, metric: str, want: float | None, have
     return f"{name:<24} {qd:>2} {io:<8} {metric:<6} {_fmt(want, unit):>12} {_fmt(have, unit):>12} {ratio:>6}"
 
 
-def measure_service_time(work: Path, runtime_s: float, file_bytes: int, worker_flags: tuple[str, ...]) -> ServiceTime:
+def measure_service_time(work: Path, runtime_s: float, file_bytes: int, worker_flags: tuple[str, ...],
+                         aio: bool = False) -> ServiceTime:
     """4 KiB random reads through a mount with no layers, QD1 direct: the service time ``add`` targets build on."""
     probe = Scenario("service-time", [], targets={1: Target()})
     with Mount(work / "backing", work / "mnt", [], worker_flags) as mount:
-        got = run_fio(mount.mountpoint, probe, 1, True, runtime_s, file_bytes)
+        got = run_fio(mount.mountpoint, probe, 1, True, runtime_s, file_bytes, aio)
     return ServiceTime(p50_s=got["p50"], mean_s=got["mean"])
 
 
 def run_table(chosen: list[Scenario], modes: list[tuple[int, bool]], work: Path, runtime_s: float,
-              file_bytes: int, worker_flags: tuple[str, ...] = (), fuse_trace: bool = False) -> None:
+              file_bytes: int, worker_flags: tuple[str, ...] = (), fuse_trace: bool = False,
+              aio: bool = False) -> None:
     """Measure every scenario in every mode and print one row per metric.
 
     With ``fuse_trace``, also the read latency p50/p99 the kernel saw at the FUSE
@@ -285,7 +299,7 @@ def run_table(chosen: list[Scenario], modes: list[tuple[int, bool]], work: Path,
     """
     service = None
     if any(has_added_delay(s.layers) for s in chosen):
-        service = measure_service_time(work, runtime_s, file_bytes, worker_flags)
+        service = measure_service_time(work, runtime_s, file_bytes, worker_flags, aio)
         print(f"# service time (4 KiB random reads, no layers, QD1 direct): p50 {service.p50_s * 1e3:.3f} ms, "
               f"mean {service.mean_s * 1e3:.3f} ms; added to the targets of add-mode delays", flush=True)
     print(HEADER)
@@ -296,7 +310,7 @@ def run_table(chosen: list[Scenario], modes: list[tuple[int, bool]], work: Path,
             for qd, direct in modes:
                 trace = FuseRequestTrace(mount.mountpoint) if fuse_trace else None
                 with trace or contextlib.nullcontext():
-                    got = run_fio(mount.mountpoint, scenario, qd, direct, runtime_s, file_bytes)
+                    got = run_fio(mount.mountpoint, scenario, qd, direct, runtime_s, file_bytes, aio)
                 target = scenario.targets.get(qd, Target())
                 if service is not None and has_added_delay(scenario.layers):
                     target = targets_of(scenario.layers, scenario.bs, qd, service)
@@ -357,6 +371,10 @@ def main() -> None:
                         help="the workers' --wake-compensation (default: the worker's default)")
     parser.add_argument("--mode", action="append", default=[], choices=["qd1-direct", "qd1-buffered",
                         "qd16-direct", "qd16-buffered"], help="run only these queue depth / cache modes (repeatable)")
+    parser.add_argument("--worker-arg", action="append", default=[], metavar="ARG",
+                        help="pass ARG to every worker, e.g. --worker-arg=--max-background=0 (repeatable)")
+    parser.add_argument("--aio", action="store_true",
+                        help="queue depth as one libaio job's iodepth instead of psync jobs (direct modes only)")
     parser.add_argument("--list", action="store_true", help="print the scenarios with their targets and exit")
     parser.add_argument("--fuse-trace", action="store_true",
                         help="also print read latency p50/p99 at the FUSE device (kernel tracepoints via perf; root)")
@@ -369,7 +387,13 @@ def main() -> None:
     if args.mode:
         modes = [(qd, direct) for qd, direct in FULL_MODES
                  if f"qd{qd}-{'direct' if direct else 'buffered'}" in args.mode]
-    worker_flags = ("--wake-compensation", args.wake_compensation) if args.wake_compensation else ()
+    if args.aio:
+        if args.noop:
+            parser.error("--aio: not with --noop")
+        if any(not direct for _, direct in modes):
+            parser.error("--aio: libaio is asynchronous only for direct I/O; choose direct --mode(s)")
+    worker_flags = (*(("--wake-compensation", args.wake_compensation) if args.wake_compensation else ()),
+                    *args.worker_arg)
     chosen = scenarios()
     if args.only:
         wanted = {s.name for s in chosen if any(fnmatch.fnmatchcase(s.name, g) for g in args.only)}
@@ -389,13 +413,13 @@ def main() -> None:
         host = HostMeter()
         print(f"# machine: {machine()}", flush=True)
         adds = not args.noop and any(has_added_delay(s.layers) for s in chosen)
-        lay_out(work / "backing", {qd for qd, _ in modes} | ({1} if adds else set()), file_bytes)
+        lay_out(work / "backing", {qd for qd, _ in modes} | ({1} if adds else set()), file_bytes, args.aio)
         print(f"# fio files laid out in {time.monotonic() - started:.1f} s (before any policy); "
               f"fio {runtime_s:g} s per measurement", flush=True)
         if args.noop:
             run_noop(modes, work, runtime_s, file_bytes, args.repeat)
         else:
-            run_table(chosen, modes, work, runtime_s, file_bytes, worker_flags, args.fuse_trace)
+            run_table(chosen, modes, work, runtime_s, file_bytes, worker_flags, args.fuse_trace, args.aio)
         print(f"# total {time.monotonic() - started:.0f} s; {host.report()}", flush=True)
 
 
