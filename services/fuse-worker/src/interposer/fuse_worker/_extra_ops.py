@@ -204,6 +204,10 @@ def _session_op_table() -> int:
     return session + offset
 
 
+#: The :class:`ExtraOps` whose callbacks are in the session (one session per process).
+_installed: ExtraOps | None = None
+
+
 class ExtraOps:
     """The three callbacks, bound to a handler and a nursery; :meth:`install` puts them in the session.
 
@@ -239,8 +243,12 @@ class ExtraOps:
         Raises:
             ExtraOpsUnavailable: the table was not found as expected; nothing was written.
         """
+        global _installed
         table = _session_op_table()
         self._nursery = nursery
+        # libfuse keeps raw pointers to the callbacks: they (and so this object)
+        # must live as long as the session, whatever the caller keeps.
+        _installed = self
         self._pyfuse3_init = _PYFUSE3_INIT(ctypes.c_void_p.from_address(table + SLOT_INIT * _POINTER).value)
         for index, callback in self._callbacks.items():
             ctypes.c_void_p.from_address(table + index * _POINTER).value = ctypes.cast(callback, ctypes.c_void_p).value
