@@ -37,6 +37,12 @@ def _errno_of(call, *args) -> int:  # noqa: ANN001
     return 0
 
 
+def _copy(src: Path, dst: Path, count: int, off_in: int | None = None, off_out: int | None = None) -> int:
+    """``copy_file_range(2)`` from file ``src`` into file ``dst`` (created); returns bytes copied."""
+    with open(src, "rb") as source, open(dst, "wb") as target:
+        return os.copy_file_range(source.fileno(), target.fileno(), count, off_in, off_out)
+
+
 def _sparse_file_story(path: Path) -> list[object]:
     """Allocate, fill, punch, preallocate, zero and seek in a file; return what each step showed."""
     seen: list[object] = []
@@ -81,13 +87,10 @@ def test_copy_file_range_is_served_in_the_backend_and_layers_naming_it_act_on_it
     m = vol.mountpoint
     data = os.urandom(3 * MIB + 17)
     (m / "src").write_bytes(data)
-    with open(m / "src", "rb") as src, open(m / "copy", "wb") as dst:
-        copied = os.copy_file_range(src.fileno(), dst.fileno(), len(data) + 100, 0, 5)
-    assert copied == len(data)
+    assert _copy(m / "src", m / "copy", len(data) + 100, 0, 5) == len(data)
     assert (vol.backing / "copy").read_bytes() == bytes(5) + data
     # Only the worker could fail it: the kernel's own fallback has no such op.
-    with open(m / "src", "rb") as src, open(m / "bad", "wb") as dst:
-        assert _errno_of(os.copy_file_range, src.fileno(), dst.fileno(), 10) == errno.EIO
+    assert _errno_of(_copy, m / "src", m / "bad", 10) == errno.EIO
     assert NOT_SERVED not in vol.log()
 
 
@@ -100,10 +103,8 @@ def test_copy_file_range_goes_through_read_and_write_layers_while_one_is_active(
     m = vol.mountpoint
     data = os.urandom(MIB)
     (m / "src").write_bytes(data)
-    with open(m / "src", "rb") as src, open(m / "full", "wb") as dst:
-        assert _errno_of(os.copy_file_range, src.fileno(), dst.fileno(), MIB) == errno.ENOSPC
-    with open(m / "src", "rb") as src, open(m / "ok", "wb") as dst:
-        assert os.copy_file_range(src.fileno(), dst.fileno(), MIB) == MIB
+    assert _errno_of(_copy, m / "src", m / "full", MIB) == errno.ENOSPC
+    assert _copy(m / "src", m / "ok", MIB) == MIB
     assert (vol.backing / "ok").read_bytes() == data
 
 
