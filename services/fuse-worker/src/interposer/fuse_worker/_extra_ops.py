@@ -91,11 +91,11 @@ _FALLOCATE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_i
 _COPY_FILE_RANGE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int64, ctypes.c_void_p,
                                     ctypes.c_uint64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_size_t,
                                     ctypes.c_int)
+_LSEEK = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p)
 #: ``void init(void *userdata, struct fuse_conn_info *conn)``: the slot's type, and
 #: the type pyfuse3's own handler is called through (it needs the GIL kept).
 _INIT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)
 _PYFUSE3_INIT = ctypes.PYFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)
-_LSEEK = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p)
 
 
 class Caller(NamedTuple):
