@@ -189,7 +189,7 @@ class InterposerOperations(pyfuse3.Operations):
                 nbytes = 0
             self.telemetry.record(op, err, nbytes, start_wall_ns, time.perf_counter_ns() - start_ns, stack.revision)
 
-    def _op(self, name: str, ino: int, ctx: pyfuse3.RequestContext | None, **fields: Any) -> Op:
+    def _op(self, name: str, ino: int, ctx: pyfuse3.RequestContext | Caller | None, **fields: Any) -> Op:
         pid, uid = (ctx.pid, ctx.uid) if ctx is not None else (0, 0)
         return Op(name, ino, self.backend.path_of(ino), pid=pid, uid=uid, **fields)
 
@@ -373,11 +373,9 @@ class InterposerOperations(pyfuse3.Operations):
             pyfuse3.FUSEError: the backend's errno (EOPNOTSUPP for a mode it lacks,
                 ENOSPC), or a layer's.
         """
-        backend = self.backend
-        ino = backend.ino_of_fh(fh)
-        op = Op("fallocate", ino, backend.path_of(ino), offset=offset, size=length, mode=mode,
-                pid=caller.pid, uid=caller.uid, session=self.telemetry.session_of(fh))
-        await self._serve(op, lambda: backend.fallocate(fh, mode, offset, length))
+        op = self._op("fallocate", self.backend.ino_of_fh(fh), caller, offset=offset, size=length, mode=mode,
+                      session=self.telemetry.session_of(fh))
+        await self._serve(op, lambda: self.backend.fallocate(fh, mode, offset, length))
 
     async def copy_file_range(self, fh_in: int, off_in: int, fh_out: int, off_out: int, length: int, flags: int,
                               caller: Caller) -> int:
@@ -399,11 +397,10 @@ class InterposerOperations(pyfuse3.Operations):
         chains = self.stack.chains
         if "read" in chains or "write" in chains:
             raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
-        backend = self.backend
-        ino = backend.ino_of_fh(fh_out)
-        op = Op("copy_file_range", ino, backend.path_of(ino), offset=off_out, size=length, mode=flags,
-                pid=caller.pid, uid=caller.uid, session=self.telemetry.session_of(fh_out))
-        return await self._serve(op, lambda: backend.copy_file_range(fh_in, off_in, fh_out, off_out, length, flags))
+        op = self._op("copy_file_range", self.backend.ino_of_fh(fh_out), caller, offset=off_out, size=length,
+                      mode=flags, session=self.telemetry.session_of(fh_out))
+        return await self._serve(
+            op, lambda: self.backend.copy_file_range(fh_in, off_in, fh_out, off_out, length, flags))
 
     async def lseek(self, fh: int, offset: int, whence: int, caller: Caller) -> int:
         """``lseek(2)`` with ``SEEK_DATA`` or ``SEEK_HOLE`` (the kernel answers the others itself).
@@ -414,11 +411,9 @@ class InterposerOperations(pyfuse3.Operations):
         Raises:
             pyfuse3.FUSEError: ENXIO past the end of file, or the backend's errno.
         """
-        backend = self.backend
-        ino = backend.ino_of_fh(fh)
-        op = Op("lseek", ino, backend.path_of(ino), offset=offset, mode=whence, pid=caller.pid, uid=caller.uid,
-                session=self.telemetry.session_of(fh))
-        return await self._serve(op, lambda: backend.lseek(fh, offset, whence))
+        op = self._op("lseek", self.backend.ino_of_fh(fh), caller, offset=offset, mode=whence,
+                      session=self.telemetry.session_of(fh))
+        return await self._serve(op, lambda: self.backend.lseek(fh, offset, whence))
 
     # ---- directories ---------------------------------------------------------------
 
