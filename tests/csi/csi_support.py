@@ -57,7 +57,7 @@ class CsiNode:
 
 
 #: The worker flags a volume's ``WorkerTuning`` sets (kernel cache times, busy polling).
-TUNING_FLAGS = ("--entry-timeout", "--attr-timeout", "--negative-timeout", "--busy-poll-us")
+TUNING_FLAGS = ("--entry-timeout", "--attr-timeout", "--negative-timeout", "--busy-poll-us", "--max-background")
 
 
 def tuning_flags(argv: list[str]) -> dict[str, str]:

@@ -128,13 +128,15 @@ def test_worker_tuning_survives_a_worker_restart(
     csi_node: CsiNode, csi_root: Path, backing_dir: Path
 ) -> None:
     target = csi_root / "target"
-    context = {"negativeTimeoutSeconds": "0", "attrTimeoutSeconds": "2.5", "busyPollMicroseconds": "0"}
+    context = {"negativeTimeoutSeconds": "0", "attrTimeoutSeconds": "2.5", "busyPollMicroseconds": "0",
+               "maxBackgroundRequests": "32"}
     request = mounting_volume_request(VOLUME_ID, target, backing_dir, extra_context=context)
     csi_node.node.NodePublishVolume(request, timeout=RPC_TIMEOUT_S)
     (state,) = csi_node.volume_states()
-    flags = {"--attr-timeout": "2.5", "--negative-timeout": "0.0", "--busy-poll-us": "0"}
+    flags = {"--attr-timeout": "2.5", "--negative-timeout": "0.0", "--busy-poll-us": "0", "--max-background": "32"}
     assert tuning_flags_of(state["worker_pid"]) == flags
-    assert state["tuning"] == {"attr_timeout_s": 2.5, "negative_timeout_s": 0.0, "busy_poll_us": 0}
+    assert state["tuning"] == {"attr_timeout_s": 2.5, "negative_timeout_s": 0.0, "busy_poll_us": 0,
+                               "max_background": 32}
 
     os.kill(state["worker_pid"], signal.SIGKILL)
     wait_until(lambda: csi_node.volume_states()[0]["last_restore_s"], "the watcher to restore the worker")

@@ -200,13 +200,16 @@ def test_a_refused_publish_does_not_create_the_backing_dir(
         ("busyPollMicroseconds", "2.5", "is not an integer"),
         ("busyPollMicroseconds", "-1", "is negative"),
         ("busyPollMicroseconds", "10001", "is above 10000"),
+        ("maxBackgroundRequests", "many", "is not an integer"),
+        ("maxBackgroundRequests", "65536", "is above 65535"),
     ],
 )
 def test_bad_worker_tuning_value(
     csi_node: CsiNode, csi_root: Path, key: str, value: str, reason: str
 ) -> None:
     details = rejected_publish_details(csi_node, csi_root, {key: value})
-    allowed = "microseconds from 0 to 10000" if key == "busyPollMicroseconds" else "seconds from 0 to 3600"
+    allowed = {"busyPollMicroseconds": "microseconds from 0 to 10000",
+               "maxBackgroundRequests": "requests from 0 to 65535"}.get(key, "seconds from 0 to 3600")
     assert f"[{key!r}] = {value!r} {reason}" in details and allowed in details
 
 

@@ -1,7 +1,7 @@
 """Bounds of the fuse-worker's kernel cache and request loop settings.
 
 The worker's flags (``--entry-timeout``, ``--attr-timeout``, ``--negative-timeout``,
-``--busy-poll-us``) accept these ranges, and the csi-node checks a volume's
+``--busy-poll-us``, ``--max-background``) accept these ranges, and the csi-node checks a volume's
 ``volume_context`` and a StorageClass's parameters against the same ones, so a bad
 value is refused at NodePublishVolume or CreateVolume rather than by a worker that
 then fails to start. The defaults stay with the worker (``fuse_worker._config``).
@@ -13,3 +13,6 @@ from __future__ import annotations
 MAX_CACHE_TIMEOUT_S = 3600.0
 #: Longest time a worker's lean request loop may busy-poll the FUSE device, µs.
 MAX_BUSY_POLL_US = 10_000
+#: Most asynchronous FUSE requests a worker may let the kernel keep in flight
+#: (``max_background`` is a 16-bit field of the FUSE_INIT reply, ``fuse_init_out``).
+MAX_BACKGROUND_REQUESTS = (1 << 16) - 1

@@ -26,7 +26,7 @@ import msgspec.structs
 from interposer.proto import PolicyError, decode_policy, encode_policy
 from interposer.proto.csi import csi_pb2, csi_pb2_grpc
 from interposer.proto.subjects import VOLUME_ID_PATTERN, is_valid_volume_id
-from interposer.proto.worker_tuning import MAX_BUSY_POLL_US, MAX_CACHE_TIMEOUT_S
+from interposer.proto.worker_tuning import MAX_BACKGROUND_REQUESTS, MAX_BUSY_POLL_US, MAX_CACHE_TIMEOUT_S
 
 from ._config import CsiNodeConfig
 from ._launcher import Launcher, WorkerSpec
@@ -70,6 +70,10 @@ CONTEXT_NEGATIVE_TIMEOUT = "negativeTimeoutSeconds"
 #: request before it sleeps, whole µs, 0 to ``MAX_BUSY_POLL_US`` (``--busy-poll-us``;
 #: 0 spares a busy node's CPU). OPTIONAL: unset = the worker's default, 50.
 CONTEXT_BUSY_POLL = "busyPollMicroseconds"
+#: ``volume_context`` key: most asynchronous requests (async direct I/O, readahead) the
+#: kernel keeps in flight for the volume, whole requests, 0 to ``MAX_BACKGROUND_REQUESTS``
+#: (``--max-background``; 0 = the kernel's 12). OPTIONAL: unset = the worker's default, 64.
+CONTEXT_MAX_BACKGROUND = "maxBackgroundRequests"
 #: ``volume_context`` key: ``default`` (the timeouts as given) or ``strict`` (all three
 #: 0: a name or file another node changes in a shared backing dir shows at once, and
 #: every stat and lookup is a round trip to the worker). OPTIONAL.
@@ -78,7 +82,8 @@ CACHE_COHERENCE_MODES = ("default", "strict")
 #: The three kernel cache timeout keys (checked in this order).
 CACHE_TIMEOUT_KEYS = (CONTEXT_ENTRY_TIMEOUT, CONTEXT_ATTR_TIMEOUT, CONTEXT_NEGATIVE_TIMEOUT)
 #: Every key :func:`worker_tuning_of` reads (also StorageClass parameters of the Controller).
-WORKER_TUNING_KEYS = frozenset({*CACHE_TIMEOUT_KEYS, CONTEXT_BUSY_POLL, CONTEXT_CACHE_COHERENCE})
+WORKER_TUNING_KEYS = frozenset({*CACHE_TIMEOUT_KEYS, CONTEXT_BUSY_POLL, CONTEXT_MAX_BACKGROUND,
+                                CONTEXT_CACHE_COHERENCE})
 #: ``volume_context`` keys kubelet adds when the CSIDriver has ``podInfoOnMount: true``.
 CONTEXT_POD_NAMESPACE = "csi.storage.k8s.io/pod.namespace"
 CONTEXT_POD_NAME = "csi.storage.k8s.io/pod.name"
@@ -710,7 +715,8 @@ def worker_tuning_of(settings: Mapping[str, str], field: str) -> WorkerTuning:
         CsiError: INVALID_ARGUMENT naming the key, the reason and what is allowed: a
             timeout that is not a finite decimal number from 0 to
             ``MAX_CACHE_TIMEOUT_S`` seconds, a busy poll that is not an integer from
-            0 to ``MAX_BUSY_POLL_US`` µs, a ``cacheCoherence`` other than
+            0 to ``MAX_BUSY_POLL_US`` µs, a ``maxBackgroundRequests`` that is not an
+            integer from 0 to ``MAX_BACKGROUND_REQUESTS``, a ``cacheCoherence`` other than
             ``default``/``strict``, or ``strict`` beside a non-zero timeout.
     """
     timeouts_s = {
@@ -735,11 +741,17 @@ def worker_tuning_of(settings: Mapping[str, str], field: str) -> WorkerTuning:
         busy_poll_us = _setting_in_range(
             settings, CONTEXT_BUSY_POLL, field, int, "whole microseconds", MAX_BUSY_POLL_US
         )
+    max_background = None
+    if CONTEXT_MAX_BACKGROUND in settings:
+        max_background = _setting_in_range(
+            settings, CONTEXT_MAX_BACKGROUND, field, int, "whole requests", MAX_BACKGROUND_REQUESTS
+        )
     return WorkerTuning(
         entry_timeout_s=timeouts_s.get(CONTEXT_ENTRY_TIMEOUT),
         attr_timeout_s=timeouts_s.get(CONTEXT_ATTR_TIMEOUT),
         negative_timeout_s=timeouts_s.get(CONTEXT_NEGATIVE_TIMEOUT),
         busy_poll_us=busy_poll_us,
+        max_background=max_background,
     )
 
 

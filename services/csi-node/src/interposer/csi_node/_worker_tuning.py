@@ -20,12 +20,16 @@ class WorkerTuning(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
             name, seconds (``--negative-timeout``; worker default: the entry timeout).
         busy_poll_us: how long the worker keeps polling the FUSE device for the next
             request before it sleeps, µs (``--busy-poll-us``; worker default 50; 0 = never).
+        max_background: most asynchronous requests (async direct I/O, readahead) the
+            kernel keeps in flight, i.e. the deepest queue an application gets
+            (``--max-background``; worker default 64; 0 = the kernel's 12).
     """
 
     entry_timeout_s: float | None = None
     attr_timeout_s: float | None = None
     negative_timeout_s: float | None = None
     busy_poll_us: int | None = None
+    max_background: int | None = None
 
     def arguments(self) -> list[str]:
         """The worker flags of the settings that are not None, e.g. ``["--entry-timeout", "0.0"]``."""
@@ -34,6 +38,7 @@ class WorkerTuning(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
             ("--attr-timeout", self.attr_timeout_s),
             ("--negative-timeout", self.negative_timeout_s),
             ("--busy-poll-us", self.busy_poll_us),
+            ("--max-background", self.max_background),
         )
         # repr: the shortest text that parses back to the same float.
         return [item for flag, value in settings if value is not None for item in (flag, repr(value))]

@@ -11,7 +11,7 @@ import msgspec
 
 from interposer.proto import PolicyError
 from interposer.proto.connection import CredentialsError, connect_options
-from interposer.proto.worker_tuning import MAX_BUSY_POLL_US, MAX_CACHE_TIMEOUT_S
+from interposer.proto.worker_tuning import MAX_BACKGROUND_REQUESTS, MAX_BUSY_POLL_US, MAX_CACHE_TIMEOUT_S
 
 from ._config import (
     DEFAULT_ATTR_TIMEOUT_S,
@@ -20,7 +20,6 @@ from ._config import (
     DEFAULT_MAX_BACKGROUND,
     DEFAULT_POLICY_WAIT_S,
     DEFAULT_WAKE_COMPENSATION,
-    MAX_MAX_BACKGROUND,
     WorkerConfig,
     parse_sample_rule,
 )
@@ -63,7 +62,7 @@ from ._worker import run
               help="How long to keep polling for the next request (lean loop), and for a disk read the page "
                    "cache is waiting for (passthrough), before sleeping, µs (0 = never; costs CPU only right "
                    "after a request or a miss, see docs/ARCHITECTURE.md).")
-@click.option("--max-background", type=click.IntRange(0, MAX_MAX_BACKGROUND), default=DEFAULT_MAX_BACKGROUND,
+@click.option("--max-background", type=click.IntRange(0, MAX_BACKGROUND_REQUESTS), default=DEFAULT_MAX_BACKGROUND,
               show_default=True,
               help="Most asynchronous requests (async direct I/O, readahead) the kernel keeps in flight: "
                    "the deepest queue an application gets (0 = kernel default, 12).")

@@ -8,7 +8,7 @@ import msgspec
 
 from interposer.proto.policy import MAX_GLOB_LENGTH, MAX_SELECTOR_LABELS, LabelKey, LabelValue, OpName
 from interposer.proto.subjects import VOLUME_ID_PATTERN
-from interposer.proto.worker_tuning import MAX_BUSY_POLL_US, MAX_CACHE_TIMEOUT_S
+from interposer.proto.worker_tuning import MAX_BACKGROUND_REQUESTS, MAX_BUSY_POLL_US, MAX_CACHE_TIMEOUT_S
 
 from ._readahead import DEFAULT_READ_AHEAD_KIB
 from .backends import BACKEND_KINDS, DEFAULT_MEMORY_SIZE_BYTES
@@ -31,8 +31,6 @@ DEFAULT_BUSY_POLL_US = 50
 #: 1,494 IOPS, p50 21 ms; docs/benchmarks.md). 64 covers the queue depths cloud
 #: disks are benchmarked at; the worker serves up to ``max_tasks`` at once anyway.
 DEFAULT_MAX_BACKGROUND = 64
-#: Largest ``max_background`` the FUSE protocol carries (a 16-bit field of fuse_init_out).
-MAX_MAX_BACKGROUND = (1 << 16) - 1
 #: How long the kernel may cache a name it looked up, and a file's attributes, seconds
 #: (docs/posix.md: changes made directly in the backing dir show within this time).
 DEFAULT_ENTRY_TIMEOUT_S = 1.0
@@ -223,7 +221,7 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     max_tasks: int = 128
     session_loop: Literal["lean", "pyfuse3"] = "lean"
     busy_poll_us: Annotated[int, msgspec.Meta(ge=0, le=MAX_BUSY_POLL_US)] = DEFAULT_BUSY_POLL_US
-    max_background: Annotated[int, msgspec.Meta(ge=0, le=MAX_MAX_BACKGROUND)] = DEFAULT_MAX_BACKGROUND
+    max_background: Annotated[int, msgspec.Meta(ge=0, le=MAX_BACKGROUND_REQUESTS)] = DEFAULT_MAX_BACKGROUND
     blocking_io: Literal["adaptive", "loop", "thread"] = "adaptive"
     wake_compensation: Literal["off", "worker", "round-trip"] = DEFAULT_WAKE_COMPENSATION
     read_ahead_kib: Annotated[int, msgspec.Meta(ge=0, le=65536)] = DEFAULT_READ_AHEAD_KIB
