@@ -48,6 +48,10 @@ def test_null_backend_discards_data_but_keeps_metadata(mount_worker) -> None:
         for _ in range(3):
             f.write(bytes(MIB))
     assert os.stat(m / "huge").st_size == 3 * MIB
+    with open(m / "prealloc", "wb") as f:  # nor is preallocation limited
+        os.posix_fallocate(f.fileno(), 0, 3 * MIB)
+    assert os.stat(m / "prealloc").st_size == 3 * MIB
+    os.unlink(m / "prealloc")
     os.link(m / "d" / "f", m / "g")
     os.rename(m / "g", m / "h")
     assert os.stat(m / "h").st_nlink == 2 and os.stat(m / "h").st_ino == os.stat(m / "d" / "f").st_ino

@@ -150,8 +150,7 @@ class MemoryBackend(PathTable):
             pyfuse3.FUSEError: ENOSPC if growth passes the size limit (nothing changes).
         """
         grow = size - node.size
-        if grow > self.size_bytes - self.used_bytes:
-            raise _fail(errno.ENOSPC)
+        self._check_room(grow)
         assert node.data is not None
         if grow < 0:
             del node.data[size:]
@@ -159,6 +158,11 @@ class MemoryBackend(PathTable):
             node.data.extend(bytes(grow))
         self.used_bytes += grow
         node.size = size
+
+    def _check_room(self, grow_bytes: int) -> None:
+        """Raise ENOSPC if ``grow_bytes`` more of contents would pass the size limit."""
+        if grow_bytes > self.size_bytes - self.used_bytes:
+            raise _fail(errno.ENOSPC)
 
     def _write_data(self, node: Node, off: int, buf: bytes) -> int:
         """Write ``buf`` at ``off``; shortened to what fits. Returns bytes written.
@@ -578,12 +582,11 @@ class MemoryBackend(PathTable):
         if offset < 0 or length <= 0:
             raise _fail(errno.EINVAL)
         end = offset + length
-        if mode & ~FALLOC_FL_KEEP_SIZE == 0:
+        if mode == 0:
             if end > node.size:
-                if end - node.size > self.size_bytes - self.used_bytes:
-                    raise _fail(errno.ENOSPC)
-                if not mode & FALLOC_FL_KEEP_SIZE:
-                    self._resize(node, end)
+                self._resize(node, end)
+        elif mode == FALLOC_FL_KEEP_SIZE:
+            self._check_room(end - node.size)
         elif mode == FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE:
             if offset < node.size:
                 self._zero_data(node, offset, min(end, node.size))

@@ -28,6 +28,9 @@ class NullBackend(MemoryBackend):
     def _new_data(self) -> bytearray | None:
         return None
 
+    def _check_room(self, grow_bytes: int) -> None:
+        pass
+
     def _resize(self, node: Node, size: int) -> None:
         node.size = size
 
