@@ -3,8 +3,9 @@
 For each test, runs fio on the native backing directory, on passthrough mounts with
 no layers (pyfuse3's own request loop and the worker's lean one), and on a
 passthrough mount whose policy holds one of each layer set to do nothing (fault
-probability 0, delay 0 s, throttle at 1 TiB/s) — the cost of the layer machinery.
-Every variant is mounted for the whole run and the variants take turns within each
+probability 0, delay 0 s, throttle at 1 TiB/s) — the cost of the layer machinery —
+and on one with kernel passthrough (``--kernel-passthrough``: the kernel serves reads
+and writes from the backing files). Every variant is mounted for the whole run and the variants take turns within each
 repeat, in a rotated order, so that drift of the VM (measured: ±30 % over ten
 minutes) hits them alike. Prints medians of ``--repeat`` runs and the ratio to
 native, the worker CPU time per application I/O (user + system, from
@@ -12,7 +13,7 @@ native, the worker CPU time per application I/O (user + system, from
 RSS and how long the mount took to answer. Page caches are dropped before each run
 (``/proc/sys/vm/drop_caches``, needs root).
 
-Usage: ``.venv/bin/python bench/datapath/run.py [--quick] [--repeat N] [--json]``
+Usage: ``.venv/bin/python bench/datapath/run.py [--quick] [--repeat N] [--json] [--variant NAME ...]``
 """
 
 from __future__ import annotations
@@ -214,9 +215,11 @@ class Mount:
 @click.option("--quick", is_flag=True, help="Smoke run: small files, 1 s runs, one repeat.")
 @click.option("--repeat", default=3, show_default=True, help="Runs per cell; the median is reported.")
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--variant", "only", multiple=True, metavar="NAME",
+              help="Run only this variant (repeatable; native always runs): one of the table's column names.")
 @click.option("--dir", "base", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where to put backing dirs (default: system temp; should be on the disk under test).")
-def main(quick: bool, repeat: int, as_json: bool, base: Path | None) -> None:
+def main(quick: bool, repeat: int, as_json: bool, only: tuple[str, ...], base: Path | None) -> None:
     """Print fio results native vs interposed, as ratios measured in the same run."""
     if shutil.which("fio") is None:
         raise click.ClickException("fio is not installed (make setup)")
@@ -225,7 +228,13 @@ def main(quick: bool, repeat: int, as_json: bool, base: Path | None) -> None:
     # (name, policy or None for the bare directory, extra worker flags)
     variants = [("native", None, ()), ("passthrough, pyfuse3 loop", "", ("--session-loop", "pyfuse3")),
                 ("lean loop, no busy poll", "", ("--session-loop", "lean", "--busy-poll-us", "0")),
-                ("passthrough, lean loop", "", ("--session-loop", "lean")), ("+ no-op layers", NOOP_LAYERS, ())]
+                ("passthrough, lean loop", "", ("--session-loop", "lean")), ("+ no-op layers", NOOP_LAYERS, ()),
+                ("kernel passthrough", "", ("--kernel-passthrough",))]
+    unknown = set(only) - {v for v, _, _ in variants}
+    if unknown:
+        raise click.BadParameter(f"no variant {', '.join(sorted(unknown))}", param_hint="--variant")
+    if only:
+        variants = [v for v in variants if v[0] == "native" or v[0] in only]
     results: dict[str, dict[str, list[float]]] = {v: {} for v, _, _ in variants}
     cpu_us: dict[str, dict[str, list[float]]] = {v: {} for v, _, _ in variants}
     extras: dict[str, dict[str, float]] = {}

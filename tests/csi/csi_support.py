@@ -58,11 +58,14 @@ class CsiNode:
 
 #: The worker flags a volume's ``WorkerTuning`` sets (kernel cache times, busy polling).
 TUNING_FLAGS = ("--entry-timeout", "--attr-timeout", "--negative-timeout", "--busy-poll-us", "--max-background")
+#: Worker tuning flags without a value.
+TUNING_SWITCHES = ("--kernel-passthrough", "--no-kernel-passthrough")
 
 
 def tuning_flags(argv: list[str]) -> dict[str, str]:
-    """The worker tuning flags in a worker's ``argv``: flag → value."""
-    return {flag: argv[argv.index(flag) + 1] for flag in TUNING_FLAGS if flag in argv}
+    """The worker tuning flags in a worker's ``argv``: flag → value ("" for a switch)."""
+    return ({flag: argv[argv.index(flag) + 1] for flag in TUNING_FLAGS if flag in argv}
+            | {flag: "" for flag in TUNING_SWITCHES if flag in argv})
 
 
 def fuse_mounts_under(root: Path) -> dict[str, str]:

@@ -21,10 +21,13 @@ import kubernetes_validate
 import msgspec
 import pytest
 from csi_support import fuse_mounts_under, mounting_volume_request, tuning_flags
-from interposer.csi_node import CsiError, CsiNodeConfig, KubernetesLauncher, NodeService, WorkerPodSettings, WorkerSpec
+from interposer.csi_node import (
+    CsiError, CsiNodeConfig, KubernetesLauncher, NodeService, WorkerPodSettings, WorkerSpec, WorkerTuning,
+)
 from interposer.csi_node._kubernetes import (
     LABEL_INCARNATION,
     LABEL_VOLUME_ID,
+    WORKER_CAPABILITIES,
     label_value,
     read_own_pod,
     worker_pod_manifest,
@@ -103,6 +106,17 @@ def test_worker_pod_spec_is_a_valid_unprivileged_pod_pinned_to_the_node(spec: Wo
         assert "--read-only" in args and args[args.index("--policy-file") + 1] == "/run/interposer/policy.json"
     else:
         assert "backing" not in volumes and args[args.index("--backend") + 1] == "memory"
+
+
+def test_a_kernel_passthrough_volume_gets_the_one_capability_the_kernel_requires() -> None:
+    spec = WorkerSpec(volume_id="v", backing_dir="/b", mountpoint="/t", tuning=WorkerTuning(kernel_passthrough=True))
+    manifest = worker_pod_manifest(spec, _settings(), 1)
+    _validate(manifest)
+    (container,) = manifest["spec"]["containers"]
+    assert "--kernel-passthrough" in container["args"]
+    security = container["securityContext"]
+    assert security["privileged"] is False and security["capabilities"]["drop"] == ["ALL"]
+    assert set(security["capabilities"]["add"]) - set(WORKER_CAPABILITIES) == {"SYS_ADMIN"}
 
 
 def test_worker_pods_get_the_worker_nats_credentials_secret() -> None:

@@ -217,12 +217,13 @@ def test_bad_worker_tuning_value(
     ("context", "expected_in_details"),
     [
         ({"cacheCoherence": "relaxed"}, ["'cacheCoherence'", "'relaxed'", "default, strict"]),
+        ({"kernelPassthrough": "yes"}, ["'kernelPassthrough'", "'yes'", "true, false"]),
         (
             {"cacheCoherence": "strict", "negativeTimeoutSeconds": "1"},
             ["'cacheCoherence'", "'negativeTimeoutSeconds'", "every cache timeout to 0"],
         ),
     ],
-    ids=["unknown", "strict-beside-a-timeout"],
+    ids=["unknown", "strict-beside-a-timeout", "kernel-passthrough-not-a-boolean"],
 )
 def test_bad_cache_coherence(
     csi_node: CsiNode, csi_root: Path, context: dict, expected_in_details: list
@@ -230,6 +231,15 @@ def test_bad_cache_coherence(
     details = rejected_publish_details(csi_node, csi_root, context)
     for expected in expected_in_details:
         assert expected in details
+
+
+def test_kernel_passthrough_needs_a_backing_file(csi_node: CsiNode, csi_root: Path) -> None:
+    request = mounting_volume_request("vol-1", csi_root / "target", None,
+                                      extra_context={"backend": "memory", "kernelPassthrough": "true"})
+    error = publish_error(csi_node, request)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "'kernelPassthrough'" in error.details() and "'memory'" in error.details()
+    assert_nothing_published(csi_node, csi_root)
 
 
 def test_unpublish_missing_fields(csi_node: CsiNode, csi_root: Path) -> None:

@@ -102,6 +102,10 @@ SETID_MODES = {"setuid": 0o4777, "setgid-exec": 0o2777, "setgid-noexec-other-gro
 #: S_ISGID without group-execute. Writes the worker handles (direct I/O: O_DIRECT and
 #: write-only opens) follow the native rule (``_setid``).
 KERNEL_FUSE_DIFFERENCES = {"write setid-setgid-noexec-other-group-O_RDWR": oct(0o102767)}
+#: With kernel passthrough the kernel clears the bits of every write (file_remove_privs
+#: on the FUSE inode, as the writer), so its rule applies to every open.
+KERNEL_PASSTHROUGH_DIFFERENCES = {f"write setid-setgid-noexec-other-group-{how}": oct(0o102767)
+                                  for how in ("O_WRONLY", "O_RDWR", "O_DIRECT")}
 CALLER_SCRIPT = f"SETID_KINDS = {sorted(SETID_MODES)!r}\n" + CALLER_SCRIPT
 
 
@@ -140,12 +144,12 @@ def _run_as_nobody(cwd: Path, script: str = CALLER_SCRIPT) -> dict[str, object]:
 
 
 @pytest.mark.fuse
-@pytest.mark.parametrize("backend", ["passthrough", "memory"])
+@pytest.mark.parametrize("backend", ["passthrough", "memory", "kernel-passthrough"])
 def test_a_non_root_caller_gets_native_errors_and_ownership(mount_worker, tmp_path: Path, backend: str) -> None:
     assert os.geteuid() == 0, "this test switches to uid 65534, so it must start as root"
     native = tmp_path / "native"
     native.mkdir()
-    vol = mount_worker(extra=["--backend", backend])
+    vol = mount_worker(extra=["--kernel-passthrough"] if backend == "kernel-passthrough" else ["--backend", backend])
     _build_tree(native)
     _build_tree(vol.mountpoint)
     expected = _run_as_nobody(native)
@@ -157,10 +161,11 @@ def test_a_non_root_caller_gets_native_errors_and_ownership(mount_worker, tmp_pa
     assert expected["write setid-setuid-O_DIRECT"] == oct(0o100777)
     assert expected["create setgid executable in setgid dir"][2] == oct(0o100755)
     differences = {k: (expected[k], got[k]) for k in expected if expected[k] != got[k]}
-    assert differences == {k: (expected[k], v) for k, v in KERNEL_FUSE_DIFFERENCES.items()}, (
+    known = KERNEL_PASSTHROUGH_DIFFERENCES if backend == "kernel-passthrough" else KERNEL_FUSE_DIFFERENCES
+    assert differences == {k: (expected[k], v) for k, v in known.items()}, (
         f"native vs mount: {differences}"
     )
-    if backend == "passthrough":
+    if backend != "memory":
         st = os.stat(vol.backing / "rw" / "x")
         assert (st.st_uid, st.st_gid) == (NOBODY, NOBODY)
 

@@ -240,10 +240,11 @@ def _run(native_root: Path, mount_root: Path) -> None:
 
 
 @pytest.mark.fuse
-@pytest.mark.parametrize("backend", ["passthrough", "memory"])
+@pytest.mark.parametrize("backend", ["passthrough", "memory", "kernel-passthrough"])
 def test_random_op_sequences_agree_with_the_native_fs(mount_worker, tmp_path: Path, backend: str) -> None:
     native = tmp_path / "native"
     native.mkdir()
-    vol = mount_worker(extra=["--backend", backend] if backend != "passthrough" else [])
+    extra = {"passthrough": [], "memory": ["--backend", "memory"], "kernel-passthrough": ["--kernel-passthrough"]}
+    vol = mount_worker(extra=extra[backend])
     _run(native, vol.mountpoint)
     assert vol.proc.poll() is None, vol.log()

@@ -131,12 +131,17 @@ def run_fsx(path: Path, seed: int, ops: int = OPS_PER_RUN, use_mmap: bool = True
 
 
 @pytest.mark.fuse
-@pytest.mark.parametrize("backend", ["passthrough", "memory"])
+@pytest.mark.parametrize("backend", ["passthrough", "memory", "kernel-passthrough"])
 def test_random_io_mix_keeps_data_intact(mount_worker, backend: str) -> None:
-    vol = mount_worker(extra=["--backend", backend])
+    if backend == "kernel-passthrough":
+        # The file exists before the run, so its opens are OPENs, answered with passthrough.
+        vol = mount_worker(extra=["--kernel-passthrough"])
+        (vol.backing / "fsx.dat").write_bytes(b"")
+    else:
+        vol = mount_worker(extra=["--backend", backend])
     counts = run_fsx(vol.mountpoint / "fsx.dat", SEED)
     assert set(counts) == {*FSX_OPS, *MMAP_OPS}
-    if backend == "passthrough":
+    if backend != "memory":
         # What the mount said is what the backing file holds.
         assert (vol.backing / "fsx.dat").read_bytes() == (vol.mountpoint / "fsx.dat").read_bytes()
     assert vol.proc.poll() is None, vol.log()

@@ -3,7 +3,8 @@
 The csi-node (privileged, in the DaemonSet) mounts the volume at the kubelet's
 target path itself and hands the ``/dev/fuse`` fd to the worker pod over a unix
 socket in a per-volume host directory (``_fuse_fd``). The worker pod therefore
-needs no ``privileged``, no ``CAP_SYS_ADMIN``, no ``/dev/fuse`` and no mount
+needs no ``privileged``, no ``CAP_SYS_ADMIN`` (unless the volume asks for kernel
+passthrough, which the kernel allows only with it), no ``/dev/fuse`` and no mount
 propagation: it holds the fd, mounts the backing volume (a PersistentVolumeClaim
 or a host path) and serves. The mount lives in the csi-node's mount namespace,
 under the kubelet directory it shares with the host (``Bidirectional``), so it
@@ -91,6 +92,9 @@ MANAGED_BY = "interposer-csi-node"
 #: set-id bits as the caller asked) and make device nodes (``MKNOD``). Not
 #: ``SYS_ADMIN``: it never mounts.
 WORKER_CAPABILITIES = ("CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID", "MKNOD")
+#: Added for a volume with ``kernelPassthrough``: the kernel registers backing files
+#: only for CAP_SYS_ADMIN (``FUSE_DEV_IOC_BACKING_OPEN``).
+KERNEL_PASSTHROUGH_CAPABILITY = "SYS_ADMIN"
 
 #: Pod phases of a worker that will not serve again.
 FINISHED_PHASES = frozenset({"Succeeded", "Failed"})
@@ -258,7 +262,8 @@ def worker_pod_manifest(spec: WorkerSpec, settings: WorkerPodSettings, incarnati
             "privileged": False,
             "allowPrivilegeEscalation": False,
             "readOnlyRootFilesystem": True,
-            "capabilities": {"drop": ["ALL"], "add": list(WORKER_CAPABILITIES)},
+            "capabilities": {"drop": ["ALL"], "add": [*WORKER_CAPABILITIES, *(
+                [KERNEL_PASSTHROUGH_CAPABILITY] if spec.tuning.kernel_passthrough else [])]},
         },
         "volumeMounts": mounts,
     }

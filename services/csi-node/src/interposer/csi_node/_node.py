@@ -74,6 +74,11 @@ CONTEXT_BUSY_POLL = "busyPollMicroseconds"
 #: kernel keeps in flight for the volume, whole requests, 0 to ``MAX_BACKGROUND_REQUESTS``
 #: (``--max-background``; 0 = the kernel's 12). OPTIONAL: unset = the worker's default, 64.
 CONTEXT_MAX_BACKGROUND = "maxBackgroundRequests"
+#: ``volume_context`` key: ``"true"`` = the kernel serves reads and writes of files no
+#: layer acts on straight from the backing files (``--kernel-passthrough``; the
+#: ``passthrough`` backend only; those reads and writes make no op events). OPTIONAL:
+#: unset = ``"false"``.
+CONTEXT_KERNEL_PASSTHROUGH = "kernelPassthrough"
 #: ``volume_context`` key: ``default`` (the timeouts as given) or ``strict`` (all three
 #: 0: a name or file another node changes in a shared backing dir shows at once, and
 #: every stat and lookup is a round trip to the worker). OPTIONAL.
@@ -83,7 +88,7 @@ CACHE_COHERENCE_MODES = ("default", "strict")
 CACHE_TIMEOUT_KEYS = (CONTEXT_ENTRY_TIMEOUT, CONTEXT_ATTR_TIMEOUT, CONTEXT_NEGATIVE_TIMEOUT)
 #: Every key :func:`worker_tuning_of` reads (also StorageClass parameters of the Controller).
 WORKER_TUNING_KEYS = frozenset({*CACHE_TIMEOUT_KEYS, CONTEXT_BUSY_POLL, CONTEXT_MAX_BACKGROUND,
-                                CONTEXT_CACHE_COHERENCE})
+                                CONTEXT_CACHE_COHERENCE, CONTEXT_KERNEL_PASSTHROUGH})
 #: ``volume_context`` keys kubelet adds when the CSIDriver has ``podInfoOnMount: true``.
 CONTEXT_POD_NAMESPACE = "csi.storage.k8s.io/pod.namespace"
 CONTEXT_POD_NAME = "csi.storage.k8s.io/pod.name"
@@ -359,6 +364,11 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             raise _invalid(
                 f"volume_context[{CONTEXT_BACKING_PATH!r}] is only for the passthrough backend "
                 f"(volume_context[{CONTEXT_BACKEND!r}] = {backend!r})"
+            )
+        if tuning.kernel_passthrough and backend != "passthrough":
+            raise _invalid(
+                f"volume_context[{CONTEXT_KERNEL_PASSTHROUGH!r}] = 'true' needs the passthrough backend, not "
+                f"{backend!r}: there is no backing file to pass through to"
             )
         policy_json = None
         if CONTEXT_POLICY in context:
@@ -717,7 +727,8 @@ def worker_tuning_of(settings: Mapping[str, str], field: str) -> WorkerTuning:
             ``MAX_CACHE_TIMEOUT_S`` seconds, a busy poll that is not an integer from
             0 to ``MAX_BUSY_POLL_US`` µs, a ``maxBackgroundRequests`` that is not an
             integer from 0 to ``MAX_BACKGROUND_REQUESTS``, a ``cacheCoherence`` other than
-            ``default``/``strict``, or ``strict`` beside a non-zero timeout.
+            ``default``/``strict``, ``strict`` beside a non-zero timeout, or a
+            ``kernelPassthrough`` other than ``true``/``false``.
     """
     timeouts_s = {
         key: _setting_in_range(settings, key, field, float, "decimal seconds", MAX_CACHE_TIMEOUT_S)
@@ -746,12 +757,20 @@ def worker_tuning_of(settings: Mapping[str, str], field: str) -> WorkerTuning:
         max_background = _setting_in_range(
             settings, CONTEXT_MAX_BACKGROUND, field, int, "whole requests", MAX_BACKGROUND_REQUESTS
         )
+    kernel_passthrough = None
+    if CONTEXT_KERNEL_PASSTHROUGH in settings:
+        text = settings[CONTEXT_KERNEL_PASSTHROUGH]
+        key = f"{field}[{CONTEXT_KERNEL_PASSTHROUGH!r}]"
+        if text not in ("true", "false"):
+            raise _invalid(f"{key} = {text!r} is not one of: true, false")
+        kernel_passthrough = text == "true"
     return WorkerTuning(
         entry_timeout_s=timeouts_s.get(CONTEXT_ENTRY_TIMEOUT),
         attr_timeout_s=timeouts_s.get(CONTEXT_ATTR_TIMEOUT),
         negative_timeout_s=timeouts_s.get(CONTEXT_NEGATIVE_TIMEOUT),
         busy_poll_us=busy_poll_us,
         max_background=max_background,
+        kernel_passthrough=kernel_passthrough,
     )
 
 

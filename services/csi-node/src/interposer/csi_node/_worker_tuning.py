@@ -23,6 +23,9 @@ class WorkerTuning(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
         max_background: most asynchronous requests (async direct I/O, readahead) the
             kernel keeps in flight, i.e. the deepest queue an application gets
             (``--max-background``; worker default 64; 0 = the kernel's 12).
+        kernel_passthrough: let the kernel serve reads and writes of files no layer
+            acts on straight from the backing files (``--kernel-passthrough``;
+            worker default off).
     """
 
     entry_timeout_s: float | None = None
@@ -30,6 +33,7 @@ class WorkerTuning(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
     negative_timeout_s: float | None = None
     busy_poll_us: int | None = None
     max_background: int | None = None
+    kernel_passthrough: bool | None = None
 
     def arguments(self) -> list[str]:
         """The worker flags of the settings that are not None, e.g. ``["--entry-timeout", "0.0"]``."""
@@ -41,4 +45,7 @@ class WorkerTuning(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
             ("--max-background", self.max_background),
         )
         # repr: the shortest text that parses back to the same float.
-        return [item for flag, value in settings if value is not None for item in (flag, repr(value))]
+        flags = [item for flag, value in settings if value is not None for item in (flag, repr(value))]
+        if self.kernel_passthrough is not None:
+            flags.append("--kernel-passthrough" if self.kernel_passthrough else "--no-kernel-passthrough")
+        return flags

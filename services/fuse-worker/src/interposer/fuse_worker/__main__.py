@@ -66,6 +66,10 @@ from ._worker import run
               show_default=True,
               help="Most asynchronous requests (async direct I/O, readahead) the kernel keeps in flight: "
                    "the deepest queue an application gets (0 = kernel default, 12).")
+@click.option("--kernel-passthrough/--no-kernel-passthrough", default=False, show_default=True,
+              help="Let the kernel serve reads and writes of files no layer acts on straight from the "
+                   "backing files (Linux >= 6.9, CAP_SYS_ADMIN): native speed, but those reads and "
+                   "writes make no op events or metrics (see docs/ARCHITECTURE.md).")
 @click.option("--entry-timeout", "entry_timeout_s", type=click.FloatRange(0, MAX_CACHE_TIMEOUT_S),
               default=DEFAULT_ENTRY_TIMEOUT_S, show_default=True, help="Seconds the kernel may cache a name it looked up (see docs/posix.md).")
 @click.option("--attr-timeout", "attr_timeout_s", type=click.FloatRange(0, MAX_CACHE_TIMEOUT_S),

@@ -18,6 +18,7 @@ import trio
 from interposer.proto import Policy
 
 from ._extra_ops import Caller
+from ._kernel_passthrough import IoMode, KernelPassthrough
 from ._op import BackendCall, Op
 from ._setid import setid_bits_to_clear
 from ._stack import QuotaUnavailable, Stack
@@ -88,6 +89,9 @@ class InterposerOperations(pyfuse3.Operations):
         #: root). A chmod made directly in the backing dir while such a file is
         #: open is not seen.
         self._setid_inodes: set[int] = set()
+        #: Kernel passthrough of this session, set by ``_extra_ops`` when it serves
+        #: opens (``--kernel-passthrough``); None = every read and write comes here.
+        self.passthrough: KernelPassthrough | None = None
 
     def init(self) -> None:
         # pyfuse3 calls this on FUSE_INIT, just before it replies; the kernel applies the
@@ -136,8 +140,17 @@ class InterposerOperations(pyfuse3.Operations):
             if self.stack is not current:  # the trio thread installed one meanwhile
                 return False
             self.stack = stack
+        self._warn_if_passed_through(stack)
         log.info("applied policy revision %d (%d layers)", revision, len(policy.layers))
         return True
+
+    def _warn_if_passed_through(self, stack: Stack) -> None:
+        # A passthrough open cannot be taken back: the layers see its data only once it is reopened.
+        handles = self.passthrough.passthrough_handles if self.passthrough is not None else 0
+        if stack.acts_on_data and handles:
+            log.warning("policy revision %d acts on reads or writes, but %d open files are served by kernel "
+                        "passthrough: their data bypasses the layers until they are reopened", stack.revision,
+                        handles)
 
     def install(self, stack: Stack, replacing: Stack | None = None) -> bool:
         """Put ``stack`` in force (on the trio thread) and wake whoever waits for a change.
@@ -154,6 +167,7 @@ class InterposerOperations(pyfuse3.Operations):
             if replacing is not None and self.stack is not replacing:
                 return False
             self.stack = stack
+        self._warn_if_passed_through(stack)
         self.stack_changed.set()
         self.stack_changed = trio.Event()
         return True
@@ -270,7 +284,7 @@ class InterposerOperations(pyfuse3.Operations):
     async def open(self, inode, flags, ctx):
         op = self._op("open", inode, ctx, session=self.telemetry.new_session())
         info = await self._serve(op, lambda: self.backend.open(inode, flags, ctx))
-        self._opened(info, flags, op, ctx)
+        self._opened(info, inode, flags, op, ctx, await self._passthrough_fd(inode, info.fh, flags, ctx))
         if info.fh in self._setid_writers and (await self.backend.getattr(inode, ctx)).st_mode & _SETID:
             self._setid_inodes.add(inode)
         return info
@@ -279,17 +293,41 @@ class InterposerOperations(pyfuse3.Operations):
         op = self._entry_op("create", parent_inode, name, ctx)
         op.session = self.telemetry.new_session()
         info, attrs = await self._serve(op, lambda: self.backend.create(parent_inode, name, mode, flags, ctx))
-        self._opened(info, flags, op, ctx)
+        self._opened(info, attrs.st_ino, flags, op, ctx,
+                     await self._passthrough_fd(attrs.st_ino, info.fh, flags, ctx))
         if info.fh in self._setid_writers and mode & _SETID:
             self._setid_inodes.add(attrs.st_ino)
         return info, attrs
 
-    def _opened(self, info: pyfuse3.FileInfo, flags: int, op: Op, ctx: pyfuse3.RequestContext) -> None:
-        """Choose the caching of a file just opened, and note what its writes must do."""
-        info.direct_io = self._direct_io(flags, op.path)
+    def _opened(self, info: pyfuse3.FileInfo, ino: int, flags: int, op: Op, ctx: pyfuse3.RequestContext | Caller,
+                backing_fd: int | None = None) -> None:
+        """Choose the caching of file ``ino`` just opened, and note what its writes must do.
+
+        ``backing_fd``: the file may be served by kernel passthrough from this fd
+        (:meth:`_passthrough_fd`).
+        """
+        direct_io = self._direct_io(flags, op.path)
+        if self.passthrough is not None:
+            direct_io = self.passthrough.opened(info.fh, ino, direct_io, backing_fd) is IoMode.DIRECT
+        info.direct_io = direct_io
         if info.direct_io and ctx.uid != 0 and (flags & os.O_ACCMODE) != os.O_RDONLY:
             self._setid_writers[info.fh] = ctx
         self.telemetry.bind_session(info.fh, op.session)
+
+    async def _passthrough_fd(self, ino: int, fh: int, flags: int, ctx: pyfuse3.RequestContext | Caller) -> int | None:
+        """The backing fd of a file just opened, if the kernel may serve its reads and writes itself.
+
+        Only while kernel passthrough is on (``--kernel-passthrough``), no layer acts
+        on reads or writes (they would never see them), and the backend has a
+        backing file. Set-ID bits need nothing here: before a passthrough write the
+        kernel clears them on the FUSE inode itself, as the writer (a SETATTR).
+        """
+        if self.passthrough is None or not self.passthrough.enabled or self.stack.acts_on_data:
+            return None
+        backing_fd = getattr(self.backend, "backing_fd", None)
+        if backing_fd is None:
+            return None
+        return backing_fd(fh)
 
     def _direct_io(self, flags: int, path: str) -> bool:
         """Whether a file opened with ``flags`` at ``path`` bypasses the page cache (FOPEN_DIRECT_IO).
@@ -355,6 +393,8 @@ class InterposerOperations(pyfuse3.Operations):
         # bypasses the layers: a fault here would only leak the backing fd.
         op = self._op("release", ino, None, session=self.telemetry.end_session(fh))
         self._setid_writers.pop(fh, None)
+        if self.passthrough is not None:
+            self.passthrough.released(fh)
         start_wall_ns, start_ns = time.time_ns(), time.perf_counter_ns()
         await self.backend.release(fh)
         self.telemetry.record(op, 0, 0, start_wall_ns, time.perf_counter_ns() - start_ns)
@@ -394,8 +434,7 @@ class InterposerOperations(pyfuse3.Operations):
         Raises:
             pyfuse3.FUSEError: EOPNOTSUPP (declined), the backend's errno, or a layer's.
         """
-        chains = self.stack.chains
-        if "read" in chains or "write" in chains:
+        if self.stack.acts_on_data:
             raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
         op = self._op("copy_file_range", self.backend.ino_of_fh(fh_out), caller, offset=off_out, size=length,
                       mode=flags, session=self.telemetry.session_of(fh_out))

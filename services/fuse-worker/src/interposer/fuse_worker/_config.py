@@ -167,6 +167,10 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
             readahead) the kernel keeps in flight, set in the FUSE_INIT reply
             (``_extra_ops``); 0 = the kernel's default (12). The congestion
             threshold is 3/4 of it, libfuse's rule.
+        kernel_passthrough: let the kernel serve the reads and writes of files no
+            layer needs to see straight from the backing files (Linux ≥ 6.9, CAP_SYS_ADMIN,
+            passthrough backend; ``_kernel_passthrough``). Off by default: those
+            reads and writes then make no op events, metrics or traces either.
         busy_poll_us: with the lean loop, how long a reader keeps polling an empty
             FUSE device before it yields, µs (``_session_loop``; 0 = never).
         blocking_io: where the passthrough backend's reads, writes, flushes and
@@ -222,6 +226,7 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     session_loop: Literal["lean", "pyfuse3"] = "lean"
     busy_poll_us: Annotated[int, msgspec.Meta(ge=0, le=MAX_BUSY_POLL_US)] = DEFAULT_BUSY_POLL_US
     max_background: Annotated[int, msgspec.Meta(ge=0, le=MAX_BACKGROUND_REQUESTS)] = DEFAULT_MAX_BACKGROUND
+    kernel_passthrough: bool = False
     blocking_io: Literal["adaptive", "loop", "thread"] = "adaptive"
     wake_compensation: Literal["off", "worker", "round-trip"] = DEFAULT_WAKE_COMPENSATION
     read_ahead_kib: Annotated[int, msgspec.Meta(ge=0, le=65536)] = DEFAULT_READ_AHEAD_KIB
@@ -250,6 +255,9 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
             raise ValueError(f"backend {self.backend!r} is not supported (supported: {', '.join(BACKEND_KINDS)})")
         if self.backend == "passthrough" and not self.backing_dir:
             raise ValueError("backing_dir is required for the passthrough backend")
+        if self.kernel_passthrough and self.backend != "passthrough":
+            raise ValueError(f"kernel_passthrough needs the passthrough backend, not {self.backend!r} "
+                             "(there is no backing file to pass through to)")
         if self.memory_size_bytes < 4096:
             raise ValueError(f"memory_size_bytes = {self.memory_size_bytes} must be >= 4096")
         if self.max_tasks < 1 or self.event_buffer < 1 or self.batch_max_events < 1:

@@ -35,12 +35,20 @@ pyfuse3 does not expose of ``struct fuse_conn_info`` (public, fuse_common.h):
 ``max_background`` and ``congestion_threshold``, the kernel's limit on
 asynchronous requests in flight (``WorkerConfig.max_background``).
 
+With kernel passthrough asked for, the ``open`` and ``create`` slots (pyfuse3's
+handlers checked in slots 14 and 30 first) are served here too, because only a
+reply written by ``_kernel_passthrough`` can carry a backing file; the ``init``
+wrapper then also diverts the FUSE_INIT reply to ask for passthrough. If the
+first request shows an unexpected libfuse request layout, opens and creates go
+back to pyfuse3's handlers and passthrough stays off.
+
 The callbacks run on the trio thread, inside ``fuse_session_process_buf``
 called by a pyfuse3 reader task. Each reads what it needs from the request (the
 ``fuse_file_info`` is on libfuse's stack and gone once the callback returns),
 starts a task in the worker's nursery and returns; the task runs the op
 through the adapter (layers, backend, telemetry) and replies with
-``fuse_reply_err``/``fuse_reply_write``/``fuse_reply_lseek``. Every request
+``fuse_reply_err``/``fuse_reply_write``/``fuse_reply_lseek`` (opens and creates:
+``KernelPassthrough.reply_open``/``reply_create``). Every request
 gets exactly one reply, EINTR if the worker is stopping.
 """
 
@@ -57,11 +65,16 @@ import pyfuse3
 import trio
 
 from ._elf import ElfError, symbols as elf_symbols
+from ._kernel_passthrough import (
+    FOPEN_DIRECT_IO, FOPEN_KEEP_CACHE, FOPEN_NONSEEKABLE, KernelPassthrough, PassthroughUnavailable,
+)
 
 log = logging.getLogger(__name__)
 
 #: Slots of ``struct fuse_lowlevel_ops`` (fuse_lowlevel.h, libfuse 3.x), in pointers.
 SLOT_INIT = 0
+SLOT_OPEN = 14
+SLOT_CREATE = 30
 SLOT_WRITE_BUF = 36
 SLOT_FORGET_MULTI = 38
 SLOT_FALLOCATE = 40
@@ -80,6 +93,8 @@ _SYMBOLS = {
     "session": f"__pyx_v_7{_PYFUSE3}_session",
     "fuse_ops": f"__pyx_v_7{_PYFUSE3}_fuse_ops",
     "fuse_init": f"__pyx_f_7{_PYFUSE3}_fuse_init",
+    "fuse_open": f"__pyx_f_7{_PYFUSE3}_fuse_open",
+    "fuse_create": f"__pyx_f_7{_PYFUSE3}_fuse_create",
     "write_buf": f"__pyx_f_7{_PYFUSE3}_fuse_write_buf",
     "forget_multi": f"__pyx_f_7{_PYFUSE3}_fuse_forget_multi",
     "readdirplus": f"__pyx_f_7{_PYFUSE3}_fuse_readdirplus",
@@ -96,6 +111,19 @@ _LSEEK = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int64
 #: the type pyfuse3's own handler is called through (it needs the GIL kept).
 _INIT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)
 _PYFUSE3_INIT = ctypes.PYFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)
+#: ``void open(fuse_req_t, fuse_ino_t, struct fuse_file_info *)``, and pyfuse3's handler's.
+_OPEN = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p)
+_PYFUSE3_OPEN = ctypes.PYFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p)
+#: ``void create(fuse_req_t, fuse_ino_t parent, const char *name, mode_t, struct fuse_file_info *)``.
+_CREATE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_uint, ctypes.c_void_p)
+_PYFUSE3_CREATE = ctypes.PYFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_uint,
+                                    ctypes.c_void_p)
+
+
+def _open_flags(info: pyfuse3.FileInfo) -> int:
+    """``fuse_open_out.open_flags`` for ``info``, as libfuse's ``fill_open`` sets them."""
+    return ((FOPEN_DIRECT_IO if info.direct_io else 0) | (FOPEN_KEEP_CACHE if info.keep_cache else 0)
+            | (FOPEN_NONSEEKABLE if info.nonseekable else 0))
 
 
 class Caller(NamedTuple):
@@ -136,6 +164,15 @@ class ExtraOpsHandler(Protocol):
 
     async def lseek(self, fh: int, offset: int, whence: int, caller: Caller) -> int: ...
 
+    async def open(self, inode: int, flags: int, ctx: Caller) -> pyfuse3.FileInfo: ...
+
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: Caller) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]: ...
+
+    async def release(self, fh: int) -> None: ...
+
+    passthrough: KernelPassthrough | None
+
 
 def _libfuse() -> ctypes.CDLL:
     lib = ctypes.CDLL(ctypes.util.find_library("fuse3") or "libfuse3.so.3")
@@ -147,6 +184,10 @@ def _libfuse() -> ctypes.CDLL:
     lib.fuse_reply_lseek.restype = ctypes.c_int
     lib.fuse_req_ctx.argtypes = [ctypes.c_void_p]
     lib.fuse_req_ctx.restype = ctypes.POINTER(_FuseCtx)
+    lib.fuse_reply_none.argtypes = [ctypes.c_void_p]
+    lib.fuse_reply_none.restype = None
+    lib.fuse_session_fd.argtypes = [ctypes.c_void_p]
+    lib.fuse_session_fd.restype = ctypes.c_int
     return lib
 
 
@@ -173,8 +214,8 @@ def _pyfuse3_symbols() -> tuple[dict[str, int], int]:
     return address, found[_SYMBOLS["fuse_ops"]][1]
 
 
-def _session_op_table() -> int:
-    """Address of the op table inside pyfuse3's libfuse session.
+def _session_op_table() -> tuple[int, int, dict[str, int]]:
+    """Addresses of pyfuse3's libfuse session, of the op table inside it, and of pyfuse3's symbols (:data:`_SYMBOLS`).
 
     Raises:
         ExtraOpsUnavailable: no session yet (call after ``pyfuse3.init``), or the
@@ -192,7 +233,8 @@ def _session_op_table() -> int:
         return int.from_bytes(table[index * _POINTER:(index + 1) * _POINTER], "little")
 
     expected = {SLOT_INIT: address["fuse_init"], SLOT_WRITE_BUF: address["write_buf"], SLOT_FORGET_MULTI: address["forget_multi"],
-                SLOT_READDIRPLUS: address["readdirplus"], SLOT_FALLOCATE: 0, SLOT_COPY_FILE_RANGE: 0,
+                SLOT_OPEN: address["fuse_open"], SLOT_CREATE: address["fuse_create"], SLOT_READDIRPLUS: address["readdirplus"], SLOT_FALLOCATE: 0,
+                SLOT_COPY_FILE_RANGE: 0,
                 SLOT_LSEEK: 0}
     wrong = [index for index, value in expected.items() if slot(index) != value]
     if wrong:
@@ -201,7 +243,7 @@ def _session_op_table() -> int:
     offset = window.find(table)
     if offset < 0 or offset % _POINTER or offset > SESSION_SEARCH_BYTES:
         raise ExtraOpsUnavailable("the session holds no copy of pyfuse3's op table")
-    return session + offset
+    return session, session + offset, address
 
 
 #: The :class:`ExtraOps` whose callbacks are in the session (one session per process).
@@ -216,25 +258,34 @@ class ExtraOps:
         max_background: most asynchronous requests the kernel may keep in flight,
             answered in FUSE_INIT; 0 leaves pyfuse3's ``init`` slot alone (the
             kernel's default, 12).
+        kernel_passthrough: also serve ``open`` here, to answer it with kernel
+            passthrough where the handler allows (``_kernel_passthrough``); the
+            handler's ``passthrough`` is set on :meth:`install`.
     """
 
-    def __init__(self, handler: ExtraOpsHandler, max_background: int = 0) -> None:
+    def __init__(self, handler: ExtraOpsHandler, max_background: int = 0, kernel_passthrough: bool = False) -> None:
         self._handler = handler
         self._lib = _libfuse()
         self._nursery: trio.Nursery | None = None
         self._max_background = max_background
+        self._kernel_passthrough = kernel_passthrough
+        self._passthrough: KernelPassthrough | None = None
         self._pyfuse3_init: Any = None
+        self._pyfuse3_open: Any = None
+        self._pyfuse3_create: Any = None
+        #: None until the first open has checked libfuse's request layout.
+        self._serve_opens: bool | None = None
         # Kept here: the C pointers stay valid only while these objects live.
         self._callbacks: dict[int, Any] = {
             SLOT_FALLOCATE: _FALLOCATE(self._fallocate),
             SLOT_COPY_FILE_RANGE: _COPY_FILE_RANGE(self._copy_file_range),
             SLOT_LSEEK: _LSEEK(self._lseek),
         }
-        if max_background:
+        if max_background or kernel_passthrough:
             self._callbacks[SLOT_INIT] = _INIT(self._init)
 
     def install(self, nursery: trio.Nursery) -> None:
-        """Fill the fallocate, copy_file_range and lseek slots of the current session (and wrap ``init``).
+        """Fill the fallocate, copy_file_range and lseek slots of the current session (wrap ``init``, serve ``open``).
 
         Call on the trio thread after ``pyfuse3.init`` and before ``pyfuse3.main``;
         ``nursery`` must outlive the session loop (replies are sent from its tasks)
@@ -244,8 +295,19 @@ class ExtraOps:
             ExtraOpsUnavailable: the table was not found as expected; nothing was written.
         """
         global _installed
-        table = _session_op_table()
+        session, table, pyfuse3_address = _session_op_table()
         self._nursery = nursery
+        if self._kernel_passthrough:
+            try:
+                self._passthrough = KernelPassthrough(self._lib, session)
+            except PassthroughUnavailable as exc:
+                log.warning("kernel passthrough off: %s", exc)
+            else:
+                self._pyfuse3_open = _PYFUSE3_OPEN(pyfuse3_address["fuse_open"])
+                self._pyfuse3_create = _PYFUSE3_CREATE(pyfuse3_address["fuse_create"])
+                self._callbacks[SLOT_OPEN] = _OPEN(self._open)
+                self._callbacks[SLOT_CREATE] = _CREATE(self._create)
+                self._handler.passthrough = self._passthrough
         # libfuse keeps raw pointers to the callbacks: they (and so this object)
         # must live as long as the session, whatever the caller keeps.
         _installed = self
@@ -257,9 +319,59 @@ class ExtraOps:
 
     def _init(self, userdata: int, conn: int) -> None:
         self._pyfuse3_init(userdata, conn)
-        info = _ConnInfo.from_address(conn)
-        info.max_background = self._max_background
-        info.congestion_threshold = self._max_background * 3 // 4
+        if self._max_background:
+            info = _ConnInfo.from_address(conn)
+            info.max_background = self._max_background
+            info.congestion_threshold = self._max_background * 3 // 4
+        if self._passthrough is not None:
+            assert self._nursery is not None
+            try:
+                self._passthrough.divert_init_reply(self._nursery)
+            except Exception:  # the reply then goes out as libfuse built it
+                log.exception("kernel passthrough off: cannot divert the FUSE_INIT reply")
+
+    def _serves_opens(self, req: int) -> bool:
+        """Whether opens and creates are answered here (checked on the first one), else by pyfuse3."""
+        passthrough = self._passthrough
+        assert passthrough is not None
+        if self._serve_opens is None:
+            try:
+                passthrough.check_request(req)
+                self._serve_opens = True
+            except PassthroughUnavailable as exc:
+                log.warning("kernel passthrough off: %s", exc)
+                passthrough.enabled = False
+                self._serve_opens = False
+        return self._serve_opens
+
+    def _open(self, req: int, ino: int, fi: int) -> None:
+        if not self._serves_opens(req):
+            self._pyfuse3_open(req, ino, fi)
+            return
+        flags, caller, passthrough = ctypes.c_int.from_address(fi).value, self._caller(req), self._passthrough
+        assert passthrough is not None
+        self._start(req, lambda: self._handler.open(ino, flags, caller),
+                    lambda r, info: self._replied(info, passthrough.reply_open(r, info.fh, _open_flags(info))))
+
+    def _create(self, req: int, parent: int, name: int, mode: int, fi: int) -> None:
+        if not self._serves_opens(req):
+            self._pyfuse3_create(req, parent, name, mode, fi)
+            return
+        entry, flags, caller = ctypes.string_at(name), ctypes.c_int.from_address(fi).value, self._caller(req)
+        passthrough = self._passthrough
+        assert passthrough is not None
+
+        def reply(r: int, created: tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]) -> None:
+            info, attrs = created
+            self._replied(info, passthrough.reply_create(r, attrs, info.fh, _open_flags(info)))
+
+        self._start(req, lambda: self._handler.create(parent, entry, mode, flags, caller), reply)
+
+    def _replied(self, info: pyfuse3.FileInfo, error: int) -> None:
+        if error == errno.ENOENT:
+            # The open was interrupted: the kernel forgot it and will send no RELEASE.
+            assert self._nursery is not None
+            self._nursery.start_soon(self._handler.release, info.fh)
 
     def _caller(self, req: int) -> Caller:
         ctx = self._lib.fuse_req_ctx(req).contents

@@ -177,6 +177,9 @@ class Stack:
         # Layers acting on reads (or shortening writes) decide the page-cache mode of
         # files opened under them.
         self._direct_io_globs = [compile_glob(e.spec.path_glob) for e in active if needs_direct_io(e.spec)]
+        #: A layer acts on reads or writes (of some path): such data must come to the
+        #: worker (no copy offload, no kernel passthrough).
+        self.acts_on_data = "read" in self.chains or "write" in self.chains
 
     def relabel(self, revision: int) -> Stack:
         """The same compiled stack as ``revision`` (a new revision whose policy is this one).

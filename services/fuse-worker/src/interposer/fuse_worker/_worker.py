@@ -202,7 +202,8 @@ async def serve(config: WorkerConfig) -> None:
                 nursery.start_soon(_set_read_ahead_after_init, operations, os.path.abspath(mountpoint),
                                    config.read_ahead_kib)
             try:
-                ExtraOps(operations, config.max_background).install(nursery)
+                ExtraOps(operations, config.max_background,
+                         kernel_passthrough=config.kernel_passthrough).install(nursery)
             except ExtraOpsUnavailable as exc:
                 log.warning("fallocate, copy_file_range and lseek answered ENOSYS (kernel fallbacks), "
                             "max_background the kernel's: %s", exc)

@@ -161,6 +161,14 @@ class PassthroughBackend:
         except KeyError:
             raise pyfuse3.FUSEError(errno.EBADF) from None
 
+    def backing_fd(self, fh: int) -> int:
+        """The backing file's fd behind open handle ``fh`` (for kernel passthrough; the backend keeps it).
+
+        Raises:
+            pyfuse3.FUSEError: EBADF, ``fh`` is not open.
+        """
+        return self._file_fd(fh)
+
     # ---- entries -------------------------------------------------------------------
 
     async def lookup(self, parent_ino: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:

@@ -1,0 +1,177 @@
+"""Kernel FUSE passthrough on a real mount (``--kernel-passthrough``, ``_kernel_passthrough``).
+
+A file opened in passthrough mode is read and written by the kernel straight from
+the backing file: no READ or WRITE request reaches the worker. The tests tell the
+two apart by stopping the worker (SIGSTOP) and reading data the mount's page cache
+has never held: only the kernel can answer then. A read that needs the worker
+waits until it is continued, and the helper reports it as not served.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import mmap
+import os
+import signal
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+from interposer_testing import wait_until
+
+pytestmark = pytest.mark.fuse
+
+MIB = 1 << 20
+PASSTHROUGH = ["--kernel-passthrough"]
+T = TypeVar("T")
+
+
+def _with_worker_stopped(vol, call: Callable[[], T]) -> T | None:  # noqa: ANN001
+    """``call()`` while the worker is stopped; None if it did not complete within 5 s."""
+    result: list[T] = []
+    os.kill(vol.proc.pid, signal.SIGSTOP)
+    try:
+        caller = threading.Thread(target=lambda: result.append(call()), daemon=True)
+        caller.start()
+        caller.join(5)
+        return result[0] if result else None
+    finally:
+        os.kill(vol.proc.pid, signal.SIGCONT)
+
+
+def _read_with_worker_stopped(vol, fd: int, size: int, offset: int = 0) -> bytes | None:  # noqa: ANN001
+    """``pread(fd, size, offset)`` while the worker is stopped; None if it did not complete within 5 s."""
+    return _with_worker_stopped(vol, lambda: os.pread(fd, size, offset))
+
+
+def _backing_file(vol, name: str, size: int = MIB) -> bytes:  # noqa: ANN001
+    data = os.urandom(size)
+    (vol.backing / name).write_bytes(data)
+    return data
+
+
+def test_reads_and_writes_of_an_opened_file_are_served_by_the_kernel(mount_worker) -> None:
+    vol = mount_worker(extra=PASSTHROUGH)
+    data = _backing_file(vol, "data")
+    fd = os.open(vol.mountpoint / "data", os.O_RDWR)
+    try:
+        assert _read_with_worker_stopped(vol, fd, MIB) == data
+        os.pwrite(fd, b"written", MIB - 3)  # extends the file: the kernel updates its size itself
+        assert os.fstat(fd).st_size == MIB + 4
+        assert os.pread(fd, 7, MIB - 3) == b"written"
+    finally:
+        os.close(fd)
+    assert (vol.backing / "data").read_bytes() == data[:-3] + b"written"
+    assert os.stat(vol.mountpoint / "data").st_size == MIB + 4
+    assert vol.proc.poll() is None, vol.log()
+
+
+def test_without_the_option_the_same_read_waits_for_the_worker(mount_worker) -> None:
+    # The control for the test above: the helper does tell the two modes apart.
+    vol = mount_worker()
+    _backing_file(vol, "data")
+    fd = os.open(vol.mountpoint / "data", os.O_RDONLY)
+    try:
+        assert _read_with_worker_stopped(vol, fd, MIB) is None
+    finally:
+        os.close(fd)
+
+
+def test_a_layer_acting_on_reads_sees_them_until_it_expires(mount_worker) -> None:
+    policy = json.dumps({"layers": [{"type": "fault", "errno": "EIO", "ops": ["read"], "path_glob": "/data",
+                                     "expires_after_s": 2}]})
+    vol = mount_worker(policy=policy, extra=PASSTHROUGH)
+    data = _backing_file(vol, "data")
+    with open(vol.mountpoint / "data", "rb", buffering=0) as f, pytest.raises(OSError) as info:
+        f.read(4096)
+    assert info.value.errno == errno.EIO  # passthrough did not hide the injected fault
+    wait_until(lambda: "layers expired" in vol.log(), "the fault layer to expire")
+    fd = os.open(vol.mountpoint / "data", os.O_RDONLY)
+    try:
+        assert _read_with_worker_stopped(vol, fd, MIB) == data
+    finally:
+        os.close(fd)
+
+
+def test_a_created_file_is_passed_through(mount_worker) -> None:
+    vol = mount_worker(extra=PASSTHROUGH)
+    fd = os.open(vol.mountpoint / "created", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640)
+    try:
+        data = _backing_file(vol, "created")  # behind the kernel's back: its cached size is still 0
+        assert _read_with_worker_stopped(vol, fd, MIB) == data  # a cached read would see end of file
+        # Writes are the kernel's too, but each first asks the worker for
+        # security.capability (file_remove_privs on the FUSE inode): not testable stopped.
+        assert os.pwrite(fd, b"w" * 8, MIB) == 8
+    finally:
+        os.close(fd)
+    st = os.stat(vol.mountpoint / "created")
+    assert (st.st_size, st.st_mode & 0o777) == (MIB + 8, 0o640)
+    assert (vol.backing / "created").read_bytes() == data + b"w" * 8
+
+
+def test_an_inode_open_through_the_page_cache_is_not_passed_through_meanwhile(mount_worker) -> None:
+    # The kernel allows one I/O mode per inode: a passthrough open of a file that is
+    # open through the page cache would fail with EIO. A delay that keeps the page
+    # cache (an emulated device) makes the first open a cached one.
+    policy = json.dumps({"layers": [{"type": "delay", "delay_s": 0.0001, "ops": ["read"], "page_cache": "keep",
+                                     "expires_after_s": 1}]})
+    vol = mount_worker(policy=policy, extra=PASSTHROUGH)
+    cached = os.open(vol.mountpoint / "new", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.pwrite(cached, b"c" * MIB, 0)
+        wait_until(lambda: "layers expired" in vol.log(), "the delay layer to expire")
+        second = os.open(vol.mountpoint / "new", os.O_RDWR)
+        try:
+            os.pwrite(second, b"second", 0)
+            assert os.pread(cached, 6, 0) == b"second"
+            assert os.pread(second, 10, MIB - 10) == b"c" * 10
+        finally:
+            os.close(second)
+    finally:
+        os.close(cached)
+    (vol.backing / "new").write_bytes(b"n" * MIB)
+    fd = os.open(vol.mountpoint / "new", os.O_RDONLY)  # nothing else open: passthrough again
+    try:
+        assert _read_with_worker_stopped(vol, fd, 4096, MIB - 4096) == b"n" * 4096
+    finally:
+        os.close(fd)
+
+
+def test_every_open_of_an_inode_open_in_passthrough_is_passed_through(mount_worker) -> None:
+    vol = mount_worker(extra=PASSTHROUGH)
+    data = _backing_file(vol, "data")
+    first = os.open(vol.mountpoint / "data", os.O_RDONLY)
+    try:
+        for flags in (os.O_RDONLY, os.O_WRONLY, os.O_RDWR | os.O_APPEND):
+            fd = os.open(vol.mountpoint / "data", flags)  # would be EIO in any other mode
+            os.close(fd)
+        assert _read_with_worker_stopped(vol, first, MIB) == data
+    finally:
+        os.close(first)
+
+
+def test_shared_maps_of_a_passthrough_file_write_the_backing_file(mount_worker) -> None:
+    vol = mount_worker(extra=PASSTHROUGH)
+    data = bytearray(_backing_file(vol, "mapped", 64 * 1024))
+    with open(vol.mountpoint / "mapped", "r+b") as f:
+        with mmap.mmap(f.fileno(), 0) as mapping:
+            assert mapping[:4096] == data[:4096]
+            mapping[100:105] = b"hello"
+            mapping.flush()
+    data[100:105] = b"hello"
+    assert (vol.backing / "mapped").read_bytes() == bytes(data)
+    assert (vol.mountpoint / "mapped").read_bytes() == bytes(data)
+
+
+def test_the_option_needs_the_passthrough_backend(mount_worker, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "interposer.fuse_worker", "--backend", "memory",
+                             "--mountpoint", str(tmp_path), "--kernel-passthrough"], capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "kernel_passthrough needs the passthrough backend" in result.stderr
