@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -78,3 +80,20 @@ def read_errno(path: Path) -> int:
     except OSError as exc:
         return exc.errno
     return 0
+
+
+def call_with_process_stopped(pid: int, call, timeout_s: float = 5.0):  # noqa: ANN001, ANN201
+    """``call()`` in a thread while process ``pid`` is stopped (SIGSTOP); None if it did not return in time.
+
+    Tells a FUSE request the kernel answers by itself (kernel passthrough, the page
+    cache) from one that needs the worker: the latter waits until ``pid`` is continued.
+    """
+    result: list = []
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        caller = threading.Thread(target=lambda: result.append(call()), daemon=True)
+        caller.start()
+        caller.join(timeout_s)
+        return result[0] if result else None
+    finally:
+        os.kill(pid, signal.SIGCONT)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from interposer_testing import is_fuse_mount, require_fuse, wait_until
+from interposer_testing import call_with_process_stopped, is_fuse_mount, require_fuse, wait_until
 
 
 def _mount(args: list[str], log: Path) -> subprocess.Popen[bytes]:
@@ -59,3 +60,29 @@ def test_mount_rejects_a_bad_policy_file_before_mounting(tmp_path: Path) -> None
     assert result.returncode == 2 and "$.layers[0].probability" in result.stderr
     time.sleep(0.2)
     assert not is_fuse_mount(mnt)
+
+
+def test_mount_with_kernel_passthrough_leaves_reads_to_the_kernel(tmp_path: Path) -> None:
+    require_fuse()
+    backing, mnt = tmp_path / "backing", tmp_path / "mnt"
+    backing.mkdir()
+    mnt.mkdir()
+    (backing / "data").write_bytes(b"d" * 65536)
+    proc = _mount([str(backing), str(mnt), "--kernel-passthrough"], tmp_path / "mount.log")
+    try:
+        wait_until(lambda: is_fuse_mount(mnt) or proc.poll() is not None, "the mount")
+        fd = os.open(mnt / "data", os.O_RDONLY)
+        try:  # answered while the worker is stopped: the kernel read the backing file itself
+            assert call_with_process_stopped(proc.pid, lambda: os.pread(fd, 65536, 0)) == b"d" * 65536
+        finally:
+            os.close(fd)
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
+    assert proc.wait(10) == 0, (tmp_path / "mount.log").read_text()
+
+
+def test_mount_refuses_kernel_passthrough_without_a_backing_dir(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "interposer.cli", "mount", "--backend", "memory",
+                             "--kernel-passthrough", str(tmp_path)], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "kernel_passthrough needs the passthrough backend" in result.stderr
+    assert not is_fuse_mount(tmp_path)

@@ -13,39 +13,21 @@ import errno
 import json
 import mmap
 import os
-import signal
-import threading
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 
-from interposer_testing import wait_until
+from interposer_testing import call_with_process_stopped, wait_until
 
 pytestmark = pytest.mark.fuse
 
 MIB = 1 << 20
 PASSTHROUGH = ["--kernel-passthrough"]
-T = TypeVar("T")
-
-
-def _with_worker_stopped(vol, call: Callable[[], T]) -> T | None:  # noqa: ANN001
-    """``call()`` while the worker is stopped; None if it did not complete within 5 s."""
-    result: list[T] = []
-    os.kill(vol.proc.pid, signal.SIGSTOP)
-    try:
-        caller = threading.Thread(target=lambda: result.append(call()), daemon=True)
-        caller.start()
-        caller.join(5)
-        return result[0] if result else None
-    finally:
-        os.kill(vol.proc.pid, signal.SIGCONT)
 
 
 def _read_with_worker_stopped(vol, fd: int, size: int, offset: int = 0) -> bytes | None:  # noqa: ANN001
     """``pread(fd, size, offset)`` while the worker is stopped; None if it did not complete within 5 s."""
-    return _with_worker_stopped(vol, lambda: os.pread(fd, size, offset))
+    return call_with_process_stopped(vol.proc.pid, lambda: os.pread(fd, size, offset))
 
 
 def _backing_file(vol, name: str, size: int = MIB) -> bytes:  # noqa: ANN001

@@ -173,6 +173,10 @@ def up(state_dir: Path, nats_port: int, metrics_port: int, nats_tls_cert: str, n
               help="passthrough serves BACKING_DIR; memory and null take only MOUNTPOINT.")
 @click.option("--memory-size-bytes", default=1 << 30, show_default=True, type=click.IntRange(min=4096),
               help="Most bytes of file contents the memory backend holds.")
+@click.option("--kernel-passthrough", is_flag=True,
+              help="The kernel reads and writes files no layer acts on straight from BACKING_DIR "
+                   "(Linux >= 6.9, CAP_SYS_ADMIN): native speed, but those reads and writes make no "
+                   "events or metrics.")
 @click.option("--read-only", is_flag=True)
 def mount(paths: tuple[str, ...], **flags: object) -> None:
     """Serve BACKING_DIR (or, with --backend memory|null, nothing) at MOUNTPOINT until unmounted or SIGTERM."""
