@@ -28,6 +28,8 @@ DOCUMENTED_METRICS = {
     "interposer_worker_up",
     "interposer_fault_records_total",
     "interposer_open_files",
+    "interposer_kernel_passthrough_open_files",
+    "interposer_open_files_bypassing_layers",
     "interposer_quota_used_bytes",
     "interposer_quota_limit_bytes",
     "interposer_quota_used_inodes",

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import signal
 import subprocess
 import sys
 
 import msgspec
+import pytest
 
 from interposer.cli._policy_client import policy_status, set_and_wait, set_policy
 from interposer.proto import StatusReply, subjects
@@ -87,3 +89,29 @@ def test_status_of_a_volume_without_workers(nats_url, policy_service, fresh_volu
     status = _status(nats_url, fresh_volume)
     assert (status.desired_revision, status.workers, status.converged) == (reply.revision, [], False)
     assert status.desired_since_s > 0
+
+
+def test_set_wait_warns_of_open_files_kernel_passthrough_keeps_from_the_new_layers(
+        nats_url, policy_service, mount_worker, fresh_volume) -> None:
+    volume = fresh_volume
+    vol = mount_worker(volume, nats_url=nats_url, extra=["--kernel-passthrough"])
+    (vol.backing / "data").write_bytes(b"d" * 4096)
+    wait_until(lambda: len(_status(nats_url, volume).workers) == 1, "the worker's first heartbeat")
+    held = os.open(vol.mountpoint / "data", os.O_RDONLY)  # opened in passthrough: no layer in force
+    try:
+        fault = b'{"layers": [{"type": "fault", "errno": "EIO", "ops": ["read"]}]}'
+        done = _cli(nats_url, "set", volume, "-", "--wait", "--timeout", "20", stdin=fault)
+        assert done.returncode == 0, done.stderr
+        assert "1 open file(s) are served by kernel passthrough" in done.stderr.decode()
+        assert os.pread(held, 4096, 0) == b"d" * 4096  # what the warning says: the fault does not reach it
+    finally:
+        os.close(held)
+    reopened = os.open(vol.mountpoint / "data", os.O_RDONLY)  # not passed through while the fault is in force
+    try:
+        with pytest.raises(OSError) as info:
+            os.pread(reopened, 4096, 0)
+        assert info.value.errno == errno.EIO
+    finally:
+        os.close(reopened)
+    cleared = _cli(nats_url, "set", volume, "-", "--wait", "--timeout", "20", stdin=DELAY)
+    assert "kernel passthrough" not in cleared.stderr.decode()  # nothing open in passthrough now

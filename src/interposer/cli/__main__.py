@@ -292,6 +292,9 @@ def _change(nats_url: str, nats_creds: str, volume: str, subject: str, body: byt
         sys.exit(EXIT_WAIT_TIMEOUT)
     click.echo(f"revision {result.reply.revision} applied by {len(result.applied)} worker(s) "
                f"in {result.waited_s * 1000:.0f} ms", err=True)
+    for worker, files in sorted(result.bypassing.items()):
+        click.echo(f"warning: worker {worker}: {files} open file(s) are served by kernel passthrough; their reads "
+                   "and writes bypass this policy's layers until they are closed and reopened", err=True)
 
 
 @policy.command("set")

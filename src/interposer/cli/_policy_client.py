@@ -172,12 +172,16 @@ class WaitResult(msgspec.Struct, kw_only=True):
         laggards: worker id → last revision it reported, for those that did not
             apply it in time (``-1`` = never heard from since the wait began).
         waited_s: time from the ``set`` reply to the end of the wait, seconds.
+        bypassing: worker id → open files whose reads or writes the new policy's
+            layers do not see until they are reopened (kernel passthrough), for the
+            workers whose latest heartbeat reported any.
     """
 
     reply: PolicyReply
     applied: dict[str, int] = {}
     laggards: dict[str, int] = {}
     waited_s: float = 0.0
+    bypassing: dict[str, int] = {}
 
     @property
     def complete(self) -> bool:
@@ -214,6 +218,7 @@ async def set_and_wait(nats_url: str, volume: str, subject: str, body: bytes, *,
     nc = await _connect(nats_url, request_timeout_s, creds_file)
     try:
         seen: dict[str, int] = {}
+        bypassing: dict[str, int] = {}
         changed = asyncio.Event()
         decoder = msgspec.msgpack.Decoder(WorkerStatus)
 
@@ -223,6 +228,7 @@ async def set_and_wait(nats_url: str, volume: str, subject: str, body: bytes, *,
             except (msgspec.ValidationError, msgspec.DecodeError):
                 return
             seen[status.worker_id] = max(status.policy_revision, seen.get(status.worker_id, 0))
+            bypassing[status.worker_id] = status.files_bypassing_layers
             changed.set()
 
         sub = await nc.subscribe(subjects.status(volume), cb=on_status)
@@ -256,6 +262,7 @@ async def set_and_wait(nats_url: str, volume: str, subject: str, body: bytes, *,
         laggards = {w: seen.get(w, -1) for w in everyone if w not in applied}
         if len(applied) < min_workers and not laggards:
             laggards = {f"(no worker; {min_workers} expected)": -1}
-        return WaitResult(reply=reply, applied=applied, laggards=laggards, waited_s=time.monotonic() - start)
+        return WaitResult(reply=reply, applied=applied, laggards=laggards, waited_s=time.monotonic() - start,
+                          bypassing={w: n for w in applied if (n := bypassing.get(w, 0))})
     finally:
         await nc.close()

@@ -118,6 +118,12 @@ class WorkerStatus(msgspec.Struct):
             selector policies with ``labels`` match.
         node: the node the worker runs on (the csi-node's node id), ``""`` if
             unknown (selectors match it).
+        kernel_passthrough_files: open file handles the kernel serves by
+            passthrough now (``--kernel-passthrough``): their reads and writes reach
+            no layer and make no op events.
+        files_bypassing_layers: of those, the ones whose reads or writes the policy
+            in force would act on (they were opened before it arrived; the kernel
+            cannot take passthrough back): its layers see them once reopened.
     """
 
     volume: str
@@ -143,6 +149,8 @@ class WorkerStatus(msgspec.Struct):
     service_account: str = ""
     labels: dict[str, str] = {}
     node: str = ""
+    kernel_passthrough_files: int = 0
+    files_bypassing_layers: int = 0
 
 
 class FaultRecord(msgspec.Struct, kw_only=True):

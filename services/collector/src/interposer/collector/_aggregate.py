@@ -100,6 +100,10 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
             on the collector's clock, from when the heartbeat arrived), else 0.
         open_files: ``(volume, namespace, pod)`` → open file handles (newest
             heartbeat of an up worker).
+        kernel_passthrough_files: the same key → of those, the handles the kernel
+            serves by passthrough (their reads and writes make no events).
+        files_bypassing_layers: the same key → passthrough handles whose reads or
+            writes the policy in force would act on (opened before it arrived).
         quota_used_bytes: ``(volume, namespace, pod)`` → bytes in use, for up workers
             with a quota in force.
         quota_limit_bytes: the same key → byte limit, for quotas that have one.
@@ -132,6 +136,8 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
     fault_records: dict[tuple[str, str, str, str, str, str], int]
     worker_up: dict[Labels3, int]
     open_files: dict[Labels3, int]
+    kernel_passthrough_files: dict[Labels3, int]
+    files_bypassing_layers: dict[Labels3, int]
     quota_used_bytes: dict[Labels3, int]
     quota_limit_bytes: dict[Labels3, int]
     quota_used_inodes: dict[Labels3, int]
@@ -414,6 +420,8 @@ class Aggregator:
                 fault_records=fault_records,
                 worker_up=worker_up,
                 open_files={key3: status.open_files for key3, status in newest.items()},
+                kernel_passthrough_files={key3: status.kernel_passthrough_files for key3, status in newest.items()},
+                files_bypassing_layers={key3: status.files_bypassing_layers for key3, status in newest.items()},
                 quota_used_bytes=_present(newest, "quota_bytes_used"),
                 quota_limit_bytes=_present(newest, "quota_bytes_limit"),
                 quota_used_inodes=_present(newest, "quota_inodes_used"),

@@ -49,6 +49,12 @@ METRICS: tuple[tuple[str, str, list[str], str], ...] = (
      "1 while the worker sent a heartbeat within the last 3 of its heartbeat intervals, else 0."),
     ("interposer_open_files", "gauge", list(_VNP),
      "Open file handles of the volume (file sessions between open/create and release)."),
+    ("interposer_kernel_passthrough_open_files", "gauge", list(_VNP),
+     "Open file handles the kernel serves by passthrough (worker --kernel-passthrough): their reads "
+     "and writes reach no layer and are in no other metric."),
+    ("interposer_open_files_bypassing_layers", "gauge", list(_VNP),
+     "Passthrough file handles opened before the policy in force, whose reads or writes its layers "
+     "would act on: those layers see them once the files are reopened."),
     ("interposer_quota_used_bytes", "gauge", list(_VNP),
      "Bytes (apparent file sizes) the volume's quota counts in use; absent without a quota."),
     ("interposer_quota_limit_bytes", "gauge", list(_VNP),
@@ -130,6 +136,8 @@ def families(snapshot: Snapshot) -> Iterator[Metric]:
     yield _counter("interposer_fault_records", snapshot.fault_records.items())
     yield _gauge("interposer_worker_up", snapshot.worker_up.items())
     yield _gauge("interposer_open_files", snapshot.open_files.items())
+    yield _gauge("interposer_kernel_passthrough_open_files", snapshot.kernel_passthrough_files.items())
+    yield _gauge("interposer_open_files_bypassing_layers", snapshot.files_bypassing_layers.items())
     yield _gauge("interposer_quota_used_bytes", snapshot.quota_used_bytes.items())
     yield _gauge("interposer_quota_limit_bytes", snapshot.quota_limit_bytes.items())
     yield _gauge("interposer_quota_used_inodes", snapshot.quota_used_inodes.items())

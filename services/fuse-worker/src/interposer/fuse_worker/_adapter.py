@@ -144,9 +144,19 @@ class InterposerOperations(pyfuse3.Operations):
         log.info("applied policy revision %d (%d layers)", revision, len(policy.layers))
         return True
 
+    @property
+    def kernel_passthrough_files(self) -> int:
+        """Open file handles the kernel serves by passthrough now (read from the bus thread too)."""
+        return self.passthrough.passthrough_handles if self.passthrough is not None else 0
+
+    @property
+    def files_bypassing_layers(self) -> int:
+        """Passthrough handles whose reads or writes the policy in force would act on (opened before it)."""
+        return self.kernel_passthrough_files if self.stack.acts_on_data else 0
+
     def _warn_if_passed_through(self, stack: Stack) -> None:
         # A passthrough open cannot be taken back: the layers see its data only once it is reopened.
-        handles = self.passthrough.passthrough_handles if self.passthrough is not None else 0
+        handles = self.kernel_passthrough_files
         if stack.acts_on_data and handles:
             log.warning("policy revision %d acts on reads or writes, but %d open files are served by kernel "
                         "passthrough: their data bypasses the layers until they are reopened", stack.revision,

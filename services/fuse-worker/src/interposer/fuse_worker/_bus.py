@@ -56,6 +56,9 @@ class Bus:
         apply_off_trio: called on the bus thread as ``apply_off_trio(policy,
             revision)``: puts the policy in force there and returns True when that
             is safe, else returns False and ``apply_policy`` runs on the trio thread.
+        passthrough_files: returns ``(kernel_passthrough_files,
+            files_bypassing_layers)`` for heartbeats (``WorkerStatus``); called on the
+            bus thread.
     """
 
     def __init__(
@@ -63,11 +66,13 @@ class Bus:
         current_revision: Callable[[], int], trio_token: trio.lowlevel.TrioToken,
         quota_usage: Callable[[], QuotaUsage | None] = lambda: None,
         apply_off_trio: Callable[[Policy, int], bool] = lambda policy, revision: False,
+        passthrough_files: Callable[[], tuple[int, int]] = lambda: (0, 0),
     ) -> None:
         self.config = config
         self.telemetry = telemetry
         self.worker_id = telemetry.worker_id
         self._quota_usage = quota_usage
+        self._passthrough_files = passthrough_files
         self._apply_policy = apply_policy
         self._apply_off_trio = apply_off_trio
         self._current_revision = current_revision
@@ -369,6 +374,7 @@ class Bus:
     def _status(self) -> bytes:
         t = self.telemetry
         quota = self._quota_usage()
+        passthrough_files, bypassing = self._passthrough_files()
         return self._encoder.encode(WorkerStatus(
             volume=self.config.volume_id, worker_id=self.worker_id, policy_revision=self._current_revision(),
             ops_total=t.ops_total, events_total=t.events_total, events_dropped_total=t.events_dropped_total,
@@ -381,7 +387,8 @@ class Bus:
             quota_inodes_used=quota.inodes_used if quota else None,
             quota_inodes_limit=quota.inodes_limit if quota else None, labels=self.config.pod_labels,
             pod_uid=self.config.pod_uid, service_account=self.config.service_account,
-            node=self.config.node_name,
+            node=self.config.node_name, kernel_passthrough_files=passthrough_files,
+            files_bypassing_layers=bypassing,
         ))
 
     async def _status_loop(self, nc: nats.NATS) -> None:

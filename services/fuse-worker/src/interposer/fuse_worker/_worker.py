@@ -172,7 +172,8 @@ async def serve(config: WorkerConfig) -> None:
     if config.nats_url:
         bus = Bus(config, telemetry, operations.apply, lambda: operations.revision, trio.lowlevel.current_trio_token(),
                   quota_usage=lambda: quota_usage(operations.stack.layers),
-                  apply_off_trio=operations.apply_off_trio)
+                  apply_off_trio=operations.apply_off_trio,
+                  passthrough_files=lambda: (operations.kernel_passthrough_files, operations.files_bypassing_layers))
         bus.start()
         await _wait_for_stored_policy(bus, config)
     try:
