@@ -99,6 +99,9 @@ def test_set_wait_warns_of_open_files_kernel_passthrough_keeps_from_the_new_laye
     wait_until(lambda: len(_status(nats_url, volume).workers) == 1, "the worker's first heartbeat")
     held = os.open(vol.mountpoint / "data", os.O_RDONLY)  # opened in passthrough: no layer in force
     try:
+        elsewhere = b'{"layers": [{"type": "fault", "errno": "EIO", "ops": ["read"], "path_glob": "/other/*"}]}'
+        done = _cli(nats_url, "set", volume, "-", "--wait", "--timeout", "20", stdin=elsewhere)
+        assert done.returncode == 0 and "kernel passthrough" not in done.stderr.decode(), done.stderr
         fault = b'{"layers": [{"type": "fault", "errno": "EIO", "ops": ["read"]}]}'
         done = _cli(nats_url, "set", volume, "-", "--wait", "--timeout", "20", stdin=fault)
         assert done.returncode == 0, done.stderr

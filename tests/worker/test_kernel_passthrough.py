@@ -79,6 +79,22 @@ def test_a_layer_acting_on_reads_sees_them_until_it_expires(mount_worker) -> Non
         os.close(fd)
 
 
+def test_a_layer_on_some_paths_keeps_only_those_from_passthrough(mount_worker) -> None:
+    policy = json.dumps({"layers": [{"type": "fault", "errno": "EIO", "ops": ["read"], "path_glob": "/faulty/*"}]})
+    vol = mount_worker(policy=policy, extra=PASSTHROUGH)
+    (vol.backing / "faulty").mkdir()
+    (vol.backing / "faulty" / "x").write_bytes(b"x" * 4096)
+    data = _backing_file(vol, "fast")
+    with open(vol.mountpoint / "faulty" / "x", "rb", buffering=0) as f, pytest.raises(OSError) as info:
+        f.read(4096)
+    assert info.value.errno == errno.EIO
+    fd = os.open(vol.mountpoint / "fast", os.O_RDONLY)
+    try:
+        assert _read_with_worker_stopped(vol, fd, MIB) == data
+    finally:
+        os.close(fd)
+
+
 def test_a_created_file_is_passed_through(mount_worker) -> None:
     vol = mount_worker(extra=PASSTHROUGH)
     fd = os.open(vol.mountpoint / "created", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640)

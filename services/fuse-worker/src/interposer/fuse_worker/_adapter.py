@@ -152,12 +152,12 @@ class InterposerOperations(pyfuse3.Operations):
     @property
     def files_bypassing_layers(self) -> int:
         """Passthrough handles whose reads or writes the policy in force would act on (opened before it)."""
-        return self.kernel_passthrough_files if self.stack.acts_on_data else 0
+        return self.passthrough.bypassing(self.stack.acts_on_data_at) if self.passthrough is not None else 0
 
     def _warn_if_passed_through(self, stack: Stack) -> None:
         # A passthrough open cannot be taken back: the layers see its data only once it is reopened.
-        handles = self.kernel_passthrough_files
-        if stack.acts_on_data and handles:
+        handles = self.passthrough.bypassing(stack.acts_on_data_at) if self.passthrough is not None else 0
+        if handles:
             log.warning("policy revision %d acts on reads or writes, but %d open files are served by kernel "
                         "passthrough: their data bypasses the layers until they are reopened", stack.revision,
                         handles)
@@ -294,7 +294,7 @@ class InterposerOperations(pyfuse3.Operations):
     async def open(self, inode, flags, ctx):
         op = self._op("open", inode, ctx, session=self.telemetry.new_session())
         info = await self._serve(op, lambda: self.backend.open(inode, flags, ctx))
-        self._opened(info, inode, flags, op, ctx, await self._passthrough_fd(inode, info.fh, flags, ctx))
+        self._opened(info, inode, flags, op, ctx)
         if info.fh in self._setid_writers and (await self.backend.getattr(inode, ctx)).st_mode & _SETID:
             self._setid_inodes.add(inode)
         return info
@@ -303,36 +303,33 @@ class InterposerOperations(pyfuse3.Operations):
         op = self._entry_op("create", parent_inode, name, ctx)
         op.session = self.telemetry.new_session()
         info, attrs = await self._serve(op, lambda: self.backend.create(parent_inode, name, mode, flags, ctx))
-        self._opened(info, attrs.st_ino, flags, op, ctx,
-                     await self._passthrough_fd(attrs.st_ino, info.fh, flags, ctx))
+        self._opened(info, attrs.st_ino, flags, op, ctx)
         if info.fh in self._setid_writers and mode & _SETID:
             self._setid_inodes.add(attrs.st_ino)
         return info, attrs
 
-    def _opened(self, info: pyfuse3.FileInfo, ino: int, flags: int, op: Op, ctx: pyfuse3.RequestContext | Caller,
-                backing_fd: int | None = None) -> None:
-        """Choose the caching of file ``ino`` just opened, and note what its writes must do.
-
-        ``backing_fd``: the file may be served by kernel passthrough from this fd
-        (:meth:`_passthrough_fd`).
-        """
+    def _opened(self, info: pyfuse3.FileInfo, ino: int, flags: int, op: Op,
+                ctx: pyfuse3.RequestContext | Caller) -> None:
+        """Choose the caching (or kernel passthrough) of file ``ino`` just opened, and note what its writes must do."""
         direct_io = self._direct_io(flags, op.path)
         if self.passthrough is not None:
-            direct_io = self.passthrough.opened(info.fh, ino, direct_io, backing_fd) is IoMode.DIRECT
+            mode = self.passthrough.opened(info.fh, ino, op.path, direct_io, self._passthrough_fd(info.fh, op.path))
+            direct_io = mode is IoMode.DIRECT
         info.direct_io = direct_io
         if info.direct_io and ctx.uid != 0 and (flags & os.O_ACCMODE) != os.O_RDONLY:
             self._setid_writers[info.fh] = ctx
         self.telemetry.bind_session(info.fh, op.session)
 
-    async def _passthrough_fd(self, ino: int, fh: int, flags: int, ctx: pyfuse3.RequestContext | Caller) -> int | None:
-        """The backing fd of a file just opened, if the kernel may serve its reads and writes itself.
+    def _passthrough_fd(self, fh: int, path: str) -> int | None:
+        """The backing fd of file ``fh`` just opened at ``path``, if the kernel may serve its reads and writes itself.
 
         Only while kernel passthrough is on (``--kernel-passthrough``), no layer acts
-        on reads or writes (they would never see them), and the backend has a
+        on reads or writes of ``path`` (it would never see them), and the backend has a
         backing file. Set-ID bits need nothing here: before a passthrough write the
         kernel clears them on the FUSE inode itself, as the writer (a SETATTR).
         """
-        if self.passthrough is None or not self.passthrough.enabled or self.stack.acts_on_data:
+        assert self.passthrough is not None
+        if not self.passthrough.enabled or self.stack.acts_on_data_at(path):
             return None
         backing_fd = getattr(self.backend, "backing_fd", None)
         if backing_fd is None:

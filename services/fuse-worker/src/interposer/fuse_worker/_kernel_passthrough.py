@@ -49,6 +49,7 @@ import logging
 import math
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -129,7 +130,8 @@ class KernelPassthrough:
         #: registration has been refused; opens pass through only then.
         self.enabled = False
         self._inodes: dict[int, _InodeIo] = {}
-        self._handles: dict[int, tuple[int, IoMode]] = {}
+        #: fh → (inode, I/O mode, path it was opened at).
+        self._handles: dict[int, tuple[int, IoMode, str]] = {}
         #: Open handles in passthrough mode (an int: read from the bus thread too).
         self.passthrough_handles = 0
 
@@ -180,12 +182,13 @@ class KernelPassthrough:
 
     # ---- opens ---------------------------------------------------------------------
 
-    def opened(self, fh: int, ino: int, direct_io: bool, backing_fd: int | None) -> IoMode:
+    def opened(self, fh: int, ino: int, path: str, direct_io: bool, backing_fd: int | None) -> IoMode:
         """Choose the I/O mode of a file just opened, and count it against its inode.
 
         Args:
             fh: the new file handle.
             ino: its FUSE inode.
+            path: the path it was opened at (for :meth:`bypassing`).
             direct_io: whether the open would bypass the page cache without passthrough.
             backing_fd: an fd of the backing file opened for I/O, if this open may
                 pass through (no layer acts on its reads or writes); None otherwise.
@@ -209,7 +212,7 @@ class KernelPassthrough:
             self.passthrough_handles += 1
         elif mode is IoMode.CACHED:
             io.cached += 1
-        self._handles[fh] = (ino, mode)
+        self._handles[fh] = (ino, mode, path)
         log.debug("fh %d of inode %d opened %s (backing_id %d)", fh, ino, mode.value, io.backing_id)
         return mode
 
@@ -232,7 +235,7 @@ class KernelPassthrough:
         entry = self._handles.pop(fh, None)
         if entry is None:
             return
-        ino, mode = entry
+        ino, mode, _ = entry
         io = self._inodes[ino]
         if mode is IoMode.CACHED:
             io.cached -= 1
@@ -244,6 +247,16 @@ class KernelPassthrough:
                 io.backing_id = 0
         if not io.cached and not io.passthrough:
             del self._inodes[ino]
+
+    def bypassing(self, acts_on_data_at: Callable[[str], bool]) -> int:
+        """Handles in passthrough mode opened at a path for which ``acts_on_data_at(path)`` is True.
+
+        Those are files whose reads and writes a layer in force would act on but
+        cannot see until they are reopened. Safe to call from another thread
+        (the handle table is copied in one step under the GIL).
+        """
+        return sum(1 for _, mode, path in list(self._handles.values())
+                   if mode is IoMode.PASSTHROUGH and acts_on_data_at(path))
 
     def check_request(self, req: int) -> None:
         """Check that ``req`` has the ``struct fuse_req`` layout :meth:`reply_open` relies on.

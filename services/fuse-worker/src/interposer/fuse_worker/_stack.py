@@ -42,6 +42,9 @@ DATA_OPS: frozenset[str] = frozenset(typing.get_args(DataOpName))
 LayerRuntime = Fault | Delay | Throttle | Quota | Metadata
 
 
+_READ_WRITE = frozenset({"read", "write"})
+
+
 def ops_of(spec: Layer) -> frozenset[str]:
     """The FUSE ops a (non-profile) layer acts on."""
     if isinstance(spec, ThrottleLayer):
@@ -178,8 +181,9 @@ class Stack:
         # files opened under them.
         self._direct_io_globs = [compile_glob(e.spec.path_glob) for e in active if needs_direct_io(e.spec)]
         #: A layer acts on reads or writes (of some path): such data must come to the
-        #: worker (no copy offload, no kernel passthrough).
+        #: worker (no copy offload; kernel passthrough per path, :meth:`acts_on_data_at`).
         self.acts_on_data = "read" in self.chains or "write" in self.chains
+        self._data_globs = [compile_glob(e.spec.path_glob) for e in active if ops_of(e.spec) & _READ_WRITE]
 
     def relabel(self, revision: int) -> Stack:
         """The same compiled stack as ``revision`` (a new revision whose policy is this one).
@@ -197,6 +201,15 @@ class Stack:
         """
         return Stack(self.policy, self.revision, quota=self.quota, applied_at_s=self.applied_at_s,
                      now_s=now_s, _entries=self._entries)
+
+    def acts_on_data_at(self, path: str) -> bool:
+        """True if a layer that can act acts on reads or writes of ``path``.
+
+        Such a file must not be served by kernel passthrough: that layer would
+        never see its data. Decided on the path a file is opened at, like
+        :meth:`needs_direct_io`.
+        """
+        return any(match is None or match(path) for match in self._data_globs)
 
     def needs_direct_io(self, path: str) -> bool:
         """True if files opened at ``path`` must bypass the page cache (FOPEN_DIRECT_IO).
