@@ -13,6 +13,8 @@ import errno
 import json
 import mmap
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -165,10 +167,32 @@ def test_shared_maps_of_a_passthrough_file_write_the_backing_file(mount_worker) 
     assert (vol.mountpoint / "mapped").read_bytes() == bytes(data)
 
 
-def test_the_option_needs_the_passthrough_backend(mount_worker, tmp_path: Path) -> None:
-    import subprocess
-    import sys
+def test_backing_files_on_a_stacked_fs_are_left_to_the_worker(mount_worker, tmp_path: Path) -> None:
+    # overlayfs has stack depth 1 and the worker asks for max_stack_depth 1, so the
+    # kernel refuses its files as backing files (ELOOP): the worker serves them, and says why once.
+    dirs = {name: tmp_path / name for name in ("lower", "upper", "work", "merged")}
+    for directory in dirs.values():
+        directory.mkdir()
+    (dirs["lower"] / "first").write_bytes(b"f" * 4096)
+    (dirs["lower"] / "second").write_bytes(b"s" * 4096)
+    options = f"lowerdir={dirs['lower']},upperdir={dirs['upper']},workdir={dirs['work']}"
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", options, str(dirs["merged"])], check=True)
+    try:
+        vol = mount_worker(backing=dirs["merged"], extra=PASSTHROUGH)
+        assert (vol.mountpoint / "first").read_bytes() == b"f" * 4096
+        fd = os.open(vol.mountpoint / "second", os.O_RDONLY)
+        try:
+            assert _read_with_worker_stopped(vol, fd, 4096) is None  # a read the worker must serve
+            assert os.pread(fd, 4096, 0) == b"s" * 4096
+        finally:
+            os.close(fd)
+        assert vol.log().count("refuses with ELOOP") == 1, vol.log()
+        vol.unmount()
+    finally:
+        subprocess.run(["umount", str(dirs["merged"])], check=True)
 
+
+def test_the_option_needs_the_passthrough_backend(mount_worker, tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "interposer.fuse_worker", "--backend", "memory",
                              "--mountpoint", str(tmp_path), "--kernel-passthrough"], capture_output=True, text=True)
     assert result.returncode != 0

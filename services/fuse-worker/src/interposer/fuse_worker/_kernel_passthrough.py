@@ -132,6 +132,8 @@ class KernelPassthrough:
         self._inodes: dict[int, _InodeIo] = {}
         #: fh → (inode, I/O mode, path it was opened at).
         self._handles: dict[int, tuple[int, IoMode, str]] = {}
+        #: errnos of backing files the kernel refused (one warning each).
+        self._refused: set[int] = set()
         #: Open handles in passthrough mode (an int: read from the bus thread too).
         self.passthrough_handles = 0
 
@@ -226,8 +228,12 @@ class KernelPassthrough:
                 self.enabled = False  # the same for every file: stop asking
                 log.warning("kernel passthrough off: the kernel refused a backing file (%s%s)", exc.strerror,
                             "; it needs CAP_SYS_ADMIN" if exc.errno == errno.EPERM else "")
-            else:  # this file only (e.g. ELOOP: a backing fs that is itself stacked)
-                log.info("kernel passthrough not used for one file: %s", exc.strerror)
+            elif exc.errno not in self._refused:  # these files only; said once per reason
+                self._refused.add(exc.errno)
+                log.warning("kernel passthrough not used for files the kernel refuses with %s%s; others are "
+                            "still passed through", errno.errorcode.get(exc.errno or 0, exc.errno),
+                            " (a backing fs that is itself stacked, e.g. overlayfs: the worker asks for "
+                            f"max_stack_depth {MAX_STACK_DEPTH})" if exc.errno == errno.ELOOP else "")
             return 0
 
     def released(self, fh: int) -> None:
