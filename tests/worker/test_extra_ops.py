@@ -97,8 +97,13 @@ def test_copy_file_range_is_served_in_the_backend_and_layers_naming_it_act_on_it
 @pytest.mark.fuse
 def test_copy_file_range_goes_through_read_and_write_layers_while_one_is_active(mount_worker) -> None:
     # A layer acting on writes must see a copy's bytes: the worker declines the copy
-    # and the kernel copies through write requests, which the fault fails.
-    policy = '{"layers": [{"type": "fault", "errno": "ENOSPC", "ops": ["write"], "path_glob": "/full"}]}'
+    # and the kernel copies through write requests, which the fault fails. Copies
+    # the layer does not match are still served by the worker (the second layer can
+    # only fail a copy_file_range the worker serves).
+    policy = json.dumps({"layers": [
+        {"type": "fault", "errno": "ENOSPC", "ops": ["write"], "path_glob": "/full"},
+        {"type": "fault", "errno": "EIO", "ops": ["copy_file_range"], "path_glob": "/served"},
+    ]})
     vol = mount_worker(policy=policy)
     m = vol.mountpoint
     data = os.urandom(MIB)
@@ -106,6 +111,7 @@ def test_copy_file_range_goes_through_read_and_write_layers_while_one_is_active(
     assert _errno_of(_copy, m / "src", m / "full", MIB) == errno.ENOSPC
     assert _copy(m / "src", m / "ok", MIB) == MIB
     assert (vol.backing / "ok").read_bytes() == data
+    assert _errno_of(_copy, m / "src", m / "served", MIB) == errno.EIO
 
 
 @pytest.mark.fuse

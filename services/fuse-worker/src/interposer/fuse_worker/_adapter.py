@@ -429,11 +429,11 @@ class InterposerOperations(pyfuse3.Operations):
         """Copy up to ``length`` bytes from ``fh_in`` at ``off_in`` to ``fh_out`` at ``off_out`` in the backend.
 
         The op is the destination's (path, offset, size). While a layer acts on reads
-        or writes, the copy is declined with EOPNOTSUPP, which makes the kernel copy
-        through read and write requests (``vfs_copy_file_range``'s splice fallback),
-        so those layers see, delay, throttle, fail and count every byte as they would
-        without copy offload. A declined copy is not recorded: the application never
-        sees it.
+        of the source's path or writes of the destination's, the copy is declined with
+        EOPNOTSUPP, which makes the kernel copy through read and write requests
+        (``vfs_copy_file_range``'s splice fallback), so that layer sees, delays,
+        throttles, fails and counts every byte as it would without copy offload. A
+        declined copy is not recorded: the application never sees it.
 
         Returns:
             bytes copied (0 at the source's end of file).
@@ -441,10 +441,12 @@ class InterposerOperations(pyfuse3.Operations):
         Raises:
             pyfuse3.FUSEError: EOPNOTSUPP (declined), the backend's errno, or a layer's.
         """
-        if self.stack.acts_on_data:
-            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
         op = self._op("copy_file_range", self.backend.ino_of_fh(fh_out), caller, offset=off_out, size=length,
                       mode=flags, session=self.telemetry.session_of(fh_out))
+        stack = self.stack
+        if stack.acts_on_data and (stack.acts_on_data_at(op.path)
+                                   or stack.acts_on_data_at(self.backend.path_of(self.backend.ino_of_fh(fh_in)))):
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
         return await self._serve(
             op, lambda: self.backend.copy_file_range(fh_in, off_in, fh_out, off_out, length, flags))
 
