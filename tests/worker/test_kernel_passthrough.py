@@ -32,6 +32,15 @@ def _read_with_worker_stopped(vol, fd: int, size: int, offset: int = 0) -> bytes
     return call_with_process_stopped(vol.proc.pid, lambda: os.pread(fd, size, offset))
 
 
+def _open_and_read_with_worker_stopped(vol, name: str, size: int = MIB, offset: int = 0) -> bytes | None:  # noqa: ANN001
+    """Open ``name`` in the mount read-only, then read as :func:`_read_with_worker_stopped`."""
+    fd = os.open(vol.mountpoint / name, os.O_RDONLY)
+    try:
+        return _read_with_worker_stopped(vol, fd, size, offset)
+    finally:
+        os.close(fd)
+
+
 def _backing_file(vol, name: str, size: int = MIB) -> bytes:  # noqa: ANN001
     data = os.urandom(size)
     (vol.backing / name).write_bytes(data)
@@ -58,11 +67,7 @@ def test_without_the_option_the_same_read_waits_for_the_worker(mount_worker) -> 
     # The control for the test above: the helper does tell the two modes apart.
     vol = mount_worker()
     _backing_file(vol, "data")
-    fd = os.open(vol.mountpoint / "data", os.O_RDONLY)
-    try:
-        assert _read_with_worker_stopped(vol, fd, MIB) is None
-    finally:
-        os.close(fd)
+    assert _open_and_read_with_worker_stopped(vol, "data") is None
 
 
 def test_a_layer_acting_on_reads_sees_them_until_it_expires(mount_worker) -> None:
@@ -74,11 +79,7 @@ def test_a_layer_acting_on_reads_sees_them_until_it_expires(mount_worker) -> Non
         f.read(4096)
     assert info.value.errno == errno.EIO  # passthrough did not hide the injected fault
     wait_until(lambda: "layers expired" in vol.log(), "the fault layer to expire")
-    fd = os.open(vol.mountpoint / "data", os.O_RDONLY)
-    try:
-        assert _read_with_worker_stopped(vol, fd, MIB) == data
-    finally:
-        os.close(fd)
+    assert _open_and_read_with_worker_stopped(vol, "data") == data
 
 
 def test_a_layer_on_some_paths_keeps_only_those_from_passthrough(mount_worker) -> None:
@@ -90,11 +91,7 @@ def test_a_layer_on_some_paths_keeps_only_those_from_passthrough(mount_worker) -
     with open(vol.mountpoint / "faulty" / "x", "rb", buffering=0) as f, pytest.raises(OSError) as info:
         f.read(4096)
     assert info.value.errno == errno.EIO
-    fd = os.open(vol.mountpoint / "fast", os.O_RDONLY)
-    try:
-        assert _read_with_worker_stopped(vol, fd, MIB) == data
-    finally:
-        os.close(fd)
+    assert _open_and_read_with_worker_stopped(vol, "fast") == data
 
 
 def test_a_created_file_is_passed_through(mount_worker) -> None:
@@ -134,11 +131,8 @@ def test_an_inode_open_through_the_page_cache_is_not_passed_through_meanwhile(mo
     finally:
         os.close(cached)
     (vol.backing / "new").write_bytes(b"n" * MIB)
-    fd = os.open(vol.mountpoint / "new", os.O_RDONLY)  # nothing else open: passthrough again
-    try:
-        assert _read_with_worker_stopped(vol, fd, 4096, MIB - 4096) == b"n" * 4096
-    finally:
-        os.close(fd)
+    # Nothing else open: passthrough again.
+    assert _open_and_read_with_worker_stopped(vol, "new", 4096, MIB - 4096) == b"n" * 4096
 
 
 def test_every_open_of_an_inode_open_in_passthrough_is_passed_through(mount_worker) -> None:
