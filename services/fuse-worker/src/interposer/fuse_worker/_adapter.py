@@ -152,11 +152,14 @@ class InterposerOperations(pyfuse3.Operations):
     @property
     def files_bypassing_layers(self) -> int:
         """Passthrough handles whose reads or writes the policy in force would act on (opened before it)."""
-        return self.passthrough.bypassing(self.stack.acts_on_data_at) if self.passthrough is not None else 0
+        return self._bypassing(self.stack)
+
+    def _bypassing(self, stack: Stack) -> int:
+        return self.passthrough.bypassing(stack.acts_on_data_at) if self.passthrough is not None else 0
 
     def _warn_if_passed_through(self, stack: Stack) -> None:
         # A passthrough open cannot be taken back: the layers see its data only once it is reopened.
-        handles = self.passthrough.bypassing(stack.acts_on_data_at) if self.passthrough is not None else 0
+        handles = self._bypassing(stack)
         if handles:
             log.warning("policy revision %d acts on reads or writes, but %d open files are served by kernel "
                         "passthrough: their data bypasses the layers until they are reopened", stack.revision,
