@@ -242,6 +242,17 @@ def test_kernel_passthrough_needs_a_backing_file(csi_node: CsiNode, csi_root: Pa
     assert_nothing_published(csi_node, csi_root)
 
 
+def test_kernel_passthrough_is_not_for_inline_volumes(csi_node: CsiNode, csi_root: Path, backing_dir: Path) -> None:
+    # Pod authors write an inline volume's attributes; the option gives the worker CAP_SYS_ADMIN.
+    request = mounting_volume_request("csi-inline", csi_root / "target", backing_dir,
+                                      extra_context={"kernelPassthrough": "true",
+                                                     "csi.storage.k8s.io/ephemeral": "true"})
+    error = publish_error(csi_node, request)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "'kernelPassthrough'" in error.details() and "ephemeral inline volume" in error.details()
+    assert_nothing_published(csi_node, csi_root)
+
+
 def test_unpublish_missing_fields(csi_node: CsiNode, csi_root: Path) -> None:
     for request in (
         csi_pb2.NodeUnpublishVolumeRequest(volume_id="", target_path=str(csi_root / "t")),

@@ -370,6 +370,13 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 f"volume_context[{CONTEXT_KERNEL_PASSTHROUGH!r}] = 'true' needs the passthrough backend, not "
                 f"{backend!r}: there is no backing file to pass through to"
             )
+        if tuning.kernel_passthrough and context.get(CONTEXT_EPHEMERAL, "false").lower() == "true":
+            # An inline volume's attributes are the pod author's; this one gives the
+            # worker CAP_SYS_ADMIN, which is the cluster admin's to grant (StorageClass).
+            raise _invalid(
+                f"volume_context[{CONTEXT_KERNEL_PASSTHROUGH!r}] is not allowed on an ephemeral inline volume: "
+                "it runs the volume's worker with CAP_SYS_ADMIN, so only a StorageClass may set it"
+            )
         policy_json = None
         if CONTEXT_POLICY in context:
             try:
