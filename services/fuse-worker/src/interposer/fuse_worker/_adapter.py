@@ -147,7 +147,7 @@ class InterposerOperations(pyfuse3.Operations):
     @property
     def kernel_passthrough_files(self) -> int:
         """Open file handles the kernel serves by passthrough now (read from the bus thread too)."""
-        return self.passthrough.passthrough_handles if self.passthrough is not None else 0
+        return self.passthrough.passthrough_handles() if self.passthrough is not None else 0
 
     @property
     def files_bypassing_layers(self) -> int:
@@ -155,7 +155,7 @@ class InterposerOperations(pyfuse3.Operations):
         return self._bypassing(self.stack)
 
     def _bypassing(self, stack: Stack) -> int:
-        return self.passthrough.bypassing(stack.acts_on_data_at) if self.passthrough is not None else 0
+        return self.passthrough.passthrough_handles(stack.acts_on_data_at) if self.passthrough is not None else 0
 
     def _warn_if_passed_through(self, stack: Stack) -> None:
         # A passthrough open cannot be taken back: the layers see its data only once it is reopened.

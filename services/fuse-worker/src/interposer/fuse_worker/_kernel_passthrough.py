@@ -134,8 +134,6 @@ class KernelPassthrough:
         self._handles: dict[int, tuple[int, IoMode, str]] = {}
         #: errnos of backing files the kernel refused (one warning each).
         self._refused: set[int] = set()
-        #: Open handles in passthrough mode (an int: read from the bus thread too).
-        self.passthrough_handles = 0
 
     def _find_fd_member(self) -> int:
         for offset in range(0, _SESSION_FD_SEARCH, 4):
@@ -190,7 +188,7 @@ class KernelPassthrough:
         Args:
             fh: the new file handle.
             ino: its FUSE inode.
-            path: the path it was opened at (for :meth:`bypassing`).
+            path: the path it was opened at (for :meth:`passthrough_handles`).
             direct_io: whether the open would bypass the page cache without passthrough.
             backing_fd: an fd of the backing file opened for I/O, if this open may
                 pass through (no layer acts on its reads or writes); None otherwise.
@@ -211,7 +209,6 @@ class KernelPassthrough:
                 mode = IoMode.PASSTHROUGH
         if mode is IoMode.PASSTHROUGH:
             io.passthrough += 1
-            self.passthrough_handles += 1
         elif mode is IoMode.CACHED:
             io.cached += 1
         self._handles[fh] = (ino, mode, path)
@@ -247,22 +244,21 @@ class KernelPassthrough:
             io.cached -= 1
         elif mode is IoMode.PASSTHROUGH:
             io.passthrough -= 1
-            self.passthrough_handles -= 1
             if not io.passthrough:
                 fcntl.ioctl(self.fuse_fd, FUSE_DEV_IOC_BACKING_CLOSE, bytearray(struct.pack("<I", io.backing_id)))
                 io.backing_id = 0
         if not io.cached and not io.passthrough:
             del self._inodes[ino]
 
-    def bypassing(self, acts_on_data_at: Callable[[str], bool]) -> int:
-        """Handles in passthrough mode opened at a path for which ``acts_on_data_at(path)`` is True.
+    def passthrough_handles(self, opened_at: Callable[[str], bool] | None = None) -> int:
+        """Open handles in passthrough mode; only those opened at a path ``opened_at`` accepts, if given.
 
-        Those are files whose reads and writes a layer in force would act on but
-        cannot see until they are reopened. Safe to call from another thread
-        (the handle table is copied in one step under the GIL).
+        With ``Stack.acts_on_data_at``: the files whose reads and writes a layer in
+        force would act on but cannot see until they are reopened. Safe to call
+        from another thread (the handle table is copied in one step under the GIL).
         """
         return sum(1 for _, mode, path in list(self._handles.values())
-                   if mode is IoMode.PASSTHROUGH and acts_on_data_at(path))
+                   if mode is IoMode.PASSTHROUGH and (opened_at is None or opened_at(path)))
 
     def check_request(self, req: int) -> None:
         """Check that ``req`` has the ``struct fuse_req`` layout :meth:`reply_open` relies on.

@@ -182,8 +182,8 @@ class Stack:
         self._direct_io_globs = [compile_glob(e.spec.path_glob) for e in active if needs_direct_io(e.spec)]
         #: A layer acts on reads or writes (of some path): such data must come to the
         #: worker (no copy offload; kernel passthrough per path, :meth:`acts_on_data_at`).
-        self.acts_on_data = "read" in self.chains or "write" in self.chains
         self._data_globs = [compile_glob(e.spec.path_glob) for e in active if ops_of(e.spec) & _READ_WRITE]
+        self.acts_on_data = bool(self._data_globs)
 
     def relabel(self, revision: int) -> Stack:
         """The same compiled stack as ``revision`` (a new revision whose policy is this one).
