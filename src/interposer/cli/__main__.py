@@ -293,8 +293,9 @@ def _change(nats_url: str, nats_creds: str, volume: str, subject: str, body: byt
     click.echo(f"revision {result.reply.revision} applied by {len(result.applied)} worker(s) "
                f"in {result.waited_s * 1000:.0f} ms", err=True)
     for worker, files in sorted(result.bypassing.items()):
-        click.echo(f"warning: worker {worker}: {files} open file(s) are served by kernel passthrough; their reads "
-                   "and writes bypass this policy's layers until they are closed and reopened", err=True)
+        click.echo(f"warning: worker {worker}: {files} open file(s) bypass this policy's layers until they are "
+                   "closed and reopened (kernel passthrough serves their reads and writes, or they were opened "
+                   "without FLUSH on close)", err=True)
 
 
 @policy.command("set")

@@ -172,9 +172,10 @@ class WaitResult(msgspec.Struct, kw_only=True):
         laggards: worker id → last revision it reported, for those that did not
             apply it in time (``-1`` = never heard from since the wait began).
         waited_s: time from the ``set`` reply to the end of the wait, seconds.
-        bypassing: worker id → open files whose reads or writes the new policy's
-            layers do not see until they are reopened (kernel passthrough), for the
-            workers whose latest heartbeat reported any.
+        bypassing: worker id → open files the new policy's layers do not reach
+            until they are reopened (reads and writes served by kernel passthrough,
+            closes that send no FLUSH), for the workers whose latest heartbeat
+            reported any.
     """
 
     reply: PolicyReply

@@ -121,9 +121,11 @@ class WorkerStatus(msgspec.Struct):
         kernel_passthrough_files: open file handles the kernel serves by
             passthrough now (``--kernel-passthrough``): their reads and writes reach
             no layer and make no op events.
-        files_bypassing_layers: of those, the ones whose reads or writes the policy
-            in force would act on (they were opened before it arrived; the kernel
-            cannot take passthrough back): its layers see them once reopened.
+        files_bypassing_layers: open files the policy in force would act on but
+            cannot reach until they are reopened (they were opened before it
+            arrived, and the kernel takes neither back): passthrough handles whose
+            reads or writes it acts on, and handles opened without FLUSH
+            (FOPEN_NOFLUSH) whose ``flush`` it acts on.
     """
 
     volume: str

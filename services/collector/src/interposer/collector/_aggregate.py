@@ -102,8 +102,8 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
             heartbeat of an up worker).
         kernel_passthrough_files: the same key → of those, the handles the kernel
             serves by passthrough (their reads and writes make no events).
-        files_bypassing_layers: the same key → passthrough handles whose reads or
-            writes the policy in force would act on (opened before it arrived).
+        files_bypassing_layers: the same key → open files the policy in force would
+            act on but cannot reach until reopened (``WorkerStatus.files_bypassing_layers``).
         quota_used_bytes: ``(volume, namespace, pod)`` → bytes in use, for up workers
             with a quota in force.
         quota_limit_bytes: the same key → byte limit, for quotas that have one.

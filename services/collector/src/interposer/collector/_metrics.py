@@ -53,8 +53,9 @@ METRICS: tuple[tuple[str, str, list[str], str], ...] = (
      "Open file handles the kernel serves by passthrough (worker --kernel-passthrough): their reads "
      "and writes reach no layer and are in no other metric."),
     ("interposer_open_files_bypassing_layers", "gauge", list(_VNP),
-     "Passthrough file handles opened before the policy in force, whose reads or writes its layers "
-     "would act on: those layers see them once the files are reopened."),
+     "Open files the policy in force would act on but cannot reach until they are reopened: kernel "
+     "passthrough handles whose reads or writes its layers act on, and handles opened without FLUSH "
+     "whose flush they act on (both opened before the policy)."),
     ("interposer_quota_used_bytes", "gauge", list(_VNP),
      "Bytes (apparent file sizes) the volume's quota counts in use; absent without a quota."),
     ("interposer_quota_limit_bytes", "gauge", list(_VNP),

@@ -70,6 +70,10 @@ from ._worker import run
               help="Let the kernel serve reads and writes of files no layer acts on straight from the "
                    "backing files (Linux >= 6.9, CAP_SYS_ADMIN): native speed, but those reads and "
                    "writes make no op events or metrics (see docs/ARCHITECTURE.md).")
+@click.option("--skip-needless-flush/--always-flush", default=True, show_default=True,
+              help="Spare close(2) its FLUSH request where flushing does nothing: no layer acts on flush "
+                   "at the path, and the backing fs has no flush method (ext4, xfs, btrfs, tmpfs; memory "
+                   "and null backends). --always-flush: every close sends one (see docs/ARCHITECTURE.md).")
 @click.option("--entry-timeout", "entry_timeout_s", type=click.FloatRange(0, MAX_CACHE_TIMEOUT_S),
               default=DEFAULT_ENTRY_TIMEOUT_S, show_default=True, help="Seconds the kernel may cache a name it looked up (see docs/posix.md).")
 @click.option("--attr-timeout", "attr_timeout_s", type=click.FloatRange(0, MAX_CACHE_TIMEOUT_S),

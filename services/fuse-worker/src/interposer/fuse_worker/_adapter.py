@@ -92,6 +92,11 @@ class InterposerOperations(pyfuse3.Operations):
         #: Kernel passthrough of this session, set by ``_extra_ops`` when it serves
         #: opens (``--kernel-passthrough``); None = every read and write comes here.
         self.passthrough: KernelPassthrough | None = None
+        #: Set by ``_extra_ops`` when it answers opens and may send FOPEN_NOFLUSH
+        #: (``--skip-needless-flush``); False = every close sends FLUSH.
+        self.noflush_opens = False
+        #: fh → path it was opened at, for files opened with FOPEN_NOFLUSH.
+        self._flushless: dict[int, str] = {}
 
     def init(self) -> None:
         # pyfuse3 calls this on FUSE_INIT, just before it replies; the kernel applies the
@@ -140,30 +145,37 @@ class InterposerOperations(pyfuse3.Operations):
             if self.stack is not current:  # the trio thread installed one meanwhile
                 return False
             self.stack = stack
-        self._warn_if_passed_through(stack)
+        self._warn_of_bypassed_files(stack)
         log.info("applied policy revision %d (%d layers)", revision, len(policy.layers))
         return True
 
     @property
     def kernel_passthrough_files(self) -> int:
         """Open file handles the kernel serves by passthrough now (read from the bus thread too)."""
-        return self.passthrough.passthrough_handles() if self.passthrough is not None else 0
+        return len(self.passthrough.passthrough_handles()) if self.passthrough is not None else 0
 
     @property
     def files_bypassing_layers(self) -> int:
-        """Passthrough handles whose reads or writes the policy in force would act on (opened before it)."""
+        """Open files the policy in force would act on but cannot reach until they are reopened (read from the bus thread too).
+
+        Those opened before it with kernel passthrough whose reads or writes it acts
+        on, and those opened without FLUSH (FOPEN_NOFLUSH) whose ``flush`` it acts on.
+        """
         return self._bypassing(self.stack)
 
     def _bypassing(self, stack: Stack) -> int:
-        return self.passthrough.passthrough_handles(stack.acts_on_data_at) if self.passthrough is not None else 0
+        handles = {fh for fh, path in list(self._flushless.items()) if stack.acts_on_flush_at(path)}
+        if self.passthrough is not None:
+            handles.update(self.passthrough.passthrough_handles(stack.acts_on_data_at))
+        return len(handles)
 
-    def _warn_if_passed_through(self, stack: Stack) -> None:
-        # A passthrough open cannot be taken back: the layers see its data only once it is reopened.
+    def _warn_of_bypassed_files(self, stack: Stack) -> None:
+        # Neither passthrough nor FOPEN_NOFLUSH can be taken back from an open file:
+        # the layers see its data, or its closes, only once it is reopened.
         handles = self._bypassing(stack)
         if handles:
-            log.warning("policy revision %d acts on reads or writes, but %d open files are served by kernel "
-                        "passthrough: their data bypasses the layers until they are reopened", stack.revision,
-                        handles)
+            log.warning("policy revision %d acts on %d open files it cannot reach until they are reopened (served "
+                        "by kernel passthrough, or opened without FLUSH)", stack.revision, handles)
 
     def install(self, stack: Stack, replacing: Stack | None = None) -> bool:
         """Put ``stack`` in force (on the trio thread) and wake whoever waits for a change.
@@ -180,7 +192,7 @@ class InterposerOperations(pyfuse3.Operations):
             if replacing is not None and self.stack is not replacing:
                 return False
             self.stack = stack
-        self._warn_if_passed_through(stack)
+        self._warn_of_bypassed_files(stack)
         self.stack_changed.set()
         self.stack_changed = trio.Event()
         return True
@@ -319,9 +331,21 @@ class InterposerOperations(pyfuse3.Operations):
             mode = self.passthrough.opened(info.fh, ino, op.path, direct_io, self._passthrough_fd(info.fh, op.path))
             direct_io = mode is IoMode.DIRECT
         info.direct_io = direct_io
+        if self.noflush_opens and not self.stack.acts_on_flush_at(op.path) and not self.backend.flush_needed(info.fh):
+            self._flushless[info.fh] = op.path
         if info.direct_io and ctx.uid != 0 and (flags & os.O_ACCMODE) != os.O_RDONLY:
             self._setid_writers[info.fh] = ctx
         self.telemetry.bind_session(info.fh, op.session)
+
+    def flushless(self, fh: int) -> bool:
+        """Whether file ``fh`` just opened is answered with FOPEN_NOFLUSH (for ``_extra_ops``).
+
+        Yes when opens are answered by ``_extra_ops`` (``noflush_opens``), no layer
+        in force acts on ``flush`` at its path, and the backend's flush of it does
+        nothing (``Backend.flush_needed``). Its ``close(2)`` then sends no FLUSH:
+        one round trip fewer per file opened (docs/benchmarks.md, "Closes without FLUSH").
+        """
+        return fh in self._flushless
 
     def _passthrough_fd(self, fh: int, path: str) -> int | None:
         """The backing fd of file ``fh`` just opened at ``path``, if the kernel may serve its reads and writes itself.
@@ -403,6 +427,7 @@ class InterposerOperations(pyfuse3.Operations):
         # bypasses the layers: a fault here would only leak the backing fd.
         op = self._op("release", ino, None, session=self.telemetry.end_session(fh))
         self._setid_writers.pop(fh, None)
+        self._flushless.pop(fh, None)
         if self.passthrough is not None:
             self.passthrough.released(fh)
         start_wall_ns, start_ns = time.time_ns(), time.perf_counter_ns()

@@ -171,6 +171,12 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
             layer needs to see straight from the backing files (Linux ≥ 6.9, CAP_SYS_ADMIN,
             passthrough backend; ``_kernel_passthrough``). Off by default: those
             reads and writes then make no op events, metrics or traces either.
+        skip_needless_flush: answer opens with FOPEN_NOFLUSH (Linux ≥ 5.16: no
+            FLUSH request on ``close(2)``) where flushing does nothing: no layer in
+            force acts on ``flush`` at the file's path, and the backend's flush has
+            no effect there (``Backend.flush_needed``: memory and null, or a backing
+            fs without a flush method, e.g. ext4, xfs, btrfs, tmpfs). One request
+            fewer per file opened; such closes then show as ``release`` only.
         busy_poll_us: with the lean loop, how long a reader keeps polling an empty
             FUSE device before it yields, µs (``_session_loop``; 0 = never).
         blocking_io: where the passthrough backend's reads, writes, flushes and
@@ -227,6 +233,7 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     busy_poll_us: Annotated[int, msgspec.Meta(ge=0, le=MAX_BUSY_POLL_US)] = DEFAULT_BUSY_POLL_US
     max_background: Annotated[int, msgspec.Meta(ge=0, le=MAX_BACKGROUND_REQUESTS)] = DEFAULT_MAX_BACKGROUND
     kernel_passthrough: bool = False
+    skip_needless_flush: bool = True
     blocking_io: Literal["adaptive", "loop", "thread"] = "adaptive"
     wake_compensation: Literal["off", "worker", "round-trip"] = DEFAULT_WAKE_COMPENSATION
     read_ahead_kib: Annotated[int, msgspec.Meta(ge=0, le=65536)] = DEFAULT_READ_AHEAD_KIB

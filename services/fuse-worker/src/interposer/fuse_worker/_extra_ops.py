@@ -35,12 +35,12 @@ pyfuse3 does not expose of ``struct fuse_conn_info`` (public, fuse_common.h):
 ``max_background`` and ``congestion_threshold``, the kernel's limit on
 asynchronous requests in flight (``WorkerConfig.max_background``).
 
-With kernel passthrough asked for, the ``open`` and ``create`` slots (pyfuse3's
-handlers checked in slots 14 and 30 first) are served here too, because only a
-reply written by ``_kernel_passthrough`` can carry a backing file; the ``init``
-wrapper then also diverts the FUSE_INIT reply to ask for passthrough. If the
-first request shows an unexpected libfuse request layout, opens and creates go
-back to pyfuse3's handlers and passthrough stays off.
+The ``open`` and ``create`` slots (pyfuse3's handlers checked in slots 14 and 30
+first) are served here too when FOPEN_NOFLUSH or kernel passthrough is asked
+for, because only a reply written by ``_raw_reply`` can carry them; with
+passthrough, the ``init`` wrapper also diverts the FUSE_INIT reply to ask for
+it. If the first request shows an unexpected libfuse request layout, opens and
+creates go back to pyfuse3's handlers, and both stay off.
 
 The callbacks run on the trio thread, inside ``fuse_session_process_buf``
 called by a pyfuse3 reader task. Each reads what it needs from the request (the
@@ -49,7 +49,7 @@ hands a coroutine to pyfuse3's ``save_retval`` and returns, as pyfuse3's own
 handlers do; the reader task then awaits it, which runs the op
 through the adapter (layers, backend, telemetry) and replies with
 ``fuse_reply_err``/``fuse_reply_write``/``fuse_reply_lseek`` (opens and creates:
-``KernelPassthrough.reply_open``/``reply_create``). Every request
+``RawReplies.open``/``create``). Every request
 gets exactly one reply, EINTR if the worker is stopping.
 """
 
@@ -66,9 +66,8 @@ import pyfuse3
 import trio
 
 from ._elf import ElfError, symbols as elf_symbols
-from ._kernel_passthrough import (
-    FOPEN_DIRECT_IO, FOPEN_KEEP_CACHE, FOPEN_NONSEEKABLE, KernelPassthrough, PassthroughUnavailable,
-)
+from ._kernel_passthrough import KernelPassthrough, PassthroughUnavailable
+from ._raw_reply import FOPEN_NOFLUSH, RawReplies, RawReplyUnavailable, open_flags_of
 
 log = logging.getLogger(__name__)
 
@@ -125,12 +124,6 @@ _PYFUSE3_CREATE = ctypes.PYFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctyp
                                     ctypes.c_void_p)
 
 
-def _open_flags(info: pyfuse3.FileInfo) -> int:
-    """``fuse_open_out.open_flags`` for ``info``, as libfuse's ``fill_open`` sets them."""
-    return ((FOPEN_DIRECT_IO if info.direct_io else 0) | (FOPEN_KEEP_CACHE if info.keep_cache else 0)
-            | (FOPEN_NONSEEKABLE if info.nonseekable else 0))
-
-
 class Caller(NamedTuple):
     """Who sent a request (``struct fuse_ctx``): what the adapter's ops read of a context."""
 
@@ -176,7 +169,13 @@ class ExtraOpsHandler(Protocol):
 
     async def release(self, fh: int) -> None: ...
 
+    def flushless(self, fh: int) -> bool:
+        """Whether file ``fh`` just opened may be closed without a FLUSH request (FOPEN_NOFLUSH)."""
+        ...
+
     passthrough: KernelPassthrough | None
+    #: Set by :meth:`ExtraOps.install`: opens are answered here, so FOPEN_NOFLUSH can be sent.
+    noflush_opens: bool
 
 
 def _libfuse() -> ctypes.CDLL:
@@ -263,18 +262,24 @@ class ExtraOps:
         max_background: most asynchronous requests the kernel may keep in flight,
             answered in FUSE_INIT; 0 leaves pyfuse3's ``init`` slot alone (the
             kernel's default, 12).
-        kernel_passthrough: also serve ``open`` here, to answer it with kernel
-            passthrough where the handler allows (``_kernel_passthrough``); the
-            handler's ``passthrough`` is set on :meth:`install`.
+        kernel_passthrough: also serve ``open`` and ``create`` here, to answer them
+            with kernel passthrough where the handler allows (``_kernel_passthrough``);
+            the handler's ``passthrough`` is set on :meth:`install`.
+        skip_needless_flush: also serve ``open`` and ``create`` here, to answer them
+            with FOPEN_NOFLUSH where the handler's ``flushless`` allows; the
+            handler's ``noflush_opens`` is set on :meth:`install`.
     """
 
-    def __init__(self, handler: ExtraOpsHandler, max_background: int = 0, kernel_passthrough: bool = False) -> None:
+    def __init__(self, handler: ExtraOpsHandler, max_background: int = 0, kernel_passthrough: bool = False,
+                 skip_needless_flush: bool = False) -> None:
         self._handler = handler
         self._lib = _libfuse()
         self._nursery: trio.Nursery | None = None
         self._max_background = max_background
         self._kernel_passthrough = kernel_passthrough
+        self._skip_needless_flush = skip_needless_flush
         self._passthrough: KernelPassthrough | None = None
+        self._replies: RawReplies | None = None
         self._pyfuse3_init: Any = None
         self._pyfuse3_open: Any = None
         self._pyfuse3_create: Any = None
@@ -291,7 +296,7 @@ class ExtraOps:
             self._callbacks[SLOT_INIT] = _INIT(self._init)
 
     def install(self, nursery: trio.Nursery) -> None:
-        """Fill the fallocate, copy_file_range and lseek slots of the current session (wrap ``init``, serve ``open``).
+        """Fill the fallocate, copy_file_range and lseek slots of the current session (wrap ``init``, serve opens).
 
         Call on the trio thread after ``pyfuse3.init`` and before ``pyfuse3.main``;
         ``nursery`` must outlive the session loop (the FUSE_INIT reply and the
@@ -311,11 +316,14 @@ class ExtraOps:
             except PassthroughUnavailable as exc:
                 log.warning("kernel passthrough off: %s", exc)
             else:
-                self._pyfuse3_open = _PYFUSE3_OPEN(pyfuse3_address["fuse_open"])
-                self._pyfuse3_create = _PYFUSE3_CREATE(pyfuse3_address["fuse_create"])
-                self._callbacks[SLOT_OPEN] = _OPEN(self._open)
-                self._callbacks[SLOT_CREATE] = _CREATE(self._create)
                 self._handler.passthrough = self._passthrough
+        if self._passthrough is not None or self._skip_needless_flush:
+            self._replies = RawReplies(self._lib, session)
+            self._pyfuse3_open = _PYFUSE3_OPEN(pyfuse3_address["fuse_open"])
+            self._pyfuse3_create = _PYFUSE3_CREATE(pyfuse3_address["fuse_create"])
+            self._callbacks[SLOT_OPEN] = _OPEN(self._open)
+            self._callbacks[SLOT_CREATE] = _CREATE(self._create)
+            self._handler.noflush_opens = self._skip_needless_flush
         # libfuse keeps raw pointers to the callbacks: they (and so this object)
         # must live as long as the session, whatever the caller keeps.
         _installed = self
@@ -340,38 +348,45 @@ class ExtraOps:
 
     def _serves_opens(self, req: int) -> bool:
         """Whether opens and creates are answered here (checked on the first one), else by pyfuse3."""
-        passthrough = self._passthrough
-        assert passthrough is not None
+        assert self._replies is not None
         if self._serve_opens is None:
             try:
-                passthrough.check_request(req)
+                self._replies.check_request(req)
                 self._serve_opens = True
-            except PassthroughUnavailable as exc:
-                log.warning("kernel passthrough off: %s", exc)
-                passthrough.enabled = False
+            except RawReplyUnavailable as exc:
+                log.warning("opens answered by pyfuse3, without kernel passthrough or FOPEN_NOFLUSH: %s", exc)
+                if self._passthrough is not None:
+                    self._passthrough.enabled = False
+                self._handler.noflush_opens = False
                 self._serve_opens = False
         return self._serve_opens
+
+    def _open_out(self, info: pyfuse3.FileInfo) -> tuple[int, int]:
+        """``open_flags`` and ``backing_id`` of the reply opening ``info``."""
+        flags = open_flags_of(info) | (FOPEN_NOFLUSH if self._handler.flushless(info.fh) else 0)
+        return self._passthrough.open_out(info.fh, flags) if self._passthrough is not None else (flags, 0)
 
     def _open(self, req: int, ino: int, fi: int) -> None:
         if not self._serves_opens(req):
             self._pyfuse3_open(req, ino, fi)
             return
-        flags, caller, passthrough = ctypes.c_int.from_address(fi).value, self._caller(req), self._passthrough
-        assert passthrough is not None
+        replies = self._replies
+        assert replies is not None
+        flags, caller = ctypes.c_int.from_address(fi).value, Caller(*replies.caller(req))
         self._start(req, lambda: self._handler.open(ino, flags, caller),
-                    lambda r, info: self._replied(info, passthrough.reply_open(r, info.fh, _open_flags(info))))
+                    lambda r, info: self._replied(info, replies.open(r, info.fh, *self._open_out(info))))
 
     def _create(self, req: int, parent: int, name: int, mode: int, fi: int) -> None:
         if not self._serves_opens(req):
             self._pyfuse3_create(req, parent, name, mode, fi)
             return
-        entry, flags, caller = ctypes.string_at(name), ctypes.c_int.from_address(fi).value, self._caller(req)
-        passthrough = self._passthrough
-        assert passthrough is not None
+        replies = self._replies
+        assert replies is not None
+        entry, flags, caller = ctypes.string_at(name), ctypes.c_int.from_address(fi).value, Caller(*replies.caller(req))
 
         def reply(r: int, created: tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]) -> None:
             info, attrs = created
-            self._replied(info, passthrough.reply_create(r, attrs, info.fh, _open_flags(info)))
+            self._replied(info, replies.create(r, attrs, info.fh, *self._open_out(info)))
 
         self._start(req, lambda: self._handler.create(parent, entry, mode, flags, caller), reply)
 

@@ -72,9 +72,11 @@ class Inode(Named):
         lookups: kernel lookup count (see pyfuse3 ``developer-notes/lookup_counts``).
         parent: inode of the directory it was last seen in (None for the root).
         name: its name there, bytes.
+        flush_needed: whether its file system has a flush method (the passthrough
+            backend's cache; None until asked).
     """
 
-    __slots__ = ("ino", "fd", "key", "lookups")
+    __slots__ = ("ino", "fd", "key", "lookups", "flush_needed")
 
     def __init__(self, ino: int, fd: int, key: tuple[int, int], parent: "Inode | None", name: bytes) -> None:
         super().__init__(parent, name)
@@ -82,6 +84,7 @@ class Inode(Named):
         self.fd = fd
         self.key = key
         self.lookups = 0
+        self.flush_needed: bool | None = None
 
 
 class InodeTable(PathTable):

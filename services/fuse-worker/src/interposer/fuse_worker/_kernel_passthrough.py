@@ -24,12 +24,9 @@ the feature, and expose none of it):
   rule until backing files show in lsof); without it the first attempt fails
   with EPERM and passthrough stays off.
 * **The OPEN and CREATE replies** carry ``backing_id`` in a field libfuse's
-  ``struct fuse_open_out`` calls padding, so they are written here (``reply_open``,
-  ``reply_create``; CREATE matters most: writers mostly write files they create):
-  the request's ``unique`` is read from libfuse's ``struct fuse_req`` (checked
-  against two public facts first: its first member is the session, and
-  ``fuse_req_ctx()`` points 64 bytes in), then ``fuse_reply_none`` frees the
-  request.
+  ``struct fuse_open_out`` calls padding, so they are written by ``_raw_reply``
+  (CREATE matters most: writers mostly write files they create);
+  :meth:`KernelPassthrough.open_out` gives the flags and ``backing_id`` to send.
 * **One I/O mode per inode** (``iomode.c``): while a file is open in
   passthrough mode, an open of the same inode through the page cache fails with
   EIO in the kernel, and all passthrough opens of an inode must name the same
@@ -46,15 +43,15 @@ import ctypes
 import errno
 import fcntl
 import logging
-import math
 import os
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
-import pyfuse3
 import trio
+
+from ._raw_reply import FOPEN_NOFLUSH, FOPEN_PASSTHROUGH
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +59,6 @@ log = logging.getLogger(__name__)
 FUSE_DEV_IOC_BACKING_OPEN = 0x4010E501
 #: ``_IOW(229, 2, uint32_t)``: the backing_id to drop.
 FUSE_DEV_IOC_BACKING_CLOSE = 0x4004E502
-#: ``fuse_open_out.open_flags`` bits (uapi fuse.h).
-FOPEN_DIRECT_IO = 1 << 0
-FOPEN_KEEP_CACHE = 1 << 1
-FOPEN_NONSEEKABLE = 1 << 2
-FOPEN_PASSTHROUGH = 1 << 7
 #: ``FUSE_PASSTHROUGH`` (1 << 37) as a bit of ``fuse_init_out.flags2``.
 FLAGS2_PASSTHROUGH = 1 << (37 - 32)
 #: ``FUSE_INIT_EXT`` in ``fuse_init_out.flags``: without it the kernel ignores ``flags2``.
@@ -74,24 +66,16 @@ FUSE_INIT_EXT = 1 << 30
 #: Stacking depth answered in FUSE_INIT: backing files on a plain (depth 0) fs.
 MAX_STACK_DEPTH = 1
 
-_OUT_HEADER = struct.Struct("<IiQ")  # struct fuse_out_header: len, error, unique
-_OPEN_OUT = struct.Struct("<QIi")  # struct fuse_open_out: fh, open_flags, backing_id
-#: struct fuse_entry_out: nodeid, generation, entry_valid, attr_valid (s), their ns; then struct fuse_attr:
-#: ino, size, blocks, atime, mtime, ctime (s), their ns, mode, nlink, uid, gid, rdev, blksize, flags.
-_ENTRY_OUT = struct.Struct("<QQQQII" + "QQQQQQIIIIIIIIII")
-_NS = 1_000_000_000
-_INIT_FLAGS = _OUT_HEADER.size + 12  # fuse_init_out.flags
-_INIT_FLAGS2 = _OUT_HEADER.size + 32  # fuse_init_out.flags2
-_INIT_MAX_STACK_DEPTH = _OUT_HEADER.size + 36  # fuse_init_out.max_stack_depth
-#: Offsets in libfuse's private ``struct fuse_req`` (3.x): se, unique, ..., ctx.
-_REQ_UNIQUE = 8
-_REQ_CTX = 64
+_OUT_HEADER_BYTES = 16  # struct fuse_out_header: len, error, unique
+_INIT_FLAGS = _OUT_HEADER_BYTES + 12  # fuse_init_out.flags
+_INIT_FLAGS2 = _OUT_HEADER_BYTES + 32  # fuse_init_out.flags2
+_INIT_MAX_STACK_DEPTH = _OUT_HEADER_BYTES + 36  # fuse_init_out.max_stack_depth
 #: How far into ``struct fuse_session`` its ``fd`` is searched for, bytes.
 _SESSION_FD_SEARCH = 64
 
 
 class PassthroughUnavailable(RuntimeError):
-    """libfuse's session or request did not look as expected: passthrough stays off, nothing was changed."""
+    """libfuse's session did not look as expected: passthrough stays off, nothing was changed."""
 
 
 class IoMode(Enum):
@@ -110,11 +94,10 @@ class _InodeIo:
 
 
 class KernelPassthrough:
-    """Backing-file registration, per-inode I/O modes and the raw OPEN reply for one session.
+    """Backing-file registration, per-inode I/O modes and the OPEN reply's passthrough fields for one session.
 
     Args:
-        libfuse: the loaded libfuse (``_extra_ops._libfuse``), for ``fuse_session_fd``,
-            ``fuse_req_ctx`` and ``fuse_reply_none``.
+        libfuse: the loaded libfuse (``_extra_ops._libfuse``), for ``fuse_session_fd``.
         session: address of libfuse's ``struct fuse_session``.
 
     Raises:
@@ -169,7 +152,7 @@ class KernelPassthrough:
             ctypes.c_int.from_address(self._fd_address).value = self.fuse_fd
             os.close(read_end)
             os.close(write_end)
-        patched = len(reply) >= _INIT_MAX_STACK_DEPTH + 4 and _OUT_HEADER.unpack_from(reply)[1] == 0
+        patched = len(reply) >= _INIT_MAX_STACK_DEPTH + 4 and struct.unpack_from("<i", reply, 4)[0] == 0
         patched = patched and bool(struct.unpack_from("<I", reply, _INIT_FLAGS)[0] & FUSE_INIT_EXT)
         if patched:
             flags2 = struct.unpack_from("<I", reply, _INIT_FLAGS2)[0]
@@ -250,76 +233,26 @@ class KernelPassthrough:
         if not io.cached and not io.passthrough:
             del self._inodes[ino]
 
-    def passthrough_handles(self, opened_at: Callable[[str], bool] | None = None) -> int:
-        """Open handles in passthrough mode; only those opened at a path ``opened_at`` accepts, if given.
+    def passthrough_handles(self, opened_at: Callable[[str], bool] | None = None) -> list[int]:
+        """The fhs of open handles in passthrough mode; only those opened at a path ``opened_at`` accepts, if given.
 
         With ``Stack.acts_on_data_at``: the files whose reads and writes a layer in
         force would act on but cannot see until they are reopened. Safe to call
         from another thread (the handle table is copied in one step under the GIL).
         """
-        return sum(1 for _, mode, path in list(self._handles.values())
-                   if mode is IoMode.PASSTHROUGH and (opened_at is None or opened_at(path)))
+        return [fh for fh, (_, mode, path) in list(self._handles.items())
+                if mode is IoMode.PASSTHROUGH and (opened_at is None or opened_at(path))]
 
-    def check_request(self, req: int) -> None:
-        """Check that ``req`` has the ``struct fuse_req`` layout :meth:`reply_open` relies on.
+    def open_out(self, fh: int, open_flags: int) -> tuple[int, int]:
+        """``fuse_open_out``'s ``open_flags`` and ``backing_id`` for handle ``fh``, given the flags it would get otherwise.
 
-        Raises:
-            PassthroughUnavailable: it does not.
+        A passthrough open gets FOPEN_PASSTHROUGH and its inode's backing_id; of
+        ``open_flags`` it keeps only FOPEN_NOFLUSH: the kernel refuses it with any
+        flag but DIRECT_IO, PARALLEL_DIRECT_WRITES and NOFLUSH
+        (``FOPEN_PASSTHROUGH_MASK``), and DIRECT_IO would send its reads and writes
+        here after all. Any other open keeps ``open_flags`` and backing_id 0.
         """
-        session = ctypes.c_void_p.from_address(req).value
-        ctx = ctypes.cast(self._lib.fuse_req_ctx(req), ctypes.c_void_p).value
-        if session != self._session or ctx != req + _REQ_CTX:
-            raise PassthroughUnavailable("libfuse's struct fuse_req does not have the expected layout")
-
-    def reply_create(self, req: int, attrs: pyfuse3.EntryAttributes, fh: int, open_flags: int) -> int:
-        """Answer CREATE request ``req``: the new entry ``attrs`` and its open handle, as :meth:`reply_open`.
-
-        The entry is encoded as libfuse's ``fill_entry``/``convert_stat`` do
-        (timeouts split into whole seconds and ns).
-        """
-        (entry_s, entry_ns), (attr_s, attr_ns) = _seconds_ns(attrs.entry_timeout), _seconds_ns(attrs.attr_timeout)
-        entry = _ENTRY_OUT.pack(
-            attrs.st_ino, attrs.generation, entry_s, attr_s, entry_ns, attr_ns,
-            attrs.st_ino, attrs.st_size, attrs.st_blocks, attrs.st_atime_ns // _NS, attrs.st_mtime_ns // _NS,
-            attrs.st_ctime_ns // _NS, attrs.st_atime_ns % _NS, attrs.st_mtime_ns % _NS, attrs.st_ctime_ns % _NS,
-            attrs.st_mode, attrs.st_nlink, attrs.st_uid, attrs.st_gid, attrs.st_rdev, attrs.st_blksize, 0)
-        return self._reply(req, entry + self._open_out(fh, open_flags))
-
-    def reply_open(self, req: int, fh: int, open_flags: int) -> int:
-        """Answer OPEN request ``req`` with handle ``fh`` and ``open_flags`` (FOPEN_*), or with passthrough.
-
-        A passthrough open gets FOPEN_PASSTHROUGH and its inode's backing_id in
-        place of ``open_flags``: the kernel refuses it with any flag but
-        DIRECT_IO, PARALLEL_DIRECT_WRITES and NOFLUSH (``FOPEN_PASSTHROUGH_MASK``),
-        and DIRECT_IO would send its reads and writes here after all.
-
-        Returns:
-            0, or the errno of the write (ENOENT: the open was interrupted, the
-            kernel forgot it and will send no RELEASE for ``fh``).
-        """
-        return self._reply(req, self._open_out(fh, open_flags))
-
-    def _open_out(self, fh: int, open_flags: int) -> bytes:
-        backing_id = 0
         entry = self._handles.get(fh)
-        if entry is not None and entry[1] is IoMode.PASSTHROUGH:
-            open_flags = FOPEN_PASSTHROUGH
-            backing_id = self._inodes[entry[0]].backing_id
-        return _OPEN_OUT.pack(fh, open_flags, backing_id)
-
-    def _reply(self, req: int, payload: bytes) -> int:
-        """Write ``payload`` as the reply to ``req`` (one write: the kernel takes a reply whole), free ``req``."""
-        unique = ctypes.c_uint64.from_address(req + _REQ_UNIQUE).value
-        try:
-            os.write(self.fuse_fd, _OUT_HEADER.pack(_OUT_HEADER.size + len(payload), 0, unique) + payload)
-            return 0
-        except OSError as exc:
-            return exc.errno or errno.EIO
-        finally:
-            self._lib.fuse_reply_none(req)
-
-
-def _seconds_ns(timeout_s: float) -> tuple[int, int]:
-    """A kernel cache timeout as FUSE sends it: whole seconds and the ns part (libfuse's ``calc_timeout_*``)."""
-    timeout_s = max(timeout_s, 0.0)
-    return int(timeout_s), int((timeout_s - math.floor(timeout_s)) * 1e9)
+        if entry is None or entry[1] is not IoMode.PASSTHROUGH:
+            return open_flags, 0
+        return FOPEN_PASSTHROUGH | (open_flags & FOPEN_NOFLUSH), self._inodes[entry[0]].backing_id

@@ -184,6 +184,8 @@ class Stack:
         #: worker (no copy offload; kernel passthrough per path, :meth:`acts_on_data_at`).
         self._data_globs = [compile_glob(e.spec.path_glob) for e in active if ops_of(e.spec) & _READ_WRITE]
         self.acts_on_data = bool(self._data_globs)
+        #: A layer acts on ``flush``: files opened at a matching path must send FLUSH on close.
+        self._flush_globs = [compile_glob(e.spec.path_glob) for e in active if "flush" in ops_of(e.spec)]
 
     def relabel(self, revision: int) -> Stack:
         """The same compiled stack as ``revision`` (a new revision whose policy is this one).
@@ -210,6 +212,14 @@ class Stack:
         :meth:`needs_direct_io`.
         """
         return any(match is None or match(path) for match in self._data_globs)
+
+    def acts_on_flush_at(self, path: str) -> bool:
+        """True if a layer that can act acts on ``flush`` of ``path`` (so ``close(2)`` must send FLUSH).
+
+        Decided on the path a file is opened at: a file opened without FLUSH
+        (FOPEN_NOFLUSH) sends none until it is reopened.
+        """
+        return any(match is None or match(path) for match in self._flush_globs)
 
     def needs_direct_io(self, path: str) -> bool:
         """True if files opened at ``path`` must bypass the page cache (FOPEN_DIRECT_IO).

@@ -204,7 +204,8 @@ async def serve(config: WorkerConfig) -> None:
                                    config.read_ahead_kib)
             try:
                 ExtraOps(operations, config.max_background,
-                         kernel_passthrough=config.kernel_passthrough).install(nursery)
+                         kernel_passthrough=config.kernel_passthrough,
+                         skip_needless_flush=config.skip_needless_flush).install(nursery)
             except ExtraOpsUnavailable as exc:
                 log.warning("fallocate, copy_file_range and lseek answered ENOSYS (kernel fallbacks), "
                             "max_background the kernel's: %s", exc)

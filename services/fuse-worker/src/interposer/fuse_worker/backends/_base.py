@@ -98,6 +98,13 @@ class Backend(Protocol):
 
     async def flush(self, fh: int) -> None: ...
 
+    def flush_needed(self, fh: int) -> bool:
+        """Whether :meth:`flush` of open file ``fh`` can have an effect (report an error, write something back).
+
+        False lets the adapter spare ``close(2)`` its FLUSH request (FOPEN_NOFLUSH).
+        """
+        ...
+
     async def release(self, fh: int) -> None: ...
 
     async def fsync(self, fh: int, datasync: bool) -> None: ...

@@ -1,4 +1,4 @@
-"""libc calls Python's ``os`` lacks: ``renameat2(2)`` with flags, ``fallocate(2)`` with a mode, ``mallopt(3)``."""
+"""libc calls Python's ``os`` lacks: ``renameat2(2)`` with flags, ``fallocate(2)`` with a mode, ``fstatfs(2)``'s ``f_type``, ``mallopt(3)``."""
 
 from __future__ import annotations
 
@@ -44,6 +44,28 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     """
     if _fallocate(fd, mode, offset, length) != 0:
         _raise_errno()
+
+
+#: ``struct statfs`` as 32 longs: 256 bytes, room for its 120 (64-bit Linux, asm-generic/statfs.h).
+_Statfs = ctypes.c_long * 32
+_fstatfs = _libc.fstatfs
+_fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
+_fstatfs.restype = ctypes.c_int
+
+
+def fs_type(fd: int) -> int:
+    """``f_type`` of the file system holding ``fd`` (``fstatfs(2)``): a magic number of <linux/magic.h>.
+
+    Python's ``os.fstatvfs`` leaves it out. ``f_type`` is the first member of
+    ``struct statfs`` (a ``long`` on every 64-bit Linux ABI but s390x).
+
+    Raises:
+        OSError: the syscall's errno (EBADF).
+    """
+    buf = _Statfs()
+    if _fstatfs(fd, buf) != 0:
+        _raise_errno()
+    return buf[0] & 0xFFFFFFFF
 
 
 #: ``mallopt`` parameter: most malloc arenas (glibc <malloc.h>).

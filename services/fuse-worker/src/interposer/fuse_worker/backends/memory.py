@@ -561,6 +561,10 @@ class MemoryBackend(PathTable):
     async def flush(self, fh: int) -> None:
         self._file(fh)
 
+    def flush_needed(self, fh: int) -> bool:
+        """Never: contents live in this process, and a flush has nothing to write back or report."""
+        return False
+
     async def release(self, fh: int) -> None:
         entry = self._files.pop(fh, None)
         if entry is not None:

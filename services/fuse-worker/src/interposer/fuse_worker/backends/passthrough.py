@@ -26,7 +26,7 @@ import pyfuse3
 from .._inodes import Inode, InodeTable, join_path
 from ._base import permuted
 from ._offload import BlockingCalls, BlockingIOMode
-from ._libc import fallocate, renameat2
+from ._libc import fallocate, fs_type, renameat2
 
 _O_PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 #: Open flags never passed to the backing file: the kernel already handled them
@@ -34,6 +34,14 @@ _O_PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 #: buffers that Python's pread/pwrite do not give (O_DIRECT: the FUSE side of the
 #: mount already bypasses the page cache for O_DIRECT opens).
 _STRIPPED_OPEN_FLAGS = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT
+
+
+#: ``f_type`` of file systems whose files have no ``flush`` method (``struct
+#: file_operations``, Linux 5.x-6.x): closing a duplicate fd there does nothing, so
+#: the worker's flush cannot report anything. <linux/magic.h>: ext2/3/4, xfs, btrfs,
+#: tmpfs, ramfs. Left out on purpose: NFS, CIFS, FUSE, overlayfs and f2fs, which
+#: write back or report errors on flush.
+NO_FLUSH_FS_TYPES = frozenset({0xEF53, 0x58465342, 0x9123683E, 0x01021994, 0x858458F6})
 
 
 def _proc(fd: int) -> str:
@@ -353,6 +361,34 @@ class PassthroughBackend:
         # close() of a duplicate reports the errors a close of the backing file would
         # (e.g. a network fs's deferred write errors), without closing the file.
         await self.blocking.flush(self._file_fd(fh))
+
+    def flush_needed(self, fh: int) -> bool:
+        """Whether :meth:`flush` of ``fh`` can report anything: not on a backing fs without a flush method.
+
+        Asked of the file's own file system (a backing dir may hold other mounts),
+        once per inode: a file on the same device as its directory inherits the
+        directory's answer (both fds pin that one superblock), so creating files
+        costs no ``fstatfs``.
+        """
+        entry = self._files.get(fh)
+        if entry is None:
+            return True
+        unknown: list[Inode] = []
+        inode: Inode | None = entry[1]
+        while inode is not None and inode.flush_needed is None:
+            unknown.append(inode)
+            parent = inode.parent
+            inode = parent if parent is not None and parent.key[0] == inode.key[0] else None
+        if inode is not None:
+            needed = inode.flush_needed
+        else:
+            try:
+                needed = fs_type(unknown[-1].fd) not in NO_FLUSH_FS_TYPES
+            except OSError:
+                return True
+        for known in unknown:
+            known.flush_needed = needed
+        return bool(needed)
 
     async def release(self, fh: int) -> None:
         entry = self._files.pop(fh, None)
