@@ -86,3 +86,19 @@ def test_mount_refuses_kernel_passthrough_without_a_backing_dir(tmp_path: Path) 
                              "--kernel-passthrough", str(tmp_path)], capture_output=True, text=True, timeout=30)
     assert result.returncode == 2 and "kernel_passthrough needs the passthrough backend" in result.stderr
     assert not is_fuse_mount(tmp_path)
+
+
+def test_mount_always_flush_sends_flush_on_every_close(tmp_path: Path) -> None:
+    require_fuse()
+    backing, mnt = tmp_path / "backing", tmp_path / "mnt"
+    backing.mkdir()
+    mnt.mkdir()
+    proc = _mount([str(backing), str(mnt), "--always-flush"], tmp_path / "mount.log")
+    try:
+        wait_until(lambda: is_fuse_mount(mnt) or proc.poll() is not None, "the mount")
+        fd = os.open(mnt / "f", os.O_CREAT | os.O_WRONLY, 0o644)
+        # close(2) waits for the stopped worker: it sent a FLUSH (without the flag it would not, on ext4)
+        assert call_with_process_stopped(proc.pid, lambda: os.close(fd) or True, timeout_s=1.0) is None
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
+    assert proc.wait(10) == 0, (tmp_path / "mount.log").read_text()

@@ -177,6 +177,9 @@ def up(state_dir: Path, nats_port: int, metrics_port: int, nats_tls_cert: str, n
               help="The kernel reads and writes files no layer acts on straight from BACKING_DIR "
                    "(Linux >= 6.9, CAP_SYS_ADMIN): native speed, but those reads and writes make no "
                    "events or metrics.")
+@click.option("--skip-needless-flush/--always-flush", default=True, show_default=True,
+              help="Spare close(2) its FLUSH request where flushing does nothing (no layer acts on flush "
+                   "there; ext4, xfs, btrfs, tmpfs, memory, null); --always-flush sends one per close.")
 @click.option("--read-only", is_flag=True)
 def mount(paths: tuple[str, ...], **flags: object) -> None:
     """Serve BACKING_DIR (or, with --backend memory|null, nothing) at MOUNTPOINT until unmounted or SIGTERM."""
