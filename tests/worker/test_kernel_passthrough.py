@@ -94,6 +94,24 @@ def test_a_layer_on_some_paths_keeps_only_those_from_passthrough(mount_worker) -
     assert _open_and_read_with_worker_stopped(vol, "fast") == data
 
 
+def test_a_size_override_keeps_its_files_from_passthrough(mount_worker) -> None:
+    # A metadata layer reporting 10 bytes: reads must agree with it, as through the
+    # page cache (the kernel reads up to the size it was told), not with the backing
+    # file's real size, which passthrough would read.
+    policy = json.dumps({"layers": [{"type": "metadata", "size": 10, "path_glob": "/small"}]})
+    vol = mount_worker(policy=policy, extra=PASSTHROUGH)
+    data = _backing_file(vol, "small", 4096)
+    _backing_file(vol, "other")
+    assert _open_and_read_with_worker_stopped(vol, "small", 4096) is None  # not passed through
+    assert _open_and_read_with_worker_stopped(vol, "other") is not None  # the rest of the volume is
+    fd = os.open(vol.mountpoint / "small", os.O_RDONLY)
+    try:
+        assert os.fstat(fd).st_size == 10
+        assert os.pread(fd, 4096, 0) == data[:10]
+    finally:
+        os.close(fd)
+
+
 def test_a_created_file_is_passed_through(mount_worker) -> None:
     vol = mount_worker(extra=PASSTHROUGH)
     fd = os.open(vol.mountpoint / "created", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640)

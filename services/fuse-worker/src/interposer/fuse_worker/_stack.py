@@ -80,6 +80,16 @@ def needs_direct_io(spec: Layer) -> bool:
     return isinstance(spec, FaultLayer) and spec.kind == "short_write" and "write" in ops
 
 
+def _acts_on_data(spec: Layer) -> bool:
+    """True if the layer acts on reads or writes, or overrides ``st_size``.
+
+    A size override changes what a read returns through the page cache (the
+    kernel reads up to the size it was told); kernel passthrough would read the
+    backing file's real size instead, so such files must not be passed through.
+    """
+    return bool(ops_of(spec) & _READ_WRITE) or (isinstance(spec, MetadataLayer) and spec.size is not None)
+
+
 class QuotaUnavailable(RuntimeError):
     """A policy has a quota layer but the stack was built without a ``QuotaContext``."""
 
@@ -180,9 +190,10 @@ class Stack:
         # Layers acting on reads (or shortening writes) decide the page-cache mode of
         # files opened under them.
         self._direct_io_globs = [compile_glob(e.spec.path_glob) for e in active if needs_direct_io(e.spec)]
-        #: A layer acts on reads or writes (of some path): such data must come to the
-        #: worker (no copy offload; kernel passthrough per path, :meth:`acts_on_data_at`).
-        self._data_globs = [compile_glob(e.spec.path_glob) for e in active if ops_of(e.spec) & _READ_WRITE]
+        #: A layer acts on reads or writes (of some path), or reports a size the data
+        #: must agree with: such data must come to the worker (no copy offload; kernel
+        #: passthrough per path, :meth:`acts_on_data_at`).
+        self._data_globs = [compile_glob(e.spec.path_glob) for e in active if _acts_on_data(e.spec)]
         self.acts_on_data = bool(self._data_globs)
         #: A layer acts on ``flush``: files opened at a matching path must send FLUSH on close.
         self._flush_globs = [compile_glob(e.spec.path_glob) for e in active if "flush" in ops_of(e.spec)]
@@ -205,7 +216,7 @@ class Stack:
                      now_s=now_s, _entries=self._entries)
 
     def acts_on_data_at(self, path: str) -> bool:
-        """True if a layer that can act acts on reads or writes of ``path``.
+        """True if a layer that can act acts on reads or writes of ``path``, or overrides its size.
 
         Such a file must not be served by kernel passthrough: that layer would
         never see its data. Decided on the path a file is opened at, like
