@@ -26,8 +26,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import click
 
@@ -211,6 +213,45 @@ class Mount:
         self.proc.wait(30)
 
 
+#: A variant of a benchmark: (name, policy JSON — "" for none, None for the backing
+#: directory itself, without a mount —, extra worker flags).
+Variant = tuple[str, str | None, tuple[str, ...]]
+T = TypeVar("T")
+
+
+@contextmanager
+def variant_targets(work: Path, variants: Sequence[Variant]) -> Iterator[tuple[dict[str, Path], dict[str, Mount]]]:
+    """A fresh backing directory under ``work`` per variant, mounted as the variant says.
+
+    Yields:
+        (name → directory to run the workload in: the mount, or the backing
+        directory itself for a ``None`` policy; name → its :class:`Mount`). The
+        mounts are unmounted on exit.
+    """
+    targets: dict[str, Path] = {}
+    mounts: dict[str, Mount] = {}
+    try:
+        for i, (name, policy, extra) in enumerate(variants):
+            backing = work / f"backing-{i}"
+            backing.mkdir()
+            targets[name] = backing
+            if policy is not None:
+                mnt = work / f"mnt-{i}"
+                mnt.mkdir()
+                mounts[name] = Mount(backing, mnt, policy or None, work, extra)
+                targets[name] = mnt
+        yield targets, mounts
+    finally:
+        for mount in mounts.values():
+            mount.close()
+
+
+def rotated(items: Sequence[T], turn: int) -> list[T]:
+    """``items`` starting at position ``turn`` (mod length): each repeat starts with another variant, so drift hits all alike."""
+    start = turn % len(items)
+    return [*items[start:], *items[:start]]
+
+
 @click.command()
 @click.option("--quick", is_flag=True, help="Smoke run: small files, 1 s runs, one repeat.")
 @click.option("--repeat", default=3, show_default=True, help="Runs per cell; the median is reported.")
@@ -226,7 +267,7 @@ def main(quick: bool, repeat: int, as_json: bool, only: tuple[str, ...], base: P
     size, runtime_s, meta_s = ("64M", 1.0, 1.0) if quick else ("1G", 10.0, 10.0)
     repeat = 1 if quick else repeat
     # (name, policy or None for the bare directory, extra worker flags)
-    variants = [("native", None, ()), ("passthrough, pyfuse3 loop", "", ("--session-loop", "pyfuse3")),
+    variants: list[Variant] = [("native", None, ()), ("passthrough, pyfuse3 loop", "", ("--session-loop", "pyfuse3")),
                 ("lean loop, no busy poll", "", ("--session-loop", "lean", "--busy-poll-us", "0")),
                 ("passthrough, lean loop", "", ("--session-loop", "lean")), ("+ no-op layers", NOOP_LAYERS, ()),
                 ("kernel passthrough", "", ("--kernel-passthrough",))]
@@ -239,41 +280,25 @@ def main(quick: bool, repeat: int, as_json: bool, only: tuple[str, ...], base: P
     cpu_us: dict[str, dict[str, list[float]]] = {v: {} for v, _, _ in variants}
     extras: dict[str, dict[str, float]] = {}
     host = HostMeter()
-    with tempfile.TemporaryDirectory(prefix="interposer-bench-", dir=base) as tmp:
-        work = Path(tmp)
-        targets: dict[str, Path] = {}
-        mounts: dict[str, Mount] = {}
-        try:
-            for i, (variant, policy, extra) in enumerate(variants):
-                backing = work / f"backing-{i}"
-                backing.mkdir()
-                targets[variant] = backing
-                if policy is not None:
-                    mnt = work / f"mnt-{i}"
-                    mnt.mkdir()
-                    mounts[variant] = Mount(backing, mnt, policy or None, work, extra)
-                    targets[variant] = mnt
-            for test in [*tests(size, runtime_s), None]:
-                name = test.name if test else "create+stat+unlink"
-                for r in range(repeat):
-                    order = variants[r % len(variants):] + variants[:r % len(variants)]
-                    for variant, _, _ in order:
-                        mount = mounts.get(variant)
-                        cpu = mount.cpu_s if mount else (lambda: 0.0)
-                        if test is None:
-                            value, per_op = metadata_ops_per_s(targets[variant], meta_s, cpu)
-                        else:
-                            value, per_op = test.run(targets[variant], cpu)
-                            for f in targets[variant].iterdir():
-                                f.unlink()
-                        results[variant].setdefault(name, []).append(value)
-                        cpu_us[variant].setdefault(name, []).append(per_op * 1e6)
-                click.echo(f"{name}: done", err=True)
-            for variant, mount in mounts.items():
-                extras[variant] = {"worker RSS MB": mount.rss_mb(), "mount ready s": mount.ready_s}
-        finally:
-            for mount in mounts.values():
-                mount.close()
+    with tempfile.TemporaryDirectory(prefix="interposer-bench-", dir=base) as tmp, \
+            variant_targets(Path(tmp), variants) as (targets, mounts):
+        for test in [*tests(size, runtime_s), None]:
+            name = test.name if test else "create+stat+unlink"
+            for r in range(repeat):
+                for variant, _, _ in rotated(variants, r):
+                    mount = mounts.get(variant)
+                    cpu = mount.cpu_s if mount else (lambda: 0.0)
+                    if test is None:
+                        value, per_op = metadata_ops_per_s(targets[variant], meta_s, cpu)
+                    else:
+                        value, per_op = test.run(targets[variant], cpu)
+                        for f in targets[variant].iterdir():
+                            f.unlink()
+                    results[variant].setdefault(name, []).append(value)
+                    cpu_us[variant].setdefault(name, []).append(per_op * 1e6)
+            click.echo(f"{name}: done", err=True)
+        for variant, mount in mounts.items():
+            extras[variant] = {"worker RSS MB": mount.rss_mb(), "mount ready s": mount.ready_s}
     medians = {v: {n: statistics.median(xs) for n, xs in row.items()} for v, row in results.items()}
     cpu_medians = {v: {n: statistics.median(xs) for n, xs in row.items()} for v, row in cpu_us.items()}
     units = {t.name: t.unit for t in tests(size, runtime_s)} | {"create+stat+unlink": "ops/s"}

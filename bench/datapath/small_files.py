@@ -31,7 +31,7 @@ from pathlib import Path
 
 import click
 
-from run import Mount, metadata_ops_per_s  # bench/datapath/run.py, which puts bench/ on sys.path
+from run import metadata_ops_per_s, rotated, variant_targets  # bench/datapath/run.py, which puts bench/ on sys.path
 from _host import HostMeter, machine  # noqa: E402, I001 - bench/_host.py
 
 #: Files of :data:`FILE_BYTES` each that the open+read+close workload cycles through.
@@ -75,44 +75,30 @@ def main(quick: bool, repeat: int, seconds: float) -> None:
     """Print create+stat+unlink and open+read+close rates: native, the defaults, --always-flush."""
     seconds, repeat = (1.0, 1) if quick else (seconds, repeat)
     host = HostMeter()
-    variants = {"native": None, "default (no FLUSH where needless)": (), "--always-flush": ("--always-flush",)}
+    variants = [("native", None, ()), ("default (no FLUSH where needless)", "", ()),
+                ("--always-flush", "", ("--always-flush",))]
     workloads = ("create+stat+unlink (ops/s)", "open+read 4 KiB+close (files/s)")
-    rates = {(name, w): [] for name in variants for w in workloads}
-    cpu_us = {(name, w): [] for name in variants for w in workloads}
-    with tempfile.TemporaryDirectory(prefix="interposer-small-files-") as tmp:
-        work = Path(tmp)
-        mounts: dict[str, Mount] = {}
-        directories: dict[str, Path] = {}
-        try:
-            for i, (name, flags) in enumerate(variants.items()):
-                backing = work / f"backing-{i}"
-                backing.mkdir()
-                directories[name] = backing
-                if flags is not None:
-                    (work / f"mnt-{i}").mkdir()
-                    mounts[name] = Mount(backing, work / f"mnt-{i}", None, work, flags)
-                    directories[name] = mounts[name].mountpoint
-            small = {name: prepare_files(directory) for name, directory in directories.items()}
-            names = list(variants)
-            for r in range(repeat):
-                for name in names[r % len(names):] + names[:r % len(names)]:
-                    mount = mounts.get(name)
-                    cpu = mount.cpu_s if mount else (lambda: 0.0)
-                    results = (metadata_ops_per_s(directories[name], seconds, cpu),
-                               files_read_per_s(small[name], seconds, cpu))
-                    for workload, (rate, per_op_s) in zip(workloads, results):
-                        rates[name, workload].append(rate)
-                        cpu_us[name, workload].append(per_op_s * 1e6)
-        finally:
-            for mount in mounts.values():
-                mount.close()
+    rates = {(name, w): [] for name, _, _ in variants for w in workloads}
+    cpu_us = {(name, w): [] for name, _, _ in variants for w in workloads}
+    with tempfile.TemporaryDirectory(prefix="interposer-small-files-") as tmp, \
+            variant_targets(Path(tmp), variants) as (directories, mounts):
+        small = {name: prepare_files(directory) for name, directory in directories.items()}
+        for r in range(repeat):
+            for name, _, _ in rotated(variants, r):
+                mount = mounts.get(name)
+                cpu = mount.cpu_s if mount else (lambda: 0.0)
+                results = (metadata_ops_per_s(directories[name], seconds, cpu),
+                           files_read_per_s(small[name], seconds, cpu))
+                for workload, (rate, per_op_s) in zip(workloads, results):
+                    rates[name, workload].append(rate)
+                    cpu_us[name, workload].append(per_op_s * 1e6)
     click.echo(f"machine: {machine()}; {seconds:g} s per run, median of {repeat}")
     click.echo("| workload | variant | rate | ratio to native | ratio to --always-flush | worker CPU per op (µs) |")
     click.echo("|---|---|---|---|---|---|")
     for workload in workloads:
         native = statistics.median(rates["native", workload])
         always = statistics.median(rates["--always-flush", workload])
-        for name in variants:
+        for name, _, _ in variants:
             rate = statistics.median(rates[name, workload])
             cpu = f"{statistics.median(cpu_us[name, workload]):.0f}" if name in mounts else "-"
             click.echo(f"| {workload} | {name} | {rate:,.0f} | {rate / native:.3f} | {rate / always:.2f} | {cpu} |")

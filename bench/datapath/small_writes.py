@@ -26,7 +26,7 @@ from pathlib import Path
 
 import click
 
-from run import Mount  # bench/datapath/run.py, which puts bench/ on sys.path
+from run import rotated, variant_targets  # bench/datapath/run.py, which puts bench/ on sys.path
 from _host import HostMeter, machine  # noqa: E402, I001 - bench/_host.py
 
 #: Bytes per ``write(2)``.
@@ -59,39 +59,25 @@ def main(quick: bool, repeat: int, count: int) -> None:
     """Print 4 KiB write rates: native, the worker's lean loop, kernel passthrough."""
     count, repeat = (1_000, 1) if quick else (count, repeat)
     host = HostMeter()
-    variants = {"native": None, "lean loop (default)": (), "kernel passthrough": ("--kernel-passthrough",)}
-    rates = {(name, label): [] for name in variants for label, _ in OPENS}
-    cpu_us = {(name, label): [] for name in variants for label, _ in OPENS}
-    with tempfile.TemporaryDirectory(prefix="interposer-small-writes-") as tmp:
-        work = Path(tmp)
-        mounts: dict[str, Mount] = {}
-        directories: dict[str, Path] = {}
-        try:
-            for i, (name, flags) in enumerate(variants.items()):
-                backing = work / f"backing-{i}"
-                backing.mkdir()
-                directories[name] = backing
-                if flags is not None:
-                    (work / f"mnt-{i}").mkdir()
-                    mounts[name] = Mount(backing, work / f"mnt-{i}", None, work, flags)
-                    directories[name] = mounts[name].mountpoint
-            names = list(variants)
-            for r in range(repeat):
-                for name in names[r % len(names):] + names[:r % len(names)]:
-                    mount = mounts.get(name)
-                    for label, open_flags in OPENS:
-                        before = mount.cpu_s() if mount else 0.0
-                        rates[name, label].append(writes_per_s(directories[name], open_flags, count))
-                        cpu_us[name, label].append((mount.cpu_s() - before) / count * 1e6 if mount else 0.0)
-        finally:
-            for mount in mounts.values():
-                mount.close()
+    variants = [("native", None, ()), ("lean loop (default)", "", ()),
+                ("kernel passthrough", "", ("--kernel-passthrough",))]
+    rates = {(name, label): [] for name, _, _ in variants for label, _ in OPENS}
+    cpu_us = {(name, label): [] for name, _, _ in variants for label, _ in OPENS}
+    with tempfile.TemporaryDirectory(prefix="interposer-small-writes-") as tmp, \
+            variant_targets(Path(tmp), variants) as (directories, mounts):
+        for r in range(repeat):
+            for name, _, _ in rotated(variants, r):
+                mount = mounts.get(name)
+                for label, open_flags in OPENS:
+                    before = mount.cpu_s() if mount else 0.0
+                    rates[name, label].append(writes_per_s(directories[name], open_flags, count))
+                    cpu_us[name, label].append((mount.cpu_s() - before) / count * 1e6 if mount else 0.0)
     click.echo(f"machine: {machine()}; {count:,} writes of {BLOCK} bytes per run, median of {repeat}")
     click.echo("| open | variant | writes/s | ratio to native | worker CPU per write (µs) |")
     click.echo("|---|---|---|---|---|")
     for label, _ in OPENS:
         native = statistics.median(rates["native", label])
-        for name in variants:
+        for name, _, _ in variants:
             rate = statistics.median(rates[name, label])
             cpu = f"{statistics.median(cpu_us[name, label]):.1f}" if name in mounts else "-"
             click.echo(f"| {label} | {name} | {rate:,.0f} | {rate / native:.2f} | {cpu} |")
