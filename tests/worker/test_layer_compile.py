@@ -145,3 +145,49 @@ def test_expiry_keeps_compiling_out_do_nothing_layers() -> None:
     assert set(stack.chains) and stack.needs_direct_io("/f")
     later = stack.expire(now_s=2001.0)
     assert later.chains == {} and not later.needs_direct_io("/f") and len(later.layers) == 1
+
+
+@pytest.mark.parametrize(("layer", "acts_on_flush"), [
+    (FaultLayer(errno="EIO", ops=frozenset({"read"})), False),
+    (FaultLayer(errno="EIO", ops=frozenset({"flush"}), path_glob="/other/*"), False),
+    (FaultLayer(errno="EIO", ops=frozenset({"flush"})), True),
+    (DelayLayer(delay_s=0.001), True),  # no ops: every op, flush included
+    (FaultLayer(errno="EIO", on="open"), False),  # acts on opens only
+    (FaultLayer(errno="EIO", ops=frozenset({"flush"}), probability=0.0), False),  # can never act
+])
+def test_which_layers_keep_flush_on_close(layer, acts_on_flush: bool) -> None:
+    assert Stack(Policy(layers=[layer]), 1).acts_on_flush_at("/f") is acts_on_flush
+
+
+@pytest.mark.parametrize(("layers", "flushless"), [([], True), ([FaultLayer(errno="EIO", ops=frozenset({"flush"}))], False)])
+def test_the_adapter_opens_files_without_flush_unless_a_layer_acts_on_it(layers, flushless: bool) -> None:
+    ops = InterposerOperations(MemoryBackend(), Telemetry(), Policy(layers=layers))
+    ops.noflush_opens = True  # as _extra_ops sets it when it answers opens
+
+    async def main() -> tuple[bool, bool]:
+        info, attrs = await ops.create(1, b"f", 0o100644, os.O_RDWR, _Ctx())
+        reopened = await ops.open(attrs.st_ino, os.O_RDONLY, _Ctx())
+        return ops.flushless(info.fh), ops.flushless(reopened.fh)
+
+    assert trio.run(main) == (flushless, flushless)
+
+
+def test_a_flush_layer_arriving_counts_files_opened_without_flush_until_released() -> None:
+    backend = MemoryBackend()
+    ops = InterposerOperations(backend, Telemetry(), Policy())
+    ops.noflush_opens = True
+
+    async def main() -> list[int]:
+        info, _ = await ops.create(1, b"held", 0o100644, os.O_RDWR, _Ctx())
+        seen = [ops.files_bypassing_layers]
+        ops.install(Stack(Policy(layers=[FaultLayer(errno="EIO", ops=frozenset({"flush"}), path_glob="/held")]), 1))
+        seen.append(ops.files_bypassing_layers)
+        ops.install(Stack(Policy(layers=[FaultLayer(errno="EIO", ops=frozenset({"flush"}), path_glob="/x")]), 2))
+        seen.append(ops.files_bypassing_layers)
+        ops.install(Stack(Policy(layers=[FaultLayer(errno="EIO", ops=frozenset({"flush"}))]), 3))
+        seen.append(ops.files_bypassing_layers)
+        await ops.release(info.fh)
+        seen.append(ops.files_bypassing_layers)
+        return seen
+
+    assert trio.run(main) == [0, 1, 0, 1, 0]
