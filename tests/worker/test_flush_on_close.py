@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import json
+import mmap
 import os
 
 import pytest
@@ -41,6 +42,18 @@ def test_closes_send_no_flush_on_a_backing_fs_without_one(mount_worker) -> None:
     assert (vol.backing / "new").read_bytes() == b"written"
     assert (vol.mountpoint / "new").read_bytes() == b"written"
     assert vol.proc.poll() is None, vol.log()
+
+
+def test_shared_map_writes_reach_the_backing_file_without_flush(mount_worker) -> None:
+    # FLUSH also wrote back a shared map's dirty pages; without it, unmapping does.
+    vol = mount_worker()
+    (vol.mountpoint / "mapped").write_bytes(bytes(8192))
+    fd = os.open(vol.mountpoint / "mapped", os.O_RDWR)
+    mapping = mmap.mmap(fd, 8192)
+    assert _closes_with_worker_stopped(vol, fd)  # the map keeps the file open
+    mapping[100:105] = b"hello"
+    mapping.close()
+    assert (vol.backing / "mapped").read_bytes()[100:105] == b"hello"
 
 
 def test_always_flush_sends_one_per_close(mount_worker) -> None:
