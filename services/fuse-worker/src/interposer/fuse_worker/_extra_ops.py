@@ -391,10 +391,15 @@ class ExtraOps:
         self._start(req, lambda: self._handler.create(parent, entry, mode, flags, caller), reply)
 
     def _replied(self, info: pyfuse3.FileInfo, error: int) -> None:
-        if error == errno.ENOENT:
-            # The open was interrupted: the kernel forgot it and will send no RELEASE.
-            assert self._nursery is not None
-            self._nursery.start_soon(self._handler.release, info.fh)
+        if not error:
+            return
+        # The kernel did not take the open: interrupted (ENOENT: it forgot the
+        # request), or a reply it refused (it failed the open with EIO). Either way
+        # it will send no RELEASE, so the handle is released here.
+        if error != errno.ENOENT:
+            log.error("the kernel refused the reply to an open (%s); the open failed", errno.errorcode.get(error, error))
+        assert self._nursery is not None
+        self._nursery.start_soon(self._handler.release, info.fh)
 
     def _caller(self, req: int) -> Caller:
         ctx = self._lib.fuse_req_ctx(req).contents
