@@ -1,10 +1,11 @@
-"""OPEN and CREATE replies written to ``/dev/fuse`` by the worker, with the fields libfuse 3.14 cannot send.
+"""OPEN and CREATE replies written to ``/dev/fuse`` by the worker, with fields pyfuse3 3.5 and libfuse 3.14 cannot send.
 
 libfuse builds ``struct fuse_open_out`` from ``struct fuse_file_info``, and
 pyfuse3 3.5 copies only ``fh``, ``direct_io``, ``keep_cache`` and ``nonseekable``
-into that: ``FOPEN_NOFLUSH`` (no FLUSH request on ``close(2)``, Linux ≥ 5.16)
-and the ``backing_id`` of kernel passthrough (Linux ≥ 6.9, a field libfuse
-calls padding) cannot be asked for through them. ``_extra_ops`` therefore
+into that: ``FOPEN_NOFLUSH`` (no FLUSH request on ``close(2)``, Linux ≥ 5.16;
+libfuse's ``noflush`` bit, which pyfuse3 never sets) and the ``backing_id`` of
+kernel passthrough (Linux ≥ 6.9, a field libfuse 3.14 calls padding) cannot be
+asked for through them. ``_extra_ops`` therefore
 serves the ``open`` and ``create`` slots itself and answers through
 :class:`RawReplies`: the request's ``unique`` is read from libfuse's
 ``struct fuse_req`` (checked against two public facts first: its first member
