@@ -209,6 +209,10 @@ async def serve(config: WorkerConfig) -> None:
             except ExtraOpsUnavailable as exc:
                 log.warning("fallocate, copy_file_range and lseek answered ENOSYS (kernel fallbacks), "
                             "max_background the kernel's: %s", exc)
+            if operations.noflush_opens:
+                # Users comparing traces with strace would otherwise wonder where the flushes went.
+                log.info("close(2) sends FLUSH only where a layer acts on flush or the backing fs has a "
+                         "flush method (--always-flush: on every close)")
             _timer.configure(config.wake_compensation)
             if config.session_loop == "lean":
                 _session_loop.install(config.busy_poll_us * 1e-6)
