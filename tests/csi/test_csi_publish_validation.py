@@ -218,12 +218,13 @@ def test_bad_worker_tuning_value(
     [
         ({"cacheCoherence": "relaxed"}, ["'cacheCoherence'", "'relaxed'", "default, strict"]),
         ({"kernelPassthrough": "yes"}, ["'kernelPassthrough'", "'yes'", "true, false"]),
+        ({"flushOnClose": "never"}, ["'flushOnClose'", "'never'", "auto, always"]),
         (
             {"cacheCoherence": "strict", "negativeTimeoutSeconds": "1"},
             ["'cacheCoherence'", "'negativeTimeoutSeconds'", "every cache timeout to 0"],
         ),
     ],
-    ids=["unknown", "strict-beside-a-timeout", "kernel-passthrough-not-a-boolean"],
+    ids=["unknown", "kernel-passthrough-not-a-boolean", "flush-on-close-unknown", "strict-beside-a-timeout"],
 )
 def test_bad_cache_coherence(
     csi_node: CsiNode, csi_root: Path, context: dict, expected_in_details: list

@@ -79,6 +79,11 @@ CONTEXT_MAX_BACKGROUND = "maxBackgroundRequests"
 #: ``passthrough`` backend only; those reads and writes make no op events). OPTIONAL:
 #: unset = ``"false"``.
 CONTEXT_KERNEL_PASSTHROUGH = "kernelPassthrough"
+#: ``volume_context`` key: ``auto`` (``close(2)`` sends FLUSH only where a layer acts
+#: on flush or the backing fs has a flush method) or ``always`` (every close does, so
+#: traces show a flush per close; ``--always-flush``). OPTIONAL: unset = ``auto``.
+CONTEXT_FLUSH_ON_CLOSE = "flushOnClose"
+FLUSH_ON_CLOSE_MODES = ("auto", "always")
 #: ``volume_context`` key: ``default`` (the timeouts as given) or ``strict`` (all three
 #: 0: a name or file another node changes in a shared backing dir shows at once, and
 #: every stat and lookup is a round trip to the worker). OPTIONAL.
@@ -88,7 +93,7 @@ CACHE_COHERENCE_MODES = ("default", "strict")
 CACHE_TIMEOUT_KEYS = (CONTEXT_ENTRY_TIMEOUT, CONTEXT_ATTR_TIMEOUT, CONTEXT_NEGATIVE_TIMEOUT)
 #: Every key :func:`worker_tuning_of` reads (also StorageClass parameters of the Controller).
 WORKER_TUNING_KEYS = frozenset({*CACHE_TIMEOUT_KEYS, CONTEXT_BUSY_POLL, CONTEXT_MAX_BACKGROUND,
-                                CONTEXT_CACHE_COHERENCE, CONTEXT_KERNEL_PASSTHROUGH})
+                                CONTEXT_CACHE_COHERENCE, CONTEXT_KERNEL_PASSTHROUGH, CONTEXT_FLUSH_ON_CLOSE})
 #: ``volume_context`` keys kubelet adds when the CSIDriver has ``podInfoOnMount: true``.
 CONTEXT_POD_NAMESPACE = "csi.storage.k8s.io/pod.namespace"
 CONTEXT_POD_NAME = "csi.storage.k8s.io/pod.name"
@@ -735,7 +740,8 @@ def worker_tuning_of(settings: Mapping[str, str], field: str) -> WorkerTuning:
             0 to ``MAX_BUSY_POLL_US`` µs, a ``maxBackgroundRequests`` that is not an
             integer from 0 to ``MAX_BACKGROUND_REQUESTS``, a ``cacheCoherence`` other than
             ``default``/``strict``, ``strict`` beside a non-zero timeout, or a
-            ``kernelPassthrough`` other than ``true``/``false``.
+            ``kernelPassthrough`` other than ``true``/``false``, or a ``flushOnClose``
+            other than ``auto``/``always``.
     """
     timeouts_s = {
         key: _setting_in_range(settings, key, field, float, "decimal seconds", MAX_CACHE_TIMEOUT_S)
@@ -771,6 +777,12 @@ def worker_tuning_of(settings: Mapping[str, str], field: str) -> WorkerTuning:
         if text not in ("true", "false"):
             raise _invalid(f"{key} = {text!r} is not one of: true, false")
         kernel_passthrough = text == "true"
+    always_flush = None
+    if CONTEXT_FLUSH_ON_CLOSE in settings:
+        text = settings[CONTEXT_FLUSH_ON_CLOSE]
+        if text not in FLUSH_ON_CLOSE_MODES:
+            raise _invalid(f"{field}[{CONTEXT_FLUSH_ON_CLOSE!r}] = {text!r} is not one of: {', '.join(FLUSH_ON_CLOSE_MODES)}")
+        always_flush = text == "always"
     return WorkerTuning(
         entry_timeout_s=timeouts_s.get(CONTEXT_ENTRY_TIMEOUT),
         attr_timeout_s=timeouts_s.get(CONTEXT_ATTR_TIMEOUT),
@@ -778,6 +790,7 @@ def worker_tuning_of(settings: Mapping[str, str], field: str) -> WorkerTuning:
         busy_poll_us=busy_poll_us,
         max_background=max_background,
         kernel_passthrough=kernel_passthrough,
+        always_flush=always_flush,
     )
 
 

@@ -26,6 +26,9 @@ class WorkerTuning(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
         kernel_passthrough: let the kernel serve reads and writes of files no layer
             acts on straight from the backing files (``--kernel-passthrough``;
             worker default off).
+        always_flush: every ``close(2)`` sends FLUSH (``--always-flush``), not only
+            where a layer acts on flush or the backing fs has a flush method
+            (``--skip-needless-flush``, the worker's default).
     """
 
     entry_timeout_s: float | None = None
@@ -34,6 +37,7 @@ class WorkerTuning(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
     busy_poll_us: int | None = None
     max_background: int | None = None
     kernel_passthrough: bool | None = None
+    always_flush: bool | None = None
 
     def arguments(self) -> list[str]:
         """The worker flags of the settings that are not None, e.g. ``["--entry-timeout", "0.0"]``."""
@@ -48,4 +52,6 @@ class WorkerTuning(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
         flags = [item for flag, value in settings if value is not None for item in (flag, repr(value))]
         if self.kernel_passthrough is not None:
             flags.append("--kernel-passthrough" if self.kernel_passthrough else "--no-kernel-passthrough")
+        if self.always_flush is not None:
+            flags.append("--always-flush" if self.always_flush else "--skip-needless-flush")
         return flags
