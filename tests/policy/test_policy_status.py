@@ -118,3 +118,20 @@ def test_set_wait_warns_of_open_files_kernel_passthrough_keeps_from_the_new_laye
         os.close(reopened)
     cleared = _cli(nats_url, "set", volume, "-", "--wait", "--timeout", "20", stdin=DELAY)
     assert "kernel passthrough" not in cleared.stderr.decode()  # nothing open in passthrough now
+
+
+def test_set_wait_warns_of_open_files_whose_close_a_new_flush_layer_cannot_reach(
+        nats_url, policy_service, mount_worker, fresh_volume) -> None:
+    volume = fresh_volume
+    vol = mount_worker(volume, nats_url=nats_url)
+    wait_until(lambda: len(_status(nats_url, volume).workers) == 1, "the worker's first heartbeat")
+    held = os.open(vol.mountpoint / "held", os.O_CREAT | os.O_WRONLY, 0o644)  # no layer on flush: opened without
+    fault = b'{"layers": [{"type": "fault", "errno": "EIO", "ops": ["flush"]}]}'
+    done = _cli(nats_url, "set", volume, "-", "--wait", "--timeout", "20", stdin=fault)
+    assert done.returncode == 0, done.stderr
+    assert "1 open file(s) bypass this policy's layers" in done.stderr.decode()
+    os.close(held)  # what the warning says: the fault does not reach this close
+    reopened = os.open(vol.mountpoint / "held", os.O_WRONLY)
+    with pytest.raises(OSError) as info:
+        os.close(reopened)
+    assert info.value.errno == errno.EIO
