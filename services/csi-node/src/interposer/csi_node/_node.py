@@ -16,7 +16,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -748,10 +748,8 @@ def worker_tuning_of(settings: Mapping[str, str], field: str) -> WorkerTuning:
         for key in CACHE_TIMEOUT_KEYS
         if key in settings
     }
-    coherence = settings.get(CONTEXT_CACHE_COHERENCE, "default")
+    coherence = _setting_of(settings, CONTEXT_CACHE_COHERENCE, field, CACHE_COHERENCE_MODES) or "default"
     coherence_key = f"{field}[{CONTEXT_CACHE_COHERENCE!r}]"
-    if coherence not in CACHE_COHERENCE_MODES:
-        raise _invalid(f"{coherence_key} = {coherence!r} is not one of: {', '.join(CACHE_COHERENCE_MODES)}")
     if coherence == "strict":
         for key, timeout_s in timeouts_s.items():
             if timeout_s:
@@ -770,28 +768,31 @@ def worker_tuning_of(settings: Mapping[str, str], field: str) -> WorkerTuning:
         max_background = _setting_in_range(
             settings, CONTEXT_MAX_BACKGROUND, field, int, "whole requests", MAX_BACKGROUND_REQUESTS
         )
-    kernel_passthrough = None
-    if CONTEXT_KERNEL_PASSTHROUGH in settings:
-        text = settings[CONTEXT_KERNEL_PASSTHROUGH]
-        key = f"{field}[{CONTEXT_KERNEL_PASSTHROUGH!r}]"
-        if text not in ("true", "false"):
-            raise _invalid(f"{key} = {text!r} is not one of: true, false")
-        kernel_passthrough = text == "true"
-    always_flush = None
-    if CONTEXT_FLUSH_ON_CLOSE in settings:
-        text = settings[CONTEXT_FLUSH_ON_CLOSE]
-        if text not in FLUSH_ON_CLOSE_MODES:
-            raise _invalid(f"{field}[{CONTEXT_FLUSH_ON_CLOSE!r}] = {text!r} is not one of: {', '.join(FLUSH_ON_CLOSE_MODES)}")
-        always_flush = text == "always"
+    passthrough = _setting_of(settings, CONTEXT_KERNEL_PASSTHROUGH, field, ("true", "false"))
+    flush_on_close = _setting_of(settings, CONTEXT_FLUSH_ON_CLOSE, field, FLUSH_ON_CLOSE_MODES)
     return WorkerTuning(
         entry_timeout_s=timeouts_s.get(CONTEXT_ENTRY_TIMEOUT),
         attr_timeout_s=timeouts_s.get(CONTEXT_ATTR_TIMEOUT),
         negative_timeout_s=timeouts_s.get(CONTEXT_NEGATIVE_TIMEOUT),
         busy_poll_us=busy_poll_us,
         max_background=max_background,
-        kernel_passthrough=kernel_passthrough,
-        always_flush=always_flush,
+        kernel_passthrough=None if passthrough is None else passthrough == "true",
+        always_flush=None if flush_on_close is None else flush_on_close == "always",
     )
+
+
+def _setting_of(settings: Mapping[str, str], key: str, field: str, allowed: Sequence[str]) -> str | None:
+    """``settings[key]``, one of ``allowed``; None if unset.
+
+    Raises:
+        CsiError: INVALID_ARGUMENT naming ``field[key]``, the value and what is allowed.
+    """
+    if key not in settings:
+        return None
+    text = settings[key]
+    if text not in allowed:
+        raise _invalid(f"{field}[{key!r}] = {text!r} is not one of: {', '.join(allowed)}")
+    return text
 
 
 def _setting_in_range(
