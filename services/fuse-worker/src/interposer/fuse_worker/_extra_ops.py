@@ -67,7 +67,7 @@ import trio
 
 from ._elf import ElfError, symbols as elf_symbols
 from ._kernel_passthrough import KernelPassthrough, PassthroughUnavailable
-from ._raw_reply import FOPEN_NOFLUSH, RawReplies, RawReplyUnavailable, open_flags_of
+from ._raw_reply import FOPEN_NOFLUSH, FuseCtx, RawReplies, RawReplyUnavailable, open_flags_of
 
 log = logging.getLogger(__name__)
 
@@ -132,11 +132,6 @@ class Caller(NamedTuple):
     pid: int
 
 
-class _FuseCtx(ctypes.Structure):
-    _fields_ = [("uid", ctypes.c_uint32), ("gid", ctypes.c_uint32), ("pid", ctypes.c_int32),
-                ("umask", ctypes.c_uint32)]
-
-
 class _ConnInfo(ctypes.Structure):
     """The leading fields of ``struct fuse_conn_info`` (fuse_common.h, libfuse 3.x)."""
 
@@ -187,7 +182,7 @@ def _libfuse() -> ctypes.CDLL:
     lib.fuse_reply_lseek.argtypes = [ctypes.c_void_p, ctypes.c_int64]
     lib.fuse_reply_lseek.restype = ctypes.c_int
     lib.fuse_req_ctx.argtypes = [ctypes.c_void_p]
-    lib.fuse_req_ctx.restype = ctypes.POINTER(_FuseCtx)
+    lib.fuse_req_ctx.restype = ctypes.POINTER(FuseCtx)
     lib.fuse_reply_none.argtypes = [ctypes.c_void_p]
     lib.fuse_reply_none.restype = None
     lib.fuse_session_fd.argtypes = [ctypes.c_void_p]

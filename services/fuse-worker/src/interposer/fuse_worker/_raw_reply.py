@@ -45,7 +45,7 @@ _REQ_UNIQUE = 8
 _REQ_CTX = 64
 
 
-class _FuseCtx(ctypes.Structure):
+class FuseCtx(ctypes.Structure):
     """``struct fuse_ctx`` (fuse_lowlevel.h): who sent a request."""
 
     _fields_ = [("uid", ctypes.c_uint32), ("gid", ctypes.c_uint32), ("pid", ctypes.c_int32),
@@ -94,7 +94,7 @@ class RawReplies:
         What ``fuse_req_ctx()`` returns, without a call through ctypes; valid for a
         request :meth:`check_request` accepted the layout of.
         """
-        ctx = _FuseCtx.from_address(req + _REQ_CTX)
+        ctx = FuseCtx.from_address(req + _REQ_CTX)
         return ctx.uid, ctx.gid, ctx.pid
 
     def open(self, req: int, fh: int, open_flags: int, backing_id: int = 0) -> int:
