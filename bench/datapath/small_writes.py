@@ -1,17 +1,17 @@
 """Small writes: 4 KiB ``write(2)`` calls, native vs the worker's path vs kernel passthrough.
 
 Loggers, databases' journals and checkpoint writers issue many small writes.
-Through the worker each is at least one FUSE round trip: a WRITE request (and,
-for a read-write open through the page cache, a GETXATTR of
-``security.capability`` the kernel asks before every write). With kernel
-passthrough the data goes straight to the backing file, but the kernel still
-asks that GETXATTR before each write (``backing_file_write_iter`` →
-``file_remove_privs`` on the FUSE inode; FUSE clears ``SB_NOSEC``, so the answer
-is never remembered). This measures what is left: 4 KiB writes per second into a
-new file opened read-write and write-only with ``O_APPEND``, on the backing
-directory itself (native), through a mount with the default lean loop, and
-through one with ``--kernel-passthrough``; the variants take turns in each
-repeat. Prints medians, ratios to native and the worker CPU per write.
+Through the worker each is at least one FUSE round trip: a WRITE request. Before
+a cached or passthrough write the kernel also asks the file system for the
+file's ``security.capability`` (a GETXATTR round trip: ``file_remove_privs`` on
+the FUSE inode), unless the mount is ``SB_NOSEC``, which it becomes when the
+worker asks for ``FUSE_HANDLE_KILLPRIV_V2`` (the default). This measures 4 KiB
+writes per second into a new file opened read-write and write-only with
+``O_APPEND``, on the backing directory itself (native), through a mount with the
+defaults, and with ``--kernel-passthrough``, each also with
+``--no-handle-killpriv-v2`` (the GETXATTR before every write); the variants take
+turns in each repeat. Prints medians, ratios to native and the worker CPU per
+write.
 
 Usage: ``.venv/bin/python bench/datapath/small_writes.py [--quick] [--repeat N]``
 """
@@ -56,11 +56,13 @@ def writes_per_s(directory: Path, flags: int, count: int) -> float:
 @click.option("--repeat", default=3, show_default=True, help="Runs per cell; the median is reported.")
 @click.option("--count", default=20_000, show_default=True, help="Writes per run.")
 def main(quick: bool, repeat: int, count: int) -> None:
-    """Print 4 KiB write rates: native, the worker's lean loop, kernel passthrough."""
+    """Print 4 KiB write rates: native, the defaults, kernel passthrough, each with and without FUSE_HANDLE_KILLPRIV_V2."""
     count, repeat = (1_000, 1) if quick else (count, repeat)
     host = HostMeter()
-    variants = [("native", None, ()), ("lean loop (default)", "", ()),
-                ("kernel passthrough", "", ("--kernel-passthrough",))]
+    variants = [("native", None, ()), ("defaults", "", ()),
+                ("--no-handle-killpriv-v2", "", ("--no-handle-killpriv-v2",)),
+                ("kernel passthrough", "", ("--kernel-passthrough",)),
+                ("kernel passthrough, --no-handle-killpriv-v2", "", ("--kernel-passthrough", "--no-handle-killpriv-v2"))]
     rates = {(name, label): [] for name, _, _ in variants for label, _ in OPENS}
     cpu_us = {(name, label): [] for name, _, _ in variants for label, _ in OPENS}
     with tempfile.TemporaryDirectory(prefix="interposer-small-writes-") as tmp, \

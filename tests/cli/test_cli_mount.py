@@ -100,5 +100,7 @@ def test_mount_always_flush_sends_flush_on_every_close(tmp_path: Path) -> None:
         # close(2) waits for the stopped worker: it sent a FLUSH (without the flag it would not, on ext4)
         assert call_with_process_stopped(proc.pid, lambda: os.close(fd) or True, timeout_s=1.0) is None
     finally:
-        subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
+        # The close finishes in its thread once the worker is continued; until then the mount is busy.
+        wait_until(lambda: subprocess.run(["fusermount3", "-u", str(mnt)], check=False,
+                                          capture_output=True).returncode == 0, "an unmount the close no longer holds up")
     assert proc.wait(10) == 0, (tmp_path / "mount.log").read_text()

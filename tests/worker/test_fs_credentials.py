@@ -91,21 +91,27 @@ for kind in SETID_KINDS:
     for how, flags in (("O_WRONLY", os.O_WRONLY), ("O_RDWR", os.O_RDWR), ("O_DIRECT", os.O_WRONLY | os.O_DIRECT)):
         path = f"setid-{kind}-{how}"
         checks[f"write {path}"] = lambda path=path, flags=flags: write_then_mode(path, flags)
+    checks[f"truncate setid-{kind}-truncate"] = lambda path=f"setid-{kind}-truncate": (
+        os.truncate(path, 1), oct(os.stat(path).st_mode))[1]
+    checks[f"open O_TRUNC setid-{kind}-O_TRUNC"] = lambda path=f"setid-{kind}-O_TRUNC": (
+        os.close(os.open(path, os.O_WRONLY | os.O_TRUNC)), oct(os.stat(path).st_mode))[1]
 print(json.dumps({name: outcome(fn) for name, fn in checks.items()}))
 '''
 #: Set-ID files written by the caller: a write clears S_ISUID, and S_ISGID of a
 #: group-executable file or of one whose group the writer is not in.
 SETID_MODES = {"setuid": 0o4777, "setgid-exec": 0o2777, "setgid-noexec-other-group": 0o2767}
-#: Where the kernel's FUSE module itself differs from ext4, with what it gives: for a
-#: cached write it clears S_ISGID only of a group-executable file (fuse_setattr's own
-#: rule, which predates the "writer not in the group" one). Harmless: exec ignores
-#: S_ISGID without group-execute. Writes the worker handles (direct I/O: O_DIRECT and
-#: write-only opens) follow the native rule (``_setid``).
-KERNEL_FUSE_DIFFERENCES = {"write setid-setgid-noexec-other-group-O_RDWR": oct(0o102767)}
-#: With kernel passthrough the kernel clears the bits of every write (file_remove_privs
-#: on the FUSE inode, as the writer), so its rule applies to every open.
-KERNEL_PASSTHROUGH_DIFFERENCES = {f"write setid-setgid-noexec-other-group-{how}": oct(0o102767)
-                                  for how in ("O_WRONLY", "O_RDWR", "O_DIRECT")}
+#: The mount variants, by worker flags. Every one must match native exactly, set-ID
+#: bits included: the worker clears them for writes, truncations and O_TRUNC opens by
+#: non-root callers (``_setid``), with the native rule, where the kernel's FUSE module
+#: would clear S_ISGID only of a group-executable file (fuse_setattr's own rule).
+VARIANTS = {
+    "passthrough": ["--backend", "passthrough"],
+    "memory": ["--backend", "memory"],
+    # Set-ID files opened for writing by a non-root caller are not passed through.
+    "kernel-passthrough": ["--kernel-passthrough"],
+    # The kernel clears set-ID bits too (no FUSE_HANDLE_KILLPRIV_V2).
+    "no-killpriv-v2": ["--no-handle-killpriv-v2"],
+}
 CALLER_SCRIPT = f"SETID_KINDS = {sorted(SETID_MODES)!r}\n" + CALLER_SCRIPT
 
 
@@ -123,7 +129,7 @@ def _build_tree(root: Path) -> None:
     os.chmod(root / "sticky" / "rootfile", 0o666)
     (root / "private" / "inner").write_text("i")
     for kind, mode in SETID_MODES.items():
-        for how in ("O_WRONLY", "O_RDWR", "O_DIRECT"):
+        for how in ("O_WRONLY", "O_RDWR", "O_DIRECT", "truncate", "O_TRUNC"):
             path = root / f"setid-{kind}-{how}"
             path.write_bytes(b"\0" * 4096)
             os.chown(path, 0, OTHER_GID)
@@ -144,12 +150,12 @@ def _run_as_nobody(cwd: Path, script: str = CALLER_SCRIPT) -> dict[str, object]:
 
 
 @pytest.mark.fuse
-@pytest.mark.parametrize("backend", ["passthrough", "memory", "kernel-passthrough"])
-def test_a_non_root_caller_gets_native_errors_and_ownership(mount_worker, tmp_path: Path, backend: str) -> None:
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_a_non_root_caller_gets_native_errors_and_ownership(mount_worker, tmp_path: Path, variant: str) -> None:
     assert os.geteuid() == 0, "this test switches to uid 65534, so it must start as root"
     native = tmp_path / "native"
     native.mkdir()
-    vol = mount_worker(extra=["--kernel-passthrough"] if backend == "kernel-passthrough" else ["--backend", backend])
+    vol = mount_worker(extra=VARIANTS[variant])
     _build_tree(native)
     _build_tree(vol.mountpoint)
     expected = _run_as_nobody(native)
@@ -159,13 +165,12 @@ def test_a_non_root_caller_gets_native_errors_and_ownership(mount_worker, tmp_pa
     assert expected["create in 0777 dir"][:2] == [NOBODY, NOBODY]
     assert expected["create in setgid dir"][:2] == [NOBODY, OTHER_GID]
     assert expected["write setid-setuid-O_DIRECT"] == oct(0o100777)
+    assert expected["truncate setid-setuid-truncate"] == oct(0o100777)
+    assert expected["open O_TRUNC setid-setgid-exec-O_TRUNC"] == oct(0o100777)
     assert expected["create setgid executable in setgid dir"][2] == oct(0o100755)
     differences = {k: (expected[k], got[k]) for k in expected if expected[k] != got[k]}
-    known = KERNEL_PASSTHROUGH_DIFFERENCES if backend == "kernel-passthrough" else KERNEL_FUSE_DIFFERENCES
-    assert differences == {k: (expected[k], v) for k, v in known.items()}, (
-        f"native vs mount: {differences}"
-    )
-    if backend != "memory":
+    assert differences == {}, f"native vs mount: {differences}"
+    if variant != "memory":
         st = os.stat(vol.backing / "rw" / "x")
         assert (st.st_uid, st.st_gid) == (NOBODY, NOBODY)
 

@@ -47,6 +47,36 @@ def _backing_file(vol, name: str, size: int = MIB) -> bytes:  # noqa: ANN001
     return data
 
 
+def _writes_with_worker_stopped(vol, fd: int, timeout_s: float = 5.0) -> bool:  # noqa: ANN001
+    """True if a 4 KiB ``pwrite`` through ``fd`` completed while the worker was stopped."""
+    return call_with_process_stopped(vol.proc.pid, lambda: os.pwrite(fd, b"y" * 4096, 4096), timeout_s) == 4096
+
+
+def test_passthrough_writes_do_not_wait_for_the_worker(mount_worker) -> None:
+    # With FUSE_HANDLE_KILLPRIV_V2 the kernel stops asking the worker for
+    # security.capability before each write once a write has found nothing to clear.
+    vol = mount_worker(extra=PASSTHROUGH)
+    fd = os.open(vol.mountpoint / "log", os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        os.write(fd, b"first")
+        assert _writes_with_worker_stopped(vol, fd)
+    finally:
+        os.close(fd)
+    assert (vol.backing / "log").read_bytes()[4096:] == b"y" * 4096
+
+
+def test_without_killpriv_v2_every_passthrough_write_asks_the_worker(mount_worker) -> None:
+    # The control for the test above: the helper does tell a write that waits for the worker.
+    vol = mount_worker(extra=[*PASSTHROUGH, "--no-handle-killpriv-v2"])
+    fd = os.open(vol.mountpoint / "log", os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        os.write(fd, b"first")
+        assert not _writes_with_worker_stopped(vol, fd, timeout_s=1.0)
+    finally:
+        os.close(fd)
+    wait_until(lambda: (vol.backing / "log").read_bytes()[4096:] == b"y" * 4096, "the write, once continued")
+
+
 def test_reads_and_writes_of_an_opened_file_are_served_by_the_kernel(mount_worker) -> None:
     vol = mount_worker(extra=PASSTHROUGH)
     data = _backing_file(vol, "data")

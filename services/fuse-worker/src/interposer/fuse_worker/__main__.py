@@ -74,6 +74,9 @@ from ._worker import run
               help="Spare close(2) its FLUSH request where flushing does nothing: no layer acts on flush "
                    "at the path, and the backing fs has no flush method (ext4, xfs, btrfs, tmpfs; memory "
                    "and null backends). --always-flush: every close sends one (see docs/ARCHITECTURE.md).")
+@click.option("--handle-killpriv-v2/--no-handle-killpriv-v2", default=True, show_default=True,
+              help="Clear set-ID bits on writes and truncations here (FUSE_HANDLE_KILLPRIV_V2), so the "
+                   "kernel stops sending a GETXATTR before every write(2) (see docs/posix.md).")
 @click.option("--entry-timeout", "entry_timeout_s", type=click.FloatRange(0, MAX_CACHE_TIMEOUT_S),
               default=DEFAULT_ENTRY_TIMEOUT_S, show_default=True, help="Seconds the kernel may cache a name it looked up (see docs/posix.md).")
 @click.option("--attr-timeout", "attr_timeout_s", type=click.FloatRange(0, MAX_CACHE_TIMEOUT_S),

@@ -30,6 +30,17 @@ log = logging.getLogger(__name__)
 
 #: The set-ID bits of a mode.
 _SETID = stat.S_ISUID | stat.S_ISGID
+
+
+def _clears_setid(flags: int, ctx: pyfuse3.RequestContext | Caller) -> bool:
+    """Whether writes through a file opened with ``flags`` by ``ctx`` clear set-ID bits (``_setid``).
+
+    Opened for writing by a caller other than root: uid 0 stands for CAP_FSETID,
+    since the worker sees uids, not capabilities.
+    """
+    return ctx.uid != 0 and (flags & os.O_ACCMODE) != os.O_RDONLY
+
+
 #: ``SetattrFields`` of a mode-only change made by the worker itself (pyfuse3's own
 #: class cannot be built from Python; backends only read its ``update_*`` flags).
 _MODE_ONLY = SimpleNamespace(update_size=False, update_mode=True, update_uid=False, update_gid=False,
@@ -79,8 +90,8 @@ class InterposerOperations(pyfuse3.Operations):
         self.stack_changed = trio.Event()
         #: Set once the kernel's FUSE_INIT has been answered (mount settings are final).
         self.initialized = trio.Event()
-        #: fh → context of the non-root opener, for files opened for writing with
-        #: FOPEN_DIRECT_IO, whose writes must clear set-ID bits here (``_setid``).
+        #: fh → context of the non-root opener, for files opened for writing, whose
+        #: writes must clear set-ID bits here (``_setid``).
         self._setid_writers: dict[int, pyfuse3.RequestContext] = {}
         #: Inodes whose writes by those openers must check for set-ID bits: seen
         #: with S_ISUID/S_ISGID when opened or created, or given them by a setattr
@@ -268,8 +279,17 @@ class InterposerOperations(pyfuse3.Operations):
     async def setattr(self, inode, attr, fields, fh, ctx):
         op = self._op("setattr", inode, ctx, size=attr.st_size if fields.update_size else 0)
         if fields.update_mode and attr.st_mode & _SETID:
-            self._setid_inodes.add(inode)  # direct writes must clear them from now on
-        return await self._serve(op, lambda: self.backend.setattr(inode, attr, fields, fh, ctx))
+            self._setid_inodes.add(inode)  # writes must clear them from now on
+
+        async def setattr() -> pyfuse3.EntryAttributes:
+            attrs = await self.backend.setattr(inode, attr, fields, fh, ctx)
+            if fields.update_size and not fields.update_mode and attrs.st_mode & _SETID:
+                # A truncation by a caller without CAP_FSETID clears them; without
+                # FUSE_HANDLE_KILLPRIV_V2 the kernel sends the new mode along instead.
+                attrs = await self._clear_setid_bits(inode, ctx, attrs)
+            return attrs
+
+        return await self._serve(op, setattr)
 
     async def readlink(self, inode, ctx):
         return await self._serve(self._op("readlink", inode, ctx), lambda: self.backend.readlink(inode, ctx))
@@ -309,32 +329,37 @@ class InterposerOperations(pyfuse3.Operations):
     async def open(self, inode, flags, ctx):
         op = self._op("open", inode, ctx, session=self.telemetry.new_session())
         info = await self._serve(op, lambda: self.backend.open(inode, flags, ctx))
+        if _clears_setid(flags, ctx):
+            attrs = await self.backend.getattr(inode, ctx)
+            if attrs.st_mode & _SETID:
+                self._setid_inodes.add(inode)
+                if flags & os.O_TRUNC:  # the truncation clears them, as a truncate(2) would
+                    await self._clear_setid_bits(inode, ctx, attrs)
         self._opened(info, inode, flags, op, ctx)
-        if info.fh in self._setid_writers and (await self.backend.getattr(inode, ctx)).st_mode & _SETID:
-            self._setid_inodes.add(inode)
         return info
 
     async def create(self, parent_inode, name, mode, flags, ctx):
         op = self._entry_op("create", parent_inode, name, ctx)
         op.session = self.telemetry.new_session()
         info, attrs = await self._serve(op, lambda: self.backend.create(parent_inode, name, mode, flags, ctx))
-        self._opened(info, attrs.st_ino, flags, op, ctx)
-        if info.fh in self._setid_writers and mode & _SETID:
+        if _clears_setid(flags, ctx) and mode & _SETID:
             self._setid_inodes.add(attrs.st_ino)
+        self._opened(info, attrs.st_ino, flags, op, ctx)
         return info, attrs
 
     def _opened(self, info: pyfuse3.FileInfo, ino: int, flags: int, op: Op,
                 ctx: pyfuse3.RequestContext | Caller) -> None:
         """Choose the caching (or kernel passthrough) of file ``ino`` just opened, and note what its writes must do."""
+        if _clears_setid(flags, ctx):
+            self._setid_writers[info.fh] = ctx
         direct_io = self._direct_io(flags, op.path)
         if self.passthrough is not None:
-            mode = self.passthrough.opened(info.fh, ino, op.path, direct_io, self._passthrough_fd(info.fh, op.path))
+            backing_fd = self._passthrough_fd(info.fh, ino, op.path)
+            mode = self.passthrough.opened(info.fh, ino, op.path, direct_io, backing_fd)
             direct_io = mode is IoMode.DIRECT
         info.direct_io = direct_io
         if self.noflush_opens and not self.stack.acts_on_flush_at(op.path) and not self.backend.flush_needed(info.fh):
             self._flushless[info.fh] = op.path
-        if info.direct_io and ctx.uid != 0 and (flags & os.O_ACCMODE) != os.O_RDONLY:
-            self._setid_writers[info.fh] = ctx
         self.telemetry.bind_session(info.fh, op.session)
 
     def flushless(self, fh: int) -> bool:
@@ -347,16 +372,19 @@ class InterposerOperations(pyfuse3.Operations):
         """
         return fh in self._flushless
 
-    def _passthrough_fd(self, fh: int, path: str) -> int | None:
-        """The backing fd of file ``fh`` just opened at ``path``, if the kernel may serve its reads and writes itself.
+    def _passthrough_fd(self, fh: int, ino: int, path: str) -> int | None:
+        """The backing fd of file ``fh`` (inode ``ino``) just opened at ``path``, if the kernel may serve its reads and writes itself.
 
         Only while kernel passthrough is on (``--kernel-passthrough``), no layer acts
-        on reads or writes of ``path`` (it would never see them), and the backend has a
-        backing file. Set-ID bits need nothing here: before a passthrough write the
-        kernel clears them on the FUSE inode itself, as the writer (a SETATTR).
+        on reads or writes of ``path`` (it would never see them), the backend has a
+        backing file, and the file is not a set-ID file opened for writing by a
+        non-root caller: the kernel writes a passthrough file as the worker, so
+        with FUSE_HANDLE_KILLPRIV_V2 nobody would clear its set-ID bits.
         """
         assert self.passthrough is not None
         if not self.passthrough.enabled or self.stack.acts_on_data_at(path):
+            return None
+        if fh in self._setid_writers and ino in self._setid_inodes:
             return None
         backing_fd = getattr(self.backend, "backing_fd", None)
         if backing_fd is None:
@@ -406,15 +434,23 @@ class InterposerOperations(pyfuse3.Operations):
 
         return await self._serve(op, write)
 
-    async def _clear_setid_bits(self, ino: int, writer: pyfuse3.RequestContext) -> None:
-        """Clear the set-ID bits a write by ``writer`` clears (``_setid``): for direct I/O the kernel does not."""
-        attrs = await self.backend.getattr(ino, writer)
+    async def _clear_setid_bits(self, ino: int, writer: pyfuse3.RequestContext | Caller,
+                                attrs: pyfuse3.EntryAttributes | None = None) -> pyfuse3.EntryAttributes:
+        """Clear the set-ID bits a write or truncation by ``writer`` clears (``_setid``); return the attributes after.
+
+        The kernel leaves this to the worker for direct I/O, and for every write
+        and truncation with FUSE_HANDLE_KILLPRIV_V2. ``attrs``: the inode's
+        current attributes, if the caller has them.
+        """
+        if attrs is None:
+            attrs = await self.backend.getattr(ino, writer)
         bits = setid_bits_to_clear(attrs.st_mode, attrs.st_gid, writer.uid, writer.gid)
         if bits:
             attrs.st_mode &= ~bits
-            await self.backend.setattr(ino, attrs, _MODE_ONLY, None, writer)
+            attrs = await self.backend.setattr(ino, attrs, _MODE_ONLY, None, writer)
         if not attrs.st_mode & _SETID:
             self._setid_inodes.discard(ino)
+        return attrs
 
     async def flush(self, fh):
         ino = self.backend.ino_of_fh(fh)

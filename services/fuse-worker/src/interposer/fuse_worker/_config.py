@@ -177,6 +177,12 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
             no effect there (``Backend.flush_needed``: memory and null, or a backing
             fs without a flush method, e.g. ext4, xfs, btrfs, tmpfs). One request
             fewer per file opened; such closes then show as ``release`` only.
+        handle_killpriv_v2: ask the kernel for ``FUSE_HANDLE_KILLPRIV_V2``
+            (Linux ≥ 5.11): the worker clears set-ID bits on writes, truncations
+            and ``O_TRUNC`` opens by non-root callers itself (``_setid``), and the
+            kernel no longer sends a GETXATTR of ``security.capability`` before
+            every cached or kernel-passthrough ``write(2)``: a round trip fewer
+            per write.
         busy_poll_us: with the lean loop, how long a reader keeps polling an empty
             FUSE device before it yields, µs (``_session_loop``; 0 = never).
         blocking_io: where the passthrough backend's reads, writes, flushes and
@@ -234,6 +240,7 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     max_background: Annotated[int, msgspec.Meta(ge=0, le=MAX_BACKGROUND_REQUESTS)] = DEFAULT_MAX_BACKGROUND
     kernel_passthrough: bool = False
     skip_needless_flush: bool = True
+    handle_killpriv_v2: bool = True
     blocking_io: Literal["adaptive", "loop", "thread"] = "adaptive"
     wake_compensation: Literal["off", "worker", "round-trip"] = DEFAULT_WAKE_COMPENSATION
     read_ahead_kib: Annotated[int, msgspec.Meta(ge=0, le=65536)] = DEFAULT_READ_AHEAD_KIB

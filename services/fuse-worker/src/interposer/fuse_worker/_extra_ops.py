@@ -39,8 +39,9 @@ The ``open`` and ``create`` slots (pyfuse3's handlers checked in slots 14 and 30
 first) are served here too when FOPEN_NOFLUSH or kernel passthrough is asked
 for, because only a reply written by ``_raw_reply`` can carry them; with
 passthrough, the ``init`` wrapper also diverts the FUSE_INIT reply to ask for
-it. If the first request shows an unexpected libfuse request layout, opens and
-creates go back to pyfuse3's handlers, and both stay off.
+it (``_init_reply``), as it does to ask for ``FUSE_HANDLE_KILLPRIV_V2``. If the
+first request shows an unexpected libfuse request layout, opens and creates go
+back to pyfuse3's handlers, and both stay off.
 
 The callbacks run on the trio thread, inside ``fuse_session_process_buf``
 called by a pyfuse3 reader task. Each reads what it needs from the request (the
@@ -66,7 +67,8 @@ import pyfuse3
 import trio
 
 from ._elf import ElfError, symbols as elf_symbols
-from ._kernel_passthrough import KernelPassthrough, PassthroughUnavailable
+from ._init_reply import FUSE_HANDLE_KILLPRIV_V2, InitReply, InitReplyUnavailable
+from ._kernel_passthrough import FLAGS2_PASSTHROUGH, MAX_STACK_DEPTH, KernelPassthrough
 from ._raw_reply import FOPEN_NOFLUSH, FuseCtx, RawReplies, RawReplyUnavailable, open_flags_of
 
 log = logging.getLogger(__name__)
@@ -263,16 +265,22 @@ class ExtraOps:
         skip_needless_flush: also serve ``open`` and ``create`` here, to answer them
             with FOPEN_NOFLUSH where the handler's ``flushless`` allows; the
             handler's ``noflush_opens`` is set on :meth:`install`.
+        handle_killpriv: ask for ``FUSE_HANDLE_KILLPRIV_V2`` in the FUSE_INIT reply
+            (``_init_reply``): the handler then clears set-ID bits on writes and
+            truncations itself, and the kernel stops asking for
+            ``security.capability`` before each write.
     """
 
     def __init__(self, handler: ExtraOpsHandler, max_background: int = 0, kernel_passthrough: bool = False,
-                 skip_needless_flush: bool = False) -> None:
+                 skip_needless_flush: bool = False, handle_killpriv: bool = False) -> None:
         self._handler = handler
         self._lib = _libfuse()
         self._nursery: trio.Nursery | None = None
         self._max_background = max_background
         self._kernel_passthrough = kernel_passthrough
         self._skip_needless_flush = skip_needless_flush
+        self._handle_killpriv = handle_killpriv
+        self._init_reply: InitReply | None = None
         self._passthrough: KernelPassthrough | None = None
         self._replies: RawReplies | None = None
         self._pyfuse3_init: Any = None
@@ -287,7 +295,7 @@ class ExtraOps:
             SLOT_COPY_FILE_RANGE: _COPY_FILE_RANGE(self._copy_file_range),
             SLOT_LSEEK: _LSEEK(self._lseek),
         }
-        if max_background or kernel_passthrough:
+        if max_background or kernel_passthrough or handle_killpriv:
             self._callbacks[SLOT_INIT] = _INIT(self._init)
 
     def install(self, nursery: trio.Nursery) -> None:
@@ -305,13 +313,15 @@ class ExtraOps:
         session, table, pyfuse3_address = _session_op_table()
         self._nursery = nursery
         self._save_retval = _SAVE_RETVAL(pyfuse3_address["save_retval"])
-        if self._kernel_passthrough:
+        if self._kernel_passthrough or self._handle_killpriv:
             try:
-                self._passthrough = KernelPassthrough(self._lib, session)
-            except PassthroughUnavailable as exc:
-                log.warning("kernel passthrough off: %s", exc)
-            else:
-                self._handler.passthrough = self._passthrough
+                self._init_reply = InitReply(self._lib, session)
+            except InitReplyUnavailable as exc:
+                log.warning("FUSE_INIT reply as libfuse builds it (no kernel passthrough, the kernel "
+                            "checks security.capability before writes): %s", exc)
+        if self._kernel_passthrough and self._init_reply is not None:
+            self._passthrough = KernelPassthrough(self._lib, session)
+            self._handler.passthrough = self._passthrough
         if self._passthrough is not None or self._skip_needless_flush:
             self._replies = RawReplies(self._lib, session)
             self._pyfuse3_open = _PYFUSE3_OPEN(pyfuse3_address["fuse_open"])
@@ -334,12 +344,16 @@ class ExtraOps:
             info = _ConnInfo.from_address(conn)
             info.max_background = self._max_background
             info.congestion_threshold = self._max_background * 3 // 4
-        if self._passthrough is not None:
+        if self._init_reply is not None:
             assert self._nursery is not None
+            passthrough = self._passthrough
             try:
-                self._passthrough.divert_init_reply(self._nursery)
+                self._init_reply.divert(
+                    self._nursery, flags=FUSE_HANDLE_KILLPRIV_V2 if self._handle_killpriv else 0,
+                    flags2=FLAGS2_PASSTHROUGH if passthrough is not None else 0, max_stack_depth=MAX_STACK_DEPTH,
+                    sent=lambda _, flags2: passthrough.init_reply_sent(flags2) if passthrough is not None else None)
             except Exception:  # the reply then goes out as libfuse built it
-                log.exception("kernel passthrough off: cannot divert the FUSE_INIT reply")
+                log.exception("cannot divert the FUSE_INIT reply: no kernel passthrough or FUSE_HANDLE_KILLPRIV_V2")
 
     def _serves_opens(self, req: int) -> bool:
         """Whether opens and creates are answered here (checked on the first one), else by pyfuse3."""

@@ -11,13 +11,9 @@ What it takes, and why each piece is here (pyfuse3 3.5 and libfuse 3.14 predate
 the feature, and expose none of it):
 
 * **FUSE_INIT**: the reply must carry ``FUSE_PASSTHROUGH`` (bit 37, so bit 5 of
-  ``flags2``) and ``max_stack_depth`` ≥ 1. libfuse builds that reply from flags it
-  knows and sends it itself, so :meth:`KernelPassthrough.divert_init_reply`
-  points the session's fd (``struct fuse_session.fd``, found by what the public
-  ``fuse_session_fd()`` returns) at a pipe just before libfuse replies; a task
-  reads the reply from the pipe, puts the fd back, sets the two fields and
-  writes it to ``/dev/fuse``. The kernel sends no other request before INIT is
-  answered, so nothing else can be written or read meanwhile.
+  ``flags2``) and ``max_stack_depth`` ≥ 1; ``_init_reply`` adds them to the
+  reply libfuse builds, and :meth:`KernelPassthrough.init_reply_sent` is told
+  whether they went out.
 * **Backing files**: ``FUSE_DEV_IOC_BACKING_OPEN`` on ``/dev/fuse`` registers an
   open file of the backing fs and returns its ``backing_id``;
   ``FUSE_DEV_IOC_BACKING_CLOSE`` drops it. Needs CAP_SYS_ADMIN (the kernel's
@@ -43,13 +39,10 @@ import ctypes
 import errno
 import fcntl
 import logging
-import os
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-
-import trio
 
 from ._raw_reply import FOPEN_NOFLUSH, FOPEN_PASSTHROUGH
 
@@ -61,21 +54,8 @@ FUSE_DEV_IOC_BACKING_OPEN = 0x4010E501
 FUSE_DEV_IOC_BACKING_CLOSE = 0x4004E502
 #: ``FUSE_PASSTHROUGH`` (1 << 37) as a bit of ``fuse_init_out.flags2``.
 FLAGS2_PASSTHROUGH = 1 << (37 - 32)
-#: ``FUSE_INIT_EXT`` in ``fuse_init_out.flags``: without it the kernel ignores ``flags2``.
-FUSE_INIT_EXT = 1 << 30
 #: Stacking depth answered in FUSE_INIT: backing files on a plain (depth 0) fs.
 MAX_STACK_DEPTH = 1
-
-_OUT_HEADER_BYTES = 16  # struct fuse_out_header: len, error, unique
-_INIT_FLAGS = _OUT_HEADER_BYTES + 12  # fuse_init_out.flags
-_INIT_FLAGS2 = _OUT_HEADER_BYTES + 32  # fuse_init_out.flags2
-_INIT_MAX_STACK_DEPTH = _OUT_HEADER_BYTES + 36  # fuse_init_out.max_stack_depth
-#: How far into ``struct fuse_session`` its ``fd`` is searched for, bytes.
-_SESSION_FD_SEARCH = 64
-
-
-class PassthroughUnavailable(RuntimeError):
-    """libfuse's session did not look as expected: passthrough stays off, nothing was changed."""
 
 
 class IoMode(Enum):
@@ -99,16 +79,10 @@ class KernelPassthrough:
     Args:
         libfuse: the loaded libfuse (``_extra_ops._libfuse``), for ``fuse_session_fd``.
         session: address of libfuse's ``struct fuse_session``.
-
-    Raises:
-        PassthroughUnavailable: the session's ``fd`` member was not found.
     """
 
     def __init__(self, libfuse: ctypes.CDLL, session: int) -> None:
-        self._lib = libfuse
-        self._session = session
         self.fuse_fd: int = libfuse.fuse_session_fd(session)
-        self._fd_address = self._find_fd_member()
         #: True once FUSE_INIT was answered with FUSE_PASSTHROUGH and no
         #: registration has been refused; opens pass through only then.
         self.enabled = False
@@ -118,50 +92,13 @@ class KernelPassthrough:
         #: errnos of backing files the kernel refused (one warning each).
         self._refused: set[int] = set()
 
-    def _find_fd_member(self) -> int:
-        for offset in range(0, _SESSION_FD_SEARCH, 4):
-            member = ctypes.c_int.from_address(self._session + offset)
-            if member.value != self.fuse_fd:
-                continue
-            member.value = self.fuse_fd + 1  # does fuse_session_fd() read this member?
-            moved = self._lib.fuse_session_fd(self._session)
-            member.value = self.fuse_fd
-            if moved == self.fuse_fd + 1:
-                return self._session + offset
-        raise PassthroughUnavailable("the FUSE session's fd member was not found")
-
     # ---- FUSE_INIT -----------------------------------------------------------------
 
-    def divert_init_reply(self, nursery: trio.Nursery) -> None:
-        """Catch the FUSE_INIT reply libfuse is about to send, and send it with passthrough asked for.
-
-        Call from inside libfuse's ``init`` handler (the reply follows it). The
-        reply goes to a pipe; a task in ``nursery`` forwards it to ``/dev/fuse``
-        with ``FUSE_PASSTHROUGH`` and ``max_stack_depth`` set, and sets
-        :attr:`enabled`. Anything unexpected forwards the reply unchanged.
-        """
-        read_end, write_end = os.pipe()
-        nursery.start_soon(self._forward_init_reply, read_end, write_end)
-        ctypes.c_int.from_address(self._fd_address).value = write_end
-
-    async def _forward_init_reply(self, read_end: int, write_end: int) -> None:
-        try:
-            await trio.lowlevel.wait_readable(read_end)
-            reply = bytearray(os.read(read_end, 4096))
-        finally:
-            ctypes.c_int.from_address(self._fd_address).value = self.fuse_fd
-            os.close(read_end)
-            os.close(write_end)
-        patched = len(reply) >= _INIT_MAX_STACK_DEPTH + 4 and struct.unpack_from("<i", reply, 4)[0] == 0
-        patched = patched and bool(struct.unpack_from("<I", reply, _INIT_FLAGS)[0] & FUSE_INIT_EXT)
-        if patched:
-            flags2 = struct.unpack_from("<I", reply, _INIT_FLAGS2)[0]
-            struct.pack_into("<II", reply, _INIT_FLAGS2, flags2 | FLAGS2_PASSTHROUGH, MAX_STACK_DEPTH)
-        os.write(self.fuse_fd, reply)
-        self.enabled = patched
-        log.debug("FUSE_INIT reply forwarded (%d bytes, passthrough asked: %s)", len(reply), patched)
-        if not patched:
-            log.warning("kernel passthrough off: the FUSE_INIT reply had no room for it (%d bytes)", len(reply))
+    def init_reply_sent(self, flags2: int) -> None:
+        """Note the ``flags2`` bits the FUSE_INIT reply carried (``_init_reply``): passthrough is on if it asked."""
+        self.enabled = bool(flags2 & FLAGS2_PASSTHROUGH)
+        if not self.enabled:
+            log.warning("kernel passthrough off: the FUSE_INIT reply had no room for it")
 
     # ---- opens ---------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""The set-user-ID and set-group-ID bits a write clears, for the writes the kernel leaves to us.
+"""The set-user-ID and set-group-ID bits a write or truncation clears, where the kernel leaves it to us.
 
 A write by a process without CAP_FSETID clears a regular file's S_ISUID, and its
 S_ISGID when the file is group-executable (or, without group-execute, when the
@@ -8,12 +8,15 @@ fs/attr.c), POSIX ``write(2)``: "Upon successful completion ... the S_ISUID and
 S_ISGID bits of the file mode may be cleared". Otherwise a user allowed to write
 a set-user-ID program could change what it runs while it keeps its owner's rights.
 
-For a write through the page cache the kernel does this itself: it sends a
-SETATTR before the WRITE. For a file opened with FOPEN_DIRECT_IO it does not; it
-only flags the request (``FUSE_WRITE_KILL_SUIDGID``, which pyfuse3 does not pass
-on) and leaves it to the file system. The worker writes as root, which has
-CAP_FSETID, so the backing file system keeps the bits: the adapter clears them
-with :func:`setid_bits_to_clear`.
+Without ``FUSE_HANDLE_KILLPRIV_V2`` the kernel does this itself for a write
+through the page cache and a truncation: it sends a SETATTR with the new mode.
+For a file opened with FOPEN_DIRECT_IO it does not; it only flags the request
+(``FUSE_WRITE_KILL_SUIDGID``, which pyfuse3 does not pass on). With
+``FUSE_HANDLE_KILLPRIV_V2`` (the worker's default, ``_init_reply``) it leaves
+every write, truncation and ``O_TRUNC`` open to the file system. The worker
+writes and truncates as root, which has CAP_FSETID, so the backing file system
+keeps the bits: the adapter clears them with :func:`setid_bits_to_clear`. A
+truncation follows the same rule (``do_truncate`` → ``dentry_needs_remove_privs``).
 """
 
 from __future__ import annotations

@@ -205,7 +205,8 @@ async def serve(config: WorkerConfig) -> None:
             try:
                 ExtraOps(operations, config.max_background,
                          kernel_passthrough=config.kernel_passthrough,
-                         skip_needless_flush=config.skip_needless_flush).install(nursery)
+                         skip_needless_flush=config.skip_needless_flush,
+                         handle_killpriv=config.handle_killpriv_v2).install(nursery)
             except ExtraOpsUnavailable as exc:
                 log.warning("fallocate, copy_file_range and lseek answered ENOSYS (kernel fallbacks), "
                             "max_background the kernel's: %s", exc)
