@@ -6,7 +6,8 @@ truncates, ``fallocate``, ``copy_file_range``, renames, links, modes, owners,
 xattrs…), compares the
 outcome (the result, or the errno name), and after every step compares the whole
 trees: names, types and modes, nlink, owners, sizes, contents, symlink targets,
-``user.*`` xattrs and which names share an inode. Any difference fails with the
+``user.*`` xattrs and which names share an inode; directories opened at the start
+are listed through their fds later. Any difference fails with the
 shortest op sequence hypothesis can find.
 """
 
@@ -61,6 +62,11 @@ class DifferentialMachine(RuleBasedStateMachine):
                 (root / directory).mkdir()
             for file, data in (("a", b"alpha"), ("d/a", b"delta"), ("e/b", b"echo")):
                 (root / file).write_bytes(data)
+        # Directories opened now and listed through the same fd later (os.listdir(fd)
+        # rewinds it): the listing must show the directory as it is then, wherever
+        # it has been renamed to, or ENOENT once removed.
+        self.held_dirs = {name: [os.open(root / name, os.O_RDONLY | os.O_DIRECTORY) for root in self.roots]
+                          for name in ("d", "d/d")}
 
     def existing(self, data: st.DataObject, label: str) -> str:
         """Draw a path that exists in the native tree (or, now and then, any path)."""
@@ -212,12 +218,20 @@ class DifferentialMachine(RuleBasedStateMachine):
                 os.close(fd)
         self.both(unlink_while_open, path)
 
+    @rule(name=st.sampled_from(["d", "d/d"]))
+    def listdir_of_a_dir_opened_earlier(self, name: str) -> None:
+        native, mounted = (outcome(lambda fd: sorted(os.listdir(fd)), fd) for fd in self.held_dirs[name])
+        assert native == mounted, f"listdir(fd of {name} opened at start): native {native} != mount {mounted}"
+
     @invariant()
     def trees_agree(self) -> None:
         native, mounted = (snapshot(root) for root in self.roots)
         assert native == mounted, describe_difference(native, mounted)
 
     def teardown(self) -> None:
+        for fds in self.held_dirs.values():
+            for fd in fds:
+                os.close(fd)
         for root in self.roots:
             for dirpath, dirnames, _ in os.walk(root):
                 for name in dirnames:

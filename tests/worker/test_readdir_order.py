@@ -204,6 +204,22 @@ def test_one_handle_keeps_its_order_across_readdir_calls_seekdir_and_rewinddir(m
     assert relisted != whole and sorted(relisted) == sorted(whole)
 
 
+def test_a_rewound_shuffled_stream_lists_the_directory_as_it_is_now(mount_worker) -> None:
+    vol = mount_worker(policy=_policy(SHUFFLE))
+    _fill(vol.backing / "big")
+    stream = DirStream(vol.mountpoint / "big")
+    try:
+        first = stream.read()
+        (vol.mountpoint / "big" / "late").touch()
+        os.unlink(vol.mountpoint / "big" / os.fsdecode(NAMES[0]))
+        stream.rewind()
+        again = stream.read()
+    finally:
+        stream.close()
+    assert sorted(again) == sorted([*first[:2], b"late", *(name for name in first[2:] if name != NAMES[0])])
+    assert again[:2] == [b".", b".."] and again[2:] != sorted(again[2:])  # still shuffled
+
+
 def test_hash_order_is_the_same_for_every_opendir_and_changes_with_the_seed(mount_worker) -> None:
     vol = mount_worker(policy=_policy(
         {"type": "metadata", "readdir_order": "hash", "seed": 1, "path_glob": "/one"},

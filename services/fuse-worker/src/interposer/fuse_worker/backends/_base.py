@@ -9,8 +9,8 @@ inode and handle, for layer globs and events.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Protocol, TypeVar, runtime_checkable
+from collections.abc import Callable, Hashable, Sequence
+from typing import Generic, Protocol, TypeVar, runtime_checkable
 
 import pyfuse3
 
@@ -133,12 +133,14 @@ class Backend(Protocol):
     def order_dir(self, fh: int, order: Callable[[Sequence[bytes]], list[int]]) -> None:
         """Reorder the listing of open directory ``fh`` (the metadata layer's ``readdir_order``).
 
-        A backend takes a snapshot of the entries at ``opendir`` and answers readdir
-        with positions in it as offsets. This hook permutes the snapshot once, right
-        after ``opendir`` and before any readdir of ``fh``: ``order`` gets the entry
-        names without ``.`` and ``..`` (which stay first) and returns a permutation
-        of their positions. Every later readdir of ``fh`` — continued, rewound or
-        after a seekdir — sees the new order.
+        A backend takes a snapshot of the entries at the first readdir of a handle
+        and at every rewind (:class:`OpenDir`), and answers readdir with positions
+        in it as offsets. This hook is called right after ``opendir``, before any
+        readdir of ``fh``: ``order`` gets the entry names without ``.`` and ``..``
+        (which stay first) and returns a permutation of their positions. Every
+        readdir of ``fh`` — continued, after a seekdir, or rewound while the entries
+        are unchanged — sees one order; a snapshot retaken because entries changed
+        is ordered by ``order`` again.
 
         Raises:
             ValueError: ``order`` did not return a permutation.
@@ -177,3 +179,60 @@ def permuted(items: list[_T], positions: list[int]) -> list[_T]:
     if sorted(positions) != list(range(len(items))):
         raise ValueError(f"directory order is not a permutation of {len(items)} entries")
     return [items[i] for i in positions]
+
+
+_Owner = TypeVar("_Owner")
+_Entry = TypeVar("_Entry", bound=Hashable)
+
+
+class OpenDir(Generic[_Owner, _Entry]):
+    """An open directory handle: the snapshot of entries its readdir offsets index.
+
+    ``entries[0]`` and ``entries[1]`` are ``.`` and ``..``; readdir offset ``n``
+    resumes at ``entries[n]``. The snapshot is taken by a readdir at offset 0: the
+    first one, or one after ``rewinddir(3)`` (or a ``seekdir`` to the start), which
+    the kernel does not report otherwise. POSIX has a rewound stream "refer to the
+    current state of the corresponding directory, as a call to opendir() would have
+    done" (POSIX.1-2017, rewinddir), and ``os.listdir(fd)`` and ``fdopendir`` users
+    rewind before reading, so a snapshot taken at ``opendir`` would show them the
+    directory as it was when the fd was opened. If a rewind finds the entries
+    unchanged, the snapshot and its order stay, so a rewound listing repeats itself
+    as on a native fs.
+
+    Args:
+        owner: the backend's inode or node of the directory.
+        name_of: an entry's name (for the order function).
+    """
+
+    __slots__ = ("owner", "entries", "_name_of", "_order")
+
+    def __init__(self, owner: _Owner, name_of: Callable[[_Entry], bytes]) -> None:
+        self.owner = owner
+        self.entries: list[_Entry] | None = None
+        self._name_of = name_of
+        self._order: Callable[[Sequence[bytes]], list[int]] | None = None
+
+    def reorder(self, order: Callable[[Sequence[bytes]], list[int]]) -> None:
+        """Order every snapshot of this handle with ``order`` (``Backend.order_dir``).
+
+        Raises:
+            ValueError: ``order`` did not return a permutation (here, or at the
+                readdir that takes the first snapshot).
+        """
+        self._order = order
+        if self.entries is not None:
+            self.entries = self._ordered(self.entries)
+
+    def snapshot_for(self, start_id: int, list_dir: Callable[[_Owner], list[_Entry]]) -> list[_Entry]:
+        """The entries a readdir at offset ``start_id`` reads, listed by ``list_dir`` at offset 0."""
+        if start_id == 0 or self.entries is None:
+            fresh = list_dir(self.owner)
+            if self.entries is None or set(fresh) != set(self.entries):
+                self.entries = self._ordered(fresh)
+        return self.entries
+
+    def _ordered(self, entries: list[_Entry]) -> list[_Entry]:
+        if self._order is None:
+            return entries
+        rest = entries[2:]
+        return entries[:2] + permuted(rest, self._order([self._name_of(entry) for entry in rest]))

@@ -25,12 +25,13 @@ import os
 import stat
 import time
 from collections.abc import Callable, Sequence
+from operator import itemgetter
 
 import pyfuse3
 
 from .._inodes import ROOT_INODE, Named, PathTable, join_path
 from .._op import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
-from ._base import permuted
+from ._base import OpenDir
 
 #: Default limit of file contents held in memory, bytes (1 GiB).
 DEFAULT_MEMORY_SIZE_BYTES = 1 << 30
@@ -135,7 +136,7 @@ class MemoryBackend(PathTable):
         self._next_ino = ROOT_INODE + 1
         # fh → (node, open flags) of open files; fh → (node, [(name, ino)]) of open directories.
         self._files: dict[int, tuple[Node, int]] = {}
-        self._dirs: dict[int, tuple[Node, list[tuple[bytes, int]]]] = {}
+        self._dirs: dict[int, OpenDir[Node, tuple[bytes, int]]] = {}
         self._next_fh = 1
 
     # ---- contents (the null backend overrides these) -----------------------------------
@@ -309,8 +310,8 @@ class MemoryBackend(PathTable):
         entry = self._files.get(fh)
         if entry is not None:
             return entry[0].ino
-        dentry = self._dirs.get(fh)
-        return dentry[0].ino if dentry is not None else 0
+        directory = self._dirs.get(fh)
+        return directory.owner.ino if directory is not None else 0
 
     def _new_fh(self) -> int:
         fh = self._next_fh
@@ -623,23 +624,25 @@ class MemoryBackend(PathTable):
 
     async def opendir(self, ino: int, ctx: pyfuse3.RequestContext) -> int:
         node = self._dir(ino)
-        parent = node.parent if isinstance(node.parent, Node) else node
-        listing = [(b".", node.ino), (b"..", parent.ino), *node.entries.items()]
         fh = self._new_fh()
-        self._dirs[fh] = (node, listing)
+        self._dirs[fh] = OpenDir(node, name_of=itemgetter(0))
         node.opens += 1
         return fh
 
+    @staticmethod
+    def _list_dir(node: Node) -> list[tuple[bytes, int]]:
+        parent = node.parent if isinstance(node.parent, Node) else node
+        return [(b".", node.ino), (b"..", parent.ino), *node.entries.items()]
+
     def order_dir(self, fh: int, order: Callable[[Sequence[bytes]], list[int]]) -> None:
-        node, listing = self._dirs[fh]
-        entries = listing[2:]
-        self._dirs[fh] = (node, listing[:2] + permuted(entries, order([name for name, _ in entries])))
+        self._dirs[fh].reorder(order)
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         try:
-            node, listing = self._dirs[fh]
+            directory = self._dirs[fh]
         except KeyError:
             raise _fail(errno.EBADF) from None
+        node, listing = directory.owner, directory.snapshot_for(start_id, self._list_dir)
         for index in range(start_id, len(listing)):
             name, ino = listing[index]
             child = self._nodes.get(ino)
@@ -657,10 +660,10 @@ class MemoryBackend(PathTable):
             child.lookups += 1
 
     async def releasedir(self, fh: int) -> None:
-        entry = self._dirs.pop(fh, None)
-        if entry is not None:
-            entry[0].opens -= 1
-            self._maybe_free(entry[0])
+        directory = self._dirs.pop(fh, None)
+        if directory is not None:
+            directory.owner.opens -= 1
+            self._maybe_free(directory.owner)
 
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
         if fh not in self._dirs:

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 import pyfuse3
 
 from .._inodes import Inode, InodeTable, join_path
-from ._base import permuted
+from ._base import OpenDir
 from ._offload import BlockingCalls, BlockingIOMode
 from ._libc import fallocate, fs_type, renameat2
 
@@ -73,9 +73,9 @@ class PassthroughBackend:
         self._attr_timeout_s = attr_timeout_s
         self._am_root = os.geteuid() == 0
         self.blocking = BlockingCalls(blocking_io)
-        # fh → (fd, inode) of open files; fh → (inode, names) of open directories.
+        # fh → (fd, inode) of open files; fh → the listing snapshot of open directories.
         self._files: dict[int, tuple[int, Inode]] = {}
-        self._dirs: dict[int, tuple[Inode, list[bytes]]] = {}
+        self._dirs: dict[int, OpenDir[Inode, bytes]] = {}
         self._next_fh = 1
 
     # ---- helpers -------------------------------------------------------------------
@@ -155,8 +155,8 @@ class PassthroughBackend:
         entry = self._files.get(fh)
         if entry is not None:
             return entry[1].ino
-        dentry = self._dirs.get(fh)
-        return dentry[0].ino if dentry is not None else 0
+        directory = self._dirs.get(fh)
+        return directory.owner.ino if directory is not None else 0
 
     def _new_fh(self) -> int:
         fh = self._next_fh
@@ -418,25 +418,28 @@ class PassthroughBackend:
 
     async def opendir(self, ino: int, ctx: pyfuse3.RequestContext) -> int:
         inode = self.inodes.get(ino)
+        fh = self._new_fh()
+        self._dirs[fh] = OpenDir(inode, name_of=bytes)
+        return fh
+
+    @staticmethod
+    def _list_dir(inode: Inode) -> list[bytes]:
         fd = os.open(_proc(inode.fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             # "." and ".." first, as a native getdents lists them (ls -a shows them).
-            names = [b".", b".."] + [os.fsencode(n) for n in os.listdir(fd)]
+            return [b".", b".."] + [os.fsencode(n) for n in os.listdir(fd)]
         finally:
             os.close(fd)
-        fh = self._new_fh()
-        self._dirs[fh] = (inode, names)
-        return fh
 
     def order_dir(self, fh: int, order: Callable[[Sequence[bytes]], list[int]]) -> None:
-        inode, names = self._dirs[fh]
-        self._dirs[fh] = (inode, names[:2] + permuted(names[2:], order(names[2:])))
+        self._dirs[fh].reorder(order)
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         try:
-            inode, names = self._dirs[fh]
+            directory = self._dirs[fh]
         except KeyError:
             raise pyfuse3.FUSEError(errno.EBADF) from None
+        inode, names = directory.owner, directory.snapshot_for(start_id, self._list_dir)
         for index in range(start_id, len(names)):
             name = names[index]
             try:
@@ -459,7 +462,7 @@ class PassthroughBackend:
 
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
         try:
-            inode = self._dirs[fh][0]
+            inode = self._dirs[fh].owner
         except KeyError:
             raise pyfuse3.FUSEError(errno.EBADF) from None
         fd = os.open(_proc(inode.fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

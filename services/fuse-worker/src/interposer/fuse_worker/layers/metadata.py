@@ -39,9 +39,11 @@ class Metadata:
 
     With ``readdir_order`` other than ``backend``, a matching ``opendir`` leaves an
     order function on ``Op.dir_order``; the adapter hands it to the backend's
-    ``order_dir`` hook, which reorders the listing snapshot of that handle once,
-    before its first readdir. Readdir offsets are positions in that snapshot, so
-    every readdir, rewinddir and seekdir of the handle sees the same order.
+    ``order_dir`` hook, which orders the listing snapshot the handle's first
+    readdir takes. Readdir offsets are positions in that snapshot, so every
+    readdir, seekdir and rewinddir of the handle sees the same order; a rewind that
+    finds the entries changed takes a new snapshot, ordered again
+    (``backends._base.OpenDir``).
 
     Args:
         spec: the validated layer.
