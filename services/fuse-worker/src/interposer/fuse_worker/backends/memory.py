@@ -134,7 +134,7 @@ class MemoryBackend(PathTable):
         self.root.lookups = 1
         self._nodes: dict[int, Node] = {ROOT_INODE: self.root}
         self._next_ino = ROOT_INODE + 1
-        # fh → (node, open flags) of open files; fh → (node, [(name, ino)]) of open directories.
+        # fh → (node, open flags) of open files; fh → the listing snapshot of open directories.
         self._files: dict[int, tuple[Node, int]] = {}
         self._dirs: dict[int, OpenDir[Node, tuple[bytes, int]]] = {}
         self._next_fh = 1
