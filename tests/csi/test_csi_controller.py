@@ -124,9 +124,9 @@ def test_create_volume_backends(controller: Controller, parameters: dict, contex
     [
         {"cacheCoherence": "strict", "busyPollMicroseconds": "0"},
         {"entryTimeoutSeconds": "0.5", "attrTimeoutSeconds": "30", "negativeTimeoutSeconds": "0"},
-        {"flushOnClose": "always"},
+        {"flushOnClose": "always", "handleKillprivV2": "false"},
     ],
-    ids=["strict-no-busy-poll", "timeouts", "flush-on-close"],
+    ids=["strict-no-busy-poll", "timeouts", "flush-on-close-killpriv"],
 )
 def test_create_volume_carries_worker_tuning(controller: Controller, tuning: dict) -> None:
     parameters = {"backend": "hostPath", "backingPath": "/srv/shared", **tuning}
@@ -165,6 +165,7 @@ def test_a_name_that_is_not_a_valid_id_gets_a_stable_hashed_id(controller: Contr
         ({"parameters": {"backend": "memory", "busyPollMicroseconds": "fast"}}, "'busyPollMicroseconds'"),
         ({"parameters": {"backend": "memory", "cacheCoherence": "eventual"}}, "'cacheCoherence'"),
         ({"parameters": {"backend": "memory", "flushOnClose": "never"}}, "parameters['flushOnClose'] = 'never'"),
+        ({"parameters": {"backend": "memory", "handleKillprivV2": "1"}}, "parameters['handleKillprivV2'] = '1'"),
         (
             {"parameters": {"backend": "memory", "cacheCoherence": "strict", "attrTimeoutSeconds": "5"}},
             "parameters['attrTimeoutSeconds']",

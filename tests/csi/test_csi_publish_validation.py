@@ -219,14 +219,16 @@ def test_bad_worker_tuning_value(
         ({"cacheCoherence": "relaxed"}, ["'cacheCoherence'", "'relaxed'", "default, strict"]),
         ({"kernelPassthrough": "yes"}, ["'kernelPassthrough'", "'yes'", "true, false"]),
         ({"flushOnClose": "never"}, ["'flushOnClose'", "'never'", "auto, always"]),
+        ({"handleKillprivV2": "no"}, ["'handleKillprivV2'", "'no'", "true, false"]),
         (
             {"cacheCoherence": "strict", "negativeTimeoutSeconds": "1"},
             ["'cacheCoherence'", "'negativeTimeoutSeconds'", "every cache timeout to 0"],
         ),
     ],
-    ids=["unknown", "kernel-passthrough-not-a-boolean", "flush-on-close-unknown", "strict-beside-a-timeout"],
+    ids=["unknown", "kernel-passthrough-not-a-boolean", "flush-on-close-unknown", "killpriv-v2-not-a-boolean",
+         "strict-beside-a-timeout"],
 )
-def test_bad_cache_coherence(
+def test_bad_worker_tuning_value(
     csi_node: CsiNode, csi_root: Path, context: dict, expected_in_details: list
 ) -> None:
     details = rejected_publish_details(csi_node, csi_root, context)

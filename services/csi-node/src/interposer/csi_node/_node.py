@@ -84,6 +84,11 @@ CONTEXT_KERNEL_PASSTHROUGH = "kernelPassthrough"
 #: traces show a flush per close; ``--always-flush``). OPTIONAL: unset = ``auto``.
 CONTEXT_FLUSH_ON_CLOSE = "flushOnClose"
 FLUSH_ON_CLOSE_MODES = ("auto", "always")
+#: ``volume_context`` key: ``"true"`` = the worker asks for FUSE_HANDLE_KILLPRIV_V2 and
+#: clears set-ID bits on writes and truncations itself, so the kernel sends no GETXATTR
+#: before every write; ``"false"`` = the kernel clears them before cached writes
+#: (``--no-handle-killpriv-v2``, one round trip more per write). OPTIONAL: unset = ``"true"``.
+CONTEXT_HANDLE_KILLPRIV_V2 = "handleKillprivV2"
 #: ``volume_context`` key: ``default`` (the timeouts as given) or ``strict`` (all three
 #: 0: a name or file another node changes in a shared backing dir shows at once, and
 #: every stat and lookup is a round trip to the worker). OPTIONAL.
@@ -93,7 +98,8 @@ CACHE_COHERENCE_MODES = ("default", "strict")
 CACHE_TIMEOUT_KEYS = (CONTEXT_ENTRY_TIMEOUT, CONTEXT_ATTR_TIMEOUT, CONTEXT_NEGATIVE_TIMEOUT)
 #: Every key :func:`worker_tuning_of` reads (also StorageClass parameters of the Controller).
 WORKER_TUNING_KEYS = frozenset({*CACHE_TIMEOUT_KEYS, CONTEXT_BUSY_POLL, CONTEXT_MAX_BACKGROUND,
-                                CONTEXT_CACHE_COHERENCE, CONTEXT_KERNEL_PASSTHROUGH, CONTEXT_FLUSH_ON_CLOSE})
+                                CONTEXT_CACHE_COHERENCE, CONTEXT_KERNEL_PASSTHROUGH, CONTEXT_FLUSH_ON_CLOSE,
+                                CONTEXT_HANDLE_KILLPRIV_V2})
 #: ``volume_context`` keys kubelet adds when the CSIDriver has ``podInfoOnMount: true``.
 CONTEXT_POD_NAMESPACE = "csi.storage.k8s.io/pod.namespace"
 CONTEXT_POD_NAME = "csi.storage.k8s.io/pod.name"
@@ -740,8 +746,8 @@ def worker_tuning_of(settings: Mapping[str, str], field: str) -> WorkerTuning:
             0 to ``MAX_BUSY_POLL_US`` µs, a ``maxBackgroundRequests`` that is not an
             integer from 0 to ``MAX_BACKGROUND_REQUESTS``, a ``cacheCoherence`` other than
             ``default``/``strict``, ``strict`` beside a non-zero timeout, or a
-            ``kernelPassthrough`` other than ``true``/``false``, or a ``flushOnClose``
-            other than ``auto``/``always``.
+            ``kernelPassthrough`` or ``handleKillprivV2`` other than ``true``/``false``,
+            or a ``flushOnClose`` other than ``auto``/``always``.
     """
     timeouts_s = {
         key: _setting_in_range(settings, key, field, float, "decimal seconds", MAX_CACHE_TIMEOUT_S)
@@ -770,6 +776,7 @@ def worker_tuning_of(settings: Mapping[str, str], field: str) -> WorkerTuning:
         )
     passthrough = _setting_of(settings, CONTEXT_KERNEL_PASSTHROUGH, field, ("true", "false"))
     flush_on_close = _setting_of(settings, CONTEXT_FLUSH_ON_CLOSE, field, FLUSH_ON_CLOSE_MODES)
+    killpriv_v2 = _setting_of(settings, CONTEXT_HANDLE_KILLPRIV_V2, field, ("true", "false"))
     return WorkerTuning(
         entry_timeout_s=timeouts_s.get(CONTEXT_ENTRY_TIMEOUT),
         attr_timeout_s=timeouts_s.get(CONTEXT_ATTR_TIMEOUT),
@@ -778,6 +785,7 @@ def worker_tuning_of(settings: Mapping[str, str], field: str) -> WorkerTuning:
         max_background=max_background,
         kernel_passthrough=None if passthrough is None else passthrough == "true",
         always_flush=None if flush_on_close is None else flush_on_close == "always",
+        handle_killpriv_v2=None if killpriv_v2 is None else killpriv_v2 == "true",
     )
 
 

@@ -29,6 +29,10 @@ class WorkerTuning(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
         always_flush: every ``close(2)`` sends FLUSH (``--always-flush``), not only
             where a layer acts on flush or the backing fs has a flush method
             (``--skip-needless-flush``, the worker's default).
+        handle_killpriv_v2: ask the kernel for FUSE_HANDLE_KILLPRIV_V2, so the worker
+            clears set-ID bits on writes and truncations and the kernel asks for no
+            ``security.capability`` before each write (``--handle-killpriv-v2``,
+            the worker's default); False: the kernel's older rule and round trip.
     """
 
     entry_timeout_s: float | None = None
@@ -38,6 +42,7 @@ class WorkerTuning(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
     max_background: int | None = None
     kernel_passthrough: bool | None = None
     always_flush: bool | None = None
+    handle_killpriv_v2: bool | None = None
 
     def arguments(self) -> list[str]:
         """The worker flags of the settings that are not None, e.g. ``["--entry-timeout", "0.0"]``."""
@@ -54,4 +59,6 @@ class WorkerTuning(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
             flags.append("--kernel-passthrough" if self.kernel_passthrough else "--no-kernel-passthrough")
         if self.always_flush is not None:
             flags.append("--always-flush" if self.always_flush else "--skip-needless-flush")
+        if self.handle_killpriv_v2 is not None:
+            flags.append("--handle-killpriv-v2" if self.handle_killpriv_v2 else "--no-handle-killpriv-v2")
         return flags
