@@ -19,8 +19,11 @@ pays it once. It is a property of that VM, not a disturbance, so it is reported
 
 from __future__ import annotations
 
+import mmap
 import os
 import platform
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 #: Steal share above which a run is flagged as disturbed (the quiet full runs recorded in docs/benchmarks.md: < 0.1 %).
@@ -28,6 +31,12 @@ NOISY_STEAL_SHARE = 0.01
 #: Total KiB the guest has reported free to the host, where the kernel's page_reporting
 #: module exposes it (a counter of some VM kernels; absent elsewhere).
 REPORTED_KIB = Path("/sys/module/page_reporting/parameters/reported_kib")
+#: The smallest free block, as a page order, that the guest reports to the host
+#: (mm/page_reporting.c, ``page_reporting_order``; 9 = 2 MiB blocks on x86-64).
+REPORTING_ORDER = Path("/sys/module/page_reporting/parameters/page_reporting_order")
+#: One above the buddy allocator's largest order (``MAX_PAGE_ORDER``, 10 on x86-64):
+#: no free block is that large, so nothing more is reported.
+NO_REPORTING_ORDER = 11
 
 
 def machine() -> str:
@@ -52,6 +61,41 @@ def _reported_kib() -> int | None:
         return int(REPORTED_KIB.read_text())
     except (OSError, ValueError):
         return None
+
+
+@contextmanager
+def page_reporting_paused(warm_mib: int) -> Iterator[bool]:
+    """Stop free page reporting for the block, after warming ``warm_mib`` MiB of guest memory.
+
+    Measures the code as on a host that does not take back freed guest memory: with
+    reporting on, memory freed by ``drop_caches`` or a deleted file is handed to the
+    host, and its next use faults there (module docstring). Memory already handed
+    back stays so, so ``warm_mib`` MiB are touched and freed first: freed while
+    reporting is off, they stay backed, and the page allocator hands out those
+    recently freed pages first. The order is restored on exit, whatever happens.
+
+    Yields:
+        True if reporting was paused; False where the kernel has no
+        ``page_reporting_order`` to set (no free page reporting) or it cannot be
+        written (not root), and nothing was changed.
+    """
+    try:
+        before = REPORTING_ORDER.read_text().strip()
+        REPORTING_ORDER.write_text(f"{NO_REPORTING_ORDER}\n")
+    except OSError:
+        yield False
+        return
+    try:
+        page = mmap.PAGESIZE
+        warm = mmap.mmap(-1, warm_mib << 20)
+        try:
+            for offset in range(0, len(warm), page):
+                warm[offset] = 1
+        finally:
+            warm.close()
+        yield True
+    finally:
+        REPORTING_ORDER.write_text(f"{before}\n")
 
 
 class HostMeter:

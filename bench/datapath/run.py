@@ -11,9 +11,13 @@ minutes) hits them alike. Prints medians of ``--repeat`` runs and the ratio to
 native, the worker CPU time per application I/O (user + system, from
 ``/proc/<pid>/stat``: less noisy than throughput on a shared machine), the worker's
 RSS and how long the mount took to answer. Page caches are dropped before each run
-(``/proc/sys/vm/drop_caches``, needs root).
+(``/proc/sys/vm/drop_caches``, needs root). ``--pause-page-reporting`` measures as on
+a host that does not take back freed guest memory (``bench/_host.py``): on a VM
+that does, a write through the mount pays the host's first-touch cost for two page
+caches where a native write pays it for one.
 
-Usage: ``.venv/bin/python bench/datapath/run.py [--quick] [--repeat N] [--json] [--variant NAME ...]``
+Usage: ``.venv/bin/python bench/datapath/run.py [--quick] [--repeat N] [--json] [--variant NAME ...]
+[--test NAME ...] [--pause-page-reporting]``
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TypeVar
 
@@ -36,7 +40,7 @@ import click
 from interposer.cli._procs import cpu_seconds
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _host import HostMeter, machine  # noqa: E402 - bench/_host.py
+from _host import HostMeter, machine, page_reporting_paused  # noqa: E402 - bench/_host.py
 
 NOOP_LAYERS = json.dumps({"description": "every layer, doing nothing", "layers": [
     {"type": "fault", "errno": "EIO", "probability": 0.0},
@@ -258,9 +262,15 @@ def rotated(items: Sequence[T], turn: int) -> list[T]:
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--variant", "only", multiple=True, metavar="NAME",
               help="Run only this variant (repeatable; native always runs): one of the table's column names.")
+@click.option("--test", "only_tests", multiple=True, metavar="NAME",
+              help="Run only this test (repeatable): one of the table's row names, without the unit.")
 @click.option("--dir", "base", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where to put backing dirs (default: system temp; should be on the disk under test).")
-def main(quick: bool, repeat: int, as_json: bool, only: tuple[str, ...], base: Path | None) -> None:
+@click.option("--pause-page-reporting", is_flag=True,
+              help="Measure as on a host that does not take back freed guest memory: stop the guest's free "
+                   "page reporting for the run (root; restored after). See bench/_host.py.")
+def main(quick: bool, repeat: int, as_json: bool, only: tuple[str, ...], only_tests: tuple[str, ...],
+         base: Path | None, pause_page_reporting: bool) -> None:
     """Print fio results native vs interposed, as ratios measured in the same run."""
     if shutil.which("fio") is None:
         raise click.ClickException("fio is not installed (make setup)")
@@ -276,14 +286,27 @@ def main(quick: bool, repeat: int, as_json: bool, only: tuple[str, ...], base: P
         raise click.BadParameter(f"no variant {', '.join(sorted(unknown))}", param_hint="--variant")
     if only:
         variants = [v for v in variants if v[0] == "native" or v[0] in only]
+    metadata_test = "create+stat+unlink"
+    chosen: list[Test | None] = [*tests(size, runtime_s), None]
+    known_tests = [t.name if t else metadata_test for t in chosen]
+    if set(only_tests) - set(known_tests):
+        raise click.BadParameter(f"no test {', '.join(sorted(set(only_tests) - set(known_tests)))}; "
+                                 f"one of: {'; '.join(known_tests)}", param_hint="--test")
+    if only_tests:
+        chosen = [t for t, name in zip(chosen, known_tests) if name in only_tests]
     results: dict[str, dict[str, list[float]]] = {v: {} for v, _, _ in variants}
     cpu_us: dict[str, dict[str, list[float]]] = {v: {} for v, _, _ in variants}
     extras: dict[str, dict[str, float]] = {}
     host = HostMeter()
-    with tempfile.TemporaryDirectory(prefix="interposer-bench-", dir=base) as tmp, \
+    # Enough for both page caches of a test file (the mount's and the backing one's) and more.
+    warm_mib = 4 * int(size[:-1]) * (1024 if size.endswith("G") else 1)
+    with page_reporting_paused(warm_mib) if pause_page_reporting else nullcontext(False) as paused, \
+            tempfile.TemporaryDirectory(prefix="interposer-bench-", dir=base) as tmp, \
             variant_targets(Path(tmp), variants) as (targets, mounts):
-        for test in [*tests(size, runtime_s), None]:
-            name = test.name if test else "create+stat+unlink"
+        if pause_page_reporting and not paused:
+            raise click.ClickException("cannot pause free page reporting: no page_reporting_order here, or not root")
+        for test in chosen:
+            name = test.name if test else metadata_test
             for r in range(repeat):
                 for variant, _, _ in rotated(variants, r):
                     mount = mounts.get(variant)
@@ -301,12 +324,14 @@ def main(quick: bool, repeat: int, as_json: bool, only: tuple[str, ...], base: P
             extras[variant] = {"worker RSS MB": mount.rss_mb(), "mount ready s": mount.ready_s}
     medians = {v: {n: statistics.median(xs) for n, xs in row.items()} for v, row in results.items()}
     cpu_medians = {v: {n: statistics.median(xs) for n, xs in row.items()} for v, row in cpu_us.items()}
-    units = {t.name: t.unit for t in tests(size, runtime_s)} | {"create+stat+unlink": "ops/s"}
+    units = {t.name if t else metadata_test: t.unit if t else "ops/s" for t in chosen}
     if as_json:
-        click.echo(json.dumps({"machine": machine(), "steal_share": host.share(), "host_reclaimed_mib": host.reclaimed_mib(), "results": medians, "worker_cpu_us_per_io": cpu_medians,
+        click.echo(json.dumps({"machine": machine(), "steal_share": host.share(), "host_reclaimed_mib": host.reclaimed_mib(),
+                               "page_reporting_paused": pause_page_reporting, "results": medians, "worker_cpu_us_per_io": cpu_medians,
                                "runs": results, "worker": extras}, indent=2))
         return
-    click.echo(f"machine: {machine()}; size {size}, runtime {runtime_s:g} s, median of {repeat}")
+    click.echo(f"machine: {machine()}; size {size}, runtime {runtime_s:g} s, median of {repeat}"
+               + (f"; free page reporting paused, {warm_mib:,} MiB warmed" if pause_page_reporting else ""))
     header = "| test | native | " + " | ".join(v for v, _, _ in variants[1:]) + " |"
     click.echo(header)
     click.echo("|---" * (len(variants) + 1) + "|")
