@@ -95,6 +95,9 @@ for kind in SETID_KINDS:
         os.truncate(path, 1), oct(os.stat(path).st_mode))[1]
     checks[f"open O_TRUNC setid-{kind}-O_TRUNC"] = lambda path=f"setid-{kind}-O_TRUNC": (
         os.close(os.open(path, os.O_WRONLY | os.O_TRUNC)), oct(os.stat(path).st_mode))[1]
+    # chgrp of an own file from a group the caller is not in to its own group
+    checks[f"chgrp own setid-{kind}-chgrp"] = lambda path=f"setid-{kind}-chgrp": (
+        os.chown(path, -1, os.getgid()), oct(os.stat(path).st_mode))[1]
 print(json.dumps({name: outcome(fn) for name, fn in checks.items()}))
 '''
 #: Set-ID files written by the caller: a write clears S_ISUID, and S_ISGID of a
@@ -134,6 +137,10 @@ def _build_tree(root: Path) -> None:
             path.write_bytes(b"\0" * 4096)
             os.chown(path, 0, OTHER_GID)
             os.chmod(path, mode)
+        path = root / f"setid-{kind}-chgrp"
+        path.write_bytes(b"\0")
+        os.chown(path, NOBODY, OTHER_GID)
+        os.chmod(path, mode)
 
 
 def _run_as_nobody(cwd: Path, script: str = CALLER_SCRIPT) -> dict[str, object]:
@@ -168,6 +175,7 @@ def test_a_non_root_caller_gets_native_errors_and_ownership(mount_worker, tmp_pa
     assert expected["truncate setid-setuid-truncate"] == oct(0o100777)
     assert expected["open O_TRUNC setid-setgid-exec-O_TRUNC"] == oct(0o100777)
     assert expected["create setgid executable in setgid dir"][2] == oct(0o100755)
+    assert expected["chgrp own setid-setgid-noexec-other-group-chgrp"] == oct(0o100767)
     differences = {k: (expected[k], got[k]) for k in expected if expected[k] != got[k]}
     assert differences == {}, f"native vs mount: {differences}"
     if variant != "memory":

@@ -282,11 +282,22 @@ class InterposerOperations(pyfuse3.Operations):
             self._setid_inodes.add(inode)  # writes must clear them from now on
 
         async def setattr() -> pyfuse3.EntryAttributes:
+            chown_by_user = (fields.update_uid or fields.update_gid) and ctx.uid != 0
+            before = await self.backend.getattr(inode, ctx) if chown_by_user else None
             attrs = await self.backend.setattr(inode, attr, fields, fh, ctx)
             if fields.update_size and not fields.update_mode and attrs.st_mode & _SETID:
                 # A truncation by a caller without CAP_FSETID clears them; without
                 # FUSE_HANDLE_KILLPRIV_V2 the kernel sends the new mode along instead.
                 attrs = await self._clear_setid_bits(inode, ctx, attrs)
+            if before is not None:
+                # chown(2) clears them by a write's rule, judged on the file as it was
+                # (chown_common → setattr_should_drop_sgid): the backing fs, changed
+                # by root, drops S_ISUID and a group-executable S_ISGID but keeps the
+                # S_ISGID of a file the caller was not in the group of.
+                bits = setid_bits_to_clear(before.st_mode, before.st_gid, ctx.uid, ctx.gid) & attrs.st_mode
+                if bits:
+                    attrs.st_mode &= ~bits
+                    attrs = await self.backend.setattr(inode, attrs, _MODE_ONLY, None, ctx)
             return attrs
 
         return await self._serve(op, setattr)

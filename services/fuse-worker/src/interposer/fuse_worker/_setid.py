@@ -16,7 +16,10 @@ For a file opened with FOPEN_DIRECT_IO it does not; it only flags the request
 every write, truncation and ``O_TRUNC`` open to the file system. The worker
 writes and truncates as root, which has CAP_FSETID, so the backing file system
 keeps the bits: the adapter clears them with :func:`setid_bits_to_clear`. A
-truncation follows the same rule (``do_truncate`` → ``dentry_needs_remove_privs``).
+truncation follows the same rule (``do_truncate`` → ``dentry_needs_remove_privs``),
+and so does ``chown(2)`` of a regular file, judged on the file before the change
+(``chown_common`` → ``setattr_should_drop_sgid``), except that it drops S_ISUID
+even for root, as the backing fs does when the worker changes the owner.
 """
 
 from __future__ import annotations
