@@ -86,6 +86,11 @@ checks = {
     "setxattr on root file": lambda: os.setxattr("public", "user.k", b"v"),
     "listdir 0700 root dir": lambda: os.listdir("private"),
     "lookup in 0700 root dir": lambda: os.stat("private/inner"),
+    # Checks the kernel makes in the caller's context, whatever the file system:
+    "hard link to root file (protected_hardlinks)": lambda: os.link("public", "rw/link"),
+    "mknod character device": lambda: os.mknod("rw/null", 0o666 | stat.S_IFCHR, os.makedev(1, 3)),
+    "setxattr trusted.* on own file": lambda: (create("rw/t"), os.setxattr("rw/t", "trusted.k", b"v"))[1],
+    "open root file O_NOATIME": lambda: os.close(os.open("public", os.O_RDONLY | os.O_NOATIME)),
 }
 for kind in SETID_KINDS:
     for how, flags in (("O_WRONLY", os.O_WRONLY), ("O_RDWR", os.O_RDWR), ("O_DIRECT", os.O_WRONLY | os.O_DIRECT)):
@@ -176,6 +181,9 @@ def test_a_non_root_caller_gets_native_errors_and_ownership(mount_worker, tmp_pa
     assert expected["open O_TRUNC setid-setgid-exec-O_TRUNC"] == oct(0o100777)
     assert expected["create setgid executable in setgid dir"][2] == oct(0o100755)
     assert expected["chgrp own setid-setgid-noexec-other-group-chgrp"] == oct(0o100767)
+    assert expected["mknod character device"] == "EPERM"
+    assert expected["setxattr trusted.* on own file"] == "EPERM"
+    assert expected["open root file O_NOATIME"] == "EPERM"
     differences = {k: (expected[k], got[k]) for k in expected if expected[k] != got[k]}
     assert differences == {}, f"native vs mount: {differences}"
     if variant != "memory":
