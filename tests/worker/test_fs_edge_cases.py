@@ -6,7 +6,8 @@ scenario below runs once in a native directory and once through the mount (every
 backend) and must give the same outcome: long names and paths deeper than
 ``PATH_MAX``, special files (fifo, socket, device node), ``utimensat`` with
 ``UTIME_NOW``/``UTIME_OMIT``, ``access(2)``, opens with ``O_SYNC``/``O_DSYNC``/
-``O_DIRECT``, ``fsync`` of a directory, ``statfs``'s name length, and a rewound
+``O_DIRECT``, ``fsync`` of a directory, ``statfs``'s name length, ``renameat2``'s
+``RENAME_WHITEOUT``, and a rewound
 directory stream that must list the directory as it is now. Two differences
 docs/posix.md states are checked as such: device nodes cannot be opened
 (``nodev``), and ``O_TMPFILE`` is refused with EOPNOTSUPP.
@@ -32,6 +33,8 @@ PATH_MAX = 4096
 #: utimensat(2)'s special tv_nsec values (<linux/stat.h>).
 UTIME_NOW, UTIME_OMIT = (1 << 30) - 1, (1 << 30) - 2
 AT_FDCWD = -100
+#: renameat2(2) flags (<linux/fs.h>).
+RENAME_EXCHANGE, RENAME_WHITEOUT = 1 << 1, 1 << 2
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -170,6 +173,31 @@ def directory_fsync_and_statfs(root: Path) -> dict[str, Any]:
     return {"fsync(dir)": fsync, "fdatasync(dir)": fdatasync, "f_namemax": os.statvfs(root).f_namemax}
 
 
+def renameat2(old: Path, new: Path, flags: int) -> None:
+    """``renameat2(AT_FDCWD, old, AT_FDCWD, new, flags)``.
+
+    Raises:
+        OSError: with the call's errno.
+    """
+    if _libc.renameat2(AT_FDCWD, os.fsencode(old), AT_FDCWD, os.fsencode(new), flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(old))
+
+
+def rename_whiteout(root: Path) -> dict[str, Any]:
+    """``RENAME_WHITEOUT`` (overlayfs's): the file moves and a 0:0 character device takes its old name."""
+    (root / "dir").mkdir()
+    (root / "dir" / "upper").write_bytes(b"moved")
+    out = {"rename": outcome(lambda: renameat2(root / "dir" / "upper", root / "moved", RENAME_WHITEOUT) or "ok")}
+    out["moved data"] = outcome(lambda: (root / "moved").read_bytes())
+    out["whiteout"] = outcome(lambda: (lambda st: (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_rdev))(
+        os.lstat(root / "dir" / "upper")))
+    out["listing"] = sorted(os.listdir(root / "dir"))
+    out["with RENAME_EXCHANGE"] = outcome(lambda: renameat2(root / "moved", root / "dir" / "upper",
+                                                            RENAME_WHITEOUT | RENAME_EXCHANGE))
+    return out
+
+
 def rewound_listing(root: Path) -> dict[str, Any]:
     """``os.listdir(fd)`` rewinds the fd's stream (``rewinddir``): it must show the directory as it is now."""
     os.mkdir(root / "dir")
@@ -188,7 +216,7 @@ def rewound_listing(root: Path) -> dict[str, Any]:
 
 
 SCENARIOS = {f.__name__: f for f in (long_names, special_files, times, access_checks, sync_and_direct_opens,
-                                     directory_fsync_and_statfs, rewound_listing)}
+                                     directory_fsync_and_statfs, rename_whiteout, rewound_listing)}
 BACKENDS = {"passthrough": [], "memory": ["--backend", "memory"], "kernel-passthrough": ["--kernel-passthrough"]}
 
 

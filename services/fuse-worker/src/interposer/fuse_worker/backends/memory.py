@@ -51,6 +51,9 @@ XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
 #: Flags of rename(2) this backend implements (<linux/fs.h>).
 RENAME_NOREPLACE = pyfuse3.RENAME_NOREPLACE
 RENAME_EXCHANGE = pyfuse3.RENAME_EXCHANGE
+#: renameat2(2): leave a whiteout (a character device 0:0) at the old name, for
+#: overlayfs (<linux/fs.h>; pyfuse3 has no name for it).
+RENAME_WHITEOUT = 1 << 2
 
 
 def _fail(code: int) -> pyfuse3.FUSEError:
@@ -462,7 +465,8 @@ class MemoryBackend(PathTable):
         self, old_parent_ino: int, old_name: bytes, new_parent_ino: int, new_name: bytes, flags: int,
         ctx: pyfuse3.RequestContext,
     ) -> None:
-        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE | RENAME_WHITEOUT) or (
+                flags & RENAME_EXCHANGE and flags & (RENAME_NOREPLACE | RENAME_WHITEOUT)):
             raise _fail(errno.EINVAL)
         old_parent, new_parent = self._dir(old_parent_ino), self._dir(new_parent_ino)
         self._check_name(old_name)
@@ -502,6 +506,8 @@ class MemoryBackend(PathTable):
                 raise _fail(errno.ENOTEMPTY)
         if dst is not None and dst.is_dir and self._is_ancestor(dst, old_parent):
             raise _fail(errno.ENOTEMPTY)
+        if flags & RENAME_WHITEOUT and len(self._nodes) >= self.max_inodes:
+            raise _fail(errno.ENOSPC)  # as tmpfs: the whiteout is made before anything moves
         del old_parent.entries[old_name]
         new_parent.entries[new_name] = src.ino
         if dst is not None:
@@ -513,6 +519,8 @@ class MemoryBackend(PathTable):
             new_parent.nlink += 1
         self.moved(src, new_parent, new_name)
         src.ctime_ns = now
+        if flags & RENAME_WHITEOUT:
+            self._add(old_parent, old_name, stat.S_IFCHR, ctx).rdev = 0
         self._touch_dir(old_parent)
         self._touch_dir(new_parent)
 
