@@ -60,3 +60,31 @@ def test_null_backend_discards_data_but_keeps_metadata(mount_worker) -> None:
     os.setxattr(m / "h", "user.k", b"v")
     assert os.getxattr(m / "d" / "f", "user.k") == b"v"
     assert sorted(os.listdir(m)) == ["d", "h", "huge"]
+
+
+@pytest.mark.fuse
+@pytest.mark.parametrize("backend", ["memory", "null"])
+def test_xattrs_count_against_the_size_limit(mount_worker, backend: str) -> None:
+    """Extended attributes live in the worker's memory: no client may grow it past the limit."""
+    vol = mount_worker(extra=["--backend", backend, "--memory-size-bytes", str(MIB)])
+    m = vol.mountpoint
+    (m / "f").write_bytes(b"")
+    value = b"v" * 60000
+    stored = 0
+    with pytest.raises(OSError) as info:
+        while True:
+            os.setxattr(m / "f", f"user.k{stored}", value)
+            stored += 1
+    assert info.value.errno == errno.ENOSPC
+    assert stored == MIB // (len(value) + len("user.k00"))  # names count too
+    assert len(os.listxattr(m / "f")) == stored
+    assert os.statvfs(m).f_bavail * os.statvfs(m).f_frsize < len(value)
+    os.removexattr(m / "f", "user.k0")
+    os.setxattr(m / "f", "user.k0", value)  # the room is given back
+    os.unlink(m / "f")  # and all of it once the file is gone
+    sv = os.statvfs(m)
+    assert sv.f_bavail == sv.f_blocks
+    (m / "g").write_bytes(b"")
+    with pytest.raises(OSError) as info:
+        os.setxattr(m / "g", "user.", b"v")  # a namespace without a name
+    assert info.value.errno == errno.EINVAL

@@ -11,9 +11,11 @@ also passes the bit on to new subdirectories), as ext4 and tmpfs do.
 
 An inode lives while a directory entry, a kernel lookup reference or an open
 handle holds it (an unlinked open file stays readable until released and
-forgotten, as POSIX requires). File contents count against ``size_bytes``: a
-write or truncate that would pass it fails with ENOSPC (a write that partly fits
-is shortened, as on a full disk); ``statfs`` reports the limit and what is used.
+forgotten, as POSIX requires). File contents and extended attributes (name and
+value bytes) count against ``size_bytes``: a write, truncate or setxattr that would
+pass it fails with ENOSPC (a write that partly fits is shortened, as on a full
+disk), so no client of the mount can grow the worker's memory past the limit;
+``statfs`` reports the limit and what is used.
 Files are not sparse: a hole costs memory like data, ``fallocate`` has tmpfs's
 modes (allocate, keep size, punch hole) and ``SEEK_HOLE`` finds only end of file.
 """
@@ -296,6 +298,9 @@ class MemoryBackend(PathTable):
         if node.data is not None:
             self.used_bytes -= node.size
             node.data = None
+        if node.xattrs:
+            self.used_bytes -= sum(len(name) + len(value) for name, value in node.xattrs.items())
+            node.xattrs = {}
         if node.lookups == 0:
             del self._nodes[node.ino]
 
@@ -704,6 +709,8 @@ class MemoryBackend(PathTable):
         node = self._get(ino)
         if not name.startswith(XATTR_NAMESPACES):
             raise _fail(errno.EOPNOTSUPP)  # system.* (ACLs) and unknown namespaces
+        if name in XATTR_NAMESPACES:
+            raise _fail(errno.EINVAL)  # a namespace without a name (the VFS's xattr_resolve_name)
         if len(name) > XATTR_NAME_MAX_BYTES:
             raise _fail(errno.ERANGE)
         return node
@@ -719,7 +726,12 @@ class MemoryBackend(PathTable):
         node = self._xattr_node(ino, name)
         if name.startswith(b"user.") and not (stat.S_ISREG(node.mode) or node.is_dir):
             raise _fail(errno.EPERM)  # user.* only on files and directories (xattr(7))
+        old = node.xattrs.get(name)
+        grow = len(value) - len(old) if old is not None else len(name) + len(value)
+        if grow > self.size_bytes - self.used_bytes:  # not _check_room: the null backend stores xattrs too
+            raise _fail(errno.ENOSPC)
         node.xattrs[name] = bytes(value)
+        self.used_bytes += grow
         node.ctime_ns = time.time_ns()
 
     async def listxattr(self, ino: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
@@ -728,9 +740,10 @@ class MemoryBackend(PathTable):
     async def removexattr(self, ino: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         node = self._xattr_node(ino, name)
         try:
-            del node.xattrs[name]
+            value = node.xattrs.pop(name)
         except KeyError:
             raise _fail(pyfuse3.ENOATTR) from None
+        self.used_bytes -= len(name) + len(value)
         node.ctime_ns = time.time_ns()
 
     def close(self) -> None:

@@ -4,8 +4,8 @@ For measuring an application's own I/O cost without any storage below it: every
 file, directory, link, rename, xattr and timestamp behaves as in the memory
 backend, but file contents are never stored. A write succeeds and extends the
 file's size; a read returns zero bytes up to that size (so a read-after-write sees
-zeros, not the data). Nothing counts against the size limit, which only shapes
-``statfs``.
+zeros, not the data). Contents do not count against the size limit; extended
+attributes, which are stored, do (ENOSPC beyond it), and ``statfs`` shows them.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ class NullBackend(MemoryBackend):
     """The memory backend with file contents replaced by their size.
 
     Args:
-        size_bytes: size reported by ``statfs``, bytes (never used up).
+        size_bytes: size reported by ``statfs``, bytes; only xattrs use it up.
         entry_timeout_s: how long the kernel may cache name lookups, seconds.
         attr_timeout_s: how long the kernel may cache attributes, seconds.
         root_uid, root_gid: owner of the root directory (default: the worker's).
