@@ -88,3 +88,24 @@ def test_xattrs_count_against_the_size_limit(mount_worker, backend: str) -> None
     with pytest.raises(OSError) as info:
         os.setxattr(m / "g", "user.", b"v")  # a namespace without a name
     assert info.value.errno == errno.EINVAL
+
+
+@pytest.mark.fuse
+def test_hard_links_count_as_inodes(mount_worker) -> None:
+    """As on tmpfs, each extra name of a file takes an inode: links cannot grow the worker's memory unbounded."""
+    vol = mount_worker(extra=["--backend", "memory", "--memory-size-bytes", str(MIB)])
+    m = vol.mountpoint
+    (m / "f").write_bytes(b"data")
+    free_before = os.statvfs(m).f_ffree
+    links = 0
+    with pytest.raises(OSError) as info:
+        while True:
+            os.link(m / "f", m / f"l{links}")
+            links += 1
+    assert info.value.errno == errno.ENOSPC
+    assert links == free_before and os.statvfs(m).f_ffree == 0
+    assert os.stat(m / "f").st_nlink == links + 1
+    for i in range(links):
+        os.unlink(m / f"l{i}")
+    assert os.statvfs(m).f_ffree == free_before
+    assert (m / "f").read_bytes() == b"data"

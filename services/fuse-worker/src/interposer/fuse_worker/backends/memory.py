@@ -130,6 +130,9 @@ class MemoryBackend(PathTable):
         self.size_bytes = size_bytes
         self.used_bytes = 0
         self.max_inodes = max(size_bytes // BYTES_PER_INODE, 64)
+        # Names beyond a file's first, each counted as an inode as tmpfs does
+        # (shmem_link reserves one), so hard links cannot grow memory without bound.
+        self._extra_links = 0
         self._entry_timeout_s = entry_timeout_s
         self._attr_timeout_s = attr_timeout_s
         uid = os.getuid() if root_uid is None else root_uid
@@ -269,7 +272,7 @@ class MemoryBackend(PathTable):
             raise _fail(errno.EEXIST)
         if parent.nlink == 0:
             raise _fail(errno.ENOENT)  # creating in a removed directory
-        if len(self._nodes) >= self.max_inodes:
+        if self._inodes_used() >= self.max_inodes:
             raise _fail(errno.ENOSPC)
         gid = ctx.gid
         if parent.mode & stat.S_ISGID:
@@ -283,7 +286,13 @@ class MemoryBackend(PathTable):
         self._touch_dir(parent)
         return node
 
+    def _inodes_used(self) -> int:
+        """Inodes in use, as ``statfs`` counts them: every inode, and every extra hard link."""
+        return len(self._nodes) + self._extra_links
+
     def _drop_link(self, node: Node) -> None:
+        if not node.is_dir and node.nlink > 1:
+            self._extra_links -= 1
         node.nlink = 0 if node.is_dir else node.nlink - 1
         node.ctime_ns = time.time_ns()
         self._maybe_free(node)
@@ -426,8 +435,11 @@ class MemoryBackend(PathTable):
             raise _fail(errno.EEXIST)
         if node.nlink == 0:
             raise _fail(errno.ENOENT)  # linkat of an unlinked file (without O_TMPFILE)
+        if self._inodes_used() >= self.max_inodes:
+            raise _fail(errno.ENOSPC)
         parent.entries[new_name] = node.ino
         node.nlink += 1
+        self._extra_links += 1
         node.ctime_ns = time.time_ns()
         self._touch_dir(parent)
         self.moved(node, parent, new_name)
@@ -511,7 +523,7 @@ class MemoryBackend(PathTable):
                 raise _fail(errno.ENOTEMPTY)
         if dst is not None and dst.is_dir and self._is_ancestor(dst, old_parent):
             raise _fail(errno.ENOTEMPTY)
-        if flags & RENAME_WHITEOUT and len(self._nodes) >= self.max_inodes:
+        if flags & RENAME_WHITEOUT and self._inodes_used() >= self.max_inodes:
             raise _fail(errno.ENOSPC)  # as tmpfs: the whiteout is made before anything moves
         del old_parent.entries[old_name]
         new_parent.entries[new_name] = src.ino
@@ -699,7 +711,7 @@ class MemoryBackend(PathTable):
         data.f_blocks = self.size_bytes // BLOCK_SIZE_BYTES
         data.f_bfree = data.f_bavail = (self.size_bytes - self.used_bytes) // BLOCK_SIZE_BYTES
         data.f_files = self.max_inodes
-        data.f_ffree = data.f_favail = max(self.max_inodes - len(self._nodes), 0)
+        data.f_ffree = data.f_favail = max(self.max_inodes - self._inodes_used(), 0)
         data.f_namemax = NAME_MAX_BYTES
         return data
 
@@ -753,3 +765,4 @@ class MemoryBackend(PathTable):
         self._nodes = {ROOT_INODE: self.root}
         self.root.entries.clear()
         self.used_bytes = 0
+        self._extra_links = 0
