@@ -146,6 +146,40 @@ def test_rename_links_and_inode_numbers(mount_worker) -> None:
     assert (vol.backing / "dir" / "c").read_text() == "data"
 
 
+def held_inode_fds(pid: int) -> int:
+    """How many O_PATH fds worker ``pid`` holds (one per inode the kernel knows)."""
+    held = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
+        except FileNotFoundError:
+            continue  # closed meanwhile
+        held += bool(int(info.split("flags:")[1].split()[0], 8) & os.O_PATH)
+    return held
+
+
+def test_inode_numbers_outlive_the_kernel_forgetting_the_inode(mount_worker) -> None:
+    """st_ino stays the same for the life of the mount, even after the kernel's inode cache dropped the file.
+
+    Tools that tell files apart by (st_dev, st_ino) — tar and rsync finding hard
+    links, find -samefile, du, a training job's dataset index — see one file under
+    one number however long they run.
+    """
+    vol = mount_worker()
+    m = vol.mountpoint
+    (m / "d").mkdir()
+    (m / "d" / "a").write_text("data")
+    os.link(m / "d" / "a", m / "b")
+    before = {name: os.stat(m / name).st_ino for name in ("d", "d/a", "b")}
+    held = held_inode_fds(vol.proc.pid)
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("2\n")  # the kernel forgets unused inodes (FORGET)
+    wait_until(lambda: held_inode_fds(vol.proc.pid) < held, "the worker to get the kernel's FORGETs")
+    after = {name: os.stat(m / name).st_ino for name in ("d", "d/a", "b")}
+    assert after == before and after["b"] == after["d/a"]
+    assert (m / "b").read_text() == "data"
+
+
 def test_attributes_truncate_chmod_times_xattrs_statfs(mount_worker) -> None:
     vol = mount_worker()
     f = vol.mountpoint / "f"

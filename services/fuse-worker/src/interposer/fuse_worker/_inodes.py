@@ -13,6 +13,9 @@ import pyfuse3
 
 #: FUSE inode number of the volume root (pyfuse3.ROOT_INODE).
 ROOT_INODE = pyfuse3.ROOT_INODE
+#: First FUSE inode number for files of another file system mounted inside the
+#: backing dir (bit 63: above any inode number ext4, xfs or btrfs hand out).
+OTHER_DEVICE_INO_BASE = 1 << 63
 
 
 def join_path(parent_path: str, name: bytes) -> str:
@@ -94,6 +97,15 @@ class InodeTable(PathTable):
     numbers stable across renames. Holding an O_PATH fd per entry also pins the
     backing inode, so its number cannot be reused while the kernel knows it.
 
+    The FUSE inode number is the backing one (:meth:`ino_of`), so that a file keeps
+    its ``st_ino`` after the kernel forgot it and looks it up again (memory
+    pressure, ``drop_caches``): a number handed out from a counter would change,
+    and tools that tell files apart by ``(st_dev, st_ino)`` would see a new file.
+    Two swaps keep numbers unique: the backing root is FUSE inode 1, so a backing
+    file numbered 1 gets the root's backing number; files of another file system
+    mounted inside the backing dir, whose numbers may repeat the root's, get
+    numbers from :data:`OTHER_DEVICE_INO_BASE` on, remembered for the mount's life.
+
     Args:
         root_fd: O_PATH fd of the backing root directory (owned by the table).
     """
@@ -105,7 +117,20 @@ class InodeTable(PathTable):
         self.root.lookups = 1
         self._by_ino: dict[int, Inode] = {ROOT_INODE: self.root}
         self._by_key: dict[tuple[int, int], Inode] = {self.root.key: self.root}
-        self._next_ino = ROOT_INODE + 1
+        self._other_device_inos: dict[tuple[int, int], int] = {}
+
+    def ino_of(self, key: tuple[int, int]) -> int:
+        """The FUSE inode number of backing file ``key`` = ``(st_dev, st_ino)``: the same every time."""
+        dev, st_ino = key
+        root_dev, root_st_ino = self.root.key
+        if dev != root_dev:
+            ino = self._other_device_inos.get(key)
+            if ino is None:
+                ino = self._other_device_inos[key] = OTHER_DEVICE_INO_BASE + len(self._other_device_inos)
+            return ino
+        if st_ino == root_st_ino:
+            return ROOT_INODE
+        return root_st_ino if st_ino == ROOT_INODE else st_ino
 
     def find(self, ino: int) -> Inode | None:
         """Return the inode, or None if the kernel does not know it."""
@@ -138,8 +163,7 @@ class InodeTable(PathTable):
         key = (st.st_dev, st.st_ino)
         inode = self._by_key.get(key)
         if inode is None:
-            inode = Inode(self._next_ino, fd, key, parent, name)
-            self._next_ino += 1
+            inode = Inode(self.ino_of(key), fd, key, parent, name)
             self._by_ino[inode.ino] = inode
             self._by_key[key] = inode
             return inode
