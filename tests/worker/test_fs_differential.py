@@ -254,11 +254,13 @@ def _run(native_root: Path, mount_root: Path) -> None:
 
 
 @pytest.mark.fuse
-@pytest.mark.parametrize("backend", ["passthrough", "memory", "kernel-passthrough"])
+@pytest.mark.parametrize("backend", ["passthrough", "passthrough-reopening", "memory", "kernel-passthrough"])
 def test_random_op_sequences_agree_with_the_native_fs(mount_worker, tmp_path: Path, backend: str) -> None:
     native = tmp_path / "native"
     native.mkdir()
-    extra = {"passthrough": [], "memory": ["--backend", "memory"], "kernel-passthrough": ["--kernel-passthrough"]}
+    extra = {"passthrough": [], "memory": ["--backend", "memory"], "kernel-passthrough": ["--kernel-passthrough"],
+             # One file fd held: every other file is reopened by name when used (_inodes.InodeTable).
+             "passthrough-reopening": ["--max-file-fds", "1"]}
     vol = mount_worker(extra=extra[backend])
     _run(native, vol.mountpoint)
     assert vol.proc.poll() is None, vol.log()

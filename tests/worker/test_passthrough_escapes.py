@@ -45,8 +45,13 @@ def _snapshot(directory: Path) -> dict[str, tuple[int, int, int, int, int, int]]
     return found
 
 
-@pytest.fixture
-def escape_setup(mount_worker, tmp_path: Path):  # noqa: ANN201
+#: Worker flags of the two ways a file is reached: through the fd held since its
+#: lookup, or (one file fd held) reopened from its directory's fd and name.
+FD_MODES = {"held": [], "reopened": ["--max-file-fds", "1"]}
+
+
+@pytest.fixture(params=list(FD_MODES))
+def escape_setup(mount_worker, tmp_path: Path, request: pytest.FixtureRequest):  # noqa: ANN201
     deep = tmp_path / "deep"
     deep.mkdir()
     outside = deep / "outside"
@@ -60,7 +65,7 @@ def escape_setup(mount_worker, tmp_path: Path):  # noqa: ANN201
     os.symlink("/", backing / "slash")
     os.symlink(str(outside / "victim"), backing / "abs_file")
     assert not (tmp_path / "outside").exists()
-    vol = mount_worker(backing=backing)
+    vol = mount_worker(backing=backing, extra=FD_MODES[request.param])
     before = _snapshot(outside)
     yield vol, outside
     assert _snapshot(outside) == before, "the worker changed something outside the backing dir"
@@ -172,3 +177,33 @@ def test_a_directory_swapped_for_a_symlink_mid_use_never_leads_outside(escape_se
     # Everything created landed inside the backing dir.
     real_dir = backing / ("d" if (backing / "d").is_dir() and not (backing / "d").is_symlink() else "d_link")
     assert len(list(real_dir.iterdir())) == created
+
+
+@pytest.mark.fuse
+def test_a_file_swapped_for_a_symlink_before_it_is_reopened_is_not_followed(
+        escape_setup, request: pytest.FixtureRequest) -> None:
+    """A file the worker has let go of (one file fd held) is replaced in the backing dir by a
+    symlink to an outside file: reopening it by name must find the swap, never the target."""
+    vol, outside = escape_setup
+    m, backing = vol.mountpoint, vol.backing
+    (backing / "f").write_text("inside")
+    (backing / "other").write_text("other")
+    known = os.stat(m / "f")
+    os.stat(m / "other")  # with one file fd held, f's is closed now
+    os.rename(backing / "f", backing / "f.moved")
+    # Relative: outside only as seen from the backing dir (the kernel resolves a
+    # symlink on the caller's side, where ../outside does not exist).
+    os.symlink("../outside/victim", backing / "f")
+    for attempt in (lambda: os.chmod(m / "f", 0o777), lambda: os.truncate(m / "f", 0),
+                    lambda: os.setxattr(m / "f", "user.k", b"v"), lambda: (m / "f").write_text("pwned"),
+                    lambda: os.utime(m / "f", (1, 1))):
+        try:
+            attempt()
+        except OSError:
+            pass
+    assert (outside / "victim").read_text() == "do not touch"
+    # Held, the fd still leads to the moved file (as a file handle would); reopened,
+    # the swap is found and refused (ESTALE): the moved file is untouched.
+    assert known.st_ino == os.stat(m / "f.moved").st_ino
+    if request.node.callspec.params["escape_setup"] == "reopened":
+        assert (backing / "f.moved").read_text() == "inside"

@@ -6,6 +6,7 @@ import ctypes
 import errno
 import mmap
 import os
+import resource
 import shutil
 import signal
 import stat
@@ -178,6 +179,40 @@ def test_inode_numbers_outlive_the_kernel_forgetting_the_inode(mount_worker) -> 
     after = {name: os.stat(m / name).st_ino for name in ("d", "d/a", "b")}
     assert after == before and after["b"] == after["d/a"]
     assert (m / "b").read_text() == "data"
+
+
+def test_a_walk_over_more_files_than_the_worker_may_open_succeeds(mount_worker) -> None:
+    """More files than the worker's open-file limit: held files past a budget are closed and reopened by name.
+
+    The kernel keeps every inode it looked up while memory allows; an fd held for
+    each would run out (EMFILE) on a dataset of more files than the limit (a
+    million images under a container's limit), where the backing fs would not.
+    """
+    vol = mount_worker(extra=["--max-file-fds", "100"])
+    resource.prlimit(vol.proc.pid, resource.RLIMIT_NOFILE, (300, 300))
+    m, files = vol.mountpoint, 2000
+    for i in range(files):
+        (vol.backing / f"f{i}").write_bytes(b"%d" % i)
+    os.link(vol.backing / "f0", vol.backing / "f0-link")
+    first = os.stat(m / "f0").st_ino
+    with os.scandir(m) as entries:  # readdirplus: the kernel learns of every entry
+        walked = {entry.name: entry.stat().st_ino for entry in entries}
+    assert len(walked) == files + 1
+    for i in range(files):
+        path = m / f"f{i}"
+        assert path.read_bytes() == b"%d" % i and os.stat(path).st_ino == walked[f"f{i}"]
+    assert held_inode_fds(vol.proc.pid) <= 100 + 5  # + the root and directories
+    # A file whose fd was closed, reached through each of its names; unlinked while
+    # open through one, it lives on through the other and through the open file.
+    assert os.stat(m / "f0").st_ino == first == walked["f0"] == walked["f0-link"]
+    with open(m / "f0-link", "rb") as f:
+        os.unlink(m / "f0")
+        assert f.read() == b"0" and os.fstat(f.fileno()).st_nlink == 1
+    for i in range(1, 200):  # push f0-link's fd out again
+        os.stat(m / f"f{i}")
+    os.chmod(m / "f0-link", 0o600)
+    assert stat.S_IMODE(os.stat(vol.backing / "f0-link").st_mode) == 0o600
+    assert vol.proc.poll() is None, vol.log()
 
 
 def test_attributes_truncate_chmod_times_xattrs_statfs(mount_worker) -> None:

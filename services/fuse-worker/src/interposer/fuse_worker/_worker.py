@@ -104,11 +104,33 @@ def receive_fuse_fd(socket_path: str, volume_id: str, timeout_s: float) -> int:
 MALLOC_ARENAS = 1
 
 
-def _raise_fd_limit() -> None:
-    # The passthrough backend holds one O_PATH fd per inode the kernel knows.
+#: Share of the worker's open-file limit the passthrough backend may spend on
+#: holding files the kernel knows (``--max-file-fds`` 0); the rest is for the
+#: files applications open (one backing fd each), sockets and pipes.
+FILE_FD_SHARE = 0.75
+
+
+def _raise_fd_limit() -> int:
+    """Raise the open-file limit as far as allowed; return the soft limit now in force.
+
+    The passthrough backend holds an O_PATH fd per directory and (up to a budget)
+    per file the kernel knows. With CAP_SYS_RESOURCE the hard limit itself goes up
+    to the kernel's ``fs.nr_open``; otherwise the soft limit goes up to the hard one.
+    """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    try:
+        nr_open = int(Path("/proc/sys/fs/nr_open").read_text())
+    except (OSError, ValueError):
+        nr_open = hard
+    for target in (max(nr_open, hard), hard):
+        if soft >= target:
+            break
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, target))
+            return target
+        except (OSError, ValueError):
+            continue
+    return soft
 
 
 def mount_options(config: WorkerConfig) -> set[str]:
@@ -144,7 +166,10 @@ def make_backend(config: WorkerConfig) -> Backend:
         return MemoryBackend(config.memory_size_bytes, *timeouts)
     if config.backend == "null":
         return NullBackend(config.memory_size_bytes, *timeouts)
-    return PassthroughBackend(config.backing_dir, *timeouts, blocking_io=config.blocking_io)
+    max_file_fds = config.max_file_fds or max(
+        int(resource.getrlimit(resource.RLIMIT_NOFILE)[0] * FILE_FD_SHARE), 1)
+    return PassthroughBackend(config.backing_dir, *timeouts, blocking_io=config.blocking_io,
+                              max_file_fds=max_file_fds)
 
 
 async def serve(config: WorkerConfig) -> None:
@@ -157,9 +182,12 @@ async def serve(config: WorkerConfig) -> None:
     """
     policy = load_policy_file(config.policy_file) if config.policy_file else Policy()
     os.umask(0)  # modes from the kernel already carry the caller's umask
-    _raise_fd_limit()
+    fd_limit = _raise_fd_limit()
     limit_malloc_arenas(MALLOC_ARENAS)
     backend = make_backend(config)
+    if isinstance(backend, PassthroughBackend):
+        log.info("up to %d files held open (O_PATH) at once, open-file limit %d; beyond, the longest held "
+                 "are reopened by name when used", backend.inodes.max_file_fds, fd_limit)
     # Without a bus nothing drains the buffers: recording events would only fill them
     # (up to ~25 MB of OpEvents) and then count drops. Counters still run.
     has_bus = bool(config.nats_url)

@@ -23,12 +23,11 @@ from collections.abc import Callable, Sequence
 
 import pyfuse3
 
-from .._inodes import Inode, InodeTable, join_path
+from .._inodes import O_PATH_FLAGS, Inode, InodeTable, join_path
 from ._base import OpenDir
 from ._offload import BlockingCalls, BlockingIOMode
 from ._libc import fallocate, fs_type, renameat2
 
-_O_PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 #: Open flags never passed to the backing file: the kernel already handled them
 #: (O_CREAT/O_EXCL via create, O_NOCTTY meaningless), or they need aligned user
 #: buffers that Python's pread/pwrite do not give (O_DIRECT: the FUSE side of the
@@ -58,6 +57,8 @@ class PassthroughBackend:
         blocking_io: where reads, writes, flushes and syncs run (``adaptive``:
             on the loop while fast, in a thread once slow; ``loop``; ``thread``),
             see ``_offload``.
+        max_file_fds: most ``O_PATH`` fds of non-directories held at once; others
+            are reopened by name when used (``_inodes.InodeTable``). None: no limit.
 
     Raises:
         NotADirectoryError, FileNotFoundError, PermissionError: ``root_dir`` unusable.
@@ -66,9 +67,9 @@ class PassthroughBackend:
     name = "passthrough"
 
     def __init__(self, root_dir: str, entry_timeout_s: float = 1.0, attr_timeout_s: float = 1.0,
-                 blocking_io: BlockingIOMode = "adaptive") -> None:
+                 blocking_io: BlockingIOMode = "adaptive", max_file_fds: int | None = None) -> None:
         root_fd = os.open(root_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        self.inodes = InodeTable(root_fd)
+        self.inodes = InodeTable(root_fd, max_file_fds)
         self._entry_timeout_s = entry_timeout_s
         self._attr_timeout_s = attr_timeout_s
         self._am_root = os.geteuid() == 0
@@ -112,7 +113,7 @@ class PassthroughBackend:
             up = parent.parent or parent  # the root's parent is the root: no way out
             return up, os.fstat(up.fd)
         self._check_name(name)
-        fd = os.open(name, _O_PATH_FLAGS, dir_fd=parent.fd)
+        fd = os.open(name, O_PATH_FLAGS, dir_fd=parent.fd)
         try:
             st = os.fstat(fd)
         except BaseException:
@@ -255,7 +256,7 @@ class PassthroughBackend:
     async def unlink(self, parent_ino: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         parent = self.inodes.get(parent_ino)
         self._check_name(name)
-        self._check_kernel_knows(parent, name)
+        self._losing_its_name(self._check_kernel_knows(parent, name), parent, name)
         os.unlink(name, dir_fd=parent.fd)
 
     async def rmdir(self, parent_ino: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -264,8 +265,22 @@ class PassthroughBackend:
         self._check_kernel_knows(parent, name)
         os.rmdir(name, dir_fd=parent.fd)
 
-    def _check_kernel_knows(self, parent: Inode, name: bytes) -> None:
-        """ESTALE when what is at ``parent``/``name`` now is not an inode the kernel looked up.
+    def _losing_its_name(self, inode: Inode | None, parent: Inode, name: bytes) -> None:
+        """``parent``/``name`` is about to be unlinked or replaced: if it is the name ``inode`` is
+        reopened by, keep its fd from now on (an open or hard-linked file lives on)."""
+        if inode is not None and inode.parent is parent and inode.name == name:
+            self.inodes.unnamed(inode)
+
+    def _known_at(self, parent: Inode, name: bytes) -> Inode | None:
+        """The inode the worker knows at ``parent``/``name`` now, if any."""
+        try:
+            st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+        except OSError:
+            return None
+        return self.inodes.by_key((st.st_dev, st.st_ino))
+
+    def _check_kernel_knows(self, parent: Inode, name: bytes) -> Inode | None:
+        """ESTALE when what is at ``parent``/``name`` now is not an inode the kernel looked up; else that inode.
 
         The kernel checks an unlink, an rmdir or a rename's source (the sticky bit,
         for one) against the inode its cached entry names, which it holds, so the
@@ -281,10 +296,11 @@ class PassthroughBackend:
         try:
             st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
         except FileNotFoundError:
-            return  # the call itself answers ENOENT
+            return None  # the call itself answers ENOENT
         inode = self.inodes.by_key((st.st_dev, st.st_ino))
         if inode is None or inode.lookups <= 0:
             raise OSError(errno.ESTALE, os.strerror(errno.ESTALE))
+        return inode
 
     async def rename(
         self, old_parent_ino: int, old_name: bytes, new_parent_ino: int, new_name: bytes, flags: int,
@@ -295,6 +311,8 @@ class PassthroughBackend:
         self._check_name(old_name)
         self._check_name(new_name)
         self._check_kernel_knows(old_parent, old_name)  # the target the kernel looks up again itself
+        if not flags & pyfuse3.RENAME_EXCHANGE:
+            self._losing_its_name(self._known_at(new_parent, new_name), new_parent, new_name)
         if flags:
             renameat2(old_parent.fd, old_name, new_parent.fd, new_name, flags)
         else:
