@@ -213,7 +213,12 @@ class InodeTable(PathTable):
         if inode.parent is not parent or inode.name != name:
             self.moved(inode, parent, name)
         if inode._fd < 0:
+            # Closed, so not pinned: the number may have been reused by another file
+            # since (deleted and created in the backing dir), maybe of another type.
             inode._fd = fd
+            inode.is_dir = stat.S_ISDIR(st.st_mode)
+            if inode.is_dir:
+                self._closable.pop(inode, None)
         else:
             os.close(fd)
         if not inode.named:
