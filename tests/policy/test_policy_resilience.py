@@ -8,8 +8,8 @@ import subprocess
 import sys
 import time
 
-from interposer.cli._policy_client import policy_status, set_policy
-from interposer.cli._procs import free_port
+from interposer.cli._policy_client import PolicyClientError, get_policy, policy_status, set_policy
+from interposer.cli._procs import Child, free_port
 
 from interposer_testing import is_fuse_mount, read_errno, require_fuse, wait_until
 
@@ -106,3 +106,36 @@ def test_refuse_mode_does_not_mount_without_the_bus(tmp_path) -> None:
     assert proc.returncode == 1, proc.stderr
     assert b"not mounting (on_bus_unreachable=refuse)" in proc.stderr
     assert not is_fuse_mount(mountpoint)
+
+
+def test_a_policy_service_started_before_nats_waits_for_it_quietly(private_bus, tmp_path) -> None:
+    """Started first (a pod scheduled before the NATS one), the service retries without a traceback per attempt."""
+    private_bus.stop_policy()
+    private_bus.stop_nats()
+    log_path = tmp_path / "early-policy.log"
+    early = Child("policy", [sys.executable, "-m", "interposer.policy", "--nats-url", private_bus.url],
+                  log_path).start()
+    try:
+        time.sleep(5)  # two reconnect attempts or more
+        assert early.proc.poll() is None, log_path.read_text()
+        text = log_path.read_text()
+        assert "Traceback" not in text
+        assert text.count(f"NATS {private_bus.url}: ConnectionRefusedError") == 1, text
+        private_bus.start_nats()
+        wait_until(lambda: _answers(private_bus.url), "the service to answer once NATS is up", timeout_s=20)
+        assert asyncio.run(set_policy(private_bus.url, "late", FAULT)).ok
+    finally:
+        early.stop()
+
+
+def test_the_policy_service_defaults_to_the_local_nats_server() -> None:
+    out = subprocess.run([sys.executable, "-m", "interposer.policy", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    assert "[default: nats://127.0.0.1:4222]" in " ".join(out.split())  # help text wraps
+
+
+def _answers(url: str) -> bool:
+    try:
+        return asyncio.run(get_policy(url, "_probe", timeout_s=1)).ok
+    except PolicyClientError:
+        return False

@@ -24,7 +24,7 @@ from interposer.proto import (
     encode_policy,
     subjects,
 )
-from interposer.proto.connection import CredentialsError, connect_options
+from interposer.proto.connection import DEFAULT_NATS_URL, CredentialsError, connect_options
 
 from ._policy_client import (
     DEFAULT_WAIT_TIMEOUT_S,
@@ -43,8 +43,6 @@ from ._stack import EmbeddedStack, describe, read_endpoints
 
 #: Where ``interposer up`` keeps its state unless told otherwise.
 DEFAULT_STATE_DIR = Path(os.environ.get("INTERPOSER_STATE_DIR", "/var/lib/interposer"))
-#: NATS URL used when neither --nats-url, $INTERPOSER_NATS_URL nor a running stack says otherwise.
-DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 
 
 def _default_nats_url() -> str:

@@ -22,7 +22,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from interposer.proto import PolicyChange, decode_record, subjects
-from interposer.proto.connection import CredentialsError, connect_options
+from interposer.proto.connection import CredentialsError, NatsErrorLog, connect_options
 
 from ._policy_client import DEFAULT_REQUEST_TIMEOUT_S, PolicyClientError
 
@@ -108,7 +108,7 @@ async def follow(nats_url: str, key: str | None, on_change: Callable[[PolicyChan
     try:
         nc = await nats.connect(nats_url, connect_timeout=timeout_s, max_reconnect_attempts=-1,
                                 reconnect_time_wait=DEFAULT_RECONNECT_TIME_WAIT_S,
-                                reconnected_cb=on_reconnect, **options)
+                                reconnected_cb=on_reconnect, error_cb=NatsErrorLog(log, nats_url).log, **options)
     except Exception as exc:  # noqa: BLE001 - nats-py raises several unrelated types
         raise PolicyClientError(f"cannot connect to NATS at {nats_url}: {exc}") from None
     try:

@@ -1,4 +1,4 @@
-"""How a service authenticates to NATS: the credentials file and its TLS settings.
+"""How a service connects to NATS: the credentials file and its TLS settings, and error logging.
 
 Every component (fuse-worker, policy service, collector, csi-node, the CLI) takes
 ``--nats-creds PATH``. Only the path travels on command lines and in the
@@ -27,11 +27,15 @@ Fields:
 
 from __future__ import annotations
 
+import logging
 import ssl
+import time
 from pathlib import Path
 
 import msgspec
 
+#: NATS server the services and the CLI connect to when told none (the nats-server default port).
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 #: Longest credentials file accepted, bytes (a few paths and a password).
 MAX_CREDENTIALS_BYTES = 64 * 1024
 #: File names in a credentials directory (Kubernetes basic-auth and TLS Secret keys) → field.
@@ -167,3 +171,42 @@ def connect_options(creds_file: str | Path | None) -> dict[str, object]:
     if (context := tls_context(credentials)) is not None:
         options["tls"] = context
     return options
+
+
+#: Seconds during which the same NATS error is logged once (a server that is down
+#: fails every reconnect attempt, one every few seconds).
+NATS_ERROR_LOG_INTERVAL_S = 60.0
+
+
+class NatsErrorLog:
+    """Logs NATS errors as ``nats.connect(error_cb=NatsErrorLog(…).log)``: one WARNING line each.
+
+    Without one, nats-py logs every error at ERROR with a traceback: while a server
+    is down, one per reconnect attempt. Here the first occurrence of an error is a
+    line naming its type and message; the same error again within ``interval_s``
+    is counted and reported with the next line logged.
+
+    Args:
+        logger: where the lines go.
+        url: the NATS URL, named in each line.
+        interval_s: how long a repeated error stays quiet, seconds.
+    """
+
+    def __init__(self, logger: logging.Logger, url: str, interval_s: float = NATS_ERROR_LOG_INTERVAL_S) -> None:
+        self._logger = logger
+        self._url = url
+        self._interval_s = interval_s
+        self._last: tuple[str, str] | None = None
+        self._last_logged_s = 0.0
+        self._repeats = 0
+
+    async def log(self, exc: Exception) -> None:
+        """Log ``exc`` (or count it, if it repeats the last error within the interval)."""
+        error = (type(exc).__name__, str(exc))
+        now = time.monotonic()
+        if error == self._last and now - self._last_logged_s < self._interval_s:
+            self._repeats += 1
+            return
+        repeats = f" (and {self._repeats} more times)" if self._repeats and error == self._last else ""
+        self._logger.warning("NATS %s: %s: %s%s", self._url, error[0], error[1] or "no details", repeats)
+        self._last, self._last_logged_s, self._repeats = error, now, 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 import msgspec
+
+from interposer.proto.connection import DEFAULT_NATS_URL  # the NATS server subscribed to by default
 from interposer.proto.policy import MAX_GLOB_LENGTH, OpName
 
 #: Address the /metrics HTTP server binds to by default (loopback: expose it on
@@ -13,8 +15,6 @@ DEFAULT_LISTEN_HOST = "127.0.0.1"
 #: Default /metrics TCP port (9464 is the port OpenTelemetry's Prometheus
 #: exporter uses too); 0 = let the kernel pick one.
 DEFAULT_LISTEN_PORT = 9464
-#: NATS server the collector subscribes to.
-DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 #: Client name shown by ``nats server report connections``.
 DEFAULT_CLIENT_NAME = "interposer-collector"
 #: Most event batches buffered per subscription before NATS drops them (slow consumer),

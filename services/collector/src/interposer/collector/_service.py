@@ -52,7 +52,7 @@ from wsgiref.simple_server import WSGIServer
 import msgspec
 import nats
 from interposer.proto import EventBatch, FaultRecord, WorkerStatus
-from interposer.proto.connection import connect_options
+from interposer.proto.connection import NatsErrorLog, connect_options
 from interposer.proto.subjects import COLLECTOR_QUEUE, EVENTS_PREFIX, FAULTS_PREFIX, STATUS_PREFIX, volume_of
 from nats.aio.client import Client as NATSClient
 from nats.aio.msg import Msg
@@ -159,6 +159,7 @@ class CollectorService:
         self.otlp: OtlpExporter | None = OtlpExporter(config) if config.otlp_endpoint else None
         self._decode_log = _RateLimitedLog(config.decode_error_log_interval_s)
         self._slow_log = _RateLimitedLog(config.decode_error_log_interval_s)
+        self._error_log = NatsErrorLog(log, ",".join(config.nats_servers))
 
     # -- HTTP ---------------------------------------------------------------------------
 
@@ -279,7 +280,7 @@ class CollectorService:
             self._slow_log.warning("falling behind: NATS dropped a message on %s (subscription buffer full)",
                                    exc.subject)
         else:
-            log.warning("nats: %s: %s", type(exc).__name__, exc)
+            await self._error_log.log(exc)
 
     async def _on_disconnected(self) -> None:
         if self._closing:

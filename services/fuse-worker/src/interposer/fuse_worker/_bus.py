@@ -24,7 +24,7 @@ import trio
 from nats.js.errors import BucketNotFoundError
 
 from interposer.proto import EventBatch, OpEvent, Policy, PolicyRecord, WorkerStatus, decode_record, subjects
-from interposer.proto.connection import CredentialsError, connect_options
+from interposer.proto.connection import CredentialsError, NatsErrorLog, connect_options
 from interposer.proto.selector import effective_policy, selected
 
 from ._config import IDLE_FLUSH_INTERVAL_MAX_S, WorkerConfig
@@ -158,7 +158,8 @@ class Bus:
                 return await nats.connect(
                     self.config.nats_url, name=f"fuse-worker/{self.config.volume_id}",
                     max_reconnect_attempts=-1, reconnect_time_wait=DEFAULT_RECONNECT_TIME_WAIT_S,
-                    connect_timeout=2, reconnected_cb=self._on_reconnected, **options,
+                    connect_timeout=2, reconnected_cb=self._on_reconnected,
+                    error_cb=NatsErrorLog(log, self.config.nats_url).log, **options,
                 )
             except Exception as exc:  # noqa: BLE001 - any failure means: retry later
                 log.warning("NATS %s unreachable (%s); serving with the last policy", self.config.nats_url, exc)

@@ -154,8 +154,6 @@ class InodeTable(PathTable):
         self.max_file_fds = max_file_fds
         #: Non-directories holding an fd that may be closed, oldest first.
         self._closable: OrderedDict[Inode, None] = OrderedDict()
-        #: Files reopened since the mount (a sign of ``max_file_fds`` too small for the working set).
-        self.reopened_total = 0
 
     def ino_of(self, key: tuple[int, int]) -> int:
         """The FUSE inode number of backing file ``key`` = ``(st_dev, st_ino)``: the same every time."""
@@ -180,10 +178,6 @@ class InodeTable(PathTable):
 
     def __len__(self) -> int:
         return len(self._by_ino)
-
-    def fds_held(self) -> int:
-        """How many fds the table holds (every directory's, the root's, and files' not closed)."""
-        return sum(1 for inode in self._by_ino.values() if inode._fd >= 0)
 
     def get(self, ino: int) -> Inode:
         """Return the inode.
@@ -261,7 +255,6 @@ class InodeTable(PathTable):
             os.close(fd)
             raise pyfuse3.FUSEError(errno.ESTALE)
         inode._fd = fd
-        self.reopened_total += 1
         self._held(inode)
         return fd
 

@@ -7,17 +7,18 @@ import logging
 
 import click
 
-from interposer.proto.connection import CredentialsError, connect_options
+from interposer.proto.connection import DEFAULT_NATS_URL, CredentialsError, connect_options
 
 from ._config import PolicyServiceConfig
 from ._service import serve
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--nats-url", default=PolicyServiceConfig.nats_url, show_default=True)
+@click.option("--nats-url", default=DEFAULT_NATS_URL, show_default=True, help="NATS server with JetStream.")
 @click.option("--nats-creds", default="", help="NATS credentials file of the policy role "
               "(JSON: user, password, ca, cert, key); empty = anonymous.")
-@click.option("--kv-replicas", default=1, show_default=True, type=click.IntRange(1, 5))
+@click.option("--kv-replicas", default=1, show_default=True, type=click.IntRange(1, 5),
+              help="JetStream replicas of the policy bucket, when this service creates it.")
 @click.option("--kubernetes", is_flag=True, help="Also reconcile InterposerPolicy resources into the bucket "
               "(in-cluster config, or --kubeconfig).")
 @click.option("--kubeconfig", default="", type=click.Path(dir_okay=False),

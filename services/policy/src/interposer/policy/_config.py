@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import msgspec
 
+from interposer.proto.connection import DEFAULT_NATS_URL
+
 
 class PolicyServiceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Configuration of one policy service replica.
@@ -30,7 +32,7 @@ class PolicyServiceConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unkn
             one resource, seconds.
     """
 
-    nats_url: str = "nats://127.0.0.1:4222"
+    nats_url: str = DEFAULT_NATS_URL
     nats_creds: str = ""
     kv_history: int = 64
     kv_replicas: int = 1

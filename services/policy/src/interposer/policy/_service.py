@@ -55,7 +55,7 @@ from interposer.proto import (
     subjects,
 )
 from interposer.proto import resource
-from interposer.proto.connection import connect_options
+from interposer.proto.connection import NatsErrorLog, connect_options
 
 from ._config import PolicyServiceConfig
 from ._expiry import ExpiryScheduler
@@ -389,7 +389,7 @@ async def serve(config: PolicyServiceConfig) -> None:
     nc = await nats.connect(
         config.nats_url, name="interposer-policy", max_reconnect_attempts=-1,
         reconnect_time_wait=DEFAULT_RECONNECT_TIME_WAIT_S, reconnected_cb=on_reconnect,
-        **connect_options(config.nats_creds),
+        error_cb=NatsErrorLog(log, config.nats_url).log, **connect_options(config.nats_creds),
     )
     js = nc.jetstream()
     store = PolicyStore(await ensure_bucket(js, config), js)
