@@ -154,13 +154,23 @@ class Bus:
             log.error("not connecting to NATS: %s", exc)
             return None
         while not self._stop.is_set():
+            # nats-py retries an unreachable server itself (max_reconnect_attempts=-1)
+            # and returns only once connected: a stop must not wait for that.
+            connect = asyncio.create_task(nats.connect(
+                self.config.nats_url, name=f"fuse-worker/{self.config.volume_id}",
+                max_reconnect_attempts=-1, reconnect_time_wait=DEFAULT_RECONNECT_TIME_WAIT_S,
+                connect_timeout=2, reconnected_cb=self._on_reconnected,
+                error_cb=NatsErrorLog(log, self.config.nats_url).log, **options,
+            ))
+            stopped = asyncio.create_task(self._stop.wait())
+            await asyncio.wait({connect, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            stopped.cancel()
+            if not connect.done():
+                connect.cancel()
+                await asyncio.gather(connect, return_exceptions=True)
+                return None
             try:
-                return await nats.connect(
-                    self.config.nats_url, name=f"fuse-worker/{self.config.volume_id}",
-                    max_reconnect_attempts=-1, reconnect_time_wait=DEFAULT_RECONNECT_TIME_WAIT_S,
-                    connect_timeout=2, reconnected_cb=self._on_reconnected,
-                    error_cb=NatsErrorLog(log, self.config.nats_url).log, **options,
-                )
+                return connect.result()
             except Exception as exc:  # noqa: BLE001 - any failure means: retry later
                 log.warning("NATS %s unreachable (%s); serving with the last policy", self.config.nats_url, exc)
                 try:
