@@ -20,7 +20,13 @@ import time
 
 import msgspec
 from nats.js.api import KeyValueConfig
-from nats.js.errors import BucketNotFoundError, KeyDeletedError, KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+from nats.js.errors import (
+    BucketNotFoundError,
+    KeyDeletedError,
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
+    NotFoundError,
+)
 from nats.js.kv import KeyValue
 
 from interposer.proto import (
@@ -37,6 +43,8 @@ from ._config import PolicyServiceConfig
 
 log = logging.getLogger(__name__)
 
+#: Header a KV delete or purge marker carries (``DEL``/``PURGE``; NATS ADR-8).
+KV_OPERATION_HEADER = "KV-Operation"
 #: Compare-and-set attempts before a write gives up (only concurrent writers retry).
 DEFAULT_CAS_ATTEMPTS = 8
 
@@ -105,18 +113,31 @@ class PolicyStore:
             return None
 
     async def history(self, volume: str) -> list[tuple[int, PolicyRecord]]:
-        """Every revision of ``volume`` still in the bucket's history, oldest first."""
-        try:
-            entries = await self.kv.history(volume)
-        except NoKeysError:
-            return []
-        out = []
-        for entry in entries:
-            if entry.operation is None and entry.value:
-                try:
-                    out.append((entry.revision, decode_record(entry.value)))
-                except (msgspec.ValidationError, msgspec.DecodeError):
-                    log.warning("volume %s: revision %d is not a PolicyRecord; left out", volume, entry.revision)
+        """Every revision of ``volume`` still in the bucket's history, oldest first.
+
+        Read message by message (STREAM.MSG.GET with ``next_by_subj``), as many as
+        STREAM.INFO counts for the key's subject, not with ``KeyValue.history()``:
+        that one is a watch that can end before its backlog is delivered and then
+        returns nothing (the race :meth:`volumes` avoids too; seen under load in
+        ``test_rolling_a_selector_back_restores_…``, 2026-12-05).
+        """
+        bucket = subjects.POLICY_KV_BUCKET
+        stream, subject = f"KV_{bucket}", f"$KV.{bucket}.{volume}"
+        info = await self.js.stream_info(stream, subjects_filter=subject)
+        out: list[tuple[int, PolicyRecord]] = []
+        seq = 0
+        for _ in range((info.state.subjects or {}).get(subject, 0)):
+            try:
+                msg = await self.js.get_msg(stream, seq=seq + 1, subject=subject, next=True)
+            except NotFoundError:
+                break  # purged meanwhile
+            seq = msg.seq
+            if (msg.headers or {}).get(KV_OPERATION_HEADER) or not msg.data:
+                continue  # a delete or purge marker
+            try:
+                out.append((seq, decode_record(msg.data)))
+            except (msgspec.ValidationError, msgspec.DecodeError):
+                log.warning("volume %s: revision %d is not a PolicyRecord; left out", volume, seq)
         return out
 
     async def volumes(self) -> list[str]:
