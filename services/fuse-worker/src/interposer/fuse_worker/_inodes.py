@@ -23,6 +23,20 @@ OTHER_DEVICE_INO_BASE = 1 << 63
 O_PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
+def open_path(dir_fd: int, name: bytes) -> tuple[int, os.stat_result]:
+    """Open entry ``name`` of directory ``dir_fd`` as an O_PATH fd (never following a symlink); with its stat.
+
+    Raises:
+        OSError: from ``openat`` or ``fstat`` (the fd is closed then).
+    """
+    fd = os.open(name, O_PATH_FLAGS, dir_fd=dir_fd)
+    try:
+        return fd, os.fstat(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def join_path(parent_path: str, name: bytes) -> str:
     """Path of entry ``name`` in the directory at ``parent_path`` (``/`` for the root)."""
     decoded = os.fsdecode(name)
@@ -243,14 +257,9 @@ class InodeTable(PathTable):
         if parent is None or not inode.named:
             raise pyfuse3.FUSEError(errno.ESTALE)
         try:
-            fd = os.open(inode.name, O_PATH_FLAGS, dir_fd=parent.fd)
+            fd, st = open_path(parent.fd, inode.name)
         except (FileNotFoundError, NotADirectoryError):
             raise pyfuse3.FUSEError(errno.ESTALE) from None
-        try:
-            st = os.fstat(fd)
-        except BaseException:
-            os.close(fd)
-            raise
         if (st.st_dev, st.st_ino) != inode.key or stat.S_ISDIR(st.st_mode) != inode.is_dir:
             os.close(fd)
             raise pyfuse3.FUSEError(errno.ESTALE)

@@ -2,7 +2,8 @@
 
 Same op set and POSIX behaviour as the passthrough backend over a local file system:
 regular files, directories, symlinks, fifos/sockets/device nodes (metadata only),
-hard links (one inode, ``st_nlink``), rename with ``RENAME_NOREPLACE`` and
+hard links (one inode, ``st_nlink``; each extra one takes an inode, as on tmpfs),
+rename with ``RENAME_NOREPLACE``, ``RENAME_WHITEOUT`` and
 ``RENAME_EXCHANGE``, xattrs (``user.``, ``trusted.``, ``security.``), nanosecond
 timestamps, owners and modes. Permission checks are the kernel's (the mount uses
 ``default_permissions``); this module only records ownership: new files belong to

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 
 import pyfuse3
 
-from .._inodes import O_PATH_FLAGS, Inode, InodeTable, join_path
+from .._inodes import Inode, InodeTable, join_path, open_path
 from ._base import OpenDir
 from ._offload import BlockingCalls, BlockingIOMode
 from ._libc import fallocate, fs_type, renameat2
@@ -113,12 +113,7 @@ class PassthroughBackend:
             up = parent.parent or parent  # the root's parent is the root: no way out
             return up, os.fstat(up.fd)
         self._check_name(name)
-        fd = os.open(name, O_PATH_FLAGS, dir_fd=parent.fd)
-        try:
-            st = os.fstat(fd)
-        except BaseException:
-            os.close(fd)
-            raise
+        fd, st = open_path(parent.fd, name)
         return self.inodes.add_or_update(fd, st, parent, name), st
 
     def _entry(self, parent: Inode, name: bytes) -> pyfuse3.EntryAttributes:
@@ -271,13 +266,26 @@ class PassthroughBackend:
         if inode is not None and inode.parent is parent and inode.name == name:
             self.inodes.unnamed(inode)
 
+    @staticmethod
+    def _backing_key_at(parent: Inode, name: bytes) -> tuple[int, int] | None:
+        """``(st_dev, st_ino)`` of what is at ``parent``/``name`` now; None if nothing is.
+
+        Raises:
+            OSError: ``lstat`` failed otherwise.
+        """
+        try:
+            st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        return st.st_dev, st.st_ino
+
     def _known_at(self, parent: Inode, name: bytes) -> Inode | None:
         """The inode the worker knows at ``parent``/``name`` now, if any."""
         try:
-            st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+            key = self._backing_key_at(parent, name)
         except OSError:
             return None
-        return self.inodes.by_key((st.st_dev, st.st_ino))
+        return self.inodes.by_key(key) if key is not None else None
 
     def _check_kernel_knows(self, parent: Inode, name: bytes) -> Inode | None:
         """ESTALE when what is at ``parent``/``name`` now is not an inode the kernel looked up; else that inode.
@@ -293,11 +301,10 @@ class PassthroughBackend:
         Raises:
             OSError: ESTALE, as above.
         """
-        try:
-            st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
-        except FileNotFoundError:
+        key = self._backing_key_at(parent, name)
+        if key is None:
             return None  # the call itself answers ENOENT
-        inode = self.inodes.by_key((st.st_dev, st.st_ino))
+        inode = self.inodes.by_key(key)
         if inode is None or inode.lookups <= 0:
             raise OSError(errno.ESTALE, os.strerror(errno.ESTALE))
         return inode
@@ -318,16 +325,11 @@ class PassthroughBackend:
         else:
             os.rename(old_name, new_name, src_dir_fd=old_parent.fd, dst_dir_fd=new_parent.fd)
         # Keep paths right for layers and events: find what now sits at the new name.
-        try:
-            st = os.stat(new_name, dir_fd=new_parent.fd, follow_symlinks=False)
-        except OSError:
-            return
-        for inode in (self.inodes.by_key((st.st_dev, st.st_ino)),):
-            if inode is not None:
-                self.inodes.moved(inode, new_parent, new_name)
+        moved = self._known_at(new_parent, new_name)
+        if moved is not None:
+            self.inodes.moved(moved, new_parent, new_name)
         if flags & pyfuse3.RENAME_EXCHANGE:
-            st = os.stat(old_name, dir_fd=old_parent.fd, follow_symlinks=False)
-            other = self.inodes.by_key((st.st_dev, st.st_ino))
+            other = self._known_at(old_parent, old_name)
             if other is not None:
                 self.inodes.moved(other, old_parent, old_name)
 
