@@ -40,9 +40,9 @@ DEFAULT_PASSWORD_BYTES = 32
 #: Mode of the credentials files and of the server config (they hold passwords).
 SECRET_FILE_MODE = 0o600
 
-_KV_STREAM = f"KV_{subjects.POLICY_KV_BUCKET}"
-#: Subject prefix of the KV bucket's keys (a KV put is a publish here).
-_KV_SUBJECTS = f"$KV.{subjects.POLICY_KV_BUCKET}.>"
+_KV_STREAM = subjects.POLICY_KV_STREAM
+#: The KV bucket's keys (a KV put is a publish here).
+_KV_SUBJECTS = f"{subjects.POLICY_KV_SUBJECT_PREFIX}>"
 #: Request replies and push-consumer deliveries (nats-py's default inbox prefix).
 _INBOX = "_INBOX.>"
 #: JetStream API calls on the policy bucket's stream: ``$JS.API.<KIND>.<VERB>.KV_…``

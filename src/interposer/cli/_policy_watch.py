@@ -28,12 +28,6 @@ from ._policy_client import DEFAULT_REQUEST_TIMEOUT_S, PolicyClientError
 
 log = logging.getLogger(__name__)
 
-#: The stream behind the KV bucket.
-KV_STREAM = f"KV_{subjects.POLICY_KV_BUCKET}"
-#: Subject prefix of the bucket's keys (``$KV.<bucket>.<key>``).
-KV_SUBJECT_PREFIX = f"$KV.{subjects.POLICY_KV_BUCKET}."
-#: Header nats-py / nats-server put on a KV delete or purge (no header = a put).
-KV_OPERATION_HEADER = "KV-Operation"
 #: Wait between reconnect attempts, seconds.
 DEFAULT_RECONNECT_TIME_WAIT_S = 1.0
 #: The server drops a watch consumer its client has not used for this long, seconds
@@ -53,7 +47,7 @@ def change_of(subject: str, revision: int, data: bytes, operation: str | None) -
     Returns:
         The change, or None for a value that is not a ``PolicyRecord`` (logged).
     """
-    key = subject[len(KV_SUBJECT_PREFIX):]
+    key = subject[len(subjects.POLICY_KV_SUBJECT_PREFIX):]
     if operation:
         return PolicyChange(volume=key, revision=revision, action=operation.lower())
     try:
@@ -114,7 +108,7 @@ async def follow(nats_url: str, key: str | None, on_change: Callable[[PolicyChan
     try:
         js = nc.jetstream(timeout=timeout_s)
         try:
-            last = (await js.stream_info(KV_STREAM)).state.last_seq
+            last = (await js.stream_info(subjects.POLICY_KV_STREAM)).state.last_seq
         except NotFoundError:
             raise PolicyClientError(f"no bucket {subjects.POLICY_KV_BUCKET!r}: has a policy service "
                                     "ever run on this NATS?") from None
@@ -129,7 +123,8 @@ async def follow(nats_url: str, key: str | None, on_change: Callable[[PolicyChan
             if revision <= last:
                 return  # a duplicate across a consumer reset
             last = revision
-            change = change_of(msg.subject, revision, msg.data, (msg.headers or {}).get(KV_OPERATION_HEADER))
+            operation = (msg.headers or {}).get(subjects.KV_OPERATION_HEADER)
+            change = change_of(msg.subject, revision, msg.data, operation)
             if change is not None:
                 on_change(change)
 
@@ -143,7 +138,8 @@ async def follow(nats_url: str, key: str | None, on_change: Callable[[PolicyChan
                 config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start,
                                         inactive_threshold=DEFAULT_INACTIVE_THRESHOLD_S)
                 try:
-                    sub = await js.subscribe(f"{KV_SUBJECT_PREFIX}{key or '>'}", stream=KV_STREAM, cb=on_msg,
+                    sub = await js.subscribe(f"{subjects.POLICY_KV_SUBJECT_PREFIX}{key or '>'}",
+                                             stream=subjects.POLICY_KV_STREAM, cb=on_msg,
                                              ordered_consumer=True, config=config)
                 except Exception as exc:  # noqa: BLE001 - denied, or the server is away
                     if first:

@@ -43,6 +43,12 @@ FAULTS_PREFIX = "interposer.faults"
 
 #: JetStream key-value bucket holding one ``PolicyRecord`` per volume id.
 POLICY_KV_BUCKET = "interposer-policy"
+#: The JetStream stream behind that bucket, and the subject prefix of its keys
+#: (key ``k`` is subject ``$KV.<bucket>.k``; NATS ADR-8).
+POLICY_KV_STREAM = f"KV_{POLICY_KV_BUCKET}"
+POLICY_KV_SUBJECT_PREFIX = f"$KV.{POLICY_KV_BUCKET}."
+#: Header a KV delete or purge marker carries (``DEL``/``PURGE``; none on a put).
+KV_OPERATION_HEADER = "KV-Operation"
 #: Queue group of the policy service replicas (each request is answered once).
 POLICY_QUEUE = "interposer-policy"
 #: NATS message header naming who made a policy request (``user@host``); stored in

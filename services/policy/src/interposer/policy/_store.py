@@ -43,8 +43,6 @@ from ._config import PolicyServiceConfig
 
 log = logging.getLogger(__name__)
 
-#: Header a KV delete or purge marker carries (``DEL``/``PURGE``; NATS ADR-8).
-KV_OPERATION_HEADER = "KV-Operation"
 #: Compare-and-set attempts before a write gives up (only concurrent writers retry).
 DEFAULT_CAS_ATTEMPTS = 8
 
@@ -121,8 +119,7 @@ class PolicyStore:
         returns nothing (the race :meth:`volumes` avoids too; seen under load in
         ``test_rolling_a_selector_back_restores_…``, 2026-12-05).
         """
-        bucket = subjects.POLICY_KV_BUCKET
-        stream, subject = f"KV_{bucket}", f"$KV.{bucket}.{volume}"
+        stream, subject = subjects.POLICY_KV_STREAM, f"{subjects.POLICY_KV_SUBJECT_PREFIX}{volume}"
         info = await self.js.stream_info(stream, subjects_filter=subject)
         out: list[tuple[int, PolicyRecord]] = []
         seq = 0
@@ -132,7 +129,7 @@ class PolicyStore:
             except NotFoundError:
                 break  # purged meanwhile
             seq = msg.seq
-            if (msg.headers or {}).get(KV_OPERATION_HEADER) or not msg.data:
+            if (msg.headers or {}).get(subjects.KV_OPERATION_HEADER) or not msg.data:
                 continue  # a delete or purge marker
             try:
                 out.append((seq, decode_record(msg.data)))
@@ -151,9 +148,8 @@ class PolicyStore:
         before its own consumer-info check returns, and then lists nothing (CI run
         on 2026-11-22, ``test_list_shows_every_volume_with_a_policy``).
         """
-        bucket = subjects.POLICY_KV_BUCKET
-        info = await self.js.stream_info(f"KV_{bucket}", subjects_filter=f"$KV.{bucket}.>")
-        prefix = f"$KV.{bucket}."
+        prefix = subjects.POLICY_KV_SUBJECT_PREFIX
+        info = await self.js.stream_info(subjects.POLICY_KV_STREAM, subjects_filter=f"{prefix}>")
         return sorted(subject[len(prefix):] for subject in (info.state.subjects or {}))
 
     async def store(self, volume: str, policy: Policy, *, author: str, action: str,
