@@ -202,6 +202,9 @@ def test_a_refused_publish_does_not_create_the_backing_dir(
         ("busyPollMicroseconds", "10001", "is above 10000"),
         ("maxBackgroundRequests", "many", "is not an integer"),
         ("maxBackgroundRequests", "65536", "is above 65535"),
+        ("maxFileFds", "1e3", "is not an integer"),
+        ("maxFileFds", "-5", "is negative"),
+        ("maxFileFds", "2147483585", "is above 2147483584"),
     ],
 )
 def test_bad_worker_tuning_value(
@@ -209,7 +212,8 @@ def test_bad_worker_tuning_value(
 ) -> None:
     details = rejected_publish_details(csi_node, csi_root, {key: value})
     allowed = {"busyPollMicroseconds": "microseconds from 0 to 10000",
-               "maxBackgroundRequests": "requests from 0 to 65535"}.get(key, "seconds from 0 to 3600")
+               "maxBackgroundRequests": "requests from 0 to 65535",
+               "maxFileFds": "fds from 0 to 2147483584"}.get(key, "seconds from 0 to 3600")
     assert f"[{key!r}] = {value!r} {reason}" in details and allowed in details
 
 

@@ -33,6 +33,9 @@ class WorkerTuning(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
             clears set-ID bits on writes and truncations and the kernel asks for no
             ``security.capability`` before each write (``--handle-killpriv-v2``,
             the worker's default); False: the kernel's older rule and round trip.
+        max_file_fds: most files (not directories) the worker keeps an ``O_PATH``
+            fd of; others are reopened by name when used (``--max-file-fds``;
+            worker default 0 = three quarters of its open-file limit).
     """
 
     entry_timeout_s: float | None = None
@@ -43,6 +46,7 @@ class WorkerTuning(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
     kernel_passthrough: bool | None = None
     always_flush: bool | None = None
     handle_killpriv_v2: bool | None = None
+    max_file_fds: int | None = None
 
     def arguments(self) -> list[str]:
         """The worker flags of the settings that are not None, e.g. ``["--entry-timeout", "0.0"]``."""
@@ -52,6 +56,7 @@ class WorkerTuning(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
             ("--negative-timeout", self.negative_timeout_s),
             ("--busy-poll-us", self.busy_poll_us),
             ("--max-background", self.max_background),
+            ("--max-file-fds", self.max_file_fds),
         )
         # repr: the shortest text that parses back to the same float.
         flags = [item for flag, value in settings if value is not None for item in (flag, repr(value))]
