@@ -100,6 +100,9 @@ for kind in SETID_KINDS:
         os.truncate(path, 1), oct(os.stat(path).st_mode))[1]
     checks[f"open O_TRUNC setid-{kind}-O_TRUNC"] = lambda path=f"setid-{kind}-O_TRUNC": (
         os.close(os.open(path, os.O_WRONLY | os.O_TRUNC)), oct(os.stat(path).st_mode))[1]
+    # Linux truncates on O_RDONLY | O_TRUNC too (the VFS asks for write permission).
+    checks[f"open O_RDONLY|O_TRUNC setid-{kind}-O_RDONLY_TRUNC"] = lambda path=f"setid-{kind}-O_RDONLY_TRUNC": (
+        os.close(os.open(path, os.O_RDONLY | os.O_TRUNC)), [oct(os.stat(path).st_mode), os.stat(path).st_size])[1]
     # chgrp of an own file from a group the caller is not in to its own group
     checks[f"chgrp own setid-{kind}-chgrp"] = lambda path=f"setid-{kind}-chgrp": (
         os.chown(path, -1, os.getgid()), oct(os.stat(path).st_mode))[1]
@@ -139,7 +142,7 @@ def _build_tree(root: Path) -> None:
     os.chmod(root / "sticky" / "rootfile", 0o666)
     (root / "private" / "inner").write_text("i")
     for kind, mode in SETID_MODES.items():
-        for how in ("O_WRONLY", "O_RDWR", "O_DIRECT", "truncate", "O_TRUNC"):
+        for how in ("O_WRONLY", "O_RDWR", "O_DIRECT", "truncate", "O_TRUNC", "O_RDONLY_TRUNC"):
             path = root / f"setid-{kind}-{how}"
             path.write_bytes(b"\0" * 4096)
             os.chown(path, 0, OTHER_GID)
@@ -181,6 +184,7 @@ def test_a_non_root_caller_gets_native_errors_and_ownership(mount_worker, tmp_pa
     assert expected["write setid-setuid-O_DIRECT"] == oct(0o100777)
     assert expected["truncate setid-setuid-truncate"] == oct(0o100777)
     assert expected["open O_TRUNC setid-setgid-exec-O_TRUNC"] == oct(0o100777)
+    assert expected["open O_RDONLY|O_TRUNC setid-setuid-O_RDONLY_TRUNC"] == [oct(0o100777), 0]
     assert expected["create setgid executable in setgid dir"][2] == oct(0o100755)
     assert expected["chgrp own setid-setgid-noexec-other-group-chgrp"] == oct(0o100767)
     assert expected["mknod character device"] == "EPERM"

@@ -3,7 +3,8 @@
 A hypothesis ``RuleBasedStateMachine`` applies each generated op to a native tmp
 directory (ext4 here) and to a fresh directory inside the mount (writes, reads,
 truncates, ``fallocate``, ``copy_file_range``, renames, links, modes, owners,
-xattrs…), compares the
+xattrs, timestamps set to the ns, opens whose flags clash with what the path is…),
+compares the
 outcome (the result, or the errno name), and after every step compares the whole
 trees: names, types and modes, nlink, owners, sizes, contents, symlink targets,
 ``user.*`` xattrs and which names share an inode; directories opened at the start
@@ -16,6 +17,7 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -26,8 +28,9 @@ from interposer.fuse_worker.backends._libc import fallocate, renameat2
 
 from fs_compare_support import describe_difference, outcome, snapshot
 
-#: Hypothesis budget: small enough for well under a minute per backend on 2 cores.
-MAX_EXAMPLES = 40
+#: Hypothesis budget: small enough for well under a minute per backend on 2 cores;
+#: ``DIFFERENTIAL_EXAMPLES=<n>`` in the environment searches deeper (by hand, not in CI).
+MAX_EXAMPLES = int(os.environ.get("DIFFERENTIAL_EXAMPLES", "40"))
 STEPS_PER_EXAMPLE = 30
 
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
@@ -42,6 +45,18 @@ MODES = st.sampled_from([0o644, 0o600, 0o755, 0o000, 0o4755, 0o2775, 0o1777, 0o4
 OPEN_FLAGS = st.sampled_from([0, os.O_TRUNC, os.O_EXCL, os.O_APPEND, os.O_TRUNC | os.O_APPEND])
 SYMLINK_TARGETS = st.sampled_from(["a", "../a", "d", "missing", "d/a", "/nonexistent/x"])
 XATTR_NAMES = st.sampled_from(["user.one", "user.two"])
+#: open(2) flag sets whose outcome is decided by what the path is (file, directory,
+#: symlink, missing), not by data: EISDIR, ENOTDIR, ELOOP, EEXIST, EINVAL, and Linux's
+#: truncation on O_RDONLY | O_TRUNC.
+PROBE_OPEN_FLAGS = st.sampled_from([
+    os.O_RDONLY | os.O_DIRECTORY, os.O_WRONLY, os.O_RDWR | os.O_NOFOLLOW, os.O_CREAT | os.O_EXCL | os.O_WRONLY,
+    os.O_RDONLY | os.O_TRUNC, os.O_CREAT | os.O_DIRECTORY | os.O_WRONLY, os.O_PATH | os.O_NOFOLLOW,
+    os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW,
+])
+#: Timestamps to set, ns: sub-second parts that a µs or s rounding would lose, and
+#: times before 1970 and after 2038.
+TIMES_NS = st.sampled_from([0, 1, 999_999_999, 1_000_000_000, 1_700_000_000_123_456_789,
+                            -1_000_000_001, 4_102_444_800_000_000_007])
 
 
 class DifferentialMachine(RuleBasedStateMachine):
@@ -192,6 +207,26 @@ class DifferentialMachine(RuleBasedStateMachine):
     def removexattr(self, pick: st.DataObject, name: str) -> None:
         path = self.existing(pick, "path")
         self.both(lambda root, p: os.removexattr(root / p, name, follow_symlinks=False), path)
+
+    @rule(pick=st.data(), flags=PROBE_OPEN_FLAGS)
+    def open_with_flags(self, pick: st.DataObject, flags: int) -> None:
+        path = self.existing(pick, "path")
+        def open_with_flags(root: Path, p: str) -> int:
+            fd = os.open(root / p, flags, 0o640)
+            try:
+                return stat.S_IFMT(os.fstat(fd).st_mode)
+            finally:
+                os.close(fd)
+        self.both(open_with_flags, path)
+
+    @rule(pick=st.data(), atime_ns=TIMES_NS, mtime_ns=TIMES_NS, follow=st.booleans())
+    def utime_ns(self, pick: st.DataObject, atime_ns: int, mtime_ns: int, follow: bool) -> None:
+        path = self.existing(pick, "path")
+        def utime_ns(root: Path, p: str) -> tuple[int, int]:
+            os.utime(root / p, ns=(atime_ns, mtime_ns), follow_symlinks=follow)
+            st_ = os.stat(root / p, follow_symlinks=follow)
+            return st_.st_atime_ns, st_.st_mtime_ns
+        self.both(utime_ns, path)
 
     @rule(pick=st.data())
     def stat_follow(self, pick: st.DataObject) -> None:

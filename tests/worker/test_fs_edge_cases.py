@@ -6,7 +6,9 @@ scenario below runs once in a native directory and once through the mount (every
 backend) and must give the same outcome: long names and paths deeper than
 ``PATH_MAX``, special files (fifo, socket, device node), ``utimensat`` with
 ``UTIME_NOW``/``UTIME_OMIT``, ``access(2)``, opens with ``O_SYNC``/``O_DSYNC``/
-``O_DIRECT``, ``fsync`` of a directory, ``statfs``'s name length, ``renameat2``'s
+``O_DIRECT``, opens whose flags concern the path (``O_NOFOLLOW`` of a regular
+file, ``O_DIRECTORY``) or Linux's truncation on ``O_RDONLY | O_TRUNC``, ``fsync``
+of a directory, ``statfs``'s name length, ``renameat2``'s
 ``RENAME_WHITEOUT``, and a rewound
 directory stream that must list the directory as it is now. Two differences
 docs/posix.md states are checked as such: device nodes cannot be opened
@@ -162,6 +164,35 @@ def sync_and_direct_opens(root: Path) -> dict[str, Any]:
     return out
 
 
+def open_flags_about_the_path(root: Path) -> dict[str, Any]:
+    """Flags that concern the caller's path or Linux's own rules, not the data."""
+    (root / "file").write_bytes(b"contents")
+    os.symlink("file", root / "link")
+    os.mkdir(root / "dir")
+
+    def opened(name: str, flags: int) -> Any:
+        def call() -> str:
+            fd = os.open(root / name, flags)
+            try:
+                return stat.filemode(os.fstat(fd).st_mode)
+            finally:
+                os.close(fd)
+        return outcome(call)
+
+    out = {
+        # O_NOFOLLOW refuses only a symlink as the last component: a regular file opens.
+        "O_RDWR | O_NOFOLLOW of a file": opened("file", os.O_RDWR | os.O_NOFOLLOW),
+        "O_RDONLY | O_NOFOLLOW of a symlink": opened("link", os.O_RDONLY | os.O_NOFOLLOW),
+        "O_RDONLY | O_NOFOLLOW | O_DIRECTORY of a dir": opened("dir", os.O_RDONLY | os.O_NOFOLLOW | os.O_DIRECTORY),
+        "O_WRONLY of a dir": opened("dir", os.O_WRONLY),
+        "O_DIRECTORY of a file": opened("file", os.O_RDONLY | os.O_DIRECTORY),
+        # Linux truncates on O_RDONLY | O_TRUNC too (POSIX leaves it undefined).
+        "O_RDONLY | O_TRUNC": opened("file", os.O_RDONLY | os.O_TRUNC),
+    }
+    out["size after O_RDONLY | O_TRUNC"] = os.stat(root / "file").st_size
+    return out
+
+
 def directory_fsync_and_statfs(root: Path) -> dict[str, Any]:
     os.mkdir(root / "dir")
     fd = os.open(root / "dir", os.O_RDONLY | os.O_DIRECTORY)
@@ -216,7 +247,8 @@ def rewound_listing(root: Path) -> dict[str, Any]:
 
 
 SCENARIOS = {f.__name__: f for f in (long_names, special_files, times, access_checks, sync_and_direct_opens,
-                                     directory_fsync_and_statfs, rename_whiteout, rewound_listing)}
+                                     open_flags_about_the_path, directory_fsync_and_statfs, rename_whiteout,
+                                     rewound_listing)}
 BACKENDS = {"passthrough": [], "memory": ["--backend", "memory"], "kernel-passthrough": ["--kernel-passthrough"]}
 
 

@@ -340,11 +340,16 @@ class InterposerOperations(pyfuse3.Operations):
     async def open(self, inode, flags, ctx):
         op = self._op("open", inode, ctx, session=self.telemetry.new_session())
         info = await self._serve(op, lambda: self.backend.open(inode, flags, ctx))
-        if _clears_setid(flags, ctx):
+        writer = _clears_setid(flags, ctx)
+        # O_TRUNC truncates whatever the access mode (Linux: O_RDONLY | O_TRUNC too),
+        # and the truncation clears set-ID bits, as a truncate(2) would.
+        truncates = bool(flags & os.O_TRUNC) and ctx.uid != 0
+        if writer or truncates:
             attrs = await self.backend.getattr(inode, ctx)
             if attrs.st_mode & _SETID:
-                self._setid_inodes.add(inode)
-                if flags & os.O_TRUNC:  # the truncation clears them, as a truncate(2) would
+                if writer:
+                    self._setid_inodes.add(inode)
+                if truncates:
                     await self._clear_setid_bits(inode, ctx, attrs)
         self._opened(info, inode, flags, op, ctx)
         return info

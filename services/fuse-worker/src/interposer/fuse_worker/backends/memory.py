@@ -554,8 +554,10 @@ class MemoryBackend(PathTable):
         node = self._get(ino)
         if node.is_dir:
             raise _fail(errno.EISDIR)
-        if flags & os.O_TRUNC and stat.S_ISREG(node.mode) and flags & os.O_ACCMODE != os.O_RDONLY:
-            # FUSE_CAP_ATOMIC_O_TRUNC (libfuse's default): O_TRUNC arrives here, not as setattr.
+        if flags & os.O_TRUNC and stat.S_ISREG(node.mode):
+            # FUSE_CAP_ATOMIC_O_TRUNC (libfuse's default): O_TRUNC arrives here, not as
+            # setattr; with any access mode, as Linux truncates on O_RDONLY | O_TRUNC
+            # (the VFS has checked write permission for it).
             self._resize(node, 0)
             node.mtime_ns = node.ctime_ns = time.time_ns()
         return self._open_node(node, flags)

@@ -32,7 +32,10 @@ from ._libc import fallocate, fs_type, renameat2
 #: (O_CREAT/O_EXCL via create, O_NOCTTY meaningless), or they need aligned user
 #: buffers that Python's pread/pwrite do not give (O_DIRECT: the FUSE side of the
 #: mount already bypasses the page cache for O_DIRECT opens).
-_STRIPPED_OPEN_FLAGS = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT
+#: O_NOFOLLOW is the caller's, about the path it gave, which the kernel has already
+#: resolved; the worker reopens the inode through ``/proc/self/fd/N``, itself a
+#: symlink, which O_NOFOLLOW would refuse with ELOOP.
+_STRIPPED_OPEN_FLAGS = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT | os.O_NOFOLLOW
 
 
 #: ``f_type`` of file systems whose files have no ``flush`` method (``struct
