@@ -7,6 +7,9 @@ import os
 
 import pytest
 
+from interposer.fuse_worker._op import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
+from interposer.fuse_worker.backends._libc import fallocate
+
 MIB = 1 << 20
 
 
@@ -27,9 +30,20 @@ def test_memory_backend_statfs_reflects_its_limit_and_refuses_writes_beyond_it(m
         os.close(fd)
     assert written == MIB and os.stat(m / "big").st_size == MIB
     assert os.statvfs(m).f_bavail == 0
-    with pytest.raises(OSError) as info:
-        os.truncate(m / "big", MIB + 1)
-    assert info.value.errno == errno.ENOSPC
+    # Growing a file by truncation makes a hole, which takes no space (as on tmpfs),
+    # even on a full volume; writing into it does.
+    os.truncate(m / "big", 2 * MIB)
+    assert os.stat(m / "big").st_size == 2 * MIB and os.stat(m / "big").st_blocks * 512 == MIB
+    with open(m / "big", "rb") as f:
+        f.seek(MIB - 1)
+        assert f.read(2) == b"x\0"
+    fd = os.open(m / "big", os.O_WRONLY)
+    try:
+        with pytest.raises(OSError) as info:
+            os.pwrite(fd, b"y", MIB + 10)
+        assert info.value.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
     os.unlink(m / "big")
     assert os.statvfs(m).f_bavail == sv.f_blocks  # freed once the kernel forgets the inode
     assert not os.listdir(vol.backing), "the memory backend must not touch a backing dir"
@@ -109,3 +123,36 @@ def test_hard_links_count_as_inodes(mount_worker) -> None:
         os.unlink(m / f"l{i}")
     assert os.statvfs(m).f_ffree == free_before
     assert (m / "f").read_bytes() == b"data"
+
+
+@pytest.mark.fuse
+def test_memory_backend_keeps_the_end_of_a_grown_file_as_a_hole(mount_worker) -> None:
+    # A file preallocated by ftruncate (numpy.memmap, a disk image) larger than the
+    # volume, as tmpfs allows: only what is written takes space.
+    vol = mount_worker(extra=["--backend", "memory", "--memory-size-bytes", str(MIB)])
+    m = vol.mountpoint
+    free_before = os.statvfs(m).f_bavail
+    fd = os.open(m / "image", os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        os.ftruncate(fd, 100 * MIB)
+        assert os.fstat(fd).st_size == 100 * MIB and os.fstat(fd).st_blocks == 0
+        assert os.pread(fd, 8, 50 * MIB) == bytes(8)
+        assert os.lseek(fd, 0, os.SEEK_HOLE) == 0
+        assert os.pwrite(fd, b"header", 0) == 6
+        assert os.lseek(fd, 0, os.SEEK_DATA) == 0 and os.lseek(fd, 0, os.SEEK_HOLE) == 6
+        assert os.statvfs(m).f_bavail == free_before - 1  # one 4 KiB block held
+        assert os.fstat(fd).st_size == 100 * MIB
+        # Allocating reserves the space, so writes there cannot fail for it.
+        os.posix_fallocate(fd, 0, MIB // 2)
+        assert os.statvfs(m).f_bavail == free_before - (MIB // 2) // 4096
+        with pytest.raises(OSError) as info:
+            os.posix_fallocate(fd, 0, 2 * MIB)
+        assert info.value.errno == errno.ENOSPC
+        # Punching the end of what is held frees it.
+        fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 4096, MIB)
+        assert os.statvfs(m).f_bavail == free_before - 1
+        assert os.pread(fd, 6, 0) == b"header" and os.pread(fd, 4, 8192) == bytes(4)
+        os.ftruncate(fd, 3)
+        assert os.pread(fd, 10, 0) == b"hea"
+    finally:
+        os.close(fd)

@@ -17,8 +17,14 @@ value bytes) count against ``size_bytes``: a write, truncate or setxattr that wo
 pass it fails with ENOSPC (a write that partly fits is shortened, as on a full
 disk), so no client of the mount can grow the worker's memory past the limit;
 ``statfs`` reports the limit and what is used.
-Files are not sparse: a hole costs memory like data, ``fallocate`` has tmpfs's
-modes (allocate, keep size, punch hole) and ``SEEK_HOLE`` finds only end of file.
+A file holds its contents up to the last byte written; past that, up to its size,
+it is a hole that reads as zeros and takes no memory, as on tmpfs: ``truncate -s
+10G`` or a preallocating ``ftruncate`` works on a 1 GiB volume, ``st_blocks`` and
+``statfs`` count only what is held, and ``SEEK_HOLE`` finds where the hole begins.
+Holes are only kept at the end: a write past the held contents fills the gap
+before it with zeros, which count like data (tmpfs would keep that gap a hole
+too). ``fallocate`` has tmpfs's modes (allocate, keep size, punch hole); punching
+the end of the held contents frees it.
 """
 
 from __future__ import annotations
@@ -74,7 +80,9 @@ class Node(Named):
         rdev: device number of device nodes.
         size: ``st_size``, bytes.
         atime_ns, mtime_ns, ctime_ns: timestamps, ns since the epoch.
-        data: contents of a regular file (None for other types, and in the null backend).
+        data: the held contents of a regular file, its first ``len(data)`` bytes (the
+            rest, up to ``size``, is a hole of zeros); None for other types, and in
+            the null backend.
         target: symlink target.
         entries: ``dict[bytes, int]``: name → inode number, for directories.
         xattrs: ``dict[bytes, bytes]``: extended attributes.
@@ -154,20 +162,25 @@ class MemoryBackend(PathTable):
         return bytearray()
 
     def _resize(self, node: Node, size: int) -> None:
-        """Set a regular file's size, zero-filling growth.
+        """Set a regular file's size: growth is a hole (no memory); shrinking frees what it cuts off."""
+        assert node.data is not None
+        if size < len(node.data):
+            self.used_bytes -= len(node.data) - size
+            del node.data[size:]
+        node.size = size
+
+    def _hold_up_to(self, node: Node, end: int) -> None:
+        """Hold a regular file's contents up to byte ``end``, the hole before it as zeros.
 
         Raises:
-            pyfuse3.FUSEError: ENOSPC if growth passes the size limit (nothing changes).
+            pyfuse3.FUSEError: ENOSPC if that passes the size limit (nothing changes).
         """
-        grow = size - node.size
-        self._check_room(grow)
         assert node.data is not None
-        if grow < 0:
-            del node.data[size:]
-        else:
+        grow = end - len(node.data)
+        if grow > 0:
+            self._check_room(grow)
             node.data.extend(bytes(grow))
-        self.used_bytes += grow
-        node.size = size
+            self.used_bytes += grow
 
     def _check_room(self, grow_bytes: int) -> None:
         """Raise ENOSPC if ``grow_bytes`` more of contents would pass the size limit."""
@@ -180,27 +193,46 @@ class MemoryBackend(PathTable):
         Raises:
             pyfuse3.FUSEError: ENOSPC if not one byte fits.
         """
+        assert node.data is not None
         end = off + len(buf)
-        if end > node.size:
+        held = len(node.data)
+        if end > held:
             room = self.size_bytes - self.used_bytes
-            if end - node.size > room:
-                end = node.size + room
+            if end - held > room:
+                end = held + room
                 if end <= off:
                     raise _fail(errno.ENOSPC)
                 buf = buf[: end - off]
-            self._resize(node, end)
-        assert node.data is not None
+            self._hold_up_to(node, off)  # the hole before the write, as zeros
+            self.used_bytes += end - max(off, held)
         node.data[off:end] = buf
+        node.size = max(node.size, end)
         return len(buf)
 
     def _read_data(self, node: Node, off: int, size: int) -> bytes:
         assert node.data is not None
-        return bytes(node.data[off:off + size])
+        held = bytes(node.data[off:off + size])
+        # What lies in the hole past the held contents reads as zeros.
+        return held if len(held) == size else held + bytes(size - len(held))
 
     def _zero_data(self, node: Node, start: int, end: int) -> None:
-        """Zero bytes ``start:end`` of a regular file, all within its size (a punched hole)."""
+        """Zero bytes ``start:end`` of a regular file, all within its size (a punched hole).
+
+        A hole reaching the end of the held contents frees them from ``start`` on.
+        """
         assert node.data is not None
-        node.data[start:end] = bytes(end - start)
+        held = len(node.data)
+        if start >= held:
+            return
+        if end >= held:
+            self.used_bytes -= held - start
+            del node.data[start:]
+        else:
+            node.data[start:end] = bytes(end - start)
+
+    def _held_bytes(self, node: Node) -> int:
+        """Bytes of memory ``node``'s contents take (its apparent size where none are stored)."""
+        return node.size if node.data is None else len(node.data)
 
     # ---- helpers ----------------------------------------------------------------------
 
@@ -217,8 +249,8 @@ class MemoryBackend(PathTable):
         attr.st_rdev = node.rdev
         attr.st_size = node.size
         attr.st_blksize = BLOCK_SIZE_BYTES
-        # st_blocks counts 512-byte units of whole allocated blocks.
-        attr.st_blocks = -(-node.size // BLOCK_SIZE_BYTES) * (BLOCK_SIZE_BYTES // 512)
+        # st_blocks counts 512-byte units of whole allocated blocks (a hole has none).
+        attr.st_blocks = -(-self._held_bytes(node) // BLOCK_SIZE_BYTES) * (BLOCK_SIZE_BYTES // 512)
         attr.st_atime_ns = node.atime_ns
         attr.st_mtime_ns = node.mtime_ns
         attr.st_ctime_ns = node.ctime_ns
@@ -306,7 +338,7 @@ class MemoryBackend(PathTable):
         # No name and no open handle: nobody can read the contents again, so they are
         # freed now (as tmpfs does on unlink), not when the kernel forgets the inode.
         if node.data is not None:
-            self.used_bytes -= node.size
+            self.used_bytes -= len(node.data)
             node.data = None
         if node.xattrs:
             self.used_bytes -= sum(len(name) + len(value) for name, value in node.xattrs.items())
@@ -606,20 +638,23 @@ class MemoryBackend(PathTable):
     async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
         """The modes tmpfs has: allocate (extending unless ``FALLOC_FL_KEEP_SIZE``) and punch holes.
 
-        Contents are never sparse, so allocating only checks that the range fits the
-        size limit (ENOSPC otherwise, nothing changed) and extends the file if asked;
-        a punched hole reads back as zeros. ``FALLOC_FL_ZERO_RANGE`` and the rest:
-        EOPNOTSUPP, as on tmpfs.
+        Allocating holds the file's contents up to the end of the range (ENOSPC if that
+        passes the size limit, nothing changed), so later writes there cannot fail for
+        space; with ``FALLOC_FL_KEEP_SIZE`` the part past the file's size is only
+        checked to fit. A punched hole reads back as zeros. ``FALLOC_FL_ZERO_RANGE``
+        and the rest: EOPNOTSUPP, as on tmpfs.
         """
         node, _ = self._file(fh)
         if offset < 0 or length <= 0:
             raise _fail(errno.EINVAL)
         end = offset + length
         if mode == 0:
-            if end > node.size:
-                self._resize(node, end)
+            self._hold_up_to(node, end)
+            node.size = max(node.size, end)
         elif mode == FALLOC_FL_KEEP_SIZE:
-            self._check_room(end - node.size)
+            within = min(end, node.size)
+            self._check_room(within - self._held_bytes(node) + max(end - node.size, 0))
+            self._hold_up_to(node, within)
         elif mode == FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE:
             if offset < node.size:
                 self._zero_data(node, offset, min(end, node.size))
@@ -640,13 +675,18 @@ class MemoryBackend(PathTable):
         return copied
 
     async def lseek(self, fh: int, offset: int, whence: int) -> int:
-        # No holes are kept: the whole file is data, as the kernel's generic llseek says.
+        # Data is what is held; the one hole runs from there to the end of the file.
         node, _ = self._file(fh)
         if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
             raise _fail(errno.EINVAL)
         if offset < 0 or offset >= node.size:
             raise _fail(errno.ENXIO)
-        return offset if whence == os.SEEK_DATA else node.size
+        held = self._held_bytes(node)
+        if whence == os.SEEK_DATA:
+            if offset >= held:
+                raise _fail(errno.ENXIO)  # only the hole lies ahead
+            return offset
+        return max(offset, held)
 
     # ---- directories ------------------------------------------------------------------
 

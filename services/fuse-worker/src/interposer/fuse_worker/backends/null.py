@@ -34,6 +34,9 @@ class NullBackend(MemoryBackend):
     def _resize(self, node: Node, size: int) -> None:
         node.size = size
 
+    def _hold_up_to(self, node: Node, end: int) -> None:
+        pass
+
     def _write_data(self, node: Node, off: int, buf: bytes) -> int:
         node.size = max(node.size, off + len(buf))
         return len(buf)
