@@ -88,10 +88,13 @@ class Node(Named):
         xattrs: ``dict[bytes, bytes]``: extended attributes.
         lookups: kernel lookup count.
         opens: open file handles.
+        released: no name and no open handle hold it any more, so its contents no
+            longer count against the size limit, though kept until the kernel
+            forgets it (``MemoryBackend._maybe_free``).
     """
 
     __slots__ = ("ino", "mode", "uid", "gid", "nlink", "rdev", "size", "atime_ns", "mtime_ns", "ctime_ns",
-                 "data", "target", "entries", "xattrs", "lookups", "opens")
+                 "data", "target", "entries", "xattrs", "lookups", "opens", "released")
 
     def __init__(self, ino: int, mode: int, uid: int, gid: int, parent: Node | None, name: bytes) -> None:
         super().__init__(parent, name)
@@ -108,6 +111,7 @@ class Node(Named):
         self.target = b""
         self.entries: dict[bytes, int] = {}
         self.xattrs: dict[bytes, bytes] = {}
+        self.released = False
         self.lookups = 0
         self.opens = 0
 
@@ -258,9 +262,15 @@ class MemoryBackend(PathTable):
 
     def _get(self, ino: int) -> Node:
         try:
-            return self._nodes[ino]
+            node = self._nodes[ino]
         except KeyError:
             raise _fail(errno.ESTALE) from None
+        if node.released:
+            # Reached again after its last name and handle went (an op that raced
+            # the unlink): its contents count again until the kernel forgets it.
+            node.released = False
+            self.used_bytes += self._stored_bytes(node)
+        return node
 
     def _dir(self, ino: int) -> Node:
         node = self._get(ino)
@@ -331,20 +341,30 @@ class MemoryBackend(PathTable):
         self._maybe_free(node)
 
     def _maybe_free(self, node: Node) -> None:
-        """Free ``node``'s contents once no entry or open handle holds it, the inode once
-        no kernel reference does either."""
+        """Release ``node``'s space once no name or open handle holds it; drop it once no
+        kernel reference does either.
+
+        Its space is given back at once (``statfs`` shows it free right after the
+        unlink, as tmpfs does), but the contents are kept until the kernel forgets the
+        inode: an op that raced the unlink (the kernel resolved the name before it)
+        may still reach the inode and must find them, as on any local fs; it makes
+        them count again (:meth:`_get`). The kernel forgets an unlinked inode nobody
+        has open right after the unlink, so that window is short.
+        """
         if node.nlink > 0 or node.opens > 0 or node is self.root:
             return
-        # No name and no open handle: nobody can read the contents again, so they are
-        # freed now (as tmpfs does on unlink), not when the kernel forgets the inode.
-        if node.data is not None:
-            self.used_bytes -= len(node.data)
-            node.data = None
-        if node.xattrs:
-            self.used_bytes -= sum(len(name) + len(value) for name, value in node.xattrs.items())
-            node.xattrs = {}
+        if not node.released:
+            node.released = True
+            self.used_bytes -= self._stored_bytes(node)
         if node.lookups == 0:
+            node.data = None
+            node.xattrs = {}
             del self._nodes[node.ino]
+
+    def _stored_bytes(self, node: Node) -> int:
+        """Bytes ``node`` holds against the size limit: held contents, xattr names and values."""
+        held = len(node.data) if node.data is not None else 0
+        return held + sum(len(name) + len(value) for name, value in node.xattrs.items())
 
     def path_of(self, ino: int) -> str:
         """Path of inode ``ino`` inside the volume; ``"?"`` if it is unknown."""
