@@ -37,9 +37,10 @@ asynchronous requests in flight (``WorkerConfig.max_background``).
 
 The ``open`` and ``create`` slots (pyfuse3's handlers checked in slots 14 and 30
 first) are served here too when FOPEN_NOFLUSH or kernel passthrough is asked
-for, because only a reply written by ``_raw_reply`` can carry them; with
-passthrough, the ``init`` wrapper also diverts the FUSE_INIT reply to ask for
-it (``_init_reply``), as it does to ask for ``FUSE_HANDLE_KILLPRIV_V2``. If the
+for, because only a reply written by ``_raw_reply`` can carry them. The ``init``
+wrapper also diverts the FUSE_INIT reply (``_init_reply``) to ask for what
+libfuse cannot: ``FUSE_DIRECT_IO_ALLOW_MMAP`` always, ``FUSE_HANDLE_KILLPRIV_V2``
+and kernel passthrough when configured. If the
 first request shows an unexpected libfuse request layout, opens and creates go
 back to pyfuse3's handlers, and both stay off.
 
@@ -67,7 +68,7 @@ import pyfuse3
 import trio
 
 from ._elf import ElfError, symbols as elf_symbols
-from ._init_reply import FUSE_HANDLE_KILLPRIV_V2, InitReply, InitReplyUnavailable
+from ._init_reply import FLAGS2_DIRECT_IO_ALLOW_MMAP, FUSE_HANDLE_KILLPRIV_V2, InitReply, InitReplyUnavailable
 from ._kernel_passthrough import FLAGS2_PASSTHROUGH, MAX_STACK_DEPTH, KernelPassthrough
 from ._raw_reply import FOPEN_NOFLUSH, FuseCtx, RawReplies, RawReplyUnavailable, open_flags_of
 
@@ -295,8 +296,8 @@ class ExtraOps:
             SLOT_COPY_FILE_RANGE: _COPY_FILE_RANGE(self._copy_file_range),
             SLOT_LSEEK: _LSEEK(self._lseek),
         }
-        if max_background or kernel_passthrough or handle_killpriv:
-            self._callbacks[SLOT_INIT] = _INIT(self._init)
+        # Always: the FUSE_INIT reply asks for FUSE_DIRECT_IO_ALLOW_MMAP at least.
+        self._callbacks[SLOT_INIT] = _INIT(self._init)
 
     def install(self, nursery: trio.Nursery) -> None:
         """Fill the fallocate, copy_file_range and lseek slots of the current session (wrap ``init``, serve opens).
@@ -313,12 +314,11 @@ class ExtraOps:
         session, table, pyfuse3_address = _session_op_table()
         self._nursery = nursery
         self._save_retval = _SAVE_RETVAL(pyfuse3_address["save_retval"])
-        if self._kernel_passthrough or self._handle_killpriv:
-            try:
-                self._init_reply = InitReply(self._lib, session)
-            except InitReplyUnavailable as exc:
-                log.warning("FUSE_INIT reply as libfuse builds it (no kernel passthrough, the kernel "
-                            "checks security.capability before writes): %s", exc)
+        try:
+            self._init_reply = InitReply(self._lib, session)
+        except InitReplyUnavailable as exc:
+            log.warning("FUSE_INIT reply as libfuse builds it (no kernel passthrough, the kernel checks "
+                        "security.capability before writes, no shared mmap of files layers act on): %s", exc)
         if self._kernel_passthrough and self._init_reply is not None:
             self._passthrough = KernelPassthrough(self._lib, session)
             self._handler.passthrough = self._passthrough
@@ -347,13 +347,15 @@ class ExtraOps:
         if self._init_reply is not None:
             assert self._nursery is not None
             passthrough = self._passthrough
+            flags2 = FLAGS2_DIRECT_IO_ALLOW_MMAP | (FLAGS2_PASSTHROUGH if passthrough is not None else 0)
             try:
                 self._init_reply.divert(
                     self._nursery, flags=FUSE_HANDLE_KILLPRIV_V2 if self._handle_killpriv else 0,
-                    flags2=FLAGS2_PASSTHROUGH if passthrough is not None else 0, max_stack_depth=MAX_STACK_DEPTH,
+                    flags2=flags2, max_stack_depth=MAX_STACK_DEPTH if passthrough is not None else 0,
                     sent=lambda _, flags2: passthrough.init_reply_sent(flags2) if passthrough is not None else None)
             except Exception:  # the reply then goes out as libfuse built it
-                log.exception("cannot divert the FUSE_INIT reply: no kernel passthrough or FUSE_HANDLE_KILLPRIV_V2")
+                log.exception("cannot divert the FUSE_INIT reply: no kernel passthrough, FUSE_HANDLE_KILLPRIV_V2 "
+                              "or shared mmap of files layers act on")
 
     def _serves_opens(self, req: int) -> bool:
         """Whether opens and creates are answered here (checked on the first one), else by pyfuse3."""

@@ -1,7 +1,7 @@
 """Send libfuse's FUSE_INIT reply with capabilities libfuse 3.14 cannot ask for.
 
 libfuse builds the FUSE_INIT reply from the capability bits it knows and writes
-it itself. Two the worker needs are not among them:
+it itself. Three the worker needs are not among them:
 
 * ``FUSE_HANDLE_KILLPRIV_V2`` (``flags`` bit 28, Linux ≥ 5.11): the file
   system clears set-ID bits and ``security.capability`` on write, truncate and
@@ -11,6 +11,11 @@ it itself. Two the worker needs are not among them:
   ``security.capability`` (``file_remove_privs``), a round trip per write.
 * ``FUSE_PASSTHROUGH`` (bit 37, so ``flags2`` bit 5, Linux ≥ 6.9) with
   ``max_stack_depth``: kernel passthrough (``_kernel_passthrough``).
+* ``FUSE_DIRECT_IO_ALLOW_MMAP`` (bit 36, ``flags2`` bit 4, Linux ≥ 6.6): a file
+  opened with ``FOPEN_DIRECT_IO`` (one a read or write layer acts on) may be
+  mapped shared; without it ``mmap(MAP_SHARED)`` of such a file fails with
+  ENODEV. Page faults of the mapping still come to the worker as READ requests,
+  and its dirty pages as WRITEs, so the layers see them.
 
 :class:`InitReply` points the session's fd (``struct fuse_session.fd``, found by
 what the public ``fuse_session_fd()`` returns) at a pipe just before libfuse
@@ -36,6 +41,8 @@ log = logging.getLogger(__name__)
 FUSE_HANDLE_KILLPRIV_V2 = 1 << 28
 #: ``FUSE_INIT_EXT`` in ``fuse_init_out.flags``: without it the kernel ignores ``flags2``.
 FUSE_INIT_EXT = 1 << 30
+#: ``FUSE_DIRECT_IO_ALLOW_MMAP`` (1 << 36) as a bit of ``fuse_init_out.flags2``.
+FLAGS2_DIRECT_IO_ALLOW_MMAP = 1 << (36 - 32)
 
 _OUT_HEADER_BYTES = 16  # struct fuse_out_header: len, error, unique
 _INIT_FLAGS = _OUT_HEADER_BYTES + 12  # fuse_init_out.flags
