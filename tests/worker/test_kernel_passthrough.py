@@ -124,6 +124,23 @@ def test_a_layer_on_some_paths_keeps_only_those_from_passthrough(mount_worker) -
     assert _open_and_read_with_worker_stopped(vol, "fast") == data
 
 
+def test_several_opens_of_a_file_a_layer_acts_on_close_cleanly(mount_worker) -> None:
+    # Files under a read/write layer are opened with FOPEN_DIRECT_IO, not passed
+    # through; closing the second of two such opens of one file once crashed the
+    # worker (its per-inode record was gone after the first close).
+    policy = json.dumps({"layers": [{"type": "delay", "delay_s": 0.0001, "ops": ["read", "write"]}]})
+    vol = mount_worker(policy=policy, extra=PASSTHROUGH)
+    data = _backing_file(vol, "data", 8192)
+    first = os.open(vol.mountpoint / "data", os.O_RDWR)
+    second = os.open(vol.mountpoint / "data", os.O_RDONLY)
+    with open(vol.mountpoint / "data", "r+b") as f, mmap.mmap(f.fileno(), 8192) as mapping:
+        mapping[:4] = b"mmap"  # shared mmap of a direct-I/O file (FUSE_DIRECT_IO_ALLOW_MMAP)
+    os.close(first)
+    os.close(second)
+    assert (vol.mountpoint / "data").read_bytes() == b"mmap" + data[4:]
+    assert vol.proc.poll() is None, vol.log()
+
+
 def test_a_size_override_keeps_its_files_from_passthrough(mount_worker) -> None:
     # A metadata layer reporting 10 bytes: reads must agree with it, as through the
     # page cache (the kernel reads up to the size it was told), not with the backing

@@ -119,7 +119,9 @@ class KernelPassthrough:
             is PASSTHROUGH, whatever ``backing_fd`` says: the kernel fails any
             other with EIO (``fuse_file_io_open``, Linux 6.18).
         """
-        io = self._inodes.setdefault(ino, _InodeIo())
+        # Only cached and passthrough opens are counted (they exclude each other);
+        # a direct-I/O open leaves no record of its own.
+        io = self._inodes.get(ino) or _InodeIo()
         mode = IoMode.DIRECT if direct_io else IoMode.CACHED
         if io.passthrough:
             mode = IoMode.PASSTHROUGH
@@ -131,6 +133,8 @@ class KernelPassthrough:
             io.passthrough += 1
         elif mode is IoMode.CACHED:
             io.cached += 1
+        if io.passthrough or io.cached:
+            self._inodes[ino] = io
         self._handles[fh] = (ino, mode, path)
         log.debug("fh %d of inode %d opened %s (backing_id %d)", fh, ino, mode.value, io.backing_id)
         return mode
@@ -159,6 +163,8 @@ class KernelPassthrough:
         if entry is None:
             return
         ino, mode, _ = entry
+        if mode is IoMode.DIRECT:
+            return  # not counted (opened)
         io = self._inodes[ino]
         if mode is IoMode.CACHED:
             io.cached -= 1
