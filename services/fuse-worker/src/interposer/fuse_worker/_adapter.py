@@ -270,8 +270,12 @@ class InterposerOperations(pyfuse3.Operations):
             return negative
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
-        # Bookkeeping, not an op of the application: never delayed or failed.
-        await self.backend.forget(inode_list)
+        # Bookkeeping, not an op of the application: never delayed or failed. It has
+        # no reply to carry an error, and one raised here would stop the worker.
+        try:
+            await self.backend.forget(inode_list)
+        except Exception:
+            log.exception("internal error forgetting %d inodes", len(inode_list))
 
     async def getattr(self, inode, ctx):
         return await self._serve(self._op("getattr", inode, ctx), lambda: self.backend.getattr(inode, ctx))
@@ -480,11 +484,21 @@ class InterposerOperations(pyfuse3.Operations):
         op = self._op("release", ino, None, session=self.telemetry.end_session(fh))
         self._setid_writers.pop(fh, None)
         self._flushless.pop(fh, None)
+        # close(2) has returned already: an error here is logged, and must neither
+        # stop the worker nor keep the backend from closing its fd.
         if self.passthrough is not None:
-            self.passthrough.released(fh)
+            try:
+                self.passthrough.released(fh)
+            except Exception:
+                log.exception("internal error releasing %s from kernel passthrough", op.path)
         start_wall_ns, start_ns = time.time_ns(), time.perf_counter_ns()
-        await self.backend.release(fh)
-        self.telemetry.record(op, 0, 0, start_wall_ns, time.perf_counter_ns() - start_ns)
+        err = 0
+        try:
+            await self.backend.release(fh)
+        except Exception:
+            log.exception("internal error releasing %s", op.path)
+            err = errno.EIO
+        self.telemetry.record(op, err, 0, start_wall_ns, time.perf_counter_ns() - start_ns)
 
     async def fsync(self, fh, datasync):
         ino = self.backend.ino_of_fh(fh)
