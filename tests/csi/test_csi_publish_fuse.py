@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -40,6 +41,32 @@ def unpublish(csi_node: CsiNode, volume_id: str, target: Path) -> None:
         csi_pb2.NodeUnpublishVolumeRequest(volume_id=volume_id, target_path=str(target)),
         timeout=RPC_TIMEOUT_S,
     )
+
+
+def mounts_at(path: Path) -> int:
+    """How many mounts are stacked at ``path`` (/proc/self/mountinfo, field 5)."""
+    lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    return sum(1 for line in lines if line.split()[4] == str(path))
+
+
+def test_concurrent_publishes_of_one_volume_mount_it_once(csi_node: CsiNode, csi_root: Path,
+                                                          backing_dir: Path) -> None:
+    # kubelet repeats a NodePublishVolume that timed out while the first may still be
+    # running: every call must succeed, and the volume be mounted and served once.
+    target = csi_root / "pods" / "uid-c" / "volumes" / "mount"
+    request = mounting_volume_request(VOLUME_ID, target, backing_dir)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        replies = list(pool.map(lambda _: csi_node.node.NodePublishVolume(request, timeout=RPC_TIMEOUT_S), range(4)))
+    assert len(replies) == 4
+    assert mounts_at(target) == 1
+    (state,) = csi_node.volume_states()
+    assert pid_alive(state["worker_pid"])
+    (target / "written-through").write_text("once")
+    assert (backing_dir / "written-through").read_text() == "once"
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        list(pool.map(lambda _: unpublish(csi_node, VOLUME_ID, target), range(4)))
+    assert mounts_at(target) == 0 and csi_node.volume_states() == []
+    wait_until(lambda: not pid_alive(state["worker_pid"]), "the worker to exit")
 
 
 def test_publish_use_unpublish_lifecycle(csi_node: CsiNode, csi_root: Path, backing_dir: Path) -> None:
