@@ -289,13 +289,18 @@ def _run(native_root: Path, mount_root: Path) -> None:
 
 
 @pytest.mark.fuse
-@pytest.mark.parametrize("backend", ["passthrough", "passthrough-reopening", "memory", "kernel-passthrough"])
+@pytest.mark.parametrize("backend", ["passthrough", "passthrough-reopening", "memory", "kernel-passthrough",
+                                     "passthrough-direct-io"])
 def test_random_op_sequences_agree_with_the_native_fs(mount_worker, tmp_path: Path, backend: str) -> None:
     native = tmp_path / "native"
     native.mkdir()
     extra = {"passthrough": [], "memory": ["--backend", "memory"], "kernel-passthrough": ["--kernel-passthrough"],
              # One file fd held: every other file is reopened by name when used (_inodes.InodeTable).
-             "passthrough-reopening": ["--max-file-fds", "1"]}
-    vol = mount_worker(extra=extra[backend])
+             "passthrough-reopening": ["--max-file-fds", "1"], "passthrough-direct-io": []}
+    # A layer acting on reads and writes: every file is opened with FOPEN_DIRECT_IO,
+    # so reads, writes, appends and copies all take the uncached path.
+    policy = ('{"layers": [{"type": "delay", "delay_s": 0.000001, "ops": ["read", "write"]}]}'
+              if backend == "passthrough-direct-io" else None)
+    vol = mount_worker(extra=extra[backend], policy=policy)
     _run(native, vol.mountpoint)
     assert vol.proc.poll() is None, vol.log()
