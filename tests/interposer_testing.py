@@ -97,3 +97,35 @@ def call_with_process_stopped(pid: int, call, timeout_s: float = 5.0):  # noqa: 
         return result[0] if result else None
     finally:
         os.kill(pid, signal.SIGCONT)
+
+
+def make_chain(top: Path, name: str, depth: int) -> int:
+    """Create ``top/name/name/...``, ``depth`` directories deep, through directory fds (any depth).
+
+    Returns:
+        An ``O_RDONLY | O_DIRECTORY`` fd of the deepest directory (the caller closes it).
+    """
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(depth):
+        os.mkdir(name, dir_fd=fd)
+        fd, parent_fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd), fd
+        os.close(parent_fd)
+    return fd
+
+
+def remove_chain(top: Path, name: str, depth: int) -> None:
+    """Remove what :func:`make_chain` made (and the files in it), bottom up through fds.
+
+    pytest's own clean-up of ``tmp_path`` recurses once per level and fails on a
+    tree deeper than Python's recursion limit.
+    """
+    fds = [os.open(top, os.O_RDONLY | os.O_DIRECTORY)]
+    for _ in range(depth):
+        fds.append(os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fds[-1]))
+    while len(fds) > 1:
+        fd = fds.pop()
+        for entry in os.listdir(fd):  # files only: the directory below is gone already
+            os.unlink(entry, dir_fd=fd)
+        os.close(fd)
+        os.rmdir(name, dir_fd=fds[-1])
+    os.close(fds[0])

@@ -58,7 +58,7 @@ class CsiNode:
 
 #: The worker flags a volume's ``WorkerTuning`` sets (kernel cache times, busy polling).
 TUNING_FLAGS = ("--entry-timeout", "--attr-timeout", "--negative-timeout", "--busy-poll-us", "--max-background",
-                "--max-file-fds")
+                "--max-file-fds", "--max-dir-fds")
 #: Worker tuning flags without a value.
 TUNING_SWITCHES = ("--kernel-passthrough", "--no-kernel-passthrough", "--always-flush", "--skip-needless-flush",
                    "--handle-killpriv-v2", "--no-handle-killpriv-v2")

@@ -124,7 +124,7 @@ def test_create_volume_backends(controller: Controller, parameters: dict, contex
     [
         {"cacheCoherence": "strict", "busyPollMicroseconds": "0"},
         {"entryTimeoutSeconds": "0.5", "attrTimeoutSeconds": "30", "negativeTimeoutSeconds": "0"},
-        {"flushOnClose": "always", "handleKillprivV2": "false", "maxFileFds": "5000"},
+        {"flushOnClose": "always", "handleKillprivV2": "false", "maxFileFds": "5000", "maxDirFds": "800"},
     ],
     ids=["strict-no-busy-poll", "timeouts", "flush-on-close-killpriv"],
 )

@@ -157,16 +157,16 @@ def test_worker_tuning_survives_a_worker_restart(
     target = csi_root / "target"
     context = {"negativeTimeoutSeconds": "0", "attrTimeoutSeconds": "2.5", "busyPollMicroseconds": "0",
                "maxBackgroundRequests": "32", "kernelPassthrough": "true", "flushOnClose": "always",
-               "handleKillprivV2": "false", "maxFileFds": "100"}
+               "handleKillprivV2": "false", "maxFileFds": "100", "maxDirFds": "50"}
     request = mounting_volume_request(VOLUME_ID, target, backing_dir, extra_context=context)
     csi_node.node.NodePublishVolume(request, timeout=RPC_TIMEOUT_S)
     (state,) = csi_node.volume_states()
     flags = {"--attr-timeout": "2.5", "--negative-timeout": "0.0", "--busy-poll-us": "0", "--max-background": "32",
-             "--max-file-fds": "100", "--kernel-passthrough": "", "--always-flush": "", "--no-handle-killpriv-v2": ""}
+             "--max-file-fds": "100", "--max-dir-fds": "50", "--kernel-passthrough": "", "--always-flush": "", "--no-handle-killpriv-v2": ""}
     assert tuning_flags_of(state["worker_pid"]) == flags
     assert state["tuning"] == {"attr_timeout_s": 2.5, "negative_timeout_s": 0.0, "busy_poll_us": 0,
                                "max_background": 32, "kernel_passthrough": True, "always_flush": True,
-                               "handle_killpriv_v2": False, "max_file_fds": 100}
+                               "handle_killpriv_v2": False, "max_file_fds": 100, "max_dir_fds": 50}
 
     os.kill(state["worker_pid"], signal.SIGKILL)
     wait_until(lambda: csi_node.volume_states()[0]["last_restore_s"], "the watcher to restore the worker")

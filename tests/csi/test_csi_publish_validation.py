@@ -205,6 +205,8 @@ def test_a_refused_publish_does_not_create_the_backing_dir(
         ("maxFileFds", "1e3", "is not an integer"),
         ("maxFileFds", "-5", "is negative"),
         ("maxFileFds", "2147483585", "is above 2147483584"),
+        ("maxDirFds", "1.5", "is not an integer"),
+        ("maxDirFds", "2147483585", "is above 2147483584"),
     ],
 )
 def test_bad_worker_tuning_value(
@@ -213,7 +215,7 @@ def test_bad_worker_tuning_value(
     details = rejected_publish_details(csi_node, csi_root, {key: value})
     allowed = {"busyPollMicroseconds": "microseconds from 0 to 10000",
                "maxBackgroundRequests": "requests from 0 to 65535",
-               "maxFileFds": "fds from 0 to 2147483584"}.get(key, "seconds from 0 to 3600")
+               "maxFileFds": "fds from 0 to 2147483584", "maxDirFds": "fds from 0 to 2147483584"}.get(key, "seconds from 0 to 3600")
     assert f"[{key!r}] = {value!r} {reason}" in details and allowed in details
 
 

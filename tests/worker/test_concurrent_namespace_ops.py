@@ -94,7 +94,7 @@ DATA_DELAY = '{"layers": [{"type": "delay", "delay_s": 0.00001, "ops": ["read", 
 
 @pytest.mark.fuse
 @pytest.mark.parametrize(("extra", "policy"), [
-    ([], None), (["--max-file-fds", "1"], None), (["--backend", "memory"], None),
+    ([], None), (["--max-file-fds", "1", "--max-dir-fds", "1"], None), (["--backend", "memory"], None),
     (["--kernel-passthrough"], None), (["--kernel-passthrough"], DATA_DELAY),
 ], ids=["passthrough", "passthrough-reopening", "memory", "kernel-passthrough", "kernel-passthrough-under-a-layer"])
 def test_racing_namespace_ops_meet_only_the_errors_a_local_fs_gives(mount_worker, tmp_path: Path,

@@ -118,7 +118,7 @@ SETID_MODES = {"setuid": 0o4777, "setgid-exec": 0o2777, "setgid-noexec-other-gro
 VARIANTS = {
     "passthrough": ["--backend", "passthrough"],
     # One file fd held: files are reopened by name when used (_inodes.InodeTable).
-    "passthrough-reopening": ["--backend", "passthrough", "--max-file-fds", "1"],
+    "passthrough-reopening": ["--backend", "passthrough", "--max-file-fds", "1", "--max-dir-fds", "1"],
     "memory": ["--backend", "memory"],
     # Set-ID files opened for writing by a non-root caller are not passed through.
     "kernel-passthrough": ["--kernel-passthrough"],

@@ -296,7 +296,7 @@ def test_random_op_sequences_agree_with_the_native_fs(mount_worker, tmp_path: Pa
     native.mkdir()
     extra = {"passthrough": [], "memory": ["--backend", "memory"], "kernel-passthrough": ["--kernel-passthrough"],
              # One file fd held: every other file is reopened by name when used (_inodes.InodeTable).
-             "passthrough-reopening": ["--max-file-fds", "1"], "passthrough-direct-io": []}
+             "passthrough-reopening": ["--max-file-fds", "1", "--max-dir-fds", "1"], "passthrough-direct-io": []}
     # A layer acting on reads and writes: every file is opened with FOPEN_DIRECT_IO,
     # so reads, writes, appends and copies all take the uncached path.
     policy = ('{"layers": [{"type": "delay", "delay_s": 0.000001, "ops": ["read", "write"]}]}'

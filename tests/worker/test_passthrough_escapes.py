@@ -47,7 +47,7 @@ def _snapshot(directory: Path) -> dict[str, tuple[int, int, int, int, int, int]]
 
 #: Worker flags of the two ways a file is reached: through the fd held since its
 #: lookup, or (one file fd held) reopened from its directory's fd and name.
-FD_MODES = {"held": [], "reopened": ["--max-file-fds", "1"]}
+FD_MODES = {"held": [], "reopened": ["--max-file-fds", "1", "--max-dir-fds", "1"]}
 
 
 @pytest.fixture(params=list(FD_MODES))
@@ -207,3 +207,33 @@ def test_a_file_swapped_for_a_symlink_before_it_is_reopened_is_not_followed(
     assert known.st_ino == os.stat(m / "f.moved").st_ino
     if request.node.callspec.params["escape_setup"] == "reopened":
         assert (backing / "f.moved").read_text() == "inside"
+
+
+@pytest.mark.fuse
+def test_a_directory_swapped_for_a_symlink_before_it_is_reopened_is_not_followed(
+        escape_setup, request: pytest.FixtureRequest) -> None:
+    """A directory the worker has let go of (one directory fd held) is replaced in the backing dir
+    by a symlink to an outside directory: lookups, creates and listings in it must find the swap
+    (ESTALE), never the outside directory."""
+    vol, outside = escape_setup
+    m, backing = vol.mountpoint, vol.backing
+    (backing / "d").mkdir()
+    (backing / "d" / "inner").write_text("inside")
+    (backing / "other").mkdir()
+    known = os.stat(m / "d")
+    os.listdir(m / "other")  # with one directory fd held, d's is closed now
+    os.rename(backing / "d", backing / "d.moved")
+    os.symlink("../outside", backing / "d")
+    before = _snapshot(outside)
+    for attempt in (lambda: os.stat(m / "d" / "victim"), lambda: (m / "d" / "new").write_text("pwned"),
+                    lambda: os.listdir(m / "d"), lambda: os.mkdir(m / "d" / "sub"),
+                    lambda: os.unlink(m / "d" / "victim"), lambda: os.chmod(m / "d", 0o700),
+                    lambda: os.rename(m / "d" / "victim", m / "stolen")):
+        try:
+            attempt()
+        except OSError:
+            pass
+    assert _snapshot(outside) == before
+    assert not (m / "stolen").exists() and not (backing / "stolen").exists()
+    assert known.st_ino == os.stat(m / "d.moved").st_ino
+    assert (backing / "d.moved" / "inner").read_text() == "inside"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from interposer_testing import REPO_ROOT, is_fuse_mount, wait_until
+from interposer_testing import REPO_ROOT, is_fuse_mount, make_chain, remove_chain, wait_until
 
 
 def test_files_written_through_the_mount_land_in_the_backing_dir(mount_worker) -> None:
@@ -213,6 +213,75 @@ def test_a_walk_over_more_files_than_the_worker_may_open_succeeds(mount_worker) 
     os.chmod(m / "f0-link", 0o600)
     assert stat.S_IMODE(os.stat(vol.backing / "f0-link").st_mode) == 0o600
     assert vol.proc.poll() is None, vol.log()
+
+
+def _tree(root: Path, skip: str = "") -> dict[str, tuple[list[str], list[str]]]:
+    """relative dir → (sorted subdirs, sorted files) of everything under ``root``, but not under ``root/skip``."""
+    tree = {}
+    for top, dirs, files in os.walk(root):
+        tree[os.path.relpath(top, root)] = (sorted(dirs), sorted(files))
+        if top == str(root) and skip in dirs:
+            dirs.remove(skip)
+    return tree
+
+
+def test_a_walk_over_more_directories_than_the_worker_may_open_succeeds(mount_worker) -> None:
+    """More directories than the worker's open-file limit: directory fds past a budget are closed too.
+
+    A tree walk leaves every directory in the kernel's cache; an fd held for each
+    would run out (EMFILE) on a tree of more directories than the limit. Past
+    ``--max-dir-fds`` the least recently used are closed and reopened by name, all
+    the way up when their parents were closed as well (here 1,500 levels deep: more
+    than Python's recursion limit).
+    """
+    vol = mount_worker(extra=["--max-file-fds", "50", "--max-dir-fds", "50"])
+    resource.prlimit(vol.proc.pid, resource.RLIMIT_NOFILE, (300, 300))
+    m, backing = vol.mountpoint, vol.backing
+    for top in range(30):
+        for sub in range(20):
+            d = backing / f"t{top}" / f"s{sub}"
+            d.mkdir(parents=True)
+            (d / "f").write_text(f"{top}/{sub}")
+    depth = 1500
+    deep_fd = make_chain(backing, "d", depth)
+    with open(os.open("leaf", os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=deep_fd), "w") as f:
+        f.write("bottom")
+    os.close(deep_fd)
+    deep = m.joinpath(*["d"] * depth)
+
+    def push_out_directory_fds() -> None:  # 210 directories used since
+        for top in range(20, 30):
+            _tree(m / f"t{top}")
+
+    try:
+        assert (deep / "leaf").read_text() == "bottom"  # the kernel now knows all 1,500 levels
+        assert _tree(m / "t0") == _tree(backing / "t0")
+        assert _tree(m, skip="d") == _tree(backing, skip="d")
+        for top in range(30):
+            for sub in range(20):
+                assert (m / f"t{top}" / f"s{sub}" / "f").read_text() == f"{top}/{sub}"
+        assert held_inode_fds(vol.proc.pid) <= 50 + 50 + 5  # + the root and open files
+        # The deepest directory's fd and all its parents' were let go by the walk since.
+        (deep / "leaf").write_text("rewritten")
+        assert (deep / "new").write_text("x") == 1 and (deep / "new").exists()
+        assert backing.joinpath(*["d"] * depth, "leaf").read_text() == "rewritten"
+        # A directory renamed through the mount after its fd was let go: reopened by its new name.
+        os.rename(m / "t0", m / "t0-renamed")
+        push_out_directory_fds()
+        assert (m / "t0-renamed" / "s3" / "f").read_text() == "0/3"
+        # A removed directory still open somewhere stays reachable (by no name) however many come after.
+        os.mkdir(m / "gone")
+        fd = os.open(m / "gone", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.rmdir(m / "gone")
+            push_out_directory_fds()
+            os.fchmod(fd, 0o700)
+            assert stat.S_IMODE(os.fstat(fd).st_mode) == 0o700 and os.listdir(fd) == []
+        finally:
+            os.close(fd)
+        assert vol.proc.poll() is None, vol.log()
+    finally:
+        remove_chain(backing, "d", depth)
 
 
 def test_attributes_truncate_chmod_times_xattrs_statfs(mount_worker) -> None:

@@ -16,7 +16,7 @@ MAX_BUSY_POLL_US = 10_000
 #: Most asynchronous FUSE requests a worker may let the kernel keep in flight
 #: (``max_background`` is a 16-bit field of the FUSE_INIT reply, ``fuse_init_out``).
 MAX_BACKGROUND_REQUESTS = (1 << 16) - 1
-#: Most ``O_PATH`` file descriptors of files a worker may be told to hold: the largest
+#: Most ``O_PATH`` file descriptors of files (or of directories) a worker may be told to hold: the largest
 #: open-file limit Linux allows at all (``sysctl_nr_open_max`` in fs/file.c on 64-bit:
 #: INT_MAX rounded down to a multiple of 64).
 MAX_FILE_FDS = 2_147_483_584

@@ -97,8 +97,11 @@ CONTEXT_HANDLE_KILLPRIV_V2 = "handleKillprivV2"
 #: ``volume_context`` key: most files (not directories) of the ``passthrough`` backend
 #: the worker keeps an open ``O_PATH`` fd of, whole fds, 0 to ``MAX_FILE_FDS``
 #: (``--max-file-fds``); past it the longest held are closed and reopened by name when
-#: used. OPTIONAL: unset or ``"0"`` = three quarters of the worker's open-file limit.
+#: used. OPTIONAL: unset or ``"0"`` = half of the worker's open-file limit.
 CONTEXT_MAX_FILE_FDS = "maxFileFds"
+#: ``volume_context`` key: the same for directories, 0 to ``MAX_FILE_FDS``
+#: (``--max-dir-fds``). OPTIONAL: unset or ``"0"`` = a quarter of the open-file limit.
+CONTEXT_MAX_DIR_FDS = "maxDirFds"
 #: ``volume_context`` key: ``default`` (the timeouts as given) or ``strict`` (all three
 #: 0: a name or file another node changes in a shared backing dir shows at once, and
 #: every stat and lookup is a round trip to the worker). OPTIONAL.
@@ -109,7 +112,7 @@ CACHE_TIMEOUT_KEYS = (CONTEXT_ENTRY_TIMEOUT, CONTEXT_ATTR_TIMEOUT, CONTEXT_NEGAT
 #: Every key :func:`worker_tuning_of` reads (also StorageClass parameters of the Controller).
 WORKER_TUNING_KEYS = frozenset({*CACHE_TIMEOUT_KEYS, CONTEXT_BUSY_POLL, CONTEXT_MAX_BACKGROUND,
                                 CONTEXT_CACHE_COHERENCE, CONTEXT_KERNEL_PASSTHROUGH, CONTEXT_FLUSH_ON_CLOSE,
-                                CONTEXT_HANDLE_KILLPRIV_V2, CONTEXT_MAX_FILE_FDS})
+                                CONTEXT_HANDLE_KILLPRIV_V2, CONTEXT_MAX_FILE_FDS, CONTEXT_MAX_DIR_FDS})
 #: ``volume_context`` keys kubelet adds when the CSIDriver has ``podInfoOnMount: true``.
 CONTEXT_POD_NAMESPACE = "csi.storage.k8s.io/pod.namespace"
 CONTEXT_POD_NAME = "csi.storage.k8s.io/pod.name"
@@ -754,8 +757,8 @@ def worker_tuning_of(settings: Mapping[str, str], field: str) -> WorkerTuning:
             timeout that is not a finite decimal number from 0 to
             ``MAX_CACHE_TIMEOUT_S`` seconds, a busy poll that is not an integer from
             0 to ``MAX_BUSY_POLL_US`` µs, a ``maxBackgroundRequests`` that is not an
-            integer from 0 to ``MAX_BACKGROUND_REQUESTS``, a ``maxFileFds`` that is not
-            an integer from 0 to ``MAX_FILE_FDS``, a ``cacheCoherence`` other than
+            integer from 0 to ``MAX_BACKGROUND_REQUESTS``, a ``maxFileFds`` or ``maxDirFds``
+            that is not an integer from 0 to ``MAX_FILE_FDS``, a ``cacheCoherence`` other than
             ``default``/``strict``, ``strict`` beside a non-zero timeout, or a
             ``kernelPassthrough`` or ``handleKillprivV2`` other than ``true``/``false``,
             or a ``flushOnClose`` other than ``auto``/``always``.
@@ -785,9 +788,11 @@ def worker_tuning_of(settings: Mapping[str, str], field: str) -> WorkerTuning:
         max_background = _setting_in_range(
             settings, CONTEXT_MAX_BACKGROUND, field, int, "whole requests", MAX_BACKGROUND_REQUESTS
         )
-    max_file_fds = None
-    if CONTEXT_MAX_FILE_FDS in settings:
-        max_file_fds = _setting_in_range(settings, CONTEXT_MAX_FILE_FDS, field, int, "whole fds", MAX_FILE_FDS)
+    max_fds = {
+        key: _setting_in_range(settings, key, field, int, "whole fds", MAX_FILE_FDS)
+        for key in (CONTEXT_MAX_FILE_FDS, CONTEXT_MAX_DIR_FDS)
+        if key in settings
+    }
     passthrough = _setting_of(settings, CONTEXT_KERNEL_PASSTHROUGH, field, ("true", "false"))
     flush_on_close = _setting_of(settings, CONTEXT_FLUSH_ON_CLOSE, field, FLUSH_ON_CLOSE_MODES)
     killpriv_v2 = _setting_of(settings, CONTEXT_HANDLE_KILLPRIV_V2, field, ("true", "false"))
@@ -800,7 +805,8 @@ def worker_tuning_of(settings: Mapping[str, str], field: str) -> WorkerTuning:
         kernel_passthrough=None if passthrough is None else passthrough == "true",
         always_flush=None if flush_on_close is None else flush_on_close == "always",
         handle_killpriv_v2=None if killpriv_v2 is None else killpriv_v2 == "true",
-        max_file_fds=max_file_fds,
+        max_file_fds=max_fds.get(CONTEXT_MAX_FILE_FDS),
+        max_dir_fds=max_fds.get(CONTEXT_MAX_DIR_FDS),
     )
 
 

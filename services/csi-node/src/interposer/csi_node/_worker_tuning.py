@@ -35,7 +35,9 @@ class WorkerTuning(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
             the worker's default); False: the kernel's older rule and round trip.
         max_file_fds: most files (not directories) the worker keeps an ``O_PATH``
             fd of; others are reopened by name when used (``--max-file-fds``;
-            worker default 0 = three quarters of its open-file limit).
+            worker default 0 = half of its open-file limit).
+        max_dir_fds: the same for directories (``--max-dir-fds``; worker default
+            0 = a quarter of its open-file limit).
     """
 
     entry_timeout_s: float | None = None
@@ -47,6 +49,7 @@ class WorkerTuning(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
     always_flush: bool | None = None
     handle_killpriv_v2: bool | None = None
     max_file_fds: int | None = None
+    max_dir_fds: int | None = None
 
     def arguments(self) -> list[str]:
         """The worker flags of the settings that are not None, e.g. ``["--entry-timeout", "0.0"]``."""
@@ -57,6 +60,7 @@ class WorkerTuning(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
             ("--busy-poll-us", self.busy_poll_us),
             ("--max-background", self.max_background),
             ("--max-file-fds", self.max_file_fds),
+            ("--max-dir-fds", self.max_dir_fds),
         )
         # repr: the shortest text that parses back to the same float.
         flags = [item for flag, value in settings if value is not None for item in (flag, repr(value))]

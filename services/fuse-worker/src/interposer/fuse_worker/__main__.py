@@ -58,8 +58,10 @@ from ._worker import run
               help="Kernel readahead of the mount, KiB (0 = kernel default, 128).")
 @click.option("--max-file-fds", type=click.IntRange(0), default=0, show_default=True,
               help="Most files (not directories) the passthrough backend keeps an fd of while the kernel "
-                   "knows them; others are reopened by name when used (0 = three quarters of the open-file "
+                   "knows them; others are reopened by name when used (0 = half the open-file "
                    "limit; see docs/ARCHITECTURE.md).")
+@click.option("--max-dir-fds", type=click.IntRange(0), default=0, show_default=True,
+              help="The same for directories (0 = a quarter of the open-file limit).")
 @click.option("--session-loop", type=click.Choice(["lean", "pyfuse3"]), default="lean", show_default=True,
               help="FUSE request loop: pyfuse3's own on leaner primitives (lean), or as it is (see docs/ARCHITECTURE.md).")
 @click.option("--busy-poll-us", type=click.IntRange(0, MAX_BUSY_POLL_US), default=DEFAULT_BUSY_POLL_US, show_default=True,

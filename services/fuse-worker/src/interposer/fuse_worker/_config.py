@@ -197,7 +197,8 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
             ``O_PATH`` fd of while the kernel knows them; past it the longest held
             are closed and reopened by name when used (``_inodes.InodeTable``), so
             a walk over more files than the open-file limit allows does not fail
-            with EMFILE. 0: three quarters of the worker's open-file limit.
+            with EMFILE. 0: half of the worker's open-file limit.
+        max_dir_fds: the same for directories. 0: a quarter of the open-file limit.
         read_ahead_kib: kernel readahead of the mount, KiB (``_readahead``); 0 =
             the kernel's default (128 KiB). Not applied with ``fuse_fd_socket``
             (the csi-node made the mount).
@@ -250,6 +251,7 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     wake_compensation: Literal["off", "worker", "round-trip"] = DEFAULT_WAKE_COMPENSATION
     read_ahead_kib: Annotated[int, msgspec.Meta(ge=0, le=65536)] = DEFAULT_READ_AHEAD_KIB
     max_file_fds: Annotated[int, msgspec.Meta(ge=0)] = 0
+    max_dir_fds: Annotated[int, msgspec.Meta(ge=0)] = 0
     event_buffer: int = DEFAULT_EVENT_BUFFER
     batch_max_events: int = DEFAULT_BATCH_MAX_EVENTS
     flush_interval_s: float = DEFAULT_FLUSH_INTERVAL_S

@@ -97,14 +97,14 @@ class Inode(Named):
         lookups: kernel lookup count (see pyfuse3 ``developer-notes/lookup_counts``).
         parent: inode of the directory it was last seen in (None for the root).
         name: its name there, bytes.
-        is_dir: whether it is a directory (directories keep their fd).
+        is_dir: whether it is a directory.
         named: whether ``parent``/``name`` still names it (False once that name was
             unlinked or replaced through the mount: its fd is then kept).
         flush_needed: whether its file system has a flush method (the passthrough
             backend's cache; None until asked).
     """
 
-    __slots__ = ("ino", "_fd", "_table", "key", "lookups", "is_dir", "named", "flush_needed")
+    __slots__ = ("ino", "_fd", "_table", "key", "lookups", "is_dir", "named", "flush_needed", "_read_in_op")
 
     def __init__(self, table: "InodeTable", ino: int, fd: int, key: tuple[int, int], parent: "Inode | None",
                  name: bytes, is_dir: bool) -> None:
@@ -117,11 +117,18 @@ class Inode(Named):
         self.is_dir = is_dir
         self.named = True
         self.flush_needed: bool | None = None
+        self._read_in_op = -1  # InodeTable.op when ``fd`` was last read
 
     @property
     def fd(self) -> int:
+        table = self._table
+        self._read_in_op = table.op
         fd = self._fd
-        return fd if fd >= 0 else self._table.reopen(self)
+        if fd < 0:
+            return table.reopen(self)
+        if self.is_dir:
+            table.used_dir(self)
+        return fd
 
 
 class InodeTable(PathTable):
@@ -141,23 +148,33 @@ class InodeTable(PathTable):
     numbers from :data:`OTHER_DEVICE_INO_BASE` on, remembered for the mount's life.
 
     The kernel keeps an inode for as long as its dentry is cached — on a node with
-    memory to spare, every file a tree walk ever touched — so holding an fd for
-    each would run into the worker's open-file limit (EMFILE) on a dataset of more
-    files than that, where the backing fs would not. So only ``max_file_fds``
-    non-directories keep their fd; past that, the longest held is closed
-    (first in, first out), and reopened from its directory's fd and name when next
-    used (:meth:`reopen`), checked to be the same backing inode (ESTALE if
-    something else is there now: the file was renamed or replaced in the backing
-    dir, not through the mount). Directories always keep theirs (every lookup goes
-    through them), and so does a file whose name was unlinked or replaced through
-    the mount (``Inode.named``), which can then be reached by no name.
+    memory to spare, every file and directory a tree walk ever touched — so holding
+    an fd for each would run into the worker's open-file limit (EMFILE) on a tree
+    of more entries than that, where the backing fs would not. So only
+    ``max_file_fds`` non-directories and ``max_dir_fds`` directories keep their fd;
+    past that, a file's fd is closed first in, first out, a directory's least
+    recently used first (every lookup goes through a directory's fd, so the busy
+    ones stay open), and reopened from its directory's fd and name when next used
+    (:meth:`reopen`, up the tree as far as needed), checked to be the same backing
+    inode (ESTALE if something else is there now: it was renamed or replaced in
+    the backing dir, not through the mount). The root keeps its fd, and so does
+    anything whose name was unlinked, removed or replaced through the mount
+    (``Inode.named``), which can then be reached by no name.
+
+    An fd pushed out is closed at once unless the current op has read it: then
+    at the next :meth:`get`, which every backend op starts with (an op reads its
+    fds without awaiting anything in between). An op that reads ``a.fd`` and then
+    ``b.fd`` (a rename's two directories) may reopen ``b`` and so push ``a`` out,
+    and ``a``'s number must stay valid — and not be reused by another open — until
+    the op is done with it.
 
     Args:
         root_fd: O_PATH fd of the backing root directory (owned by the table).
         max_file_fds: most non-directory fds held at once (None: no limit).
+        max_dir_fds: most directory fds held at once, the root's aside (None: no limit).
     """
 
-    def __init__(self, root_fd: int, max_file_fds: int | None = None) -> None:
+    def __init__(self, root_fd: int, max_file_fds: int | None = None, max_dir_fds: int | None = None) -> None:
         super().__init__()
         st = os.fstat(root_fd)
         self.root = Inode(self, ROOT_INODE, root_fd, (st.st_dev, st.st_ino), None, b"", is_dir=True)
@@ -166,8 +183,15 @@ class InodeTable(PathTable):
         self._by_key: dict[tuple[int, int], Inode] = {self.root.key: self.root}
         self._other_device_inos: dict[tuple[int, int], int] = {}
         self.max_file_fds = max_file_fds
+        self.max_dir_fds = max_dir_fds
         #: Non-directories holding an fd that may be closed, oldest first.
-        self._closable: OrderedDict[Inode, None] = OrderedDict()
+        self._closable_files: OrderedDict[Inode, None] = OrderedDict()
+        #: Directories holding an fd that may be closed, least recently used first.
+        self._closable_dirs: OrderedDict[Inode, None] = OrderedDict()
+        #: fds taken from inodes the current op has read, to be closed at the next :meth:`get`.
+        self._to_close: list[int] = []
+        #: Number of the current op: :meth:`get` counts them.
+        self.op = 0
 
     def ino_of(self, key: tuple[int, int]) -> int:
         """The FUSE inode number of backing file ``key`` = ``(st_dev, st_ino)``: the same every time."""
@@ -199,10 +223,27 @@ class InodeTable(PathTable):
         Raises:
             pyfuse3.FUSEError: ESTALE if the kernel names an inode we forgot.
         """
+        self.op += 1
+        if self._to_close:
+            self.close_released()
         try:
             return self._by_ino[ino]
         except KeyError:
             raise pyfuse3.FUSEError(errno.ESTALE) from None
+
+    def close_released(self) -> None:
+        """Close the fds taken from inodes past the limits (call where no op holds an fd number)."""
+        to_close, self._to_close = self._to_close, []
+        for fd in to_close:
+            os.close(fd)
+
+    def used_dir(self, inode: Inode) -> None:
+        """Note that directory ``inode``'s fd was just used: it is closed last."""
+        if inode.parent is not None and self.max_dir_fds is not None:
+            try:
+                self._closable_dirs.move_to_end(inode)
+            except KeyError:
+                pass  # unnamed: not closable
 
     def add_or_update(self, fd: int, st: os.stat_result, parent: Inode, name: bytes) -> Inode:
         """Register the backing file opened as ``fd`` (found as ``parent``/``name``).
@@ -224,9 +265,8 @@ class InodeTable(PathTable):
             # Closed, so not pinned: the number may have been reused by another file
             # since (deleted and created in the backing dir), maybe of another type.
             inode._fd = fd
+            self._not_closable(inode)
             inode.is_dir = stat.S_ISDIR(st.st_mode)
-            if inode.is_dir:
-                self._closable.pop(inode, None)
         else:
             os.close(fd)
         if not inode.named:
@@ -244,20 +284,37 @@ class InodeTable(PathTable):
         """
         inode.fd  # noqa: B018 - reopens it while the name still leads to it
         inode.named = False
-        self._closable.pop(inode, None)
+        self._not_closable(inode)
 
     def reopen(self, inode: Inode) -> int:
         """Reopen ``inode``'s closed fd from its directory's fd and name; return it.
 
+        Closed directories above it are reopened first, from the nearest one that
+        holds its fd down (a loop, not recursion: a tree may be thousands deep).
+
         Raises:
-            pyfuse3.FUSEError: ESTALE when no file is at that name any more, or
-                another one (renamed or replaced in the backing dir).
+            pyfuse3.FUSEError: ESTALE when nothing is at one of those names any
+                more, or something else (renamed or replaced in the backing dir).
+        """
+        closed = [inode]
+        while (parent := closed[-1].parent) is not None and parent._fd < 0:
+            closed.append(parent)
+        for node in reversed(closed):
+            self._reopen_one(node)
+        return inode._fd
+
+    def _reopen_one(self, inode: Inode) -> None:
+        """Reopen ``inode`` from its parent's fd, open now, and its name (see :meth:`reopen`).
+
+        The parent's fd is taken without marking it read: only this reopen needs
+        it, so it may be closed at once when pushed out (a chain of a thousand
+        reopened directories does not hold a thousand fds until the next op).
         """
         parent = inode.parent
         if parent is None or not inode.named:
             raise pyfuse3.FUSEError(errno.ESTALE)
         try:
-            fd, st = open_path(parent.fd, inode.name)
+            fd, st = open_path(parent._fd, inode.name)
         except (FileNotFoundError, NotADirectoryError):
             raise pyfuse3.FUSEError(errno.ESTALE) from None
         if (st.st_dev, st.st_ino) != inode.key or stat.S_ISDIR(st.st_mode) != inode.is_dir:
@@ -265,18 +322,29 @@ class InodeTable(PathTable):
             raise pyfuse3.FUSEError(errno.ESTALE)
         inode._fd = fd
         self._held(inode)
-        return fd
+
+    def _not_closable(self, inode: Inode) -> None:
+        self._closable_files.pop(inode, None)
+        self._closable_dirs.pop(inode, None)
 
     def _held(self, inode: Inode) -> None:
-        """``inode`` holds an fd now: note it as closable (a named file), and close the oldest past the limit."""
-        if inode.is_dir or not inode.named or self.max_file_fds is None:
+        """``inode`` holds an fd now: note it as closable (if named), and release the oldest past the limit."""
+        if not inode.named or inode is self.root:
             return
-        closable = self._closable
+        if inode.is_dir:
+            closable, limit = self._closable_dirs, self.max_dir_fds
+        else:
+            closable, limit = self._closable_files, self.max_file_fds
+        if limit is None:
+            return
         closable[inode] = None
         closable.move_to_end(inode)
-        while len(closable) > self.max_file_fds:
+        while len(closable) > limit:
             oldest, _ = closable.popitem(last=False)
-            os.close(oldest._fd)
+            if oldest._read_in_op == self.op:
+                self._to_close.append(oldest._fd)
+            else:
+                os.close(oldest._fd)
             oldest._fd = -1
 
     def forget(self, ino: int, nlookup: int) -> None:
@@ -289,7 +357,7 @@ class InodeTable(PathTable):
             del self._by_ino[ino]
             if self._by_key.get(inode.key) is inode:
                 del self._by_key[inode.key]
-            self._closable.pop(inode, None)
+            self._not_closable(inode)
             if inode._fd >= 0:
                 os.close(inode._fd)
                 inode._fd = -1
@@ -302,4 +370,6 @@ class InodeTable(PathTable):
                 inode._fd = -1
         self._by_ino.clear()
         self._by_key.clear()
-        self._closable.clear()
+        self._closable_files.clear()
+        self._closable_dirs.clear()
+        self.close_released()

@@ -104,10 +104,12 @@ def receive_fuse_fd(socket_path: str, volume_id: str, timeout_s: float) -> int:
 MALLOC_ARENAS = 1
 
 
-#: Share of the worker's open-file limit the passthrough backend may spend on
-#: holding files the kernel knows (``--max-file-fds`` 0); the rest is for the
-#: files applications open (one backing fd each), sockets and pipes.
-FILE_FD_SHARE = 0.75
+#: Shares of the worker's open-file limit the passthrough backend may spend on
+#: holding the files (``--max-file-fds`` 0) and the directories (``--max-dir-fds``
+#: 0) the kernel knows; the rest is for the files applications open (one backing
+#: fd each), sockets and pipes.
+FILE_FD_SHARE = 0.5
+DIR_FD_SHARE = 0.25
 
 
 def _raise_fd_limit() -> int:
@@ -166,10 +168,10 @@ def make_backend(config: WorkerConfig) -> Backend:
         return MemoryBackend(config.memory_size_bytes, *timeouts)
     if config.backend == "null":
         return NullBackend(config.memory_size_bytes, *timeouts)
-    max_file_fds = config.max_file_fds or max(
-        int(resource.getrlimit(resource.RLIMIT_NOFILE)[0] * FILE_FD_SHARE), 1)
+    fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     return PassthroughBackend(config.backing_dir, *timeouts, blocking_io=config.blocking_io,
-                              max_file_fds=max_file_fds)
+                              max_file_fds=config.max_file_fds or max(int(fd_limit * FILE_FD_SHARE), 1),
+                              max_dir_fds=config.max_dir_fds or max(int(fd_limit * DIR_FD_SHARE), 1))
 
 
 async def serve(config: WorkerConfig) -> None:
@@ -186,8 +188,9 @@ async def serve(config: WorkerConfig) -> None:
     limit_malloc_arenas(MALLOC_ARENAS)
     backend = make_backend(config)
     if isinstance(backend, PassthroughBackend):
-        log.info("up to %d files held open (O_PATH) at once, open-file limit %d; beyond, the longest held "
-                 "are reopened by name when used", backend.inodes.max_file_fds, fd_limit)
+        log.info("up to %d files and %d directories held open (O_PATH) at once, open-file limit %d; beyond, "
+                 "the longest held are reopened by name when used", backend.inodes.max_file_fds,
+                 backend.inodes.max_dir_fds, fd_limit)
     # Without a bus nothing drains the buffers: recording events would only fill them
     # (up to ~25 MB of OpEvents) and then count drops. Counters still run.
     has_bus = bool(config.nats_url)

@@ -62,6 +62,7 @@ class PassthroughBackend:
             see ``_offload``.
         max_file_fds: most ``O_PATH`` fds of non-directories held at once; others
             are reopened by name when used (``_inodes.InodeTable``). None: no limit.
+        max_dir_fds: the same for directories (the root's is always held).
 
     Raises:
         NotADirectoryError, FileNotFoundError, PermissionError: ``root_dir`` unusable.
@@ -70,9 +71,10 @@ class PassthroughBackend:
     name = "passthrough"
 
     def __init__(self, root_dir: str, entry_timeout_s: float = 1.0, attr_timeout_s: float = 1.0,
-                 blocking_io: BlockingIOMode = "adaptive", max_file_fds: int | None = None) -> None:
+                 blocking_io: BlockingIOMode = "adaptive", max_file_fds: int | None = None,
+                 max_dir_fds: int | None = None) -> None:
         root_fd = os.open(root_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        self.inodes = InodeTable(root_fd, max_file_fds)
+        self.inodes = InodeTable(root_fd, max_file_fds, max_dir_fds)
         self._entry_timeout_s = entry_timeout_s
         self._attr_timeout_s = attr_timeout_s
         self._am_root = os.geteuid() == 0
@@ -260,7 +262,7 @@ class PassthroughBackend:
     async def rmdir(self, parent_ino: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         parent = self.inodes.get(parent_ino)
         self._check_name(name)
-        self._check_kernel_knows(parent, name)
+        self._losing_its_name(self._check_kernel_knows(parent, name), parent, name)
         os.rmdir(name, dir_fd=parent.fd)
 
     def _losing_its_name(self, inode: Inode | None, parent: Inode, name: bytes) -> None:
