@@ -11,6 +11,7 @@ from interposer.fuse_worker._op import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
 from interposer.fuse_worker.backends._libc import fallocate
 
 MIB = 1 << 20
+GIB = 1 << 30
 
 
 @pytest.mark.fuse
@@ -123,6 +124,42 @@ def test_hard_links_count_as_inodes(mount_worker) -> None:
         os.unlink(m / f"l{i}")
     assert os.statvfs(m).f_ffree == free_before
     assert (m / "f").read_bytes() == b"data"
+
+
+@pytest.mark.fuse
+def test_memory_backend_keeps_holes_before_and_between_written_data(mount_worker) -> None:
+    """Sparse files as tmpfs keeps them: a write far past the end of a file (a disk image, a
+    database or a download written out of order) takes only the memory of what it writes, on a
+    volume far smaller than the file."""
+    vol = mount_worker(extra=["--backend", "memory", "--memory-size-bytes", str(4 * MIB)])
+    m = vol.mountpoint
+    free_before = os.statvfs(m).f_bavail
+    fd = os.open(m / "sparse", os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        assert os.pwrite(fd, b"end", GIB) == 3  # a flat buffer would need 1 GiB of zeros before it
+        assert os.pwrite(fd, b"middle", 300 * MIB + 5) == 6
+        assert os.fstat(fd).st_size == GIB + 3
+        assert os.statvfs(m).f_bavail >= free_before - 32  # two chunks' heads, not a gigabyte
+        assert os.pread(fd, 3, GIB) == b"end" and os.pread(fd, 8, 300 * MIB + 3) == b"\0\0middle"
+        assert os.pread(fd, 4096, 700 * MIB) == bytes(4096)
+        data = os.lseek(fd, 0, os.SEEK_DATA)
+        assert 299 * MIB < data <= 300 * MIB + 5 and os.pread(fd, 300 * MIB + 11 - data, data).endswith(b"middle")
+        hole = os.lseek(fd, data, os.SEEK_HOLE)
+        assert 300 * MIB + 11 <= hole < 301 * MIB
+        assert GIB - MIB < os.lseek(fd, hole, os.SEEK_DATA) <= GIB
+        assert os.lseek(fd, GIB, os.SEEK_HOLE) == GIB + 3  # the end of the file is a hole
+        # Filling the volume between them: a write that only partly fits is shortened.
+        written = os.pwrite(fd, b"z" * (8 * MIB), 500 * MIB)
+        assert 3 * MIB < written < 4 * MIB and os.statvfs(m).f_bavail == 0
+        assert os.pread(fd, 3, GIB) == b"end"
+        # Punching the filled range gives its space back.
+        fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 500 * MIB, written)
+        assert os.statvfs(m).f_bavail >= free_before - 32
+        assert os.pread(fd, 6, 300 * MIB + 5) == b"middle" and os.pread(fd, 4, 500 * MIB) == bytes(4)
+    finally:
+        os.close(fd)
+    os.unlink(m / "sparse")
+    assert os.statvfs(m).f_bavail == free_before
 
 
 @pytest.mark.fuse

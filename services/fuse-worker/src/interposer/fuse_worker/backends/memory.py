@@ -17,14 +17,13 @@ value bytes) count against ``size_bytes``: a write, truncate or setxattr that wo
 pass it fails with ENOSPC (a write that partly fits is shortened, as on a full
 disk), so no client of the mount can grow the worker's memory past the limit;
 ``statfs`` reports the limit and what is used.
-A file holds its contents up to the last byte written; past that, up to its size,
-it is a hole that reads as zeros and takes no memory, as on tmpfs: ``truncate -s
-10G`` or a preallocating ``ftruncate`` works on a 1 GiB volume, ``st_blocks`` and
-``statfs`` count only what is held, and ``SEEK_HOLE`` finds where the hole begins.
-Holes are only kept at the end: a write past the held contents fills the gap
-before it with zeros, which count like data (tmpfs would keep that gap a hole
-too). ``fallocate`` has tmpfs's modes (allocate, keep size, punch hole); punching
-the end of the held contents frees it.
+Files are sparse, as on tmpfs (``_contents.SparseContents``: 64 KiB chunks, each
+holding what was written of it): what was never written, up to the file's size, is
+a hole that reads as zeros and takes no memory, so ``truncate -s 10G``, a
+preallocating ``ftruncate`` or a write at 10 GiB works on a 1 GiB volume;
+``st_blocks`` and ``statfs`` count only what is held, and ``SEEK_DATA``/``SEEK_HOLE``
+find the holes. ``fallocate`` has tmpfs's modes (allocate, keep size, punch hole);
+punching frees whole chunks and chunk ends.
 """
 
 from __future__ import annotations
@@ -41,6 +40,7 @@ import pyfuse3
 from .._inodes import ROOT_INODE, Named, PathTable, join_path
 from .._op import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
 from ._base import OpenDir
+from ._contents import CHUNK_BYTES, SparseContents
 
 #: Default limit of file contents held in memory, bytes (1 GiB).
 DEFAULT_MEMORY_SIZE_BYTES = 1 << 30
@@ -80,9 +80,8 @@ class Node(Named):
         rdev: device number of device nodes.
         size: ``st_size``, bytes.
         atime_ns, mtime_ns, ctime_ns: timestamps, ns since the epoch.
-        data: the held contents of a regular file, its first ``len(data)`` bytes (the
-            rest, up to ``size``, is a hole of zeros); None for other types, and in
-            the null backend.
+        data: the held contents of a regular file (what is not held, up to
+            ``size``, is a hole of zeros); None for other types, and in the null backend.
         target: symlink target.
         entries: ``dict[bytes, int]``: name → inode number, for directories.
         xattrs: ``dict[bytes, bytes]``: extended attributes.
@@ -107,7 +106,7 @@ class Node(Named):
         self.rdev = 0
         self.size = 0
         self.atime_ns = self.mtime_ns = self.ctime_ns = now
-        self.data: bytearray | None = None
+        self.data: SparseContents | None = None
         self.target = b""
         self.entries: dict[bytes, int] = {}
         self.xattrs: dict[bytes, bytes] = {}
@@ -162,29 +161,30 @@ class MemoryBackend(PathTable):
 
     # ---- contents (the null backend overrides these) -----------------------------------
 
-    def _new_data(self) -> bytearray | None:
-        return bytearray()
+    def _new_data(self) -> SparseContents | None:
+        return SparseContents()
 
     def _resize(self, node: Node, size: int) -> None:
         """Set a regular file's size: growth is a hole (no memory); shrinking frees what it cuts off."""
         assert node.data is not None
-        if size < len(node.data):
-            self.used_bytes -= len(node.data) - size
-            del node.data[size:]
+        if size < node.size:
+            self.used_bytes -= node.data.truncate(size)
         node.size = size
 
-    def _hold_up_to(self, node: Node, end: int) -> None:
-        """Hold a regular file's contents up to byte ``end``, the hole before it as zeros.
+    def _growth(self, node: Node, start: int, end: int) -> int:
+        """Bytes of memory holding bytes ``start:end`` of a regular file would take anew."""
+        assert node.data is not None
+        return node.data.growth(start, end)
+
+    def _hold(self, node: Node, start: int, end: int) -> None:
+        """Hold bytes ``start:end`` of a regular file in memory (zeros where it had a hole).
 
         Raises:
             pyfuse3.FUSEError: ENOSPC if that passes the size limit (nothing changes).
         """
         assert node.data is not None
-        grow = end - len(node.data)
-        if grow > 0:
-            self._check_room(grow)
-            node.data.extend(bytes(grow))
-            self.used_bytes += grow
+        self._check_room(node.data.growth(start, end))
+        self.used_bytes += node.data.hold(start, end)
 
     def _check_room(self, grow_bytes: int) -> None:
         """Raise ENOSPC if ``grow_bytes`` more of contents would pass the size limit."""
@@ -197,46 +197,31 @@ class MemoryBackend(PathTable):
         Raises:
             pyfuse3.FUSEError: ENOSPC if not one byte fits.
         """
-        assert node.data is not None
-        end = off + len(buf)
-        held = len(node.data)
-        if end > held:
-            room = self.size_bytes - self.used_bytes
-            if end - held > room:
-                end = held + room
-                if end <= off:
-                    raise _fail(errno.ENOSPC)
-                buf = buf[: end - off]
-            self._hold_up_to(node, off)  # the hole before the write, as zeros
-            self.used_bytes += end - max(off, held)
-        node.data[off:end] = buf
-        node.size = max(node.size, end)
+        data = node.data
+        assert data is not None
+        room = self.size_bytes - self.used_bytes
+        # A write stores at most its own bytes and the gap before it in its first chunk.
+        if len(buf) + CHUNK_BYTES > room and data.growth(off, off + len(buf)) > room:
+            fits = data.fitting(off, len(buf), room)
+            if fits <= 0:
+                raise _fail(errno.ENOSPC)
+            buf = buf[:fits]
+        self.used_bytes += data.write(off, buf)
+        node.size = max(node.size, off + len(buf))
         return len(buf)
 
     def _read_data(self, node: Node, off: int, size: int) -> bytes:
         assert node.data is not None
-        held = bytes(node.data[off:off + size])
-        # What lies in the hole past the held contents reads as zeros.
-        return held if len(held) == size else held + bytes(size - len(held))
+        return node.data.read(off, size)
 
     def _zero_data(self, node: Node, start: int, end: int) -> None:
-        """Zero bytes ``start:end`` of a regular file, all within its size (a punched hole).
-
-        A hole reaching the end of the held contents frees them from ``start`` on.
-        """
+        """Make bytes ``start:end`` of a regular file, all within its size, a hole (punched): frees what it can."""
         assert node.data is not None
-        held = len(node.data)
-        if start >= held:
-            return
-        if end >= held:
-            self.used_bytes -= held - start
-            del node.data[start:]
-        else:
-            node.data[start:end] = bytes(end - start)
+        self.used_bytes -= node.data.punch(start, end)
 
     def _held_bytes(self, node: Node) -> int:
         """Bytes of memory ``node``'s contents take (its apparent size where none are stored)."""
-        return node.size if node.data is None else len(node.data)
+        return node.size if node.data is None else node.data.stored
 
     # ---- helpers ----------------------------------------------------------------------
 
@@ -363,7 +348,7 @@ class MemoryBackend(PathTable):
 
     def _stored_bytes(self, node: Node) -> int:
         """Bytes ``node`` holds against the size limit: held contents, xattr names and values."""
-        held = len(node.data) if node.data is not None else 0
+        held = node.data.stored if node.data is not None else 0
         return held + sum(len(name) + len(value) for name, value in node.xattrs.items())
 
     def path_of(self, ino: int) -> str:
@@ -658,23 +643,25 @@ class MemoryBackend(PathTable):
     async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
         """The modes tmpfs has: allocate (extending unless ``FALLOC_FL_KEEP_SIZE``) and punch holes.
 
-        Allocating holds the file's contents up to the end of the range (ENOSPC if that
-        passes the size limit, nothing changed), so later writes there cannot fail for
-        space; with ``FALLOC_FL_KEEP_SIZE`` the part past the file's size is only
-        checked to fit. A punched hole reads back as zeros. ``FALLOC_FL_ZERO_RANGE``
-        and the rest: EOPNOTSUPP, as on tmpfs.
+        Allocating holds the range in memory (ENOSPC if that passes the size limit,
+        nothing changed), so later writes there cannot fail for space; with
+        ``FALLOC_FL_KEEP_SIZE`` the part past the file's size is only checked to fit.
+        A punched hole reads back as zeros. ``FALLOC_FL_ZERO_RANGE`` and the rest:
+        EOPNOTSUPP, as on tmpfs.
         """
         node, _ = self._file(fh)
         if offset < 0 or length <= 0:
             raise _fail(errno.EINVAL)
         end = offset + length
         if mode == 0:
-            self._hold_up_to(node, end)
+            self._hold(node, offset, end)
             node.size = max(node.size, end)
         elif mode == FALLOC_FL_KEEP_SIZE:
             within = min(end, node.size)
-            self._check_room(within - self._held_bytes(node) + max(end - node.size, 0))
-            self._hold_up_to(node, within)
+            self._check_room((self._growth(node, offset, within) if within > offset else 0)
+                             + max(end - node.size, 0))
+            if within > offset:
+                self._hold(node, offset, within)
         elif mode == FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE:
             if offset < node.size:
                 self._zero_data(node, offset, min(end, node.size))
@@ -695,18 +682,19 @@ class MemoryBackend(PathTable):
         return copied
 
     async def lseek(self, fh: int, offset: int, whence: int) -> int:
-        # Data is what is held; the one hole runs from there to the end of the file.
+        # Data is what is held (all of a null file); a hole is the rest, the end of the file included.
         node, _ = self._file(fh)
         if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
             raise _fail(errno.EINVAL)
         if offset < 0 or offset >= node.size:
             raise _fail(errno.ENXIO)
-        held = self._held_bytes(node)
+        data = node.data
         if whence == os.SEEK_DATA:
-            if offset >= held:
-                raise _fail(errno.ENXIO)  # only the hole lies ahead
-            return offset
-        return max(offset, held)
+            found = offset if data is None else data.next_data(offset)
+            if found is None or found >= node.size:
+                raise _fail(errno.ENXIO)  # only a hole lies ahead
+            return found
+        return node.size if data is None else min(data.next_hole(offset), node.size)
 
     # ---- directories ------------------------------------------------------------------
 

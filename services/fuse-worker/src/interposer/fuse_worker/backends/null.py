@@ -10,6 +10,7 @@ attributes, which are stored, do (ENOSPC beyond it), and ``statfs`` shows them.
 
 from __future__ import annotations
 
+from ._contents import SparseContents
 from .memory import MemoryBackend, Node
 
 
@@ -25,7 +26,7 @@ class NullBackend(MemoryBackend):
 
     name = "null"
 
-    def _new_data(self) -> bytearray | None:
+    def _new_data(self) -> SparseContents | None:
         return None
 
     def _check_room(self, grow_bytes: int) -> None:
@@ -34,7 +35,10 @@ class NullBackend(MemoryBackend):
     def _resize(self, node: Node, size: int) -> None:
         node.size = size
 
-    def _hold_up_to(self, node: Node, end: int) -> None:
+    def _growth(self, node: Node, start: int, end: int) -> int:
+        return 0
+
+    def _hold(self, node: Node, start: int, end: int) -> None:
         pass
 
     def _write_data(self, node: Node, off: int, buf: bytes) -> int:
