@@ -99,7 +99,8 @@ class Inode(Named):
         name: its name there, bytes.
         is_dir: whether it is a directory.
         named: whether ``parent``/``name`` still names it (False once that name was
-            unlinked or replaced through the mount: its fd is then kept).
+            unlinked, removed or replaced through the mount: its fd is then kept,
+            until a lookup finds it by a name again).
         flush_needed: whether its file system has a flush method (the passthrough
             backend's cache; None until asked).
     """
