@@ -61,35 +61,28 @@ class SparseContents:
     def write(self, start: int, data: bytes | bytearray | memoryview) -> int:
         """Store ``data`` at ``start``; return the bytes stored anew (see :meth:`growth`)."""
         index, lo = divmod(start, CHUNK_BYTES)
-        hi = lo + len(data)
-        if hi <= CHUNK_BYTES:  # the common case: within one chunk
-            chunk = self._chunks.get(index)
-            if chunk is None:
-                chunk = self._chunks[index] = bytearray()
-            held = len(chunk)
-            if lo > held:
-                chunk.extend(bytes(lo - held))
-            chunk[lo:hi] = data
-            grow = hi - held if hi > held else 0
-            self.stored += grow
-            return grow
-        grow = 0
-        view = memoryview(data)
-        pos = 0
-        chunks = self._chunks
-        for index, lo, hi in _spans(start, start + len(view)):
-            chunk = chunks.get(index)
-            if chunk is None:
-                chunk = chunks[index] = bytearray()
-            held = len(chunk)
-            if lo > held:
-                chunk.extend(bytes(lo - held))
-            chunk[lo:hi] = view[pos:pos + hi - lo]
-            pos += hi - lo
-            if hi > held:
-                grow += hi - held
+        if lo + len(data) <= CHUNK_BYTES:  # the common case: within one chunk, no spans list
+            grow = self._store(index, lo, data)
+        else:
+            grow, pos = 0, 0
+            with memoryview(data) as view:
+                for index, lo, hi in _spans(start, start + len(view)):
+                    grow += self._store(index, lo, view[pos:pos + hi - lo])
+                    pos += hi - lo
         self.stored += grow
         return grow
+
+    def _store(self, index: int, lo: int, piece: bytes | bytearray | memoryview) -> int:
+        """Put ``piece`` at ``lo`` in chunk ``index`` (zeros before it if the chunk ends short of ``lo``); return its growth."""
+        chunk = self._chunks.get(index)
+        if chunk is None:
+            chunk = self._chunks[index] = bytearray()
+        held = len(chunk)
+        if lo > held:
+            chunk.extend(bytes(lo - held))
+        hi = lo + len(piece)
+        chunk[lo:hi] = piece
+        return hi - held if hi > held else 0
 
     def hold(self, start: int, end: int) -> int:
         """Store zeros in the holes of ``start:end`` (``fallocate``); return the bytes stored anew."""
