@@ -126,7 +126,8 @@ def has_added_delay(layers: list[dict]) -> bool:
 def targets_of(layers: list[dict], bs: int, qd: int, service: ServiceTime | None = None) -> Target:
     """Targets of a read workload of ``bs``-byte requests at queue depth ``qd`` under ``layers``.
 
-    Bandwidth and IOPS: the tightest of the throttles (bytes/s, ops/s) and of
+    Bandwidth and IOPS: the tightest of the throttles (bytes/s, ops/s counted in
+    ``max_io_bytes`` units where a throttle gives them) and of
     ``qd / mean delay`` (Little's law; the mean is the integral of the quantile
     function, so caps and probabilities count). Latency: the delay's p50/p99
     (summed over delay layers: exact for one, an upper bound for more), or
@@ -140,7 +141,8 @@ def targets_of(layers: list[dict], bs: int, qd: int, service: ServiceTime | None
         p50, p99, mean = service.p50_s, service.p50_s, service.mean_s
     for layer in _read_layers(layers):
         if isinstance(layer, ThrottleLayer):
-            iops_limit = min(iops_limit, layer.iops or math.inf)
+            units = math.ceil(bs / layer.max_io_bytes) if layer.max_io_bytes else 1  # ops per request
+            iops_limit = min(iops_limit, (layer.iops or math.inf) / units)
             bw_limit = min(bw_limit, layer.rate_bytes_per_s or math.inf)
         elif isinstance(layer, DelayLayer):
             dist, kw = layer.resolved_distribution, {"max_s": layer.max_s, "probability": layer.probability}
@@ -175,6 +177,9 @@ def scenarios() -> list[Scenario]:
         Scenario("throttle-20MiB/s", [{"type": "throttle", "rate_bytes_per_s": 20 * MIB}], rw="read",
                  bs=128 * 1024),
         Scenario("throttle-500iops", [{"type": "throttle", "iops": 500}]),
+        # 1 MiB reads counted as four 256 KiB I/Os, as EBS SSD volumes count them: 25 reads/s
+        Scenario("throttle-100iops-256KiB-units", [{"type": "throttle", "iops": 100, "max_io_bytes": 256 * 1024}],
+                 rw="read", bs=1024 * 1024),
     ]
     out += [Scenario(f"delay-{name}-{mode}", [{"type": "delay", "ops": ["read"], "mode": mode, **spec}])
             for name, spec in delays.items() for mode in ("add", "floor")]

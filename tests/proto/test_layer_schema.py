@@ -65,6 +65,11 @@ def test_delay_s_still_means_a_fixed_delay() -> None:
     ({"type": "delay", "delay_s": 0.1, "seed": -1}, "$.layers[0].seed"),
     ({"type": "throttle"}, "give at least one of them"),
     ({"type": "throttle", "iops": 0}, "$.layers[0].iops"),
+    ({"type": "throttle", "rate_bytes_per_s": 10, "max_io_bytes": 4096}, "field `max_io_bytes`"),
+    ({"type": "throttle", "iops": 10, "max_io_bytes": 0}, "$.layers[0].max_io_bytes"),
+    ({"type": "fault", "path_glob": "data/*"}, "field `path_glob`: 'data/*' can never match: every path inside "
+                                               "the volume starts with '/' (did you mean '/data/*'?)"),
+    ({"type": "delay", "delay_s": 0.1, "path_glob": "[!/]*"}, "field `path_glob`: '[!/]*' can never match"),
     ({"type": "quota"}, "give at least one of them"),
     ({"type": "quota", "bytes": 10, "errno": "EIO"}, "$.layers[0].errno"),
     ({"type": "quota", "bytes": 10, "path_glob": "/a"}, "whole volume"),
@@ -90,7 +95,7 @@ def test_bad_layers_are_rejected_with_the_field(layer: dict, expected: str) -> N
     assert expected in str(info.value)
 
 
-@pytest.mark.parametrize("pattern", ["*", "/a/[bc]", "/[!x]*", "/[]]", "/[!]]x", "/a]b"])
+@pytest.mark.parametrize("pattern", ["*", "/a/[bc]", "/[!x]*", "/[]]", "/[!]]x", "/a]b", "?data*", "[/x]d*", "*.log"])
 def test_balanced_globs_pass(pattern: str) -> None:
     check_glob(pattern)
 

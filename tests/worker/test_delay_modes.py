@@ -75,8 +75,20 @@ def test_floor_counts_the_layers_below_but_not_those_above() -> None:
     # A delay of 5 ms below the floor layer is part of the op's service time; one above is not.
     below = Stack(Policy(layers=[DelayLayer(delay_s=0.010, mode="floor"), DelayLayer(delay_s=0.005)]), 1)
     above = Stack(Policy(layers=[DelayLayer(delay_s=0.005), DelayLayer(delay_s=0.010, mode="floor")]), 1)
-    assert run(timed, below, Op("read", 2, "/f"), 0.001) == pytest.approx(0.010)
-    assert run(timed, above, Op("read", 2, "/f"), 0.001) == pytest.approx(0.015)
+    assert run(timed, below, Op("read", 2, "/f", size=1), 0.001) == pytest.approx(0.010)
+    assert run(timed, above, Op("read", 2, "/f", size=1), 0.001) == pytest.approx(0.015)
+
+
+def test_floor_does_not_hold_a_read_that_returned_nothing() -> None:
+    # A read at the end of the file never reaches a device; through a direct-I/O mount it
+    # reaches the worker (the second read(2) of every whole-file read), and holding it to the
+    # target doubled the emulated cost of reading small files.
+    floor = Stack(Policy(layers=[DelayLayer(delay_s=0.010, mode="floor")]), 1)
+    added = Stack(Policy(layers=[DelayLayer(delay_s=0.010)]), 1)
+    at_end = Op("read", 2, "/f", size=0)  # the fake backend returns op.size bytes: none
+    assert run(timed, floor, at_end, 0.001) == pytest.approx(0.001) and at_end.delay_ns == 0
+    assert run(timed, floor, Op("read", 2, "/f", size=1), 0.001) == pytest.approx(0.010)
+    assert run(timed, added, Op("read", 2, "/f", size=0), 0.001) == pytest.approx(0.011)  # add mode: every op
 
 
 def test_floor_probability_and_glob() -> None:
@@ -84,8 +96,8 @@ def test_floor_probability_and_glob() -> None:
                                             seed=4)]), 1)
 
     async def main() -> tuple[list[float], float]:
-        slow = [await timed(stack, Op("read", 2, "/slow/x"), 0.1) for _ in range(4000)]
-        return slow, await timed(stack, Op("read", 2, "/fast"), 0.1)
+        slow = [await timed(stack, Op("read", 2, "/slow/x", size=1), 0.1) for _ in range(4000)]
+        return slow, await timed(stack, Op("read", 2, "/fast", size=1), 0.1)
 
     slow, fast = run(main)
     held = sum(1 for t in slow if t == pytest.approx(1.0))
@@ -126,7 +138,7 @@ def test_floor_latencies_follow_max_of_draw_and_service_time_ks() -> None:
     n = 3000
 
     async def main() -> list[float]:
-        return [await timed(stack, Op("read", 2, "/f"), service) for _ in range(n)]
+        return [await timed(stack, Op("read", 2, "/f", size=1), service) for _ in range(n)]
 
     latencies = run(main)
 
@@ -145,7 +157,7 @@ def test_floor_latencies_follow_max_of_draw_and_service_time_ks() -> None:
 
 def test_a_fault_below_a_floor_is_held_to_the_target() -> None:
     stack = Stack(Policy(layers=[DelayLayer(delay_s=0.004, mode="floor"), FaultLayer(errno="EIO")]), 1)
-    op = Op("read", 2, "/f")
+    op = Op("read", 2, "/f", size=1)
     assert run(timed, stack, op, 0.0) == pytest.approx(0.004) and op.fault == "EIO"
 
 

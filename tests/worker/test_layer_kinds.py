@@ -84,6 +84,24 @@ def test_every_nth_and_after_bytes() -> None:
     assert [e != 0 for e in _errnos(after, 5)] == [False, False, False, True, True]
 
 
+def test_after_bytes_counts_what_reads_returned() -> None:
+    # 1 MiB reads of a 100-byte file: 100 bytes, then nothing (the end of the file), ...
+    stack = Stack(Policy(layers=[FaultLayer(after_bytes=250, ops=frozenset({"read"}))]), 1)
+
+    async def main() -> list[bool]:
+        failed = []
+        for reply in (b"r" * 100, b"", b"", b"r" * 100, b"r" * 100, b"", b"r"):
+            try:
+                await serve(stack, Op("read", 2, "/f", size=1 << 20), reply=reply)
+                failed.append(False)
+            except pyfuse3.FUSEError:
+                failed.append(True)
+        return failed
+
+    assert trio.run(main) == [False] * 5 + [True, True]  # 250 bytes were passed only by the 5th
+    assert stack.layers[0].statistics().bytes_seen == 300
+
+
 def test_on_open_fails_opens_only() -> None:
     stack = Stack(Policy(layers=[FaultLayer(on="open", errno="EACCES")]), 1)
     assert set(stack.chains) == {"open", "create", "opendir"}
@@ -241,10 +259,56 @@ def test_iops_and_bandwidth_together_wait_for_the_slower() -> None:
 
     async def main() -> float:
         for _ in range(16):
-            await serve(stack, Op("read", 2, "/f", size=1 << 16))
+            await serve(stack, Op("write", 2, "/f", size=1 << 16))
         return trio.current_time()
 
     assert run(main) == pytest.approx(1.0, rel=0.01)  # 1 MiB at 1 MiB/s; IOPS would allow 16 ms
+
+
+def test_reads_are_charged_what_they_returned_and_nothing_at_the_end_of_the_file() -> None:
+    # `dd bs=1M` of a 100 KiB file: a 1 MiB read returning 100 KiB, then one returning nothing.
+    # A device moves 100 KiB; charging what was asked (2 MiB) made small files 20x too slow.
+    stack = Stack(Policy(layers=[ThrottleLayer(rate_bytes_per_s=1 << 20, burst_bytes=1),
+                                 ThrottleLayer(iops=1, burst_ops=1)]), 1)
+    moved, end = Op("read", 2, "/f", size=1 << 20), Op("read", 2, "/f", size=1 << 20)
+
+    async def main() -> tuple[float, float]:
+        await serve(stack, Op("read", 2, "/f", size=100 << 10), reply=b"p" * (100 << 10))  # fills the buckets
+        start = trio.current_time()
+        await serve(stack, moved, reply=b"p" * (100 << 10))
+        middle = trio.current_time()
+        await serve(stack, end, reply=b"")
+        return middle - start, trio.current_time() - middle
+
+    moved_s, end_s = run(main)
+    assert moved_s == pytest.approx(1.0)  # 1 op at 1 IOPS (100 KiB at 1 MiB/s: 0.1 s)
+    assert end_s == 0 and end.throttle_ns == 0  # neither its 1 MiB nor an op
+    assert stack.layers[0].statistics().bytes == 200 << 10
+
+
+def test_iops_count_in_max_io_bytes_units() -> None:
+    async def main(size: int) -> float:
+        stack = Stack(Policy(layers=[ThrottleLayer(iops=100, burst_ops=1, max_io_bytes=256 << 10)]), 1)
+        for _ in range(10):
+            await serve(stack, Op("write", 2, "/f", size=size))
+        return trio.current_time()
+
+    assert run(main, 1 << 20) == pytest.approx(0.39)  # 4 units each: 40 ops at 100/s, less the 1-op burst
+    assert run(main, (256 << 10) + 1) == pytest.approx(0.19)  # just over one unit counts two
+    assert run(main, 4096) == pytest.approx(0.09)
+
+
+def test_a_failed_op_is_charged_what_it_asked() -> None:
+    stack = Stack(Policy(layers=[ThrottleLayer(rate_bytes_per_s=1 << 20, burst_bytes=1),
+                                 FaultLayer(errno="EIO")]), 1)
+
+    async def main() -> float:
+        for _ in range(4):
+            with pytest.raises(pyfuse3.FUSEError):
+                await serve(stack, Op("read", 2, "/f", size=256 << 10))
+        return trio.current_time()
+
+    assert run(main) == pytest.approx(1.0, rel=0.01)
 
 
 def test_profile_expands_into_its_layers() -> None:

@@ -87,6 +87,43 @@ def test_quota_gives_enospc_and_df_shows_it(mount_worker, tmp_path) -> None:
     assert os.statvfs(vol.mountpoint).f_bavail * sv.f_frsize == MIB - MIB // 4
 
 
+def _small_files(directory, count: int, size: int) -> list[str]:
+    directory.mkdir()
+    names = [f"{i:02d}.bin" for i in range(count)]
+    for name in names:
+        (directory / name).write_bytes(os.urandom(size))
+    return names
+
+
+def test_a_bandwidth_throttle_reads_small_files_at_its_rate(mount_worker, tmp_path) -> None:
+    # `dd bs=1M` of a 100 KiB file asks for 1 MiB twice (the second read at the end of the
+    # file); the throttle charges what was moved, 100 KiB, as a device would. Charged as
+    # asked, these 20 files took 10 s instead of 0.5 s.
+    names = _small_files(tmp_path / "small", 20, 100 << 10)
+    rate, burst = 4 * MIB, 64 << 10
+    vol = mount_worker(backing=tmp_path / "small", policy=_policy(
+        {"type": "throttle", "rate_bytes_per_s": rate, "burst_bytes": burst}))
+    started = time.monotonic()
+    for name in names:
+        subprocess.run(["dd", f"if={vol.mountpoint / name}", "of=/dev/null", "bs=1M", "status=none"], check=True)
+    elapsed = time.monotonic() - started
+    moved = len(names) * (100 << 10)
+    assert (moved - burst) / rate * 0.95 <= elapsed < 4 * moved / rate
+
+
+def test_a_latency_floor_is_paid_once_per_whole_file_read(mount_worker, tmp_path) -> None:
+    # Reading a whole file takes two read(2)s, the second at the end of the file, which a
+    # device never sees: only the first is held to the floor.
+    names = _small_files(tmp_path / "small", 8, 4096)
+    vol = mount_worker(backing=tmp_path / "small", policy=_policy(
+        {"type": "delay", "delay_s": 0.1, "mode": "floor", "ops": ["read"]}))
+    started = time.monotonic()
+    for name in names:
+        assert (vol.mountpoint / name).read_bytes() == (vol.backing / name).read_bytes()
+    elapsed = time.monotonic() - started
+    assert 0.8 * 0.95 <= elapsed < 1.4  # 8 x 0.1 s; 1.6 s when the read at the end was held too
+
+
 def test_expiry_reverts_on_time_without_a_bus(mount_worker) -> None:
     vol = mount_worker(policy=_policy({"type": "fault", "errno": "EIO", "ops": ["getattr", "lookup"],
                                        "path_glob": "/probe", "expires_after_s": 2}))

@@ -63,16 +63,22 @@ PositiveLimit = Annotated[int, msgspec.Meta(gt=0, le=MAX_LIMIT)]
 
 
 def check_glob(pattern: str) -> None:
-    """Reject ``fnmatch`` patterns whose ``[`` has no closing ``]``.
+    """Reject ``fnmatch`` patterns that can never match a path inside the volume.
 
-    ``fnmatch`` silently treats an unbalanced ``[`` as a literal character, which
-    turns a typo (``/data/[ab*``) into a glob that matches nothing.
+    Two mistakes would otherwise pass silently, leaving a fault or delay that
+    never acts while its author believes it does: an unbalanced ``[`` (``fnmatch``
+    takes it as a literal character, so ``/data/[ab*`` matches nothing), and a
+    pattern whose first character cannot match ``/``, with which every path
+    starts (``data/*``, written as if relative to the volume root).
 
     Raises:
-        ValueError: the pattern has an unbalanced ``[`` (message names the field).
+        ValueError: the pattern has an unbalanced ``[``, or cannot match a leading
+            ``/`` (message names the field and suggests the absolute form).
     """
+    first = ""  # the pattern's first element: a character, a wildcard or a [set]
     i, n = 0, len(pattern)
     while i < n:
+        end = i + 1
         if pattern[i] == "[":
             j = i + 1
             if j < n and pattern[j] == "!":
@@ -82,9 +88,13 @@ def check_glob(pattern: str) -> None:
             close = pattern.find("]", j)
             if close < 0:
                 raise ValueError(f"field `path_glob`: unbalanced '[' at position {i} in {pattern!r}")
-            i = close + 1
-        else:
-            i += 1
+            end = close + 1
+        first = first or pattern[i:end]
+        i = end
+    if first and not fnmatch.fnmatchcase("/", first):
+        hint = f" (did you mean {'/' + pattern!r}?)" if len(first) == 1 else ""
+        raise ValueError(f"field `path_glob`: {pattern!r} can never match: every path inside the volume "
+                         f"starts with '/'{hint}")
 
 
 def _check_no_page_cache_choice(layer: _Layer, kind: str) -> None:
@@ -118,7 +128,7 @@ class _Layer(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
             (fault, delay, throttle, profile). ``bypass`` (default): files the layer
             matches are opened with ``FOPEN_DIRECT_IO``, so every application read
             reaches the layer and nothing hides the fault, delay or wait; a shared
-            ``mmap`` of such a file fails with ENODEV (see docs/posix.md).
+            ``mmap`` of such a file needs Linux >= 6.6 (ENODEV before; see docs/posix.md).
             ``keep``: the page cache stays in front of the layer, as it stands in
             front of a real device: only reads it misses (readahead-sized, up to
             1 MiB) reach the layer, cached reads are served at memory speed, and
@@ -170,8 +180,9 @@ class FaultLayer(_Layer, tag="fault", kw_only=True):
         probability: chance, 0..1, that an eligible op is faulted.
         every_nth: only every n-th matching op is eligible (the n-th, 2n-th, …);
             0 or 1 = every op.
-        after_bytes: bytes of matching reads/writes the layer lets through before
-            any op is eligible; 0 = from the start.
+        after_bytes: bytes that matching reads/writes the layer lets through
+            must have moved (a read's reply, a write's count) before any op is
+            eligible; 0 = from the start.
         on: ``every_op`` (act on each matching op) or ``open`` (act only on
             open/create/opendir: the file cannot be opened, later I/O is left alone).
         short_ratio: for short reads/writes, the fraction (0 < r < 1) of the
@@ -330,19 +341,30 @@ class ThrottleLayer(_Layer, tag="throttle", kw_only=True):
         iops: sustained operations per second; ``None`` = no IOPS limit.
         burst_ops: IOPS bucket size in ops; 0 = ``DEFAULT_BURST_S`` of the rate, at
             least 1.
+        max_io_bytes: the largest op counted as one against ``iops``, bytes; a
+            larger one counts ``ceil(bytes / max_io_bytes)``, as cloud disks count
+            I/O (AWS EBS: 256 KiB units on SSD volumes, 1 MiB on HDD ones; a 1 MiB
+            read of a gp3 volume uses 4 of its IOPS). ``None`` = every op counts one.
+            Needs ``iops``.
         ops: ``read`` and/or ``write``; empty = both.
+
+    Ops are charged for the bytes they moved (a read's reply, a write's count),
+    once served: a read at the end of a file costs nothing.
     """
 
     rate_bytes_per_s: PositiveLimit | None = None
     burst_bytes: Annotated[int, msgspec.Meta(ge=0, le=MAX_LIMIT)] = 0
     iops: PositiveLimit | None = None
     burst_ops: Annotated[int, msgspec.Meta(ge=0, le=MAX_LIMIT)] = 0
+    max_io_bytes: PositiveLimit | None = None
     ops: frozenset[DataOpName] = frozenset()
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.rate_bytes_per_s is None and self.iops is None:
             raise ValueError("fields `rate_bytes_per_s` and `iops`: give at least one of them")
+        if self.max_io_bytes is not None and self.iops is None:
+            raise ValueError("field `max_io_bytes`: it sizes the ops counted against `iops`, which is not given")
 
 
 class QuotaLayer(_Layer, tag="quota", kw_only=True):

@@ -13,10 +13,12 @@ to, not an amount added to the backing store's own service time. Where it is a
 network round trip that adds to the server's work (``wan-nfs``), the delay is
 added (``mode="add"``).
 
-Limits of the emulation (see docs/layers.md): a FUSE file system sees requests
-of at most 128 KiB (the kernel splits larger ones), so IOPS limits count FUSE
-requests, not the provider's I/O units; and a delay layer cannot tell sequential
-from random access, so disk profiles model the latency of a random I/O.
+IOPS count the provider's I/O units where it publishes them (``max_io_bytes``:
+EBS counts a 1 MiB I/O as four on SSD volumes), applied to FUSE requests (up to
+1 MiB); the provider also merges small sequential I/Os, which the kernel's
+readahead does here for cached files only. Limits of the emulation (see
+docs/layers.md): a delay layer cannot tell sequential from random access, so disk
+profiles model the latency of a random I/O.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from .policy import (
     UniformDistribution,
 )
 
+KIB = 1 << 10
 MIB = 1 << 20
 MB = 1_000_000
 
@@ -65,11 +68,13 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
         source=(
             "AWS EBS User Guide, 'General Purpose SSD volumes': gp3 baseline 3,000 IOPS and 125 MiB/s "
             "throughput at any size, 'single-digit millisecond latency' "
-            "(https://docs.aws.amazon.com/ebs/latest/userguide/general-purpose.html); latency modelled "
-            "as log-normal, median 1 ms, sigma 0.3, the total latency of an op (floor)"
+            "(https://docs.aws.amazon.com/ebs/latest/userguide/general-purpose.html); an I/O counts in "
+            "256 KiB units, a 1,024 KiB one as 4 IOPS (Amazon CloudWatch metrics for EBS, "
+            "'VolumeConsumedReadWriteOps'); latency modelled as log-normal, median 1 ms, sigma 0.3, the "
+            "total latency of an op (floor)"
         ),
         layers=(
-            ThrottleLayer(iops=3000, rate_bytes_per_s=125 * MIB),
+            ThrottleLayer(iops=3000, rate_bytes_per_s=125 * MIB, max_io_bytes=256 * KIB),
             DelayLayer(ops=frozenset({"read", "write"}), mode="floor",
                        distribution=LognormalDistribution(median_s=0.001, sigma=0.3)),
         ),
@@ -80,11 +85,12 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
         source=(
             "AWS EBS User Guide, 'Throughput Optimized HDD volumes': baseline 40 MiB/s per TiB, burst "
             "250 MiB/s per TiB, max 500 IOPS (1 MiB I/O) "
-            "(https://docs.aws.amazon.com/ebs/latest/userguide/hdd-vols.html); a 1 TiB volume's "
-            "baseline with a 1 s burst bucket; latency as a 7200 rpm disk's random I/O (below), a floor"
+            "(https://docs.aws.amazon.com/ebs/latest/userguide/hdd-vols.html); an I/O counts in 1 MiB "
+            "units on HDD volumes; a 1 TiB volume's baseline with a 1 s burst bucket; latency as a "
+            "7200 rpm disk's random I/O (below), a floor"
         ),
         layers=(
-            ThrottleLayer(iops=500, rate_bytes_per_s=40 * MIB, burst_bytes=250 * MIB),
+            ThrottleLayer(iops=500, rate_bytes_per_s=40 * MIB, burst_bytes=250 * MIB, max_io_bytes=MIB),
             DelayLayer(ops=frozenset({"read", "write"}), mode="floor",
                        distribution=UniformDistribution(min_s=0.0085, max_s=0.0085 + 60 / 7200)),
         ),

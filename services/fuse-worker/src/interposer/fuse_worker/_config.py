@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from interposer.proto.policy import MAX_GLOB_LENGTH, MAX_SELECTOR_LABELS, LabelKey, LabelValue, OpName
+from interposer.proto.policy import MAX_GLOB_LENGTH, MAX_SELECTOR_LABELS, LabelKey, LabelValue, OpName, check_glob
 from interposer.proto.subjects import VOLUME_ID_PATTERN
 from interposer.proto.worker_tuning import MAX_BACKGROUND_REQUESTS, MAX_BUSY_POLL_US, MAX_CACHE_TIMEOUT_S
 
@@ -82,6 +82,9 @@ class EventSampleRule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     ops: frozenset[OpName] = frozenset()
     path_glob: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_GLOB_LENGTH)] = "*"
     ratio: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 1.0
+
+    def __post_init__(self) -> None:
+        check_glob(self.path_glob)  # a rule that can never match would sample nothing, silently
 
 
 def parse_sample_rule(text: str) -> EventSampleRule:

@@ -93,6 +93,19 @@ class Injection(msgspec.Struct, frozen=True, array_like=True):
     result: int = 0
 
 
+def transferred_bytes(result: Any, requested: int) -> int:
+    """Bytes a read or write moved: a read reply's length, a write's returned count.
+
+    ``requested`` (bytes) when the result is neither (a fake backend in a test).
+    """
+    if isinstance(result, int):
+        return result
+    try:
+        return len(result)
+    except TypeError:
+        return requested
+
+
 async def invoke_backend(op: Op, call: BackendCall) -> Any:
     """The innermost handler of every chain: run the backend call."""
     return await call()

@@ -22,7 +22,7 @@ from interposer.proto.policy import (
     UniformDistribution,
 )
 
-from .._op import BackendCall, Handler, Op
+from .._op import BackendCall, Handler, Op, transferred_bytes
 from ._match import compile_glob
 from ._timer import sleep
 
@@ -114,8 +114,11 @@ class Delay:
     In ``add`` mode the layer sleeps the draw, then passes the op on; in ``floor``
     mode it passes the op on first, then sleeps what is left of the draw after the
     time the layers below and the backend took (measured on trio's clock, so
-    ``MockClock`` tests see it), also when the op failed. ``Op.delay_ns`` gets the
-    time asked to sleep (ns).
+    ``MockClock`` tests see it), also when the op failed, but not after a read that
+    returned nothing: a read at or past the end of a file never reaches a device
+    (the kernel checks the size first; through a direct-I/O mount it reaches the
+    worker, e.g. the second ``read(2)`` of every whole-file read), so a latency
+    target does not apply to it. ``Op.delay_ns`` gets the time asked to sleep (ns).
 
     Args:
         spec: the validated layer from the policy.
@@ -161,6 +164,8 @@ class Delay:
             except Exception:
                 await self._hold(op, target_s - (trio.current_time() - start_s))
                 raise
+            if op.name == "read" and transferred_bytes(result, op.size) == 0:
+                return result  # at or past the end of the file: a device is never asked
             await self._hold(op, target_s - (trio.current_time() - start_s))
             return result
 

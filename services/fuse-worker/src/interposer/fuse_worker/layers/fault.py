@@ -11,12 +11,15 @@ import pyfuse3
 
 from interposer.proto import ERRNO_BY_NAME, FaultLayer
 
-from .._op import BackendCall, Handler, Op
+from .._op import BackendCall, Handler, Op, transferred_bytes
 from ._match import compile_glob
+
+#: Ops whose moved bytes count towards ``after_bytes``.
+_MOVING_OPS = frozenset({"read", "write", "copy_file_range"})
 
 
 class FaultStatistics(msgspec.Struct, frozen=True):
-    """Counters of a fault layer: ops it matched, faults it injected, bytes it saw."""
+    """Counters of a fault layer: ops it matched, faults it injected, bytes the ops it let through moved."""
 
     matched: int
     injected: int
@@ -60,10 +63,7 @@ class Fault:
         """Count ``op`` and say whether it may be faulted (every_nth, after_bytes, probability)."""
         spec = self.spec
         self._matched += 1
-        seen = self._bytes_seen
-        if op.name in ("read", "write", "copy_file_range"):
-            self._bytes_seen += op.size
-        if seen < spec.after_bytes:
+        if self._bytes_seen < spec.after_bytes:
             return False
         if spec.every_nth > 1 and self._matched % spec.every_nth:
             return False
@@ -88,8 +88,14 @@ class Fault:
         match, kind, index = self._match, self.spec.kind, self.index
 
         async def fault(op: Op, call: BackendCall) -> Any:
-            if (match is not None and not match(op.path)) or not self._eligible(op):
+            if match is not None and not match(op.path):
                 return await inner(op, call)
+            if not self._eligible(op):
+                if op.name not in _MOVING_OPS:
+                    return await inner(op, call)
+                result = await inner(op, call)
+                self._bytes_seen += transferred_bytes(result, op.size)
+                return result
             if kind == "errno":
                 name = self._errno_name()
                 self._injected += 1
@@ -101,6 +107,7 @@ class Fault:
                 op.short_size = self._shorten(op.size)
                 written = await inner(op, call)
                 self._injected += 1
+                self._bytes_seen += written
                 op.inject(index, kind, result=written)
                 return written
             data = await inner(op, call)
@@ -112,6 +119,8 @@ class Fault:
                 data = self._corrupt(data)
                 self._injected += 1
                 op.inject(index, kind, result=len(data))
+            if op.name in _MOVING_OPS:
+                self._bytes_seen += transferred_bytes(data, op.size)
             return data
 
         return fault

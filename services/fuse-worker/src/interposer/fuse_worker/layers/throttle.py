@@ -9,7 +9,7 @@ import trio
 
 from interposer.proto import ThrottleLayer
 
-from .._op import BackendCall, Handler, Op
+from .._op import BackendCall, Handler, Op, transferred_bytes
 from ._match import compile_glob
 from ._timer import sleep
 
@@ -76,10 +76,16 @@ class Throttle:
     """Runtime of a :class:`~interposer.proto.ThrottleLayer`.
 
     Up to two buckets per layer (bytes, ops), shared by every op the layer matches
-    (reads and writes together unless the policy names one of them). An op
-    reserves in both at arrival and waits for the later of the two, so waiters
-    are still served in arrival order: each bucket's release times grow with the
-    arrival order, and so does their maximum. The wait is a precise sleep
+    (reads and writes together unless the policy names one of them). An op is
+    charged once the layers below and the backend have served it, for what it
+    moved: a read's reply length (a read at the end of a file moves nothing and
+    costs nothing: a ``dd bs=1M`` of a 100 KiB file asks for 2 MiB, a device moves
+    100 KiB), a write's count; a failed op is charged what it asked. It reserves
+    in both buckets and waits for the later of the two release times, so waiters
+    are served in the order they were charged (FIFO): each bucket's release times
+    grow with that order, and so does their maximum. With ``max_io_bytes`` an op
+    counts ``ceil(bytes / max_io_bytes)`` against ``iops``, as EBS counts a 1 MiB
+    I/O as four 256 KiB ones. The wait is a precise sleep
     (:func:`._timer.sleep`, not ``trio.sleep``, which rounds up to whole
     milliseconds) and is added to ``Op.throttle_ns``.
 
@@ -115,26 +121,47 @@ class Throttle:
 
     def bind(self, inner: Handler) -> Handler:
         """Return a handler that applies this layer, then calls ``inner``."""
-        bucket, ops_bucket, match = self.bucket, self.ops_bucket, self._match
+        match = self._match
 
         async def throttle(op: Op, call: BackendCall) -> Any:
-            if match is None or match(op.path):
-                now = trio.current_time()
-                wait_s = 0.0
-                if bucket is not None:
-                    wait_s = bucket.reserve(op.size, now)
-                if ops_bucket is not None:
-                    wait_s = max(wait_s, ops_bucket.reserve(1, now))
-                self._ops += 1
-                self._bytes += op.size
-                if wait_s > 0:
-                    self._waited += 1
-                    self._wait_s += wait_s
-                    op.throttle_ns += int(wait_s * 1e9)
-                    await sleep(wait_s)
-            return await inner(op, call)
+            if match is not None and not match(op.path):
+                return await inner(op, call)
+            try:
+                result = await inner(op, call)
+            except Exception:
+                await self._admit(op, op.size)  # what moved is unknown: charge what was asked
+                raise
+            await self._admit(op, transferred_bytes(result, op.size))
+            return result
 
         return throttle
+
+    async def _admit(self, op: Op, size_bytes: int) -> None:
+        """Charge an op that moved ``size_bytes`` to the buckets and wait for its turn.
+
+        Nothing moved (a read at or past the end of the file) costs nothing: a device is
+        never asked for it, as the kernel checks the file size first.
+        """
+        self._ops += 1
+        if size_bytes <= 0:
+            return
+        self._bytes += size_bytes
+        now = trio.current_time()
+        wait_s = 0.0
+        if self.bucket is not None:
+            wait_s = self.bucket.reserve(size_bytes, now)
+        if self.ops_bucket is not None:
+            wait_s = max(wait_s, self.ops_bucket.reserve(self._io_count(size_bytes), now))
+        if wait_s > 0:
+            self._waited += 1
+            self._wait_s += wait_s
+            op.throttle_ns += int(wait_s * 1e9)
+            await sleep(wait_s)
+
+    def _io_count(self, size_bytes: int) -> int:
+        """Ops an op of ``size_bytes`` counts against ``iops``: ceil(size / ``max_io_bytes``), else 1."""
+        unit = self.spec.max_io_bytes
+        return 1 if unit is None else -(-size_bytes // unit)
 
     def statistics(self) -> ThrottleStatistics:
         """Snapshot of this layer's counters."""
