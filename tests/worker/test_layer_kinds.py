@@ -298,6 +298,31 @@ def test_iops_count_in_max_io_bytes_units() -> None:
     assert run(main, 4096) == pytest.approx(0.09)
 
 
+@pytest.mark.parametrize(("requests", "ops"), [
+    ([(0, 32 << 10)] * 8, 1),                      # 8 contiguous 32 KiB writes: one 256 KiB unit
+    ([(0, 32 << 10)] * 9, 2),
+    ([(0, 4096)] * 8, 8),                          # under 32 KiB: each counts one
+    ([(0, (1 << 20) - 4096), (0, 4096)], 4),       # a 1 MiB I/O the kernel cut at an unaligned buffer
+    ([(0, 512 << 10), (0, 4096)], 3),              # not cut there: the 4 KiB request counts on its own
+    ([(0, 1 << 20), (4096, 1 << 20)], 8),          # not contiguous (the 2nd skips 4 KiB)
+    ([(0, 96 << 10), (0, 96 << 10), (0, 96 << 10)], 2),  # 288 KiB in a row
+])
+def test_contiguous_requests_merge_into_max_io_bytes_units(requests: list[tuple[int, int]], ops: int) -> None:
+    # requests: (gap before it, size); IOPS 1 with no burst: the run time in s is the ops counted, less 1
+    stack = Stack(Policy(layers=[ThrottleLayer(iops=1, burst_ops=1, max_io_bytes=256 << 10)]), 1)
+
+    async def main() -> float:
+        offset = 0
+        for gap, size in requests:
+            offset += gap
+            await serve(stack, Op("write", 2, "/f", offset=offset, size=size))
+            offset += size
+        await serve(stack, Op("write", 2, "/f", offset=1 << 40, size=1))  # waits for every op before it
+        return trio.current_time()
+
+    assert run(main) == pytest.approx(ops)
+
+
 def test_a_failed_op_is_charged_what_it_asked() -> None:
     stack = Stack(Policy(layers=[ThrottleLayer(rate_bytes_per_s=1 << 20, burst_bytes=1),
                                  FaultLayer(errno="EIO")]), 1)

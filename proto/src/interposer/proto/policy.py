@@ -344,7 +344,9 @@ class ThrottleLayer(_Layer, tag="throttle", kw_only=True):
         max_io_bytes: the largest op counted as one against ``iops``, bytes; a
             larger one counts ``ceil(bytes / max_io_bytes)``, as cloud disks count
             I/O (AWS EBS: 256 KiB units on SSD volumes, 1 MiB on HDD ones; a 1 MiB
-            read of a gp3 volume uses 4 of its IOPS). ``None`` = every op counts one.
+            read of a gp3 volume uses 4 of its IOPS); contiguous requests of a
+            file merge into units as EBS merges contiguous I/Os (docs/layers.md).
+            ``None`` = every op counts one.
             Needs ``iops``.
         ops: ``read`` and/or ``write``; empty = both.
 

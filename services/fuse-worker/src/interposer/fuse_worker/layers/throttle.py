@@ -19,6 +19,17 @@ DEFAULT_BURST_S = 0.05
 MIN_DEFAULT_BURST_BYTES = 1 << 20
 #: Smallest default IOPS bucket, ops.
 MIN_DEFAULT_BURST_OPS = 1
+#: With ``max_io_bytes``, requests of at least this size that continue the previous
+#: request of the same file fill its last unit before they count another op, bytes:
+#: AWS EBS User Guide, "Amazon EBS I/O characteristics and monitoring" (8 sequential
+#: 32 KiB I/Os count as 1 on SSD volumes; "each I/O operation under 32 KiB counts as 1").
+MIN_MERGED_IO_BYTES = 32 << 10
+#: A request at least this large was cut where the kernel's 1 MiB (256-page) FUSE request
+#: ends, less up to one page of buffer misalignment, bytes: the request continuing it is
+#: the rest of the same application I/O, and merges whatever its size.
+CUT_REQUEST_BYTES = (1 << 20) - 4096
+#: Files whose last request end a throttle with ``max_io_bytes`` remembers (oldest let go).
+MAX_TRACKED_STREAMS = 4096
 #: A bandwidth limit at or above this, with a bucket of at least ``DEFAULT_BURST_S`` of it,
 #: can never make an op wait, bytes/s (2**40, 1 TiB/s): more than a whole host's memory
 #: bandwidth (12 channels of DDR5-4800 move 12 x 38.4 GB/s = 461 GB/s, JEDEC JESD79-5),
@@ -118,6 +129,8 @@ class Throttle:
         self._bytes = 0
         self._waited = 0
         self._wait_s = 0.0
+        # ino → (end offset of its last request, that request's size, bytes in its last unit)
+        self._streams: dict[int, tuple[int, int, int]] = {}
 
     def bind(self, inner: Handler) -> Handler:
         """Return a handler that applies this layer, then calls ``inner``."""
@@ -151,17 +164,44 @@ class Throttle:
         if self.bucket is not None:
             wait_s = self.bucket.reserve(size_bytes, now)
         if self.ops_bucket is not None:
-            wait_s = max(wait_s, self.ops_bucket.reserve(self._io_count(size_bytes), now))
+            count = self._io_count(op, size_bytes)
+            if count:
+                wait_s = max(wait_s, self.ops_bucket.reserve(count, now))
         if wait_s > 0:
             self._waited += 1
             self._wait_s += wait_s
             op.throttle_ns += int(wait_s * 1e9)
             await sleep(wait_s)
 
-    def _io_count(self, size_bytes: int) -> int:
-        """Ops an op of ``size_bytes`` counts against ``iops``: ceil(size / ``max_io_bytes``), else 1."""
+    def _io_count(self, op: Op, size_bytes: int) -> int:
+        """Ops that ``op``, having moved ``size_bytes``, counts against ``iops``.
+
+        1 without ``max_io_bytes``. With it, ``ceil(size / max_io_bytes)``, except
+        that a request continuing the previous one of the same file (starting where
+        it ended) first fills that one's last unit, as EBS merges contiguous I/Os
+        (8 contiguous 32 KiB writes count 1), if it is at least
+        ``MIN_MERGED_IO_BYTES`` or the previous one was cut at the kernel's request
+        size (``CUT_REQUEST_BYTES``: a 1 MiB read into an unaligned buffer arrives as
+        1,020 + 4 KiB and counts 4, as the application's one I/O would, not 5).
+        The result may be 0.
+        """
         unit = self.spec.max_io_bytes
-        return 1 if unit is None else -(-size_bytes // unit)
+        if unit is None:
+            return 1
+        streams = self._streams
+        previous = streams.pop(op.ino, None)
+        filled = 0  # bytes already in the unit this request continues
+        if previous is not None and previous[0] == op.offset and (
+                size_bytes >= MIN_MERGED_IO_BYTES or previous[1] >= CUT_REQUEST_BYTES):
+            filled = previous[2]
+        total = filled + size_bytes
+        count = -(-total // unit) - (1 if filled else 0)
+        # an unmerged request below the merge size counts whole: it closes its unit
+        last_unit = unit if not filled and size_bytes < MIN_MERGED_IO_BYTES else total % unit or unit
+        streams[op.ino] = (op.offset + size_bytes, size_bytes, last_unit)
+        if len(streams) > MAX_TRACKED_STREAMS:
+            del streams[next(iter(streams))]
+        return count
 
     def statistics(self) -> ThrottleStatistics:
         """Snapshot of this layer's counters."""
