@@ -184,6 +184,7 @@ def scenarios() -> list[Scenario]:
     out += [Scenario(f"delay-{name}-{mode}", [{"type": "delay", "ops": ["read"], "mode": mode, **spec}])
             for name, spec in delays.items() for mode in ("add", "floor")]
     out += [Scenario(f"profile-{name}", [{"type": "profile", "name": name}]) for name in PROFILES]
+    out += [Scenario("profile-gp3-6000iops", [{"type": "profile", "name": "gp3", "iops": 6000}])]
     return out
 
 

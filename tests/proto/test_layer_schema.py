@@ -82,6 +82,12 @@ def test_delay_s_still_means_a_fixed_delay() -> None:
     ({"type": "metadata", "ops": ["opendir"]}, "fields `ops` and `readdir_order`"),
     ({"type": "metadata", "ops": ["readdir"], "readdir_order": "shuffle"}, "metadata layers act only on"),
     ({"type": "profile", "name": "floppy"}, "$.layers[0].name"),
+    ({"type": "profile", "name": "gp3", "iops": 100}, "field `iops`: 100 is below 3,000 (gp3 includes"),
+    ({"type": "profile", "name": "gp3", "size_gib": 100}, "field `size_gib`: profile 'gp3' takes `iops`, "
+                                                           "`rate_bytes_per_s`"),
+    ({"type": "profile", "name": "st1", "size_gib": 100}, "field `size_gib`: 100 is outside 125..16,384"),
+    ({"type": "profile", "name": "hdd-7200", "iops": 10}, "profile 'hdd-7200' takes no sizing field"),
+    ({"type": "profile", "name": "pd-standard", "size_gib": 0}, "$.layers[0].size_gib"),
     ({"type": "delay", "delay_s": 0.1, "page_cache": "warm"}, "$.layers[0].page_cache"),
     ({"type": "fault", "kind": "short_read", "page_cache": "keep"}, "field `page_cache`: kind 'short_read'"),
     ({"type": "fault", "kind": "short_write", "page_cache": "keep"}, "field `page_cache`: kind 'short_write'"),
@@ -127,3 +133,30 @@ def test_profile_expansion_carries_page_cache() -> None:
     assert {layer.page_cache for layer in expand_profile(ProfileLayer(name="gp3"))} == {"bypass"}
     layers = expand_profile(ProfileLayer(name="gp3", page_cache="keep"))
     assert layers and {layer.page_cache for layer in layers} == {"keep"}
+
+
+def _limits(layer: dict) -> list[tuple[frozenset, int | None, int | None, int | None]]:
+    return [(t.ops, t.iops, t.rate_bytes_per_s, t.burst_bytes) for t in expand_profile(_one(layer))
+            if isinstance(t, ThrottleLayer)]
+
+
+def test_a_profile_is_sized_by_its_published_rules() -> None:
+    mib, both, reads, writes = 1 << 20, frozenset(), frozenset({"read"}), frozenset({"write"})
+    assert _limits({"type": "profile", "name": "gp3", "iops": 6000, "rate_bytes_per_s": 500 * mib}) == [
+        (both, 6000, 500 * mib, 0)]
+    # st1: 40 MiB/s baseline and a 250 MiB burst bucket per TiB, each at most 500 MiB/s
+    assert _limits({"type": "profile", "name": "st1", "size_gib": 512}) == [(both, 500, 20 * mib, 125 * mib)]
+    assert _limits({"type": "profile", "name": "st1", "size_gib": 16384}) == [(both, 500, 500 * mib, 500 * mib)]
+    # pd-standard: 0.75 read and 1.5 write IOPS and 0.12 MiB/s per GiB
+    assert _limits({"type": "profile", "name": "pd-standard", "size_gib": 200}) == [
+        (reads, 150, None, 0), (writes, 300, None, 0), (both, None, int(0.12 * mib * 200), 0)]
+    assert _limits({"type": "profile", "name": "wan-nfs", "rate_bytes_per_s": 125_000_000}) == [
+        (both, None, 125_000_000, 0)]
+    # the defaults are what `interposer profiles` lists
+    for name, profile in PROFILES.items():
+        assert tuple(expand_profile(ProfileLayer(name=name))) == profile.layers
+
+
+def test_a_sized_profile_round_trips_in_the_stored_policy() -> None:
+    policy = decode_policy('{"layers": [{"type": "profile", "name": "st1", "size_gib": 2048}]}')
+    assert json.loads(encode_policy(policy))["layers"][0]["size_gib"] == 2048

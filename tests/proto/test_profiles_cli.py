@@ -15,6 +15,7 @@ def test_profiles_command_lists_every_profile_with_its_source() -> None:
     assert result.exit_code == 0, result.output
     for name, profile in PROFILES.items():
         assert f"{name} " in result.output and profile.source in result.output
+    assert "sizing: size_gib: volume size, 125..16384 GiB" in result.output  # st1's sizing field
 
 
 def test_profiles_json_carries_the_layers() -> None:

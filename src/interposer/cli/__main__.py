@@ -526,7 +526,10 @@ def profiles(as_json: bool) -> None:
         click.echo(msgspec.json.format(msgspec.json.encode(list(PROFILES.values())), indent=2).decode())
         return
     for profile in PROFILES.values():
-        click.echo(f"{profile.name:<12} {profile.summary}\n{'':<12} source: {profile.source}\n")
+        click.echo(f"{profile.name:<12} {profile.summary}\n{'':<12} source: {profile.source}")
+        for field, meaning in profile.parameters.items():
+            click.echo(f"{'':<12} sizing: {field}: {meaning}")
+        click.echo()
 
 
 if __name__ == "__main__":

@@ -485,9 +485,26 @@ class ProfileLayer(_Layer, tag="profile", kw_only=True):
 
     Attributes:
         name: profile name (``gp3``, ``st1``, ``pd-standard``, ``wan-nfs``, ``hdd-7200``).
+        size_gib: volume size, GiB, for profiles whose limits scale with it (``st1``,
+            ``pd-standard``); ``None`` = the profile's default (1024).
+        iops: provisioned IOPS (``gp3``); ``None`` = the baseline.
+        rate_bytes_per_s: provisioned throughput (``gp3``) or link bandwidth
+            (``wan-nfs``), bytes/s; ``None`` = the profile's default.
+
+    A sizing field the profile does not take, or a value outside its published
+    range (``interposer profiles`` lists both), is an error naming the field.
     """
 
     name: ProfileName
+    size_gib: PositiveLimit | None = None
+    iops: PositiveLimit | None = None
+    rate_bytes_per_s: PositiveLimit | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from .profiles import sized_layers  # profiles builds on this module's layer types
+
+        sized_layers(self)
 
 
 Layer = Union[FaultLayer, DelayLayer, ThrottleLayer, QuotaLayer, MetadataLayer, ProfileLayer]

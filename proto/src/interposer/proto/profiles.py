@@ -44,6 +44,20 @@ MIB = 1 << 20
 MB = 1_000_000
 
 
+class Sizing(msgspec.Struct, frozen=True, kw_only=True):
+    """What a profile layer may set to size the emulated volume (``None`` = the profile's default).
+
+    Attributes:
+        size_gib: volume size, GiB, for profiles whose limits scale with it.
+        iops: provisioned IOPS, for profiles where IOPS are provisioned.
+        rate_bytes_per_s: provisioned throughput or link bandwidth, bytes/s.
+    """
+
+    size_gib: int | None = None
+    iops: int | None = None
+    rate_bytes_per_s: int | None = None
+
+
 class Profile(msgspec.Struct, frozen=True, kw_only=True):
     """A named preset.
 
@@ -51,18 +65,88 @@ class Profile(msgspec.Struct, frozen=True, kw_only=True):
         name: the name used in policies.
         summary: one line: what is emulated.
         source: where the numbers come from (URL or document, and the figures used).
-        layers: the layers it expands into, outermost first (``ops``/``path_glob``
-            of the profile layer are applied on expansion).
+        parameters: the profile layer fields that size it (``size_gib``, ``iops``,
+            ``rate_bytes_per_s``), each with its range and how it scales the
+            limits; empty = none.
+        layers: the layers it expands into at its defaults, outermost first
+            (``ops``/``path_glob`` of the profile layer are applied on expansion).
     """
 
     name: str
     summary: str
     source: str
+    parameters: dict[str, str]
     layers: tuple[Layer, ...]
 
 
-PROFILES: dict[str, Profile] = {p.name: p for p in (
-    Profile(
+_Builder = typing.Callable[[Sizing], tuple[Layer, ...]]
+
+
+def _in_range(field: str, value: int, low: int, high: int | None, why: str) -> int:
+    if high is None and value < low:
+        raise ValueError(f"field `{field}`: {value:,} is below {low:,} ({why})")
+    if high is not None and not low <= value <= high:
+        raise ValueError(f"field `{field}`: {value:,} is outside {low:,}..{high:,} ({why})")
+    return value
+
+
+def _gp3(sizing: Sizing) -> tuple[Layer, ...]:
+    iops = _in_range("iops", sizing.iops or 3000, 3000, None,
+                     "gp3 includes 3,000 IOPS at any size; more are provisioned")
+    rate = _in_range("rate_bytes_per_s", sizing.rate_bytes_per_s or 125 * MIB, 125 * MIB, None,
+                     "gp3 includes 125 MiB/s at any size; more is provisioned")
+    return (
+        ThrottleLayer(iops=iops, rate_bytes_per_s=rate, max_io_bytes=256 * KIB),
+        DelayLayer(ops=frozenset({"read", "write"}), mode="floor",
+                   distribution=LognormalDistribution(median_s=0.001, sigma=0.3)),
+    )
+
+
+def _st1(sizing: Sizing) -> tuple[Layer, ...]:
+    size = _in_range("size_gib", sizing.size_gib or 1024, 125, 16384, "st1 volumes are 125 GiB to 16 TiB")
+    baseline = min(40 * MIB * size // 1024, 500 * MIB)
+    burst = min(250 * MIB * size // 1024, 500 * MIB)
+    return (
+        ThrottleLayer(iops=500, rate_bytes_per_s=baseline, burst_bytes=burst, max_io_bytes=MIB),
+        DelayLayer(ops=frozenset({"read", "write"}), mode="floor",
+                   distribution=UniformDistribution(min_s=0.0085, max_s=0.0085 + 60 / 7200)),
+    )
+
+
+def _pd_standard(sizing: Sizing) -> tuple[Layer, ...]:
+    size = _in_range("size_gib", sizing.size_gib or 1024, 10, 65536,
+                     "pd-standard disks are 10 GiB to 64 TiB")
+    return (
+        ThrottleLayer(ops=frozenset({"read"}), iops=max(1, size * 3 // 4)),
+        ThrottleLayer(ops=frozenset({"write"}), iops=max(1, size * 3 // 2)),
+        ThrottleLayer(rate_bytes_per_s=max(1, int(0.12 * MIB * size))),
+        DelayLayer(ops=frozenset({"read", "write"}), mode="floor",
+                   distribution=LognormalDistribution(median_s=0.005, sigma=0.5)),
+    )
+
+
+def _wan_nfs(sizing: Sizing) -> tuple[Layer, ...]:
+    return (
+        ThrottleLayer(rate_bytes_per_s=sizing.rate_bytes_per_s or 100_000_000 // 8),
+        DelayLayer(distribution=NormalDistribution(mean_s=0.040, stddev_s=0.002)),
+    )
+
+
+def _hdd_7200(sizing: Sizing) -> tuple[Layer, ...]:
+    return (
+        ThrottleLayer(rate_bytes_per_s=160 * MB),
+        DelayLayer(ops=frozenset({"read", "write"}), mode="floor",
+                   distribution=UniformDistribution(min_s=0.0085, max_s=0.0085 + 60 / 7200)),
+    )
+
+
+def _profile(builder: _Builder, **fields: typing.Any) -> tuple[Profile, _Builder]:
+    return Profile(layers=builder(Sizing()), **fields), builder
+
+
+_PROFILES_AND_BUILDERS = (
+    _profile(
+        _gp3,
         name="gp3",
         summary="AWS EBS gp3 SSD at its baseline: 3000 IOPS, 125 MiB/s, ~1 ms latency",
         source=(
@@ -73,29 +157,30 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
             "'VolumeConsumedReadWriteOps'); latency modelled as log-normal, median 1 ms, sigma 0.3, the "
             "total latency of an op (floor)"
         ),
-        layers=(
-            ThrottleLayer(iops=3000, rate_bytes_per_s=125 * MIB, max_io_bytes=256 * KIB),
-            DelayLayer(ops=frozenset({"read", "write"}), mode="floor",
-                       distribution=LognormalDistribution(median_s=0.001, sigma=0.3)),
-        ),
+        parameters={
+            "iops": "provisioned IOPS, >= 3000 (default 3000; AWS caps what may be provisioned per volume "
+                    "and per GiB: check the current limits)",
+            "rate_bytes_per_s": "provisioned throughput, >= 125 MiB/s (default 125 MiB/s)",
+        },
     ),
-    Profile(
+    _profile(
+        _st1,
         name="st1",
         summary="AWS EBS st1 throughput-optimised HDD, 1 TiB baseline: 40 MiB/s, 500 IOPS",
         source=(
             "AWS EBS User Guide, 'Throughput Optimized HDD volumes': baseline 40 MiB/s per TiB, burst "
-            "250 MiB/s per TiB, max 500 IOPS (1 MiB I/O) "
+            "250 MiB/s per TiB, both at most 500 MiB/s, max 500 IOPS (1 MiB I/O), 125 GiB to 16 TiB "
             "(https://docs.aws.amazon.com/ebs/latest/userguide/hdd-vols.html); an I/O counts in 1 MiB "
             "units on HDD volumes; a 1 TiB volume's baseline with a 1 s burst bucket; latency as a "
             "7200 rpm disk's random I/O (below), a floor"
         ),
-        layers=(
-            ThrottleLayer(iops=500, rate_bytes_per_s=40 * MIB, burst_bytes=250 * MIB, max_io_bytes=MIB),
-            DelayLayer(ops=frozenset({"read", "write"}), mode="floor",
-                       distribution=UniformDistribution(min_s=0.0085, max_s=0.0085 + 60 / 7200)),
-        ),
+        parameters={
+            "size_gib": "volume size, 125..16384 GiB (default 1024): baseline 40 MiB/s and a burst bucket "
+                        "of 250 MiB per TiB, each at most 500 MiB/s",
+        },
     ),
-    Profile(
+    _profile(
+        _pd_standard,
         name="pd-standard",
         summary="GCP pd-standard, 1 TiB: 768 read / 1536 write IOPS, 120 MiB/s",
         source=(
@@ -104,15 +189,13 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
             "(https://cloud.google.com/compute/docs/disks/performance); a 1024 GiB disk; latency "
             "log-normal, median 5 ms, sigma 0.5 (HDD-backed network disk), a floor"
         ),
-        layers=(
-            ThrottleLayer(ops=frozenset({"read"}), iops=768),
-            ThrottleLayer(ops=frozenset({"write"}), iops=1536),
-            ThrottleLayer(rate_bytes_per_s=int(0.12 * 1024 * MIB)),
-            DelayLayer(ops=frozenset({"read", "write"}), mode="floor",
-                       distribution=LognormalDistribution(median_s=0.005, sigma=0.5)),
-        ),
+        parameters={
+            "size_gib": "disk size, 10..65536 GiB (default 1024): 0.75 read and 1.5 write IOPS and 0.12 MiB/s "
+                        "per GiB; the per-VM caps (by machine type and vCPUs) are not applied",
+        },
     ),
-    Profile(
+    _profile(
+        _wan_nfs,
         name="wan-nfs",
         summary="NFS share across a WAN: 40 ms RTT on every op, 100 Mbit/s",
         source=(
@@ -121,12 +204,10 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
             "intra-continent 20-40 ms: https://www.cloudping.co); 100 Mbit/s = 12.5 MB/s link; "
             "RTT jitter normal, sd 2 ms, added to the server's own time"
         ),
-        layers=(
-            ThrottleLayer(rate_bytes_per_s=100_000_000 // 8),
-            DelayLayer(distribution=NormalDistribution(mean_s=0.040, stddev_s=0.002)),
-        ),
+        parameters={"rate_bytes_per_s": "link bandwidth, bytes/s (default 12,500,000: 100 Mbit/s)"},
     ),
-    Profile(
+    _profile(
+        _hdd_7200,
         name="hdd-7200",
         summary="7200 rpm SATA disk, random I/O: 8.5 ms seek + 0-8.3 ms rotation, 160 MB/s",
         source=(
@@ -135,15 +216,30 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
             "(ST1000DM010) data sheet; seek + rotation as a floor of each op's latency; about 80 random "
             "IOPS at queue depth 1"
         ),
-        layers=(
-            ThrottleLayer(rate_bytes_per_s=160 * MB),
-            DelayLayer(ops=frozenset({"read", "write"}), mode="floor",
-                       distribution=UniformDistribution(min_s=0.0085, max_s=0.0085 + 60 / 7200)),
-        ),
+        parameters={},
     ),
-)}
+)
+
+PROFILES: dict[str, Profile] = {profile.name: profile for profile, _ in _PROFILES_AND_BUILDERS}
+_BUILDERS: dict[str, _Builder] = {profile.name: builder for profile, builder in _PROFILES_AND_BUILDERS}
 
 assert set(PROFILES) == set(typing.get_args(ProfileName)), "profile names out of sync"
+
+
+def sized_layers(layer: ProfileLayer) -> tuple[Layer, ...]:
+    """The layers of ``layer``'s profile at the size it gives (its ``ops``/``path_glob`` not yet applied).
+
+    Raises:
+        ValueError: ``layer`` sets a sizing field the profile does not take, or a
+            value outside the profile's range (the message names the field).
+    """
+    sizing = Sizing(size_gib=layer.size_gib, iops=layer.iops, rate_bytes_per_s=layer.rate_bytes_per_s)
+    accepted = PROFILES[layer.name].parameters
+    for field in msgspec.structs.asdict(sizing):
+        if getattr(sizing, field) is not None and field not in accepted:
+            takes = ", ".join(f"`{name}`" for name in accepted) or "no sizing field"
+            raise ValueError(f"field `{field}`: profile {layer.name!r} takes {takes}")
+    return _BUILDERS[layer.name](sizing)
 
 
 def expand_profile(layer: ProfileLayer) -> list[Layer]:
@@ -156,7 +252,7 @@ def expand_profile(layer: ProfileLayer) -> list[Layer]:
         KeyError: unknown profile name (cannot happen for a validated layer).
     """
     out: list[Layer] = []
-    for inner in PROFILES[layer.name].layers:
+    for inner in sized_layers(layer):
         ops = inner.ops
         if layer.ops:
             ops = (ops & layer.ops) if ops else layer.ops & _kind_ops(inner)
