@@ -30,6 +30,12 @@ p99 adds the service p50 to the delay's p99.
 Where several limits apply the target is the tightest one: IOPS at most
 ``qd / mean latency`` (Little's law) and at most the throttle's; when a
 throttle binds, the p50 target is ``qd / IOPS`` and there is no p99 target.
+A throttle's rate over a run of T seconds is its rate plus what its bucket holds
+at the start, over T (the ``st1`` credit bucket, 1 TiB, never empties in a run);
+requests are charged in the throttle's units (``max_io_bytes``, whole ones with
+``charge_units``; sequential ones of 32 KiB or more merge). In sequential
+scenarios (``rw=read``) a delay with ``skip_sequential`` is left out: only the
+first read of each file, and each wrap-around to its start, pays it.
 """
 
 from __future__ import annotations
@@ -48,7 +54,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from interposer.fuse_worker.layers import quantile
+from interposer.fuse_worker.layers import Throttle, quantile
+from interposer.fuse_worker.layers.throttle import MIN_MERGED_IO_BYTES
 from interposer.proto import DelayLayer, ProfileLayer, ThrottleLayer, decode_policy
 from interposer.proto.profiles import PROFILES, expand_profile
 
@@ -63,7 +70,7 @@ DEFAULT_RUNTIME_S = 10.0
 QUICK_RUNTIME_S = 1.0
 #: Bytes of the fio files per queue depth (one file at QD1, qd files of size/qd above), full / quick.
 DEFAULT_FILE_BYTES = 256 * MIB
-QUICK_FILE_BYTES = 8 * MIB
+QUICK_FILE_BYTES = 32 * MIB  # 2 MiB per job at QD16: room for the 1 MiB sequential reads
 #: How long to wait for a worker to mount, seconds.
 MOUNT_TIMEOUT_S = 15.0
 #: Queue depths and I/O modes measured (full mode); --quick and --noop use fewer.
@@ -101,11 +108,13 @@ class Scenario:
     layers: list[dict]
     rw: str = "randread"
     bs: int = 4096
-    targets: dict[int, Target] = field(default_factory=dict)  # queue depth → target
+    targets: dict[int, Target] = field(default_factory=dict)  # queue depth → fixed target; empty = computed
 
-    def __post_init__(self) -> None:
-        if not self.targets:
-            self.targets = {qd: targets_of(self.layers, self.bs, qd) for qd in (1, 16)}
+    def target(self, qd: int, runtime_s: float, service: ServiceTime | None = None) -> Target:
+        """What this scenario should achieve at queue depth ``qd`` in a run of ``runtime_s`` seconds."""
+        if self.targets:
+            return self.targets.get(qd, Target())
+        return targets_of(self.layers, self.bs, qd, service, runtime_s=runtime_s, sequential=self.rw == "read")
 
 
 def _read_layers(layers: list[dict]) -> list:
@@ -123,7 +132,8 @@ def has_added_delay(layers: list[dict]) -> bool:
     return any(isinstance(layer, DelayLayer) and layer.mode == "add" for layer in _read_layers(layers))
 
 
-def targets_of(layers: list[dict], bs: int, qd: int, service: ServiceTime | None = None) -> Target:
+def targets_of(layers: list[dict], bs: int, qd: int, service: ServiceTime | None = None, *,
+               runtime_s: float = DEFAULT_RUNTIME_S, sequential: bool = False) -> Target:
     """Targets of a read workload of ``bs``-byte requests at queue depth ``qd`` under ``layers``.
 
     Bandwidth and IOPS: the tightest of the throttles (bytes/s, ops/s counted in
@@ -133,23 +143,36 @@ def targets_of(layers: list[dict], bs: int, qd: int, service: ServiceTime | None
     (summed over delay layers: exact for one, an upper bound for more), or
     ``qd / IOPS`` when a throttle is what limits the rate. With an ``add``-mode
     delay and ``service`` given, the service time is added once: its p50 to the
-    p50 and p99, its mean to the mean.
+    p50 and p99, its mean to the mean. ``runtime_s``: the run, over which a
+    bucket's contents add to its rate. ``sequential``: each job reads its file in order.
     """
-    iops_limit, bw_limit = math.inf, math.inf
+    iops_limit = math.inf  # requests per second
     p50 = p99 = mean = 0.0
     if service is not None and has_added_delay(layers):
         p50, p99, mean = service.p50_s, service.p50_s, service.mean_s
     for layer in _read_layers(layers):
         if isinstance(layer, ThrottleLayer):
-            units = math.ceil(bs / layer.max_io_bytes) if layer.max_io_bytes else 1  # ops per request
-            iops_limit = min(iops_limit, (layer.iops or math.inf) / units)
-            bw_limit = min(bw_limit, layer.rate_bytes_per_s or math.inf)
+            buckets = Throttle(layer)  # the worker's own bucket sizes
+            units = 1.0  # units each request counts
+            if layer.max_io_bytes:
+                unit = layer.max_io_bytes
+                merged = sequential and MIN_MERGED_IO_BYTES <= bs < unit
+                units = bs / unit if merged else math.ceil(bs / unit)
+            if buckets.ops_bucket is not None:
+                ops_per_s = layer.iops + buckets.ops_bucket.burst_bytes * layer.burst_balance / runtime_s
+                iops_limit = min(iops_limit, ops_per_s / units)
+            if buckets.bucket is not None:
+                bytes_per_s = layer.rate_bytes_per_s + buckets.bucket.burst_bytes * layer.burst_balance / runtime_s
+                charged = units * layer.max_io_bytes if layer.charge_units else bs
+                iops_limit = min(iops_limit, bytes_per_s / charged)
         elif isinstance(layer, DelayLayer):
+            if sequential and layer.skip_sequential:
+                continue
             dist, kw = layer.resolved_distribution, {"max_s": layer.max_s, "probability": layer.probability}
             p50 += quantile(dist, P50, **kw)
             p99 += quantile(dist, P99, **kw)
             mean += sum(quantile(dist, (i + 0.5) / MEAN_BINS, **kw) for i in range(MEAN_BINS)) / MEAN_BINS
-    throttled = min(iops_limit, bw_limit / bs)
+    throttled = iops_limit
     delayed = qd / mean if mean else math.inf
     iops = min(throttled, delayed)
     if math.isinf(iops):
@@ -185,6 +208,11 @@ def scenarios() -> list[Scenario]:
             for name, spec in delays.items() for mode in ("add", "floor")]
     out += [Scenario(f"profile-{name}", [{"type": "profile", "name": name}]) for name in PROFILES]
     out += [Scenario("profile-gp3-6000iops", [{"type": "profile", "name": "gp3", "iops": 6000}])]
+    # disks stream what they read in order: no positioning delay, the transfer rate (st1: burst while credits last)
+    out += [Scenario(f"profile-{name}-seq", [{"type": "profile", "name": name}], rw="read", bs=MIB)
+            for name in ("hdd-7200", "st1")]
+    out += [Scenario("profile-st1-drained-seq", [{"type": "profile", "name": "st1", "burst_balance": 0}],
+                     rw="read", bs=MIB)]
     return out
 
 
@@ -317,9 +345,7 @@ def run_table(chosen: list[Scenario], modes: list[tuple[int, bool]], work: Path,
                 trace = FuseRequestTrace(mount.mountpoint) if fuse_trace else None
                 with trace or contextlib.nullcontext():
                     got = run_fio(mount.mountpoint, scenario, qd, direct, runtime_s, file_bytes, aio)
-                target = scenario.targets.get(qd, Target())
-                if service is not None and has_added_delay(scenario.layers):
-                    target = targets_of(scenario.layers, scenario.bs, qd, service)
+                target = scenario.target(qd, runtime_s, service if has_added_delay(scenario.layers) else None)
                 if scenario.name == "bare":
                     bare_bw[(qd, direct)] = got["bw"]
                 elif scenario.name == "noop-stack":
@@ -410,7 +436,7 @@ def main() -> None:
             parser.error(f"no scenario matches {args.only}; --list shows them")
     if args.list:
         for s in chosen:
-            print(s.name, json.dumps(s.layers), {qd: t for qd, t in s.targets.items()})
+            print(s.name, json.dumps(s.layers), {qd: s.target(qd, runtime_s) for qd in (1, 16)})
         return
     with tempfile.TemporaryDirectory(prefix="interposer-fidelity-", dir=args.work_dir) as tmp:
         work = Path(tmp)

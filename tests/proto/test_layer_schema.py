@@ -67,6 +67,13 @@ def test_delay_s_still_means_a_fixed_delay() -> None:
     ({"type": "throttle", "iops": 0}, "$.layers[0].iops"),
     ({"type": "throttle", "rate_bytes_per_s": 10, "max_io_bytes": 4096}, "field `max_io_bytes`"),
     ({"type": "throttle", "iops": 10, "max_io_bytes": 0}, "$.layers[0].max_io_bytes"),
+    ({"type": "throttle", "iops": 10, "max_io_bytes": 4096, "charge_units": True}, "field `charge_units`"),
+    ({"type": "throttle", "rate_bytes_per_s": 10, "charge_units": True}, "field `charge_units`"),
+    ({"type": "throttle", "rate_bytes_per_s": 10, "burst_balance": 1.5}, "$.layers[0].burst_balance"),
+    ({"type": "delay", "delay_s": 0.1, "ops": ["lookup", "getattr"], "skip_sequential": True},
+     "field `skip_sequential`: only reads and writes are sequential"),
+    ({"type": "profile", "name": "gp3", "burst_balance": 0.5}, "field `burst_balance`: profile 'gp3' takes"),
+    ({"type": "profile", "name": "st1", "burst_balance": -0.1}, "$.layers[0].burst_balance"),
     ({"type": "fault", "path_glob": "data/*"}, "field `path_glob`: 'data/*' can never match: every path inside "
                                                "the volume starts with '/' (did you mean '/data/*'?)"),
     ({"type": "delay", "delay_s": 0.1, "path_glob": "[!/]*"}, "field `path_glob`: '[!/]*' can never match"),
@@ -144,9 +151,15 @@ def test_a_profile_is_sized_by_its_published_rules() -> None:
     mib, both, reads, writes = 1 << 20, frozenset(), frozenset({"read"}), frozenset({"write"})
     assert _limits({"type": "profile", "name": "gp3", "iops": 6000, "rate_bytes_per_s": 500 * mib}) == [
         (both, 6000, 500 * mib, 0)]
-    # st1: 40 MiB/s baseline and a 250 MiB burst bucket per TiB, each at most 500 MiB/s
-    assert _limits({"type": "profile", "name": "st1", "size_gib": 512}) == [(both, 500, 20 * mib, 125 * mib)]
-    assert _limits({"type": "profile", "name": "st1", "size_gib": 16384}) == [(both, 500, 500 * mib, 500 * mib)]
+    # st1, per TiB: 250 MiB/s burst throughput, 40 MiB/s baseline (each at most 500 MiB/s), 1 TiB of credits
+    gib = 1 << 30
+    assert _limits({"type": "profile", "name": "st1", "size_gib": 512}) == [
+        (both, 500, 125 * mib, 0), (both, None, 20 * mib, 512 * gib)]
+    assert _limits({"type": "profile", "name": "st1", "size_gib": 16384}) == [
+        (both, 500, 500 * mib, 0), (both, None, 500 * mib, 16384 * gib)]
+    credits = [t for t in expand_profile(_one({"type": "profile", "name": "st1", "burst_balance": 0.25}))
+               if isinstance(t, ThrottleLayer)][1]
+    assert (credits.burst_balance, credits.charge_units, credits.max_io_bytes) == (0.25, True, mib)
     # pd-standard: 0.75 read and 1.5 write IOPS and 0.12 MiB/s per GiB
     assert _limits({"type": "profile", "name": "pd-standard", "size_gib": 200}) == [
         (reads, 150, None, 0), (writes, 300, None, 0), (both, None, int(0.12 * mib * 200), 0)]

@@ -91,6 +91,53 @@ def test_floor_does_not_hold_a_read_that_returned_nothing() -> None:
     assert run(timed, added, Op("read", 2, "/f", size=0), 0.001) == pytest.approx(0.011)  # add mode: every op
 
 
+@pytest.mark.parametrize("mode", ["add", "floor"])
+def test_skip_sequential_delays_only_the_requests_that_jump(mode: str) -> None:
+    # A disk pays seek + rotation when the head moves: the first request of a file and any
+    # jump are held, a request continuing the previous one of its file is not.
+    stack = Stack(Policy(layers=[DelayLayer(delay_s=0.010, mode=mode, skip_sequential=True)]), 1)
+    requests = [  # (name, inode, offset, size), served one after another
+        ("read", 2, 0, 4096),          # first of file 2
+        ("read", 2, 4096, 4096),       # continues it
+        ("read", 3, 0, 1 << 20),       # first of file 3: its own stream
+        ("read", 2, 8192, 4096),       # file 2 still continues, though file 3 came in between
+        ("write", 3, 1 << 20, 4096),   # a write continuing a read of the same file
+        ("read", 2, 0, 4096),          # back to the start: a jump
+        ("read", 2, 8192, 4096),       # skips 4 KiB: a jump
+        ("getattr", 2, 0, 0),          # not a read or write: always held
+    ]
+
+    async def main() -> list[bool]:
+        held = []
+        for name, ino, offset, size in requests:
+            op = Op(name, ino, "/f", offset=offset, size=size)
+            held.append(await timed(stack, op, 0.001) >= 0.010)
+        return held
+
+    assert run(main) == [True, False, True, False, False, True, True, True]
+    assert stack.layers[0].statistics().delayed == 5
+
+
+def test_skip_sequential_counts_a_stream_in_flight_together() -> None:
+    # 16 requests of one stream issued at once (QD16 sequential) arrive in order while the
+    # first is still being served: only that first one jumps.
+    stack = Stack(Policy(layers=[DelayLayer(delay_s=0.010, mode="floor", skip_sequential=True)]), 1)
+
+    async def main() -> list[float]:
+        latencies: list[float] = []
+
+        async def one(i: int) -> None:
+            latencies.append(await timed(stack, Op("read", 2, "/f", offset=i << 20, size=1 << 20), 0.001))
+
+        async with trio.open_nursery() as nursery:
+            for i in range(16):
+                nursery.start_soon(one, i)
+                await trio.sleep(0)  # arrival order = offset order
+        return sorted(latencies)
+
+    assert run(main) == [pytest.approx(0.001)] * 15 + [pytest.approx(0.010)]
+
+
 def test_floor_probability_and_glob() -> None:
     stack = Stack(Policy(layers=[DelayLayer(delay_s=1.0, mode="floor", probability=0.25, path_glob="/slow/*",
                                             seed=4)]), 1)

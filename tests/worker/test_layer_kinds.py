@@ -323,6 +323,44 @@ def test_contiguous_requests_merge_into_max_io_bytes_units(requests: list[tuple[
     assert run(main) == pytest.approx(ops)
 
 
+@pytest.mark.parametrize(("offsets", "seconds"), [
+    ([i * 4096 for i in range(8)], 8.0),             # 4 KiB in a row, under 32 KiB: a whole 1 MiB credit each
+    ([i * (256 << 10) for i in range(8)], 2.0),      # 256 KiB sequential: merged into 2 MiB of units
+])
+def test_charge_units_spends_a_whole_unit_per_unmerged_io(offsets: list[int], seconds: float) -> None:
+    # EBS HDD: an I/O of 1 MiB or less spends a 1 MiB credit; sequential ones (>= 32 KiB) merge.
+    mib = 1 << 20
+    stack = Stack(Policy(layers=[ThrottleLayer(rate_bytes_per_s=mib, burst_bytes=mib, max_io_bytes=mib,
+                                               charge_units=True)]), 1)
+    size = offsets[1] - offsets[0]
+
+    async def main() -> float:
+        await serve(stack, Op("read", 2, "/f", offset=1 << 40, size=mib), reply=b"p" * mib)  # empties the bucket
+        start = trio.current_time()
+        for offset in offsets:
+            await serve(stack, Op("read", 2, "/f", offset=offset, size=size), reply=b"p" * size)
+        return trio.current_time() - start
+
+    assert run(main) == pytest.approx(seconds)
+
+
+def test_burst_balance_sets_how_full_the_bucket_starts() -> None:
+    mib = 1 << 20
+
+    async def main(balance: float) -> float:
+        stack = Stack(Policy(layers=[ThrottleLayer(rate_bytes_per_s=mib, burst_bytes=10 * mib,
+                                                   burst_balance=balance)]), 1)
+        await trio.sleep(100)  # a full bucket is full however long it waits; the balance counts from the first op
+        start = trio.current_time()
+        for _ in range(10):
+            await serve(stack, Op("read", 2, "/f", size=mib), reply=b"p" * mib)
+        return trio.current_time() - start
+
+    assert run(main, 1.0) == 0  # 10 MiB of burst: no wait
+    assert run(main, 0.5) == pytest.approx(5.0)  # 5 MiB of burst, the rest at 1 MiB/s
+    assert run(main, 0.0) == pytest.approx(10.0)
+
+
 def test_a_failed_op_is_charged_what_it_asked() -> None:
     stack = Stack(Policy(layers=[ThrottleLayer(rate_bytes_per_s=1 << 20, burst_bytes=1),
                                  FaultLayer(errno="EIO")]), 1)

@@ -124,6 +124,43 @@ def test_a_latency_floor_is_paid_once_per_whole_file_read(mount_worker, tmp_path
     assert 0.8 * 0.95 <= elapsed < 1.4  # 8 x 0.1 s; 1.6 s when the read at the end was held too
 
 
+def _timed_preads(path, offsets: list[int], size: int) -> float:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        started = time.monotonic()
+        for offset in offsets:
+            assert len(os.pread(fd, size, offset)) == size
+        return time.monotonic() - started
+    finally:
+        os.close(fd)
+
+
+def test_a_disk_latency_is_paid_by_random_reads_not_by_a_sequential_stream(mount_worker, tmp_path) -> None:
+    # skip_sequential: a read continuing the previous one of its file is served at once (the
+    # head is there); the same reads in an order where none continues another each pay.
+    names = _small_files(tmp_path / "disk", 1, 16 * MIB)
+    vol = mount_worker(backing=tmp_path / "disk", policy=_policy(
+        {"type": "delay", "delay_s": 0.05, "mode": "floor", "ops": ["read"], "skip_sequential": True}))
+    chunks = [i * MIB for i in range(16)]
+    sequential_s = _timed_preads(vol.mountpoint / names[0], chunks, MIB)
+    jumping_s = _timed_preads(vol.mountpoint / names[0], chunks[1::2][::-1] + chunks[::2], MIB)
+    assert sequential_s < 0.4  # the first read pays 0.05 s; 0.8 s if every read did
+    assert jumping_s >= 16 * 0.05 * 0.95
+
+
+def test_a_drained_st1_volume_spends_a_whole_credit_on_each_small_read(mount_worker, tmp_path) -> None:
+    # st1 of 125 GiB with an empty credit bucket runs at its 40 MiB/s-per-TiB baseline
+    # (4.88 MiB/s): 4 MiB read sequentially and 4 random 4 KiB reads cost the same 4 MiB of credits.
+    names = _small_files(tmp_path / "st1", 1, 64 * MIB)
+    vol = mount_worker(backing=tmp_path / "st1", policy=_policy(
+        {"type": "profile", "name": "st1", "size_gib": 125, "burst_balance": 0}))
+    baseline = 40 * MIB * 125 / 1024
+    sequential_s = _timed_preads(vol.mountpoint / names[0], [i * MIB for i in range(32, 36)], MIB)
+    random_s = _timed_preads(vol.mountpoint / names[0], [3 * MIB, 50 * MIB, 9 * MIB + 8192, 61 * MIB], 4096)
+    assert 4 * MIB / baseline * 0.95 <= sequential_s < 4 * MIB / baseline * 1.5
+    assert 4 * MIB / baseline * 0.95 <= random_s < 4 * MIB / baseline * 1.5
+
+
 def test_expiry_reverts_on_time_without_a_bus(mount_worker) -> None:
     vol = mount_worker(policy=_policy({"type": "fault", "errno": "EIO", "ops": ["getattr", "lookup"],
                                        "path_glob": "/probe", "expires_after_s": 2}))

@@ -302,6 +302,13 @@ class DelayLayer(_Layer, tag="delay", kw_only=True):
             sleep ``max(0, draw - time the layers below and the backend took)``,
             so the op takes ``max(draw, own service time)`` (an emulated device
             with that latency). A failed op is held the same way.
+        skip_sequential: leave out a ``read`` or ``write`` that starts where the
+            previous one of the same file (among the ops this layer matches)
+            ended: a disk pays seek and rotation only when its head has to move,
+            a request continuing the last one is served at the transfer rate
+            (C. Ruemmler, J. Wilkes, "An introduction to disk drive modeling",
+            IEEE Computer 27(3), 1994). The first request of a file and every
+            other op are delayed. Needs ``read`` or ``write`` among ``ops``.
     """
 
     delay_s: DelaySeconds | None = None
@@ -310,11 +317,14 @@ class DelayLayer(_Layer, tag="delay", kw_only=True):
     max_s: DelaySeconds = MAX_DELAY_S
     seed: Annotated[int, msgspec.Meta(ge=0, le=MAX_SEED)] | None = None
     mode: DelayMode = "add"
+    skip_sequential: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if (self.delay_s is None) == (self.distribution is None):
             raise ValueError("fields `delay_s` and `distribution`: give exactly one of them")
+        if self.skip_sequential and self.ops and not self.ops & {"read", "write"}:
+            raise ValueError("field `skip_sequential`: only reads and writes are sequential, and `ops` has neither")
 
     @property
     def resolved_distribution(self) -> Distribution:
@@ -347,7 +357,17 @@ class ThrottleLayer(_Layer, tag="throttle", kw_only=True):
             read of a gp3 volume uses 4 of its IOPS); contiguous requests of a
             file merge into units as EBS merges contiguous I/Os (docs/layers.md).
             ``None`` = every op counts one.
-            Needs ``iops``.
+            Needs ``iops`` or ``charge_units``.
+        charge_units: the bandwidth bucket charges every ``max_io_bytes`` unit an
+            op counts as a whole unit, whatever moved: EBS HDD volumes spend a
+            1 MiB throughput credit on an I/O of 1 MiB or less, and one on
+            sequential I/Os merged into 1 MiB (AWS EBS User Guide, "Inefficiency
+            of small read/writes on HDD"), so 4 KiB random reads of a 40 MiB/s
+            volume run at 40 IOPS. Needs ``rate_bytes_per_s`` and ``max_io_bytes``.
+        burst_balance: how full the buckets are, 0..1, when the layer charges its
+            first op (1, the default: full, as a new EBS volume; 0: empty, as after
+            a long run above the rate; named after the CloudWatch ``BurstBalance``
+            metric). Refilling starts then.
         ops: ``read`` and/or ``write``; empty = both.
 
     Ops are charged for the bytes they moved (a read's reply, a write's count),
@@ -359,14 +379,20 @@ class ThrottleLayer(_Layer, tag="throttle", kw_only=True):
     iops: PositiveLimit | None = None
     burst_ops: Annotated[int, msgspec.Meta(ge=0, le=MAX_LIMIT)] = 0
     max_io_bytes: PositiveLimit | None = None
+    charge_units: bool = False
+    burst_balance: Probability = 1.0
     ops: frozenset[DataOpName] = frozenset()
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.rate_bytes_per_s is None and self.iops is None:
             raise ValueError("fields `rate_bytes_per_s` and `iops`: give at least one of them")
-        if self.max_io_bytes is not None and self.iops is None:
-            raise ValueError("field `max_io_bytes`: it sizes the ops counted against `iops`, which is not given")
+        if self.charge_units and (self.rate_bytes_per_s is None or self.max_io_bytes is None):
+            raise ValueError("field `charge_units`: it charges `max_io_bytes` units to the `rate_bytes_per_s` "
+                             "bucket; give both")
+        if self.max_io_bytes is not None and self.iops is None and not self.charge_units:
+            raise ValueError("field `max_io_bytes`: it sizes the ops counted against `iops` (or charged whole "
+                             "with `charge_units`), and neither is given")
 
 
 class QuotaLayer(_Layer, tag="quota", kw_only=True):
@@ -490,6 +516,8 @@ class ProfileLayer(_Layer, tag="profile", kw_only=True):
         iops: provisioned IOPS (``gp3``); ``None`` = the baseline.
         rate_bytes_per_s: provisioned throughput (``gp3``) or link bandwidth
             (``wan-nfs``), bytes/s; ``None`` = the profile's default.
+        burst_balance: how full the burst bucket is, 0..1, at the first I/O
+            (``st1``); ``None`` = full, as a new volume.
 
     A sizing field the profile does not take, or a value outside its published
     range (``interposer profiles`` lists both), is an error naming the field.
@@ -499,6 +527,7 @@ class ProfileLayer(_Layer, tag="profile", kw_only=True):
     size_gib: PositiveLimit | None = None
     iops: PositiveLimit | None = None
     rate_bytes_per_s: PositiveLimit | None = None
+    burst_balance: Probability | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()

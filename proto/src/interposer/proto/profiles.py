@@ -16,9 +16,10 @@ added (``mode="add"``).
 IOPS count the provider's I/O units where it publishes them (``max_io_bytes``:
 EBS counts a 1 MiB I/O as four on SSD volumes), applied to FUSE requests (up to
 1 MiB); the provider also merges small sequential I/Os, which the kernel's
-readahead does here for cached files only. Limits of the emulation (see
-docs/layers.md): a delay layer cannot tell sequential from random access, so disk
-profiles model the latency of a random I/O.
+readahead does here for cached files only. The disk profiles (``st1``,
+``hdd-7200``) hold a read or write to a random I/O's positioning latency unless
+it continues the previous one of its file (``skip_sequential``): a disk streams
+sequential data at its transfer rate.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from .policy import (
 
 KIB = 1 << 10
 MIB = 1 << 20
+GIB = 1 << 30
 MB = 1_000_000
 
 
@@ -51,11 +53,13 @@ class Sizing(msgspec.Struct, frozen=True, kw_only=True):
         size_gib: volume size, GiB, for profiles whose limits scale with it.
         iops: provisioned IOPS, for profiles where IOPS are provisioned.
         rate_bytes_per_s: provisioned throughput or link bandwidth, bytes/s.
+        burst_balance: how full a burst bucket is at the first I/O, 0..1.
     """
 
     size_gib: int | None = None
     iops: int | None = None
     rate_bytes_per_s: int | None = None
+    burst_balance: float | None = None
 
 
 class Profile(msgspec.Struct, frozen=True, kw_only=True):
@@ -106,11 +110,21 @@ def _st1(sizing: Sizing) -> tuple[Layer, ...]:
     size = _in_range("size_gib", sizing.size_gib or 1024, 125, 16384, "st1 volumes are 125 GiB to 16 TiB")
     baseline = min(40 * MIB * size // 1024, 500 * MIB)
     burst = min(250 * MIB * size // 1024, 500 * MIB)
+    balance = 1.0 if sizing.burst_balance is None else sizing.burst_balance
     return (
-        ThrottleLayer(iops=500, rate_bytes_per_s=baseline, burst_bytes=burst, max_io_bytes=MIB),
-        DelayLayer(ops=frozenset({"read", "write"}), mode="floor",
-                   distribution=UniformDistribution(min_s=0.0085, max_s=0.0085 + 60 / 7200)),
+        # while credits last: the burst throughput, each I/O spending a 1 MiB credit
+        ThrottleLayer(iops=500, rate_bytes_per_s=burst, max_io_bytes=MIB, charge_units=True),
+        # the credits: a bucket of 1 TiB per TiB of volume, refilled at the baseline
+        ThrottleLayer(rate_bytes_per_s=baseline, burst_bytes=size * GIB, burst_balance=balance,
+                      max_io_bytes=MIB, charge_units=True),
+        _disk_positioning(),
     )
+
+
+def _disk_positioning() -> DelayLayer:
+    """A 7200 rpm disk's seek + rotation as a floor of each random read/write; none for a sequential one."""
+    return DelayLayer(ops=frozenset({"read", "write"}), mode="floor", skip_sequential=True,
+                      distribution=UniformDistribution(min_s=0.0085, max_s=0.0085 + 60 / 7200))
 
 
 def _pd_standard(sizing: Sizing) -> tuple[Layer, ...]:
@@ -133,11 +147,7 @@ def _wan_nfs(sizing: Sizing) -> tuple[Layer, ...]:
 
 
 def _hdd_7200(sizing: Sizing) -> tuple[Layer, ...]:
-    return (
-        ThrottleLayer(rate_bytes_per_s=160 * MB),
-        DelayLayer(ops=frozenset({"read", "write"}), mode="floor",
-                   distribution=UniformDistribution(min_s=0.0085, max_s=0.0085 + 60 / 7200)),
-    )
+    return (ThrottleLayer(rate_bytes_per_s=160 * MB), _disk_positioning())
 
 
 def _profile(builder: _Builder, **fields: typing.Any) -> tuple[Profile, _Builder]:
@@ -166,17 +176,22 @@ _PROFILES_AND_BUILDERS = (
     _profile(
         _st1,
         name="st1",
-        summary="AWS EBS st1 throughput-optimised HDD, 1 TiB baseline: 40 MiB/s, 500 IOPS",
+        summary="AWS EBS st1 throughput-optimised HDD, 1 TiB: 250 MiB/s while burst credits last, then "
+                "40 MiB/s; 500 IOPS; a 1 MiB credit per small I/O",
         source=(
-            "AWS EBS User Guide, 'Throughput Optimized HDD volumes': baseline 40 MiB/s per TiB, burst "
-            "250 MiB/s per TiB, both at most 500 MiB/s, max 500 IOPS (1 MiB I/O), 125 GiB to 16 TiB "
-            "(https://docs.aws.amazon.com/ebs/latest/userguide/hdd-vols.html); an I/O counts in 1 MiB "
-            "units on HDD volumes; a 1 TiB volume's baseline with a 1 s burst bucket; latency as a "
-            "7200 rpm disk's random I/O (below), a floor"
+            "AWS EBS User Guide, 'Throughput Optimized HDD volumes': for 1 TiB, burst throughput 250 MiB/s, "
+            "the bucket fills with credits at 40 MiB/s (the baseline) and holds 1 TiB of them, both rates "
+            "scaling with size up to 500 MiB/s; new volumes get their full performance at once (a full "
+            "bucket); max 500 IOPS (1 MiB I/O); 125 GiB to 16 TiB; 'Inefficiency of small read/writes on "
+            "HDD': an I/O of 1 MiB or less spends a 1 MiB credit, sequential I/Os merged into 1 MiB count "
+            "once (https://docs.aws.amazon.com/ebs/latest/userguide/hdd-vols.html); latency: a 7200 rpm "
+            "disk's positioning (below) as a floor of each random I/O, none for a sequential one"
         ),
         parameters={
-            "size_gib": "volume size, 125..16384 GiB (default 1024): baseline 40 MiB/s and a burst bucket "
-                        "of 250 MiB per TiB, each at most 500 MiB/s",
+            "size_gib": "volume size, 125..16384 GiB (default 1024): per TiB, a burst rate of 250 MiB/s, a "
+                        "baseline of 40 MiB/s (each at most 500 MiB/s) and a bucket of 1 TiB of credits",
+            "burst_balance": "how full the credit bucket is at the first I/O, 0..1 (default 1: a new volume; "
+                             "0: drained, the volume runs at its baseline)",
         },
     ),
     _profile(
@@ -209,12 +224,14 @@ _PROFILES_AND_BUILDERS = (
     _profile(
         _hdd_7200,
         name="hdd-7200",
-        summary="7200 rpm SATA disk, random I/O: 8.5 ms seek + 0-8.3 ms rotation, 160 MB/s",
+        summary="7200 rpm SATA disk: random I/O 8.5 ms seek + 0-8.3 ms rotation; 160 MB/s sequential",
         source=(
             "7200 rpm = 8.33 ms per revolution (60/7200 s), rotational latency uniform on 0-8.33 ms; "
             "average seek 8.5 ms and sustained transfer 160 MB/s as in Seagate BarraCuda 3.5\" "
-            "(ST1000DM010) data sheet; seek + rotation as a floor of each op's latency; about 80 random "
-            "IOPS at queue depth 1"
+            "(ST1000DM010) data sheet; seek + rotation as a floor of the latency of each read/write that "
+            "does not continue the previous one of its file (about 80 random IOPS at queue depth 1), none "
+            "for one that does (Ruemmler & Wilkes, 'An introduction to disk drive modeling', IEEE "
+            "Computer 1994: positioning is paid when the head moves)"
         ),
         parameters={},
     ),
@@ -233,7 +250,8 @@ def sized_layers(layer: ProfileLayer) -> tuple[Layer, ...]:
         ValueError: ``layer`` sets a sizing field the profile does not take, or a
             value outside the profile's range (the message names the field).
     """
-    sizing = Sizing(size_gib=layer.size_gib, iops=layer.iops, rate_bytes_per_s=layer.rate_bytes_per_s)
+    sizing = Sizing(size_gib=layer.size_gib, iops=layer.iops, rate_bytes_per_s=layer.rate_bytes_per_s,
+                    burst_balance=layer.burst_balance)
     accepted = PROFILES[layer.name].parameters
     for field in msgspec.structs.asdict(sizing):
         if getattr(sizing, field) is not None and field not in accepted:

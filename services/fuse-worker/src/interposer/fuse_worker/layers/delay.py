@@ -24,7 +24,11 @@ from interposer.proto.policy import (
 
 from .._op import BackendCall, Handler, Op, transferred_bytes
 from ._match import compile_glob
+from ._streams import FileStreams
 from ._timer import sleep
+
+#: Ops whose offsets make an access sequential or random (``DelayLayer.skip_sequential``).
+_SEQUENTIAL_OPS = frozenset({"read", "write"})
 
 
 class DelayStatistics(msgspec.Struct, frozen=True):
@@ -120,6 +124,10 @@ class Delay:
     worker, e.g. the second ``read(2)`` of every whole-file read), so a latency
     target does not apply to it. ``Op.delay_ns`` gets the time asked to sleep (ns).
 
+    With ``skip_sequential``, a read or write starting where the previous one of
+    its file ended (by arrival order, so requests of one stream in flight together
+    still count as sequential) passes undelayed and uncounted.
+
     Args:
         spec: the validated layer from the policy.
         rng: shared random source, used unless the layer has its own ``seed``.
@@ -137,14 +145,17 @@ class Delay:
         self._match = compile_glob(spec.path_glob)
         self._delayed = 0
         self._delay_s_total = 0.0
+        self._next_offset: FileStreams[int] | None = FileStreams() if spec.skip_sequential else None
         self.acts = spec.probability > 0.0 and spec.max_s > 0.0 and not always_zero(spec.resolved_distribution)
 
     def bind(self, inner: Handler) -> Handler:
         """Return a handler that applies this layer, then calls ``inner``."""
         match, draw, rng, probability = self._match, self.draw, self._rng, self.spec.probability
+        sequential = self._sequential if self._next_offset is not None else None
 
         async def delay(op: Op, call: BackendCall) -> Any:
-            if (match is None or match(op.path)) and (probability >= 1.0 or rng.random() < probability):
+            if (match is None or match(op.path)) and not (sequential and sequential(op)) and (
+                    probability >= 1.0 or rng.random() < probability):
                 delay_s = draw()
                 self._delayed += 1
                 if delay_s > 0.0:
@@ -154,7 +165,8 @@ class Delay:
             return await inner(op, call)
 
         async def floor(op: Op, call: BackendCall) -> Any:
-            if (match is not None and not match(op.path)) or (probability < 1.0 and rng.random() >= probability):
+            if (match is not None and not match(op.path)) or (sequential and sequential(op)) or (
+                    probability < 1.0 and rng.random() >= probability):
                 return await inner(op, call)
             target_s = draw()
             self._delayed += 1
@@ -170,6 +182,15 @@ class Delay:
             return result
 
         return floor if self.spec.mode == "floor" else delay
+
+    def _sequential(self, op: Op) -> bool:
+        """True if ``op`` is a read or write continuing the previous one of its file; note where it ends."""
+        if op.name not in _SEQUENTIAL_OPS:
+            return False
+        assert self._next_offset is not None
+        expected = self._next_offset.take(op.ino)
+        self._next_offset.put(op.ino, op.offset + op.size)
+        return expected == op.offset
 
     async def _hold(self, op: Op, remaining_s: float) -> None:
         if remaining_s > 0.0:

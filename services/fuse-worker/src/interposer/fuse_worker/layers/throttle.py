@@ -11,6 +11,7 @@ from interposer.proto import ThrottleLayer
 
 from .._op import BackendCall, Handler, Op, transferred_bytes
 from ._match import compile_glob
+from ._streams import FileStreams
 from ._timer import sleep
 
 #: Default bucket size as seconds of the rate, when the policy gives none.
@@ -28,8 +29,6 @@ MIN_MERGED_IO_BYTES = 32 << 10
 #: ends, less up to one page of buffer misalignment, bytes: the request continuing it is
 #: the rest of the same application I/O, and merges whatever its size.
 CUT_REQUEST_BYTES = (1 << 20) - 4096
-#: Files whose last request end a throttle with ``max_io_bytes`` remembers (oldest let go).
-MAX_TRACKED_STREAMS = 4096
 #: A bandwidth limit at or above this, with a bucket of at least ``DEFAULT_BURST_S`` of it,
 #: can never make an op wait, bytes/s (2**40, 1 TiB/s): more than a whole host's memory
 #: bandwidth (12 channels of DDR5-4800 move 12 x 38.4 GB/s = 461 GB/s, JEDEC JESD79-5),
@@ -63,16 +62,21 @@ class TokenBucket:
     Args:
         rate_bytes_per_s: sustained rate, bytes per second.
         burst_bytes: bucket size, bytes.
+        balance: how full the bucket is at the first reservation, 0..1 (an empty
+            bucket is a schedule already ``burst_bytes / rate`` seconds ahead).
     """
 
-    def __init__(self, rate_bytes_per_s: float, burst_bytes: float) -> None:
+    def __init__(self, rate_bytes_per_s: float, burst_bytes: float, balance: float = 1.0) -> None:
         self.rate_bytes_per_s = rate_bytes_per_s
         self.burst_bytes = burst_bytes
         self._burst_s = burst_bytes / rate_bytes_per_s
-        self._tat = float("-inf")  # theoretical arrival time of the next request
+        self._empty_s = (1.0 - balance) * self._burst_s  # how far ahead the schedule starts
+        self._tat: float | None = None  # theoretical arrival time of the next request
 
     def reserve(self, size_bytes: int, now_s: float) -> float:
         """Reserve ``size_bytes`` at time ``now_s``; return the seconds to wait (≥ 0)."""
+        if self._tat is None:
+            self._tat = now_s + self._empty_s
         tat = max(self._tat, now_s) + size_bytes / self.rate_bytes_per_s
         self._tat = tat
         return max(0.0, tat - now_s - self._burst_s)
@@ -96,7 +100,8 @@ class Throttle:
     are served in the order they were charged (FIFO): each bucket's release times
     grow with that order, and so does their maximum. With ``max_io_bytes`` an op
     counts ``ceil(bytes / max_io_bytes)`` against ``iops``, as EBS counts a 1 MiB
-    I/O as four 256 KiB ones. The wait is a precise sleep
+    I/O as four 256 KiB ones; with ``charge_units`` too, the bandwidth bucket is
+    charged ``count * max_io_bytes`` (EBS HDD throughput credits). The wait is a precise sleep
     (:func:`._timer.sleep`, not ``trio.sleep``, which rounds up to whole
     milliseconds) and is added to ``Op.throttle_ns``.
 
@@ -116,10 +121,10 @@ class Throttle:
         self.ops_bucket: TokenBucket | None = None
         if spec.rate_bytes_per_s is not None:
             burst = spec.burst_bytes or max(spec.rate_bytes_per_s * DEFAULT_BURST_S, MIN_DEFAULT_BURST_BYTES)
-            self.bucket = TokenBucket(spec.rate_bytes_per_s, burst)
+            self.bucket = TokenBucket(spec.rate_bytes_per_s, burst, spec.burst_balance)
         if spec.iops is not None:
             burst_ops = spec.burst_ops or max(spec.iops * DEFAULT_BURST_S, MIN_DEFAULT_BURST_OPS)
-            self.ops_bucket = TokenBucket(spec.iops, burst_ops)
+            self.ops_bucket = TokenBucket(spec.iops, burst_ops, spec.burst_balance)
         self.acts = not (
             (self.bucket is None or _unreachable(self.bucket, UNREACHABLE_BYTES_PER_S))
             and (self.ops_bucket is None or _unreachable(self.ops_bucket, UNREACHABLE_IOPS))
@@ -130,7 +135,7 @@ class Throttle:
         self._waited = 0
         self._wait_s = 0.0
         # ino → (end offset of its last request, that request's size, bytes in its last unit)
-        self._streams: dict[int, tuple[int, int, int]] = {}
+        self._streams: FileStreams[tuple[int, int, int]] = FileStreams()
 
     def bind(self, inner: Handler) -> Handler:
         """Return a handler that applies this layer, then calls ``inner``."""
@@ -160,13 +165,14 @@ class Throttle:
             return
         self._bytes += size_bytes
         now = trio.current_time()
+        count = self._io_count(op, size_bytes)
         wait_s = 0.0
         if self.bucket is not None:
-            wait_s = self.bucket.reserve(size_bytes, now)
-        if self.ops_bucket is not None:
-            count = self._io_count(op, size_bytes)
-            if count:
-                wait_s = max(wait_s, self.ops_bucket.reserve(count, now))
+            charged = count * self.spec.max_io_bytes if self.spec.charge_units else size_bytes
+            if charged:
+                wait_s = self.bucket.reserve(charged, now)
+        if self.ops_bucket is not None and count:
+            wait_s = max(wait_s, self.ops_bucket.reserve(count, now))
         if wait_s > 0:
             self._waited += 1
             self._wait_s += wait_s
@@ -189,7 +195,7 @@ class Throttle:
         if unit is None:
             return 1
         streams = self._streams
-        previous = streams.pop(op.ino, None)
+        previous = streams.take(op.ino)
         filled = 0  # bytes already in the unit this request continues
         if previous is not None and previous[0] == op.offset and (
                 size_bytes >= MIN_MERGED_IO_BYTES or previous[1] >= CUT_REQUEST_BYTES):
@@ -198,9 +204,7 @@ class Throttle:
         count = -(-total // unit) - (1 if filled else 0)
         # an unmerged request below the merge size counts whole: it closes its unit
         last_unit = unit if not filled and size_bytes < MIN_MERGED_IO_BYTES else total % unit or unit
-        streams[op.ino] = (op.offset + size_bytes, size_bytes, last_unit)
-        if len(streams) > MAX_TRACKED_STREAMS:
-            del streams[next(iter(streams))]
+        streams.put(op.ino, (op.offset + size_bytes, size_bytes, last_unit))
         return count
 
     def statistics(self) -> ThrottleStatistics:
