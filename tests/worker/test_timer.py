@@ -6,6 +6,7 @@ their target); these check what must hold on any machine.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -14,7 +15,9 @@ import trio.testing
 
 import pytest
 
-from interposer.fuse_worker.layers import _timer
+from interposer.fuse_worker import Op, Stack
+from interposer.fuse_worker.layers import _timer, delay, throttle
+from interposer.proto import decode_policy
 from interposer.fuse_worker.layers._timer import MAX_COMPENSATION_S, WakeCompensation, sleep
 
 
@@ -178,3 +181,31 @@ def test_a_compensated_sleep_ends_at_most_its_lead_early() -> None:
         assert c.lateness_s > 0.0  # it measured its wake-ups
     finally:
         _timer.configure("off")
+
+
+@pytest.mark.parametrize(("layer", "compensated"), [
+    ({"type": "delay", "delay_s": 0.002, "mode": "add"}, True),
+    ({"type": "delay", "delay_s": 0.002, "mode": "floor"}, True),
+    ({"type": "throttle", "iops": 1, "burst_ops": 1}, False),  # a rate limit is never exceeded
+])
+def test_delays_are_compensated_and_throttle_waits_are_not(monkeypatch, layer: dict, compensated: bool) -> None:
+    # A delay's time includes the wake-up after it (an uncompensated 2 ms `add` added
+    # 2.2 ms); a throttle wait shortened by it would let the rate exceed the limit.
+    calls: list[bool] = []
+
+    async def recording_sleep(seconds: float, *, compensate: bool = False) -> None:
+        calls.append(compensate)
+        await trio.sleep(seconds)
+
+    monkeypatch.setattr(delay, "sleep", recording_sleep)
+    monkeypatch.setattr(throttle, "sleep", recording_sleep)
+    stack = Stack(decode_policy(json.dumps({"layers": [layer]})), 1)
+
+    async def main() -> None:
+        async def call() -> bytes:
+            return b"x" * 4096
+        for _ in range(3):
+            await stack.chains["read"](Op("read", 2, "/f", size=4096), call)
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert calls and set(calls) == {compensated}

@@ -98,7 +98,7 @@ from ._worker import run
                    "(adaptive), or always one way (see docs/ARCHITECTURE.md).")
 @click.option("--wake-compensation", type=click.Choice(["off", "worker", "round-trip"]),
               default=DEFAULT_WAKE_COMPENSATION, show_default=True,
-              help="Arm the timers of floor-mode delays (latency targets) early by the measured wake-up "
+              help="Arm the timers of delays (not throttle waits) early by the measured wake-up "
                    "lateness: the worker's own, or twice it to cover the application's wake-up too "
                    "(see docs/layers.md).")
 @click.option("--policy-wait", "policy_wait_s", type=float, default=DEFAULT_POLICY_WAIT_S, show_default=True,

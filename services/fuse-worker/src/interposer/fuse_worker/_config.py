@@ -192,8 +192,8 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
             syncs run: ``adaptive`` (on the event loop while they are measured to
             be fast, in a thread once they block for long, e.g. a network volume),
             ``loop`` or ``thread`` (``backends._offload``).
-        wake_compensation: how early the timers of floor-mode delays (latency
-            targets) are armed to make up for late wake-ups (``layers._timer.WakeCompensation``): ``off``,
+        wake_compensation: how early the timers of delays (both modes; not
+            throttle waits) are armed to make up for late wake-ups (``layers._timer.WakeCompensation``): ``off``,
             ``worker`` (the worker's own measured lateness) or ``round-trip``
             (twice it: also the application's wake-up when the reply arrives).
         max_file_fds: most non-directory files the passthrough backend keeps an

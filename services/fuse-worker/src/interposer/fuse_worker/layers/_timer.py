@@ -16,8 +16,10 @@ armed for the earliest deadline (:class:`TimerQueue`): a timerfd per sleep cost
 A timerfd still wakes the worker late: on a VM an idle vCPU is descheduled by
 the host, and waking it costs ~0.1-0.2 ms (measured here: 2 ms sleeps wake
 76-162 µs late, p50). :class:`WakeCompensation` keeps a running estimate of that
-lateness and arms a timer early by it where the sleep ends at a latency target
-(a delay in ``floor`` mode), so that target is met on average.
+lateness and arms a delay's timer early by it (in ``floor`` mode the sleep ends
+at a latency target, in ``add`` mode it is the time added to the op), so the
+delay is what the policy says on average, wake-up included; throttle waits are
+never shortened (a rate limit must not be exceeded).
 The application's thread pays the same kind of wake-up when the reply arrives
 after a long idle period, which the worker cannot see; the ``round-trip`` mode
 assumes it equals the worker's own (same machine, same idle states) and arms
@@ -241,9 +243,8 @@ async def sleep(seconds: float, *, compensate: bool = False) -> None:
         seconds: how long, seconds (any float; at most the 60 s a layer may ask for
             is expected).
         compensate: arm the timer early by the configured compensation (at most
-            half the sleep), for a sleep that ends at a latency *target* (a delay
-            in ``floor`` mode); other sleeps (``add`` delays, throttle waits) are
-            minimums and are never shortened.
+            half the sleep), for a delay, whose time should include the wake-up
+            that follows it; a throttle wait is a minimum and is never shortened.
 
     Raises:
         OSError: the run's timerfd could not be made (EMFILE) or armed.
