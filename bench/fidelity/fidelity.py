@@ -109,6 +109,8 @@ class Scenario:
     rw: str = "randread"
     bs: int = 4096
     targets: dict[int, Target] = field(default_factory=dict)  # queue depth → fixed target; empty = computed
+    #: a fresh worker for each mode: a drained credit bucket would refill while idle between modes
+    remount: bool = False
 
     def target(self, qd: int, runtime_s: float, service: ServiceTime | None = None) -> Target:
         """What this scenario should achieve at queue depth ``qd`` in a run of ``runtime_s`` seconds."""
@@ -208,11 +210,13 @@ def scenarios() -> list[Scenario]:
             for name, spec in delays.items() for mode in ("add", "floor")]
     out += [Scenario(f"profile-{name}", [{"type": "profile", "name": name}]) for name in PROFILES]
     out += [Scenario("profile-gp3-6000iops", [{"type": "profile", "name": "gp3", "iops": 6000}])]
+    # gp2 whose 5.4 million I/O credits were spent: its 300 IOPS baseline
+    out += [Scenario("profile-gp2-drained", [{"type": "profile", "name": "gp2", "burst_balance": 0}], remount=True)]
     # disks stream what they read in order: no positioning delay, the transfer rate (st1: burst while credits last)
     out += [Scenario(f"profile-{name}-seq", [{"type": "profile", "name": name}], rw="read", bs=MIB)
             for name in ("hdd-7200", "st1")]
     out += [Scenario("profile-st1-drained-seq", [{"type": "profile", "name": "st1", "burst_balance": 0}],
-                     rw="read", bs=MIB)]
+                     rw="read", bs=MIB, remount=True)]
     return out
 
 
@@ -340,26 +344,34 @@ def run_table(chosen: list[Scenario], modes: list[tuple[int, bool]], work: Path,
     print("-" * len(HEADER), flush=True)
     bare_bw: dict[tuple[int, bool], float] = {}
     for scenario in chosen:
-        with Mount(work / "backing", work / "mnt", scenario.layers, worker_flags) as mount:
-            for qd, direct in modes:
-                trace = FuseRequestTrace(mount.mountpoint) if fuse_trace else None
-                with trace or contextlib.nullcontext():
-                    got = run_fio(mount.mountpoint, scenario, qd, direct, runtime_s, file_bytes, aio)
-                target = scenario.target(qd, runtime_s, service if has_added_delay(scenario.layers) else None)
-                if scenario.name == "bare":
-                    bare_bw[(qd, direct)] = got["bw"]
-                elif scenario.name == "noop-stack":
-                    target = Target(bw_bytes_per_s=bare_bw.get((qd, direct)))
-                for metric, want, have, unit in (
-                    ("bw", target.bw_bytes_per_s, got["bw"], "B/s"), ("iops", target.iops, got["iops"], ""),
-                    ("p50", target.lat_p50_s, got["p50"], "s"), ("p99", target.lat_p99_s, got["p99"], "s"),
-                ):
-                    print(_row(scenario.name, qd, direct, metric, want, have, unit), flush=True)
-                if trace is not None and len(latencies := trace.latencies()) > 1:  # the same quantiles, at the device
-                    cuts = statistics.quantiles(latencies, n=100, method="inclusive")
-                    for metric, want, q in (("fuse50", target.lat_p50_s, P50), ("fuse99", target.lat_p99_s, P99)):
-                        have = cuts[round(q * 100) - 1]
-                        print(_row(scenario.name, qd, direct, metric, want, have, "s"), flush=True)
+        for group in ([[mode] for mode in modes] if scenario.remount else [modes]):
+            _run_modes(scenario, group, work, runtime_s, file_bytes, worker_flags, fuse_trace, aio, service, bare_bw)
+
+
+def _run_modes(scenario: Scenario, modes: list[tuple[int, bool]], work: Path, runtime_s: float, file_bytes: int,
+               worker_flags: tuple[str, ...], fuse_trace: bool, aio: bool, service: ServiceTime | None,
+               bare_bw: dict[tuple[int, bool], float]) -> None:
+    """Measure ``scenario`` in ``modes`` on one mount (one worker) and print its rows."""
+    with Mount(work / "backing", work / "mnt", scenario.layers, worker_flags) as mount:
+        for qd, direct in modes:
+            trace = FuseRequestTrace(mount.mountpoint) if fuse_trace else None
+            with trace or contextlib.nullcontext():
+                got = run_fio(mount.mountpoint, scenario, qd, direct, runtime_s, file_bytes, aio)
+            target = scenario.target(qd, runtime_s, service if has_added_delay(scenario.layers) else None)
+            if scenario.name == "bare":
+                bare_bw[(qd, direct)] = got["bw"]
+            elif scenario.name == "noop-stack":
+                target = Target(bw_bytes_per_s=bare_bw.get((qd, direct)))
+            for metric, want, have, unit in (
+                ("bw", target.bw_bytes_per_s, got["bw"], "B/s"), ("iops", target.iops, got["iops"], ""),
+                ("p50", target.lat_p50_s, got["p50"], "s"), ("p99", target.lat_p99_s, got["p99"], "s"),
+            ):
+                print(_row(scenario.name, qd, direct, metric, want, have, unit), flush=True)
+            if trace is not None and len(latencies := trace.latencies()) > 1:  # the same quantiles, at the device
+                cuts = statistics.quantiles(latencies, n=100, method="inclusive")
+                for metric, want, q in (("fuse50", target.lat_p50_s, P50), ("fuse99", target.lat_p99_s, P99)):
+                    have = cuts[round(q * 100) - 1]
+                    print(_row(scenario.name, qd, direct, metric, want, have, "s"), flush=True)
 
 
 def run_noop(modes: list[tuple[int, bool]], work: Path, runtime_s: float, file_bytes: int, repeat: int) -> None:

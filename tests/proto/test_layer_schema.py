@@ -93,6 +93,8 @@ def test_delay_s_still_means_a_fixed_delay() -> None:
     ({"type": "profile", "name": "gp3", "size_gib": 100}, "field `size_gib`: profile 'gp3' takes `iops`, "
                                                            "`rate_bytes_per_s`"),
     ({"type": "profile", "name": "st1", "size_gib": 100}, "field `size_gib`: 100 is outside 125..16,384"),
+    ({"type": "profile", "name": "gp2", "size_gib": 20000}, "field `size_gib`: 20,000 is outside 1..16,384"),
+    ({"type": "profile", "name": "gp2", "iops": 6000}, "field `iops`: profile 'gp2' takes `size_gib`, `burst_balance`"),
     ({"type": "profile", "name": "hdd-7200", "iops": 10}, "profile 'hdd-7200' takes no sizing field"),
     ({"type": "profile", "name": "pd-standard", "size_gib": 0}, "$.layers[0].size_gib"),
     ({"type": "delay", "delay_s": 0.1, "page_cache": "warm"}, "$.layers[0].page_cache"),
@@ -151,6 +153,16 @@ def test_a_profile_is_sized_by_its_published_rules() -> None:
     mib, both, reads, writes = 1 << 20, frozenset(), frozenset({"read"}), frozenset({"write"})
     assert _limits({"type": "profile", "name": "gp3", "iops": 6000, "rate_bytes_per_s": 500 * mib}) == [
         (both, 6000, 500 * mib, 0)]
+    # gp2: 3 IOPS per GiB (100..16,000) from 5.4 million credits, bursting to 3,000 below 1,000 GiB
+    assert _limits({"type": "profile", "name": "gp2"}) == [(both, 3000, 128 * mib, 0), (both, 300, None, 0)]
+    assert _limits({"type": "profile", "name": "gp2", "size_gib": 10}) == [
+        (both, 3000, 128 * mib, 0), (both, 100, None, 0)]
+    assert _limits({"type": "profile", "name": "gp2", "size_gib": 500}) == [
+        (both, 3000, 250 * mib, 0), (both, 1500, None, 0)]
+    assert _limits({"type": "profile", "name": "gp2", "size_gib": 8000}) == [(both, 16000, 250 * mib, 0)]
+    gp2_credits = [t for t in expand_profile(_one({"type": "profile", "name": "gp2", "burst_balance": 0}))
+                   if isinstance(t, ThrottleLayer)][1]
+    assert (gp2_credits.burst_ops, gp2_credits.burst_balance) == (5_400_000, 0.0)
     # st1, per TiB: 250 MiB/s burst throughput, 40 MiB/s baseline (each at most 500 MiB/s), 1 TiB of credits
     gib = 1 << 30
     assert _limits({"type": "profile", "name": "st1", "size_gib": 512}) == [

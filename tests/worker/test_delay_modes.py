@@ -257,7 +257,7 @@ def test_quantile_known_values() -> None:
 def test_device_profiles_use_floor_and_the_wan_profile_adds() -> None:
     modes = {name: {layer.mode for layer in expand_profile(ProfileLayer(name=name)) if isinstance(layer, DelayLayer)}
              for name in PROFILES}
-    assert modes == {"gp3": {"floor"}, "st1": {"floor"}, "pd-standard": {"floor"}, "hdd-7200": {"floor"},
+    assert modes == {"gp3": {"floor"}, "gp2": {"floor"}, "st1": {"floor"}, "pd-standard": {"floor"}, "hdd-7200": {"floor"},
                      "wan-nfs": {"add"}}
 
 

@@ -161,6 +161,21 @@ def test_a_drained_st1_volume_spends_a_whole_credit_on_each_small_read(mount_wor
     assert 4 * MIB / baseline * 0.95 <= random_s < 4 * MIB / baseline * 1.5
 
 
+def test_a_gp2_volume_falls_to_its_baseline_when_its_credits_are_spent(mount_worker, tmp_path) -> None:
+    # The gp2 burst cliff: a 10 GiB volume serves 3,000 IOPS while it has I/O credits and
+    # its 100 IOPS baseline once they are spent (burst_balance 0).
+    names = _small_files(tmp_path / "gp2", 1, 8 * MIB)
+    offsets = [(i * 37 % 2048) * 4096 for i in range(40)]  # 40 scattered 4 KiB reads
+    took = {}
+    for balance in (1, 0):
+        vol = mount_worker(backing=tmp_path / "gp2", policy=_policy(
+            {"type": "profile", "name": "gp2", "size_gib": 10, "burst_balance": balance}))
+        took[balance] = _timed_preads(vol.mountpoint / names[0], offsets, 4096)
+        vol.unmount()
+    assert took[1] < 40 / 100 / 2  # ~1 ms each (the latency floor), not paced at the baseline
+    assert took[0] >= 40 / 100 * 0.95
+
+
 def test_expiry_reverts_on_time_without_a_bus(mount_worker) -> None:
     vol = mount_worker(policy=_policy({"type": "fault", "errno": "EIO", "ops": ["getattr", "lookup"],
                                        "path_glob": "/probe", "expires_after_s": 2}))

@@ -99,11 +99,30 @@ def _gp3(sizing: Sizing) -> tuple[Layer, ...]:
                      "gp3 includes 3,000 IOPS at any size; more are provisioned")
     rate = _in_range("rate_bytes_per_s", sizing.rate_bytes_per_s or 125 * MIB, 125 * MIB, None,
                      "gp3 includes 125 MiB/s at any size; more is provisioned")
-    return (
-        ThrottleLayer(iops=iops, rate_bytes_per_s=rate, max_io_bytes=256 * KIB),
-        DelayLayer(ops=frozenset({"read", "write"}), mode="floor",
-                   distribution=LognormalDistribution(median_s=0.001, sigma=0.3)),
-    )
+    return (ThrottleLayer(iops=iops, rate_bytes_per_s=rate, max_io_bytes=256 * KIB), _ssd_latency())
+
+
+def _gp2(sizing: Sizing) -> tuple[Layer, ...]:
+    size = _in_range("size_gib", sizing.size_gib or 100, 1, 16384, "gp2 volumes are 1 GiB to 16 TiB")
+    baseline = min(max(3 * size, 100), 16000)
+    rate = 128 * MIB if size <= 170 else 250 * MIB
+    balance = 1.0 if sizing.burst_balance is None else sizing.burst_balance
+    if baseline >= 3000:  # 1,000 GiB and up: the baseline is the burst, credits are never spent
+        throttles: tuple[Layer, ...] = (ThrottleLayer(iops=baseline, rate_bytes_per_s=rate, max_io_bytes=256 * KIB),)
+    else:
+        throttles = (
+            # while credits last: 3,000 IOPS
+            ThrottleLayer(iops=3000, rate_bytes_per_s=rate, max_io_bytes=256 * KIB),
+            # the credits: 5.4 million I/O credits, earned at the baseline
+            ThrottleLayer(iops=baseline, burst_ops=5_400_000, burst_balance=balance, max_io_bytes=256 * KIB),
+        )
+    return (*throttles, _ssd_latency())
+
+
+def _ssd_latency() -> DelayLayer:
+    """EBS SSD volumes' 'single-digit millisecond' latency: log-normal, median 1 ms, sigma 0.3, a floor."""
+    return DelayLayer(ops=frozenset({"read", "write"}), mode="floor",
+                      distribution=LognormalDistribution(median_s=0.001, sigma=0.3))
 
 
 def _st1(sizing: Sizing) -> tuple[Layer, ...]:
@@ -171,6 +190,27 @@ _PROFILES_AND_BUILDERS = (
             "iops": "provisioned IOPS, >= 3000 (default 3000; AWS caps what may be provisioned per volume "
                     "and per GiB: check the current limits)",
             "rate_bytes_per_s": "provisioned throughput, >= 125 MiB/s (default 125 MiB/s)",
+        },
+    ),
+    _profile(
+        _gp2,
+        name="gp2",
+        summary="AWS EBS gp2 SSD, 100 GiB: 3000 IOPS while 5.4 million I/O credits last, then 300; 128 MiB/s; "
+                "~1 ms latency",
+        source=(
+            "AWS EBS User Guide, 'General Purpose SSD volumes', gp2: baseline 3 IOPS per GiB (at least 100, at "
+            "most 16,000), burst to 3,000 IOPS from a bucket of 5.4 million I/O credits, full when the volume "
+            "is new and earned at the baseline (a 100 GiB volume bursts for 2,000 s); throughput at most "
+            "128 MiB/s up to 170 GiB, 250 MiB/s above (from 170 to 334 GiB while credits last: after, the "
+            "baseline IOPS bound it near 128 MiB/s); 1 GiB to 16 TiB "
+            "(https://docs.aws.amazon.com/ebs/latest/userguide/general-purpose.html); I/O counted in "
+            "256 KiB units as gp3; latency as gp3's"
+        ),
+        parameters={
+            "size_gib": "volume size, 1..16384 GiB (default 100): baseline 3 IOPS per GiB, 100..16,000; "
+                        "burst to 3,000 below 1,000 GiB; 128 MiB/s up to 170 GiB, 250 above",
+            "burst_balance": "how full the I/O credit bucket is at the first I/O, 0..1 (default 1: a new "
+                             "volume; 0: drained, the volume runs at its baseline)",
         },
     ),
     _profile(
