@@ -38,9 +38,11 @@ PANELS_TIMEOUT_S = 60.0
 RATE_INTERVAL = "1m"
 NAMESPACE, POD = "team-a", "trainer-0"
 #: Initial policy: EIO on reads of /faulty*, 1 ms delay on reads of /data/*, 256 KiB/s on /slow/*,
-#: and a quota far above what the workload uses (for the quota panels).
+#: a quota far above what the workload uses (for the quota panels), and a read throttle with a
+#: credit bucket far above what the workload spends (for the burst-balance panel).
 POLICY = {"layers": [
     {"type": "quota", "bytes": 1 << 30, "inodes": 100_000},
+    {"type": "throttle", "iops": 100_000, "burst_ops": 1_000_000, "ops": ["read"], "path_glob": "/data/*"},
     {"type": "fault", "errno": "EIO", "probability": 1.0, "ops": ["read"], "path_glob": "/faulty*"},
     {"type": "delay", "delay_s": 0.001, "ops": ["read"], "path_glob": "/data/*"},
     {"type": "throttle", "rate_bytes_per_s": 262144, "ops": ["write"], "path_glob": "/slow/*"},

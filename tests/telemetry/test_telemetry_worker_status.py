@@ -88,3 +88,24 @@ def test_quota_open_files_fault_records_and_worker_up_reach_the_collector(
 def collector_names(collector: Collector, volume: str) -> set[str]:
     """Names of the samples the collector exports for ``volume``."""
     return {name for name, labels in scrape(collector.metrics_url) if ("volume", volume) in labels}
+
+
+def test_a_spent_credit_bucket_shows_in_the_burst_balance_gauge(
+        nats_url: str, mount_worker: Callable[..., MountedVolume], start_collector: Callable[..., Collector]) -> None:
+    # As CloudWatch's BurstBalance: a bucket of 100 read credits earned at 1 per second;
+    # 50 direct reads spend half of it, and the gauge shows it within a few heartbeats.
+    collector = start_collector()
+    volume = f"wsb-{uuid.uuid4().hex[:8]}"
+    policy = {"layers": [{"type": "throttle", "iops": 1, "burst_ops": 100, "ops": ["read"]}]}
+    vol = mount_worker(volume, nats_url=nats_url, policy=json.dumps(policy))
+    (vol.backing / "data").write_bytes(os.urandom(64 * 4096))
+    wait_for(lambda: collector.total("interposer_burst_balance_ratio", volume=volume) == 1.0,
+             what="a full bucket in the gauge", interval_s=0.3)
+    fd = os.open(vol.mountpoint / "data", os.O_RDONLY | os.O_DIRECT)
+    try:
+        for i in range(50):
+            os.pread(fd, 4096, i * 4096)
+    finally:
+        os.close(fd)
+    wait_for(lambda: 0.45 <= collector.total("interposer_burst_balance_ratio", volume=volume) <= 0.7,
+             what="half the bucket spent in the gauge", interval_s=0.3)

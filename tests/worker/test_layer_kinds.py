@@ -361,6 +361,27 @@ def test_burst_balance_sets_how_full_the_bucket_starts() -> None:
     assert run(main, 0.0) == pytest.approx(10.0)
 
 
+def test_burst_balance_reports_how_full_the_policy_sized_buckets_are() -> None:
+    # gp2-like: 10 credits earned at 1 per second, half full at the start.
+    stack = Stack(Policy(layers=[ThrottleLayer(iops=1, burst_ops=10, burst_balance=0.5)]), 1)
+    credits = stack.layers[0]
+
+    async def spend() -> list[float | None]:
+        seen = [credits.burst_balance(trio.current_time())]  # before the first op: as configured
+        for _ in range(4):
+            await serve(stack, Op("read", 2, "/f", size=4096))
+        seen.append(credits.burst_balance(trio.current_time()))  # 4 of the 5 spent
+        await trio.sleep(3)
+        seen.append(credits.burst_balance(trio.current_time()))  # 3 earned back
+        await trio.sleep(100)
+        seen.append(credits.burst_balance(trio.current_time()))  # full, no more
+        return seen
+
+    assert run(spend) == [pytest.approx(0.5), pytest.approx(0.1), pytest.approx(0.4), 1.0]
+    # a default bucket (50 ms of the rate) empties and fills many times a second: not reported
+    assert Stack(Policy(layers=[ThrottleLayer(iops=1)]), 1).layers[0].burst_balance(0.0) is None
+
+
 def test_a_failed_op_is_charged_what_it_asked() -> None:
     stack = Stack(Policy(layers=[ThrottleLayer(rate_bytes_per_s=1 << 20, burst_bytes=1),
                                  FaultLayer(errno="EIO")]), 1)

@@ -126,6 +126,10 @@ class WorkerStatus(msgspec.Struct):
             arrived, and the kernel takes neither back): passthrough handles whose
             reads or writes it acts on, and handles opened without FLUSH
             (FOPEN_NOFLUSH) whose ``flush`` it acts on.
+        burst_balance: how full, 0..1, the emptiest burst bucket sized by the
+            policy is (a throttle layer's ``burst_bytes``/``burst_ops``, e.g. the
+            credit buckets of the ``gp2`` and ``st1`` profiles), as CloudWatch's
+            ``BurstBalance`` but a ratio; ``None`` when no layer in force has one.
     """
 
     volume: str
@@ -153,6 +157,7 @@ class WorkerStatus(msgspec.Struct):
     node: str = ""
     kernel_passthrough_files: int = 0
     files_bypassing_layers: int = 0
+    burst_balance: float | None = None
 
 
 class FaultRecord(msgspec.Struct, kw_only=True):

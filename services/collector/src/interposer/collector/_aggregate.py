@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno as _errno
 import threading
 import time
+import typing
 from bisect import bisect_left
 from collections.abc import Callable, Iterable
 
@@ -109,6 +110,8 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
         quota_limit_bytes: the same key → byte limit, for quotas that have one.
         quota_used_inodes: the same key → inodes in use (quota in force).
         quota_limit_inodes: the same key → inode limit, for quotas that have one.
+        burst_balance: the same key → how full, 0..1, the emptiest policy-sized
+            throttle bucket is (``WorkerStatus.burst_balance``), for workers with one.
         volume_info: ``(volume, namespace, pod, pod_uid, service_account)`` → 1 for
             each up worker (newest heartbeat): who uses the volume, for joins in PromQL.
         batches_total: event batches aggregated.
@@ -142,6 +145,7 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
     quota_limit_bytes: dict[Labels3, int]
     quota_used_inodes: dict[Labels3, int]
     quota_limit_inodes: dict[Labels3, int]
+    burst_balance: dict[Labels3, float]
     volume_info: dict[tuple[str, str, str, str, str], int]
     batches_total: int
     events_total: int
@@ -426,6 +430,7 @@ class Aggregator:
                 quota_limit_bytes=_present(newest, "quota_bytes_limit"),
                 quota_used_inodes=_present(newest, "quota_inodes_used"),
                 quota_limit_inodes=_present(newest, "quota_inodes_limit"),
+                burst_balance=_present(newest, "burst_balance"),
                 volume_info={(*key3, status.pod_uid, status.service_account): 1 for key3, status in newest.items()},
                 batches_total=self._batches_total,
                 events_total=self._events_total,
@@ -437,9 +442,9 @@ class Aggregator:
             )
 
 
-def _present(statuses: dict[Labels3, WorkerStatus], field: str) -> dict[Labels3, int]:
+def _present(statuses: dict[Labels3, WorkerStatus], field: str) -> dict[Labels3, typing.Any]:
     """``key → statuses[key].<field>`` for the heartbeats where that field is not None."""
-    out: dict[Labels3, int] = {}
+    out: dict[Labels3, typing.Any] = {}
     for key3, status in statuses.items():
         value = getattr(status, field)
         if value is not None:

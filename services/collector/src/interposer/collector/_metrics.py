@@ -64,6 +64,10 @@ METRICS: tuple[tuple[str, str, list[str], str], ...] = (
      "Files, directories and links the volume's quota counts in use; absent without a quota."),
     ("interposer_quota_limit_inodes", "gauge", list(_VNP),
      "Inode limit of the volume's quota; absent without an inode limit."),
+    ("interposer_burst_balance_ratio", "gauge", list(_VNP),
+     "How full, 0..1, the emptiest burst bucket the volume's policy sized is (a throttle's burst_bytes or "
+     "burst_ops: the credit buckets of the gp2 and st1 profiles), as CloudWatch's BurstBalance; absent "
+     "without one."),
     ("interposer_volume_info", "gauge", [*_VNP, "pod_uid", "service_account"],
      "1 per volume with an up worker: the pod using it (uid, ServiceAccount; podInfoOnMount). Join on volume."),
     ("interposer_collector_batches", "counter", [], "Event batches this collector aggregated."),
@@ -143,6 +147,7 @@ def families(snapshot: Snapshot) -> Iterator[Metric]:
     yield _gauge("interposer_quota_limit_bytes", snapshot.quota_limit_bytes.items())
     yield _gauge("interposer_quota_used_inodes", snapshot.quota_used_inodes.items())
     yield _gauge("interposer_quota_limit_inodes", snapshot.quota_limit_inodes.items())
+    yield _gauge("interposer_burst_balance_ratio", snapshot.burst_balance.items())
     yield _gauge("interposer_volume_info", snapshot.volume_info.items())
     yield _counter("interposer_collector_batches", [((), snapshot.batches_total)])
     yield _counter("interposer_collector_events", [((), snapshot.events_total)])

@@ -53,6 +53,8 @@ class Bus:
         trio_token: token of the trio run that serves FUSE.
         quota_usage: returns the usage and limits of the quota in force, None if
             none (for heartbeats); called on the bus thread.
+        burst_balance: returns ``WorkerStatus.burst_balance`` (how full the emptiest
+            policy-sized throttle bucket is, None if none); called on the bus thread.
         apply_off_trio: called on the bus thread as ``apply_off_trio(policy,
             revision)``: puts the policy in force there and returns True when that
             is safe, else returns False and ``apply_policy`` runs on the trio thread.
@@ -65,6 +67,7 @@ class Bus:
         self, config: WorkerConfig, telemetry: Telemetry, apply_policy: Callable[[Policy, int], None],
         current_revision: Callable[[], int], trio_token: trio.lowlevel.TrioToken,
         quota_usage: Callable[[], QuotaUsage | None] = lambda: None,
+        burst_balance: Callable[[], float | None] = lambda: None,
         apply_off_trio: Callable[[Policy, int], bool] = lambda policy, revision: False,
         passthrough_files: Callable[[], tuple[int, int]] = lambda: (0, 0),
     ) -> None:
@@ -72,6 +75,7 @@ class Bus:
         self.telemetry = telemetry
         self.worker_id = telemetry.worker_id
         self._quota_usage = quota_usage
+        self._burst_balance = burst_balance
         self._passthrough_files = passthrough_files
         self._apply_policy = apply_policy
         self._apply_off_trio = apply_off_trio
@@ -399,7 +403,7 @@ class Bus:
             quota_inodes_limit=quota.inodes_limit if quota else None, labels=self.config.pod_labels,
             pod_uid=self.config.pod_uid, service_account=self.config.service_account,
             node=self.config.node_name, kernel_passthrough_files=passthrough_files,
-            files_bypassing_layers=bypassing,
+            files_bypassing_layers=bypassing, burst_balance=self._burst_balance(),
         ))
 
     async def _status_loop(self, nc: nats.NATS) -> None:

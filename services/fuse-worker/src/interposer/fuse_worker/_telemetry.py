@@ -18,6 +18,7 @@ from ._config import DEFAULT_EVENT_BUFFER as DEFAULT_EVENT_BUFFER, EventSampleRu
 from ._op import Op
 from .layers._match import compile_glob
 from .layers.quota import Quota
+from .layers.throttle import Throttle
 #: Fault records held for the bus before new ones are dropped.
 DEFAULT_FAULT_BUFFER = 100_000
 
@@ -235,6 +236,21 @@ def quota_usage(layers: Iterable[object]) -> QuotaUsage | None:
     return QuotaUsage(bytes_used=stats.bytes_used, inodes_used=stats.inodes_used,
                       bytes_limit=_tightest(q.spec.bytes for q in quotas),
                       inodes_limit=_tightest(q.spec.inodes for q in quotas))
+
+
+def burst_balance(layers: Iterable[object], now_s: float) -> float | None:
+    """How full, 0..1, the emptiest policy-sized burst bucket among ``layers`` is (``WorkerStatus.burst_balance``).
+
+    Args:
+        layers: the runtimes of the layers in force (a ``Stack.layers``).
+        now_s: the time on the clock the throttles run on (trio's), seconds.
+
+    Returns:
+        None when no throttle layer in force has a bucket sized by the policy.
+    """
+    balances = [b for layer in layers if isinstance(layer, Throttle)
+                if (b := layer.burst_balance(now_s)) is not None]
+    return min(balances, default=None)
 
 
 def wall_ns() -> int:

@@ -25,7 +25,7 @@ from ._expiry import expire_layers
 from ._readahead import set_read_ahead
 from .backends._libc import limit_malloc_arenas
 from .backends._offload import fuse_device_fd, readable
-from ._telemetry import DEFAULT_FAULT_BUFFER, Telemetry, quota_usage
+from ._telemetry import DEFAULT_FAULT_BUFFER, Telemetry, burst_balance, quota_usage
 from .backends import Backend, MemoryBackend, NullBackend, PassthroughBackend
 from .layers import QuotaContext, Usage, walk_usage
 
@@ -201,8 +201,11 @@ async def serve(config: WorkerConfig) -> None:
                                       negative_timeout_s=config.negative_entry_timeout_s)
     bus: Bus | None = None
     if config.nats_url:
+        # The throttles' buckets run on trio's clock (perf_counter plus an offset); the bus thread has no trio clock.
+        trio_clock_offset_s = trio.current_time() - time.perf_counter()
         bus = Bus(config, telemetry, operations.apply, lambda: operations.revision, trio.lowlevel.current_trio_token(),
                   quota_usage=lambda: quota_usage(operations.stack.layers),
+                  burst_balance=lambda: burst_balance(operations.stack.layers, time.perf_counter() + trio_clock_offset_s),
                   apply_off_trio=operations.apply_off_trio,
                   passthrough_files=lambda: (operations.kernel_passthrough_files, operations.files_bypassing_layers))
         bus.start()

@@ -73,6 +73,11 @@ class TokenBucket:
         self._empty_s = (1.0 - balance) * self._burst_s  # how far ahead the schedule starts
         self._tat: float | None = None  # theoretical arrival time of the next request
 
+    def balance(self, now_s: float) -> float:
+        """How full the bucket is at ``now_s``, 0..1 (tokens left over the bucket size)."""
+        ahead_s = self._empty_s if self._tat is None else self._tat - now_s
+        return min(1.0, max(0.0, 1.0 - ahead_s / self._burst_s))
+
     def reserve(self, size_bytes: int, now_s: float) -> float:
         """Reserve ``size_bytes`` at time ``now_s``; return the seconds to wait (≥ 0)."""
         if self._tat is None:
@@ -206,6 +211,17 @@ class Throttle:
         last_unit = unit if not filled and size_bytes < MIN_MERGED_IO_BYTES else total % unit or unit
         streams.put(op.ino, (op.offset + size_bytes, size_bytes, last_unit))
         return count
+
+    def burst_balance(self, now_s: float) -> float | None:
+        """How full, 0..1, the emptiest of this layer's buckets sized by the policy is at ``now_s``.
+
+        Only buckets the policy gave a size (``burst_bytes``, ``burst_ops``): a
+        default bucket (50 ms of the rate) fills and empties many times a second,
+        a provider's credit bucket over minutes. None if there is none.
+        """
+        sized = [bucket for bucket, given in ((self.bucket, self.spec.burst_bytes),
+                                              (self.ops_bucket, self.spec.burst_ops)) if bucket is not None and given]
+        return min((bucket.balance(now_s) for bucket in sized), default=None)
 
     def statistics(self) -> ThrottleStatistics:
         """Snapshot of this layer's counters."""
