@@ -68,10 +68,13 @@ def test_phases_run_in_order_with_the_documented_fields(demo_report: dict) -> No
         assert phase["collector"]["ops"] > 0 and _bw(phase) > 0
 
 
-def test_delay_phase_adds_at_least_2_ms_of_latency(demo_report: dict) -> None:
+def test_delay_phase_adds_2_ms_of_latency(demo_report: dict) -> None:
+    # The wake-up after the sleep is compensated, so the mean added time is on the 2 ms,
+    # not above it by the wake-up (a single op may add a little less).
     base, delay = _phase(demo_report, "baseline")["fio"], _phase(demo_report, "delay")["fio"]
-    assert delay["read_lat_mean_s"] >= base["read_lat_mean_s"] + 0.002
-    assert delay["write_lat_mean_s"] >= base["write_lat_mean_s"] + 0.002
+    for side in ("read", "write"):
+        added_s = delay[f"{side}_lat_mean_s"] - base[f"{side}_lat_mean_s"]
+        assert 0.002 * 0.95 <= added_s < 0.002 * 2, (side, added_s)
 
 
 def test_throttle_phase_runs_at_20_mib_per_s(demo_report: dict) -> None:

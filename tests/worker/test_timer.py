@@ -145,6 +145,10 @@ def test_compensation_learns_the_wake_lateness_and_arms_early_by_it() -> None:
     assert worker.lead_s(0.002) == pytest.approx(150e-6, rel=0.01)
     assert round_trip.lead_s(0.002) == pytest.approx(300e-6, rel=0.01)
     assert off.lead_s(0.002) == 0.0
+    # an `add` delay makes up the worker's own wake-up only, whatever the mode
+    assert round_trip.lead_s(0.002, own_wake_only=True) == pytest.approx(150e-6, rel=0.01)
+    assert worker.lead_s(0.002, own_wake_only=True) == pytest.approx(150e-6, rel=0.01)
+    assert off.lead_s(0.002, own_wake_only=True) == 0.0
     # never more than half the sleep
     assert round_trip.lead_s(0.0004) == pytest.approx(0.0002)
 
@@ -184,17 +188,18 @@ def test_a_compensated_sleep_ends_at_most_its_lead_early() -> None:
 
 
 @pytest.mark.parametrize(("layer", "compensated"), [
-    ({"type": "delay", "delay_s": 0.002, "mode": "add"}, True),
-    ({"type": "delay", "delay_s": 0.002, "mode": "floor"}, True),
-    ({"type": "throttle", "iops": 1, "burst_ops": 1}, False),  # a rate limit is never exceeded
+    ({"type": "delay", "delay_s": 0.002, "mode": "add"}, (True, True)),     # the worker's own wake-up
+    ({"type": "delay", "delay_s": 0.002, "mode": "floor"}, (True, False)),  # a total-latency target
+    ({"type": "throttle", "iops": 1, "burst_ops": 1}, (False, False)),      # a rate limit is never exceeded
 ])
-def test_delays_are_compensated_and_throttle_waits_are_not(monkeypatch, layer: dict, compensated: bool) -> None:
+def test_delays_are_compensated_and_throttle_waits_are_not(monkeypatch, layer: dict, compensated: tuple) -> None:
     # A delay's time includes the wake-up after it (an uncompensated 2 ms `add` added
-    # 2.2 ms); a throttle wait shortened by it would let the rate exceed the limit.
-    calls: list[bool] = []
+    # 2.2 ms); an `add` op pays the application's wake-up without the delay too, so only
+    # the worker's is made up; a throttle wait shortened would let the rate exceed the limit.
+    calls: list[tuple[bool, bool]] = []
 
-    async def recording_sleep(seconds: float, *, compensate: bool = False) -> None:
-        calls.append(compensate)
+    async def recording_sleep(seconds: float, *, compensate: bool = False, own_wake_only: bool = False) -> None:
+        calls.append((compensate, own_wake_only))
         await trio.sleep(seconds)
 
     monkeypatch.setattr(delay, "sleep", recording_sleep)

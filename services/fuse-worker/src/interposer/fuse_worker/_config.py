@@ -195,7 +195,8 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
         wake_compensation: how early the timers of delays (both modes; not
             throttle waits) are armed to make up for late wake-ups (``layers._timer.WakeCompensation``): ``off``,
             ``worker`` (the worker's own measured lateness) or ``round-trip``
-            (twice it: also the application's wake-up when the reply arrives).
+            (twice it: also the application's wake-up when the reply arrives;
+            ``add`` delays take the worker's own part only).
         max_file_fds: most non-directory files the passthrough backend keeps an
             ``O_PATH`` fd of while the kernel knows them; past it the longest held
             are closed and reopened by name when used (``_inodes.InodeTable``), so

@@ -16,10 +16,12 @@ armed for the earliest deadline (:class:`TimerQueue`): a timerfd per sleep cost
 A timerfd still wakes the worker late: on a VM an idle vCPU is descheduled by
 the host, and waking it costs ~0.1-0.2 ms (measured here: 2 ms sleeps wake
 76-162 µs late, p50). :class:`WakeCompensation` keeps a running estimate of that
-lateness and arms a delay's timer early by it (in ``floor`` mode the sleep ends
-at a latency target, in ``add`` mode it is the time added to the op), so the
-delay is what the policy says on average, wake-up included; throttle waits are
-never shortened (a rate limit must not be exceeded).
+lateness and arms a delay's timer early by it, so the delay is what the policy
+says on average, wake-up included: in ``floor`` mode the sleep ends at a latency
+target (the mode below decides whether the application's wake-up counts), in
+``add`` mode it is time added to the op, which pays the application's wake-up
+without the delay too, so only the worker's own is compensated. Throttle waits
+are never shortened (a rate limit must not be exceeded).
 The application's thread pays the same kind of wake-up when the reply arrives
 after a long idle period, which the worker cannot see; the ``round-trip`` mode
 assumes it equals the worker's own (same machine, same idle states) and arms
@@ -73,9 +75,14 @@ class WakeCompensation:
         self._factor = self.FACTORS[mode]
         self.lateness_s = 0.0
 
-    def lead_s(self, seconds: float) -> float:
-        """How much earlier than ``seconds`` from now to arm the timer, seconds (< ``seconds``)."""
-        return min(self._factor * self.lateness_s, MAX_COMPENSATION_S, seconds * 0.5)
+    def lead_s(self, seconds: float, own_wake_only: bool = False) -> float:
+        """How much earlier than ``seconds`` from now to arm the timer, seconds (< ``seconds``).
+
+        ``own_wake_only``: the worker's own wake-up at most, never the application's
+        (``round-trip`` counts like ``worker``).
+        """
+        factor = min(self._factor, 1.0) if own_wake_only else self._factor
+        return min(factor * self.lateness_s, MAX_COMPENSATION_S, seconds * 0.5)
 
     def observe(self, late_s: float) -> None:
         """Feed how late one armed timer woke the worker, seconds (negative = early)."""
@@ -230,7 +237,7 @@ def next_deadline_ns() -> int | None:
         return None
 
 
-async def sleep(seconds: float, *, compensate: bool = False) -> None:
+async def sleep(seconds: float, *, compensate: bool = False, own_wake_only: bool = False) -> None:
     """Sleep ``seconds`` with sub-millisecond precision (a checkpoint when ``seconds <= 0``).
 
     Under trio's ``MockClock`` (tests in virtual time) this is ``trio.sleep``, so
@@ -245,6 +252,9 @@ async def sleep(seconds: float, *, compensate: bool = False) -> None:
         compensate: arm the timer early by the configured compensation (at most
             half the sleep), for a delay, whose time should include the wake-up
             that follows it; a throttle wait is a minimum and is never shortened.
+        own_wake_only: compensate only the worker's own wake-up, not the
+            application's after the reply (an ``add`` delay: the op pays that one
+            without the delay too).
 
     Raises:
         OSError: the run's timerfd could not be made (EMFILE) or armed.
@@ -256,7 +266,7 @@ async def sleep(seconds: float, *, compensate: bool = False) -> None:
         await trio.sleep(seconds)
         return
     compensation = _compensation
-    armed_s = seconds - compensation.lead_s(seconds) if compensate else seconds
+    armed_s = seconds - compensation.lead_s(seconds, own_wake_only) if compensate else seconds
     deadline_ns = time.monotonic_ns() + max(1, round(armed_s * _NS_PER_S))
     await _queue().sleep_until(deadline_ns)
     compensation.observe((time.monotonic_ns() - deadline_ns) / _NS_PER_S)
