@@ -61,6 +61,11 @@ class Sizing(msgspec.Struct, frozen=True, kw_only=True):
     rate_bytes_per_s: int | None = None
     burst_balance: float | None = None
 
+    @property
+    def balance(self) -> float:
+        """``burst_balance``, full (1.0) when not given, as a new volume."""
+        return 1.0 if self.burst_balance is None else self.burst_balance
+
 
 class Profile(msgspec.Struct, frozen=True, kw_only=True):
     """A named preset.
@@ -70,8 +75,8 @@ class Profile(msgspec.Struct, frozen=True, kw_only=True):
         summary: one line: what is emulated.
         source: where the numbers come from (URL or document, and the figures used).
         parameters: the profile layer fields that size it (``size_gib``, ``iops``,
-            ``rate_bytes_per_s``), each with its range and how it scales the
-            limits; empty = none.
+            ``rate_bytes_per_s``, ``burst_balance``), each with its range and how it
+            scales the limits; empty = none.
         layers: the layers it expands into at its defaults, outermost first
             (``ops``/``path_glob`` of the profile layer are applied on expansion).
     """
@@ -106,7 +111,6 @@ def _gp2(sizing: Sizing) -> tuple[Layer, ...]:
     size = _in_range("size_gib", sizing.size_gib or 100, 1, 16384, "gp2 volumes are 1 GiB to 16 TiB")
     baseline = min(max(3 * size, 100), 16000)
     rate = 128 * MIB if size <= 170 else 250 * MIB
-    balance = 1.0 if sizing.burst_balance is None else sizing.burst_balance
     if baseline >= 3000:  # 1,000 GiB and up: the baseline is the burst, credits are never spent
         throttles: tuple[Layer, ...] = (ThrottleLayer(iops=baseline, rate_bytes_per_s=rate, max_io_bytes=256 * KIB),)
     else:
@@ -114,7 +118,8 @@ def _gp2(sizing: Sizing) -> tuple[Layer, ...]:
             # while credits last: 3,000 IOPS
             ThrottleLayer(iops=3000, rate_bytes_per_s=rate, max_io_bytes=256 * KIB),
             # the credits: 5.4 million I/O credits, earned at the baseline
-            ThrottleLayer(iops=baseline, burst_ops=5_400_000, burst_balance=balance, max_io_bytes=256 * KIB),
+            ThrottleLayer(iops=baseline, burst_ops=5_400_000, burst_balance=sizing.balance,
+                          max_io_bytes=256 * KIB),
         )
     return (*throttles, _ssd_latency())
 
@@ -129,12 +134,11 @@ def _st1(sizing: Sizing) -> tuple[Layer, ...]:
     size = _in_range("size_gib", sizing.size_gib or 1024, 125, 16384, "st1 volumes are 125 GiB to 16 TiB")
     baseline = min(40 * MIB * size // 1024, 500 * MIB)
     burst = min(250 * MIB * size // 1024, 500 * MIB)
-    balance = 1.0 if sizing.burst_balance is None else sizing.burst_balance
     return (
         # while credits last: the burst throughput, each I/O spending a 1 MiB credit
         ThrottleLayer(iops=500, rate_bytes_per_s=burst, max_io_bytes=MIB, charge_units=True),
         # the credits: a bucket of 1 TiB per TiB of volume, refilled at the baseline
-        ThrottleLayer(rate_bytes_per_s=baseline, burst_bytes=size * GIB, burst_balance=balance,
+        ThrottleLayer(rate_bytes_per_s=baseline, burst_bytes=size * GIB, burst_balance=sizing.balance,
                       max_io_bytes=MIB, charge_units=True),
         _disk_positioning(),
     )
