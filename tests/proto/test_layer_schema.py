@@ -96,6 +96,8 @@ def test_delay_s_still_means_a_fixed_delay() -> None:
     ({"type": "profile", "name": "gp2", "size_gib": 20000}, "field `size_gib`: 20,000 is outside 1..16,384"),
     ({"type": "profile", "name": "gp2", "iops": 6000}, "field `iops`: profile 'gp2' takes `size_gib`, `burst_balance`"),
     ({"type": "profile", "name": "hdd-7200", "iops": 10}, "profile 'hdd-7200' takes no sizing field"),
+    ({"type": "profile", "name": "io2", "iops": 300000}, "field `iops`: 300,000 is outside 100..256,000"),
+    ({"type": "profile", "name": "efs", "size_gib": 100}, "profile 'efs' takes no sizing field"),
     ({"type": "profile", "name": "pd-standard", "size_gib": 0}, "$.layers[0].size_gib"),
     ({"type": "delay", "delay_s": 0.1, "page_cache": "warm"}, "$.layers[0].page_cache"),
     ({"type": "fault", "kind": "short_read", "page_cache": "keep"}, "field `page_cache`: kind 'short_read'"),
@@ -172,6 +174,8 @@ def test_a_profile_is_sized_by_its_published_rules() -> None:
     credits = [t for t in expand_profile(_one({"type": "profile", "name": "st1", "burst_balance": 0.25}))
                if isinstance(t, ThrottleLayer)][1]
     assert (credits.burst_balance, credits.charge_units, credits.max_io_bytes) == (0.25, True, mib)
+    # io2 Block Express: 100..256,000 provisioned IOPS in 256 KiB units, at most 4,000 MiB/s
+    assert _limits({"type": "profile", "name": "io2", "iops": 64000}) == [(both, 64000, 4000 * mib, 0)]
     # pd-standard: 0.75 read and 1.5 write IOPS and 0.12 MiB/s per GiB
     assert _limits({"type": "profile", "name": "pd-standard", "size_gib": 200}) == [
         (reads, 150, None, 0), (writes, 300, None, 0), (both, None, int(0.12 * mib * 200), 0)]

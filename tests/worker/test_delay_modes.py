@@ -257,8 +257,8 @@ def test_quantile_known_values() -> None:
 def test_device_profiles_use_floor_and_the_wan_profile_adds() -> None:
     modes = {name: {layer.mode for layer in expand_profile(ProfileLayer(name=name)) if isinstance(layer, DelayLayer)}
              for name in PROFILES}
-    assert modes == {"gp3": {"floor"}, "gp2": {"floor"}, "st1": {"floor"}, "pd-standard": {"floor"}, "hdd-7200": {"floor"},
-                     "wan-nfs": {"add"}}
+    assert modes == {"gp3": {"floor"}, "gp2": {"floor"}, "io2": {"floor"}, "st1": {"floor"},
+                     "pd-standard": {"floor"}, "efs": {"floor"}, "hdd-7200": {"floor"}, "wan-nfs": {"add"}}
 
 
 def test_gp3_at_qd1_is_its_latency_not_latency_plus_service_time() -> None:

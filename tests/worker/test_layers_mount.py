@@ -176,6 +176,24 @@ def test_a_gp2_volume_falls_to_its_baseline_when_its_credits_are_spent(mount_wor
     assert took[0] >= 40 / 100 * 0.95
 
 
+def test_efs_pays_its_read_latency_on_lookups_and_its_write_latency_on_creates(mount_worker, tmp_path) -> None:
+    # efs: NFS serves each metadata op as one RPC; lookups at the ~1 ms read latency, creates
+    # (namespace changes) at the ~2.7 ms write latency (log-normal, sigma 0.3: means 1.05 / 2.82 ms).
+    names = _small_files(tmp_path / "efs", 20, 1)
+    vol = mount_worker(backing=tmp_path / "efs", policy=_policy({"type": "profile", "name": "efs"}))
+    started = time.monotonic()
+    for name in names:
+        os.stat(vol.mountpoint / name)  # unknown to the kernel yet: one lookup each
+    lookups_s = time.monotonic() - started
+    started = time.monotonic()
+    for name in names:
+        os.close(os.open(vol.mountpoint / f"new-{name}", os.O_CREAT | os.O_WRONLY, 0o644))
+    creates_s = time.monotonic() - started
+    assert 20 * 0.001 * 0.8 <= lookups_s < 20 * 0.0027  # each pays the read latency, none the write one
+    assert creates_s >= 20 * 0.0027 * 0.85
+    assert creates_s > 2 * lookups_s
+
+
 def test_expiry_reverts_on_time_without_a_bus(mount_worker) -> None:
     vol = mount_worker(policy=_policy({"type": "fault", "errno": "EIO", "ops": ["getattr", "lookup"],
                                        "path_glob": "/probe", "expires_after_s": 2}))

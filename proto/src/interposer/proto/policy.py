@@ -510,10 +510,11 @@ class ProfileLayer(_Layer, tag="profile", kw_only=True):
     layer's ``ops``, ``path_glob`` and expiry apply to every expanded layer.
 
     Attributes:
-        name: profile name (``gp3``, ``gp2``, ``st1``, ``pd-standard``, ``wan-nfs``, ``hdd-7200``).
+        name: profile name (``gp3``, ``gp2``, ``io2``, ``st1``, ``pd-standard``, ``efs``, ``wan-nfs``,
+            ``hdd-7200``).
         size_gib: volume size, GiB, for profiles whose limits scale with it (``gp2``,
             ``st1``, ``pd-standard``); ``None`` = the profile's default.
-        iops: provisioned IOPS (``gp3``); ``None`` = the baseline.
+        iops: provisioned IOPS (``gp3``, ``io2``); ``None`` = the profile's default.
         rate_bytes_per_s: provisioned throughput (``gp3``) or link bandwidth
             (``wan-nfs``), bytes/s; ``None`` = the profile's default.
         burst_balance: how full the burst bucket is, 0..1, at the first I/O
