@@ -39,8 +39,9 @@ The ``open`` and ``create`` slots (pyfuse3's handlers checked in slots 14 and 30
 first) are served here too when FOPEN_NOFLUSH or kernel passthrough is asked
 for, because only a reply written by ``_raw_reply`` can carry them. The ``init``
 wrapper also diverts the FUSE_INIT reply (``_init_reply``) to ask for what
-libfuse cannot: ``FUSE_DIRECT_IO_ALLOW_MMAP`` always, ``FUSE_HANDLE_KILLPRIV_V2``
-and kernel passthrough when configured. If the
+libfuse cannot: ``FUSE_DIRECT_IO_ALLOW_MMAP`` and (when the kernel offers it)
+``FUSE_PARALLEL_DIROPS`` always, ``FUSE_HANDLE_KILLPRIV_V2`` and kernel
+passthrough when configured. If the
 first request shows an unexpected libfuse request layout, opens and creates go
 back to pyfuse3's handlers, and both stay off.
 
@@ -68,7 +69,14 @@ import pyfuse3
 import trio
 
 from ._elf import ElfError, symbols as elf_symbols
-from ._init_reply import FLAGS2_DIRECT_IO_ALLOW_MMAP, FUSE_HANDLE_KILLPRIV_V2, InitReply, InitReplyUnavailable
+from ._init_reply import (
+    FLAGS2_DIRECT_IO_ALLOW_MMAP,
+    FUSE_CAP_PARALLEL_DIROPS,
+    FUSE_HANDLE_KILLPRIV_V2,
+    FUSE_PARALLEL_DIROPS,
+    InitReply,
+    InitReplyUnavailable,
+)
 from ._kernel_passthrough import FLAGS2_PASSTHROUGH, MAX_STACK_DEPTH, KernelPassthrough
 from ._raw_reply import FOPEN_NOFLUSH, FuseCtx, RawReplies, RawReplyUnavailable, open_flags_of
 
@@ -340,22 +348,24 @@ class ExtraOps:
 
     def _init(self, userdata: int, conn: int) -> None:
         self._pyfuse3_init(userdata, conn)
+        info = _ConnInfo.from_address(conn)
         if self._max_background:
-            info = _ConnInfo.from_address(conn)
             info.max_background = self._max_background
             info.congestion_threshold = self._max_background * 3 // 4
         if self._init_reply is not None:
             assert self._nursery is not None
             passthrough = self._passthrough
             flags2 = FLAGS2_DIRECT_IO_ALLOW_MMAP | (FLAGS2_PASSTHROUGH if passthrough is not None else 0)
+            flags = (FUSE_PARALLEL_DIROPS if info.capable & FUSE_CAP_PARALLEL_DIROPS else 0) | (
+                FUSE_HANDLE_KILLPRIV_V2 if self._handle_killpriv else 0)
             try:
                 self._init_reply.divert(
-                    self._nursery, flags=FUSE_HANDLE_KILLPRIV_V2 if self._handle_killpriv else 0,
+                    self._nursery, flags=flags,
                     flags2=flags2, max_stack_depth=MAX_STACK_DEPTH if passthrough is not None else 0,
                     sent=lambda _, flags2: passthrough.init_reply_sent(flags2) if passthrough is not None else None)
             except Exception:  # the reply then goes out as libfuse built it
-                log.exception("cannot divert the FUSE_INIT reply: no kernel passthrough, FUSE_HANDLE_KILLPRIV_V2 "
-                              "or shared mmap of files layers act on")
+                log.exception("cannot divert the FUSE_INIT reply: no kernel passthrough, FUSE_HANDLE_KILLPRIV_V2, "
+                              "parallel lookups in a directory or shared mmap of files layers act on")
 
     def _serves_opens(self, req: int) -> bool:
         """Whether opens and creates are answered here (checked on the first one), else by pyfuse3."""
