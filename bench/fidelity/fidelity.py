@@ -36,6 +36,14 @@ requests are charged in the throttle's units (``max_io_bytes``, whole ones with
 ``charge_units``; sequential ones of 32 KiB or more merge). In sequential
 scenarios (``rw=read``) a delay with ``skip_sequential`` is left out: only the
 first read of each file, and each wrap-around to its start, pays it.
+
+Metadata scenarios (profiles that delay metadata ops, e.g. ``efs``) time a
+``stat`` of each of many files the kernel has not looked up (one LOOKUP each; in
+``qd`` processes, since fio's ``filestat`` engine stats every file during its
+setup, so that its run finds them in the kernel's cache) and run fio's
+``filecreate`` engine (an ``open(O_CREAT)`` of each of many new files, in ``qd``
+jobs), each file once, at QD1 and QD16 (direct modes only: no data moves). Their targets are the quantiles of the delay acting on ``lookup`` and on
+``create``: what the emulated file system publishes for one such request.
 """
 
 from __future__ import annotations
@@ -45,6 +53,8 @@ import contextlib
 import fnmatch
 import json
 import math
+import multiprocessing
+import os
 import shutil
 import statistics
 import subprocess
@@ -80,6 +90,15 @@ QUICK_MODES = [(1, True), (16, False)]
 P50, P99 = 0.5, 0.99
 #: Bins of the numeric mean of a delay distribution (mean = integral of its quantile function).
 MEAN_BINS = 2000
+#: Files per job (fio job or stat process) of the metadata scenarios by queue depth, full / quick: each is
+#: visited once, so no lookup is answered from the kernel's entry cache. fio's own setup
+#: through a mount that delays metadata grows faster than the file count (4,000 files:
+#: 87 s of setup for a 4.5 s run), and creates in one directory are serialised by its
+#: lock (below), so the counts stay small.
+META_FILES_PER_JOB = {"stat": {1: 2000, 16: 500}, "create": {1: 500, 16: 50}}
+QUICK_META_FILES_PER_JOB = {"stat": {1: 200, 16: 25}, "create": {1: 100, 16: 10}}
+#: fio engine of each metadata workload (None: timed here), and the op whose delay is its target.
+META_WORKLOADS = {"stat": (None, "lookup"), "create": ("filecreate", "create")}
 
 
 @dataclass
@@ -111,11 +130,15 @@ class Scenario:
     targets: dict[int, Target] = field(default_factory=dict)  # queue depth → fixed target; empty = computed
     #: a fresh worker for each mode: a drained credit bucket would refill while idle between modes
     remount: bool = False
+    #: a metadata workload (a key of META_WORKLOADS) instead of reads
+    meta: str | None = None
 
     def target(self, qd: int, runtime_s: float, service: ServiceTime | None = None) -> Target:
         """What this scenario should achieve at queue depth ``qd`` in a run of ``runtime_s`` seconds."""
         if self.targets:
             return self.targets.get(qd, Target())
+        if self.meta:
+            return meta_target(self.layers, META_WORKLOADS[self.meta][1], qd)
         return targets_of(self.layers, self.bs, qd, service, runtime_s=runtime_s, sequential=self.rw == "read")
 
 
@@ -184,6 +207,28 @@ def targets_of(layers: list[dict], bs: int, qd: int, service: ServiceTime | None
     return Target(bw_bytes_per_s=iops * bs, iops=iops, lat_p50_s=p50, lat_p99_s=p99)
 
 
+def meta_target(layers: list[dict], op: str, qd: int) -> Target:
+    """Targets of ``qd`` jobs each doing one ``op`` after another in one directory: the delay acting on ``op``.
+
+    Latency p50/p99 are the quantiles of that delay layer's distribution; the rate
+    is ``qd / mean`` (Little's law). Creates are the exception: the kernel holds
+    the parent directory's lock for each (``open_last_lookups`` in fs/namei.c takes
+    it exclusively for O_CREAT), on an NFS client as here, so one directory takes
+    one create at a time: ``1 / mean``, and at ``qd`` > 1 the p50 is the queue,
+    ``qd / rate``, with no p99 target. No delay on ``op``: no target.
+    """
+    policy = decode_policy(json.dumps({"layers": layers})).layers
+    for layer in (part for layer in policy
+                  for part in (expand_profile(layer) if isinstance(layer, ProfileLayer) else [layer])):
+        if isinstance(layer, DelayLayer) and (not layer.ops or op in layer.ops):
+            dist, kw = layer.resolved_distribution, {"max_s": layer.max_s, "probability": layer.probability}
+            mean = sum(quantile(dist, (i + 0.5) / MEAN_BINS, **kw) for i in range(MEAN_BINS)) / MEAN_BINS
+            if op == "create" and qd > 1:
+                return Target(iops=1 / mean, lat_p50_s=qd * mean)
+            return Target(iops=qd / mean, lat_p50_s=quantile(dist, P50, **kw), lat_p99_s=quantile(dist, P99, **kw))
+    return Target()
+
+
 NOOP_LAYERS = [
     {"type": "fault", "probability": 0.0},
     {"type": "delay", "delay_s": 0.0},
@@ -217,6 +262,8 @@ def scenarios() -> list[Scenario]:
             for name in ("hdd-7200", "st1")]
     out += [Scenario("profile-st1-drained-seq", [{"type": "profile", "name": "st1", "burst_balance": 0}],
                      rw="read", bs=MIB, remount=True)]
+    # a network file system pays its latency on metadata too: a stat of an unseen name, a create
+    out += [Scenario(f"profile-efs-{meta}", [{"type": "profile", "name": "efs"}], meta=meta) for meta in META_WORKLOADS]
     return out
 
 
@@ -283,6 +330,81 @@ def lay_out(backing: Path, qds: set[int], file_bytes: int, aio: bool = False) ->
             raise RuntimeError(f"fio layout failed ({proc.returncode}): {' '.join(argv)}\n{proc.stderr}")
 
 
+def _fio_meta_argv(directory: Path, scenario: Scenario, qd: int, files_per_job: int) -> list[str]:
+    """fio options of a metadata scenario at queue depth ``qd``: ``qd`` jobs of ``files_per_job`` 4 KiB files."""
+    fio = shutil.which("fio") or "fio"
+    return [fio, f"--name=meta-{scenario.meta}-qd{qd}", f"--directory={directory}", f"--numjobs={qd}",
+            f"--nrfiles={files_per_job}", "--filesize=4k", "--bs=4k", "--openfiles=1", "--fallocate=none"]
+
+
+def lay_out_meta(backing: Path, chosen: list[Scenario], qds: set[int],
+                 files_per_job: dict[str, dict[int, int]]) -> None:
+    """Create the files the ``stat`` scenarios look up, directly in ``backing``, before any mount."""
+    for scenario in chosen:
+        if scenario.meta != "stat":
+            continue
+        for qd in sorted(qds):
+            # written, not create_only (that leaves them empty, and fio lays them out again through the mount)
+            argv = [*_fio_meta_argv(backing, scenario, qd, files_per_job["stat"][qd]), "--rw=write"]
+            proc = subprocess.run(argv, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"fio layout failed ({proc.returncode}): {' '.join(argv)}\n{proc.stderr}")
+
+
+def _stat_files(mountpoint: Path, meta: str, qd: int, job: int, files_per_job: int) -> tuple[float, float, list[float]]:
+    """``stat`` job ``job``'s files (fio's layout names) once each; (start, end, latencies), seconds (monotonic)."""
+    took = []
+    started = time.monotonic()
+    for number in range(files_per_job):
+        path = mountpoint / f"meta-{meta}-qd{qd}.{job}.{number}"
+        before = time.monotonic()
+        os.stat(path)
+        took.append(time.monotonic() - before)
+    return started, time.monotonic(), took
+
+
+def _time_stats(mountpoint: Path, scenario: Scenario, qd: int, files_per_job: int) -> dict:
+    """``stat`` each file laid out for ``scenario`` at ``qd`` once, in ``qd`` processes; ``{iops, mean, p50, p99}``.
+
+    Processes, not threads: 16 Python threads wait for the GIL after each ``stat``
+    (up to its 5 ms switch interval), which would be measured as latency.
+    """
+    jobs = [(mountpoint, scenario.meta, qd, job, files_per_job) for job in range(qd)]
+    with multiprocessing.get_context("fork").Pool(qd) as pool:
+        results = pool.starmap(_stat_files, jobs)
+    latencies = sorted(t for _, _, took in results for t in took)
+    elapsed = max(end for _, end, _ in results) - min(start for start, _, _ in results)
+    cuts = statistics.quantiles(latencies, n=100, method="inclusive")
+    return {"bw": 0.0, "iops": len(latencies) / elapsed, "mean": statistics.fmean(latencies),
+            "p50": cuts[round(P50 * 100) - 1], "p99": cuts[round(P99 * 100) - 1]}
+
+
+def run_fio_meta(mountpoint: Path, scenario: Scenario, qd: int, files_per_job: int) -> dict:
+    """Run a metadata scenario once over its files; return ``{iops, mean, p50, p99}`` (ops/s, then seconds).
+
+    ``stat``: the files laid out before the mount, each looked up once (timed here).
+    ``create``: fio in a fresh directory (made through the mount) where every file is new.
+    """
+    engine = META_WORKLOADS[scenario.meta][0]
+    if engine is None:
+        return _time_stats(mountpoint, scenario, qd, files_per_job)
+    directory = mountpoint
+    if scenario.meta == "create":
+        directory = mountpoint / f"create-qd{qd}"
+        directory.mkdir()
+    argv = [*_fio_meta_argv(directory, scenario, qd, files_per_job), f"--ioengine={engine}",
+            f"--rw={'read' if scenario.meta == 'stat' else 'write'}", "--group_reporting",
+            "--output-format=json", f"--percentile_list={P50 * 100:g}:{P99 * 100:g}"]
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"fio failed ({proc.returncode}): {' '.join(argv)}\n{proc.stderr}")
+    job = json.loads(proc.stdout[proc.stdout.find("{"):])["jobs"][0]
+    side = job["read" if scenario.meta == "stat" else "write"]
+    pct = side["clat_ns"].get("percentile", {})
+    return {"bw": 0.0, "iops": float(side["iops"]), "mean": side["clat_ns"]["mean"] / 1e9,
+            "p50": pct.get("50.000000", 0) / 1e9, "p99": pct.get("99.000000", 0) / 1e9}
+
+
 def run_fio(directory: Path, scenario: Scenario, qd: int, direct: bool, runtime_s: float, file_bytes: int,
             aio: bool = False) -> dict:
     """Run fio; return ``{bw, iops, mean, p50, p99}`` of reads (bytes/s, ops/s, then seconds)."""
@@ -311,9 +433,9 @@ def _fmt(value: float | None, unit: str) -> str:
 HEADER = f"{'scenario':<24} {'qd':>2} {'io':<8} {'metric':<6} {'target':>12} {'achieved':>12} {'ratio':>6}"
 
 
-def _row(name: str, qd: int, direct: bool, metric: str, want: float | None, have: float, unit: str) -> str:
+def _row(name: str, qd: int, direct: bool | None, metric: str, want: float | None, have: float, unit: str) -> str:
     ratio = f"{have / want:.2f}" if want else "-"
-    io = "direct" if direct else "buffered"
+    io = "-" if direct is None else "direct" if direct else "buffered"
     return f"{name:<24} {qd:>2} {io:<8} {metric:<6} {_fmt(want, unit):>12} {_fmt(have, unit):>12} {ratio:>6}"
 
 
@@ -328,7 +450,7 @@ def measure_service_time(work: Path, runtime_s: float, file_bytes: int, worker_f
 
 def run_table(chosen: list[Scenario], modes: list[tuple[int, bool]], work: Path, runtime_s: float,
               file_bytes: int, worker_flags: tuple[str, ...] = (), fuse_trace: bool = False,
-              aio: bool = False) -> None:
+              aio: bool = False, meta_files: dict[str, dict[int, int]] | None = None) -> None:
     """Measure every scenario in every mode and print one row per metric.
 
     With ``fuse_trace``, also the read latency p50/p99 the kernel saw at the FUSE
@@ -344,8 +466,27 @@ def run_table(chosen: list[Scenario], modes: list[tuple[int, bool]], work: Path,
     print("-" * len(HEADER), flush=True)
     bare_bw: dict[tuple[int, bool], float] = {}
     for scenario in chosen:
+        if scenario.meta:
+            _run_meta(scenario, sorted({qd for qd, _ in modes}), work, worker_flags,
+                      (meta_files or META_FILES_PER_JOB)[scenario.meta])
+            continue
         for group in ([[mode] for mode in modes] if scenario.remount else [modes]):
             _run_modes(scenario, group, work, runtime_s, file_bytes, worker_flags, fuse_trace, aio, service, bare_bw)
+
+
+def _run_meta(scenario: Scenario, qds: list[int], work: Path, worker_flags: tuple[str, ...],
+              files_per_job: dict[int, int]) -> None:
+    """Measure a metadata scenario at each queue depth on one mount and print its rows (I/O mode "-")."""
+    with Mount(work / "backing", work / "mnt", scenario.layers, worker_flags) as mount:
+        for qd in qds:
+            got = run_fio_meta(mount.mountpoint, scenario, qd, files_per_job[qd])
+            target = scenario.target(qd, 0.0)
+            for metric, want, have, unit in (("iops", target.iops, got["iops"], ""),
+                                             ("p50", target.lat_p50_s, got["p50"], "s"),
+                                             ("p99", target.lat_p99_s, got["p99"], "s")):
+                print(_row(scenario.name, qd, None, metric, want, have, unit), flush=True)
+    for created in (work / "backing").glob("create-qd*"):
+        shutil.rmtree(created)
 
 
 def _run_modes(scenario: Scenario, modes: list[tuple[int, bool]], work: Path, runtime_s: float, file_bytes: int,
@@ -458,12 +599,15 @@ def main() -> None:
         print(f"# machine: {machine()}", flush=True)
         adds = not args.noop and any(has_added_delay(s.layers) for s in chosen)
         lay_out(work / "backing", {qd for qd, _ in modes} | ({1} if adds else set()), file_bytes, args.aio)
+        meta_files = QUICK_META_FILES_PER_JOB if args.quick else META_FILES_PER_JOB
+        lay_out_meta(work / "backing", chosen, {qd for qd, _ in modes}, meta_files)
         print(f"# fio files laid out in {time.monotonic() - started:.1f} s (before any policy); "
               f"fio {runtime_s:g} s per measurement", flush=True)
         if args.noop:
             run_noop(modes, work, runtime_s, file_bytes, args.repeat)
         else:
-            run_table(chosen, modes, work, runtime_s, file_bytes, worker_flags, args.fuse_trace, args.aio)
+            run_table(chosen, modes, work, runtime_s, file_bytes, worker_flags, args.fuse_trace, args.aio,
+                      meta_files)
         print(f"# total {time.monotonic() - started:.0f} s; {host.report()}", flush=True)
 
 

@@ -272,3 +272,66 @@ def test_gp3_at_qd1_is_its_latency_not_latency_plus_service_time() -> None:
     latencies = run(main)
     p50 = latencies[n // 2]
     assert 0.00095 < p50 < 0.00105
+
+
+# ---- one system call, one floor ----------------------------------------------------------------
+
+#: Latency floors as the efs profile sets them: metadata reads 1 ms, namespace changes 2.7 ms.
+_NFS_LIKE = [DelayLayer(ops=frozenset({"getattr", "lookup"}), delay_s=0.001, mode="floor"),
+             DelayLayer(ops=frozenset({"create", "mkdir"}), delay_s=0.0027, mode="floor")]
+#: Time between one request's answer and the kernel's next request of the same call, seconds.
+_KERNEL_GAP_S = 0.00002
+
+
+async def _request(stack: Stack, name: str, path: str, pid: int, missing: bool = False) -> None:
+    async def call() -> None:
+        await trio.sleep(0.0001)  # the backend's own time, inside every floor
+        if missing:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+
+    try:
+        await stack.chains[name](Op(name, 1, path, pid=pid), call)
+    except pyfuse3.FUSEError:
+        pass
+
+
+async def _open_creat(stack: Stack, pid: int, gap_s: float = _KERNEL_GAP_S, created: str = "/d/f") -> float:
+    """What the kernel sends for ``open("/d/f", O_CREAT)`` after a create in /d: GETATTR, LOOKUP, CREATE."""
+    start = trio.current_time()
+    await _request(stack, "getattr", "/d", pid)
+    await trio.sleep(gap_s)
+    await _request(stack, "lookup", "/d/f", pid, missing=True)
+    await trio.sleep(gap_s)
+    await _request(stack, "create", created, pid)
+    return trio.current_time() - start
+
+
+def test_a_floor_spans_the_requests_the_kernel_sends_for_one_create() -> None:
+    # NFSv4 answers open(O_CREAT) with one OPEN: the call takes the create's 2.7 ms, not 1 + 1 + 2.7.
+    assert run(_open_creat, Stack(Policy(layers=_NFS_LIKE), 1), 42) == pytest.approx(0.0027)
+
+
+@pytest.mark.parametrize(("pid", "gap_s", "created", "expected_s"), [
+    # no caller known: nothing links the requests; each pays its floor
+    (0, _KERNEL_GAP_S, "/d/f", 0.001 + _KERNEL_GAP_S + 0.001 + _KERNEL_GAP_S + 0.0027),
+    # gaps longer than the kernel takes: separate calls
+    (42, 0.002, "/d/f", 0.001 + 0.002 + 0.001 + 0.002 + 0.0027),
+    # a create of another name than the one looked up: GETATTR and LOOKUP are one call (the
+    # lookup's floor has passed: its backend time only), the create pays its own floor
+    (42, _KERNEL_GAP_S, "/d/g", 0.001 + _KERNEL_GAP_S + 0.0001 + _KERNEL_GAP_S + 0.0027),
+])
+def test_requests_of_separate_calls_each_pay_their_floor(pid: int, gap_s: float, created: str,
+                                                         expected_s: float) -> None:
+    assert run(_open_creat, Stack(Policy(layers=_NFS_LIKE), 1), pid, gap_s, created) == pytest.approx(expected_s)
+
+
+def test_a_lookup_that_finds_the_name_ends_the_chain() -> None:
+    async def stat_then_mkdir() -> float:
+        start = trio.current_time()
+        await _request(stack, "lookup", "/d/f", 42)  # found: a stat, not the start of a create
+        await trio.sleep(_KERNEL_GAP_S)
+        await _request(stack, "mkdir", "/d/f", 42)
+        return trio.current_time() - start
+
+    stack = Stack(Policy(layers=_NFS_LIKE), 1)
+    assert run(stat_then_mkdir) == pytest.approx(0.001 + _KERNEL_GAP_S + 0.0027)

@@ -33,6 +33,7 @@ from interposer.proto.profiles import expand_profile
 
 from ._op import Handler, invoke_backend
 from .layers import Delay, Fault, Metadata, Quota, QuotaContext, Throttle
+from .layers._chains import FloorChains
 from .layers._match import compile_glob
 from .layers.quota import QUOTA_OPS
 
@@ -94,11 +95,12 @@ class QuotaUnavailable(RuntimeError):
     """A policy has a quota layer but the stack was built without a ``QuotaContext``."""
 
 
-def _runtime(spec: Layer, index: int, rng: random.Random, quota: QuotaContext | None) -> LayerRuntime:
+def _runtime(spec: Layer, index: int, rng: random.Random, quota: QuotaContext | None,
+             chains: FloorChains) -> LayerRuntime:
     if isinstance(spec, FaultLayer):
         return Fault(spec, rng, index)
     if isinstance(spec, DelayLayer):
-        return Delay(spec, rng)
+        return Delay(spec, rng, chains)
     if isinstance(spec, ThrottleLayer):
         return Throttle(spec)
     if isinstance(spec, MetadataLayer):
@@ -164,12 +166,13 @@ class Stack:
         now_s = time.time() if now_s is None else now_s
         if _entries is None:
             rng = rng or random.Random()
+            chains = FloorChains()  # one per stack: a system call's requests may match different delay layers
             _entries = []
             for index, spec in enumerate(policy.layers):
                 for part in expand_profile(spec) if isinstance(spec, ProfileLayer) else [spec]:
                     deadline = _deadline(part, self.applied_at_s)
                     if deadline is None or deadline > now_s:
-                        _entries.append(_Entry(index, part, _runtime(part, index, rng, quota), deadline))
+                        _entries.append(_Entry(index, part, _runtime(part, index, rng, quota, chains), deadline))
         self._entries = [e for e in _entries if e.deadline_s is None or e.deadline_s > now_s]
         self.layers: list[LayerRuntime] = [e.runtime for e in self._entries]
         deadlines = [e.deadline_s for e in self._entries if e.deadline_s is not None]

@@ -23,6 +23,7 @@ from interposer.proto.policy import (
 )
 
 from .._op import BackendCall, Handler, Op, transferred_bytes
+from ._chains import FloorChains
 from ._match import compile_glob
 from ._streams import FileStreams
 from ._timer import sleep
@@ -133,9 +134,16 @@ class Delay:
     its file ended (by arrival order, so requests of one stream in flight together
     still count as sequential) passes undelayed and uncounted.
 
+    A ``floor`` spans the requests the kernel sends for one system call where the
+    emulated file system would answer one (:mod:`._chains`: the GETATTR and LOOKUP
+    before a CREATE): the floor of a request continuing such a chain counts from
+    the chain's first request.
+
     Args:
         spec: the validated layer from the policy.
         rng: shared random source, used unless the layer has its own ``seed``.
+        chains: the stack's :class:`~._chains.FloorChains`, shared by its delay
+            layers; None = a chain of this layer's own.
 
     Attributes:
         acts: False when the layer can never delay an op (probability 0, or every
@@ -143,8 +151,9 @@ class Delay:
             out of its chains.
     """
 
-    def __init__(self, spec: DelayLayer, rng: random.Random | None = None) -> None:
+    def __init__(self, spec: DelayLayer, rng: random.Random | None = None, chains: FloorChains | None = None) -> None:
         self.spec = spec
+        self._chains = chains or FloorChains()
         self._rng = random.Random(spec.seed) if spec.seed is not None else (rng or random.Random())
         self.draw = sampler(spec.resolved_distribution, self._rng, spec.max_s)
         self._match = compile_glob(spec.path_glob)
@@ -155,7 +164,7 @@ class Delay:
 
     def bind(self, inner: Handler) -> Handler:
         """Return a handler that applies this layer, then calls ``inner``."""
-        match, draw, rng, probability = self._match, self.draw, self._rng, self.spec.probability
+        match, draw, rng, probability, chains = self._match, self.draw, self._rng, self.spec.probability, self._chains
         sequential = self._sequential if self._next_offset is not None else None
 
         async def delay(op: Op, call: BackendCall) -> Any:
@@ -175,15 +184,17 @@ class Delay:
                 return await inner(op, call)
             target_s = draw()
             self._delayed += 1
-            start_s = trio.current_time()
+            start_s = chains.chain_start(op.name, op.path, op.pid, trio.current_time())
             try:
                 result = await inner(op, call)
-            except Exception:
+            except Exception as exc:
                 await self._hold(op, target_s - (trio.current_time() - start_s))
+                chains.answered(op.name, op.path, op.pid, start_s, trio.current_time(), exc)
                 raise
             if op.name == "read" and transferred_bytes(result, op.size) == 0:
                 return result  # at or past the end of the file: a device is never asked
             await self._hold(op, target_s - (trio.current_time() - start_s))
+            chains.answered(op.name, op.path, op.pid, start_s, trio.current_time(), None)
             return result
 
         return floor if self.spec.mode == "floor" else delay
