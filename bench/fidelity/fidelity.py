@@ -42,8 +42,9 @@ Metadata scenarios (profiles that delay metadata ops, e.g. ``efs``) time a
 ``qd`` processes, since fio's ``filestat`` engine stats every file during its
 setup, so that its run finds them in the kernel's cache) and run fio's
 ``filecreate`` engine (an ``open(O_CREAT)`` of each of many new files, in ``qd``
-jobs), each file once, at QD1 and QD16 (direct modes only: no data moves). Their targets are the quantiles of the delay acting on ``lookup`` and on
-``create``: what the emulated file system publishes for one such request.
+jobs), each file once, at QD1 and QD16 (direct modes only: no data moves). Their
+targets are the quantiles of the delay acting on ``lookup`` and on ``create``:
+what the emulated file system publishes for one such request.
 """
 
 from __future__ import annotations
@@ -90,11 +91,11 @@ QUICK_MODES = [(1, True), (16, False)]
 P50, P99 = 0.5, 0.99
 #: Bins of the numeric mean of a delay distribution (mean = integral of its quantile function).
 MEAN_BINS = 2000
-#: Files per job (fio job or stat process) of the metadata scenarios by queue depth, full / quick: each is
-#: visited once, so no lookup is answered from the kernel's entry cache. fio's own setup
-#: through a mount that delays metadata grows faster than the file count (4,000 files:
-#: 87 s of setup for a 4.5 s run), and creates in one directory are serialised by its
-#: lock (below), so the counts stay small.
+#: Files per job (fio job or stat process) of the metadata scenarios by queue depth, full /
+#: quick: each is visited once, so no lookup is answered from the kernel's entry cache.
+#: fio's own setup through a mount that delays metadata grows faster than the file count
+#: (4,000 files: 87 s of setup for a 4.5 s run), and creates in one directory are
+#: serialised by its lock (below), so the counts stay small.
 META_FILES_PER_JOB = {"stat": {1: 2000, 16: 500}, "create": {1: 500, 16: 50}}
 QUICK_META_FILES_PER_JOB = {"stat": {1: 200, 16: 25}, "create": {1: 100, 16: 10}}
 #: fio engine of each metadata workload (None: timed here), and the op whose delay is its target.
@@ -142,14 +143,22 @@ class Scenario:
         return targets_of(self.layers, self.bs, qd, service, runtime_s=runtime_s, sequential=self.rw == "read")
 
 
+def _acting_on(layers: list[dict], op: str) -> list:
+    """The validated layers of a policy, profiles expanded, keeping those that act on ``op``."""
+    return [part for layer in decode_policy(json.dumps({"layers": layers})).layers
+            for part in (expand_profile(layer) if isinstance(layer, ProfileLayer) else [layer])
+            if not part.ops or op in part.ops]
+
+
 def _read_layers(layers: list[dict]) -> list:
     """The validated layers of a policy, profiles expanded, keeping those that act on reads."""
-    out = []
-    for layer in decode_policy(json.dumps({"layers": layers})).layers:
-        for part in expand_profile(layer) if isinstance(layer, ProfileLayer) else [layer]:
-            if not part.ops or "read" in part.ops:
-                out.append(part)
-    return out
+    return _acting_on(layers, "read")
+
+
+def _mean_s(layer: DelayLayer) -> float:
+    """Mean delay a layer draws, seconds: the integral of its quantile function (caps and probability count)."""
+    dist, kw = layer.resolved_distribution, {"max_s": layer.max_s, "probability": layer.probability}
+    return sum(quantile(dist, (i + 0.5) / MEAN_BINS, **kw) for i in range(MEAN_BINS)) / MEAN_BINS
 
 
 def has_added_delay(layers: list[dict]) -> bool:
@@ -196,7 +205,7 @@ def targets_of(layers: list[dict], bs: int, qd: int, service: ServiceTime | None
             dist, kw = layer.resolved_distribution, {"max_s": layer.max_s, "probability": layer.probability}
             p50 += quantile(dist, P50, **kw)
             p99 += quantile(dist, P99, **kw)
-            mean += sum(quantile(dist, (i + 0.5) / MEAN_BINS, **kw) for i in range(MEAN_BINS)) / MEAN_BINS
+            mean += _mean_s(layer)
     throttled = iops_limit
     delayed = qd / mean if mean else math.inf
     iops = min(throttled, delayed)
@@ -217,12 +226,10 @@ def meta_target(layers: list[dict], op: str, qd: int) -> Target:
     one create at a time: ``1 / mean``, and at ``qd`` > 1 the p50 is the queue,
     ``qd / rate``, with no p99 target. No delay on ``op``: no target.
     """
-    policy = decode_policy(json.dumps({"layers": layers})).layers
-    for layer in (part for layer in policy
-                  for part in (expand_profile(layer) if isinstance(layer, ProfileLayer) else [layer])):
-        if isinstance(layer, DelayLayer) and (not layer.ops or op in layer.ops):
+    for layer in _acting_on(layers, op):
+        if isinstance(layer, DelayLayer):
             dist, kw = layer.resolved_distribution, {"max_s": layer.max_s, "probability": layer.probability}
-            mean = sum(quantile(dist, (i + 0.5) / MEAN_BINS, **kw) for i in range(MEAN_BINS)) / MEAN_BINS
+            mean = _mean_s(layer)
             if op == "create" and qd > 1:
                 return Target(iops=1 / mean, lat_p50_s=qd * mean)
             return Target(iops=qd / mean, lat_p50_s=quantile(dist, P50, **kw), lat_p99_s=quantile(dist, P99, **kw))
@@ -321,13 +328,37 @@ def _fio_argv(directory: Path, qd: int, file_bytes: int, aio: bool = False) -> l
             f"--size={file_bytes // qd}", "--ioengine=psync"]
 
 
+def _run_fio(argv: list[str], what: str = "fio") -> str:
+    """Run fio with ``argv``; its standard output.
+
+    Raises:
+        RuntimeError: fio failed (the message names ``what``, the command and fio's stderr).
+    """
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{what} failed ({proc.returncode}): {' '.join(argv)}\n{proc.stderr}")
+    return proc.stdout
+
+
+def _fio_result(stdout: str, side: str) -> dict:
+    """``{bw, iops, mean, p50, p99}`` of one side (``read``/``write``) of fio's JSON report (bytes/s, ops/s, s)."""
+    got = json.loads(stdout[stdout.find("{"):])["jobs"][0][side]
+    pct = got["clat_ns"].get("percentile", {})
+    return {"bw": float(got["bw_bytes"]), "iops": float(got["iops"]), "mean": got["clat_ns"]["mean"] / 1e9,
+            "p50": pct.get("50.000000", 0) / 1e9, "p99": pct.get("99.000000", 0) / 1e9}
+
+
+def _quantiles_s(values: list[float], *levels: float) -> list[float]:
+    """The ``levels`` (whole percents) of ``values``, inclusive method."""
+    cuts = statistics.quantiles(values, n=100, method="inclusive")
+    return [cuts[round(q * 100) - 1] for q in levels]
+
+
 def lay_out(backing: Path, qds: set[int], file_bytes: int, aio: bool = False) -> None:
     """Create the fio files of every queue depth directly in ``backing``, before any mount."""
     for qd in sorted(qds):
-        argv = [*_fio_argv(backing, qd, file_bytes, aio), "--rw=write", "--bs=128k", "--create_only=1"]
-        proc = subprocess.run(argv, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"fio layout failed ({proc.returncode}): {' '.join(argv)}\n{proc.stderr}")
+        _run_fio([*_fio_argv(backing, qd, file_bytes, aio), "--rw=write", "--bs=128k", "--create_only=1"],
+                 "fio layout")
 
 
 def _fio_meta_argv(directory: Path, scenario: Scenario, qd: int, files_per_job: int) -> list[str]:
@@ -345,10 +376,7 @@ def lay_out_meta(backing: Path, chosen: list[Scenario], qds: set[int],
             continue
         for qd in sorted(qds):
             # written, not create_only (that leaves them empty, and fio lays them out again through the mount)
-            argv = [*_fio_meta_argv(backing, scenario, qd, files_per_job["stat"][qd]), "--rw=write"]
-            proc = subprocess.run(argv, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise RuntimeError(f"fio layout failed ({proc.returncode}): {' '.join(argv)}\n{proc.stderr}")
+            _run_fio([*_fio_meta_argv(backing, scenario, qd, files_per_job["stat"][qd]), "--rw=write"], "fio layout")
 
 
 def _stat_files(mountpoint: Path, meta: str, qd: int, job: int, files_per_job: int) -> tuple[float, float, list[float]]:
@@ -374,9 +402,8 @@ def _time_stats(mountpoint: Path, scenario: Scenario, qd: int, files_per_job: in
         results = pool.starmap(_stat_files, jobs)
     latencies = sorted(t for _, _, took in results for t in took)
     elapsed = max(end for _, end, _ in results) - min(start for start, _, _ in results)
-    cuts = statistics.quantiles(latencies, n=100, method="inclusive")
-    return {"bw": 0.0, "iops": len(latencies) / elapsed, "mean": statistics.fmean(latencies),
-            "p50": cuts[round(P50 * 100) - 1], "p99": cuts[round(P99 * 100) - 1]}
+    p50, p99 = _quantiles_s(latencies, P50, P99)
+    return {"bw": 0.0, "iops": len(latencies) / elapsed, "mean": statistics.fmean(latencies), "p50": p50, "p99": p99}
 
 
 def run_fio_meta(mountpoint: Path, scenario: Scenario, qd: int, files_per_job: int) -> dict:
@@ -388,21 +415,11 @@ def run_fio_meta(mountpoint: Path, scenario: Scenario, qd: int, files_per_job: i
     engine = META_WORKLOADS[scenario.meta][0]
     if engine is None:
         return _time_stats(mountpoint, scenario, qd, files_per_job)
-    directory = mountpoint
-    if scenario.meta == "create":
-        directory = mountpoint / f"create-qd{qd}"
-        directory.mkdir()
-    argv = [*_fio_meta_argv(directory, scenario, qd, files_per_job), f"--ioengine={engine}",
-            f"--rw={'read' if scenario.meta == 'stat' else 'write'}", "--group_reporting",
-            "--output-format=json", f"--percentile_list={P50 * 100:g}:{P99 * 100:g}"]
-    proc = subprocess.run(argv, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"fio failed ({proc.returncode}): {' '.join(argv)}\n{proc.stderr}")
-    job = json.loads(proc.stdout[proc.stdout.find("{"):])["jobs"][0]
-    side = job["read" if scenario.meta == "stat" else "write"]
-    pct = side["clat_ns"].get("percentile", {})
-    return {"bw": 0.0, "iops": float(side["iops"]), "mean": side["clat_ns"]["mean"] / 1e9,
-            "p50": pct.get("50.000000", 0) / 1e9, "p99": pct.get("99.000000", 0) / 1e9}
+    directory = mountpoint / f"create-qd{qd}"
+    directory.mkdir()
+    stdout = _run_fio([*_fio_meta_argv(directory, scenario, qd, files_per_job), f"--ioengine={engine}", "--rw=write",
+                       "--group_reporting", "--output-format=json", f"--percentile_list={P50 * 100:g}:{P99 * 100:g}"])
+    return {**_fio_result(stdout, "write"), "bw": 0.0}
 
 
 def run_fio(directory: Path, scenario: Scenario, qd: int, direct: bool, runtime_s: float, file_bytes: int,
@@ -411,13 +428,7 @@ def run_fio(directory: Path, scenario: Scenario, qd: int, direct: bool, runtime_
     argv = [*_fio_argv(directory, qd, file_bytes, aio), f"--direct={int(direct)}", f"--bs={scenario.bs}",
             f"--rw={scenario.rw}", "--group_reporting", "--output-format=json", "--time_based",
             f"--runtime={runtime_s:g}s", f"--percentile_list={P50 * 100:g}:{P99 * 100:g}"]
-    proc = subprocess.run(argv, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"fio failed ({proc.returncode}): {' '.join(argv)}\n{proc.stderr}")
-    read = json.loads(proc.stdout[proc.stdout.find("{"):])["jobs"][0]["read"]
-    pct = read["clat_ns"].get("percentile", {})
-    return {"bw": float(read["bw_bytes"]), "iops": float(read["iops"]), "mean": read["clat_ns"]["mean"] / 1e9,
-            "p50": pct.get("50.000000", 0) / 1e9, "p99": pct.get("99.000000", 0) / 1e9}
+    return _fio_result(_run_fio(argv), "read")
 
 
 def _fmt(value: float | None, unit: str) -> str:
@@ -509,9 +520,8 @@ def _run_modes(scenario: Scenario, modes: list[tuple[int, bool]], work: Path, ru
             ):
                 print(_row(scenario.name, qd, direct, metric, want, have, unit), flush=True)
             if trace is not None and len(latencies := trace.latencies()) > 1:  # the same quantiles, at the device
-                cuts = statistics.quantiles(latencies, n=100, method="inclusive")
-                for metric, want, q in (("fuse50", target.lat_p50_s, P50), ("fuse99", target.lat_p99_s, P99)):
-                    have = cuts[round(q * 100) - 1]
+                p50, p99 = _quantiles_s(latencies, P50, P99)
+                for metric, want, have in (("fuse50", target.lat_p50_s, p50), ("fuse99", target.lat_p99_s, p99)):
                     print(_row(scenario.name, qd, direct, metric, want, have, "s"), flush=True)
 
 
