@@ -72,6 +72,9 @@ def test_delay_s_still_means_a_fixed_delay() -> None:
     ({"type": "throttle", "rate_bytes_per_s": 10, "burst_balance": 1.5}, "$.layers[0].burst_balance"),
     ({"type": "delay", "delay_s": 0.1, "ops": ["lookup", "getattr"], "skip_sequential": True},
      "field `skip_sequential`: only reads and writes are sequential"),
+    ({"type": "delay", "delay_s": 0.1, "ops": ["read"], "write_behind": True},
+     "field `write_behind`: it defers the latency of writes, and `ops` has no `write`"),
+    ({"type": "delay", "delay_s": 0.1, "write_behind": 1}, "$.layers[0].write_behind"),
     ({"type": "profile", "name": "gp3", "burst_balance": 0.5}, "field `burst_balance`: profile 'gp3' takes"),
     ({"type": "profile", "name": "st1", "burst_balance": -0.1}, "$.layers[0].burst_balance"),
     ({"type": "fault", "path_glob": "data/*"}, "field `path_glob`: 'data/*' can never match: every path inside "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import math
+import os
 import random
 
 import pyfuse3
@@ -335,3 +336,99 @@ def test_a_lookup_that_finds_the_name_ends_the_chain() -> None:
 
     stack = Stack(Policy(layers=_NFS_LIKE), 1)
     assert run(stat_then_mkdir) == pytest.approx(0.001 + _KERNEL_GAP_S + 0.0027)
+
+
+# ---- write-behind: the latency of buffered writes paid at close or fsync ------------------------
+
+#: A write latency floor of 2.7 ms whose writes are buffered, as the efs profile's.
+_WRITE_BEHIND = DelayLayer(ops=frozenset({"write"}), delay_s=0.0027, mode="floor", write_behind=True)
+#: The backend's own time of each request, seconds.
+_SERVICE_S = 0.0001
+
+
+async def _served(stack: Stack, name: str, ino: int = 7, flags: int = os.O_WRONLY, path: str = "/ckpt") -> float:
+    """Serve one request of file ``ino`` (opened with ``flags``) at ``path``; its latency, seconds."""
+    op = Op(name, ino, path, size=4096 if name == "write" else 0, open_flags=flags)
+    return await timed(stack, op, _SERVICE_S)
+
+
+def test_write_behind_holds_no_write_and_the_next_close_once_for_all_of_them() -> None:
+    async def main() -> tuple[list[float], float, float]:
+        stack = Stack(Policy(layers=[_WRITE_BEHIND]), 1)
+        writes = [await _served(stack, "write") for _ in range(100)]
+        return writes, await _served(stack, "flush"), await _served(stack, "flush")
+
+    writes, first_close, second_close = run(main)
+    assert writes == [pytest.approx(_SERVICE_S)] * 100  # taken by the client's page cache
+    assert first_close == pytest.approx(0.0027)  # the writes sent and acknowledged: one round, a floor
+    assert second_close == pytest.approx(_SERVICE_S)  # nothing written since: nothing to send
+
+
+def test_write_behind_charges_fsync_like_close_and_each_file_its_own() -> None:
+    async def main() -> list[float]:
+        stack = Stack(Policy(layers=[_WRITE_BEHIND]), 1)
+        await _served(stack, "write", ino=7)
+        return [await _served(stack, "fsync", ino=8),  # another file: not written
+                await _served(stack, "fsync", ino=7),
+                await _served(stack, "flush", ino=7)]  # synced already: close sends nothing
+
+    assert run(main) == [pytest.approx(_SERVICE_S), pytest.approx(0.0027), pytest.approx(_SERVICE_S)]
+
+
+@pytest.mark.parametrize("flag", [os.O_SYNC, os.O_DSYNC, os.O_DIRECT])
+def test_write_behind_holds_each_write_of_a_file_opened_o_sync_or_o_direct(flag: int) -> None:
+    async def main() -> list[float]:
+        stack = Stack(Policy(layers=[_WRITE_BEHIND]), 1)
+        flags = os.O_WRONLY | flag
+        return [await _served(stack, "write", flags=flags) for _ in range(3)] + [await _served(stack, "flush", flags=flags)]
+
+    assert run(main) == [pytest.approx(0.0027)] * 3 + [pytest.approx(_SERVICE_S)]
+
+
+def test_write_behind_holds_the_close_of_a_writer_not_of_a_reader_of_the_file() -> None:
+    # NFS flushes on close only what a descriptor opened for writing may have dirtied
+    async def main() -> list[float]:
+        stack = Stack(Policy(layers=[_WRITE_BEHIND]), 1)
+        await _served(stack, "write", flags=os.O_RDWR)
+        return [await _served(stack, "flush", flags=os.O_RDONLY), await _served(stack, "flush", flags=os.O_RDWR)]
+
+    assert run(main) == [pytest.approx(_SERVICE_S), pytest.approx(0.0027)]
+
+
+def test_write_behind_leaves_files_outside_its_glob_alone() -> None:
+    layer = DelayLayer(ops=frozenset({"write"}), delay_s=0.0027, mode="floor", write_behind=True, path_glob="/ckpt/**")
+
+    async def main() -> list[float]:
+        stack = Stack(Policy(layers=[layer]), 1)
+        await _served(stack, "write", path="/logs/a")
+        return [await _served(stack, "flush", path="/logs/a")]
+
+    assert run(main) == [pytest.approx(_SERVICE_S)]
+
+
+def test_write_behind_still_holds_a_flush_its_ops_name() -> None:
+    # flush among the layer's own ops: every close is held, written or not
+    layer = DelayLayer(ops=frozenset({"write", "flush"}), delay_s=0.0027, mode="add", write_behind=True)
+
+    async def main() -> list[float]:
+        stack = Stack(Policy(layers=[layer]), 1)
+        return [await _served(stack, "flush"), await _served(stack, "write"), await _served(stack, "fsync"),
+                await _served(stack, "fsync")]
+
+    assert run(main) == [pytest.approx(0.0027 + _SERVICE_S), pytest.approx(_SERVICE_S),
+                         pytest.approx(0.0027 + _SERVICE_S), pytest.approx(_SERVICE_S)]
+
+
+def test_efs_streams_a_sequential_read_and_defers_its_writes() -> None:
+    async def main() -> tuple[list[float], list[float], float]:
+        stack = Stack(Policy(layers=[ProfileLayer(name="efs")]), 1, rng=random.Random(3))
+        reads = [await timed(stack, Op("read", 9, "/data", offset=i * 131072, size=131072), _SERVICE_S)
+                 for i in range(8)]
+        writes = [await _served(stack, "write") for _ in range(8)]
+        return reads, writes, await _served(stack, "flush")
+
+    reads, writes, close = run(main)
+    assert reads[0] > 0.0005  # the stream's first READ waits for the ~1 ms round trip
+    assert max(reads[1:]) < 0.0005  # readahead has the next ones in flight (throttle: 1,500 MiB/s)
+    assert max(writes) < 0.0005
+    assert close > 0.001  # ~2.7 ms: the writes sent, acknowledged

@@ -159,6 +159,15 @@ def test_which_layers_keep_flush_on_close(layer, acts_on_flush: bool) -> None:
     assert Stack(Policy(layers=[layer]), 1).acts_on_flush_at("/f") is acts_on_flush
 
 
+def test_a_write_behind_delay_keeps_flush_on_close_for_writers_only() -> None:
+    # it holds a close only to send the writes it deferred: a read-only descriptor has none
+    stack = Stack(Policy(layers=[DelayLayer(delay_s=0.001, ops=frozenset({"write"}), write_behind=True)]), 1)
+    assert stack.acts_on_flush_at("/f", writable=True)
+    assert not stack.acts_on_flush_at("/f", writable=False)
+    also_flush = DelayLayer(delay_s=0.001, ops=frozenset({"write", "flush"}), write_behind=True)
+    assert Stack(Policy(layers=[also_flush]), 1).acts_on_flush_at("/f", writable=False)
+
+
 @pytest.mark.parametrize(("layers", "flushless"), [([], True), ([FaultLayer(errno="EIO", ops=frozenset({"flush"}))], False)])
 def test_the_adapter_opens_files_without_flush_unless_a_layer_acts_on_it(layers, flushless: bool) -> None:
     ops = InterposerOperations(MemoryBackend(), Telemetry(), Policy(layers=layers))

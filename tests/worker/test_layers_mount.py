@@ -195,6 +195,41 @@ def test_efs_pays_its_read_latency_on_lookups_and_its_write_latency_once_per_cre
     assert 20 * 0.0027 * 0.85 <= creates_s < 20 * (0.0027 + 0.001)  # not a lookup's latency on top
 
 
+def _timed_writes(path, count: int, size: int, flags: int = 0) -> tuple[float, float]:
+    """Write ``count`` blocks of ``size`` bytes to a new file at ``path``; seconds the writes and the close took."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | flags, 0o644)
+    block = bytes(range(256)) * (size // 256)
+    started = time.monotonic()
+    try:
+        for _ in range(count):
+            assert os.write(fd, block) == size
+        writes_s = time.monotonic() - started
+    finally:
+        started = time.monotonic()
+        os.close(fd)
+    return writes_s, time.monotonic() - started
+
+
+def test_efs_buffers_writes_until_close_and_streams_a_sequential_read(mount_worker, tmp_path) -> None:
+    # As the Linux NFS client: write(2) lands in the page cache and close(2) waits for the WRITEs
+    # (one ~2.7 ms round, log-normal sigma 0.3); O_SYNC writes wait each; readahead keeps a
+    # sequential reader's next READs in flight, so only a read that jumps waits ~1 ms.
+    names = _small_files(tmp_path / "efs", 1, 16 * MIB)
+    vol = mount_worker(backing=tmp_path / "efs", policy=_policy({"type": "profile", "name": "efs"}))
+    writes_s, close_s = _timed_writes(vol.mountpoint / "ckpt.bin", 200, 4096)
+    assert writes_s < 200 * 0.0027 / 4  # ~0.56 s if each write waited
+    assert 0.0027 * 0.3 <= close_s < 0.5  # one round for all of them (p < 1e-4 below 0.3 of the median)
+    assert (vol.backing / "ckpt.bin").read_bytes() == (bytes(range(256)) * 16) * 200  # written through
+    sync_writes_s, sync_close_s = _timed_writes(vol.mountpoint / "wal.bin", 20, 4096, os.O_SYNC)
+    assert sync_writes_s >= 20 * 0.0027 * 0.7  # each waits for its WRITE
+    assert sync_close_s < 0.0027 * 0.3  # nothing left to send
+    chunks = [i * 128 * 1024 for i in range(128)]
+    sequential_s = _timed_preads(vol.mountpoint / names[0], chunks, 128 * 1024)
+    jumping_s = _timed_preads(vol.mountpoint / names[0], chunks[1::2][::-1] + chunks[::2], 128 * 1024)
+    assert sequential_s < 128 * 0.001 / 4  # the first read waits, readahead has the rest
+    assert jumping_s >= 128 * 0.001 * 0.8
+
+
 def test_a_slow_lookup_does_not_hold_up_lookups_of_other_names_in_its_directory(mount_worker, tmp_path) -> None:
     # The kernel runs lookups of one directory concurrently only if the worker asked for
     # FUSE_PARALLEL_DIROPS at FUSE_INIT; without it, a lookup held for 2 s held every other

@@ -282,6 +282,10 @@ Distribution = Union[
 DelayMode = Literal["add", "floor"]
 
 
+#: The ops that pay the deferred latency of a delay layer's writes (``DelayLayer.write_behind``).
+WRITE_BEHIND_OPS: frozenset[str] = frozenset({"flush", "fsync"})
+
+
 class DelayLayer(_Layer, tag="delay", kw_only=True):
     """Delay matching ops.
 
@@ -309,6 +313,15 @@ class DelayLayer(_Layer, tag="delay", kw_only=True):
             (C. Ruemmler, J. Wilkes, "An introduction to disk drive modeling",
             IEEE Computer 27(3), 1994). The first request of a file and every
             other op are delayed. Needs ``read`` or ``write`` among ``ops``.
+        write_behind: hold no ``write``; hold instead the next ``flush``
+            (``close(2)``) or ``fsync`` (also ``fdatasync(2)``) of a file written
+            since its last one, once for all those writes, as an NFS client whose
+            page cache takes ``write(2)`` and sends the data when the file is
+            closed or synced (Linux ``nfs_file_flush``; NFSv4.1 WRITE and COMMIT,
+            RFC 8881 sections 18.32 and 18.3). Writes through a file the
+            application opened with ``O_SYNC``, ``O_DSYNC`` or ``O_DIRECT`` are
+            held each (the client sends them at once). Needs ``write`` among
+            ``ops``; the layer then acts on ``flush`` and ``fsync`` too.
     """
 
     delay_s: DelaySeconds | None = None
@@ -318,6 +331,7 @@ class DelayLayer(_Layer, tag="delay", kw_only=True):
     seed: Annotated[int, msgspec.Meta(ge=0, le=MAX_SEED)] | None = None
     mode: DelayMode = "add"
     skip_sequential: bool = False
+    write_behind: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -325,6 +339,8 @@ class DelayLayer(_Layer, tag="delay", kw_only=True):
             raise ValueError("fields `delay_s` and `distribution`: give exactly one of them")
         if self.skip_sequential and self.ops and not self.ops & {"read", "write"}:
             raise ValueError("field `skip_sequential`: only reads and writes are sequential, and `ops` has neither")
+        if self.write_behind and self.ops and "write" not in self.ops:
+            raise ValueError("field `write_behind`: it defers the latency of writes, and `ops` has no `write`")
 
     @property
     def resolved_distribution(self) -> Distribution:

@@ -155,8 +155,12 @@ def _efs(sizing: Sizing) -> tuple[Layer, ...]:
     write_latency = LognormalDistribution(median_s=0.0027, sigma=0.3)
     return (
         ThrottleLayer(rate_bytes_per_s=1500 * MIB),  # per client, reads and writes together
-        DelayLayer(ops=frozenset({"read"}) | _NFS_METADATA_READS, mode="floor", distribution=read_latency),
-        DelayLayer(ops=frozenset({"write"}) | _NFS_METADATA_WRITES, mode="floor", distribution=write_latency),
+        # the client's readahead has the next READs of a sequential stream in flight: only a jump waits
+        DelayLayer(ops=frozenset({"read"}) | _NFS_METADATA_READS, mode="floor", distribution=read_latency,
+                   skip_sequential=True),
+        # the client's page cache takes write(2); close and fsync wait for the WRITEs (and COMMIT) it sends
+        DelayLayer(ops=frozenset({"write"}) | _NFS_METADATA_WRITES, mode="floor", distribution=write_latency,
+                   write_behind=True),
     )
 
 
@@ -317,8 +321,8 @@ _PROFILES_AND_BUILDERS = (
     _profile(
         _efs,
         name="efs",
-        summary="AWS EFS, Regional, Elastic throughput: ~1 ms reads and metadata lookups, ~2.7 ms writes and "
-                "namespace changes; 1,500 MiB/s per client",
+        summary="AWS EFS, Regional, Elastic throughput: ~1 ms random reads and metadata lookups, ~2.7 ms "
+                "namespace changes and closes/fsyncs after writes (write-behind); 1,500 MiB/s per client",
         source=(
             "Amazon EFS User Guide, 'Amazon EFS performance specifications', General Purpose mode, Regional "
             "file system, Elastic throughput: latency ~1 ms for reads and ~2.7 ms for writes, at most "
@@ -328,7 +332,10 @@ _PROFILES_AND_BUILDERS = (
             "each metadata operation as one COMPOUND request, one round trip: lookups, getattr, open (close-to-open consistency revalidates "
             "every open), readdir and the like at the read latency, creates, renames, unlinks, setattr and "
             "the like at the write latency (AWS publishes no metadata latency: an assumption); latencies "
-            "modelled as log-normal, sigma 0.3, floors"
+            "modelled as log-normal, sigma 0.3, floors. As the Linux NFS client does: a read continuing the "
+            "previous one of its file is not held (readahead has it in flight), writes are not held but the "
+            "next close or fsync of the file is, once (the client's page cache sends them then, "
+            "nfs_file_flush); O_SYNC, O_DSYNC and O_DIRECT writes are held each"
         ),
         parameters={},
     ),

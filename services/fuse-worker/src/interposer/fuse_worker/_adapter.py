@@ -106,8 +106,10 @@ class InterposerOperations(pyfuse3.Operations):
         #: Set by ``_extra_ops`` when it answers opens and may send FOPEN_NOFLUSH
         #: (``--skip-needless-flush``); False = every close sends FLUSH.
         self.noflush_opens = False
-        #: fh → path it was opened at, for files opened with FOPEN_NOFLUSH.
-        self._flushless: dict[int, str] = {}
+        #: fh → (path it was opened at, opened for writing), for files opened with FOPEN_NOFLUSH.
+        self._flushless: dict[int, tuple[str, bool]] = {}
+        #: fh → the flags the application opened it with (``Op.open_flags``).
+        self._open_flags: dict[int, int] = {}
 
     def init(self) -> None:
         # pyfuse3 calls this on FUSE_INIT, just before it replies; the kernel applies the
@@ -175,7 +177,8 @@ class InterposerOperations(pyfuse3.Operations):
         return self._bypassing(self.stack)
 
     def _bypassing(self, stack: Stack) -> int:
-        handles = {fh for fh, path in list(self._flushless.items()) if stack.acts_on_flush_at(path)}
+        handles = {fh for fh, (path, writable) in list(self._flushless.items())
+                   if stack.acts_on_flush_at(path, writable)}
         if self.passthrough is not None:
             handles.update(self.passthrough.passthrough_handles(stack.acts_on_data_at))
         return len(handles)
@@ -372,14 +375,17 @@ class InterposerOperations(pyfuse3.Operations):
         """Choose the caching (or kernel passthrough) of file ``ino`` just opened, and note what its writes must do."""
         if _clears_setid(flags, ctx):
             self._setid_writers[info.fh] = ctx
+        self._open_flags[info.fh] = flags
         direct_io = self._direct_io(flags, op.path)
         if self.passthrough is not None:
             backing_fd = self._passthrough_fd(info.fh, ino, op.path)
             mode = self.passthrough.opened(info.fh, ino, op.path, direct_io, backing_fd)
             direct_io = mode is IoMode.DIRECT
         info.direct_io = direct_io
-        if self.noflush_opens and not self.stack.acts_on_flush_at(op.path) and not self.backend.flush_needed(info.fh):
-            self._flushless[info.fh] = op.path
+        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        if (self.noflush_opens and not self.stack.acts_on_flush_at(op.path, writable)
+                and not self.backend.flush_needed(info.fh)):
+            self._flushless[info.fh] = (op.path, writable)
         self.telemetry.bind_session(info.fh, op.session)
 
     def flushless(self, fh: int) -> bool:
@@ -443,7 +449,7 @@ class InterposerOperations(pyfuse3.Operations):
         backend = self.backend
         ino = backend.ino_of_fh(fh)
         op = Op("write", ino, backend.path_of(ino), offset=off, size=len(buf),
-                session=self.telemetry.session_of(fh))
+                session=self.telemetry.session_of(fh), open_flags=self._open_flags.get(fh, 0))
         writer = self._setid_writers.get(fh) if ino in self._setid_inodes else None
 
         async def write() -> int:
@@ -474,7 +480,8 @@ class InterposerOperations(pyfuse3.Operations):
 
     async def flush(self, fh):
         ino = self.backend.ino_of_fh(fh)
-        op = self._op("flush", ino, None, session=self.telemetry.session_of(fh))
+        op = self._op("flush", ino, None, session=self.telemetry.session_of(fh),
+                      open_flags=self._open_flags.get(fh, 0))
         return await self._serve(op, lambda: self.backend.flush(fh))
 
     async def release(self, fh):
@@ -484,6 +491,7 @@ class InterposerOperations(pyfuse3.Operations):
         op = self._op("release", ino, None, session=self.telemetry.end_session(fh))
         self._setid_writers.pop(fh, None)
         self._flushless.pop(fh, None)
+        self._open_flags.pop(fh, None)
         # close(2) has returned already: an error here is logged, and must neither
         # stop the worker nor keep the backend from closing its fd.
         if self.passthrough is not None:
@@ -502,7 +510,8 @@ class InterposerOperations(pyfuse3.Operations):
 
     async def fsync(self, fh, datasync):
         ino = self.backend.ino_of_fh(fh)
-        op = self._op("fsync", ino, None, session=self.telemetry.session_of(fh))
+        op = self._op("fsync", ino, None, session=self.telemetry.session_of(fh),
+                      open_flags=self._open_flags.get(fh, 0))
         return await self._serve(op, lambda: self.backend.fsync(fh, datasync))
 
     # ---- ops pyfuse3 does not dispatch: called by ``_extra_ops`` ------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -15,6 +16,10 @@ Handler = Callable[["Op", BackendCall], Awaitable[Any]]
 #: Order of one directory listing: gets the entry names (without ``.`` and ``..``) and
 #: returns a permutation of their positions (``Backend.order_dir``).
 DirOrder = Callable[[Sequence[bytes]], list[int]]
+
+#: Open flags whose writes return only once the data is stable (O_SYNC includes O_DSYNC) or
+#: bypassed every cache (O_DIRECT).
+SYNC_WRITE_FLAGS = os.O_DSYNC | os.O_DIRECT
 
 #: ``fallocate(2)`` mode bits (<linux/falloc.h>) that ``Op.mode`` may carry.
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -50,6 +55,9 @@ class Op(msgspec.Struct):
         dir_order: for ``opendir``: the order a metadata layer chose for the
             listing (outcome), applied by the adapter through the backend's
             ``order_dir``; ``None`` = the backend's own order.
+        open_flags: for ``write``, ``flush`` and ``fsync``: the flags
+            the application opened the file with (``O_ACCMODE`` bits, ``O_SYNC``,
+            ``O_DIRECT``…); 0 (``O_RDONLY``) when not known.
     """
 
     name: str
@@ -67,6 +75,7 @@ class Op(msgspec.Struct):
     short_size: int = -1
     injected: "list[Injection] | None" = None
     dir_order: "DirOrder | None" = None
+    open_flags: int = 0
 
     def inject(self, layer: int, kind: str, errno_name: str = "", result: int = 0) -> None:
         """Note a fault layer ``layer`` injected into this op (``fault`` shows the first)."""

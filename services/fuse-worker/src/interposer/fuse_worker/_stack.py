@@ -28,7 +28,7 @@ from interposer.proto import (
     QuotaLayer,
     ThrottleLayer,
 )
-from interposer.proto.policy import FAULT_KIND_OPS, OPEN_OPS, DataOpName, OpName
+from interposer.proto.policy import FAULT_KIND_OPS, OPEN_OPS, WRITE_BEHIND_OPS, DataOpName, OpName
 from interposer.proto.profiles import expand_profile
 
 from ._op import Handler, invoke_backend
@@ -57,7 +57,14 @@ def ops_of(spec: Layer) -> frozenset[str]:
     if isinstance(spec, FaultLayer):
         ops = spec.ops or FAULT_KIND_OPS.get(spec.kind, ALL_OPS)
         return ops & OPEN_OPS if spec.on == "open" else ops
+    if isinstance(spec, DelayLayer) and spec.write_behind:
+        return (spec.ops or ALL_OPS) | WRITE_BEHIND_OPS
     return spec.ops or ALL_OPS
+
+
+def _flushes_writes_only(spec: Layer) -> bool:
+    """True if the layer acts on ``flush`` only to hold a close after writes it deferred (``write_behind``)."""
+    return isinstance(spec, DelayLayer) and spec.write_behind and bool(spec.ops) and "flush" not in spec.ops
 
 
 def needs_direct_io(spec: Layer) -> bool:
@@ -198,8 +205,11 @@ class Stack:
         #: passthrough per path, :meth:`acts_on_data_at`).
         self._data_globs = [compile_glob(e.spec.path_glob) for e in active if _acts_on_data(e.spec)]
         self.acts_on_data = bool(self._data_globs)
-        #: A layer acts on ``flush``: files opened at a matching path must send FLUSH on close.
-        self._flush_globs = [compile_glob(e.spec.path_glob) for e in active if "flush" in ops_of(e.spec)]
+        #: A layer acts on ``flush``: files opened at a matching path must send FLUSH on close;
+        #: one that does only for the writes it deferred (``write_behind``), files opened for writing.
+        flushing = [e.spec for e in active if "flush" in ops_of(e.spec)]
+        self._flush_globs = [compile_glob(spec.path_glob) for spec in flushing if not _flushes_writes_only(spec)]
+        self._written_flush_globs = [compile_glob(spec.path_glob) for spec in flushing if _flushes_writes_only(spec)]
 
     def relabel(self, revision: int) -> Stack:
         """The same compiled stack as ``revision`` (a new revision whose policy is this one).
@@ -227,13 +237,16 @@ class Stack:
         """
         return any(match is None or match(path) for match in self._data_globs)
 
-    def acts_on_flush_at(self, path: str) -> bool:
+    def acts_on_flush_at(self, path: str, writable: bool = True) -> bool:
         """True if a layer that can act acts on ``flush`` of ``path`` (so ``close(2)`` must send FLUSH).
 
-        Decided on the path a file is opened at: a file opened without FLUSH
-        (FOPEN_NOFLUSH) sends none until it is reopened.
+        Decided on the path a file is opened at, and whether it is opened for
+        writing (``writable``: a ``write_behind`` delay holds only the close of a
+        descriptor that could write): a file opened without FLUSH (FOPEN_NOFLUSH)
+        sends none until it is reopened.
         """
-        return any(match is None or match(path) for match in self._flush_globs)
+        globs = [*self._flush_globs, *self._written_flush_globs] if writable else self._flush_globs
+        return any(match is None or match(path) for match in globs)
 
     def needs_direct_io(self, path: str) -> bool:
         """True if files opened at ``path`` must bypass the page cache (FOPEN_DIRECT_IO).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import random
 from collections.abc import Callable
 from statistics import NormalDist
@@ -14,6 +15,7 @@ import trio
 from interposer.proto import DelayLayer
 from interposer.proto.policy import (
     MAX_DELAY_S,
+    WRITE_BEHIND_OPS,
     Distribution,
     FixedDistribution,
     LognormalDistribution,
@@ -22,7 +24,7 @@ from interposer.proto.policy import (
     UniformDistribution,
 )
 
-from .._op import BackendCall, Handler, Op, transferred_bytes
+from .._op import SYNC_WRITE_FLAGS, BackendCall, Handler, Op, transferred_bytes
 from ._chains import FloorChains
 from ._match import compile_glob
 from ._streams import FileStreams
@@ -134,6 +136,12 @@ class Delay:
     its file ended (by arrival order, so requests of one stream in flight together
     still count as sequential) passes undelayed and uncounted.
 
+    With ``write_behind``, a ``write`` passes unheld (unless the file was opened
+    with a flag of ``SYNC_WRITE_FLAGS``) and marks its file written; the file's next
+    ``fsync``, or ``flush`` of a descriptor opened for writing, is then held as a
+    matching op would be, once for every write since the last one. Any other
+    ``flush`` or ``fsync`` is held only if ``ops`` names it.
+
     A ``floor`` spans the requests the kernel sends for one system call where the
     emulated file system would answer one (:mod:`._chains`: the GETATTR and LOOKUP
     before a CREATE): the floor of a request continuing such a chain counts from
@@ -160,6 +168,8 @@ class Delay:
         self._delayed = 0
         self._delay_s_total = 0.0
         self._next_offset: FileStreams[int] | None = FileStreams() if spec.skip_sequential else None
+        #: Files written since their last flush or fsync (``write_behind``): ino → True.
+        self._unsynced: FileStreams[bool] | None = FileStreams() if spec.write_behind else None
         self.acts = spec.probability > 0.0 and spec.max_s > 0.0 and not always_zero(spec.resolved_distribution)
 
     def bind(self, inner: Handler) -> Handler:
@@ -197,7 +207,29 @@ class Delay:
             chains.answered(op.name, op.path, op.pid, start_s, trio.current_time(), None)
             return result
 
-        return floor if self.spec.mode == "floor" else delay
+        held = floor if self.spec.mode == "floor" else delay
+        return held if self._unsynced is None else self._write_behind(held, inner)
+
+    def _write_behind(self, held: Handler, inner: Handler) -> Handler:
+        """``held`` with writes left unheld and their latency paid by the file's next flush or fsync."""
+        unsynced, match = self._unsynced, self._match
+        assert unsynced is not None
+        own_ops = self.spec.ops
+
+        async def write_behind(op: Op, call: BackendCall) -> Any:
+            if op.name == "write" and not op.open_flags & SYNC_WRITE_FLAGS:
+                result = await inner(op, call)
+                if match is None or match(op.path):
+                    unsynced.put(op.ino, True)  # in the client's page cache: sent at close or fsync
+                return result
+            if op.name in WRITE_BEHIND_OPS:
+                # fsync sends what the file has; a close, what a descriptor that could write left
+                sends = op.name == "fsync" or (op.open_flags & os.O_ACCMODE) != os.O_RDONLY
+                if not (sends and unsynced.take(op.ino)) and own_ops and op.name not in own_ops:
+                    return await inner(op, call)  # nothing to send
+            return await held(op, call)
+
+        return write_behind
 
     def _sequential(self, op: Op) -> bool:
         """True if ``op`` is a read or write continuing the previous one of its file; note where it ends."""
