@@ -432,3 +432,15 @@ def test_efs_streams_a_sequential_read_and_defers_its_writes() -> None:
     assert max(reads[1:]) < 0.0005  # readahead has the next ones in flight (throttle: 1,500 MiB/s)
     assert max(writes) < 0.0005
     assert close > 0.001  # ~2.7 ms: the writes sent, acknowledged
+
+
+def test_wan_nfs_charges_a_round_trip_per_close_after_writes_not_per_write() -> None:
+    async def main() -> tuple[list[float], float, float]:
+        stack = Stack(Policy(layers=[ProfileLayer(name="wan-nfs")]), 1, rng=random.Random(4))
+        writes = [await _served(stack, "write") for _ in range(10)]  # 40 KiB: the link paces it in 3 ms
+        return writes, await _served(stack, "flush"), await _served(stack, "flush")
+
+    writes, close, clean_close = run(main)
+    assert sum(writes) < 0.040  # 0.4 s if each paid the 40 ms round trip
+    assert 0.030 < close < 0.050
+    assert clean_close == pytest.approx(_SERVICE_S)  # NFSv3 sends nothing for a clean close
