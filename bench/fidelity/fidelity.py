@@ -390,11 +390,16 @@ def _run_fio(argv: list[str], what: str = "fio") -> str:
 
 
 def _fio_result(stdout: str, side: str) -> dict:
-    """``{bw, iops, mean, p50, p99}`` of one side (``read``/``write``) of fio's JSON report (bytes/s, ops/s, s)."""
-    got = json.loads(stdout[stdout.find("{"):])["jobs"][0][side]
-    pct = got["clat_ns"].get("percentile", {})
-    return {"bw": float(got["bw_bytes"]), "iops": float(got["iops"]), "mean": got["clat_ns"]["mean"] / 1e9,
-            "p50": pct.get("50.000000", 0) / 1e9, "p99": pct.get("99.000000", 0) / 1e9}
+    """``{bw, iops, mean, p50, p99}`` of one side (``read``/``write``) of fio's JSON report (bytes/s, ops/s, s),
+    and ``sync50``/``sync99`` (s) when the jobs synced (``--fsync``)."""
+    job = json.loads(stdout[stdout.find("{"):])["jobs"][0]
+    got, pct = job[side], job[side]["clat_ns"].get("percentile", {})
+    result = {"bw": float(got["bw_bytes"]), "iops": float(got["iops"]), "mean": got["clat_ns"]["mean"] / 1e9,
+              "p50": pct.get("50.000000", 0) / 1e9, "p99": pct.get("99.000000", 0) / 1e9}
+    if job.get("sync", {}).get("total_ios"):
+        sync_pct = job["sync"]["lat_ns"].get("percentile", {})
+        result.update(sync50=sync_pct.get("50.000000", 0) / 1e9, sync99=sync_pct.get("99.000000", 0) / 1e9)
+    return result
 
 
 def _quantiles_s(values: list[float], *levels: float) -> list[float]:
@@ -480,12 +485,7 @@ def run_fio(directory: Path, scenario: Scenario, qd: int, direct: bool, runtime_
             f"--runtime={runtime_s:g}s", f"--percentile_list={P50 * 100:g}:{P99 * 100:g}"]
     if scenario.fsync_every:
         argv.append(f"--fsync={scenario.fsync_every}")
-    stdout = _run_fio(argv)
-    got = _fio_result(stdout, "write" if "write" in scenario.rw else "read")
-    if scenario.fsync_every:
-        pct = json.loads(stdout[stdout.find("{"):])["jobs"][0]["sync"]["lat_ns"].get("percentile", {})
-        got.update(sync50=pct.get("50.000000", 0) / 1e9, sync99=pct.get("99.000000", 0) / 1e9)
-    return got
+    return _fio_result(_run_fio(argv), "write" if "write" in scenario.rw else "read")
 
 
 def _fmt(value: float | None, unit: str) -> str:
@@ -571,12 +571,13 @@ def _run_modes(scenario: Scenario, modes: list[tuple[int, bool]], work: Path, ru
                 bare_bw[(qd, direct)] = got["bw"]
             elif scenario.name == "noop-stack":
                 target = Target(bw_bytes_per_s=bare_bw.get((qd, direct)))
-            elif scenario.machine_bound and (qd, direct) in bare_bw and bare_bw[(qd, direct)] < (target.bw_bytes_per_s
-                                                                                                 or math.inf):
-                target = Target(bw_bytes_per_s=bare_bw[(qd, direct)])  # what this machine moves, not the limit
+            elif scenario.machine_bound:
+                machine_bw = bare_bw.get((qd, direct), math.inf)
+                if machine_bw < (target.bw_bytes_per_s or math.inf):
+                    target = Target(bw_bytes_per_s=machine_bw)  # what this machine moves, not the limit
             rows = [("bw", target.bw_bytes_per_s, got["bw"], "B/s"), ("iops", target.iops, got["iops"], ""),
                     ("p50", target.lat_p50_s, got["p50"], "s"), ("p99", target.lat_p99_s, got["p99"], "s")]
-            if scenario.fsync_every:
+            if "sync50" in got:
                 rows += [("sync50", target.sync_p50_s, got["sync50"], "s"),
                          ("sync99", target.sync_p99_s, got["sync99"], "s")]
             for metric, want, have, unit in rows:

@@ -222,7 +222,7 @@ def test_efs_buffers_writes_until_close_and_streams_a_sequential_read(mount_work
     assert (vol.backing / "ckpt.bin").read_bytes() == (bytes(range(256)) * 16) * 200  # written through
     sync_writes_s, sync_close_s = _timed_writes(vol.mountpoint / "wal.bin", 20, 4096, os.O_SYNC)
     assert sync_writes_s >= 20 * 0.0027 * 0.7  # each waits for its WRITE
-    assert sync_close_s < 0.0027 * 0.3  # nothing left to send
+    assert sync_close_s < 0.0027 * 0.4  # nothing left to send (a held close: below this 1 in 1,000)
     chunks = [i * 128 * 1024 for i in range(128)]
     sequential_s = _timed_preads(vol.mountpoint / names[0], chunks, 128 * 1024)
     jumping_s = _timed_preads(vol.mountpoint / names[0], chunks[1::2][::-1] + chunks[::2], 128 * 1024)
