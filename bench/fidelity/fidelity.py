@@ -218,7 +218,7 @@ def targets_of(layers: list[dict], bs: int, qd: int, service: ServiceTime | None
                 iops_limit = min(iops_limit, ops_per_s / units)
             if buckets.bucket is not None:
                 bytes_per_s = layer.rate_bytes_per_s + buckets.bucket.burst_bytes * layer.burst_balance / runtime_s
-                charged = units * layer.max_io_bytes if layer.charge_units else bs
+                charged = (units * layer.max_io_bytes if layer.charge_units else bs) * layer.read_charge
                 iops_limit = min(iops_limit, bytes_per_s / charged)
         elif isinstance(layer, DelayLayer):
             if sequential and layer.skip_sequential:
@@ -319,7 +319,10 @@ def scenarios() -> list[Scenario]:
             # over the memory backend: this VM's disk takes 1.8 ms (p50) to 5 ms (p99) per fsync at 16 jobs
             # itself, a floor under EFS's (fio creates its files through the mount first, untimed)
             Scenario("profile-efs-fsync", [{"type": "profile", "name": "efs"}], rw="randwrite", fsync_every=16,
-                     worker_args=("--backend", "memory"))]
+                     worker_args=("--backend", "memory")),
+            # EFS Bursting, 100 GiB stored, credits spent: its 50 KiB/s-per-GiB baseline, reads metered at a third
+            Scenario("profile-efs-drained-seq", [{"type": "profile", "name": "efs", "size_gib": 100,
+                                                 "burst_balance": 0}], rw="read", bs=MIB, remount=True)]
     return out
 
 

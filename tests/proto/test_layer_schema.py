@@ -100,7 +100,15 @@ def test_delay_s_still_means_a_fixed_delay() -> None:
     ({"type": "profile", "name": "gp2", "iops": 6000}, "field `iops`: profile 'gp2' takes `size_gib`, `burst_balance`"),
     ({"type": "profile", "name": "hdd-7200", "iops": 10}, "profile 'hdd-7200' takes no sizing field"),
     ({"type": "profile", "name": "io2", "iops": 300000}, "field `iops`: 300,000 is outside 100..256,000"),
-    ({"type": "profile", "name": "efs", "size_gib": 100}, "profile 'efs' takes no sizing field"),
+    ({"type": "profile", "name": "efs", "iops": 100},
+     "field `iops`: profile 'efs' takes `size_gib`, `burst_balance`, `rate_bytes_per_s`"),
+    ({"type": "profile", "name": "efs", "size_gib": 100, "rate_bytes_per_s": 1 << 20},
+     "fields `size_gib` and `rate_bytes_per_s`: give at most one of them"),
+    ({"type": "profile", "name": "efs", "burst_balance": 0.5}, "field `burst_balance`: only Bursting throughput"),
+    ({"type": "profile", "name": "efs", "rate_bytes_per_s": 5 << 30}, "field `rate_bytes_per_s`: 5,368,709,120 is "
+                                                                     "outside 1,048,576..3,579,838,464"),
+    ({"type": "throttle", "iops": 10, "read_charge": 0.5}, "field `read_charge`: it scales what reads are charged"),
+    ({"type": "throttle", "rate_bytes_per_s": 10, "read_charge": 0}, "$.layers[0].read_charge"),
     ({"type": "profile", "name": "pd-standard", "size_gib": 0}, "$.layers[0].size_gib"),
     ({"type": "delay", "delay_s": 0.1, "page_cache": "warm"}, "$.layers[0].page_cache"),
     ({"type": "fault", "kind": "short_read", "page_cache": "keep"}, "field `page_cache`: kind 'short_read'"),
@@ -184,6 +192,12 @@ def test_a_profile_is_sized_by_its_published_rules() -> None:
         (reads, 150, None, 0), (writes, 300, None, 0), (both, None, int(0.12 * mib * 200), 0)]
     assert _limits({"type": "profile", "name": "wan-nfs", "rate_bytes_per_s": 125_000_000}) == [
         (both, None, 125_000_000, 0)]
+    # EFS Bursting, 2 TiB stored: 500 MiB/s per client, 200 MiB/s while credits last, 4.2 TiB of
+    # credits earned at 50 KiB/s per GiB; Provisioned: the rate set (reads metered at a third)
+    assert _limits({"type": "profile", "name": "efs", "size_gib": 2048}) == [
+        (both, None, 500 * mib, 0), (both, None, 200 * mib, 0), (both, None, 100 * mib, int(4.2 * 1024 * gib))]
+    assert _limits({"type": "profile", "name": "efs", "rate_bytes_per_s": 64 * mib}) == [
+        (both, None, 500 * mib, 0), (both, None, 64 * mib, 0)]
     # the defaults are what `interposer profiles` lists
     for name, profile in PROFILES.items():
         assert tuple(expand_profile(ProfileLayer(name=name))) == profile.layers

@@ -540,3 +540,19 @@ def test_metadata_overrides_and_jitters_attributes() -> None:
     assert abs(hit.st_mtime_ns - 10**18) <= 2 * 10**9 and abs(hit.st_atime_ns - 5 * 10**9) <= 2 * 10**9
     assert hit.st_mtime_ns != 10**18 or hit.st_atime_ns != 5 * 10**9
     assert (miss.st_uid, miss.st_size) == (0, 100)
+
+
+def test_read_charge_meters_reads_at_a_share_of_their_bytes() -> None:
+    # EFS Bursting/Provisioned: a read is metered at a third of its bytes, a write at all of them
+    mib = 1 << 20
+    layer = ThrottleLayer(rate_bytes_per_s=mib, burst_bytes=mib, burst_balance=0.0, read_charge=1 / 3)
+
+    async def main(name: str) -> float:
+        stack = Stack(Policy(layers=[layer]), 1)
+        start = trio.current_time()
+        for _ in range(6):
+            await serve(stack, Op(name, 2, "/f", size=mib), reply=b"p" * mib if name == "read" else mib)
+        return trio.current_time() - start
+
+    assert run(main, "read") == pytest.approx(2.0)  # 6 MiB metered as 2 MiB at 1 MiB/s
+    assert run(main, "write") == pytest.approx(6.0)

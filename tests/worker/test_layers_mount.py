@@ -230,6 +230,19 @@ def test_efs_buffers_writes_until_close_and_streams_a_sequential_read(mount_work
     assert jumping_s >= 128 * 0.001 * 0.8
 
 
+def test_efs_bursting_without_credits_runs_at_its_baseline_and_meters_reads_at_a_third(mount_worker, tmp_path) -> None:
+    # EFS Bursting throughput, 100 GiB stored, burst credits spent: 50 KiB/s per GiB (5,120,000 B/s);
+    # reads are metered at a third of their bytes, so 12 MiB read cost what 4 MiB written do.
+    names = _small_files(tmp_path / "efs", 1, 16 * MIB)
+    vol = mount_worker(backing=tmp_path / "efs", policy=_policy(
+        {"type": "profile", "name": "efs", "size_gib": 100, "burst_balance": 0}))
+    baseline = 50 * 1024 * 100
+    read_s = _timed_preads(vol.mountpoint / names[0], [i * MIB for i in range(12)], MIB)
+    writes_s, _ = _timed_writes(vol.mountpoint / "out.bin", 4, MIB)
+    assert 4 * MIB / baseline * 0.95 <= read_s < 4 * MIB / baseline * 1.5
+    assert 4 * MIB / baseline * 0.95 <= writes_s < 4 * MIB / baseline * 1.5
+
+
 def test_a_slow_lookup_does_not_hold_up_lookups_of_other_names_in_its_directory(mount_worker, tmp_path) -> None:
     # The kernel runs lookups of one directory concurrently only if the worker asked for
     # FUSE_PARALLEL_DIROPS at FUSE_INIT; without it, a lookup held for 2 s held every other

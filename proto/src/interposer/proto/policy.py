@@ -384,6 +384,12 @@ class ThrottleLayer(_Layer, tag="throttle", kw_only=True):
             first op (1, the default: full, as a new EBS volume; 0: empty, as after
             a long run above the rate; named after the CloudWatch ``BurstBalance``
             metric). Refilling starts then.
+        read_charge: the share of a read's bytes the bandwidth bucket is charged,
+            (0, 1] (1, the default: every byte). Amazon EFS meters reads at
+            one-third the rate of writes in its Bursting and Provisioned throughput
+            modes (EFS User Guide, "Understanding metered throughput"): 1/3 reads
+            three times as fast as the ``rate_bytes_per_s`` a write gets. Needs
+            ``rate_bytes_per_s``.
         ops: ``read`` and/or ``write``; empty = both.
 
     Ops are charged for the bytes they moved (a read's reply, a write's count),
@@ -397,12 +403,16 @@ class ThrottleLayer(_Layer, tag="throttle", kw_only=True):
     max_io_bytes: PositiveLimit | None = None
     charge_units: bool = False
     burst_balance: Probability = 1.0
+    read_charge: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 1.0
     ops: frozenset[DataOpName] = frozenset()
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.rate_bytes_per_s is None and self.iops is None:
             raise ValueError("fields `rate_bytes_per_s` and `iops`: give at least one of them")
+        if self.read_charge != 1.0 and self.rate_bytes_per_s is None:
+            raise ValueError("field `read_charge`: it scales what reads are charged to the `rate_bytes_per_s` "
+                             "bucket, and `rate_bytes_per_s` is not given")
         if self.charge_units and (self.rate_bytes_per_s is None or self.max_io_bytes is None):
             raise ValueError("field `charge_units`: it charges `max_io_bytes` units to the `rate_bytes_per_s` "
                              "bucket; give both")
@@ -529,12 +539,14 @@ class ProfileLayer(_Layer, tag="profile", kw_only=True):
         name: profile name (``gp3``, ``gp2``, ``io2``, ``st1``, ``pd-standard``, ``efs``, ``wan-nfs``,
             ``hdd-7200``).
         size_gib: volume size, GiB, for profiles whose limits scale with it (``gp2``,
-            ``st1``, ``pd-standard``); ``None`` = the profile's default.
+            ``st1``, ``pd-standard``; ``efs``: the data stored, which selects Bursting
+            throughput); ``None`` = the profile's default.
         iops: provisioned IOPS (``gp3``, ``io2``); ``None`` = the profile's default.
-        rate_bytes_per_s: provisioned throughput (``gp3``) or link bandwidth
-            (``wan-nfs``), bytes/s; ``None`` = the profile's default.
+        rate_bytes_per_s: provisioned throughput (``gp3``; ``efs``: selects
+            Provisioned throughput) or link bandwidth (``wan-nfs``), bytes/s;
+            ``None`` = the profile's default.
         burst_balance: how full the burst bucket is, 0..1, at the first I/O
-            (``gp2``, ``st1``); ``None`` = full, as a new volume.
+            (``gp2``, ``st1``, ``efs`` with ``size_gib``); ``None`` = full, as a new volume.
 
     A sizing field the profile does not take, or a value outside its published
     range (``interposer profiles`` lists both), is an error naming the field.

@@ -45,6 +45,7 @@ from .policy import (
 KIB = 1 << 10
 MIB = 1 << 20
 GIB = 1 << 30
+TIB = 1 << 40
 MB = 1_000_000
 
 
@@ -150,11 +151,43 @@ _NFS_METADATA_WRITES = frozenset({"setattr", "create", "mknod", "mkdir", "symlin
                                   "rename", "setxattr", "removexattr"})
 
 
+#: EFS Bursting and Provisioned throughput meter a read at a third of its bytes ("metered throughput").
+_EFS_READ_CHARGE = 1 / 3
+
+
+def _efs_throughput(sizing: Sizing) -> tuple[Layer, ...]:
+    """The throttles of an EFS file system: Elastic (default), Provisioned (``rate_bytes_per_s``) or
+    Bursting (``size_gib`` of data stored, ``burst_balance`` of its credits)."""
+    if sizing.size_gib is not None and sizing.rate_bytes_per_s is not None:
+        raise ValueError("fields `size_gib` and `rate_bytes_per_s`: give at most one of them (Bursting "
+                         "throughput scales with the data stored, Provisioned throughput is set)")
+    if sizing.burst_balance is not None and sizing.size_gib is None:
+        raise ValueError("field `burst_balance`: only Bursting throughput (`size_gib`) has burst credits")
+    if sizing.rate_bytes_per_s is not None:
+        rate = _in_range("rate_bytes_per_s", sizing.rate_bytes_per_s, MIB, 3414 * MIB,
+                         "EFS Provisioned throughput is 1 to 3,414 MiB/s, the upper limit by Region")
+        return (ThrottleLayer(rate_bytes_per_s=500 * MIB),  # per client
+                ThrottleLayer(rate_bytes_per_s=rate, read_charge=_EFS_READ_CHARGE))
+    if sizing.size_gib is not None:
+        size = _in_range("size_gib", sizing.size_gib, 1, 8 * 1024 * 1024, "the data an EFS file system stores, GiB")
+        tib = size / 1024
+        return (
+            ThrottleLayer(rate_bytes_per_s=500 * MIB),  # per client
+            # while credits last: 100 MiB/s, 100 MiB/s per TiB stored above 1 TiB
+            ThrottleLayer(rate_bytes_per_s=int(100 * MIB * max(1.0, tib)), read_charge=_EFS_READ_CHARGE),
+            # the credits: 2.1 TiB, 2.1 TiB per TiB stored above 1 TiB, earned at the baseline of
+            # 50 KiB/s per GiB stored (at least 1 MiB/s)
+            ThrottleLayer(rate_bytes_per_s=max(MIB, 50 * KIB * size), burst_bytes=int(2.1 * TIB * max(1.0, tib)),
+                          burst_balance=sizing.balance, read_charge=_EFS_READ_CHARGE),
+        )
+    return (ThrottleLayer(rate_bytes_per_s=1500 * MIB),)  # Elastic: per client, reads and writes together
+
+
 def _efs(sizing: Sizing) -> tuple[Layer, ...]:
     read_latency = LognormalDistribution(median_s=0.001, sigma=0.3)
     write_latency = LognormalDistribution(median_s=0.0027, sigma=0.3)
     return (
-        ThrottleLayer(rate_bytes_per_s=1500 * MIB),  # per client, reads and writes together
+        *_efs_throughput(sizing),
         # the client's readahead has the next READs of a sequential stream in flight: only a jump waits
         DelayLayer(ops=frozenset({"read"}) | _NFS_METADATA_READS, mode="floor", distribution=read_latency,
                    skip_sequential=True),
@@ -345,9 +378,18 @@ _PROFILES_AND_BUILDERS = (
             "modelled as log-normal, sigma 0.3, floors. As the Linux NFS client does: a read continuing the "
             "previous one of its file is not held (readahead has it in flight), writes are not held but the "
             "next close or fsync of the file is, once (the client's page cache sends them then, "
-            "nfs_file_flush); O_SYNC, O_DSYNC and O_DIRECT writes are held each"
+            "nfs_file_flush); O_SYNC, O_DSYNC and O_DIRECT writes are held each. Bursting and Provisioned "
+            "throughput (same guide, 'Throughput modes'): at most 500 MiB/s per client; reads metered at "
+            "one-third of their bytes; Bursting: 100 MiB/s (100 MiB/s per TiB stored above 1 TiB) while burst "
+            "credits last, a credit balance of up to 2.1 TiB (2.1 TiB per TiB above 1 TiB), new file systems "
+            "starting full, earned at the 50 KiB/s-per-GiB baseline (at least 1 MiB/s)"
         ),
-        parameters={},
+        parameters={
+            "size_gib": "Bursting throughput: the data stored, 1..8,388,608 GiB (baseline 50 KiB/s per GiB; "
+                        "default: Elastic throughput)",
+            "burst_balance": "Bursting throughput: how full the burst credit balance is, 0..1 (default 1)",
+            "rate_bytes_per_s": "Provisioned throughput, 1..3,414 MiB/s (default: Elastic throughput)",
+        },
     ),
     _profile(
         _hdd_7200,

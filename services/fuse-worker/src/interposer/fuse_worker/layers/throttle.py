@@ -174,6 +174,8 @@ class Throttle:
         wait_s = 0.0
         if self.bucket is not None:
             charged = count * self.spec.max_io_bytes if self.spec.charge_units else size_bytes
+            if op.name == "read":
+                charged *= self.spec.read_charge  # metered: EFS charges a read a third of its bytes
             if charged:
                 wait_s = self.bucket.reserve(charged, now)
         if self.ops_bucket is not None and count:
