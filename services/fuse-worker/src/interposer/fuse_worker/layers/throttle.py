@@ -106,7 +106,8 @@ class Throttle:
     grow with that order, and so does their maximum. With ``max_io_bytes`` an op
     counts ``ceil(bytes / max_io_bytes)`` against ``iops``, as EBS counts a 1 MiB
     I/O as four 256 KiB ones; with ``charge_units`` too, the bandwidth bucket is
-    charged ``count * max_io_bytes`` (EBS HDD throughput credits). The wait is a precise sleep
+    charged ``count * max_io_bytes`` (EBS HDD throughput credits); a read's charge to
+    it is scaled by ``read_charge`` (EFS metered throughput). The wait is a precise sleep
     (:func:`._timer.sleep`, not ``trio.sleep``, which rounds up to whole
     milliseconds) and is added to ``Op.throttle_ns``.
 
