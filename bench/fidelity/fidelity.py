@@ -34,7 +34,8 @@ A throttle's rate over a run of T seconds is its rate plus what its bucket holds
 at the start, over T (the ``st1`` credit bucket, 1 TiB, never empties in a run);
 requests are charged in the throttle's units (``max_io_bytes``, whole ones with
 ``charge_units``; sequential ones of 32 KiB or more merge). In sequential
-scenarios (``rw=read``) a delay with ``skip_sequential`` is left out: only the
+scenarios (``rw=read``) a delay with ``skip_sequential`` is left out (``"buffered"``:
+in the buffered modes only): only the
 first read of each file, and each wrap-around to its start, pays it.
 
 Metadata scenarios (profiles that delay metadata ops, e.g. ``efs``) time a
@@ -163,7 +164,8 @@ class Scenario:
             return meta_target(self.layers, META_WORKLOADS[self.meta][1], qd)
         if self.fsync_every:
             return write_target(self.layers, qd, direct)
-        return targets_of(self.layers, self.bs, qd, service, runtime_s=runtime_s, sequential=self.rw == "read")
+        return targets_of(self.layers, self.bs, qd, service, runtime_s=runtime_s, sequential=self.rw == "read",
+                          direct=direct)
 
 
 def _acting_on(layers: list[dict], op: str) -> list:
@@ -190,7 +192,7 @@ def has_added_delay(layers: list[dict]) -> bool:
 
 
 def targets_of(layers: list[dict], bs: int, qd: int, service: ServiceTime | None = None, *,
-               runtime_s: float = DEFAULT_RUNTIME_S, sequential: bool = False) -> Target:
+               runtime_s: float = DEFAULT_RUNTIME_S, sequential: bool = False, direct: bool = False) -> Target:
     """Targets of a read workload of ``bs``-byte requests at queue depth ``qd`` under ``layers``.
 
     Bandwidth and IOPS: the tightest of the throttles (bytes/s, ops/s counted in
@@ -201,7 +203,8 @@ def targets_of(layers: list[dict], bs: int, qd: int, service: ServiceTime | None
     ``qd / IOPS`` when a throttle is what limits the rate. With an ``add``-mode
     delay and ``service`` given, the service time is added once: its p50 to the
     p50 and p99, its mean to the mean. ``runtime_s``: the run, over which a
-    bucket's contents add to its rate. ``sequential``: each job reads its file in order.
+    bucket's contents add to its rate. ``sequential``: each job reads its file in order
+    (``direct``: with ``O_DIRECT``, which a ``"buffered"`` ``skip_sequential`` holds).
     """
     iops_limit = math.inf  # requests per second
     p50 = p99 = mean = 0.0
@@ -223,7 +226,7 @@ def targets_of(layers: list[dict], bs: int, qd: int, service: ServiceTime | None
                 charged = (units * layer.max_io_bytes if layer.charge_units else bs) * layer.read_charge
                 iops_limit = min(iops_limit, bytes_per_s / charged)
         elif isinstance(layer, DelayLayer):
-            if sequential and layer.skip_sequential:
+            if sequential and (layer.skip_sequential is True or (layer.skip_sequential == "buffered" and not direct)):
                 continue
             dist, kw = layer.resolved_distribution, {"max_s": layer.max_s, "probability": layer.probability}
             p50 += quantile(dist, P50, **kw)

@@ -72,6 +72,7 @@ def test_delay_s_still_means_a_fixed_delay() -> None:
     ({"type": "throttle", "rate_bytes_per_s": 10, "burst_balance": 1.5}, "$.layers[0].burst_balance"),
     ({"type": "delay", "delay_s": 0.1, "ops": ["lookup", "getattr"], "skip_sequential": True},
      "field `skip_sequential`: only reads and writes are sequential"),
+    ({"type": "delay", "delay_s": 0.1, "skip_sequential": "direct"}, "$.layers[0].skip_sequential"),
     ({"type": "delay", "delay_s": 0.1, "ops": ["read"], "write_behind": True},
      "field `write_behind`: it defers the latency of writes, and `ops` has no `write`"),
     ({"type": "delay", "delay_s": 0.1, "write_behind": 1}, "$.layers[0].write_behind"),

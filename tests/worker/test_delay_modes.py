@@ -444,3 +444,16 @@ def test_wan_nfs_charges_a_round_trip_per_close_after_writes_not_per_write() -> 
     assert sum(writes) < 0.040  # 0.4 s if each paid the 40 ms round trip
     assert 0.030 < close < 0.050
     assert clean_close == pytest.approx(_SERVICE_S)  # NFSv3 sends nothing for a clean close
+
+
+def test_a_buffered_only_sequential_skip_holds_each_direct_read() -> None:
+    # an NFS client's readahead serves a buffered stream; each O_DIRECT read goes to the server
+    layer = DelayLayer(ops=frozenset({"read"}), delay_s=0.001, mode="floor", skip_sequential="buffered")
+
+    async def main(flags: int) -> list[float]:
+        stack = Stack(Policy(layers=[layer]), 1)
+        return [await timed(stack, Op("read", 5, "/f", offset=i * 4096, size=4096, open_flags=flags), _SERVICE_S)
+                for i in range(4)]
+
+    assert run(main, os.O_RDONLY) == [pytest.approx(0.001)] + [pytest.approx(_SERVICE_S)] * 3
+    assert run(main, os.O_RDONLY | os.O_DIRECT) == [pytest.approx(0.001)] * 4

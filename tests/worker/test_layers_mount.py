@@ -6,6 +6,7 @@ import asyncio
 import errno
 import hashlib
 import json
+import mmap
 import os
 import subprocess
 import threading
@@ -228,6 +229,17 @@ def test_efs_buffers_writes_until_close_and_streams_a_sequential_read(mount_work
     jumping_s = _timed_preads(vol.mountpoint / names[0], chunks[1::2][::-1] + chunks[::2], 128 * 1024)
     assert sequential_s < 128 * 0.001 / 4  # the first read waits, readahead has the rest
     assert jumping_s >= 128 * 0.001 * 0.8
+    fd = os.open(vol.mountpoint / names[0], os.O_RDONLY | os.O_DIRECT)
+    buf = mmap.mmap(-1, 128 * 1024)  # page-aligned, as O_DIRECT wants
+    try:
+        started = time.monotonic()
+        for offset in chunks[:16]:
+            assert os.preadv(fd, [buf], offset) == len(buf)
+        direct_s = time.monotonic() - started
+    finally:
+        os.close(fd)
+        buf.close()
+    assert direct_s >= 16 * 0.001 * 0.8  # no client cache in between: each direct read is a READ
 
 
 def test_efs_bursting_without_credits_runs_at_its_baseline_and_meters_reads_at_a_third(mount_worker, tmp_path) -> None:

@@ -313,6 +313,9 @@ class DelayLayer(_Layer, tag="delay", kw_only=True):
             (C. Ruemmler, J. Wilkes, "An introduction to disk drive modeling",
             IEEE Computer 27(3), 1994). The first request of a file and every
             other op are delayed. Needs ``read`` or ``write`` among ``ops``.
+            ``"buffered"``: only requests of files the application opened without
+            ``O_DIRECT``, as a network file system client's readahead serves
+            buffered reads and sends each direct one to the server.
         write_behind: hold no ``write``; hold instead the next ``flush``
             (``close(2)``) or ``fsync`` (also ``fdatasync(2)``) of a file written
             since its last one, once for all those writes, as an NFS client whose
@@ -330,7 +333,7 @@ class DelayLayer(_Layer, tag="delay", kw_only=True):
     max_s: DelaySeconds = MAX_DELAY_S
     seed: Annotated[int, msgspec.Meta(ge=0, le=MAX_SEED)] | None = None
     mode: DelayMode = "add"
-    skip_sequential: bool = False
+    skip_sequential: bool | Literal["buffered"] = False
     write_behind: bool = False
 
     def __post_init__(self) -> None:

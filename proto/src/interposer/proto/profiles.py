@@ -190,7 +190,7 @@ def _efs(sizing: Sizing) -> tuple[Layer, ...]:
         *_efs_throughput(sizing),
         # the client's readahead has the next READs of a sequential stream in flight: only a jump waits
         DelayLayer(ops=frozenset({"read"}) | _NFS_METADATA_READS, mode="floor", distribution=read_latency,
-                   skip_sequential=True),
+                   skip_sequential="buffered"),
         # the client's page cache takes write(2); close and fsync wait for the WRITEs (and COMMIT) it sends
         DelayLayer(ops=frozenset({"write"}) | _NFS_METADATA_WRITES, mode="floor", distribution=write_latency,
                    write_behind=True),
@@ -375,8 +375,8 @@ _PROFILES_AND_BUILDERS = (
             "each metadata operation as one COMPOUND request, one round trip: lookups, getattr, open (close-to-open consistency revalidates "
             "every open), readdir and the like at the read latency, creates, renames, unlinks, setattr and "
             "the like at the write latency (AWS publishes no metadata latency: an assumption); latencies "
-            "modelled as log-normal, sigma 0.3, floors. As the Linux NFS client does: a read continuing the "
-            "previous one of its file is not held (readahead has it in flight), writes are not held but the "
+            "modelled as log-normal, sigma 0.3, floors. As the Linux NFS client does: a buffered read continuing "
+            "the previous one of its file is not held (readahead has it in flight; an O_DIRECT one is), writes are not held but the "
             "next close or fsync of the file is, once (the client's page cache sends them then, "
             "nfs_file_flush); O_SYNC, O_DSYNC and O_DIRECT writes are held each. Bursting and Provisioned "
             "throughput (same guide, 'Throughput modes'): at most 500 MiB/s per client; reads metered at "

@@ -442,7 +442,8 @@ class InterposerOperations(pyfuse3.Operations):
     async def read(self, fh, off, size):
         backend = self.backend
         ino = backend.ino_of_fh(fh)
-        op = Op("read", ino, backend.path_of(ino), offset=off, size=size, session=self.telemetry.session_of(fh))
+        op = Op("read", ino, backend.path_of(ino), offset=off, size=size, session=self.telemetry.session_of(fh),
+                open_flags=self._open_flags.get(fh, 0))
         return await self._serve(op, lambda: backend.read(fh, off, size))
 
     async def write(self, fh, off, buf):

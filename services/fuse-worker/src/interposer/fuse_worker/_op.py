@@ -55,7 +55,7 @@ class Op(msgspec.Struct):
         dir_order: for ``opendir``: the order a metadata layer chose for the
             listing (outcome), applied by the adapter through the backend's
             ``order_dir``; ``None`` = the backend's own order.
-        open_flags: for ``write``, ``flush`` and ``fsync``: the flags
+        open_flags: for ``read``, ``write``, ``flush`` and ``fsync``: the flags
             the application opened the file with (``O_ACCMODE`` bits, ``O_SYNC``,
             ``O_DIRECT``…); 0 (``O_RDONLY``) when not known.
     """

@@ -134,7 +134,8 @@ class Delay:
 
     With ``skip_sequential``, a read or write starting where the previous one of
     its file ended (by arrival order, so requests of one stream in flight together
-    still count as sequential) passes undelayed and uncounted.
+    still count as sequential) passes undelayed and uncounted; with ``"buffered"``,
+    only if its file was not opened ``O_DIRECT`` (``Op.open_flags``).
 
     With ``write_behind``, a ``write`` passes unheld (unless the file was opened
     with a flag of ``SYNC_WRITE_FLAGS``) and marks its file written; the file's next
@@ -168,6 +169,7 @@ class Delay:
         self._delayed = 0
         self._delay_s_total = 0.0
         self._next_offset: FileStreams[int] | None = FileStreams() if spec.skip_sequential else None
+        self._buffered_only = spec.skip_sequential == "buffered"
         #: Files written since their last flush or fsync (``write_behind``): ino → True.
         self._unsynced: FileStreams[bool] | None = FileStreams() if spec.write_behind else None
         self.acts = spec.probability > 0.0 and spec.max_s > 0.0 and not always_zero(spec.resolved_distribution)
@@ -238,6 +240,8 @@ class Delay:
         assert self._next_offset is not None
         expected = self._next_offset.take(op.ino)
         self._next_offset.put(op.ino, op.offset + op.size)
+        if self._buffered_only and op.open_flags & os.O_DIRECT:
+            return False  # no client cache in between: each direct request goes to the server
         return expected == op.offset
 
     async def _hold(self, op: Op, remaining_s: float) -> None:
