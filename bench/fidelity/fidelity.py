@@ -180,10 +180,14 @@ def _read_layers(layers: list[dict]) -> list:
     return _acting_on(layers, "read")
 
 
+def _quantile_s(layer: DelayLayer, q: float) -> float:
+    """The ``q``-quantile of the delay a layer draws, seconds (its cap and probability count)."""
+    return quantile(layer.resolved_distribution, q, max_s=layer.max_s, probability=layer.probability)
+
+
 def _mean_s(layer: DelayLayer) -> float:
     """Mean delay a layer draws, seconds: the integral of its quantile function (caps and probability count)."""
-    dist, kw = layer.resolved_distribution, {"max_s": layer.max_s, "probability": layer.probability}
-    return sum(quantile(dist, (i + 0.5) / MEAN_BINS, **kw) for i in range(MEAN_BINS)) / MEAN_BINS
+    return sum(_quantile_s(layer, (i + 0.5) / MEAN_BINS) for i in range(MEAN_BINS)) / MEAN_BINS
 
 
 def has_added_delay(layers: list[dict]) -> bool:
@@ -228,9 +232,8 @@ def targets_of(layers: list[dict], bs: int, qd: int, service: ServiceTime | None
         elif isinstance(layer, DelayLayer):
             if sequential and (layer.skip_sequential is True or (layer.skip_sequential == "buffered" and not direct)):
                 continue
-            dist, kw = layer.resolved_distribution, {"max_s": layer.max_s, "probability": layer.probability}
-            p50 += quantile(dist, P50, **kw)
-            p99 += quantile(dist, P99, **kw)
+            p50 += _quantile_s(layer, P50)
+            p99 += _quantile_s(layer, P99)
             mean += _mean_s(layer)
     throttled = iops_limit
     delayed = qd / mean if mean else math.inf
@@ -254,11 +257,10 @@ def meta_target(layers: list[dict], op: str, qd: int) -> Target:
     """
     for layer in _acting_on(layers, op):
         if isinstance(layer, DelayLayer):
-            dist, kw = layer.resolved_distribution, {"max_s": layer.max_s, "probability": layer.probability}
             mean = _mean_s(layer)
             if op == "create" and qd > 1:
                 return Target(iops=1 / mean, lat_p50_s=qd * mean)
-            return Target(iops=qd / mean, lat_p50_s=quantile(dist, P50, **kw), lat_p99_s=quantile(dist, P99, **kw))
+            return Target(iops=qd / mean, lat_p50_s=_quantile_s(layer, P50), lat_p99_s=_quantile_s(layer, P99))
     return Target()
 
 
@@ -274,8 +276,7 @@ def write_target(layers: list[dict], qd: int, direct: bool) -> Target:
     """
     for layer in _acting_on(layers, "write"):
         if isinstance(layer, DelayLayer):
-            dist, kw = layer.resolved_distribution, {"max_s": layer.max_s, "probability": layer.probability}
-            p50, p99 = quantile(dist, P50, **kw), quantile(dist, P99, **kw)
+            p50, p99 = _quantile_s(layer, P50), _quantile_s(layer, P99)
             if layer.write_behind and not direct:
                 return Target(sync_p50_s=p50, sync_p99_s=p99)
             return Target(iops=qd / _mean_s(layer), lat_p50_s=p50, lat_p99_s=p99)

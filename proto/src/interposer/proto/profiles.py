@@ -40,6 +40,7 @@ from .policy import (
     ProfileLayer,
     ThrottleLayer,
     UniformDistribution,
+    WRITE_BEHIND_OPS,
 )
 
 KIB = 1 << 10
@@ -229,15 +230,11 @@ def _pd_standard(sizing: Sizing) -> tuple[Layer, ...]:
     )
 
 
-#: What an NFS client sends a request for only when it has written data to send (write-behind).
-_NFS_SYNC_OPS = frozenset({"flush", "fsync"})
-
-
 def _wan_nfs(sizing: Sizing) -> tuple[Layer, ...]:
     return (
         ThrottleLayer(rate_bytes_per_s=sizing.rate_bytes_per_s or 100_000_000 // 8),
         # writes wait in the client's page cache; close and fsync send them (one round trip)
-        DelayLayer(ops=frozenset(typing.get_args(OpName)) - _NFS_SYNC_OPS, write_behind=True,
+        DelayLayer(ops=frozenset(typing.get_args(OpName)) - WRITE_BEHIND_OPS, write_behind=True,
                    distribution=NormalDistribution(mean_s=0.040, stddev_s=0.002)),
     )
 

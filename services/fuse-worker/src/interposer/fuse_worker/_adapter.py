@@ -19,7 +19,7 @@ from interposer.proto import Policy
 
 from ._extra_ops import Caller
 from ._kernel_passthrough import IoMode, KernelPassthrough
-from ._op import BackendCall, Op
+from ._op import BackendCall, Op, opened_for_writing
 from ._setid import setid_bits_to_clear
 from ._stack import QuotaUnavailable, Stack
 from .layers import QuotaContext
@@ -38,7 +38,7 @@ def _clears_setid(flags: int, ctx: pyfuse3.RequestContext | Caller) -> bool:
     Opened for writing by a caller other than root: uid 0 stands for CAP_FSETID,
     since the worker sees uids, not capabilities.
     """
-    return ctx.uid != 0 and (flags & os.O_ACCMODE) != os.O_RDONLY
+    return ctx.uid != 0 and opened_for_writing(flags)
 
 
 #: ``SetattrFields`` of a mode-only change made by the worker itself (pyfuse3's own
@@ -382,7 +382,7 @@ class InterposerOperations(pyfuse3.Operations):
             mode = self.passthrough.opened(info.fh, ino, op.path, direct_io, backing_fd)
             direct_io = mode is IoMode.DIRECT
         info.direct_io = direct_io
-        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        writable = opened_for_writing(flags)
         if (self.noflush_opens and not self.stack.acts_on_flush_at(op.path, writable)
                 and not self.backend.flush_needed(info.fh)):
             self._flushless[info.fh] = (op.path, writable)

@@ -21,6 +21,11 @@ DirOrder = Callable[[Sequence[bytes]], list[int]]
 #: bypassed every cache (O_DIRECT).
 SYNC_WRITE_FLAGS = os.O_DSYNC | os.O_DIRECT
 
+def opened_for_writing(flags: int) -> bool:
+    """Whether open flags ``flags`` give write access (``O_WRONLY`` or ``O_RDWR``)."""
+    return (flags & os.O_ACCMODE) != os.O_RDONLY
+
+
 #: ``fallocate(2)`` mode bits (<linux/falloc.h>) that ``Op.mode`` may carry.
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02

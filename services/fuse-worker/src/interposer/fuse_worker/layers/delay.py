@@ -24,7 +24,7 @@ from interposer.proto.policy import (
     UniformDistribution,
 )
 
-from .._op import SYNC_WRITE_FLAGS, BackendCall, Handler, Op, transferred_bytes
+from .._op import SYNC_WRITE_FLAGS, BackendCall, Handler, Op, opened_for_writing, transferred_bytes
 from ._chains import FloorChains
 from ._match import compile_glob
 from ._streams import FileStreams
@@ -226,7 +226,7 @@ class Delay:
                 return result
             if op.name in WRITE_BEHIND_OPS:
                 # fsync sends what the file has; a close, what a descriptor that could write left
-                sends = op.name == "fsync" or (op.open_flags & os.O_ACCMODE) != os.O_RDONLY
+                sends = op.name == "fsync" or opened_for_writing(op.open_flags)
                 if not (sends and unsynced.take(op.ino)) and own_ops and op.name not in own_ops:
                     return await inner(op, call)  # nothing to send
             return await held(op, call)
