@@ -8,6 +8,7 @@ import hashlib
 import json
 import mmap
 import os
+import statistics
 import subprocess
 import threading
 import time
@@ -188,12 +189,14 @@ def test_efs_pays_its_read_latency_on_lookups_and_its_write_latency_once_per_cre
     for name in names:
         os.stat(vol.mountpoint / name)  # unknown to the kernel yet: one lookup each
     lookups_s = time.monotonic() - started
-    started = time.monotonic()
+    creates_s = []
     for name in names:
+        started = time.monotonic()
         os.close(os.open(vol.mountpoint / f"new-{name}", os.O_CREAT | os.O_WRONLY, 0o644))
-    creates_s = time.monotonic() - started
+        creates_s.append(time.monotonic() - started)
     assert 20 * 0.001 * 0.8 <= lookups_s < 20 * 0.0027  # each pays the read latency, none the write one
-    assert 20 * 0.0027 * 0.85 <= creates_s < 20 * (0.0027 + 0.001)  # not a lookup's latency on top
+    # the median, not the sum: one stall of the VM must not fail the test
+    assert 0.0027 * 0.85 <= statistics.median(creates_s) < 0.0027 + 0.001  # not a lookup's latency on top
 
 
 def _timed_writes(path, count: int, size: int, flags: int = 0) -> tuple[float, float]:
@@ -223,7 +226,11 @@ def test_efs_buffers_writes_until_close_and_streams_a_sequential_read(mount_work
     assert (vol.backing / "ckpt.bin").read_bytes() == (bytes(range(256)) * 16) * 200  # written through
     sync_writes_s, sync_close_s = _timed_writes(vol.mountpoint / "wal.bin", 20, 4096, os.O_SYNC)
     assert sync_writes_s >= 20 * 0.0027 * 0.7  # each waits for its WRITE
-    assert sync_close_s < 0.0027 * 0.4  # nothing left to send (a held close: below this 1 in 1,000)
+    # nothing left to send (a held close: below this 1 in 1,000); the least of three, so that one
+    # stall of the VM does not fail the test
+    sync_closes_s = [sync_close_s] + [_timed_writes(vol.mountpoint / f"wal{i}.bin", 1, 4096, os.O_SYNC)[1]
+                                      for i in range(2)]
+    assert min(sync_closes_s) < 0.0027 * 0.4
     chunks = [i * 128 * 1024 for i in range(128)]
     sequential_s = _timed_preads(vol.mountpoint / names[0], chunks, 128 * 1024)
     jumping_s = _timed_preads(vol.mountpoint / names[0], chunks[1::2][::-1] + chunks[::2], 128 * 1024)
