@@ -131,6 +131,23 @@ def test_faults_delay_and_throttle() -> None:
     assert snap.ops[(*LABELS, "read", "EIO")] == 3
 
 
+def test_delay_lateness_is_a_histogram_of_the_delayed_ops_only() -> None:
+    agg = Aggregator()
+    agg.add_batch(batch([
+        event("read", result=10, delay_ns=1_000_000),  # on time
+        event("read", result=10, delay_ns=1_000_000, delay_late_ns=30_000),
+        event("read", result=10, delay_ns=1_000_000, delay_late_ns=3_000_000),
+        event("read", result=10, delay_late_ns=7),  # no delay asked: not a delayed op
+        event("getattr"),
+    ]))
+    counts, sum_s = agg.snapshot().delay_lateness[(*LABELS, "read")]
+    assert sum(counts) == 3 and sum_s == pytest.approx(0.00303)
+    bounds = list(DURATION_BUCKETS_S)
+    assert counts[0] == 1  # 0 ns: the first bucket (≤ 10 µs)
+    assert counts[bounds.index(50e-6)] == 1 and counts[bounds.index(5e-3)] == 1
+    assert set(agg.snapshot().delay_lateness) == {(*LABELS, "read")}
+
+
 def test_dropped_is_max_per_worker_summed_over_workers() -> None:
     agg = Aggregator()
     agg.add_batch(batch([event("read")], worker_id="w-1", dropped_total=5))

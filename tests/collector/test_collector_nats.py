@@ -44,7 +44,8 @@ def test_batches_and_status_become_metrics(nats_url: str, start_collector: Start
             event("read", result=4096, duration_ns=3_000_000, throttle_ns=1_000_000),
             event("write", result=100, duration_ns=40_000),
             event("copy_file_range", result=1000, duration_ns=50_000),
-            event("read", errno=errno.EIO, fault="EIO", delay_ns=2_000_000, duration_ns=2_100_000),
+            event("read", errno=errno.EIO, fault="EIO", delay_ns=2_000_000, duration_ns=2_100_000,
+                  delay_late_ns=40_000),
             event("lookup", errno=errno.ENOENT),
         ], seq=1, dropped_total=2),
         batch_message(volume, [event("getattr")], seq=2, dropped_total=3),
@@ -72,6 +73,10 @@ def test_batches_and_status_become_metrics(nats_url: str, start_collector: Start
     assert value(samples, "interposer_injected_faults_total", op="read", errno="EIO", **vnp) == 1
     assert value(samples, "interposer_injected_delay_seconds_total", op="read", **vnp) == pytest.approx(0.002)
     assert value(samples, "interposer_throttle_wait_seconds_total", op="read", **vnp) == pytest.approx(0.001)
+    assert value(samples, "interposer_delay_lateness_seconds_count", op="read", **vnp) == 1
+    assert value(samples, "interposer_delay_lateness_seconds_bucket", op="read", le="2.5e-05", **vnp) == 0
+    assert value(samples, "interposer_delay_lateness_seconds_bucket", op="read", le="5e-05", **vnp) == 1
+    assert value(samples, "interposer_delay_lateness_seconds_sum", op="read", **vnp) == pytest.approx(4e-05)
     assert value(samples, "interposer_events_dropped_total", **vnp) == 4
     assert value(samples, "interposer_worker_ops_total", **vnp) == 7
     assert value(samples, "interposer_worker_last_heartbeat_timestamp_seconds",

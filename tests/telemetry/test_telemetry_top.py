@@ -46,6 +46,9 @@ def test_compute_rows_differences_two_scrapes() -> None:
         _s("interposer_injected_faults_total", 20, op="read", errno="EIO", **vnp),
         _s("interposer_op_duration_seconds_bucket", 300, op="read", le="0.001", **vnp),
         _s("interposer_op_duration_seconds_bucket", 320, op="read", le="+Inf", **vnp),
+        _s("interposer_delay_lateness_seconds_bucket", 90, op="read", le="1e-05", **vnp),
+        _s("interposer_delay_lateness_seconds_bucket", 100, op="read", le="0.001", **vnp),
+        _s("interposer_delay_lateness_seconds_bucket", 100, op="read", le="+Inf", **vnp),
         _s("interposer_ops_total", 5, op="getattr", result="ok", volume="idle", namespace="", pod=""),
     ])
     busy, idle = compute_rows(before, after, 2.0)
@@ -53,7 +56,9 @@ def test_compute_rows_differences_two_scrapes() -> None:
     assert busy.iops == 110 and busy.read_mb_per_s == 2.0 and busy.write_mb_per_s == 0
     assert busy.errors_per_s == 10 and busy.faults_per_s == 10
     assert busy.p99_latency_s == 0.001  # 99 % of 220 new ops is past 200: in +Inf → highest finite bound
-    assert idle.volume == "idle" and idle.iops == 2.5 and math.isnan(idle.p99_latency_s)
+    # 100 delayed reads, 10 of them resumed 10 µs..1 ms late: p99 interpolated in that bucket
+    assert busy.p99_delay_lateness_s == pytest.approx(1e-05 + (0.001 - 1e-05) * 9 / 10)
+    assert idle.volume == "idle" and idle.iops == 2.5 and math.isnan(idle.p99_latency_s) and math.isnan(idle.p99_delay_lateness_s)
     with pytest.raises(ValueError, match="interval_s"):
         compute_rows(before, after, 0)
 

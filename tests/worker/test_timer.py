@@ -129,6 +129,63 @@ def test_a_cancelled_earliest_sleep_does_not_hold_up_later_ones() -> None:
     assert woke == [-1.0, 0.003] and time.monotonic() - start < 1.0
 
 
+def test_a_sleep_reports_how_late_the_loop_resumed_it() -> None:
+    # A task that holds the event loop (here a blocking 30 ms call) makes every
+    # sleeper due meanwhile resume late: the delay the application sees grows by it.
+    async def main() -> tuple[int, int]:
+        async def hog() -> None:
+            await trio.sleep(0)
+            time.sleep(0.03)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(hog)
+            late_ns = await sleep(0.001)
+        return late_ns, await sleep(0.0)
+
+    late_ns, checkpoint_late_ns = trio.run(main)
+    assert late_ns >= 25_000_000 and checkpoint_late_ns == 0
+
+
+def test_under_mockclock_lateness_is_virtual_too() -> None:
+    clock = trio.testing.MockClock()
+
+    async def main() -> int:
+        async with trio.open_nursery() as nursery:
+            result: list[int] = []
+
+            async def sleeper() -> None:
+                result.append(await sleep(0.002))
+
+            nursery.start_soon(sleeper)
+            await trio.testing.wait_all_tasks_blocked()
+            clock.jump(0.005)  # the sleeper's deadline passed 3 ms ago when it runs again
+        return result[0]
+
+    assert trio.run(main, clock=clock) == 3_000_000
+
+
+@pytest.mark.parametrize("mode", ["add", "floor"])
+def test_a_delayed_op_carries_its_lateness(mode: str) -> None:
+    stack = Stack(decode_policy(json.dumps({"layers": [{"type": "delay", "delay_s": 0.002, "mode": mode}]})), 1)
+    ops = [Op("read", 2, "/f", size=4096), Op("read", 2, "/f", size=4096)]
+    clock = trio.testing.MockClock(autojump_threshold=0)
+
+    async def main() -> None:
+        async def call() -> bytes:
+            return b"x" * 4096
+
+        await stack.chains["read"](ops[0], call)  # nothing else to run: the clock jumps to its deadline
+        clock.autojump_threshold = float("inf")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stack.chains["read"], ops[1], call)
+            await trio.testing.wait_all_tasks_blocked()
+            clock.jump(0.0035)  # it resumes 1.5 ms after its 2 ms
+
+    trio.run(main, clock=clock)
+    assert [op.delay_ns for op in ops] == [2_000_000, 2_000_000]
+    assert ops[0].delay_late_ns == 0 and ops[1].delay_late_ns == pytest.approx(1_500_000, abs=1)
+
+
 def test_under_mockclock_it_is_virtual_time() -> None:
     async def main() -> float:
         await sleep(3600)
@@ -198,9 +255,10 @@ def test_delays_are_compensated_and_throttle_waits_are_not(monkeypatch, layer: d
     # the worker's is made up; a throttle wait shortened would let the rate exceed the limit.
     calls: list[tuple[bool, bool]] = []
 
-    async def recording_sleep(seconds: float, *, compensate: bool = False, own_wake_only: bool = False) -> None:
+    async def recording_sleep(seconds: float, *, compensate: bool = False, own_wake_only: bool = False) -> int:
         calls.append((compensate, own_wake_only))
         await trio.sleep(seconds)
+        return 0
 
     monkeypatch.setattr(delay, "sleep", recording_sleep)
     monkeypatch.setattr(throttle, "sleep", recording_sleep)

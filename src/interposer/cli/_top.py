@@ -43,6 +43,10 @@ class TopRow(msgspec.Struct, frozen=True, kw_only=True):
             when no op finished in it.
         errors_per_s: failed ops per second (any errno, injected or not).
         faults_per_s: ops failed on purpose by fault layers per second.
+        p99_delay_lateness_s: 99th percentile over the interval of how much later
+            than their delays asked the worker resumed delayed ops, seconds
+            (``interposer_delay_lateness_seconds``; what the application gets on top
+            of the emulated latency); NaN when no op was delayed in it.
     """
 
     volume: str
@@ -54,6 +58,7 @@ class TopRow(msgspec.Struct, frozen=True, kw_only=True):
     p99_latency_s: float
     errors_per_s: float
     faults_per_s: float
+    p99_delay_lateness_s: float = math.nan
 
 
 def _by_key(samples: Samples, name: str) -> Iterator[tuple[_Key, dict[str, str], float]]:
@@ -102,6 +107,16 @@ def bucket_quantile(quantile: float, buckets: list[tuple[float, float]]) -> floa
     return lower_bound
 
 
+def _bucket_deltas(before: Samples, after: Samples, name: str) -> dict[_Key, dict[float, float]]:
+    """Per (volume, namespace, pod): upper bound (s) → growth of the cumulative bucket ``name``, summed over ops."""
+    buckets: dict[_Key, dict[float, float]] = {}
+    for key, labels, delta in _deltas(before, after, name):
+        per_bound = buckets.setdefault(key, {})
+        bound = float(labels["le"])
+        per_bound[bound] = per_bound.get(bound, 0.0) + delta
+    return buckets
+
+
 def compute_rows(before: Samples, after: Samples, interval_s: float) -> list[TopRow]:
     """Rates per (volume, namespace, pod) between two scrapes of the collector.
 
@@ -132,20 +147,18 @@ def compute_rows(before: Samples, after: Samples, interval_s: float) -> list[Top
     faults: dict[_Key, float] = {}
     for key, _, delta in _deltas(before, after, "interposer_injected_faults_total"):
         faults[key] = faults.get(key, 0.0) + delta
-    buckets: dict[_Key, dict[float, float]] = {}
-    for key, labels, delta in _deltas(before, after, "interposer_op_duration_seconds_bucket"):
-        per_bound = buckets.setdefault(key, {})
-        bound = float(labels["le"])
-        per_bound[bound] = per_bound.get(bound, 0.0) + delta  # summed over ops
+    durations = _bucket_deltas(before, after, "interposer_op_duration_seconds_bucket")
+    lateness = _bucket_deltas(before, after, "interposer_delay_lateness_seconds_bucket")
     rows = [
         TopRow(
             volume=key[0], namespace=key[1], pod=key[2],
             iops=ops.get(key, 0.0) / interval_s,
             read_mb_per_s=moved.get((key, "read"), 0.0) / interval_s / BYTES_PER_MB,
             write_mb_per_s=moved.get((key, "write"), 0.0) / interval_s / BYTES_PER_MB,
-            p99_latency_s=bucket_quantile(LATENCY_QUANTILE, list(buckets.get(key, {}).items())),
+            p99_latency_s=bucket_quantile(LATENCY_QUANTILE, list(durations.get(key, {}).items())),
             errors_per_s=errors.get(key, 0.0) / interval_s,
             faults_per_s=faults.get(key, 0.0) / interval_s,
+            p99_delay_lateness_s=bucket_quantile(LATENCY_QUANTILE, list(lateness.get(key, {}).items())),
         )
         for key in keys
     ]
@@ -158,17 +171,22 @@ def top_table(rows: list[TopRow], source: str, interval_s: float) -> Table:
     table = Table(title=f"interposer top — {source}, rates over {interval_s:g} s", title_justify="left")
     for header, justify in (("volume", "left"), ("namespace", "left"), ("pod", "left"), ("IOPS", "right"),
                             ("read MB/s", "right"), ("write MB/s", "right"), ("p99 ms", "right"),
-                            ("errors/s", "right"), ("faults/s", "right")):
+                            ("errors/s", "right"), ("faults/s", "right"), ("delay late p99 ms", "right")):
         table.add_column(header, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     for row in rows:
         table.add_row(
             row.volume, row.namespace or "-", row.pod or "-", f"{row.iops:.0f}", f"{row.read_mb_per_s:.2f}",
-            f"{row.write_mb_per_s:.2f}", "-" if math.isnan(row.p99_latency_s) else f"{row.p99_latency_s * 1e3:.2f}",
-            f"{row.errors_per_s:.1f}", f"{row.faults_per_s:.1f}",
+            f"{row.write_mb_per_s:.2f}", _ms(row.p99_latency_s),
+            f"{row.errors_per_s:.1f}", f"{row.faults_per_s:.1f}", _ms(row.p99_delay_lateness_s),
         )
     if not rows:
         table.caption = "no volume has reported yet"
     return table
+
+
+def _ms(seconds: float) -> str:
+    """A duration column: milliseconds, 2 decimals; "-" for NaN (nothing measured)."""
+    return "-" if math.isnan(seconds) else f"{seconds * 1e3:.2f}"
 
 
 def run_top(url: str, interval_s: float, once: bool, console: Console | None = None) -> None:

@@ -39,6 +39,10 @@ class OpEvent(msgspec.Struct, array_like=True, gc=False):
             consumer can group what happened to one opened file (open → release).
             Unique per worker process (a counter, never reused even when the kernel
             reuses the fh number); 0 for ops outside a file session.
+        delay_late_ns: how much later than its delay layers asked the worker
+            resumed the op after their holds, ns (0 when on time, or not delayed):
+            the worker's scheduling lag (a saturated event loop, a descheduled
+            vCPU), which the application sees on top of ``delay_ns``.
     """
 
     op: str
@@ -56,6 +60,7 @@ class OpEvent(msgspec.Struct, array_like=True, gc=False):
     pid: int = 0
     uid: int = 0
     session: int = 0
+    delay_late_ns: int = 0
 
 
 class EventBatch(msgspec.Struct):

@@ -55,6 +55,11 @@ Labels3 = tuple[str, str, str]
 """``(volume, namespace, pod)``."""
 
 
+def _histogram(buckets: list[int]) -> tuple[list[int], float]:
+    """``(bucket_counts, sum_s)`` of a running bucket list (counts..., +Inf count, sum in ns), copied."""
+    return buckets[:_SUM_INDEX], buckets[_SUM_INDEX] / _NS_PER_S
+
+
 def errno_name(number: int) -> str:
     """Return the ``result`` label of an errno number.
 
@@ -86,6 +91,9 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
             reads (``"read"``) and writes (``"write"``).
         faults: ``(volume, namespace, pod, op, errno_name)`` → injected faults.
         delay_s: ``(volume, namespace, pod, op)`` → injected delay, seconds.
+        delay_lateness: ``(volume, namespace, pod, op)`` → ``(bucket_counts, sum_s)``
+            as ``durations``, of how late the worker resumed delayed ops after
+            their delays (``OpEvent.delay_late_ns``; ops with ``delay_ns`` only).
         throttle_wait_s: ``(volume, namespace, pod, op)`` → throttle wait, seconds.
         events_dropped: ``(volume, namespace, pod)`` → events the workers dropped.
         events_sampled_out: ``(volume, namespace, pod)`` → ops the workers' sampling
@@ -130,6 +138,7 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
     bytes: dict[tuple[str, str, str, str], int]
     faults: dict[tuple[str, str, str, str, str], int]
     delay_s: dict[tuple[str, str, str, str], float]
+    delay_lateness: dict[tuple[str, str, str, str], tuple[list[int], float]]
     throttle_wait_s: dict[tuple[str, str, str, str], float]
     events_dropped: dict[Labels3, int]
     events_sampled_out: dict[Labels3, int]
@@ -159,8 +168,8 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
 class _Group:
     """Aggregates of one ``(volume, namespace, pod)``; mutated under the aggregator lock."""
 
-    __slots__ = ("ops", "durations", "bytes_read", "bytes_written", "faults", "delay_ns", "throttle_ns",
-                 "fault_records")
+    __slots__ = ("ops", "durations", "bytes_read", "bytes_written", "faults", "delay_ns", "delay_lateness",
+                 "throttle_ns", "fault_records")
 
     def __init__(self) -> None:
         self.ops: dict[tuple[str, int], int] = {}  # (op, errno number) → ops
@@ -170,6 +179,8 @@ class _Group:
         self.bytes_written = 0
         self.faults: dict[tuple[str, str], int] = {}  # (op, errno name) → faults
         self.delay_ns: dict[str, int] = {}  # op → injected delay, ns
+        # op → buckets of the delayed ops' lateness (``OpEvent.delay_late_ns``), as ``durations``
+        self.delay_lateness: dict[str, list[int]] = {}
         self.throttle_ns: dict[str, int] = {}  # op → throttle wait, ns
         self.fault_records: dict[tuple[str, str, str], int] = {}  # (op, kind, errno name) → records
 
@@ -273,6 +284,12 @@ class Aggregator:
                     group.faults[fault_key] = group.faults.get(fault_key, 0) + 1
                 if event.delay_ns:
                     group.delay_ns[op] = group.delay_ns.get(op, 0) + event.delay_ns
+                    late = group.delay_lateness.get(op)
+                    if late is None:
+                        late = group.delay_lateness[op] = [0] * (sum_index + 1)
+                    late_ns = event.delay_late_ns
+                    late[bisect_left(bounds, late_ns)] += 1
+                    late[sum_index] += late_ns
                 if event.throttle_ns:
                     group.throttle_ns[op] = group.throttle_ns.get(op, 0) + event.throttle_ns
             group.bytes_read += bytes_read
@@ -366,6 +383,7 @@ class Aggregator:
         moved: dict[tuple[str, str, str, str], int] = {}
         faults: dict[tuple[str, str, str, str, str], int] = {}
         delay_s: dict[tuple[str, str, str, str], float] = {}
+        delay_lateness: dict[tuple[str, str, str, str], tuple[list[int], float]] = {}
         throttle_wait_s: dict[tuple[str, str, str, str], float] = {}
         events_dropped: dict[Labels3, int] = {}
         events_sampled_out: dict[Labels3, int] = {}
@@ -381,9 +399,9 @@ class Aggregator:
                     # Two numbers can share a name (never on Linux); add, never overwrite.
                     ops[key5] = ops.get(key5, 0) + count
                 for op, buckets in group.durations.items():
-                    durations[(volume, namespace, pod, op)] = (
-                        buckets[:_SUM_INDEX], buckets[_SUM_INDEX] / _NS_PER_S,
-                    )
+                    durations[(volume, namespace, pod, op)] = _histogram(buckets)
+                for op, buckets in group.delay_lateness.items():
+                    delay_lateness[(volume, namespace, pod, op)] = _histogram(buckets)
                 if group.bytes_read or "read" in group.durations:
                     moved[(volume, namespace, pod, DIRECTION_READ)] = group.bytes_read
                 if group.bytes_written or "write" in group.durations:
@@ -415,6 +433,7 @@ class Aggregator:
                 bytes=moved,
                 faults=faults,
                 delay_s=delay_s,
+                delay_lateness=delay_lateness,
                 throttle_wait_s=throttle_wait_s,
                 events_dropped=events_dropped,
                 events_sampled_out=events_sampled_out,

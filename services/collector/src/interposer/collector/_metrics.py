@@ -31,6 +31,10 @@ METRICS: tuple[tuple[str, str, list[str], str], ...] = (
      "Ops failed on purpose by a fault layer, by injected errno name."),
     ("interposer_injected_delay_seconds", "counter", [*_VNP, "op"],
      "Delay injected by delay layers, seconds."),
+    ("interposer_delay_lateness_seconds", "histogram", [*_VNP, "op"],
+     "How much later than its delay layers asked the worker resumed a delayed op, seconds (0 = on time): "
+     "its scheduling lag (a CPU-bound worker, a descheduled vCPU), which the application sees on top of "
+     "the delay. Delayed ops only."),
     ("interposer_throttle_wait_seconds", "counter", [*_VNP, "op"],
      "Time ops waited for throttle tokens, seconds."),
     ("interposer_events_dropped", "counter", list(_VNP),
@@ -102,10 +106,10 @@ def _gauge(name: str, samples: Iterable[tuple[tuple[str, ...], float]]) -> Gauge
     return family
 
 
-def _durations(snapshot: Snapshot) -> HistogramMetricFamily:
-    name = "interposer_op_duration_seconds"
+def _histogram(name: str, series: dict[tuple[str, ...], tuple[list[int], float]]) -> HistogramMetricFamily:
+    """A histogram family of :data:`DURATION_BUCKETS_S` from ``labels → (non-cumulative counts, sum_s)``."""
     family = HistogramMetricFamily(name, _HELP[name], labels=_LABELS[name])
-    for labels, (counts, sum_s) in snapshot.durations.items():
+    for labels, (counts, sum_s) in series.items():
         buckets: list[tuple[str, float]] = []
         cumulative = 0
         for bound, count in zip(_BUCKET_BOUNDS, counts[:-1], strict=True):
@@ -126,10 +130,11 @@ def families(snapshot: Snapshot) -> Iterator[Metric]:
         prometheus_client metric families, ready for exposition.
     """
     yield _counter("interposer_ops", snapshot.ops.items())
-    yield _durations(snapshot)
+    yield _histogram("interposer_op_duration_seconds", snapshot.durations)
     yield _counter("interposer_bytes", snapshot.bytes.items())
     yield _counter("interposer_injected_faults", snapshot.faults.items())
     yield _counter("interposer_injected_delay_seconds", snapshot.delay_s.items())
+    yield _histogram("interposer_delay_lateness_seconds", snapshot.delay_lateness)
     yield _counter("interposer_throttle_wait_seconds", snapshot.throttle_wait_s.items())
     yield _counter("interposer_events_dropped", snapshot.events_dropped.items())
     yield _counter("interposer_events_sampled_out", snapshot.events_sampled_out.items())

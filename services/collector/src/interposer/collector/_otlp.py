@@ -276,6 +276,8 @@ class OtlpExporter:
             attributes["interposer.fault"] = event.fault
         if event.delay_ns:
             attributes["interposer.delay_ns"] = event.delay_ns
+            if event.delay_late_ns:
+                attributes["interposer.delay_late_ns"] = event.delay_late_ns
         if event.throttle_ns:
             attributes["interposer.throttle_ns"] = event.throttle_ns
         status = Status(StatusCode.UNSET)

@@ -63,6 +63,8 @@ class Op(msgspec.Struct):
         open_flags: for ``read``, ``write``, ``flush`` and ``fsync``: the flags
             the application opened the file with (``O_ACCMODE`` bits, ``O_SYNC``,
             ``O_DIRECT``…); 0 (``O_RDONLY``) when not known.
+        delay_late_ns: how much later than its delay layers asked the op resumed
+            after their holds, ns (outcome; ``_timer.sleep``'s return, summed).
     """
 
     name: str
@@ -81,6 +83,7 @@ class Op(msgspec.Struct):
     injected: "list[Injection] | None" = None
     dir_order: "DirOrder | None" = None
     open_flags: int = 0
+    delay_late_ns: int = 0
 
     def inject(self, layer: int, kind: str, errno_name: str = "", result: int = 0) -> None:
         """Note a fault layer ``layer`` injected into this op (``fault`` shows the first)."""

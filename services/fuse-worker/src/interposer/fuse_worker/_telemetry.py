@@ -60,6 +60,8 @@ class Telemetry:
 
     Every op is counted in ``ops_total``; only the ops the sampling rules keep (all,
     by default) become events, the others are counted in ``sampled_out_total``.
+    Every delayed op (``Op.delay_ns`` > 0) is counted in ``delayed_ops_total``, and
+    how late it resumed (``Op.delay_late_ns``) summed in ``delay_late_ns_total``.
 
     Injected faults (``Op.injected``) also become ``FaultRecord`` s in a second
     bounded deque, ``faults``, drained the same way; they are never sampled and are
@@ -100,6 +102,8 @@ class Telemetry:
         self.faults_dropped_total = 0
         self.faults_published_total = 0
         self.ops_total = 0
+        self.delayed_ops_total = 0
+        self.delay_late_ns_total = 0
         self.events_total = 0
         self.events_dropped_total = 0
         self.events_published_total = 0
@@ -150,6 +154,9 @@ class Telemetry:
             revision: policy revision the op was served under (for fault records).
         """
         self.ops_total += 1
+        if op.delay_ns:
+            self.delayed_ops_total += 1
+            self.delay_late_ns_total += op.delay_late_ns
         if op.injected:
             self._record_faults(op, start_ns, duration_ns, revision)
         if not self.enabled:
@@ -164,7 +171,7 @@ class Telemetry:
             return
         self.buffer.append(OpEvent(
             op.name, op.ino, op.path, op.offset, op.size, result_bytes, errno, start_ns, duration_ns,
-            op.fault, op.delay_ns, op.throttle_ns, op.pid, op.uid, op.session,
+            op.fault, op.delay_ns, op.throttle_ns, op.pid, op.uid, op.session, op.delay_late_ns,
         ))
 
     def _record_faults(self, op: Op, start_ns: int, duration_ns: int, revision: int) -> None:

@@ -261,9 +261,18 @@ async def serve(config: WorkerConfig) -> None:
         if bus is not None:
             bus.stop()
         backend.close()
-        log.info("volume %s: %s; %d ops served, %d faults injected, %d events dropped", config.volume_id,
+        log.info("volume %s: %s; %d ops served, %d faults injected, %d events dropped%s", config.volume_id,
                  "FUSE fd closed (the csi-node unmounts)" if config.fuse_fd_socket else "unmounted",
-                 telemetry.ops_total, telemetry.faults_total, telemetry.events_dropped_total)
+                 telemetry.ops_total, telemetry.faults_total, telemetry.events_dropped_total,
+                 _lateness_summary(telemetry))
+
+
+def _lateness_summary(telemetry: Telemetry) -> str:
+    """``"; N delayed ops resumed a mean X µs late"`` for the exit log, "" when nothing was delayed."""
+    if not telemetry.delayed_ops_total:
+        return ""
+    mean_us = telemetry.delay_late_ns_total / telemetry.delayed_ops_total / 1e3
+    return f"; {telemetry.delayed_ops_total} delayed ops resumed a mean {mean_us:.0f} µs after their delays"
 
 
 async def _set_read_ahead_after_init(operations: InterposerOperations, mountpoint: str, kib: int) -> None:

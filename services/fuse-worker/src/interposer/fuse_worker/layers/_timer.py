@@ -215,14 +215,17 @@ class TimerQueue:
             os.close(self._fd)
 
 
-_QUEUE: trio.lowlevel.RunVar[TimerQueue] = trio.lowlevel.RunVar("interposer_timer_queue")
+_QUEUE: trio.lowlevel.RunVar[TimerQueue | None] = trio.lowlevel.RunVar("interposer_timer_queue")
 
 
-def _queue() -> TimerQueue:
-    """This run's :class:`TimerQueue`, made (and its system task started) on first use."""
+def _queue() -> TimerQueue | None:
+    """This run's :class:`TimerQueue`, made (and its system task started) on first use; None under MockClock."""
     try:
         return _QUEUE.get()
     except LookupError:
+        if isinstance(trio.lowlevel.current_clock(), trio.testing.MockClock):
+            _QUEUE.set(None)
+            return None
         queue = TimerQueue()
         trio.lowlevel.spawn_system_task(queue.run, name="interposer timer queue")
         _QUEUE.set(queue)
@@ -232,12 +235,13 @@ def _queue() -> TimerQueue:
 def next_deadline_ns() -> int | None:
     """When this run's timer fires next (``time.monotonic_ns()`` ns), or None if no sleep is pending."""
     try:
-        return _QUEUE.get().armed_ns
+        queue = _QUEUE.get()
     except LookupError:
         return None
+    return None if queue is None else queue.armed_ns
 
 
-async def sleep(seconds: float, *, compensate: bool = False, own_wake_only: bool = False) -> None:
+async def sleep(seconds: float, *, compensate: bool = False, own_wake_only: bool = False) -> int:
     """Sleep ``seconds`` with sub-millisecond precision (a checkpoint when ``seconds <= 0``).
 
     Under trio's ``MockClock`` (tests in virtual time) this is ``trio.sleep``, so
@@ -256,17 +260,28 @@ async def sleep(seconds: float, *, compensate: bool = False, own_wake_only: bool
             application's after the reply (an ``add`` delay: the op pays that one
             without the delay too).
 
+    Returns:
+        How much later than ``seconds`` after the call the task ran again, ns
+        (0 if on time or early): the worker's scheduling lag beyond what the
+        compensation covers (a busy event loop, a descheduled vCPU), which the
+        application sees on top of the latency asked for.
+
     Raises:
         OSError: the run's timerfd could not be made (EMFILE) or armed.
     """
     if seconds <= 0.0:
         await trio.lowlevel.checkpoint()
-        return
-    if isinstance(trio.lowlevel.current_clock(), trio.testing.MockClock):
+        return 0
+    queue = _queue()
+    if queue is None:
+        intended_end_s = trio.current_time() + seconds
         await trio.sleep(seconds)
-        return
+        return max(0, round((trio.current_time() - intended_end_s) * _NS_PER_S))
     compensation = _compensation
+    start_ns = time.monotonic_ns()
     armed_s = seconds - compensation.lead_s(seconds, own_wake_only) if compensate else seconds
-    deadline_ns = time.monotonic_ns() + max(1, round(armed_s * _NS_PER_S))
-    await _queue().sleep_until(deadline_ns)
-    compensation.observe((time.monotonic_ns() - deadline_ns) / _NS_PER_S)
+    deadline_ns = start_ns + max(1, round(armed_s * _NS_PER_S))
+    await queue.sleep_until(deadline_ns)
+    woke_ns = time.monotonic_ns()
+    compensation.observe((woke_ns - deadline_ns) / _NS_PER_S)
+    return max(0, woke_ns - start_ns - round(seconds * _NS_PER_S))

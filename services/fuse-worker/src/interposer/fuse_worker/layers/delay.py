@@ -125,7 +125,8 @@ class Delay:
     returned nothing: a read at or past the end of a file never reaches a device
     (the kernel checks the size first; through a direct-I/O mount it reaches the
     worker, e.g. the second ``read(2)`` of every whole-file read), so a latency
-    target does not apply to it. ``Op.delay_ns`` gets the time asked to sleep (ns).
+    target does not apply to it. ``Op.delay_ns`` gets the time asked to sleep (ns),
+    ``Op.delay_late_ns`` how much later than that the op resumed (ns).
     Both modes arm the timer early by the worker's wake-up compensation
     (:mod:`._timer`): the wake-up after the sleep is part of the delay the
     application sees (an uncompensated ``add`` of 2 ms added 2.2 ms, p50 at QD1).
@@ -187,7 +188,8 @@ class Delay:
                 if delay_s > 0.0:
                     self._delay_s_total += delay_s
                     op.delay_ns += int(delay_s * 1e9)
-                    await sleep(delay_s, compensate=True, own_wake_only=True)  # the reply's wake-up is in the op's own time
+                    # the reply's wake-up is in the op's own time
+                    op.delay_late_ns += await sleep(delay_s, compensate=True, own_wake_only=True)
             return await inner(op, call)
 
         async def floor(op: Op, call: BackendCall) -> Any:
@@ -248,7 +250,7 @@ class Delay:
         if remaining_s > 0.0:
             self._delay_s_total += remaining_s
             op.delay_ns += int(remaining_s * 1e9)
-            await sleep(remaining_s, compensate=True)  # a latency target: wake-ups count
+            op.delay_late_ns += await sleep(remaining_s, compensate=True)  # a latency target: wake-ups count
 
     def statistics(self) -> DelayStatistics:
         """Snapshot of this layer's counters."""
