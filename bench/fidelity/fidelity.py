@@ -267,17 +267,17 @@ def meta_target(layers: list[dict], op: str, qd: int) -> Target:
 def write_target(layers: list[dict], qd: int, direct: bool) -> Target:
     """Targets of ``qd`` jobs writing, each syncing every few writes, under the delay acting on ``write``.
 
-    A ``write_behind`` delay (``efs``: an NFS client's page cache) holds the fsync,
-    once for the writes before it: the fsync latency's p50/p99 are the delay's,
-    and the writes get no target (each costs the mount's own round trip). Direct
-    writes (``O_DIRECT``, sent at once on NFS too) and any other delay hold every
-    write: p50/p99 are the delay's, the rate ``qd / mean`` (Little's law). No
-    delay on writes: no target.
+    A ``write_behind`` delay (``efs``: an NFS client's page cache; ``s3``: Mountpoint's
+    background upload) holds the fsync, once for the writes before it: the fsync
+    latency's p50/p99 are the delay's, and the writes get no target (each costs the
+    mount's own round trip). Direct writes under a ``"buffered"`` one (``O_DIRECT``:
+    sent at once on NFS) and any other delay hold every write: p50/p99 are the
+    delay's, the rate ``qd / mean`` (Little's law). No delay on writes: no target.
     """
     for layer in _acting_on(layers, "write"):
         if isinstance(layer, DelayLayer):
             p50, p99 = _quantile_s(layer, P50), _quantile_s(layer, P99)
-            if layer.write_behind and not direct:
+            if layer.write_behind is True or (layer.write_behind and not direct):
                 return Target(sync_p50_s=p50, sync_p99_s=p99)
             return Target(iops=qd / _mean_s(layer), lat_p50_s=p50, lat_p99_s=p99)
     return Target()
@@ -325,6 +325,11 @@ def scenarios() -> list[Scenario]:
             # over the memory backend: this VM's disk takes 1.8 ms (p50) to 5 ms (p99) per fsync at 16 jobs
             # itself, a floor under EFS's (fio creates its files through the mount first, untimed)
             Scenario("profile-efs-fsync", [{"type": "profile", "name": "efs"}], rw="randwrite", fsync_every=16,
+                     worker_args=("--backend", "memory")),
+            # Mountpoint for S3 prefetches for any sequential reader, direct or not; fsync waits for the upload
+            Scenario("profile-s3-seq", [{"type": "profile", "name": "s3"}], rw="read", bs=128 * 1024,
+                     machine_bound=True),
+            Scenario("profile-s3-fsync", [{"type": "profile", "name": "s3"}], rw="randwrite", fsync_every=16,
                      worker_args=("--backend", "memory")),
             # EFS Bursting, 100 GiB stored, credits spent: its 50 KiB/s-per-GiB baseline, reads metered at a third
             Scenario("profile-efs-drained-seq", [{"type": "profile", "name": "efs", "size_gib": 100,

@@ -111,6 +111,7 @@ def test_delay_s_still_means_a_fixed_delay() -> None:
     ({"type": "throttle", "iops": 10, "read_charge": 0.5}, "field `read_charge`: it scales what reads are charged"),
     ({"type": "throttle", "rate_bytes_per_s": 10, "read_charge": 0}, "$.layers[0].read_charge"),
     ({"type": "profile", "name": "pd-standard", "size_gib": 0}, "$.layers[0].size_gib"),
+    ({"type": "profile", "name": "s3", "iops": 5500}, "field `iops`: profile 's3' takes `rate_bytes_per_s`"),
     ({"type": "delay", "delay_s": 0.1, "page_cache": "warm"}, "$.layers[0].page_cache"),
     ({"type": "fault", "kind": "short_read", "page_cache": "keep"}, "field `page_cache`: kind 'short_read'"),
     ({"type": "fault", "kind": "short_write", "page_cache": "keep"}, "field `page_cache`: kind 'short_write'"),
@@ -199,6 +200,10 @@ def test_a_profile_is_sized_by_its_published_rules() -> None:
         (both, None, 500 * mib, 0), (both, None, 200 * mib, 0), (both, None, 100 * mib, int(4.2 * 1024 * gib))]
     assert _limits({"type": "profile", "name": "efs", "rate_bytes_per_s": 64 * mib}) == [
         (both, None, 500 * mib, 0), (both, None, 64 * mib, 0)]
+    # S3 through Mountpoint: the client's network throughput (10 Gbit/s unless given)
+    assert _limits({"type": "profile", "name": "s3"}) == [(both, None, 1_250_000_000, 0)]
+    assert _limits({"type": "profile", "name": "s3-express", "rate_bytes_per_s": 25 * 10**8 // 8}) == [
+        (both, None, 312_500_000, 0)]
     # the defaults are what `interposer profiles` lists
     for name, profile in PROFILES.items():
         assert tuple(expand_profile(ProfileLayer(name=name))) == profile.layers

@@ -259,7 +259,8 @@ def test_device_profiles_use_floor_and_the_wan_profile_adds() -> None:
     modes = {name: {layer.mode for layer in expand_profile(ProfileLayer(name=name)) if isinstance(layer, DelayLayer)}
              for name in PROFILES}
     assert modes == {"gp3": {"floor"}, "gp2": {"floor"}, "io2": {"floor"}, "st1": {"floor"},
-                     "pd-standard": {"floor"}, "efs": {"floor"}, "hdd-7200": {"floor"}, "wan-nfs": {"add"}}
+                     "pd-standard": {"floor"}, "efs": {"floor"}, "s3": {"floor"}, "s3-express": {"floor"},
+                     "hdd-7200": {"floor"}, "wan-nfs": {"add"}}
 
 
 def test_gp3_at_qd1_is_its_latency_not_latency_plus_service_time() -> None:
@@ -341,7 +342,7 @@ def test_a_lookup_that_finds_the_name_ends_the_chain() -> None:
 # ---- write-behind: the latency of buffered writes paid at close or fsync ------------------------
 
 #: A write latency floor of 2.7 ms whose writes are buffered, as the efs profile's.
-_WRITE_BEHIND = DelayLayer(ops=frozenset({"write"}), delay_s=0.0027, mode="floor", write_behind=True)
+_WRITE_BEHIND = DelayLayer(ops=frozenset({"write"}), delay_s=0.0027, mode="floor", write_behind="buffered")
 #: The backend's own time of each request, seconds.
 _SERVICE_S = 0.0001
 
@@ -376,13 +377,26 @@ def test_write_behind_charges_fsync_like_close_and_each_file_its_own() -> None:
 
 
 @pytest.mark.parametrize("flag", [os.O_SYNC, os.O_DSYNC, os.O_DIRECT])
-def test_write_behind_holds_each_write_of_a_file_opened_o_sync_or_o_direct(flag: int) -> None:
+def test_buffered_write_behind_holds_each_write_of_a_file_opened_o_sync_or_o_direct(flag: int) -> None:
     async def main() -> list[float]:
         stack = Stack(Policy(layers=[_WRITE_BEHIND]), 1)
         flags = os.O_WRONLY | flag
         return [await _served(stack, "write", flags=flags) for _ in range(3)] + [await _served(stack, "flush", flags=flags)]
 
     assert run(main) == [pytest.approx(0.0027)] * 3 + [pytest.approx(_SERVICE_S)]
+
+
+@pytest.mark.parametrize("flag", [os.O_SYNC, os.O_DIRECT])
+def test_write_behind_true_defers_o_sync_and_o_direct_writes_too(flag: int) -> None:
+    # Mountpoint for Amazon S3 buffers every write into upload parts; only fsync or close waits
+    layer = DelayLayer(ops=frozenset({"write"}), delay_s=0.0027, mode="floor", write_behind=True)
+
+    async def main() -> list[float]:
+        stack = Stack(Policy(layers=[layer]), 1)
+        flags = os.O_WRONLY | flag
+        return [await _served(stack, "write", flags=flags) for _ in range(3)] + [await _served(stack, "flush", flags=flags)]
+
+    assert run(main) == [pytest.approx(_SERVICE_S)] * 3 + [pytest.approx(0.0027)]
 
 
 def test_write_behind_holds_the_close_of_a_writer_not_of_a_reader_of_the_file() -> None:

@@ -249,6 +249,37 @@ def test_efs_buffers_writes_until_close_and_streams_a_sequential_read(mount_work
     assert direct_s >= 16 * 0.001 * 0.8  # no client cache in between: each direct read is a READ
 
 
+def test_s3_pays_a_request_per_random_read_close_and_delete_and_streams_sequential_reads(mount_worker, tmp_path) -> None:
+    # Mountpoint for Amazon S3 over S3 Standard (~20 ms per request, log-normal sigma 0.5): a random
+    # read is a ranged GET; the prefetcher streams a sequential reader, O_DIRECT or not (it sits
+    # in the FUSE daemon, not in the kernel); writes upload in the background and close waits
+    # for the upload once; unlink is a DeleteObject. Bounds: 16 held reads take at least half
+    # the median sum (p < 1e-4 below), a stream at most half of it (only its first read waits:
+    # p < 1e-4 above); one held request at least a tenth of the median (p < 1e-5 below).
+    names = _small_files(tmp_path / "s3", 1, 8 * MIB)
+    vol = mount_worker(backing=tmp_path / "s3", policy=_policy({"type": "profile", "name": "s3"}))
+    chunks = [i * 128 * 1024 for i in range(16)]
+    assert _timed_preads(vol.mountpoint / names[0], chunks[::-1], 128 * 1024) >= 16 * 0.020 * 0.5
+    assert _timed_preads(vol.mountpoint / names[0], chunks, 128 * 1024) < 16 * 0.020 / 2
+    fd = os.open(vol.mountpoint / names[0], os.O_RDONLY | os.O_DIRECT)
+    buf = mmap.mmap(-1, 128 * 1024)  # page-aligned, as O_DIRECT wants
+    try:
+        started = time.monotonic()
+        for offset in chunks:
+            assert os.preadv(fd, [buf], offset) == len(buf)
+        direct_s = time.monotonic() - started
+    finally:
+        os.close(fd)
+        buf.close()
+    assert direct_s < 16 * 0.020 / 2  # streamed too: Mountpoint prefetches for direct readers
+    writes_s, close_s = _timed_writes(vol.mountpoint / "out.bin", 100, 4096)
+    assert writes_s < 100 * 0.020 / 4 and close_s >= 0.020 * 0.1  # one upload completion
+    assert (vol.backing / "out.bin").read_bytes() == (bytes(range(256)) * 16) * 100
+    started = time.monotonic()
+    os.unlink(vol.mountpoint / "out.bin")
+    assert time.monotonic() - started >= 0.020 * 0.1
+
+
 def test_efs_bursting_without_credits_runs_at_its_baseline_and_meters_reads_at_a_third(mount_worker, tmp_path) -> None:
     # EFS Bursting throughput, 100 GiB stored, burst credits spent: 50 KiB/s per GiB (5,120,000 B/s);
     # reads are metered at a third of their bytes, so 12 MiB read cost what 4 MiB written do.

@@ -6,4 +6,4 @@ profile name without importing the layers the profiles expand into.
 
 from typing import Literal
 
-ProfileName = Literal["gp3", "gp2", "io2", "st1", "pd-standard", "efs", "wan-nfs", "hdd-7200"]
+ProfileName = Literal["gp3", "gp2", "io2", "st1", "pd-standard", "efs", "wan-nfs", "s3", "s3-express", "hdd-7200"]

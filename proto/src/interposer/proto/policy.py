@@ -321,10 +321,13 @@ class DelayLayer(_Layer, tag="delay", kw_only=True):
             since its last one, once for all those writes, as an NFS client whose
             page cache takes ``write(2)`` and sends the data when the file is
             closed or synced (Linux ``nfs_file_flush``; NFSv4.1 WRITE and COMMIT,
-            RFC 8881 sections 18.32 and 18.3). Writes through a file the
+            RFC 8881 sections 18.32 and 18.3), or as Mountpoint for Amazon S3,
+            which uploads in the background and completes the upload on
+            ``fsync`` or close. ``"buffered"``: writes through a file the
             application opened with ``O_SYNC``, ``O_DSYNC`` or ``O_DIRECT`` are
-            held each (the client sends them at once). Needs ``write`` among
-            ``ops``; the layer then acts on ``flush`` and ``fsync`` too.
+            held each (an NFS client sends them at once); ``True`` defers those
+            too. Needs ``write`` among ``ops``; the layer then acts on ``flush``
+            and ``fsync`` too.
     """
 
     delay_s: DelaySeconds | None = None
@@ -334,7 +337,7 @@ class DelayLayer(_Layer, tag="delay", kw_only=True):
     seed: Annotated[int, msgspec.Meta(ge=0, le=MAX_SEED)] | None = None
     mode: DelayMode = "add"
     skip_sequential: bool | Literal["buffered"] = False
-    write_behind: bool = False
+    write_behind: bool | Literal["buffered"] = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -540,13 +543,13 @@ class ProfileLayer(_Layer, tag="profile", kw_only=True):
 
     Attributes:
         name: profile name (``gp3``, ``gp2``, ``io2``, ``st1``, ``pd-standard``, ``efs``, ``wan-nfs``,
-            ``hdd-7200``).
+            ``s3``, ``s3-express``, ``hdd-7200``).
         size_gib: volume size, GiB, for profiles whose limits scale with it (``gp2``,
             ``st1``, ``pd-standard``; ``efs``: the data stored, which selects Bursting
             throughput); ``None`` = the profile's default.
         iops: provisioned IOPS (``gp3``, ``io2``); ``None`` = the profile's default.
         rate_bytes_per_s: provisioned throughput (``gp3``; ``efs``: selects
-            Provisioned throughput) or link bandwidth (``wan-nfs``), bytes/s;
+            Provisioned throughput) or link bandwidth (``wan-nfs``, ``s3``, ``s3-express``), bytes/s;
             ``None`` = the profile's default.
         burst_balance: how full the burst bucket is, 0..1, at the first I/O
             (``gp2``, ``st1``, ``efs`` with ``size_gib``); ``None`` = full, as a new volume.

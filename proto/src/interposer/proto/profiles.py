@@ -194,8 +194,36 @@ def _efs(sizing: Sizing) -> tuple[Layer, ...]:
                    skip_sequential="buffered"),
         # the client's page cache takes write(2); close and fsync wait for the WRITEs (and COMMIT) it sends
         DelayLayer(ops=frozenset({"write"}) | _NFS_METADATA_WRITES, mode="floor", distribution=write_latency,
-                   write_behind=True),
+                   write_behind="buffered"),
     )
+
+
+#: Ops Mountpoint for Amazon S3 serves with one S3 request each: lookup (HeadObject and ListObjectsV2, sent
+#: together), getattr once its 1 s metadata TTL has passed (HeadObject), open (revalidates: HeadObject),
+#: readdir (a ListObjectsV2 page). mkdir and create are local until data is uploaded.
+_S3_METADATA_REQUESTS = frozenset({"lookup", "getattr", "open", "readdir"})
+#: Mountpoint's default ceiling away from EC2 instance-type detection (``--maximum-throughput-gbps``): 10 Gbit/s.
+_MOUNTPOINT_THROUGHPUT = 10_000_000_000 // 8
+
+
+def _s3_builder(median_s: float, sigma: float) -> _Builder:
+    """An S3 storage class through Mountpoint for Amazon S3 with first-byte latency log-normal(``median_s``, ``sigma``)."""
+
+    def build(sizing: Sizing) -> tuple[Layer, ...]:
+        rate = _in_range("rate_bytes_per_s", sizing.rate_bytes_per_s or _MOUNTPOINT_THROUGHPUT, 1, None,
+                         "the client's network throughput to S3, bytes/s")
+        latency = LognormalDistribution(median_s=median_s, sigma=sigma)
+        return (
+            ThrottleLayer(rate_bytes_per_s=rate),
+            # a ranged GET per random read; Mountpoint's prefetcher streams a sequential reader (direct or not)
+            DelayLayer(ops=frozenset({"read"}) | _S3_METADATA_REQUESTS, mode="floor", distribution=latency,
+                       skip_sequential=True),
+            # writes go out as multipart parts in the background, O_SYNC/O_DIRECT or not; close and fsync
+            # wait for the upload to complete (CompleteMultipartUpload); unlink is a DeleteObject
+            DelayLayer(ops=frozenset({"write", "unlink"}), mode="floor", distribution=latency, write_behind=True),
+        )
+
+    return build
 
 
 def _st1(sizing: Sizing) -> tuple[Layer, ...]:
@@ -234,7 +262,7 @@ def _wan_nfs(sizing: Sizing) -> tuple[Layer, ...]:
     return (
         ThrottleLayer(rate_bytes_per_s=sizing.rate_bytes_per_s or 100_000_000 // 8),
         # writes wait in the client's page cache; close and fsync send them (one round trip)
-        DelayLayer(ops=frozenset(typing.get_args(OpName)) - WRITE_BEHIND_OPS, write_behind=True,
+        DelayLayer(ops=frozenset(typing.get_args(OpName)) - WRITE_BEHIND_OPS, write_behind="buffered",
                    distribution=NormalDistribution(mean_s=0.040, stddev_s=0.002)),
     )
 
@@ -386,6 +414,49 @@ _PROFILES_AND_BUILDERS = (
                         "default: Elastic throughput)",
             "burst_balance": "Bursting throughput: how full the burst credit balance is, 0..1 (default 1)",
             "rate_bytes_per_s": "Provisioned throughput, 1..3,414 MiB/s (default: Elastic throughput)",
+        },
+    ),
+    _profile(
+        _s3_builder(0.020, 0.5),
+        name="s3",
+        summary="Amazon S3 Standard through Mountpoint for Amazon S3: ~20 ms per request (random read, lookup, "
+                "open, close after writing); sequential reads streamed; 10 Gbit/s",
+        source=(
+            "AWS whitepaper 'Best Practices Design Patterns: Optimizing Amazon S3 Performance', 'Timeouts and "
+            "Retries for Latency-Sensitive Applications': for requests under 512 KB 'median latencies are often "
+            "in the tens of milliseconds' (https://docs.aws.amazon.com/whitepapers/latest/"
+            "s3-optimizing-performance-best-practices/timeouts-and-retries-for-latency-sensitive-applications."
+            "html); S3 Express One Zone is 'up to 10x faster than S3 Standard' (Amazon S3 User Guide, "
+            "'Optimizing S3 Express One Zone performance'); modelled as log-normal, median 20 ms, sigma 0.5 "
+            "(p99 64 ms; AWS suggests retrying a small request after 2 s: the tail is long), the total "
+            "latency of each request (floor), an assumption within 'tens of milliseconds'. Mountpoint for "
+            "Amazon S3 (github.com/awslabs/mountpoint-s3, doc/SEMANTICS.md): sequential reads are served by "
+            "concurrent prefetching GETs (only a stream's first read waits), random reads are ranged GETs, "
+            "new files are uploaded in the background and fsync (and close) wait for the upload; lookup, "
+            "getattr after the 1 s metadata TTL, open, readdir and unlink are one request each; "
+            "--maximum-throughput-gbps defaults to 10 Gbps off EC2. Not emulated: Mountpoint's refusals "
+            "(renames, overwrites without O_TRUNC, non-sequential writes, links) succeed here; the per-prefix "
+            "request rates (at least 5,500 GET and 3,500 PUT per second, growing as S3 partitions) are not "
+            "applied"
+        ),
+        parameters={
+            "rate_bytes_per_s": "the client's network throughput to S3, bytes/s (default 1,250,000,000: 10 Gbit/s)",
+        },
+    ),
+    _profile(
+        _s3_builder(0.002, 0.3),
+        name="s3-express",
+        summary="Amazon S3 Express One Zone through Mountpoint for Amazon S3: ~2 ms per request, otherwise as s3",
+        source=(
+            "Amazon S3 User Guide, 'Optimizing S3 Express One Zone performance': 'consistent single-digit "
+            "millisecond first-byte read and write request latencies', 'up to 10x faster than S3 Standard' "
+            "(https://docs.aws.amazon.com/AmazonS3/latest/userguide/s3-express-performance.html); modelled as "
+            "log-normal, median 2 ms (a tenth of the s3 profile's), sigma 0.3 ('consistent'), a floor; "
+            "Mountpoint's behaviour and what is not emulated as in the s3 profile (directory buckets serve "
+            "200,000 reads and 100,000 writes per second by default: not applied)"
+        ),
+        parameters={
+            "rate_bytes_per_s": "the client's network throughput to S3, bytes/s (default 1,250,000,000: 10 Gbit/s)",
         },
     ),
     _profile(

@@ -138,8 +138,8 @@ class Delay:
     still count as sequential) passes undelayed and uncounted; with ``"buffered"``,
     only if its file was not opened ``O_DIRECT`` (``Op.open_flags``).
 
-    With ``write_behind``, a ``write`` passes unheld (unless the file was opened
-    with a flag of ``SYNC_WRITE_FLAGS``) and marks its file written; the file's next
+    With ``write_behind``, a ``write`` passes unheld (with ``"buffered"``, unless the
+    file was opened with a flag of ``SYNC_WRITE_FLAGS``) and marks its file written; the file's next
     ``fsync``, or ``flush`` of a descriptor opened for writing, is then held as a
     matching op would be, once for every write since the last one. Any other
     ``flush`` or ``fsync`` is held only if ``ops`` names it.
@@ -219,9 +219,10 @@ class Delay:
         unsynced, match = self._unsynced, self._match
         assert unsynced is not None
         own_ops = self.spec.ops
+        held_flags = SYNC_WRITE_FLAGS if self.spec.write_behind == "buffered" else 0
 
         async def write_behind(op: Op, call: BackendCall) -> Any:
-            if op.name == "write" and not op.open_flags & SYNC_WRITE_FLAGS:
+            if op.name == "write" and not op.open_flags & held_flags:
                 result = await inner(op, call)
                 if match is None or match(op.path):
                     unsynced.put(op.ino, True)  # in the client's page cache: sent at close or fsync
