@@ -87,6 +87,17 @@ def test_full_buffer_drops_and_disabled_events_only_count() -> None:
     assert (off.ops_total, off.events_total, len(off.buffer)) == (5, 0, 0)
 
 
+def test_delayed_ops_and_their_lateness_are_counted_with_events_off_too() -> None:
+    telemetry = Telemetry(enabled=False)
+    for late_ns in (0, 30_000, 90_000):
+        telemetry.record(Op("read", 2, "/f", delay_ns=1_000_000, delay_late_ns=late_ns), 0, 4096, 0, 1_100_000)
+    telemetry.record(Op("read", 2, "/f", delay_late_ns=5), 0, 4096, 0, 50_000)  # no delay asked: not counted
+    assert (telemetry.delayed_ops_total, telemetry.delay_late_ns_total) == (3, 120_000)
+    events = Telemetry()
+    events.record(Op("read", 2, "/f", delay_ns=1_000_000, delay_late_ns=7_000), 0, 4096, 0, 1_100_000)
+    assert events.buffer[0].delay_late_ns == 7_000
+
+
 def test_session_ids_are_unique_per_process_even_when_fh_numbers_are_reused() -> None:
     telemetry = Telemetry()
     first = telemetry.new_session()
