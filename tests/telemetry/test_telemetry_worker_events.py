@@ -11,6 +11,7 @@ import pytest
 from telemetry_helpers import BusTap, wait_for
 
 from interposer.fuse_worker._config import EventSampleRule, WorkerConfig, parse_sample_rule
+from interposer.fuse_worker._lateness import WINDOW_OPS, LatenessWatch
 from interposer.fuse_worker._op import Op
 from interposer.fuse_worker._stack import Stack
 from interposer.fuse_worker._telemetry import QuotaUsage, Telemetry, quota_usage
@@ -226,3 +227,27 @@ def test_no_events_flag_publishes_only_heartbeats(nats_url: str, mount_worker: C
         wait_for(lambda: (s := tap.last_status()) is not None and s.ops_total > 0, what="a heartbeat with ops")
     assert tap.batches == []
     assert tap.last_status().events_total == 0
+
+
+def test_delays_running_late_are_logged_at_most_once_a_minute(caplog: pytest.LogCaptureFixture) -> None:
+    now = [1000.0]
+    watch = LatenessWatch(monotonic=lambda: now[0])
+    with caplog.at_level("WARNING", logger="interposer.fuse_worker._lateness"):
+        for _ in range(WINDOW_OPS):
+            watch.observe(1_000_000, 50_000)  # 5 % and 50 µs late: on time for a VM
+        assert watch.warnings == 0
+        for _ in range(WINDOW_OPS):
+            watch.observe(1_000_000, 300_000)  # 30 %: the application sees 1.3 ms
+        assert watch.warnings == 1
+        assert "mean 300 µs after their 1000 µs delays" in caplog.text
+        now[0] += 30
+        for _ in range(WINDOW_OPS):
+            watch.observe(1_000_000, 300_000)
+        assert watch.warnings == 1  # not again within a minute
+        now[0] += 31
+        for _ in range(WINDOW_OPS):
+            watch.observe(1_000_000, 300_000)
+        assert watch.warnings == 2
+        for _ in range(WINDOW_OPS):
+            watch.observe(40_000_000, 2_000_000)  # 2 ms late on 40 ms: 5 %, on time
+        assert watch.warnings == 2

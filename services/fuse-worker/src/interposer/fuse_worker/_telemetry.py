@@ -15,6 +15,7 @@ from interposer.proto import FaultRecord, OpEvent
 from interposer.proto.policy import OpName
 
 from ._config import DEFAULT_EVENT_BUFFER as DEFAULT_EVENT_BUFFER, EventSampleRule
+from ._lateness import LatenessWatch
 from ._op import Op
 from .layers._match import compile_glob
 from .layers.quota import Quota
@@ -61,7 +62,9 @@ class Telemetry:
     Every op is counted in ``ops_total``; only the ops the sampling rules keep (all,
     by default) become events, the others are counted in ``sampled_out_total``.
     Every delayed op (``Op.delay_ns`` > 0) is counted in ``delayed_ops_total``, and
-    how late it resumed (``Op.delay_late_ns``) summed in ``delay_late_ns_total``.
+    how late it resumed (``Op.delay_late_ns``) summed in ``delay_late_ns_total`` and
+    watched by ``lateness`` (a :class:`~._lateness.LatenessWatch`: a log warning
+    when delays run late).
 
     Injected faults (``Op.injected``) also become ``FaultRecord`` s in a second
     bounded deque, ``faults``, drained the same way; they are never sampled and are
@@ -104,6 +107,7 @@ class Telemetry:
         self.ops_total = 0
         self.delayed_ops_total = 0
         self.delay_late_ns_total = 0
+        self.lateness = LatenessWatch()
         self.events_total = 0
         self.events_dropped_total = 0
         self.events_published_total = 0
@@ -157,6 +161,7 @@ class Telemetry:
         if op.delay_ns:
             self.delayed_ops_total += 1
             self.delay_late_ns_total += op.delay_late_ns
+            self.lateness.observe(op.delay_ns, op.delay_late_ns)
         if op.injected:
             self._record_faults(op, start_ns, duration_ns, revision)
         if not self.enabled:
