@@ -70,7 +70,8 @@ def test_top_once_shows_a_live_volume(nats_url: str, mount_worker: Callable[...,
     collector = start_collector()
     volume = f"top-{uuid.uuid4().hex[:8]}"
     policy = {"layers": [{"type": "fault", "errno": "EIO", "probability": 1.0, "ops": ["read"],
-                          "path_glob": "/faulty"}]}
+                          "path_glob": "/faulty"},
+                         {"type": "delay", "delay_s": 0.001, "ops": ["write"], "path_glob": "/data"}]}
     vol = mount_worker(volume, nats_url=nats_url, policy=json.dumps(policy),
                        extra=["--pod-namespace", "ns1", "--pod-name", "pod1"])
     (vol.mountpoint / "faulty").write_bytes(b"x" * 4096)
@@ -101,6 +102,7 @@ def test_top_once_shows_a_live_volume(nats_url: str, mount_worker: Callable[...,
     [row] = [line for line in proc.stdout.splitlines() if volume in line]
     cells = [cell.strip() for cell in row.strip("│┃| ").split("│")]
     assert cells[:3] == [volume, "ns1", "pod1"], cells
-    iops, _read_mb, write_mb, p99_ms, errors, faults = (float(c) for c in cells[3:9])
-    assert iops > 0 and write_mb > 0 and p99_ms > 0
+    iops, _read_mb, write_mb, p99_ms, errors, faults, late_p99_ms = (float(c) for c in cells[3:10])
+    assert iops > 0 and write_mb > 0 and p99_ms >= 1.0, "writes of /data are delayed 1 ms"
     assert errors > 0 and faults > 0, "every read of /faulty fails on purpose"
+    assert 0 <= late_p99_ms < p99_ms  # the delayed writes' lateness: a number, not "-"
