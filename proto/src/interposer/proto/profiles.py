@@ -210,11 +210,9 @@ def _s3_builder(median_s: float, sigma: float) -> _Builder:
     """An S3 storage class through Mountpoint for Amazon S3 with first-byte latency log-normal(``median_s``, ``sigma``)."""
 
     def build(sizing: Sizing) -> tuple[Layer, ...]:
-        rate = _in_range("rate_bytes_per_s", sizing.rate_bytes_per_s or _MOUNTPOINT_THROUGHPUT, 1, None,
-                         "the client's network throughput to S3, bytes/s")
         latency = LognormalDistribution(median_s=median_s, sigma=sigma)
         return (
-            ThrottleLayer(rate_bytes_per_s=rate),
+            ThrottleLayer(rate_bytes_per_s=sizing.rate_bytes_per_s or _MOUNTPOINT_THROUGHPUT),
             # a ranged GET per random read; Mountpoint's prefetcher streams a sequential reader (direct or not)
             DelayLayer(ops=frozenset({"read"}) | _S3_METADATA_REQUESTS, mode="floor", distribution=latency,
                        skip_sequential=True),
