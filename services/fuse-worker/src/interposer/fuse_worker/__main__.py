@@ -83,6 +83,10 @@ from ._worker import run
 @click.option("--handle-killpriv-v2/--no-handle-killpriv-v2", default=True, show_default=True,
               help="Clear set-ID bits on writes and truncations here (FUSE_HANDLE_KILLPRIV_V2), so the "
                    "kernel stops sending a GETXATTR before every write(2) (see docs/posix.md).")
+@click.option("--held-reads/--sleeping-holds", default=True, show_default=True,
+              help="While a delay layer acts on reads, send each held READ's reply from the timer "
+                   "when its hold ends, instead of parking a reader task for it: less worker CPU "
+                   "per held read (see docs/layers.md). --sleeping-holds: every hold sleeps.")
 @click.option("--entry-timeout", "entry_timeout_s", type=click.FloatRange(0, MAX_CACHE_TIMEOUT_S),
               default=DEFAULT_ENTRY_TIMEOUT_S, show_default=True, help="Seconds the kernel may cache a name it looked up (see docs/posix.md).")
 @click.option("--attr-timeout", "attr_timeout_s", type=click.FloatRange(0, MAX_CACHE_TIMEOUT_S),

@@ -8,7 +8,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import SimpleNamespace
 from typing import Any
 
@@ -18,6 +18,7 @@ import trio
 from interposer.proto import Policy
 
 from ._extra_ops import Caller
+from ._held_reads import ReadReplier
 from ._kernel_passthrough import IoMode, KernelPassthrough
 from ._op import BackendCall, Op, opened_for_writing
 from ._setid import setid_bits_to_clear
@@ -30,6 +31,14 @@ log = logging.getLogger(__name__)
 
 #: The set-ID bits of a mode.
 _SETID = stat.S_ISUID | stat.S_ISGID
+
+
+def _errno_of(exc: Exception, op: Op) -> int:
+    """The errno the application gets for ``exc`` raised serving ``op`` (EIO, logged, for anything not an OSError)."""
+    if isinstance(exc, OSError):
+        return exc.errno or errno.EIO
+    log.error("internal error serving %s %s", op.name, op.path, exc_info=exc)
+    return errno.EIO
 
 
 def _clears_setid(flags: int, ctx: pyfuse3.RequestContext | Caller) -> bool:
@@ -106,6 +115,9 @@ class InterposerOperations(pyfuse3.Operations):
         #: Set by ``_extra_ops`` when it answers opens and may send FOPEN_NOFLUSH
         #: (``--skip-needless-flush``); False = every close sends FLUSH.
         self.noflush_opens = False
+        #: Set by ``ExtraOps.install``: chooses who serves READ (True: the worker's own
+        #: slot, so delay layers leave their holds to the reply, ``_held_reads``).
+        self.route_reads: Callable[[bool], None] | None = None
         #: fh → (path it was opened at, opened for writing), for files opened with FOPEN_NOFLUSH.
         self._flushless: dict[int, tuple[str, bool]] = {}
         #: fh → the flags the application opened it with (``Op.open_flags``).
@@ -158,6 +170,8 @@ class InterposerOperations(pyfuse3.Operations):
             if self.stack is not current:  # the trio thread installed one meanwhile
                 return False
             self.stack = stack
+            if self.route_reads is not None:
+                self.route_reads(stack.holds_reads)
         self._warn_of_bypassed_files(stack)
         log.info("applied policy revision %d (%d layers)", revision, len(policy.layers))
         return True
@@ -206,6 +220,8 @@ class InterposerOperations(pyfuse3.Operations):
             if replacing is not None and self.stack is not replacing:
                 return False
             self.stack = stack
+            if self.route_reads is not None:
+                self.route_reads(stack.holds_reads)
         self._warn_of_bypassed_files(stack)
         self.stack_changed.set()
         self.stack_changed = trio.Event()
@@ -224,13 +240,9 @@ class InterposerOperations(pyfuse3.Operations):
         except pyfuse3.FUSEError as exc:
             err = exc.errno
             raise
-        except OSError as exc:
-            err = exc.errno or errno.EIO
+        except Exception as exc:
+            err = _errno_of(exc, op)
             raise pyfuse3.FUSEError(err) from None
-        except Exception:
-            log.exception("internal error serving %s %s", op.name, op.path)
-            err = errno.EIO
-            raise pyfuse3.FUSEError(errno.EIO) from None
         finally:
             if err or result is None:
                 nbytes = 0
@@ -241,6 +253,39 @@ class InterposerOperations(pyfuse3.Operations):
             else:
                 nbytes = 0
             self.telemetry.record(op, err, nbytes, start_wall_ns, time.perf_counter_ns() - start_ns, stack.revision)
+
+    async def read_replying(self, req: int, fh: int, off: int, size: int, replier: ReadReplier) -> None:
+        """Serve READ request ``req`` (``size`` bytes at ``off`` of handle ``fh``) and answer it through ``replier``.
+
+        For the worker's own READ slot (``_extra_ops``, while a delay layer acts on
+        reads): delay layers leave their holds to the reply (``Op.defer_holds``),
+        which ``replier`` sends when they end, from the timer task (``_held_reads``);
+        the op is recorded then. Errors are answered as :meth:`read`'s. Only
+        ``trio.Cancelled`` (the worker stopping) propagates, before any reply.
+        """
+        backend, stack = self.backend, self.stack
+        ino = backend.ino_of_fh(fh)
+        op = Op("read", ino, backend.path_of(ino), offset=off, size=size, session=self.telemetry.session_of(fh),
+                open_flags=self._open_flags.get(fh, 0), defer_holds=replier.can_hold())
+        chain = stack.chains.get("read")
+        start_wall_ns = time.time_ns()
+        start_ns = time.perf_counter_ns()
+        payload: Any
+        err = 0
+        try:
+            payload = await (backend.read(fh, off, size) if chain is None
+                             else chain(op, lambda: backend.read(fh, off, size)))
+        except pyfuse3.FUSEError as exc:
+            payload = err = exc.errno
+        except Exception as exc:
+            payload = err = _errno_of(exc, op)
+        nbytes = 0 if err else len(payload)
+
+        def sent(sent_ns: int, late_ns: int) -> None:
+            op.delay_late_ns += late_ns
+            self.telemetry.record(op, err, nbytes, start_wall_ns, sent_ns - start_ns, stack.revision)
+
+        replier.send(req, op, payload, sent)
 
     def _op(self, name: str, ino: int, ctx: pyfuse3.RequestContext | Caller | None, **fields: Any) -> Op:
         pid, uid = (ctx.pid, ctx.uid) if ctx is not None else (0, 0)

@@ -186,6 +186,10 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
             kernel no longer sends a GETXATTR of ``security.capability`` before
             every cached or kernel-passthrough ``write(2)``: a round trip fewer
             per write.
+        held_reads: while a delay layer acts on reads, serve READ in the worker's
+            own slot and send a held read's reply from the timer task when its
+            hold ends, instead of parking a reader task through it
+            (``_held_reads``); False: every hold sleeps in its request's task.
         busy_poll_us: with the lean loop, how long a reader keeps polling an empty
             FUSE device before it yields, µs (``_session_loop``; 0 = never).
         blocking_io: where the passthrough backend's reads, writes, flushes and
@@ -251,6 +255,7 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     kernel_passthrough: bool = False
     skip_needless_flush: bool = True
     handle_killpriv_v2: bool = True
+    held_reads: bool = True
     blocking_io: Literal["adaptive", "loop", "thread"] = "adaptive"
     wake_compensation: Literal["off", "worker", "round-trip"] = DEFAULT_WAKE_COMPENSATION
     read_ahead_kib: Annotated[int, msgspec.Meta(ge=0, le=65536)] = DEFAULT_READ_AHEAD_KIB

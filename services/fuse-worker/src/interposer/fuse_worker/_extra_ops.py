@@ -78,6 +78,7 @@ from ._init_reply import (
     InitReplyUnavailable,
 )
 from ._kernel_passthrough import FLAGS2_PASSTHROUGH, MAX_STACK_DEPTH, KernelPassthrough
+from ._held_reads import ReadReplier
 from ._raw_reply import FOPEN_NOFLUSH, FuseCtx, RawReplies, RawReplyUnavailable, open_flags_of
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ log = logging.getLogger(__name__)
 #: Slots of ``struct fuse_lowlevel_ops`` (fuse_lowlevel.h, libfuse 3.x), in pointers.
 SLOT_INIT = 0
 SLOT_OPEN = 14
+SLOT_READ = 15
 SLOT_CREATE = 30
 SLOT_WRITE_BUF = 36
 SLOT_FORGET_MULTI = 38
@@ -106,6 +108,7 @@ _SYMBOLS = {
     "fuse_init": f"__pyx_f_7{_PYFUSE3}_fuse_init",
     "fuse_open": f"__pyx_f_7{_PYFUSE3}_fuse_open",
     "fuse_create": f"__pyx_f_7{_PYFUSE3}_fuse_create",
+    "fuse_read": f"__pyx_f_7{_PYFUSE3}_fuse_read",
     "write_buf": f"__pyx_f_7{_PYFUSE3}_fuse_write_buf",
     "forget_multi": f"__pyx_f_7{_PYFUSE3}_fuse_forget_multi",
     "readdirplus": f"__pyx_f_7{_PYFUSE3}_fuse_readdirplus",
@@ -133,6 +136,10 @@ _PYFUSE3_OPEN = ctypes.PYFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes
 _CREATE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_uint, ctypes.c_void_p)
 _PYFUSE3_CREATE = ctypes.PYFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_uint,
                                     ctypes.c_void_p)
+#: ``void read(fuse_req_t, fuse_ino_t, size_t size, off_t off, struct fuse_file_info *)``, and pyfuse3's handler's.
+_READ = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_int64, ctypes.c_void_p)
+_PYFUSE3_READ = ctypes.PYFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_int64,
+                                  ctypes.c_void_p)
 
 
 class Caller(NamedTuple):
@@ -175,6 +182,8 @@ class ExtraOpsHandler(Protocol):
 
     async def release(self, fh: int) -> None: ...
 
+    async def read_replying(self, req: int, fh: int, off: int, size: int, replier: ReadReplier) -> None: ...
+
     def flushless(self, fh: int) -> bool:
         """Whether file ``fh`` just opened may be closed without a FLUSH request (FOPEN_NOFLUSH)."""
         ...
@@ -182,6 +191,11 @@ class ExtraOpsHandler(Protocol):
     passthrough: KernelPassthrough | None
     #: Set by :meth:`ExtraOps.install`: opens are answered here, so FOPEN_NOFLUSH can be sent.
     noflush_opens: bool
+    #: Set by :meth:`ExtraOps.install` (with ``held_reads``): called with whether
+    #: the worker's READ slot should serve reads, whenever the stack changes.
+    route_reads: Callable[[bool], None] | None
+    #: The stack in force (``_stack.Stack``): its ``holds_reads`` routes reads at install.
+    stack: Any
 
 
 def _libfuse() -> ctypes.CDLL:
@@ -243,7 +257,7 @@ def _session_op_table() -> tuple[int, int, dict[str, int]]:
         return int.from_bytes(table[index * _POINTER:(index + 1) * _POINTER], "little")
 
     expected = {SLOT_INIT: address["fuse_init"], SLOT_WRITE_BUF: address["write_buf"], SLOT_FORGET_MULTI: address["forget_multi"],
-                SLOT_OPEN: address["fuse_open"], SLOT_CREATE: address["fuse_create"], SLOT_READDIRPLUS: address["readdirplus"], SLOT_FALLOCATE: 0,
+                SLOT_OPEN: address["fuse_open"], SLOT_READ: address["fuse_read"], SLOT_CREATE: address["fuse_create"], SLOT_READDIRPLUS: address["readdirplus"], SLOT_FALLOCATE: 0,
                 SLOT_COPY_FILE_RANGE: 0,
                 SLOT_LSEEK: 0}
     wrong = [index for index, value in expected.items() if slot(index) != value]
@@ -278,10 +292,14 @@ class ExtraOps:
             (``_init_reply``): the handler then clears set-ID bits on writes and
             truncations itself, and the kernel stops asking for
             ``security.capability`` before each write.
+        held_reads: serve ``read`` here while a delay layer acts on reads, so
+            holds end in a reply sent from the timer task instead of a parked
+            reader (``_held_reads``); the handler's ``route_reads`` is set on
+            :meth:`install`, and pyfuse3's handler serves reads otherwise.
     """
 
     def __init__(self, handler: ExtraOpsHandler, max_background: int = 0, kernel_passthrough: bool = False,
-                 skip_needless_flush: bool = False, handle_killpriv: bool = False) -> None:
+                 skip_needless_flush: bool = False, handle_killpriv: bool = False, held_reads: bool = False) -> None:
         self._handler = handler
         self._lib = _libfuse()
         self._nursery: trio.Nursery | None = None
@@ -298,6 +316,14 @@ class ExtraOps:
         self._save_retval: Any = None
         #: None until the first open has checked libfuse's request layout.
         self._serve_opens: bool | None = None
+        self._held_reads = held_reads
+        self._read_replier: ReadReplier | None = None
+        #: Address of the session's READ slot, and what pyfuse3 put there.
+        self._read_slot = 0
+        self._pyfuse3_read_address = 0
+        self._pyfuse3_read: Any = None
+        #: None until the first read served here has checked libfuse's request layout.
+        self._serve_reads: bool | None = None
         # Kept here: the C pointers stay valid only while these objects live.
         self._callbacks: dict[int, Any] = {
             SLOT_FALLOCATE: _FALLOCATE(self._fallocate),
@@ -330,8 +356,9 @@ class ExtraOps:
         if self._kernel_passthrough and self._init_reply is not None:
             self._passthrough = KernelPassthrough(self._lib, session)
             self._handler.passthrough = self._passthrough
-        if self._passthrough is not None or self._skip_needless_flush:
+        if self._passthrough is not None or self._skip_needless_flush or self._held_reads:
             self._replies = RawReplies(self._lib, session)
+        if self._passthrough is not None or self._skip_needless_flush:
             self._pyfuse3_open = _PYFUSE3_OPEN(pyfuse3_address["fuse_open"])
             self._pyfuse3_create = _PYFUSE3_CREATE(pyfuse3_address["fuse_create"])
             self._callbacks[SLOT_OPEN] = _OPEN(self._open)
@@ -343,6 +370,32 @@ class ExtraOps:
         self._pyfuse3_init = _PYFUSE3_INIT(ctypes.c_void_p.from_address(table + SLOT_INIT * _POINTER).value)
         for index, callback in self._callbacks.items():
             ctypes.c_void_p.from_address(table + index * _POINTER).value = ctypes.cast(callback, ctypes.c_void_p).value
+        if self._held_reads:
+            assert self._replies is not None
+            self._read_slot = table + SLOT_READ * _POINTER
+            self._pyfuse3_read_address = pyfuse3_address["fuse_read"]
+            self._pyfuse3_read = _PYFUSE3_READ(self._pyfuse3_read_address)
+            self._read_replier = ReadReplier(self._replies, self._lib.fuse_reply_err)
+            self._read_callback = _READ(self._read)
+            self._handler.route_reads = self.route_reads
+            self.route_reads(self._handler.stack.holds_reads)
+
+    @property
+    def held_reads_total(self) -> int:
+        """READ replies sent from the timer after a hold (``_held_reads``), since :meth:`install`."""
+        return self._read_replier.held_total if self._read_replier is not None else 0
+
+    def route_reads(self, held: bool) -> None:
+        """Serve READ here (``held``: a delay layer acts on reads) or by pyfuse3's handler.
+
+        One pointer store into the session's op table, which libfuse reads once per
+        request: safe between requests from any thread holding the GIL.
+        """
+        if not self._read_slot:
+            return
+        here = held and self._serve_reads is not False
+        address = ctypes.cast(self._read_callback, ctypes.c_void_p).value if here else self._pyfuse3_read_address
+        ctypes.c_void_p.from_address(self._read_slot).value = address
 
     # ---- callbacks (C → Python, on the trio thread) ---------------------------------
 
@@ -465,6 +518,39 @@ class ExtraOps:
         fh_in, fh_out, caller = self._fh(fi_in), self._fh(fi_out), self._caller(req)
         self._start(req, lambda: self._handler.copy_file_range(fh_in, off_in, fh_out, off_out, length, flags, caller),
                     self._lib.fuse_reply_write)
+
+    def _read(self, req: int, ino: int, size: int, off: int, fi: int) -> None:
+        if self._serve_reads is None:
+            assert self._replies is not None
+            try:
+                self._replies.check_request(req)
+                self._serve_reads = True
+            except RawReplyUnavailable as exc:
+                log.warning("reads answered by pyfuse3, delays held by sleeping readers: %s", exc)
+                self._serve_reads = False
+                self.route_reads(False)
+        if not self._serve_reads:
+            self._pyfuse3_read(req, ino, size, off, fi)
+            return
+        fh = self._fh(fi)
+        try:
+            self._save_retval(self._read_reply(req, fh, off, size))
+        except BaseException:  # never let an exception into libfuse: the request still needs its reply
+            log.exception("cannot start a FUSE request")
+            self._lib.fuse_reply_err(req, errno.EIO)
+
+    async def _read_reply(self, req: int, fh: int, off: int, size: int) -> None:
+        assert self._read_replier is not None
+        try:
+            await self._handler.read_replying(req, fh, off, size, self._read_replier)
+        except pyfuse3.FUSEError as exc:  # raised before the op started (an unknown fh)
+            self._lib.fuse_reply_err(req, exc.errno)
+        except Exception:
+            log.exception("internal error in a FUSE request")
+            self._lib.fuse_reply_err(req, errno.EIO)
+        except BaseException:  # trio.Cancelled: the worker is stopping; nothing was sent yet
+            self._lib.fuse_reply_err(req, errno.EINTR)
+            raise
 
     def _lseek(self, req: int, ino: int, offset: int, whence: int, fi: int) -> None:
         fh, caller = self._fh(fi), self._caller(req)

@@ -65,6 +65,13 @@ class Op(msgspec.Struct):
             ``O_DIRECT``…); 0 (``O_RDONLY``) when not known.
         delay_late_ns: how much later than its delay layers asked the op resumed
             after their holds, ns (outcome; ``_timer.sleep``'s return, summed).
+        defer_holds: the reply is written by the worker, which can send it later:
+            delay layers then leave their holds to it (``reply_due_ns``) instead of
+            sleeping (``_held_reads``: READ requests while a delay layer acts on them).
+        reply_due_ns: with ``defer_holds``, when the holds end and the reply is due,
+            ``time.monotonic_ns()`` ns (outcome); 0 = no hold.
+        reply_armed_ns: when to send it so that it lands at ``reply_due_ns``: earlier
+            by the wake compensation (``_timer.lead_ns``), ns (outcome).
     """
 
     name: str
@@ -84,6 +91,15 @@ class Op(msgspec.Struct):
     dir_order: "DirOrder | None" = None
     open_flags: int = 0
     delay_late_ns: int = 0
+    defer_holds: bool = False
+    reply_due_ns: int = 0
+    reply_armed_ns: int = 0
+
+    def hold_reply_until(self, due_ns: int, lead_ns: int) -> None:
+        """Hold the reply (``defer_holds``) until at least ``due_ns``, armed ``lead_ns`` early (ns)."""
+        if due_ns > self.reply_due_ns:
+            self.reply_due_ns = due_ns
+            self.reply_armed_ns = due_ns - lead_ns
 
     def inject(self, layer: int, kind: str, errno_name: str = "", result: int = 0) -> None:
         """Note a fault layer ``layer`` injected into this op (``fault`` shows the first)."""

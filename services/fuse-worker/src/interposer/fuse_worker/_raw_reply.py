@@ -1,4 +1,4 @@
-"""OPEN and CREATE replies written to ``/dev/fuse`` by the worker, with fields pyfuse3 3.5 and libfuse 3.14 cannot send.
+"""OPEN, CREATE and READ replies written to ``/dev/fuse`` by the worker: fields pyfuse3 3.5 and libfuse 3.14 cannot send, replies sent later.
 
 libfuse builds ``struct fuse_open_out`` from ``struct fuse_file_info``, and
 pyfuse3 3.5 copies only ``fh``, ``direct_io``, ``keep_cache`` and ``nonseekable``
@@ -11,7 +11,8 @@ serves the ``open`` and ``create`` slots itself and answers through
 ``struct fuse_req`` (checked against two public facts first: its first member
 is the session, and ``fuse_req_ctx()`` points 64 bytes in), the reply is
 written to the session's fd in one ``write(2)``, then ``fuse_reply_none``
-frees the request. ABI: ``include/uapi/linux/fuse.h``.
+frees the request. READ replies are written the same way by ``_held_reads``
+(any time after the request, from the timer task). ABI: ``include/uapi/linux/fuse.h``.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ _OPEN_OUT = "QIi"  # struct fuse_open_out: fh, open_flags, backing_id
 #: struct fuse_entry_out: nodeid, generation, entry_valid, attr_valid (s), their ns; then struct fuse_attr:
 #: ino, size, blocks, atime, mtime, ctime (s), their ns, mode, nlink, uid, gid, rdev, blksize, flags.
 _ENTRY_OUT = "QQQQII" + "QQQQQQIIIIIIIIII"
+_HEADER = struct.Struct("<" + _OUT_HEADER)
 #: Whole replies, header included (packed in one call: these replies are on the hot path of every open).
 _OPEN_REPLY = struct.Struct("<" + _OUT_HEADER + _OPEN_OUT)
 _CREATE_REPLY = struct.Struct("<" + _OUT_HEADER + _ENTRY_OUT + _OPEN_OUT)
@@ -63,7 +65,7 @@ def open_flags_of(info: pyfuse3.FileInfo) -> int:
 
 
 class RawReplies:
-    """Writes OPEN and CREATE replies of one libfuse session.
+    """Writes OPEN, CREATE and READ replies of one libfuse session.
 
     Args:
         libfuse: the loaded libfuse (``_extra_ops._libfuse``), for ``fuse_session_fd``,
@@ -120,6 +122,22 @@ class RawReplies:
             attrs.st_ctime_ns // _NS, attrs.st_atime_ns % _NS, attrs.st_mtime_ns % _NS, attrs.st_ctime_ns % _NS,
             attrs.st_mode, attrs.st_nlink, attrs.st_uid, attrs.st_gid, attrs.st_rdev, attrs.st_blksize, 0,
             fh, open_flags, backing_id)
+
+    def data(self, req: int, payload: bytes | bytearray | memoryview) -> int:
+        """Answer READ request ``req`` with ``payload`` (what ``fuse_reply_buf`` sends), free ``req``.
+
+        Returns:
+            0, or the errno of the write (ENOENT: the request was interrupted and
+            the kernel forgot it; ENODEV: the file system was unmounted).
+        """
+        unique = ctypes.c_uint64.from_address(req + _REQ_UNIQUE).value
+        try:
+            os.writev(self.fuse_fd, (_HEADER.pack(_HEADER.size + len(payload), 0, unique), payload))
+            return 0
+        except OSError as exc:
+            return exc.errno or errno.EIO
+        finally:
+            self._lib.fuse_reply_none(req)
 
     def _reply(self, req: int, layout: struct.Struct, *fields: int) -> int:
         """Write the reply to ``req`` (header, then ``fields`` as ``layout`` says; one write: the kernel takes a reply whole), free ``req``."""

@@ -159,6 +159,7 @@ class Stack:
         next_expiry_s: earliest expiry of a layer in force, seconds since the Unix
             epoch; None if none expires.
         has_quota: a quota layer is in force (its state is the trio thread's).
+        holds_reads: a delay layer that can act applies to ``read``.
     """
 
     def __init__(
@@ -197,6 +198,9 @@ class Stack:
                 if op_name in ops:
                     handler = runtime.bind(handler)
             self.chains[op_name] = handler
+        #: A delay layer that can act holds reads: READ is then served in the worker's
+        #: own slot, its holds left to the reply (``_held_reads``).
+        self.holds_reads = any(isinstance(e.runtime, Delay) and "read" in ops_of(e.spec) for e in active)
         # Layers acting on reads (or shortening writes) decide the page-cache mode of
         # files opened under them.
         self._direct_io_globs = [compile_glob(e.spec.path_glob) for e in active if needs_direct_io(e.spec)]

@@ -229,6 +229,7 @@ async def serve(config: WorkerConfig) -> None:
     log.info("volume %s: %s backend%s serving %s%s", config.volume_id, config.backend,
              f" of {config.backing_dir}" if config.backend == "passthrough" else "", mountpoint,
              f" (mounted by the csi-node at {config.mountpoint or 'its target'})" if config.fuse_fd_socket else "")
+    extra_ops: ExtraOps | None = None
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_terminate_on_signal)
@@ -237,10 +238,11 @@ async def serve(config: WorkerConfig) -> None:
                 nursery.start_soon(_set_read_ahead_after_init, operations, os.path.abspath(mountpoint),
                                    config.read_ahead_kib)
             try:
-                ExtraOps(operations, config.max_background,
-                         kernel_passthrough=config.kernel_passthrough,
-                         skip_needless_flush=config.skip_needless_flush,
-                         handle_killpriv=config.handle_killpriv_v2).install(nursery)
+                extra_ops = ExtraOps(operations, config.max_background,
+                                     kernel_passthrough=config.kernel_passthrough,
+                                     skip_needless_flush=config.skip_needless_flush,
+                                     handle_killpriv=config.handle_killpriv_v2, held_reads=config.held_reads)
+                extra_ops.install(nursery)
             except ExtraOpsUnavailable as exc:
                 log.warning("fallocate, copy_file_range and lseek answered ENOSYS (kernel fallbacks), "
                             "max_background the kernel's: %s", exc)
@@ -255,8 +257,10 @@ async def serve(config: WorkerConfig) -> None:
                 await pyfuse3.main(min_tasks=4, max_tasks=config.max_tasks)
             finally:
                 _session_loop.uninstall()
+                _timer.call_pending_now()  # held replies leave before their session is destroyed
             nursery.cancel_scope.cancel()
     finally:
+        held_reads = extra_ops.held_reads_total if extra_ops is not None else 0
         pyfuse3.close(unmount=True)
         if bus is not None:
             bus.stop()
@@ -264,15 +268,19 @@ async def serve(config: WorkerConfig) -> None:
         log.info("volume %s: %s; %d ops served, %d faults injected, %d events dropped%s", config.volume_id,
                  "FUSE fd closed (the csi-node unmounts)" if config.fuse_fd_socket else "unmounted",
                  telemetry.ops_total, telemetry.faults_total, telemetry.events_dropped_total,
-                 _lateness_summary(telemetry))
+                 _lateness_summary(telemetry, held_reads))
 
 
-def _lateness_summary(telemetry: Telemetry) -> str:
-    """``"; N delayed ops resumed a mean X µs late"`` for the exit log, "" when nothing was delayed."""
+def _lateness_summary(telemetry: Telemetry, held_reads: int = 0) -> str:
+    """``"; N delayed ops resumed a mean X µs late (M reads answered by the timer)"`` for the exit log.
+
+    "" when nothing was delayed; ``held_reads``: replies ``_held_reads`` sent after a hold.
+    """
     if not telemetry.delayed_ops_total:
         return ""
     mean_us = telemetry.delay_late_ns_total / telemetry.delayed_ops_total / 1e3
-    return f"; {telemetry.delayed_ops_total} delayed ops resumed a mean {mean_us:.0f} µs after their delays"
+    held = f" ({held_reads} held reads answered by the timer)" if held_reads else ""
+    return f"; {telemetry.delayed_ops_total} delayed ops resumed a mean {mean_us:.0f} µs after their delays{held}"
 
 
 async def _set_read_ahead_after_init(operations: InterposerOperations, mountpoint: str, kib: int) -> None:

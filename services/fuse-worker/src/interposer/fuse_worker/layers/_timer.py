@@ -36,11 +36,15 @@ import ctypes
 import ctypes.util
 import heapq
 import itertools
+import logging
 import os
 import time
+from collections.abc import Callable
 
 import trio
 import trio.testing
+
+log = logging.getLogger(__name__)
 
 #: ``timerfd_create`` flags: TFD_NONBLOCK and TFD_CLOEXEC have the values of
 #: O_NONBLOCK and O_CLOEXEC (timerfd_create(2)).
@@ -139,12 +143,31 @@ def _timerfd() -> int:
 
 
 class _Sleeper:
-    """One pending sleep: the task to wake, or None once its sleep was cancelled."""
+    """One pending sleep: the task to wake, or None once its sleep was cancelled. Calling it wakes the task."""
 
     __slots__ = ("task",)
 
     def __init__(self, task: trio.lowlevel.Task) -> None:
         self.task: trio.lowlevel.Task | None = task
+
+    def __call__(self) -> None:
+        if self.task is not None:
+            trio.lowlevel.reschedule(self.task)
+
+
+class _Call:
+    """A function to call at a deadline (:meth:`TimerQueue.call_at`), marked by its type apart from sleeps."""
+
+    __slots__ = ("function",)
+
+    def __init__(self, function: Callable[[], object]) -> None:
+        self.function = function
+
+    def __call__(self) -> None:
+        try:
+            self.function()
+        except Exception:  # the timer task must outlive a failed call: other sleeps depend on it
+            log.exception("a timed call failed")
 
 
 class TimerQueue:
@@ -158,11 +181,14 @@ class TimerQueue:
     deadline is the earliest, one ``timerfd_settime``; one wake-up serves every
     deadline that has passed. A system task (:meth:`run`) waits on the fd.
     Cancelled sleeps stay in the heap, marked, until their deadline pops.
+    Besides sleeps, the queue runs plain functions at deadlines (:meth:`call_at`),
+    on the timer task itself: held READ replies (``_held_reads``), which so
+    need no task of their own.
     """
 
     def __init__(self) -> None:
         self._fd = _timerfd()
-        self._heap: list[tuple[int, int, _Sleeper]] = []
+        self._heap: list[tuple[int, int, _Sleeper | _Call]] = []
         self._seq = itertools.count()
         self._armed_ns: int | None = None
         self._spec = _Itimerspec()
@@ -180,12 +206,38 @@ class TimerQueue:
             raise OSError(err, f"timerfd_settime: {os.strerror(err)}")
         self._armed_ns = deadline_ns
 
+    def _push(self, deadline_ns: int, entry: _Sleeper | _Call) -> None:
+        heapq.heappush(self._heap, (deadline_ns, next(self._seq), entry))
+        if self._armed_ns is None or deadline_ns < self._armed_ns:
+            self._arm(deadline_ns)
+
+    def call_at(self, deadline_ns: int, function: Callable[[], object]) -> None:
+        """Call ``function()`` on the timer task once ``time.monotonic_ns() >= deadline_ns``.
+
+        It must not block or await (it runs between two wake-ups of the timer);
+        an exception it raises is logged. Pending calls run early, at once, when
+        :meth:`call_pending_now` is called or the run ends.
+        """
+        self._push(deadline_ns, _Call(function))
+
+    def call_pending_now(self) -> int:
+        """Run every pending :meth:`call_at` function now, whatever its deadline; returns how many ran.
+
+        For the end of a FUSE session: a held reply must leave before the session
+        it belongs to is destroyed.
+        """
+        calls = [entry for _, _, entry in self._heap if isinstance(entry, _Call)]
+        if calls:
+            self._heap[:] = [item for item in self._heap if not isinstance(item[2], _Call)]
+            heapq.heapify(self._heap)
+            for call in calls:
+                call()
+        return len(calls)
+
     async def sleep_until(self, deadline_ns: int) -> None:
         """Park the calling task until ``time.monotonic_ns() >= deadline_ns`` (cancellable)."""
         sleeper = _Sleeper(trio.lowlevel.current_task())
-        heapq.heappush(self._heap, (deadline_ns, next(self._seq), sleeper))
-        if self._armed_ns is None or deadline_ns < self._armed_ns:
-            self._arm(deadline_ns)
+        self._push(deadline_ns, sleeper)
 
         def abort(_: object) -> trio.lowlevel.Abort:
             sleeper.task = None
@@ -206,19 +258,18 @@ class TimerQueue:
                 self._armed_ns = None
                 now_ns = time.monotonic_ns()
                 while heap and heap[0][0] <= now_ns:
-                    task = heapq.heappop(heap)[2].task
-                    if task is not None:
-                        trio.lowlevel.reschedule(task)
+                    heapq.heappop(heap)[2]()
                 if heap:
                     self._arm(heap[0][0])
         finally:
+            self.call_pending_now()
             os.close(self._fd)
 
 
 _QUEUE: trio.lowlevel.RunVar[TimerQueue | None] = trio.lowlevel.RunVar("interposer_timer_queue")
 
 
-def _queue() -> TimerQueue | None:
+def current_queue() -> TimerQueue | None:
     """This run's :class:`TimerQueue`, made (and its system task started) on first use; None under MockClock."""
     try:
         return _QUEUE.get()
@@ -230,6 +281,15 @@ def _queue() -> TimerQueue | None:
         trio.lowlevel.spawn_system_task(queue.run, name="interposer timer queue")
         _QUEUE.set(queue)
         return queue
+
+
+def call_pending_now() -> int:
+    """Run every pending timed call of this run's queue now (:meth:`TimerQueue.call_pending_now`); returns how many."""
+    try:
+        queue = _QUEUE.get()
+    except LookupError:
+        return 0
+    return 0 if queue is None else queue.call_pending_now()
 
 
 def next_deadline_ns() -> int | None:
@@ -272,16 +332,24 @@ async def sleep(seconds: float, *, compensate: bool = False, own_wake_only: bool
     if seconds <= 0.0:
         await trio.lowlevel.checkpoint()
         return 0
-    queue = _queue()
+    queue = current_queue()
     if queue is None:
         intended_end_s = trio.current_time() + seconds
         await trio.sleep(seconds)
         return max(0, round((trio.current_time() - intended_end_s) * _NS_PER_S))
-    compensation = _compensation
     start_ns = time.monotonic_ns()
-    armed_s = seconds - compensation.lead_s(seconds, own_wake_only) if compensate else seconds
-    deadline_ns = start_ns + max(1, round(armed_s * _NS_PER_S))
+    deadline_ns = start_ns + max(1, round(seconds * _NS_PER_S) - (lead_ns(seconds, own_wake_only) if compensate else 0))
     await queue.sleep_until(deadline_ns)
     woke_ns = time.monotonic_ns()
-    compensation.observe((woke_ns - deadline_ns) / _NS_PER_S)
+    observe_wake(woke_ns - deadline_ns)
     return max(0, woke_ns - start_ns - round(seconds * _NS_PER_S))
+
+
+def lead_ns(seconds: float, own_wake_only: bool = False) -> int:
+    """How much earlier than its end a delay of ``seconds`` should be armed, ns (:meth:`WakeCompensation.lead_s`)."""
+    return round(_compensation.lead_s(seconds, own_wake_only) * _NS_PER_S)
+
+
+def observe_wake(late_ns: int) -> None:
+    """Feed how late after its armed deadline a timer woke the worker, ns, to the wake compensation."""
+    _compensation.observe(late_ns / _NS_PER_S)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import time
 from collections.abc import Callable
 from statistics import NormalDist
 from typing import Any
@@ -28,7 +29,7 @@ from .._op import SYNC_WRITE_FLAGS, BackendCall, Handler, Op, opened_for_writing
 from ._chains import FloorChains
 from ._match import compile_glob
 from ._streams import FileStreams
-from ._timer import sleep
+from ._timer import lead_ns, sleep
 
 #: Ops whose offsets make an access sequential or random (``DelayLayer.skip_sequential``).
 _SEQUENTIAL_OPS = frozenset({"read", "write"})
@@ -188,6 +189,13 @@ class Delay:
                 if delay_s > 0.0:
                     self._delay_s_total += delay_s
                     op.delay_ns += int(delay_s * 1e9)
+                    if op.defer_holds:
+                        try:
+                            return await inner(op, call)
+                        finally:  # added after the op's end, or after the holds already left to its reply
+                            delay_ns = round(delay_s * 1e9)
+                            op.hold_reply_until(max(time.monotonic_ns(), op.reply_due_ns) + delay_ns,
+                                                lead_ns(delay_s, own_wake_only=True))
                     # the reply's wake-up is in the op's own time
                     op.delay_late_ns += await sleep(delay_s, compensate=True, own_wake_only=True)
             return await inner(op, call)
@@ -251,6 +259,9 @@ class Delay:
         if remaining_s > 0.0:
             self._delay_s_total += remaining_s
             op.delay_ns += int(remaining_s * 1e9)
+            if op.defer_holds:
+                op.hold_reply_until(time.monotonic_ns() + round(remaining_s * 1e9), lead_ns(remaining_s))
+                return
             op.delay_late_ns += await sleep(remaining_s, compensate=True)  # a latency target: wake-ups count
 
     def statistics(self) -> DelayStatistics:

@@ -1,0 +1,100 @@
+"""READ replies sent by the worker, so that a delay layer's hold parks no task.
+
+A delay layer holding a request used to sleep in the pyfuse3 reader task that
+read it: the task parks in the timer queue, another reader is woken to take the
+device over, and when the hold ends the task is scheduled again only to write
+the reply. Counted on the 2-vCPU benchmark VM (docs/benchmarks.md, "A held
+request's CPU, counted"), that costs ~35 µs of worker CPU per held read over the
+same read served at once, and caps one worker at ~12–14k held reads/s: short of
+what a log-normal 1 ms floor, ``io2`` or ``efs`` asks for at 16 requests in
+flight.
+
+While a delay layer acts on reads, ``_extra_ops`` serves READ in its own slot
+(``InterposerOperations.read_replying``, answering through a
+:class:`ReadReplier`): the op runs with ``Op.defer_holds``, so the delay
+layers only note when the reply is due (``Op.reply_due_ns``) instead of sleeping;
+the reader returns to the device at once, and the reply is written by the run's
+timer task (``layers._timer.TimerQueue.call_at``) when the hold ends, for every
+reply due at that wake-up in one go. What the application sees is the same: the
+backend call first, then the hold (a ``floor`` is counted from the request's
+start; an ``add`` delay follows the backend call and any hold before it, where a
+sleeping ``add`` layer slept before the call — for a read the difference is only
+when the data was read). Telemetry records the op when its reply leaves, with
+the lateness of that moment (``Op.delay_late_ns``).
+
+Other ops, reads while no delay layer acts on them, and every op under trio's
+``MockClock`` (no timer queue) keep pyfuse3's handler and sleeping holds.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from collections.abc import Callable
+
+from ._op import Op
+from ._raw_reply import RawReplies
+from .layers import _timer
+
+log = logging.getLogger(__name__)
+
+#: What a READ is answered with: the data, or an errno.
+Payload = bytes | bytearray | memoryview | int
+#: Called once the reply has left: ``sent(sent_ns, late_ns)``, ``time.perf_counter_ns()``
+#: when it left and how much later than due, ns.
+Sent = Callable[[int, int], None]
+
+
+class ReadReplier:
+    """Sends the replies of READ requests served in the worker's own slot: now, or when their holds end.
+
+    Args:
+        replies: the session's raw replies (its request layout already checked).
+        reply_err: libfuse's ``fuse_reply_err(req, errno)``.
+
+    Attributes:
+        held_total: replies sent from the timer after a hold.
+    """
+
+    def __init__(self, replies: RawReplies, reply_err: Callable[[int, int], int]) -> None:
+        self._replies = replies
+        self._reply_err = reply_err
+        self.held_total = 0
+
+    @staticmethod
+    def can_hold() -> bool:
+        """Whether holds can be left to the reply in this run (not under ``MockClock``: no timer queue)."""
+        return _timer.current_queue() is not None
+
+    def send(self, req: int, op: Op, payload: Payload, sent: Sent) -> None:
+        """Answer ``req`` with ``payload``, at once or at ``op.reply_armed_ns``; then call ``sent``.
+
+        Exactly one reply per request: ``sent`` runs after it and an exception it
+        raises is logged, never answered a second time.
+        """
+        queue = _timer.current_queue() if op.reply_due_ns else None
+        if queue is not None and op.reply_armed_ns > time.monotonic_ns():
+            queue.call_at(op.reply_armed_ns, lambda: self._send_held(req, op, payload, sent))
+            return
+        self._write(req, payload)
+        _report(sent, time.perf_counter_ns(), max(0, time.monotonic_ns() - op.reply_due_ns) if op.reply_due_ns else 0)
+
+    def _send_held(self, req: int, op: Op, payload: Payload, sent: Sent) -> None:
+        now_ns = time.monotonic_ns()
+        _timer.observe_wake(now_ns - op.reply_armed_ns)
+        self._write(req, payload)
+        self.held_total += 1
+        _report(sent, time.perf_counter_ns(), max(0, now_ns - op.reply_due_ns))
+
+    def _write(self, req: int, payload: Payload) -> None:
+        error = abs(self._reply_err(req, payload) if isinstance(payload, int) else self._replies.data(req, payload))
+        if error and error not in (errno.ENOENT, errno.ENODEV):  # interrupted, or unmounted meanwhile
+            log.error("the kernel refused a READ reply (%s)", errno.errorcode.get(error, error))
+
+
+def _report(sent: Sent, sent_ns: int, late_ns: int) -> None:
+    try:
+        sent(sent_ns, late_ns)
+    except Exception:
+        log.exception("cannot record a READ that was answered")
