@@ -45,6 +45,12 @@ passthrough when configured. If the
 first request shows an unexpected libfuse request layout, opens and creates go
 back to pyfuse3's handlers, and both stay off.
 
+With ``held_reads``, the ``read`` slot (pyfuse3's handler checked in slot 15) is
+switched between pyfuse3's handler and one here as the stack changes
+(:meth:`ExtraOps.route_reads`, from ``Stack.holds_reads``): while a delay layer
+acts on reads, reads are answered through ``_held_reads``, whose replies a hold
+may send later from the timer task; the same request-layout check applies.
+
 The callbacks run on the trio thread, inside ``fuse_session_process_buf``
 called by a pyfuse3 reader task. Each reads what it needs from the request (the
 ``fuse_file_info`` is on libfuse's stack and gone once the callback returns),
