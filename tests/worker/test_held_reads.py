@@ -25,7 +25,7 @@ import trio.testing
 
 from interposer.fuse_worker import Op, Stack
 from interposer.fuse_worker.layers import _timer
-from interposer.proto import DelayLayer, Policy
+from interposer.proto import DelayLayer, Policy, ThrottleLayer
 
 MS = 1_000_000  # ns
 
@@ -88,6 +88,51 @@ def test_a_failed_read_is_held_too() -> None:
                                               0.002, fail=True)
     assert took_s == pytest.approx(0.002)
     assert 3 < _due_ms(op, returned_ns) <= 8
+
+
+def test_a_throttle_above_a_held_floor_charges_when_the_hold_ends() -> None:
+    # gp3's order: the throttle above the latency floor. Sleeping, a read reaches the
+    # throttle only when the floor's hold ends; held, the throttle's charge waits for it.
+    stack = Stack(Policy(layers=[ThrottleLayer(iops=100, burst_ops=1), DelayLayer(delay_s=0.010, mode="floor")]), 1)
+    throttle = stack.layers[0]
+    ops = [Op("read", 2, "/f", size=4096, defer_holds=True) for _ in range(2)]
+
+    async def call() -> bytes:
+        return b"x" * 4096
+
+    async def main() -> list[tuple[float, float]]:
+        for op in ops:
+            await stack.chains["read"](op, call)
+        assert throttle.statistics().ops == 0  # nothing charged during the holds
+        assert all(op.after_hold is not None and len(op.after_hold) == 1 for op in ops)
+        await trio.sleep(0.010)  # the holds end
+        return [op.after_hold.pop(0)() for op in ops]
+
+    waits = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    # Charged in turn when the holds ended: the first from the full bucket, the second 1/100 s later.
+    assert waits == [(0.0, 0.0), (pytest.approx(0.010), 0.0)]
+    assert throttle.statistics().ops == 2
+    assert ops[1].throttle_ns == pytest.approx(10 * MS, abs=1000)
+
+
+def test_a_throttle_wait_is_left_to_the_reply_too() -> None:
+    stack = Stack(Policy(layers=[DelayLayer(delay_s=0.001), ThrottleLayer(iops=100, burst_ops=1)]), 1)
+    ops = [Op("read", 2, "/f", size=4096, defer_holds=True) for _ in range(2)]
+
+    async def call() -> bytes:
+        return b"x" * 4096
+
+    async def main() -> list[int]:
+        for op in ops:
+            await stack.chains["read"](op, call)
+        return [time.monotonic_ns() for _ in ops]
+
+    start_ns = time.monotonic_ns()
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    # The second read waits 10 ms for its token, then the 1 ms add comes on top; nothing slept.
+    assert 0 < (ops[0].reply_due_ns - start_ns) / MS <= 1.0 + 5
+    assert 10.0 < (ops[1].reply_due_ns - start_ns) / MS <= 11.0 + 5
+    assert ops[0].after_hold is None and ops[1].after_hold is None
 
 
 def test_timed_calls_run_in_deadline_order_and_pending_ones_run_on_demand() -> None:
@@ -161,6 +206,35 @@ def test_held_reads_return_the_data_after_the_floor_and_run_concurrently(mount_w
 
     assert vol.unmount() == 0
     assert _held_reads_in_log(vol.log()) >= 16 + 32, vol.log()[-2000:]
+
+
+def test_held_reads_under_a_throttle_above_the_floor_keep_its_rate(mount_worker) -> None:
+    # A profile's shape: IOPS limit above a latency floor, 4 readers in parallel.
+    vol = mount_worker(policy=_policy({"type": "throttle", "iops": 50, "burst_ops": 1},
+                                      {"type": "delay", "ops": ["read"], "mode": "floor", "delay_s": 0.005}))
+    for index in range(4):
+        (vol.backing / f"f{index}").write_bytes(os.urandom(256 * 4096))
+    counts = [0] * 4
+    stop = time.perf_counter() + 2.0
+
+    def reader(index: int) -> None:
+        fd = os.open(vol.mountpoint / f"f{index}", os.O_RDONLY | os.O_DIRECT)
+        try:
+            while time.perf_counter() < stop:
+                os.pread(fd, 4096, counts[index] * 4096)
+                counts[index] += 1
+        finally:
+            os.close(fd)
+
+    threads = [threading.Thread(target=reader, args=(index,)) for index in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    # 50 reads/s for 2 s (plus the one the bucket holds, and the reads in flight at the end).
+    assert 90 <= sum(counts) <= 108, counts
+    assert vol.unmount() == 0
+    assert _held_reads_in_log(vol.log()) >= 90
 
 
 def test_an_injected_error_is_answered_after_the_hold(mount_worker) -> None:

@@ -19,8 +19,13 @@ reply due at that wake-up in one go. What the application sees is the same: the
 backend call first, then the hold (a ``floor`` is counted from the request's
 start; an ``add`` delay follows the backend call and any hold before it, where a
 sleeping ``add`` layer slept before the call — for a read the difference is only
-when the data was read). Telemetry records the op when its reply leaves, with
-the lateness of that moment (``Op.delay_late_ns``).
+when the data was read). A throttle's wait is left to the reply the same way
+(never armed early), and what a layer above a hold does once it ends — a
+throttle charging its buckets (``gp3``, ``io2``, ``efs``: throttle above the
+latency floor), a delay above that — is noted as a step (``Op.then``) the timer
+runs when the hold ends, in layer order, as the sleeping layers would have then.
+Telemetry records the op when its reply leaves, with the lateness of that moment
+(``Op.delay_late_ns``).
 
 Other ops, reads while no delay layer acts on them, and every op under trio's
 ``MockClock`` (no timer queue) keep pyfuse3's handler and sleeping holds.
@@ -68,27 +73,42 @@ class ReadReplier:
         return _timer.current_queue() is not None
 
     def send(self, req: int, op: Op, payload: Payload, sent: Sent) -> None:
-        """Answer ``req`` with ``payload``, at once or at ``op.reply_armed_ns``; then call ``sent``.
+        """Answer ``req`` with ``payload`` once ``op``'s holds have ended (at once if none); then call ``sent``.
 
-        Exactly one reply per request: ``sent`` runs after it and an exception it
-        raises is logged, never answered a second time.
+        The holds: ``op.reply_armed_ns``, then each of ``op.after_hold`` in turn
+        (a step asking for more time re-arms the timer). Exactly one reply per
+        request: ``sent`` runs after it and an exception it raises is logged,
+        never answered a second time.
         """
-        queue = _timer.current_queue() if op.reply_due_ns else None
-        if queue is not None and op.reply_armed_ns > time.monotonic_ns():
-            queue.call_at(op.reply_armed_ns, lambda: self._send_held(req, op, payload, sent))
-            return
-        self._write(req, payload)
-        _report(sent, time.perf_counter_ns(), max(0, time.monotonic_ns() - op.reply_due_ns) if op.reply_due_ns else 0)
+        if op.reply_due_ns and op.reply_armed_ns > time.monotonic_ns():
+            self._release_at(op.reply_armed_ns, req, op, payload, sent)
+        else:
+            self._release(req, op, payload, sent, False)
 
-    def _send_held(self, req: int, op: Op, payload: Payload, sent: Sent) -> None:
+    def _release_at(self, armed_ns: int, req: int, op: Op, payload: Payload, sent: Sent) -> None:
+        queue = _timer.current_queue()
+        assert queue is not None  # Op.defer_holds is set only where there is one
+        queue.call_at(armed_ns, lambda: self._release(req, op, payload, sent, True))
+
+    def _release(self, req: int, op: Op, payload: Payload, sent: Sent, woken: bool) -> None:
+        """Run what waited for the holds to end; reply unless that asks for more time (then come back)."""
+        steps = op.after_hold
+        while steps:
+            wait_s, lead_s = steps.pop(0)()
+            if wait_s > 0.0:
+                due_ns = time.monotonic_ns() + round(wait_s * 1e9)
+                op.reply_due_ns, op.reply_armed_ns = due_ns, due_ns - round(lead_s * 1e9)
+                self._release_at(op.reply_armed_ns, req, op, payload, sent)
+                return
+        if woken:
+            # The wake compensation learns the timer's wake-up only: counted after the
+            # write too, it doubled the write's cost ("round-trip") and brought the
+            # replies of a 0.45 ms floor at QD1 in 5 % early (docs/benchmarks.md).
+            _timer.observe_wake(time.monotonic_ns() - op.reply_armed_ns)
+            self.held_total += 1
         self._write(req, payload)
-        # Lateness counts until the reply has left (the write wakes the application),
-        # behind the other replies due at this wake-up: what a sleeping hold's wake-up
-        # also included, its task's turn to run and reply.
-        left_ns = time.monotonic_ns()
-        _timer.observe_wake(left_ns - op.reply_armed_ns)
-        self.held_total += 1
-        _report(sent, time.perf_counter_ns(), max(0, left_ns - op.reply_due_ns))
+        left_ns = time.monotonic_ns()  # the lateness users see counts until the reply has left
+        _report(sent, time.perf_counter_ns(), max(0, left_ns - op.reply_due_ns) if op.reply_due_ns else 0)
 
     def _write(self, req: int, payload: Payload) -> None:
         error = abs(self._reply_err(req, payload) if isinstance(payload, int) else self._replies.data(req, payload))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -13,6 +14,9 @@ BackendCall = Callable[[], Awaitable[Any]]
 #: A layer chain entry point: ``await handler(op, call)`` returns the backend's reply
 #: (or raises ``pyfuse3.FUSEError``).
 Handler = Callable[["Op", BackendCall], Awaitable[Any]]
+#: What a layer does once the holds below it have ended (``Op.then``): returns how much
+#: longer to hold the reply, and how much earlier than that to arm the timer, seconds.
+HoldStep = Callable[[], tuple[float, float]]
 #: Order of one directory listing: gets the entry names (without ``.`` and ``..``) and
 #: returns a permutation of their positions (``Backend.order_dir``).
 DirOrder = Callable[[Sequence[bytes]], list[int]]
@@ -72,6 +76,9 @@ class Op(msgspec.Struct):
             ``time.monotonic_ns()`` ns (outcome); 0 = no hold.
         reply_armed_ns: when to send it so that it lands at ``reply_due_ns``: earlier
             by the wake compensation (``_timer.lead_ns``), ns (outcome).
+        after_hold: with ``defer_holds``, what layers above a hold still do once it
+            has ended (a throttle's charge, a later delay), in order (outcome; run by
+            ``_held_reads`` when the reply is due); None = nothing.
     """
 
     name: str
@@ -94,12 +101,23 @@ class Op(msgspec.Struct):
     defer_holds: bool = False
     reply_due_ns: int = 0
     reply_armed_ns: int = 0
+    after_hold: "list[HoldStep] | None" = None
 
     def hold_reply_until(self, due_ns: int, lead_ns: int) -> None:
         """Hold the reply (``defer_holds``) until at least ``due_ns``, armed ``lead_ns`` early (ns)."""
         if due_ns > self.reply_due_ns:
             self.reply_due_ns = due_ns
             self.reply_armed_ns = due_ns - lead_ns
+
+    def holding(self) -> bool:
+        """Whether a hold left to the reply has not ended yet: what a layer does after it must wait (:meth:`then`)."""
+        return self.after_hold is not None or self.reply_due_ns > time.monotonic_ns()
+
+    def then(self, step: HoldStep) -> None:
+        """Run ``step`` when the holds noted so far have ended, as a sleeping layer would have run it then."""
+        if self.after_hold is None:
+            self.after_hold = []
+        self.after_hold.append(step)
 
     def inject(self, layer: int, kind: str, errno_name: str = "", result: int = 0) -> None:
         """Note a fault layer ``layer`` injected into this op (``fault`` shows the first)."""

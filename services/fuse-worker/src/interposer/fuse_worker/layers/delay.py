@@ -193,9 +193,7 @@ class Delay:
                         try:
                             return await inner(op, call)
                         finally:  # added after the op's end, or after the holds already left to its reply
-                            delay_ns = round(delay_s * 1e9)
-                            op.hold_reply_until(max(time.monotonic_ns(), op.reply_due_ns) + delay_ns,
-                                                lead_ns(delay_s, own_wake_only=True))
+                            self._add_after(op, delay_s)
                     # the reply's wake-up is in the op's own time
                     op.delay_late_ns += await sleep(delay_s, compensate=True, own_wake_only=True)
             return await inner(op, call)
@@ -210,12 +208,12 @@ class Delay:
             try:
                 result = await inner(op, call)
             except Exception as exc:
-                await self._hold(op, target_s - (trio.current_time() - start_s))
+                await self._hold(op, start_s + target_s)
                 chains.answered(op.name, op.path, op.pid, start_s, trio.current_time(), exc)
                 raise
             if op.name == "read" and transferred_bytes(result, op.size) == 0:
                 return result  # at or past the end of the file: a device is never asked
-            await self._hold(op, target_s - (trio.current_time() - start_s))
+            await self._hold(op, start_s + target_s)
             chains.answered(op.name, op.path, op.pid, start_s, trio.current_time(), None)
             return result
 
@@ -255,14 +253,36 @@ class Delay:
             return False  # no client cache in between: each direct request goes to the server
         return expected == op.offset
 
-    async def _hold(self, op: Op, remaining_s: float) -> None:
+    async def _hold(self, op: Op, end_s: float) -> None:
+        """Hold ``op`` until ``end_s`` (trio's clock): sleep, or leave it to the reply (``Op.defer_holds``)."""
+        if op.defer_holds:
+            if op.after_hold is not None:  # a layer below still acts once its own hold ends: count from then
+                op.then(lambda: self._floor_left(op, end_s))
+            else:
+                remaining_s = self._floor_left(op, end_s)[0]
+                if remaining_s > 0.0:
+                    op.hold_reply_until(time.monotonic_ns() + round(remaining_s * 1e9), lead_ns(remaining_s))
+            return
+        remaining_s = self._floor_left(op, end_s)[0]
         if remaining_s > 0.0:
-            self._delay_s_total += remaining_s
-            op.delay_ns += int(remaining_s * 1e9)
-            if op.defer_holds:
-                op.hold_reply_until(time.monotonic_ns() + round(remaining_s * 1e9), lead_ns(remaining_s))
-                return
             op.delay_late_ns += await sleep(remaining_s, compensate=True)  # a latency target: wake-ups count
+
+    def _floor_left(self, op: Op, end_s: float) -> tuple[float, float]:
+        """What is left of a floor ending at ``end_s`` (trio's clock), counted as held; the timer's lead, seconds."""
+        remaining_s = end_s - trio.current_time()
+        if remaining_s <= 0.0:
+            return 0.0, 0.0
+        self._delay_s_total += remaining_s
+        op.delay_ns += int(remaining_s * 1e9)
+        return remaining_s, lead_ns(remaining_s) / 1e9
+
+    def _add_after(self, op: Op, delay_s: float) -> None:
+        """Add ``delay_s`` after the op and any hold already left to its reply (an ``add`` delay, deferred)."""
+        if op.after_hold is not None:
+            op.then(lambda: (delay_s, lead_ns(delay_s, own_wake_only=True) / 1e9))
+        else:
+            op.hold_reply_until(max(time.monotonic_ns(), op.reply_due_ns) + round(delay_s * 1e9),
+                                lead_ns(delay_s, own_wake_only=True))
 
     def statistics(self) -> DelayStatistics:
         """Snapshot of this layer's counters."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import msgspec
@@ -164,11 +165,28 @@ class Throttle:
         """Charge an op that moved ``size_bytes`` to the buckets and wait for its turn.
 
         Nothing moved (a read at or past the end of the file) costs nothing: a device is
-        never asked for it, as the kernel checks the file size first.
+        never asked for it, as the kernel checks the file size first. An op whose
+        holds are left to its reply (``Op.defer_holds``, ``_held_reads``) is charged
+        when the holds below end, as it would reach this layer then, and its wait
+        is added to the reply's hold (never armed early: a rate must not be exceeded).
         """
+        if op.defer_holds:
+            if op.holding():
+                op.then(lambda: (self._charge(op, size_bytes), 0.0))
+            else:
+                wait_s = self._charge(op, size_bytes)
+                if wait_s > 0:
+                    op.hold_reply_until(time.monotonic_ns() + round(wait_s * 1e9), 0)
+            return
+        wait_s = self._charge(op, size_bytes)
+        if wait_s > 0:
+            await sleep(wait_s)
+
+    def _charge(self, op: Op, size_bytes: int) -> float:
+        """Charge the buckets for ``size_bytes`` moved by ``op`` now; return how long it must wait, seconds."""
         self._ops += 1
         if size_bytes <= 0:
-            return
+            return 0.0
         self._bytes += size_bytes
         now = trio.current_time()
         count = self._io_count(op, size_bytes)
@@ -185,7 +203,7 @@ class Throttle:
             self._waited += 1
             self._wait_s += wait_s
             op.throttle_ns += int(wait_s * 1e9)
-            await sleep(wait_s)
+        return wait_s
 
     def _io_count(self, op: Op, size_bytes: int) -> int:
         """Ops that ``op``, having moved ``size_bytes``, counts against ``iops``.
