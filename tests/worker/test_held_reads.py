@@ -156,6 +156,21 @@ def test_timed_calls_run_in_deadline_order_and_pending_ones_run_on_demand() -> N
     trio.run(main)
 
 
+def test_pending_calls_run_until_none_is_left() -> None:
+    # A held reply's next step may queue it again: at the end of a session all must have run.
+    ran: list[str] = []
+
+    async def main() -> None:
+        queue = _timer.current_queue()
+        assert queue is not None
+        far = time.monotonic_ns() + 60_000 * MS
+        queue.call_at(far, lambda: (ran.append("first"), queue.call_at(far, lambda: ran.append("second"))))
+        assert _timer.call_pending_now() == 2
+
+    trio.run(main)
+    assert ran == ["first", "second"]
+
+
 # ---- real mounts -------------------------------------------------------------------------------
 
 

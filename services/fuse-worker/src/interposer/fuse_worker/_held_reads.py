@@ -94,7 +94,12 @@ class ReadReplier:
         """Run what waited for the holds to end; reply unless that asks for more time (then come back)."""
         steps = op.after_hold
         while steps:
-            wait_s, lead_s = steps.pop(0)()
+            try:
+                wait_s, lead_s = steps.pop(0)()
+            except Exception:  # the request still needs its one reply
+                log.exception("a layer failed after a held READ's hold; answered EIO")
+                steps.clear()
+                wait_s, payload = 0.0, errno.EIO
             if wait_s > 0.0:
                 due_ns = time.monotonic_ns() + round(wait_s * 1e9)
                 op.reply_due_ns, op.reply_armed_ns = due_ns, due_ns - round(lead_s * 1e9)

@@ -226,13 +226,15 @@ class TimerQueue:
         For the end of a FUSE session: a held reply must leave before the session
         it belongs to is destroyed.
         """
-        calls = [entry for _, _, entry in self._heap if isinstance(entry, _Call)]
-        if calls:
+        ran = 0
+        while calls := [entry for _, _, entry in self._heap if isinstance(entry, _Call)]:
+            # Until none is left: a call may queue another (a held reply's next step).
             self._heap[:] = [item for item in self._heap if not isinstance(item[2], _Call)]
             heapq.heapify(self._heap)
             for call in calls:
                 call()
-        return len(calls)
+            ran += len(calls)
+        return ran
 
     async def sleep_until(self, deadline_ns: int) -> None:
         """Park the calling task until ``time.monotonic_ns() >= deadline_ns`` (cancellable)."""
