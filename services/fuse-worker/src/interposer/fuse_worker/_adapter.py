@@ -260,8 +260,10 @@ class InterposerOperations(pyfuse3.Operations):
         For the worker's own READ slot (``_extra_ops``, while a delay layer acts on
         reads): delay layers leave their holds to the reply (``Op.defer_holds``),
         which ``replier`` sends when they end, from the timer task (``_held_reads``);
-        the op is recorded then. Errors are answered as :meth:`read`'s. Only
-        ``trio.Cancelled`` (the worker stopping) propagates, before any reply.
+        the op is recorded then. Errors of the op are answered as :meth:`read`'s;
+        what propagates — ``FUSEError`` for an unknown ``fh``, before the op starts,
+        and ``trio.Cancelled`` (the worker stopping) — leaves ``req`` unanswered
+        for the caller to answer.
         """
         backend, stack = self.backend, self.stack
         ino = backend.ino_of_fh(fh)

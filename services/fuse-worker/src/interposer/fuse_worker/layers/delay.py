@@ -118,6 +118,8 @@ class Delay:
     The wait is a precise sleep (:func:`._timer.sleep`: a timerfd trio waits on,
     not ``trio.sleep``, which rounds up to whole milliseconds), so a delayed op
     holds only its own request task; other requests keep being served meanwhile.
+    A read the worker answers itself (``Op.defer_holds``: ``_held_reads``) holds no
+    task at all: the layer notes when its reply is due, the timer sends it then.
 
     In ``add`` mode the layer sleeps the draw, then passes the op on; in ``floor``
     mode it passes the op on first, then sleeps what is left of the draw after the
