@@ -320,16 +320,15 @@ class ExtraOps:
         self._pyfuse3_open: Any = None
         self._pyfuse3_create: Any = None
         self._save_retval: Any = None
-        #: None until the first open has checked libfuse's request layout.
-        self._serve_opens: bool | None = None
+        #: Whether libfuse's requests have the layout raw replies rely on: None until
+        #: the first request answered here (an open, a create or a read) checked it.
+        self._request_layout_ok: bool | None = None
         self._held_reads = held_reads
         self._read_replier: ReadReplier | None = None
         #: Address of the session's READ slot, and what pyfuse3 put there.
         self._read_slot = 0
         self._pyfuse3_read_address = 0
         self._pyfuse3_read: Any = None
-        #: None until the first read served here has checked libfuse's request layout.
-        self._serve_reads: bool | None = None
         # Kept here: the C pointers stay valid only while these objects live.
         self._callbacks: dict[int, Any] = {
             SLOT_FALLOCATE: _FALLOCATE(self._fallocate),
@@ -399,7 +398,7 @@ class ExtraOps:
         """
         if not self._read_slot:
             return
-        here = held and self._serve_reads is not False
+        here = held and self._request_layout_ok is not False
         address = ctypes.cast(self._read_callback, ctypes.c_void_p).value if here else self._pyfuse3_read_address
         ctypes.c_void_p.from_address(self._read_slot).value = address
 
@@ -426,20 +425,26 @@ class ExtraOps:
                 log.exception("cannot divert the FUSE_INIT reply: no kernel passthrough, FUSE_HANDLE_KILLPRIV_V2, "
                               "parallel lookups in a directory or shared mmap of files layers act on")
 
-    def _serves_opens(self, req: int) -> bool:
-        """Whether opens and creates are answered here (checked on the first one), else by pyfuse3."""
+    def _serves_here(self, req: int) -> bool:
+        """Whether requests are answered here (the layout checked on the first one), else by pyfuse3's handlers.
+
+        If not, opens and creates lose kernel passthrough and FOPEN_NOFLUSH, and reads
+        go back to pyfuse3's handler (delays held by sleeping readers).
+        """
         assert self._replies is not None
-        if self._serve_opens is None:
+        if self._request_layout_ok is None:
             try:
                 self._replies.check_request(req)
-                self._serve_opens = True
+                self._request_layout_ok = True
             except RawReplyUnavailable as exc:
-                log.warning("opens answered by pyfuse3, without kernel passthrough or FOPEN_NOFLUSH: %s", exc)
+                log.warning("opens, creates and reads answered by pyfuse3, without kernel passthrough, "
+                            "FOPEN_NOFLUSH or held reads: %s", exc)
                 if self._passthrough is not None:
                     self._passthrough.enabled = False
                 self._handler.noflush_opens = False
-                self._serve_opens = False
-        return self._serve_opens
+                self._request_layout_ok = False
+                self.route_reads(False)
+        return self._request_layout_ok
 
     def _open_out(self, info: pyfuse3.FileInfo) -> tuple[int, int]:
         """``open_flags`` and ``backing_id`` of the reply opening ``info``."""
@@ -447,7 +452,7 @@ class ExtraOps:
         return self._passthrough.open_out(info.fh, flags) if self._passthrough is not None else (flags, 0)
 
     def _open(self, req: int, ino: int, fi: int) -> None:
-        if not self._serves_opens(req):
+        if not self._serves_here(req):
             self._pyfuse3_open(req, ino, fi)
             return
         replies = self._replies
@@ -457,7 +462,7 @@ class ExtraOps:
                     lambda r, info: self._replied(info, replies.open(r, info.fh, *self._open_out(info))))
 
     def _create(self, req: int, parent: int, name: int, mode: int, fi: int) -> None:
-        if not self._serves_opens(req):
+        if not self._serves_here(req):
             self._pyfuse3_create(req, parent, name, mode, fi)
             return
         replies = self._replies
@@ -526,37 +531,13 @@ class ExtraOps:
                     self._lib.fuse_reply_write)
 
     def _read(self, req: int, ino: int, size: int, off: int, fi: int) -> None:
-        if self._serve_reads is None:
-            assert self._replies is not None
-            try:
-                self._replies.check_request(req)
-                self._serve_reads = True
-            except RawReplyUnavailable as exc:
-                log.warning("reads answered by pyfuse3, delays held by sleeping readers: %s", exc)
-                self._serve_reads = False
-                self.route_reads(False)
-        if not self._serve_reads:
+        if not self._serves_here(req):
             self._pyfuse3_read(req, ino, size, off, fi)
             return
-        fh = self._fh(fi)
-        try:
-            self._save_retval(self._read_reply(req, fh, off, size))
-        except BaseException:  # never let an exception into libfuse: the request still needs its reply
-            log.exception("cannot start a FUSE request")
-            self._lib.fuse_reply_err(req, errno.EIO)
-
-    async def _read_reply(self, req: int, fh: int, off: int, size: int) -> None:
-        assert self._read_replier is not None
-        try:
-            await self._handler.read_replying(req, fh, off, size, self._read_replier)
-        except pyfuse3.FUSEError as exc:  # raised before the op started (an unknown fh)
-            self._lib.fuse_reply_err(req, exc.errno)
-        except Exception:
-            log.exception("internal error in a FUSE request")
-            self._lib.fuse_reply_err(req, errno.EIO)
-        except BaseException:  # trio.Cancelled: the worker is stopping; nothing was sent yet
-            self._lib.fuse_reply_err(req, errno.EINTR)
-            raise
+        fh, replier = self._fh(fi), self._read_replier
+        assert replier is not None
+        # read_replying answers the request itself; what it raises, it raised before answering.
+        self._start(req, lambda: self._handler.read_replying(req, fh, off, size, replier), lambda r, _: None)
 
     def _lseek(self, req: int, ino: int, offset: int, whence: int, fi: int) -> None:
         fh, caller = self._fh(fi), self._caller(req)
