@@ -186,8 +186,9 @@ class Mount:
     """A worker process serving ``backing`` at ``mountpoint``."""
 
     def __init__(self, backing: Path, mountpoint: Path, policy: str | None, work: Path,
-                 extra: tuple[str, ...] = ()) -> None:
-        argv = [sys.executable, "-m", "interposer.fuse_worker", "--backing-dir", str(backing),
+                 extra: tuple[str, ...] = (), launcher: tuple[str, ...] = ("-m", "interposer.fuse_worker")) -> None:
+        """Start the worker (``python`` + ``launcher`` + its flags) and wait for the mount."""
+        argv = [sys.executable, *launcher, "--backing-dir", str(backing),
                 "--mountpoint", str(mountpoint), "--volume-id", "bench", "--log-level", "WARNING", *extra]
         if policy:
             policy_file = work / f"{mountpoint.name}.policy.json"

@@ -74,6 +74,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from interposer.fuse_worker.layers import Throttle, quantile
 from interposer.fuse_worker.layers.throttle import MIN_MERGED_IO_BYTES
@@ -447,9 +448,19 @@ def lay_out_meta(backing: Path, chosen: list[Scenario], qds: set[int],
             _run_fio([*_fio_meta_argv(backing, scenario, qd, files_per_job["stat"][qd]), "--rw=write"], "fio layout")
 
 
+#: The start line of one ``_time_stats`` run's processes (inherited at fork: see ``_time_stats``).
+_stat_start: Any = None
+
+
+def _wait_at_start(barrier: Any) -> None:
+    global _stat_start
+    _stat_start = barrier
+
+
 def _stat_files(mountpoint: Path, meta: str, qd: int, job: int, files_per_job: int) -> tuple[float, float, list[float]]:
     """``stat`` job ``job``'s files (fio's layout names) once each; (start, end, latencies), seconds (monotonic)."""
     took = []
+    _stat_start.wait()  # all jobs start together, as fio's do: forks spawned one by one would not
     started = time.monotonic()
     for number in range(files_per_job):
         path = mountpoint / f"meta-{meta}-qd{qd}.{job}.{number}"
@@ -463,11 +474,14 @@ def _time_stats(mountpoint: Path, scenario: Scenario, qd: int, files_per_job: in
     """``stat`` each file laid out for ``scenario`` at ``qd`` once, in ``qd`` processes; ``{iops, mean, p50, p99}``.
 
     Processes, not threads: 16 Python threads wait for the GIL after each ``stat``
-    (up to its 5 ms switch interval), which would be measured as latency.
+    (up to its 5 ms switch interval), which would be measured as latency. They
+    start together from a barrier (handed down at fork, not pickled), so the time
+    the pool takes to fork them is not counted as the run's.
     """
     jobs = [(mountpoint, scenario.meta, qd, job, files_per_job) for job in range(qd)]
-    with multiprocessing.get_context("fork").Pool(qd) as pool:
-        results = pool.starmap(_stat_files, jobs)
+    context = multiprocessing.get_context("fork")
+    with context.Pool(qd, initializer=_wait_at_start, initargs=(context.Barrier(qd),)) as pool:
+        results = pool.starmap(_stat_files, jobs, chunksize=1)
     latencies = sorted(t for _, _, took in results for t in took)
     elapsed = max(end for _, end, _ in results) - min(start for start, _, _ in results)
     p50, p99 = _quantiles_s(latencies, P50, P99)

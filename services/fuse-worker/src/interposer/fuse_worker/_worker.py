@@ -20,6 +20,7 @@ from ._bus import Bus
 from ._config import WorkerConfig
 from . import _session_loop
 from ._extra_ops import ExtraOps, ExtraOpsUnavailable
+from ._pauses import freeze_startup_objects, grow_fd_table
 from .layers import _timer
 from ._expiry import expire_layers
 from ._readahead import set_read_ahead
@@ -185,6 +186,7 @@ async def serve(config: WorkerConfig) -> None:
     policy = load_policy_file(config.policy_file) if config.policy_file else Policy()
     os.umask(0)  # modes from the kernel already carry the caller's umask
     fd_limit = _raise_fd_limit()
+    fd_slots = grow_fd_table(fd_limit)
     limit_malloc_arenas(MALLOC_ARENAS)
     backend = make_backend(config)
     if isinstance(backend, PassthroughBackend):
@@ -253,6 +255,7 @@ async def serve(config: WorkerConfig) -> None:
             _timer.configure(config.wake_compensation)
             if config.session_loop == "lean":
                 _session_loop.install(config.busy_poll_us * 1e-6)
+            log.debug("fd table grown to %d slots, %d objects frozen (_pauses)", fd_slots, freeze_startup_objects())
             try:
                 await pyfuse3.main(min_tasks=4, max_tasks=config.max_tasks)
             finally:
