@@ -30,6 +30,7 @@ from .policy import (
     PolicyReply as PolicyReply,
     ProfileLayer as ProfileLayer,
     QuotaLayer as QuotaLayer,
+    S3SemanticsLayer as S3SemanticsLayer,
     Selector as Selector,
     SelectorRequest as SelectorRequest,
     ThrottleLayer as ThrottleLayer,

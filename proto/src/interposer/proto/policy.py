@@ -535,6 +535,48 @@ METADATA_OPS: frozenset[str] = frozenset({"lookup", "getattr", "setattr", "creat
 READDIR_ORDER_OPS: frozenset[str] = frozenset({"opendir"})
 
 
+#: Ops an ``s3_semantics`` layer acts on: those Mountpoint for Amazon S3 refuses in some case,
+#: and those that tell it a file is being written or was uploaded.
+S3_SEMANTICS_OPS: frozenset[str] = frozenset({
+    "open", "create", "write", "flush", "fsync", "mknod", "mkdir", "unlink", "rmdir", "rename", "link",
+    "symlink", "setattr", "setxattr", "removexattr", "fallocate",
+})
+
+
+class S3SemanticsLayer(_Layer, tag="s3_semantics", kw_only=True):
+    """Refuse what Mountpoint for Amazon S3 refuses, with the errno it gives.
+
+    Mountpoint (github.com/awslabs/mountpoint-s3, doc/SEMANTICS.md) is not POSIX:
+    files are written once, sequentially, and uploaded on close; renames (on
+    general purpose buckets), links, attribute changes and extended attributes
+    are not supported; deletes and overwrites must be allowed at mount time. An
+    application that works on a local disk may fail there; this layer makes it fail
+    here the same way, on top of whatever the backing store is (with the ``s3`` or
+    ``s3-express`` profile for its timing). What it refuses is listed in
+    docs/layers.md; each refusal is reported as a fault record.
+
+    Attributes:
+        allow_delete: Mountpoint's ``--allow-delete``: ``unlink`` is allowed
+            (else EPERM).
+        allow_overwrite: Mountpoint's ``--allow-overwrite``: an existing file may
+            be opened for writing with ``O_TRUNC`` (else EPERM).
+
+    ``ops`` is not used (the layer acts on what Mountpoint refuses); ``path_glob``
+    limits it to part of the volume. Modelled on a general purpose bucket
+    (``rename`` fails with ENOSYS); directory buckets (S3 Express One Zone),
+    where Mountpoint can rename files, are not modelled.
+    """
+
+    allow_delete: bool = False
+    allow_overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.ops:
+            raise ValueError("field `ops`: an s3_semantics layer acts on the ops Mountpoint refuses; leave it empty")
+        _check_no_page_cache_choice(self, "s3_semantics")
+
+
 class ProfileLayer(_Layer, tag="profile", kw_only=True):
     """A named storage profile, expanded by the worker into throttle and delay layers.
 
@@ -571,7 +613,7 @@ class ProfileLayer(_Layer, tag="profile", kw_only=True):
         sized_layers(self)
 
 
-Layer = Union[FaultLayer, DelayLayer, ThrottleLayer, QuotaLayer, MetadataLayer, ProfileLayer]
+Layer = Union[FaultLayer, DelayLayer, ThrottleLayer, QuotaLayer, MetadataLayer, S3SemanticsLayer, ProfileLayer]
 
 
 class Policy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):

@@ -432,8 +432,9 @@ _PROFILES_AND_BUILDERS = (
             "concurrent prefetching GETs (only a stream's first read waits), random reads are ranged GETs, "
             "new files are uploaded in the background and fsync (and close) wait for the upload; lookup, "
             "getattr after the 1 s metadata TTL, open, readdir and unlink are one request each; "
-            "--maximum-throughput-gbps defaults to 10 Gbps off EC2. Not emulated: Mountpoint's refusals "
-            "(renames, overwrites without O_TRUNC, non-sequential writes, links) succeed here; the per-prefix "
+            "--maximum-throughput-gbps defaults to 10 Gbps off EC2. Not emulated by the profile: Mountpoint's "
+            "refusals (renames, overwrites without O_TRUNC, non-sequential writes, links; add an s3_semantics "
+            "layer for them); the per-prefix "
             "request rates (at least 5,500 GET and 3,500 PUT per second, growing as S3 partitions) are not "
             "applied"
         ),

@@ -293,8 +293,9 @@ class InterposerOperations(pyfuse3.Operations):
         pid, uid = (ctx.pid, ctx.uid) if ctx is not None else (0, 0)
         return Op(name, ino, self.backend.path_of(ino), pid=pid, uid=uid, **fields)
 
-    def _entry_op(self, name: str, parent_ino: int, entry: bytes, ctx: pyfuse3.RequestContext) -> Op:
-        return Op(name, parent_ino, self.backend.entry_path(parent_ino, entry), pid=ctx.pid, uid=ctx.uid)
+    def _entry_op(self, name: str, parent_ino: int, entry: bytes, ctx: pyfuse3.RequestContext | Caller,
+                  **fields: Any) -> Op:
+        return Op(name, parent_ino, self.backend.entry_path(parent_ino, entry), pid=ctx.pid, uid=ctx.uid, **fields)
 
     # ---- entries -------------------------------------------------------------------
 
@@ -360,7 +361,7 @@ class InterposerOperations(pyfuse3.Operations):
         return await self._serve(self._op("readlink", inode, ctx), lambda: self.backend.readlink(inode, ctx))
 
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
-        op = self._entry_op("mknod", parent_inode, name, ctx)
+        op = self._entry_op("mknod", parent_inode, name, ctx, mode=mode)
         return await self._serve(op, lambda: self.backend.mknod(parent_inode, name, mode, rdev, ctx))
 
     async def mkdir(self, parent_inode, name, mode, ctx):
@@ -380,7 +381,7 @@ class InterposerOperations(pyfuse3.Operations):
         return await self._serve(op, lambda: self.backend.symlink(parent_inode, name, target, ctx))
 
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
-        op = self._entry_op("rename", parent_inode_old, name_old, ctx)
+        op = self._entry_op("rename", parent_inode_old, name_old, ctx, mode=flags)
         return await self._serve(
             op, lambda: self.backend.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx)
         )
@@ -392,7 +393,7 @@ class InterposerOperations(pyfuse3.Operations):
     # ---- files ---------------------------------------------------------------------
 
     async def open(self, inode, flags, ctx):
-        op = self._op("open", inode, ctx, session=self.telemetry.new_session())
+        op = self._op("open", inode, ctx, session=self.telemetry.new_session(), open_flags=flags)
         info = await self._serve(op, lambda: self.backend.open(inode, flags, ctx))
         writer = _clears_setid(flags, ctx)
         # O_TRUNC truncates whatever the access mode (Linux: O_RDONLY | O_TRUNC too),
@@ -409,8 +410,7 @@ class InterposerOperations(pyfuse3.Operations):
         return info
 
     async def create(self, parent_inode, name, mode, flags, ctx):
-        op = self._entry_op("create", parent_inode, name, ctx)
-        op.session = self.telemetry.new_session()
+        op = self._entry_op("create", parent_inode, name, ctx, session=self.telemetry.new_session(), open_flags=flags)
         info, attrs = await self._serve(op, lambda: self.backend.create(parent_inode, name, mode, flags, ctx))
         if _clears_setid(flags, ctx) and mode & _SETID:
             self._setid_inodes.add(attrs.st_ino)
@@ -540,6 +540,7 @@ class InterposerOperations(pyfuse3.Operations):
         self._setid_writers.pop(fh, None)
         self._flushless.pop(fh, None)
         self._open_flags.pop(fh, None)
+        self.stack.released(op.session, ino)
         # close(2) has returned already: an error here is logged, and must neither
         # stop the worker nor keep the backend from closing its fd.
         if self.passthrough is not None:

@@ -49,7 +49,8 @@ class Op(msgspec.Struct):
             copy_file_range), else 0.
         size: bytes requested for read/write/fallocate/copy_file_range, else 0.
         mode: fallocate's mode (``FALLOC_FL_*``), copy_file_range's flags,
-            lseek's whence; else 0.
+            lseek's whence, mknod's mode (file type and permission bits),
+            rename's flags (``RENAME_*``); else 0.
         pid: caller pid (0 when FUSE gives none).
         uid: caller uid.
         fault: errno name a fault layer injected (outcome).
@@ -64,9 +65,10 @@ class Op(msgspec.Struct):
         dir_order: for ``opendir``: the order a metadata layer chose for the
             listing (outcome), applied by the adapter through the backend's
             ``order_dir``; ``None`` = the backend's own order.
-        open_flags: for ``read``, ``write``, ``flush`` and ``fsync``: the flags
-            the application opened the file with (``O_ACCMODE`` bits, ``O_SYNC``,
-            ``O_DIRECT``…); 0 (``O_RDONLY``) when not known.
+        open_flags: for ``open``, ``create``, ``read``, ``write``, ``flush`` and
+            ``fsync``: the flags the application opened the file with
+            (``O_ACCMODE`` bits, ``O_SYNC``, ``O_DIRECT``, ``O_TRUNC``…); 0
+            (``O_RDONLY``) when not known.
         delay_late_ns: how much later than its delay layers asked the op resumed
             after their holds, ns (outcome; ``_timer.sleep``'s return, summed).
         defer_holds: the reply is written by the worker, which can send it later:

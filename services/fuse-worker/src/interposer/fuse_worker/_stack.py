@@ -26,13 +26,21 @@ from interposer.proto import (
     Policy,
     ProfileLayer,
     QuotaLayer,
+    S3SemanticsLayer,
     ThrottleLayer,
 )
-from interposer.proto.policy import FAULT_KIND_OPS, OPEN_OPS, WRITE_BEHIND_OPS, DataOpName, OpName
+from interposer.proto.policy import (
+    FAULT_KIND_OPS,
+    OPEN_OPS,
+    S3_SEMANTICS_OPS,
+    WRITE_BEHIND_OPS,
+    DataOpName,
+    OpName,
+)
 from interposer.proto.profiles import expand_profile
 
 from ._op import Handler, invoke_backend
-from .layers import Delay, Fault, Metadata, Quota, QuotaContext, Throttle
+from .layers import Delay, Fault, Metadata, Quota, QuotaContext, S3Semantics, Throttle
 from .layers._chains import FloorChains
 from .layers._match import compile_glob
 from .layers.quota import QUOTA_OPS
@@ -40,7 +48,7 @@ from .layers.quota import QUOTA_OPS
 ALL_OPS: frozenset[str] = frozenset(typing.get_args(OpName))
 DATA_OPS: frozenset[str] = frozenset(typing.get_args(DataOpName))
 
-LayerRuntime = Fault | Delay | Throttle | Quota | Metadata
+LayerRuntime = Fault | Delay | Throttle | Quota | Metadata | S3Semantics
 
 
 _READ_WRITE = frozenset({"read", "write"})
@@ -54,6 +62,8 @@ def ops_of(spec: Layer) -> frozenset[str]:
         return QUOTA_OPS
     if isinstance(spec, MetadataLayer):
         return spec.ops or spec.default_ops
+    if isinstance(spec, S3SemanticsLayer):
+        return S3_SEMANTICS_OPS
     if isinstance(spec, FaultLayer):
         ops = spec.ops or FAULT_KIND_OPS.get(spec.kind, ALL_OPS)
         return ops & OPEN_OPS if spec.on == "open" else ops
@@ -63,7 +73,10 @@ def ops_of(spec: Layer) -> frozenset[str]:
 
 
 def _flushes_writes_only(spec: Layer) -> bool:
-    """True if the layer acts on ``flush`` only to hold a close after writes it deferred (``write_behind``)."""
+    """True if the layer acts on ``flush`` only after writes: to hold a close after writes it deferred
+    (``write_behind``), or to complete an upload (``s3_semantics``)."""
+    if isinstance(spec, S3SemanticsLayer):
+        return True
     return isinstance(spec, DelayLayer) and spec.write_behind and bool(spec.ops) and "flush" not in spec.ops
 
 
@@ -112,6 +125,8 @@ def _runtime(spec: Layer, index: int, rng: random.Random, quota: QuotaContext | 
         return Throttle(spec)
     if isinstance(spec, MetadataLayer):
         return Metadata(spec, rng)
+    if isinstance(spec, S3SemanticsLayer):
+        return S3Semantics(spec, index)
     if isinstance(spec, QuotaLayer):
         if quota is None:
             raise QuotaUnavailable("quota layers need the worker's QuotaContext")
@@ -214,6 +229,8 @@ class Stack:
         flushing = [e.spec for e in active if "flush" in ops_of(e.spec)]
         self._flush_globs = [compile_glob(spec.path_glob) for spec in flushing if not _flushes_writes_only(spec)]
         self._written_flush_globs = [compile_glob(spec.path_glob) for spec in flushing if _flushes_writes_only(spec)]
+        #: Layers keeping per-handle state (``s3_semantics``), told when a handle is released.
+        self._release_hooks = [e.runtime.released for e in active if isinstance(e.runtime, S3Semantics)]
 
     def relabel(self, revision: int) -> Stack:
         """The same compiled stack as ``revision`` (a new revision whose policy is this one).
@@ -240,6 +257,11 @@ class Stack:
         :meth:`needs_direct_io`.
         """
         return any(match is None or match(path) for match in self._data_globs)
+
+    def released(self, session: int, ino: int) -> None:
+        """Tell the layers keeping per-handle state that file session ``session`` (of inode ``ino``) was released."""
+        for hook in self._release_hooks:
+            hook(session, ino)
 
     def acts_on_flush_at(self, path: str, writable: bool = True) -> bool:
         """True if a layer that can act acts on ``flush`` of ``path`` (so ``close(2)`` must send FLUSH).

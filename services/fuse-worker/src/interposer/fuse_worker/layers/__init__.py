@@ -16,4 +16,5 @@ from .quota import (
     Usage as Usage,
     walk_usage as walk_usage,
 )
+from .s3_semantics import S3Semantics as S3Semantics, S3SemanticsStatistics as S3SemanticsStatistics
 from .throttle import Throttle as Throttle, ThrottleStatistics as ThrottleStatistics, TokenBucket as TokenBucket
