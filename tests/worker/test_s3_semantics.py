@@ -18,6 +18,7 @@ from types import SimpleNamespace
 import pyfuse3
 import pytest
 import trio
+import trio.testing
 
 from interposer.fuse_worker import Op, Stack
 from interposer.fuse_worker._op import invoke_backend
@@ -181,3 +182,34 @@ def test_handles_opened_before_the_layer_and_uploads_it_saw_complete() -> None:
     trio.run(main)
     assert calls == ["backend"] * 5  # the two refused ops never reached it
     assert layer.statistics() == S3SemanticsStatistics(refused=2, uploads=1)
+
+
+def test_of_two_opens_for_writing_at_once_one_is_refused_and_a_failed_open_leaves_nothing() -> None:
+    """Unit level: the second writer is refused while the first one's open is still in the backend."""
+    layer = S3Semantics(decode_policy(_policy()).layers[0])
+    handler = layer.bind(invoke_backend)
+    outcomes: list[object] = []
+
+    async def slow_open() -> None:
+        await trio.sleep(1)
+
+    async def failing_open() -> None:
+        raise pyfuse3.FUSEError(errno.EACCES)
+
+    async def open_for_writing(session: int, call) -> None:  # noqa: ANN001
+        try:
+            await handler(Op("open", 7, "/f", open_flags=os.O_WRONLY, session=session), call)
+            outcomes.append(session)
+        except pyfuse3.FUSEError as exc:
+            outcomes.append(errno.errorcode[exc.errno])
+
+    async def main() -> None:
+        layer._local_files.add(7)  # a file made through the mount (mknod), not written yet
+        await open_for_writing(1, failing_open)  # the backend refused: nothing is left behind
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(open_for_writing, 2, slow_open)
+            await trio.sleep(0.5)
+            nursery.start_soon(open_for_writing, 3, slow_open)
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert outcomes == ["EACCES", "EPERM", 2]

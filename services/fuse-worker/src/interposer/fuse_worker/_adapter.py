@@ -540,9 +540,12 @@ class InterposerOperations(pyfuse3.Operations):
         self._setid_writers.pop(fh, None)
         self._flushless.pop(fh, None)
         self._open_flags.pop(fh, None)
-        self.stack.released(op.session, ino)
         # close(2) has returned already: an error here is logged, and must neither
         # stop the worker nor keep the backend from closing its fd.
+        try:
+            self.stack.released(op.session, ino)
+        except Exception:
+            log.exception("internal error telling the layers %s was released", op.path)
         if self.passthrough is not None:
             try:
                 self.passthrough.released(fh)

@@ -152,13 +152,17 @@ class S3Semantics:
             self._refuse(op, "EPERM")  # already being written: neither a second writer nor a reader
         if writes and (not (local or truncating) or self._reading.get(op.ino)):
             self._refuse(op, "EPERM")  # an uploaded object, or one open for reading
-        result = await serve()
+        # Noted before the backend's open, so that a concurrent open sees this one.
         if writes:
             self._start_upload(op.session, op.ino, op.path)
         else:
             self._handles[op.session] = None
             self._reading[op.ino] = self._reading.get(op.ino, 0) + 1
-        return result
+        try:
+            return await serve()
+        except BaseException:
+            self._drop_handle(op.session, op.ino)  # the open failed: no handle, no upload
+            raise
 
     async def _create(self, op: Op, serve: BackendCall) -> Any:
         if op.open_flags & _SYNC_FLAGS:
@@ -230,7 +234,20 @@ class S3Semantics:
         upload = self._handles.pop(session)
         if upload is not None:
             self._complete(upload)
-        elif self._reading.get(ino, 0) > 1:
+        else:
+            self._stop_reading(ino)
+
+    def _drop_handle(self, session: int, ino: int) -> None:
+        """Forget a handle whose open failed (an upload it started never began)."""
+        upload = self._handles.pop(session, None)
+        if upload is None:
+            self._stop_reading(ino)
+        elif self._writing.get(upload.ino) is upload:
+            del self._writing[upload.ino]
+            self._writing_at.pop(upload.path, None)
+
+    def _stop_reading(self, ino: int) -> None:
+        if self._reading.get(ino, 0) > 1:
             self._reading[ino] -= 1
         else:
             self._reading.pop(ino, None)
