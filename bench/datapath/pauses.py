@@ -13,7 +13,7 @@ otherwise); fresh worker and fresh names for every run, the variants taking
 turns. Prints stat rates, p50/p99/max latency, how many stats took over 5 ms,
 and ratios.
 
-Usage: ``.venv/bin/python bench/datapath/pauses.py [--quick] [--repeat N]``
+Usage: ``.venv/bin/python bench/datapath/pauses.py [--quick] [--repeat N] [--names N]``
 """
 
 from __future__ import annotations
@@ -87,9 +87,11 @@ def _run(root: Path, directories: list[Path], backing: Path, names: int) -> tupl
 @click.command()
 @click.option("--quick", is_flag=True, help="Smoke run: 300 names per process, one repeat.")
 @click.option("--repeat", default=3, show_default=True, help="Runs per variant; medians reported.")
-def main(quick: bool, repeat: int) -> None:
+@click.option("--names", default=2000, show_default=True,
+              help="Fresh names each process looks up (10,000: a tree the inode table grows large with).")
+def main(quick: bool, repeat: int, names: int) -> None:
     """Print stat rates and stalls of 16 callers looking up fresh names: native, default worker, measures undone."""
-    names, repeat = (300, 1) if quick else (2000, repeat)
+    names, repeat = (300, 1) if quick else (names, repeat)
     host = HostMeter()
     cells: dict[str, list[tuple[float, float, float, float, int]]] = {v: [] for v in VARIANTS}
     with tempfile.TemporaryDirectory(prefix="interposer-pauses-", dir="/var/tmp") as tmp:

@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from interposer.fuse_worker._pauses import FD_TABLE_SLOTS, freeze_startup_objects
+from interposer.fuse_worker._pauses import FD_TABLE_SLOTS, _freeze_survivors, freeze_startup_objects
 
 
 def _fd_table_slots(pid: int) -> int:
@@ -53,10 +53,18 @@ print(os.read(r, 100).decode(), open("/proc/self/status").read().split("FDSize:"
     assert result.stdout.split() == ["still", "open", "1024"]  # the kernel rounds a table up to a power of two
 
 
-def test_freezing_moves_what_is_alive_out_of_the_collectors_scans() -> None:
+def test_freezing_moves_what_is_alive_and_what_survives_full_collections_out_of_the_scans() -> None:
     try:
         frozen = freeze_startup_objects()
         assert frozen == gc.get_freeze_count() > 0
         assert gc.get_count()[0] < 10  # collected first: generation 0 starts empty
+        kept = [[index] for index in range(1000)]  # 1,001 new container objects, alive
+        cycle: list[object] = []
+        cycle.append(cycle)
+        del cycle  # garbage only a collection can free
+        assert gc.collect() >= 1  # a full collection still finds the young cycle
+        assert gc.get_freeze_count() >= frozen + len(kept)  # and its survivors are frozen after it
+        assert not gc.get_objects(generation=2)
     finally:
+        gc.callbacks.remove(_freeze_survivors)
         gc.unfreeze()
