@@ -13,7 +13,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from interposer.fuse_worker._pauses import FD_TABLE_SLOTS, _freeze_survivors, freeze_startup_objects
+from interposer.fuse_worker._pauses import (
+    FD_TABLE_SLOTS,
+    FULL_COLLECTION_THRESHOLD,
+    _freeze_survivors,
+    freeze_startup_objects,
+)
 
 
 def _fd_table_slots(pid: int) -> int:
@@ -54,6 +59,7 @@ print(os.read(r, 100).decode(), open("/proc/self/status").read().split("FDSize:"
 
 
 def test_freezing_moves_what_is_alive_and_what_survives_full_collections_out_of_the_scans() -> None:
+    thresholds = gc.get_threshold()
     try:
         frozen = freeze_startup_objects()
         assert frozen == gc.get_freeze_count() > 0
@@ -65,6 +71,8 @@ def test_freezing_moves_what_is_alive_and_what_survives_full_collections_out_of_
         assert gc.collect() >= 1  # a full collection still finds the young cycle
         assert gc.get_freeze_count() >= frozen + len(kept)  # and its survivors are frozen after it
         assert not gc.get_objects(generation=2)
+        assert gc.get_threshold()[2] == FULL_COLLECTION_THRESHOLD
     finally:
         gc.callbacks.remove(_freeze_survivors)
         gc.unfreeze()
+        gc.set_threshold(*thresholds)

@@ -20,8 +20,11 @@ pauses"), at the same numbers of names looked up in every run:
   CPython issue 31558) moves them to a permanent generation no collection scans.
   The inode table grows with the tree the kernel knows (a walk of 160,000 names:
   full collections of 46k, 91k and 137k objects took 5, 13 and 18 ms), so the
-  survivors of every full collection are frozen too: the next one scans only
-  what was made since (a quarter of the heap at most, by CPython's rule).
+  survivors of every full collection are frozen too, and a full collection is
+  considered after every :data:`FULL_COLLECTION_THRESHOLD` young ones instead of
+  CPython's 10: each then scans only the ~13k objects made since the last one,
+  1.3–1.9 ms on the same walk (with CPython's 10: ~46k objects, 5–6 ms each; the
+  total time collecting is the same).
   Frozen objects are never collected as cycles; objects that die alone are
   freed by their reference count as before. Cyclic garbage dies young, in the
   generations still collected; what may leak is a cycle among objects alive at a
@@ -40,6 +43,12 @@ import os
 #: fits. 128 KiB of kernel memory (8 bytes per slot); past it the table doubles as
 #: before.
 FD_TABLE_SLOTS = 16384
+
+
+#: Generation-1 collections between two looks at a full one (``gc.set_threshold``'s
+#: third value; CPython's default is 10): with the survivors of each full
+#: collection frozen, smaller batches make shorter pauses.
+FULL_COLLECTION_THRESHOLD = 2
 
 
 def grow_fd_table(fd_limit: int, slots: int = FD_TABLE_SLOTS) -> int:
@@ -73,6 +82,8 @@ def freeze_startup_objects() -> int:
     """
     gc.collect()
     gc.freeze()
+    young, middle, _ = gc.get_threshold()
+    gc.set_threshold(young, middle, FULL_COLLECTION_THRESHOLD)
     if _freeze_survivors not in gc.callbacks:
         gc.callbacks.append(_freeze_survivors)
     return gc.get_freeze_count()
