@@ -156,8 +156,7 @@ class S3Semantics:
         if writes:
             self._start_upload(op.session, op.ino, op.path)
         else:
-            self._handles[op.session] = None
-            self._reading[op.ino] = self._reading.get(op.ino, 0) + 1
+            self._start_reading(op.session, op.ino)
         try:
             return await serve()
         except BaseException:
@@ -171,8 +170,7 @@ class S3Semantics:
         ino = result[1].st_ino  # (FileInfo, EntryAttributes)
         self._local_files.add(ino)
         if op.open_flags & os.O_ACCMODE == os.O_RDONLY:
-            self._handles[op.session] = None
-            self._reading[ino] = self._reading.get(ino, 0) + 1
+            self._start_reading(op.session, ino)
         else:
             self._start_upload(op.session, ino, op.path)
         return result
@@ -183,6 +181,10 @@ class S3Semantics:
         attrs = await serve()
         self._local_files.add(attrs.st_ino)
         return attrs
+
+    def _start_reading(self, session: int, ino: int) -> None:
+        self._handles[session] = None
+        self._reading[ino] = self._reading.get(ino, 0) + 1
 
     def _start_upload(self, session: int, ino: int, path: str) -> None:
         upload = _Upload(ino, path)
