@@ -8,7 +8,7 @@ threads) and full garbage collections of its startup objects did, 10–20 ms eac
 has never seen (one LOOKUP each: 32,000 new inodes, past 16,384 fds) on the
 backing directory itself (native), through a worker as it starts by default, and
 through one started with both measures undone (``grow_fd_table`` and
-``freeze_startup_objects`` replaced by no-ops: the baseline, same code
+``freeze_long_lived_objects`` replaced by no-ops: the baseline, same code
 otherwise); fresh worker and fresh names for every run, the variants taking
 turns. Prints stat rates, p50/p99/max latency, how many stats took over 5 ms,
 and ratios.
@@ -37,7 +37,7 @@ STALL_S = 0.005
 #: The worker as it started before ``_pauses``: the same entry point with both measures made no-ops.
 UNDONE = ("-c", "import interposer.fuse_worker._worker as w\n"
                 "w.grow_fd_table = lambda fd_limit: 0\n"
-                "w.freeze_startup_objects = lambda: 0\n"
+                "w.freeze_long_lived_objects = lambda: 0\n"
                 "from interposer.fuse_worker.__main__ import main\n"
                 "main()")
 VARIANTS = ("native", "default", "both undone")

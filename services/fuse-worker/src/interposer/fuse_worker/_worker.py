@@ -20,7 +20,7 @@ from ._bus import Bus
 from ._config import WorkerConfig
 from . import _session_loop
 from ._extra_ops import ExtraOps, ExtraOpsUnavailable
-from ._pauses import freeze_startup_objects, grow_fd_table
+from ._pauses import freeze_long_lived_objects, grow_fd_table
 from .layers import _timer
 from ._expiry import expire_layers
 from ._readahead import set_read_ahead
@@ -255,7 +255,7 @@ async def serve(config: WorkerConfig) -> None:
             _timer.configure(config.wake_compensation)
             if config.session_loop == "lean":
                 _session_loop.install(config.busy_poll_us * 1e-6)
-            log.debug("fd table grown to %d slots, %d objects frozen (_pauses)", fd_slots, freeze_startup_objects())
+            log.debug("fd table grown to %d slots, %d objects frozen (_pauses)", fd_slots, freeze_long_lived_objects())
             try:
                 await pyfuse3.main(min_tasks=4, max_tasks=config.max_tasks)
             finally:

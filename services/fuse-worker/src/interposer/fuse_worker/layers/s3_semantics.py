@@ -46,7 +46,7 @@ from __future__ import annotations
 import errno as _errno
 import os
 import stat
-from typing import Any
+from typing import Any, NoReturn
 
 import msgspec
 import pyfuse3
@@ -121,7 +121,7 @@ class S3Semantics:
         self._refused = 0
         self._uploads = 0
 
-    def _refuse(self, op: Op, name: str) -> None:
+    def _refuse(self, op: Op, name: str) -> NoReturn:
         self._refused += 1
         op.inject(self.index, "errno", name)
         raise pyfuse3.FUSEError(getattr(_errno, name))
@@ -207,7 +207,6 @@ class S3Semantics:
         upload = self._handles[op.session]
         if upload is None:
             self._refuse(op, "EBADF")  # a read handle
-        assert upload is not None
         if upload.synced or self._writing.get(upload.ino) is not upload:
             self._refuse(op, "EIO")  # the upload was completed
         if op.offset != upload.next_offset:
