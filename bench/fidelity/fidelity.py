@@ -38,6 +38,13 @@ scenarios (``rw=read``) a delay with ``skip_sequential`` is left out (``"buffere
 in the buffered modes only): only the
 first read of each file, and each wrap-around to its start, pays it.
 
+Each ratio comes with the range an exact emulation would show 95 % of the time
+from the number of ops measured (column "exact 95%", :func:`sampling_range`): a
+random delay's p99 from a few hundred draws is itself random (``s3``'s 20 ms
+log-normal read 441 times, 10 s at QD1: anywhere in 0.88–1.44 of its target). The
+run ends with a count of the cells within ±10 % of their targets, those outside,
+and those outside by no more than sampling gives (a run too short to tell).
+
 Metadata scenarios (profiles that delay metadata ops, e.g. ``efs``) time a
 ``stat`` of each of many files the kernel has not looked up (one LOOKUP each; in
 ``qd`` processes, since fio's ``filestat`` engine stats every file during its
@@ -72,6 +79,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,6 +112,8 @@ QUICK_MODES = [(1, True), (16, False)]
 P50, P99 = 0.5, 0.99
 #: Bins of the numeric mean of a delay distribution (mean = integral of its quantile function).
 MEAN_BINS = 2000
+#: Standard normal quantile of the two-sided 95 % sampling range printed beside each ratio.
+Z_95 = 1.959964
 #: Files per job (fio job or stat process) of the metadata scenarios by queue depth, full /
 #: quick: each is visited once, so no lookup is answered from the kernel's entry cache.
 #: fio's own setup through a mount that delays metadata grows faster than the file count
@@ -126,6 +136,9 @@ class Target:
     #: latency of the fsyncs of a workload that syncs every few writes (``Scenario.fsync_every``)
     sync_p50_s: float | None = None
     sync_p99_s: float | None = None
+    #: the target latency's quantile function (level in (0, 1) → seconds) when a delay, not a
+    #: throttle, sets it: what :func:`sampling_range` needs; of the fsyncs when ``sync_*`` are set
+    latency_quantile: Callable[[float], float] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -191,6 +204,58 @@ def _mean_s(layer: DelayLayer) -> float:
     return sum(_quantile_s(layer, (i + 0.5) / MEAN_BINS) for i in range(MEAN_BINS)) / MEAN_BINS
 
 
+def _quantile_fn(layer: DelayLayer) -> Callable[[float], float]:
+    """The quantile function of the delay ``layer`` draws (level in (0, 1) → seconds)."""
+    return lambda q: _quantile_s(layer, q)
+
+
+def sampling_range(latency_quantile: Callable[[float], float], metric: str, n: int) -> tuple[float, float] | None:
+    """Where the ratio achieved / target of ``metric`` falls 95 % of the time for an exact emulation, from ``n`` ops.
+
+    A latency quantile measured over ``n`` independent draws is itself random: the
+    sample ``q``-quantile is below the true ``p``-quantile exactly when enough of the
+    ``n`` draws are, a binomial count, so it lies between the true quantiles at the
+    ends of the 95 % score interval of a proportion ``q`` seen in ``n`` trials
+    (Wilson, "Probable inference, the law of succession, and statistical inference",
+    JASA 22, 1927; the plain normal interval ``q ± 1.96 sqrt(q (1 - q) / n)`` covered
+    only 91-93 % for a p99 of 441-1,000 ops, tests/bench). The rate of a delay-bound workload is ``qd / mean latency``, and the
+    mean of ``n`` draws varies by ``1.96 sd / sqrt(n)`` (central limit theorem), sd
+    from the same quantile function. So a 20 ms log-normal (σ 0.5) delay read 440
+    times — 10 s at queue depth 1 — gives a p99 anywhere in 0.88–1.55 of its target
+    and a p50 in 0.94–1.06: a deviation inside that range says the run was too short
+    to tell, not that the emulation is off.
+
+    Args:
+        latency_quantile: the target latency's quantile function (``Target.latency_quantile``).
+        metric: ``p50``/``p99``/``sync50``/``sync99`` (those quantiles) or ``iops``.
+        n: ops measured.
+
+    Returns:
+        (low, high) ratios, or None when ``n`` is 0 or the metric has no range (bandwidth).
+    """
+    if n <= 0:
+        return None
+    if metric == "iops":
+        levels = [(i + 0.5) / MEAN_BINS for i in range(MEAN_BINS)]
+        draws = [latency_quantile(q) for q in levels]
+        mean = statistics.fmean(draws)
+        if mean <= 0:
+            return None
+        spread = Z_95 * statistics.pstdev(draws) / math.sqrt(n) / mean
+        # IOPS = qd / mean latency: a mean latency (1 ± spread) × the target's gives IOPS / (1 ± spread)
+        return 1 / (1 + spread), (1 / (1 - spread) if spread < 1 else math.inf)
+    level = {"p50": P50, "p99": P99, "sync50": P50, "sync99": P99}.get(metric)
+    if level is None:
+        return None
+    target = latency_quantile(level)
+    if target <= 0:
+        return None
+    shrink = 1 + Z_95 ** 2 / n
+    centre = (level + Z_95 ** 2 / (2 * n)) / shrink
+    half_width = Z_95 / shrink * math.sqrt(level * (1 - level) / n + Z_95 ** 2 / (4 * n * n))
+    return latency_quantile(centre - half_width) / target, latency_quantile(centre + half_width) / target
+
+
 def has_added_delay(layers: list[dict]) -> bool:
     """True if a delay layer acting on reads is in ``add`` mode (its target includes the service time)."""
     return any(isinstance(layer, DelayLayer) and layer.mode == "add" for layer in _read_layers(layers))
@@ -212,9 +277,11 @@ def targets_of(layers: list[dict], bs: int, qd: int, service: ServiceTime | None
     (``direct``: with ``O_DIRECT``, which a ``"buffered"`` ``skip_sequential`` holds).
     """
     iops_limit = math.inf  # requests per second
-    p50 = p99 = mean = 0.0
+    p50 = p99 = mean = base = 0.0
     if service is not None and has_added_delay(layers):
         p50, p99, mean = service.p50_s, service.p50_s, service.mean_s
+        base = service.p50_s
+    delays: list[DelayLayer] = []
     for layer in _read_layers(layers):
         if isinstance(layer, ThrottleLayer):
             buckets = Throttle(layer)  # the worker's own bucket sizes
@@ -236,6 +303,7 @@ def targets_of(layers: list[dict], bs: int, qd: int, service: ServiceTime | None
             p50 += _quantile_s(layer, P50)
             p99 += _quantile_s(layer, P99)
             mean += _mean_s(layer)
+            delays.append(layer)
     throttled = iops_limit
     delayed = qd / mean if mean else math.inf
     iops = min(throttled, delayed)
@@ -243,7 +311,8 @@ def targets_of(layers: list[dict], bs: int, qd: int, service: ServiceTime | None
         return Target()
     if throttled < delayed:
         return Target(bw_bytes_per_s=iops * bs, iops=iops, lat_p50_s=qd / iops)
-    return Target(bw_bytes_per_s=iops * bs, iops=iops, lat_p50_s=p50, lat_p99_s=p99)
+    return Target(bw_bytes_per_s=iops * bs, iops=iops, lat_p50_s=p50, lat_p99_s=p99,
+                  latency_quantile=lambda q: base + sum(_quantile_s(layer, q) for layer in delays))
 
 
 def meta_target(layers: list[dict], op: str, qd: int) -> Target:
@@ -261,7 +330,8 @@ def meta_target(layers: list[dict], op: str, qd: int) -> Target:
             mean = _mean_s(layer)
             if op == "create" and qd > 1:
                 return Target(iops=1 / mean, lat_p50_s=qd * mean)
-            return Target(iops=qd / mean, lat_p50_s=_quantile_s(layer, P50), lat_p99_s=_quantile_s(layer, P99))
+            return Target(iops=qd / mean, lat_p50_s=_quantile_s(layer, P50), lat_p99_s=_quantile_s(layer, P99),
+                          latency_quantile=_quantile_fn(layer))
     return Target()
 
 
@@ -278,9 +348,10 @@ def write_target(layers: list[dict], qd: int, direct: bool) -> Target:
     for layer in _acting_on(layers, "write"):
         if isinstance(layer, DelayLayer):
             p50, p99 = _quantile_s(layer, P50), _quantile_s(layer, P99)
+            draws = _quantile_fn(layer)
             if layer.write_behind is True or (layer.write_behind and not direct):
-                return Target(sync_p50_s=p50, sync_p99_s=p99)
-            return Target(iops=qd / _mean_s(layer), lat_p50_s=p50, lat_p99_s=p99)
+                return Target(sync_p50_s=p50, sync_p99_s=p99, latency_quantile=draws)
+            return Target(iops=qd / _mean_s(layer), lat_p50_s=p50, lat_p99_s=p99, latency_quantile=draws)
     return Target()
 
 
@@ -405,15 +476,17 @@ def _run_fio(argv: list[str], what: str = "fio") -> str:
 
 
 def _fio_result(stdout: str, side: str) -> dict:
-    """``{bw, iops, mean, p50, p99}`` of one side (``read``/``write``) of fio's JSON report (bytes/s, ops/s, s),
-    and ``sync50``/``sync99`` (s) when the jobs synced (``--fsync``)."""
+    """``{bw, iops, mean, p50, p99, n}`` of one side (``read``/``write``) of fio's JSON report (bytes/s, ops/s, s,
+    ops measured), and ``sync50``/``sync99`` (s) and ``sync_n`` when the jobs synced (``--fsync``)."""
     job = json.loads(stdout[stdout.find("{"):])["jobs"][0]
     got, pct = job[side], job[side]["clat_ns"].get("percentile", {})
     result = {"bw": float(got["bw_bytes"]), "iops": float(got["iops"]), "mean": got["clat_ns"]["mean"] / 1e9,
-              "p50": pct.get("50.000000", 0) / 1e9, "p99": pct.get("99.000000", 0) / 1e9}
+              "p50": pct.get("50.000000", 0) / 1e9, "p99": pct.get("99.000000", 0) / 1e9,
+              "n": int(got.get("total_ios", 0))}
     if job.get("sync", {}).get("total_ios"):
         sync_pct = job["sync"]["lat_ns"].get("percentile", {})
-        result.update(sync50=sync_pct.get("50.000000", 0) / 1e9, sync99=sync_pct.get("99.000000", 0) / 1e9)
+        result.update(sync50=sync_pct.get("50.000000", 0) / 1e9, sync99=sync_pct.get("99.000000", 0) / 1e9,
+                      sync_n=int(job["sync"]["total_ios"]))
     return result
 
 
@@ -471,7 +544,7 @@ def _stat_files(mountpoint: Path, meta: str, qd: int, job: int, files_per_job: i
 
 
 def _time_stats(mountpoint: Path, scenario: Scenario, qd: int, files_per_job: int) -> dict:
-    """``stat`` each file laid out for ``scenario`` at ``qd`` once, in ``qd`` processes; ``{iops, mean, p50, p99}``.
+    """``stat`` each file laid out for ``scenario`` at ``qd`` once, in ``qd`` processes; ``{iops, mean, p50, p99, n}``.
 
     Processes, not threads: 16 Python threads wait for the GIL after each ``stat``
     (up to its 5 ms switch interval), which would be measured as latency. They
@@ -485,7 +558,8 @@ def _time_stats(mountpoint: Path, scenario: Scenario, qd: int, files_per_job: in
     latencies = sorted(t for _, _, took in results for t in took)
     elapsed = max(end for _, end, _ in results) - min(start for start, _, _ in results)
     p50, p99 = _quantiles_s(latencies, P50, P99)
-    return {"bw": 0.0, "iops": len(latencies) / elapsed, "mean": statistics.fmean(latencies), "p50": p50, "p99": p99}
+    return {"bw": 0.0, "iops": len(latencies) / elapsed, "mean": statistics.fmean(latencies), "p50": p50, "p99": p99,
+            "n": len(latencies)}
 
 
 def run_fio_meta(mountpoint: Path, scenario: Scenario, qd: int, files_per_job: int) -> dict:
@@ -526,13 +600,68 @@ def _fmt(value: float | None, unit: str) -> str:
     return f"{value:.0f}"
 
 
-HEADER = f"{'scenario':<24} {'qd':>2} {'io':<8} {'metric':<6} {'target':>12} {'achieved':>12} {'ratio':>6}"
+HEADER = (f"{'scenario':<24} {'qd':>2} {'io':<8} {'metric':<6} {'target':>12} {'achieved':>12} {'ratio':>6} "
+          f"{'exact 95%':>11}")
+#: Printed at the top of the table: what the last column means.
+RANGE_NOTE = ("# exact 95%: where the ratio of an exact emulation falls 95 % of the time from this many ops "
+              "(sampling alone; '-': no random target)")
+#: A ratio further than this from 1 is a miss (issue #4's first goal) unless its sampling range covers it.
+TOLERANCE = 0.10
 
 
-def _row(name: str, qd: int, direct: bool | None, metric: str, want: float | None, have: float, unit: str) -> str:
-    ratio = f"{have / want:.2f}" if want else "-"
+@dataclass
+class Tally:
+    """Cells with a target seen so far, and those off it by more than :data:`TOLERANCE`, for the closing summary."""
+
+    cells: int = 0
+    misses: list[str] = field(default_factory=list)
+    too_few_ops: list[str] = field(default_factory=list)
+
+    def add(self, row: str, ratio: float | None, spread: tuple[float, float] | None) -> None:
+        """Count one printed row with its ``ratio`` (None: no target) and sampling range."""
+        if ratio is None:
+            return
+        self.cells += 1
+        if abs(ratio - 1) <= TOLERANCE:
+            return
+        if spread is not None and spread[0] <= ratio <= spread[1]:
+            self.too_few_ops.append(row)
+        else:
+            self.misses.append(row)
+
+    def report(self) -> str:
+        """One summary line, then the rows outside the tolerance."""
+        lines = [f"# {self.cells} cells with a target: {self.cells - len(self.misses) - len(self.too_few_ops)} "
+                 f"within ±{TOLERANCE:.0%}, {len(self.misses)} outside, {len(self.too_few_ops)} outside but "
+                 "within what sampling alone gives (too few ops to tell)"]
+        lines += [f"#   outside: {row}" for row in self.misses]
+        lines += [f"#   too few ops: {row}" for row in self.too_few_ops]
+        return "\n".join(lines)
+
+
+def _row(name: str, qd: int, direct: bool | None, metric: str, want: float | None, have: float, unit: str,
+         spread: tuple[float, float] | None = None, tally: Tally | None = None) -> str:
+    ratio = have / want if want else None
     io = "-" if direct is None else "direct" if direct else "buffered"
-    return f"{name:<24} {qd:>2} {io:<8} {metric:<6} {_fmt(want, unit):>12} {_fmt(have, unit):>12} {ratio:>6}"
+    shown = "-" if spread is None else f"{spread[0]:.2f}-{spread[1]:.2f}" if spread[1] < 100 else f">={spread[0]:.2f}"
+    row = (f"{name:<24} {qd:>2} {io:<8} {metric:<6} {_fmt(want, unit):>12} {_fmt(have, unit):>12} "
+           f"{'-' if ratio is None else f'{ratio:.2f}':>6} {shown:>11}")
+    if tally is not None:
+        tally.add(row, ratio, spread)
+    return row
+
+
+def _spread(target: Target, metric: str, got: dict) -> tuple[float, float] | None:
+    """The sampling range of ``metric``'s ratio for ``got`` (:func:`sampling_range`); None without a random target."""
+    if target.latency_quantile is None or metric not in ("bw", "iops", "p50", "p99", "sync50", "sync99"):
+        return None
+    if metric.startswith("sync") != (target.sync_p50_s is not None):
+        return None  # the quantile function is of the other op's latency
+    if metric in ("bw", "iops"):
+        if target.iops is None:
+            return None
+        metric = "iops"  # bandwidth = IOPS x request size: the same range
+    return sampling_range(target.latency_quantile, metric, got.get("sync_n" if metric.startswith("sync") else "n", 0))
 
 
 def measure_service_time(work: Path, runtime_s: float, file_bytes: int, worker_flags: tuple[str, ...],
@@ -560,16 +689,20 @@ def run_table(chosen: list[Scenario], modes: list[tuple[int, bool]], work: Path,
               f"mean {service.mean_s * 1e3:.3f} ms; added to the targets of add-mode delays", flush=True)
     if any(s.name == "bare" for s in chosen):
         warm_up(work, modes, runtime_s, file_bytes, worker_flags, aio)
+    print(RANGE_NOTE)
     print(HEADER)
     print("-" * len(HEADER), flush=True)
     bare_bw: dict[tuple[int, bool], float] = {}
+    tally = Tally()
     for scenario in chosen:
         if scenario.meta:
             _run_meta(scenario, sorted({qd for qd, _ in modes}), work, worker_flags,
-                      (meta_files or META_FILES_PER_JOB)[scenario.meta])
+                      (meta_files or META_FILES_PER_JOB)[scenario.meta], tally)
             continue
         for group in ([[mode] for mode in modes] if scenario.remount else [modes]):
-            _run_modes(scenario, group, work, runtime_s, file_bytes, worker_flags, fuse_trace, aio, service, bare_bw)
+            _run_modes(scenario, group, work, runtime_s, file_bytes, worker_flags, fuse_trace, aio, service, bare_bw,
+                       tally)
+    print(tally.report(), flush=True)
 
 
 def warm_up(work: Path, modes: list[tuple[int, bool]], runtime_s: float, file_bytes: int,
@@ -590,7 +723,7 @@ def warm_up(work: Path, modes: list[tuple[int, bool]], runtime_s: float, file_by
 
 
 def _run_meta(scenario: Scenario, qds: list[int], work: Path, worker_flags: tuple[str, ...],
-              files_per_job: dict[int, int]) -> None:
+              files_per_job: dict[int, int], tally: Tally) -> None:
     """Measure a metadata scenario at each queue depth on one mount and print its rows (I/O mode "-")."""
     with Mount(work / "backing", work / "mnt", scenario.layers, worker_flags) as mount:
         for qd in qds:
@@ -599,14 +732,15 @@ def _run_meta(scenario: Scenario, qds: list[int], work: Path, worker_flags: tupl
             for metric, want, have, unit in (("iops", target.iops, got["iops"], ""),
                                              ("p50", target.lat_p50_s, got["p50"], "s"),
                                              ("p99", target.lat_p99_s, got["p99"], "s")):
-                print(_row(scenario.name, qd, None, metric, want, have, unit), flush=True)
+                print(_row(scenario.name, qd, None, metric, want, have, unit, _spread(target, metric, got), tally),
+                      flush=True)
     for created in (work / "backing").glob("create-qd*"):
         shutil.rmtree(created)
 
 
 def _run_modes(scenario: Scenario, modes: list[tuple[int, bool]], work: Path, runtime_s: float, file_bytes: int,
                worker_flags: tuple[str, ...], fuse_trace: bool, aio: bool, service: ServiceTime | None,
-               bare_bw: dict[tuple[int, bool], float]) -> None:
+               bare_bw: dict[tuple[int, bool], float], tally: Tally) -> None:
     """Measure ``scenario`` in ``modes`` on one mount (one worker) and print its rows."""
     with Mount(work / "backing", work / "mnt", scenario.layers, (*worker_flags, *scenario.worker_args)) as mount:
         for qd, direct in modes:
@@ -628,7 +762,8 @@ def _run_modes(scenario: Scenario, modes: list[tuple[int, bool]], work: Path, ru
                 rows += [("sync50", target.sync_p50_s, got["sync50"], "s"),
                          ("sync99", target.sync_p99_s, got["sync99"], "s")]
             for metric, want, have, unit in rows:
-                print(_row(scenario.name, qd, direct, metric, want, have, unit), flush=True)
+                print(_row(scenario.name, qd, direct, metric, want, have, unit, _spread(target, metric, got), tally),
+                      flush=True)
             if trace is not None and len(latencies := trace.latencies()) > 1:  # the same quantiles, at the device
                 p50, p99 = _quantiles_s(latencies, P50, P99)
                 for metric, want, have in (("fuse50", target.lat_p50_s, p50), ("fuse99", target.lat_p99_s, p99)):

@@ -220,6 +220,40 @@ def test_compensation_ignores_early_wakes_and_caps_stalls() -> None:
     assert c.lead_s(1.0) == MAX_COMPENSATION_S
 
 
+def test_round_trip_adds_the_application_wait_up_to_twice_an_idle_wake_up() -> None:
+    saturated = WakeCompensation("round-trip")
+    for _ in range(200):
+        saturated.observe(60e-6, idle=True)  # the loop was idle at the deadline: a wake-up
+        saturated.observe(400e-6, idle=False)  # it was busy with requests: queued behind them
+    assert saturated.idle_wake_s == pytest.approx(60e-6, rel=0.01)
+    # its own lateness in full, the application's wait capped at two idle wake-ups
+    assert saturated.lead_s(0.01) == pytest.approx(saturated.lateness_s + 2 * 60e-6, rel=0.01)
+    assert saturated.lead_s(0.01, own_wake_only=True) == pytest.approx(saturated.lateness_s, rel=0.01)
+    loaded = WakeCompensation("round-trip")
+    for _ in range(200):
+        loaded.observe(60e-6, idle=True)
+        loaded.observe(90e-6, idle=False)
+    # below the cap the application is taken to wait as long as the worker
+    assert loaded.lead_s(0.01) == pytest.approx(2 * loaded.lateness_s, rel=0.01)
+    worker = WakeCompensation("worker")
+    for _ in range(200):
+        worker.observe(400e-6, idle=False)
+    assert worker.lead_s(0.01) == pytest.approx(400e-6, rel=0.01)
+
+
+def test_a_timer_served_after_the_loop_took_other_work_is_not_an_idle_wake_up() -> None:
+    c = _timer.configure("round-trip")
+    try:
+        deadline_ns = time.monotonic_ns()
+        _timer.note_loop_busy()  # a FUSE request taken after the deadline, before the timer was served
+        _timer.observe_wake(300_000, deadline_ns)
+        assert c.idle_wake_s == 0.0 and c.lateness_s == pytest.approx(300e-6 * _timer.LATENESS_GAIN)
+        _timer.observe_wake(50_000, time.monotonic_ns())  # nothing taken since its deadline
+        assert c.idle_wake_s == pytest.approx(50e-6 * _timer.LATENESS_GAIN)
+    finally:
+        _timer.configure("off")
+
+
 def test_an_unknown_compensation_mode_is_refused() -> None:
     with pytest.raises(ValueError, match="wake compensation 'always'"):
         _timer.configure("always")

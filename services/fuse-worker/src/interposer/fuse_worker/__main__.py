@@ -103,7 +103,7 @@ from ._worker import run
 @click.option("--wake-compensation", type=click.Choice(["off", "worker", "round-trip"]),
               default=DEFAULT_WAKE_COMPENSATION, show_default=True,
               help="Arm the timers of delays (not throttle waits) early by the measured wake-up "
-                   "lateness: the worker's own, or twice it to cover the application's wake-up too "
+                   "lateness: the worker's own, or also the application's wait for the reply "
                    "(floor-mode delays; add-mode ones take the worker's own only; see docs/layers.md).")
 @click.option("--policy-wait", "policy_wait_s", type=float, default=DEFAULT_POLICY_WAIT_S, show_default=True,
               help="With --nats-url: seconds to wait for the stored policy before mounting.")

@@ -199,7 +199,7 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
         wake_compensation: how early the timers of delays (both modes; not
             throttle waits) are armed to make up for late wake-ups (``layers._timer.WakeCompensation``): ``off``,
             ``worker`` (the worker's own measured lateness) or ``round-trip``
-            (twice it: also the application's wake-up when the reply arrives;
+            (also the application's wait for the reply, estimated from it;
             ``add`` delays take the worker's own part only).
         max_file_fds: most non-directory files the passthrough backend keeps an
             ``O_PATH`` fd of while the kernel knows them; past it the longest held

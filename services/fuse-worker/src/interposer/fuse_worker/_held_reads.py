@@ -109,7 +109,7 @@ class ReadReplier:
             # The wake compensation learns the timer's wake-up only: counted after the
             # write too, it doubled the write's cost ("round-trip") and brought the
             # replies of a 0.45 ms floor at QD1 in 5 % early (docs/benchmarks.md).
-            _timer.observe_wake(time.monotonic_ns() - op.reply_armed_ns)
+            _timer.observe_wake(time.monotonic_ns() - op.reply_armed_ns, op.reply_armed_ns)
             self.held_total += 1
         self._write(req, payload)
         left_ns = time.monotonic_ns()  # the lateness users see counts until the reply has left

@@ -61,6 +61,7 @@ from ._config import DEFAULT_BUSY_POLL_US
 from . import _spin
 from ._spin import callback_queued, spin_end_ns
 from .backends._offload import ThreadHop
+from .layers import _timer
 
 #: Requests a reader may take in a row without yielding to trio's scheduler.
 #: Each is served in ~30-60 µs here, so other tasks wait at most ~1 ms.
@@ -135,9 +136,11 @@ class LeanLowlevel(types.SimpleNamespace):
                 self._fd = fd
             if self._poller.poll(0) or (self._busy_poll_ns and self._busy_poll()):
                 self._budget -= 1
+                _timer.note_loop_busy()
                 return
         self._budget = MAX_REQUESTS_WITHOUT_YIELD
         await trio.lowlevel.wait_readable(fd)
+        _timer.note_loop_busy()
 
     def _busy_poll(self) -> bool:
         """Poll the device until a request is queued (True) or the window closes (False).

@@ -23,9 +23,9 @@ target (the mode below decides whether the application's wake-up counts), in
 without the delay too, so only the worker's own is compensated. Throttle waits
 are never shortened (a rate limit must not be exceeded).
 The application's thread pays the same kind of wake-up when the reply arrives
-after a long idle period, which the worker cannot see; the ``round-trip`` mode
-assumes it equals the worker's own (same machine, same idle states) and arms
-the timer early by twice the estimate. The worker chooses the mode
+after a long idle period, and its request may have queued for the worker, which
+the worker cannot see; the ``round-trip`` mode adds an estimate of that wait
+(:class:`WakeCompensation`). The worker chooses the mode
 (``--wake-compensation``); it never shortens a sleep by more than
 :data:`MAX_COMPENSATION_S`.
 """
@@ -53,6 +53,13 @@ _NS_PER_S = 1_000_000_000
 #: Weight of a new lateness sample in the running estimate: 1/8, the gain of TCP's
 #: smoothed round-trip time (RFC 6298, section 2).
 LATENESS_GAIN = 0.125
+#: The application's share of a ``round-trip`` lead is the worker's lateness, but at most this many
+#: times the wake-up of an idle thread: the application's wait (its request queued for the
+#: worker, its thread woken by the reply) grows with load like the worker's lateness, measured
+#: up to ~85 µs (``efs`` stats at 16 processes, idle wake-up ~63 µs), but not to the 300-440 µs
+#: a worker saturated by 59k writes/s resumed its fsyncs late (idle wake-up 57-79 µs), where a
+#: full share sent those fsyncs' replies ~0.23 ms early (docs/benchmarks.md).
+APPLICATION_WAKE_CAP = 2.0
 #: Most a sleep is shortened by, seconds: a lateness sample above this (a stall
 #: of the whole VM, a GC pause) says nothing about ordinary wake-ups.
 MAX_COMPENSATION_S = 0.001
@@ -61,13 +68,27 @@ MAX_COMPENSATION_S = 0.001
 class WakeCompensation:
     """How early to arm a timer so that the sleep, and the reply after it, end on time.
 
+    Two running estimates: how late the worker resumes after a timer, from every
+    sleep (its own lateness, compensated in full), and how late it resumes when
+    its event loop was idle at the deadline (the cost of waking an idle thread
+    and vCPU). The ``round-trip`` mode adds the application's wait, which the
+    worker cannot see, as its own lateness again but at most
+    :data:`APPLICATION_WAKE_CAP` idle wake-ups: under load the worker's lateness
+    grows with the work its loop is busy with when a timer is due, and one
+    saturated by 59k buffered writes/s resumed its delayed fsyncs a mean 300-440
+    µs late; counted twice, that sent the fsyncs' replies ~0.23 ms early (p50 2.47
+    ms against ``efs``'s 2.7 ms, docs/benchmarks.md), while below saturation (16
+    processes' lookups, 85 µs) the application's wait grew as much as the
+    worker's.
+
     Attributes:
         mode: ``off`` (arm for the full sleep), ``worker`` (early by the estimated
-            lateness of the worker's own wake-up) or ``round-trip`` (early by twice
-            that: the worker's wake-up and, assumed equal, the application's when
-            the reply reaches it).
-        lateness_s: running estimate of how late a timerfd wakes the worker,
+            lateness of the worker's own wake-up) or ``round-trip`` (early by that
+            and by the application's estimated wait for the reply, above).
+        lateness_s: running estimate of how late the worker resumes after a timer,
             seconds (an exponentially weighted mean, gain :data:`LATENESS_GAIN`).
+        idle_wake_s: the same, from the sleeps whose deadline found the event loop
+            idle (:func:`note_loop_busy` not called since), seconds.
     """
 
     FACTORS = {"off": 0.0, "worker": 1.0, "round-trip": 2.0}
@@ -78,6 +99,7 @@ class WakeCompensation:
         self.mode = mode
         self._factor = self.FACTORS[mode]
         self.lateness_s = 0.0
+        self.idle_wake_s = 0.0
 
     def lead_s(self, seconds: float, own_wake_only: bool = False) -> float:
         """How much earlier than ``seconds`` from now to arm the timer, seconds (< ``seconds``).
@@ -85,14 +107,22 @@ class WakeCompensation:
         ``own_wake_only``: the worker's own wake-up at most, never the application's
         (``round-trip`` counts like ``worker``).
         """
-        factor = min(self._factor, 1.0) if own_wake_only else self._factor
-        return min(factor * self.lateness_s, MAX_COMPENSATION_S, seconds * 0.5)
+        own = min(self._factor, 1.0) * self.lateness_s
+        application = 0.0 if own_wake_only else max(self._factor - 1.0, 0.0) * min(
+            self.lateness_s, APPLICATION_WAKE_CAP * self.idle_wake_s)
+        return min(own + application, MAX_COMPENSATION_S, seconds * 0.5)
 
-    def observe(self, late_s: float) -> None:
-        """Feed how late one armed timer woke the worker, seconds (negative = early)."""
+    def observe(self, late_s: float, idle: bool = True) -> None:
+        """Feed how late the worker resumed after one armed timer, seconds (negative = early).
+
+        ``idle``: the event loop had nothing else to do at the timer's deadline, so
+        the lateness is that of waking an idle thread.
+        """
         if self._factor:
             sample = min(max(late_s, 0.0), MAX_COMPENSATION_S)
             self.lateness_s += LATENESS_GAIN * (sample - self.lateness_s)
+            if idle:
+                self.idle_wake_s += LATENESS_GAIN * (sample - self.idle_wake_s)
 
 
 #: The worker's compensation (set once at start by ``configure``).
@@ -343,7 +373,7 @@ async def sleep(seconds: float, *, compensate: bool = False, own_wake_only: bool
     deadline_ns = start_ns + max(1, round(seconds * _NS_PER_S) - (lead_ns(seconds, own_wake_only) if compensate else 0))
     await queue.sleep_until(deadline_ns)
     woke_ns = time.monotonic_ns()
-    observe_wake(woke_ns - deadline_ns)
+    observe_wake(woke_ns - deadline_ns, deadline_ns)
     return max(0, woke_ns - start_ns - round(seconds * _NS_PER_S))
 
 
@@ -352,6 +382,25 @@ def lead_ns(seconds: float, own_wake_only: bool = False) -> int:
     return round(_compensation.lead_s(seconds, own_wake_only) * _NS_PER_S)
 
 
-def observe_wake(late_ns: int) -> None:
-    """Feed how late after its armed deadline a timer woke the worker, ns, to the wake compensation."""
-    _compensation.observe(late_ns / _NS_PER_S)
+#: When the event loop last took up work other than timers (a FUSE request), ``time.monotonic_ns()``.
+_loop_busy_ns = 0
+
+
+def note_loop_busy() -> None:
+    """Note that the event loop takes up a piece of work now (``_session_loop``: each FUSE request it reads).
+
+    A timer whose deadline passes after this and before it is served waited behind
+    that work: its lateness is the worker's own, not an idle wake-up's
+    (:class:`WakeCompensation`).
+    """
+    global _loop_busy_ns
+    _loop_busy_ns = time.monotonic_ns()
+
+
+def observe_wake(late_ns: int, deadline_ns: int | None = None) -> None:
+    """Feed how late after its armed deadline (``deadline_ns``, monotonic) the worker resumed, ns, to the wake compensation.
+
+    Without ``deadline_ns`` the sample counts as an idle wake-up.
+    """
+    idle = deadline_ns is None or _loop_busy_ns <= deadline_ns
+    _compensation.observe(late_ns / _NS_PER_S, idle)

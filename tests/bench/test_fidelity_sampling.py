@@ -1,0 +1,73 @@
+"""The fidelity bench's sampling ranges: an exact emulation's ratios fall inside them 95 % of the time.
+
+``bench/fidelity`` prints, beside each latency and IOPS ratio, the range a perfect
+emulation would show from the number of ops measured; a deviation inside it means
+the run was too short to tell. Here the "runs" are draws from the target
+distribution itself, so the only error is sampling: about 95 % of them must land
+inside the range the bench prints for their size.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+from interposer.fuse_worker.layers import quantile
+from interposer.proto.policy import FixedDistribution, LognormalDistribution
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench" / "fidelity"))
+from fidelity import Tally, sampling_range  # noqa: E402 - bench/fidelity/fidelity.py
+
+RUNS = 2000
+
+
+def _nearest_rank(sorted_draws: list[float], level: float) -> float:
+    return sorted_draws[max(0, math.ceil(level * len(sorted_draws)) - 1)]
+
+
+@pytest.mark.parametrize(("metric", "n"), [("p50", 441), ("p99", 441), ("p99", 5000), ("iops", 441)])
+def test_exact_runs_fall_inside_the_printed_range_95_percent_of_the_time(metric: str, n: int) -> None:
+    """s3's latency (log-normal, median 20 ms, σ 0.5) at queue depth 1 for 10 s: ~441 ops."""
+    dist = LognormalDistribution(median_s=0.020, sigma=0.5)
+    low, high = sampling_range(lambda level: quantile(dist, level), metric, n)
+    rng = random.Random(11)
+    target_p = {"p50": quantile(dist, 0.5), "p99": quantile(dist, 0.99)}
+    target_mean = 0.020 * math.exp(0.5 ** 2 / 2)
+    inside = 0
+    for _ in range(RUNS):
+        draws = sorted(rng.lognormvariate(math.log(0.020), 0.5) for _ in range(n))
+        if metric == "iops":  # IOPS = qd / mean latency: achieved / target = target mean / sample mean
+            ratio = target_mean / (sum(draws) / n)
+        else:
+            ratio = _nearest_rank(draws, 0.5 if metric == "p50" else 0.99) / target_p[metric]
+        inside += low <= ratio <= high
+    # 95 % nominal; the binomial spread of 2,000 runs is ±1.5 % (3 sigma), order statistics add a little
+    assert 0.925 <= inside / RUNS <= 0.975, (metric, n, low, high, inside / RUNS)
+
+
+def test_the_range_narrows_with_more_ops_and_vanishes_for_a_fixed_delay() -> None:
+    lognormal = LognormalDistribution(median_s=0.020, sigma=0.5)
+    short = sampling_range(lambda q: quantile(lognormal, q), "p99", 441)
+    long = sampling_range(lambda q: quantile(lognormal, q), "p99", 44_100)
+    assert short is not None and long is not None
+    assert short[0] < long[0] < 1.0 < long[1] < short[1]
+    fixed = FixedDistribution(delay_s=0.002)
+    assert sampling_range(lambda q: quantile(fixed, q), "p99", 441) == (1.0, 1.0)
+    assert sampling_range(lambda q: quantile(fixed, q), "p99", 0) is None  # nothing measured
+    assert sampling_range(lambda q: quantile(fixed, q), "bw", 441) is None  # not a latency quantile
+
+
+def test_the_summary_tells_a_miss_from_a_run_too_short_to_tell() -> None:
+    tally = Tally()
+    tally.add("on target", 1.04, None)
+    tally.add("off target", 1.14, (1.0, 1.0))
+    tally.add("too few ops", 0.86, (0.82, 1.19))
+    tally.add("no target", None, None)
+    report = tally.report()
+    assert report.splitlines()[0] == ("# 3 cells with a target: 1 within ±10%, 1 outside, 1 outside but within "
+                                      "what sampling alone gives (too few ops to tell)")
+    assert "#   outside: off target" in report and "#   too few ops: too few ops" in report
