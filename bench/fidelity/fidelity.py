@@ -29,7 +29,9 @@ layers (QD1 direct, measured first in the same run, printed as "service time");
 p99 adds the service p50 to the delay's p99.
 Where several limits apply the target is the tightest one: IOPS at most
 ``qd / mean latency`` (Little's law) and at most the throttle's; when a
-throttle binds, the p50 target is ``qd / IOPS`` and there is no p99 target.
+throttle binds, the *mean* latency's target is ``qd / IOPS`` (Little's law gives the
+mean, not a quantile: buffered sequential readers, most of whose reads the page
+cache answers, had p50s 0.87–0.91 of it) and there is no p50 or p99 target.
 A throttle's rate over a run of T seconds is its rate plus what its bucket holds
 at the start, over T (the ``st1`` credit bucket, 1 TiB, never empties in a run);
 requests are charged in the throttle's units (``max_io_bytes``, whole ones with
@@ -133,6 +135,8 @@ class Target:
     iops: float | None = None
     lat_p50_s: float | None = None
     lat_p99_s: float | None = None
+    #: mean latency, where only Little's law gives one (a throttle or a queue sets the rate)
+    lat_mean_s: float | None = None
     #: latency of the fsyncs of a workload that syncs every few writes (``Scenario.fsync_every``)
     sync_p50_s: float | None = None
     sync_p99_s: float | None = None
@@ -270,7 +274,7 @@ def targets_of(layers: list[dict], bs: int, qd: int, service: ServiceTime | None
     ``qd / mean delay`` (Little's law; the mean is the integral of the quantile
     function, so caps and probabilities count). Latency: the delay's p50/p99
     (summed over delay layers: exact for one, an upper bound for more), or
-    ``qd / IOPS`` when a throttle is what limits the rate. With an ``add``-mode
+    the mean latency ``qd / IOPS`` when a throttle is what limits the rate. With an ``add``-mode
     delay and ``service`` given, the service time is added once: its p50 to the
     p50 and p99, its mean to the mean. ``runtime_s``: the run, over which a
     bucket's contents add to its rate. ``sequential``: each job reads its file in order
@@ -310,7 +314,7 @@ def targets_of(layers: list[dict], bs: int, qd: int, service: ServiceTime | None
     if math.isinf(iops):
         return Target()
     if throttled < delayed:
-        return Target(bw_bytes_per_s=iops * bs, iops=iops, lat_p50_s=qd / iops)
+        return Target(bw_bytes_per_s=iops * bs, iops=iops, lat_mean_s=qd / iops)
     return Target(bw_bytes_per_s=iops * bs, iops=iops, lat_p50_s=p50, lat_p99_s=p99,
                   latency_quantile=lambda q: base + sum(_quantile_s(layer, q) for layer in delays))
 
@@ -323,13 +327,13 @@ def meta_target(layers: list[dict], op: str, qd: int) -> Target:
     the parent directory's lock for each (``open_last_lookups`` in fs/namei.c takes
     it exclusively for O_CREAT), on an NFS client as here, so one directory takes
     one create at a time: ``1 / mean``, and at ``qd`` > 1 the p50 is the queue,
-    ``qd / rate``, with no p99 target. No delay on ``op``: no target.
+    ``qd / rate``, a mean (Little's law), with no p50 or p99 target. No delay on ``op``: no target.
     """
     for layer in _acting_on(layers, op):
         if isinstance(layer, DelayLayer):
             mean = _mean_s(layer)
             if op == "create" and qd > 1:
-                return Target(iops=1 / mean, lat_p50_s=qd * mean)
+                return Target(iops=1 / mean, lat_mean_s=qd * mean)
             return Target(iops=qd / mean, lat_p50_s=_quantile_s(layer, P50), lat_p99_s=_quantile_s(layer, P99),
                           latency_quantile=_quantile_fn(layer))
     return Target()
@@ -651,6 +655,11 @@ def _row(name: str, qd: int, direct: bool | None, metric: str, want: float | Non
     return row
 
 
+def _mean_row(target: Target, got: dict) -> list[tuple[str, float | None, float, str]]:
+    """The ``mean`` latency row, for targets that have one (:attr:`Target.lat_mean_s`)."""
+    return [("mean", target.lat_mean_s, got["mean"], "s")] if target.lat_mean_s is not None else []
+
+
 def _spread(target: Target, metric: str, got: dict) -> tuple[float, float] | None:
     """The sampling range of ``metric``'s ratio for ``got`` (:func:`sampling_range`); None without a random target."""
     if target.latency_quantile is None or metric not in ("bw", "iops", "p50", "p99", "sync50", "sync99"):
@@ -729,7 +738,7 @@ def _run_meta(scenario: Scenario, qds: list[int], work: Path, worker_flags: tupl
         for qd in qds:
             got = run_fio_meta(mount.mountpoint, scenario, qd, files_per_job[qd])
             target = scenario.target(qd, 0.0)
-            for metric, want, have, unit in (("iops", target.iops, got["iops"], ""),
+            for metric, want, have, unit in (("iops", target.iops, got["iops"], ""), *_mean_row(target, got),
                                              ("p50", target.lat_p50_s, got["p50"], "s"),
                                              ("p99", target.lat_p99_s, got["p99"], "s")):
                 print(_row(scenario.name, qd, None, metric, want, have, unit, _spread(target, metric, got), tally),
@@ -757,7 +766,8 @@ def _run_modes(scenario: Scenario, modes: list[tuple[int, bool]], work: Path, ru
                 if machine_bw < (target.bw_bytes_per_s or math.inf):
                     target = Target(bw_bytes_per_s=machine_bw)  # what this machine moves, not the limit
             rows = [("bw", target.bw_bytes_per_s, got["bw"], "B/s"), ("iops", target.iops, got["iops"], ""),
-                    ("p50", target.lat_p50_s, got["p50"], "s"), ("p99", target.lat_p99_s, got["p99"], "s")]
+                    *_mean_row(target, got), ("p50", target.lat_p50_s, got["p50"], "s"),
+                    ("p99", target.lat_p99_s, got["p99"], "s")]
             if "sync50" in got:
                 rows += [("sync50", target.sync_p50_s, got["sync50"], "s"),
                          ("sync99", target.sync_p99_s, got["sync99"], "s")]
