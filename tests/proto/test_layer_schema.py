@@ -112,6 +112,13 @@ def test_delay_s_still_means_a_fixed_delay() -> None:
     ({"type": "throttle", "rate_bytes_per_s": 10, "read_charge": 0}, "$.layers[0].read_charge"),
     ({"type": "profile", "name": "pd-standard", "size_gib": 0}, "$.layers[0].size_gib"),
     ({"type": "profile", "name": "s3", "iops": 5500}, "field `iops`: profile 's3' takes `rate_bytes_per_s`"),
+    ({"type": "profile", "name": "pd-balanced", "size_gib": 5}, "field `size_gib`: 5 is outside 10..65,536"),
+    ({"type": "profile", "name": "pd-ssd", "iops": 10000}, "field `iops`: profile 'pd-ssd' takes `size_gib`"),
+    ({"type": "profile", "name": "premium-ssd-v2", "iops": 100000}, "field `iops`: 100,000 is outside 3,000..80,000"),
+    ({"type": "profile", "name": "premium-ssd-v2", "iops": 20000, "size_gib": 20},
+     "field `iops`: 20,000 is outside 3,000..10,000 (a 20 GiB Premium SSD v2 takes at most 500 IOPS per GiB"),
+    ({"type": "profile", "name": "premium-ssd-v2", "rate_bytes_per_s": 800_000_000},
+     "field `rate_bytes_per_s`: 800,000,000 is outside 125,000,000..750,000,000"),
     ({"type": "delay", "delay_s": 0.1, "page_cache": "warm"}, "$.layers[0].page_cache"),
     ({"type": "fault", "kind": "short_read", "page_cache": "keep"}, "field `page_cache`: kind 'short_read'"),
     ({"type": "fault", "kind": "short_write", "page_cache": "keep"}, "field `page_cache`: kind 'short_write'"),
@@ -200,6 +207,15 @@ def test_a_profile_is_sized_by_its_published_rules() -> None:
         (both, None, 500 * mib, 0), (both, None, 200 * mib, 0), (both, None, 100 * mib, int(4.2 * 1024 * gib))]
     assert _limits({"type": "profile", "name": "efs", "rate_bytes_per_s": 64 * mib}) == [
         (both, None, 500 * mib, 0), (both, None, 64 * mib, 0)]
+    # pd-balanced / pd-ssd: a baseline plus a share per GiB; one IOPS budget, the throughput limit each way
+    assert _limits({"type": "profile", "name": "pd-balanced", "size_gib": 100}) == [
+        (both, 3600, None, 0), (reads, None, 168 * mib, 0), (writes, None, 168 * mib, 0)]
+    assert _limits({"type": "profile", "name": "pd-ssd", "size_gib": 500}) == [
+        (both, 21000, None, 0), (reads, None, 480 * mib, 0), (writes, None, 480 * mib, 0)]
+    # Premium SSD v2: 3,000 IOPS and 125 MB/s included; up to 0.25 MB/s per provisioned IOPS
+    assert _limits({"type": "profile", "name": "premium-ssd-v2"}) == [(both, 3000, 125_000_000, 0)]
+    assert _limits({"type": "profile", "name": "premium-ssd-v2", "iops": 12000, "size_gib": 24,
+                    "rate_bytes_per_s": 2_000_000_000}) == [(both, 12000, 2_000_000_000, 0)]
     # S3 through Mountpoint: the client's network throughput (10 Gbit/s unless given)
     assert _limits({"type": "profile", "name": "s3"}) == [(both, None, 1_250_000_000, 0)]
     assert _limits({"type": "profile", "name": "s3-express", "rate_bytes_per_s": 25 * 10**8 // 8}) == [

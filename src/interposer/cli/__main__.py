@@ -525,10 +525,11 @@ def profiles(as_json: bool) -> None:
     if as_json:
         click.echo(msgspec.json.format(msgspec.json.encode(list(PROFILES.values())), indent=2).decode())
         return
+    width = max(len(name) for name in PROFILES)
     for profile in PROFILES.values():
-        click.echo(f"{profile.name:<12} {profile.summary}\n{'':<12} source: {profile.source}")
+        click.echo(f"{profile.name:<{width}} {profile.summary}\n{'':<{width}} source: {profile.source}")
         for field, meaning in profile.parameters.items():
-            click.echo(f"{'':<12} sizing: {field}: {meaning}")
+            click.echo(f"{'':<{width}} sizing: {field}: {meaning}")
         click.echo()
 
 

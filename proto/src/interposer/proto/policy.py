@@ -584,13 +584,14 @@ class ProfileLayer(_Layer, tag="profile", kw_only=True):
     layer's ``ops``, ``path_glob`` and expiry apply to every expanded layer.
 
     Attributes:
-        name: profile name (``gp3``, ``gp2``, ``io2``, ``st1``, ``pd-standard``, ``efs``, ``wan-nfs``,
-            ``s3``, ``s3-express``, ``hdd-7200``).
+        name: profile name (``gp3``, ``gp2``, ``io2``, ``st1``, ``pd-standard``, ``pd-balanced``,
+            ``pd-ssd``, ``premium-ssd-v2``, ``efs``, ``wan-nfs``, ``s3``, ``s3-express``, ``hdd-7200``).
         size_gib: volume size, GiB, for profiles whose limits scale with it (``gp2``,
-            ``st1``, ``pd-standard``; ``efs``: the data stored, which selects Bursting
-            throughput); ``None`` = the profile's default.
-        iops: provisioned IOPS (``gp3``, ``io2``); ``None`` = the profile's default.
-        rate_bytes_per_s: provisioned throughput (``gp3``; ``efs``: selects
+            ``st1``, ``pd-standard``, ``pd-balanced``, ``pd-ssd``; ``premium-ssd-v2``: bounds
+            its IOPS; ``efs``: the data stored, which selects Bursting throughput);
+            ``None`` = the profile's default.
+        iops: provisioned IOPS (``gp3``, ``io2``, ``premium-ssd-v2``); ``None`` = the profile's default.
+        rate_bytes_per_s: provisioned throughput (``gp3``, ``premium-ssd-v2``; ``efs``: selects
             Provisioned throughput) or link bandwidth (``wan-nfs``, ``s3``, ``s3-express``), bytes/s;
             ``None`` = the profile's default.
         burst_balance: how full the burst bucket is, 0..1, at the first I/O

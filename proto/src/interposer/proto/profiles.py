@@ -256,6 +256,42 @@ def _pd_standard(sizing: Sizing) -> tuple[Layer, ...]:
     )
 
 
+def _gcp_ssd_builder(baseline_iops: int, baseline_mib_s: int, iops_per_gib: int, mib_s_per_gib: float) -> _Builder:
+    """A GCP SSD-backed Persistent Disk: a baseline plus a share per GiB (Compute Engine, Persistent Disk performance)."""
+
+    def build(sizing: Sizing) -> tuple[Layer, ...]:
+        size = _in_range("size_gib", sizing.size_gib or 1024, 10, 65536, "SSD persistent disks are 10 GiB to 64 TiB")
+        rate = int((baseline_mib_s + mib_s_per_gib * size) * MIB)
+        return (
+            # reads and writes draw on one IOPS budget, but each may reach the throughput limit at once
+            ThrottleLayer(iops=baseline_iops + iops_per_gib * size),
+            ThrottleLayer(ops=frozenset({"read"}), rate_bytes_per_s=rate),
+            ThrottleLayer(ops=frozenset({"write"}), rate_bytes_per_s=rate),
+            _sub_millisecond_latency(),
+        )
+
+    return build
+
+
+def _sub_millisecond_latency() -> DelayLayer:
+    """A network SSD 'designed for sub-millisecond latencies': log-normal, median 0.8 ms, sigma 0.3, a floor."""
+    return DelayLayer(ops=frozenset({"read", "write"}), mode="floor",
+                      distribution=LognormalDistribution(median_s=0.0008, sigma=0.3))
+
+
+def _premium_ssd_v2(sizing: Sizing) -> tuple[Layer, ...]:
+    iops = _in_range("iops", sizing.iops or 3000, 3000, 80000,
+                     "Premium SSD v2 includes 3,000 IOPS; up to 80,000 may be provisioned")
+    if sizing.size_gib is not None:
+        size = _in_range("size_gib", sizing.size_gib, 1, 65536, "Premium SSD v2 disks are 1 GiB to 64 TiB")
+        most = 3000 if size <= 6 else min(500 * size, 80000)
+        _in_range("iops", iops, 3000, most, f"a {size:,} GiB Premium SSD v2 takes at most 500 IOPS per GiB above 6 GiB")
+    most_rate = min(max(125, iops // 4), 2000) * MB  # 0.25 MB/s per provisioned IOPS, 2,000 MB/s at most
+    rate = _in_range("rate_bytes_per_s", sizing.rate_bytes_per_s or 125 * MB, 125 * MB, most_rate,
+                     f"Premium SSD v2 includes 125 MB/s; {iops:,} IOPS allow up to 0.25 MB/s each")
+    return (ThrottleLayer(iops=iops, rate_bytes_per_s=rate), _sub_millisecond_latency())
+
+
 def _wan_nfs(sizing: Sizing) -> tuple[Layer, ...]:
     return (
         ThrottleLayer(rate_bytes_per_s=sizing.rate_bytes_per_s or 100_000_000 // 8),
@@ -366,6 +402,60 @@ _PROFILES_AND_BUILDERS = (
         parameters={
             "size_gib": "disk size, 10..65536 GiB (default 1024): 0.75 read and 1.5 write IOPS and 0.12 MiB/s "
                         "per GiB; the per-VM caps (by machine type and vCPUs) are not applied",
+        },
+    ),
+    _profile(
+        _gcp_ssd_builder(3000, 140, 6, 0.28),
+        name="pd-balanced",
+        summary="GCP pd-balanced (the console's default disk), 1 TiB: 9,144 IOPS, 427 MiB/s; sub-millisecond latency",
+        source=(
+            "Google Cloud, 'About Persistent Disk performance' (https://cloud.google.com/compute/docs/disks/"
+            "performance): Balanced PD 6 read and 6 write IOPS per GiB, 0.28 MiB/s per GiB, a baseline of "
+            "3,000 IOPS and 140 MiB/s that the per-GiB share adds to (as Google's gcpdiag computes it: "
+            "github.com/GoogleCloudPlatform/gcpdiag, runbook gce/disk_performance_benchmark), 'designed for "
+            "sub-millisecond latencies'; 'Optimize Persistent Disk performance', 'Simultaneous reads and "
+            "writes': SSD persistent disks reach their throughput limit for reads and writes at once, not "
+            "their IOPS limit (one IOPS budget, a throughput limit each way); a 1024 GiB disk; latency "
+            "modelled as log-normal, median 0.8 ms, sigma 0.3 (an assumption within 'sub-millisecond'), a "
+            "floor; no I/O unit is published, so a request counts as one I/O whatever its size"
+        ),
+        parameters={
+            "size_gib": "disk size, 10..65536 GiB (default 1024): 3,000 IOPS and 140 MiB/s plus 6 IOPS and "
+                        "0.28 MiB/s per GiB; the per-VM caps (by machine type and vCPUs) are not applied",
+        },
+    ),
+    _profile(
+        _gcp_ssd_builder(6000, 240, 30, 0.48),
+        name="pd-ssd",
+        summary="GCP pd-ssd (performance SSD), 1 TiB: 36,720 IOPS, 732 MiB/s; sub-millisecond latency",
+        source=(
+            "Google Cloud, 'About Persistent Disk performance' (https://cloud.google.com/compute/docs/disks/"
+            "performance): SSD PD 30 read and 30 write IOPS per GiB, 0.48 MiB/s per GiB, on top of a baseline "
+            "of 6,000 IOPS and 240 MiB/s, 'designed for sub-millisecond latencies'; reads and writes as in "
+            "pd-balanced; a 1024 GiB disk; latency as pd-balanced's"
+        ),
+        parameters={
+            "size_gib": "disk size, 10..65536 GiB (default 1024): 6,000 IOPS and 240 MiB/s plus 30 IOPS and "
+                        "0.48 MiB/s per GiB; the per-VM caps (by machine type and vCPUs) are not applied",
+        },
+    ),
+    _profile(
+        _premium_ssd_v2,
+        name="premium-ssd-v2",
+        summary="Azure Premium SSD v2 at its included performance: 3,000 IOPS, 125 MB/s; sub-millisecond latency",
+        source=(
+            "Microsoft Learn, 'Azure managed disk types', Premium SSD v2 (https://learn.microsoft.com/azure/"
+            "virtual-machines/disks-types#premium-ssd-v2): a baseline of 3,000 IOPS and 125 MB/s at any size, "
+            "free of charge; up to 500 IOPS per GiB above 6 GiB, at most 80,000; throughput up to 0.25 MB/s "
+            "per provisioned IOPS, at most 2,000 MB/s; 1 GiB to 64 TiB; 'designed to provide submillisecond "
+            "latency', provisioned performance met 99.9 % of the time; no bursting. MB = 10^6 bytes. Latency "
+            "as pd-balanced's (an assumption within 'submillisecond'), a floor"
+        ),
+        parameters={
+            "iops": "provisioned IOPS, 3000..80000 (default 3000); with size_gib, at most 500 per GiB above 6 GiB",
+            "rate_bytes_per_s": "provisioned throughput, 125 MB/s up to 0.25 MB/s per provisioned IOPS and "
+                                "2,000 MB/s (default 125,000,000)",
+            "size_gib": "disk size, 1..65536 GiB: only checks the IOPS asked for (default: not checked)",
         },
     ),
     _profile(
