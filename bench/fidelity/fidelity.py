@@ -387,6 +387,9 @@ def scenarios() -> list[Scenario]:
     out += [Scenario("profile-gp3-6000iops", [{"type": "profile", "name": "gp3", "iops": 6000}])]
     # gp2 whose 5.4 million I/O credits were spent: its 300 IOPS baseline
     out += [Scenario("profile-gp2-drained", [{"type": "profile", "name": "gp2", "burst_balance": 0}], remount=True)]
+    # Azure Premium SSD P10 whose burst credits were spent: its provisioned 500 IOPS
+    out += [Scenario("profile-premium-ssd-drained", [{"type": "profile", "name": "premium-ssd", "burst_balance": 0}],
+                     remount=True)]
     # disks stream what they read in order: no positioning delay, the transfer rate (st1: burst while credits last)
     out += [Scenario(f"profile-{name}-seq", [{"type": "profile", "name": name}], rw="read", bs=MIB)
             for name in ("hdd-7200", "st1")]
@@ -604,7 +607,7 @@ def _fmt(value: float | None, unit: str) -> str:
     return f"{value:.0f}"
 
 
-HEADER = (f"{'scenario':<24} {'qd':>2} {'io':<8} {'metric':<6} {'target':>12} {'achieved':>12} {'ratio':>6} "
+HEADER = (f"{'scenario':<27} {'qd':>2} {'io':<8} {'metric':<6} {'target':>12} {'achieved':>12} {'ratio':>6} "
           f"{'exact 95%':>11}")
 #: Printed at the top of the table: what the last column means.
 RANGE_NOTE = ("# exact 95%: where the ratio of an exact emulation falls 95 % of the time from this many ops "
@@ -648,7 +651,7 @@ def _row(name: str, qd: int, direct: bool | None, metric: str, want: float | Non
     ratio = have / want if want else None
     io = "-" if direct is None else "direct" if direct else "buffered"
     shown = "-" if spread is None else f"{spread[0]:.2f}-{spread[1]:.2f}" if spread[1] < 100 else f">={spread[0]:.2f}"
-    row = (f"{name:<24} {qd:>2} {io:<8} {metric:<6} {_fmt(want, unit):>12} {_fmt(have, unit):>12} "
+    row = (f"{name:<27} {qd:>2} {io:<8} {metric:<6} {_fmt(want, unit):>12} {_fmt(have, unit):>12} "
            f"{'-' if ratio is None else f'{ratio:.2f}':>6} {shown:>11}")
     if tally is not None:
         tally.add(row, ratio, spread)

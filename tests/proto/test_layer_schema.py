@@ -113,6 +113,9 @@ def test_delay_s_still_means_a_fixed_delay() -> None:
     ({"type": "profile", "name": "pd-standard", "size_gib": 0}, "$.layers[0].size_gib"),
     ({"type": "profile", "name": "s3", "iops": 5500}, "field `iops`: profile 's3' takes `rate_bytes_per_s`"),
     ({"type": "profile", "name": "pd-balanced", "size_gib": 5}, "field `size_gib`: 5 is outside 10..65,536"),
+    ({"type": "profile", "name": "premium-ssd", "size_gib": 4096}, "field `size_gib`: 4,096 is outside 1..2,048"),
+    ({"type": "profile", "name": "premium-ssd", "size_gib": 1000, "burst_balance": 0},
+     "field `burst_balance`: a 1,000 GiB disk is a P30, and credit bursting is for P20 (512 GiB) and smaller"),
     ({"type": "profile", "name": "pd-ssd", "iops": 10000}, "field `iops`: profile 'pd-ssd' takes `size_gib`"),
     ({"type": "profile", "name": "premium-ssd-v2", "iops": 100000}, "field `iops`: 100,000 is outside 3,000..80,000"),
     ({"type": "profile", "name": "premium-ssd-v2", "iops": 20000, "size_gib": 20},
@@ -212,6 +215,13 @@ def test_a_profile_is_sized_by_its_published_rules() -> None:
         (both, 3600, None, 0), (reads, None, 168 * mib, 0), (writes, None, 168 * mib, 0)]
     assert _limits({"type": "profile", "name": "pd-ssd", "size_gib": 500}) == [
         (both, 21000, None, 0), (reads, None, 480 * mib, 0), (writes, None, 480 * mib, 0)]
+    # Premium SSD: the tier holding the disk; P20 and smaller burst on credits for 30 minutes (256 KiB units)
+    assert _limits({"type": "profile", "name": "premium-ssd", "size_gib": 300}) == [  # a P20
+        (both, 3500, 170_000_000, 0), (both, 2300, None, 0), (both, None, 150_000_000, 20 * 10**6 * 1800)]
+    p20_credits = [t for t in expand_profile(_one({"type": "profile", "name": "premium-ssd", "size_gib": 300,
+                                                   "burst_balance": 0.5})) if isinstance(t, ThrottleLayer)][1]
+    assert (p20_credits.burst_ops, p20_credits.burst_balance, p20_credits.max_io_bytes) == (1200 * 1800, 0.5, 256 << 10)
+    assert _limits({"type": "profile", "name": "premium-ssd", "size_gib": 1024}) == [(both, 5000, 200_000_000, 0)]
     # Premium SSD v2: 3,000 IOPS and 125 MB/s included; up to 0.25 MB/s per provisioned IOPS
     assert _limits({"type": "profile", "name": "premium-ssd-v2"}) == [(both, 3000, 125_000_000, 0)]
     assert _limits({"type": "profile", "name": "premium-ssd-v2", "iops": 12000, "size_gib": 24,

@@ -260,7 +260,7 @@ def test_device_profiles_use_floor_and_the_wan_profile_adds() -> None:
              for name in PROFILES}
     assert modes == {"gp3": {"floor"}, "gp2": {"floor"}, "io2": {"floor"}, "st1": {"floor"},
                      "pd-standard": {"floor"}, "pd-balanced": {"floor"}, "pd-ssd": {"floor"},
-                     "premium-ssd-v2": {"floor"}, "efs": {"floor"}, "s3": {"floor"}, "s3-express": {"floor"},
+                     "premium-ssd": {"floor"}, "premium-ssd-v2": {"floor"}, "efs": {"floor"}, "s3": {"floor"}, "s3-express": {"floor"},
                      "hdd-7200": {"floor"}, "wan-nfs": {"add"}}
 
 

@@ -585,9 +585,10 @@ class ProfileLayer(_Layer, tag="profile", kw_only=True):
 
     Attributes:
         name: profile name (``gp3``, ``gp2``, ``io2``, ``st1``, ``pd-standard``, ``pd-balanced``,
-            ``pd-ssd``, ``premium-ssd-v2``, ``efs``, ``wan-nfs``, ``s3``, ``s3-express``, ``hdd-7200``).
+            ``pd-ssd``, ``premium-ssd``, ``premium-ssd-v2``, ``efs``, ``wan-nfs``, ``s3``, ``s3-express``,
+            ``hdd-7200``).
         size_gib: volume size, GiB, for profiles whose limits scale with it (``gp2``,
-            ``st1``, ``pd-standard``, ``pd-balanced``, ``pd-ssd``; ``premium-ssd-v2``: bounds
+            ``st1``, ``pd-standard``, ``pd-balanced``, ``pd-ssd``, ``premium-ssd``; ``premium-ssd-v2``: bounds
             its IOPS; ``efs``: the data stored, which selects Bursting throughput);
             ``None`` = the profile's default.
         iops: provisioned IOPS (``gp3``, ``io2``, ``premium-ssd-v2``); ``None`` = the profile's default.
@@ -595,7 +596,8 @@ class ProfileLayer(_Layer, tag="profile", kw_only=True):
             Provisioned throughput) or link bandwidth (``wan-nfs``, ``s3``, ``s3-express``), bytes/s;
             ``None`` = the profile's default.
         burst_balance: how full the burst bucket is, 0..1, at the first I/O
-            (``gp2``, ``st1``, ``efs`` with ``size_gib``); ``None`` = full, as a new volume.
+            (``gp2``, ``st1``, ``premium-ssd`` up to P20, ``efs`` with ``size_gib``); ``None`` = full, as a
+            new volume.
 
     A sizing field the profile does not take, or a value outside its published
     range (``interposer profiles`` lists both), is an error naming the field.

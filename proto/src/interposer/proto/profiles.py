@@ -129,7 +129,8 @@ def _gp2(sizing: Sizing) -> tuple[Layer, ...]:
 
 
 def _ssd_latency() -> DelayLayer:
-    """EBS SSD volumes' 'single-digit millisecond' latency: log-normal, median 1 ms, sigma 0.3, a floor."""
+    """A network SSD's 'single-digit millisecond' latency (EBS gp2/gp3, Azure Premium SSD): log-normal, median 1 ms,
+    sigma 0.3, a floor."""
     return DelayLayer(ops=frozenset({"read", "write"}), mode="floor",
                       distribution=LognormalDistribution(median_s=0.001, sigma=0.3))
 
@@ -292,6 +293,50 @@ def _premium_ssd_v2(sizing: Sizing) -> tuple[Layer, ...]:
     return (ThrottleLayer(iops=iops, rate_bytes_per_s=rate), _sub_millisecond_latency())
 
 
+class _PremiumSsdTier(typing.NamedTuple):
+    name: str
+    size_gib: int
+    iops: int
+    mb_per_s: int
+    burst_iops: int  # with credit bursting (P20 and smaller); = iops above
+    burst_mb_per_s: int
+
+
+#: Azure Premium SSD (v1) performance tiers up to P40: a disk gets the smallest tier that holds it.
+_PREMIUM_SSD_TIERS = (
+    _PremiumSsdTier("P1", 4, 120, 25, 3500, 170), _PremiumSsdTier("P2", 8, 120, 25, 3500, 170),
+    _PremiumSsdTier("P3", 16, 120, 25, 3500, 170), _PremiumSsdTier("P4", 32, 120, 25, 3500, 170),
+    _PremiumSsdTier("P6", 64, 240, 50, 3500, 170), _PremiumSsdTier("P10", 128, 500, 100, 3500, 170),
+    _PremiumSsdTier("P15", 256, 1100, 125, 3500, 170), _PremiumSsdTier("P20", 512, 2300, 150, 3500, 170),
+    _PremiumSsdTier("P30", 1024, 5000, 200, 5000, 200), _PremiumSsdTier("P40", 2048, 7500, 250, 7500, 250),
+)
+#: Azure's credit bursting: a full bucket sustains the burst rate for 30 minutes.
+_AZURE_BURST_S = 30 * 60
+
+
+def _premium_ssd(sizing: Sizing) -> tuple[Layer, ...]:
+    size = _in_range("size_gib", sizing.size_gib or 128, 1, 2048,
+                     "Premium SSD tiers P1 to P40 are modelled (the tiers above 2 TiB are not)")
+    tier = next(t for t in _PREMIUM_SSD_TIERS if size <= t.size_gib)
+    if tier.burst_iops == tier.iops:
+        if sizing.burst_balance is not None:
+            raise ValueError(f"field `burst_balance`: a {size:,} GiB disk is a {tier.name}, and credit bursting "
+                             "is for P20 (512 GiB) and smaller")
+        return (ThrottleLayer(iops=tier.iops, rate_bytes_per_s=tier.mb_per_s * MB, max_io_bytes=256 * KIB),
+                _ssd_latency())
+    return (
+        # while credits last: the burst rate
+        ThrottleLayer(iops=tier.burst_iops, rate_bytes_per_s=tier.burst_mb_per_s * MB, max_io_bytes=256 * KIB),
+        # the credits, I/Os and bytes apart: 30 minutes at the burst rate, earned below the provisioned rate
+        ThrottleLayer(iops=tier.iops, burst_ops=(tier.burst_iops - tier.iops) * _AZURE_BURST_S,
+                      burst_balance=sizing.balance, max_io_bytes=256 * KIB),
+        ThrottleLayer(rate_bytes_per_s=tier.mb_per_s * MB,
+                      burst_bytes=(tier.burst_mb_per_s - tier.mb_per_s) * MB * _AZURE_BURST_S,
+                      burst_balance=sizing.balance),
+        _ssd_latency(),
+    )
+
+
 def _wan_nfs(sizing: Sizing) -> tuple[Layer, ...]:
     return (
         ThrottleLayer(rate_bytes_per_s=sizing.rate_bytes_per_s or 100_000_000 // 8),
@@ -437,6 +482,30 @@ _PROFILES_AND_BUILDERS = (
         parameters={
             "size_gib": "disk size, 10..65536 GiB (default 1024): 6,000 IOPS and 240 MiB/s plus 30 IOPS and "
                         "0.48 MiB/s per GiB; the per-VM caps (by machine type and vCPUs) are not applied",
+        },
+    ),
+    _profile(
+        _premium_ssd,
+        name="premium-ssd",
+        summary="Azure Premium SSD P10 (128 GiB): 500 IOPS, 100 MB/s, bursting to 3,500 IOPS and 170 MB/s for "
+                "30 minutes on credits; ~1 ms latency",
+        source=(
+            "Microsoft Learn, 'Azure managed disk types', Premium SSD sizes (https://learn.microsoft.com/azure/"
+            "virtual-machines/disks-types#premium-ssds): per tier, provisioned IOPS and MB/s, P1-P4 (4-32 GiB) "
+            "120 and 25, P6 (64) 240 and 50, P10 (128) 500 and 100, P15 (256) 1,100 and 125, P20 (512) 2,300 "
+            "and 150, P30 (1 TiB) 5,000 and 200, P40 (2 TiB) 7,500 and 250; a disk gets the smallest tier that "
+            "holds it; 'single-digit millisecond latencies'; an I/O of up to 256 KiB counts once, a larger one "
+            "as several of 256 KiB. 'Managed disk bursting' (https://learn.microsoft.com/azure/virtual-machines/"
+            "disk-bursting): P20 and smaller burst on credits to 3,500 IOPS and 170 MB/s, a new disk starting "
+            "with a full bucket that lasts up to 30 minutes at the burst rate, credits earned while below the "
+            "provisioned rate, IOPS and throughput credits apart (the bucket size, 30 minutes of burst above "
+            "the provisioned rate, is inferred); on-demand bursting (P30 and up, paid) is not modelled. MB = "
+            "10^6 bytes. Latency as gp3's"
+        ),
+        parameters={
+            "size_gib": "disk size, 1..2048 GiB (default 128: P10), rounded up to its tier P1..P40",
+            "burst_balance": "P20 and smaller: how full the credit buckets are at the first I/O, 0..1 (default 1: "
+                             "a new disk; 0: drained, the disk runs at its provisioned rate)",
         },
     ),
     _profile(
