@@ -28,7 +28,9 @@ service time: the p50 and mean of 4 KiB random reads through a mount with no
 layers (QD1 direct, measured first in the same run, printed as "service time");
 p99 adds the service p50 to the delay's p99.
 Where several limits apply the target is the tightest one: IOPS at most
-``qd / mean latency`` (Little's law) and at most the throttle's; when a
+``qd / (mean latency + think time)`` (the response time law; the think time, what
+each job spends between its ops, is taken from the run: :func:`with_think_time`)
+and at most the throttle's; when a
 throttle binds, the *mean* latency's target is ``qd / IOPS`` (Little's law gives the
 mean, not a quantile: buffered sequential readers, most of whose reads the page
 cache answers, had p50s 0.87–0.91 of it) and there is no p50 or p99 target.
@@ -70,6 +72,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import fnmatch
 import json
 import math
@@ -658,6 +661,28 @@ def _row(name: str, qd: int, direct: bool | None, metric: str, want: float | Non
     return row
 
 
+def with_think_time(target: Target, qd: int, got: dict) -> Target:
+    """``target`` with a delay-bound rate lowered by the time each job spends between its ops.
+
+    ``qd`` jobs each issue one op after the other, so by the response time law
+    (``N = X (R + Z)``: Denning & Buzen, "The Operational Analysis of Queueing
+    Network Models", ACM Computing Surveys 10(3), 1978) a job's cycle is the op's
+    latency ``R`` plus its think time ``Z`` between ops, which the run gives:
+    ``Z = qd / X - R`` from the achieved rate ``X`` and mean latency ``R``. The
+    application spends ``Z`` with any storage (fio's own work, ~µs; a Python
+    ``stat`` loop's, tens of µs: 3-5 % of a 1 ms target), so the rate a storage
+    with the target latency gives it is ``qd / (mean target + Z)``. Only where a
+    delay sets the rate (``Target.latency_quantile``); a throttle's rate is its own.
+    """
+    if target.iops is None or target.latency_quantile is None or not got.get("iops"):
+        return target
+    think_s = max(0.0, qd / got["iops"] - got["mean"])
+    iops = qd / (qd / target.iops + think_s)
+    scale = iops / target.iops
+    bw = None if target.bw_bytes_per_s is None else target.bw_bytes_per_s * scale
+    return dataclasses.replace(target, iops=iops, bw_bytes_per_s=bw)
+
+
 def _mean_row(target: Target, got: dict) -> list[tuple[str, float | None, float, str]]:
     """The ``mean`` latency row, for targets that have one (:attr:`Target.lat_mean_s`)."""
     return [("mean", target.lat_mean_s, got["mean"], "s")] if target.lat_mean_s is not None else []
@@ -740,7 +765,7 @@ def _run_meta(scenario: Scenario, qds: list[int], work: Path, worker_flags: tupl
     with Mount(work / "backing", work / "mnt", scenario.layers, worker_flags) as mount:
         for qd in qds:
             got = run_fio_meta(mount.mountpoint, scenario, qd, files_per_job[qd])
-            target = scenario.target(qd, 0.0)
+            target = with_think_time(scenario.target(qd, 0.0), qd, got)
             for metric, want, have, unit in (("iops", target.iops, got["iops"], ""), *_mean_row(target, got),
                                              ("p50", target.lat_p50_s, got["p50"], "s"),
                                              ("p99", target.lat_p99_s, got["p99"], "s")):
@@ -759,7 +784,8 @@ def _run_modes(scenario: Scenario, modes: list[tuple[int, bool]], work: Path, ru
             trace = FuseRequestTrace(mount.mountpoint) if fuse_trace else None
             with trace or contextlib.nullcontext():
                 got = run_fio(mount.mountpoint, scenario, qd, direct, runtime_s, file_bytes, aio)
-            target = scenario.target(qd, runtime_s, service if has_added_delay(scenario.layers) else None, direct)
+            target = with_think_time(
+                scenario.target(qd, runtime_s, service if has_added_delay(scenario.layers) else None, direct), qd, got)
             if scenario.name == "bare":
                 bare_bw[(qd, direct)] = got["bw"]
             elif scenario.name == "noop-stack":

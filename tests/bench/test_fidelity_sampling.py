@@ -20,7 +20,7 @@ from interposer.fuse_worker.layers import quantile
 from interposer.proto.policy import FixedDistribution, LognormalDistribution
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench" / "fidelity"))
-from fidelity import Tally, sampling_range  # noqa: E402 - bench/fidelity/fidelity.py
+from fidelity import Tally, Target, sampling_range, with_think_time  # noqa: E402 - bench/fidelity/fidelity.py
 
 RUNS = 2000
 
@@ -71,3 +71,19 @@ def test_the_summary_tells_a_miss_from_a_run_too_short_to_tell() -> None:
     assert report.splitlines()[0] == ("# 3 cells with a target: 1 within ±10%, 1 outside, 1 outside but within "
                                       "what sampling alone gives (too few ops to tell)")
     assert "#   outside: off target" in report and "#   too few ops: too few ops" in report
+
+
+def test_a_delay_bound_rate_target_counts_the_jobs_own_time_between_ops() -> None:
+    """16 jobs, 1 ms per op, 50 µs of their own between ops: at most 16 / 1.05 ms, whatever the storage."""
+    dist = FixedDistribution(delay_s=0.001)
+    target = Target(iops=16_000.0, bw_bytes_per_s=16_000.0 * 4096, latency_quantile=lambda q: quantile(dist, q))
+    got = {"iops": 16 / 0.00105, "mean": 0.001}
+    adjusted = with_think_time(target, 16, got)
+    assert adjusted.iops == pytest.approx(16 / 0.00105)
+    assert adjusted.bw_bytes_per_s == pytest.approx(16 / 0.00105 * 4096)
+    # a slower worker shows in the latency, not in the think time: the target stays, the ratio drops
+    slow = {"iops": 16 / 0.00125, "mean": 0.0012}
+    assert with_think_time(target, 16, slow).iops == pytest.approx(16 / 0.00105)
+    # a throttle's rate is its own
+    throttled = Target(iops=500.0, lat_mean_s=0.032)
+    assert with_think_time(throttled, 16, got) is throttled
