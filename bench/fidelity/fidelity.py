@@ -206,14 +206,19 @@ def _quantile_s(layer: DelayLayer, q: float) -> float:
     return quantile(layer.resolved_distribution, q, max_s=layer.max_s, probability=layer.probability)
 
 
-def _mean_s(layer: DelayLayer) -> float:
-    """Mean delay a layer draws, seconds: the integral of its quantile function (caps and probability count)."""
-    return sum(_quantile_s(layer, (i + 0.5) / MEAN_BINS) for i in range(MEAN_BINS)) / MEAN_BINS
-
-
 def _quantile_fn(layer: DelayLayer) -> Callable[[float], float]:
     """The quantile function of the delay ``layer`` draws (level in (0, 1) → seconds)."""
     return lambda q: _quantile_s(layer, q)
+
+
+def _binned(latency_quantile: Callable[[float], float]) -> list[float]:
+    """A distribution as :data:`MEAN_BINS` equally likely values (its quantile function at the bins' middles)."""
+    return [latency_quantile((i + 0.5) / MEAN_BINS) for i in range(MEAN_BINS)]
+
+
+def _mean_s(layer: DelayLayer) -> float:
+    """Mean delay a layer draws, seconds: the integral of its quantile function (caps and probability count)."""
+    return statistics.fmean(_binned(_quantile_fn(layer)))
 
 
 def sampling_range(latency_quantile: Callable[[float], float], metric: str, n: int) -> tuple[float, float] | None:
@@ -225,10 +230,11 @@ def sampling_range(latency_quantile: Callable[[float], float], metric: str, n: i
     ends of the 95 % score interval of a proportion ``q`` seen in ``n`` trials
     (Wilson, "Probable inference, the law of succession, and statistical inference",
     JASA 22, 1927; the plain normal interval ``q ± 1.96 sqrt(q (1 - q) / n)`` covered
-    only 91-93 % for a p99 of 441-1,000 ops, tests/bench). The rate of a delay-bound workload is ``qd / mean latency``, and the
-    mean of ``n`` draws varies by ``1.96 sd / sqrt(n)`` (central limit theorem), sd
-    from the same quantile function. So a 20 ms log-normal (σ 0.5) delay read 440
-    times — 10 s at queue depth 1 — gives a p99 anywhere in 0.88–1.55 of its target
+    only 91-93 % for a p99 of 441-1,000 ops, tests/bench). The rate of a delay-bound
+    workload is ``qd / mean latency``, and the mean of ``n`` draws varies by
+    ``1.96 sd / sqrt(n)`` (central limit theorem), sd from the same quantile
+    function. So a 20 ms log-normal (σ 0.5) delay read 441 times — 10 s at queue
+    depth 1 — gives a p99 anywhere in 0.88–1.44 of its target
     and a p50 in 0.94–1.06: a deviation inside that range says the run was too short
     to tell, not that the emulation is off.
 
@@ -243,8 +249,7 @@ def sampling_range(latency_quantile: Callable[[float], float], metric: str, n: i
     if n <= 0:
         return None
     if metric == "iops":
-        levels = [(i + 0.5) / MEAN_BINS for i in range(MEAN_BINS)]
-        draws = [latency_quantile(q) for q in levels]
+        draws = _binned(latency_quantile)
         mean = statistics.fmean(draws)
         if mean <= 0:
             return None
@@ -354,8 +359,8 @@ def write_target(layers: list[dict], qd: int, direct: bool) -> Target:
     """
     for layer in _acting_on(layers, "write"):
         if isinstance(layer, DelayLayer):
-            p50, p99 = _quantile_s(layer, P50), _quantile_s(layer, P99)
             draws = _quantile_fn(layer)
+            p50, p99 = draws(P50), draws(P99)
             if layer.write_behind is True or (layer.write_behind and not direct):
                 return Target(sync_p50_s=p50, sync_p99_s=p99, latency_quantile=draws)
             return Target(iops=qd / _mean_s(layer), lat_p50_s=p50, lat_p99_s=p99, latency_quantile=draws)
@@ -653,7 +658,7 @@ def _row(name: str, qd: int, direct: bool | None, metric: str, want: float | Non
          spread: tuple[float, float] | None = None, tally: Tally | None = None) -> str:
     ratio = have / want if want else None
     io = "-" if direct is None else "direct" if direct else "buffered"
-    shown = "-" if spread is None else f"{spread[0]:.2f}-{spread[1]:.2f}" if spread[1] < 100 else f">={spread[0]:.2f}"
+    shown = "-" if spread is None or ratio is None else f"{spread[0]:.2f}-{spread[1]:.2f}" if spread[1] < 100 else f">={spread[0]:.2f}"
     row = (f"{name:<27} {qd:>2} {io:<8} {metric:<6} {_fmt(want, unit):>12} {_fmt(have, unit):>12} "
            f"{'-' if ratio is None else f'{ratio:.2f}':>6} {shown:>11}")
     if tally is not None:
