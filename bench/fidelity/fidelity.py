@@ -176,6 +176,9 @@ class Scenario:
     machine_bound: bool = False
     #: more options of this scenario's worker
     worker_args: tuple[str, ...] = ()
+    #: with ``rw="randrw"``: the percentage of ops that are reads (fio ``rwmixread``); the
+    #: targets and figures are of reads and writes together (fio ``unified_rw_reporting=mixed``)
+    read_percent: int = 100
 
     def target(self, qd: int, runtime_s: float, service: ServiceTime | None = None, direct: bool = False) -> Target:
         """What this scenario should achieve at queue depth ``qd`` in a run of ``runtime_s`` seconds."""
@@ -186,14 +189,14 @@ class Scenario:
         if self.fsync_every:
             return write_target(self.layers, qd, direct)
         return targets_of(self.layers, self.bs, qd, service, runtime_s=runtime_s, sequential=self.rw == "read",
-                          direct=direct)
+                          direct=direct, read_share=self.read_percent / 100)
 
 
-def _acting_on(layers: list[dict], op: str) -> list:
-    """The validated layers of a policy, profiles expanded, keeping those that act on ``op``."""
+def _acting_on(layers: list[dict], *ops: str) -> list:
+    """The validated layers of a policy, profiles expanded, keeping those that act on any of ``ops``."""
     return [part for layer in decode_policy(json.dumps({"layers": layers})).layers
             for part in (expand_profile(layer) if isinstance(layer, ProfileLayer) else [layer])
-            if not part.ops or op in part.ops]
+            if not part.ops or part.ops & set(ops)]
 
 
 def _read_layers(layers: list[dict]) -> list:
@@ -273,16 +276,27 @@ def has_added_delay(layers: list[dict]) -> bool:
     return any(isinstance(layer, DelayLayer) and layer.mode == "add" for layer in _read_layers(layers))
 
 
-def targets_of(layers: list[dict], bs: int, qd: int, service: ServiceTime | None = None, *,
-               runtime_s: float = DEFAULT_RUNTIME_S, sequential: bool = False, direct: bool = False) -> Target:
-    """Targets of a read workload of ``bs``-byte requests at queue depth ``qd`` under ``layers``.
+def _shares(layer: Any, read_share: float) -> tuple[float, float]:
+    """The shares of a mixed workload's ops that are reads and writes ``layer`` acts on (``read_share``: reads)."""
+    ops = layer.ops or {"read", "write"}
+    return (read_share if "read" in ops else 0.0), ((1 - read_share) if "write" in ops else 0.0)
 
+
+def targets_of(layers: list[dict], bs: int, qd: int, service: ServiceTime | None = None, *,
+               runtime_s: float = DEFAULT_RUNTIME_S, sequential: bool = False, direct: bool = False,
+               read_share: float = 1.0) -> Target:
+    """Targets of a workload of ``bs``-byte requests at queue depth ``qd`` under ``layers``.
+
+    Reads only by default; ``read_share`` < 1 mixes in writes at random (fio
+    ``randrw``, ``rwmixread``), and the targets are of all ops together.
     Bandwidth and IOPS: the tightest of the throttles (bytes/s, ops/s counted in
-    ``max_io_bytes`` units where a throttle gives them) and of
+    ``max_io_bytes`` units where a throttle gives them, a read's charge scaled by
+    ``read_charge``/``read_iops_charge``, averaged over the mix) and of
     ``qd / mean delay`` (Little's law; the mean is the integral of the quantile
     function, so caps and probabilities count). Latency: the delay's p50/p99
-    (summed over delay layers: exact for one, an upper bound for more), or
-    the mean latency ``qd / IOPS`` when a throttle is what limits the rate. With an ``add``-mode
+    (summed over delay layers: exact for one, an upper bound for more; none when a
+    delay holds only part of a mix), or the mean latency ``qd / IOPS`` when a
+    throttle is what limits the rate. With an ``add``-mode
     delay and ``service`` given, the service time is added once: its p50 to the
     p50 and p99, its mean to the mean. ``runtime_s``: the run, over which a
     bucket's contents add to its rate. ``sequential``: each job reads its file in order
@@ -294,7 +308,9 @@ def targets_of(layers: list[dict], bs: int, qd: int, service: ServiceTime | None
         p50, p99, mean = service.p50_s, service.p50_s, service.mean_s
         base = service.p50_s
     delays: list[DelayLayer] = []
-    for layer in _read_layers(layers):
+    whole = True  # every delay holds every op of the mix: its quantiles are the workload's
+    for layer in _acting_on(layers, "read", *(("write",) if read_share < 1 else ())):
+        reads, writes = _shares(layer, read_share)
         if isinstance(layer, ThrottleLayer):
             buckets = Throttle(layer)  # the worker's own bucket sizes
             units = 1.0  # units each request counts
@@ -304,24 +320,25 @@ def targets_of(layers: list[dict], bs: int, qd: int, service: ServiceTime | None
                 units = bs / unit if merged else math.ceil(bs / unit)
             if buckets.ops_bucket is not None:
                 ops_per_s = layer.iops + buckets.ops_bucket.burst_bytes * layer.burst_balance / runtime_s
-                iops_limit = min(iops_limit, ops_per_s / units)
+                iops_limit = min(iops_limit, ops_per_s / (units * (reads * layer.read_iops_charge + writes)))
             if buckets.bucket is not None:
                 bytes_per_s = layer.rate_bytes_per_s + buckets.bucket.burst_bytes * layer.burst_balance / runtime_s
-                charged = (units * layer.max_io_bytes if layer.charge_units else bs) * layer.read_charge
-                iops_limit = min(iops_limit, bytes_per_s / charged)
+                charged = units * layer.max_io_bytes if layer.charge_units else bs
+                iops_limit = min(iops_limit, bytes_per_s / (charged * (reads * layer.read_charge + writes)))
         elif isinstance(layer, DelayLayer):
             if sequential and (layer.skip_sequential is True or (layer.skip_sequential == "buffered" and not direct)):
                 continue
+            whole = whole and reads + writes == 1
             p50 += _quantile_s(layer, P50)
             p99 += _quantile_s(layer, P99)
-            mean += _mean_s(layer)
+            mean += _mean_s(layer) * (reads + writes)
             delays.append(layer)
     throttled = iops_limit
     delayed = qd / mean if mean else math.inf
     iops = min(throttled, delayed)
     if math.isinf(iops):
         return Target()
-    if throttled < delayed:
+    if throttled < delayed or not whole:  # Little's law gives the mean; no quantile is known
         return Target(bw_bytes_per_s=iops * bs, iops=iops, lat_mean_s=qd / iops)
     return Target(bw_bytes_per_s=iops * bs, iops=iops, lat_p50_s=p50, lat_p99_s=p99,
                   latency_quantile=lambda q: base + sum(_quantile_s(layer, q) for layer in delays))
@@ -395,6 +412,9 @@ def scenarios() -> list[Scenario]:
     out += [Scenario("profile-gp3-6000iops", [{"type": "profile", "name": "gp3", "iops": 6000}])]
     # gp2 whose 5.4 million I/O credits were spent: its 300 IOPS baseline
     out += [Scenario("profile-gp2-drained", [{"type": "profile", "name": "gp2", "burst_balance": 0}], remount=True)]
+    # pd-standard's reads and writes share one budget: half of each is 1,024 IOPS, not 768 reads + 768 writes
+    out += [Scenario("profile-pd-standard-mixed", [{"type": "profile", "name": "pd-standard"}], rw="randrw",
+                     read_percent=50)]
     # Azure Premium SSD P10 whose burst credits were spent: its provisioned 500 IOPS
     out += [Scenario("profile-premium-ssd-drained", [{"type": "profile", "name": "premium-ssd", "burst_balance": 0}],
                      remount=True)]
@@ -491,7 +511,7 @@ def _run_fio(argv: list[str], what: str = "fio") -> str:
 
 
 def _fio_result(stdout: str, side: str) -> dict:
-    """``{bw, iops, mean, p50, p99, n}`` of one side (``read``/``write``) of fio's JSON report (bytes/s, ops/s, s,
+    """``{bw, iops, mean, p50, p99, n}`` of one side (``read``/``write``/``mixed``) of fio's JSON report (bytes/s, ops/s, s,
     ops measured), and ``sync50``/``sync99`` (s) and ``sync_n`` when the jobs synced (``--fsync``)."""
     job = json.loads(stdout[stdout.find("{"):])["jobs"][0]
     got, pct = job[side], job[side]["clat_ns"].get("percentile", {})
@@ -602,6 +622,9 @@ def run_fio(directory: Path, scenario: Scenario, qd: int, direct: bool, runtime_
             f"--runtime={runtime_s:g}s", f"--percentile_list={P50 * 100:g}:{P99 * 100:g}"]
     if scenario.fsync_every:
         argv.append(f"--fsync={scenario.fsync_every}")
+    if scenario.rw == "randrw":
+        argv += [f"--rwmixread={scenario.read_percent}", "--unified_rw_reporting=mixed"]
+        return _fio_result(_run_fio(argv), "mixed")
     return _fio_result(_run_fio(argv), "write" if "write" in scenario.rw else "read")
 
 

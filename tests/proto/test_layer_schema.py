@@ -110,6 +110,9 @@ def test_delay_s_still_means_a_fixed_delay() -> None:
                                                                      "outside 1,048,576..3,579,838,464"),
     ({"type": "throttle", "iops": 10, "read_charge": 0.5}, "field `read_charge`: it scales what reads are charged"),
     ({"type": "throttle", "rate_bytes_per_s": 10, "read_charge": 0}, "$.layers[0].read_charge"),
+    ({"type": "throttle", "rate_bytes_per_s": 10, "read_iops_charge": 2}, "field `read_iops_charge`: it sets what a "
+                                                                          "read counts against the `iops` bucket"),
+    ({"type": "throttle", "iops": 10, "read_iops_charge": 65}, "$.layers[0].read_iops_charge"),
     ({"type": "profile", "name": "pd-standard", "size_gib": 0}, "$.layers[0].size_gib"),
     ({"type": "profile", "name": "s3", "iops": 5500}, "field `iops`: profile 's3' takes `rate_bytes_per_s`"),
     ({"type": "profile", "name": "pd-balanced", "size_gib": 5}, "field `size_gib`: 5 is outside 10..65,536"),
@@ -159,8 +162,9 @@ def test_profile_expansion_carries_glob_ops_and_expiry() -> None:
                                          expires_after_s=10))
     assert all(layer.path_glob == "/d/*" and layer.expires_after_s == 10 for layer in layers)
     assert all(layer.ops == frozenset({"read"}) for layer in layers)
-    # the write-IOPS throttle of pd-standard drops out when only reads are asked for
-    assert [layer.iops for layer in layers if isinstance(layer, ThrottleLayer)] == [768, None]
+    # pd-standard's one IOPS budget, narrowed to reads, still charges a read two of its 1,536 ops
+    assert [(layer.iops, layer.read_iops_charge) for layer in layers if isinstance(layer, ThrottleLayer)] == [
+        (1536, 2.0), (None, 1.0)]
 
 
 def test_profile_expansion_carries_page_cache() -> None:
@@ -199,9 +203,10 @@ def test_a_profile_is_sized_by_its_published_rules() -> None:
     assert (credits.burst_balance, credits.charge_units, credits.max_io_bytes) == (0.25, True, mib)
     # io2 Block Express: 100..256,000 provisioned IOPS in 256 KiB units, at most 4,000 MiB/s
     assert _limits({"type": "profile", "name": "io2", "iops": 64000}) == [(both, 64000, 4000 * mib, 0)]
-    # pd-standard: 0.75 read and 1.5 write IOPS and 0.12 MiB/s per GiB
-    assert _limits({"type": "profile", "name": "pd-standard", "size_gib": 200}) == [
-        (reads, 150, None, 0), (writes, 300, None, 0), (both, None, int(0.12 * mib * 200), 0)]
+    # pd-standard: 0.75 read and 1.5 write IOPS and 0.12 MiB/s per GiB, from resources reads and writes share
+    pd_standard = {"type": "profile", "name": "pd-standard", "size_gib": 200}
+    assert _limits(pd_standard) == [(both, 300, None, 0), (both, None, int(0.12 * mib * 200), 0)]
+    assert [t.read_iops_charge for t in expand_profile(_one(pd_standard)) if isinstance(t, ThrottleLayer)] == [2.0, 1.0]
     assert _limits({"type": "profile", "name": "wan-nfs", "rate_bytes_per_s": 125_000_000}) == [
         (both, None, 125_000_000, 0)]
     # EFS Bursting, 2 TiB stored: 500 MiB/s per client, 200 MiB/s while credits last, 4.2 TiB of

@@ -556,3 +556,19 @@ def test_read_charge_meters_reads_at_a_share_of_their_bytes() -> None:
 
     assert run(main, "read") == pytest.approx(2.0)  # 6 MiB metered as 2 MiB at 1 MiB/s
     assert run(main, "write") == pytest.approx(6.0)
+
+
+def test_read_iops_charge_makes_reads_and_writes_share_one_budget() -> None:
+    # pd-standard: 1.5 write and 0.75 read IOPS per GiB from one budget, so a read costs two writes' share
+    layer = ThrottleLayer(iops=100, burst_ops=1, burst_balance=0.0, read_iops_charge=2.0)
+
+    async def main(names: list[str]) -> float:
+        stack = Stack(Policy(layers=[layer]), 1)
+        start = trio.current_time()
+        for name in names:
+            await serve(stack, Op(name, 2, "/f", size=4096), reply=b"p" * 4096 if name == "read" else 4096)
+        return trio.current_time() - start
+
+    assert run(main, ["write"] * 100) == pytest.approx(1.0)  # 100 writes/s alone
+    assert run(main, ["read"] * 100) == pytest.approx(2.0)  # 50 reads/s alone
+    assert run(main, ["read", "write"] * 50) == pytest.approx(1.5)  # a mix: 50 reads and 50 writes in 1.5 s

@@ -396,6 +396,13 @@ class ThrottleLayer(_Layer, tag="throttle", kw_only=True):
             modes (EFS User Guide, "Understanding metered throughput"): 1/3 reads
             three times as fast as the ``rate_bytes_per_s`` a write gets. Needs
             ``rate_bytes_per_s``.
+        read_iops_charge: how many of the ``iops`` bucket's ops a read counts as,
+            (0, 64] (1, the default). Google's standard Persistent Disk gives 0.75
+            read and 1.5 write IOPS per GiB from resources reads and writes share
+            (Compute Engine, "Optimize Persistent Disk performance", simultaneous
+            reads and writes): one bucket at the write rate with 2 here lets reads
+            alone reach half of it and a mix trade one read for two writes. Needs
+            ``iops``.
         ops: ``read`` and/or ``write``; empty = both.
 
     Ops are charged for the bytes they moved (a read's reply, a write's count),
@@ -410,6 +417,7 @@ class ThrottleLayer(_Layer, tag="throttle", kw_only=True):
     charge_units: bool = False
     burst_balance: Probability = 1.0
     read_charge: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 1.0
+    read_iops_charge: Annotated[float, msgspec.Meta(gt=0.0, le=64.0)] = 1.0
     ops: frozenset[DataOpName] = frozenset()
 
     def __post_init__(self) -> None:
@@ -419,6 +427,9 @@ class ThrottleLayer(_Layer, tag="throttle", kw_only=True):
         if self.read_charge != 1.0 and self.rate_bytes_per_s is None:
             raise ValueError("field `read_charge`: it scales what reads are charged to the `rate_bytes_per_s` "
                              "bucket, and `rate_bytes_per_s` is not given")
+        if self.read_iops_charge != 1.0 and self.iops is None:
+            raise ValueError("field `read_iops_charge`: it sets what a read counts against the `iops` bucket, "
+                             "and `iops` is not given")
         if self.charge_units and (self.rate_bytes_per_s is None or self.max_io_bytes is None):
             raise ValueError("field `charge_units`: it charges `max_io_bytes` units to the `rate_bytes_per_s` "
                              "bucket; give both")

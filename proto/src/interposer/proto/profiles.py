@@ -249,8 +249,8 @@ def _pd_standard(sizing: Sizing) -> tuple[Layer, ...]:
     size = _in_range("size_gib", sizing.size_gib or 1024, 10, 65536,
                      "pd-standard disks are 10 GiB to 64 TiB")
     return (
-        ThrottleLayer(ops=frozenset({"read"}), iops=max(1, size * 3 // 4)),
-        ThrottleLayer(ops=frozenset({"write"}), iops=max(1, size * 3 // 2)),
+        # reads and writes draw on one budget: a read takes the share of two writes (0.75 vs 1.5 per GiB)
+        ThrottleLayer(iops=max(1, size * 3 // 2), read_iops_charge=2.0),
         ThrottleLayer(rate_bytes_per_s=max(1, int(0.12 * MIB * size))),
         DelayLayer(ops=frozenset({"read", "write"}), mode="floor",
                    distribution=LognormalDistribution(median_s=0.005, sigma=0.5)),

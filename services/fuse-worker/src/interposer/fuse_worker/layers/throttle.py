@@ -108,7 +108,8 @@ class Throttle:
     counts ``ceil(bytes / max_io_bytes)`` against ``iops``, as EBS counts a 1 MiB
     I/O as four 256 KiB ones; with ``charge_units`` too, the bandwidth bucket is
     charged ``count * max_io_bytes`` (EBS HDD throughput credits); a read's charge to
-    it is scaled by ``read_charge`` (EFS metered throughput). The wait is a precise sleep
+    it is scaled by ``read_charge`` (EFS metered throughput), a read's count against
+    ``iops`` by ``read_iops_charge`` (pd-standard's shared budget). The wait is a precise sleep
     (:func:`._timer.sleep`, not ``trio.sleep``, which rounds up to whole
     milliseconds) and is added to ``Op.throttle_ns``.
 
@@ -198,6 +199,8 @@ class Throttle:
             if charged:
                 wait_s = self.bucket.reserve(charged, now)
         if self.ops_bucket is not None and count:
+            if op.name == "read":
+                count *= self.spec.read_iops_charge  # pd-standard: a read takes two writes' share
             wait_s = max(wait_s, self.ops_bucket.reserve(count, now))
         if wait_s > 0:
             self._waited += 1
