@@ -437,15 +437,18 @@ _PROFILES_AND_BUILDERS = (
     _profile(
         _pd_standard,
         name="pd-standard",
-        summary="GCP pd-standard, 1 TiB: 768 read / 1536 write IOPS, 120 MiB/s",
+        summary="GCP pd-standard, 1 TiB: 768 read / 1536 write IOPS from one budget, 120 MiB/s",
         source=(
             "Google Cloud, 'Configure disks to meet performance requirements' (Persistent Disk "
             "performance): pd-standard 0.75 read IOPS/GiB, 1.5 write IOPS/GiB, 0.12 MiB/s per GiB "
-            "(https://cloud.google.com/compute/docs/disks/performance); a 1024 GiB disk; latency "
-            "log-normal, median 5 ms, sigma 0.5 (HDD-backed network disk), a floor"
+            "(https://cloud.google.com/compute/docs/disks/performance); reads and writes share the "
+            "disk's resources, more of one leaving less of the other ('Optimize Persistent Disk "
+            "performance', simultaneous reads and writes): one IOPS budget, a read counting as two "
+            "writes; a 1024 GiB disk; latency log-normal, median 5 ms, sigma 0.5 (HDD-backed network "
+            "disk), a floor"
         ),
         parameters={
-            "size_gib": "disk size, 10..65536 GiB (default 1024): 0.75 read and 1.5 write IOPS and 0.12 MiB/s "
+            "size_gib": "disk size, 10..65536 GiB (default 1024): 0.75 read or 1.5 write IOPS and 0.12 MiB/s "
                         "per GiB; the per-VM caps (by machine type and vCPUs) are not applied",
         },
     ),
