@@ -425,6 +425,9 @@ def scenarios() -> list[Scenario]:
                      rw="read", bs=MIB, remount=True)]
     # a network file system pays its latency on metadata too: a stat of an unseen name, a create
     out += [Scenario(f"profile-efs-{meta}", [{"type": "profile", "name": "efs"}], meta=meta) for meta in META_WORKLOADS]
+    # Filestore Basic HDD: 5 ms on data, but a lookup is answered from the server's memory (1 ms)
+    out += [Scenario("profile-filestore-basic-hdd-stat", [{"type": "profile", "name": "filestore-basic-hdd"}],
+                     meta="stat")]
     # an NFS client's readahead streams a sequential reader (only its first read waits); its page
     # cache takes writes and the fsync after them pays the write latency once
     out += [Scenario("profile-efs-seq", [{"type": "profile", "name": "efs"}], rw="read", bs=128 * 1024,

@@ -120,6 +120,12 @@ def test_delay_s_still_means_a_fixed_delay() -> None:
     ({"type": "profile", "name": "premium-ssd", "size_gib": 1000, "burst_balance": 0},
      "field `burst_balance`: a 1,000 GiB disk is a P30, and credit bursting is for P20 (512 GiB) and smaller"),
     ({"type": "profile", "name": "pd-ssd", "iops": 10000}, "field `iops`: profile 'pd-ssd' takes `size_gib`"),
+    ({"type": "profile", "name": "filestore-basic-ssd", "size_gib": 1024},
+     "field `size_gib`: 1,024 is outside 2,560..65,433 (Basic SSD instances are 2.5 TiB to 63.9 TiB)"),
+    ({"type": "profile", "name": "filestore-zonal", "size_gib": 204800}, "field `size_gib`: 204,800 is outside "
+                                                                         "1,024..102,400"),
+    ({"type": "profile", "name": "filestore-basic-hdd", "iops": 600},
+     "field `iops`: profile 'filestore-basic-hdd' takes `size_gib`"),
     ({"type": "profile", "name": "premium-ssd-v2", "iops": 100000}, "field `iops`: 100,000 is outside 3,000..80,000"),
     ({"type": "profile", "name": "premium-ssd-v2", "iops": 20000, "size_gib": 20},
      "field `iops`: 20,000 is outside 3,000..10,000 (a 20 GiB Premium SSD v2 takes at most 500 IOPS per GiB"),
@@ -215,6 +221,15 @@ def test_a_profile_is_sized_by_its_published_rules() -> None:
         (both, None, 500 * mib, 0), (both, None, 200 * mib, 0), (both, None, 100 * mib, int(4.2 * 1024 * gib))]
     assert _limits({"type": "profile", "name": "efs", "rate_bytes_per_s": 64 * mib}) == [
         (both, None, 500 * mib, 0), (both, None, 64 * mib, 0)]
+    # Filestore: read and write limits apart; Basic HDD steps up at 10 TiB, Basic SSD is flat, Zonal scales per TiB
+    assert _limits({"type": "profile", "name": "filestore-basic-hdd"}) == [
+        (reads, 600, 100 * mib, 0), (writes, 1000, 100 * mib, 0)]
+    assert _limits({"type": "profile", "name": "filestore-basic-hdd", "size_gib": 10240}) == [
+        (reads, 1000, 180 * mib, 0), (writes, 5000, 120 * mib, 0)]
+    assert _limits({"type": "profile", "name": "filestore-basic-ssd", "size_gib": 40000}) == [
+        (reads, 60000, 1200 * mib, 0), (writes, 25000, 350 * mib, 0)]
+    assert _limits({"type": "profile", "name": "filestore-zonal", "size_gib": 10240}) == [
+        (reads, 92000, 2600 * mib, 0), (writes, 26000, 880 * mib, 0)]
     # pd-balanced / pd-ssd: a baseline plus a share per GiB; one IOPS budget, the throughput limit each way
     assert _limits({"type": "profile", "name": "pd-balanced", "size_gib": 100}) == [
         (both, 3600, None, 0), (reads, None, 168 * mib, 0), (writes, None, 168 * mib, 0)]

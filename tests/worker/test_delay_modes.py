@@ -12,6 +12,7 @@ import errno
 import math
 import os
 import random
+import statistics
 
 import pyfuse3
 import pytest
@@ -260,7 +261,9 @@ def test_device_profiles_use_floor_and_the_wan_profile_adds() -> None:
              for name in PROFILES}
     assert modes == {"gp3": {"floor"}, "gp2": {"floor"}, "io2": {"floor"}, "st1": {"floor"},
                      "pd-standard": {"floor"}, "pd-balanced": {"floor"}, "pd-ssd": {"floor"},
-                     "premium-ssd": {"floor"}, "premium-ssd-v2": {"floor"}, "efs": {"floor"}, "s3": {"floor"}, "s3-express": {"floor"},
+                     "premium-ssd": {"floor"}, "premium-ssd-v2": {"floor"}, "efs": {"floor"},
+                     "filestore-basic-hdd": {"floor"}, "filestore-basic-ssd": {"floor"}, "filestore-zonal": {"floor"},
+                     "s3": {"floor"}, "s3-express": {"floor"},
                      "hdd-7200": {"floor"}, "wan-nfs": {"add"}}
 
 
@@ -447,6 +450,21 @@ def test_efs_streams_a_sequential_read_and_defers_its_writes() -> None:
     assert max(reads[1:]) < 0.0005  # readahead has the next ones in flight (throttle: 1,500 MiB/s)
     assert max(writes) < 0.0005
     assert close > 0.001  # ~2.7 ms: the writes sent, acknowledged
+
+
+def test_filestore_basic_hdd_holds_data_at_disk_latency_and_metadata_at_the_round_trip() -> None:
+    async def main() -> tuple[list[float], list[float], float]:
+        stack = Stack(Policy(layers=[ProfileLayer(name="filestore-basic-hdd")]), 1, rng=random.Random(5))
+        reads = [await timed(stack, Op("read", 9, "/data", offset=i * 1048576, size=4096), _SERVICE_S)
+                 for i in range(20)]  # random: none continues the one before
+        lookups = [await _served(stack, "lookup", path="/data") for _ in range(20)]
+        writes = [await _served(stack, "write") for _ in range(4)]
+        return reads, lookups, sum(writes) + await _served(stack, "flush")
+
+    reads, lookups, write_and_close = run(main)
+    assert 0.003 < statistics.median(reads) < 0.008  # log-normal, median 5 ms: the server's disks
+    assert 0.0007 < statistics.median(lookups) < 0.0014  # median 1 ms: answered from the server's memory
+    assert 0.001 < write_and_close < 0.030  # the writes wait in the client's page cache for the close
 
 
 def test_wan_nfs_charges_a_round_trip_per_close_after_writes_not_per_write() -> None:

@@ -7,4 +7,5 @@ profile name without importing the layers the profiles expand into.
 from typing import Literal
 
 ProfileName = Literal["gp3", "gp2", "io2", "st1", "pd-standard", "pd-balanced", "pd-ssd", "premium-ssd",
-                      "premium-ssd-v2", "efs", "wan-nfs", "s3", "s3-express", "hdd-7200"]
+                      "premium-ssd-v2", "efs", "filestore-basic-hdd", "filestore-basic-ssd",
+                      "filestore-zonal", "wan-nfs", "s3", "s3-express", "hdd-7200"]

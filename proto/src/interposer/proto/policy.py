@@ -596,10 +596,11 @@ class ProfileLayer(_Layer, tag="profile", kw_only=True):
 
     Attributes:
         name: profile name (``gp3``, ``gp2``, ``io2``, ``st1``, ``pd-standard``, ``pd-balanced``,
-            ``pd-ssd``, ``premium-ssd``, ``premium-ssd-v2``, ``efs``, ``wan-nfs``, ``s3``, ``s3-express``,
-            ``hdd-7200``).
+            ``pd-ssd``, ``premium-ssd``, ``premium-ssd-v2``, ``efs``, ``filestore-basic-hdd``,
+            ``filestore-basic-ssd``, ``filestore-zonal``, ``wan-nfs``, ``s3``, ``s3-express``, ``hdd-7200``).
         size_gib: volume size, GiB, for profiles whose limits scale with it (``gp2``,
-            ``st1``, ``pd-standard``, ``pd-balanced``, ``pd-ssd``, ``premium-ssd``; ``premium-ssd-v2``: bounds
+            ``st1``, ``pd-standard``, ``pd-balanced``, ``pd-ssd``, ``premium-ssd``, the ``filestore-*``
+            instances' capacity; ``premium-ssd-v2``: bounds
             its IOPS; ``efs``: the data stored, which selects Bursting throughput);
             ``None`` = the profile's default.
         iops: provisioned IOPS (``gp3``, ``io2``, ``premium-ssd-v2``); ``None`` = the profile's default.

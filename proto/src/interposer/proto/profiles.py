@@ -185,18 +185,69 @@ def _efs_throughput(sizing: Sizing) -> tuple[Layer, ...]:
     return (ThrottleLayer(rate_bytes_per_s=1500 * MIB),)  # Elastic: per client, reads and writes together
 
 
+def _nfs_latency(read: LognormalDistribution, write: LognormalDistribution,
+                 metadata: LognormalDistribution | None = None) -> tuple[DelayLayer, ...]:
+    """The latency floors a Linux NFS client's application sees: reads and metadata lookups at ``read``,
+    writes and namespace/attribute changes at ``write``, or every metadata op at ``metadata`` if given
+    (a server whose data sits on disks but whose metadata requests are answered from memory)."""
+    read_ops, write_ops = frozenset({"read"}), frozenset({"write"})
+    layers = () if metadata is None else (
+        DelayLayer(ops=_NFS_METADATA_READS | _NFS_METADATA_WRITES, mode="floor", distribution=metadata),)
+    return (
+        # the client's readahead has the next READs of a sequential stream in flight: only a jump waits
+        DelayLayer(ops=read_ops | (_NFS_METADATA_READS if metadata is None else frozenset()), mode="floor",
+                   distribution=read, skip_sequential="buffered"),
+        # the client's page cache takes write(2); close and fsync wait for the WRITEs (and COMMIT) it sends
+        DelayLayer(ops=write_ops | (_NFS_METADATA_WRITES if metadata is None else frozenset()), mode="floor",
+                   distribution=write, write_behind="buffered"),
+        *layers,
+    )
+
+
 def _efs(sizing: Sizing) -> tuple[Layer, ...]:
-    read_latency = LognormalDistribution(median_s=0.001, sigma=0.3)
-    write_latency = LognormalDistribution(median_s=0.0027, sigma=0.3)
     return (
         *_efs_throughput(sizing),
-        # the client's readahead has the next READs of a sequential stream in flight: only a jump waits
-        DelayLayer(ops=frozenset({"read"}) | _NFS_METADATA_READS, mode="floor", distribution=read_latency,
-                   skip_sequential="buffered"),
-        # the client's page cache takes write(2); close and fsync wait for the WRITEs (and COMMIT) it sends
-        DelayLayer(ops=frozenset({"write"}) | _NFS_METADATA_WRITES, mode="floor", distribution=write_latency,
-                   write_behind="buffered"),
+        *_nfs_latency(LognormalDistribution(median_s=0.001, sigma=0.3), LognormalDistribution(median_s=0.0027,
+                                                                                              sigma=0.3)),
     )
+
+
+#: Largest Filestore Basic instance, GiB: 63.9 TiB.
+_FILESTORE_BASIC_MAX_GIB = 65_433
+#: Filestore publishes no latency: an NFS round trip within a zone to an SSD-backed server, assumed as EFS's
+#: published read latency (log-normal, median 1 ms, sigma 0.3).
+_FILESTORE_SSD_LATENCY = LognormalDistribution(median_s=0.001, sigma=0.3)
+#: Basic HDD's reads and writes reach disks: assumed as pd-standard's HDD-backed latency (median 5 ms, sigma 0.5).
+_FILESTORE_HDD_LATENCY = LognormalDistribution(median_s=0.005, sigma=0.5)
+
+
+def _filestore(read_iops: int, write_iops: int, read_mib_s: float, write_mib_s: float, *,
+               hdd: bool = False) -> tuple[Layer, ...]:
+    """A Filestore instance's published read and write limits (apart: Google gives each its own) over NFS."""
+    latency = _FILESTORE_HDD_LATENCY if hdd else _FILESTORE_SSD_LATENCY
+    return (
+        ThrottleLayer(ops=frozenset({"read"}), iops=read_iops, rate_bytes_per_s=int(read_mib_s * MIB)),
+        ThrottleLayer(ops=frozenset({"write"}), iops=write_iops, rate_bytes_per_s=int(write_mib_s * MIB)),
+        *_nfs_latency(latency, latency, _FILESTORE_SSD_LATENCY if hdd else None),
+    )
+
+
+def _filestore_basic_hdd(sizing: Sizing) -> tuple[Layer, ...]:
+    size = _in_range("size_gib", sizing.size_gib or 1024, 1024, _FILESTORE_BASIC_MAX_GIB,
+                     "Basic HDD instances are 1 TiB to 63.9 TiB")
+    return _filestore(600, 1000, 100, 100, hdd=True) if size < 10 * 1024 else _filestore(1000, 5000, 180, 120, hdd=True)
+
+
+def _filestore_basic_ssd(sizing: Sizing) -> tuple[Layer, ...]:
+    _in_range("size_gib", sizing.size_gib or 2560, 2560, _FILESTORE_BASIC_MAX_GIB,
+              "Basic SSD instances are 2.5 TiB to 63.9 TiB")
+    return _filestore(60_000, 25_000, 1200, 350)
+
+
+def _filestore_zonal(sizing: Sizing) -> tuple[Layer, ...]:
+    tib = _in_range("size_gib", sizing.size_gib or 1024, 1024, 100 * 1024,
+                    "zonal instances are 1 TiB to 100 TiB") / 1024
+    return _filestore(round(9200 * tib), round(2600 * tib), 260 * tib, 88 * tib)
 
 
 #: Ops Mountpoint for Amazon S3 serves with one S3 request each: lookup (HeadObject and ListObjectsV2, sent
@@ -575,6 +626,51 @@ _PROFILES_AND_BUILDERS = (
             "burst_balance": "Bursting throughput: how full the burst credit balance is, 0..1 (default 1)",
             "rate_bytes_per_s": "Provisioned throughput, 1..3,414 MiB/s (default: Elastic throughput)",
         },
+    ),
+    _profile(
+        _filestore_basic_hdd,
+        name="filestore-basic-hdd",
+        summary="GCP Filestore Basic HDD, 1 TiB: 600 read / 1,000 write IOPS, 100 MiB/s each way; NFS",
+        source=(
+            "Google Cloud, Filestore 'Performance' (https://cloud.google.com/filestore/docs/performance), "
+            "expected limits per instance: Basic HDD 1-10 TiB 600 read and 1,000 write IOPS, 100 MiB/s read "
+            "and write; 10-63.9 TiB 1,000 and 5,000 IOPS, 180 and 120 MiB/s (no per-client limit; reads and "
+            "writes limited apart, as published); Google publishes no latency: assumed log-normal, median "
+            "5 ms, sigma 0.5 on reads and writes (disks, as pd-standard's) and 1 ms, sigma 0.3 on metadata "
+            "ops (answered from the server's memory), floors; the client is Linux's NFS client as in the efs "
+            "profile (readahead streams a sequential reader, writes wait in its page cache for the close or "
+            "fsync)"
+        ),
+        parameters={
+            "size_gib": "instance capacity, 1024..65433 GiB (default 1024): below 10 TiB the first limits, "
+                        "from 10 TiB the second",
+        },
+    ),
+    _profile(
+        _filestore_basic_ssd,
+        name="filestore-basic-ssd",
+        summary="GCP Filestore Basic SSD: 60,000 read / 25,000 write IOPS, 1,200 / 350 MiB/s; NFS",
+        source=(
+            "Google Cloud, Filestore 'Performance' (https://cloud.google.com/filestore/docs/performance): "
+            "Basic SSD, 2.5-63.9 TiB, 60,000 read and 25,000 write IOPS, 1,200 MiB/s read and 350 MiB/s "
+            "write at any capacity; no latency published: assumed log-normal, median 1 ms, sigma 0.3 (an "
+            "NFS round trip within a zone to an SSD server; EFS's published read latency), a floor on every "
+            "op; the NFS client as in the efs profile"
+        ),
+        parameters={"size_gib": "instance capacity, 2560..65433 GiB (default 2560): the limits do not change"},
+    ),
+    _profile(
+        _filestore_zonal,
+        name="filestore-zonal",
+        summary="GCP Filestore Zonal, 1 TiB: 9,200 read / 2,600 write IOPS, 260 / 88 MiB/s, per TiB; NFS",
+        source=(
+            "Google Cloud, Filestore 'Performance' (https://cloud.google.com/filestore/docs/performance): "
+            "Zonal, 1-100 TiB, limits linear in capacity: per TiB 9,200 read and 2,600 write IOPS, 260 MiB/s "
+            "read and 88 MiB/s write (1 TiB: 9,200 / 2,600 / 260 / 88; 100 TiB: 920,000 / 260,000 / 26,000 / "
+            "8,800); the single-client limits and custom performance are not applied; latency as "
+            "filestore-basic-ssd's (assumed)"
+        ),
+        parameters={"size_gib": "instance capacity, 1024..102400 GiB (default 1024): the limits scale with it"},
     ),
     _profile(
         _s3_builder(0.020, 0.5),
