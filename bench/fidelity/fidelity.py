@@ -428,6 +428,8 @@ def scenarios() -> list[Scenario]:
     # Filestore Basic HDD: 5 ms on data, but a lookup is answered from the server's memory (1 ms)
     out += [Scenario("profile-filestore-basic-hdd-stat", [{"type": "profile", "name": "filestore-basic-hdd"}],
                      meta="stat")]
+    # Cloud Storage FUSE: each unseen name is one stat-object request (its cache only helps a repeat)
+    out += [Scenario("profile-gcs-stat", [{"type": "profile", "name": "gcs"}], meta="stat")]
     # an NFS client's readahead streams a sequential reader (only its first read waits); its page
     # cache takes writes and the fsync after them pays the write latency once
     out += [Scenario("profile-efs-seq", [{"type": "profile", "name": "efs"}], rw="read", bs=128 * 1024,

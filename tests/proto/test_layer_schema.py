@@ -113,6 +113,9 @@ def test_delay_s_still_means_a_fixed_delay() -> None:
     ({"type": "throttle", "rate_bytes_per_s": 10, "read_iops_charge": 2}, "field `read_iops_charge`: it sets what a "
                                                                           "read counts against the `iops` bucket"),
     ({"type": "throttle", "iops": 10, "read_iops_charge": 65}, "$.layers[0].read_iops_charge"),
+    ({"type": "delay", "delay_s": 0.02, "ops": ["read"], "lookup_cache_s": 60},
+     "field `lookup_cache_s`: it caches lookups, and `ops` has no `lookup`"),
+    ({"type": "delay", "delay_s": 0.02, "lookup_cache_s": -1}, "$.layers[0].lookup_cache_s"),
     ({"type": "profile", "name": "pd-standard", "size_gib": 0}, "$.layers[0].size_gib"),
     ({"type": "profile", "name": "s3", "iops": 5500}, "field `iops`: profile 's3' takes `rate_bytes_per_s`"),
     ({"type": "profile", "name": "pd-balanced", "size_gib": 5}, "field `size_gib`: 5 is outside 10..65,536"),

@@ -263,7 +263,7 @@ def test_device_profiles_use_floor_and_the_wan_profile_adds() -> None:
                      "pd-standard": {"floor"}, "pd-balanced": {"floor"}, "pd-ssd": {"floor"},
                      "premium-ssd": {"floor"}, "premium-ssd-v2": {"floor"}, "efs": {"floor"},
                      "filestore-basic-hdd": {"floor"}, "filestore-basic-ssd": {"floor"}, "filestore-zonal": {"floor"},
-                     "s3": {"floor"}, "s3-express": {"floor"},
+                     "s3": {"floor"}, "s3-express": {"floor"}, "gcs": {"floor"},
                      "hdd-7200": {"floor"}, "wan-nfs": {"add"}}
 
 
@@ -465,6 +465,43 @@ def test_filestore_basic_hdd_holds_data_at_disk_latency_and_metadata_at_the_roun
     assert 0.003 < statistics.median(reads) < 0.008  # log-normal, median 5 ms: the server's disks
     assert 0.0007 < statistics.median(lookups) < 0.0014  # median 1 ms: answered from the server's memory
     assert 0.001 < write_and_close < 0.030  # the writes wait in the client's page cache for the close
+
+
+def test_a_lookup_cache_holds_each_path_once_per_ttl() -> None:
+    layer = DelayLayer(ops=frozenset({"lookup", "read"}), delay_s=0.020, mode="floor", lookup_cache_s=60.0)
+
+    async def main() -> list[float]:
+        stack = Stack(Policy(layers=[layer]), 1)
+        times = [await _served(stack, "lookup", path="/a")]  # paid: fills the client's cache
+        await trio.sleep(30)
+        times += [await _served(stack, "lookup", path="/a"),  # 30 s later: cached
+                  await _served(stack, "lookup", path="/b"),  # another name: paid
+                  await timed(stack, Op("read", 9, "/a", size=4096), _SERVICE_S)]  # not a lookup: held as ever
+        await trio.sleep(31)  # 61 s after /a was paid for: expired
+        times.append(await _served(stack, "lookup", path="/a"))
+        return times
+
+    first, cached, other, read, expired = run(main)
+    assert first == pytest.approx(0.020) and other == pytest.approx(0.020) and read == pytest.approx(0.020)
+    assert cached == pytest.approx(_SERVICE_S)
+    assert expired == pytest.approx(0.020)
+
+
+def test_gcs_pays_a_request_per_lookup_but_not_per_getattr_or_open() -> None:
+    # Cloud Storage FUSE: a lookup is a stat-object request, its metadata cache answers getattr and open
+    async def main() -> tuple[dict[str, float], Stack]:
+        stack = Stack(Policy(layers=[ProfileLayer(name="gcs")]), 1, rng=random.Random(6))
+        times = {name: await _served(stack, name, flags=os.O_RDONLY, path="/train/shard-0")
+                 for name in ("lookup", "readdir")}
+        times["write"] = await _served(stack, "write", ino=8)
+        times["close after writing"] = await _served(stack, "flush", ino=8)
+        return times, stack
+
+    times, stack = run(main)
+    assert times["lookup"] > 0.004 and times["readdir"] > 0.004  # log-normal, median 20 ms: p1 ~6 ms
+    assert "getattr" not in stack.chains and "open" not in stack.chains  # no layer acts on them
+    assert times["write"] == pytest.approx(_SERVICE_S)  # staged in a local file
+    assert times["close after writing"] > 0.004  # the upload
 
 
 def test_wan_nfs_charges_a_round_trip_per_close_after_writes_not_per_write() -> None:

@@ -312,6 +312,26 @@ def test_a_slow_lookup_does_not_hold_up_lookups_of_other_names_in_its_directory(
     assert took < 0.5
 
 
+def test_a_lookup_cache_answers_the_kernels_revalidation_without_the_delay(mount_worker, tmp_path) -> None:
+    # gcs-like: a stat-object request per new name, then its stat cache answers; the kernel's own entry
+    # cache lasts 1 s (--entry-timeout), after which it looks the name up again
+    _small_files(tmp_path / "bucket", 2, 1)
+    vol = mount_worker(backing=tmp_path / "bucket", policy=_policy(
+        {"type": "delay", "ops": ["lookup"], "delay_s": 0.3, "mode": "floor", "lookup_cache_s": 60}))
+
+    def stat_s(name: str) -> float:
+        started = time.monotonic()
+        os.stat(vol.mountpoint / name)
+        return time.monotonic() - started
+
+    first = stat_s("00.bin")
+    time.sleep(1.2)  # past the kernel's entry timeout: the next stat reaches the worker as a LOOKUP
+    again = stat_s("00.bin")
+    other = stat_s("01.bin")
+    assert first >= 0.3 and other >= 0.3
+    assert again < 0.15
+
+
 def test_expiry_reverts_on_time_without_a_bus(mount_worker) -> None:
     vol = mount_worker(policy=_policy({"type": "fault", "errno": "EIO", "ops": ["getattr", "lookup"],
                                        "path_glob": "/probe", "expires_after_s": 2}))

@@ -286,6 +286,11 @@ DelayMode = Literal["add", "floor"]
 WRITE_BEHIND_OPS: frozenset[str] = frozenset({"flush", "fsync"})
 
 
+#: Paths a delay layer's ``lookup_cache_s`` remembers at most: as many as gcsfuse's default stat cache
+#: of 32 MiB holds (``DefaultStatCacheCapacity``, 20,460 entries, in its internal/config constants).
+LOOKUP_CACHE_ENTRIES = 20_460
+
+
 class DelayLayer(_Layer, tag="delay", kw_only=True):
     """Delay matching ops.
 
@@ -328,6 +333,15 @@ class DelayLayer(_Layer, tag="delay", kw_only=True):
             held each (an NFS client sends them at once); ``True`` defers those
             too. Needs ``write`` among ``ops``; the layer then acts on ``flush``
             and ``fsync`` too.
+        lookup_cache_s: hold a ``lookup`` of a path at most once in this many
+            seconds (0 ≤ x ≤ 86,400; 0, the default: every time): a later lookup
+            of the same path within it passes unheld, found or not, as a client
+            answers from its stat cache (Cloud Storage FUSE caches stat results,
+            positive and negative, for 60 s by default: gcsfuse
+            ``metadata-cache.ttl-secs``). Unlike the kernel's entry timeout, which
+            is fixed when the volume is mounted, it changes with the policy. At most
+            :data:`LOOKUP_CACHE_ENTRIES` paths are remembered (the oldest go first).
+            Needs ``lookup`` among ``ops`` (or no ``ops``).
     """
 
     delay_s: DelaySeconds | None = None
@@ -338,6 +352,7 @@ class DelayLayer(_Layer, tag="delay", kw_only=True):
     mode: DelayMode = "add"
     skip_sequential: bool | Literal["buffered"] = False
     write_behind: bool | Literal["buffered"] = False
+    lookup_cache_s: Annotated[float, msgspec.Meta(ge=0.0, le=86_400.0)] = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -347,6 +362,8 @@ class DelayLayer(_Layer, tag="delay", kw_only=True):
             raise ValueError("field `skip_sequential`: only reads and writes are sequential, and `ops` has neither")
         if self.write_behind and self.ops and "write" not in self.ops:
             raise ValueError("field `write_behind`: it defers the latency of writes, and `ops` has no `write`")
+        if self.lookup_cache_s and self.ops and "lookup" not in self.ops:
+            raise ValueError("field `lookup_cache_s`: it caches lookups, and `ops` has no `lookup`")
 
     @property
     def resolved_distribution(self) -> Distribution:
@@ -597,7 +614,8 @@ class ProfileLayer(_Layer, tag="profile", kw_only=True):
     Attributes:
         name: profile name (``gp3``, ``gp2``, ``io2``, ``st1``, ``pd-standard``, ``pd-balanced``,
             ``pd-ssd``, ``premium-ssd``, ``premium-ssd-v2``, ``efs``, ``filestore-basic-hdd``,
-            ``filestore-basic-ssd``, ``filestore-zonal``, ``wan-nfs``, ``s3``, ``s3-express``, ``hdd-7200``).
+            ``filestore-basic-ssd``, ``filestore-zonal``, ``wan-nfs``, ``s3``, ``s3-express``, ``gcs``,
+            ``hdd-7200``).
         size_gib: volume size, GiB, for profiles whose limits scale with it (``gp2``,
             ``st1``, ``pd-standard``, ``pd-balanced``, ``pd-ssd``, ``premium-ssd``, the ``filestore-*``
             instances' capacity; ``premium-ssd-v2``: bounds
@@ -605,7 +623,7 @@ class ProfileLayer(_Layer, tag="profile", kw_only=True):
             ``None`` = the profile's default.
         iops: provisioned IOPS (``gp3``, ``io2``, ``premium-ssd-v2``); ``None`` = the profile's default.
         rate_bytes_per_s: provisioned throughput (``gp3``, ``premium-ssd-v2``; ``efs``: selects
-            Provisioned throughput) or link bandwidth (``wan-nfs``, ``s3``, ``s3-express``), bytes/s;
+            Provisioned throughput) or link bandwidth (``wan-nfs``, ``s3``, ``s3-express``, ``gcs``), bytes/s;
             ``None`` = the profile's default.
         burst_balance: how full the burst bucket is, 0..1, at the first I/O
             (``gp2``, ``st1``, ``premium-ssd`` up to P20, ``efs`` with ``size_gib``); ``None`` = full, as a

@@ -258,16 +258,25 @@ _S3_METADATA_REQUESTS = frozenset({"lookup", "getattr", "open", "readdir"})
 _MOUNTPOINT_THROUGHPUT = 10_000_000_000 // 8
 
 
-def _s3_builder(median_s: float, sigma: float) -> _Builder:
-    """An S3 storage class through Mountpoint for Amazon S3 with first-byte latency log-normal(``median_s``, ``sigma``)."""
+#: Ops Cloud Storage FUSE serves with one Cloud Storage request each: lookup (object metadata; a miss also
+#: lists the prefix), readdir (a list page). Its metadata cache (60 s) answers getattr and open after a lookup.
+_GCSFUSE_METADATA_REQUESTS = frozenset({"lookup", "readdir"})
+
+
+def _object_store_builder(median_s: float, sigma: float,
+                          metadata_requests: frozenset[OpName] = _S3_METADATA_REQUESTS,
+                          lookup_cache_s: float = 0.0) -> _Builder:
+    """An object store through a FUSE client (Mountpoint for Amazon S3; Cloud Storage FUSE with
+    ``_GCSFUSE_METADATA_REQUESTS`` and its stat cache's ``lookup_cache_s``): first-byte latency
+    log-normal(``median_s``, ``sigma``) per request."""
 
     def build(sizing: Sizing) -> tuple[Layer, ...]:
         latency = LognormalDistribution(median_s=median_s, sigma=sigma)
         return (
             ThrottleLayer(rate_bytes_per_s=sizing.rate_bytes_per_s or _MOUNTPOINT_THROUGHPUT),
-            # a ranged GET per random read; Mountpoint's prefetcher streams a sequential reader (direct or not)
-            DelayLayer(ops=frozenset({"read"}) | _S3_METADATA_REQUESTS, mode="floor", distribution=latency,
-                       skip_sequential=True),
+            # a ranged GET per random read; the client streams a sequential reader (direct or not)
+            DelayLayer(ops=frozenset({"read"}) | metadata_requests, mode="floor", distribution=latency,
+                       skip_sequential=True, lookup_cache_s=lookup_cache_s),
             # writes go out as multipart parts in the background, O_SYNC/O_DIRECT or not; close and fsync
             # wait for the upload to complete (CompleteMultipartUpload); unlink is a DeleteObject
             DelayLayer(ops=frozenset({"write", "unlink"}), mode="floor", distribution=latency, write_behind=True),
@@ -673,7 +682,7 @@ _PROFILES_AND_BUILDERS = (
         parameters={"size_gib": "instance capacity, 1024..102400 GiB (default 1024): the limits scale with it"},
     ),
     _profile(
-        _s3_builder(0.020, 0.5),
+        _object_store_builder(0.020, 0.5),
         name="s3",
         summary="Amazon S3 Standard through Mountpoint for Amazon S3: ~20 ms per request (random read, lookup, "
                 "open, close after writing); sequential reads streamed; 10 Gbit/s",
@@ -701,7 +710,7 @@ _PROFILES_AND_BUILDERS = (
         },
     ),
     _profile(
-        _s3_builder(0.002, 0.3),
+        _object_store_builder(0.002, 0.3),
         name="s3-express",
         summary="Amazon S3 Express One Zone through Mountpoint for Amazon S3: ~2 ms per request, otherwise as s3",
         source=(
@@ -714,6 +723,33 @@ _PROFILES_AND_BUILDERS = (
         ),
         parameters={
             "rate_bytes_per_s": "the client's network throughput to S3, bytes/s (default 1,250,000,000: 10 Gbit/s)",
+        },
+    ),
+    _profile(
+        _object_store_builder(0.020, 0.5, _GCSFUSE_METADATA_REQUESTS, lookup_cache_s=60.0),
+        name="gcs",
+        summary="Google Cloud Storage through Cloud Storage FUSE (the GKE CSI driver's): ~20 ms per request "
+                "(random read, lookup, listing, close after writing); sequential reads streamed; 10 Gbit/s",
+        source=(
+            "Google Cloud Storage, 'Storage classes': time to first byte typically tens of milliseconds "
+            "(https://cloud.google.com/storage/docs/storage-classes); modelled as the s3 profile's "
+            "log-normal, median 20 ms, sigma 0.5, a floor, an assumption within 'tens of milliseconds'. "
+            "Cloud Storage FUSE (github.com/GoogleCloudPlatform/gcsfuse, docs/semantics.md, cfg/params.yaml; "
+            "https://cloud.google.com/storage/docs/gcsfuse-performance-and-best-practices): a reader found "
+            "sequential is served by fewer, larger reads (only its first read waits here), others by ranged "
+            "reads; new files are staged in a local file and uploaded when closed or fsynced, which wait "
+            "for the upload; a lookup is a stat-object request, its result, found or not, cached for 60 s "
+            "by default (metadata-cache.ttl-secs): a lookup of the same path within 60 s of the last one it "
+            "paid for costs nothing (lookup_cache_s), nor do getattr and open; a listing is one request; "
+            "unlink is a delete request. Not applied: the whole download that opening an "
+            "existing object for writing starts, the file cache (off unless a cache directory is given), "
+            "parallel downloads, the request rates of a bucket (about 5,000 reads and 1,000 writes per "
+            "second to start: https://cloud.google.com/storage/docs/request-rate), and gcsfuse's semantics "
+            "(non-atomic renames, no hard links)"
+        ),
+        parameters={
+            "rate_bytes_per_s": "the client's network throughput to Cloud Storage, bytes/s (default 1,250,000,000: "
+                                "10 Gbit/s)",
         },
     ),
     _profile(

@@ -12,10 +12,11 @@ State = TypeVar("State")
 
 
 class FileStreams(Generic[State]):
-    """Per-inode state of the last request of each file, at most ``limit`` files.
+    """Per-file state of the last request of each file, at most ``limit`` files.
 
     A layer takes a file's state when a request arrives and puts the new state
-    back, which also makes that file the most recently used.
+    back, which also makes that file the most recently used. Files are keyed by
+    inode number, or by path where a layer remembers names (a lookup cache).
 
     Args:
         limit: most files remembered.
@@ -23,13 +24,13 @@ class FileStreams(Generic[State]):
 
     def __init__(self, limit: int = MAX_TRACKED_STREAMS) -> None:
         self._limit = limit
-        self._state: dict[int, State] = {}  # insertion order = least recently used first
+        self._state: dict[int | str, State] = {}  # insertion order = least recently used first
 
-    def take(self, ino: int) -> State | None:
+    def take(self, ino: int | str) -> State | None:
         """Remove and return the state of ``ino`` (None if not remembered)."""
         return self._state.pop(ino, None)
 
-    def put(self, ino: int, state: State) -> None:
+    def put(self, ino: int | str, state: State) -> None:
         """Remember ``state`` for ``ino`` as the most recently used file."""
         self._state.pop(ino, None)
         self._state[ino] = state

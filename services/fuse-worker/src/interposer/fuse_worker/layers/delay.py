@@ -15,6 +15,7 @@ import trio
 
 from interposer.proto import DelayLayer
 from interposer.proto.policy import (
+    LOOKUP_CACHE_ENTRIES,
     MAX_DELAY_S,
     WRITE_BEHIND_OPS,
     Distribution,
@@ -176,6 +177,9 @@ class Delay:
         self._buffered_only = spec.skip_sequential == "buffered"
         #: Files written since their last flush or fsync (``write_behind``): ino → True.
         self._unsynced: FileStreams[bool] | None = FileStreams() if spec.write_behind else None
+        #: Paths looked up and held (``lookup_cache_s``): path → when, trio's clock, seconds.
+        self._looked_up: FileStreams[float] | None = (
+            FileStreams(LOOKUP_CACHE_ENTRIES) if spec.lookup_cache_s else None)
         self.acts = spec.probability > 0.0 and spec.max_s > 0.0 and not always_zero(spec.resolved_distribution)
 
     def bind(self, inner: Handler) -> Handler:
@@ -220,7 +224,27 @@ class Delay:
             return result
 
         held = floor if self.spec.mode == "floor" else delay
+        if self._looked_up is not None:
+            held = self._lookup_cache(held, inner)
         return held if self._unsynced is None else self._write_behind(held, inner)
+
+    def _lookup_cache(self, held: Handler, inner: Handler) -> Handler:
+        """``held`` with a lookup of a path held within the last ``lookup_cache_s`` passed on unheld."""
+        looked_up, ttl_s = self._looked_up, self.spec.lookup_cache_s
+        assert looked_up is not None
+
+        async def lookup_cache(op: Op, call: BackendCall) -> Any:
+            if op.name != "lookup":
+                return await held(op, call)
+            now_s = trio.current_time()
+            last_s = looked_up.take(op.path)
+            if last_s is not None and now_s - last_s < ttl_s:
+                looked_up.put(op.path, last_s)  # answered from the client's cache, which keeps its age
+                return await inner(op, call)
+            looked_up.put(op.path, now_s)
+            return await held(op, call)
+
+        return lookup_cache
 
     def _write_behind(self, held: Handler, inner: Handler) -> Handler:
         """``held`` with writes left unheld and their latency paid by the file's next flush or fsync."""
