@@ -328,7 +328,7 @@ def targets_of(layers: list[dict], bs: int, qd: int, service: ServiceTime | None
         elif isinstance(layer, DelayLayer):
             if sequential and (layer.skip_sequential is True or (layer.skip_sequential == "buffered" and not direct)):
                 continue
-            whole = whole and reads + writes == 1
+            whole = whole and math.isclose(reads + writes, 1.0)
             p50 += _quantile_s(layer, P50)
             p99 += _quantile_s(layer, P99)
             mean += _mean_s(layer) * (reads + writes)
