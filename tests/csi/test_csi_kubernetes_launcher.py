@@ -10,6 +10,7 @@ FUSE file systems: those tests fail (never skip) where FUSE is missing.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import tempfile
@@ -337,6 +338,32 @@ def test_a_standalone_csi_node_pod_owns_its_workers_itself() -> None:
         read_own_pod(api, NAMESPACE, "solo", "absent")
     with pytest.raises(OSError, match="cannot read own pod"):
         read_own_pod(api, NAMESPACE, "missing", "fuse-worker-image")
+
+
+def test_worker_pods_get_the_memory_the_csi_node_is_told_to_give() -> None:
+    # A walk of millions of files makes a passthrough worker hold ~440 B per name: an admin sizes it.
+    api = FakeCoreV1Api()
+    api.add_pod({"metadata": {"name": "solo", "namespace": NAMESPACE, "uid": OWN_UID},
+                 "spec": {"containers": [{"name": "fuse-worker-image", "image": WORKER_IMAGE}]}})
+    config = CsiNodeConfig(launcher="kubernetes", pod_name="solo", pod_namespace=NAMESPACE,
+                           worker_memory_request="256Mi", worker_memory_limit="4Gi")
+    launcher = make_launcher(config, api)
+    manifest = worker_pod_manifest(WorkerSpec(volume_id="v", backend="memory", mountpoint="/t"), launcher.settings, 1)
+    _validate(manifest)
+    (container,) = manifest["spec"]["containers"]
+    assert container["resources"]["requests"]["memory"] == "256Mi"
+    assert container["resources"]["limits"] == {"memory": "4Gi"}
+    assert CsiNodeConfig().worker_memory_limit == "1Gi"
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"worker_memory_limit": "lots"}, "worker_memory_limit 'lots' is not a Kubernetes quantity"),
+    ({"worker_memory_limit": "100k"}, "worker_memory_limit '100k' must be a whole number of bytes, at least 1Mi"),
+    ({"worker_memory_request": "2Gi"}, "worker_memory_request 2Gi is above worker_memory_limit 1Gi"),
+])
+def test_bad_worker_memory_settings_are_refused_naming_the_field(fields: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        CsiNodeConfig(**fields)
 
 
 def test_api_errors_become_os_errors_naming_the_call() -> None:

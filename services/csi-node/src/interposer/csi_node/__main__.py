@@ -120,6 +120,19 @@ _DEFAULTS = CsiNodeConfig()
     show_default=True,
     help="Seconds a new worker pod may take to start and take its FUSE fd.",
 )
+@click.option(
+    "--worker-memory-request",
+    default=_DEFAULTS.worker_memory_request,
+    show_default=True,
+    help="Memory request of each worker pod (Kubernetes quantity).",
+)
+@click.option(
+    "--worker-memory-limit",
+    default=_DEFAULTS.worker_memory_limit,
+    show_default=True,
+    help="Memory limit of each worker pod: ~44 MiB plus ~440 B per file or directory the kernel knows "
+    "(1Gi: ~2 million).",
+)
 @click.option("--log-level", default=_DEFAULTS.log_level, show_default=True)
 def main(worker_command: str, log_level: str, **flags: object) -> None:
     """Serve the CSI Identity and Node (or Controller) services of fs.interposer.io until SIGTERM."""

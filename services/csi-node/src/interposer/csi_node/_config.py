@@ -42,6 +42,11 @@ LAUNCHERS = (LAUNCHER_LOCAL, LAUNCHER_KUBERNETES)
 DEFAULT_WORKER_IMAGE_CONTAINER = "fuse-worker-image"
 #: How long a new worker pod may take to start and ask for its FUSE fd, seconds.
 DEFAULT_POD_START_TIMEOUT_S = 60.0
+#: Memory request and limit of a worker pod. The limit holds a passthrough worker that
+#: knows ~2 million names: ~440 B each plus ~44 MiB at start (bench/datapath/inode_memory.py:
+#: 441 MiB after a walk of 1,000,000 files; docs/benchmarks.md, "Worker memory per name").
+DEFAULT_WORKER_MEMORY_REQUEST = "64Mi"
+DEFAULT_WORKER_MEMORY_LIMIT = "1Gi"
 
 
 def default_worker_command() -> tuple[str, ...]:
@@ -85,6 +90,11 @@ class CsiNodeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             the csi-node pod's container ``worker_image_container``.
         worker_image_container: see ``worker_image``.
         pod_start_timeout_s: how long a new worker pod may take to take its fd, seconds.
+        worker_memory_request: memory request of each worker pod, a Kubernetes
+            quantity (``64Mi``).
+        worker_memory_limit: memory limit of each worker pod (``1Gi``); a passthrough
+            worker needs ~440 B per name the kernel knows on top of ~44 MiB, so a
+            volume whose pods walk more than ~2 million files needs more.
     """
 
     endpoint: str = DEFAULT_ENDPOINT
@@ -107,11 +117,36 @@ class CsiNodeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     worker_image: str = ""
     worker_image_container: str = DEFAULT_WORKER_IMAGE_CONTAINER
     pod_start_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = DEFAULT_POD_START_TIMEOUT_S
+    worker_memory_request: str = DEFAULT_WORKER_MEMORY_REQUEST
+    worker_memory_limit: str = DEFAULT_WORKER_MEMORY_LIMIT
 
     def __post_init__(self) -> None:
         if self.launcher == LAUNCHER_KUBERNETES and self.mode == MODE_NODE:
             if not (self.pod_name and self.pod_namespace):
                 raise ValueError("launcher kubernetes needs pod_name and pod_namespace (--pod-name, --pod-namespace)")
+        request = memory_bytes("worker_memory_request", self.worker_memory_request)
+        limit = memory_bytes("worker_memory_limit", self.worker_memory_limit)
+        if request > limit:
+            raise ValueError(f"worker_memory_request {self.worker_memory_request} is above worker_memory_limit "
+                             f"{self.worker_memory_limit}: Kubernetes refuses such a pod")
+
+
+def memory_bytes(field: str, quantity: str) -> int:
+    """Bytes of a Kubernetes memory quantity (``1Gi``, ``512M``, ``1e9``), parsed by the kubernetes client.
+
+    Raises:
+        ValueError: ``quantity`` is not a quantity, is not a whole number of bytes,
+            or is below 1 MiB (no worker starts in less); the message names ``field``.
+    """
+    from kubernetes.utils.quantity import parse_quantity
+
+    try:
+        value = parse_quantity(quantity)
+    except ValueError:
+        raise ValueError(f"{field} {quantity!r} is not a Kubernetes quantity (e.g. 1Gi, 512Mi)") from None
+    if value != int(value) or value < 1 << 20:
+        raise ValueError(f"{field} {quantity!r} must be a whole number of bytes, at least 1Mi")
+    return int(value)
 
 
 def socket_path_of(endpoint: str) -> str:

@@ -165,5 +165,7 @@ def make_launcher(config: CsiNodeConfig, api: object | None = None) -> Launcher:
         # --nats-creds is the same Secret mounted in its container).
         nats_creds_secret=DEFAULT_NATS_CREDS_SECRET if config.nats_creds else "",
         termination_grace_s=max(1, int(config.unmount_timeout_s)),
+        memory_request=config.worker_memory_request,
+        memory_limit=config.worker_memory_limit,
     )
     return KubernetesLauncher(api, settings, pod_start_timeout_s=config.pod_start_timeout_s)
