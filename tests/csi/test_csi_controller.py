@@ -163,6 +163,7 @@ def test_a_name_that_is_not_a_valid_id_gets_a_stable_hashed_id(controller: Contr
             "parameters['entryTimeoutSeconds'] = '-1' is negative",
         ),
         ({"parameters": {"backend": "memory", "busyPollMicroseconds": "fast"}}, "'busyPollMicroseconds'"),
+        ({"parameters": {"backend": "memory", "workerMemoryLimit": "lots"}}, "'workerMemoryLimit'"),
         ({"parameters": {"backend": "memory", "cacheCoherence": "eventual"}}, "'cacheCoherence'"),
         ({"parameters": {"backend": "memory", "flushOnClose": "never"}}, "parameters['flushOnClose'] = 'never'"),
         ({"parameters": {"backend": "memory", "handleKillprivV2": "1"}}, "parameters['handleKillprivV2'] = '1'"),

@@ -274,7 +274,8 @@ def test_worker_pods_carry_the_volume_tuning_across_restarts(cluster: _Cluster) 
     """Worker tuning reaches the pod's args, and the replacement pod's (built from the state, not an argv)."""
     require_fuse()
     target = cluster.root / "pods" / "p3" / "mount"
-    context = {"backend": "memory", "cacheCoherence": "strict", "busyPollMicroseconds": "0"}
+    context = {"backend": "memory", "cacheCoherence": "strict", "busyPollMicroseconds": "0",
+               "workerMemoryLimit": "3Gi"}
     request = mounting_volume_request("vol-t", target, None, extra_context=context)
     cluster.node.publish(request)
     (pod,) = cluster.api.worker_pods()
@@ -282,12 +283,14 @@ def test_worker_pods_carry_the_volume_tuning_across_restarts(cluster: _Cluster) 
     flags = {"--entry-timeout": "0.0", "--attr-timeout": "0.0", "--negative-timeout": "0.0",
              "--busy-poll-us": "0"}
     assert tuning_flags(pod["spec"]["containers"][0]["args"]) == flags
+    assert pod["spec"]["containers"][0]["resources"]["limits"] == {"memory": "3Gi"}
     cluster.kubelet.processes[pod["metadata"]["name"]].kill()
     cluster.kubelet.processes[pod["metadata"]["name"]].wait()
     assert cluster.watcher.restore_if_dead("vol-t"), cluster.logs()
     (new_pod,) = cluster.api.worker_pods()
     assert new_pod["metadata"]["labels"][LABEL_INCARNATION] == "2"
     assert tuning_flags(new_pod["spec"]["containers"][0]["args"]) == flags
+    assert new_pod["spec"]["containers"][0]["resources"]["limits"] == {"memory": "3Gi"}
     (target / "f").write_text("served by the restored pod")
 
     # A restarted csi-node reads the tuning back from the state file: the same publish is a no-op.
@@ -354,11 +357,15 @@ def test_worker_pods_get_the_memory_the_csi_node_is_told_to_give() -> None:
     assert container["resources"]["requests"]["memory"] == "256Mi"
     assert container["resources"]["limits"] == {"memory": "4Gi"}
     assert CsiNodeConfig().worker_memory_limit == "1Gi"
+    # a volume's own limit wins; a node request above it is lowered to it (else Kubernetes refuses the pod)
+    small = WorkerSpec(volume_id="v", backend="memory", mountpoint="/t", tuning=WorkerTuning(memory_limit="128Mi"))
+    resources = worker_pod_manifest(small, launcher.settings, 1)["spec"]["containers"][0]["resources"]
+    assert resources["limits"] == {"memory": "128Mi"} and resources["requests"]["memory"] == "128Mi"
 
 
 @pytest.mark.parametrize(("fields", "message"), [
-    ({"worker_memory_limit": "lots"}, "worker_memory_limit 'lots' is not a Kubernetes quantity"),
-    ({"worker_memory_limit": "100k"}, "worker_memory_limit '100k' must be a whole number of bytes, at least 1Mi"),
+    ({"worker_memory_limit": "lots"}, "worker_memory_limit = 'lots' is not a Kubernetes quantity"),
+    ({"worker_memory_limit": "100k"}, "worker_memory_limit = '100k' must be a whole number of bytes, at least 1Mi"),
     ({"worker_memory_request": "2Gi"}, "worker_memory_request 2Gi is above worker_memory_limit 1Gi"),
 ])
 def test_bad_worker_memory_settings_are_refused_naming_the_field(fields: dict, message: str) -> None:

@@ -209,7 +209,7 @@ def test_a_refused_publish_does_not_create_the_backing_dir(
         ("maxDirFds", "2147483585", "is above 2147483584"),
     ],
 )
-def test_bad_worker_tuning_value(
+def test_bad_worker_tuning_number(
     csi_node: CsiNode, csi_root: Path, key: str, value: str, reason: str
 ) -> None:
     details = rejected_publish_details(csi_node, csi_root, {key: value})
@@ -230,9 +230,13 @@ def test_bad_worker_tuning_value(
             {"cacheCoherence": "strict", "negativeTimeoutSeconds": "1"},
             ["'cacheCoherence'", "'negativeTimeoutSeconds'", "every cache timeout to 0"],
         ),
+        ({"workerMemoryLimit": "lots"}, ["'workerMemoryLimit'", "'lots'", "not a Kubernetes quantity"]),
+        ({"workerMemoryLimit": "32Mi"}, ["'workerMemoryLimit'", "'32Mi'", "below 64Mi"]),
+        ({"workerMemoryLimit": "2Gi"}, ["'workerMemoryLimit'", "needs the Kubernetes launcher"]),
     ],
     ids=["unknown", "kernel-passthrough-not-a-boolean", "flush-on-close-unknown", "killpriv-v2-not-a-boolean",
-         "strict-beside-a-timeout"],
+         "strict-beside-a-timeout", "memory-limit-not-a-quantity", "memory-limit-too-small",
+         "memory-limit-without-pods"],
 )
 def test_bad_worker_tuning_value(
     csi_node: CsiNode, csi_root: Path, context: dict, expected_in_details: list

@@ -143,9 +143,9 @@ def memory_bytes(field: str, quantity: str) -> int:
     try:
         value = parse_quantity(quantity)
     except ValueError:
-        raise ValueError(f"{field} {quantity!r} is not a Kubernetes quantity (e.g. 1Gi, 512Mi)") from None
+        raise ValueError(f"{field} = {quantity!r} is not a Kubernetes quantity (e.g. 1Gi, 512Mi)") from None
     if value != int(value) or value < 1 << 20:
-        raise ValueError(f"{field} {quantity!r} must be a whole number of bytes, at least 1Mi")
+        raise ValueError(f"{field} = {quantity!r} must be a whole number of bytes, at least 1Mi")
     return int(value)
 
 

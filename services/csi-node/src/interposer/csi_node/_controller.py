@@ -22,7 +22,7 @@ StorageClass ``parameters``:
 | ``backingClaim`` | pvc: ``namespace/name`` of the existing PVC the volume stacks over |
 | ``profile`` | name of a policy profile, passed through to the worker's context |
 | ``policy`` | JSON ``Policy`` applied from the first op (validated here) |
-| ``cacheCoherence``, ``*TimeoutSeconds``, ``busyPollMicroseconds``, ``maxBackgroundRequests``, ``kernelPassthrough``, ``flushOnClose``, ``handleKillprivV2``, ``maxFileFds``, ``maxDirFds`` | worker tuning, checked as at publish |
+| ``cacheCoherence``, ``*TimeoutSeconds``, ``busyPollMicroseconds``, ``maxBackgroundRequests``, ``kernelPassthrough``, ``flushOnClose``, ``handleKillprivV2``, ``maxFileFds``, ``maxDirFds``, ``workerMemoryLimit`` | worker tuning, checked as at publish |
 """
 
 from __future__ import annotations

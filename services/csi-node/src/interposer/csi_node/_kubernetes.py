@@ -48,6 +48,7 @@ import msgspec
 import msgspec.structs
 from interposer.proto.connection import nats_secret_name
 
+from ._config import memory_bytes
 from ._fuse_fd import FdHandoff, handoff_name, mount_fuse_fd
 from ._launcher import WorkerSpec, label_arguments, optional_flags
 from ._mounts import unmount_lazily
@@ -148,6 +149,16 @@ class WorkerPodSettings(msgspec.Struct, frozen=True, kw_only=True):
     memory_request: str = "64Mi"
     memory_limit: str = "1Gi"
     termination_grace_s: int = 10
+
+
+def _resources(spec: WorkerSpec, settings: WorkerPodSettings) -> dict[str, dict[str, str]]:
+    """The worker container's requests and limits: the volume's memory limit if it sets one, else the node's;
+    a request above that limit is lowered to it (Kubernetes refuses a pod whose request exceeds its limit)."""
+    limit = spec.tuning.memory_limit or settings.memory_limit
+    request = settings.memory_request
+    if memory_bytes("memory_request", request) > memory_bytes("memory_limit", limit):
+        request = limit
+    return {"requests": {"cpu": settings.cpu_request, "memory": request}, "limits": {"memory": limit}}
 
 
 def label_value(text: str) -> str:
@@ -254,10 +265,7 @@ def worker_pod_manifest(spec: WorkerSpec, settings: WorkerPodSettings, incarnati
         "image": settings.image,
         "imagePullPolicy": settings.image_pull_policy,
         "args": args,
-        "resources": {
-            "requests": {"cpu": settings.cpu_request, "memory": settings.memory_request},
-            "limits": {"memory": settings.memory_limit},
-        },
+        "resources": _resources(spec, settings),
         "securityContext": {
             "privileged": False,
             "allowPrivilegeEscalation": False,

@@ -33,7 +33,7 @@ from interposer.proto.worker_tuning import (
     MAX_FILE_FDS,
 )
 
-from ._config import CsiNodeConfig
+from ._config import CsiNodeConfig, memory_bytes
 from ._launcher import Launcher, WorkerSpec
 from ._mounts import (
     is_fuse_mount,
@@ -106,13 +106,21 @@ CONTEXT_MAX_DIR_FDS = "maxDirFds"
 #: 0: a name or file another node changes in a shared backing dir shows at once, and
 #: every stat and lookup is a round trip to the worker). OPTIONAL.
 CONTEXT_CACHE_COHERENCE = "cacheCoherence"
+#: ``volume_context`` key: memory limit of the volume's worker pod, a Kubernetes quantity
+#: (at least 64Mi; Kubernetes launcher only): a passthrough worker holds ~44 MiB plus
+#: ~420-480 B per file or directory the kernel knows. OPTIONAL: unset = the csi-node's
+#: ``--worker-memory-limit`` (1Gi).
+CONTEXT_WORKER_MEMORY_LIMIT = "workerMemoryLimit"
+#: Smallest ``workerMemoryLimit``: a worker uses ~44 MiB before its first request.
+MIN_WORKER_MEMORY_LIMIT_BYTES = 64 << 20
 CACHE_COHERENCE_MODES = ("default", "strict")
 #: The three kernel cache timeout keys (checked in this order).
 CACHE_TIMEOUT_KEYS = (CONTEXT_ENTRY_TIMEOUT, CONTEXT_ATTR_TIMEOUT, CONTEXT_NEGATIVE_TIMEOUT)
 #: Every key :func:`worker_tuning_of` reads (also StorageClass parameters of the Controller).
 WORKER_TUNING_KEYS = frozenset({*CACHE_TIMEOUT_KEYS, CONTEXT_BUSY_POLL, CONTEXT_MAX_BACKGROUND,
                                 CONTEXT_CACHE_COHERENCE, CONTEXT_KERNEL_PASSTHROUGH, CONTEXT_FLUSH_ON_CLOSE,
-                                CONTEXT_HANDLE_KILLPRIV_V2, CONTEXT_MAX_FILE_FDS, CONTEXT_MAX_DIR_FDS})
+                                CONTEXT_HANDLE_KILLPRIV_V2, CONTEXT_MAX_FILE_FDS, CONTEXT_MAX_DIR_FDS,
+                                CONTEXT_WORKER_MEMORY_LIMIT})
 #: ``volume_context`` keys kubelet adds when the CSIDriver has ``podInfoOnMount: true``.
 CONTEXT_POD_NAMESPACE = "csi.storage.k8s.io/pod.namespace"
 CONTEXT_POD_NAME = "csi.storage.k8s.io/pod.name"
@@ -400,6 +408,11 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             raise _invalid(
                 f"volume_context[{CONTEXT_KERNEL_PASSTHROUGH!r}] is not allowed on an ephemeral inline volume: "
                 "it runs the volume's worker with CAP_SYS_ADMIN, so only a StorageClass may set it"
+            )
+        if tuning.memory_limit is not None and getattr(self._launcher, "claim_namespace", None) is None:
+            raise _invalid(
+                f"volume_context[{CONTEXT_WORKER_MEMORY_LIMIT!r}] needs the Kubernetes launcher "
+                "(--launcher kubernetes): a local worker is no pod with a memory limit"
             )
         policy_json = None
         if CONTEXT_POLICY in context:
@@ -761,7 +774,8 @@ def worker_tuning_of(settings: Mapping[str, str], field: str) -> WorkerTuning:
             that is not an integer from 0 to ``MAX_FILE_FDS``, a ``cacheCoherence`` other than
             ``default``/``strict``, ``strict`` beside a non-zero timeout, or a
             ``kernelPassthrough`` or ``handleKillprivV2`` other than ``true``/``false``,
-            or a ``flushOnClose`` other than ``auto``/``always``.
+            or a ``flushOnClose`` other than ``auto``/``always``, or a ``workerMemoryLimit``
+            that is not a Kubernetes quantity of at least 64Mi.
     """
     timeouts_s = {
         key: _setting_in_range(settings, key, field, float, "decimal seconds", MAX_CACHE_TIMEOUT_S)
@@ -796,6 +810,15 @@ def worker_tuning_of(settings: Mapping[str, str], field: str) -> WorkerTuning:
     passthrough = _setting_of(settings, CONTEXT_KERNEL_PASSTHROUGH, field, ("true", "false"))
     flush_on_close = _setting_of(settings, CONTEXT_FLUSH_ON_CLOSE, field, FLUSH_ON_CLOSE_MODES)
     killpriv_v2 = _setting_of(settings, CONTEXT_HANDLE_KILLPRIV_V2, field, ("true", "false"))
+    memory_limit = settings.get(CONTEXT_WORKER_MEMORY_LIMIT)
+    if memory_limit is not None:
+        key = f"{field}[{CONTEXT_WORKER_MEMORY_LIMIT!r}]"
+        try:
+            limit_bytes = memory_bytes(key, memory_limit)
+        except ValueError as exc:
+            raise _invalid(str(exc)) from None
+        if limit_bytes < MIN_WORKER_MEMORY_LIMIT_BYTES:
+            raise _invalid(f"{key} = {memory_limit!r} is below 64Mi: a worker uses ~44 MiB before its first request")
     return WorkerTuning(
         entry_timeout_s=timeouts_s.get(CONTEXT_ENTRY_TIMEOUT),
         attr_timeout_s=timeouts_s.get(CONTEXT_ATTR_TIMEOUT),
@@ -807,6 +830,7 @@ def worker_tuning_of(settings: Mapping[str, str], field: str) -> WorkerTuning:
         handle_killpriv_v2=None if killpriv_v2 is None else killpriv_v2 == "true",
         max_file_fds=max_fds.get(CONTEXT_MAX_FILE_FDS),
         max_dir_fds=max_fds.get(CONTEXT_MAX_DIR_FDS),
+        memory_limit=memory_limit,
     )
 
 

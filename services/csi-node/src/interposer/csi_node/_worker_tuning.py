@@ -1,4 +1,4 @@
-"""The kernel cache and request loop settings a volume's fuse-worker is started with."""
+"""The kernel cache and request loop settings a volume's fuse-worker is started with, and its pod's memory."""
 
 from __future__ import annotations
 
@@ -38,6 +38,9 @@ class WorkerTuning(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
             worker default 0 = half of its open-file limit).
         max_dir_fds: the same for directories (``--max-dir-fds``; worker default
             0 = a quarter of its open-file limit).
+        memory_limit: the memory limit of the volume's worker pod, a Kubernetes
+            quantity (Kubernetes launcher; not a worker flag); None = the csi-node's
+            ``--worker-memory-limit``.
     """
 
     entry_timeout_s: float | None = None
@@ -50,6 +53,7 @@ class WorkerTuning(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
     handle_killpriv_v2: bool | None = None
     max_file_fds: int | None = None
     max_dir_fds: int | None = None
+    memory_limit: str | None = None
 
     def arguments(self) -> list[str]:
         """The worker flags of the settings that are not None, e.g. ``["--entry-timeout", "0.0"]``."""
