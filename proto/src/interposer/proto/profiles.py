@@ -185,18 +185,26 @@ def _efs_throughput(sizing: Sizing) -> tuple[Layer, ...]:
     return (ThrottleLayer(rate_bytes_per_s=1500 * MIB),)  # Elastic: per client, reads and writes together
 
 
+#: How long a Linux NFS client trusts a name it looked up: until its directory's cached attributes
+#: expire, at least ``acdirmin``, 30 s by default (nfs(5)); a lookup within it sends no LOOKUP.
+_NFS_NAME_CACHE_S = 30.0
+
+
 def _nfs_latency(read: LognormalDistribution, write: LognormalDistribution,
                  metadata: LognormalDistribution | None = None) -> tuple[DelayLayer, ...]:
     """The latency floors a Linux NFS client's application sees: reads and metadata lookups at ``read``,
     writes and namespace/attribute changes at ``write``, or every metadata op at ``metadata`` if given
-    (a server whose data sits on disks but whose metadata requests are answered from memory)."""
+    (a server whose data sits on disks but whose metadata requests are answered from memory); a name
+    looked up is trusted for ``_NFS_NAME_CACHE_S``."""
     read_ops, write_ops = frozenset({"read"}), frozenset({"write"})
     layers = () if metadata is None else (
-        DelayLayer(ops=_NFS_METADATA_READS | _NFS_METADATA_WRITES, mode="floor", distribution=metadata),)
+        DelayLayer(ops=_NFS_METADATA_READS | _NFS_METADATA_WRITES, mode="floor", distribution=metadata,
+                   lookup_cache_s=_NFS_NAME_CACHE_S),)
     return (
         # the client's readahead has the next READs of a sequential stream in flight: only a jump waits
         DelayLayer(ops=read_ops | (_NFS_METADATA_READS if metadata is None else frozenset()), mode="floor",
-                   distribution=read, skip_sequential="buffered"),
+                   distribution=read, skip_sequential="buffered",
+                   lookup_cache_s=_NFS_NAME_CACHE_S if metadata is None else 0.0),
         # the client's page cache takes write(2); close and fsync wait for the WRITEs (and COMMIT) it sends
         DelayLayer(ops=write_ops | (_NFS_METADATA_WRITES if metadata is None else frozenset()), mode="floor",
                    distribution=write, write_behind="buffered"),
@@ -623,7 +631,9 @@ _PROFILES_AND_BUILDERS = (
             "modelled as log-normal, sigma 0.3, floors. As the Linux NFS client does: a buffered read continuing "
             "the previous one of its file is not held (readahead has it in flight; an O_DIRECT one is), writes are not held but the "
             "next close or fsync of the file is, once (the client's page cache sends them then, "
-            "nfs_file_flush); O_SYNC, O_DSYNC and O_DIRECT writes are held each. Bursting and Provisioned "
+            "nfs_file_flush); O_SYNC, O_DSYNC and O_DIRECT writes are held each; a name looked up is "
+            "trusted for 30 s, as the client trusts its cached names until their directory's attributes "
+            "expire (acdirmin, 30 s by default: nfs(5); lookup_cache_s). Bursting and Provisioned "
             "throughput (same guide, 'Throughput modes'): at most 500 MiB/s per client; reads metered at "
             "one-third of their bytes; Bursting: 100 MiB/s (100 MiB/s per TiB stored above 1 TiB) while burst "
             "credits last, a credit balance of up to 2.1 TiB (2.1 TiB per TiB above 1 TiB), new file systems "
