@@ -14,6 +14,7 @@ import os
 import random
 import statistics
 
+import msgspec.structs
 import pyfuse3
 import pytest
 import trio
@@ -329,6 +330,19 @@ def test_a_floor_spans_the_requests_the_kernel_sends_for_one_create() -> None:
 def test_requests_of_separate_calls_each_pay_their_floor(pid: int, gap_s: float, created: str,
                                                          expected_s: float) -> None:
     assert run(_open_creat, Stack(Policy(layers=_NFS_LIKE), 1), pid, gap_s, created) == pytest.approx(expected_s)
+
+
+def test_a_cached_lookup_still_links_the_create_to_its_getattr() -> None:
+    # An NFS client trusts a name it looked up (lookup_cache_s): a later open(O_CREAT) of it sends no
+    # LOOKUP, and the GETATTR + CREATE the kernel sends here are still one OPEN, one 2.7 ms floor.
+    layers = [msgspec.structs.replace(_NFS_LIKE[0], lookup_cache_s=30.0), _NFS_LIKE[1]]
+
+    async def looked_up_then_created(stack: Stack) -> float:
+        await _request(stack, "lookup", "/d/f", 41, missing=True)  # a stat that found nothing: paid
+        await trio.sleep(1)
+        return await _open_creat(stack, 42)
+
+    assert run(looked_up_then_created, Stack(Policy(layers=layers), 1)) == pytest.approx(0.0027)
 
 
 def test_a_lookup_that_finds_the_name_ends_the_chain() -> None:

@@ -229,20 +229,34 @@ class Delay:
         return held if self._unsynced is None else self._write_behind(held, inner)
 
     def _lookup_cache(self, held: Handler, inner: Handler) -> Handler:
-        """``held`` with a lookup of a path held within the last ``lookup_cache_s`` passed on unheld."""
-        looked_up, ttl_s = self._looked_up, self.spec.lookup_cache_s
+        """``held`` with a lookup of a path held within the last ``lookup_cache_s`` passed on unheld.
+
+        An unheld lookup still links its system call's requests (:mod:`._chains`): the
+        GETATTR of the directory before it and the CREATE after it stay one floor.
+        """
+        looked_up, ttl_s, chains = self._looked_up, self.spec.lookup_cache_s, self._chains
         assert looked_up is not None
+        floor = self.spec.mode == "floor"
 
         async def lookup_cache(op: Op, call: BackendCall) -> Any:
             if op.name != "lookup":
                 return await held(op, call)
             now_s = trio.current_time()
             last_s = looked_up.take(op.path)
-            if last_s is not None and now_s - last_s < ttl_s:
-                looked_up.put(op.path, last_s)  # answered from the client's cache, which keeps its age
+            if last_s is None or now_s - last_s >= ttl_s:
+                looked_up.put(op.path, now_s)
+                return await held(op, call)
+            looked_up.put(op.path, last_s)  # answered from the client's cache, which keeps its age
+            if not floor:
                 return await inner(op, call)
-            looked_up.put(op.path, now_s)
-            return await held(op, call)
+            start_s = chains.chain_start(op.name, op.path, op.pid, now_s)
+            try:
+                result = await inner(op, call)
+            except Exception as exc:
+                chains.answered(op.name, op.path, op.pid, start_s, trio.current_time(), exc)
+                raise
+            chains.answered(op.name, op.path, op.pid, start_s, trio.current_time(), None)
+            return result
 
         return lookup_cache
 
