@@ -322,6 +322,15 @@ def test_backing_claims_must_be_in_the_worker_namespace(cluster: _Cluster, tmp_p
     assert cluster.api.calls == [("read_namespaced_pod", NAMESPACE, OWN_POD)]  # validation calls no API
 
 
+def test_an_inline_volume_may_not_size_its_worker_pod(cluster: _Cluster) -> None:
+    # The pod's author writes an inline volume's attributes; the worker pod's memory is the driver namespace's.
+    context = {"backend": "memory", "workerMemoryLimit": "64Gi", "csi.storage.k8s.io/ephemeral": "true"}
+    with pytest.raises(CsiError, match="'workerMemoryLimit'] is not allowed on an ephemeral inline volume") as failed:
+        cluster.node.publish(mounting_volume_request(EPHEMERAL_ID, cluster.root / "t", None, extra_context=context))
+    assert failed.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert cluster.api.calls == [("read_namespaced_pod", NAMESPACE, OWN_POD)]  # no pod made
+
+
 def test_the_local_launcher_refuses_backing_claims(tmp_path: Path) -> None:
     config = CsiNodeConfig(state_dir=str(tmp_path / "state"))
     node = NodeService(config, make_launcher(config), StateStore(config.state_dir))

@@ -414,6 +414,12 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 f"volume_context[{CONTEXT_WORKER_MEMORY_LIMIT!r}] needs the Kubernetes launcher "
                 "(--launcher kubernetes): a local worker is no pod with a memory limit"
             )
+        if tuning.memory_limit is not None and context.get(CONTEXT_EPHEMERAL, "false").lower() == "true":
+            # The worker pod runs in the driver's namespace, outside the pod author's quota.
+            raise _invalid(
+                f"volume_context[{CONTEXT_WORKER_MEMORY_LIMIT!r}] is not allowed on an ephemeral inline volume: "
+                "the worker pod's memory counts against the driver's namespace, so only a StorageClass may set it"
+            )
         policy_json = None
         if CONTEXT_POLICY in context:
             try:
