@@ -195,7 +195,7 @@ def test_quota_and_open_files_come_from_the_newest_heartbeat_of_an_up_worker() -
                           quota_inodes_used=2))
     agg.add_status(status(sent_at_s=1001.0, open_files=1, quota_bytes_used=40, quota_bytes_limit=100,
                           quota_inodes_used=5, kernel_passthrough_files=1, files_bypassing_layers=1,
-                          burst_balance=0.25))
+                          burst_balance=0.25, resident_memory_bytes=441 << 20))
     agg.add_status(status(sent_at_s=999.0, open_files=9, quota_bytes_used=1))  # late arrival: ignored
     agg.add_status(status(volume="vol-b", sent_at_s=1001.0))  # no quota in force
     snap = agg.snapshot()
@@ -211,6 +211,9 @@ def test_quota_and_open_files_come_from_the_newest_heartbeat_of_an_up_worker() -
     assert value(samples, "interposer_kernel_passthrough_open_files", volume="vol-a") == 1
     assert value(samples, "interposer_open_files_bypassing_layers", volume="vol-a") == 1
     assert value(samples, "interposer_burst_balance_ratio", volume="vol-a") == 0.25
+    assert value(samples, "interposer_worker_resident_memory_bytes", volume="vol-a") == 441 << 20
+    assert not any(name == "interposer_worker_resident_memory_bytes" and ("volume", "vol-b") in labels
+                   for name, labels in samples)  # not reported: absent, not 0
     assert not any(name == "interposer_burst_balance_ratio" and ("volume", "vol-b") in labels
                    for name, labels in samples)  # no sized bucket: absent, not 1
     assert value(samples, "interposer_kernel_passthrough_open_files", volume="vol-b") == 0

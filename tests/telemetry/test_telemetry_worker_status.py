@@ -1,6 +1,6 @@
 """Worker heartbeats and fault records end to end: a real mount → NATS → a real collector's /metrics.
 
-Quota usage and limits, open files and worker health come from the heartbeat
+Quota usage and limits, open files, the worker's resident memory and worker health come from the heartbeat
 (``WorkerStatus``); ``interposer_fault_records_total`` from the fault records
 (``interposer.faults.<volume>``), which count short reads too.
 """
@@ -70,6 +70,11 @@ def test_quota_open_files_fault_records_and_worker_up_reach_the_collector(
             return seen == {**expected, "errno": BAD_READS, "short_read": 1}
 
         wait_for(arrived, what="heartbeat gauges and fault records in the collector", interval_s=0.3)
+        # the worker's RSS, to compare with its pod's memory limit: what /proc says of the same process
+        rss_kib = next(int(line.split()[1]) for line in open(f"/proc/{vol.proc.pid}/status")
+                       if line.startswith("VmRSS:"))
+        reported = collector.total("interposer_worker_resident_memory_bytes", **labels)
+        assert 0.8 * rss_kib * 1024 <= reported <= 1.25 * rss_kib * 1024
         assert collector.total("interposer_injected_faults_total", op="read", errno="EIO", **labels) == BAD_READS
         # podInfoOnMount's uid and ServiceAccount, for joins on the volume
         assert collector.total("interposer_volume_info", pod_uid="uid-q", service_account="sa-q", **labels) == 1

@@ -135,6 +135,10 @@ class WorkerStatus(msgspec.Struct):
             policy is (a throttle layer's ``burst_bytes``/``burst_ops``, e.g. the
             credit buckets of the ``gp2`` and ``st1`` profiles), as CloudWatch's
             ``BurstBalance`` but a ratio; ``None`` when no layer in force has one.
+        resident_memory_bytes: the worker process's resident memory (RSS), bytes,
+            when the heartbeat was made (``/proc/self/statm``); ``None`` where
+            unknown. A passthrough worker's grows ~420-480 B per file or directory
+            the kernel knows: what its pod's memory limit must hold.
     """
 
     volume: str
@@ -163,6 +167,7 @@ class WorkerStatus(msgspec.Struct):
     kernel_passthrough_files: int = 0
     files_bypassing_layers: int = 0
     burst_balance: float | None = None
+    resident_memory_bytes: int | None = None
 
 
 class FaultRecord(msgspec.Struct, kw_only=True):

@@ -120,6 +120,8 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
         quota_limit_inodes: the same key → inode limit, for quotas that have one.
         burst_balance: the same key → how full, 0..1, the emptiest policy-sized
             throttle bucket is (``WorkerStatus.burst_balance``), for workers with one.
+        resident_memory_bytes: the same key → the worker process's RSS, bytes, for
+            workers that report it.
         volume_info: ``(volume, namespace, pod, pod_uid, service_account)`` → 1 for
             each up worker (newest heartbeat): who uses the volume, for joins in PromQL.
         batches_total: event batches aggregated.
@@ -155,6 +157,7 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
     quota_used_inodes: dict[Labels3, int]
     quota_limit_inodes: dict[Labels3, int]
     burst_balance: dict[Labels3, float]
+    resident_memory_bytes: dict[Labels3, int]
     volume_info: dict[tuple[str, str, str, str, str], int]
     batches_total: int
     events_total: int
@@ -450,6 +453,7 @@ class Aggregator:
                 quota_used_inodes=_present(newest, "quota_inodes_used"),
                 quota_limit_inodes=_present(newest, "quota_inodes_limit"),
                 burst_balance=_present(newest, "burst_balance"),
+                resident_memory_bytes=_present(newest, "resident_memory_bytes"),
                 volume_info={(*key3, status.pod_uid, status.service_account): 1 for key3, status in newest.items()},
                 batches_total=self._batches_total,
                 events_total=self._events_total,

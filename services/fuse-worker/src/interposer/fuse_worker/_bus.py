@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -40,6 +41,17 @@ DEFAULT_RECONNECT_TIME_WAIT_S = 1.0
 DEFAULT_BUCKET_RETRY_S = 1.0
 #: Time the bus gets to publish what is left when the worker stops, seconds.
 DEFAULT_SHUTDOWN_FLUSH_S = 3.0
+#: Bytes per page of ``/proc/self/statm`` (sysconf PAGESIZE).
+_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
+
+
+def resident_memory_bytes() -> int | None:
+    """This process's resident set size, bytes (second field of ``/proc/self/statm``, proc(5)); None off Linux."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * _PAGE_BYTES
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 class Bus:
@@ -404,6 +416,7 @@ class Bus:
             pod_uid=self.config.pod_uid, service_account=self.config.service_account,
             node=self.config.node_name, kernel_passthrough_files=passthrough_files,
             files_bypassing_layers=bypassing, burst_balance=self._burst_balance(),
+            resident_memory_bytes=resident_memory_bytes(),
         ))
 
     async def _status_loop(self, nc: nats.NATS) -> None:
