@@ -38,6 +38,7 @@ DOCUMENTED_METRICS = {
     "interposer_quota_used_inodes",
     "interposer_quota_limit_inodes",
     "interposer_burst_balance_ratio",
+    "interposer_worker_resident_memory_bytes",
 }
 PROMQL_KEYWORDS = {"and", "or", "unless", "bool", "offset", "inf", "nan"}
 DASHBOARD_FILE = DEPLOY_DIR / "overlays" / "monitoring" / "dashboards" / "interposer-overview.json"
