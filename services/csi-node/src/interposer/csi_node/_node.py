@@ -402,7 +402,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 f"volume_context[{CONTEXT_KERNEL_PASSTHROUGH!r}] = 'true' needs the passthrough backend, not "
                 f"{backend!r}: there is no backing file to pass through to"
             )
-        if tuning.kernel_passthrough and context.get(CONTEXT_EPHEMERAL, "false").lower() == "true":
+        ephemeral = context.get(CONTEXT_EPHEMERAL, "false").lower() == "true"
+        if tuning.kernel_passthrough and ephemeral:
             # An inline volume's attributes are the pod author's; this one gives the
             # worker CAP_SYS_ADMIN, which is the cluster admin's to grant (StorageClass).
             raise _invalid(
@@ -414,7 +415,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
                 f"volume_context[{CONTEXT_WORKER_MEMORY_LIMIT!r}] needs the Kubernetes launcher "
                 "(--launcher kubernetes): a local worker is no pod with a memory limit"
             )
-        if tuning.memory_limit is not None and context.get(CONTEXT_EPHEMERAL, "false").lower() == "true":
+        if tuning.memory_limit is not None and ephemeral:
             # The worker pod runs in the driver's namespace, outside the pod author's quota.
             raise _invalid(
                 f"volume_context[{CONTEXT_WORKER_MEMORY_LIMIT!r}] is not allowed on an ephemeral inline volume: "
@@ -447,7 +448,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             pod_name=context.get(CONTEXT_POD_NAME, ""),
             pod_uid=context.get(CONTEXT_POD_UID, ""),
             service_account=context.get(CONTEXT_SERVICE_ACCOUNT, ""),
-            ephemeral=context.get(CONTEXT_EPHEMERAL, "false").lower() == "true",
+            ephemeral=ephemeral,
             tuning=tuning,
         )
 

@@ -186,9 +186,11 @@ class Delay:
         """Return a handler that applies this layer, then calls ``inner``."""
         match, draw, rng, probability, chains = self._match, self.draw, self._rng, self.spec.probability, self._chains
         sequential = self._sequential if self._next_offset is not None else None
+        cached = self._cached_lookup if self._looked_up is not None else None
 
         async def delay(op: Op, call: BackendCall) -> Any:
-            if (match is None or match(op.path)) and not (sequential and sequential(op)) and (
+            if (match is None or match(op.path)) and not (sequential and sequential(op)) and not (
+                    cached and op.name == "lookup" and cached(op.path)) and (
                     probability >= 1.0 or rng.random() < probability):
                 delay_s = draw()
                 self._delayed += 1
@@ -205,8 +207,11 @@ class Delay:
             return await inner(op, call)
 
         async def floor(op: Op, call: BackendCall) -> Any:
-            if (match is not None and not match(op.path)) or (sequential and sequential(op)) or (
-                    probability < 1.0 and rng.random() >= probability):
+            if (match is not None and not match(op.path)) or (sequential and sequential(op)):
+                return await inner(op, call)
+            if cached and op.name == "lookup" and cached(op.path):
+                return await self._unheld_in_chain(op, call, inner)
+            if probability < 1.0 and rng.random() >= probability:
                 return await inner(op, call)
             target_s = draw()
             self._delayed += 1
@@ -224,41 +229,33 @@ class Delay:
             return result
 
         held = floor if self.spec.mode == "floor" else delay
-        if self._looked_up is not None:
-            held = self._lookup_cache(held, inner)
         return held if self._unsynced is None else self._write_behind(held, inner)
 
-    def _lookup_cache(self, held: Handler, inner: Handler) -> Handler:
-        """``held`` with a lookup of a path held within the last ``lookup_cache_s`` passed on unheld.
-
-        An unheld lookup still links its system call's requests (:mod:`._chains`): the
-        GETATTR of the directory before it and the CREATE after it stay one floor.
-        """
-        looked_up, ttl_s, chains = self._looked_up, self.spec.lookup_cache_s, self._chains
+    def _cached_lookup(self, path: str) -> bool:
+        """True if a lookup of ``path`` was held within the last ``lookup_cache_s`` (the client's cache
+        answers it, keeping the entry's age); else note this one as the lookup that fills the cache."""
+        looked_up = self._looked_up
         assert looked_up is not None
-        floor = self.spec.mode == "floor"
+        now_s = trio.current_time()
+        last_s = looked_up.take(path)
+        if last_s is None or now_s - last_s >= self.spec.lookup_cache_s:
+            looked_up.put(path, now_s)
+            return False
+        looked_up.put(path, last_s)
+        return True
 
-        async def lookup_cache(op: Op, call: BackendCall) -> Any:
-            if op.name != "lookup":
-                return await held(op, call)
-            now_s = trio.current_time()
-            last_s = looked_up.take(op.path)
-            if last_s is None or now_s - last_s >= ttl_s:
-                looked_up.put(op.path, now_s)
-                return await held(op, call)
-            looked_up.put(op.path, last_s)  # answered from the client's cache, which keeps its age
-            if not floor:
-                return await inner(op, call)
-            start_s = chains.chain_start(op.name, op.path, op.pid, now_s)
-            try:
-                result = await inner(op, call)
-            except Exception as exc:
-                chains.answered(op.name, op.path, op.pid, start_s, trio.current_time(), exc)
-                raise
-            chains.answered(op.name, op.path, op.pid, start_s, trio.current_time(), None)
-            return result
-
-        return lookup_cache
+    async def _unheld_in_chain(self, op: Op, call: BackendCall, inner: Handler) -> Any:
+        """Serve ``op`` unheld, still linking its system call's requests (:mod:`._chains`): a lookup
+        answered from ``lookup_cache_s`` keeps the GETATTR before it and the CREATE after it one floor."""
+        chains = self._chains
+        start_s = chains.chain_start(op.name, op.path, op.pid, trio.current_time())
+        try:
+            result = await inner(op, call)
+        except Exception as exc:
+            chains.answered(op.name, op.path, op.pid, start_s, trio.current_time(), exc)
+            raise
+        chains.answered(op.name, op.path, op.pid, start_s, trio.current_time(), None)
+        return result
 
     def _write_behind(self, held: Handler, inner: Handler) -> Handler:
         """``held`` with writes left unheld and their latency paid by the file's next flush or fsync."""
