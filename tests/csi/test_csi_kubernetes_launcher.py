@@ -353,7 +353,7 @@ def test_a_standalone_csi_node_pod_owns_its_workers_itself() -> None:
 
 
 def test_worker_pods_get_the_memory_the_csi_node_is_told_to_give() -> None:
-    # A walk of millions of files makes a passthrough worker hold ~440 B per name: an admin sizes it.
+    # A walk of millions of files makes a passthrough worker hold ~260 B per name: an admin sizes it.
     api = FakeCoreV1Api()
     api.add_pod({"metadata": {"name": "solo", "namespace": NAMESPACE, "uid": OWN_UID},
                  "spec": {"containers": [{"name": "fuse-worker-image", "image": WORKER_IMAGE}]}})

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+from interposer_testing import make_chain, remove_chain
 
 NAME_MAX = 255
 PATH_MAX = 4096
@@ -246,9 +247,28 @@ def rewound_listing(root: Path) -> dict[str, Any]:
     return {"first listing": before, "after rewind": after, "after another change": again}
 
 
+def rename_above_a_deep_tree(root: Path) -> dict[str, Any]:
+    # The worker names every op's file by its path (events, layer globs); a rename
+    # changes the path of everything below, rebuilt when next asked, which must not
+    # recurse once per level (Python's limit is ~1,000 frames).
+    depth = 1500
+    os.mkdir(root / "top")
+    fd = make_chain(root / "top", "d", depth)  # the bottom, held open: nothing asks for the paths between
+    try:
+        os.rename(root / "top", root / "moved")
+        try:
+            created = outcome(lambda: os.close(os.open("leaf", os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=fd)) or "ok")
+            listed = os.listdir(fd)
+        finally:
+            os.close(fd)
+    finally:
+        remove_chain(root / "moved", "d", depth)
+    return {"file created at the bottom after the rename": created, "listing there": listed}
+
+
 SCENARIOS = {f.__name__: f for f in (long_names, special_files, times, access_checks, sync_and_direct_opens,
                                      open_flags_about_the_path, directory_fsync_and_statfs, rename_whiteout,
-                                     rewound_listing)}
+                                     rewound_listing, rename_above_a_deep_tree)}
 BACKENDS = {"passthrough": [], "memory": ["--backend", "memory"], "kernel-passthrough": ["--kernel-passthrough"]}
 
 

@@ -15,7 +15,7 @@ import pyfuse3
 import pytest
 from interposer_testing import make_chain, remove_chain
 
-from interposer.fuse_worker._inodes import InodeTable, open_path
+from interposer.fuse_worker._inodes import OTHER_DEVICE_INO_BASE, ROOT_INODE, InodeTable, open_path
 
 
 def _fd_is_open(fd: int) -> bool:
@@ -92,3 +92,36 @@ def _reopen_chain(table: InodeTable, tmp_path: Path, depth: int) -> None:
         chain[-1].fd  # noqa: B018
     assert failure.value.errno == errno.ESTALE
     os.rename(tmp_path / "c" / "d" / "moved", tmp_path / "c" / "d" / "d")
+
+
+def test_fuse_numbers_and_backing_keys_map_both_ways(table: InodeTable, tmp_path: Path) -> None:
+    """No key is stored per inode: the table must get ``(st_dev, st_ino)`` back from the FUSE number."""
+    root = os.stat(tmp_path)
+    dev = root.st_dev
+    sub = _lookup(table, _lookup(table, table.root, "a"), "sub")
+    assert sub.ino == os.stat(tmp_path / "a" / "sub").st_ino  # backing numbers shown as they are
+    assert table.by_key((dev, sub.ino)) is sub
+    assert sub.key == (dev, sub.ino)
+    swapped = {(dev, root.st_ino): ROOT_INODE, (dev, 1): root.st_ino}  # the root is FUSE inode 1
+    other = (dev + 1, 77)
+    assert table.by_key(other) is None  # asking does not number it
+    assert table.ino_of(other) == OTHER_DEVICE_INO_BASE == table.ino_of(other)
+    assert table.ino_of((dev + 2, 77)) == OTHER_DEVICE_INO_BASE + 1
+    for key in (*swapped, (dev, sub.ino), other, (dev + 2, 77)):
+        assert table.key_of(table.ino_of(key)) == key
+    assert {table.ino_of(key) for key in swapped} == set(swapped.values())
+
+
+def test_paths_below_a_moved_directory_deeper_than_the_recursion_limit(table: InodeTable, tmp_path: Path) -> None:
+    depth = 2000
+    os.close(make_chain(tmp_path / "c", "d", depth))
+    try:
+        chain = [_lookup(table, table.root, "c")]
+        for _ in range(depth):
+            chain.append(_lookup(table, chain[-1], "d"))
+        assert table.path(chain[-1]) == "/c" + "/d" * depth
+        table.moved(chain[0], table.root, b"e")  # as after a rename through the mount
+        assert table.path(chain[-1]) == "/e" + "/d" * depth
+        assert table.path(chain[1]) == "/e/d"
+    finally:
+        remove_chain(tmp_path / "c", "d", depth)

@@ -43,8 +43,8 @@ DEFAULT_WORKER_IMAGE_CONTAINER = "fuse-worker-image"
 #: How long a new worker pod may take to start and ask for its FUSE fd, seconds.
 DEFAULT_POD_START_TIMEOUT_S = 60.0
 #: Memory request and limit of a worker pod. The limit holds a passthrough worker that
-#: knows ~2 million names: ~440 B each plus ~44 MiB at start (bench/datapath/inode_memory.py:
-#: 441 MiB after a walk of 1,000,000 files; docs/benchmarks.md, "Worker memory per name").
+#: knows ~3.8 million names: ~260 B each plus ~44 MiB at start (bench/datapath/inode_memory.py:
+#: 290 MiB after a walk of 1,000,000 files; docs/benchmarks.md, "Worker memory per name").
 DEFAULT_WORKER_MEMORY_REQUEST = "64Mi"
 DEFAULT_WORKER_MEMORY_LIMIT = "1Gi"
 
@@ -93,8 +93,8 @@ class CsiNodeConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
         worker_memory_request: memory request of each worker pod, a Kubernetes
             quantity (``64Mi``).
         worker_memory_limit: memory limit of each worker pod (``1Gi``); a passthrough
-            worker needs ~440 B per name the kernel knows on top of ~44 MiB, so a
-            volume whose pods walk more than ~2 million files needs more.
+            worker needs ~260 B per name the kernel knows on top of ~44 MiB, so a
+            volume whose pods walk more than ~3.8 million files needs more.
     """
 
     endpoint: str = DEFAULT_ENDPOINT

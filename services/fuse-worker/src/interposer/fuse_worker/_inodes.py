@@ -76,12 +76,33 @@ class PathTable:
         self._path_gen += 1
 
     def path(self, node: Named) -> str:
-        """Path of ``node`` inside the volume (``/`` for the root, ``/a/b`` below)."""
+        """Path of ``node`` inside the volume (``/`` for the root, ``/a/b`` below).
+
+        Only the paths of directories asked for their children's are kept: a
+        walk of a million files would otherwise hold a million path strings
+        (~60 B each) for what one join (~0.1 µs) rebuilds.
+        """
         if node._path_gen == self._path_gen:
             return node._path
-        path = "/" if node.parent is None else join_path(self.path(node.parent), node.name)
-        node._path, node._path_gen = path, self._path_gen
-        return path
+        parent = node.parent
+        return "/" if parent is None else join_path(self._parent_path(parent), node.name)
+
+    def _parent_path(self, node: Named) -> str:
+        """:meth:`path` of a directory, kept until the next move (with those above it).
+
+        A loop, not recursion: a tree may be thousands of directories deep.
+        """
+        generation = self._path_gen
+        uncached: list[Named] = []
+        above: Named | None = node
+        while above is not None and above._path_gen != generation:
+            uncached.append(above)
+            above = above.parent
+        path = "" if above is None else above._path
+        for below in reversed(uncached):
+            path = "/" if below.parent is None else join_path(path, below.name)
+            below._path, below._path_gen = path, generation
+        return node._path
 
 
 class Inode(Named):
@@ -93,7 +114,8 @@ class Inode(Named):
             through it. Reading it may reopen the file (:class:`InodeTable`) and
             raise ``pyfuse3.FUSEError(ESTALE)``; it stays valid until the handler
             awaits something.
-        key: ``(st_dev, st_ino)`` of the backing file.
+        key: ``(st_dev, st_ino)`` of the backing file (computed from ``ino``:
+            :meth:`InodeTable.key_of`).
         lookups: kernel lookup count (see pyfuse3 ``developer-notes/lookup_counts``).
         parent: inode of the directory it was last seen in (None for the root).
         name: its name there, bytes.
@@ -105,20 +127,23 @@ class Inode(Named):
             backend's cache; None until asked).
     """
 
-    __slots__ = ("ino", "_fd", "_table", "key", "lookups", "is_dir", "named", "flush_needed", "_read_in_op")
+    __slots__ = ("ino", "_fd", "_table", "lookups", "is_dir", "named", "flush_needed", "_read_in_op")
 
-    def __init__(self, table: "InodeTable", ino: int, fd: int, key: tuple[int, int], parent: "Inode | None",
-                 name: bytes, is_dir: bool) -> None:
+    def __init__(self, table: "InodeTable", ino: int, fd: int, parent: "Inode | None", name: bytes,
+                 is_dir: bool) -> None:
         super().__init__(parent, name)
         self._table = table
         self.ino = ino
         self._fd = fd
-        self.key = key
         self.lookups = 0
         self.is_dir = is_dir
         self.named = True
         self.flush_needed: bool | None = None
         self._read_in_op = -1  # InodeTable.op when ``fd`` was last read
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return self._table.key_of(self.ino)
 
     @property
     def fd(self) -> int:
@@ -136,7 +161,10 @@ class InodeTable(PathTable):
     """Maps FUSE inodes to backing files by ``(st_dev, st_ino)``.
 
     Keying by the backing inode makes hard links share one FUSE inode and keeps
-    numbers stable across renames. An O_PATH fd per inode also pins the backing
+    numbers stable across renames. The FUSE number is a function of the backing
+    key both ways (:meth:`ino_of`, :meth:`key_of`), so one dict indexes both and
+    no key is stored: at ~250 B per name, a worker holds a walk of a million files
+    in ~250 MiB (``bench/datapath/inode_memory.py``). An O_PATH fd per inode also pins the backing
     inode, so its number cannot be reused while the worker holds it.
 
     The FUSE inode number is the backing one (:meth:`ino_of`), so that a file keeps
@@ -178,11 +206,12 @@ class InodeTable(PathTable):
     def __init__(self, root_fd: int, max_file_fds: int | None = None, max_dir_fds: int | None = None) -> None:
         super().__init__()
         st = os.fstat(root_fd)
-        self.root = Inode(self, ROOT_INODE, root_fd, (st.st_dev, st.st_ino), None, b"", is_dir=True)
+        self._root_dev, self._root_st_ino = st.st_dev, st.st_ino
+        self._other_device_inos: dict[tuple[int, int], int] = {}
+        self._other_device_keys: dict[int, tuple[int, int]] = {}
+        self.root = Inode(self, ROOT_INODE, root_fd, None, b"", is_dir=True)
         self.root.lookups = 1
         self._by_ino: dict[int, Inode] = {ROOT_INODE: self.root}
-        self._by_key: dict[tuple[int, int], Inode] = {self.root.key: self.root}
-        self._other_device_inos: dict[tuple[int, int], int] = {}
         self.max_file_fds = max_file_fds
         self.max_dir_fds = max_dir_fds
         #: Non-directories holding an fd that may be closed, oldest first.
@@ -196,16 +225,36 @@ class InodeTable(PathTable):
 
     def ino_of(self, key: tuple[int, int]) -> int:
         """The FUSE inode number of backing file ``key`` = ``(st_dev, st_ino)``: the same every time."""
+        ino = self._known_ino_of(key)
+        if ino is None:
+            ino = self._other_device_inos[key] = OTHER_DEVICE_INO_BASE + len(self._other_device_inos)
+            self._other_device_keys[ino] = key
+        return ino
+
+    def _known_ino_of(self, key: tuple[int, int]) -> int | None:
+        """:meth:`ino_of` without numbering a file of another device not seen before (None then)."""
         dev, st_ino = key
-        root_dev, root_st_ino = self.root.key
-        if dev != root_dev:
-            ino = self._other_device_inos.get(key)
-            if ino is None:
-                ino = self._other_device_inos[key] = OTHER_DEVICE_INO_BASE + len(self._other_device_inos)
-            return ino
-        if st_ino == root_st_ino:
+        if dev != self._root_dev:
+            return self._other_device_inos.get(key)
+        if st_ino == self._root_st_ino:
             return ROOT_INODE
-        return root_st_ino if st_ino == ROOT_INODE else st_ino
+        return self._root_st_ino if st_ino == ROOT_INODE else st_ino
+
+    def key_of(self, ino: int) -> tuple[int, int]:
+        """``(st_dev, st_ino)`` of the backing file numbered ``ino`` (the inverse of :meth:`ino_of`).
+
+        Raises:
+            KeyError: ``ino`` is a number of another device that was never handed out.
+        """
+        if ino >= OTHER_DEVICE_INO_BASE:
+            return self._other_device_keys[ino]
+        if ino == ROOT_INODE:
+            return self._root_dev, self._root_st_ino
+        return self._root_dev, ROOT_INODE if ino == self._root_st_ino else ino
+
+    def dev_of(self, inode: Inode) -> int:
+        """``st_dev`` of ``inode``'s backing file."""
+        return self._root_dev if inode.ino < OTHER_DEVICE_INO_BASE else self._other_device_keys[inode.ino][0]
 
     def find(self, ino: int) -> Inode | None:
         """Return the inode, or None if the kernel does not know it."""
@@ -213,7 +262,8 @@ class InodeTable(PathTable):
 
     def by_key(self, key: tuple[int, int]) -> Inode | None:
         """Return the inode of backing file ``key`` = ``(st_dev, st_ino)``, or None."""
-        return self._by_key.get(key)
+        ino = self._known_ino_of(key)
+        return None if ino is None else self._by_ino.get(ino)
 
     def __len__(self) -> int:
         return len(self._by_ino)
@@ -252,12 +302,10 @@ class InodeTable(PathTable):
         Takes ownership of ``fd`` (closes it when the file is already known and has
         one). Does not change the lookup count.
         """
-        key = (st.st_dev, st.st_ino)
-        inode = self._by_key.get(key)
+        ino = self.ino_of((st.st_dev, st.st_ino))
+        inode = self._by_ino.get(ino)
         if inode is None:
-            inode = Inode(self, self.ino_of(key), fd, key, parent, name, is_dir=stat.S_ISDIR(st.st_mode))
-            self._by_ino[inode.ino] = inode
-            self._by_key[key] = inode
+            inode = self._by_ino[ino] = Inode(self, ino, fd, parent, name, is_dir=stat.S_ISDIR(st.st_mode))
             self._held(inode)
             return inode
         if inode.parent is not parent or inode.name != name:
@@ -318,7 +366,7 @@ class InodeTable(PathTable):
             fd, st = open_path(parent._fd, inode.name)
         except (FileNotFoundError, NotADirectoryError):
             raise pyfuse3.FUSEError(errno.ESTALE) from None
-        if (st.st_dev, st.st_ino) != inode.key or stat.S_ISDIR(st.st_mode) != inode.is_dir:
+        if self._known_ino_of((st.st_dev, st.st_ino)) != inode.ino or stat.S_ISDIR(st.st_mode) != inode.is_dir:
             os.close(fd)
             raise pyfuse3.FUSEError(errno.ESTALE)
         inode._fd = fd
@@ -356,8 +404,6 @@ class InodeTable(PathTable):
         inode.lookups -= nlookup
         if inode.lookups <= 0:
             del self._by_ino[ino]
-            if self._by_key.get(inode.key) is inode:
-                del self._by_key[inode.key]
             self._not_closable(inode)
             if inode._fd >= 0:
                 os.close(inode._fd)
@@ -370,7 +416,6 @@ class InodeTable(PathTable):
                 os.close(inode._fd)
                 inode._fd = -1
         self._by_ino.clear()
-        self._by_key.clear()
         self._closable_files.clear()
         self._closable_dirs.clear()
         self.close_released()

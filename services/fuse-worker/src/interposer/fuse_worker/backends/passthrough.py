@@ -400,10 +400,11 @@ class PassthroughBackend:
             return True
         unknown: list[Inode] = []
         inode: Inode | None = entry[1]
+        dev_of = self.inodes.dev_of
         while inode is not None and inode.flush_needed is None:
             unknown.append(inode)
             parent = inode.parent
-            inode = parent if parent is not None and parent.key[0] == inode.key[0] else None
+            inode = parent if parent is not None and dev_of(parent) == dev_of(inode) else None
         if inode is not None:
             needed = inode.flush_needed
         else:
