@@ -12,7 +12,9 @@ import errno
 import math
 import os
 import random
+import stat
 import statistics
+from types import SimpleNamespace
 
 import msgspec.structs
 import pyfuse3
@@ -24,6 +26,7 @@ from interposer.fuse_worker import Op, Stack
 from interposer.fuse_worker.layers import quantile, sampler
 from interposer.proto import DelayLayer, FaultLayer, Policy, ProfileLayer
 from interposer.proto.policy import (
+    AttrCache,
     FixedDistribution,
     LognormalDistribution,
     NormalDistribution,
@@ -39,11 +42,11 @@ def run(fn, *args):
 
 async def timed(stack: Stack, op: Op, service_s: float, fail: bool = False) -> float:
     """Serve ``op`` over a backend that takes ``service_s`` (and fails with EIO if ``fail``); return the latency."""
-    async def call() -> bytes:
+    async def call() -> bytes | pyfuse3.EntryAttributes:
         await trio.sleep(service_s)
         if fail:
             raise pyfuse3.FUSEError(errno.EIO)
-        return b"x" * op.size
+        return pyfuse3.EntryAttributes() if op.name in ("lookup", "getattr") else b"x" * op.size
 
     start = trio.current_time()
     try:
@@ -544,3 +547,61 @@ def test_a_buffered_only_sequential_skip_holds_each_direct_read() -> None:
 
     assert run(main, os.O_RDONLY) == [pytest.approx(0.001)] + [pytest.approx(_SERVICE_S)] * 3
     assert run(main, os.O_RDONLY | os.O_DIRECT) == [pytest.approx(0.001)] * 4
+
+
+async def _stat(stack: Stack, ino: int, ctime_ns: int = 1, name: str = "getattr", mode: int = stat.S_IFREG) -> float:
+    """Serve a ``getattr`` of ``ino`` (or a ``lookup`` finding it) whose attributes carry ``ctime_ns``; its latency."""
+    attrs = SimpleNamespace(st_ino=ino, st_mode=mode | 0o644, st_ctime_ns=ctime_ns, st_mtime_ns=ctime_ns, st_size=10)
+
+    async def call() -> SimpleNamespace:
+        await trio.sleep(_SERVICE_S)
+        return attrs
+
+    start = trio.current_time()
+    await stack.chains[name](Op(name, 1 if name == "lookup" else ino, "/f"), call)
+    return trio.current_time() - start
+
+
+@pytest.mark.parametrize("mode", ["add", "floor"])
+def test_an_attribute_cache_holds_a_getattr_only_when_an_nfs_client_would_send_one(mode: str) -> None:
+    """nfs(5) and fs/nfs/inode.c: 3 s at first, doubled while unchanged, back to 3 s on a change, 60 s at most."""
+    layer = DelayLayer(ops=frozenset({"getattr", "lookup"}), delay_s=0.010, mode=mode, attr_cache=AttrCache())
+    held = pytest.approx(0.010 + (_SERVICE_S if mode == "add" else 0.0))
+    unheld = pytest.approx(_SERVICE_S)
+
+    async def main() -> dict[str, float]:
+        stack = Stack(Policy(layers=[layer]), 1)
+        t = {"first": await _stat(stack, 7)}
+        await trio.sleep(2.5)
+        t["2.5 s later, within 3 s"] = await _stat(stack, 7)
+        await trio.sleep(1.0)
+        t["3.5 s: expired, unchanged"] = await _stat(stack, 7)  # now 6 s
+        await trio.sleep(5.5)
+        t["5.5 s later, within 6 s"] = await _stat(stack, 7)
+        await trio.sleep(1.0)
+        t["6.5 s: expired, changed"] = await _stat(stack, 7, ctime_ns=2)  # back to 3 s
+        await trio.sleep(3.5)
+        t["3.5 s after the change"] = await _stat(stack, 7, ctime_ns=2)
+        for _ in range(8):  # unchanged: 6, 12, 24, 48, then 60 s at most
+            await trio.sleep(61)
+            await _stat(stack, 7, ctime_ns=2)
+        await trio.sleep(59)
+        t["59 s after, at the cap"] = await _stat(stack, 7, ctime_ns=2)
+        await trio.sleep(2)
+        t["61 s after: past the cap"] = await _stat(stack, 7, ctime_ns=2)
+        t["a directory, first"] = await _stat(stack, 5, mode=stat.S_IFDIR)
+        await trio.sleep(20)
+        t["the directory 20 s later (acdirmin 30)"] = await _stat(stack, 5, mode=stat.S_IFDIR)
+        t["a lookup (brings attributes)"] = await _stat(stack, 9, name="lookup")
+        await trio.sleep(2)
+        t["its inode's getattr 2 s later"] = await _stat(stack, 9)
+        return t
+
+    t = run(main)
+    assert t == {
+        "first": held, "2.5 s later, within 3 s": unheld, "3.5 s: expired, unchanged": held,
+        "5.5 s later, within 6 s": unheld, "6.5 s: expired, changed": held, "3.5 s after the change": held,
+        "59 s after, at the cap": unheld, "61 s after: past the cap": held, "a directory, first": held,
+        "the directory 20 s later (acdirmin 30)": unheld, "a lookup (brings attributes)": held,
+        "its inode's getattr 2 s later": unheld,
+    }

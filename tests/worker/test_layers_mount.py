@@ -332,6 +332,32 @@ def test_a_lookup_cache_answers_the_kernels_revalidation_without_the_delay(mount
     assert again < 0.15
 
 
+def test_an_attribute_cache_answers_the_kernels_getattr_without_the_delay(mount_worker, tmp_path) -> None:
+    # NFS-like: the LOOKUP brought the file's attributes, trusted 3 s (acregmin); the kernel's own
+    # attribute cache lasts 1 s (--attr-timeout), after which an fstat sends a GETATTR
+    _small_files(tmp_path / "share", 1, 1)
+    vol = mount_worker(backing=tmp_path / "share", policy=_policy(
+        {"type": "delay", "ops": ["lookup", "getattr"], "delay_s": 0.3, "mode": "floor", "attr_cache": {}},
+        {"type": "delay", "ops": ["getattr"], "path_glob": "/uncached", "delay_s": 0.3, "mode": "floor"}))
+    (tmp_path / "share" / "uncached").write_bytes(b"u")
+
+    def fstat_s(fd: int) -> float:
+        started = time.monotonic()
+        os.fstat(fd)
+        return time.monotonic() - started
+
+    cached_fd = os.open(vol.mountpoint / "00.bin", os.O_RDONLY)
+    uncached_fd = os.open(vol.mountpoint / "uncached", os.O_RDONLY)
+    try:
+        time.sleep(1.2)  # past the kernel's attribute timeout: each fstat reaches the worker as a GETATTR
+        cached, uncached = fstat_s(cached_fd), fstat_s(uncached_fd)
+    finally:
+        os.close(cached_fd)
+        os.close(uncached_fd)
+    assert cached < 0.15  # within acregmin of the lookup
+    assert uncached >= 0.3  # the second layer has no attribute cache: held as before
+
+
 def test_expiry_reverts_on_time_without_a_bus(mount_worker) -> None:
     vol = mount_worker(policy=_policy({"type": "fault", "errno": "EIO", "ops": ["getattr", "lookup"],
                                        "path_glob": "/probe", "expires_after_s": 2}))

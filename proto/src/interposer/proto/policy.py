@@ -291,6 +291,45 @@ WRITE_BEHIND_OPS: frozenset[str] = frozenset({"flush", "fsync"})
 LOOKUP_CACHE_ENTRIES = 20_460
 
 
+#: Inodes a delay layer's ``attr_cache`` remembers at most (the oldest go first): as many paths as
+#: ``lookup_cache_s`` remembers.
+ATTR_CACHE_ENTRIES = LOOKUP_CACHE_ENTRIES
+
+#: How long a client may trust cached attributes, seconds (nfs(5) takes up to 3,600 for ``actimeo``).
+CacheSeconds = Annotated[float, msgspec.Meta(ge=0.0, le=86_400.0)]
+
+
+class AttrCache(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A network file system client's attribute cache, as the Linux NFS client keeps it (delay layer
+    ``attr_cache``).
+
+    A ``getattr`` of an inode is held when its cached attributes are older than
+    its timeout, and answered unheld before. The timeout starts at the minimum,
+    doubles each time a held ``getattr`` finds the attributes unchanged (same
+    ctime, mtime and size) and goes back to the minimum when they changed, capped
+    at the maximum (``nfs_update_inode`` in the kernel's fs/nfs/inode.c). The
+    defaults are the Linux NFS client's (nfs(5): ``acregmin`` 3, ``acregmax`` 60,
+    ``acdirmin`` 30, ``acdirmax`` 60).
+
+    Attributes:
+        file_min_s: first timeout of a non-directory's attributes, seconds (``acregmin``).
+        file_max_s: longest one (``acregmax``); at least ``file_min_s``.
+        dir_min_s: first timeout of a directory's attributes (``acdirmin``).
+        dir_max_s: longest one (``acdirmax``); at least ``dir_min_s``.
+    """
+
+    file_min_s: CacheSeconds = 3.0
+    file_max_s: CacheSeconds = 60.0
+    dir_min_s: CacheSeconds = 30.0
+    dir_max_s: CacheSeconds = 60.0
+
+    def __post_init__(self) -> None:
+        if self.file_min_s > self.file_max_s:
+            raise ValueError("field `attr_cache.file_max_s`: must be at least `file_min_s`")
+        if self.dir_min_s > self.dir_max_s:
+            raise ValueError("field `attr_cache.dir_max_s`: must be at least `dir_min_s`")
+
+
 class DelayLayer(_Layer, tag="delay", kw_only=True):
     """Delay matching ops.
 
@@ -342,6 +381,14 @@ class DelayLayer(_Layer, tag="delay", kw_only=True):
             is fixed when the volume is mounted, it changes with the policy. At most
             :data:`LOOKUP_CACHE_ENTRIES` paths are remembered (the oldest go first).
             Needs ``lookup`` among ``ops`` (or no ``ops``).
+        attr_cache: hold a ``getattr`` only when the inode's attributes are older
+            than a client's attribute cache would keep them (:class:`AttrCache`;
+            ``{}`` = the Linux NFS client's defaults): the kernel's own attribute
+            timeout of this mount (1 s) sends a ``getattr`` per inode each second
+            that a stat-heavy workload asks, which an NFS client answers from its
+            cache for 3 to 60 s. ``None`` (default): every one is held. At most
+            :data:`ATTR_CACHE_ENTRIES` inodes are remembered. Needs ``getattr``
+            among ``ops`` (or no ``ops``).
     """
 
     delay_s: DelaySeconds | None = None
@@ -352,7 +399,8 @@ class DelayLayer(_Layer, tag="delay", kw_only=True):
     mode: DelayMode = "add"
     skip_sequential: bool | Literal["buffered"] = False
     write_behind: bool | Literal["buffered"] = False
-    lookup_cache_s: Annotated[float, msgspec.Meta(ge=0.0, le=86_400.0)] = 0.0
+    lookup_cache_s: CacheSeconds = 0.0
+    attr_cache: AttrCache | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -364,6 +412,8 @@ class DelayLayer(_Layer, tag="delay", kw_only=True):
             raise ValueError("field `write_behind`: it defers the latency of writes, and `ops` has no `write`")
         if self.lookup_cache_s and self.ops and "lookup" not in self.ops:
             raise ValueError("field `lookup_cache_s`: it caches lookups, and `ops` has no `lookup`")
+        if self.attr_cache is not None and self.ops and "getattr" not in self.ops:
+            raise ValueError("field `attr_cache`: it caches attributes, and `ops` has no `getattr`")
 
     @property
     def resolved_distribution(self) -> Distribution:

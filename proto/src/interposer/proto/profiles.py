@@ -32,6 +32,7 @@ import msgspec
 
 from ._profile_names import ProfileName
 from .policy import (
+    AttrCache,
     DelayLayer,
     Layer,
     LognormalDistribution,
@@ -195,16 +196,18 @@ def _nfs_latency(read: LognormalDistribution, write: LognormalDistribution,
     """The latency floors a Linux NFS client's application sees: reads and metadata lookups at ``read``,
     writes and namespace/attribute changes at ``write``, or every metadata op at ``metadata`` if given
     (a server whose data sits on disks but whose metadata requests are answered from memory); a name
-    looked up is trusted for ``_NFS_NAME_CACHE_S``."""
+    looked up is trusted for ``_NFS_NAME_CACHE_S``, attributes as the client's attribute cache keeps
+    them (``AttrCache()``: nfs(5)'s defaults)."""
     read_ops, write_ops = frozenset({"read"}), frozenset({"write"})
     layers = () if metadata is None else (
         DelayLayer(ops=_NFS_METADATA_READS | _NFS_METADATA_WRITES, mode="floor", distribution=metadata,
-                   lookup_cache_s=_NFS_NAME_CACHE_S),)
+                   lookup_cache_s=_NFS_NAME_CACHE_S, attr_cache=AttrCache()),)
     return (
         # the client's readahead has the next READs of a sequential stream in flight: only a jump waits
         DelayLayer(ops=read_ops | (_NFS_METADATA_READS if metadata is None else frozenset()), mode="floor",
                    distribution=read, skip_sequential="buffered",
-                   lookup_cache_s=_NFS_NAME_CACHE_S if metadata is None else 0.0),
+                   lookup_cache_s=_NFS_NAME_CACHE_S if metadata is None else 0.0,
+                   attr_cache=AttrCache() if metadata is None else None),
         # the client's page cache takes write(2); close and fsync wait for the WRITEs (and COMMIT) it sends
         DelayLayer(ops=write_ops | (_NFS_METADATA_WRITES if metadata is None else frozenset()), mode="floor",
                    distribution=write, write_behind="buffered"),
@@ -633,7 +636,9 @@ _PROFILES_AND_BUILDERS = (
             "next close or fsync of the file is, once (the client's page cache sends them then, "
             "nfs_file_flush); O_SYNC, O_DSYNC and O_DIRECT writes are held each; a name looked up is "
             "trusted for 30 s, as the client trusts its cached names until their directory's attributes "
-            "expire (acdirmin, 30 s by default: nfs(5); lookup_cache_s). Bursting and Provisioned "
+            "expire (acdirmin, 30 s by default: nfs(5); lookup_cache_s), and a getattr is held only where the "
+            "client's attribute cache has expired (3 s at first for files, 30 s for directories, doubling while "
+            "unchanged up to 60 s: nfs(5), fs/nfs/inode.c; attr_cache). Bursting and Provisioned "
             "throughput (same guide, 'Throughput modes'): at most 500 MiB/s per client; reads metered at "
             "one-third of their bytes; Bursting: 100 MiB/s (100 MiB/s per TiB stored above 1 TiB) while burst "
             "credits last, a credit balance of up to 2.1 TiB (2.1 TiB per TiB above 1 TiB), new file systems "

@@ -27,6 +27,7 @@ from interposer.proto.policy import (
 )
 
 from .._op import SYNC_WRITE_FLAGS, BackendCall, Handler, Op, opened_for_writing, transferred_bytes
+from ._attr_cache import ClientAttrCache
 from ._chains import FloorChains
 from ._match import compile_glob
 from ._streams import FileStreams
@@ -34,6 +35,9 @@ from ._timer import lead_ns, sleep
 
 #: Ops whose offsets make an access sequential or random (``DelayLayer.skip_sequential``).
 _SEQUENTIAL_OPS = frozenset({"read", "write"})
+#: Ops whose held reply brings an inode's attributes to a client's attribute cache
+#: (``DelayLayer.attr_cache``): an NFS LOOKUP returns the attributes of what it found.
+_ATTRS_FETCHED_BY = frozenset({"getattr", "lookup"})
 
 
 class DelayStatistics(msgspec.Struct, frozen=True):
@@ -180,6 +184,8 @@ class Delay:
         #: Paths looked up and held (``lookup_cache_s``): path → when, trio's clock, seconds.
         self._looked_up: FileStreams[float] | None = (
             FileStreams(LOOKUP_CACHE_ENTRIES) if spec.lookup_cache_s else None)
+        #: Attribute timeouts per inode (``attr_cache``).
+        self._attrs = ClientAttrCache(spec.attr_cache) if spec.attr_cache is not None else None
         self.acts = spec.probability > 0.0 and spec.max_s > 0.0 and not always_zero(spec.resolved_distribution)
 
     def bind(self, inner: Handler) -> Handler:
@@ -187,10 +193,12 @@ class Delay:
         match, draw, rng, probability, chains = self._match, self.draw, self._rng, self.spec.probability, self._chains
         sequential = self._sequential if self._next_offset is not None else None
         cached = self._cached_lookup if self._looked_up is not None else None
+        attrs = self._attrs
 
         async def delay(op: Op, call: BackendCall) -> Any:
             if (match is None or match(op.path)) and not (sequential and sequential(op)) and not (
-                    cached and op.name == "lookup" and cached(op.path)) and (
+                    cached and op.name == "lookup" and cached(op.path)) and not (
+                    attrs and op.name == "getattr" and attrs.fresh(op.ino, trio.current_time())) and (
                     probability >= 1.0 or rng.random() < probability):
                 delay_s = draw()
                 self._delayed += 1
@@ -204,12 +212,16 @@ class Delay:
                             self._add_after(op, delay_s)
                     # the reply's wake-up is in the op's own time
                     op.delay_late_ns += await sleep(delay_s, compensate=True, own_wake_only=True)
+                if attrs and op.name in _ATTRS_FETCHED_BY:
+                    return self._fetched(await inner(op, call))
             return await inner(op, call)
 
         async def floor(op: Op, call: BackendCall) -> Any:
             if (match is not None and not match(op.path)) or (sequential and sequential(op)):
                 return await inner(op, call)
             if cached and op.name == "lookup" and cached(op.path):
+                return await self._unheld_in_chain(op, call, inner)
+            if attrs and op.name == "getattr" and attrs.fresh(op.ino, trio.current_time()):
                 return await self._unheld_in_chain(op, call, inner)
             if probability < 1.0 and rng.random() >= probability:
                 return await inner(op, call)
@@ -226,10 +238,17 @@ class Delay:
                 return result  # at or past the end of the file: a device is never asked
             await self._hold(op, start_s + target_s)
             chains.answered(op.name, op.path, op.pid, start_s, trio.current_time(), None)
-            return result
+            return self._fetched(result) if attrs and op.name in _ATTRS_FETCHED_BY else result
 
         held = floor if self.spec.mode == "floor" else delay
         return held if self._unsynced is None else self._write_behind(held, inner)
+
+    def _fetched(self, result: Any) -> Any:
+        """Note the attributes a held ``getattr`` or ``lookup`` brought (``attr_cache``); return ``result``."""
+        assert self._attrs is not None
+        if result.st_ino:  # 0: a negative entry, no inode
+            self._attrs.fetched(result.st_ino, result, trio.current_time())
+        return result
 
     def _cached_lookup(self, path: str) -> bool:
         """True if a lookup of ``path`` was held within the last ``lookup_cache_s`` (the client's cache
