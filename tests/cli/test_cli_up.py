@@ -59,3 +59,26 @@ def test_csi_node_refuses_an_endpoint_longer_than_grpc_binds() -> None:
     assert socket_path_of(f"unix://{fits}") == fits
     with pytest.raises(ValueError, match="106 bytes, longer than the 105"):
         socket_path_of(f"unix://{fits}b")
+
+
+def test_a_second_signal_does_not_cut_the_clean_up_short(tmp_path: Path) -> None:
+    """A supervisor escalating (SIGTERM, then Ctrl-C) while `up` stops its services: none outlives it."""
+    state = tmp_path / "state"
+    proc = subprocess.Popen([sys.executable, "-m", "interposer.cli", "up", "--state-dir", str(state),
+                             "--nats-port", "0", "--metrics-port", "0"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: (state / "stack.json").exists() or proc.poll() is not None, "stack.json", timeout_s=60)
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: not (state / "stack.json").exists(), "the clean-up to begin", timeout_s=10)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    survivors = subprocess.run(["pgrep", "-f", str(state)], capture_output=True, text=True).stdout.split()
+    for pid in survivors:  # not left behind by a failing run
+        subprocess.run(["kill", "-9", pid], check=False)
+    assert survivors == [], f"services left running: {survivors}"
+    assert not (state / "collector.port").exists()

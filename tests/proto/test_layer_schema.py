@@ -142,7 +142,12 @@ def test_delay_s_still_means_a_fixed_delay() -> None:
      "field `iops`: 20,000 is outside 3,000..10,000 (a 20 GiB Premium SSD v2 takes at most 500 IOPS per GiB"),
     ({"type": "profile", "name": "premium-ssd-v2", "rate_bytes_per_s": 800_000_000},
      "field `rate_bytes_per_s`: 800,000,000 is outside 125,000,000..750,000,000"),
-    ({"type": "delay", "delay_s": 0.1, "page_cache": "warm"}, "$.layers[0].page_cache"),
+    ({"type": "delay", "delay_s": 0.1, "page_cache": "warm"}, "$.layers[0].page_cache` (one of: bypass, keep)"),
+    # what would have been valid, for enumerated fields and the layer's type
+    ({"type": "throttle", "iops": 5, "ops": ["open"]}, "at `$.layers[0].ops[0]` (one of: read, write)"),
+    ({"type": "quota", "bytes": 5, "errno": "EIO"}, "(one of: EDQUOT, ENOSPC)"),
+    ({"type": "nope"}, "(layer types: fault, delay, throttle, quota, metadata, s3_semantics, profile)"),
+    ({"type": "delay", "delay_s": 1, "expires_at_s": 5}, "(a layer's deadline is `expires_at`;"),
     ({"type": "fault", "kind": "short_read", "page_cache": "keep"}, "field `page_cache`: kind 'short_read'"),
     ({"type": "fault", "kind": "short_write", "page_cache": "keep"}, "field `page_cache`: kind 'short_write'"),
     ({"type": "fault", "kind": "corrupt", "page_cache": "keep"}, "field `page_cache`: kind 'corrupt'"),
@@ -269,3 +274,10 @@ def test_a_profile_is_sized_by_its_published_rules() -> None:
 def test_a_sized_profile_round_trips_in_the_stored_policy() -> None:
     policy = decode_policy('{"layers": [{"type": "profile", "name": "st1", "size_gib": 2048}]}')
     assert json.loads(encode_policy(policy))["layers"][0]["size_gib"] == 2048
+
+
+def test_an_empty_policy_and_a_policy_deadline_under_a_layers_name_are_explained() -> None:
+    with pytest.raises(PolicyError, match="empty policy: expected a JSON object"):
+        decode_policy(b" \n")
+    with pytest.raises(PolicyError, match="a policy's deadline is `expires_at_s`"):
+        decode_policy(b'{"expires_at": 5, "layers": []}')

@@ -26,6 +26,7 @@ from interposer.proto import (
 )
 from interposer.proto.connection import DEFAULT_NATS_URL, CredentialsError, connect_options
 
+from ._auth import credentials_path
 from ._policy_client import (
     DEFAULT_WAIT_TIMEOUT_S,
     PolicyClientError,
@@ -68,7 +69,8 @@ def _sigterm_as_interrupt() -> None:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--log-level", default="WARNING", show_default=True, help="Log level of the CLI itself.")
+@click.option("--log-level", default="WARNING", show_default=True, help="Log level of the CLI itself.",
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], case_sensitive=False))
 def main(log_level: str) -> None:
     """See, slow down, break and emulate the storage under your pods."""
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
@@ -143,14 +145,24 @@ def up(state_dir: Path, nats_port: int, metrics_port: int, nats_tls_cert: str, n
                           tls_key=str(Path(nats_tls_key).resolve()) if nats_tls_key else "",
                           tls_ca=str(Path(nats_tls_ca).resolve()) if nats_tls_ca else "")
     try:
-        endpoints = stack.start()
+        try:
+            endpoints = stack.start()
+        except RuntimeError as exc:
+            raise click.ClickException(str(exc)) from None
         click.echo(describe(endpoints))
+        if state_dir.resolve() != DEFAULT_STATE_DIR.resolve():
+            click.echo(f"other commands find this stack with: export INTERPOSER_STATE_DIR={state_dir.resolve()}",
+                       err=True)
         click.echo("running; Ctrl-C stops everything", err=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         pass
     finally:
+        # A second Ctrl-C or SIGTERM (a supervisor escalating) must not cut the
+        # clean-up short and leave the services running without their parent.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         stack.stop()
 
 
@@ -191,6 +203,11 @@ def mount(paths: tuple[str, ...], **flags: object) -> None:
         flags["backing_dir"] = paths[0]
     flags["mountpoint"] = paths[-1]
     flags["nats_creds"] = flags["nats_creds"] or ""
+    if not flags["nats_url"] and (running := read_endpoints(DEFAULT_STATE_DIR)) is not None:
+        # A mount off the bus looks like a mount that ignores `policy set`: say so.
+        click.echo(f"note: no --nats-url, so this mount takes no live policy and sends no events; the running "
+                   f"stack's is --nats-url {running.nats_url} --nats-creds "
+                   f"{credentials_path(Path(running.state_dir), 'worker')}", err=True)
     try:
         config = msgspec.convert(flags, WorkerConfig)
         connect_options(config.nats_creds)
@@ -287,20 +304,31 @@ def _change(nats_url: str, nats_creds: str, volume: str, subject: str, body: byt
         _print_reply(result.reply)
     click.echo(msgspec.json.format(msgspec.json.encode(result.reply), indent=2).decode())
     if result.laggards:
-        lag = ", ".join(f"{w} (at revision {r})" if r >= 0 else f"{w} (no heartbeat)"
+        lag = ", ".join(w if w.startswith("(") else f"{w} (at revision {r})" if r >= 0 else f"{w} (no heartbeat)"
                         for w, r in sorted(result.laggards.items()))
         click.echo(f"timed out after {timeout_s:g} s: revision {result.reply.revision} not applied by {lag}", err=True)
         sys.exit(EXIT_WAIT_TIMEOUT)
-    click.echo(f"revision {result.reply.revision} applied by {len(result.applied)} worker(s) "
-               f"in {result.waited_s * 1000:.0f} ms", err=True)
+    click.echo(f"revision {result.reply.revision} applied by {len(result.applied)} worker(s), the last "
+               f"{result.waited_s * 1000:.0f} ms after the service stored it", err=True)
     for worker, files in sorted(result.bypassing.items()):
         click.echo(f"warning: worker {worker}: {files} open file(s) bypass this policy's layers until they are "
                    "closed and reopened (kernel passthrough serves their reads and writes, or they were opened "
                    "without FLUSH on close)", err=True)
 
 
+def _volume_id(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Click callback: VOLUME must be a volume id (a clear usage error, not a traceback, otherwise)."""
+    if value is None or subjects.is_valid_volume_id(value):
+        return value
+    if value.startswith(subjects.SELECTOR_KEY_PREFIX):
+        raise click.BadParameter(f"{value!r} is a selector policy: `interposer policy history {value}` shows its "
+                                 "revisions (the last one is in force)", ctx, param)
+    raise click.BadParameter(f"{value!r} is not a volume id: it must match {subjects.VOLUME_ID_PATTERN.pattern}",
+                             ctx, param)
+
+
 @policy.command("set")
-@click.argument("volume")
+@click.argument("volume", callback=_volume_id)
 @click.argument("policy_file", type=click.File("rb"))
 @_nats_option
 @_change_options
@@ -359,7 +387,7 @@ def policy_unselect(name: str, nats_url: str, nats_creds: str, author: str) -> N
 
 
 @policy.command("get")
-@click.argument("volume")
+@click.argument("volume", callback=_volume_id)
 @_nats_option
 def policy_get(volume: str, nats_url: str, nats_creds: str) -> None:
     """Show VOLUME's stored policy and its revision."""
@@ -367,7 +395,7 @@ def policy_get(volume: str, nats_url: str, nats_creds: str) -> None:
 
 
 @policy.command("clear")
-@click.argument("volume")
+@click.argument("volume", callback=_volume_id)
 @_nats_option
 @_change_options
 def policy_clear(volume: str, nats_url: str, nats_creds: str, author: str, wait: bool, timeout_s: float,
@@ -454,7 +482,7 @@ def policy_list(nats_url: str, nats_creds: str, as_json: bool) -> None:
 
 
 @policy.command("status")
-@click.argument("volume", required=False)
+@click.argument("volume", required=False, callback=_volume_id)
 @_nats_option
 @click.option("--json", "as_json", is_flag=True, help="Print the StatusReply JSON.")
 def policy_status_cmd(volume: str | None, nats_url: str, nats_creds: str, as_json: bool) -> None:

@@ -45,16 +45,36 @@ def default_author() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
+def connect_failure(nats_url: str, exc: BaseException) -> PolicyClientError:
+    """The error to show for a failed first connection to ``nats_url`` (``exc``: what nats-py reported)."""
+    if isinstance(exc, ConnectionRefusedError):
+        reason = "connection refused (is `interposer up` running, and is --nats-url its server?)"
+    elif isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        reason = "no answer (timed out)"
+    else:
+        reason = str(exc) or type(exc).__name__
+    return PolicyClientError(f"cannot connect to NATS at {nats_url}: {reason}")
+
+
 async def _connect(nats_url: str, timeout_s: float, creds_file: str = "") -> nats.NATS:
     try:
         options = connect_options(creds_file)
     except CredentialsError as exc:
         raise PolicyClientError(str(exc)) from None
+    errors: list[Exception] = []
+
+    async def remember(exc: Exception) -> None:
+        errors.append(exc)  # instead of nats-py's own ERROR log with a traceback per error
+
     try:
-        return await nats.connect(nats_url, connect_timeout=timeout_s, max_reconnect_attempts=0,
-                                  allow_reconnect=False, **options)
+        # One attempt: nats-py counts a first connection's failures against
+        # max_reconnect_attempts even with allow_reconnect=False, and 0 there means
+        # "no limit" (it would retry a refused connection forever).
+        return await nats.connect(nats_url, connect_timeout=timeout_s, max_reconnect_attempts=1,
+                                  reconnect_time_wait=0.1, allow_reconnect=False, error_cb=remember,
+                                  **options)
     except Exception as exc:  # noqa: BLE001 - nats-py raises several unrelated types
-        raise PolicyClientError(f"cannot connect to NATS at {nats_url}: {exc}") from None
+        raise connect_failure(nats_url, errors[0] if errors else exc) from None
 
 
 async def _request_on(nc: nats.NATS, subject: str, body: bytes, timeout_s: float, author: str | None,

@@ -29,12 +29,24 @@ def _ago(epoch_s: float, now_s: float) -> str:
     return f"{seconds / 3600:.1f}h ago"
 
 
+def _layer_summary(layer: msgspec.Struct) -> str:
+    """Compact JSON of what ``layer`` sets: its type, then only the fields that differ from their defaults
+    (``{"type":"profile","name":"gp3"}``, not a line of defaults cut before the name)."""
+    fields: dict[str, object] = {"type": type(layer).__struct_config__.tag}
+    for field in msgspec.structs.fields(layer):
+        value = getattr(layer, field.name)
+        default = field.default_factory() if field.default_factory is not msgspec.NODEFAULT else field.default
+        if field.default is msgspec.NODEFAULT and field.default_factory is msgspec.NODEFAULT or value != default:
+            fields[field.encode_name] = value
+    return msgspec.json.encode(fields).decode()
+
+
 def summarize(policy: Policy) -> str:
-    """One line: the layers as compact JSON (type first), cut to ``SUMMARY_WIDTH``."""
+    """One line: the layers as compact JSON (type first, default fields left out), cut to ``SUMMARY_WIDTH``."""
     if not policy.layers:
         text = "(no layers)"
     else:
-        text = " ".join(msgspec.json.encode(layer).decode() for layer in policy.layers)
+        text = " ".join(_layer_summary(layer) for layer in policy.layers)
     if policy.expires_after_s is not None:
         text = f"[expires after {policy.expires_after_s:g}s] {text}"
     return text if len(text) <= SUMMARY_WIDTH else text[: SUMMARY_WIDTH - 1] + "…"

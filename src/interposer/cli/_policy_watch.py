@@ -24,7 +24,7 @@ from nats.js.errors import NotFoundError
 from interposer.proto import PolicyChange, decode_record, subjects
 from interposer.proto.connection import CredentialsError, NatsErrorLog, connect_options
 
-from ._policy_client import DEFAULT_REQUEST_TIMEOUT_S, PolicyClientError
+from ._policy_client import DEFAULT_REQUEST_TIMEOUT_S, PolicyClientError, connect_failure
 
 log = logging.getLogger(__name__)
 
@@ -99,12 +99,27 @@ async def follow(nats_url: str, key: str | None, on_change: Callable[[PolicyChan
         # The consumer lived on the server we lost; a restarted server has none.
         rewatch.set()
 
-    try:
-        nc = await nats.connect(nats_url, connect_timeout=timeout_s, max_reconnect_attempts=-1,
-                                reconnect_time_wait=DEFAULT_RECONNECT_TIME_WAIT_S,
-                                reconnected_cb=on_reconnect, error_cb=NatsErrorLog(log, nats_url).log, **options)
-    except Exception as exc:  # noqa: BLE001 - nats-py raises several unrelated types
-        raise PolicyClientError(f"cannot connect to NATS at {nats_url}: {exc}") from None
+    # Reconnect for ever once connected, but not at the start: nats-py's first
+    # connection retries on the same terms, so its first error ends the attempt here.
+    first_error: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
+    later_errors = NatsErrorLog(log, nats_url)
+
+    async def on_error(exc: Exception) -> None:
+        if first_error.done():
+            await later_errors.log(exc)
+        else:
+            first_error.set_result(exc)
+
+    connecting = asyncio.ensure_future(nats.connect(
+        nats_url, connect_timeout=timeout_s, max_reconnect_attempts=-1, reconnect_time_wait=DEFAULT_RECONNECT_TIME_WAIT_S,
+        reconnected_cb=on_reconnect, error_cb=on_error, **options))
+    await asyncio.wait({connecting, first_error}, return_when=asyncio.FIRST_COMPLETED)
+    if not connecting.done() or connecting.exception() is not None:
+        connecting.cancel()
+        raise connect_failure(nats_url, first_error.result() if first_error.done() else connecting.exception())
+    nc = connecting.result()
+    if not first_error.done():
+        first_error.set_result(RuntimeError("connected"))  # from now on errors are logged
     try:
         js = nc.jetstream(timeout=timeout_s)
         try:

@@ -33,6 +33,21 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+def port_in_use(host: str, port: int) -> bool:
+    """True if something listens on (or holds) TCP ``host:port``, so a server could not bind it.
+
+    ``SO_REUSEADDR``, as nats-server and the collector bind: a port whose last
+    connections linger in TIME_WAIT is free for them.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
 def tcp_ready(host: str, port: int) -> bool:
     """Return True once something accepts TCP connections on ``host:port``."""
     try:

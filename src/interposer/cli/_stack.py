@@ -29,7 +29,7 @@ from interposer.csi_node._config import MAX_GRPC_UNIX_SOCKET_PATH_BYTES
 
 from ._auth import ensure_credentials, write_server_config
 from ._policy_client import PolicyClientError, get_policy
-from ._procs import Child, free_port, start_nats_server
+from ._procs import Child, free_port, port_in_use, start_nats_server
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,18 @@ class EmbeddedStack:
         return child.start()
 
     def start(self) -> StackEndpoints:
-        """Start every service and wait until each answers."""
+        """Start every service and wait until each answers.
+
+        Raises:
+            RuntimeError: a port asked for is taken (before anything starts), or a
+                service did not start.
+        """
+        # Before starting anything: a nats-server that cannot bind exits, while the
+        # readiness check would find whatever holds the port and take it for ours.
+        for port, flag in ((self.nats_port, "--nats-port"), (self.metrics_port, "--metrics-port")):
+            if port and port_in_use("127.0.0.1", port):
+                raise RuntimeError(f"port {port} on 127.0.0.1 is in use (another `interposer up`?): "
+                                   f"stop what holds it, or pass {flag} 0 for a free port")
         self.state_dir.mkdir(parents=True, exist_ok=True)
         try:
             creds = ensure_credentials(self.state_dir, ca=self.tls["tls_ca"])
@@ -186,6 +197,7 @@ class EmbeddedStack:
         for child in reversed(self.children):
             child.stop()
         self.children.clear()
+        (self.state_dir / "collector.port").unlink(missing_ok=True)
         if self._short_socket_dir is not None:
             shutil.rmtree(self._short_socket_dir, ignore_errors=True)
             self._short_socket_dir = None

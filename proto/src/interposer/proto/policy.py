@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno as _errno
 import fnmatch
+import re
 from collections.abc import Mapping
 from typing import Annotated, Literal, Union
 
@@ -884,10 +885,12 @@ def decode_policy(data: bytes | str) -> Policy:
     """
     if len(data) > MAX_POLICY_BYTES:
         raise PolicyError(f"policy is {len(data)} bytes, more than the {MAX_POLICY_BYTES} allowed - at `$`")
+    if not data.strip():
+        raise PolicyError('empty policy: expected a JSON object such as {"layers": []} - at `$`')
     try:
         return _policy_json_decoder.decode(data)
     except msgspec.ValidationError as exc:
-        raise PolicyError(_with_location(str(exc))) from None
+        raise PolicyError(_with_location(_with_hint(str(exc), data))) from None
     except msgspec.DecodeError as exc:
         raise PolicyError(_with_location(f"malformed JSON: {exc}")) from None
     except UnicodeDecodeError as exc:
@@ -902,6 +905,54 @@ def decode_policy(data: bytes | str) -> Policy:
 #: Longest rejection message, characters; longer ones (an echoed 60 KiB field name)
 #: keep their head and their tail, where the location is.
 MAX_ERROR_CHARS = 1024
+
+
+#: A layer field's location in a decoder message: layer index, field, (item index).
+_LAYER_FIELD_AT = re.compile(r" - at `\$(?:\.policy)?\.layers\[(\d+)\]\.(\w+)(?:\[\d+\])?`$")
+#: Layer classes by their ``type`` tag.
+_LAYER_KINDS: dict[str, type[msgspec.Struct]] = {cls.__struct_config__.tag: cls for cls in Layer.__args__}
+#: Longest list of allowed values a hint spells out.
+_MAX_HINT_VALUES = 40
+
+
+def _with_hint(message: str, data: bytes | str) -> str:
+    """Add what would have been valid to a decoder message about a layer field (the allowed
+    values of an enumerated field, the layer types), or the name a policy or a layer uses for
+    its deadline; ``message`` unchanged otherwise."""
+    if "unknown field `expires_at_s`" in message and ".layers[" in message:
+        return f"{message} (a layer's deadline is `expires_at`; `expires_at_s` is a whole policy's)"
+    if "unknown field `expires_at`" in message and ".layers[" not in message:
+        return f"{message} (a policy's deadline is `expires_at_s`; `expires_at` is a layer's)"
+    found = _LAYER_FIELD_AT.search(message)
+    if found is None or not message.startswith("Invalid"):
+        return message
+    index, name = int(found.group(1)), found.group(2)
+    if name == "type":
+        return f"{message} (layer types: {', '.join(_LAYER_KINDS)})"
+    try:
+        document = msgspec.json.decode(data)
+        layers = (document.get("policy", document) if isinstance(document, dict) else {}).get("layers")
+        kind = _LAYER_KINDS.get(layers[index].get("type"))
+    except (msgspec.DecodeError, AttributeError, IndexError, KeyError, TypeError):
+        return message
+    if kind is None:
+        return message
+    field = next((f for f in msgspec.inspect.type_info(kind).fields if f.encode_name == name), None)
+    values = _literal_values(field.type) if field is not None else []
+    if not values or len(values) > _MAX_HINT_VALUES:
+        return message
+    return f"{message} (one of: {', '.join(map(str, values))})"
+
+
+def _literal_values(info: msgspec.inspect.Type) -> list[object]:
+    """The values a ``Literal`` field (or a collection or union of one) may take; [] if none."""
+    if isinstance(info, msgspec.inspect.LiteralType):
+        return list(info.values)
+    if isinstance(info, (msgspec.inspect.FrozenSetType, msgspec.inspect.ListType, msgspec.inspect.SetType)):
+        return _literal_values(info.item_type)
+    if isinstance(info, msgspec.inspect.UnionType):
+        return [value for member in info.types for value in _literal_values(member)]
+    return []
 
 
 def _with_location(message: str) -> str:
@@ -935,7 +986,7 @@ def decode_selector_request(data: bytes | str) -> SelectorRequest:
     try:
         return _selector_json_decoder.decode(data)
     except msgspec.ValidationError as exc:
-        raise PolicyError(_with_location(str(exc))) from None
+        raise PolicyError(_with_location(_with_hint(str(exc), data))) from None
     except msgspec.DecodeError as exc:
         raise PolicyError(_with_location(f"malformed JSON: {exc}")) from None
     except UnicodeDecodeError as exc:
