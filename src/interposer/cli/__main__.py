@@ -69,6 +69,7 @@ def _sigterm_as_interrupt() -> None:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="interposer")
 @click.option("--log-level", default="WARNING", show_default=True, help="Log level of the CLI itself.",
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], case_sensitive=False))
 def main(log_level: str) -> None:

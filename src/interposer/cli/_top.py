@@ -9,6 +9,7 @@ histogram buckets with linear interpolation inside the bucket, as Prometheus's
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Iterator
 
@@ -21,6 +22,8 @@ from ._metrics import Samples, scrape
 
 #: Time between the two scrapes of one frame (and between frames), seconds.
 DEFAULT_INTERVAL_S = 2.0
+#: Columns of the table when stdout is no terminal (rich would take 80).
+TOP_WIDTH_WHEN_PIPED = 200
 #: The quantile shown in the latency column.
 LATENCY_QUANTILE = 0.99
 #: Bytes per megabyte in the MB/s column (SI, as fio and dd print MB/s).
@@ -201,7 +204,8 @@ def run_top(url: str, interval_s: float, once: bool, console: Console | None = N
     Raises:
         OSError: the collector did not answer.
     """
-    console = console or Console()
+    # Piped (`top --once | less`, a CI log): rich would draw 80 columns and cut every cell.
+    console = console or Console(width=None if sys.stdout.isatty() else TOP_WIDTH_WHEN_PIPED)
     before, before_t = scrape(url), time.monotonic()
     if once:
         time.sleep(interval_s)

@@ -281,7 +281,7 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
         if not VOLUME_ID_PATTERN.fullmatch(self.volume_id):
             raise ValueError(f"volume_id {self.volume_id!r} must match {VOLUME_ID_PATTERN.pattern}")
         if not self.mountpoint and not self.fuse_fd_socket:
-            raise ValueError("mountpoint or fuse_fd_socket is required")
+            raise ValueError("a mountpoint (--mountpoint) or an fd-handoff socket (--fuse-fd-socket) is required")
         if self.backend not in BACKEND_KINDS:
             raise ValueError(f"backend {self.backend!r} is not supported (supported: {', '.join(BACKEND_KINDS)})")
         if self.backend == "passthrough" and not self.backing_dir:

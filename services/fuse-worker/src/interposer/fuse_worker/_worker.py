@@ -37,10 +37,13 @@ def load_policy_file(path: str) -> Policy:
     """Read and validate a JSON policy file.
 
     Raises:
-        PolicyError: the file is not a valid policy (message names the field).
+        PolicyError: the file is not a valid policy (message names the file and the field).
         OSError: the file cannot be read.
     """
-    return decode_policy(Path(path).read_bytes())
+    try:
+        return decode_policy(Path(path).read_bytes())
+    except PolicyError as exc:
+        raise PolicyError(f"policy file {path}: {exc}") from None
 
 
 #: Most bytes of the csi-node's answer on the fd-handoff socket.
