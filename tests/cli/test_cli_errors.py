@@ -9,6 +9,7 @@ bad ``--log-level`` ended in Python tracebacks.
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -74,3 +75,17 @@ def test_history_shows_what_each_layer_sets_not_its_defaults() -> None:
         '{"type":"profile","name":"s3"}'  # was a line of defaults cut before the name
     fault = b'{"layers": [{"type": "fault", "errno": "ENOSPC", "ops": ["write"], "probability": 0.5}]}'
     assert summarize(decode_policy(fault)) == '{"type":"fault","ops":["write"],"errno":"ENOSPC","probability":0.5}'
+
+
+def test_validate_fills_in_defaults_but_not_fields_a_layer_ignores(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.json"
+    policy.write_text('{"layers": [{"type": "quota", "bytes": 1000}, {"type": "fault", "kind": "short_read"},'
+                      ' {"type": "fault", "errnos": {"EIO": 1}}]}')
+    result = _run("policy", "validate", str(policy))
+    assert result.returncode == 0, result.stderr
+    quota, short, weighted = json.loads(result.stdout)["layers"]
+    assert quota["errno"] == "ENOSPC" and quota["inodes"] is None  # defaults in force are shown
+    assert not {"ops", "path_glob", "page_cache"} & quota.keys()  # a quota is volume-wide, cache or not
+    assert short["short_ratio"] == 0.5 and short["page_cache"] == "bypass"
+    assert not {"errno", "errnos", "corrupt_bytes", "corrupt_mode"} & short.keys()
+    assert weighted["errnos"] == {"EIO": 1} and "errno" not in weighted

@@ -104,3 +104,29 @@ def test_mount_always_flush_sends_flush_on_every_close(tmp_path: Path) -> None:
         wait_until(lambda: subprocess.run(["fusermount3", "-u", str(mnt)], check=False,
                                           capture_output=True).returncode == 0, "an unmount the close no longer holds up")
     assert proc.wait(10) == 0, (tmp_path / "mount.log").read_text()
+
+
+def test_mount_says_what_it_serves_and_will_not_hide_a_running_mount(tmp_path: Path) -> None:
+    """A second `mount` on the same mountpoint would hide the first volume (whose policy
+    commands would then seem to do nothing): refused, naming the volume and the fix."""
+    require_fuse()
+    backing, mnt = tmp_path / "backing", tmp_path / "mnt"
+    backing.mkdir()
+    mnt.mkdir()
+    log = tmp_path / "mount.log"
+    proc = _mount([str(backing), str(mnt), "--volume-id", "first"], log)
+    try:
+        wait_until(lambda: is_fuse_mount(mnt) or proc.poll() is not None, "the mount")
+        wait_until(lambda: f"serving {mnt}" in log.read_text(), "the start message")
+        second = subprocess.run([sys.executable, "-m", "interposer.cli", "mount", str(backing), str(mnt),
+                                 "--volume-id", "second"], capture_output=True, text=True, timeout=30)
+        assert second.returncode == 1
+        assert "already an interposer mount (volume first)" in second.stderr
+        assert f"fusermount3 -u {mnt}" in second.stderr
+        assert Path("/proc/self/mountinfo").read_text().count(f" {mnt} ") == 1
+        (mnt / "f").write_text("still served by the first")
+        assert (backing / "f").read_text() == "still served by the first"
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
+    assert proc.wait(10) == 0
+    assert "unmounted;" in log.read_text() and "ops served" in log.read_text()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import signal
 import subprocess
 import sys
 import time
@@ -126,6 +127,16 @@ def test_a_policy_service_started_before_nats_waits_for_it_quietly(private_bus, 
         assert asyncio.run(set_policy(private_bus.url, "late", FAULT)).ok
     finally:
         early.stop()
+
+
+def test_a_policy_service_stopped_while_nats_is_down_exits_cleanly(private_bus) -> None:
+    """A rollout that stops NATS first: SIGTERM still ends the service with status 0, no traceback."""
+    service = private_bus.policy
+    private_bus.stop_nats()
+    wait_until(lambda: "ConnectionRefusedError" in service.log_path.read_text(), "the service to notice")
+    service.proc.send_signal(signal.SIGTERM)
+    assert service.proc.wait(30) == 0, service.log_tail()
+    assert "Traceback" not in service.log_path.read_text()
 
 
 def test_the_policy_service_defaults_to_the_local_nats_server() -> None:

@@ -89,6 +89,10 @@ def test_status_of_a_volume_without_workers(nats_url, policy_service, fresh_volu
     status = _status(nats_url, fresh_volume)
     assert (status.desired_revision, status.workers, status.converged) == (reply.revision, [], False)
     assert status.desired_since_s > 0
+    shown = _cli(nats_url, "status", fresh_volume, "--json")
+    assert shown.returncode == 0, shown.stderr
+    volume = msgspec.json.decode(shown.stdout)["volumes"][0]  # scripts read these keys: none may be left out
+    assert (volume["workers"], volume["converged"], volume["desired_revision"]) == ([], False, reply.revision)
 
 
 def test_set_wait_warns_of_open_files_kernel_passthrough_keeps_from_the_new_layers(

@@ -209,6 +209,9 @@ def mount(paths: tuple[str, ...], **flags: object) -> None:
         click.echo(f"note: no --nats-url, so this mount takes no live policy and sends no events; the running "
                    f"stack's is --nats-url {running.nats_url} --nats-creds "
                    f"{credentials_path(Path(running.state_dir), 'worker')}", err=True)
+    if logging.getLogger().getEffectiveLevel() > logging.INFO:
+        # In the foreground: say when the mount is served, each policy applied, the totals at exit.
+        logging.getLogger("interposer.fuse_worker").setLevel(logging.INFO)
     try:
         config = msgspec.convert(flags, WorkerConfig)
         connect_options(config.nats_creds)
@@ -538,11 +541,16 @@ def policy_watch(volume: str | None, nats_url: str, nats_creds: str) -> None:
 @policy.command("validate")
 @click.argument("policy_file", type=click.File("rb"))
 def policy_validate(policy_file) -> None:  # noqa: ANN001
-    """Check POLICY_FILE offline and print it in canonical form."""
+    """Check POLICY_FILE offline and print it with every default filled in (fields a layer ignores left out)."""
     try:
-        click.echo(msgspec.json.format(encode_policy(decode_policy(policy_file.read())), indent=2).decode())
+        policy = decode_policy(policy_file.read())
     except PolicyError as exc:
         raise click.ClickException(str(exc)) from None
+    shown = msgspec.json.decode(encode_policy(policy))
+    for layer, fields in zip(policy.layers, shown.get("layers", [])):
+        for name in layer.fields_not_in_effect():
+            fields.pop(name, None)
+    click.echo(msgspec.json.format(msgspec.json.encode(shown), indent=2).decode())
 
 
 @main.command()

@@ -109,8 +109,11 @@ class WorkerState(msgspec.Struct, kw_only=True, omit_defaults=True):
     node: str = ""
 
 
-class VolumeStatus(msgspec.Struct, kw_only=True, omit_defaults=True):
+class VolumeStatus(msgspec.Struct, kw_only=True):
     """Desired (KV) versus applied (heartbeats) revision of one volume.
+
+    Every field is always sent (no ``omit_defaults``): scripts test
+    ``.converged`` and ``.workers`` of volumes that have no workers yet too.
 
     Attributes:
         volume: volume id.

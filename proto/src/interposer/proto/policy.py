@@ -145,6 +145,11 @@ class _Layer(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     expires_at: Annotated[float, msgspec.Meta(gt=0.0)] | None = None
     page_cache: PageCache = "bypass"
 
+    def fields_not_in_effect(self) -> frozenset[str]:
+        """Names of the fields this layer, as configured, ignores (``interposer policy
+        validate`` leaves them out, so nobody reads a default as a setting in force)."""
+        return frozenset()
+
     def __post_init__(self) -> None:
         check_glob(self.path_glob)
         if self.expires_after_s is not None and self.expires_at is not None:
@@ -157,6 +162,13 @@ FAULT_KIND_OPS: dict[str, frozenset[str]] = {
     "short_read": frozenset({"read"}),
     "short_write": frozenset({"write"}),
     "corrupt": frozenset({"read"}),
+}
+#: The kind-specific fields each fault kind reads.
+_FAULT_KIND_FIELDS: dict[str, frozenset[str]] = {
+    "errno": frozenset({"errno", "errnos"}),
+    "short_read": frozenset({"short_ratio"}),
+    "short_write": frozenset({"short_ratio"}),
+    "corrupt": frozenset({"corrupt_bytes", "corrupt_mode"}),
 }
 #: Ops a fault with ``on="open"`` acts on.
 OPEN_OPS: frozenset[str] = frozenset({"open", "create", "opendir"})
@@ -204,6 +216,13 @@ class FaultLayer(_Layer, tag="fault", kw_only=True):
     short_ratio: Annotated[float, msgspec.Meta(gt=0.0, lt=1.0)] = 0.5
     corrupt_bytes: Annotated[int, msgspec.Meta(ge=1, le=MAX_CORRUPT_BYTES)] = 1
     corrupt_mode: Literal["zero", "random"] = "random"
+
+    def fields_not_in_effect(self) -> frozenset[str]:
+        """See :meth:`_Layer.fields_not_in_effect`: the other kinds' fields; ``errno`` under ``errnos``."""
+        unused = {"errno", "errnos", "short_ratio", "corrupt_bytes", "corrupt_mode"} - _FAULT_KIND_FIELDS[self.kind]
+        if self.errnos:
+            unused.add("errno")
+        return frozenset(unused)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -533,6 +552,10 @@ class QuotaLayer(_Layer, tag="quota", kw_only=True):
             raise ValueError("fields `ops`/`path_glob`: a quota applies to the whole volume")
         _check_no_page_cache_choice(self, "quota")
 
+    def fields_not_in_effect(self) -> frozenset[str]:
+        """See :meth:`_Layer.fields_not_in_effect`: a quota is volume-wide and leaves the page cache alone."""
+        return frozenset({"ops", "path_glob", "page_cache"})
+
 
 #: Order of directory listings under a metadata layer: see :class:`MetadataLayer`.
 ReaddirOrder = Literal["backend", "shuffle", "hash"]
@@ -589,6 +612,10 @@ class MetadataLayer(_Layer, tag="metadata", kw_only=True):
             raise ValueError("fields `ops` and `readdir_order`: \"opendir\" only serves `readdir_order`, "
                              "which is \"backend\" (set it to \"shuffle\" or \"hash\")")
         _check_no_page_cache_choice(self, "metadata")
+
+    def fields_not_in_effect(self) -> frozenset[str]:
+        """See :meth:`_Layer.fields_not_in_effect`: attributes and listings never bypass the page cache."""
+        return frozenset({"page_cache"})
 
     @property
     def alters_attributes(self) -> bool:
@@ -654,6 +681,10 @@ class S3SemanticsLayer(_Layer, tag="s3_semantics", kw_only=True):
         if self.ops:
             raise ValueError("field `ops`: an s3_semantics layer acts on the ops Mountpoint refuses; leave it empty")
         _check_no_page_cache_choice(self, "s3_semantics")
+
+    def fields_not_in_effect(self) -> frozenset[str]:
+        """See :meth:`_Layer.fields_not_in_effect`: it acts on the ops Mountpoint refuses, whatever the cache."""
+        return frozenset({"ops", "page_cache"})
 
 
 class ProfileLayer(_Layer, tag="profile", kw_only=True):

@@ -12,33 +12,24 @@ document the same tuning for large sequential reads.
 from __future__ import annotations
 
 import logging
-import os
-import re
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+from ._mountinfo import MOUNTINFO_PATH, mounts_at
 
-_OCTAL_ESCAPE = re.compile(rb"\\([0-7]{3})")
+log = logging.getLogger(__name__)
 
 #: Readahead set on new mounts, KiB: one maximal FUSE request (256 pages).
 DEFAULT_READ_AHEAD_KIB = 1024
 
 
-def mount_device(mountpoint: str, mountinfo: str = "/proc/self/mountinfo") -> str | None:
+def mount_device(mountpoint: str, mountinfo: str = MOUNTINFO_PATH) -> str | None:
     """``major:minor`` of the mount at ``mountpoint`` (the newest one there), from mountinfo(5).
 
     Reads the table, never the mount itself: the worker calls this before it
     serves requests, when a ``stat`` of its own mount would wait for itself.
     """
-    wanted = os.fsencode(mountpoint)
-    device = None
-    for line in Path(mountinfo).read_bytes().splitlines():
-        fields = line.split()
-        # Fields: id parent major:minor root mountpoint …; the kernel escapes space,
-        # tab, newline and backslash in paths as \ooo (octal).
-        if len(fields) > 4 and _OCTAL_ESCAPE.sub(lambda m: bytes([int(m[1], 8)]), fields[4]) == wanted:
-            device = fields[2].decode()
-    return device
+    stacked = mounts_at(mountpoint, mountinfo)
+    return stacked[-1].device if stacked else None
 
 
 def set_read_ahead(mountpoint: str, kib: int, sysfs: str = "/sys/class/bdi") -> bool:

@@ -23,6 +23,7 @@ from ._extra_ops import ExtraOps, ExtraOpsUnavailable
 from ._pauses import freeze_long_lived_objects, grow_fd_table
 from .layers import _timer
 from ._expiry import expire_layers
+from ._mountinfo import refuse_to_cover_an_interposer_mount
 from ._readahead import set_read_ahead
 from .backends._libc import limit_malloc_arenas
 from .backends._offload import fuse_device_fd, readable
@@ -184,9 +185,12 @@ async def serve(config: WorkerConfig) -> None:
     Raises:
         PolicyError: the initial policy file is invalid (nothing is mounted).
         OSError: backing dir or mountpoint unusable.
-        RuntimeError: the mount failed (pyfuse3).
+        RuntimeError: the mount failed (pyfuse3), or an interposer mount is already
+            at the mountpoint (nothing is mounted).
     """
     policy = load_policy_file(config.policy_file) if config.policy_file else Policy()
+    if not config.fuse_fd_socket:
+        refuse_to_cover_an_interposer_mount(config.mountpoint)
     os.umask(0)  # modes from the kernel already carry the caller's umask
     fd_limit = _raise_fd_limit()
     fd_slots = grow_fd_table(fd_limit)
