@@ -50,6 +50,39 @@ def _clears_setid(flags: int, ctx: pyfuse3.RequestContext | Caller) -> bool:
     return ctx.uid != 0 and opened_for_writing(flags)
 
 
+#: The handlers pyfuse3 calls and answers (``forget`` has no answer and guards itself;
+#: the ops ``_extra_ops`` serves are guarded there).
+PYFUSE3_HANDLERS = (
+    "lookup", "getattr", "setattr", "readlink", "mknod", "mkdir", "unlink", "rmdir", "symlink", "rename", "link",
+    "open", "create", "read", "write", "flush", "release", "fsync", "opendir", "readdir", "releasedir",
+    "fsyncdir", "statfs", "getxattr", "setxattr", "listxattr", "removexattr",
+)
+
+
+def _answering_eio_on_internal_errors(handler: Callable[..., Any]) -> Callable[..., Any]:
+    """``handler``, turning any exception but ``FUSEError`` (and trio's cancellation) into ``FUSEError(EIO)``.
+
+    pyfuse3 answers a ``FUSEError``; any other exception leaves its session loop,
+    which stops serving the mount: every process using it then gets ENOTCONN. A bug
+    hit while building an op (outside ``_serve``, which maps errors itself) must
+    fail that one request, logged with its traceback, and nothing else.
+    """
+    name = handler.__name__
+
+    async def answering(self: InterposerOperations, *args: Any) -> Any:
+        try:
+            return await handler(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except Exception:
+            log.exception("internal error in the %s handler: answered EIO", name)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    answering.__name__ = answering.__qualname__ = name
+    answering.__doc__ = handler.__doc__
+    return answering
+
+
 #: ``SetattrFields`` of a mode-only change made by the worker itself (pyfuse3's own
 #: class cannot be built from Python; backends only read its ``update_*`` flags).
 _MODE_ONLY = SimpleNamespace(update_size=False, update_mode=True, update_uid=False, update_gid=False,
@@ -659,3 +692,7 @@ class InterposerOperations(pyfuse3.Operations):
     async def removexattr(self, inode, name, ctx):
         op = self._op("removexattr", inode, ctx)
         return await self._serve(op, lambda: self.backend.removexattr(inode, name, ctx))
+
+
+for _name in PYFUSE3_HANDLERS:
+    setattr(InterposerOperations, _name, _answering_eio_on_internal_errors(getattr(InterposerOperations, _name)))
