@@ -137,7 +137,7 @@ class WorkerStatus(msgspec.Struct):
             ``BurstBalance`` but a ratio; ``None`` when no layer in force has one.
         resident_memory_bytes: the worker process's resident memory (RSS), bytes,
             when the heartbeat was made (``/proc/self/statm``); ``None`` where
-            unknown. A passthrough worker's grows ~420-480 B per file or directory
+            unknown. A passthrough worker's grows ~260 B per file or directory
             the kernel knows: what its pod's memory limit must hold.
     """
 

@@ -62,7 +62,7 @@ METRICS: tuple[tuple[str, str, list[str], str], ...] = (
      "whose flush they act on (both opened before the policy)."),
     ("interposer_worker_resident_memory_bytes", "gauge", list(_VNP),
      "Resident memory (RSS) of the volume's worker process, bytes (newest heartbeat): compare with its pod's "
-     "memory limit; a passthrough worker's grows ~420-480 B per file or directory the kernel knows."),
+     "memory limit; a passthrough worker's grows ~260 B per file or directory the kernel knows."),
     ("interposer_quota_used_bytes", "gauge", list(_VNP),
      "Bytes (apparent file sizes) the volume's quota counts in use; absent without a quota."),
     ("interposer_quota_limit_bytes", "gauge", list(_VNP),

@@ -108,7 +108,7 @@ CONTEXT_MAX_DIR_FDS = "maxDirFds"
 CONTEXT_CACHE_COHERENCE = "cacheCoherence"
 #: ``volume_context`` key: memory limit of the volume's worker pod, a Kubernetes quantity
 #: (at least 64Mi; Kubernetes launcher only): a passthrough worker holds ~44 MiB plus
-#: ~420-480 B per file or directory the kernel knows. OPTIONAL: unset = the csi-node's
+#: ~260 B per file or directory the kernel knows. OPTIONAL: unset = the csi-node's
 #: ``--worker-memory-limit`` (1Gi).
 CONTEXT_WORKER_MEMORY_LIMIT = "workerMemoryLimit"
 #: Smallest ``workerMemoryLimit``: a worker uses ~44 MiB before its first request.
