@@ -168,6 +168,7 @@ def test_worker_status_counters_and_gauges() -> None:
     agg.add_status(status(worker_id="w-2", ops_total=10, revision=4, sent_at_s=1003.0))
     snap = agg.snapshot()
     assert snap.worker_ops == {LABELS: 160}
+    assert snap.worker_internal_errors == {LABELS: 0}
     assert snap.policy_revision == {"vol-a": 4}
     assert snap.last_heartbeat_s == {"vol-a": 1003.0}
     assert snap.status_total == 4
@@ -272,6 +273,17 @@ def test_a_lost_nats_connection_is_counted_and_marks_the_collector_disconnected(
     agg.set_nats_connected(True)  # reconnected: the count stays
     agg.add_nats_disconnect()
     assert agg.snapshot().nats_disconnects_total == 2
+
+
+def test_internal_errors_are_the_largest_count_per_worker_summed_over_workers() -> None:
+    """A worker bug answered EIO is told apart from the backing store's EIO: its own counter."""
+    agg = Aggregator()
+    agg.add_status(status(worker_id="w-1", internal_errors_total=2, sent_at_s=1000.0))
+    agg.add_status(status(worker_id="w-1", internal_errors_total=1, sent_at_s=999.0))  # late arrival
+    agg.add_status(status(worker_id="w-2", internal_errors_total=3, sent_at_s=1001.0))  # the restarted worker
+    samples = parse_metrics(generate_latest(make_registry(agg)).decode())
+    assert value(samples, "interposer_worker_internal_errors_total", volume="vol-a", namespace="team-x",
+                 pod="trainer-0") == 5
 
 
 def test_exposition_has_every_metric_and_no_path_label() -> None:

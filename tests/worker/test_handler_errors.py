@@ -35,5 +35,6 @@ def test_a_bug_outside_the_layers_fails_one_request_with_eio_not_the_worker() ->
                 await call()
             assert failed.value.errno == errno.EIO
         assert (await operations.getattr(1, ctx)).st_ino == 1  # and the next request is served
+        assert operations.telemetry.internal_errors_total == 3  # heartbeats carry it to the collector
 
     trio.run(serve)

@@ -139,6 +139,8 @@ class WorkerStatus(msgspec.Struct):
             when the heartbeat was made (``/proc/self/statm``); ``None`` where
             unknown. A passthrough worker's grows ~260 B per file or directory
             the kernel knows: what its pod's memory limit must hold.
+        internal_errors_total: requests the worker answered EIO because of an error
+            in its own code (a bug), not the backing store's, since start.
     """
 
     volume: str
@@ -168,6 +170,7 @@ class WorkerStatus(msgspec.Struct):
     files_bypassing_layers: int = 0
     burst_balance: float | None = None
     resident_memory_bytes: int | None = None
+    internal_errors_total: int = 0
 
 
 class FaultRecord(msgspec.Struct, kw_only=True):

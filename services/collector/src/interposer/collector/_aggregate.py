@@ -99,6 +99,8 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
         events_sampled_out: ``(volume, namespace, pod)`` → ops the workers' sampling
             rules kept out of the event stream.
         worker_ops: ``(volume, namespace, pod)`` → ops the workers report serving.
+        worker_internal_errors: the same key → requests the workers answered EIO for
+            an error in their own code (``WorkerStatus.internal_errors_total``).
         policy_revision: volume → policy revision in the newest heartbeat.
         last_heartbeat_s: volume → send time of the newest heartbeat, seconds since the
             Unix epoch.
@@ -145,6 +147,7 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
     events_dropped: dict[Labels3, int]
     events_sampled_out: dict[Labels3, int]
     worker_ops: dict[Labels3, int]
+    worker_internal_errors: dict[Labels3, int]
     policy_revision: dict[str, int]
     last_heartbeat_s: dict[str, float]
     fault_records: dict[tuple[str, str, str, str, str, str], int]
@@ -191,7 +194,8 @@ class _Group:
 class _Worker:
     """What the collector knows of one worker process (one ``(volume, worker_id)``)."""
 
-    __slots__ = ("namespace", "pod", "dropped_total", "ops_total", "sampled_out_total", "status", "received_s")
+    __slots__ = ("namespace", "pod", "dropped_total", "ops_total", "sampled_out_total", "internal_errors_total",
+                 "status", "received_s")
 
     def __init__(self) -> None:
         self.namespace = ""
@@ -199,6 +203,7 @@ class _Worker:
         self.dropped_total = 0
         self.ops_total = 0
         self.sampled_out_total = 0
+        self.internal_errors_total = 0
         self.status: WorkerStatus | None = None  # newest heartbeat (by send time)
         self.received_s = 0.0  # collector clock when the newest heartbeat arrived
 
@@ -317,6 +322,8 @@ class Aggregator:
                 worker.dropped_total = status.events_dropped_total
             if status.ops_total > worker.ops_total:
                 worker.ops_total = status.ops_total
+            if status.internal_errors_total > worker.internal_errors_total:
+                worker.internal_errors_total = status.internal_errors_total
             if worker.status is None or status.sent_at_s >= worker.status.sent_at_s:
                 worker.status = status
                 worker.received_s = self._clock()
@@ -391,6 +398,7 @@ class Aggregator:
         events_dropped: dict[Labels3, int] = {}
         events_sampled_out: dict[Labels3, int] = {}
         worker_ops: dict[Labels3, int] = {}
+        worker_internal_errors: dict[Labels3, int] = {}
         fault_records: dict[tuple[str, str, str, str, str, str], int] = {}
         worker_up: dict[Labels3, int] = {}
         newest: dict[Labels3, WorkerStatus] = {}  # newest heartbeat of an up worker
@@ -422,6 +430,7 @@ class Aggregator:
                 events_dropped[key3] = events_dropped.get(key3, 0) + worker.dropped_total
                 events_sampled_out[key3] = events_sampled_out.get(key3, 0) + worker.sampled_out_total
                 worker_ops[key3] = worker_ops.get(key3, 0) + worker.ops_total
+                worker_internal_errors[key3] = worker_internal_errors.get(key3, 0) + worker.internal_errors_total
                 status = worker.status
                 if status is None:
                     continue
@@ -441,6 +450,7 @@ class Aggregator:
                 events_dropped=events_dropped,
                 events_sampled_out=events_sampled_out,
                 worker_ops=worker_ops,
+                worker_internal_errors=worker_internal_errors,
                 policy_revision={volume: revision for volume, (_, revision) in heartbeats.items()},
                 last_heartbeat_s={volume: sent_at_s for volume, (sent_at_s, _) in heartbeats.items()},
                 fault_records=fault_records,

@@ -43,6 +43,9 @@ METRICS: tuple[tuple[str, str, list[str], str], ...] = (
      "Ops the workers served but, by their event sampling rules, did not turn into events."),
     ("interposer_worker_ops", "counter", list(_VNP),
      "FUSE ops the workers report serving, from their heartbeats (summed over worker processes)."),
+    ("interposer_worker_internal_errors", "counter", list(_VNP),
+     "Requests the workers answered EIO because of an error in their own code (a bug, logged with its "
+     "traceback), not the backing store's: alert on any increase (summed over worker processes)."),
     ("interposer_worker_policy_revision", "gauge", ["volume"],
      "Policy revision in force in the volume's worker (newest heartbeat); 0 = initial policy."),
     ("interposer_worker_last_heartbeat_timestamp_seconds", "gauge", ["volume"],
@@ -142,6 +145,7 @@ def families(snapshot: Snapshot) -> Iterator[Metric]:
     yield _counter("interposer_events_dropped", snapshot.events_dropped.items())
     yield _counter("interposer_events_sampled_out", snapshot.events_sampled_out.items())
     yield _counter("interposer_worker_ops", snapshot.worker_ops.items())
+    yield _counter("interposer_worker_internal_errors", snapshot.worker_internal_errors.items())
     yield _gauge("interposer_worker_policy_revision",
                  (((volume,), revision) for volume, revision in snapshot.policy_revision.items()))
     yield _gauge("interposer_worker_last_heartbeat_timestamp_seconds",

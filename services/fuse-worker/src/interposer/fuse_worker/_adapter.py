@@ -33,10 +33,15 @@ log = logging.getLogger(__name__)
 _SETID = stat.S_ISUID | stat.S_ISGID
 
 
-def _errno_of(exc: Exception, op: Op) -> int:
-    """The errno the application gets for ``exc`` raised serving ``op`` (EIO, logged, for anything not an OSError)."""
+def _errno_of(exc: Exception, op: Op, telemetry: Telemetry) -> int:
+    """The errno the application gets for ``exc`` raised serving ``op``.
+
+    An ``OSError``'s own; EIO for anything else (a bug: logged and counted in
+    ``telemetry.internal_errors_total``).
+    """
     if isinstance(exc, OSError):
         return exc.errno or errno.EIO
+    telemetry.internal_errors_total += 1
     log.error("internal error serving %s %s", op.name, op.path, exc_info=exc)
     return errno.EIO
 
@@ -65,7 +70,8 @@ def _answering_eio_on_internal_errors(handler: Callable[..., Any]) -> Callable[.
     pyfuse3 answers a ``FUSEError``; any other exception leaves its session loop,
     which stops serving the mount: every process using it then gets ENOTCONN. A bug
     hit while building an op (outside ``_serve``, which maps errors itself) must
-    fail that one request, logged with its traceback, and nothing else.
+    fail that one request, logged with its traceback and counted
+    (``Telemetry.internal_errors_total``), and nothing else.
     """
     name = handler.__name__
 
@@ -75,6 +81,7 @@ def _answering_eio_on_internal_errors(handler: Callable[..., Any]) -> Callable[.
         except pyfuse3.FUSEError:
             raise
         except Exception:
+            self.telemetry.internal_errors_total += 1
             log.exception("internal error in the %s handler: answered EIO", name)
             raise pyfuse3.FUSEError(errno.EIO) from None
 
@@ -274,7 +281,7 @@ class InterposerOperations(pyfuse3.Operations):
             err = exc.errno
             raise
         except Exception as exc:
-            err = _errno_of(exc, op)
+            err = _errno_of(exc, op, self.telemetry)
             raise pyfuse3.FUSEError(err) from None
         finally:
             if err or result is None:
@@ -313,7 +320,7 @@ class InterposerOperations(pyfuse3.Operations):
         except pyfuse3.FUSEError as exc:
             payload = err = exc.errno
         except Exception as exc:
-            payload = err = _errno_of(exc, op)
+            payload = err = _errno_of(exc, op, self.telemetry)
         nbytes = 0 if err else len(payload)
 
         def sent(sent_ns: int, late_ns: int) -> None:

@@ -416,7 +416,7 @@ class Bus:
             pod_uid=self.config.pod_uid, service_account=self.config.service_account,
             node=self.config.node_name, kernel_passthrough_files=passthrough_files,
             files_bypassing_layers=bypassing, burst_balance=self._burst_balance(),
-            resident_memory_bytes=resident_memory_bytes(),
+            resident_memory_bytes=resident_memory_bytes(), internal_errors_total=t.internal_errors_total,
         ))
 
     async def _status_loop(self, nc: nats.NATS) -> None:

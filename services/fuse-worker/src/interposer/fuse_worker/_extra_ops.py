@@ -86,6 +86,7 @@ from ._init_reply import (
 from ._kernel_passthrough import FLAGS2_PASSTHROUGH, MAX_STACK_DEPTH, KernelPassthrough
 from ._held_reads import ReadReplier
 from ._raw_reply import FOPEN_NOFLUSH, FuseCtx, RawReplies, RawReplyUnavailable, open_flags_of
+from ._telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +196,8 @@ class ExtraOpsHandler(Protocol):
         ...
 
     passthrough: KernelPassthrough | None
+    #: Its counters: a request answered EIO for a bug here counts in ``internal_errors_total``.
+    telemetry: Telemetry
     #: Set by :meth:`ExtraOps.install`: opens are answered here, so FOPEN_NOFLUSH can be sent.
     noflush_opens: bool
     #: Set by :meth:`ExtraOps.install` (with ``held_reads``): called with whether
@@ -507,6 +510,7 @@ class ExtraOps:
         except pyfuse3.FUSEError as exc:
             self._lib.fuse_reply_err(req, exc.errno)
         except Exception:
+            self._handler.telemetry.internal_errors_total += 1
             log.exception("internal error in a FUSE request")
             self._lib.fuse_reply_err(req, errno.EIO)
         except BaseException:  # trio.Cancelled: the worker is stopping

@@ -85,6 +85,9 @@ class Telemetry:
 
     Attributes:
         worker_id: id of this worker process; unique per process start.
+        internal_errors_total: requests answered EIO because of an error in the
+            worker's own code (a bug, not the backing store's errno), counted by
+            the handlers that caught it.
         sessions: ``dict[int, int]``: open file handle → its file session id.
     """
 
@@ -105,6 +108,7 @@ class Telemetry:
         self.faults_dropped_total = 0
         self.faults_published_total = 0
         self.ops_total = 0
+        self.internal_errors_total = 0
         self.delayed_ops_total = 0
         self.delay_late_ns_total = 0
         self.lateness = LatenessWatch()
