@@ -420,14 +420,13 @@ async def serve(config: PolicyServiceConfig) -> None:
     await stop.wait()
     # Stop taking requests, finish (store and answer) the ones taken, then close. With
     # NATS gone there is nothing to drain (nats-py would wait out its drain timeouts).
-    connected = nc.is_connected
-    if connected:
+    if nc.is_connected:
         await asyncio.gather(*(sub.drain() for sub in requests), return_exceptions=True)
     await service.requests.drain()
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    if connected and nc.is_connected:
+    if nc.is_connected:
         await nc.drain()
     else:
         log.info("NATS unreachable at shutdown: closing without draining")
