@@ -8,9 +8,11 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable, Iterator
+from typing import Any
 from pathlib import Path
 
 import pytest
+import yaml
 from collector_helpers import (
     COLLECTOR_READY_TIMEOUT_S,
     PROMETHEUS_READY_TIMEOUT_S,
@@ -58,29 +60,29 @@ PROMETHEUS_SCRAPE_INTERVAL_S = 1
 
 
 @pytest.fixture
-def start_prometheus(tmp_path: Path) -> Iterator[Callable[[list[int]], PrometheusServer]]:
+def start_prometheus(tmp_path: Path) -> Iterator[Callable[..., PrometheusServer]]:
     """Factory: a real Prometheus on loopback scraping the given /metrics ports every second.
 
-    Fails (never skips) when the prometheus binary is missing. Stopped after the test.
+    ``start(ports, job=None)``: ``job`` is a scrape job (a dict as in prometheus.yml,
+    e.g. the deployed one with its service discovery replaced by static targets) to
+    use instead of the plain one. Fails (never skips) when the prometheus binary is
+    missing. Stopped after the test.
     """
     if not os.access(PROMETHEUS_BINARY, os.X_OK):
         pytest.fail(f"{PROMETHEUS_BINARY} is missing: apt-get install prometheus (make setup does)")
     children: list[Child] = []
 
-    def start(target_ports: list[int]) -> PrometheusServer:
+    def start(target_ports: list[int], job: dict[str, Any] | None = None) -> PrometheusServer:
         workdir = tmp_path / "prometheus"
         (workdir / "data").mkdir(parents=True)
-        targets = ", ".join(f'"127.0.0.1:{port}"' for port in target_ports)
+        job = job or {"job_name": "interposer-collector",
+                      "static_configs": [{"targets": [f"127.0.0.1:{port}" for port in target_ports]}]}
+        interval = f"{PROMETHEUS_SCRAPE_INTERVAL_S}s"
         config = workdir / "prometheus.yml"
-        config.write_text(
-            "global:\n"
-            f"  scrape_interval: {PROMETHEUS_SCRAPE_INTERVAL_S}s\n"
-            f"  evaluation_interval: {PROMETHEUS_SCRAPE_INTERVAL_S}s\n"
-            "scrape_configs:\n"
-            "  - job_name: interposer-collector\n"
-            "    static_configs:\n"
-            f"      - targets: [{targets}]\n"
-        )
+        config.write_text(yaml.safe_dump({
+            "global": {"scrape_interval": interval, "evaluation_interval": interval},
+            "scrape_configs": [{**job, "scrape_interval": interval}],
+        }))
         port = free_port()
         argv = [PROMETHEUS_BINARY, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'data'}",
                 f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"]
