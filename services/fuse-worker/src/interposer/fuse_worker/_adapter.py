@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import stat
@@ -75,6 +76,7 @@ def _answering_eio_on_internal_errors(handler: Callable[..., Any]) -> Callable[.
     """
     name = handler.__name__
 
+    @functools.wraps(handler)
     async def answering(self: InterposerOperations, *args: Any) -> Any:
         try:
             return await handler(self, *args)
@@ -85,8 +87,6 @@ def _answering_eio_on_internal_errors(handler: Callable[..., Any]) -> Callable[.
             log.exception("internal error in the %s handler: answered EIO", name)
             raise pyfuse3.FUSEError(errno.EIO) from None
 
-    answering.__name__ = answering.__qualname__ = name
-    answering.__doc__ = handler.__doc__
     return answering
 
 
