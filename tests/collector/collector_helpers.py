@@ -13,10 +13,12 @@ from typing import Any, TypeVar
 
 import msgspec
 import nats
+import yaml
 from interposer.proto import EventBatch, OpEvent, WorkerStatus, subjects
 from prometheus_client.parser import text_string_to_metric_families
 
 from interposer.cli._procs import Child
+from interposer_testing import REPO_ROOT
 
 #: How long a collector gets to come up (port file + NATS subscriptions), seconds.
 COLLECTOR_READY_TIMEOUT_S = 20.0
@@ -27,6 +29,34 @@ SCRAPE_TIMEOUT_S = 5.0
 
 #: How long Prometheus gets to answer /-/ready, seconds.
 PROMETHEUS_READY_TIMEOUT_S = 30.0
+
+MONITORING_DIR = REPO_ROOT / "deploy" / "overlays" / "monitoring"
+#: The monitoring overlay's Prometheus configuration and alerting rules.
+DEPLOYED_CONFIG = MONITORING_DIR / "prometheus.yml"
+DEPLOYED_RULES = MONITORING_DIR / "alerts.yml"
+#: Where the collector replica of :func:`deployed_scrape_job` runs (its target labels).
+COLLECTOR_NAMESPACE, COLLECTOR_POD = "interposer-system", "interposer-collector-7d9f-abcde"
+
+
+def deployed_scrape_job(port: int) -> dict[str, Any]:
+    """The monitoring overlay's scrape job, with a static target for the collector on ``port``.
+
+    Only Kubernetes service discovery cannot run here (Debian's Prometheus lacks it,
+    and there is no API server): ``kubernetes_sd_configs`` becomes a static target
+    carrying the ``__meta_kubernetes_*`` labels an EndpointSlice of the collector
+    Service would give; the job's relabelling runs unchanged.
+    """
+    [job] = [j for j in yaml.safe_load(DEPLOYED_CONFIG.read_text())["scrape_configs"] if j["job_name"] == "interposer"]
+    del job["kubernetes_sd_configs"]
+    job["static_configs"] = [{"targets": [f"127.0.0.1:{port}"], "labels": {
+        "__meta_kubernetes_namespace": COLLECTOR_NAMESPACE,
+        "__meta_kubernetes_service_name": "interposer-collector",
+        "__meta_kubernetes_pod_name": COLLECTOR_POD,
+        "__meta_kubernetes_service_annotation_prometheus_io_scrape": "true",
+        "__meta_kubernetes_service_annotation_prometheus_io_path": "/metrics",
+        "__meta_kubernetes_endpointslice_port_name": "metrics",
+    }}]
+    return job
 
 T = TypeVar("T")
 
@@ -127,6 +157,17 @@ class PrometheusServer:
             body = json.load(response)
         assert body["status"] == "success", body
         return body["data"]["result"]
+
+    def api(self, path: str) -> Any:
+        """GET ``/api/v1/<path>`` and return its ``data`` (e.g. ``"alerts"``, ``"rules"``).
+
+        Raises:
+            AssertionError: the API answered an error.
+        """
+        with urllib.request.urlopen(f"{self.base_url}/api/v1/{path}", timeout=SCRAPE_TIMEOUT_S) as response:
+            body = json.load(response)
+        assert body["status"] == "success", body
+        return body["data"]
 
     def scalar(self, promql: str) -> float | None:
         """Value of a single-element query result, None when the result is empty."""

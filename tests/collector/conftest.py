@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 from pathlib import Path
 
@@ -63,16 +63,18 @@ PROMETHEUS_SCRAPE_INTERVAL_S = 1
 def start_prometheus(tmp_path: Path) -> Iterator[Callable[..., PrometheusServer]]:
     """Factory: a real Prometheus on loopback scraping the given /metrics ports every second.
 
-    ``start(ports, job=None)``: ``job`` is a scrape job (a dict as in prometheus.yml,
-    e.g. the deployed one with its service discovery replaced by static targets) to
-    use instead of the plain one. Fails (never skips) when the prometheus binary is
-    missing. Stopped after the test.
+    ``start(ports, job=None, rule_files=())``: ``job`` is a scrape job (a dict as in
+    prometheus.yml, e.g. the deployed one with its service discovery replaced by
+    static targets) to use instead of the plain one; ``rule_files`` are rule files
+    to load (evaluated every second too). Fails (never skips) when the prometheus
+    binary is missing. Stopped after the test.
     """
     if not os.access(PROMETHEUS_BINARY, os.X_OK):
         pytest.fail(f"{PROMETHEUS_BINARY} is missing: apt-get install prometheus (make setup does)")
     children: list[Child] = []
 
-    def start(target_ports: list[int], job: dict[str, Any] | None = None) -> PrometheusServer:
+    def start(target_ports: list[int], job: dict[str, Any] | None = None,
+              rule_files: Sequence[Path] = ()) -> PrometheusServer:
         workdir = tmp_path / "prometheus"
         (workdir / "data").mkdir(parents=True)
         job = job or {"job_name": "interposer-collector",
@@ -82,6 +84,7 @@ def start_prometheus(tmp_path: Path) -> Iterator[Callable[..., PrometheusServer]
         config.write_text(yaml.safe_dump({
             "global": {"scrape_interval": interval, "evaluation_interval": interval},
             "scrape_configs": [{**job, "scrape_interval": interval}],
+            "rule_files": [str(path) for path in rule_files],
         }))
         port = free_port()
         argv = [PROMETHEUS_BINARY, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'data'}",

@@ -189,6 +189,34 @@ def test_worker_up_while_heartbeats_are_younger_than_three_intervals() -> None:
     assert agg.snapshot().worker_up == {LABELS: 0}
 
 
+def test_a_worker_that_stopped_on_request_is_neither_up_nor_down() -> None:
+    """An unmount is not an outage: ``worker_up`` == 0 (what an alert fires on) is kept
+    for workers that went silent without saying they stopped."""
+    clock = FakeClock()
+    agg = Aggregator(clock=clock)
+    agg.add_status(status(worker_id="w-1", sent_at_s=1000.0, open_files=2))
+    clock.now_s += 10  # w-1 went silent: crashed or killed
+    assert agg.snapshot().worker_up == {LABELS: 0}
+    agg.add_status(status(worker_id="w-2", sent_at_s=1010.0, open_files=1))  # its replacement
+    assert agg.snapshot().worker_up == {LABELS: 1}
+    agg.add_status(status(worker_id="w-2", sent_at_s=1011.0, open_files=0, stopped=True))  # then unmounted
+    snap = agg.snapshot()
+    assert snap.worker_up == {} and snap.open_files == {} and snap.volume_info == {}
+    samples = parse_metrics(generate_latest(make_registry(agg)).decode())
+    assert not any(name == "interposer_worker_up" for name, _ in samples)
+    clock.now_s += 100
+    assert agg.snapshot().worker_up == {}  # and stays so
+    agg.add_status(status(worker_id="w-3", sent_at_s=1200.0))  # mounted again
+    assert agg.snapshot().worker_up == {LABELS: 1}
+
+
+def test_a_late_heartbeat_of_a_stopped_worker_does_not_revive_it() -> None:
+    agg = Aggregator(clock=FakeClock())
+    agg.add_status(status(sent_at_s=1001.0, stopped=True))
+    agg.add_status(status(sent_at_s=1000.0))  # sent before, arrived after
+    assert agg.snapshot().worker_up == {}
+
+
 def test_quota_and_open_files_come_from_the_newest_heartbeat_of_an_up_worker() -> None:
     clock = FakeClock()
     agg = Aggregator(clock=clock)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,3 +88,27 @@ def find_by_prefix(objects: list[Manifest], kind: str, prefix: str) -> Manifest:
     if len(hits) != 1:
         pytest.fail(f"expected exactly one {kind} named {prefix}*, found {len(hits)}")
     return hits[0]
+
+
+#: PromQL words that look like metric names but are not.
+PROMQL_KEYWORDS = {"and", "or", "unless", "bool", "offset", "inf", "nan"}
+
+
+def metric_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression selects.
+
+    Strings, label matchers, range windows, grouping clauses and Grafana variables
+    are removed first; what is left that is not a function, aggregation or keyword
+    is a metric name.
+    """
+    e = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+    e = re.sub(r"\{[^}]*\}", " ", e)
+    e = re.sub(r"\[[^\]]*\]", " ", e)
+    e = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", e)
+    e = re.sub(r"\$\{?\w+\}?", " ", e)
+    names = set()
+    for m in re.finditer(r"(?<![\w.])[A-Za-z_:][A-Za-z0-9_:]*", e):
+        if e[m.end() :].lstrip().startswith("(") or m.group().lower() in PROMQL_KEYWORDS:
+            continue
+        names.add(m.group())
+    return names

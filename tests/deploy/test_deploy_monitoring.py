@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import yaml
-from deploy_support import DEPLOY_DIR, NAMESPACE, Manifest, find, find_by_prefix, pod_spec_of
+from deploy_support import DEPLOY_DIR, NAMESPACE, Manifest, find, find_by_prefix, metric_names, pod_spec_of
 
 #: The metric names the collector documents; dashboards may use no others.
 DOCUMENTED_METRICS = {
@@ -41,29 +41,8 @@ DOCUMENTED_METRICS = {
     "interposer_worker_resident_memory_bytes",
     "interposer_worker_internal_errors_total",
 }
-PROMQL_KEYWORDS = {"and", "or", "unless", "bool", "offset", "inf", "nan"}
 DASHBOARD_FILE = DEPLOY_DIR / "overlays" / "monitoring" / "dashboards" / "interposer-overview.json"
 METRICS_PORT = 9464
-
-
-def metric_names(expr: str) -> set[str]:
-    """The metric names a PromQL expression selects.
-
-    Strings, label matchers, range windows, grouping clauses and Grafana variables
-    are removed first; what is left that is not a function, aggregation or keyword
-    is a metric name.
-    """
-    e = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
-    e = re.sub(r"\{[^}]*\}", " ", e)
-    e = re.sub(r"\[[^\]]*\]", " ", e)
-    e = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", e)
-    e = re.sub(r"\$\{?\w+\}?", " ", e)
-    names = set()
-    for m in re.finditer(r"(?<![\w.])[A-Za-z_:][A-Za-z0-9_:]*", e):
-        if e[m.end() :].lstrip().startswith("(") or m.group().lower() in PROMQL_KEYWORDS:
-            continue
-        names.add(m.group())
-    return names
 
 
 def variable_metric_names(query: str) -> set[str]:

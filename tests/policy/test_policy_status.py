@@ -74,6 +74,23 @@ def test_set_wait_times_out_naming_a_worker_that_does_not_apply(
     assert _status(nats_url, volume).workers[0].applied_revision == revision
 
 
+def test_an_unmounted_worker_leaves_the_status_and_a_killed_one_turns_stale(
+        nats_url, policy_service, mount_worker, fresh_volume) -> None:
+    """A worker that stopped on request says so in its last heartbeat: gone at once
+    (not listed as stale for the 300 s a silent worker is kept)."""
+    volume = fresh_volume
+    unmounted = mount_worker(volume, nats_url=nats_url)
+    killed = mount_worker(volume, nats_url=nats_url)
+    wait_until(lambda: len(_status(nats_url, volume).workers) == 2, "both workers' first heartbeats")
+    assert unmounted.unmount() == 0
+    killed.proc.kill()
+    killed.proc.wait()
+    subprocess.run(["fusermount3", "-uz", str(killed.mountpoint)], check=False, capture_output=True)
+    wait_until(lambda: len(_status(nats_url, volume).workers) == 1, "the unmounted worker to leave the status")
+    wait_until(lambda: _status(nats_url, volume).workers[0].stale, "the killed worker to turn stale",
+               timeout_s=15)
+
+
 def test_set_wait_without_workers(nats_url, policy_service, fresh_volume) -> None:
     none = asyncio.run(set_and_wait(nats_url, fresh_volume, subjects.policy_set(fresh_volume), DELAY, timeout_s=0.5))
     assert none.reply.ok and not none.complete and "no worker" in next(iter(none.laggards))

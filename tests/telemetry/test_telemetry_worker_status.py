@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import subprocess
 import uuid
 from collections.abc import Callable
 
@@ -83,11 +84,30 @@ def test_quota_open_files_fault_records_and_worker_up_reach_the_collector(
     wait_for(lambda: collector.total("interposer_open_files", **labels) == 0, what="the file to be released")
     vol.unmount()
 
-    def down() -> bool:
-        return (collector.total("interposer_worker_up", **labels) == 0
-                and not {"interposer_quota_used_bytes", "interposer_volume_info"} & collector_names(collector, volume))
+    def gone() -> bool:  # an unmount is not an outage: no worker_up series, not 0
+        return not {"interposer_worker_up", "interposer_quota_used_bytes", "interposer_volume_info"} & collector_names(
+            collector, volume)
 
-    wait_for(down, what="the stopped worker to be reported down (3 missed heartbeats)", interval_s=0.3)
+    wait_for(gone, what="the unmounted worker's series to go", interval_s=0.3)
+
+
+def test_a_killed_worker_is_reported_down(
+        nats_url: str, mount_worker: Callable[..., MountedVolume], start_collector: Callable[..., Collector]) -> None:
+    """A worker that dies leaves the pod a dead mount (ENOTCONN): ``interposer_worker_up`` 0, what alerts fire on."""
+    collector = start_collector()
+    volume = f"wst-{uuid.uuid4().hex[:8]}"
+    vol = mount_worker(volume, nats_url=nats_url, extra=["--pod-namespace", "team-q", "--pod-name", "app-k"])
+    labels = {"volume": volume, "namespace": "team-q", "pod": "app-k"}
+    wait_for(lambda: collector.total("interposer_worker_up", **labels) == 1, what="the worker up", interval_s=0.3)
+    vol.proc.kill()
+    vol.proc.wait()
+    subprocess.run(["fusermount3", "-uz", str(vol.mountpoint)], check=False, capture_output=True)
+
+    def down() -> bool:
+        return ("interposer_worker_up" in collector_names(collector, volume)
+                and collector.total("interposer_worker_up", **labels) == 0)
+
+    wait_for(down, what="the killed worker to be reported down (3 missed heartbeats)", interval_s=0.3)
 
 
 def collector_names(collector: Collector, volume: str) -> set[str]:

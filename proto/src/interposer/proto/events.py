@@ -141,6 +141,10 @@ class WorkerStatus(msgspec.Struct):
             the kernel knows: what its pod's memory limit must hold.
         internal_errors_total: requests the worker answered EIO because of an error
             in its own code (a bug), not the backing store's, since start.
+        stopped: True only in the last heartbeat of a worker that ends on request
+            (SIGTERM/SIGINT, or its mount unmounted): consumers stop expecting
+            heartbeats from it and do not call it down. A worker that crashes, is
+            killed or fails to mount sends none, so its silence reads as down.
     """
 
     volume: str
@@ -171,6 +175,7 @@ class WorkerStatus(msgspec.Struct):
     burst_balance: float | None = None
     resident_memory_bytes: int | None = None
     internal_errors_total: int = 0
+    stopped: bool = False
 
 
 class FaultRecord(msgspec.Struct, kw_only=True):

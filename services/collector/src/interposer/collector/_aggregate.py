@@ -106,9 +106,12 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
             Unix epoch.
         fault_records: ``(volume, namespace, pod, op, kind, errno_name)`` → fault
             records received (``errno_name`` is ``""`` unless ``kind == "errno"``).
-        worker_up: ``(volume, namespace, pod)`` → 1 while a worker of it sent a
-            heartbeat within :data:`WORKER_UP_HEARTBEATS` of its intervals (measured
-            on the collector's clock, from when the heartbeat arrived), else 0.
+        worker_up: ``(volume, namespace, pod)`` → of the worker heard from last, 1
+            while its newest heartbeat is younger than :data:`WORKER_UP_HEARTBEATS`
+            of its intervals (collector clock, from when the heartbeat arrived), else
+            0 (it crashed, was killed, failed, or lost NATS); no entry when that
+            heartbeat said it stopped on request (``WorkerStatus.stopped``: an
+            unmount, not an outage). A worker replaced by a newer one no longer counts.
         open_files: ``(volume, namespace, pod)`` → open file handles (newest
             heartbeat of an up worker).
         kernel_passthrough_files: the same key → of those, the handles the kernel
@@ -401,6 +404,7 @@ class Aggregator:
         worker_internal_errors: dict[Labels3, int] = {}
         fault_records: dict[tuple[str, str, str, str, str, str], int] = {}
         worker_up: dict[Labels3, int] = {}
+        latest: dict[Labels3, _Worker] = {}  # the worker heard from last
         newest: dict[Labels3, WorkerStatus] = {}  # newest heartbeat of an up worker
         with self._lock:
             now_s = self._clock()
@@ -434,10 +438,17 @@ class Aggregator:
                 status = worker.status
                 if status is None:
                     continue
-                up = now_s - worker.received_s < WORKER_UP_HEARTBEATS * status.status_interval_s
-                worker_up[key3] = max(worker_up.get(key3, 0), int(up))
+                if key3 not in latest or worker.received_s >= latest[key3].received_s:
+                    latest[key3] = worker
+                up = not status.stopped and now_s - worker.received_s < WORKER_UP_HEARTBEATS * status.status_interval_s
                 if up and (key3 not in newest or status.sent_at_s >= newest[key3].sent_at_s):
                     newest[key3] = status
+            for key3, worker in latest.items():
+                status = worker.status
+                assert status is not None
+                if status.stopped:
+                    continue  # unmounted on purpose: neither up nor down, so no series
+                worker_up[key3] = int(now_s - worker.received_s < WORKER_UP_HEARTBEATS * status.status_interval_s)
             heartbeats = dict(self._heartbeats)
             return Snapshot(
                 ops=ops,

@@ -53,7 +53,8 @@ METRICS: tuple[tuple[str, str, list[str], str], ...] = (
     ("interposer_fault_records", "counter", [*_VNP, "op", "kind", "errno"],
      "Faults the workers recorded injecting (errno, short_read, short_write, corrupt), from their fault records."),
     ("interposer_worker_up", "gauge", list(_VNP),
-     "1 while the worker sent a heartbeat within the last 3 of its heartbeat intervals, else 0."),
+     "1 while the volume's worker sent a heartbeat within the last 3 of its heartbeat intervals, else 0 "
+     "(crashed, killed or cut off); absent once it stopped on request (unmounted)."),
     ("interposer_open_files", "gauge", list(_VNP),
      "Open file handles of the volume (file sessions between open/create and release)."),
     ("interposer_kernel_passthrough_open_files", "gauge", list(_VNP),

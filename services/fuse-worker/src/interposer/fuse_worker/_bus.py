@@ -95,6 +95,8 @@ class Bus:
         self._trio_token = trio_token
         self._started_at_s = time.time()
         self._seq = 0
+        #: Set by stop(): the last heartbeat carries it (WorkerStatus.stopped).
+        self._stopped_on_request = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._thread = threading.Thread(target=self._thread_main, name="interposer-bus", daemon=True)
@@ -119,8 +121,16 @@ class Bus:
         """Start the bus thread; returns at once (connecting happens in the background)."""
         self._thread.start()
 
-    def stop(self, timeout_s: float = DEFAULT_SHUTDOWN_FLUSH_S + 2) -> None:
-        """Publish what is buffered, drain the connection and end the thread."""
+    def stop(self, timeout_s: float = DEFAULT_SHUTDOWN_FLUSH_S + 2, *, on_request: bool = False) -> None:
+        """Publish what is buffered and a last heartbeat, drain the connection and end the thread.
+
+        Args:
+            timeout_s: longest wait for the thread, seconds.
+            on_request: the worker ends because it was asked to (signal, unmount):
+                the last heartbeat says so (``WorkerStatus.stopped``), and consumers
+                do not call the worker down. False for a failure.
+        """
+        self._stopped_on_request = on_request
         if self._loop is not None and self._stop is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(timeout_s)
@@ -398,7 +408,7 @@ class Bus:
             await self._publish_faults(nc)
             wait_s = next_flush_wait(wait_s, found, self.config.flush_interval_s)
 
-    def _status(self) -> bytes:
+    def _status(self, stopped: bool = False) -> bytes:
         t = self.telemetry
         quota = self._quota_usage()
         passthrough_files, bypassing = self._passthrough_files()
@@ -417,6 +427,7 @@ class Bus:
             node=self.config.node_name, kernel_passthrough_files=passthrough_files,
             files_bypassing_layers=bypassing, burst_balance=self._burst_balance(),
             resident_memory_bytes=resident_memory_bytes(), internal_errors_total=t.internal_errors_total,
+            stopped=stopped,
         ))
 
     async def _status_loop(self, nc: nats.NATS) -> None:
@@ -440,7 +451,7 @@ class Bus:
     async def _final_flush(self, nc: nats.NATS) -> None:
         await self._publish_events(nc)
         await self._publish_faults(nc)
-        await nc.publish(subjects.status(self.config.volume_id), self._status())
+        await nc.publish(subjects.status(self.config.volume_id), self._status(stopped=self._stopped_on_request))
         await nc.flush()
 
 

@@ -239,6 +239,7 @@ async def serve(config: WorkerConfig) -> None:
              f" of {config.backing_dir}" if config.backend == "passthrough" else "", mountpoint,
              f" (mounted by the csi-node at {config.mountpoint or 'its target'})" if config.fuse_fd_socket else "")
     extra_ops: ExtraOps | None = None
+    ended_on_request = False  # pyfuse3.main returned: a signal or an unmount, not a failure
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_terminate_on_signal)
@@ -269,11 +270,12 @@ async def serve(config: WorkerConfig) -> None:
                 _session_loop.uninstall()
                 _timer.call_pending_now()  # held replies leave before their session is destroyed
             nursery.cancel_scope.cancel()
+        ended_on_request = True
     finally:
         held_reads = extra_ops.held_reads_total if extra_ops is not None else 0
         pyfuse3.close(unmount=True)
         if bus is not None:
-            bus.stop()
+            bus.stop(on_request=ended_on_request)
         backend.close()
         log.info("volume %s: %s; %d ops served, %d faults injected, %d events dropped%s", config.volume_id,
                  "FUSE fd closed (the csi-node unmounts)" if config.fuse_fd_socket else "unmounted",

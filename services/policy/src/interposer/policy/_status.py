@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 class StatusCache:
     """Latest heartbeat per worker, grouped by volume.
 
+    A worker whose heartbeat says it stopped (``WorkerStatus.stopped``) is dropped
+    at once; one that falls silent is ``stale`` first, then forgotten.
+
     Args:
         stale_after_s: a worker whose last heartbeat is older than this is
             reported ``stale`` and does not count against ``converged``, seconds.
@@ -48,6 +51,14 @@ class StatusCache:
         now_s = time.time() if now_s is None else now_s
         workers = self.workers.setdefault(status.volume, {})
         previous = workers.get(status.worker_id)
+        if status.stopped:
+            # Unmounted on purpose: gone now, not "stale" until forget_after_s.
+            if workers.pop(status.worker_id, None) is not None:
+                for listener in self.listeners:
+                    listener()
+            if not workers:
+                del self.workers[status.volume]
+            return status
         since = status.sent_at_s
         if previous is not None and previous.applied_revision == status.policy_revision:
             since = previous.applied_since_s
