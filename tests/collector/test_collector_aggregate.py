@@ -217,6 +217,44 @@ def test_a_late_heartbeat_of_a_stopped_worker_does_not_revive_it() -> None:
     assert agg.snapshot().worker_up == {}
 
 
+def test_an_unmounted_volume_leaves_the_metrics_after_the_retention_and_a_silent_one_stays() -> None:
+    """A cluster that runs a short job per new volume must not grow /metrics forever."""
+    clock = FakeClock()
+    agg = Aggregator(clock=clock, forget_stopped_after_s=300.0)
+    vol_b, vol_c = ("vol-b", "team-x", "trainer-0"), ("vol-c", "team-x", "trainer-0")
+    for volume in ("vol-a", "vol-b", "vol-c"):
+        agg.add_batch(batch([event("read", result=4096)], volume=volume))
+        agg.add_status(status(volume=volume, ops_total=1))
+    agg.add_status(status(sent_at_s=1001.0, ops_total=1, stopped=True))  # vol-a unmounted
+    agg.add_status(status(volume="vol-c", sent_at_s=1001.0, ops_total=1, stopped=True))
+    clock.now_s += 200
+    agg.add_faults([fault(volume="vol-c")])  # late news of vol-c: its retention starts again
+    clock.now_s += 99.9
+    assert {key[0] for key in agg.snapshot().ops} == {"vol-a", "vol-b", "vol-c"}  # final counts still scraped
+    clock.now_s += 0.2
+    snap = agg.snapshot()
+    assert {key[0] for key in snap.ops} == {"vol-b", "vol-c"}
+    assert LABELS not in snap.worker_ops and LABELS not in snap.events_dropped
+    assert "vol-a" not in snap.policy_revision and "vol-a" not in snap.last_heartbeat_s
+    assert snap.worker_up == {vol_b: 0}  # vol-b went silent without a goodbye: kept, reported down
+    clock.now_s += 200
+    snap = agg.snapshot()
+    assert {key[0] for key in snap.ops} == {"vol-b"} and snap.worker_up == {vol_b: 0}
+    samples = parse_metrics(generate_latest(make_registry(agg)).decode())
+    assert {dict(labels).get("volume") for _, labels in samples} - {None} == {"vol-b"}
+    assert not any(key[0] == "vol-c" for key in snap.fault_records)
+
+
+def test_a_volume_is_kept_while_one_of_its_workers_runs() -> None:
+    clock = FakeClock()
+    agg = Aggregator(clock=clock, forget_stopped_after_s=10.0)
+    agg.add_status(status(worker_id="w-1", sent_at_s=1000.0, ops_total=5, stopped=True))
+    agg.add_status(status(worker_id="w-2", sent_at_s=1000.0, ops_total=7))
+    clock.now_s += 11
+    agg.add_status(status(worker_id="w-2", sent_at_s=1011.0, ops_total=8))
+    assert agg.snapshot().worker_ops == {LABELS: 5 + 8}  # the stopped worker's count stays in the sum
+
+
 def test_quota_and_open_files_come_from_the_newest_heartbeat_of_an_up_worker() -> None:
     clock = FakeClock()
     agg = Aggregator(clock=clock)

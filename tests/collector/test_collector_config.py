@@ -28,6 +28,8 @@ def test_unknown_and_invalid_fields_are_rejected() -> None:
         make_config(listen_port=70000)
     with pytest.raises(msgspec.ValidationError, match="pending_msgs_limit"):
         make_config(pending_msgs_limit=0)
+    with pytest.raises(msgspec.ValidationError, match="forget_stopped_after_s"):
+        make_config(forget_stopped_after_s=0)
 
 
 def test_config_is_frozen() -> None:

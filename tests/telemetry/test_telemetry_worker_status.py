@@ -110,6 +110,20 @@ def test_a_killed_worker_is_reported_down(
     wait_for(down, what="the killed worker to be reported down (3 missed heartbeats)", interval_s=0.3)
 
 
+def test_an_unmounted_volume_leaves_the_collectors_metrics_after_the_retention(
+        nats_url: str, mount_worker: Callable[..., MountedVolume], start_collector: Callable[..., Collector]) -> None:
+    """Every volume ever mounted staying on /metrics would grow it without bound on a busy cluster."""
+    collector = start_collector("--forget-stopped-after", "3")
+    volume = f"wst-{uuid.uuid4().hex[:8]}"
+    vol = mount_worker(volume, nats_url=nats_url, extra=["--pod-namespace", "team-q", "--pod-name", "app-f"])
+    (vol.mountpoint / "f").write_bytes(b"f" * 4096)
+    wait_for(lambda: collector.total("interposer_bytes_total", volume=volume, direction="write") == 4096,
+             what="the write in the collector", interval_s=0.3)
+    vol.unmount()
+    wait_for(lambda: not collector_names(collector, volume), what="the unmounted volume's series to go",
+             interval_s=0.3)
+
+
 def collector_names(collector: Collector, volume: str) -> set[str]:
     """Names of the samples the collector exports for ``volume``."""
     return {name for name, labels in scrape(collector.metrics_url) if ("volume", volume) in labels}

@@ -46,6 +46,12 @@ DIRECTION_WRITE = "write"
 #: heartbeat intervals (``WorkerStatus.status_interval_s``): one late or lost
 #: heartbeat is not an outage, three in a row are.
 WORKER_UP_HEARTBEATS = 3
+#: How long the series of a volume whose workers all stopped on request
+#: (``WorkerStatus.stopped``) stay on /metrics after the last news of it, seconds:
+#: enough scrapes at common intervals (15–60 s) to record the final counts. Without
+#: it every volume ever mounted stays forever, and a cluster running short jobs,
+#: each on a new volume, grows the exposition without bound.
+DEFAULT_FORGET_STOPPED_AFTER_S = 300.0
 
 _NS_PER_S = 1_000_000_000
 # Index of the running duration sum in an op's bucket list (after the +Inf bucket).
@@ -178,7 +184,7 @@ class _Group:
     """Aggregates of one ``(volume, namespace, pod)``; mutated under the aggregator lock."""
 
     __slots__ = ("ops", "durations", "bytes_read", "bytes_written", "faults", "delay_ns", "delay_lateness",
-                 "throttle_ns", "fault_records")
+                 "throttle_ns", "fault_records", "updated_s")
 
     def __init__(self) -> None:
         self.ops: dict[tuple[str, int], int] = {}  # (op, errno number) → ops
@@ -192,6 +198,7 @@ class _Group:
         self.delay_lateness: dict[str, list[int]] = {}
         self.throttle_ns: dict[str, int] = {}  # op → throttle wait, ns
         self.fault_records: dict[tuple[str, str, str], int] = {}  # (op, kind, errno name) → records
+        self.updated_s = 0.0  # collector clock when a batch or fault record last arrived
 
 
 class _Worker:
@@ -223,13 +230,20 @@ class Aggregator:
     batches) and summed over the worker ids of a volume at snapshot time; a restarted
     worker has a new id, so the sum never goes down.
 
+    The series of a ``(volume, namespace, pod)`` whose workers all stopped on request
+    leave ``forget_stopped_after_s`` after the last message about it; a worker that
+    went silent without stopping is kept (``worker_up`` 0 is the news).
+
     Args:
         clock: monotonic clock of the collector, seconds (tests pass a fake one);
             heartbeat ages for ``worker_up`` are measured on it.
+        forget_stopped_after_s: see :data:`DEFAULT_FORGET_STOPPED_AFTER_S`, seconds.
     """
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic,
+                 forget_stopped_after_s: float = DEFAULT_FORGET_STOPPED_AFTER_S) -> None:
         self._clock = clock
+        self._forget_stopped_after_s = forget_stopped_after_s
         self._lock = threading.Lock()
         self._groups: dict[Labels3, _Group] = {}
         self._workers: dict[tuple[str, str], _Worker] = {}  # (volume, worker_id) → worker
@@ -267,6 +281,7 @@ class Aggregator:
             group = self._groups.get(key)
             if group is None:
                 group = self._groups[key] = _Group()
+            group.updated_s = self._clock()
             ops = group.ops
             durations = group.durations
             bytes_read = 0
@@ -355,6 +370,7 @@ class Aggregator:
                 group = self._groups.get(key)
                 if group is None:
                     group = self._groups[key] = _Group()
+                group.updated_s = self._clock()
                 record_key = (record.op, record.kind, record.errno)
                 group.fault_records[record_key] = group.fault_records.get(record_key, 0) + 1
 
@@ -380,6 +396,30 @@ class Aggregator:
         with self._lock:
             self._nats_disconnects_total += 1
             self._nats_connected = False
+
+    def _forget_stopped(self, now_s: float) -> None:
+        """Drop the state of each ``(volume, namespace, pod)`` whose workers all stopped on
+        request more than ``forget_stopped_after_s`` ago (caller holds the lock)."""
+        workers_of: dict[Labels3, list[tuple[str, str]]] = {}
+        last_news_s: dict[Labels3, float] = {}
+        for worker_key, worker in self._workers.items():
+            key3 = (worker_key[0], worker.namespace, worker.pod)
+            if worker.status is None or not worker.status.stopped:
+                last_news_s[key3] = now_s  # running, or silent without a goodbye: kept
+            else:
+                last_news_s[key3] = max(last_news_s.get(key3, 0.0), worker.received_s)
+            workers_of.setdefault(key3, []).append(worker_key)
+        for key3, worker_keys in workers_of.items():
+            group = self._groups.get(key3)
+            last_s = max(last_news_s[key3], group.updated_s if group is not None else 0.0)
+            if now_s - last_s < self._forget_stopped_after_s:
+                continue
+            for worker_key in worker_keys:
+                del self._workers[worker_key]
+            self._groups.pop(key3, None)
+        volumes = {volume for volume, _worker_id in self._workers}
+        for volume in [v for v in self._heartbeats if v not in volumes]:
+            del self._heartbeats[volume]
 
     def set_nats_connected(self, connected: bool) -> None:
         """Record whether the collector is connected to NATS and subscribed."""
@@ -408,6 +448,7 @@ class Aggregator:
         newest: dict[Labels3, WorkerStatus] = {}  # newest heartbeat of an up worker
         with self._lock:
             now_s = self._clock()
+            self._forget_stopped(now_s)
             for (volume, namespace, pod), group in self._groups.items():
                 for (op, err), count in group.ops.items():
                     key5 = (volume, namespace, pod, op, errno_name(err))

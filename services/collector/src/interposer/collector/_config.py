@@ -7,6 +7,8 @@ from typing import Annotated, Literal
 import msgspec
 
 from interposer.proto.connection import DEFAULT_NATS_URL  # the NATS server subscribed to by default
+
+from ._aggregate import DEFAULT_FORGET_STOPPED_AFTER_S
 from interposer.proto.policy import MAX_GLOB_LENGTH, OpName
 
 #: Address the /metrics HTTP server binds to by default (loopback: expose it on
@@ -74,6 +76,9 @@ class CollectorConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
         decode_error_log_interval_s: shortest gap between two log lines about
             malformed messages, seconds.
         log_level: ``DEBUG``, ``INFO``, ``WARNING`` or ``ERROR``.
+        forget_stopped_after_s: the series of a volume whose workers all stopped on
+            request (unmounted) leave /metrics this long after the last message about
+            it, seconds; a worker that went silent without stopping is kept.
         otlp_endpoint: OTLP/gRPC endpoint (``http://host:4317``; ``https://`` uses TLS)
             that receives a span per op and a log record per injected fault; ``""``
             disables OpenTelemetry export.
@@ -101,6 +106,7 @@ class CollectorConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     drain_timeout_s: PositiveFloat = DEFAULT_DRAIN_TIMEOUT_S
     decode_error_log_interval_s: Annotated[float, msgspec.Meta(ge=0.0)] = DEFAULT_DECODE_ERROR_LOG_INTERVAL_S
     log_level: LogLevel = "INFO"
+    forget_stopped_after_s: PositiveFloat = DEFAULT_FORGET_STOPPED_AFTER_S
     otlp_endpoint: str = DEFAULT_OTLP_ENDPOINT
     otlp_ops: frozenset[OpName] = frozenset()
     otlp_path_glob: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_GLOB_LENGTH)] = "*"

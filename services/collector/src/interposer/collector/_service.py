@@ -145,7 +145,8 @@ class CollectorService:
 
     def __init__(self, config: CollectorConfig, aggregator: Aggregator | None = None) -> None:
         self.config = config
-        self.aggregator = aggregator if aggregator is not None else Aggregator()
+        self.aggregator = aggregator if aggregator is not None else Aggregator(
+            forget_stopped_after_s=config.forget_stopped_after_s)
         self.registry: CollectorRegistry = make_registry(self.aggregator)
         self.port: int | None = None
         self._batch_decoder = msgspec.msgpack.Decoder(EventBatch)
