@@ -86,6 +86,11 @@ CASES = [
          "25m", [(VOLUME_LABELS, "10")]),
     Case("InterposerWorkerInternalErrors", {f"interposer_worker_internal_errors_total{{{VOL}}}": "3x30"}, "25m"),
 
+    Case("InterposerWorkerMemoryNearLimit", {f"interposer_worker_resident_memory_bytes{{{VOL}}}": "1020054733x10",
+                                             f"interposer_worker_memory_limit_bytes{{{VOL}}}": "1073741824x10"},
+         "6m", [(VOLUME_LABELS, "95%")]),  # 0.95 of 1 GiB
+    Case("InterposerWorkerMemoryNearLimit", {f"interposer_worker_resident_memory_bytes{{{VOL}}}": "1020054733x10"},
+         "6m"),  # no limit: nothing to be near
     Case("InterposerEventsDropped", {f"interposer_events_dropped_total{{{VOL}}}": "0+50x30"}, "25m",
          [(VOLUME_LABELS, "500")]),
     Case("InterposerEventsDropped", {f"interposer_events_dropped_total{{{VOL}}}": "7x30"}, "25m"),

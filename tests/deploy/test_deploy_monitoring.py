@@ -39,6 +39,7 @@ DOCUMENTED_METRICS = {
     "interposer_quota_limit_inodes",
     "interposer_burst_balance_ratio",
     "interposer_worker_resident_memory_bytes",
+    "interposer_worker_memory_limit_bytes",
     "interposer_worker_internal_errors_total",
 }
 DASHBOARD_FILE = DEPLOY_DIR / "overlays" / "monitoring" / "dashboards" / "interposer-overview.json"

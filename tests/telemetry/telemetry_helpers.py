@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TypeVar
 
 import msgspec
@@ -132,3 +135,41 @@ class Collector:
     def total(self, name: str, **labels: str) -> float:
         """Sum of the samples called ``name`` whose labels include ``labels``."""
         return total(scrape(self.metrics_url), name, labels)
+
+
+@contextlib.contextmanager
+def memory_limited_cgroup(limit_bytes: int) -> Iterator[Path | None]:
+    """A new memory cgroup limited to ``limit_bytes``, below this process's own; None where none can be made.
+
+    cgroup v1 (a memory controller mount) allows it as root; cgroup v2 only where this
+    process's cgroup already delegates the memory controller to its children (its
+    ``cgroup.subtree_control``), since a cgroup holding processes may not enable it.
+    Processes left in it at the end are moved back to the parent, then it is removed.
+    """
+    name = f"interposer-test-{uuid.uuid4().hex[:8]}"
+    membership = Path("/proc/self/cgroup").read_text().splitlines()
+    v1 = [line.split(":", 2)[2] for line in membership if "memory" in line.split(":", 2)[1].split(",")]
+    v2 = [line.split(":", 2)[2] for line in membership if line.split(":", 2)[1] == ""]
+    if v1:
+        parent, limit_file = Path("/sys/fs/cgroup/memory") / v1[0].lstrip("/"), "memory.limit_in_bytes"
+    elif v2:
+        parent, limit_file = Path("/sys/fs/cgroup") / v2[0].lstrip("/"), "memory.max"
+    else:
+        yield None
+        return
+    cgroup = parent / name
+    try:
+        cgroup.mkdir()
+        (cgroup / limit_file).write_text(str(limit_bytes))
+    except OSError:
+        if cgroup.exists():
+            cgroup.rmdir()
+        yield None
+        return
+    try:
+        yield cgroup
+    finally:
+        for pid in (cgroup / "cgroup.procs").read_text().split():
+            with contextlib.suppress(OSError):
+                (parent / "cgroup.procs").write_text(pid)
+        cgroup.rmdir()

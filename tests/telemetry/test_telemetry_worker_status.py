@@ -15,9 +15,10 @@ import uuid
 from collections.abc import Callable
 
 import pytest
-from telemetry_helpers import Collector, wait_for
+from telemetry_helpers import Collector, memory_limited_cgroup, wait_for
 
 from interposer.cli._metrics import scrape
+from interposer.fuse_worker._cgroup import memory_limit_bytes
 from interposer_testing import MountedVolume
 
 pytestmark = [pytest.mark.nats, pytest.mark.fuse]
@@ -108,6 +109,30 @@ def test_a_killed_worker_is_reported_down(
                 and collector.total("interposer_worker_up", **labels) == 0)
 
     wait_for(down, what="the killed worker to be reported down (3 missed heartbeats)", interval_s=0.3)
+
+
+def test_the_worker_reports_the_memory_limit_of_its_cgroup(
+        nats_url: str, mount_worker: Callable[..., MountedVolume], start_collector: Callable[..., Collector]) -> None:
+    """What the worker's RSS is compared with (alert InterposerWorkerMemoryNearLimit): its pod's limit."""
+    collector = start_collector()
+    volume = f"wst-{uuid.uuid4().hex[:8]}"
+    labels = {"volume": volume, "namespace": "team-q", "pod": "app-m"}
+    with memory_limited_cgroup(768 << 20) as cgroup:
+        vol = mount_worker(volume, nats_url=nats_url, extra=["--pod-namespace", "team-q", "--pod-name", "app-m"])
+        if cgroup is not None:
+            (cgroup / "cgroup.procs").write_text(str(vol.proc.pid))  # as the kubelet puts a pod's container
+            expected = 768 << 20
+        else:  # no memory cgroup to create here (cgroup v2 without delegation): the one it runs in
+            expected = memory_limit_bytes(f"/proc/{vol.proc.pid}/cgroup")
+        wait_for(lambda: collector.total("interposer_worker_resident_memory_bytes", **labels) > 0,
+                 what="the worker's heartbeat", interval_s=0.3)
+
+        def reported() -> float | None:
+            return next((value for (name, labels_), value in scrape(collector.metrics_url).items()
+                         if name == "interposer_worker_memory_limit_bytes" and ("volume", volume) in labels_), None)
+
+        wait_for(lambda: reported() == expected, what=f"memory limit {expected} reported", interval_s=0.3)
+        vol.unmount()
 
 
 def test_an_unmounted_volume_leaves_the_collectors_metrics_after_the_retention(

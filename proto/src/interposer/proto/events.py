@@ -141,6 +141,9 @@ class WorkerStatus(msgspec.Struct):
             the kernel knows: what its pod's memory limit must hold.
         internal_errors_total: requests the worker answered EIO because of an error
             in its own code (a bug), not the backing store's, since start.
+        memory_limit_bytes: the memory limit of the worker's cgroup (its pod's
+            limit), bytes, the tightest on its path to the root: past it the kernel
+            OOM-kills the worker; ``None`` when there is none or it is unknown.
         stopped: True only in the last heartbeat of a worker that ends on request
             (SIGTERM/SIGINT, or its mount unmounted): consumers stop expecting
             heartbeats from it and do not call it down. A worker that crashes, is
@@ -176,6 +179,7 @@ class WorkerStatus(msgspec.Struct):
     resident_memory_bytes: int | None = None
     internal_errors_total: int = 0
     stopped: bool = False
+    memory_limit_bytes: int | None = None
 
 
 class FaultRecord(msgspec.Struct, kw_only=True):

@@ -133,6 +133,8 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
             throttle bucket is (``WorkerStatus.burst_balance``), for workers with one.
         resident_memory_bytes: the same key → the worker process's RSS, bytes, for
             workers that report it.
+        memory_limit_bytes: the same key → the memory limit of the worker's cgroup,
+            bytes, for workers that have one (``WorkerStatus.memory_limit_bytes``).
         volume_info: ``(volume, namespace, pod, pod_uid, service_account)`` → 1 for
             each up worker (newest heartbeat): who uses the volume, for joins in PromQL.
         batches_total: event batches aggregated.
@@ -170,6 +172,7 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
     quota_limit_inodes: dict[Labels3, int]
     burst_balance: dict[Labels3, float]
     resident_memory_bytes: dict[Labels3, int]
+    memory_limit_bytes: dict[Labels3, int]
     volume_info: dict[tuple[str, str, str, str, str], int]
     batches_total: int
     events_total: int
@@ -516,6 +519,7 @@ class Aggregator:
                 quota_limit_inodes=_present(newest, "quota_inodes_limit"),
                 burst_balance=_present(newest, "burst_balance"),
                 resident_memory_bytes=_present(newest, "resident_memory_bytes"),
+                memory_limit_bytes=_present(newest, "memory_limit_bytes"),
                 volume_info={(*key3, status.pod_uid, status.service_account): 1 for key3, status in newest.items()},
                 batches_total=self._batches_total,
                 events_total=self._events_total,

@@ -65,8 +65,12 @@ METRICS: tuple[tuple[str, str, list[str], str], ...] = (
      "passthrough handles whose reads or writes its layers act on, and handles opened without FLUSH "
      "whose flush they act on (both opened before the policy)."),
     ("interposer_worker_resident_memory_bytes", "gauge", list(_VNP),
-     "Resident memory (RSS) of the volume's worker process, bytes (newest heartbeat): compare with its pod's "
-     "memory limit; a passthrough worker's grows ~260 B per file or directory the kernel knows."),
+     "Resident memory (RSS) of the volume's worker process, bytes (newest heartbeat): compare with "
+     "interposer_worker_memory_limit_bytes; a passthrough worker's grows ~260 B per file or directory the "
+     "kernel knows."),
+    ("interposer_worker_memory_limit_bytes", "gauge", list(_VNP),
+     "Memory limit of the worker's cgroup (its pod's limit), bytes: past it the kernel OOM-kills the worker "
+     "and the volume's mount answers ENOTCONN; absent when unlimited or unknown."),
     ("interposer_quota_used_bytes", "gauge", list(_VNP),
      "Bytes (apparent file sizes) the volume's quota counts in use; absent without a quota."),
     ("interposer_quota_limit_bytes", "gauge", list(_VNP),
@@ -162,6 +166,7 @@ def families(snapshot: Snapshot) -> Iterator[Metric]:
     yield _gauge("interposer_quota_limit_inodes", snapshot.quota_limit_inodes.items())
     yield _gauge("interposer_burst_balance_ratio", snapshot.burst_balance.items())
     yield _gauge("interposer_worker_resident_memory_bytes", snapshot.resident_memory_bytes.items())
+    yield _gauge("interposer_worker_memory_limit_bytes", snapshot.memory_limit_bytes.items())
     yield _gauge("interposer_volume_info", snapshot.volume_info.items())
     yield _counter("interposer_collector_batches", [((), snapshot.batches_total)])
     yield _counter("interposer_collector_events", [((), snapshot.events_total)])

@@ -28,6 +28,7 @@ from interposer.proto import EventBatch, OpEvent, Policy, PolicyRecord, WorkerSt
 from interposer.proto.connection import CredentialsError, NatsErrorLog, connect_options
 from interposer.proto.selector import effective_policy, selected
 
+from ._cgroup import memory_limit_bytes
 from ._config import IDLE_FLUSH_INTERVAL_MAX_S, WorkerConfig
 from ._telemetry import QuotaUsage, Telemetry
 
@@ -427,7 +428,7 @@ class Bus:
             node=self.config.node_name, kernel_passthrough_files=passthrough_files,
             files_bypassing_layers=bypassing, burst_balance=self._burst_balance(),
             resident_memory_bytes=resident_memory_bytes(), internal_errors_total=t.internal_errors_total,
-            stopped=stopped,
+            stopped=stopped, memory_limit_bytes=memory_limit_bytes(),
         ))
 
     async def _status_loop(self, nc: nats.NATS) -> None:
