@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -130,3 +131,35 @@ def test_mount_says_what_it_serves_and_will_not_hide_a_running_mount(tmp_path: P
         subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
     assert proc.wait(10) == 0
     assert "unmounted;" in log.read_text() and "ops served" in log.read_text()
+
+
+def test_mount_on_a_dead_mount_says_so_and_how_to_clear_it(tmp_path: Path) -> None:
+    """A mount whose worker was killed answers ENOTCONN; "does not exist" would send the user looking
+    for a directory that `ls -d` shows."""
+    require_fuse()
+    backing, mnt = tmp_path / "backing", tmp_path / "mnt"
+    backing.mkdir()
+    mnt.mkdir()
+    proc = _mount([str(backing), str(mnt)], tmp_path / "mount.log")
+    try:
+        wait_until(lambda: is_fuse_mount(mnt) or proc.poll() is not None, "the mount")
+        proc.kill()
+        proc.wait(10)
+        wait_until(lambda: _stat_errno(mnt) == errno.ENOTCONN, "the kernel's cached attributes of the root to expire")
+        again = subprocess.run([sys.executable, "-m", "interposer.cli", "mount", str(backing), str(mnt)],
+                               capture_output=True, text=True, timeout=30)
+        assert again.returncode == 2
+        assert "FUSE mount whose server is gone" in again.stderr and f"fusermount3 -u {mnt}" in again.stderr
+        assert "does not exist" not in again.stderr
+        cleared = subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True, text=True)
+        assert cleared.returncode == 0, cleared.stderr  # the fix the message gives works
+    finally:
+        subprocess.run(["fusermount3", "-uz", str(mnt)], check=False, capture_output=True)
+
+
+def _stat_errno(path: Path) -> int:
+    try:
+        os.stat(path)
+    except OSError as exc:
+        return exc.errno or 0
+    return 0

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 import msgspec
@@ -170,9 +172,29 @@ def up(state_dir: Path, nats_port: int, metrics_port: int, nats_tls_cert: str, n
 # ---- mount -------------------------------------------------------------------------
 
 
+class _ExistingDirectory(click.Path):
+    """``click.Path(exists=True, file_okay=False)`` that tells a dead FUSE mount from a missing directory.
+
+    A mount whose server died answers every ``stat`` with ENOTCONN, which click
+    reports as "does not exist" for a directory the user can see in ``mount``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(exists=True, file_okay=False)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        try:
+            os.stat(value)
+        except OSError as exc:
+            if exc.errno == errno.ENOTCONN:
+                self.fail(f"{value!r} is a FUSE mount whose server is gone (Transport endpoint is not connected): "
+                          f"unmount it with `fusermount3 -u {os.path.abspath(value)}` (add -z while files on it "
+                          f"are still open) and try again", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 @main.command()
-@click.argument("paths", nargs=-1, required=True, metavar="[BACKING_DIR] MOUNTPOINT",
-                type=click.Path(exists=True, file_okay=False))
+@click.argument("paths", nargs=-1, required=True, metavar="[BACKING_DIR] MOUNTPOINT", type=_ExistingDirectory())
 @click.option("--volume-id", default="default", show_default=True)
 @click.option("--nats-url", default="", help="NATS server for live policy and events (default: none).")
 @click.option("--nats-creds", default=None, type=click.Path(exists=True),
