@@ -123,6 +123,10 @@ CASES = [
     Case("InterposerCollectorDown", {f"up{{{COLL}}}": "1 0x10"}, "7m", [(REPLICA, "")]),
     Case("InterposerCollectorDown", {f"up{{{COLL}}}": "1x10"}, "7m"),
 
+    # Only the collector's own `up` counts (another job's target is not it).
+    Case("InterposerCollectorMissing", {'up{job="kubelet",instance="10.0.0.9:10250"}': "1x20"}, "11m",
+         [({"service": "interposer-collector"}, "")]),
+    Case("InterposerCollectorMissing", {f"up{{{COLL}}}": "0x20"}, "11m"),  # there, if down: CollectorDown's case
     Case("InterposerCollectorNatsDisconnected", {f"interposer_collector_nats_connected{{{COLL}}}": "0x5"}, "3m",
          [(REPLICA, "")]),
     Case("InterposerCollectorNatsDisconnected", {f"interposer_collector_nats_connected{{{COLL}}}": "1x5"}, "3m"),
