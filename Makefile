@@ -8,7 +8,7 @@ DEBIAN_PACKAGES := fuse3 libfuse3-dev pkg-config fio prometheus
 PHASE_SECONDS ?= 10
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps python-deps demo test proto clean
+.PHONY: setup system-deps python-deps demo test proto prometheus-rule clean
 
 setup: system-deps python-deps
 
@@ -44,6 +44,11 @@ test: setup
 # from proto/csi/v1/csi.proto; commit the result (a test checks it is current).
 proto: python-deps
 	$(PY) proto/csi/generate.py proto/src
+
+# Regenerate the prometheus-operator overlay's PrometheusRule from the monitoring
+# overlay's alerts.yml (the one file to edit); a test checks it is current.
+prometheus-rule:
+	python3 deploy/overlays/prometheus-operator/render_rules.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -54,7 +54,7 @@ def _dashboards() -> dict[str, dict[str, Any]]:
 
 
 def test_every_dashboard_file_is_provisioned() -> None:
-    kustomization = yaml.safe_load((MONITORING_DIR / "kustomization.yaml").read_text())
+    kustomization = yaml.safe_load((DASHBOARD_DIR / "kustomization.yaml").read_text())
     [generator] = [g for g in kustomization["configMapGenerator"] if g["name"] == "grafana-dashboards-interposer"]
     assert sorted(Path(f).name for f in generator["files"]) == sorted(_dashboards())
     assert {"interposer-overview.json", "interposer-volume.json"} <= set(_dashboards())

@@ -19,7 +19,8 @@ KUBERNETES_VERSION = "1.33"
 NAMESPACE = "interposer-system"
 #: Every kustomization a user may apply, relative to the repository root.
 KUSTOMIZATIONS = (
-    "deploy/base", "deploy/overlays/dev", "deploy/overlays/monitoring", "deploy/examples",
+    "deploy/base", "deploy/overlays/dev", "deploy/overlays/monitoring", "deploy/overlays/prometheus-operator",
+    "deploy/examples",
     "deploy/examples/stacked-pvc", "deploy/examples/minio-warp", "deploy/examples/shared-strict",
 )
 #: Python package of each service (``python -m interposer.<package>``), by folder under services/.

@@ -10,6 +10,7 @@ import kubernetes_validate
 import pytest
 from crd_schema import load_crd, storage_schema, validation_errors
 from deploy_support import KUBERNETES_VERSION, KUSTOMIZATIONS, NAMESPACE, Manifest, find
+from operator_schemas import SCHEMAS as OPERATOR_SCHEMAS
 
 #: Kinds each kustomization must contain at least once (what the deployment is for).
 REQUIRED_KINDS = {
@@ -31,6 +32,7 @@ REQUIRED_KINDS = {
     },
     "deploy/overlays/dev": {"CSIDriver", "DaemonSet", "StatefulSet", "Deployment"},
     "deploy/overlays/monitoring": {"CSIDriver", "DaemonSet", "StatefulSet", "Deployment", "ConfigMap"},
+    "deploy/overlays/prometheus-operator": {"CSIDriver", "DaemonSet", "ServiceMonitor", "PrometheusRule", "ConfigMap"},
     "deploy/examples": {"Pod", "InterposerPolicy"},
     "deploy/examples/stacked-pvc": {"StorageClass", "PersistentVolumeClaim", "Job"},
     "deploy/examples/minio-warp": {"PersistentVolumeClaim", "Deployment", "Service", "Job", "Secret"},
@@ -43,7 +45,7 @@ _CRD = load_crd()
 CUSTOM_SCHEMAS = {
     (f"{_CRD['spec']['group']}/{v['name']}", _CRD["spec"]["names"]["kind"]): v["schema"]["openAPIV3Schema"]
     for v in _CRD["spec"]["versions"] if v["served"]
-}
+} | OPERATOR_SCHEMAS
 
 
 def validate_k8s(obj: Manifest) -> None:
