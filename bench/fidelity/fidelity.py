@@ -52,11 +52,13 @@ and those outside by no more than sampling gives (a run too short to tell).
 Metadata scenarios (profiles that delay metadata ops, e.g. ``efs``) time a
 ``stat`` of each of many files the kernel has not looked up (one LOOKUP each; in
 ``qd`` processes, since fio's ``filestat`` engine stats every file during its
-setup, so that its run finds them in the kernel's cache) and run fio's
+setup, so that its run finds them in the kernel's cache), an ``open(O_RDONLY)`` of
+each of many such files (a LOOKUP and an OPEN through FUSE; one OPEN from an NFSv4
+client, RFC 8881 section 18.16; the close is not timed), and run fio's
 ``filecreate`` engine (an ``open(O_CREAT)`` of each of many new files, in ``qd``
 jobs), each file once, at QD1 and QD16 (direct modes only: no data moves). Their
-targets are the quantiles of the delay acting on ``lookup`` and on ``create``:
-what the emulated file system publishes for one such request.
+targets are the quantiles of the delay acting on ``lookup``, ``open`` and
+``create``: what the emulated file system publishes for one such request.
 
 Client-side caching of a network file system (``efs``): ``profile-efs-seq`` reads
 each file in order as ``bare`` does; its target is the lesser of the profile's
@@ -124,10 +126,12 @@ Z_95 = 1.959964
 #: fio's own setup through a mount that delays metadata grows faster than the file count
 #: (4,000 files: 87 s of setup for a 4.5 s run), and creates in one directory are
 #: serialised by its lock (below), so the counts stay small.
-META_FILES_PER_JOB = {"stat": {1: 2000, 16: 500}, "create": {1: 500, 16: 50}}
-QUICK_META_FILES_PER_JOB = {"stat": {1: 200, 16: 25}, "create": {1: 100, 16: 10}}
+META_FILES_PER_JOB = {"stat": {1: 2000, 16: 500}, "open": {1: 2000, 16: 500}, "create": {1: 500, 16: 50}}
+QUICK_META_FILES_PER_JOB = {"stat": {1: 200, 16: 25}, "open": {1: 200, 16: 25}, "create": {1: 100, 16: 10}}
 #: fio engine of each metadata workload (None: timed here), and the op whose delay is its target.
-META_WORKLOADS = {"stat": (None, "lookup"), "create": ("filecreate", "create")}
+META_WORKLOADS = {"stat": (None, "lookup"), "open": (None, "open"), "create": ("filecreate", "create")}
+#: Metadata workloads over files laid out before the mount (the others make their own).
+LAID_OUT_META = ("stat", "open")
 
 
 @dataclass
@@ -552,13 +556,14 @@ def _fio_meta_argv(directory: Path, scenario: Scenario, qd: int, files_per_job: 
 
 def lay_out_meta(backing: Path, chosen: list[Scenario], qds: set[int],
                  files_per_job: dict[str, dict[int, int]]) -> None:
-    """Create the files the ``stat`` scenarios look up, directly in ``backing``, before any mount."""
+    """Create the files the ``stat`` and ``open`` scenarios look up, directly in ``backing``, before any mount."""
     for scenario in chosen:
-        if scenario.meta != "stat":
+        if scenario.meta not in LAID_OUT_META:
             continue
         for qd in sorted(qds):
             # written, not create_only (that leaves them empty, and fio lays them out again through the mount)
-            _run_fio([*_fio_meta_argv(backing, scenario, qd, files_per_job["stat"][qd]), "--rw=write"], "fio layout")
+            _run_fio([*_fio_meta_argv(backing, scenario, qd, files_per_job[scenario.meta][qd]), "--rw=write"],
+                     "fio layout")
 
 
 #: The start line of one ``_time_stats`` run's processes (inherited at fork: see ``_time_stats``).
@@ -571,15 +576,21 @@ def _wait_at_start(barrier: Any) -> None:
 
 
 def _stat_files(mountpoint: Path, meta: str, qd: int, job: int, files_per_job: int) -> tuple[float, float, list[float]]:
-    """``stat`` job ``job``'s files (fio's layout names) once each; (start, end, latencies), seconds (monotonic)."""
+    """``stat`` (or, for ``meta`` "open", open read-only) job ``job``'s files (fio's layout names) once each;
+    (start, end, latencies), seconds (monotonic). A file's close is not timed."""
     took = []
     _stat_start.wait()  # all jobs start together, as fio's do: forks spawned one by one would not
     started = time.monotonic()
     for number in range(files_per_job):
         path = mountpoint / f"meta-{meta}-qd{qd}.{job}.{number}"
         before = time.monotonic()
-        os.stat(path)
-        took.append(time.monotonic() - before)
+        if meta == "open":
+            fd = os.open(path, os.O_RDONLY)
+            took.append(time.monotonic() - before)
+            os.close(fd)
+        else:
+            os.stat(path)
+            took.append(time.monotonic() - before)
     return started, time.monotonic(), took
 
 
@@ -605,7 +616,7 @@ def _time_stats(mountpoint: Path, scenario: Scenario, qd: int, files_per_job: in
 def run_fio_meta(mountpoint: Path, scenario: Scenario, qd: int, files_per_job: int) -> dict:
     """Run a metadata scenario once over its files; return ``{iops, mean, p50, p99}`` (ops/s, then seconds).
 
-    ``stat``: the files laid out before the mount, each looked up once (timed here).
+    ``stat``, ``open``: the files laid out before the mount, each looked up (and opened) once (timed here).
     ``create``: fio in a fresh directory (made through the mount) where every file is new.
     """
     engine = META_WORKLOADS[scenario.meta][0]

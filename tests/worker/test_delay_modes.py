@@ -360,6 +360,28 @@ def test_a_lookup_that_finds_the_name_ends_the_chain() -> None:
     assert run(stat_then_mkdir) == pytest.approx(0.001 + _KERNEL_GAP_S + 0.0027)
 
 
+@pytest.mark.parametrize(("open_pid", "gap_s", "expected_s"), [
+    # NFSv4 opens an unseen name with one OPEN: LOOKUP + OPEN from one thread at once are one 1 ms floor
+    # (the open's floor has passed when it comes: its backend time only)
+    (42, _KERNEL_GAP_S, 0.001 + _KERNEL_GAP_S + 0.0001),
+    # another thread's open, or one well after the lookup, is its own call
+    (43, _KERNEL_GAP_S, 0.001 + _KERNEL_GAP_S + 0.001),
+    (42, 0.002, 0.001 + 0.002 + 0.001),
+])
+def test_an_open_of_a_name_its_lookup_just_found_is_one_floor(open_pid: int, gap_s: float,
+                                                                expected_s: float) -> None:
+    layers = [DelayLayer(ops=frozenset({"lookup", "open"}), delay_s=0.001, mode="floor")]
+
+    async def open_unseen(stack: Stack) -> float:
+        start = trio.current_time()
+        await _request(stack, "lookup", "/d/f", 42)
+        await trio.sleep(gap_s)
+        await _request(stack, "open", "/d/f", open_pid)
+        return trio.current_time() - start
+
+    assert run(open_unseen, Stack(Policy(layers=layers), 1)) == pytest.approx(expected_s)
+
+
 # ---- write-behind: the latency of buffered writes paid at close or fsync ------------------------
 
 #: A write latency floor of 2.7 ms whose writes are buffered, as the efs profile's.

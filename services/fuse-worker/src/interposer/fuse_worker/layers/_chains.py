@@ -11,16 +11,26 @@ in the same reply. A latency floor on each request would charge the call two or
 three round trips where the emulated file system charges one: measured with the
 ``efs`` profile (fio ``filecreate``, QD1), 4.88 ms per create against its 2.7 ms.
 
+An ``open`` of an existing name the kernel has no valid entry for goes the same
+way: a LOOKUP that finds it, then OPEN; an NFSv4 client sends one OPEN by name
+(``nfs_atomic_open`` in fs/nfs/dir.c), so the call costs one round trip, not two
+(measured with ``efs``, an ``open(O_RDONLY)`` of an unseen file: 2.06 ms against its
+1 ms before this link).
+
 :class:`FloorChains` links such requests: a LOOKUP of ``D/name`` that follows the
-same thread's GETATTR of ``D``, and a creation of ``D/name`` that follows the same
-thread's LOOKUP of ``D/name`` which found nothing, each start their floor when the
-first request of the chain started. "Follows" means: the next request of that
+same thread's GETATTR of ``D``, a creation of ``D/name`` that follows the same
+thread's LOOKUP of ``D/name`` which found nothing, and an OPEN of ``D/name`` that
+follows the same thread's LOOKUP of it which found it, each start their floor when
+the first request of the chain started. "Follows" means: the next request of that
 thread, arriving at most :data:`CHAIN_WINDOW_S` after the previous one was
 answered (the kernel sends it at once; any other request of the thread in
 between breaks the chain). Two system calls can look the same — a ``stat`` that
 finds nothing then a ``mkdir`` of the name — but the second call does its own
 LOOKUP (no negative entry is cached while a layer acts on lookups), so it chains
-to that one and pays its own floor.
+to that one and pays its own floor. A ``stat`` then an ``open`` of the same file
+by one thread within the window do look like one ``open`` (the kernel keeps the
+entry the ``stat`` found, so no second LOOKUP comes), and pay one floor where an
+NFS client sends a LOOKUP and an OPEN.
 """
 
 from __future__ import annotations
@@ -34,13 +44,15 @@ import typing
 CHAIN_WINDOW_S = 0.001
 #: Ops that create the name a LOOKUP just found missing (the kernel looks it up first).
 CREATIONS = frozenset({"create", "mkdir", "mknod", "symlink"})
+#: Ops that use the name a LOOKUP just found, in the same call (an NFSv4 OPEN by name).
+USES_OF_FOUND = frozenset({"open"})
 #: Threads remembered at most; beyond, the oldest half is dropped (a thread's chain
 #: lasts one system call, so only a burst of callers needs more).
 MAX_THREADS = 4096
 
 
 class _Link(typing.NamedTuple):
-    kind: str  # "getattr" or "missing" (a lookup that found nothing)
+    kind: str  # "getattr", "missing" (a lookup that found nothing) or "found" (one that found the name)
     path: str
     chain_start_s: float
     answered_s: float
@@ -71,6 +83,8 @@ class FloorChains:
             return link.chain_start_s
         if op_name in CREATIONS and link.kind == "missing" and link.path == path:
             return link.chain_start_s
+        if op_name in USES_OF_FOUND and link.kind == "found" and link.path == path:
+            return link.chain_start_s
         return start_s
 
     def answered(self, op_name: str, path: str, pid: int, chain_start_s: float, answered_s: float,
@@ -82,6 +96,8 @@ class FloorChains:
             kind = "getattr"
         elif op_name == "lookup" and getattr(error, "errno", None) == errno.ENOENT:
             kind = "missing"
+        elif op_name == "lookup" and error is None:
+            kind = "found"
         else:
             self._last.pop(pid, None)  # anything else ends the thread's chain
             return
