@@ -245,6 +245,20 @@ def test_an_unmounted_volume_leaves_the_metrics_after_the_retention_and_a_silent
     assert not any(key[0] == "vol-c" for key in snap.fault_records)
 
 
+def test_a_silent_volume_reads_down_for_an_hour_then_leaves() -> None:
+    """A worker that died on a node that then unpublished its volume must not read "down" forever."""
+    clock = FakeClock()
+    agg = Aggregator(clock=clock, forget_stopped_after_s=300.0, forget_silent_after_s=3600.0)
+    agg.add_batch(batch([event("read")]))
+    agg.add_status(status(ops_total=1))
+    clock.now_s += 3599.9
+    snap = agg.snapshot()
+    assert snap.worker_up == {LABELS: 0} and LABELS in snap.worker_ops and snap.ops
+    clock.now_s += 0.2
+    snap = agg.snapshot()
+    assert (snap.worker_up, snap.worker_ops, snap.ops, snap.policy_revision) == ({}, {}, {}, {})
+
+
 def test_a_volume_is_kept_while_one_of_its_workers_runs() -> None:
     clock = FakeClock()
     agg = Aggregator(clock=clock, forget_stopped_after_s=10.0)

@@ -17,7 +17,7 @@ import sys
 import msgspec
 from interposer.proto.connection import CredentialsError, connect_options
 
-from ._aggregate import DEFAULT_FORGET_STOPPED_AFTER_S
+from ._aggregate import DEFAULT_FORGET_SILENT_AFTER_S, DEFAULT_FORGET_STOPPED_AFTER_S
 from ._config import (
     DEFAULT_LISTEN_HOST,
     DEFAULT_LISTEN_PORT,
@@ -69,7 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--forget-stopped-after", type=float, default=DEFAULT_FORGET_STOPPED_AFTER_S,
                         metavar="SECONDS",
                         help="drop a volume's series this long after its workers stopped on request "
-                             "(unmounted); a worker gone silent is kept (default: %(default)s)")
+                             "(unmounted) (default: %(default)s)")
+    parser.add_argument("--forget-silent-after", type=float, default=DEFAULT_FORGET_SILENT_AFTER_S,
+                        metavar="SECONDS",
+                        help="drop a volume's series this long after its workers went silent without "
+                             "stopping; until then interposer_worker_up reads 0 (default: %(default)s)")
     otlp = parser.add_argument_group("OpenTelemetry (a span per op, a log record per injected fault)")
     otlp.add_argument("--otlp-endpoint", default=DEFAULT_OTLP_ENDPOINT, metavar="URL",
                       help="OTLP/gRPC endpoint, e.g. http://127.0.0.1:4317 (https:// uses TLS); "
@@ -109,7 +113,7 @@ def config_from_args(argv: list[str] | None = None) -> CollectorConfig:
             nats_creds=args.nats_creds,
             pending_msgs_limit=args.pending_msgs_limit, pending_bytes_limit=args.pending_bytes_limit,
             reconnect_time_wait_s=args.reconnect_time_wait, log_level=args.log_level,
-            forget_stopped_after_s=args.forget_stopped_after,
+            forget_stopped_after_s=args.forget_stopped_after, forget_silent_after_s=args.forget_silent_after,
             otlp_endpoint=args.otlp_endpoint,
             otlp_ops=[op.strip() for op in args.otlp_ops.split(",") if op.strip()],
             otlp_path_glob=args.otlp_path_glob, otlp_min_duration_s=args.otlp_min_duration,

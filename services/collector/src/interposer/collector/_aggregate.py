@@ -52,6 +52,11 @@ WORKER_UP_HEARTBEATS = 3
 #: it every volume ever mounted stays forever, and a cluster running short jobs,
 #: each on a new volume, grows the exposition without bound.
 DEFAULT_FORGET_STOPPED_AFTER_S = 300.0
+#: How long the series of a volume whose workers went silent without stopping stay,
+#: seconds: ``interposer_worker_up`` 0 (alert ``InterposerWorkerDown``) for an hour,
+#: then gone, so a worker that died on a node that then unpublished its volume does
+#: not stay "down" on /metrics forever.
+DEFAULT_FORGET_SILENT_AFTER_S = 3600.0
 
 _NS_PER_S = 1_000_000_000
 # Index of the running duration sum in an op's bucket list (after the +Inf bucket).
@@ -208,7 +213,7 @@ class _Worker:
     """What the collector knows of one worker process (one ``(volume, worker_id)``)."""
 
     __slots__ = ("namespace", "pod", "dropped_total", "ops_total", "sampled_out_total", "internal_errors_total",
-                 "status", "received_s")
+                 "status", "received_s", "updated_s")
 
     def __init__(self) -> None:
         self.namespace = ""
@@ -219,6 +224,7 @@ class _Worker:
         self.internal_errors_total = 0
         self.status: WorkerStatus | None = None  # newest heartbeat (by send time)
         self.received_s = 0.0  # collector clock when the newest heartbeat arrived
+        self.updated_s = 0.0  # collector clock when any message of this worker last arrived
 
 
 class Aggregator:
@@ -233,20 +239,24 @@ class Aggregator:
     batches) and summed over the worker ids of a volume at snapshot time; a restarted
     worker has a new id, so the sum never goes down.
 
-    The series of a ``(volume, namespace, pod)`` whose workers all stopped on request
-    leave ``forget_stopped_after_s`` after the last message about it; a worker that
-    went silent without stopping is kept (``worker_up`` 0 is the news).
+    The series of a ``(volume, namespace, pod)`` leave once each of its workers is
+    finished: ``forget_stopped_after_s`` after the last message of a worker that
+    stopped on request, ``forget_silent_after_s`` after that of one that went silent
+    without stopping (``worker_up`` 0 is the news until then).
 
     Args:
         clock: monotonic clock of the collector, seconds (tests pass a fake one);
             heartbeat ages for ``worker_up`` are measured on it.
         forget_stopped_after_s: see :data:`DEFAULT_FORGET_STOPPED_AFTER_S`, seconds.
+        forget_silent_after_s: see :data:`DEFAULT_FORGET_SILENT_AFTER_S`, seconds.
     """
 
     def __init__(self, clock: Callable[[], float] = time.monotonic,
-                 forget_stopped_after_s: float = DEFAULT_FORGET_STOPPED_AFTER_S) -> None:
+                 forget_stopped_after_s: float = DEFAULT_FORGET_STOPPED_AFTER_S,
+                 forget_silent_after_s: float = DEFAULT_FORGET_SILENT_AFTER_S) -> None:
         self._clock = clock
         self._forget_stopped_after_s = forget_stopped_after_s
+        self._forget_silent_after_s = forget_silent_after_s
         self._lock = threading.Lock()
         self._groups: dict[Labels3, _Group] = {}
         self._workers: dict[tuple[str, str], _Worker] = {}  # (volume, worker_id) → worker
@@ -264,6 +274,7 @@ class Aggregator:
         worker = self._workers.get((volume, worker_id))
         if worker is None:
             worker = self._workers[(volume, worker_id)] = _Worker()
+        worker.updated_s = self._clock()
         if namespace:
             worker.namespace = namespace
         if pod:
@@ -400,22 +411,22 @@ class Aggregator:
             self._nats_disconnects_total += 1
             self._nats_connected = False
 
-    def _forget_stopped(self, now_s: float) -> None:
-        """Drop the state of each ``(volume, namespace, pod)`` whose workers all stopped on
-        request more than ``forget_stopped_after_s`` ago (caller holds the lock)."""
+    def _forget_finished(self, now_s: float) -> None:
+        """Drop the state of each ``(volume, namespace, pod)`` whose workers are all finished
+        (see the class; caller holds the lock)."""
         workers_of: dict[Labels3, list[tuple[str, str]]] = {}
-        last_news_s: dict[Labels3, float] = {}
+        expires_s: dict[Labels3, float] = {}
         for worker_key, worker in self._workers.items():
             key3 = (worker_key[0], worker.namespace, worker.pod)
-            if worker.status is None or not worker.status.stopped:
-                last_news_s[key3] = now_s  # running, or silent without a goodbye: kept
-            else:
-                last_news_s[key3] = max(last_news_s.get(key3, 0.0), worker.received_s)
+            stopped = worker.status is not None and worker.status.stopped
+            kept_s = self._forget_stopped_after_s if stopped else self._forget_silent_after_s
+            expires_s[key3] = max(expires_s.get(key3, 0.0), worker.updated_s + kept_s)
             workers_of.setdefault(key3, []).append(worker_key)
         for key3, worker_keys in workers_of.items():
             group = self._groups.get(key3)
-            last_s = max(last_news_s[key3], group.updated_s if group is not None else 0.0)
-            if now_s - last_s < self._forget_stopped_after_s:
+            if group is not None:  # a late batch or fault record restarts the wait
+                expires_s[key3] = max(expires_s[key3], group.updated_s + self._forget_stopped_after_s)
+            if now_s < expires_s[key3]:
                 continue
             for worker_key in worker_keys:
                 del self._workers[worker_key]
@@ -451,7 +462,7 @@ class Aggregator:
         newest: dict[Labels3, WorkerStatus] = {}  # newest heartbeat of an up worker
         with self._lock:
             now_s = self._clock()
-            self._forget_stopped(now_s)
+            self._forget_finished(now_s)
             for (volume, namespace, pod), group in self._groups.items():
                 for (op, err), count in group.ops.items():
                     key5 = (volume, namespace, pod, op, errno_name(err))

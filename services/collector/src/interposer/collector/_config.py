@@ -8,7 +8,7 @@ import msgspec
 
 from interposer.proto.connection import DEFAULT_NATS_URL  # the NATS server subscribed to by default
 
-from ._aggregate import DEFAULT_FORGET_STOPPED_AFTER_S
+from ._aggregate import DEFAULT_FORGET_SILENT_AFTER_S, DEFAULT_FORGET_STOPPED_AFTER_S
 from interposer.proto.policy import MAX_GLOB_LENGTH, OpName
 
 #: Address the /metrics HTTP server binds to by default (loopback: expose it on
@@ -78,7 +78,10 @@ class CollectorConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
         log_level: ``DEBUG``, ``INFO``, ``WARNING`` or ``ERROR``.
         forget_stopped_after_s: the series of a volume whose workers all stopped on
             request (unmounted) leave /metrics this long after the last message about
-            it, seconds; a worker that went silent without stopping is kept.
+            it, seconds.
+        forget_silent_after_s: the same for a volume whose workers went silent
+            without stopping (crashed, killed, cut off from NATS), seconds; until
+            then its ``interposer_worker_up`` reads 0.
         otlp_endpoint: OTLP/gRPC endpoint (``http://host:4317``; ``https://`` uses TLS)
             that receives a span per op and a log record per injected fault; ``""``
             disables OpenTelemetry export.
@@ -107,6 +110,7 @@ class CollectorConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     decode_error_log_interval_s: Annotated[float, msgspec.Meta(ge=0.0)] = DEFAULT_DECODE_ERROR_LOG_INTERVAL_S
     log_level: LogLevel = "INFO"
     forget_stopped_after_s: PositiveFloat = DEFAULT_FORGET_STOPPED_AFTER_S
+    forget_silent_after_s: PositiveFloat = DEFAULT_FORGET_SILENT_AFTER_S
     otlp_endpoint: str = DEFAULT_OTLP_ENDPOINT
     otlp_ops: frozenset[OpName] = frozenset()
     otlp_path_glob: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_GLOB_LENGTH)] = "*"

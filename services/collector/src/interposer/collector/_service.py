@@ -146,7 +146,7 @@ class CollectorService:
     def __init__(self, config: CollectorConfig, aggregator: Aggregator | None = None) -> None:
         self.config = config
         self.aggregator = aggregator if aggregator is not None else Aggregator(
-            forget_stopped_after_s=config.forget_stopped_after_s)
+            forget_stopped_after_s=config.forget_stopped_after_s, forget_silent_after_s=config.forget_silent_after_s)
         self.registry: CollectorRegistry = make_registry(self.aggregator)
         self.port: int | None = None
         self._batch_decoder = msgspec.msgpack.Decoder(EventBatch)
