@@ -7,9 +7,9 @@ from typing import Annotated, Literal
 import msgspec
 
 from interposer.proto.connection import DEFAULT_NATS_URL  # the NATS server subscribed to by default
+from interposer.proto.policy import MAX_GLOB_LENGTH, OpName
 
 from ._aggregate import DEFAULT_FORGET_SILENT_AFTER_S, DEFAULT_FORGET_STOPPED_AFTER_S
-from interposer.proto.policy import MAX_GLOB_LENGTH, OpName
 
 #: Address the /metrics HTTP server binds to by default (loopback: expose it on
 #: purpose, e.g. ``--listen 0.0.0.0:9464`` in a pod).
