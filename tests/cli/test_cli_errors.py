@@ -80,10 +80,12 @@ def test_history_shows_what_each_layer_sets_not_its_defaults() -> None:
 def test_validate_fills_in_defaults_but_not_fields_a_layer_ignores(tmp_path: Path) -> None:
     policy = tmp_path / "policy.json"
     policy.write_text('{"layers": [{"type": "quota", "bytes": 1000}, {"type": "fault", "kind": "short_read"},'
-                      ' {"type": "fault", "errnos": {"EIO": 1}}]}')
+                      ' {"type": "fault", "errnos": {"EIO": 1}}, {"type": "delay", "delay_s": 0.001},'
+                      ' {"type": "delay", "delay_s": 0.001, "mode": "floor"}]}')
     result = _run("policy", "validate", str(policy))
     assert result.returncode == 0, result.stderr
-    quota, short, weighted = json.loads(result.stdout)["layers"]
+    quota, short, weighted, added, floor = json.loads(result.stdout)["layers"]
+    assert "one_floor_per_call" not in added and floor["one_floor_per_call"] is True  # only a floor spans a call
     assert quota["errno"] == "ENOSPC" and quota["inodes"] is None  # defaults in force are shown
     assert not {"ops", "path_glob", "page_cache"} & quota.keys()  # a quota is volume-wide, cache or not
     assert short["short_ratio"] == 0.5 and short["page_cache"] == "bypass"

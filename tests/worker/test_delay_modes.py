@@ -382,6 +382,21 @@ def test_an_open_of_a_name_its_lookup_just_found_is_one_floor(open_pid: int, gap
     assert run(open_unseen, Stack(Policy(layers=layers), 1)) == pytest.approx(expected_s)
 
 
+def test_an_nfsv3_like_floor_charges_each_request_of_a_call() -> None:
+    # NFSv3 has no OPEN: LOOKUP, ACCESS and CREATE are round trips of their own (RFC 1813)
+    v3 = [msgspec.structs.replace(layer, one_floor_per_call=False) for layer in _NFS_LIKE]
+    assert run(_open_creat, Stack(Policy(layers=v3), 1), 42) == pytest.approx(
+        0.001 + _KERNEL_GAP_S + 0.001 + _KERNEL_GAP_S + 0.0027)
+
+
+def test_the_filestore_profiles_are_nfsv3_and_efs_nfsv4() -> None:
+    for name, per_call in (("efs", True), ("filestore-basic-hdd", False), ("filestore-basic-ssd", False),
+                           ("filestore-zonal", False)):
+        floors = [layer for layer in expand_profile(ProfileLayer(name=name))
+                  if isinstance(layer, DelayLayer) and layer.mode == "floor"]
+        assert floors and {layer.one_floor_per_call for layer in floors} == {per_call}, name
+
+
 # ---- write-behind: the latency of buffered writes paid at close or fsync ------------------------
 
 #: A write latency floor of 2.7 ms whose writes are buffered, as the efs profile's.

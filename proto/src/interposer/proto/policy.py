@@ -409,6 +409,14 @@ class DelayLayer(_Layer, tag="delay", kw_only=True):
             cache for 3 to 60 s. ``None`` (default): every one is held. At most
             :data:`ATTR_CACHE_ENTRIES` inodes are remembered. Needs ``getattr``
             among ``ops`` (or no ``ops``).
+        one_floor_per_call: ``floor`` mode: the requests FUSE sends for one system
+            call share one floor (True, default), counted from the first: the
+            GETATTR of the parent, LOOKUP and CREATE of an ``open(O_CREAT)`` (also
+            ``mkdir``, ``mknod``, ``symlink``), the LOOKUP and OPEN of an ``open`` of
+            a name the kernel has no entry for, as an NFSv4 client sends one OPEN for
+            either (RFC 8881 section 18.16). False: each request pays its own floor,
+            as an NFSv3 client (RFC 1813) sends LOOKUP, ACCESS and CREATE apart.
+            ``add`` mode ignores it.
     """
 
     delay_s: DelaySeconds | None = None
@@ -421,6 +429,11 @@ class DelayLayer(_Layer, tag="delay", kw_only=True):
     write_behind: bool | Literal["buffered"] = False
     lookup_cache_s: CacheSeconds = 0.0
     attr_cache: AttrCache | None = None
+    one_floor_per_call: bool = True
+
+    def fields_not_in_effect(self) -> frozenset[str]:
+        """See :meth:`_Layer.fields_not_in_effect`: ``one_floor_per_call`` outside ``floor`` mode."""
+        return frozenset() if self.mode == "floor" else frozenset({"one_floor_per_call"})
 
     def __post_init__(self) -> None:
         super().__post_init__()

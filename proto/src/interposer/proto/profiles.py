@@ -192,25 +192,28 @@ _NFS_NAME_CACHE_S = 30.0
 
 
 def _nfs_latency(read: LognormalDistribution, write: LognormalDistribution,
-                 metadata: LognormalDistribution | None = None) -> tuple[DelayLayer, ...]:
+                 metadata: LognormalDistribution | None = None, nfs_version: int = 4) -> tuple[DelayLayer, ...]:
     """The latency floors a Linux NFS client's application sees: reads and metadata lookups at ``read``,
     writes and namespace/attribute changes at ``write``, or every metadata op at ``metadata`` if given
     (a server whose data sits on disks but whose metadata requests are answered from memory); a name
     looked up is trusted for ``_NFS_NAME_CACHE_S``, attributes as the client's attribute cache keeps
-    them (``AttrCache()``: nfs(5)'s defaults)."""
+    them (``AttrCache()``: nfs(5)'s defaults). ``nfs_version`` 4: one OPEN per ``open``/``create`` call
+    (one floor for the FUSE requests of the call); 3: no OPEN in the protocol, a LOOKUP, ACCESS and CREATE
+    apart (``DelayLayer.one_floor_per_call``)."""
     read_ops, write_ops = frozenset({"read"}), frozenset({"write"})
+    one_floor_per_call = nfs_version >= 4
     layers = () if metadata is None else (
         DelayLayer(ops=_NFS_METADATA_READS | _NFS_METADATA_WRITES, mode="floor", distribution=metadata,
-                   lookup_cache_s=_NFS_NAME_CACHE_S, attr_cache=AttrCache()),)
+                   lookup_cache_s=_NFS_NAME_CACHE_S, attr_cache=AttrCache(), one_floor_per_call=one_floor_per_call),)
     return (
         # the client's readahead has the next READs of a sequential stream in flight: only a jump waits
         DelayLayer(ops=read_ops | (_NFS_METADATA_READS if metadata is None else frozenset()), mode="floor",
                    distribution=read, skip_sequential="buffered",
                    lookup_cache_s=_NFS_NAME_CACHE_S if metadata is None else 0.0,
-                   attr_cache=AttrCache() if metadata is None else None),
+                   attr_cache=AttrCache() if metadata is None else None, one_floor_per_call=one_floor_per_call),
         # the client's page cache takes write(2); close and fsync wait for the WRITEs (and COMMIT) it sends
         DelayLayer(ops=write_ops | (_NFS_METADATA_WRITES if metadata is None else frozenset()), mode="floor",
-                   distribution=write, write_behind="buffered"),
+                   distribution=write, write_behind="buffered", one_floor_per_call=one_floor_per_call),
         *layers,
     )
 
@@ -234,12 +237,13 @@ _FILESTORE_HDD_LATENCY = LognormalDistribution(median_s=0.005, sigma=0.5)
 
 def _filestore(read_iops: int, write_iops: int, read_mib_s: float, write_mib_s: float, *,
                hdd: bool = False) -> tuple[Layer, ...]:
-    """A Filestore instance's published read and write limits (apart: Google gives each its own) over NFS."""
+    """A Filestore instance's published read and write limits (apart: Google gives each its own) over NFSv3,
+    Filestore's protocol (Basic tiers: the only one; the others: the default)."""
     latency = _FILESTORE_HDD_LATENCY if hdd else _FILESTORE_SSD_LATENCY
     return (
         ThrottleLayer(ops=frozenset({"read"}), iops=read_iops, rate_bytes_per_s=int(read_mib_s * MIB)),
         ThrottleLayer(ops=frozenset({"write"}), iops=write_iops, rate_bytes_per_s=int(write_mib_s * MIB)),
-        *_nfs_latency(latency, latency, _FILESTORE_SSD_LATENCY if hdd else None),
+        *_nfs_latency(latency, latency, _FILESTORE_SSD_LATENCY if hdd else None, nfs_version=3),
     )
 
 
@@ -663,7 +667,9 @@ _PROFILES_AND_BUILDERS = (
             "5 ms, sigma 0.5 on reads and writes (disks, as pd-standard's) and 1 ms, sigma 0.3 on metadata "
             "ops (answered from the server's memory), floors; the client is Linux's NFS client as in the efs "
             "profile (readahead streams a sequential reader, writes wait in its page cache for the close or "
-            "fsync)"
+            "fsync) but over NFSv3 (RFC 1813), the only protocol of Basic instances: no OPEN, so an open of an "
+            "unseen name is a LOOKUP and an ACCESS, a create a LOOKUP and a CREATE, each a round trip "
+            "(one_floor_per_call false)"
         ),
         parameters={
             "size_gib": "instance capacity, 1024..65433 GiB (default 1024): below 10 TiB the first limits, "
@@ -679,7 +685,7 @@ _PROFILES_AND_BUILDERS = (
             "Basic SSD, 2.5-63.9 TiB, 60,000 read and 25,000 write IOPS, 1,200 MiB/s read and 350 MiB/s "
             "write at any capacity; no latency published: assumed log-normal, median 1 ms, sigma 0.3 (an "
             "NFS round trip within a zone to an SSD server; EFS's published read latency), a floor on every "
-            "op; the NFS client as in the efs profile"
+            "op; the NFS client as in filestore-basic-hdd (NFSv3)"
         ),
         parameters={"size_gib": "instance capacity, 2560..65433 GiB (default 2560): the limits do not change"},
     ),
@@ -692,7 +698,8 @@ _PROFILES_AND_BUILDERS = (
             "Zonal, 1-100 TiB, limits linear in capacity: per TiB 9,200 read and 2,600 write IOPS, 260 MiB/s "
             "read and 88 MiB/s write (1 TiB: 9,200 / 2,600 / 260 / 88; 100 TiB: 920,000 / 260,000 / 26,000 / "
             "8,800); the single-client limits and custom performance are not applied; latency as "
-            "filestore-basic-ssd's (assumed)"
+            "filestore-basic-ssd's (assumed); NFSv3, the default protocol (NFSv4.1 is an option of zonal "
+            "instances: not modelled)"
         ),
         parameters={"size_gib": "instance capacity, 1024..102400 GiB (default 1024): the limits scale with it"},
     ),

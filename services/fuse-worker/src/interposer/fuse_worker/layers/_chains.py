@@ -106,3 +106,18 @@ class FloorChains:
                 del self._last[stale]
         self._last.pop(pid, None)  # re-insert: dict order is age
         self._last[pid] = _Link(kind, path, chain_start_s, answered_s)
+
+
+class Unchained:
+    """:class:`FloorChains`' interface for a layer whose every request pays its own floor
+    (``DelayLayer.one_floor_per_call`` False: an NFSv3 client's LOOKUP, ACCESS, CREATE)."""
+
+    @staticmethod
+    def chain_start(op_name: str, path: str, pid: int, start_s: float) -> float:
+        """``start_s``: no request continues another."""
+        return start_s
+
+    @staticmethod
+    def answered(op_name: str, path: str, pid: int, chain_start_s: float, answered_s: float,
+                 error: BaseException | None) -> None:
+        """Nothing to remember."""

@@ -28,7 +28,7 @@ from interposer.proto.policy import (
 
 from .._op import SYNC_WRITE_FLAGS, BackendCall, Handler, Op, opened_for_writing, transferred_bytes
 from ._attr_cache import ClientAttrCache
-from ._chains import FloorChains
+from ._chains import FloorChains, Unchained
 from ._match import compile_glob
 from ._streams import FileStreams
 from ._timer import lead_ns, sleep
@@ -161,7 +161,8 @@ class Delay:
         spec: the validated layer from the policy.
         rng: shared random source, used unless the layer has its own ``seed``.
         chains: the stack's :class:`~._chains.FloorChains`, shared by its delay
-            layers; None = a chain of this layer's own.
+            layers; None = a chain of this layer's own. Not used when
+            ``spec.one_floor_per_call`` is False.
 
     Attributes:
         acts: False when the layer can never delay an op (probability 0, or every
@@ -171,7 +172,7 @@ class Delay:
 
     def __init__(self, spec: DelayLayer, rng: random.Random | None = None, chains: FloorChains | None = None) -> None:
         self.spec = spec
-        self._chains = chains or FloorChains()
+        self._chains = (chains or FloorChains()) if spec.one_floor_per_call else Unchained()
         self._rng = random.Random(spec.seed) if spec.seed is not None else (rng or random.Random())
         self.draw = sampler(spec.resolved_distribution, self._rng, spec.max_s)
         self._match = compile_glob(spec.path_glob)
