@@ -14,7 +14,9 @@ from collections.abc import Callable
 import pytest
 from telemetry_helpers import Collector
 
-from interposer.cli._top import bucket_quantile, compute_rows
+from rich.console import Console
+
+from interposer.cli._top import bucket_quantile, compute_rows, top_table
 from interposer_testing import MountedVolume
 
 
@@ -50,6 +52,10 @@ def test_compute_rows_differences_two_scrapes() -> None:
         _s("interposer_delay_lateness_seconds_bucket", 100, op="read", le="0.001", **vnp),
         _s("interposer_delay_lateness_seconds_bucket", 100, op="read", le="+Inf", **vnp),
         _s("interposer_ops_total", 5, op="getattr", result="ok", volume="idle", namespace="", pod=""),
+        _s("interposer_worker_up", 1, **vnp),
+        _s("interposer_worker_resident_memory_bytes", 300 << 20, **vnp),
+        _s("interposer_worker_memory_limit_bytes", 1 << 30, **vnp),
+        _s("interposer_worker_up", 0, volume="idle", namespace="", pod=""),
     ])
     busy, idle = compute_rows(before, after, 2.0)
     assert (busy.volume, busy.namespace, busy.pod) == ("v", "ns", "p")
@@ -59,6 +65,10 @@ def test_compute_rows_differences_two_scrapes() -> None:
     # 100 delayed reads, 10 of them resumed 10 µs..1 ms late: p99 interpolated in that bucket
     assert busy.p99_delay_lateness_s == pytest.approx(1e-05 + (0.001 - 1e-05) * 9 / 10)
     assert idle.volume == "idle" and idle.iops == 2.5 and math.isnan(idle.p99_latency_s) and math.isnan(idle.p99_delay_lateness_s)
+    assert (busy.worker_up, busy.resident_memory_bytes, busy.memory_limit_bytes) == (1, 300 << 20, 1 << 30)
+    assert (idle.worker_up, idle.resident_memory_bytes, idle.memory_limit_bytes) == (0, None, None)
+    cells = _rendered_cells(top_table([busy, idle], "test", 2.0))
+    assert cells["v"][-2:] == ["up", "300 (29%)"] and cells["idle"][-2:] == ["DOWN", "-"]
     with pytest.raises(ValueError, match="interval_s"):
         compute_rows(before, after, 0)
 
@@ -107,3 +117,13 @@ def test_top_once_shows_a_live_volume(nats_url: str, mount_worker: Callable[...,
     assert iops > 0 and write_mb > 0 and p99_ms >= 1.0, "writes of /data are delayed 1 ms"
     assert errors > 0 and faults > 0, "every read of /faulty fails on purpose"
     assert 0 <= late_p99_ms < p99_ms  # the delayed writes' lateness: a number, not "-"
+    assert cells[10] == "up" and int(cells[11].split()[0]) > 10, cells  # the worker's RSS, MiB
+
+
+def _rendered_cells(table) -> dict[str, list[str]]:  # noqa: ANN001 - a rich Table
+    """The table as a plain-text terminal shows it: first cell → the row's cells."""
+    console = Console(width=250, record=True, color_system=None)
+    console.print(table)
+    rows = [line for line in console.export_text().splitlines() if line.startswith("│")]
+    cells = [[cell.strip() for cell in line.strip("│").split("│")] for line in rows]
+    return {row[0]: row for row in cells}

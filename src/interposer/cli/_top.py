@@ -28,6 +28,8 @@ TOP_WIDTH_WHEN_PIPED = 200
 LATENCY_QUANTILE = 0.99
 #: Bytes per megabyte in the MB/s column (SI, as fio and dd print MB/s).
 BYTES_PER_MB = 1_000_000
+#: Bytes per MiB in the worker memory column (as the pod's memory limit, e.g. 1Gi).
+BYTES_PER_MIB = 1 << 20
 
 _Key = tuple[str, str, str]  # (volume, namespace, pod)
 
@@ -50,6 +52,10 @@ class TopRow(msgspec.Struct, frozen=True, kw_only=True):
             than their delays asked the worker resumed delayed ops, seconds
             (``interposer_delay_lateness_seconds``; what the application gets on top
             of the emulated latency); NaN when no op was delayed in it.
+        worker_up: ``interposer_worker_up`` in the second scrape: 1 up, 0 down (went
+            silent without unmounting), None absent (unmounted, or not reported).
+        resident_memory_bytes: the worker's RSS, bytes; None when not reported.
+        memory_limit_bytes: its cgroup's memory limit, bytes; None when none.
     """
 
     volume: str
@@ -62,6 +68,9 @@ class TopRow(msgspec.Struct, frozen=True, kw_only=True):
     errors_per_s: float
     faults_per_s: float
     p99_delay_lateness_s: float = math.nan
+    worker_up: int | None = None
+    resident_memory_bytes: float | None = None
+    memory_limit_bytes: float | None = None
 
 
 def _by_key(samples: Samples, name: str) -> Iterator[tuple[_Key, dict[str, str], float]]:
@@ -152,6 +161,10 @@ def compute_rows(before: Samples, after: Samples, interval_s: float) -> list[Top
         faults[key] = faults.get(key, 0.0) + delta
     durations = _bucket_deltas(before, after, "interposer_op_duration_seconds_bucket")
     lateness = _bucket_deltas(before, after, "interposer_delay_lateness_seconds_bucket")
+    gauges = {name: {key: value for key, _, value in _by_key(after, name)}
+              for name in ("interposer_worker_up", "interposer_worker_resident_memory_bytes",
+                           "interposer_worker_memory_limit_bytes")}
+    up = gauges["interposer_worker_up"]
     rows = [
         TopRow(
             volume=key[0], namespace=key[1], pod=key[2],
@@ -162,6 +175,9 @@ def compute_rows(before: Samples, after: Samples, interval_s: float) -> list[Top
             errors_per_s=errors.get(key, 0.0) / interval_s,
             faults_per_s=faults.get(key, 0.0) / interval_s,
             p99_delay_lateness_s=bucket_quantile(LATENCY_QUANTILE, list(lateness.get(key, {}).items())),
+            worker_up=int(up[key]) if key in up else None,
+            resident_memory_bytes=gauges["interposer_worker_resident_memory_bytes"].get(key),
+            memory_limit_bytes=gauges["interposer_worker_memory_limit_bytes"].get(key),
         )
         for key in keys
     ]
@@ -174,17 +190,33 @@ def top_table(rows: list[TopRow], source: str, interval_s: float) -> Table:
     table = Table(title=f"interposer top — {source}, rates over {interval_s:g} s", title_justify="left")
     for header, justify in (("volume", "left"), ("namespace", "left"), ("pod", "left"), ("IOPS", "right"),
                             ("read MB/s", "right"), ("write MB/s", "right"), ("p99 ms", "right"),
-                            ("errors/s", "right"), ("faults/s", "right"), ("delay late p99 ms", "right")):
+                            ("errors/s", "right"), ("faults/s", "right"), ("delay late p99 ms", "right"),
+                            ("worker", "left"), ("worker MiB", "right")):
         table.add_column(header, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     for row in rows:
         table.add_row(
             row.volume, row.namespace or "-", row.pod or "-", f"{row.iops:.0f}", f"{row.read_mb_per_s:.2f}",
             f"{row.write_mb_per_s:.2f}", _ms(row.p99_latency_s),
             f"{row.errors_per_s:.1f}", f"{row.faults_per_s:.1f}", _ms(row.p99_delay_lateness_s),
+            _worker_state(row.worker_up), _memory(row.resident_memory_bytes, row.memory_limit_bytes),
         )
     if not rows:
         table.caption = "no volume has reported yet"
     return table
+
+
+def _worker_state(up: int | None) -> str:
+    """The worker column: "up", "DOWN" (silent without unmounting: its mount answers ENOTCONN), or "-"."""
+    return "-" if up is None else ("up" if up else "[bold red]DOWN[/]")
+
+
+def _memory(rss_bytes: float | None, limit_bytes: float | None) -> str:
+    """The worker memory column: RSS in MiB, with its share of the cgroup limit when there is one."""
+    if rss_bytes is None:
+        return "-"
+    if not limit_bytes:
+        return f"{rss_bytes / BYTES_PER_MIB:.0f}"
+    return f"{rss_bytes / BYTES_PER_MIB:.0f} ({rss_bytes / limit_bytes:.0%})"
 
 
 def _ms(seconds: float) -> str:
