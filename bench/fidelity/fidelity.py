@@ -54,7 +54,10 @@ Metadata scenarios (profiles that delay metadata ops, e.g. ``efs``) time a
 ``qd`` processes, since fio's ``filestat`` engine stats every file during its
 setup, so that its run finds them in the kernel's cache), an ``open(O_RDONLY)`` of
 each of many such files (a LOOKUP and an OPEN through FUSE; one OPEN from an NFSv4
-client, RFC 8881 section 18.16; the close is not timed), and run fio's
+client, RFC 8881 section 18.16; the close is not timed), an ``open`` and a 64 KiB
+``read`` of each (``read-file``: a training loader's small-file sample, 4 KiB files,
+so one READ; its target is the sum of an independent ``open`` and ``read`` delay),
+and run fio's
 ``filecreate`` engine (an ``open(O_CREAT)`` of each of many new files, in ``qd``
 jobs), each file once, at QD1 and QD16 (direct modes only: no data moves). Their
 targets are the quantiles of the delay acting on ``lookup``, ``open`` and
@@ -126,12 +129,18 @@ Z_95 = 1.959964
 #: fio's own setup through a mount that delays metadata grows faster than the file count
 #: (4,000 files: 87 s of setup for a 4.5 s run), and creates in one directory are
 #: serialised by its lock (below), so the counts stay small.
-META_FILES_PER_JOB = {"stat": {1: 2000, 16: 500}, "open": {1: 2000, 16: 500}, "create": {1: 500, 16: 50}}
-QUICK_META_FILES_PER_JOB = {"stat": {1: 200, 16: 25}, "open": {1: 200, 16: 25}, "create": {1: 100, 16: 10}}
-#: fio engine of each metadata workload (None: timed here), and the op whose delay is its target.
-META_WORKLOADS = {"stat": (None, "lookup"), "open": (None, "open"), "create": ("filecreate", "create")}
+META_FILES_PER_JOB = {"stat": {1: 2000, 16: 500}, "open": {1: 2000, 16: 500}, "read-file": {1: 2000, 16: 500},
+                      "create": {1: 500, 16: 50}}
+QUICK_META_FILES_PER_JOB = {"stat": {1: 200, 16: 25}, "open": {1: 200, 16: 25}, "read-file": {1: 200, 16: 25},
+                            "create": {1: 100, 16: 10}}
+#: fio engine of each metadata workload (None: timed here), and the ops whose delays add up to its target.
+META_WORKLOADS = {"stat": (None, ("lookup",)), "open": (None, ("open",)), "read-file": (None, ("open", "read")),
+                  "create": ("filecreate", ("create",))}
 #: Metadata workloads over files laid out before the mount (the others make their own).
-LAID_OUT_META = ("stat", "open")
+LAID_OUT_META = ("stat", "open", "read-file")
+#: Equally likely values per delay when the target is a sum of independent delays (their pairwise sums
+#: make the sum's distribution: 400 x 400 values).
+SUM_BINS = 400
 
 
 @dataclass
@@ -348,24 +357,41 @@ def targets_of(layers: list[dict], bs: int, qd: int, service: ServiceTime | None
                   latency_quantile=lambda q: base + sum(_quantile_s(layer, q) for layer in delays))
 
 
-def meta_target(layers: list[dict], op: str, qd: int) -> Target:
-    """Targets of ``qd`` jobs each doing one ``op`` after another in one directory: the delay acting on ``op``.
+def meta_target(layers: list[dict], ops: tuple[str, ...], qd: int) -> Target:
+    """Targets of ``qd`` jobs each doing one call after another in one directory, a call being one request
+    of each of ``ops`` to the emulated file system: the delays acting on them, added up.
 
-    Latency p50/p99 are the quantiles of that delay layer's distribution; the rate
-    is ``qd / mean`` (Little's law). Creates are the exception: the kernel holds
-    the parent directory's lock for each (``open_last_lookups`` in fs/namei.c takes
-    it exclusively for O_CREAT), on an NFS client as here, so one directory takes
-    one create at a time: ``1 / mean``, and at ``qd`` > 1 the p50 is the queue,
-    ``qd / rate``, a mean (Little's law), with no p50 or p99 target. No delay on ``op``: no target.
+    Latency p50/p99 are the quantiles of that delay layer's distribution (of the sum
+    of independent draws of each op's, :func:`_sum_quantile_fn`); the rate is ``qd /
+    mean`` (Little's law). Creates are the exception: the kernel holds the parent
+    directory's lock for each (``open_last_lookups`` in fs/namei.c takes it
+    exclusively for O_CREAT), on an NFS client as here, so one directory takes one
+    create at a time: ``1 / mean``, and at ``qd`` > 1 the p50 is the queue, ``qd /
+    rate``, a mean (Little's law), with no p50 or p99 target. An op without a delay:
+    no target.
     """
-    for layer in _acting_on(layers, op):
-        if isinstance(layer, DelayLayer):
-            mean = _mean_s(layer)
-            if op == "create" and qd > 1:
-                return Target(iops=1 / mean, lat_mean_s=qd * mean)
-            return Target(iops=qd / mean, lat_p50_s=_quantile_s(layer, P50), lat_p99_s=_quantile_s(layer, P99),
-                          latency_quantile=_quantile_fn(layer))
-    return Target()
+    delays = []
+    for op in ops:
+        acting = [layer for layer in _acting_on(layers, op) if isinstance(layer, DelayLayer)]
+        if not acting:
+            return Target()
+        delays.append(acting[0])
+    mean = sum(_mean_s(layer) for layer in delays)
+    if ops == ("create",) and qd > 1:
+        return Target(iops=1 / mean, lat_mean_s=qd * mean)
+    draws = _quantile_fn(delays[0]) if len(delays) == 1 else _sum_quantile_fn(delays)
+    return Target(iops=qd / mean, lat_p50_s=draws(P50), lat_p99_s=draws(P99), latency_quantile=draws)
+
+
+def _sum_quantile_fn(delays: list[DelayLayer]) -> Callable[[float], float]:
+    """The quantile function of the sum of one independent draw of each delay (level in (0, 1) → seconds):
+    each as :data:`SUM_BINS` equally likely values, every combination summed and sorted."""
+    sums = [0.0]
+    for layer in delays:
+        values = [_quantile_s(layer, (i + 0.5) / SUM_BINS) for i in range(SUM_BINS)]
+        sums = [s + v for s in sums for v in values]
+    sums.sort()
+    return lambda q: sums[min(int(q * len(sums)), len(sums) - 1)]
 
 
 def write_target(layers: list[dict], qd: int, direct: bool) -> Target:
@@ -576,16 +602,18 @@ def _wait_at_start(barrier: Any) -> None:
 
 
 def _stat_files(mountpoint: Path, meta: str, qd: int, job: int, files_per_job: int) -> tuple[float, float, list[float]]:
-    """``stat`` (or, for ``meta`` "open", open read-only) job ``job``'s files (fio's layout names) once each;
-    (start, end, latencies), seconds (monotonic). A file's close is not timed."""
+    """``stat`` (``meta`` "open": open read-only; "read-file": open and read) job ``job``'s files (fio's
+    layout names) once each; (start, end, latencies), seconds (monotonic). A file's close is not timed."""
     took = []
     _stat_start.wait()  # all jobs start together, as fio's do: forks spawned one by one would not
     started = time.monotonic()
     for number in range(files_per_job):
         path = mountpoint / f"meta-{meta}-qd{qd}.{job}.{number}"
         before = time.monotonic()
-        if meta == "open":
+        if meta in ("open", "read-file"):
             fd = os.open(path, os.O_RDONLY)
+            if meta == "read-file":
+                os.read(fd, 65536)
             took.append(time.monotonic() - before)
             os.close(fd)
         else:
