@@ -389,9 +389,10 @@ def test_an_nfsv3_like_floor_charges_each_request_of_a_call() -> None:
         0.001 + _KERNEL_GAP_S + 0.001 + _KERNEL_GAP_S + 0.0027)
 
 
-def test_the_filestore_profiles_are_nfsv3_and_efs_nfsv4() -> None:
+def test_only_efs_pays_one_floor_per_call() -> None:
+    # NFSv4 opens in one OPEN; NFSv3 (Filestore) has no OPEN; Mountpoint's open sends a HeadObject of its own
     for name, per_call in (("efs", True), ("filestore-basic-hdd", False), ("filestore-basic-ssd", False),
-                           ("filestore-zonal", False)):
+                           ("filestore-zonal", False), ("s3", False), ("s3-express", False), ("gcs", False)):
         floors = [layer for layer in expand_profile(ProfileLayer(name=name))
                   if isinstance(layer, DelayLayer) and layer.mode == "floor"]
         assert floors and {layer.one_floor_per_call for layer in floors} == {per_call}, name

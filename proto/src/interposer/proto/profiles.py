@@ -283,7 +283,9 @@ def _object_store_builder(median_s: float, sigma: float,
                           lookup_cache_s: float = 0.0) -> _Builder:
     """An object store through a FUSE client (Mountpoint for Amazon S3; Cloud Storage FUSE with
     ``_GCSFUSE_METADATA_REQUESTS`` and its stat cache's ``lookup_cache_s``): first-byte latency
-    log-normal(``median_s``, ``sigma``) per request."""
+    log-normal(``median_s``, ``sigma``) per request. Each request is its own round trip
+    (``one_floor_per_call`` false): Mountpoint's ``open`` right after a ``lookup`` sends a HeadObject of its
+    own (it revalidates on open unless its metadata cache is enabled)."""
 
     def build(sizing: Sizing) -> tuple[Layer, ...]:
         latency = LognormalDistribution(median_s=median_s, sigma=sigma)
@@ -291,10 +293,11 @@ def _object_store_builder(median_s: float, sigma: float,
             ThrottleLayer(rate_bytes_per_s=sizing.rate_bytes_per_s or _MOUNTPOINT_THROUGHPUT),
             # a ranged GET per random read; the client streams a sequential reader (direct or not)
             DelayLayer(ops=frozenset({"read"}) | metadata_requests, mode="floor", distribution=latency,
-                       skip_sequential=True, lookup_cache_s=lookup_cache_s),
+                       skip_sequential=True, lookup_cache_s=lookup_cache_s, one_floor_per_call=False),
             # writes go out as multipart parts in the background, O_SYNC/O_DIRECT or not; close and fsync
             # wait for the upload to complete (CompleteMultipartUpload); unlink is a DeleteObject
-            DelayLayer(ops=frozenset({"write", "unlink"}), mode="floor", distribution=latency, write_behind=True),
+            DelayLayer(ops=frozenset({"write", "unlink"}), mode="floor", distribution=latency, write_behind=True,
+                       one_floor_per_call=False),
         )
 
     return build
