@@ -661,7 +661,7 @@ _PROFILES_AND_BUILDERS = (
     _profile(
         _filestore_basic_hdd,
         name="filestore-basic-hdd",
-        summary="GCP Filestore Basic HDD, 1 TiB: 600 read / 1,000 write IOPS, 100 MiB/s each way; NFS",
+        summary="GCP Filestore Basic HDD, 1 TiB: 600 read / 1,000 write IOPS, 100 MiB/s each way; NFSv3",
         source=(
             "Google Cloud, Filestore 'Performance' (https://cloud.google.com/filestore/docs/performance), "
             "expected limits per instance: Basic HDD 1-10 TiB 600 read and 1,000 write IOPS, 100 MiB/s read "
@@ -682,7 +682,7 @@ _PROFILES_AND_BUILDERS = (
     _profile(
         _filestore_basic_ssd,
         name="filestore-basic-ssd",
-        summary="GCP Filestore Basic SSD: 60,000 read / 25,000 write IOPS, 1,200 / 350 MiB/s; NFS",
+        summary="GCP Filestore Basic SSD: 60,000 read / 25,000 write IOPS, 1,200 / 350 MiB/s; NFSv3",
         source=(
             "Google Cloud, Filestore 'Performance' (https://cloud.google.com/filestore/docs/performance): "
             "Basic SSD, 2.5-63.9 TiB, 60,000 read and 25,000 write IOPS, 1,200 MiB/s read and 350 MiB/s "
@@ -695,7 +695,7 @@ _PROFILES_AND_BUILDERS = (
     _profile(
         _filestore_zonal,
         name="filestore-zonal",
-        summary="GCP Filestore Zonal, 1 TiB: 9,200 read / 2,600 write IOPS, 260 / 88 MiB/s, per TiB; NFS",
+        summary="GCP Filestore Zonal, 1 TiB: 9,200 read / 2,600 write IOPS, 260 / 88 MiB/s, per TiB; NFSv3",
         source=(
             "Google Cloud, Filestore 'Performance' (https://cloud.google.com/filestore/docs/performance): "
             "Zonal, 1-100 TiB, limits linear in capacity: per TiB 9,200 read and 2,600 write IOPS, 260 MiB/s "
