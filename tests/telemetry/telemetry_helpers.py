@@ -13,6 +13,7 @@ from typing import TypeVar
 
 import msgspec
 import nats
+from interposer.fuse_worker._cgroup import memory_cgroup
 from interposer.proto import EventBatch, OpEvent, WorkerStatus, subjects
 
 from interposer.cli._metrics import scrape, total
@@ -147,18 +148,12 @@ def memory_limited_cgroup(limit_bytes: int) -> Iterator[Path | None]:
     Processes left in it at the end are moved back to the parent, then it is removed
     (left behind if that fails: a cgroup v2 parent that delegates refuses processes).
     """
-    name = f"interposer-test-{uuid.uuid4().hex[:8]}"
-    membership = Path("/proc/self/cgroup").read_text().splitlines()
-    v1 = [line.split(":", 2)[2] for line in membership if "memory" in line.split(":", 2)[1].split(",")]
-    v2 = [line.split(":", 2)[2] for line in membership if line.split(":", 2)[1] == ""]
-    if v1:
-        parent, limit_file = Path("/sys/fs/cgroup/memory") / v1[0].lstrip("/"), "memory.limit_in_bytes"
-    elif v2:
-        parent, limit_file = Path("/sys/fs/cgroup") / v2[0].lstrip("/"), "memory.max"
-    else:
+    own = memory_cgroup()
+    if own is None:
         yield None
         return
-    cgroup = parent / name
+    parent, limit_file = Path(own.hierarchy) / own.path.lstrip("/"), own.limit_file
+    cgroup = parent / f"interposer-test-{uuid.uuid4().hex[:8]}"
     try:
         cgroup.mkdir()
         (cgroup / limit_file).write_text(str(limit_bytes))

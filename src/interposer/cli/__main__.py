@@ -184,13 +184,16 @@ class _ExistingDirectory(click.Path):
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         try:
-            os.stat(value)
-        except OSError as exc:
-            if exc.errno == errno.ENOTCONN:
-                self.fail(f"{value!r} is a FUSE mount whose server is gone (Transport endpoint is not connected): "
-                          f"unmount it with `fusermount3 -u {os.path.abspath(value)}` (add -z while files on it "
-                          f"are still open) and try again", param, ctx)
-        return super().convert(value, param, ctx)
+            return super().convert(value, param, ctx)
+        except click.BadParameter:
+            try:
+                os.stat(value)
+            except OSError as exc:
+                if exc.errno == errno.ENOTCONN:
+                    self.fail(f"{value!r} is a FUSE mount whose server is gone (Transport endpoint is not "
+                              f"connected): unmount it with `fusermount3 -u {os.path.abspath(value)}` (add -z "
+                              f"while files on it are still open) and try again", param, ctx)
+            raise
 
 
 @main.command()

@@ -495,7 +495,7 @@ class Aggregator:
                     continue
                 if key3 not in latest or worker.received_s >= latest[key3].received_s:
                     latest[key3] = worker
-                up = not status.stopped and now_s - worker.received_s < WORKER_UP_HEARTBEATS * status.status_interval_s
+                up = not status.stopped and _heard_lately(worker, status, now_s)
                 if up and (key3 not in newest or status.sent_at_s >= newest[key3].sent_at_s):
                     newest[key3] = status
             for key3, worker in latest.items():
@@ -503,7 +503,7 @@ class Aggregator:
                 assert status is not None
                 if status.stopped:
                     continue  # unmounted on purpose: neither up nor down, so no series
-                worker_up[key3] = int(now_s - worker.received_s < WORKER_UP_HEARTBEATS * status.status_interval_s)
+                worker_up[key3] = int(_heard_lately(worker, status, now_s))
             heartbeats = dict(self._heartbeats)
             return Snapshot(
                 ops=ops,
@@ -540,6 +540,12 @@ class Aggregator:
                 nats_disconnects_total=self._nats_disconnects_total,
                 nats_connected=self._nats_connected,
             )
+
+
+def _heard_lately(worker: _Worker, status: WorkerStatus, now_s: float) -> bool:
+    """Whether ``worker``'s newest heartbeat (``status``) arrived within :data:`WORKER_UP_HEARTBEATS`
+    of its intervals before ``now_s`` (collector clock, seconds)."""
+    return now_s - worker.received_s < WORKER_UP_HEARTBEATS * status.status_interval_s
 
 
 def _present(statuses: dict[Labels3, WorkerStatus], field: str) -> dict[Labels3, typing.Any]:

@@ -10,6 +10,7 @@ kubelet metrics on pod names the volume metrics do not carry.
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 #: Where the cgroup file systems are mounted (v2: the unified hierarchy itself;
 #: v1: one directory per controller).
@@ -17,6 +18,40 @@ CGROUP_ROOT = "/sys/fs/cgroup"
 #: cgroup v1 reports "no limit" as the largest page counter in bytes
 #: (9223372036854771712 with 4 KiB pages); anything this large is no limit.
 _V1_UNLIMITED_BYTES = 1 << 62
+
+
+class MemoryCgroup(NamedTuple):
+    """Where a process's memory limit is: ``hierarchy`` (the memory controller's mount),
+    ``path`` (its cgroup in it, ``/``-rooted) and ``limit_file`` (``memory.max`` on v2,
+    ``memory.limit_in_bytes`` on v1)."""
+
+    hierarchy: str
+    path: str
+    limit_file: str
+
+
+def memory_cgroup(proc_cgroup: str = "/proc/self/cgroup", cgroup_root: str = CGROUP_ROOT) -> MemoryCgroup | None:
+    """The memory cgroup of the process whose membership file is ``proc_cgroup`` (cgroups(7) format);
+    None if it cannot be read or names no memory controller. cgroup v1's memory controller
+    (``N:memory:<path>``) wins over the unified hierarchy (``0::<path>``), as on hybrid hosts."""
+    try:
+        with open(proc_cgroup) as membership:
+            lines = membership.read().splitlines()
+    except OSError:
+        return None
+    v1_path = v2_path = None
+    for line in lines:
+        _hierarchy, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if "memory" in controllers.split(","):
+            v1_path = path
+        elif controllers == "":
+            v2_path = path
+    if v1_path is not None:
+        return MemoryCgroup(os.path.join(cgroup_root, "memory"), v1_path, "memory.limit_in_bytes")
+    if v2_path is not None:
+        return MemoryCgroup(cgroup_root, v2_path, "memory.max")
+    return None
 
 
 def memory_limit_bytes(proc_cgroup: str = "/proc/self/cgroup", cgroup_root: str = CGROUP_ROOT) -> int | None:
@@ -34,24 +69,8 @@ def memory_limit_bytes(proc_cgroup: str = "/proc/self/cgroup", cgroup_root: str 
         proc_cgroup: the process's cgroup membership file, cgroups(7) format.
         cgroup_root: where the cgroup file systems are mounted.
     """
-    try:
-        with open(proc_cgroup) as membership:
-            lines = membership.read().splitlines()
-    except OSError:
-        return None
-    v1_path = v2_path = None
-    for line in lines:
-        _hierarchy, _, rest = line.partition(":")
-        controllers, _, path = rest.partition(":")
-        if "memory" in controllers.split(","):
-            v1_path = path
-        elif controllers == "":
-            v2_path = path
-    if v1_path is not None:
-        return _tightest(os.path.join(cgroup_root, "memory"), v1_path, "memory.limit_in_bytes")
-    if v2_path is not None:
-        return _tightest(cgroup_root, v2_path, "memory.max")
-    return None
+    cgroup = memory_cgroup(proc_cgroup, cgroup_root)
+    return None if cgroup is None else _tightest(*cgroup)
 
 
 def _tightest(hierarchy: str, path: str, file_name: str) -> int | None:
