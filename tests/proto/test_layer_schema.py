@@ -160,6 +160,14 @@ def test_bad_layers_are_rejected_with_the_field(layer: dict, expected: str) -> N
     assert expected in str(info.value)
 
 
+def test_a_bad_value_before_bytes_that_are_not_utf8_is_still_a_policy_error() -> None:
+    # The typed decoder stops at the enum; the hint's second look at the document must not trip on the rest
+    # (found by tests/proto/test_policy_fuzz.py: a UnicodeDecodeError escaped decode_policy).
+    data = b'{"layers": [{"type": "delay", "delay_s": 1, "ops": ["x"]}, {"type": "delay", "pat\xcd_glob": "/a"}]}'
+    with pytest.raises(PolicyError, match=r"\$\.layers\[0\]\.ops\[0\]"):
+        decode_policy(data)
+
+
 @pytest.mark.parametrize("pattern", ["*", "/a/[bc]", "/[!x]*", "/[]]", "/[!]]x", "/a]b", "?data*", "[/x]d*", "*.log"])
 def test_balanced_globs_pass(pattern: str) -> None:
     check_glob(pattern)

@@ -977,7 +977,8 @@ def _with_hint(message: str, data: bytes | str) -> str:
         document = msgspec.json.decode(data)
         layers = (document.get("policy", document) if isinstance(document, dict) else {}).get("layers")
         kind = _LAYER_KINDS.get(layers[index].get("type"))
-    except (msgspec.DecodeError, AttributeError, IndexError, KeyError, TypeError):
+    except (msgspec.DecodeError, UnicodeDecodeError, AttributeError, IndexError, KeyError, TypeError):
+        # The typed decoder stops at the first bad value; bytes after it may not even be UTF-8.
         return message
     if kind is None:
         return message
