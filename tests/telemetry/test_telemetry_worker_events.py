@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import uuid
 from collections.abc import Callable
@@ -136,6 +137,20 @@ class _NoBackend:
     """Quota layers here never reach the backend (no write or create is served)."""
 
 
+def test_a_request_continuing_its_files_previous_one_is_sequential() -> None:
+    telemetry = Telemetry()
+    assert telemetry.continues(2, 0, 4096), "a file's first request at 0 starts a stream"
+    assert telemetry.continues(2, 4096, 4096)
+    assert not telemetry.continues(2, 65536, 4096), "a jump is random"
+    assert telemetry.continues(2, 69632, 100), "and starts the next run"
+    assert not telemetry.continues(3, 8192, 4096), "a file's first request elsewhere than 0 is random"
+    assert telemetry.continues(2, 69732, 10), "files are tracked apart"
+    assert not Telemetry(enabled=False).continues(2, 0, 4096), "nothing to carry it with events off"
+    events = Telemetry()
+    events.record(Op("read", 2, "/f", size=4096, sequential=True), 0, 4096, 0, 1000)
+    assert events.buffer[0].sequential
+
+
 def test_quota_usage_reports_the_tightest_limits_of_the_quota_layers_in_force() -> None:
     context = QuotaContext(_NoBackend(), lambda: Usage(5000, 12))  # type: ignore[arg-type]
     assert quota_usage(Stack(Policy(), 1, quota=context).layers) is None
@@ -194,6 +209,29 @@ def test_file_sessions_group_open_to_release(nats_url: str, mount_worker: Callab
     assert all(e.session == 0 for e in events if e.op in {"lookup", "getattr"})
     written = [e for e in events if e.op == "write"]
     assert sum(e.size for e in written) == sum(e.result for e in written) == 4096
+
+
+def test_events_say_which_requests_were_sequential(nats_url: str, mount_worker: Callable[..., MountedVolume],
+                                                   volume: str) -> None:
+    """Direct I/O, so each request is the application's own (no readahead, no write-behind)."""
+    block = 4096
+    with BusTap(nats_url, volume) as tap:
+        vol = mount_worker(volume, nats_url=nats_url)
+        fd = os.open(vol.mountpoint / "p.bin", os.O_CREAT | os.O_RDWR | os.O_DIRECT, 0o644)
+        view = memoryview(mmap.mmap(-1, block))  # page-aligned, as O_DIRECT needs
+        try:
+            for index in range(8):
+                os.pwrite(fd, view, index * block)  # 8 sequential writes
+            for index in (5, 1, 7, 0, 1, 2):  # four jumps (back to 0 too), then two in a row
+                os.preadv(fd, [view], index * block)
+        finally:
+            os.close(fd)
+        _settle(tap)
+    writes = [e.sequential for e in tap.events if e.op == "write" and e.path == "/p.bin"]
+    reads = [e.sequential for e in tap.events if e.op == "read" and e.path == "/p.bin"]
+    assert writes == [True] * 8
+    assert reads == [False, False, False, False, True, True]
+    assert not any(e.sequential for e in tap.events if e.op not in {"read", "write"})
 
 
 def test_sampling_flags_keep_counts_exact(nats_url: str, mount_worker: Callable[..., MountedVolume],

@@ -43,6 +43,13 @@ class OpEvent(msgspec.Struct, array_like=True, gc=False):
             resumed the op after their holds, ns (0 when on time, or not delayed):
             the worker's scheduling lag (a saturated event loop, a descheduled
             vCPU), which the application sees on top of ``delay_ns``.
+        sequential: for ``read`` and ``write``: True if the request began where the
+            previous read or write of the same file (inode) ended, in the order the
+            requests reached the worker, or at offset 0 of a file with no earlier
+            request (a stream's start); False for random access and for other ops.
+            This is the access pattern the backing store sees, after the page cache
+            (readahead makes a sequential reader's requests 1 MiB long; a buffered
+            random reader's may still be sequential runs).
     """
 
     op: str
@@ -61,6 +68,7 @@ class OpEvent(msgspec.Struct, array_like=True, gc=False):
     uid: int = 0
     session: int = 0
     delay_late_ns: int = 0
+    sequential: bool = False
 
 
 class EventBatch(msgspec.Struct):

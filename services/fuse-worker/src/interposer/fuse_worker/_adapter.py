@@ -307,8 +307,10 @@ class InterposerOperations(pyfuse3.Operations):
         """
         backend, stack = self.backend, self.stack
         ino = backend.ino_of_fh(fh)
-        op = Op("read", ino, backend.path_of(ino), offset=off, size=size, session=self.telemetry.session_of(fh),
-                open_flags=self._open_flags.get(fh, 0), defer_holds=replier.can_hold())
+        telemetry = self.telemetry
+        op = Op("read", ino, backend.path_of(ino), offset=off, size=size, session=telemetry.session_of(fh),
+                open_flags=self._open_flags.get(fh, 0), defer_holds=replier.can_hold(),
+                sequential=telemetry.continues(ino, off, size))
         chain = stack.chains.get("read")
         start_wall_ns = time.time_ns()
         start_ns = time.perf_counter_ns()
@@ -529,15 +531,17 @@ class InterposerOperations(pyfuse3.Operations):
     async def read(self, fh, off, size):
         backend = self.backend
         ino = backend.ino_of_fh(fh)
-        op = Op("read", ino, backend.path_of(ino), offset=off, size=size, session=self.telemetry.session_of(fh),
-                open_flags=self._open_flags.get(fh, 0))
+        telemetry = self.telemetry
+        op = Op("read", ino, backend.path_of(ino), offset=off, size=size, session=telemetry.session_of(fh),
+                open_flags=self._open_flags.get(fh, 0), sequential=telemetry.continues(ino, off, size))
         return await self._serve(op, lambda: backend.read(fh, off, size))
 
     async def write(self, fh, off, buf):
         backend = self.backend
         ino = backend.ino_of_fh(fh)
-        op = Op("write", ino, backend.path_of(ino), offset=off, size=len(buf),
-                session=self.telemetry.session_of(fh), open_flags=self._open_flags.get(fh, 0))
+        telemetry = self.telemetry
+        op = Op("write", ino, backend.path_of(ino), offset=off, size=len(buf), session=telemetry.session_of(fh),
+                open_flags=self._open_flags.get(fh, 0), sequential=telemetry.continues(ino, off, len(buf)))
         writer = self._setid_writers.get(fh) if ino in self._setid_inodes else None
 
         async def write() -> int:

@@ -81,6 +81,8 @@ class Op(msgspec.Struct):
         after_hold: with ``defer_holds``, what layers above a hold still do once it
             has ended (a throttle's charge, a later delay), in order (outcome; run by
             ``_held_reads`` when the reply is due); None = nothing.
+        sequential: for ``read`` and ``write``: the request continues its file's
+            previous one (``OpEvent.sequential``; ``Telemetry.continues``).
     """
 
     name: str
@@ -104,6 +106,7 @@ class Op(msgspec.Struct):
     reply_due_ns: int = 0
     reply_armed_ns: int = 0
     after_hold: "list[HoldStep] | None" = None
+    sequential: bool = False
 
     def hold_reply_until(self, due_ns: int, lead_ns: int) -> None:
         """Hold the reply (``defer_holds``) until at least ``due_ns``, armed ``lead_ns`` early (ns)."""

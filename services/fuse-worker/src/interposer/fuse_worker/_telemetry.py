@@ -18,6 +18,7 @@ from ._config import DEFAULT_EVENT_BUFFER as DEFAULT_EVENT_BUFFER, EventSampleRu
 from ._lateness import LatenessWatch
 from ._op import Op
 from .layers._match import compile_glob
+from .layers._streams import FileStreams
 from .layers.quota import Quota
 from .layers.throttle import Throttle
 #: Fault records held for the bus before new ones are dropped.
@@ -120,6 +121,30 @@ class Telemetry:
         self._rng = rng
         self.sessions: dict[int, int] = {}
         self._last_session = 0
+        self._stream_ends: FileStreams[int] = FileStreams()
+
+    def continues(self, ino: int, offset: int, size: int) -> bool:
+        """Say whether a read or write arriving now continues its file's access stream (``OpEvent.sequential``).
+
+        True when it begins where the previous read or write of inode ``ino`` ended
+        (in arrival order, across handles: what the backing store sees), or at offset
+        0 of a file with none remembered; the file's stream then ends at
+        ``offset + size``. The same per-inode rule as the delay layer's
+        ``skip_sequential``; at most ``_streams.MAX_TRACKED_STREAMS`` files are
+        remembered (a forgotten one's next request away from 0 counts as random).
+        Always False with events off (nothing would carry it).
+
+        Args:
+            ino: FUSE inode of the file.
+            offset: first byte of the request.
+            size: bytes requested.
+        """
+        if not self.enabled:
+            return False
+        streams = self._stream_ends
+        expected = streams.take(ino)
+        streams.put(ino, offset + size)
+        return offset == (expected or 0)
 
     def new_session(self) -> int:
         """Return a new file session id (1, 2, …; never reused in this process)."""
@@ -181,6 +206,7 @@ class Telemetry:
         self.buffer.append(OpEvent(
             op.name, op.ino, op.path, op.offset, op.size, result_bytes, errno, start_ns, duration_ns,
             op.fault, op.delay_ns, op.throttle_ns, op.pid, op.uid, op.session, op.delay_late_ns,
+            op.sequential,
         ))
 
     def _record_faults(self, op: Op, start_ns: int, duration_ns: int, revision: int) -> None:
