@@ -194,11 +194,13 @@ def publish(nats_url: str, messages: Iterable[tuple[str, bytes]]) -> None:
 
 
 def event(op: str, *, result: int = 0, errno: int = 0, duration_ns: int = 20_000, fault: str = "",
-          delay_ns: int = 0, throttle_ns: int = 0, size: int = 0, delay_late_ns: int = 0) -> OpEvent:
+          delay_ns: int = 0, throttle_ns: int = 0, size: int = 0, delay_late_ns: int = 0,
+          sequential: bool = False) -> OpEvent:
     """An ``OpEvent`` with the fields the collector looks at; the rest are plausible."""
     return OpEvent(op=op, ino=2, path="/data/file.bin", offset=0, size=size or result, result=result,
                    errno=errno, start_ns=time.time_ns(), duration_ns=duration_ns, fault=fault,
-                   delay_ns=delay_ns, throttle_ns=throttle_ns, pid=1234, uid=1000, delay_late_ns=delay_late_ns)
+                   delay_ns=delay_ns, throttle_ns=throttle_ns, pid=1234, uid=1000, delay_late_ns=delay_late_ns,
+                   sequential=sequential)
 
 
 def batch_message(volume: str, events: list[OpEvent], *, worker_id: str = "w-1", seq: int = 1,

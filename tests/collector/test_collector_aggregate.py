@@ -7,7 +7,7 @@ import threading
 
 import pytest
 from collector_helpers import event, parse_metrics, value
-from interposer.collector import DURATION_BUCKETS_S, Aggregator, errno_name, make_registry
+from interposer.collector import DURATION_BUCKETS_S, SIZE_BUCKETS_BYTES, Aggregator, errno_name, make_registry
 from interposer.proto import EventBatch, FaultRecord, OpEvent, WorkerStatus
 from prometheus_client import generate_latest
 
@@ -146,6 +146,27 @@ def test_delay_lateness_is_a_histogram_of_the_delayed_ops_only() -> None:
     assert counts[0] == 1  # 0 ns: the first bucket (≤ 10 µs)
     assert counts[bounds.index(50e-6)] == 1 and counts[bounds.index(5e-3)] == 1
     assert set(agg.snapshot().delay_lateness) == {(*LABELS, "read")}
+
+
+def test_request_sizes_and_sequential_requests_of_reads_and_writes() -> None:
+    agg = Aggregator()
+    agg.add_batch(batch([
+        event("read", result=4096, sequential=True),
+        event("read", size=4096, errno=errno.EIO),  # a failed request still had its size and place
+        event("read", result=100, size=1 << 20, sequential=True),  # short at end of file: size asked counts
+        event("write", result=600),
+        event("write", result=(1 << 20) + 1),  # past the largest bound
+        event("getattr"),
+    ]))
+    snap = agg.snapshot()
+    bounds = list(SIZE_BUCKETS_BYTES)
+    read_counts, read_sum = snap.io_sizes[(*LABELS, "read")]
+    assert read_counts[bounds.index(4096)] == 2 and read_counts[bounds.index(1 << 20)] == 1
+    assert sum(read_counts) == 3 and read_sum == 4096 + 4096 + (1 << 20)
+    write_counts, write_sum = snap.io_sizes[(*LABELS, "write")]
+    assert write_counts[bounds.index(1024)] == 1 and write_counts[-1] == 1 and write_sum == 600 + (1 << 20) + 1
+    assert snap.sequential_ops == {(*LABELS, "read"): 2, (*LABELS, "write"): 0}
+    assert set(snap.io_sizes) == {(*LABELS, "read"), (*LABELS, "write")}
 
 
 def test_dropped_is_max_per_worker_summed_over_workers() -> None:

@@ -41,7 +41,7 @@ def test_batches_and_status_become_metrics(nats_url: str, start_collector: Start
     publish(nats_url, [
         batch_message(volume, [
             event("read", result=4096, duration_ns=3_000_000),
-            event("read", result=4096, duration_ns=3_000_000, throttle_ns=1_000_000),
+            event("read", result=4096, duration_ns=3_000_000, throttle_ns=1_000_000, sequential=True),
             event("write", result=100, duration_ns=40_000),
             event("copy_file_range", result=1000, duration_ns=50_000),
             event("read", errno=errno.EIO, fault="EIO", delay_ns=2_000_000, duration_ns=2_100_000,
@@ -77,6 +77,11 @@ def test_batches_and_status_become_metrics(nats_url: str, start_collector: Start
     assert value(samples, "interposer_delay_lateness_seconds_bucket", op="read", le="2.5e-05", **vnp) == 0
     assert value(samples, "interposer_delay_lateness_seconds_bucket", op="read", le="5e-05", **vnp) == 1
     assert value(samples, "interposer_delay_lateness_seconds_sum", op="read", **vnp) == pytest.approx(4e-05)
+    assert value(samples, "interposer_io_size_bytes_bucket", op="read", le="2048.0", **vnp) == 1  # the EIO one
+    assert value(samples, "interposer_io_size_bytes_bucket", op="read", le="4096.0", **vnp) == 3
+    assert value(samples, "interposer_io_size_bytes_sum", op="write", **vnp) == 100
+    assert value(samples, "interposer_sequential_ops_total", op="read", **vnp) == 1
+    assert value(samples, "interposer_sequential_ops_total", op="write", **vnp) == 0
     assert value(samples, "interposer_events_dropped_total", **vnp) == 4
     assert value(samples, "interposer_worker_ops_total", **vnp) == 7
     assert value(samples, "interposer_worker_last_heartbeat_timestamp_seconds",

@@ -40,6 +40,9 @@ def test_compute_rows_differences_two_scrapes() -> None:
         _s("interposer_bytes_total", 1_000_000, direction="read", **vnp),
         _s("interposer_op_duration_seconds_bucket", 100, op="read", le="0.001", **vnp),
         _s("interposer_op_duration_seconds_bucket", 100, op="read", le="+Inf", **vnp),
+        _s("interposer_io_size_bytes_count", 100, op="read", **vnp),
+        _s("interposer_io_size_bytes_sum", 100 * 4096, op="read", **vnp),
+        _s("interposer_sequential_ops_total", 100, op="read", **vnp),
     ])
     after = dict([
         _s("interposer_ops_total", 300, op="read", result="ok", **vnp),
@@ -51,6 +54,13 @@ def test_compute_rows_differences_two_scrapes() -> None:
         _s("interposer_delay_lateness_seconds_bucket", 90, op="read", le="1e-05", **vnp),
         _s("interposer_delay_lateness_seconds_bucket", 100, op="read", le="0.001", **vnp),
         _s("interposer_delay_lateness_seconds_bucket", 100, op="read", le="+Inf", **vnp),
+        # 200 reads of 64 KiB, 40 of them sequential; 20 writes of 4 KiB, all sequential
+        _s("interposer_io_size_bytes_count", 300, op="read", **vnp),
+        _s("interposer_io_size_bytes_sum", 100 * 4096 + 200 * 65536, op="read", **vnp),
+        _s("interposer_sequential_ops_total", 140, op="read", **vnp),
+        _s("interposer_io_size_bytes_count", 20, op="write", **vnp),
+        _s("interposer_io_size_bytes_sum", 20 * 4096, op="write", **vnp),
+        _s("interposer_sequential_ops_total", 20, op="write", **vnp),
         _s("interposer_ops_total", 5, op="getattr", result="ok", volume="idle", namespace="", pod=""),
         _s("interposer_worker_up", 1, **vnp),
         _s("interposer_worker_resident_memory_bytes", 300 << 20, **vnp),
@@ -67,8 +77,11 @@ def test_compute_rows_differences_two_scrapes() -> None:
     assert idle.volume == "idle" and idle.iops == 2.5 and math.isnan(idle.p99_latency_s) and math.isnan(idle.p99_delay_lateness_s)
     assert (busy.worker_up, busy.resident_memory_bytes, busy.memory_limit_bytes) == (1, 300 << 20, 1 << 30)
     assert (idle.worker_up, idle.resident_memory_bytes, idle.memory_limit_bytes) == (0, None, None)
+    assert busy.sequential_share == pytest.approx(60 / 220)
+    assert busy.mean_request_bytes == pytest.approx((200 * 65536 + 20 * 4096) / 220)
+    assert math.isnan(idle.sequential_share) and math.isnan(idle.mean_request_bytes)
     cells = _rendered_cells(top_table([busy, idle], "test", 2.0))
-    assert cells["v"][-2:] == ["up", "300 (29%)"] and cells["idle"][-2:] == ["DOWN", "-"]
+    assert cells["v"][-4:] == ["27%", "59", "up", "300 (29%)"] and cells["idle"][-4:] == ["-", "-", "DOWN", "-"]
     with pytest.raises(ValueError, match="interval_s"):
         compute_rows(before, after, 0)
 
@@ -117,7 +130,10 @@ def test_top_once_shows_a_live_volume(nats_url: str, mount_worker: Callable[...,
     assert iops > 0 and write_mb > 0 and p99_ms >= 1.0, "writes of /data are delayed 1 ms"
     assert errors > 0 and faults > 0, "every read of /faulty fails on purpose"
     assert 0 <= late_p99_ms < p99_ms  # the delayed writes' lateness: a number, not "-"
-    assert cells[10] == "up" and int(cells[11].split()[0]) > 10, cells  # the worker's RSS, MiB
+    # Each round writes /data whole (one 64 KiB request at 0) and reads /faulty's first 4 KiB (refused, but
+    # asked): every request starts a file, and they average 34 KiB.
+    assert cells[10:12] == ["100%", "34"], cells
+    assert cells[12] == "up" and int(cells[13].split()[0]) > 10, cells  # the worker's RSS, MiB
 
 
 def _rendered_cells(table) -> dict[str, list[str]]:  # noqa: ANN001 - a rich Table

@@ -139,12 +139,13 @@ class _NoBackend:
 
 def test_a_request_continuing_its_files_previous_one_is_sequential() -> None:
     telemetry = Telemetry()
-    assert telemetry.continues(2, 0, 4096), "a file's first request at 0 starts a stream"
+    assert telemetry.continues(2, 0, 4096), "a file read from its start"
     assert telemetry.continues(2, 4096, 4096)
     assert not telemetry.continues(2, 65536, 4096), "a jump is random"
     assert telemetry.continues(2, 69632, 100), "and starts the next run"
     assert not telemetry.continues(3, 8192, 4096), "a file's first request elsewhere than 0 is random"
     assert telemetry.continues(2, 69732, 10), "files are tracked apart"
+    assert telemetry.continues(2, 0, 10), "reading a file again from its start is a new stream"
     assert not Telemetry(enabled=False).continues(2, 0, 4096), "nothing to carry it with events off"
     events = Telemetry()
     events.record(Op("read", 2, "/f", size=4096, sequential=True), 0, 4096, 0, 1000)
@@ -222,7 +223,7 @@ def test_events_say_which_requests_were_sequential(nats_url: str, mount_worker: 
         try:
             for index in range(8):
                 os.pwrite(fd, view, index * block)  # 8 sequential writes
-            for index in (5, 1, 7, 0, 1, 2):  # four jumps (back to 0 too), then two in a row
+            for index in (5, 1, 7, 0, 1, 2):  # three jumps, then from the start three in a row
                 os.preadv(fd, [view], index * block)
         finally:
             os.close(fd)
@@ -230,7 +231,7 @@ def test_events_say_which_requests_were_sequential(nats_url: str, mount_worker: 
     writes = [e.sequential for e in tap.events if e.op == "write" and e.path == "/p.bin"]
     reads = [e.sequential for e in tap.events if e.op == "read" and e.path == "/p.bin"]
     assert writes == [True] * 8
-    assert reads == [False, False, False, False, True, True]
+    assert reads == [False, False, False, True, True, True]
     assert not any(e.sequential for e in tap.events if e.op not in {"read", "write"})
 
 

@@ -30,6 +30,8 @@ LATENCY_QUANTILE = 0.99
 BYTES_PER_MB = 1_000_000
 #: Bytes per MiB in the worker memory column (as the pod's memory limit, e.g. 1Gi).
 BYTES_PER_MIB = 1 << 20
+#: Bytes per KiB in the request size column (requests are multiples of 4 KiB pages).
+BYTES_PER_KIB = 1 << 10
 
 _Key = tuple[str, str, str]  # (volume, namespace, pod)
 
@@ -52,6 +54,11 @@ class TopRow(msgspec.Struct, frozen=True, kw_only=True):
             than their delays asked the worker resumed delayed ops, seconds
             (``interposer_delay_lateness_seconds``; what the application gets on top
             of the emulated latency); NaN when no op was delayed in it.
+        sequential_share: of the read and write requests in the interval, the share
+            that continued their file's previous one (``interposer_sequential_ops_total``
+            over the requests counted in ``interposer_io_size_bytes``), 0..1; NaN when
+            there were none.
+        mean_request_bytes: mean size of those requests, bytes; NaN when none.
         worker_up: ``interposer_worker_up`` in the second scrape: 1 up, 0 down (went
             silent without unmounting), None absent (unmounted, or not reported).
         resident_memory_bytes: the worker's RSS, bytes; None when not reported.
@@ -68,6 +75,8 @@ class TopRow(msgspec.Struct, frozen=True, kw_only=True):
     errors_per_s: float
     faults_per_s: float
     p99_delay_lateness_s: float = math.nan
+    sequential_share: float = math.nan
+    mean_request_bytes: float = math.nan
     worker_up: int | None = None
     resident_memory_bytes: float | None = None
     memory_limit_bytes: float | None = None
@@ -129,6 +138,19 @@ def _bucket_deltas(before: Samples, after: Samples, name: str) -> dict[_Key, dic
     return buckets
 
 
+def _sums(before: Samples, after: Samples, name: str) -> dict[_Key, float]:
+    """Per (volume, namespace, pod): growth of ``name`` between the scrapes, summed over its other labels."""
+    sums: dict[_Key, float] = {}
+    for key, _, delta in _deltas(before, after, name):
+        sums[key] = sums.get(key, 0.0) + delta
+    return sums
+
+
+def _ratio(part: float, whole: float) -> float:
+    """``part / whole``; NaN when ``whole`` is 0 (nothing to divide)."""
+    return part / whole if whole else math.nan
+
+
 def compute_rows(before: Samples, after: Samples, interval_s: float) -> list[TopRow]:
     """Rates per (volume, namespace, pod) between two scrapes of the collector.
 
@@ -159,6 +181,9 @@ def compute_rows(before: Samples, after: Samples, interval_s: float) -> list[Top
     faults: dict[_Key, float] = {}
     for key, _, delta in _deltas(before, after, "interposer_injected_faults_total"):
         faults[key] = faults.get(key, 0.0) + delta
+    requests = _sums(before, after, "interposer_io_size_bytes_count")
+    request_bytes = _sums(before, after, "interposer_io_size_bytes_sum")
+    sequential = _sums(before, after, "interposer_sequential_ops_total")
     durations = _bucket_deltas(before, after, "interposer_op_duration_seconds_bucket")
     lateness = _bucket_deltas(before, after, "interposer_delay_lateness_seconds_bucket")
     gauges = {name: {key: value for key, _, value in _by_key(after, name)}
@@ -175,6 +200,8 @@ def compute_rows(before: Samples, after: Samples, interval_s: float) -> list[Top
             errors_per_s=errors.get(key, 0.0) / interval_s,
             faults_per_s=faults.get(key, 0.0) / interval_s,
             p99_delay_lateness_s=bucket_quantile(LATENCY_QUANTILE, list(lateness.get(key, {}).items())),
+            sequential_share=_ratio(sequential.get(key, 0.0), requests.get(key, 0.0)),
+            mean_request_bytes=_ratio(request_bytes.get(key, 0.0), requests.get(key, 0.0)),
             worker_up=int(up[key]) if key in up else None,
             resident_memory_bytes=gauges["interposer_worker_resident_memory_bytes"].get(key),
             memory_limit_bytes=gauges["interposer_worker_memory_limit_bytes"].get(key),
@@ -191,13 +218,15 @@ def top_table(rows: list[TopRow], source: str, interval_s: float) -> Table:
     for header, justify in (("volume", "left"), ("namespace", "left"), ("pod", "left"), ("IOPS", "right"),
                             ("read MB/s", "right"), ("write MB/s", "right"), ("p99 ms", "right"),
                             ("errors/s", "right"), ("faults/s", "right"), ("delay late p99 ms", "right"),
-                            ("worker", "left"), ("worker MiB", "right")):
+                            ("seq %", "right"), ("I/O KiB", "right"), ("worker", "left"), ("worker MiB", "right")):
         table.add_column(header, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     for row in rows:
         table.add_row(
             row.volume, row.namespace or "-", row.pod or "-", f"{row.iops:.0f}", f"{row.read_mb_per_s:.2f}",
             f"{row.write_mb_per_s:.2f}", _ms(row.p99_latency_s),
             f"{row.errors_per_s:.1f}", f"{row.faults_per_s:.1f}", _ms(row.p99_delay_lateness_s),
+            "-" if math.isnan(row.sequential_share) else f"{row.sequential_share:.0%}",
+            "-" if math.isnan(row.mean_request_bytes) else f"{row.mean_request_bytes / BYTES_PER_KIB:.0f}",
             _worker_state(row.worker_up), _memory(row.resident_memory_bytes, row.memory_limit_bytes),
         )
     if not rows:

@@ -45,8 +45,9 @@ class OpEvent(msgspec.Struct, array_like=True, gc=False):
             vCPU), which the application sees on top of ``delay_ns``.
         sequential: for ``read`` and ``write``: True if the request began where the
             previous read or write of the same file (inode) ended, in the order the
-            requests reached the worker, or at offset 0 of a file with no earlier
-            request (a stream's start); False for random access and for other ops.
+            requests reached the worker, or at offset 0 (a file read or written from
+            its start, as a loader reading whole files does in every epoch); False
+            for random access and for other ops.
             This is the access pattern the backing store sees, after the page cache
             (readahead makes a sequential reader's requests 1 MiB long; a buffered
             random reader's may still be sequential runs).

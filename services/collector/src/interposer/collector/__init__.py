@@ -10,6 +10,9 @@ from ._aggregate import (
     DURATION_BUCKETS_S as DURATION_BUCKETS_S,
 )
 from ._aggregate import (
+    SIZE_BUCKETS_BYTES as SIZE_BUCKETS_BYTES,
+)
+from ._aggregate import (
     Aggregator as Aggregator,
 )
 from ._aggregate import (

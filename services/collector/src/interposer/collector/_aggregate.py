@@ -35,6 +35,12 @@ DURATION_BUCKETS_NS: tuple[int, ...] = (
 )
 #: The same bounds in seconds, as exported in the ``le`` label.
 DURATION_BUCKETS_S: tuple[float, ...] = tuple(bound / 1e9 for bound in DURATION_BUCKETS_NS)
+#: Upper bounds of the request-size histogram buckets, bytes: 512 B … 1 MiB in powers of
+#: two (a ``+Inf`` bucket follows). 1 MiB is the largest READ/WRITE the worker asks the
+#: kernel for (FUSE ``max_pages`` 256); 4 KiB is a page, the unit of buffered I/O.
+SIZE_BUCKETS_BYTES: tuple[int, ...] = tuple(512 << shift for shift in range(12))
+#: Ops whose request sizes and access pattern (``OpEvent.sequential``) are aggregated.
+DATA_OPS = frozenset({"read", "write"})
 
 #: ``result`` label of a successful op.
 RESULT_OK = "ok"
@@ -61,6 +67,8 @@ DEFAULT_FORGET_SILENT_AFTER_S = 3600.0
 _NS_PER_S = 1_000_000_000
 # Index of the running duration sum in an op's bucket list (after the +Inf bucket).
 _SUM_INDEX = len(DURATION_BUCKETS_NS) + 1
+# The same for the request-size bucket lists.
+_SIZE_SUM_INDEX = len(SIZE_BUCKETS_BYTES) + 1
 
 Labels3 = tuple[str, str, str]
 """``(volume, namespace, pod)``."""
@@ -69,6 +77,11 @@ Labels3 = tuple[str, str, str]
 def _histogram(buckets: list[int]) -> tuple[list[int], float]:
     """``(bucket_counts, sum_s)`` of a running bucket list (counts..., +Inf count, sum in ns), copied."""
     return buckets[:_SUM_INDEX], buckets[_SUM_INDEX] / _NS_PER_S
+
+
+def _size_histogram(buckets: list[int]) -> tuple[list[int], float]:
+    """``(bucket_counts, sum_bytes)`` of a running request-size bucket list, copied."""
+    return buckets[:_SIZE_SUM_INDEX], float(buckets[_SIZE_SUM_INDEX])
 
 
 def errno_name(number: int) -> str:
@@ -106,6 +119,11 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
             as ``durations``, of how late the worker resumed delayed ops after
             their delays (``OpEvent.delay_late_ns``; ops with ``delay_ns`` only).
         throttle_wait_s: ``(volume, namespace, pod, op)`` → throttle wait, seconds.
+        io_sizes: ``(volume, namespace, pod, op)`` → ``(bucket_counts, sum_bytes)`` of
+            the sizes of ``read`` and ``write`` requests (bytes asked), per bucket of
+            :data:`SIZE_BUCKETS_BYTES` then ``+Inf``, non-cumulative.
+        sequential_ops: ``(volume, namespace, pod, op)`` → ``read``/``write`` requests
+            that continued their file's previous one (``OpEvent.sequential``).
         events_dropped: ``(volume, namespace, pod)`` → events the workers dropped.
         events_sampled_out: ``(volume, namespace, pod)`` → ops the workers' sampling
             rules kept out of the event stream.
@@ -160,6 +178,8 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
     delay_s: dict[tuple[str, str, str, str], float]
     delay_lateness: dict[tuple[str, str, str, str], tuple[list[int], float]]
     throttle_wait_s: dict[tuple[str, str, str, str], float]
+    io_sizes: dict[tuple[str, str, str, str], tuple[list[int], float]]
+    sequential_ops: dict[tuple[str, str, str, str], int]
     events_dropped: dict[Labels3, int]
     events_sampled_out: dict[Labels3, int]
     worker_ops: dict[Labels3, int]
@@ -192,7 +212,7 @@ class _Group:
     """Aggregates of one ``(volume, namespace, pod)``; mutated under the aggregator lock."""
 
     __slots__ = ("ops", "durations", "bytes_read", "bytes_written", "faults", "delay_ns", "delay_lateness",
-                 "throttle_ns", "fault_records", "updated_s")
+                 "throttle_ns", "io_sizes", "sequential", "fault_records", "updated_s")
 
     def __init__(self) -> None:
         self.ops: dict[tuple[str, int], int] = {}  # (op, errno number) → ops
@@ -205,6 +225,9 @@ class _Group:
         # op → buckets of the delayed ops' lateness (``OpEvent.delay_late_ns``), as ``durations``
         self.delay_lateness: dict[str, list[int]] = {}
         self.throttle_ns: dict[str, int] = {}  # op → throttle wait, ns
+        # read/write → [count per size bucket ..., +Inf count, sum of sizes in bytes]
+        self.io_sizes: dict[str, list[int]] = {}
+        self.sequential: dict[str, int] = {}  # read/write → requests continuing their file's previous one
         self.fault_records: dict[tuple[str, str, str], int] = {}  # (op, kind, errno name) → records
         self.updated_s = 0.0  # collector clock when a batch or fault record last arrived
 
@@ -290,6 +313,9 @@ class Aggregator:
         events = batch.events
         bounds = DURATION_BUCKETS_NS
         sum_index = _SUM_INDEX
+        size_bounds = SIZE_BUCKETS_BYTES
+        size_sum_index = _SIZE_SUM_INDEX
+        data_ops = DATA_OPS
         with self._lock:
             key = (batch.volume, batch.namespace, batch.pod)
             group = self._groups.get(key)
@@ -298,6 +324,8 @@ class Aggregator:
             group.updated_s = self._clock()
             ops = group.ops
             durations = group.durations
+            io_sizes = group.io_sizes
+            sequential = group.sequential
             bytes_read = 0
             bytes_written = 0
             for event in events:
@@ -311,6 +339,15 @@ class Aggregator:
                 duration_ns = event.duration_ns
                 buckets[bisect_left(bounds, duration_ns)] += 1
                 buckets[sum_index] += duration_ns
+                if op in data_ops:
+                    sizes = io_sizes.get(op)
+                    if sizes is None:
+                        sizes = io_sizes[op] = [0] * (size_sum_index + 1)
+                    size = event.size
+                    sizes[bisect_left(size_bounds, size)] += 1
+                    sizes[size_sum_index] += size
+                    if event.sequential:
+                        sequential[op] = sequential.get(op, 0) + 1
                 if err == 0:
                     if op == "read":
                         bytes_read += event.result
@@ -452,6 +489,8 @@ class Aggregator:
         delay_s: dict[tuple[str, str, str, str], float] = {}
         delay_lateness: dict[tuple[str, str, str, str], tuple[list[int], float]] = {}
         throttle_wait_s: dict[tuple[str, str, str, str], float] = {}
+        io_sizes: dict[tuple[str, str, str, str], tuple[list[int], float]] = {}
+        sequential_ops: dict[tuple[str, str, str, str], int] = {}
         events_dropped: dict[Labels3, int] = {}
         events_sampled_out: dict[Labels3, int] = {}
         worker_ops: dict[Labels3, int] = {}
@@ -482,6 +521,10 @@ class Aggregator:
                     delay_s[(volume, namespace, pod, op)] = total_ns / _NS_PER_S
                 for op, total_ns in group.throttle_ns.items():
                     throttle_wait_s[(volume, namespace, pod, op)] = total_ns / _NS_PER_S
+                for op, buckets in group.io_sizes.items():
+                    io_sizes[(volume, namespace, pod, op)] = _size_histogram(buckets)
+                    # 0 rather than absent: a share of sequential requests needs both series
+                    sequential_ops[(volume, namespace, pod, op)] = group.sequential.get(op, 0)
                 for (op, kind, err), count in group.fault_records.items():
                     fault_records[(volume, namespace, pod, op, kind, err)] = count
             for (volume, _worker_id), worker in self._workers.items():
@@ -513,6 +556,8 @@ class Aggregator:
                 delay_s=delay_s,
                 delay_lateness=delay_lateness,
                 throttle_wait_s=throttle_wait_s,
+                io_sizes=io_sizes,
+                sequential_ops=sequential_ops,
                 events_dropped=events_dropped,
                 events_sampled_out=events_sampled_out,
                 worker_ops=worker_ops,

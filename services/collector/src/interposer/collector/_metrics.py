@@ -13,7 +13,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from ._aggregate import DURATION_BUCKETS_S, Aggregator, Snapshot
+from ._aggregate import DURATION_BUCKETS_S, SIZE_BUCKETS_BYTES, Aggregator, Snapshot
 
 _VNP = ["volume", "namespace", "pod"]
 
@@ -37,6 +37,12 @@ METRICS: tuple[tuple[str, str, list[str], str], ...] = (
      "the delay. Delayed ops only."),
     ("interposer_throttle_wait_seconds", "counter", [*_VNP, "op"],
      "Time ops waited for throttle tokens, seconds."),
+    ("interposer_io_size_bytes", "histogram", [*_VNP, "op"],
+     "Size of read and write requests as they reached the worker (bytes asked; after the page cache: "
+     "readahead and write-back merge a buffered application's I/O), bytes."),
+    ("interposer_sequential_ops", "counter", [*_VNP, "op"],
+     "Read and write requests that began where the previous one of the same file ended (or at offset 0: "
+     "a file read or written from its start): divide by interposer_ops_total for the sequential share."),
     ("interposer_events_dropped", "counter", list(_VNP),
      "Op events the workers dropped because their buffer was full (summed over worker processes)."),
     ("interposer_events_sampled_out", "counter", list(_VNP),
@@ -100,7 +106,8 @@ METRICS: tuple[tuple[str, str, list[str], str], ...] = (
 
 _HELP = {name: text for name, _type, _labels, text in METRICS}
 _LABELS = {name: labels for name, _type, labels, _text in METRICS}
-_BUCKET_BOUNDS = [floatToGoString(bound) for bound in DURATION_BUCKETS_S]
+_DURATION_BOUNDS = [floatToGoString(bound) for bound in DURATION_BUCKETS_S]
+_SIZE_BOUNDS = [floatToGoString(bound) for bound in SIZE_BUCKETS_BYTES]
 
 
 def _counter(name: str, samples: Iterable[tuple[tuple[str, ...], float]]) -> CounterMetricFamily:
@@ -117,17 +124,21 @@ def _gauge(name: str, samples: Iterable[tuple[tuple[str, ...], float]]) -> Gauge
     return family
 
 
-def _histogram(name: str, series: dict[tuple[str, ...], tuple[list[int], float]]) -> HistogramMetricFamily:
-    """A histogram family of :data:`DURATION_BUCKETS_S` from ``labels → (non-cumulative counts, sum_s)``."""
+def _histogram(name: str, series: dict[tuple[str, ...], tuple[list[int], float]],
+               bounds: list[str] = _DURATION_BOUNDS) -> HistogramMetricFamily:
+    """A histogram family from ``labels → (non-cumulative counts per bound then +Inf, sum)``.
+
+    ``bounds``: the ``le`` labels, :data:`DURATION_BUCKETS_S` (seconds) by default.
+    """
     family = HistogramMetricFamily(name, _HELP[name], labels=_LABELS[name])
-    for labels, (counts, sum_s) in series.items():
+    for labels, (counts, total) in series.items():
         buckets: list[tuple[str, float]] = []
         cumulative = 0
-        for bound, count in zip(_BUCKET_BOUNDS, counts[:-1], strict=True):
+        for bound, count in zip(bounds, counts[:-1], strict=True):
             cumulative += count
             buckets.append((bound, cumulative))
         buckets.append(("+Inf", cumulative + counts[-1]))
-        family.add_metric(list(labels), buckets, sum_s)
+        family.add_metric(list(labels), buckets, total)
     return family
 
 
@@ -147,6 +158,8 @@ def families(snapshot: Snapshot) -> Iterator[Metric]:
     yield _counter("interposer_injected_delay_seconds", snapshot.delay_s.items())
     yield _histogram("interposer_delay_lateness_seconds", snapshot.delay_lateness)
     yield _counter("interposer_throttle_wait_seconds", snapshot.throttle_wait_s.items())
+    yield _histogram("interposer_io_size_bytes", snapshot.io_sizes, _SIZE_BOUNDS)
+    yield _counter("interposer_sequential_ops", snapshot.sequential_ops.items())
     yield _counter("interposer_events_dropped", snapshot.events_dropped.items())
     yield _counter("interposer_events_sampled_out", snapshot.events_sampled_out.items())
     yield _counter("interposer_worker_ops", snapshot.worker_ops.items())

@@ -127,9 +127,10 @@ class Telemetry:
         """Say whether a read or write arriving now continues its file's access stream (``OpEvent.sequential``).
 
         True when it begins where the previous read or write of inode ``ino`` ended
-        (in arrival order, across handles: what the backing store sees), or at offset
-        0 of a file with none remembered; the file's stream then ends at
-        ``offset + size``. The same per-inode rule as the delay layer's
+        (in arrival order, across handles: what the backing store sees), or at
+        offset 0 (a file read or written from its start: whole-file readers stay
+        sequential when they read the file again); the file's stream then ends at
+        ``offset + size``. The per-inode rule of the delay layer's
         ``skip_sequential``; at most ``_streams.MAX_TRACKED_STREAMS`` files are
         remembered (a forgotten one's next request away from 0 counts as random).
         Always False with events off (nothing would carry it).
@@ -144,7 +145,7 @@ class Telemetry:
         streams = self._stream_ends
         expected = streams.take(ino)
         streams.put(ino, offset + size)
-        return offset == (expected or 0)
+        return offset == 0 or offset == expected
 
     def new_session(self) -> int:
         """Return a new file session id (1, 2, …; never reused in this process)."""
