@@ -6,6 +6,7 @@ Nothing skips: without nats-server or prometheus the tests that need them fail.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -53,8 +54,9 @@ def start_collector(nats_url: str, tmp_path: Path) -> Iterator[Callable[..., Col
             child.stop()
 
 
-#: The Debian package's Prometheus server.
+#: The Debian package's Prometheus server, and its tool (backfills history into a TSDB).
 PROMETHEUS_BINARY = "/usr/bin/prometheus"
+PROMTOOL_BINARY = "/usr/bin/promtool"
 #: Scrape (and rule evaluation) interval of the test Prometheus, seconds.
 PROMETHEUS_SCRAPE_INTERVAL_S = 1
 
@@ -63,20 +65,26 @@ PROMETHEUS_SCRAPE_INTERVAL_S = 1
 def start_prometheus(tmp_path: Path) -> Iterator[Callable[..., PrometheusServer]]:
     """Factory: a real Prometheus on loopback scraping the given /metrics ports every second.
 
-    ``start(ports, job=None, rule_files=())``: ``job`` is a scrape job (a dict as in
-    prometheus.yml, e.g. the deployed one with its service discovery replaced by
-    static targets) to use instead of the plain one; ``rule_files`` are rule files
-    to load (evaluated every second too). Fails (never skips) when the prometheus
-    binary is missing. Stopped after the test.
+    ``start(ports, job=None, rule_files=(), history=None)``: ``job`` is a scrape job (a
+    dict as in prometheus.yml, e.g. the deployed one with its service discovery
+    replaced by static targets) to use instead of the plain one; ``rule_files`` are
+    rule files to load (evaluated every second too); ``history`` is an OpenMetrics
+    file of past samples, written into the TSDB by ``promtool tsdb
+    create-blocks-from openmetrics`` before the server starts (days of history in a
+    test). Fails (never skips) when the binaries are missing. Stopped after the test.
     """
-    if not os.access(PROMETHEUS_BINARY, os.X_OK):
-        pytest.fail(f"{PROMETHEUS_BINARY} is missing: apt-get install prometheus (make setup does)")
+    for binary in (PROMETHEUS_BINARY, PROMTOOL_BINARY):
+        if not os.access(binary, os.X_OK):
+            pytest.fail(f"{binary} is missing: apt-get install prometheus (make setup does)")
     children: list[Child] = []
 
     def start(target_ports: list[int], job: dict[str, Any] | None = None,
-              rule_files: Sequence[Path] = ()) -> PrometheusServer:
+              rule_files: Sequence[Path] = (), history: Path | None = None) -> PrometheusServer:
         workdir = tmp_path / "prometheus"
         (workdir / "data").mkdir(parents=True)
+        if history is not None:
+            subprocess.run([PROMTOOL_BINARY, "tsdb", "create-blocks-from", "openmetrics", "--quiet",
+                            str(history), str(workdir / "data")], check=True, capture_output=True, timeout=120)
         job = job or {"job_name": "interposer-collector",
                       "static_configs": [{"targets": [f"127.0.0.1:{port}" for port in target_ports]}]}
         interval = f"{PROMETHEUS_SCRAPE_INTERVAL_S}s"

@@ -29,6 +29,7 @@ from interposer.proto import (
 from interposer.proto.connection import DEFAULT_NATS_URL, CredentialsError, connect_options
 
 from ._auth import credentials_path
+from ._duration import Duration
 from ._policy_client import (
     DEFAULT_WAIT_TIMEOUT_S,
     PolicyClientError,
@@ -271,6 +272,58 @@ def top(url: str, interval_s: float, once: bool) -> None:
         pass
     except OSError as exc:
         raise click.ClickException(f"cannot scrape {url}: {exc}") from None
+
+
+@main.command()
+@click.option("--prometheus", "prometheus_url", envvar="PROMETHEUS_URL", default="http://127.0.0.1:9090",
+              show_default=True, help="Prometheus that scrapes the collectors (env PROMETHEUS_URL).")
+@click.option("--days", default=14.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="History to read, days (Prometheus keeps 15 by default).")
+@click.option("--window", "window_s", default="2h", show_default=True, type=Duration(),
+              help="Length of the window wanted (30m, 2h, 1h30m).")
+@click.option("--step", "step_s", default="5m", show_default=True, type=Duration(),
+              help="Resolution; must divide a day and hold two scrapes or more.")
+@click.option("--period", type=click.Choice(["week", "day"]), default=None,
+              help="Fold the history onto a week or a day [default: week when the samples span 7 days or more].")
+@click.option("--tz", "zone_name", default="UTC", show_default=True,
+              help="IANA time zone of the answer (Europe/Berlin, America/New_York).")
+@click.option("--metric", type=click.Choice(["ops", "bytes"]), default="ops", show_default=True,
+              help="What counts as load: FUSE ops, or bytes read and written.")
+@click.option("--by-volume", is_flag=True, help="One answer per volume instead of one for all selected.")
+@click.option("--volume", "volumes", multiple=True, help="Only this volume (repeatable).")
+@click.option("--namespace", "namespaces", multiple=True, help="Only volumes of pods in this namespace (repeatable).")
+@click.option("--count", default=3, show_default=True, type=click.IntRange(1, 50), help="Windows per answer.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def windows(prometheus_url: str, days: float, window_s: float, step_s: float, period: str | None, zone_name: str,
+            metric: str, by_volume: bool, volumes: tuple[str, ...], namespaces: tuple[str, ...], count: int,
+            as_json: bool) -> None:
+    """The quietest maintenance windows of the volumes, from the I/O history in Prometheus.
+
+    Folds the collectors' op (or byte) rate over the last --days onto one week (or
+    day) of --tz wall-clock time, averaged over the weeks seen, and names the
+    --count quietest non-overlapping windows of --window length. Only fully
+    measured windows count: an hour without samples is not a quiet one.
+    """
+    from ._windows import WindowsError, find_windows
+    from ._windows_render import windows_table
+
+    if window_s != int(window_s) or step_s != int(step_s):
+        raise click.UsageError("--window and --step are whole seconds")
+    try:
+        report = find_windows(prometheus_url, days=days, window_s=int(window_s), step_s=int(step_s),
+                              period=period, zone_name=zone_name,  # type: ignore[arg-type]
+                              metric=metric, by_volume=by_volume, volumes=volumes, namespaces=namespaces,
+                              count=count)  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    except WindowsError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(msgspec.json.format(msgspec.json.encode(report), indent=2).decode())
+        return
+    from rich.console import Console
+
+    Console(width=None if sys.stdout.isatty() else 160).print(windows_table(report))
 
 
 # ---- policy ------------------------------------------------------------------------
