@@ -20,7 +20,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterable
-from datetime import datetime, timedelta
+from datetime import datetime, timezone
 from typing import Literal
 from zoneinfo import ZoneInfo
 
@@ -308,7 +308,7 @@ def find_windows(prometheus_url: str, *, days: float, window_s: int, step_s: int
     except (KeyError, ValueError) as exc:  # ZoneInfoNotFoundError is a KeyError
         raise ValueError(f"--tz {zone_name!r} is not a known IANA time zone ({exc})") from None
     end_s = math.floor((now_s if now_s is not None else datetime.now().timestamp()) / step_s) * step_s
-    start_s = end_s - days * 86_400
+    start_s = end_s - math.ceil(days * 86_400 / step_s) * step_s  # on the step grid, as the slots are
     query = build_query(metric, by_volume, volumes, namespaces, rate_window_s=step_s)
     # The sample at t is the rate over the step before t: it belongs to the slot starting at t - step.
     series = {group: [(t - step_s, rate) for t, rate in points]
@@ -342,4 +342,4 @@ def find_windows(prometheus_url: str, *, days: float, window_s: int, step_s: int
 
 
 def _iso(time_s: float) -> str:
-    return (datetime(1970, 1, 1, tzinfo=ZoneInfo("UTC")) + timedelta(seconds=time_s)).isoformat()
+    return datetime.fromtimestamp(time_s, timezone.utc).isoformat()
