@@ -42,7 +42,7 @@ from ._policy_client import (
 )
 from ._policy_render import render_history, render_list, render_status
 from ._policy_watch import follow
-from ._stack import EmbeddedStack, describe, read_endpoints
+from ._stack import DEFAULT_RECORD_MAX_BYTES, EmbeddedStack, describe, read_endpoints
 
 #: Where ``interposer up`` keeps its state unless told otherwise.
 DEFAULT_STATE_DIR = Path(os.environ.get("INTERPOSER_STATE_DIR", "/var/lib/interposer"))
@@ -132,12 +132,17 @@ def demo(phase_seconds: float, as_json: bool, work_dir: Path | None) -> None:
               help="Private key (PEM) of --nats-tls-cert.")
 @click.option("--nats-tls-ca", default=None, type=click.Path(dir_okay=False, exists=True),
               help="CA (PEM) that signed --nats-tls-cert; written into every credentials file.")
+@click.option("--record-max-bytes", default=DEFAULT_RECORD_MAX_BYTES, show_default=True, type=click.IntRange(0),
+              help="The collector records every op event into STATE_DIR/recordings (for `interposer analyze`), "
+                   "deleting the oldest files beyond this many bytes; 0 = no recording.")
 def up(state_dir: Path, nats_port: int, metrics_port: int, nats_tls_cert: str, nats_tls_key: str,
-       nats_tls_ca: str) -> None:
+       nats_tls_ca: str, record_max_bytes: int) -> None:
     """Run the embedded stack (nats-server, policy, collector, csi-node) until Ctrl-C.
 
     NATS refuses anonymous connections: each role's credentials are in
     STATE_DIR/credentials/ (mode 0600); `interposer policy` uses the `user` file.
+    The collector records op events into STATE_DIR/recordings: `interposer analyze`
+    reports the access patterns in them.
     """
     nats_tls_cert, nats_tls_key, nats_tls_ca = nats_tls_cert or "", nats_tls_key or "", nats_tls_ca or ""
     if nats_tls_cert and not (nats_tls_key and nats_tls_ca):
@@ -146,7 +151,8 @@ def up(state_dir: Path, nats_port: int, metrics_port: int, nats_tls_cert: str, n
     stack = EmbeddedStack(state_dir, nats_port=nats_port or None, metrics_port=metrics_port,
                           tls_cert=str(Path(nats_tls_cert).resolve()) if nats_tls_cert else "",
                           tls_key=str(Path(nats_tls_key).resolve()) if nats_tls_key else "",
-                          tls_ca=str(Path(nats_tls_ca).resolve()) if nats_tls_ca else "")
+                          tls_ca=str(Path(nats_tls_ca).resolve()) if nats_tls_ca else "",
+                          record_max_bytes=record_max_bytes)
     try:
         try:
             endpoints = stack.start()
