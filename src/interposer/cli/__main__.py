@@ -42,7 +42,7 @@ from ._policy_client import (
 )
 from ._policy_render import render_history, render_list, render_status
 from ._policy_watch import follow
-from ._stack import DEFAULT_RECORD_MAX_BYTES, EmbeddedStack, describe, read_endpoints
+from ._stack import DEFAULT_RECORD_MAX_BYTES, RECORDINGS_DIR, EmbeddedStack, describe, read_endpoints
 
 #: Where ``interposer up`` keeps its state unless told otherwise.
 DEFAULT_STATE_DIR = Path(os.environ.get("INTERPOSER_STATE_DIR", "/var/lib/interposer"))
@@ -277,6 +277,93 @@ def top(url: str, interval_s: float, once: bool) -> None:
         pass
     except OSError as exc:
         raise click.ClickException(f"cannot scrape {url}: {exc}") from None
+
+
+# ---- analyze -------------------------------------------------------------------------
+
+
+def _default_recordings() -> Path:
+    endpoints = read_endpoints(DEFAULT_STATE_DIR)
+    if endpoints is not None and endpoints.recordings_dir:
+        return Path(endpoints.recordings_dir)
+    return DEFAULT_STATE_DIR / RECORDINGS_DIR
+
+
+def _time_bound(ctx: click.Context, param: click.Parameter, value: str | None):  # noqa: ANN202
+    """Click callback: ``--since``/``--until`` text → ``TimeBound`` (a usage error when unparsable)."""
+    from ._analyze import AnalysisError, parse_time_bound
+
+    if value is None:
+        return None
+    try:
+        return parse_time_bound(value)
+    except AnalysisError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+
+
+@main.command()
+@click.argument("paths", nargs=-1, type=click.Path(exists=True, path_type=Path))
+@click.option("--volume", "volumes", multiple=True, callback=lambda ctx, param, value: tuple(
+    _volume_id(ctx, param, v) for v in value), help="Only this volume (repeatable); default: every volume.")
+@click.option("--since", callback=_time_bound, metavar="TIME",
+              help="Only events that started at or after TIME: ISO 8601 (UTC unless it says otherwise) or a "
+                   "duration before the newest event (90s, 15m, 2h, 1h30m, 7d).")
+@click.option("--until", callback=_time_bound, metavar="TIME", help="Only events that started before TIME (as --since).")
+@click.option("--top", default=10, show_default=True, type=click.IntRange(1), help="Files and directories listed.")
+@click.option("--bucket", "bucket_s", type=click.FloatRange(0, min_open=True), metavar="SECONDS",
+              help="Timeline bucket; default: chosen from the span (at most 24 buckets).")
+@click.option("--window", "window_s", default=3600.0, show_default=True, type=click.FloatRange(0, min_open=True),
+              metavar="SECONDS", help="Length of the quietest window to find (the suggested maintenance window).")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON.")
+def analyze(paths: tuple[Path, ...], volumes: tuple[str, ...], since, until, top: int,  # noqa: ANN001
+            bucket_s: float | None, window_s: float, as_json: bool) -> None:
+    """Access patterns per volume from the collector's recordings of op events.
+
+    PATHS are recording files (events-*.msgpack) or directories holding them
+    (default: the running or last `interposer up` stack's STATE_DIR/recordings).
+    Per volume: ops, errors and faults, bytes, request sizes, sequential share,
+    top files and directories, file sessions read whole, a timeline and the
+    quietest window. Definitions: docs/telemetry.md, "Recording and
+    access-pattern analysis".
+    """
+    from interposer.proto import RecordingError
+
+    from ._analyze import AnalysisError, encode_report, newest_event_ns, read_recordings, recording_files
+    from ._analyze import analyze as compute
+
+    if not paths:
+        default = _default_recordings()
+        if not default.is_dir():
+            raise click.UsageError(f"no recordings at {default}: `interposer up` records there (or pass "
+                                   "recording files or directories; INTERPOSER_STATE_DIR names another stack)")
+        paths = (default,)
+    wanted = frozenset(volumes)
+    try:
+        files = recording_files(paths)
+        since_ns = until_ns = None
+        if (since and since.at_ns is None) or (until and until.at_ns is None):
+            # Relative to the newest event: one pass more to find it.
+            newest = newest_event_ns(read_recordings(files), wanted)
+            if newest is None:
+                raise AnalysisError(f"no events{' of volume ' + ', '.join(sorted(wanted)) if wanted else ''} in "
+                                    f"{len(files)} recording(s)")
+            since_ns = since.resolve(newest) if since else None
+            until_ns = until.resolve(newest) if until else None
+        else:
+            since_ns = since.at_ns if since else None
+            until_ns = until.at_ns if until else None
+        report = compute(read_recordings(files), volumes=wanted, since_ns=since_ns, until_ns=until_ns, top=top,
+                         bucket_s=bucket_s, window_s=window_s, recordings=len(files))
+    except (AnalysisError, RecordingError) as exc:
+        raise click.UsageError(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(f"cannot read {exc.filename or 'a recording'}: {exc.strerror or exc}") from None
+    if as_json:
+        click.echo(encode_report(report).decode())
+        return
+    from ._analyze_render import print_report
+
+    print_report(report)
 
 
 # ---- policy ------------------------------------------------------------------------
