@@ -137,9 +137,17 @@ def _hours_table(hours: list[int]) -> Table:
 def volume_view(volume: VolumeReport) -> Group:
     """Everything about one volume: summary lines, then the tables."""
     parts: list[Table | Text] = []
+    facts: Table | None = None
 
     def line(label: str, text: str) -> None:
-        parts.append(Text.assemble((f"  {label:<10}", "bold"), text))
+        # Consecutive lines share a grid, so a long one wraps under its text, not its label.
+        nonlocal facts
+        if facts is None or parts[-1] is not facts:
+            facts = Table.grid(padding=(0, 1))
+            facts.add_column(style="bold", no_wrap=True, min_width=10)
+            facts.add_column(overflow="fold")
+            parts.append(facts)
+        facts.add_row(f" {label}", text)
 
     same_day = volume.first_event.date() == volume.last_event.date()
     parts.append(Text.assemble((f"volume {volume.volume}", "bold cyan"),
