@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import shutil
 import subprocess
 import sys
 import uuid
@@ -226,6 +227,23 @@ def test_a_full_disk_is_counted_and_recording_resumes_at_the_next_rotation(tmp_p
     # The first frame reached the buffer before the flush failed: what counts as
     # recorded is what was handed to a file without an error.
     assert "interposer_collector_recorded_batches_total 3.0" in exposition
+
+
+def test_a_directory_removed_underneath_is_made_again_at_the_next_rotation(tmp_path: Path) -> None:
+    clocks = FakeClocks()
+    directory = tmp_path / "recordings"
+    directory.mkdir()
+    rec = recorder(directory, clocks, rotate_s=60)
+    rec.start()
+    rec.write(message(seq=1))
+    shutil.rmtree(directory)  # an admin cleaning up
+    rec.write(message(seq=2))  # into the open, deleted file: gone with it
+    clocks.elapsed_s = 60
+    rec.write(message(seq=3))
+    rec.close()
+    [name] = recordings(directory)
+    assert [batch.seq for batch in read_batches(directory / name)] == [3]
+    assert rec.statistics().errors_total == 0
 
 
 def test_an_unwritable_record_dir_is_a_usage_error_and_a_missing_one_is_created(tmp_path: Path) -> None:

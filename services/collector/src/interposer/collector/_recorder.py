@@ -14,10 +14,11 @@ the directory — files named as recordings, of any replica — are deleted unti
 total at most ``max_bytes``, never the one being written. The directory can thus
 hold ``max_bytes`` plus what the current file gained since the last rotation.
 
-A write error (``ENOSPC``, ``EIO``, a directory removed underneath) never stops the
-metrics: it is logged (rate-limited), counted in ``record_errors_total``, the file is
+A write error (``ENOSPC``, ``EIO``) never stops the metrics: it is logged (rate-limited), counted in ``record_errors_total``, the file is
 abandoned, and batches go unrecorded until the next rotation is due, which retries
-with a new file (and deletes old ones first, which may be what frees the space).
+with a new file (and deletes old ones first, which may be what frees the space). A
+directory removed underneath is made again at the next rotation; what was written
+into the file open in it until then is lost with it.
 """
 
 from __future__ import annotations
@@ -220,6 +221,7 @@ class Recorder:
         self._last_start_s = start_s
         path = self.directory / recording_name(dt.datetime.fromtimestamp(start_s, dt.UTC), self.instance_id)
         try:
+            self.directory.mkdir(parents=True, exist_ok=True)  # removed while running: back at rotation
             # Append: a restarted replica with the same id in the same second
             # continues the file, and frames after frames are still one recording.
             out = open(path, "ab", buffering=WRITE_BUFFER_BYTES)  # noqa: SIM115 - kept open until rotation
