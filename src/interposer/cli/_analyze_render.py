@@ -127,10 +127,12 @@ def _timeline_table(timeline: Timeline) -> Table:
 
 
 def _hours_table(hours: list[int]) -> Table:
-    table = _table("ops by hour of day (UTC)")
-    for hour in range(24):
-        table.add_column(f"{hour:02d}", justify="right")
-    table.add_row(*(_count(ops) for ops in hours))
+    table = _table("ops by hour of day (UTC), all days")
+    for header, justify in (("hour", "left"), ("ops", "right"), ("", "left")):
+        table.add_column(header, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    peak = max(hours) or 1
+    for hour, ops in enumerate(hours):
+        table.add_row(f"{hour:02d}:00", _count(ops), "█" * round(BAR_WIDTH * ops / peak))
     return table
 
 
