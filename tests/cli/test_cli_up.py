@@ -26,6 +26,9 @@ def test_up_runs_the_stack_until_sigterm(tmp_path: Path) -> None:
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
         endpoints = json.loads((state / "stack.json").read_text())
         assert endpoints["nats_url"].startswith("nats://127.0.0.1:")
+        # The collector records events for `interposer analyze` (its default directory).
+        assert endpoints["recordings_dir"] == str(state.resolve() / "recordings")
+        assert any(p.name.startswith("events-") for p in (state / "recordings").iterdir())
         got = subprocess.run([sys.executable, "-m", "interposer.cli", "policy", "get", "vol1"],
                              env={"INTERPOSER_STATE_DIR": str(state), "PATH": "/usr/bin:/bin"},
                              capture_output=True, text=True, timeout=30)

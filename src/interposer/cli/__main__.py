@@ -43,7 +43,7 @@ from ._policy_client import (
 )
 from ._policy_render import render_history, render_list, render_status
 from ._policy_watch import follow
-from ._stack import EmbeddedStack, describe, read_endpoints
+from ._stack import DEFAULT_RECORD_MAX_BYTES, RECORDINGS_DIR, EmbeddedStack, describe, read_endpoints
 
 #: Where ``interposer up`` keeps its state unless told otherwise.
 DEFAULT_STATE_DIR = Path(os.environ.get("INTERPOSER_STATE_DIR", "/var/lib/interposer"))
@@ -133,12 +133,17 @@ def demo(phase_seconds: float, as_json: bool, work_dir: Path | None) -> None:
               help="Private key (PEM) of --nats-tls-cert.")
 @click.option("--nats-tls-ca", default=None, type=click.Path(dir_okay=False, exists=True),
               help="CA (PEM) that signed --nats-tls-cert; written into every credentials file.")
+@click.option("--record-max-bytes", default=DEFAULT_RECORD_MAX_BYTES, show_default=True, type=click.IntRange(0),
+              help="The collector records every op event into STATE_DIR/recordings (for `interposer analyze`), "
+                   "deleting the oldest files beyond this many bytes; 0 = no recording.")
 def up(state_dir: Path, nats_port: int, metrics_port: int, nats_tls_cert: str, nats_tls_key: str,
-       nats_tls_ca: str) -> None:
+       nats_tls_ca: str, record_max_bytes: int) -> None:
     """Run the embedded stack (nats-server, policy, collector, csi-node) until Ctrl-C.
 
     NATS refuses anonymous connections: each role's credentials are in
     STATE_DIR/credentials/ (mode 0600); `interposer policy` uses the `user` file.
+    The collector records op events into STATE_DIR/recordings: `interposer analyze`
+    reports the access patterns in them.
     """
     nats_tls_cert, nats_tls_key, nats_tls_ca = nats_tls_cert or "", nats_tls_key or "", nats_tls_ca or ""
     if nats_tls_cert and not (nats_tls_key and nats_tls_ca):
@@ -147,7 +152,8 @@ def up(state_dir: Path, nats_port: int, metrics_port: int, nats_tls_cert: str, n
     stack = EmbeddedStack(state_dir, nats_port=nats_port or None, metrics_port=metrics_port,
                           tls_cert=str(Path(nats_tls_cert).resolve()) if nats_tls_cert else "",
                           tls_key=str(Path(nats_tls_key).resolve()) if nats_tls_key else "",
-                          tls_ca=str(Path(nats_tls_ca).resolve()) if nats_tls_ca else "")
+                          tls_ca=str(Path(nats_tls_ca).resolve()) if nats_tls_ca else "",
+                          record_max_bytes=record_max_bytes)
     try:
         try:
             endpoints = stack.start()
@@ -324,6 +330,92 @@ def windows(prometheus_url: str, days: float, window_s: float, step_s: float, pe
     from rich.console import Console
 
     Console(width=None if sys.stdout.isatty() else 160).print(windows_table(report))
+
+# ---- analyze -------------------------------------------------------------------------
+
+
+def _default_recordings() -> Path:
+    endpoints = read_endpoints(DEFAULT_STATE_DIR)
+    if endpoints is not None and endpoints.recordings_dir:
+        return Path(endpoints.recordings_dir)
+    return DEFAULT_STATE_DIR / RECORDINGS_DIR
+
+
+def _time_bound(ctx: click.Context, param: click.Parameter, value: str | None):  # noqa: ANN202
+    """Click callback: ``--since``/``--until`` text → ``TimeBound`` (a usage error when unparsable)."""
+    from ._analyze import AnalysisError, parse_time_bound
+
+    if value is None:
+        return None
+    try:
+        return parse_time_bound(value)
+    except AnalysisError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+
+
+@main.command()
+@click.argument("paths", nargs=-1, type=click.Path(exists=True, path_type=Path))
+@click.option("--volume", "volumes", multiple=True, callback=lambda ctx, param, value: tuple(
+    _volume_id(ctx, param, v) for v in value), help="Only this volume (repeatable); default: every volume.")
+@click.option("--since", callback=_time_bound, metavar="TIME",
+              help="Only events that started at or after TIME: ISO 8601 (UTC unless it says otherwise) or a "
+                   "duration before the newest event (90s, 15m, 2h, 1h30m, 7d).")
+@click.option("--until", callback=_time_bound, metavar="TIME", help="Only events that started before TIME (as --since).")
+@click.option("--top", default=10, show_default=True, type=click.IntRange(1), help="Files and directories listed.")
+@click.option("--bucket", "bucket_s", type=Duration(),
+              help="Timeline bucket (60, 5m, 1h); default: chosen from the span (at most 24 buckets).")
+@click.option("--window", "window_s", default="1h", show_default=True, type=Duration(),
+              help="Length of the quietest window to find (the suggested maintenance window: 30m, 2h).")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON.")
+def analyze(paths: tuple[Path, ...], volumes: tuple[str, ...], since, until, top: int,  # noqa: ANN001
+            bucket_s: float | None, window_s: float, as_json: bool) -> None:
+    """Access patterns per volume from the collector's recordings of op events.
+
+    PATHS are recording files (events-*.msgpack) or directories holding them
+    (default: the running or last `interposer up` stack's STATE_DIR/recordings).
+    Per volume: ops, errors and faults, bytes, request sizes, sequential share,
+    top files and directories, file sessions read whole, a timeline and the
+    quietest window. Definitions: docs/telemetry.md, "Recording and
+    access-pattern analysis".
+    """
+    from interposer.proto import RecordingError
+
+    from ._analyze import AnalysisError, encode_report, newest_event_ns, read_recordings, recording_files
+    from ._analyze import analyze as compute
+
+    if not paths:
+        default = _default_recordings()
+        if not default.is_dir():
+            raise click.UsageError(f"no recordings at {default}: `interposer up` records there (or pass "
+                                   "recording files or directories; INTERPOSER_STATE_DIR names another stack)")
+        paths = (default,)
+    wanted = frozenset(volumes)
+    try:
+        files = recording_files(paths)
+        since_ns = until_ns = None
+        if (since and since.at_ns is None) or (until and until.at_ns is None):
+            # Relative to the newest event: one pass more to find it.
+            newest = newest_event_ns(read_recordings(files), wanted)
+            if newest is None:
+                raise AnalysisError(f"no events{' of volume ' + ', '.join(sorted(wanted)) if wanted else ''} in "
+                                    f"{len(files)} recording(s)")
+            since_ns = since.resolve(newest) if since else None
+            until_ns = until.resolve(newest) if until else None
+        else:
+            since_ns = since.at_ns if since else None
+            until_ns = until.at_ns if until else None
+        report = compute(read_recordings(files), volumes=wanted, since_ns=since_ns, until_ns=until_ns, top=top,
+                         bucket_s=bucket_s, window_s=window_s, recordings=len(files))
+    except (AnalysisError, RecordingError) as exc:
+        raise click.UsageError(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(f"cannot read {exc.filename or 'a recording'}: {exc.strerror or exc}") from None
+    if as_json:
+        click.echo(encode_report(report).decode())
+        return
+    from ._analyze_render import print_report
+
+    print_report(report)
 
 
 # ---- policy ------------------------------------------------------------------------

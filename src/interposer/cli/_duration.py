@@ -1,4 +1,4 @@
-"""Durations on the command line: ``90``, ``90s``, ``30m``, ``2h``, ``1d``, ``1h30m``."""
+"""Durations on the command line: ``90``, ``90s``, ``30m``, ``2h``, ``1d``, ``1w``, ``1h30m``."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import re
 
 import click
 
-#: Seconds per unit letter (PromQL's duration units, less ``ms``/``w``/``y``).
-UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
-_PART = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
+#: Seconds per unit letter (PromQL's duration units, less ``ms`` and ``y``).
+UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 7 * 86_400}
+_PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
 
 
 def parse_duration(text: str) -> float:
@@ -23,7 +23,7 @@ def parse_duration(text: str) -> float:
     except ValueError:
         parts = _PART.findall(stripped)
         if not parts or "".join(number + unit for number, unit in parts) != stripped:
-            raise ValueError(f"{text!r} is not a duration (e.g. 90, 90s, 30m, 2h, 1d, 1h30m)") from None
+            raise ValueError(f"{text!r} is not a duration (e.g. 90, 90s, 30m, 2h, 1d, 1w, 1h30m)") from None
         seconds = sum(float(number) * UNIT_S[unit] for number, unit in parts)
     if not seconds > 0 or seconds == float("inf"):
         raise ValueError(f"{text!r} is not a positive duration")

@@ -2,7 +2,8 @@
 
 ``EmbeddedStack`` starts them as child processes (each in its own process group),
 waits for each to answer, writes their endpoints to ``<state_dir>/stack.json`` for
-the other ``interposer`` commands, and stops them in reverse order.
+the other ``interposer`` commands, and stops them in reverse order. The collector
+records the event batches into ``<state_dir>/recordings`` (``interposer analyze``).
 
 NATS runs with authentication: every role gets its own user and permissions
 (``_auth``), its password in ``<state_dir>/credentials/<role>.json`` (mode 0600),
@@ -37,6 +38,10 @@ log = logging.getLogger(__name__)
 STACK_FILE = "stack.json"
 #: Volume id the readiness probe asks the policy service about.
 PROBE_VOLUME = "_probe"
+#: Directory in the state dir where the collector records event batches (``interposer analyze`` reads it).
+RECORDINGS_DIR = "recordings"
+#: Most bytes the embedded collector's recordings may take (256 MiB: about 5M events).
+DEFAULT_RECORD_MAX_BYTES = 256 * 1024 * 1024
 
 
 class StackEndpoints(msgspec.Struct, frozen=True):
@@ -49,6 +54,7 @@ class StackEndpoints(msgspec.Struct, frozen=True):
         state_dir: the stack's state directory.
         user_creds: the ``--nats-creds`` file of the ``user`` role (what
             ``interposer policy`` uses); ``""`` = NATS without authentication.
+        recordings_dir: where the collector records event batches; ``""`` = it does not.
     """
 
     nats_url: str
@@ -56,6 +62,7 @@ class StackEndpoints(msgspec.Struct, frozen=True):
     csi_endpoint: str
     state_dir: str
     user_creds: str = ""
+    recordings_dir: str = ""
 
 
 def read_endpoints(state_dir: Path) -> StackEndpoints | None:
@@ -104,6 +111,8 @@ class EmbeddedStack:
             credentials file then names ``tls_ca`` so the services verify it.
         tls_key: its private key (PEM).
         tls_ca: CA bundle (PEM) that signed ``tls_cert``.
+        record_max_bytes: the collector records event batches into
+            ``<state_dir>/recordings`` within this many bytes; 0 = no recording.
 
     Raises:
         RuntimeError: a service did not start (its log tail is in the message).
@@ -111,11 +120,12 @@ class EmbeddedStack:
 
     def __init__(self, state_dir: Path, nats_port: int | None = None, metrics_port: int = 0,
                  node_id: str | None = None, tls_cert: str = "", tls_key: str = "",
-                 tls_ca: str = "") -> None:
+                 tls_ca: str = "", record_max_bytes: int = DEFAULT_RECORD_MAX_BYTES) -> None:
         self.state_dir = state_dir.resolve()
         self.tls = {"tls_cert": tls_cert, "tls_key": tls_key, "tls_ca": tls_ca}
         self.nats_port = nats_port
         self.metrics_port = metrics_port
+        self.record_max_bytes = record_max_bytes
         self.node_id = node_id or socket.gethostname()
         self.children: list[Child] = []
         self.endpoints: StackEndpoints | None = None
@@ -154,9 +164,12 @@ class EmbeddedStack:
             port_file = self.state_dir / "collector.port"
             port_file.unlink(missing_ok=True)
             listen = f"127.0.0.1:{self.metrics_port or free_port()}"
+            recordings = self.state_dir / RECORDINGS_DIR if self.record_max_bytes else None
+            record_flags = ["--record-dir", str(recordings), "--record-max-bytes", str(self.record_max_bytes)] \
+                if recordings is not None else []
             collector = self._python("collector", "interposer.collector", "--nats-url", nats_url,
                                      "--nats-creds", creds["collector"],
-                                     "--listen", listen, "--port-file", str(port_file))
+                                     "--listen", listen, "--port-file", str(port_file), *record_flags)
             collector.wait_ready(lambda: port_file.exists() and _http_ok(
                 f"http://127.0.0.1:{port_file.read_text().strip()}/metrics"))
             metrics_url = f"http://127.0.0.1:{port_file.read_text().strip()}/metrics"
@@ -171,7 +184,8 @@ class EmbeddedStack:
             self.stop()
             raise
         self.endpoints = StackEndpoints(nats_url, metrics_url, csi_endpoint, str(self.state_dir),
-                                        user_creds=creds["user"])
+                                        user_creds=creds["user"],
+                                        recordings_dir=str(recordings) if recordings is not None else "")
         tmp = self.state_dir / f".{STACK_FILE}.tmp"
         tmp.write_bytes(msgspec.json.encode(self.endpoints))
         os.replace(tmp, self.state_dir / STACK_FILE)

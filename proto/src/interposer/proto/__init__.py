@@ -1,8 +1,9 @@
-"""Contracts shared by the interposer services: bus subjects, policy and telemetry messages.
+"""Contracts shared by the interposer services: bus subjects, policy and telemetry messages, recordings.
 
 Nothing else is shared between services; each imports its messages from here.
 """
 
+from . import recording as recording
 from . import subjects as subjects
 from .control import (
     HistoryEntry as HistoryEntry,
@@ -42,3 +43,4 @@ from .policy import (
     encode_record as encode_record,
     encode_reply as encode_reply,
 )
+from .recording import RecordingError as RecordingError, read_batches as read_batches

@@ -1,4 +1,4 @@
-"""interposer collector: NATS op-event batches and worker heartbeats → Prometheus metrics and OTLP traces/logs.
+"""interposer collector: NATS op-event batches and worker heartbeats → Prometheus metrics, OTLP traces/logs, recordings.
 
 Run it with ``python -m interposer.collector`` (see ``services/collector/README.md``).
 """
@@ -50,6 +50,12 @@ from ._otlp import (
 )
 from ._otlp import (
     session_ids as session_ids,
+)
+from ._recorder import (
+    Recorder as Recorder,
+)
+from ._recorder import (
+    RecorderStatistics as RecorderStatistics,
 )
 from ._service import (
     EVENTS_SUBJECT as EVENTS_SUBJECT,

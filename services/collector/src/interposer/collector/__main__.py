@@ -28,10 +28,14 @@ from ._config import (
     DEFAULT_PENDING_BYTES_LIMIT,
     DEFAULT_PENDING_MSGS_LIMIT,
     DEFAULT_RECONNECT_TIME_WAIT_S,
+    DEFAULT_RECORD_DIR,
+    DEFAULT_RECORD_MAX_BYTES,
+    DEFAULT_RECORD_ROTATE_S,
     CollectorConfig,
     make_config,
     parse_listen,
 )
+from ._recorder import check_record_dir
 from ._service import serve
 
 #: Format of every log line of the service.
@@ -86,6 +90,17 @@ def build_parser() -> argparse.ArgumentParser:
                       help="export only ops at least this long (default: %(default)s)")
     otlp.add_argument("--otlp-sample-ratio", type=float, default=DEFAULT_OTLP_SAMPLE_RATIO, metavar="RATIO",
                       help="share of traces exported, 0..1, per file session (default: %(default)s)")
+    record = parser.add_argument_group("Recording (the event batches received, for `interposer analyze`)")
+    record.add_argument("--record-dir", default=DEFAULT_RECORD_DIR, metavar="DIR",
+                        help="record every event batch received into files in DIR (created if missing); "
+                             "off unless given")
+    record.add_argument("--record-max-bytes", type=int, default=DEFAULT_RECORD_MAX_BYTES, metavar="BYTES",
+                        help="after each rotation, delete the oldest recordings in DIR until they total at "
+                             "most BYTES (default: %(default)s)")
+    record.add_argument("--record-rotate-seconds", type=float, default=DEFAULT_RECORD_ROTATE_S,
+                        metavar="SECONDS",
+                        help="start a new recording file this often, or when the current one reaches "
+                             "64 MiB (default: %(default)s)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="(default: %(default)s)")
     return parser
@@ -108,7 +123,7 @@ def config_from_args(argv: list[str] | None = None) -> CollectorConfig:
     try:
         host, port = parse_listen(args.listen)
         connect_options(args.nats_creds)  # a bad file is a usage error, before anything starts
-        return make_config(
+        config = make_config(
             listen_host=host, listen_port=port, port_file=args.port_file, nats_url=args.nats_url,
             nats_creds=args.nats_creds,
             pending_msgs_limit=args.pending_msgs_limit, pending_bytes_limit=args.pending_bytes_limit,
@@ -118,7 +133,12 @@ def config_from_args(argv: list[str] | None = None) -> CollectorConfig:
             otlp_ops=[op.strip() for op in args.otlp_ops.split(",") if op.strip()],
             otlp_path_glob=args.otlp_path_glob, otlp_min_duration_s=args.otlp_min_duration,
             otlp_sample_ratio=args.otlp_sample_ratio,
+            record_dir=args.record_dir, record_max_bytes=args.record_max_bytes,
+            record_rotate_s=args.record_rotate_seconds,
         )
+        if config.record_dir:  # made and checked only once the rest is valid
+            config = msgspec.structs.replace(config, record_dir=str(check_record_dir(config.record_dir)))
+        return config
     except (ValueError, CredentialsError, msgspec.ValidationError) as exc:
         parser.error(str(exc))
 

@@ -47,6 +47,15 @@ DEFAULT_OTLP_MAX_OPEN_SESSIONS = 10_000
 #: new ones.
 DEFAULT_OTLP_MAX_QUEUE = 65_536
 
+#: Event recording is off unless a directory is given.
+DEFAULT_RECORD_DIR = ""
+#: Most bytes the recordings of ``--record-dir`` may total after a rotation (1 GiB).
+DEFAULT_RECORD_MAX_BYTES = 1024 * 1024 * 1024
+#: Longest time one recording file is written before the next is started, seconds.
+DEFAULT_RECORD_ROTATE_S = 3600.0
+#: Size at which a recording file is rotated, bytes (64 MiB).
+DEFAULT_RECORD_ROTATE_BYTES = 64 * 1024 * 1024
+
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
@@ -94,6 +103,15 @@ class CollectorConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
             the same choice for one file session.
         otlp_max_open_sessions: most file sessions tracked at once.
         otlp_max_queue: most spans (and log records) queued for export.
+        record_dir: directory the received event batches are recorded to
+            (``interposer.proto.recording`` format; created if missing); ``""``
+            disables recording.
+        record_max_bytes: after each rotation the oldest recordings of ``record_dir``
+            are deleted until they total at most this, bytes.
+        record_rotate_s: a new recording file is started this often, seconds.
+        record_rotate_bytes: ... or as soon as the current one reaches this size, bytes.
+        record_instance_id: this replica's id in recording file names; ``""`` =
+            ``<hostname>-<pid>``.
     """
 
     listen_host: str = DEFAULT_LISTEN_HOST
@@ -118,6 +136,11 @@ class CollectorConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     otlp_sample_ratio: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = DEFAULT_OTLP_SAMPLE_RATIO
     otlp_max_open_sessions: PositiveInt = DEFAULT_OTLP_MAX_OPEN_SESSIONS
     otlp_max_queue: PositiveInt = DEFAULT_OTLP_MAX_QUEUE
+    record_dir: str = DEFAULT_RECORD_DIR
+    record_max_bytes: PositiveInt = DEFAULT_RECORD_MAX_BYTES
+    record_rotate_s: PositiveFloat = DEFAULT_RECORD_ROTATE_S
+    record_rotate_bytes: PositiveInt = DEFAULT_RECORD_ROTATE_BYTES
+    record_instance_id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._-]{0,128}$")] = ""
 
     @property
     def nats_servers(self) -> list[str]:

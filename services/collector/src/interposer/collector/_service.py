@@ -3,7 +3,8 @@
 Threads: the asyncio event loop (nats-py) decodes messages and updates the
 :class:`~interposer.collector.Aggregator`; prometheus_client's HTTP server thread
 renders a snapshot of it on each scrape. The aggregator's lock is the only shared
-state between them.
+state between them. With ``record_dir`` the event loop also appends each batch it
+received, as received, to a recording file (:mod:`._recorder`).
 
 Falling behind: core NATS has two buffers per collector, and only one of them loses
 messages visibly. The client's (``pending_msgs_limit``/``pending_bytes_limit`` per
@@ -45,7 +46,6 @@ import os
 import signal
 import tempfile
 import threading
-import time
 from pathlib import Path
 from wsgiref.simple_server import WSGIServer
 
@@ -63,6 +63,8 @@ from ._aggregate import Aggregator
 from ._config import CollectorConfig
 from ._metrics import make_registry
 from ._otlp import OtlpExporter
+from ._ratelimit import RateLimitedLog
+from ._recorder import FLUSH_INTERVAL_S, Recorder, RecorderMetrics, default_instance_id
 
 log = logging.getLogger(__name__)
 
@@ -108,27 +110,6 @@ def write_port_file(path: str | os.PathLike[str], port: int) -> None:
         raise
 
 
-class _RateLimitedLog:
-    """Logs a warning at most once per interval and says how many were suppressed."""
-
-    def __init__(self, interval_s: float) -> None:
-        self._interval_s = interval_s
-        self._next_s = 0.0
-        self._suppressed = 0
-
-    def warning(self, msg: str, *args: object) -> None:
-        now_s = time.monotonic()
-        if now_s < self._next_s:
-            self._suppressed += 1
-            return
-        if self._suppressed:
-            msg += " (%d similar messages suppressed)"
-            args = (*args, self._suppressed)
-        self._suppressed = 0
-        self._next_s = now_s + self._interval_s
-        log.warning(msg, *args)
-
-
 class CollectorService:
     """One collector replica: HTTP /metrics server plus NATS subscriptions.
 
@@ -158,8 +139,16 @@ class CollectorService:
         self._closing = False
         #: Span and fault-log export, when ``config.otlp_endpoint`` is set.
         self.otlp: OtlpExporter | None = OtlpExporter(config) if config.otlp_endpoint else None
-        self._decode_log = _RateLimitedLog(config.decode_error_log_interval_s)
-        self._slow_log = _RateLimitedLog(config.decode_error_log_interval_s)
+        #: Recording of the received event batches, when ``config.record_dir`` is set.
+        self.recorder: Recorder | None = None
+        if config.record_dir:
+            self.recorder = Recorder(
+                Path(config.record_dir), config.record_instance_id or default_instance_id(),
+                max_bytes=config.record_max_bytes, rotate_s=config.record_rotate_s,
+                rotate_bytes=config.record_rotate_bytes, log_interval_s=config.decode_error_log_interval_s)
+            self.registry.register(RecorderMetrics(self.recorder))
+        self._decode_log = RateLimitedLog(log, config.decode_error_log_interval_s)
+        self._slow_log = RateLimitedLog(log, config.decode_error_log_interval_s)
         self._error_log = NatsErrorLog(log, ",".join(config.nats_servers))
 
     # -- HTTP ---------------------------------------------------------------------------
@@ -204,6 +193,8 @@ class CollectorService:
         if batch.volume != volume_of(msg.subject):
             self._decode_error(msg, f"volume {batch.volume!r} does not match the subject")
             return
+        if self.recorder is not None:
+            self.recorder.write(msg.data)  # the bytes received, not a re-encoding
         self.aggregator.add_batch(batch)
         if self.otlp is not None:
             self.otlp.add_batch(batch)
@@ -364,10 +355,18 @@ class CollectorService:
             stop: set it to shut down (the signal handlers of :func:`serve` do).
 
         Raises:
-            OSError: the /metrics address cannot be bound or the port file written.
+            OSError: the first recording file cannot be created, the /metrics address
+                cannot be bound or the port file written.
             nats.errors.Error: a non-retryable NATS error.
         """
-        self.start_http()
+        if self.recorder is not None:
+            self.recorder.start()
+        flushing = asyncio.create_task(self._flush_recordings()) if self.recorder is not None else None
+        try:
+            self.start_http()
+        except BaseException:
+            await self._stop_recording(flushing)
+            raise
         try:
             connecting = asyncio.create_task(self.connect())
             stopping = asyncio.create_task(stop.wait())
@@ -384,9 +383,28 @@ class CollectorService:
         finally:
             if self._nc is not None:
                 await self._nc.close()
+            await self._stop_recording(flushing)  # after the drain: it recorded the last batches
             self.stop_http()
             if self.otlp is not None:
                 await asyncio.to_thread(self.otlp.shutdown)
+
+    async def _flush_recordings(self) -> None:
+        """Hand the recorder's buffer to the kernel every :data:`FLUSH_INTERVAL_S`, until cancelled.
+
+        So a recording read while the collector runs lacks at most the last interval,
+        however little traffic there is.
+        """
+        assert self.recorder is not None
+        while True:
+            await asyncio.sleep(FLUSH_INTERVAL_S)
+            self.recorder.flush()
+
+    async def _stop_recording(self, flushing: asyncio.Task[None] | None) -> None:
+        if flushing is not None:
+            flushing.cancel()
+            await asyncio.gather(flushing, return_exceptions=True)
+        if self.recorder is not None:
+            self.recorder.close()
 
 
 async def serve(config: CollectorConfig) -> None:
