@@ -242,3 +242,39 @@ def test_prometheus_scrapes_every_collector(monitoring: list[Manifest]) -> None:
     granted = {(g, r) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
     assert ("discovery.k8s.io", "endpointslices") in granted
     assert all(set(rule["verbs"]) <= {"get", "list", "watch"} for rule in role["rules"]), "read-only"
+
+
+def _quantity_bytes(text: str) -> int:
+    """A Kubernetes quantity of bytes (``1Gi``, ``512Mi``, ``1000``) as an int."""
+    units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40, "k": 10**3, "M": 10**6, "G": 10**9}
+    for suffix, scale in units.items():
+        if text.endswith(suffix):
+            return int(float(text[: -len(suffix)]) * scale)
+    return int(text)
+
+
+def test_monitoring_collectors_record_into_a_volume_that_holds_the_cap(
+        all_rendered: dict[str, list[Manifest]]) -> None:
+    """`interposer analyze` needs recordings: each collector writes them to its own volume, and the
+    retention cap plus the file being written (rotated at 64 MiB) must fit, or the kubelet evicts the pod."""
+    from interposer.collector._config import DEFAULT_RECORD_ROTATE_BYTES
+
+    deployment = find(all_rendered["deploy/overlays/monitoring"], "Deployment", "interposer-collector")
+    pod = deployment["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    args, env = container["args"], {e["name"]: e.get("value", "") for e in container["env"]}
+
+    def flag(name: str) -> str:
+        value = args[args.index(name) + 1]
+        return env[value[2:-1]] if value.startswith("$(") else value  # the kubelet expands $(VAR)
+
+    record_dir, max_bytes = flag("--record-dir"), int(flag("--record-max-bytes"))
+    [mount] = [m for m in container["volumeMounts"] if m["mountPath"] == record_dir]
+    assert not mount.get("readOnly")
+    [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    room = _quantity_bytes(volume["emptyDir"]["sizeLimit"])
+    assert max_bytes + DEFAULT_RECORD_ROTATE_BYTES <= room
+    assert _quantity_bytes(container["resources"]["requests"]["ephemeral-storage"]) >= room
+    [base] = find(all_rendered["deploy/base"], "Deployment", "interposer-collector")["spec"]["template"]["spec"][
+        "containers"]
+    assert {e["name"]: e["value"] for e in base["env"]}["INTERPOSER_RECORD_DIR"] == "", "opt-in, off in the base"
