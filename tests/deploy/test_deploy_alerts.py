@@ -21,6 +21,7 @@ import yaml
 from deploy_support import DEPLOY_DIR, Manifest, find_by_prefix, metric_names
 
 from interposer.collector._metrics import METRICS
+from interposer.collector._recorder import RECORDER_METRICS
 
 #: The Debian package's promtool (``make setup`` installs prometheus).
 PROMTOOL = "/usr/bin/promtool"
@@ -137,6 +138,11 @@ CASES = [
     Case("InterposerCollectorDecodeErrors", {f"interposer_collector_decode_errors_total{{{COLL}}}": "0+2x20"},
          "15m", [(REPLICA, "20")]),
     Case("InterposerCollectorDecodeErrors", {f"interposer_collector_decode_errors_total{{{COLL}}}": "4x20"}, "15m"),
+
+    Case("InterposerCollectorRecordingFailing", {f"interposer_collector_record_errors_total{{{COLL}}}": "0+1x20"},
+         "15m", [(REPLICA, "10")]),
+    Case("InterposerCollectorRecordingFailing", {f"interposer_collector_record_errors_total{{{COLL}}}": "3x20"},
+         "15m"),
 ]
 
 
@@ -212,9 +218,11 @@ def test_alerts_have_a_severity_and_say_what_happened_and_what_to_do() -> None:
 
 
 def _exported_metric_names() -> set[str]:
-    """Every sample name the collector's /metrics can carry (from its metric table)."""
+    """Every sample name the collector's /metrics can carry (from its metric tables; the recorder's
+    counters only while it records)."""
     suffixes = {"counter": ["_total"], "gauge": [""], "histogram": ["_bucket", "_sum", "_count"]}
-    return {name + suffix for name, kind, _labels, _help in METRICS for suffix in suffixes[kind]}
+    return ({name + suffix for name, kind, _labels, _help in METRICS for suffix in suffixes[kind]}
+            | {name + "_total" for name, _help in RECORDER_METRICS})
 
 
 def test_alerts_use_only_metrics_the_collector_exports() -> None:
