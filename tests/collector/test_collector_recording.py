@@ -203,7 +203,7 @@ def test_the_file_being_written_is_never_deleted_even_when_alone_above_the_cap(t
 # ---- write errors -----------------------------------------------------------------
 
 
-def test_a_full_disk_is_counted_and_recording_resumes_at_the_next_rotation(tmp_path: Path) -> None:
+def test_a_full_disk_is_counted_and_recording_resumes_with_a_new_file_soon_after(tmp_path: Path) -> None:
     clocks = FakeClocks()
     # The first file is /dev/full: every write(2) to it fails with ENOSPC.
     (tmp_path / "events-20261207T155219Z-c1.msgpack").symlink_to("/dev/full")
@@ -214,19 +214,40 @@ def test_a_full_disk_is_counted_and_recording_resumes_at_the_next_rotation(tmp_p
     rec.write(message(seq=1))
     rec.flush()  # ENOSPC here: the frame was only buffered
     assert rec.statistics().errors_total == 1 and rec.statistics().current_path == ""
-    clocks.elapsed_s = 30
-    rec.write(message(seq=2))  # not recorded: waiting for the rotation
-    clocks.elapsed_s = 61
-    rec.write(message(seq=3))  # the rotation retries with a new file
+    clocks.elapsed_s = 5
+    rec.write(message(seq=2))  # not recorded: the retry is 10 s after the error, not at the hour's rotation
+    clocks.elapsed_s = 10
+    rec.write(message(seq=3))  # a new file
     rec.write(message(seq=4))
     rec.close()
 
-    assert [batch.seq for batch in read_batches(tmp_path / "events-20261207T155320Z-c1.msgpack")] == [3, 4]
+    assert [batch.seq for batch in read_batches(tmp_path / "events-20261207T155229Z-c1.msgpack")] == [3, 4]
     exposition = generate_latest(registry).decode()
     assert "interposer_collector_record_errors_total 1.0" in exposition
     # The first frame reached the buffer before the flush failed: what counts as
     # recorded is what was handed to a file without an error.
     assert "interposer_collector_recorded_batches_total 3.0" in exposition
+
+
+def test_a_disk_that_stays_full_is_retried_without_leaving_empty_files(tmp_path: Path) -> None:
+    """A real full file system (a 64 KiB tmpfs, filled): each retry creates a file, fails at the flush."""
+    directory = tmp_path / "small"
+    directory.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(directory)], check=True)
+    try:
+        (directory / "filler").write_bytes(b"\0" * (64 << 10))
+        clocks = FakeClocks()
+        rec = recorder(directory, clocks, rotate_s=3600)
+        rec.start()
+        for second in range(0, 35, 5):  # errors at 0 s, then retries at 10, 20 and 30 s
+            clocks.elapsed_s = second
+            rec.write(message(seq=second + 1, events=200))
+            rec.flush()
+        rec.close()
+        assert rec.statistics().errors_total == 4
+        assert recordings(directory) == [], "an empty file per retry would pile up"
+    finally:
+        subprocess.run(["umount", str(directory)], check=True)
 
 
 def test_a_directory_removed_underneath_is_made_again_at_the_next_rotation(tmp_path: Path) -> None:

@@ -14,11 +14,13 @@ the directory — files named as recordings, of any replica — are deleted unti
 total at most ``max_bytes``, never the one being written. The directory can thus
 hold ``max_bytes`` plus what the current file gained since the last rotation.
 
-A write error (``ENOSPC``, ``EIO``) never stops the metrics: it is logged (rate-limited), counted in ``record_errors_total``, the file is
-abandoned, and batches go unrecorded until the next rotation is due, which retries
-with a new file (and deletes old ones first, which may be what frees the space). A
-directory removed underneath is made again at the next rotation; what was written
-into the file open in it until then is lost with it.
+A write error (``ENOSPC``, ``EIO``) never stops the metrics: it is logged
+(rate-limited), counted in ``record_errors_total``, the file is abandoned (and
+removed if it holds nothing), and batches go unrecorded until a rotation retries
+with a new file, :data:`RETRY_AFTER_ERROR_S` later or at the one already due if
+sooner (old recordings are deleted first, which may be what frees the space). A
+directory removed underneath is made again at that retry; what was written into the
+file open in it until then is lost with it.
 """
 
 from __future__ import annotations
@@ -48,6 +50,10 @@ log = logging.getLogger(__name__)
 WRITE_BUFFER_BYTES = 1024 * 1024
 #: How often the service flushes the buffer to the file, seconds.
 FLUSH_INTERVAL_S = 1.0
+#: How soon after a failed open, write or flush a new file is tried, seconds: a
+#: transient full disk costs seconds of recording, not the rest of the rotation
+#: period (an hour by default), and a lasting one a log line per retry at most.
+RETRY_AFTER_ERROR_S = 10.0
 
 
 def default_instance_id() -> str:
@@ -93,7 +99,7 @@ class RecorderStatistics(msgspec.Struct, frozen=True, kw_only=True):
         errors_total: failed opens, writes and flushes of recording files.
         files_deleted_total: recordings deleted to keep the directory within ``max_bytes``.
         current_path: the file being written, ``""`` while none is open (before the
-            start, after an error until the next rotation, after close).
+            start, after an error until the retry, after close).
     """
 
     batches_total: int
@@ -155,7 +161,7 @@ class Recorder:
         """Record one batch: its message bytes become one frame.
 
         Rotates first when the current file is due (age or size). Never raises: an
-        error is logged and counted, and recording resumes at the next rotation.
+        error is logged and counted, and recording resumes with the retry rotation.
 
         Args:
             message: the ``EventBatch`` msgpack as received.
@@ -165,7 +171,7 @@ class Recorder:
             self._rotate(now_s)
         out = self._file
         if out is None:
-            return  # broken until the next rotation
+            return  # broken until the retry
         try:
             written = write_frame(out, message)
         except OSError as exc:
@@ -209,9 +215,14 @@ class Recorder:
             self._open()
         except OSError as exc:
             self._errors_total += 1
-            self._errors_log.warning("recording: %s; batches are not recorded until the next rotation "
-                                     "retries in %.0f s", exc, self.rotate_s)
+            self._retry_soon(now_s)
+            self._errors_log.warning("recording: %s; batches are not recorded until a new file is tried "
+                                     "in %.0f s", exc, self._rotate_at_s - now_s)
         self._apply_retention()
+
+    def _retry_soon(self, now_s: float) -> None:
+        """Bring the next rotation, which opens a new file, to :data:`RETRY_AFTER_ERROR_S` from ``now_s``."""
+        self._rotate_at_s = min(self._rotate_at_s, now_s + RETRY_AFTER_ERROR_S)
 
     def _open(self) -> None:
         # Names have whole seconds: a file started in the same second as the last
@@ -240,9 +251,16 @@ class Recorder:
                 out.close()
             except OSError:
                 pass  # the same error again: the buffer is lost either way
-        retry_s = max(0.0, self._rotate_at_s - self._clock())
-        self._errors_log.warning("recording: cannot %s %s: %s; batches are not recorded until the next "
-                                 "rotation retries in %.0f s", what, path, exc.strerror or exc, retry_s)
+        if path is not None:
+            try:
+                if path.stat().st_size == 0:  # nothing in it: retries on a full disk leave no trail of empty files
+                    path.unlink()
+            except OSError:
+                pass
+        now_s = self._clock()
+        self._retry_soon(now_s)
+        self._errors_log.warning("recording: cannot %s %s: %s; batches are not recorded until a new file is "
+                                 "tried in %.0f s", what, path, exc.strerror or exc, self._rotate_at_s - now_s)
 
     def _recordings(self) -> Iterator[tuple[str, int]]:
         """``(name, size in bytes)`` of each recording in the directory, oldest first."""
@@ -291,8 +309,8 @@ RECORDER_METRICS: tuple[tuple[str, str], ...] = (
     ("interposer_collector_recorded_bytes",
      "Bytes this collector wrote into recording files (each frame: the batch as received plus 4 bytes)."),
     ("interposer_collector_record_errors",
-     "Failed opens, writes and flushes of recording files; after a failed write batches are not recorded "
-     "until the next rotation retries."),
+     "Failed opens, writes and flushes of recording files; after one, batches are not recorded until a new "
+     "file is tried 10 s later."),
 )
 
 
