@@ -130,8 +130,9 @@ class Telemetry:
         (in arrival order, across handles: what the backing store sees), or at
         offset 0 (a file read or written from its start: whole-file readers stay
         sequential when they read the file again); the file's stream then ends at
-        ``offset + size``. The per-inode rule of the delay layer's
-        ``skip_sequential``; at most ``_streams.MAX_TRACKED_STREAMS`` files are
+        ``offset + size``. The delay layer's ``skip_sequential`` keeps the same
+        per-inode state but does not count a start at 0 (a client's readahead does
+        not hide a file's first fetch); at most ``_streams.MAX_TRACKED_STREAMS`` files are
         remembered (a forgotten one's next request away from 0 counts as random).
         Always False with events off (nothing would carry it).
 
