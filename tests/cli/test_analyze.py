@@ -96,6 +96,30 @@ def test_sequential_share_by_ops_and_by_bytes_of_successful_requests() -> None:
     assert vol.sequential_writes.by_ops == 0.5 and vol.sequential_writes.by_bytes == 0.5
 
 
+def test_demand_is_per_second_with_idle_seconds_as_zero() -> None:
+    # 100 s of span: second 0 has 300 reads of 4 KiB, second 50 has 10 writes of 1 MiB,
+    # seconds 1..9 have 1 read each; failed and metadata ops do not count.
+    events = [ev("read", t_s=0.001 * k, size=4 * KIB, result=4 * KIB) for k in range(300)]
+    events += [ev("write", t_s=50 + 0.01 * k, size=1 << 20, result=1 << 20) for k in range(10)]
+    events += [ev("read", t_s=float(k), size=4 * KIB, result=4 * KIB) for k in range(1, 10)]
+    events += [ev("read", t_s=60, size=4 * KIB, err=errno.EIO), ev("getattr", t_s=99.5)]
+    vol = only_volume([batch(events)])
+    demand = vol.demand
+    per_second = [0] * 100
+    moved = [0] * 100
+    for e in events:
+        if e.op in ("read", "write") and not e.errno:
+            per_second[e.start_ns // NS - DAY_S] += 1
+            moved[e.start_ns // NS - DAY_S] += e.result
+    assert demand.seconds == 100
+    assert (demand.iops_p50, demand.iops_p99, demand.iops_max) == (
+        sorted(per_second)[49], sorted(per_second)[98], 300)
+    assert (demand.bytes_per_s_p50, demand.bytes_per_s_p99, demand.bytes_per_s_max) == (
+        sorted(moved)[49], sorted(moved)[98], 10 << 20)
+    # p99 of 100 seconds is the second busiest: by ops second 50's writes, by bytes second 0's reads.
+    assert (demand.iops_p99, demand.bytes_per_s_p99, demand.iops_p50) == (10, 300 * 4 * KIB, 0)
+
+
 def test_request_sizes_give_nearest_rank_median_p90_and_power_of_two_buckets() -> None:
     sizes = [4096] * 5 + [65536] * 4 + [131072] + [1000, 1]
     vol = only_volume([batch([ev("read", size=n, result=n) for n in sizes])])

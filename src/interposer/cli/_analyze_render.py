@@ -161,6 +161,11 @@ def volume_view(volume: VolumeReport) -> Group:
     line("errors", f"{_listing(volume.errors)} · injected: {_listing(volume.injected_faults)} · delayed: "
                    f"{_count(volume.delayed_ops)} ops, {volume.delay_s:.3f} s")
     line("moved", f"read {human_bytes(volume.read_bytes)} · written {human_bytes(volume.written_bytes)}")
+    demand = volume.demand
+    line("demand", f"reads+writes per second over {_count(demand.seconds)} s: IOPS p50 {_count(demand.iops_p50)} · "
+                   f"p99 {_count(demand.iops_p99)} · max {_count(demand.iops_max)}; "
+                   f"p50 {human_bytes(demand.bytes_per_s_p50)}/s · p99 {human_bytes(demand.bytes_per_s_p99)}/s · "
+                   f"max {human_bytes(demand.bytes_per_s_max)}/s (a profile's limits: interposer profiles)")
     sessions = volume.sessions
     line("sessions", f"{_count(sessions.count)} file sessions · {_count(sessions.whole_file_reads)} read their "
                      f"file whole · median {_size(sessions.median_bytes)} moved per session")
