@@ -637,6 +637,7 @@ class _Volume:
             err = event.errno
             path = event.path
             moved = 0
+            served = False  # a successful read or write: counts in the demand per second
             stats = files.get(path)
             if stats is None:
                 stats = files[path] = [0, 0, 0, 0, 0]
@@ -658,12 +659,7 @@ class _Volume:
                     self.data_read_bytes += moved
                     size = event.size
                     read_sizes[size] = read_sizes.get(size, 0) + 1
-                    second = per_second.get(start // _NS_PER_S)
-                    if second is None:
-                        per_second[start // _NS_PER_S] = [1, moved]
-                    else:
-                        second[0] += 1
-                        second[1] += moved
+                    served = True
                     if event.sequential:
                         self.seq_reads += 1
                         self.seq_read_bytes += moved
@@ -690,12 +686,7 @@ class _Volume:
                     self.data_written_bytes += moved
                     size = event.size
                     write_sizes[size] = write_sizes.get(size, 0) + 1
-                    second = per_second.get(start // _NS_PER_S)
-                    if second is None:
-                        per_second[start // _NS_PER_S] = [1, moved]
-                    else:
-                        second[0] += 1
-                        second[1] += moved
+                    served = True
                     if event.sequential:
                         self.seq_writes += 1
                         self.seq_write_bytes += moved
@@ -707,6 +698,13 @@ class _Volume:
                     moved = 2 * event.result  # read and written inside the volume
                     self.read_bytes += event.result
                     self.written_bytes += event.result
+            if served:
+                second = per_second.get(start // _NS_PER_S)
+                if second is None:
+                    per_second[start // _NS_PER_S] = [1, moved]
+                else:
+                    second[0] += 1
+                    second[1] += moved
             if session:
                 key = (worker, session)
                 state = open_sessions.get(key)
