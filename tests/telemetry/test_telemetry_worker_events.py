@@ -17,7 +17,8 @@ from interposer.fuse_worker._op import Op
 from interposer.fuse_worker._stack import Stack
 from interposer.fuse_worker._telemetry import QuotaUsage, Telemetry, quota_usage
 from interposer.fuse_worker.layers.quota import QuotaContext, Usage
-from interposer.proto import DelayLayer, Policy, QuotaLayer
+from interposer.proto import DelayLayer, OpEvent, Policy, QuotaLayer
+from interposer.proto.events import FATTR_SIZE
 from interposer_testing import MountedVolume
 
 pytestmark = [pytest.mark.nats]
@@ -233,6 +234,43 @@ def test_events_say_which_requests_were_sequential(nats_url: str, mount_worker: 
     assert writes == [True] * 8
     assert reads == [False, False, False, True, True, True]
     assert not any(e.sequential for e in tap.events if e.op not in {"read", "write"})
+
+
+def test_events_carry_open_flags_and_the_second_path(nats_url: str,
+                                                     mount_worker: Callable[..., MountedVolume],
+                                                     volume: str) -> None:
+    """What a replay needs: how each file was opened, and where a rename, link or symlink points."""
+    with BusTap(nats_url, volume) as tap:
+        vol = mount_worker(volume, nats_url=nats_url)
+        root = vol.mountpoint
+        (root / "d").mkdir()
+        fd = os.open(root / "d" / "tmp", os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o644)
+        os.write(fd, b"x" * 100)
+        os.close(fd)
+        os.rename(root / "d" / "tmp", root / "final")
+        fd = os.open(root / "final", os.O_RDWR | os.O_DIRECT)
+        os.close(fd)
+        os.truncate(root / "final", 0)
+        os.link(root / "final", root / "d" / "hard")
+        os.symlink("../final", root / "d" / "soft")
+        _settle(tap)
+    events = tap.events
+
+    def only(op: str, path: str) -> OpEvent:
+        found = [e for e in events if e.op == op and e.path == path]
+        assert len(found) == 1, (op, path, found)
+        return found[0]
+
+    created = only("create", "/d/tmp")
+    assert created.flags & os.O_ACCMODE == os.O_WRONLY and created.flags & os.O_APPEND
+    assert only("write", "/d/tmp").flags == created.flags, "a handle's I/O carries its open flags"
+    assert only("rename", "/d/tmp").target == "/final"
+    assert only("link", "/d/hard").target == "/final"
+    assert only("symlink", "/d/soft").target == "../final"
+    assert only("setattr", "/final").flags == FATTR_SIZE, "truncate(2)"
+    opened = only("open", "/final")
+    assert opened.flags & os.O_ACCMODE == os.O_RDWR and opened.flags & os.O_DIRECT
+    assert all(e.target == "" for e in events if e.op not in {"rename", "link", "symlink"})
 
 
 def test_sampling_flags_keep_counts_exact(nats_url: str, mount_worker: Callable[..., MountedVolume],

@@ -10,6 +10,17 @@ from __future__ import annotations
 import msgspec
 
 
+#: ``OpEvent.flags`` of a ``setattr``: the attributes it changed, as FUSE_SETATTR's
+#: ``valid`` bits (<linux/fuse.h>, ``FATTR_*``).
+FATTR_MODE = 1 << 0
+FATTR_UID = 1 << 1
+FATTR_GID = 1 << 2
+FATTR_SIZE = 1 << 3
+FATTR_ATIME = 1 << 4
+FATTR_MTIME = 1 << 5
+FATTR_CTIME = 1 << 10
+
+
 class OpEvent(msgspec.Struct, array_like=True, gc=False):
     """One FUSE request as the worker served it.
 
@@ -51,6 +62,19 @@ class OpEvent(msgspec.Struct, array_like=True, gc=False):
             This is the access pattern the backing store sees, after the page cache
             (readahead makes a sequential reader's requests 1 MiB long; a buffered
             random reader's may still be sequential runs).
+        flags: the request's flags: for ``open`` and ``create``, and for ``read``,
+            ``write``, ``flush`` and ``fsync`` of a file handle, the flags the file
+            was opened with (``O_ACCMODE`` bits, ``O_TRUNC``, ``O_APPEND``,
+            ``O_DIRECT``…, Linux values); ``rename``: ``RENAME_*``; ``mknod``: the
+            mode (file type and permission bits); ``fallocate``: ``FALLOC_FL_*``;
+            ``copy_file_range``: its flags; ``lseek``: whence; ``setattr``: which
+            attributes it changed (``FATTR_*`` bits below); else 0.
+        target: the op's second path: ``rename``: the destination's path;
+            ``link``: the path of the file linked to (``path`` is the new name);
+            ``symlink``: the link's contents, as given; ``copy_file_range``: the
+            source file's path (``path`` is the destination's); else ``""``.
+            With ``path``, ``flags`` and the sizes, this is what a replay of the
+            ops needs (``interposer replay``).
     """
 
     op: str
@@ -70,6 +94,8 @@ class OpEvent(msgspec.Struct, array_like=True, gc=False):
     session: int = 0
     delay_late_ns: int = 0
     sequential: bool = False
+    flags: int = 0
+    target: str = ""
 
 
 class EventBatch(msgspec.Struct):

@@ -17,6 +17,7 @@ import pyfuse3
 import trio
 
 from interposer.proto import Policy
+from interposer.proto.events import FATTR_ATIME, FATTR_CTIME, FATTR_GID, FATTR_MODE, FATTR_MTIME, FATTR_SIZE, FATTR_UID
 
 from ._extra_ops import Caller
 from ._held_reads import ReadReplier
@@ -45,6 +46,14 @@ def _errno_of(exc: Exception, op: Op, telemetry: Telemetry) -> int:
     telemetry.internal_errors_total += 1
     log.error("internal error serving %s %s", op.name, op.path, exc_info=exc)
     return errno.EIO
+
+
+def _changed_attributes(fields: pyfuse3.SetattrFields) -> int:
+    """What a setattr changes, as FUSE_SETATTR ``valid`` bits (``FATTR_*``; ``OpEvent.flags``)."""
+    return ((FATTR_MODE if fields.update_mode else 0) | (FATTR_UID if fields.update_uid else 0)
+            | (FATTR_GID if fields.update_gid else 0) | (FATTR_SIZE if fields.update_size else 0)
+            | (FATTR_ATIME if fields.update_atime else 0) | (FATTR_MTIME if fields.update_mtime else 0)
+            | (FATTR_CTIME if fields.update_ctime else 0))
 
 
 def _clears_setid(flags: int, ctx: pyfuse3.RequestContext | Caller) -> bool:
@@ -374,7 +383,8 @@ class InterposerOperations(pyfuse3.Operations):
         return await self._serve(self._op("getattr", inode, ctx), lambda: self.backend.getattr(inode, ctx))
 
     async def setattr(self, inode, attr, fields, fh, ctx):
-        op = self._op("setattr", inode, ctx, size=attr.st_size if fields.update_size else 0)
+        op = self._op("setattr", inode, ctx, size=attr.st_size if fields.update_size else 0,
+                      mode=_changed_attributes(fields))
         if fields.update_mode and attr.st_mode & _SETID:
             self._setid_inodes.add(inode)  # writes must clear them from now on
 
@@ -419,17 +429,18 @@ class InterposerOperations(pyfuse3.Operations):
         return await self._serve(op, lambda: self.backend.rmdir(parent_inode, name, ctx))
 
     async def symlink(self, parent_inode, name, target, ctx):
-        op = self._entry_op("symlink", parent_inode, name, ctx)
+        op = self._entry_op("symlink", parent_inode, name, ctx, target=os.fsdecode(target))
         return await self._serve(op, lambda: self.backend.symlink(parent_inode, name, target, ctx))
 
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
-        op = self._entry_op("rename", parent_inode_old, name_old, ctx, mode=flags)
+        op = self._entry_op("rename", parent_inode_old, name_old, ctx, mode=flags,
+                            target=self.backend.entry_path(parent_inode_new, name_new))
         return await self._serve(
             op, lambda: self.backend.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx)
         )
 
     async def link(self, inode, new_parent_inode, new_name, ctx):
-        op = self._entry_op("link", new_parent_inode, new_name, ctx)
+        op = self._entry_op("link", new_parent_inode, new_name, ctx, target=self.backend.path_of(inode))
         return await self._serve(op, lambda: self.backend.link(inode, new_parent_inode, new_name, ctx))
 
     # ---- files ---------------------------------------------------------------------
@@ -641,10 +652,10 @@ class InterposerOperations(pyfuse3.Operations):
             pyfuse3.FUSEError: EOPNOTSUPP (declined), the backend's errno, or a layer's.
         """
         op = self._op("copy_file_range", self.backend.ino_of_fh(fh_out), caller, offset=off_out, size=length,
-                      mode=flags, session=self.telemetry.session_of(fh_out))
+                      mode=flags, session=self.telemetry.session_of(fh_out),
+                      target=self.backend.path_of(self.backend.ino_of_fh(fh_in)))
         stack = self.stack
-        if stack.acts_on_data and (stack.acts_on_data_at(op.path)
-                                   or stack.acts_on_data_at(self.backend.path_of(self.backend.ino_of_fh(fh_in)))):
+        if stack.acts_on_data and (stack.acts_on_data_at(op.path) or stack.acts_on_data_at(op.target)):
             raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
         return await self._serve(
             op, lambda: self.backend.copy_file_range(fh_in, off_in, fh_out, off_out, length, flags))

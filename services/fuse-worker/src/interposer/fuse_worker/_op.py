@@ -83,6 +83,8 @@ class Op(msgspec.Struct):
             ``_held_reads`` when the reply is due); None = nothing.
         sequential: for ``read`` and ``write``: the request continues its file's
             previous one (``OpEvent.sequential``; ``Telemetry.continues``).
+        target: the op's second path (``OpEvent.target``): rename's destination,
+            link's existing file, symlink's contents, copy_file_range's source.
     """
 
     name: str
@@ -107,6 +109,7 @@ class Op(msgspec.Struct):
     reply_armed_ns: int = 0
     after_hold: "list[HoldStep] | None" = None
     sequential: bool = False
+    target: str = ""
 
     def hold_reply_until(self, due_ns: int, lead_ns: int) -> None:
         """Hold the reply (``defer_holds``) until at least ``due_ns``, armed ``lead_ns`` early (ns)."""

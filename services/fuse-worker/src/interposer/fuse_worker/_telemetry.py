@@ -208,7 +208,7 @@ class Telemetry:
         self.buffer.append(OpEvent(
             op.name, op.ino, op.path, op.offset, op.size, result_bytes, errno, start_ns, duration_ns,
             op.fault, op.delay_ns, op.throttle_ns, op.pid, op.uid, op.session, op.delay_late_ns,
-            op.sequential,
+            op.sequential, op.open_flags or op.mode, op.target,
         ))
 
     def _record_faults(self, op: Op, start_ns: int, duration_ns: int, revision: int) -> None:
