@@ -418,6 +418,85 @@ def analyze(paths: tuple[Path, ...], volumes: tuple[str, ...], since, until, top
     print_report(report)
 
 
+@main.command()
+@click.argument("paths", nargs=-1, type=click.Path(exists=True, path_type=Path))
+@click.option("--target", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Directory to replay into (a mount with a profile, a cloud disk…); created if missing.")
+@click.option("--volume", callback=lambda ctx, param, value: _volume_id(ctx, param, value),
+              help="The recorded volume to replay (needed when there are several).")
+@click.option("--since", callback=_time_bound, metavar="TIME", help="Only ops that started at or after TIME (as analyze).")
+@click.option("--until", callback=_time_bound, metavar="TIME", help="Only ops that started before TIME (as analyze).")
+@click.option("--timing", type=click.Choice(["closed", "asap", "open"]), default="closed", show_default=True,
+              help="closed: each thread waits for its ops and keeps its think time (an application); asap: no "
+                   "think time, every thread at once (the most the target gives this op mix); open: every op "
+                   "at its recorded time, however slow the target (requests from outside).")
+@click.option("--direct/--buffered", default=True, show_default=True,
+              help="Read and write with O_DIRECT where the requests are 4 KiB-aligned, so the target serves "
+                   "the recorded requests and no page cache answers them.")
+@click.option("--prepare/--no-prepare", default=True, show_default=True,
+              help="First make the target hold what the recording found (directories, files as long as it "
+                   "read) and remove what it creates.")
+@click.option("--prepare-only", is_flag=True, help="Prepare the target, replay nothing.")
+@click.option("--force", is_flag=True, help="Prepare a non-empty target that `interposer replay` did not prepare.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def replay(paths: tuple[Path, ...], target: Path, volume: str | None, since, until, timing: str,  # noqa: ANN001
+           direct: bool, prepare: bool, prepare_only: bool, force: bool, as_json: bool) -> None:
+    """Replay a volume's recorded ops into another directory, and compare the times.
+
+    PATHS are recordings, as for `interposer analyze`. The ops that reached the worker
+    (after the page cache) are issued again in TARGET, thread by thread, with the
+    recorded dependencies and think time, and the report holds the recorded and
+    replayed wall time and latencies per op: how the same work goes on other storage.
+    Docs: docs/telemetry.md, "Replay".
+    """
+    from interposer.proto import RecordingError
+
+    from ._analyze import AnalysisError, newest_event_ns, read_recordings, recording_files
+    from ._replay_plan import ReplayError, plan_replay
+    from ._replay_report import build_report, encode_report
+    from ._replay_run import Replayer, write_pattern
+    from ._replay_target import Target
+
+    if not paths:
+        default = _default_recordings()
+        if not default.is_dir():
+            raise click.UsageError(f"no recordings at {default}: `interposer up` records there (or pass "
+                                   "recording files or directories)")
+        paths = (default,)
+    try:
+        files = recording_files(paths)
+        wanted = frozenset([volume]) if volume else frozenset()
+        newest = None
+        if (since and since.at_ns is None) or (until and until.at_ns is None):
+            newest = newest_event_ns(read_recordings(files), wanted)
+        since_ns = since.resolve(newest) if since and newest is not None else (since.at_ns if since else None)
+        until_ns = until.resolve(newest) if until and newest is not None else (until.at_ns if until else None)
+        plan = plan_replay(read_recordings(files), volume=volume, since_ns=since_ns, until_ns=until_ns)
+        target.mkdir(parents=True, exist_ok=True)
+        with Target(target) as where:
+            largest = max((op.size for s in plan.streams for op in s.ops if op.op == "write"), default=0)
+            pattern = write_pattern(max(largest, 1 << 20))
+            prepared = None
+            if prepare or prepare_only:
+                where.check_preparable(force)
+                prepared = where.prepare(plan.start, pattern)
+            if prepare_only:
+                click.echo(f"prepared {target}: {prepared}")
+                return
+            run = Replayer(plan, where, timing=timing, direct=direct, pattern=pattern).run()
+    except (AnalysisError, ReplayError, RecordingError) as exc:
+        raise click.UsageError(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(f"{exc.filename or target}: {exc.strerror or exc}") from None
+    report = build_report(plan, run, target=str(target), timing=timing, prepared=prepared)
+    if as_json:
+        click.echo(encode_report(report).decode())
+        return
+    from ._replay_render import print_report as print_replay
+
+    print_replay(report)
+
+
 # ---- policy ------------------------------------------------------------------------
 
 #: Exit code of ``policy set/clear/rollback --wait`` when workers did not apply in time.

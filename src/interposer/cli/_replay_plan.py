@@ -1,0 +1,345 @@
+"""``interposer replay``, the plan: a recording's ops of one volume as per-thread streams, and the tree they start from.
+
+A recording holds what reached the worker, after the mount's page cache: the requests
+a storage system must serve. Replaying them against another directory — a mount with
+a cloud-disk profile, a real cloud disk — shows how long the same work would take
+there. Pure computation: the only I/O is reading the recordings.
+
+**Streams.** FUSE gives each request the caller's thread id (``OpEvent.pid``). Ops of
+one file handle (``session``) belong to the thread that opened it, since the kernel
+sends reads, writes and releases without a caller; directory listings to the thread
+of the ``opendir`` before them. A replay keeps each stream's order and replays its
+ops with the dependencies they had: an op waits for every op of its stream that had
+finished before it began in the recording, plus the same gap after the latest of them
+(its think time), and ops that overlapped (asynchronous I/O, readahead) overlap again.
+This is the per-thread ordering of trace replayers such as ROOT (Weiss et al.,
+"ROOT: Replaying Multithreaded Traces with Resource-Oriented Ordering", SOSP 2013),
+with threads as the only resource; dependencies between threads are not recorded, so
+each stream's first op starts at its recorded offset from the recording's start.
+
+**Start state.** Whether a path existed when the recording began is read from the first
+op that names it: a create, mkdir, mknod or symlink (or a lookup that found nothing)
+says it did not; anything else that succeeded says it did. A file must hold at least
+the bytes its reads got before anything wrote or truncated it (``offset + result``).
+
+Memory: one :class:`ReplayOp` per replayed event (~0.3 KiB with a 35-character path).
+"""
+
+from __future__ import annotations
+
+import errno as errno_module
+import os
+import stat
+from collections.abc import Iterable
+
+import msgspec
+
+from interposer.proto import EventBatch
+from interposer.proto.events import FATTR_SIZE
+
+#: Ops replayed by a system call of their own.
+REPLAYED_OPS = frozenset({
+    "lookup", "getattr", "setattr", "readlink", "mknod", "mkdir", "unlink", "rmdir", "symlink", "rename", "link",
+    "open", "create", "read", "write", "release", "fsync", "fallocate", "lseek", "readdir", "readdirplus",
+    "fsyncdir", "statfs", "access", "getxattr", "listxattr",
+})
+#: Ops that happen as part of another replayed call, so have none of their own.
+FOLDED_OPS = {
+    "flush": "sent by the close that replays release",
+    "opendir": "the listing replayed at its first readdir opens the directory",
+    "releasedir": "the listing replayed at its first readdir closes the directory",
+}
+#: Why the other ops are not replayed.
+NOT_REPLAYED = {
+    "forget": "kernel-internal (the kernel dropping an inode from its cache)",
+    "batch_forget": "kernel-internal (the kernel dropping inodes from its cache)",
+    "setxattr": "the event carries neither the attribute's name nor its value",
+    "removexattr": "the event does not carry the attribute's name",
+    "copy_file_range": "the event does not carry the source offset",
+    "ioctl": "the event does not carry the request",
+    "bmap": "not issued by applications",
+    "poll": "not issued by applications",
+}
+#: Ops whose success means the path did not exist before them.
+CREATING_OPS = frozenset({"create", "mknod", "mkdir", "symlink"})
+#: Ops that show their path is a directory.
+DIRECTORY_OPS = frozenset({"opendir", "readdir", "readdirplus", "releasedir", "fsyncdir", "rmdir", "mkdir"})
+#: Ops after which reads no longer tell how long the file was at the start.
+RESHAPING_OPS = frozenset({"write", "fallocate", "create", "unlink", "rename"})
+#: Ops that belong to a file handle (their thread is the opener's).
+SESSION_OPS = frozenset({"read", "write", "flush", "release", "fsync", "fallocate", "lseek"})
+#: Ops that belong to the thread of the opendir before them (FUSE sends them without a caller).
+DIRECTORY_HANDLE_OPS = frozenset({"readdir", "readdirplus", "releasedir", "fsyncdir"})
+#: ``RENAME_EXCHANGE`` (<linux/fs.h>): both names exist before and after.
+RENAME_EXCHANGE = 1 << 1
+
+
+class ReplayError(ValueError):
+    """The recordings cannot be replayed as asked (no such volume, no ops, a path that escapes)."""
+
+
+class ReplayOp(msgspec.Struct, gc=False):
+    """One recorded op to replay.
+
+    Attributes:
+        index: position in the replay (recorded start order), from 0.
+        op: FUSE op name.
+        path: path inside the volume, ``/``-separated, starting with ``/``, no ``.``/``..``.
+        target: ``OpEvent.target`` (a path for rename and link, contents for symlink).
+        offset: bytes (read, write, fallocate, lseek; a readdir's position).
+        size: bytes asked (read, write, fallocate), the new size of a truncating setattr.
+        result: bytes the recording's read or write moved.
+        errno: the recording's errno (0 = success).
+        flags: ``OpEvent.flags`` (open flags, ``RENAME_*``, mknod's mode, ``FATTR_*``).
+        handle: the file handle the op uses (worker and session), ``""`` if none.
+        start_ns: recorded start, ns since the epoch.
+        end_ns: recorded end (start + the worker's service time), ns since the epoch.
+    """
+
+    index: int
+    op: str
+    path: str
+    target: str
+    offset: int
+    size: int
+    result: int
+    errno: int
+    flags: int
+    handle: str
+    start_ns: int
+    end_ns: int
+
+
+class Stream(msgspec.Struct):
+    """The ops of one application thread, in recorded start order.
+
+    Attributes:
+        thread: the caller's thread id (``OpEvent.pid``); 0 for ops no thread could be found for.
+        ops: its ops.
+    """
+
+    thread: int
+    ops: list[ReplayOp]
+
+
+class StartState(msgspec.Struct, kw_only=True):
+    """The tree the recording began with, as far as its ops show it.
+
+    Attributes:
+        directories: paths that existed as directories.
+        files: paths that existed as regular files → the least size they had, bytes.
+        symlinks: paths that existed as symbolic links (their contents are not recorded).
+        absent: paths that did not exist (the recording creates them, or looked for them in vain).
+    """
+
+    directories: set[str]
+    files: dict[str, int]
+    symlinks: set[str]
+    absent: set[str]
+
+
+class Plan(msgspec.Struct, kw_only=True):
+    """What to replay.
+
+    Attributes:
+        volume: the volume the recording is of.
+        streams: per-thread streams, by thread id.
+        start: the tree the recording began with.
+        first_ns: the earliest replayed op's recorded start, ns since the epoch.
+        last_end_ns: the latest recorded end of a replayed op, ns.
+        recorded_ops: ops in the recording's range, by op name.
+        not_replayed: ops left out, by op name → (count, why).
+        unknown_paths: ops left out because the worker did not know their inode's path.
+        events_missing: events the workers dropped or sampled out (the recording is incomplete).
+    """
+
+    volume: str
+    streams: list[Stream]
+    start: StartState
+    first_ns: int
+    last_end_ns: int
+    recorded_ops: dict[str, int]
+    not_replayed: dict[str, tuple[int, str]]
+    unknown_paths: int
+    events_missing: int
+
+    @property
+    def ops(self) -> int:
+        """Ops to replay."""
+        return sum(len(stream.ops) for stream in self.streams)
+
+
+def check_path(path: str) -> str:
+    """Return ``path`` if it is a normalised volume path: ``/``, or ``/a/b`` without empty, ``.`` or ``..`` parts.
+
+    Raises:
+        ReplayError: anything else (a path that could leave the replay's target).
+    """
+    if path == "/":
+        return path
+    parts = path.split("/")
+    if parts[0] != "" or any(part in {"", ".", ".."} for part in parts[1:]) or "\0" in path:
+        raise ReplayError(f"recorded path {path!r} is not a path inside a volume")
+    return path
+
+
+def parent_paths(path: str) -> Iterable[str]:
+    """``/a/b/c`` → ``/a``, ``/a/b`` (the directories on the way, not the root)."""
+    parts = path.split("/")[1:-1]
+    for depth in range(1, len(parts) + 1):
+        yield "/" + "/".join(parts[:depth])
+
+
+def volumes_in(batches: Iterable[EventBatch]) -> dict[str, int]:
+    """Events per volume in ``batches``."""
+    counts: dict[str, int] = {}
+    for batch in batches:
+        counts[batch.volume] = counts.get(batch.volume, 0) + len(batch.events)
+    return counts
+
+
+class _StartTracker:
+    """Reads the start state off the ops in start order."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, bool] = {}  # path → existed at the start
+        self.directories: set[str] = set()
+        self.symlinks: set[str] = set()
+        self.sizes: dict[str, int] = {}
+        self.reshaped: set[str] = set()
+
+    def first(self, path: str, existed: bool) -> None:
+        if path not in self.seen:
+            self.seen[path] = existed
+
+    def add(self, op: ReplayOp) -> None:
+        name, path, ok = op.op, op.path, op.errno == 0
+        if name in CREATING_OPS:
+            self.first(path, not ok and op.errno == errno_module.EEXIST)
+        elif name == "lookup":
+            self.first(path, ok)
+        elif name == "link":
+            self.first(op.target, True)
+            self.first(path, not ok and op.errno == errno_module.EEXIST)
+        elif name == "rename":
+            self.first(path, ok or op.errno != errno_module.ENOENT)
+            self.first(op.target, bool(op.flags & RENAME_EXCHANGE))
+            self.reshaped.add(op.target)
+        else:
+            self.first(path, ok or op.errno != errno_module.ENOENT)
+        if name in DIRECTORY_OPS:
+            self.directories.add(path)
+        elif name == "readlink" and ok:
+            self.symlinks.add(path)
+        if name == "read" and ok and path not in self.reshaped:
+            self.sizes[path] = max(self.sizes.get(path, 0), op.offset + op.result)
+        if name in RESHAPING_OPS or (name == "setattr" and op.flags & FATTR_SIZE) or (
+                name == "open" and op.flags & os.O_TRUNC):
+            self.reshaped.add(path)
+
+    def state(self) -> StartState:
+        existing = {path for path, existed in self.seen.items() if existed and path != "/"}
+        absent = {path for path, existed in self.seen.items() if not existed}
+        # A directory on the way to any path existed, unless the recording made it.
+        parents = {parent for path in self.seen for parent in parent_paths(path)} - absent
+        directories = (self.directories & existing) | parents
+        symlinks = (self.symlinks & existing) - directories
+        files = {path: self.sizes.get(path, 0) for path in existing - directories - symlinks}
+        return StartState(directories=directories, files=files, symlinks=symlinks, absent=absent)
+
+
+def plan_replay(batches: Iterable[EventBatch], *, volume: str | None = None, since_ns: int | None = None,
+                until_ns: int | None = None) -> Plan:
+    """Build the replay of one volume's recorded ops.
+
+    Args:
+        batches: recorded event batches (``_analyze.read_recordings``), any order.
+        volume: the volume to replay; None = the only one the recordings hold.
+        since_ns: only ops that started at or after this time, ns since the epoch.
+        until_ns: only ops that started before this time, ns since the epoch.
+
+    Raises:
+        ReplayError: no volume given while the recordings hold several, no such volume,
+            nothing to replay, or a recorded path that is not a path inside a volume.
+    """
+    events: list[tuple] = []
+    volumes: dict[str, int] = {}
+    missing_by_worker: dict[str, int] = {}
+    for batch in batches:
+        volumes[batch.volume] = volumes.get(batch.volume, 0) + len(batch.events)
+        if volume is not None and batch.volume != volume:
+            continue
+        missing_by_worker[batch.worker_id] = max(missing_by_worker.get(batch.worker_id, 0),
+                                                 batch.dropped_total + batch.sampled_out_total)
+        for event in batch.events:
+            if (since_ns is not None and event.start_ns < since_ns) or (
+                    until_ns is not None and event.start_ns >= until_ns):
+                continue
+            events.append((event.start_ns, batch.volume, batch.worker_id, event))
+    if volume is None:
+        if len(volumes) > 1:
+            listing = ", ".join(f"{name} ({count:,} events)" for name, count in sorted(volumes.items()))
+            raise ReplayError(f"the recordings hold several volumes: {listing}; name one with --volume")
+        volume = next(iter(volumes), None)
+    if volume is None or volume not in volumes:
+        known = ", ".join(sorted(volumes)) or "none"
+        raise ReplayError(f"no events of volume {volume!r} in the recordings (volumes: {known})")
+    events.sort(key=lambda item: item[0])
+
+    recorded: dict[str, int] = {}
+    not_replayed: dict[str, tuple[int, str]] = {}
+    unknown_paths = 0
+    opener: dict[str, int] = {}  # handle → thread that opened it
+    lister: dict[tuple[str, int], int] = {}  # (worker, directory inode) → thread of its last opendir
+    streams: dict[int, list[ReplayOp]] = {}
+    tracker = _StartTracker()
+    for _start, _volume, worker, event in events:
+        name = event.op
+        recorded[name] = recorded.get(name, 0) + 1
+        if name not in REPLAYED_OPS:
+            why = FOLDED_OPS.get(name) or NOT_REPLAYED.get(name, "not replayed")
+            count, _why = not_replayed.get(name, (0, why))
+            not_replayed[name] = (count + 1, why)
+            if name == "opendir" and event.pid:
+                lister[(worker, event.ino)] = event.pid
+            continue
+        if event.path == "?" or (name in {"rename", "link"} and event.target in {"", "?"}):
+            unknown_paths += 1
+            continue
+        handle = f"{worker}/{event.session}" if event.session else ""
+        op = ReplayOp(index=0, op=name, path=check_path(event.path),
+                      target=check_path(event.target) if name in {"rename", "link"} else event.target,
+                      offset=event.offset, size=event.size, result=event.result, errno=event.errno,
+                      flags=event.flags, handle=handle, start_ns=event.start_ns,
+                      end_ns=event.start_ns + event.duration_ns)
+        if name in {"open", "create"} and handle:
+            opener[handle] = event.pid
+            thread = event.pid
+        elif name in SESSION_OPS and handle:
+            thread = opener.get(handle, event.pid)
+        elif name in DIRECTORY_HANDLE_OPS:
+            thread = lister.get((worker, event.ino), event.pid)
+        else:
+            thread = event.pid
+        if name in {"readdir", "readdirplus"} and event.offset != 0:
+            # A continuation of the listing its first readdir replays whole.
+            count, _why = not_replayed.get(name + " (continued)", (0, ""))
+            not_replayed[name + " (continued)"] = (count + 1, "part of the listing replayed at its first readdir")
+            continue
+        tracker.add(op)
+        streams.setdefault(thread, []).append(op)
+    ordered = sorted((op for ops in streams.values() for op in ops), key=lambda op: (op.start_ns, op.end_ns))
+    if not ordered:
+        raise ReplayError(f"nothing to replay of volume {volume!r}"
+                          + (" in that time range" if since_ns is not None or until_ns is not None else ""))
+    for index, op in enumerate(ordered):
+        op.index = index
+    return Plan(volume=volume, streams=[Stream(thread, ops) for thread, ops in sorted(streams.items())],
+                start=tracker.state(), first_ns=ordered[0].start_ns,
+                last_end_ns=max(op.end_ns for op in ordered), recorded_ops=recorded, not_replayed=not_replayed,
+                unknown_paths=unknown_paths, events_missing=sum(missing_by_worker.values()))
+
+
+def is_device(mode: int) -> bool:
+    """Whether mknod mode ``mode`` makes a device node (not replayed: the target's pods could not open it)."""
+    return stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
