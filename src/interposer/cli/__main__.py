@@ -447,7 +447,7 @@ def replay(paths: tuple[Path, ...], target: Path, volume: str | None, since, unt
     (after the page cache) are issued again in TARGET, thread by thread, with the
     recorded dependencies and think time, and the report holds the recorded and
     replayed wall time and latencies per op: how the same work goes on other storage.
-    Docs: docs/telemetry.md, "Replay".
+    Docs: docs/telemetry.md, "interposer replay".
     """
     from interposer.proto import RecordingError
 

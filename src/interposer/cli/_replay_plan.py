@@ -22,7 +22,8 @@ op that names it: a create, mkdir, mknod or symlink (or a lookup that found noth
 says it did not; anything else that succeeded says it did. A file must hold at least
 the bytes its reads got before anything wrote or truncated it (``offset + result``).
 
-Memory: one :class:`ReplayOp` per replayed event (~0.3 KiB with a 35-character path).
+Memory: one :class:`ReplayOp` per replayed event, each distinct path once: ~0.5 KiB per
+event at the peak (1M events: 0.5 GB, planned in 8–9 s; docs/benchmarks.md, "Replay").
 """
 
 from __future__ import annotations
@@ -91,9 +92,11 @@ class ReplayOp(msgspec.Struct, gc=False):
         result: bytes the recording's read or write moved.
         errno: the recording's errno (0 = success).
         flags: ``OpEvent.flags`` (open flags, ``RENAME_*``, mknod's mode, ``FATTR_*``).
-        handle: the file handle the op uses (worker and session), ``""`` if none.
+        handle: the file handle the op uses (a number per worker and session), 0 if none.
         start_ns: recorded start, ns since the epoch.
         end_ns: recorded end (start + the worker's service time), ns since the epoch.
+        thread: the caller's thread (``OpEvent.pid``; 0 = not given), then the stream's.
+        directory: the inode the op addressed in its worker (which listing a readdir continues).
     """
 
     index: int
@@ -105,9 +108,11 @@ class ReplayOp(msgspec.Struct, gc=False):
     result: int
     errno: int
     flags: int
-    handle: str
+    handle: int
     start_ns: int
     end_ns: int
+    thread: int
+    directory: int
 
 
 class Stream(msgspec.Struct):
@@ -262,20 +267,29 @@ def plan_replay(batches: Iterable[EventBatch], *, volume: str | None = None, sin
         ReplayError: no volume given while the recordings hold several, no such volume,
             nothing to replay, or a recorded path that is not a path inside a volume.
     """
-    events: list[tuple] = []
+    ops: list[ReplayOp] = []
     volumes: dict[str, int] = {}
     missing_by_worker: dict[str, int] = {}
+    handles: dict[tuple[str, int], int] = {}  # (worker, session) → handle number
+    workers: dict[str, int] = {}
+    interned: dict[str, str] = {}  # one str per distinct path: recordings repeat paths
+    recorded: dict[str, int] = {}
     for batch in batches:
         volumes[batch.volume] = volumes.get(batch.volume, 0) + len(batch.events)
         if volume is not None and batch.volume != volume:
             continue
         missing_by_worker[batch.worker_id] = max(missing_by_worker.get(batch.worker_id, 0),
                                                  batch.dropped_total + batch.sampled_out_total)
+        worker = workers.setdefault(batch.worker_id, len(workers))
         for event in batch.events:
             if (since_ns is not None and event.start_ns < since_ns) or (
                     until_ns is not None and event.start_ns >= until_ns):
                 continue
-            events.append((event.start_ns, batch.volume, batch.worker_id, event))
+            handle = handles.setdefault((batch.worker_id, event.session), len(handles) + 1) if event.session else 0
+            path = interned.setdefault(event.path, event.path)
+            ops.append(ReplayOp(0, event.op, path, event.target, event.offset, event.size, event.result,
+                                event.errno, event.flags, handle, event.start_ns,
+                                event.start_ns + event.duration_ns, event.pid, event.ino << 16 | worker))
     if volume is None:
         if len(volumes) > 1:
             listing = ", ".join(f"{name} ({count:,} events)" for name, count in sorted(volumes.items()))
@@ -284,51 +298,46 @@ def plan_replay(batches: Iterable[EventBatch], *, volume: str | None = None, sin
     if volume is None or volume not in volumes:
         known = ", ".join(sorted(volumes)) or "none"
         raise ReplayError(f"no events of volume {volume!r} in the recordings (volumes: {known})")
-    events.sort(key=lambda item: item[0])
+    ops.sort(key=lambda op: op.start_ns)  # stable: a batch's order breaks ties
 
-    recorded: dict[str, int] = {}
     not_replayed: dict[str, tuple[int, str]] = {}
     unknown_paths = 0
-    opener: dict[str, int] = {}  # handle → thread that opened it
-    lister: dict[tuple[str, int], int] = {}  # (worker, directory inode) → thread of its last opendir
+    opener: dict[int, int] = {}  # handle → thread that opened it
+    lister: dict[int, int] = {}  # directory inode (in its worker) → thread of its last opendir
     streams: dict[int, list[ReplayOp]] = {}
     tracker = _StartTracker()
-    for _start, _volume, worker, event in events:
-        name = event.op
+
+    def leave_out(name: str, why: str) -> None:
+        count, _why = not_replayed.get(name, (0, why))
+        not_replayed[name] = (count + 1, why)
+
+    for op in ops:
+        name = op.op
         recorded[name] = recorded.get(name, 0) + 1
         if name not in REPLAYED_OPS:
-            why = FOLDED_OPS.get(name) or NOT_REPLAYED.get(name, "not replayed")
-            count, _why = not_replayed.get(name, (0, why))
-            not_replayed[name] = (count + 1, why)
-            if name == "opendir" and event.pid:
-                lister[(worker, event.ino)] = event.pid
+            leave_out(name, FOLDED_OPS.get(name) or NOT_REPLAYED.get(name, "not replayed"))
+            if name == "opendir" and op.thread:
+                lister[op.directory] = op.thread
             continue
-        if event.path == "?" or (name in {"rename", "link"} and event.target in {"", "?"}):
+        if op.path == "?" or (name in {"rename", "link"} and op.target in {"", "?"}):
             unknown_paths += 1
             continue
-        handle = f"{worker}/{event.session}" if event.session else ""
-        op = ReplayOp(index=0, op=name, path=check_path(event.path),
-                      target=check_path(event.target) if name in {"rename", "link"} else event.target,
-                      offset=event.offset, size=event.size, result=event.result, errno=event.errno,
-                      flags=event.flags, handle=handle, start_ns=event.start_ns,
-                      end_ns=event.start_ns + event.duration_ns)
-        if name in {"open", "create"} and handle:
-            opener[handle] = event.pid
-            thread = event.pid
-        elif name in SESSION_OPS and handle:
-            thread = opener.get(handle, event.pid)
+        check_path(op.path)
+        if name in {"rename", "link"}:
+            check_path(op.target)
+        if name in {"open", "create"} and op.handle:
+            opener[op.handle] = op.thread
+        elif name in SESSION_OPS and op.handle:
+            op.thread = opener.get(op.handle, op.thread)
         elif name in DIRECTORY_HANDLE_OPS:
-            thread = lister.get((worker, event.ino), event.pid)
-        else:
-            thread = event.pid
-        if name in {"readdir", "readdirplus"} and event.offset != 0:
-            # A continuation of the listing its first readdir replays whole.
-            count, _why = not_replayed.get(name + " (continued)", (0, ""))
-            not_replayed[name + " (continued)"] = (count + 1, "part of the listing replayed at its first readdir")
+            op.thread = lister.get(op.directory, op.thread)
+        if name in {"readdir", "readdirplus"} and op.offset != 0:
+            leave_out(name + " (continued)", "part of the listing replayed at its first readdir")
             continue
         tracker.add(op)
-        streams.setdefault(thread, []).append(op)
-    ordered = sorted((op for ops in streams.values() for op in ops), key=lambda op: (op.start_ns, op.end_ns))
+        streams.setdefault(op.thread, []).append(op)
+    del ops
+    ordered = sorted((op for stream in streams.values() for op in stream), key=lambda op: op.start_ns)
     if not ordered:
         raise ReplayError(f"nothing to replay of volume {volume!r}"
                           + (" in that time range" if since_ns is not None or until_ns is not None else ""))

@@ -111,9 +111,9 @@ class _Handle:
         self.direct = direct
 
 
-def aligned_handles(plan: Plan) -> set[str]:
+def aligned_handles(plan: Plan) -> set[int]:
     """Handles whose reads and writes are all :data:`DIRECT_ALIGNMENT`-aligned in offset and size."""
-    aligned: dict[str, bool] = {}
+    aligned: dict[int, bool] = {}
     for stream in plan.streams:
         for op in stream.ops:
             if op.handle and op.op in {"read", "write"}:
@@ -139,8 +139,8 @@ class Replayer:
             raise ValueError(f"timing must be one of {', '.join(TIMINGS)}")
         self.plan, self.target, self.timing, self.pattern = plan, target, timing, pattern
         self.direct_ok = aligned_handles(plan) if direct else set()
-        self.handles: dict[str, _Handle] = {}
-        self.failed_handles: set[str] = set()
+        self.handles: dict[int, _Handle] = {}
+        self.failed_handles: set[int] = set()
         self.outcomes: list[OpOutcome | None] = [None] * plan.ops
         self.skipped: dict[str, int] = {}
         self.direct_handles = self.buffered_handles = 0
