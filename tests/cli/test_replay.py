@@ -182,7 +182,7 @@ def test_a_recorded_symlink_cannot_lead_the_replay_outside_its_target(tmp_path: 
     assert rows["write"]["replayed_errors"] == 1, "no handle: its create failed"
 
 
-def test_closed_timing_keeps_think_time_and_asap_drops_it(tmp_path: Path) -> None:
+def test_closed_timing_keeps_think_time_scaled_and_asap_drops_it(tmp_path: Path) -> None:
     think_ms = 300
     events = [ev("getattr", "/", t_ms=0), ev("getattr", "/", t_ms=think_ms), ev("getattr", "/", t_ms=2 * think_ms)]
     recordings = record(tmp_path / "rec", events)
@@ -191,6 +191,10 @@ def test_closed_timing_keeps_think_time_and_asap_drops_it(tmp_path: Path) -> Non
     assert closed["recorded_wall_s"] == pytest.approx(2 * think_ms / 1000, abs=1e-3)
     asap = replay_json(recordings, "--target", tmp_path / "t2", "--timing", "asap")
     assert asap["replayed_wall_s"] < think_ms / 1000, "no think time"
+    slower = replay_json(recordings, "--target", tmp_path / "t3", "--think-scale", "2")
+    assert slower["replayed_wall_s"] >= 4 * think_ms / 1000 and slower["think_scale"] == 2
+    faster = replay_json(recordings, "--target", tmp_path / "t4", "--think-scale", "0.5")
+    assert think_ms / 1000 <= faster["replayed_wall_s"] < 2 * think_ms / 1000, "compute twice as fast"
 
 
 def test_bad_input_gets_a_clear_error_and_changes_nothing(tmp_path: Path) -> None:

@@ -430,6 +430,9 @@ def analyze(paths: tuple[Path, ...], volumes: tuple[str, ...], since, until, top
               help="closed: each thread waits for its ops and keeps its think time (an application); asap: no "
                    "think time, every thread at once (the most the target gives this op mix); open: every op "
                    "at its recorded time, however slow the target (requests from outside).")
+@click.option("--think-scale", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="closed timing: the recorded think time (the application's compute between ops) times this, "
+                   "e.g. 0.5 for a job whose compute runs twice as fast.")
 @click.option("--direct/--buffered", default=True, show_default=True,
               help="Read and write with O_DIRECT where the requests are 4 KiB-aligned, so the target serves "
                    "the recorded requests and no page cache answers them.")
@@ -440,7 +443,7 @@ def analyze(paths: tuple[Path, ...], volumes: tuple[str, ...], since, until, top
 @click.option("--force", is_flag=True, help="Prepare a non-empty target that `interposer replay` did not prepare.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def replay(paths: tuple[Path, ...], target: Path, volume: str | None, since, until, timing: str,  # noqa: ANN001
-           direct: bool, prepare: bool, prepare_only: bool, force: bool, as_json: bool) -> None:
+           think_scale: float, direct: bool, prepare: bool, prepare_only: bool, force: bool, as_json: bool) -> None:
     """Replay a volume's recorded ops into another directory, and compare the times.
 
     PATHS are recordings, as for `interposer analyze`. The ops that reached the worker
@@ -483,18 +486,36 @@ def replay(paths: tuple[Path, ...], target: Path, volume: str | None, since, unt
             if prepare_only:
                 click.echo(f"prepared {target}: {prepared}")
                 return
-            run = Replayer(plan, where, timing=timing, direct=direct, pattern=pattern).run()
+            replayer = Replayer(plan, where, timing=timing, direct=direct, pattern=pattern, think_scale=think_scale)
+            run = _run_with_progress(replayer, plan.ops)
+    except KeyboardInterrupt:
+        interrupted = click.ClickException("interrupted: the replay stopped; files it opened are closed")
+        interrupted.exit_code = 130  # 128 + SIGINT, as a shell reports it
+        raise interrupted from None
     except (AnalysisError, ReplayError, RecordingError) as exc:
         raise click.UsageError(str(exc)) from None
     except OSError as exc:
         raise click.ClickException(f"{exc.filename or target}: {exc.strerror or exc}") from None
-    report = build_report(plan, run, target=str(target), timing=timing, prepared=prepared)
+    report = build_report(plan, run, target=str(target), timing=timing, prepared=prepared, think_scale=think_scale)
     if as_json:
         click.echo(encode_report(report).decode())
         return
     from ._replay_render import print_report as print_replay
 
     print_replay(report)
+
+
+def _run_with_progress(replayer, total: int):  # noqa: ANN001, ANN202
+    """Run ``replayer``, with a progress bar on stderr when it is a terminal."""
+    if not sys.stderr.isatty():
+        return replayer.run()
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("replaying"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task("replay", total=total)
+        return replayer.run(on_progress=lambda done: progress.update(task, completed=done))
 
 
 # ---- policy ------------------------------------------------------------------------

@@ -30,8 +30,9 @@ def print_report(report: ReplayReport, console: Console | None = None) -> None:
     """Print ``report`` to stdout (or ``console``)."""
     console = console or Console(width=None if sys.stdout.isatty() else WIDTH_WHEN_PIPED)
     prepared = report.prepared
+    scale = f", think time × {report.think_scale:g}" if report.timing == "closed" and report.think_scale != 1 else ""
     console.print(f"[bold]replay of volume {report.volume}[/bold] into {report.target} "
-                  f"(timing {report.timing}): {report.ops:,} ops of {report.threads} thread(s)")
+                  f"(timing {report.timing}{scale}): {report.ops:,} ops of {report.threads} thread(s)")
     if prepared is not None:
         console.print(f"prepared: {prepared.directories} directories, {prepared.files} files "
                       f"({human_bytes(prepared.bytes_written)} written), {prepared.symlinks} symlinks, "

@@ -55,7 +55,8 @@ class ReplayReport(msgspec.Struct, frozen=True, kw_only=True):
     Attributes:
         volume: the recorded volume.
         target: the directory replayed into.
-        timing: ``closed``, ``asap`` or ``open`` (docs/telemetry.md, "Replay").
+        timing: ``closed``, ``asap`` or ``open`` (docs/telemetry.md, "interposer replay").
+        think_scale: what ``closed`` timing multiplied the recorded think time by.
         threads: application threads (streams) replayed.
         ops: ops replayed.
         recorded_wall_s: from the first replayed op's start to the last one's end in the recording, seconds.
@@ -77,6 +78,7 @@ class ReplayReport(msgspec.Struct, frozen=True, kw_only=True):
     volume: str
     target: str
     timing: str
+    think_scale: float
     threads: int
     ops: int
     recorded_wall_s: float
@@ -108,8 +110,8 @@ def _seconds(ns: int | None) -> float | None:
     return None if ns is None else ns / _NS_PER_S
 
 
-def build_report(plan: Plan, run: RunResult, *, target: str, timing: str,
-                 prepared: Prepared | None) -> ReplayReport:
+def build_report(plan: Plan, run: RunResult, *, target: str, timing: str, prepared: Prepared | None,
+                 think_scale: float = 1.0) -> ReplayReport:
     """Compare ``plan`` (the recording) with ``run`` (its replay)."""
     recorded: dict[str, list[int]] = {}
     recorded_errors: dict[str, int] = {}
@@ -146,7 +148,7 @@ def build_report(plan: Plan, run: RunResult, *, target: str, timing: str,
     replayed_wall = run.wall_ns / _NS_PER_S
     late = sorted(outcome.late_ns for outcome in run.outcomes)
     return ReplayReport(
-        volume=plan.volume, target=target, timing=timing, threads=len(plan.streams), ops=len(run.outcomes),
+        volume=plan.volume, target=target, timing=timing, think_scale=think_scale, threads=len(plan.streams), ops=len(run.outcomes),
         recorded_wall_s=recorded_wall, replayed_wall_s=replayed_wall,
         wall_ratio=replayed_wall / recorded_wall if recorded_wall > 0 else None,
         recorded_busy_s=sum(sum(d) for d in recorded.values()) / _NS_PER_S,

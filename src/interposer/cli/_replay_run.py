@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno as errno_module
 import heapq
+import itertools
 import mmap
 import os
 import stat
@@ -50,6 +51,8 @@ PASSED_OPEN_FLAGS = (os.O_ACCMODE | os.O_APPEND | os.O_TRUNC | os.O_DIRECT | os.
 MAX_POOL_THREADS = 64
 #: Name whose attribute a replayed getxattr asks for (the recording has no name: it gets ENODATA like most).
 GETXATTR_NAME = "user.interposer-replay"
+#: How often ``run``'s progress callback is called, seconds.
+PROGRESS_INTERVAL_S = 0.5
 _MIB = 1 << 20
 
 
@@ -131,13 +134,25 @@ class Replayer:
         timing: one of :data:`TIMINGS`.
         direct: use ``O_DIRECT`` for aligned handles (above).
         pattern: at least the largest write's bytes, written by writes.
+        think_scale: ``closed`` timing's think time (and each thread's start) times
+            this: 0.5 replays the job as if its compute were twice as fast.
+
+    Raises:
+        ValueError: an unknown timing, a negative think scale, a pattern too short.
     """
 
     def __init__(self, plan: Plan, target: Target, *, timing: str = "closed", direct: bool = True,
-                 pattern: bytes) -> None:
+                 pattern: bytes, think_scale: float = 1.0) -> None:
         if timing not in TIMINGS:
             raise ValueError(f"timing must be one of {', '.join(TIMINGS)}")
+        if not think_scale >= 0:
+            raise ValueError("think_scale must be ≥ 0")
         self.plan, self.target, self.timing, self.pattern = plan, target, timing, pattern
+        self.think_scale = think_scale
+        #: Ops finished so far (read by a progress display; a counter's latest value).
+        self.done = 0
+        self._counter = itertools.count(1)
+        self._stop = threading.Event()
         self.direct_ok = aligned_handles(plan) if direct else set()
         self.handles: dict[int, _Handle] = {}
         self.failed_handles: set[int] = set()
@@ -155,26 +170,48 @@ class Replayer:
 
     # ---- running -------------------------------------------------------------------------
 
-    def run(self) -> RunResult:
-        """Replay every stream; returns when all ops are done."""
+    def run(self, on_progress: Callable[[int], None] | None = None) -> RunResult:
+        """Replay every stream; returns when all ops are done.
+
+        Args:
+            on_progress: called with the ops finished so far, twice a second, from another thread.
+
+        Raises:
+            KeyboardInterrupt: interrupted; the streams stopped and every file the replay opened is closed.
+        """
         threads = [threading.Thread(target=self._run_stream, args=(stream,), daemon=True,
                                     name=f"replay-{stream.thread}") for stream in self.plan.streams]
-        pool_size = MAX_POOL_THREADS if self.timing == "open" else min(MAX_POOL_THREADS, max(1, self._most_overlapping()))
-        with ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix="replay-pool") as pool:
-            self._pool = pool
-            self._t0 = time.perf_counter_ns()
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-        for handle in list(self.handles.values()):
-            os.close(handle.fd)  # handles the recording never released
-        self.handles.clear()
+        overlapping = MAX_POOL_THREADS if self.timing == "open" else self._most_overlapping()
+        try:
+            with ThreadPoolExecutor(max_workers=min(MAX_POOL_THREADS, max(1, overlapping)),
+                                    thread_name_prefix="replay-pool") as pool:
+                self._pool = pool
+                self._t0 = time.perf_counter_ns()
+                for thread in threads:
+                    thread.start()
+                try:
+                    for thread in threads:
+                        while thread.is_alive():
+                            thread.join(PROGRESS_INTERVAL_S)
+                            if on_progress is not None:
+                                on_progress(self.done)
+                except KeyboardInterrupt:
+                    self._stop.set()  # streams end at their next op; ops in flight finish
+                    for thread in threads:
+                        thread.join()
+                    raise
+        finally:
+            self._close_all()
         outcomes = [outcome for outcome in self.outcomes if outcome is not None]
         end = max((o.issued_ns + o.latency_ns for o in outcomes), default=0)
         start = min((o.issued_ns for o in outcomes), default=0)
         return RunResult(outcomes=outcomes, wall_ns=end - start, direct_handles=self.direct_handles,
                          buffered_handles=self.buffered_handles, skipped=self.skipped)
+
+    def _close_all(self) -> None:
+        for handle in list(self.handles.values()):
+            os.close(handle.fd)  # handles the recording never released, or an interrupted replay's
+        self.handles.clear()
 
     def _most_overlapping(self) -> int:
         most = 0
@@ -188,11 +225,13 @@ class Replayer:
         return most
 
     def _run_stream(self, stream: Stream) -> None:
-        ops, first_ns, timing = stream.ops, self.plan.first_ns, self.timing
+        ops, first_ns, timing, scale = stream.ops, self.plan.first_ns, self.timing, self.think_scale
         pending: list[tuple[int, int, Future | _Done]] = []  # (recorded end, index, completion in ns)
         last_end_rec = last_end_rep = None
         all_done = prev_issue = 0
         for position, op in enumerate(ops):
+            if self._stop.is_set():
+                break
             while timing != "open" and pending and pending[0][0] <= op.start_ns:
                 end_rec, _index, done = heapq.heappop(pending)
                 end_rep = done.result()
@@ -204,12 +243,12 @@ class Replayer:
             elif timing == "asap":
                 due = max(all_done, prev_issue)
             elif last_end_rec is None:
-                due = max(op.start_ns - first_ns, prev_issue)
+                due = max(round((op.start_ns - first_ns) * scale), prev_issue)
             else:
-                due = max(last_end_rep + (op.start_ns - last_end_rec), all_done, prev_issue)
+                due = max(last_end_rep + round((op.start_ns - last_end_rec) * scale), all_done, prev_issue)
             now = time.perf_counter_ns() - self._t0
-            if due > now:
-                time.sleep((due - now) / 1e9)
+            if due > now and self._stop.wait((due - now) / 1e9):
+                break
             prev_issue = max(due, 0)
             overlaps_next = position + 1 < len(ops) and ops[position + 1].start_ns < op.end_ns
             if overlaps_next or timing == "open":
@@ -234,6 +273,7 @@ class Replayer:
                 self.skipped[skip.reason] = self.skipped.get(skip.reason, 0) + 1
             return time.perf_counter_ns() - self._t0
         finished = time.perf_counter_ns()
+        self.done = next(self._counter)
         if begin is None:
             begin, end = issued, finished
         self.outcomes[op.index] = OpOutcome(op.index, begin - self._t0, end - begin, err, moved,
