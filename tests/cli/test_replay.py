@@ -168,8 +168,13 @@ def test_a_replay_does_what_the_recording_did_and_can_run_again(tmp_path: Path) 
 def test_a_recorded_symlink_cannot_lead_the_replay_outside_its_target(tmp_path: Path) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
     events = [
-        ev("symlink", "/esc", t_ms=0, target=str(outside)),
+        ev("symlink", "/link", t_ms=0, target=str(precious)),
+        ev("setattr", "/link", t_ms=0.1, size=0, flags=FATTR_SIZE | FATTR_MODE),
+        ev("getxattr", "/link", t_ms=0.2, err=errno.ENODATA),
+        ev("symlink", "/esc", t_ms=0.3, target=str(outside)),
         ev("create", "/esc/pwned", t_ms=1, session=1, flags=os.O_WRONLY | os.O_CREAT),
         ev("write", "/esc/pwned", t_ms=2, size=BLOCK, result=BLOCK, session=1, pid=0),
         ev("mkdir", "/esc/dir", t_ms=3),
@@ -177,6 +182,7 @@ def test_a_recorded_symlink_cannot_lead_the_replay_outside_its_target(tmp_path: 
     ]
     report = replay_json(record(tmp_path / "rec", events), "--target", tmp_path / "target")
     assert list(outside.iterdir()) == []
+    assert precious.read_text() == "keep me" and oct(precious.stat().st_mode) == oct(0o100644)
     rows = {row["op"]: row for row in report["per_op"]}
     assert rows["create"]["replayed_errors"] == rows["mkdir"]["replayed_errors"] == 1
     assert rows["write"]["replayed_errors"] == 1, "no handle: its create failed"

@@ -405,14 +405,16 @@ class Replayer:
     def _setattr(self, op: ReplayOp, dir_fd: int, name: str) -> None:
         fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
         try:
-            node = f"/proc/self/fd/{fd}"  # the inode itself, never a symlink's target
-            if op.flags & FATTR_SIZE:
+            mode = os.fstat(fd).st_mode
+            # The inode itself, never a symlink's target: used only where fd is no symlink.
+            node = f"/proc/self/fd/{fd}"
+            if op.flags & FATTR_SIZE and stat.S_ISREG(mode):
                 os.truncate(node, op.size)
-            if op.flags & FATTR_MODE:
+            if op.flags & FATTR_MODE and not stat.S_ISLNK(mode):
                 # The new mode is not recorded: set the one it has, a change the target serves alike.
-                os.chmod(node, stat.S_IMODE(os.fstat(fd).st_mode))
+                os.chmod(node, stat.S_IMODE(mode))
             if op.flags & (FATTR_UID | FATTR_GID):
-                os.chown(node, -1, -1)
+                os.chown(name, -1, -1, dir_fd=dir_fd, follow_symlinks=False)
             if op.flags & (FATTR_ATIME | FATTR_MTIME | FATTR_CTIME):
                 os.utime(name, dir_fd=dir_fd, follow_symlinks=False)
         finally:
@@ -438,6 +440,8 @@ class Replayer:
     def _xattr(self, op: ReplayOp, dir_fd: int, name: str) -> None:
         fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
         try:
+            if stat.S_ISLNK(os.fstat(fd).st_mode):
+                raise _Skip(f"{op.op}: of a symlink (its path would be followed)")
             node = f"/proc/self/fd/{fd}"
             if op.op == "listxattr":
                 os.listxattr(node)
