@@ -101,6 +101,7 @@ from interposer.proto.profiles import PROFILES, expand_profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _host import HostMeter, machine  # noqa: E402 - bench/_host.py
+from _mounts import unmount  # noqa: E402 - bench/_mounts.py
 from fuse_trace import FuseRequestTrace, available  # noqa: E402 - bench/fidelity/fuse_trace.py
 
 MIB = 1 << 20
@@ -510,12 +511,7 @@ class Mount:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        subprocess.run(["fusermount3", "-u", str(self.mountpoint)], check=False, capture_output=True)
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            subprocess.run(["fusermount3", "-uz", str(self.mountpoint)], check=False, capture_output=True)
+        unmount(self.proc, self.mountpoint)
 
 
 def _fio_argv(directory: Path, qd: int, file_bytes: int, aio: bool = False) -> list[str]:

@@ -42,6 +42,7 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _host import HostMeter, machine  # noqa: E402
+from _mounts import unmount  # noqa: E402
 
 from interposer.cli._metrics import scrape, total  # noqa: E402
 from interposer.cli._procs import Child, start_nats_server  # noqa: E402
@@ -96,12 +97,7 @@ class _Mount:
         return self.mountpoint
 
     def __exit__(self, *exc: object) -> None:
-        subprocess.run(["fusermount3", "-u", str(self.mountpoint)], check=False, capture_output=True)
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            subprocess.run(["fusermount3", "-uz", str(self.mountpoint)], check=False, capture_output=True)
+        unmount(self.proc, self.mountpoint)
 
 
 def _job(root: Path, options: list[str]) -> float:

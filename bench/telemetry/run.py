@@ -45,6 +45,9 @@ from interposer.cli._metrics import scrape, total
 from interposer.cli._procs import Child, cpu_seconds, start_nats_server
 from interposer.proto import EventBatch, OpEvent, subjects
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _mounts import unmount  # noqa: E402 - bench/_mounts.py
+
 #: Events per published batch (the worker's ``batch_max_events`` default).
 BATCH_EVENTS = 5_000
 #: Longest wait for a collector or a mount to come up, seconds.
@@ -191,15 +194,6 @@ def _mount(nats_url: str, work: Path, name: str, extra: list[str]) -> tuple[subp
     return proc, mountpoint
 
 
-def _unmount(proc: subprocess.Popen, mountpoint: Path) -> None:
-    subprocess.run(["fusermount3", "-u", str(mountpoint)], check=False, capture_output=True)
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        subprocess.run(["fusermount3", "-uz", str(mountpoint)], check=False, capture_output=True)
-
-
 def _fio_iops(directory: Path, runtime_s: float, size: str) -> float:
     argv = ["fio", "--name=bench", f"--directory={directory}", "--ioengine=psync", "--direct=1", "--bs=4k",
             "--rw=randread", f"--size={size}", "--fallocate=truncate", "--time_based", f"--runtime={runtime_s:g}s",
@@ -222,7 +216,7 @@ def bench_datapath(nats_url: str, work: Path, runtime_s: float, size: str) -> di
                 result[name]["events_dropped"] = int(total(scrape(url), "interposer_events_dropped_total",
                                                            {"volume": f"bench-{name}"}))
             finally:
-                _unmount(proc, mountpoint)
+                unmount(proc, mountpoint)
     finally:
         child.stop()
     on, off = result["events-on"]["iops"], result["events-off"]["iops"]

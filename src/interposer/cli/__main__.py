@@ -353,6 +353,38 @@ def _time_bound(ctx: click.Context, param: click.Parameter, value: str | None): 
         raise click.BadParameter(str(exc), ctx, param) from None
 
 
+def _recordings_or_default(paths: tuple[Path, ...]) -> tuple[Path, ...]:
+    """``paths``, or the running (or last) embedded stack's recordings directory.
+
+    Raises:
+        click.UsageError: no paths, and the stack has recorded nothing.
+    """
+    if paths:
+        return paths
+    default = _default_recordings()
+    if not default.is_dir():
+        raise click.UsageError(f"no recordings at {default}: `interposer up` records there (or pass "
+                               "recording files or directories; INTERPOSER_STATE_DIR names another stack)")
+    return (default,)
+
+
+def _time_range(files: list[Path], volumes: frozenset[str], since, until) -> tuple[int | None, int | None]:  # noqa: ANN001
+    """``--since``/``--until`` as ns since the epoch (None = open); a relative bound counts back from the newest event.
+
+    Raises:
+        AnalysisError: a relative bound, and no events of ``volumes`` in ``files``.
+    """
+    from ._analyze import AnalysisError, newest_event_ns, read_recordings
+
+    if not ((since and since.at_ns is None) or (until and until.at_ns is None)):
+        return (since.at_ns if since else None), (until.at_ns if until else None)
+    newest = newest_event_ns(read_recordings(files), volumes)  # one pass more to find it
+    if newest is None:
+        raise AnalysisError(f"no events{' of volume ' + ', '.join(sorted(volumes)) if volumes else ''} in "
+                            f"{len(files)} recording(s)")
+    return (since.resolve(newest) if since else None), (until.resolve(newest) if until else None)
+
+
 @main.command()
 @click.argument("paths", nargs=-1, type=click.Path(exists=True, path_type=Path))
 @click.option("--volume", "volumes", multiple=True, callback=lambda ctx, param, value: tuple(
@@ -380,30 +412,13 @@ def analyze(paths: tuple[Path, ...], volumes: tuple[str, ...], since, until, top
     """
     from interposer.proto import RecordingError
 
-    from ._analyze import AnalysisError, encode_report, newest_event_ns, read_recordings, recording_files
+    from ._analyze import AnalysisError, encode_report, read_recordings, recording_files
     from ._analyze import analyze as compute
 
-    if not paths:
-        default = _default_recordings()
-        if not default.is_dir():
-            raise click.UsageError(f"no recordings at {default}: `interposer up` records there (or pass "
-                                   "recording files or directories; INTERPOSER_STATE_DIR names another stack)")
-        paths = (default,)
     wanted = frozenset(volumes)
     try:
-        files = recording_files(paths)
-        since_ns = until_ns = None
-        if (since and since.at_ns is None) or (until and until.at_ns is None):
-            # Relative to the newest event: one pass more to find it.
-            newest = newest_event_ns(read_recordings(files), wanted)
-            if newest is None:
-                raise AnalysisError(f"no events{' of volume ' + ', '.join(sorted(wanted)) if wanted else ''} in "
-                                    f"{len(files)} recording(s)")
-            since_ns = since.resolve(newest) if since else None
-            until_ns = until.resolve(newest) if until else None
-        else:
-            since_ns = since.at_ns if since else None
-            until_ns = until.at_ns if until else None
+        files = recording_files(_recordings_or_default(paths))
+        since_ns, until_ns = _time_range(files, wanted, since, until)
         report = compute(read_recordings(files), volumes=wanted, since_ns=since_ns, until_ns=until_ns, top=top,
                          bucket_s=bucket_s, window_s=window_s, recordings=len(files))
     except (AnalysisError, RecordingError) as exc:
@@ -454,26 +469,15 @@ def replay(paths: tuple[Path, ...], target: Path, volume: str | None, since, unt
     """
     from interposer.proto import RecordingError
 
-    from ._analyze import AnalysisError, newest_event_ns, read_recordings, recording_files
+    from ._analyze import AnalysisError, read_recordings, recording_files
     from ._replay_plan import ReplayError, plan_replay
     from ._replay_report import build_report, encode_report
     from ._replay_run import Replayer, write_pattern
     from ._replay_target import Target
 
-    if not paths:
-        default = _default_recordings()
-        if not default.is_dir():
-            raise click.UsageError(f"no recordings at {default}: `interposer up` records there (or pass "
-                                   "recording files or directories)")
-        paths = (default,)
     try:
-        files = recording_files(paths)
-        wanted = frozenset([volume]) if volume else frozenset()
-        newest = None
-        if (since and since.at_ns is None) or (until and until.at_ns is None):
-            newest = newest_event_ns(read_recordings(files), wanted)
-        since_ns = since.resolve(newest) if since and newest is not None else (since.at_ns if since else None)
-        until_ns = until.resolve(newest) if until and newest is not None else (until.at_ns if until else None)
+        files = recording_files(_recordings_or_default(paths))
+        since_ns, until_ns = _time_range(files, frozenset([volume]) if volume else frozenset(), since, until)
         plan = plan_replay(read_recordings(files), volume=volume, since_ns=since_ns, until_ns=until_ns)
         target.mkdir(parents=True, exist_ok=True)
         with Target(target) as where:
