@@ -214,15 +214,18 @@ class Replayer:
         self.handles.clear()
 
     def _most_overlapping(self) -> int:
-        most = 0
+        """Pool threads the streams may need at once: the sum of each stream's most ops in flight."""
+        total = 0
         for stream in self.plan.streams:
             ends: list[int] = []
+            most = 0
             for op in stream.ops:
                 while ends and ends[0] <= op.start_ns:
                     heapq.heappop(ends)
                 heapq.heappush(ends, op.end_ns)
                 most = max(most, len(ends))
-        return most
+            total += most if most > 1 else 0  # a stream without overlaps runs its ops itself
+        return total
 
     def _run_stream(self, stream: Stream) -> None:
         ops, first_ns, timing, scale = stream.ops, self.plan.first_ns, self.timing, self.think_scale
