@@ -272,9 +272,9 @@ class Replayer:
             moved, err = 0, exc.errno or errno_module.EIO
             begin = end = None
         except _Skip as skip:
-            with self._lock:
-                self.skipped[skip.reason] = self.skipped.get(skip.reason, 0) + 1
-            return time.perf_counter_ns() - self._t0
+            return self._skip(skip.reason)
+        except (ValueError, TypeError) as exc:  # a recorded value no system call takes (a NUL in a name…)
+            return self._skip(f"{op.op}: {type(exc).__name__}")
         finished = time.perf_counter_ns()
         self.done = next(self._counter)
         if begin is None:
@@ -282,6 +282,11 @@ class Replayer:
         self.outcomes[op.index] = OpOutcome(op.index, begin - self._t0, end - begin, err, moved,
                                             max(0, issued - self._t0 - due))
         return finished - self._t0
+
+    def _skip(self, reason: str) -> int:
+        with self._lock:
+            self.skipped[reason] = self.skipped.get(reason, 0) + 1
+        return time.perf_counter_ns() - self._t0
 
     # ---- ops -----------------------------------------------------------------------------
 
