@@ -203,6 +203,16 @@ def test_closed_timing_keeps_think_time_scaled_and_asap_drops_it(tmp_path: Path)
     assert think_ms / 1000 <= faster["replayed_wall_s"] < 2 * think_ms / 1000, "compute twice as fast"
 
 
+def test_open_timing_keeps_the_recorded_clock_and_closed_timing_the_gaps(tmp_path: Path) -> None:
+    """The first op took 290 ms in the recording and is fast here; the second began 10 ms after it ended."""
+    events = [ev("getattr", "/", t_ms=0, duration_us=290_000), ev("getattr", "/", t_ms=300)]
+    recordings = record(tmp_path / "rec", events)
+    opened = replay_json(recordings, "--target", tmp_path / "t1", "--timing", "open")
+    assert opened["replayed_wall_s"] >= 0.29, "issued at its recorded time, whatever the first op took"
+    closed = replay_json(recordings, "--target", tmp_path / "t2")
+    assert closed["replayed_wall_s"] < 0.2, "issued 10 ms after the first op ended here"
+
+
 def test_bad_input_gets_a_clear_error_and_changes_nothing(tmp_path: Path) -> None:
     recordings = record(tmp_path / "rec", WORKLOAD)
     record(tmp_path / "rec", [ev("getattr", "/", t_ms=1)], volume="other")
