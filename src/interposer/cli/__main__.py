@@ -488,7 +488,9 @@ def replay(paths: tuple[Path, ...], target: Path, volume: str | None, since, unt
                 where.check_preparable(force)
                 prepared = where.prepare(plan.start, pattern)
             if prepare_only:
-                click.echo(f"prepared {target}: {prepared}")
+                from ._replay_render import describe_prepared
+
+                click.echo(f"prepared {target}: {describe_prepared(prepared)}")
                 return
             replayer = Replayer(plan, where, timing=timing, direct=direct, pattern=pattern, think_scale=think_scale)
             run = _run_with_progress(replayer, plan.ops)

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from ._analyze_render import WIDTH_WHEN_PIPED, human_bytes
 from ._replay_report import ReplayReport
+from ._replay_target import Prepared
 
 
 def _latency(seconds: float | None) -> str:
@@ -26,6 +27,13 @@ def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}×"
 
 
+def describe_prepared(prepared: Prepared) -> str:
+    """What preparing did, in one line."""
+    return (f"{prepared.directories} directories, {prepared.files} files ({human_bytes(prepared.bytes_written)} "
+            f"written), {prepared.symlinks} symlinks, {prepared.removed} names removed, {prepared.kept} already "
+            "in place")
+
+
 def print_report(report: ReplayReport, console: Console | None = None) -> None:
     """Print ``report`` to stdout (or ``console``)."""
     console = console or Console(width=None if sys.stdout.isatty() else WIDTH_WHEN_PIPED)
@@ -34,9 +42,7 @@ def print_report(report: ReplayReport, console: Console | None = None) -> None:
     console.print(f"[bold]replay of volume {report.volume}[/bold] into {report.target} "
                   f"(timing {report.timing}{scale}): {report.ops:,} ops of {report.threads} thread(s)")
     if prepared is not None:
-        console.print(f"prepared: {prepared.directories} directories, {prepared.files} files "
-                      f"({human_bytes(prepared.bytes_written)} written), {prepared.symlinks} symlinks, "
-                      f"{prepared.removed} names removed, {prepared.kept} already in place")
+        console.print(f"prepared: {describe_prepared(prepared)}")
     console.print(f"wall time: recorded {report.recorded_wall_s:.3f} s, replayed {report.replayed_wall_s:.3f} s "
                   f"([bold]{_ratio(report.wall_ratio)}[/bold]); time in ops: recorded "
                   f"{report.recorded_busy_s:.3f} s (worker), replayed {report.replayed_busy_s:.3f} s (system calls)")
