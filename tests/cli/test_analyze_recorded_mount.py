@@ -12,6 +12,7 @@ import mmap
 import os
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -45,6 +46,24 @@ def _start_collector(tmp_path: Path, nats_url: str, record_dir: Path) -> tuple[C
     url = f"http://127.0.0.1:{int(port_file.read_text())}/metrics"
     child.wait_ready(lambda: total(scrape(url), "interposer_collector_nats_connected") == 1)
     return child, url
+
+
+def wait_until_counted(metrics_url: str, volume: str, after_s: float) -> None:
+    """Wait until the collector has counted every op the worker served up to ``after_s`` (epoch seconds).
+
+    A heartbeat sent after ``after_s`` says how many ops the worker had served by then;
+    once the collector's event counts reach it, every event of those ops is in (and
+    recorded). Comparing with an older heartbeat would miss ops served since.
+    """
+
+    def counted() -> bool:
+        samples = scrape(metrics_url)
+        sent_s = total(samples, "interposer_worker_last_heartbeat_timestamp_seconds", {"volume": volume})
+        served = total(samples, "interposer_worker_ops_total", {"volume": volume})
+        return sent_s > after_s and served > 0 and served == total(samples, "interposer_ops_total",
+                                                                   {"volume": volume})
+
+    wait_until(counted, f"the collector to count every op {volume} served", timeout_s=20)
 
 
 def _direct_write(path: Path, blocks: int) -> None:
@@ -92,12 +111,7 @@ def test_analyze_reports_what_the_application_did_on_a_recorded_mount(
         # Read one whole: asked for more than it holds, got it all (a short read at its end).
         assert _direct_read(small / "a.txt", [0], BLOCK) == [SMALL_BYTES]
 
-        def counted_every_op() -> bool:
-            samples = scrape(metrics_url)
-            served = total(samples, "interposer_worker_ops_total", {"volume": volume})
-            return served > 0 and served == total(samples, "interposer_ops_total", {"volume": volume})
-
-        wait_until(counted_every_op, "the collector to count every op the worker served", timeout_s=20)
+        wait_until_counted(metrics_url, volume, time.time())
         samples = scrape(metrics_url)
         metric_ops: dict[str, int] = {}
         for (name, labels), value in samples.items():

@@ -117,6 +117,35 @@ def test_a_handles_ops_belong_to_the_thread_that_opened_it() -> None:
                          22: [("open", "/b"), ("read", "/b"), ("readdir", "/d")]}
 
 
+# Thread 1, after some work of its own, writes /out/f in a directory it makes; thread 2 then reads it.
+HANDOVER = [
+    *[ev("getattr", "/", t_ms=i / 1000, pid=1) for i in range(300)],
+    ev("mkdir", "/out", t_ms=0.5, pid=1),
+    ev("create", "/out/f", t_ms=1, session=1, pid=1, flags=os.O_WRONLY | os.O_CREAT),
+    ev("write", "/out/f", t_ms=2, size=BLOCK, result=BLOCK, session=1, pid=0, flags=os.O_WRONLY),
+    ev("release", "/out/f", t_ms=3, session=1, pid=0),
+    ev("lookup", "/out/f", t_ms=5, pid=2),
+    ev("open", "/out/f", t_ms=6, session=2, pid=2, flags=os.O_RDONLY),
+    ev("read", "/out/f", t_ms=7, size=BLOCK, result=BLOCK, session=2, pid=0),
+    ev("release", "/out/f", t_ms=8, session=2, pid=0),
+]
+
+
+def test_a_thread_waits_for_what_another_did_to_the_same_path_before_it() -> None:
+    plan = plan_replay([EventBatch(volume="vol", worker_id="w1", seq=1, events=HANDOVER)])
+    ops = {(stream.thread, op.op): op for stream in plan.streams for op in stream.ops}
+    assert ops[(1, "create")].after == (ops[(1, "mkdir")].index,) or ops[(1, "create")].after == (), "same thread"
+    assert ops[(2, "lookup")].after == (ops[(1, "release")].index,), "the writer's last op on /out/f"
+    assert ops[(2, "open")].after == (), "after the lookup, in its own thread"
+
+
+def test_asap_timing_keeps_the_order_between_threads_on_a_shared_file(tmp_path: Path) -> None:
+    """Every thread starts at once, but the reader still finds the writer's file."""
+    report = replay_json(record(tmp_path / "rec", HANDOVER), "--target", tmp_path / "t", "--timing", "asap")
+    assert all(row["errno_differs"] == 0 for row in report["per_op"]), report["per_op"]
+    assert report["read_bytes"] == BLOCK
+
+
 @pytest.mark.parametrize("path", ["a/b", "/a/../b", "/..", "/a//b", "/a/./b", "/a/"])
 def test_a_recorded_path_that_could_leave_the_target_is_refused(path: str) -> None:
     with pytest.raises(ReplayError, match="not a path inside a volume"):

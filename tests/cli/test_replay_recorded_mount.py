@@ -12,17 +12,24 @@ import json
 import os
 import subprocess
 import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from test_analyze_recorded_mount import BLOCK, INTERPOSER, _direct_read, _direct_write, _start_collector
+from test_analyze_recorded_mount import (
+    BLOCK,
+    INTERPOSER,
+    _direct_read,
+    _direct_write,
+    _start_collector,
+    wait_until_counted,
+)
 
 from interposer.cli._analyze import read_recordings, recording_files
-from interposer.cli._metrics import scrape, total
-from interposer_testing import MountedVolume, wait_until
+from interposer_testing import MountedVolume
 
 pytestmark = [pytest.mark.nats, pytest.mark.fuse]
 
@@ -37,13 +44,7 @@ def _record_until_counted(tmp_path: Path, nats_url: str, name: str, volume: str,
     collector, metrics_url = _start_collector(tmp_path / f"{name}-collector", nats_url, record_dir)
     try:
         work()
-
-        def counted_every_op() -> bool:
-            samples = scrape(metrics_url)
-            served = total(samples, "interposer_worker_ops_total", {"volume": volume})
-            return served > 0 and served == total(samples, "interposer_ops_total", {"volume": volume})
-
-        wait_until(counted_every_op, f"the collector to count every op of {volume}", timeout_s=20)
+        wait_until_counted(metrics_url, volume, time.time())
     finally:
         collector.stop()  # drains, then flushes and closes the recording
     return record_dir

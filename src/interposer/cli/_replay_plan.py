@@ -12,10 +12,12 @@ of the ``opendir`` before them. A replay keeps each stream's order and replays i
 ops with the dependencies they had: an op waits for every op of its stream that had
 finished before it began in the recording, plus the same gap after the latest of them
 (its think time), and ops that overlapped (asynchronous I/O, readahead) overlap again.
-This is the per-thread ordering of trace replayers such as ROOT (Weiss et al.,
+Between threads, files carry the order: an op also waits for the op of another thread
+that had finished last on each path it names (and, for ops that change names, on its
+directory) before it began — the resource-oriented ordering of ROOT (Weiss et al.,
 "ROOT: Replaying Multithreaded Traces with Resource-Oriented Ordering", SOSP 2013),
-with threads as the only resource; dependencies between threads are not recorded, so
-each stream's first op starts at its recorded offset from the recording's start.
+with threads and paths as the resources (:func:`_order_across_threads`). A thread's
+first op otherwise starts at its recorded offset from the recording's start.
 
 **Start state.** Whether a path existed when the recording began is read from the first
 op that names it: a create, mkdir, mknod or symlink (or a lookup that found nothing)
@@ -29,9 +31,11 @@ event at the peak (1M events: 0.5 GB, planned in 8–9 s; docs/benchmarks.md, "R
 from __future__ import annotations
 
 import errno as errno_module
+import heapq
 import os
+import posixpath
 import stat
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import msgspec
 
@@ -97,6 +101,9 @@ class ReplayOp(msgspec.Struct, gc=False):
         end_ns: recorded end (start + the worker's service time), ns since the epoch.
         thread: the caller's thread (``OpEvent.pid``; 0 = not given), then the stream's.
         directory: the inode the op addressed in its worker (which listing a readdir continues).
+        after: ops of other threads this one waits for (``index`` es): on each path it
+            names (and on its directory, for ops that change names), the op that had
+            finished last before this one began (:func:`_order_across_threads`).
     """
 
     index: int
@@ -113,6 +120,7 @@ class ReplayOp(msgspec.Struct, gc=False):
     end_ns: int
     thread: int
     directory: int
+    after: tuple[int, ...] = ()
 
 
 class Stream(msgspec.Struct):
@@ -343,10 +351,58 @@ def plan_replay(batches: Iterable[EventBatch], *, volume: str | None = None, sin
                           + (" in that time range" if since_ns is not None or until_ns is not None else ""))
     for index, op in enumerate(ordered):
         op.index = index
+    _order_across_threads(ordered)
     return Plan(volume=volume, streams=[Stream(thread, ops) for thread, ops in sorted(streams.items())],
                 start=tracker.state(), first_ns=ordered[0].start_ns,
                 last_end_ns=max(op.end_ns for op in ordered), recorded_ops=recorded, not_replayed=not_replayed,
                 unknown_paths=unknown_paths, events_missing=sum(missing_by_worker.values()))
+
+
+#: Ops that change the names in their path's directory: they are ordered after what last
+#: happened to the directory itself (a mkdir of it in another thread, say).
+NAMESPACE_OPS = frozenset({"create", "mknod", "mkdir", "symlink", "link", "rename", "unlink", "rmdir"})
+
+
+def _resources(op: ReplayOp) -> Iterator[str]:
+    """The paths whose order across threads ``op`` must keep: its path, its second path, its directory."""
+    yield op.path
+    if op.op in {"rename", "link"}:
+        yield op.target
+    if op.op in NAMESPACE_OPS:
+        yield posixpath.dirname(op.path)
+        if op.op == "rename":
+            yield posixpath.dirname(op.target)
+
+
+def _order_across_threads(ordered: list[ReplayOp]) -> None:
+    """Set each op's ``after``: per path, the op of another thread that had finished last before it began.
+
+    Threads record no dependencies between them, but files do: a thread that opens a
+    file another thread created must not run before the create. So, as ROOT orders
+    replayed ops by the resources they share (Weiss et al., SOSP 2013, "resource-
+    oriented ordering"), an op waits for the latest op on each of its paths
+    (:func:`_resources`) that had ended before it started in the recording. Ops that
+    overlapped on a path stay unordered, as they were.
+
+    Args:
+        ordered: every replayed op, in recorded start order, ``index`` set.
+    """
+    running: dict[str, list[tuple[int, int]]] = {}  # path → heap of (end, index) not yet passed
+    latest: dict[str, tuple[int, int]] = {}  # path → (end, index) of the latest op ended before now
+    for op in ordered:
+        after: list[int] = []
+        for path in _resources(op):
+            heap = running.get(path)
+            while heap and heap[0][0] <= op.start_ns:
+                ended = heapq.heappop(heap)
+                if path not in latest or ended[0] >= latest[path][0]:
+                    latest[path] = ended
+            done = latest.get(path)
+            if done is not None and ordered[done[1]].thread != op.thread and done[1] not in after:
+                after.append(done[1])
+            heapq.heappush(running.setdefault(path, []), (op.end_ns, op.index))
+        if after:
+            op.after = tuple(after)
 
 
 def is_device(mode: int) -> bool:

@@ -153,6 +153,13 @@ class Replayer:
         self.done = 0
         self._counter = itertools.count(1)
         self._stop = threading.Event()
+        #: Per op (``index``): its recorded end, ns since the epoch; when it finished here, ns after the start (-1: not yet).
+        self._recorded_end = [0] * plan.ops
+        for stream in plan.streams:
+            for op in stream.ops:
+                self._recorded_end[op.index] = op.end_ns
+        self._finished = [-1] * plan.ops
+        self._finishing = threading.Condition()
         self.direct_ok = aligned_handles(plan) if direct else set()
         self.handles: dict[int, _Handle] = {}
         self.failed_handles: set[int] = set()
@@ -249,6 +256,13 @@ class Replayer:
                 due = max(round((op.start_ns - first_ns) * scale), prev_issue)
             else:
                 due = max(last_end_rep + round((op.start_ns - last_end_rec) * scale), all_done, prev_issue)
+            if op.after and timing != "open":
+                after = self._wait_for(op.after)
+                if after is None:
+                    break  # stopped
+                for index, finished in zip(op.after, after):
+                    gap = 0 if timing == "asap" else round((op.start_ns - self._recorded_end[index]) * scale)
+                    due = max(due, finished + gap)
             now = time.perf_counter_ns() - self._t0
             if due > now and self._stop.wait((due - now) / 1e9):
                 break
@@ -262,6 +276,24 @@ class Replayer:
         for _end, _index, done in pending:
             done.result()
 
+    def _wait_for(self, indexes: tuple[int, ...]) -> list[int] | None:
+        """Wait until the ops ``indexes`` (of other streams) finished; their finish times, or None when stopped."""
+        finished = self._finished
+        with self._finishing:
+            while any(finished[index] < 0 for index in indexes):
+                if self._stop.is_set():
+                    return None
+                self._finishing.wait(PROGRESS_INTERVAL_S)
+        return [finished[index] for index in indexes]
+
+    def _finish(self, op: ReplayOp) -> int:
+        """Note ``op`` as finished now (for the ops waiting for it); return the time, ns after the start."""
+        now = time.perf_counter_ns() - self._t0
+        with self._finishing:
+            self._finished[op.index] = now
+            self._finishing.notify_all()
+        return now
+
     def _issue(self, op: ReplayOp, due: int) -> int:
         """Run ``op``; record its outcome; return when it finished, ns after the start."""
         issued = time.perf_counter_ns()
@@ -272,21 +304,22 @@ class Replayer:
             moved, err = 0, exc.errno or errno_module.EIO
             begin = end = None
         except _Skip as skip:
-            return self._skip(skip.reason)
+            self._skip(skip.reason)
+            return self._finish(op)
         except (ValueError, TypeError) as exc:  # a recorded value no system call takes (a NUL in a name…)
-            return self._skip(f"{op.op}: {type(exc).__name__}")
+            self._skip(f"{op.op}: {type(exc).__name__}")
+            return self._finish(op)
         finished = time.perf_counter_ns()
         self.done = next(self._counter)
         if begin is None:
             begin, end = issued, finished
         self.outcomes[op.index] = OpOutcome(op.index, begin - self._t0, end - begin, err, moved,
                                             max(0, issued - self._t0 - due))
-        return finished - self._t0
+        return self._finish(op)
 
-    def _skip(self, reason: str) -> int:
+    def _skip(self, reason: str) -> None:
         with self._lock:
             self.skipped[reason] = self.skipped.get(reason, 0) + 1
-        return time.perf_counter_ns() - self._t0
 
     # ---- ops -----------------------------------------------------------------------------
 
