@@ -25,7 +25,7 @@ says it did not; anything else that succeeded says it did. A file must hold at l
 the bytes its reads got before anything wrote or truncated it (``offset + result``).
 
 Memory: one :class:`ReplayOp` per replayed event, each distinct path once: ~0.5 KiB per
-event at the peak (1M events: 0.5 GB, planned in 8–9 s; docs/benchmarks.md, "Replay").
+event at the peak (1M events: 0.53 GB, planned in ~13 s; docs/benchmarks.md, "Replay").
 """
 
 from __future__ import annotations
@@ -314,6 +314,7 @@ def plan_replay(batches: Iterable[EventBatch], *, volume: str | None = None, sin
     lister: dict[int, int] = {}  # directory inode (in its worker) → thread of its last opendir
     streams: dict[int, list[ReplayOp]] = {}
     tracker = _StartTracker()
+    checked: set[str] = set()
 
     def leave_out(name: str, why: str) -> None:
         count, _why = not_replayed.get(name, (0, why))
@@ -330,7 +331,8 @@ def plan_replay(batches: Iterable[EventBatch], *, volume: str | None = None, sin
         if op.path == "?" or (name in {"rename", "link"} and op.target in {"", "?"}):
             unknown_paths += 1
             continue
-        check_path(op.path)
+        if op.path not in checked:  # each distinct path once
+            checked.add(check_path(op.path))
         if name in {"rename", "link"}:
             check_path(op.target)
         if name in {"open", "create"} and op.handle:
@@ -360,7 +362,7 @@ def plan_replay(batches: Iterable[EventBatch], *, volume: str | None = None, sin
 
 #: Ops that change the names in their path's directory: they are ordered after what last
 #: happened to the directory itself (a mkdir of it in another thread, say).
-NAMESPACE_OPS = frozenset({"create", "mknod", "mkdir", "symlink", "link", "rename", "unlink", "rmdir"})
+NAMESPACE_OPS = frozenset({"create", "mknod", "mkdir", "symlink", "link", "rename", "unlink", "rmdir"})  # ⊇ rename, link
 
 
 def _resources(op: ReplayOp) -> Iterator[str]:
@@ -391,7 +393,8 @@ def _order_across_threads(ordered: list[ReplayOp]) -> None:
     latest: dict[str, tuple[int, int]] = {}  # path → (end, index) of the latest op ended before now
     for op in ordered:
         after: list[int] = []
-        for path in _resources(op):
+        # Most ops (reads, writes, stats) name one path: no generator for them.
+        for path in _resources(op) if op.op in NAMESPACE_OPS else (op.path,):
             heap = running.get(path)
             while heap and heap[0][0] <= op.start_ns:
                 ended = heapq.heappop(heap)
