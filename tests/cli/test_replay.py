@@ -146,6 +146,15 @@ def test_asap_timing_keeps_the_order_between_threads_on_a_shared_file(tmp_path: 
     assert report["read_bytes"] == BLOCK
 
 
+def test_a_recording_from_before_the_second_path_leaves_out_what_needs_it() -> None:
+    """Workers older than ``OpEvent.target`` recorded renames, links and symlinks without it."""
+    events = [ev("create", "/a", t_ms=0, session=1), ev("rename", "/a", t_ms=1), ev("link", "/b", t_ms=2),
+              ev("symlink", "/c", t_ms=3), ev("getattr", "?", t_ms=4)]
+    plan = plan_replay([EventBatch(volume="vol", worker_id="w1", seq=1, events=events)])
+    assert [op.op for stream in plan.streams for op in stream.ops] == ["create"]
+    assert plan.unknown_paths == 4
+
+
 @pytest.mark.parametrize("path", ["a/b", "/a/../b", "/..", "/a//b", "/a/./b", "/a/"])
 def test_a_recorded_path_that_could_leave_the_target_is_refused(path: str) -> None:
     with pytest.raises(ReplayError, match="not a path inside a volume"):

@@ -162,7 +162,8 @@ class Plan(msgspec.Struct, kw_only=True):
         last_end_ns: the latest recorded end of a replayed op, ns.
         recorded_ops: ops in the recording's range, by op name.
         not_replayed: ops left out, by op name → (count, why).
-        unknown_paths: ops left out because the worker did not know their inode's path.
+        unknown_paths: ops left out because the worker did not know their inode's path,
+            or a rename, link or symlink has no target (recorded before ``OpEvent.target``).
         events_missing: events the workers dropped or sampled out (the recording is incomplete).
     """
 
@@ -328,7 +329,8 @@ def plan_replay(batches: Iterable[EventBatch], *, volume: str | None = None, sin
             if name == "opendir" and op.thread:
                 lister[op.directory] = op.thread
             continue
-        if op.path == "?" or (name in {"rename", "link"} and op.target in {"", "?"}):
+        if op.path == "?" or (name in {"rename", "link"} and op.target in {"", "?"}) or (
+                name == "symlink" and not op.target):  # unknown, or recorded before events had targets
             unknown_paths += 1
             continue
         if op.path not in checked:  # each distinct path once
