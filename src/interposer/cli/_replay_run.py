@@ -384,18 +384,13 @@ class Replayer:
             raise
         return 0, start, time.perf_counter_ns()
 
-    def _op_read(self, op: ReplayOp) -> tuple[int, int | None, int | None]:
+    def _op_data(self, op: ReplayOp) -> tuple[int, int | None, int | None]:
+        """A read or write of the recorded size at the recorded offset, through the op's handle."""
         handle = self._session(op)
         buffer = self._buffer(op.size)
+        transfer = os.preadv if op.op == "read" else os.pwritev
         start = time.perf_counter_ns()
-        moved = os.preadv(handle.fd, [buffer], op.offset)
-        return moved, start, time.perf_counter_ns()
-
-    def _op_write(self, op: ReplayOp) -> tuple[int, int | None, int | None]:
-        handle = self._session(op)
-        buffer = self._buffer(op.size)
-        start = time.perf_counter_ns()
-        moved = os.pwritev(handle.fd, [buffer], op.offset)
+        moved = transfer(handle.fd, [buffer], op.offset)
         return moved, start, time.perf_counter_ns()
 
     def _op_release(self, op: ReplayOp) -> tuple[int, int | None, int | None]:
@@ -530,8 +525,8 @@ _HANDLERS: dict[str, _Handler] = {
     **{name: Replayer._op_path for name in _PATH_CALLS},
     "open": Replayer._op_open,
     "create": Replayer._op_open,
-    "read": Replayer._op_read,
-    "write": Replayer._op_write,
+    "read": Replayer._op_data,
+    "write": Replayer._op_data,
     "release": Replayer._op_release,
     "fsync": Replayer._op_fsync,
     "fallocate": Replayer._op_fallocate,

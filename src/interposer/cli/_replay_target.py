@@ -22,7 +22,7 @@ import errno
 import os
 import shutil
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import msgspec
@@ -152,25 +152,12 @@ class Target:
                 if self._remove(dir_fd, name):
                     counts["removed"] += 1
         for path in sorted(start.directories, key=lambda p: p.count("/")):  # shallowest first
-            with self.parent(path) as (dir_fd, name):
-                kind = _kind(dir_fd, name)
-                if kind == stat.S_IFDIR:
-                    counts["kept"] += 1
-                    continue
-                if kind is not None:
-                    self._remove(dir_fd, name)
-                os.mkdir(name, 0o755, dir_fd=dir_fd)
-                counts["directories"] += 1
+            made = self._ensure(path, stat.S_IFDIR, lambda dir_fd, name: os.mkdir(name, 0o755, dir_fd=dir_fd))
+            counts["directories" if made else "kept"] += 1
         for path in sorted(start.symlinks):
-            with self.parent(path) as (dir_fd, name):
-                kind = _kind(dir_fd, name)
-                if kind == stat.S_IFLNK:
-                    counts["kept"] += 1
-                    continue
-                if kind is not None:
-                    self._remove(dir_fd, name)
-                os.symlink(UNKNOWN_SYMLINK_CONTENTS, name, dir_fd=dir_fd)
-                counts["symlinks"] += 1
+            made = self._ensure(path, stat.S_IFLNK,
+                                lambda dir_fd, name: os.symlink(UNKNOWN_SYMLINK_CONTENTS, name, dir_fd=dir_fd))
+            counts["symlinks" if made else "kept"] += 1
         for path, size in sorted(start.files.items()):
             with self.parent(path) as (dir_fd, name):
                 written = self._fill(dir_fd, name, size, pattern)
@@ -180,6 +167,18 @@ class Target:
                 counts["files"] += 1
                 counts["bytes_written"] += written
         return Prepared(**counts)
+
+    def _ensure(self, path: str, kind: int, make: Callable[[int, str], object]) -> bool:
+        """Make ``path`` a node of type ``kind`` (``S_IFDIR``…) with ``make(dir_fd, name)``, replacing
+        another type; False if it already was one."""
+        with self.parent(path) as (dir_fd, name):
+            found = _kind(dir_fd, name)
+            if found == kind:
+                return False
+            if found is not None:
+                self._remove(dir_fd, name)
+            make(dir_fd, name)
+            return True
 
     @staticmethod
     def _remove(dir_fd: int, name: str) -> bool:
