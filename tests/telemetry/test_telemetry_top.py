@@ -129,7 +129,9 @@ def test_top_once_shows_a_live_volume(nats_url: str, mount_worker: Callable[...,
     iops, _read_mb, write_mb, p99_ms, errors, faults, late_p99_ms = (float(c) for c in cells[3:10])
     assert iops > 0 and write_mb > 0 and p99_ms >= 1.0, "writes of /data are delayed 1 ms"
     assert errors > 0 and faults > 0, "every read of /faulty fails on purpose"
-    assert 0 <= late_p99_ms < p99_ms  # the delayed writes' lateness: a number, not "-"
+    # The delayed writes' lateness: a number, not "-". Not compared with the p99 of all ops: that
+    # may fall inside the writes' spread, below the tail of their lateness on a busy host.
+    assert late_p99_ms >= 0
     # Each round writes /data whole (one 64 KiB request at 0) and reads /faulty's first 4 KiB (refused, but
     # asked): every request starts a file, and they average 34 KiB.
     assert cells[10:12] == ["100%", "34"], cells

@@ -126,15 +126,22 @@ def test_a_latency_floor_is_paid_once_per_whole_file_read(mount_worker, tmp_path
     assert 0.8 * 0.95 <= elapsed < 1.4  # 8 x 0.1 s; 1.6 s when the read at the end was held too
 
 
-def _timed_preads(path, offsets: list[int], size: int) -> float:
+def _pread_seconds(path, offsets: list[int], size: int) -> list[float]:
+    """Read ``size`` bytes at each of ``offsets`` through one descriptor, in order; seconds each read took."""
     fd = os.open(path, os.O_RDONLY)
+    took = []
     try:
-        started = time.monotonic()
         for offset in offsets:
+            started = time.monotonic()
             assert len(os.pread(fd, size, offset)) == size
-        return time.monotonic() - started
+            took.append(time.monotonic() - started)
+        return took
     finally:
         os.close(fd)
+
+
+def _timed_preads(path, offsets: list[int], size: int) -> float:
+    return sum(_pread_seconds(path, offsets, size))
 
 
 def test_a_disk_latency_is_paid_by_random_reads_not_by_a_sequential_stream(mount_worker, tmp_path) -> None:
@@ -185,16 +192,19 @@ def test_efs_pays_its_read_latency_on_lookups_and_its_write_latency_once_per_cre
     # before the CREATE are inside its floor.
     names = _small_files(tmp_path / "efs", 20, 1)
     vol = mount_worker(backing=tmp_path / "efs", policy=_policy({"type": "profile", "name": "efs"}))
-    started = time.monotonic()
+    lookups_s = []
     for name in names:
+        started = time.monotonic()
         os.stat(vol.mountpoint / name)  # unknown to the kernel yet: one lookup each
-    lookups_s = time.monotonic() - started
+        lookups_s.append(time.monotonic() - started)
     creates_s = []
     for name in names:
         started = time.monotonic()
         os.close(os.open(vol.mountpoint / f"new-{name}", os.O_CREAT | os.O_WRONLY, 0o644))
         creates_s.append(time.monotonic() - started)
-    assert 20 * 0.001 * 0.8 <= lookups_s < 20 * 0.0027  # each pays the read latency, none the write one
+    # each pays the read latency (the sum: a stall only adds), none the write one (the median: a
+    # stall of the VM must not fail the test)
+    assert sum(lookups_s) >= 20 * 0.001 * 0.8 and statistics.median(lookups_s) < 0.0027
     # the median, not the sum: one stall of the VM must not fail the test
     assert 0.0027 * 0.85 <= statistics.median(creates_s) < 0.0027 + 0.001  # not a lookup's latency on top
 
@@ -232,9 +242,12 @@ def test_efs_buffers_writes_until_close_and_streams_a_sequential_read(mount_work
                                       for i in range(2)]
     assert min(sync_closes_s) < 0.0027 * 0.4
     chunks = [i * 128 * 1024 for i in range(128)]
-    sequential_s = _timed_preads(vol.mountpoint / names[0], chunks, 128 * 1024)
+    sequential_s = _pread_seconds(vol.mountpoint / names[0], chunks, 128 * 1024)
     jumping_s = _timed_preads(vol.mountpoint / names[0], chunks[1::2][::-1] + chunks[::2], 128 * 1024)
-    assert sequential_s < 128 * 0.001 / 4  # the first read waits, readahead has the rest
+    # The first read waits, readahead has the rest. The median, not the sum: the sum of 128
+    # unheld reads nears a held read's 1 ms each when other processes share the 2 CPUs, while
+    # a held read is below half its median 1 ms with p ~ 1 %.
+    assert statistics.median(sequential_s) < 0.001 / 2, sorted(sequential_s)[::16]
     assert jumping_s >= 128 * 0.001 * 0.8
     fd = os.open(vol.mountpoint / names[0], os.O_RDONLY | os.O_DIRECT)
     buf = mmap.mmap(-1, 128 * 1024)  # page-aligned, as O_DIRECT wants
