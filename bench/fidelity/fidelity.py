@@ -257,7 +257,7 @@ def sampling_range(latency_quantile: Callable[[float], float], metric: str, n: i
 
     Args:
         latency_quantile: the target latency's quantile function (``Target.latency_quantile``).
-        metric: ``p50``/``p99``/``sync50``/``sync99`` (those quantiles) or ``iops``.
+        metric: ``p50``/``p90``/``p99``/``sync50``/``sync99`` (those quantiles) or ``iops``.
         n: ops measured.
 
     Returns:
@@ -273,7 +273,7 @@ def sampling_range(latency_quantile: Callable[[float], float], metric: str, n: i
         spread = Z_95 * statistics.pstdev(draws) / math.sqrt(n) / mean
         # IOPS = qd / mean latency: a mean latency (1 ± spread) × the target's gives IOPS / (1 ± spread)
         return 1 / (1 + spread), (1 / (1 - spread) if spread < 1 else math.inf)
-    level = {"p50": P50, "p99": P99, "sync50": P50, "sync99": P99}.get(metric)
+    level = {"p50": P50, "p90": 0.90, "p99": P99, "sync50": P50, "sync99": P99}.get(metric)
     if level is None:
         return None
     target = latency_quantile(level)

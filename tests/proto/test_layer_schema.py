@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import typing
 
+import msgspec
 import pytest
 
-from interposer.proto import PolicyError, ProfileLayer, ThrottleLayer, decode_policy, encode_policy
+from interposer.proto import PolicyError, ProfileLayer, StagedWritesLayer, ThrottleLayer, decode_policy, encode_policy
 from interposer.proto.policy import LognormalDistribution, check_glob
 from interposer.proto.profiles import PROFILES, expand_profile
 
@@ -29,6 +30,8 @@ def test_every_layer_kind_round_trips() -> None:
         {"type": "metadata", "readdir_order": "shuffle", "seed": 3, "path_glob": "/big"},
         {"type": "delay", "delay_s": 0.002, "mode": "floor"},
         {"type": "profile", "name": "gp3", "path_glob": "/data/*"},
+        {"type": "staged_writes", "rate_bytes_per_s": 1 << 27, "append_upload_min_bytes": 1 << 21,
+         "distribution": {"type": "lognormal", "median_s": 0.02, "sigma": 0.5}, "seed": 1},
     ]})
     policy = decode_policy(text)
     assert decode_policy(encode_policy(policy)) == policy
@@ -146,13 +149,20 @@ def test_delay_s_still_means_a_fixed_delay() -> None:
     # what would have been valid, for enumerated fields and the layer's type
     ({"type": "throttle", "iops": 5, "ops": ["open"]}, "at `$.layers[0].ops[0]` (one of: read, write)"),
     ({"type": "quota", "bytes": 5, "errno": "EIO"}, "(one of: EDQUOT, ENOSPC)"),
-    ({"type": "nope"}, "(layer types: fault, delay, throttle, quota, metadata, s3_semantics, profile)"),
+    ({"type": "nope"}, "(layer types: fault, delay, throttle, quota, metadata, s3_semantics, staged_writes, profile)"),
     ({"type": "delay", "delay_s": 1, "expires_at_s": 5}, "(a layer's deadline is `expires_at`;"),
     ({"type": "fault", "kind": "short_read", "page_cache": "keep"}, "field `page_cache`: kind 'short_read'"),
     ({"type": "fault", "kind": "short_write", "page_cache": "keep"}, "field `page_cache`: kind 'short_write'"),
     ({"type": "fault", "kind": "corrupt", "page_cache": "keep"}, "field `page_cache`: kind 'corrupt'"),
     ({"type": "quota", "bytes": 10, "page_cache": "keep"}, "field `page_cache`: a quota layer"),
     ({"type": "metadata", "mode": 0o644, "page_cache": "keep"}, "field `page_cache`: a metadata layer"),
+    ({"type": "staged_writes"}, "Object missing required field `rate_bytes_per_s` - at `$.layers[0]`"),
+    ({"type": "staged_writes", "rate_bytes_per_s": 0}, "$.layers[0].rate_bytes_per_s"),
+    ({"type": "staged_writes", "rate_bytes_per_s": 1, "ops": ["write"]}, "field `ops`: a staged_writes layer"),
+    ({"type": "staged_writes", "rate_bytes_per_s": 1, "append_upload_min_bytes": -1},
+     "$.layers[0].append_upload_min_bytes"),
+    ({"type": "staged_writes", "rate_bytes_per_s": 1, "page_cache": "keep"},
+     "field `page_cache`: a staged_writes layer"),
 ])
 def test_bad_layers_are_rejected_with_the_field(layer: dict, expected: str) -> None:
     with pytest.raises(PolicyError) as info:
@@ -184,7 +194,25 @@ def test_every_profile_has_a_source_and_expands_to_throttle_and_delay() -> None:
     for name, profile in PROFILES.items():
         assert profile.source and profile.summary
         layers = expand_profile(ProfileLayer(name=name))
-        assert {type(layer).__name__ for layer in layers} == {"ThrottleLayer", "DelayLayer"}
+        kinds = {type(layer).__name__ for layer in layers}
+        # gcsfuse alone stages changes to existing objects (Mountpoint refuses them: s3_semantics)
+        assert kinds == {"ThrottleLayer", "DelayLayer"} | ({"StagedWritesLayer"} if name == "gcs" else set()), name
+
+
+@pytest.mark.parametrize("name", sorted(PROFILES))
+@pytest.mark.parametrize("op", ["read", "write", "lookup", "getattr", "fsync"])
+def test_every_profile_narrowed_to_one_op_expands_to_valid_layers(name: str, op: str) -> None:
+    # e.g. gcs on reads only: its read delay's lookup cache must not outlive the lookups it caches
+    for layer in expand_profile(ProfileLayer(name=name, ops=frozenset({op}))):
+        assert _one(msgspec.to_builtins(layer)) == layer
+
+
+def test_a_profile_applied_to_reads_only_leaves_its_staged_writes_out() -> None:
+    kinds = [type(layer).__name__ for layer in expand_profile(ProfileLayer(name="gcs", ops=frozenset({"read"})))]
+    assert "StagedWritesLayer" not in kinds and "ThrottleLayer" in kinds
+    [staged] = [layer for layer in expand_profile(ProfileLayer(name="gcs", ops=frozenset({"write"}), path_glob="/c/*"))
+                if isinstance(layer, StagedWritesLayer)]
+    assert staged.ops == frozenset() and staged.path_glob == "/c/*"
 
 
 def test_profile_expansion_carries_glob_ops_and_expiry() -> None:

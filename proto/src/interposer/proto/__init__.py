@@ -34,6 +34,7 @@ from .policy import (
     S3SemanticsLayer as S3SemanticsLayer,
     Selector as Selector,
     SelectorRequest as SelectorRequest,
+    StagedWritesLayer as StagedWritesLayer,
     ThrottleLayer as ThrottleLayer,
     decode_policy as decode_policy,
     decode_record as decode_record,

@@ -700,8 +700,65 @@ class S3SemanticsLayer(_Layer, tag="s3_semantics", kw_only=True):
         return frozenset({"ops", "page_cache"})
 
 
+#: Ops a ``staged_writes`` layer acts on: the open that tells it an object's size, the writes
+#: and truncations that modify it, and the close or fsync that uploads it.
+STAGED_WRITES_OPS: frozenset[str] = frozenset({"open", "write", "setattr", "flush", "fsync"})
+
+
+class StagedWritesLayer(_Layer, tag="staged_writes", kw_only=True):
+    """Charge what an object-store client pays to modify an existing object: download it whole, upload it whole.
+
+    Cloud Storage FUSE (gcsfuse, docs/semantics.md, "Staged Writes"), s3fs-fuse and
+    blobfuse2's file cache cannot change part of an object: at the first write or
+    truncation of an existing, non-empty file they download the whole object to a
+    local file, and the close or fsync after it uploads the whole file again as a
+    new object ("modifying even a single bit of an object results in the full
+    re-upload of the object"). New files, and files opened with ``O_TRUNC``, have
+    nothing to download. This layer holds that first write (or truncation) for one
+    request (``distribution``) plus the object's size at ``rate_bytes_per_s``, and
+    the next ``flush`` of a descriptor opened for writing (``close(2)``) or
+    ``fsync`` for the part of the file the application did not write, at the same
+    rate: the bytes written are already charged as written by the throttle layer
+    of the profile (or the policy) that meters the link. The request that
+    completes the upload is a ``write_behind`` delay's. After the upload the local
+    copy is gone: the next modification downloads again.
+
+    Attributes:
+        rate_bytes_per_s: the client's transfer rate for downloads and uploads,
+            bytes per second.
+        distribution: latency of the request that starts a download (the GET's
+            first byte), seconds; ``None`` = none.
+        append_upload_min_bytes: gcsfuse's exception: writes that only append to
+            an object at least this large download nothing and upload only what
+            was appended (a compose), bytes; ``None`` = no such exception (every
+            modification is a rewrite).
+        seed: seed of this layer's own random source; ``None`` = the worker's shared one.
+
+    ``ops`` is not used (the layer acts on :data:`STAGED_WRITES_OPS`); ``path_glob``
+    limits it to part of the volume. An object's size is read when a file is opened
+    for writing: a file opened before the policy arrived is not charged until it is
+    reopened.
+    """
+
+    rate_bytes_per_s: PositiveLimit
+    distribution: Distribution | None = None
+    append_upload_min_bytes: Annotated[int, msgspec.Meta(ge=0, le=MAX_LIMIT)] | None = None
+    seed: Annotated[int, msgspec.Meta(ge=0, le=MAX_SEED)] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.ops:
+            raise ValueError("field `ops`: a staged_writes layer acts on the opens, writes, truncations and closes "
+                             "of existing files; leave it empty")
+        _check_no_page_cache_choice(self, "staged_writes")
+
+    def fields_not_in_effect(self) -> frozenset[str]:
+        """See :meth:`_Layer.fields_not_in_effect`: it acts on its own ops, whatever the cache."""
+        return frozenset({"ops", "page_cache"})
+
+
 class ProfileLayer(_Layer, tag="profile", kw_only=True):
-    """A named storage profile, expanded by the worker into throttle and delay layers.
+    """A named storage profile, expanded by the worker into throttle and delay layers (and, for ``gcs``, staged_writes).
 
     See :mod:`interposer.proto.profiles` for the profiles and their sources. The
     layer's ``ops``, ``path_glob`` and expiry apply to every expanded layer.
@@ -741,7 +798,8 @@ class ProfileLayer(_Layer, tag="profile", kw_only=True):
         sized_layers(self)
 
 
-Layer = Union[FaultLayer, DelayLayer, ThrottleLayer, QuotaLayer, MetadataLayer, S3SemanticsLayer, ProfileLayer]
+Layer = Union[FaultLayer, DelayLayer, ThrottleLayer, QuotaLayer, MetadataLayer, S3SemanticsLayer, StagedWritesLayer,
+              ProfileLayer]
 
 
 class Policy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):

@@ -1,4 +1,4 @@
-"""Named storage profiles: throttle + delay layers that emulate real storage.
+"""Named storage profiles: throttle + delay layers (and gcsfuse's staged writes) that emulate real storage.
 
 A policy layer ``{"type": "profile", "name": "gp3"}`` is expanded by the worker
 when it compiles the policy (not when the policy is validated), so the stored
@@ -39,6 +39,7 @@ from .policy import (
     OpName,
     NormalDistribution,
     ProfileLayer,
+    StagedWritesLayer,
     ThrottleLayer,
     UniformDistribution,
     WRITE_BEHIND_OPS,
@@ -280,22 +281,29 @@ _GCSFUSE_METADATA_REQUESTS = frozenset({"lookup", "readdir"})
 
 def _object_store_builder(median_s: float, sigma: float,
                           metadata_requests: frozenset[OpName] = _S3_METADATA_REQUESTS,
-                          lookup_cache_s: float = 0.0) -> _Builder:
+                          lookup_cache_s: float = 0.0, append_upload_min_bytes: int | None = None) -> _Builder:
     """An object store through a FUSE client (Mountpoint for Amazon S3; Cloud Storage FUSE with
-    ``_GCSFUSE_METADATA_REQUESTS`` and its stat cache's ``lookup_cache_s``): first-byte latency
-    log-normal(``median_s``, ``sigma``) per request. Each request is its own round trip
-    (``one_floor_per_call`` false): Mountpoint's ``open`` right after a ``lookup`` sends a HeadObject of its
-    own (it revalidates on open unless its metadata cache is enabled)."""
+    ``_GCSFUSE_METADATA_REQUESTS``, its stat cache's ``lookup_cache_s`` and its staged writes of
+    existing objects, whose appends to objects of ``append_upload_min_bytes`` upload only what was
+    appended): first-byte latency log-normal(``median_s``, ``sigma``) per request. Each request is its
+    own round trip (``one_floor_per_call`` false): Mountpoint's ``open`` right after a ``lookup`` sends a
+    HeadObject of its own (it revalidates on open unless its metadata cache is enabled)."""
 
     def build(sizing: Sizing) -> tuple[Layer, ...]:
         latency = LognormalDistribution(median_s=median_s, sigma=sigma)
+        rate = sizing.rate_bytes_per_s or _MOUNTPOINT_THROUGHPUT
+        # gcsfuse: an existing object is downloaded whole before it is changed, and uploaded whole after
+        staged = () if append_upload_min_bytes is None else (StagedWritesLayer(
+            rate_bytes_per_s=rate, distribution=latency, append_upload_min_bytes=append_upload_min_bytes),)
         return (
-            ThrottleLayer(rate_bytes_per_s=sizing.rate_bytes_per_s or _MOUNTPOINT_THROUGHPUT),
+            ThrottleLayer(rate_bytes_per_s=rate),
             # a ranged GET per random read; the client streams a sequential reader (direct or not)
             DelayLayer(ops=frozenset({"read"}) | metadata_requests, mode="floor", distribution=latency,
                        skip_sequential=True, lookup_cache_s=lookup_cache_s, one_floor_per_call=False),
             # writes go out as multipart parts in the background, O_SYNC/O_DIRECT or not; close and fsync
             # wait for the upload to complete (CompleteMultipartUpload); unlink is a DeleteObject
+            # before the upload's completion below: a close first sends what the object needs, then completes it
+            *staged,
             DelayLayer(ops=frozenset({"write", "unlink"}), mode="floor", distribution=latency, write_behind=True,
                        one_floor_per_call=False),
         )
@@ -751,7 +759,8 @@ _PROFILES_AND_BUILDERS = (
         },
     ),
     _profile(
-        _object_store_builder(0.020, 0.5, _GCSFUSE_METADATA_REQUESTS, lookup_cache_s=60.0),
+        _object_store_builder(0.020, 0.5, _GCSFUSE_METADATA_REQUESTS, lookup_cache_s=60.0,
+                              append_upload_min_bytes=2 * MIB),
         name="gcs",
         summary="Google Cloud Storage through Cloud Storage FUSE (the GKE CSI driver's): ~20 ms per request "
                 "(random read, lookup, listing, close after writing); sequential reads streamed; 10 Gbit/s",
@@ -763,14 +772,17 @@ _PROFILES_AND_BUILDERS = (
             "https://cloud.google.com/storage/docs/gcsfuse-performance-and-best-practices): a reader found "
             "sequential is served by fewer, larger reads (only its first read waits here), others by ranged "
             "reads; a new file written in order is uploaded as it is written (streaming writes, the "
-            "default since gcsfuse 3.0) and finalized when closed, other writes are staged in a local "
-            "file and uploaded when closed or fsynced: here close and fsync wait for one request either "
-            "way, the bytes being metered by the throttle as they are written; a lookup is a stat-object "
+            "default since gcsfuse 3.0) and finalized when closed; a change to an existing object is staged "
+            "(docs/semantics.md, 'Staged Writes'): the whole object is downloaded at the first write or "
+            "truncation (one request, then its size at the throughput) and uploaded whole at close or fsync, "
+            "except appends to an object of at least 2 MiB, which download nothing and upload what was "
+            "appended (a staged_writes layer); close and fsync wait for one request either way, the bytes "
+            "written being metered by the throttle as they are written; a lookup is a stat-object "
             "request, its result, found or not, cached for 60 s "
             "by default (metadata-cache.ttl-secs): a lookup of the same path within 60 s of the last one it "
             "paid for costs nothing (lookup_cache_s), nor do getattr and open; a listing is one request; "
-            "unlink is a delete request. Not applied: the whole download that modifying an "
-            "existing object starts (staged writes), the file cache (off unless a cache directory is given), "
+            "unlink is a delete request. Not applied: reads of a staged file served from its local copy, "
+            "the file cache (off unless a cache directory is given), "
             "parallel downloads, the request rates of a bucket (about 5,000 reads and 1,000 writes per "
             "second to start: https://cloud.google.com/storage/docs/request-rate), and gcsfuse's semantics "
             "(non-atomic renames, no hard links)"
@@ -830,16 +842,35 @@ def expand_profile(layer: ProfileLayer) -> list[Layer]:
     """
     out: list[Layer] = []
     for inner in sized_layers(layer):
-        ops = inner.ops
-        if layer.ops:
+        ops, page_cache = inner.ops, layer.page_cache
+        if isinstance(inner, StagedWritesLayer):
+            # it acts on its own ops, as a whole: kept while the profile applies to writes
+            if layer.ops and "write" not in layer.ops:
+                continue
+            page_cache = inner.page_cache
+        elif layer.ops:
             ops = (ops & layer.ops) if ops else layer.ops & _kind_ops(inner)
             if not ops:
                 continue
+            if isinstance(inner, DelayLayer):
+                inner = _without_options_of_other_ops(inner, ops)
         out.append(msgspec.structs.replace(
-            inner, ops=ops, path_glob=layer.path_glob, page_cache=layer.page_cache,
+            inner, ops=ops, path_glob=layer.path_glob, page_cache=page_cache,
             expires_after_s=layer.expires_after_s, expires_at=layer.expires_at,
         ))
     return out
+
+
+def _without_options_of_other_ops(layer: DelayLayer, ops: frozenset[str]) -> DelayLayer:
+    """``layer`` narrowed to ``ops``, without the options of the ops it no longer acts on (the ``gcs``
+    profile's lookup cache when applied to reads only), which its validation would refuse."""
+    return msgspec.structs.replace(
+        layer,
+        lookup_cache_s=layer.lookup_cache_s if "lookup" in ops else 0.0,
+        attr_cache=layer.attr_cache if "getattr" in ops else None,
+        skip_sequential=layer.skip_sequential if ops & {"read", "write"} else False,
+        write_behind=layer.write_behind if "write" in ops else False,
+    )
 
 
 def _kind_ops(layer: Layer) -> frozenset[str]:

@@ -447,7 +447,15 @@ class InterposerOperations(pyfuse3.Operations):
 
     async def open(self, inode, flags, ctx):
         op = self._op("open", inode, ctx, session=self.telemetry.new_session(), open_flags=flags)
-        info = await self._serve(op, lambda: self.backend.open(inode, flags, ctx))
+        if self.stack.sizes_opened_files and opened_for_writing(flags):
+            async def open_sized() -> pyfuse3.FileInfo:
+                info = await self.backend.open(inode, flags, ctx)
+                op.file_size = (await self.backend.getattr(inode, ctx)).st_size
+                return info
+
+            info = await self._serve(op, open_sized)
+        else:
+            info = await self._serve(op, lambda: self.backend.open(inode, flags, ctx))
         writer = _clears_setid(flags, ctx)
         # O_TRUNC truncates whatever the access mode (Linux: O_RDONLY | O_TRUNC too),
         # and the truncation clears set-ID bits, as a truncate(2) would.

@@ -85,6 +85,9 @@ class Op(msgspec.Struct):
             previous one (``OpEvent.sequential``; ``Telemetry.continues``).
         target: the op's second path (``OpEvent.target``): rename's destination,
             link's existing file, symlink's contents, copy_file_range's source.
+        file_size: for ``open`` for writing while a layer asks for it
+            (``Stack.sizes_opened_files``): the file's size once opened (after
+            ``O_TRUNC``), bytes, set by the backend call; -1 = not read.
     """
 
     name: str
@@ -110,6 +113,7 @@ class Op(msgspec.Struct):
     after_hold: "list[HoldStep] | None" = None
     sequential: bool = False
     target: str = ""
+    file_size: int = -1
 
     def hold_reply_until(self, due_ns: int, lead_ns: int) -> None:
         """Hold the reply (``defer_holds``) until at least ``due_ns``, armed ``lead_ns`` early (ns)."""

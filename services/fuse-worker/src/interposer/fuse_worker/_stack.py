@@ -27,12 +27,14 @@ from interposer.proto import (
     ProfileLayer,
     QuotaLayer,
     S3SemanticsLayer,
+    StagedWritesLayer,
     ThrottleLayer,
 )
 from interposer.proto.policy import (
     FAULT_KIND_OPS,
     OPEN_OPS,
     S3_SEMANTICS_OPS,
+    STAGED_WRITES_OPS,
     WRITE_BEHIND_OPS,
     DataOpName,
     OpName,
@@ -40,7 +42,7 @@ from interposer.proto.policy import (
 from interposer.proto.profiles import expand_profile
 
 from ._op import Handler, invoke_backend
-from .layers import Delay, Fault, Metadata, Quota, QuotaContext, S3Semantics, Throttle
+from .layers import Delay, Fault, Metadata, Quota, QuotaContext, S3Semantics, StagedWrites, Throttle
 from .layers._chains import FloorChains
 from .layers._match import compile_glob
 from .layers.quota import QUOTA_OPS
@@ -48,7 +50,7 @@ from .layers.quota import QUOTA_OPS
 ALL_OPS: frozenset[str] = frozenset(typing.get_args(OpName))
 DATA_OPS: frozenset[str] = frozenset(typing.get_args(DataOpName))
 
-LayerRuntime = Fault | Delay | Throttle | Quota | Metadata | S3Semantics
+LayerRuntime = Fault | Delay | Throttle | Quota | Metadata | S3Semantics | StagedWrites
 
 
 _READ_WRITE = frozenset({"read", "write"})
@@ -64,6 +66,8 @@ def ops_of(spec: Layer) -> frozenset[str]:
         return spec.ops or spec.default_ops
     if isinstance(spec, S3SemanticsLayer):
         return S3_SEMANTICS_OPS
+    if isinstance(spec, StagedWritesLayer):
+        return STAGED_WRITES_OPS
     if isinstance(spec, FaultLayer):
         ops = spec.ops or FAULT_KIND_OPS.get(spec.kind, ALL_OPS)
         return ops & OPEN_OPS if spec.on == "open" else ops
@@ -74,8 +78,8 @@ def ops_of(spec: Layer) -> frozenset[str]:
 
 def _flushes_writes_only(spec: Layer) -> bool:
     """True if the layer acts on ``flush`` only after writes: to hold a close after writes it deferred
-    (``write_behind``), or to complete an upload (``s3_semantics``)."""
-    if isinstance(spec, S3SemanticsLayer):
+    (``write_behind``), or to complete an upload (``s3_semantics``, ``staged_writes``)."""
+    if isinstance(spec, (S3SemanticsLayer, StagedWritesLayer)):
         return True
     return isinstance(spec, DelayLayer) and spec.write_behind and bool(spec.ops) and "flush" not in spec.ops
 
@@ -127,6 +131,8 @@ def _runtime(spec: Layer, index: int, rng: random.Random, quota: QuotaContext | 
         return Metadata(spec, rng)
     if isinstance(spec, S3SemanticsLayer):
         return S3Semantics(spec, index)
+    if isinstance(spec, StagedWritesLayer):
+        return StagedWrites(spec, rng)
     if isinstance(spec, QuotaLayer):
         if quota is None:
             raise QuotaUnavailable("quota layers need the worker's QuotaContext")
@@ -175,6 +181,8 @@ class Stack:
             epoch; None if none expires.
         has_quota: a quota layer is in force (its state is the trio thread's).
         holds_reads: a delay layer that can act applies to ``read``.
+        sizes_opened_files: a layer needs the size of each file opened for
+            writing (``Op.file_size``).
     """
 
     def __init__(
@@ -229,6 +237,8 @@ class Stack:
         flushing = [e.spec for e in active if "flush" in ops_of(e.spec)]
         self._flush_globs = [compile_glob(spec.path_glob) for spec in flushing if not _flushes_writes_only(spec)]
         self._written_flush_globs = [compile_glob(spec.path_glob) for spec in flushing if _flushes_writes_only(spec)]
+        #: A layer needs the size of each file opened for writing (``Op.file_size``: ``staged_writes``).
+        self.sizes_opened_files = any(isinstance(e.runtime, StagedWrites) for e in active)
         #: Layers keeping per-handle state (``s3_semantics``), told when a handle is released.
         self._release_hooks = [e.runtime.released for e in active if isinstance(e.runtime, S3Semantics)]
 

@@ -17,4 +17,5 @@ from .quota import (
     walk_usage as walk_usage,
 )
 from .s3_semantics import S3Semantics as S3Semantics, S3SemanticsStatistics as S3SemanticsStatistics
+from .staged_writes import StagedWrites as StagedWrites, StagedWritesStatistics as StagedWritesStatistics
 from .throttle import Throttle as Throttle, ThrottleStatistics as ThrottleStatistics, TokenBucket as TokenBucket

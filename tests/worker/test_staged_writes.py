@@ -1,0 +1,194 @@
+"""The staged_writes layer: an existing object is downloaded whole before a change and uploaded whole after.
+
+Virtual time (trio's MockClock) with a fake backend for the charges; a real mount for
+what an application sees.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+import trio
+import trio.testing
+
+from interposer.fuse_worker import Op, Stack
+from interposer.proto import Policy, ProfileLayer, StagedWritesLayer
+from interposer.proto.events import FATTR_SIZE, FATTR_MODE
+from interposer.proto.policy import FixedDistribution
+
+MIB = 1 << 20
+RATE = 4 * MIB  # bytes/s: a second per 4 MiB moved
+REQUEST_S = 0.1
+
+
+def _stack(**fields) -> Stack:
+    layer = StagedWritesLayer(rate_bytes_per_s=RATE, distribution=FixedDistribution(delay_s=REQUEST_S), **fields)
+    return Stack(Policy(layers=[layer]), 1)
+
+
+async def _served_s(stack: Stack, op: Op, result=None) -> float:
+    """Seconds (virtual) ``op`` took through ``stack`` over a backend answering at once with ``result``."""
+    async def call():
+        if op.name == "open":
+            op.file_size = op.size  # the adapter reads it after the open; tests pass it as size
+        return op.size if result is None else result
+
+    chain = stack.chains.get(op.name)
+    started = trio.current_time()
+    await (call() if chain is None else chain(op, call))
+    return trio.current_time() - started
+
+
+def _run(main):
+    return trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def _open(ino: int, size: int, flags: int = os.O_WRONLY) -> Op:
+    return Op("open", ino, f"/f{ino}", size=size, open_flags=flags)
+
+
+def _write(ino: int, offset: int, size: int, flags: int = os.O_WRONLY) -> Op:
+    return Op("write", ino, f"/f{ino}", offset=offset, size=size, open_flags=flags)
+
+
+def _close(ino: int, flags: int = os.O_WRONLY) -> Op:
+    return Op("flush", ino, f"/f{ino}", open_flags=flags)
+
+
+def test_changing_an_existing_object_downloads_it_once_and_uploads_it_whole() -> None:
+    stack = _stack()
+
+    async def main() -> list[float]:
+        took = [await _served_s(stack, _open(2, 8 * MIB))]
+        took.append(await _served_s(stack, _write(2, MIB, 4096)))  # the download: 0.1 s + 8 MiB at 4 MiB/s
+        took.append(await _served_s(stack, _write(2, 2 * MIB, 4096)))  # the local copy has it
+        took.append(await _served_s(stack, _close(2)))  # the 8 MiB - 8 KiB not written go up again
+        took.append(await _served_s(stack, _close(2)))  # nothing changed since
+        took.append(await _served_s(stack, _write(2, 0, 4096)))  # the local copy went with the upload
+        return took
+
+    took = _run(main)
+    assert took[0] == 0 and took[2] == 0 and took[4] == 0
+    assert took[1] == pytest.approx(REQUEST_S + 2.0)
+    assert took[3] == pytest.approx((8 * MIB - 8192) / RATE)
+    assert took[5] == pytest.approx(REQUEST_S + 2.0)
+
+
+def test_new_and_truncated_files_and_readers_pay_nothing() -> None:
+    stack = _stack()
+
+    async def main() -> list[float]:
+        took = []
+        for open_op in (_open(3, 0), _open(4, 0, os.O_WRONLY | os.O_TRUNC),  # empty once opened
+                        _open(5, 8 * MIB, os.O_RDONLY)):  # a reader changes nothing
+            took.append(await _served_s(stack, open_op))
+            ino = open_op.ino
+            took.append(await _served_s(stack, _write(ino, 0, MIB)))
+            took.append(await _served_s(stack, _close(ino)))
+        return took
+
+    assert _run(main) == [0.0] * 9
+
+
+def test_appends_to_a_large_enough_object_download_nothing_and_upload_what_was_appended() -> None:
+    # gcsfuse: "if an append is done to the end of a file, where the original file is at least 2MB,
+    # then only the appended content is uploaded"
+    stack = _stack(append_upload_min_bytes=2 * MIB)
+
+    async def main() -> list[float]:
+        took = [await _served_s(stack, _open(2, 4 * MIB)), await _served_s(stack, _open(3, MIB))]
+        took.append(await _served_s(stack, _write(2, 4 * MIB, 4096)))
+        took.append(await _served_s(stack, _write(2, 4 * MIB + 4096, 4096)))
+        took.append(await _served_s(stack, _close(2)))
+        took.append(await _served_s(stack, _write(3, MIB, 4096)))  # below 2 MiB: rewritten
+        took.append(await _served_s(stack, _close(3)))
+        took.append(await _served_s(stack, _write(2, 0, 4096)))  # not an append: the whole object, appends and all
+        return took
+
+    took = _run(main)
+    assert took[:5] == [0.0] * 5
+    assert took[5] == pytest.approx(REQUEST_S + MIB / RATE)
+    assert took[6] == pytest.approx(MIB / RATE)  # the 1 MiB object goes up again, the append is metered as written
+    assert took[7] == pytest.approx(REQUEST_S + (4 * MIB + 8192) / RATE)
+
+
+def test_truncation_to_zero_needs_nothing_and_to_another_size_needs_the_object() -> None:
+    stack = _stack()
+
+    async def main() -> list[float]:
+        took = [await _served_s(stack, _open(2, 8 * MIB)), await _served_s(stack, _open(3, 8 * MIB))]
+        took.append(await _served_s(stack, Op("setattr", 2, "/f2", size=0, mode=FATTR_SIZE)))
+        took.append(await _served_s(stack, _write(2, 0, 4096)))
+        took.append(await _served_s(stack, _close(2)))
+        took.append(await _served_s(stack, Op("setattr", 3, "/f3", mode=FATTR_MODE)))  # chmod: no data
+        took.append(await _served_s(stack, Op("setattr", 3, "/f3", size=4 * MIB, mode=FATTR_SIZE)))
+        took.append(await _served_s(stack, Op("fsync", 3, "/f3")))  # the 4 MiB left, none written
+        return took
+
+    took = _run(main)
+    assert took[:6] == [0.0] * 6
+    assert took[6] == pytest.approx(REQUEST_S + 2.0)
+    assert took[7] == pytest.approx(1.0)
+
+
+def test_writes_arriving_during_the_download_wait_for_it_once() -> None:
+    stack = _stack()
+    ended: list[float] = []
+
+    async def write(offset: int) -> None:
+        await _served_s(stack, _write(2, offset, 4096))
+        ended.append(trio.current_time())
+
+    async def main() -> float:
+        await _served_s(stack, _open(2, 4 * MIB))
+        started = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(write, 0)
+            await trio.sleep(0.5)
+            nursery.start_soon(write, 8192)
+        return started
+
+    started = _run(main)
+    assert [end - started for end in ended] == [pytest.approx(REQUEST_S + 1.0)] * 2
+
+
+def test_the_stack_reads_sizes_and_keeps_flush_on_writers_closes_only_while_such_a_layer_is_in_force() -> None:
+    gcs = Stack(Policy(layers=[ProfileLayer(name="gcs")]), 1)
+    assert gcs.sizes_opened_files
+    assert gcs.acts_on_flush_at("/a", writable=True) and not gcs.acts_on_flush_at("/a", writable=False)
+    assert not Stack(Policy(layers=[ProfileLayer(name="s3")]), 1).sizes_opened_files
+    assert not Stack(Policy(layers=[ProfileLayer(name="gcs", ops=frozenset({"read"}))]), 1).sizes_opened_files
+
+
+def _timed(fn) -> float:
+    started = time.monotonic()
+    fn()
+    return time.monotonic() - started
+
+
+def test_a_mounted_volume_charges_a_change_to_an_existing_file_and_keeps_every_byte(mount_worker, tmp_path) -> None:
+    backing = tmp_path / "bucket"
+    backing.mkdir()
+    (backing / "log.jsonl").write_bytes(b"a" * (16 * MIB))  # an object already in the bucket
+    rate = 64 * MIB  # 16 MiB: 0.25 s each way
+    vol = mount_worker(backing=backing, policy=json.dumps({"layers": [
+        {"type": "staged_writes", "rate_bytes_per_s": rate}]}))
+    path = vol.mountpoint / "log.jsonl"
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        write_s = _timed(lambda: os.write(fd, b"b" * 100))
+        second_write_s = _timed(lambda: os.write(fd, b"c" * 100))
+    finally:
+        close_s = _timed(lambda: os.close(fd))
+    assert write_s >= 16 * MIB / rate  # the whole object came down first
+    assert second_write_s < 16 * MIB / rate / 2
+    assert close_s >= (16 * MIB - 200) / rate * 0.95  # and goes up again whole (the sleep's wake-up lead)
+    assert (backing / "log.jsonl").read_bytes() == b"a" * (16 * MIB) + b"b" * 100 + b"c" * 100
+    # a new file, and an existing one opened with O_TRUNC, have nothing to fetch or send again
+    new_s = _timed(lambda: (vol.mountpoint / "new.bin").write_bytes(b"n" * MIB))
+    truncated_s = _timed(lambda: path.write_bytes(b"t" * MIB))
+    assert new_s < 16 * MIB / rate / 2 and truncated_s < 16 * MIB / rate / 2
+    assert (backing / "log.jsonl").read_bytes() == b"t" * MIB
