@@ -192,3 +192,32 @@ def test_a_mounted_volume_charges_a_change_to_an_existing_file_and_keeps_every_b
     truncated_s = _timed(lambda: path.write_bytes(b"t" * MIB))
     assert new_s < 16 * MIB / rate / 2 and truncated_s < 16 * MIB / rate / 2
     assert (backing / "log.jsonl").read_bytes() == b"t" * MIB
+
+
+def test_the_gcs_profile_rewrites_a_changed_object_but_composes_an_append(mount_worker, tmp_path) -> None:
+    # At a 64 MiB/s link a 16 MiB object takes 0.25 s each way; a request ~20 ms (log-normal,
+    # sigma 0.5: above 0.25 s with p ~ 2e-7), so an append's write and close stay well below.
+    backing = tmp_path / "bucket"
+    backing.mkdir()
+    for name in ("changed.bin", "appended.bin"):
+        (backing / name).write_bytes(b"a" * (16 * MIB))
+    rate = 64 * MIB
+    vol = mount_worker(backing=backing, policy=json.dumps({"layers": [
+        {"type": "profile", "name": "gcs", "rate_bytes_per_s": rate}]}))
+    transfer_s = 16 * MIB / rate
+
+    def change(name: str, flags: int, offset: int) -> tuple[float, float]:
+        fd = os.open(vol.mountpoint / name, os.O_WRONLY | flags)
+        try:
+            write_s = _timed(lambda: os.pwrite(fd, b"b" * 4096, offset))
+        finally:
+            close_s = _timed(lambda: os.close(fd))
+        return write_s, close_s
+
+    changed_write_s, changed_close_s = change("changed.bin", 0, 8 * MIB)
+    appended_write_s, appended_close_s = change("appended.bin", os.O_APPEND, 0)  # O_APPEND: at the end
+    assert changed_write_s >= transfer_s and changed_close_s >= transfer_s * 0.95
+    assert appended_write_s < transfer_s / 2 and appended_close_s < transfer_s
+    assert (backing / "appended.bin").read_bytes() == b"a" * (16 * MIB) + b"b" * 4096
+    changed = (backing / "changed.bin").read_bytes()
+    assert len(changed) == 16 * MIB and changed[8 * MIB:8 * MIB + 4096] == b"b" * 4096
