@@ -89,14 +89,16 @@ def call_with_process_stopped(pid: int, call, timeout_s: float = 5.0):  # noqa: 
     cache) from one that needs the worker: the latter waits until ``pid`` is continued.
     """
     result: list = []
+    caller = threading.Thread(target=lambda: result.append(call()), daemon=True)
     os.kill(pid, signal.SIGSTOP)
     try:
-        caller = threading.Thread(target=lambda: result.append(call()), daemon=True)
         caller.start()
         caller.join(timeout_s)
         return result[0] if result else None
     finally:
         os.kill(pid, signal.SIGCONT)
+        # a call that waited for the process ends now: it must not hold the mount busy when the test unmounts it
+        caller.join(timeout_s)
 
 
 def make_chain(top: Path, name: str, depth: int) -> int:

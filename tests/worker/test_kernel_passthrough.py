@@ -27,16 +27,18 @@ MIB = 1 << 20
 PASSTHROUGH = ["--kernel-passthrough"]
 
 
-def _read_with_worker_stopped(vol, fd: int, size: int, offset: int = 0) -> bytes | None:  # noqa: ANN001
-    """``pread(fd, size, offset)`` while the worker is stopped; None if it did not complete within 5 s."""
-    return call_with_process_stopped(vol.proc.pid, lambda: os.pread(fd, size, offset))
+def _read_with_worker_stopped(vol, fd: int, size: int, offset: int = 0,  # noqa: ANN001
+                              timeout_s: float = 5.0) -> bytes | None:
+    """``pread(fd, size, offset)`` while the worker is stopped; None if it did not complete within ``timeout_s``."""
+    return call_with_process_stopped(vol.proc.pid, lambda: os.pread(fd, size, offset), timeout_s)
 
 
-def _open_and_read_with_worker_stopped(vol, name: str, size: int = MIB, offset: int = 0) -> bytes | None:  # noqa: ANN001
+def _open_and_read_with_worker_stopped(vol, name: str, size: int = MIB, offset: int = 0,  # noqa: ANN001
+                                       timeout_s: float = 5.0) -> bytes | None:
     """Open ``name`` in the mount read-only, then read as :func:`_read_with_worker_stopped`."""
     fd = os.open(vol.mountpoint / name, os.O_RDONLY)
     try:
-        return _read_with_worker_stopped(vol, fd, size, offset)
+        return _read_with_worker_stopped(vol, fd, size, offset, timeout_s)
     finally:
         os.close(fd)
 
@@ -97,7 +99,7 @@ def test_without_the_option_the_same_read_waits_for_the_worker(mount_worker) -> 
     # The control for the test above: the helper does tell the two modes apart.
     vol = mount_worker()
     _backing_file(vol, "data")
-    assert _open_and_read_with_worker_stopped(vol, "data") is None
+    assert _open_and_read_with_worker_stopped(vol, "data", timeout_s=1.0) is None
 
 
 def test_a_layer_acting_on_reads_sees_them_until_it_expires(mount_worker) -> None:
@@ -149,7 +151,7 @@ def test_a_size_override_keeps_its_files_from_passthrough(mount_worker) -> None:
     vol = mount_worker(policy=policy, extra=PASSTHROUGH)
     data = _backing_file(vol, "small", 4096)
     _backing_file(vol, "other")
-    assert _open_and_read_with_worker_stopped(vol, "small", 4096) is None  # not passed through
+    assert _open_and_read_with_worker_stopped(vol, "small", 4096, timeout_s=1.0) is None  # not passed through
     assert _open_and_read_with_worker_stopped(vol, "other") is not None  # the rest of the volume is
     fd = os.open(vol.mountpoint / "small", os.O_RDONLY)
     try:
@@ -241,7 +243,7 @@ def test_backing_files_on_a_stacked_fs_are_left_to_the_worker(mount_worker, tmp_
         assert (vol.mountpoint / "first").read_bytes() == b"f" * 4096
         fd = os.open(vol.mountpoint / "second", os.O_RDONLY)
         try:
-            assert _read_with_worker_stopped(vol, fd, 4096) is None  # a read the worker must serve
+            assert _read_with_worker_stopped(vol, fd, 4096, timeout_s=1.0) is None  # a read the worker must serve
             assert os.pread(fd, 4096, 0) == b"s" * 4096
         finally:
             os.close(fd)
