@@ -49,6 +49,7 @@ def test_an_unreachable_nats_fails_at_once_with_one_line(command: list[str]) -> 
     (["policy", "set", "a.b", "-"], "'a.b' is not a volume id"),
     (["policy", "get", "_sel.gpu"], "'_sel.gpu' is a selector policy: `interposer policy history _sel.gpu`"),
     (["--log-level", "bogus", "policy", "list"], "'bogus' is not one of"),
+    (["demo", "--work-dir", "/nonexistent/demo"], "Directory '/nonexistent/demo' does not exist"),
 ])
 def test_a_bad_argument_is_a_usage_error_not_a_traceback(command: list[str], says: str) -> None:
     result = _run(*command)

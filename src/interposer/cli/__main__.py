@@ -88,7 +88,7 @@ def main(log_level: str) -> None:
 @click.option("--phase-seconds", default=10.0, show_default=True, type=click.FloatRange(1, 3600),
               help="Length of each fio phase, seconds.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
-@click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--work-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Where the temporary backing dir, mount and state go (default: system temp).")
 def demo(phase_seconds: float, as_json: bool, work_dir: Path | None) -> None:
     """Run fio on an interposed volume while its policy changes live.
