@@ -104,6 +104,25 @@ def test_the_start_state_is_read_off_the_first_op_naming_each_path() -> None:
     assert plan.not_replayed["readdir (continued)"][0] == 1, "one listing, replayed at its first readdir"
 
 
+def test_a_log_appended_to_starts_as_long_as_its_first_append_says() -> None:
+    # A job appending a line to a log it found: the kernel sends O_APPEND writes at the file's end,
+    # so the log held 5,000 bytes; on gcs (staged writes) that size is what the append costs.
+    events = [
+        ev("lookup", "/metrics.jsonl", t_ms=0),
+        ev("open", "/metrics.jsonl", t_ms=1, session=1, flags=os.O_WRONLY | os.O_APPEND),
+        ev("write", "/metrics.jsonl", t_ms=2, offset=5000, size=100, result=100, session=1, pid=0,
+           flags=os.O_WRONLY | os.O_APPEND),
+        ev("write", "/metrics.jsonl", t_ms=3, offset=5100, size=100, result=100, session=1, pid=0,
+           flags=os.O_WRONLY | os.O_APPEND),
+        ev("release", "/metrics.jsonl", t_ms=4, session=1, pid=0),
+        ev("lookup", "/scratch", t_ms=5),  # written at an offset without O_APPEND: says nothing of its size
+        ev("open", "/scratch", t_ms=6, session=2, flags=os.O_WRONLY),
+        ev("write", "/scratch", t_ms=7, offset=8192, size=100, result=100, session=2, pid=0, flags=os.O_WRONLY),
+    ]
+    start = plan_replay([EventBatch(volume="vol", worker_id="w1", seq=1, events=events)]).start
+    assert start.files == {"/metrics.jsonl": 5000, "/scratch": 0}
+
+
 def test_a_handles_ops_belong_to_the_thread_that_opened_it() -> None:
     events = [
         ev("open", "/a", t_ms=0, session=1, pid=11), ev("open", "/b", t_ms=0.5, session=2, pid=22),

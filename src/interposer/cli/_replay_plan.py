@@ -140,7 +140,8 @@ class StartState(msgspec.Struct, kw_only=True):
 
     Attributes:
         directories: paths that existed as directories.
-        files: paths that existed as regular files → the least size they had, bytes.
+        files: paths that existed as regular files → the least size they had (what reads got, and where
+            the first append to them began), bytes.
         symlinks: paths that existed as symbolic links (their contents are not recorded).
         absent: paths that did not exist (the recording creates them, or looked for them in vain).
     """
@@ -221,6 +222,7 @@ class _StartTracker:
         self.symlinks: set[str] = set()
         self.sizes: dict[str, int] = {}
         self.reshaped: set[str] = set()
+        self.written: set[str] = set()
 
     def first(self, path: str, existed: bool) -> None:
         if path not in self.seen:
@@ -247,6 +249,11 @@ class _StartTracker:
             self.symlinks.add(path)
         if name == "read" and ok and path not in self.reshaped:
             self.sizes[path] = max(self.sizes.get(path, 0), op.offset + op.result)
+        elif name == "write" and path not in self.written:
+            self.written.add(path)
+            if op.flags & os.O_APPEND and path not in self.reshaped:
+                # the kernel sends an append at the file's end: what the file held before the recording wrote
+                self.sizes[path] = max(self.sizes.get(path, 0), op.offset)
         if name in RESHAPING_OPS or (name == "setattr" and op.flags & FATTR_SIZE) or (
                 name == "open" and op.flags & os.O_TRUNC):
             self.reshaped.add(path)
