@@ -1,17 +1,20 @@
-"""Fidelity of the ``gcs`` profile's staged writes: what changing an existing object costs the application.
+"""Fidelity of staged writes: what whole-object clients cost the application (``gcs``, ``azure-blob``).
 
 Cloud Storage FUSE downloads an existing object whole at the first write (or
 truncation) that changes it and uploads it whole at close, except appends to an
 object of at least 2 MiB, which upload only what was appended; new files are
-streamed (docs/semantics.md, "Staged Writes"; the ``staged_writes`` layer). For each
-case this mounts a worker with the ``gcs`` profile at a link of ``--rate-mib-s``
-over fresh objects laid out in the backing directory beforehand, and times, per
-object, the first ``pwrite`` of 4 KiB after ``open`` and the ``close``:
+streamed (docs/semantics.md, "Staged Writes"). blobfuse2 in caching mode downloads
+every file whole at its open, readers included, and uploads a changed or new file
+whole at close ("Configure BlobFuse for caching mode"). For each case this mounts a
+worker with the profile at a link of ``--rate-mib-s`` over fresh objects laid out in
+the backing directory beforehand, and times, per object, the ``open``, one 4 KiB
+``pwrite`` (or ``pread``) and the ``close``. Targets: one request (the profiles'
+log-normal, median 20 ms, sigma 0.5) plus, where one is due, the transfer at the rate:
 
-* the write: one request (the profile's log-normal, median 20 ms, sigma 0.5) plus
-  the object's size at the rate, where a download is due; else nothing;
-* the close: one request (the upload's completion) plus the bytes the
-  application did not write at the rate, where the object is rewritten.
+* ``gcs``: the write, the download of the object; the close, the re-upload of the
+  bytes the application did not write (the request completing the upload is there
+  either way);
+* ``azure-blob``: the open, the download; the close after a change, the whole file.
 
 So each target is a constant plus the request's log-normal quantile; the printed
 ratio is achieved / target for the p50 and p90, with the range an exact emulation
@@ -38,10 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ (shared h
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _host import HostMeter, machine  # noqa: E402
-from fidelity import Mount, sampling_range  # noqa: E402
+from fidelity import Mount, _sum_quantile_fn, sampling_range  # noqa: E402
 
-from interposer.fuse_worker.layers import quantile  # noqa: E402
-from interposer.proto.policy import LognormalDistribution  # noqa: E402
+from interposer.proto.policy import DelayLayer, LognormalDistribution  # noqa: E402
 
 MIB = 1 << 20
 WRITE_BYTES = 4096
@@ -52,32 +54,61 @@ APPEND_UPLOAD_MIN_BYTES = 2 * MIB
 
 @dataclass
 class Case:
-    """Objects of ``object_bytes`` changed by one 4 KiB write at ``offset`` (``None`` = appended); 0 = new files."""
+    """Objects of ``object_bytes`` (0 = new files) opened through ``profile``, then one 4 KiB access: a write at
+    ``offset`` (``None`` = appended) or, with ``read``, a read; then closed."""
 
+    profile: str
     name: str
     object_bytes: int
     offset: int | None
+    read: bool = False
 
-    def fixed_s(self, rate: float) -> tuple[float | None, float]:
-        """The constant parts of the write's and the close's latency, seconds; None = the write is not held."""
+    def targets(self, rate: float) -> tuple[Hold | None, Hold | None, Hold | None]:
+        """What the open, the access and the close should wait for; None = not held.
+
+        Every object is a name the mount has not looked up, so each open pays the
+        lookup's request first (both profiles hold lookups; a missing name's too).
+        """
+        if self.profile == "azure-blob":  # blobfuse2 caching mode: whole files at open and close
+            open_hold = Hold(2, self.object_bytes / rate) if self.object_bytes else Hold(1, 0.0)
+            size_after = max(self.object_bytes, WRITE_BYTES if self.offset is not None else 0)
+            return open_hold, None, (None if self.read else Hold(1, size_after / rate))
         if self.object_bytes == 0:
-            return None, 0.0  # streamed: nothing to fetch, nothing to send again
+            return Hold(1, 0.0), None, Hold(1, 0.0)  # streamed: nothing to fetch, nothing to send again
         if self.offset is None and self.object_bytes >= APPEND_UPLOAD_MIN_BYTES:
-            return None, 0.0  # a compose of what was appended
-        return self.object_bytes / rate, (self.object_bytes - WRITE_BYTES) / rate
+            return Hold(1, 0.0), None, Hold(1, 0.0)  # a compose of what was appended
+        return Hold(1, 0.0), Hold(1, self.object_bytes / rate), Hold(1, (self.object_bytes - WRITE_BYTES) / rate)
+
+
+@dataclass
+class Hold:
+    """A wait of ``requests`` independent request latencies plus ``fixed_s`` seconds of transfer."""
+
+    requests: int
+    fixed_s: float
+
+    def quantile_fn(self):  # noqa: ANN201 - level in (0, 1) → seconds
+        draws = _sum_quantile_fn([DelayLayer(distribution=REQUEST)] * self.requests)
+        return lambda q: self.fixed_s + draws(q)
 
 
 CASES = [
-    Case("new file, 4 KiB", 0, 0),
-    Case("append 4 KiB to a 1 MiB object", MIB, None),
-    Case("append 4 KiB to a 16 MiB object", 16 * MIB, None),
-    Case("change 4 KiB inside a 16 MiB object", 16 * MIB, 8 * MIB),
-    Case("change 4 KiB inside a 64 MiB object", 64 * MIB, 32 * MIB),
+    Case("gcs", "new file, 4 KiB", 0, 0),
+    Case("gcs", "append 4 KiB to a 1 MiB object", MIB, None),
+    Case("gcs", "append 4 KiB to a 16 MiB object", 16 * MIB, None),
+    Case("gcs", "change 4 KiB inside a 16 MiB object", 16 * MIB, 8 * MIB),
+    Case("gcs", "change 4 KiB inside a 64 MiB object", 64 * MIB, 32 * MIB),
+    Case("azure-blob", "read 4 KiB of a 16 MiB blob", 16 * MIB, 8 * MIB, read=True),
+    Case("azure-blob", "read 4 KiB of a 64 MiB blob", 64 * MIB, 32 * MIB, read=True),
+    Case("azure-blob", "change 4 KiB inside a 16 MiB blob", 16 * MIB, 8 * MIB),
+    Case("azure-blob", "new file, 4 KiB", 0, 0),
 ]
 
 
 def _lay_out(backing: Path, case: Case, count: int) -> list[str]:
-    names = [f"{case.object_bytes}-{case.offset}-{i}" for i in range(count)]
+    """Lay out ``count`` objects of the case (none for new files); their names, unseen by any other case."""
+    tag = f"{case.profile}-{CASES.index(case)}"
+    names = [f"{tag}-{i}" for i in range(count)]
     block = os.urandom(MIB)
     for name in names:
         if case.object_bytes:
@@ -87,35 +118,40 @@ def _lay_out(backing: Path, case: Case, count: int) -> list[str]:
     return names
 
 
-def _change(path: Path, case: Case) -> tuple[float, float]:
-    """Change one object as the case says; seconds the first write and the close took."""
-    flags = os.O_WRONLY | (os.O_CREAT if case.object_bytes == 0 else 0) | (os.O_APPEND if case.offset is None else 0)
-    fd = os.open(path, flags, 0o644)
+def _access(path: Path, case: Case) -> tuple[float, float, float]:
+    """Open one object, access it as the case says, close it; seconds the open, the access and the close took."""
+    flags = (os.O_RDONLY if case.read else os.O_WRONLY) | (os.O_CREAT if case.object_bytes == 0 else 0) | (
+        os.O_APPEND if case.offset is None else 0)
     data = b"w" * WRITE_BYTES
+    started = time.monotonic()
+    fd = os.open(path, flags, 0o644)
+    open_s = time.monotonic() - started
     try:
         started = time.monotonic()
-        if case.offset is None:
+        if case.read:
+            os.pread(fd, WRITE_BYTES, case.offset or 0)
+        elif case.offset is None:
             os.write(fd, data)
         else:
             os.pwrite(fd, data, case.offset)
-        write_s = time.monotonic() - started
+        access_s = time.monotonic() - started
     finally:
         started = time.monotonic()
         os.close(fd)
-    return write_s, time.monotonic() - started
+    return open_s, access_s, time.monotonic() - started
 
 
-def _row(what: str, achieved: list[float], fixed_s: float | None) -> str:
+def _row(what: str, achieved: list[float], hold: Hold | None) -> str:
     got50, got90 = statistics.quantiles(achieved, n=10, method="inclusive")[4::4]
-    if fixed_s is None:
-        return f"  {what:<6} p50 {got50 * 1e3:8.2f} ms, p90 {got90 * 1e3:8.2f} ms  (no hold: target none)"
+    if hold is None:
+        return f"  {what:<6} p50 {got50 * 1e3:8.2f} ms, p90 {got90 * 1e3:8.2f} ms  (not held: no target)"
+    target_fn = hold.quantile_fn()
     cells = []
-    for level, got in ((0.5, got50), (0.9, got90)):
-        target = fixed_s + quantile(REQUEST, level)
-        spread = sampling_range(lambda q: fixed_s + quantile(REQUEST, q), "p50" if level == 0.5 else "p90",
-                                len(achieved))
+    for level, metric, got in ((0.5, "p50", got50), (0.9, "p90", got90)):
+        target = target_fn(level)
+        spread = sampling_range(target_fn, metric, len(achieved))
         span = f" [{spread[0]:.2f}-{spread[1]:.2f}]" if spread else ""
-        cells.append(f"p{round(level * 100)} {got * 1e3:8.2f} / {target * 1e3:8.2f} ms = {got / target:4.2f}{span}")
+        cells.append(f"{metric} {got * 1e3:8.2f} / {target * 1e3:8.2f} ms = {got / target:4.2f}{span}")
     return f"  {what:<6} " + ";  ".join(cells)
 
 
@@ -127,22 +163,24 @@ def main() -> None:
     rate = args.rate_mib_s * MIB
     host = HostMeter()
     print(machine())
-    print(f"gcs profile at {args.rate_mib_s:g} MiB/s; request log-normal median 20 ms, sigma 0.5; "
+    print(f"gcs and azure-blob profiles at {args.rate_mib_s:g} MiB/s; request log-normal median 20 ms, sigma 0.5; "
           f"{args.objects} objects a case; achieved / target (95 % range of an exact emulation)")
     with tempfile.TemporaryDirectory(prefix="staged-writes-") as tmp:
-        backing, mountpoint = Path(tmp, "backing"), Path(tmp, "mnt")
-        backing.mkdir()
-        layouts = [(case, _lay_out(backing, case, args.objects)) for case in CASES]
-        os.sync()
-        layers = [{"type": "profile", "name": "gcs", "rate_bytes_per_s": int(rate)}]
-        with Mount(backing, mountpoint, layers):
-            for case, names in layouts:
-                names = names if case.object_bytes else [f"new-{i}" for i in range(args.objects)]
-                times = [_change(mountpoint / name, case) for name in names]
-                write_fixed, close_fixed = case.fixed_s(rate)
-                print(case.name)
-                print(_row("write", [w for w, _ in times], write_fixed))
-                print(_row("close", [c for _, c in times], close_fixed))
+        for profile in dict.fromkeys(case.profile for case in CASES):
+            backing, mountpoint = Path(tmp, profile, "backing"), Path(tmp, profile, "mnt")
+            backing.mkdir(parents=True)
+            layouts = [(case, _lay_out(backing, case, args.objects)) for case in CASES if case.profile == profile]
+            os.sync()
+            layers = [{"type": "profile", "name": profile, "rate_bytes_per_s": int(rate)}]
+            with Mount(backing, mountpoint, layers):
+                for case, names in layouts:
+                    names = names if case.object_bytes else [f"new-{name}" for name in names]
+                    times = [_access(mountpoint / name, case) for name in names]
+                    holds = case.targets(rate)
+                    print(f"{profile}: {case.name}")
+                    for what, column, hold in zip(("open", "read" if case.read else "write", "close"),
+                                                   zip(*times), holds):
+                        print(_row(what, list(column), hold))
     print(host.report())
 
 

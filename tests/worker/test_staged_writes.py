@@ -155,12 +155,87 @@ def test_writes_arriving_during_the_download_wait_for_it_once() -> None:
     assert [end - started for end in ended] == [pytest.approx(REQUEST_S + 1.0)] * 2
 
 
+def _blob_stack() -> Stack:
+    """blobfuse2's caching mode: whole files down at open, kept 120 s after the last close, up whole at close."""
+    return _stack(download_on_open=True, keep_local_s=120.0, upload="whole")
+
+
+def _release(stack: Stack, ino: int) -> None:
+    stack.released(0, ino)
+
+
+def test_caching_mode_downloads_at_every_open_unless_the_file_was_closed_lately() -> None:
+    stack = _blob_stack()
+
+    async def main() -> list[float]:
+        took = [await _served_s(stack, _open(2, 8 * MIB, os.O_RDONLY))]  # a reader waits for the whole file
+        took.append(await _served_s(stack, Op("read", 2, "/f2", size=MIB)))  # then reads locally
+        took.append(await _served_s(stack, _open(2, 8 * MIB, os.O_RDONLY)))  # a second handle: the copy is there
+        _release(stack, 2)
+        _release(stack, 2)
+        await trio.sleep(100)
+        took.append(await _served_s(stack, _open(2, 8 * MIB, os.O_RDONLY)))  # 100 s after its close: still cached
+        _release(stack, 2)
+        await trio.sleep(121)
+        took.append(await _served_s(stack, _open(2, 8 * MIB, os.O_RDONLY)))  # past the 120 s: down again
+        return took
+
+    took = _run(main)
+    assert took[1:4] == [0.0] * 3
+    assert took[0] == pytest.approx(REQUEST_S + 2.0) and took[4] == pytest.approx(REQUEST_S + 2.0)
+
+
+def test_caching_mode_uploads_changed_new_and_emptied_files_whole_at_close() -> None:
+    stack = _blob_stack()
+
+    async def main() -> list[float]:
+        took = [await _served_s(stack, _open(2, 4 * MIB, os.O_RDWR))]  # down: 1 s
+        took.append(await _served_s(stack, _write(2, 0, 4096, os.O_RDWR)))  # local
+        took.append(await _served_s(stack, _close(2, os.O_RDWR)))  # up whole: 1 s
+        took.append(await _served_s(stack, _close(2, os.O_RDWR)))  # unchanged since
+        create = Op("create", 1, "/new", open_flags=os.O_WRONLY | os.O_CREAT)
+
+        async def created():
+            return None, type("Attrs", (), {"st_ino": 3})()
+
+        chain = stack.chains["create"]
+        await chain(create, created)
+        took.append(await _served_s(stack, Op("write", 3, "/new", size=2 * MIB, open_flags=os.O_WRONLY)))
+        took.append(await _served_s(stack, Op("flush", 3, "/new", open_flags=os.O_WRONLY)))  # up: 0.5 s
+        took.append(await _served_s(stack, _open(4, 0, os.O_WRONLY | os.O_TRUNC)))  # emptied: nothing down
+        took.append(await _served_s(stack, _close(4)))  # an empty object up: the request
+        return took
+
+    took = _run(main)
+    assert took[0] == pytest.approx(REQUEST_S + 1.0) and took[2] == pytest.approx(REQUEST_S + 1.0)
+    assert took[1] == 0 and took[3] == 0 and took[4] == 0 and took[6] == 0
+    assert took[5] == pytest.approx(REQUEST_S + 0.5) and took[7] == pytest.approx(REQUEST_S)
+
+
+def test_transfers_at_once_share_the_link_in_order() -> None:
+    stack = _blob_stack()
+    ended: dict[int, float] = {}
+
+    async def open_(ino: int) -> None:
+        await _served_s(stack, _open(ino, 4 * MIB, os.O_RDONLY))
+        ended[ino] = trio.current_time()
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(open_, 2)
+            nursery.start_soon(open_, 3)
+
+    _run(main)
+    assert sorted(ended.values()) == [pytest.approx(REQUEST_S + 1.0), pytest.approx(REQUEST_S + 2.0)]
+
+
 def test_the_stack_reads_sizes_and_keeps_flush_on_writers_closes_only_while_such_a_layer_is_in_force() -> None:
     gcs = Stack(Policy(layers=[ProfileLayer(name="gcs")]), 1)
     assert gcs.sizes_opened_files
     assert gcs.acts_on_flush_at("/a", writable=True) and not gcs.acts_on_flush_at("/a", writable=False)
     assert not Stack(Policy(layers=[ProfileLayer(name="s3")]), 1).sizes_opened_files
     assert not Stack(Policy(layers=[ProfileLayer(name="gcs", ops=frozenset({"read"}))]), 1).sizes_opened_files
+    assert Stack(Policy(layers=[ProfileLayer(name="azure-blob", ops=frozenset({"read"}))]), 1).sizes_opened_files
 
 
 def _timed(fn) -> float:
@@ -221,3 +296,30 @@ def test_the_gcs_profile_rewrites_a_changed_object_but_composes_an_append(mount_
     assert (backing / "appended.bin").read_bytes() == b"a" * (16 * MIB) + b"b" * 4096
     changed = (backing / "changed.bin").read_bytes()
     assert len(changed) == 16 * MIB and changed[8 * MIB:8 * MIB + 4096] == b"b" * 4096
+
+
+def test_the_azure_blob_profile_makes_an_open_wait_for_the_whole_file_and_a_close_for_its_upload(
+        mount_worker, tmp_path) -> None:
+    backing = tmp_path / "container"
+    backing.mkdir()
+    (backing / "shard-0.bin").write_bytes(b"s" * (16 * MIB))
+    rate = 64 * MIB  # 16 MiB: 0.25 s each way
+    vol = mount_worker(backing=backing, policy=json.dumps({"layers": [
+        {"type": "profile", "name": "azure-blob", "rate_bytes_per_s": rate}]}))
+    transfer_s = 16 * MIB / rate
+    path = vol.mountpoint / "shard-0.bin"
+    fd: list[int] = []
+    open_s = _timed(lambda: fd.append(os.open(path, os.O_RDONLY)))
+    try:
+        read_s = _timed(lambda: os.pread(fd[0], MIB, 8 * MIB))
+    finally:
+        os.close(fd[0])
+    reopen_s = _timed(lambda: os.close(os.open(path, os.O_RDONLY)))  # in the local cache for 120 s
+    assert open_s >= transfer_s and read_s < transfer_s / 2 and reopen_s < transfer_s / 2
+    fd = [os.open(path, os.O_WRONLY)]
+    try:
+        write_s = _timed(lambda: os.pwrite(fd[0], b"w" * 4096, 0))
+    finally:
+        close_s = _timed(lambda: os.close(fd[0]))
+    assert write_s < transfer_s / 2 and close_s >= transfer_s * 0.95  # the whole blob goes up again
+    assert (backing / "shard-0.bin").read_bytes() == b"w" * 4096 + b"s" * (16 * MIB - 4096)

@@ -8,4 +8,4 @@ from typing import Literal
 
 ProfileName = Literal["gp3", "gp2", "io2", "st1", "pd-standard", "pd-balanced", "pd-ssd", "premium-ssd",
                       "premium-ssd-v2", "efs", "filestore-basic-hdd", "filestore-basic-ssd",
-                      "filestore-zonal", "wan-nfs", "s3", "s3-express", "gcs", "hdd-7200"]
+                      "filestore-zonal", "wan-nfs", "s3", "s3-express", "gcs", "azure-blob", "hdd-7200"]

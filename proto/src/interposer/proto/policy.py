@@ -700,9 +700,12 @@ class S3SemanticsLayer(_Layer, tag="s3_semantics", kw_only=True):
         return frozenset({"ops", "page_cache"})
 
 
-#: Ops a ``staged_writes`` layer acts on: the open that tells it an object's size, the writes
-#: and truncations that modify it, and the close or fsync that uploads it.
-STAGED_WRITES_OPS: frozenset[str] = frozenset({"open", "write", "setattr", "flush", "fsync"})
+#: Ops a ``staged_writes`` layer acts on: the opens that tell it an object's size (and may download
+#: it), the writes and truncations that modify it, and the close or fsync that uploads it.
+STAGED_WRITES_OPS: frozenset[str] = frozenset({"open", "create", "write", "setattr", "flush", "fsync"})
+#: What a ``staged_writes`` layer charges at an upload: the bytes the application did not write
+#: (a throttle meters the written ones, a ``write_behind`` delay the request), or the whole file.
+StagedUpload = Literal["unwritten", "whole"]
 
 
 class StagedWritesLayer(_Layer, tag="staged_writes", kw_only=True):
@@ -723,6 +726,17 @@ class StagedWritesLayer(_Layer, tag="staged_writes", kw_only=True):
     completes the upload is a ``write_behind`` delay's. After the upload the local
     copy is gone: the next modification downloads again.
 
+    blobfuse2's caching mode (the Azure Blob CSI driver's, "Configure BlobFuse for
+    caching mode") goes further: ``download_on_open`` downloads every existing
+    object at its open, for reading too, into a local cache that serves every read
+    and write; ``keep_local_s`` keeps it there after the last close (its
+    ``file_cache.timeout-sec``, 120 s), so a reopen within it downloads nothing; and
+    ``upload: whole`` uploads the whole file, new ones included, at the close or
+    fsync after a change (one request plus its size), with no throttle or delay
+    layer metering the writes. Transfers share one link: they queue for
+    ``rate_bytes_per_s`` in the order they start (FIFO), so two 1 GiB opens at once
+    take twice as long as one.
+
     Attributes:
         rate_bytes_per_s: the client's transfer rate for downloads and uploads,
             bytes per second.
@@ -733,10 +747,19 @@ class StagedWritesLayer(_Layer, tag="staged_writes", kw_only=True):
             was appended (a compose), bytes; ``None`` = no such exception (every
             modification is a rewrite).
         seed: seed of this layer's own random source; ``None`` = the worker's shared one.
+        download_on_open: download an existing, non-empty object at every open
+            (reading or writing) that finds no local copy, before the open returns
+            (blobfuse2's caching mode); False: at the first change (gcsfuse).
+        keep_local_s: how long a local copy outlives the last close of its file
+            (and, with ``upload: whole``, its upload), seconds, 0..86,400; 0: it goes
+            with the upload (gcsfuse's temporary file).
+        upload: ``unwritten`` (default): an upload charges the bytes the
+            application did not write; ``whole``: one request plus the whole file,
+            new files included.
 
     ``ops`` is not used (the layer acts on :data:`STAGED_WRITES_OPS`); ``path_glob``
-    limits it to part of the volume. An object's size is read when a file is opened
-    for writing: a file opened before the policy arrived is not charged until it is
+    limits it to part of the volume. An object's size is read when a file is
+    opened: a file opened before the policy arrived is not charged until it is
     reopened.
     """
 
@@ -744,12 +767,18 @@ class StagedWritesLayer(_Layer, tag="staged_writes", kw_only=True):
     distribution: Distribution | None = None
     append_upload_min_bytes: Annotated[int, msgspec.Meta(ge=0, le=MAX_LIMIT)] | None = None
     seed: Annotated[int, msgspec.Meta(ge=0, le=MAX_SEED)] | None = None
+    download_on_open: bool = False
+    keep_local_s: CacheSeconds = 0.0
+    upload: StagedUpload = "unwritten"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.ops:
             raise ValueError("field `ops`: a staged_writes layer acts on the opens, writes, truncations and closes "
                              "of existing files; leave it empty")
+        if self.download_on_open and self.append_upload_min_bytes is not None:
+            raise ValueError("field `append_upload_min_bytes`: appends download nothing only where the download "
+                             "waits for a change; with `download_on_open` every open has downloaded the object")
         _check_no_page_cache_choice(self, "staged_writes")
 
     def fields_not_in_effect(self) -> frozenset[str]:
@@ -765,7 +794,7 @@ class ProfileLayer(_Layer, tag="profile", kw_only=True):
 
     Attributes:
         name: profile name (``gp3``, ``gp2``, ``io2``, ``st1``, ``pd-standard``, ``pd-balanced``,
-            ``pd-ssd``, ``premium-ssd``, ``premium-ssd-v2``, ``efs``, ``filestore-basic-hdd``,
+            ``pd-ssd``, ``premium-ssd``, ``premium-ssd-v2``, ``azure-blob``, ``efs``, ``filestore-basic-hdd``,
             ``filestore-basic-ssd``, ``filestore-zonal``, ``wan-nfs``, ``s3``, ``s3-express``, ``gcs``,
             ``hdd-7200``).
         size_gib: volume size, GiB, for profiles whose limits scale with it (``gp2``,
@@ -775,7 +804,8 @@ class ProfileLayer(_Layer, tag="profile", kw_only=True):
             ``None`` = the profile's default.
         iops: provisioned IOPS (``gp3``, ``io2``, ``premium-ssd-v2``); ``None`` = the profile's default.
         rate_bytes_per_s: provisioned throughput (``gp3``, ``premium-ssd-v2``; ``efs``: selects
-            Provisioned throughput) or link bandwidth (``wan-nfs``, ``s3``, ``s3-express``, ``gcs``), bytes/s;
+            Provisioned throughput) or link bandwidth (``wan-nfs``, ``s3``, ``s3-express``, ``gcs``,
+            ``azure-blob``), bytes/s;
             ``None`` = the profile's default.
         burst_balance: how full the burst bucket is, 0..1, at the first I/O
             (``gp2``, ``st1``, ``premium-ssd`` up to P20, ``efs`` with ``size_gib``); ``None`` = full, as a

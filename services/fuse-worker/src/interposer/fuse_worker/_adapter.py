@@ -447,7 +447,7 @@ class InterposerOperations(pyfuse3.Operations):
 
     async def open(self, inode, flags, ctx):
         op = self._op("open", inode, ctx, session=self.telemetry.new_session(), open_flags=flags)
-        if self.stack.sizes_opened_files and opened_for_writing(flags):
+        if self.stack.sizes_opened_files:
             async def open_sized() -> pyfuse3.FileInfo:
                 info = await self.backend.open(inode, flags, ctx)
                 op.file_size = (await self.backend.getattr(inode, ctx)).st_size

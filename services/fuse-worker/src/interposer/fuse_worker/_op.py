@@ -85,7 +85,7 @@ class Op(msgspec.Struct):
             previous one (``OpEvent.sequential``; ``Telemetry.continues``).
         target: the op's second path (``OpEvent.target``): rename's destination,
             link's existing file, symlink's contents, copy_file_range's source.
-        file_size: for ``open`` for writing while a layer asks for it
+        file_size: for ``open`` while a layer asks for it
             (``Stack.sizes_opened_files``): the file's size once opened (after
             ``O_TRUNC``), bytes, set by the backend call; -1 = not read.
     """

@@ -181,8 +181,8 @@ class Stack:
             epoch; None if none expires.
         has_quota: a quota layer is in force (its state is the trio thread's).
         holds_reads: a delay layer that can act applies to ``read``.
-        sizes_opened_files: a layer needs the size of each file opened for
-            writing (``Op.file_size``).
+        sizes_opened_files: a layer needs the size of each file opened
+            (``Op.file_size``).
     """
 
     def __init__(
@@ -237,10 +237,10 @@ class Stack:
         flushing = [e.spec for e in active if "flush" in ops_of(e.spec)]
         self._flush_globs = [compile_glob(spec.path_glob) for spec in flushing if not _flushes_writes_only(spec)]
         self._written_flush_globs = [compile_glob(spec.path_glob) for spec in flushing if _flushes_writes_only(spec)]
-        #: A layer needs the size of each file opened for writing (``Op.file_size``: ``staged_writes``).
+        #: A layer needs the size of each file opened (``Op.file_size``: ``staged_writes``).
         self.sizes_opened_files = any(isinstance(e.runtime, StagedWrites) for e in active)
-        #: Layers keeping per-handle state (``s3_semantics``), told when a handle is released.
-        self._release_hooks = [e.runtime.released for e in active if isinstance(e.runtime, S3Semantics)]
+        #: Layers keeping per-handle state (``s3_semantics``, ``staged_writes``), told when a handle is released.
+        self._release_hooks = [e.runtime.released for e in active if isinstance(e.runtime, (S3Semantics, StagedWrites))]
 
     def relabel(self, revision: int) -> Stack:
         """The same compiled stack as ``revision`` (a new revision whose policy is this one).

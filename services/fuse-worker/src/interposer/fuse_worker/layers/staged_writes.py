@@ -1,4 +1,4 @@
-"""Staged-writes layer: an object-store client downloads an object whole before changing it, and uploads it whole.
+"""Staged-writes layer: an object-store client downloads an object whole before using it, and uploads it whole.
 
 Cloud Storage FUSE (gcsfuse, docs/semantics.md, "Staged Writes" — the path of every
 modification of an existing object, streaming writes being for new files only),
@@ -6,20 +6,26 @@ s3fs-fuse and blobfuse2 keep no partial objects: the first write or truncation o
 existing object fetches all of it into a local file, and the close or fsync after it
 writes the whole file back as a new object. A 4 KiB append to a 1 GiB log costs two
 1 GiB transfers. gcsfuse's one exception: appends to an object of at least 2 MiB
-upload only what was appended (a compose) and download nothing.
+upload only what was appended (a compose) and download nothing. blobfuse2's caching
+mode downloads each object at its open, for readers too, and keeps the local copy
+for a while after the last close (``download_on_open``, ``keep_local_s``).
 
-Per file (by inode) the layer keeps the object's size as of the last open for writing
-(``Op.file_size``, read by the adapter only while such a layer is in force), whether a
-local copy exists, and the bytes written since the last upload. The download is
-charged to the write (or truncation) that needs it; writes arriving while it runs wait
-for it to end. The upload of the bytes the application did not write is charged to
-the next ``flush`` of a descriptor opened for writing, or ``fsync``; the bytes it
-wrote are charged as written by the throttle that meters the link, and the request
-completing the upload by a ``write_behind`` delay (both in the ``gcs`` profile).
+Per file (by inode) the layer keeps the object's size as of the last open
+(``Op.file_size``, read by the adapter only while such a layer is in force), whether
+a local copy exists and until when it is kept, the handles open, and the bytes
+written since the last upload. A download is charged to the op that needs it (the
+open, or the first change); requests arriving meanwhile wait for it. An upload is
+charged to the next ``flush`` of a descriptor opened for writing, or ``fsync``: the
+bytes the application did not write (``upload: unwritten``; the written ones are
+charged as written by the throttle that meters the link, and the request completing
+the upload by a ``write_behind`` delay: both in the ``gcs`` profile), or one request
+and the whole file (``whole``). Transfers share one link (a token bucket at the
+layer's rate, no burst), so transfers that overlap queue for it in order.
 """
 
 from __future__ import annotations
 
+import os
 import random
 from typing import Any
 
@@ -34,34 +40,38 @@ from ._match import compile_glob
 from ._streams import FileStreams
 from ._timer import sleep
 from .delay import sampler
+from .throttle import TokenBucket
 
 
 class StagedWritesStatistics(msgspec.Struct, frozen=True):
-    """Counters of a staged_writes layer: downloads and re-uploads charged, their bytes, and the time held, seconds."""
+    """Counters of a staged_writes layer: downloads and uploads charged, their bytes, and the time held, seconds."""
 
     downloads: int
     downloaded_bytes: int
     uploads: int
-    reuploaded_bytes: int
+    uploaded_bytes: int
     held_s_total: float
 
 
 class _Object:
     """What the client holds of one file: the object's size, a local copy or not, what was written since the upload."""
 
-    __slots__ = ("object_size", "size", "local", "appending", "written", "ready_s")
+    __slots__ = ("object_size", "size", "local", "local_until_s", "handles", "appending", "written", "dirty",
+                 "ready_s")
 
-    def __init__(self, object_size: int) -> None:
-        self.object_size = object_size  # bytes, as stored (the last open for writing, or upload)
+    def __init__(self, object_size: int, local: bool = False) -> None:
+        self.object_size = object_size  # bytes, as stored (the last open, or upload)
         self.size = object_size  # bytes, with the writes and truncations since
-        self.local = False  # downloaded: the upload rewrites the whole object
+        self.local = local  # a local copy exists (downloaded, or made here)
+        self.local_until_s = 0.0  # with no handle open, the local copy is kept until then, trio's clock
+        self.handles = 0  # open through this layer and not released
         self.appending = False  # changed only by appends past an object of append_upload_min_bytes
         self.written = 0  # bytes written since the last upload
+        self.dirty = False  # changed since the last upload
         self.ready_s = 0.0  # when the download in progress ends, trio's clock
 
-    @property
-    def modified(self) -> bool:
-        return self.local or self.appending or self.written > 0
+    def has_local(self, now_s: float) -> bool:
+        return self.local and (self.handles > 0 or now_s <= self.local_until_s)
 
 
 class StagedWrites:
@@ -73,16 +83,15 @@ class StagedWrites:
     """
 
     acts = True
-    #: The adapter reads the size of each file opened for writing while this layer is in force.
-    wants_file_size = True
 
     def __init__(self, spec: StagedWritesLayer, rng: random.Random | None = None) -> None:
         self.spec = spec
         self._match = compile_glob(spec.path_glob)
         rng = random.Random(spec.seed) if spec.seed is not None else (rng or random.Random())
         self._request = sampler(spec.distribution, rng, MAX_DELAY_S) if spec.distribution is not None else None
+        self._link = TokenBucket(spec.rate_bytes_per_s, burst_bytes=1)  # no burst: each transfer takes its time
         self._objects: FileStreams[_Object] = FileStreams()
-        self._downloads = self._downloaded_bytes = self._uploads = self._reuploaded_bytes = 0
+        self._downloads = self._downloaded_bytes = self._uploads = self._uploaded_bytes = 0
         self._held_s_total = 0.0
 
     def bind(self, inner: Handler) -> Handler:
@@ -94,7 +103,11 @@ class StagedWrites:
                 return await inner(op, call)
             if op.name == "open":
                 result = await inner(op, call)
-                self._opened(op)
+                await self._opened(op)
+                return result
+            if op.name == "create":
+                result = await inner(op, call)
+                self._created(result[1].st_ino)
                 return result
             state = self._objects.take(op.ino)
             if state is None:
@@ -106,39 +119,76 @@ class StagedWrites:
                 moved = transferred_bytes(result, op.size)
                 state.written += moved
                 state.size = max(state.size, op.offset + moved)
+                state.dirty = True
                 return result
             if op.name == "setattr":
                 if op.mode & FATTR_SIZE and op.size != state.size:
                     await self._before_truncate(op, state)
-                    state.size = op.size
+                    state.size, state.dirty = op.size, True
                 return await inner(op, call)
             # flush of a descriptor that could write, or fsync: the upload
-            if (op.name == "fsync" or opened_for_writing(op.open_flags)) and state.modified:
+            if (op.name == "fsync" or opened_for_writing(op.open_flags)) and state.dirty:
                 await self._upload(op, state)
             return await inner(op, call)
 
         return staged_writes
 
-    def _opened(self, op: Op) -> None:
-        """Note the object's size at an open for writing (a modified file keeps what it has)."""
-        if not opened_for_writing(op.open_flags) or op.file_size < 0:
-            return
+    async def _opened(self, op: Op) -> None:
+        """Note the object's size at an open; with ``download_on_open``, download it unless a local copy is kept."""
+        if op.file_size < 0:
+            return  # the adapter did not read it (the policy arrived during the open)
+        now_s = trio.current_time()
         state = self._objects.take(op.ino)
-        if state is not None and state.modified:
+        if self.spec.download_on_open:
+            if state is None or not state.has_local(now_s):
+                handles = state.handles if state is not None else 0
+                state = _Object(op.file_size, local=op.file_size == 0)
+                state.handles = handles
+            state.handles += 1
             self._objects.put(op.ino, state)
-        elif op.file_size > 0:  # an empty object has nothing to download
-            self._objects.put(op.ino, _Object(op.file_size))
+            if opened_for_writing(op.open_flags) and op.open_flags & os.O_TRUNC:
+                state.size, state.dirty = 0, True  # the emptied file goes up at the close
+            if not state.local:
+                await self._download(op, state)
+            elif state.ready_s > now_s:  # another open started the download
+                await self._hold(op, state.ready_s - now_s)
+            return
+        if state is not None and (state.dirty or state.has_local(now_s) or not opened_for_writing(op.open_flags)):
+            state.handles += 1  # what is held stays; a reader changes nothing
+            self._objects.put(op.ino, state)
+        elif opened_for_writing(op.open_flags) and op.file_size > 0:  # an empty object has nothing to download
+            fresh = _Object(op.file_size)
+            fresh.handles = (state.handles if state is not None else 0) + 1
+            self._objects.put(op.ino, fresh)
+
+    def _created(self, ino: int) -> None:
+        """A new file: nothing to download; with ``upload: whole`` it goes up whole at its close."""
+        if self.spec.upload == "whole":
+            state = _Object(0, local=True)
+            state.handles = 1
+            self._objects.put(ino, state)
+
+    def released(self, session: int, ino: int) -> None:
+        """A handle of ``ino`` was released: the last one starts the local copy's ``keep_local_s``."""
+        state = self._objects.take(ino)
+        if state is None:
+            return
+        self._objects.put(ino, state)
+        state.handles = max(0, state.handles - 1)
+        if state.handles == 0:
+            state.local_until_s = trio.current_time() + self.spec.keep_local_s
 
     async def _before_write(self, op: Op, state: _Object) -> None:
         """Wait for the local copy a write needs: none for appends past a large enough object."""
+        now_s = trio.current_time()
         if not state.local:
             minimum = self.spec.append_upload_min_bytes
             if minimum is not None and state.object_size >= minimum and op.offset >= state.object_size:
                 state.appending = True
                 return
             await self._download(op, state)
-        elif state.ready_s > trio.current_time():  # another request started the download
-            await self._hold(op, state.ready_s - trio.current_time())
+        elif state.ready_s > now_s:  # another request started the download
+            await self._hold(op, state.ready_s - now_s)
 
     async def _before_truncate(self, op: Op, state: _Object) -> None:
         """A truncation to 0 needs nothing of the object; to any other size, all of it."""
@@ -149,20 +199,32 @@ class StagedWrites:
 
     async def _download(self, op: Op, state: _Object) -> None:
         state.local, state.appending = True, False
-        seconds = (self._request() if self._request is not None else 0.0) + state.object_size / self.spec.rate_bytes_per_s
+        seconds = self._transfer_s(state.object_size)
         state.ready_s = trio.current_time() + seconds
         self._downloads += 1
         self._downloaded_bytes += state.object_size
         await self._hold(op, seconds)
 
     async def _upload(self, op: Op, state: _Object) -> None:
-        """Charge the re-upload of what the application did not write; the object is then as stored."""
-        if state.local:
-            rest = max(0, state.size - state.written)
+        """Charge the upload (see the module docstring); the object is then as stored."""
+        if self.spec.upload == "whole":
+            sent = state.size
+            seconds = self._transfer_s(sent)
+        else:
+            sent = max(0, state.size - state.written) if state.local else 0
+            seconds = self._link.reserve(sent, trio.current_time()) if sent else 0.0
+        if state.local or self.spec.upload == "whole":
             self._uploads += 1
-            self._reuploaded_bytes += rest
-            await self._hold(op, rest / self.spec.rate_bytes_per_s)
-        state.object_size, state.local, state.appending, state.written = state.size, False, False, 0
+            self._uploaded_bytes += sent
+        await self._hold(op, seconds)
+        state.object_size, state.appending, state.written, state.dirty = state.size, False, 0, False
+        state.local = self.spec.keep_local_s > 0 and state.local
+        state.local_until_s = trio.current_time() + self.spec.keep_local_s
+
+    def _transfer_s(self, size: int) -> float:
+        """Seconds to move ``size`` bytes from now: one request, then the bytes on the shared link."""
+        request_s = self._request() if self._request is not None else 0.0
+        return request_s + self._link.reserve(size, trio.current_time() + request_s)
 
     async def _hold(self, op: Op, seconds: float) -> None:
         if seconds <= 0.0:
@@ -174,4 +236,5 @@ class StagedWrites:
     def statistics(self) -> StagedWritesStatistics:
         """Snapshot of this layer's counters."""
         return StagedWritesStatistics(self._downloads, self._downloaded_bytes, self._uploads,
-                                      self._reuploaded_bytes, self._held_s_total)
+                                      self._uploaded_bytes, self._held_s_total)
+
