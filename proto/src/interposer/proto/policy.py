@@ -787,7 +787,7 @@ class StagedWritesLayer(_Layer, tag="staged_writes", kw_only=True):
 
 
 class ProfileLayer(_Layer, tag="profile", kw_only=True):
-    """A named storage profile, expanded by the worker into throttle and delay layers (and, for ``gcs``, staged_writes).
+    """A named storage profile, expanded by the worker into throttle and delay layers (``gcs``, ``azure-blob``: and staged_writes).
 
     See :mod:`interposer.proto.profiles` for the profiles and their sources. The
     layer's ``ops``, ``path_glob`` and expiry apply to every expanded layer.
@@ -823,9 +823,9 @@ class ProfileLayer(_Layer, tag="profile", kw_only=True):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from .profiles import sized_layers  # profiles builds on this module's layer types
+        from .profiles import expand_profile  # profiles builds on this module's layer types
 
-        sized_layers(self)
+        expand_profile(self)  # what the worker will compile must be valid now, narrowed by `ops` as it will be
 
 
 Layer = Union[FaultLayer, DelayLayer, ThrottleLayer, QuotaLayer, MetadataLayer, S3SemanticsLayer, StagedWritesLayer,
