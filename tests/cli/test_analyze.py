@@ -6,6 +6,7 @@ import datetime as dt
 import errno
 import json
 import math
+import os
 import random
 import subprocess
 import sys
@@ -39,11 +40,11 @@ CLI = [sys.executable, "-m", "interposer.cli"]
 
 def ev(op: str, path: str = "/f", *, t_s: float = 0.0, offset: int = 0, size: int = 0, result: int = 0,
        err: int = 0, session: int = 0, sequential: bool = False, fault: str = "", delay_ns: int = 0,
-       duration_ns: int = 10_000) -> OpEvent:
+       duration_ns: int = 10_000, flags: int = 0) -> OpEvent:
     """An event starting ``t_s`` seconds after :data:`DAY_S`."""
     return OpEvent(op=op, ino=7, path=path, offset=offset, size=size, result=result, errno=err,
                    start_ns=round((DAY_S + t_s) * NS), duration_ns=duration_ns, fault=fault, delay_ns=delay_ns,
-                   session=session, sequential=sequential)
+                   session=session, sequential=sequential, flags=flags)
 
 
 def batch(events: list[OpEvent], *, volume: str = "vol", worker: str = "w1", seq: int = 1,
@@ -359,6 +360,51 @@ def test_the_human_report_says_the_numbers_with_units(tmp_path: Path) -> None:
     assert "1 file sessions · 1 read their file whole" in out
     assert "129.0 KiB" in out and "128 KiB" in out and "/data/x.bin" in out
     assert "the span is shorter than the 1 h window" in out
+
+
+def _written(session: int, path: str, flags: int, offsets: list[int], *, fsync_after: int | None = None,
+             t_s: float = 0.0) -> list[OpEvent]:
+    """A file session writing 100 bytes at each of ``offsets`` through a handle opened with ``flags``."""
+    created = bool(flags & os.O_CREAT)
+    events = [ev("create" if created else "open", path, t_s=t_s, session=session, flags=flags)]
+    for i, offset in enumerate(offsets):
+        events.append(ev("write", path, t_s=t_s + 0.1 + i * 0.01, offset=offset, size=100, result=100,
+                         session=session, flags=flags))
+        if fsync_after == i:
+            events.append(ev("fsync", path, t_s=t_s + 0.105 + i * 0.01, session=session, flags=flags))
+    return [*events, ev("release", path, t_s=t_s + 0.5, session=session)]
+
+
+def test_what_object_store_clients_would_refuse_or_move_whole_is_counted_per_session() -> None:
+    w = os.O_WRONLY
+    events = [
+        *_written(1, "/logs/train.log", w | os.O_APPEND, [5000, 5100], t_s=0),  # an append to a log that existed
+        *_written(2, "/db/index", os.O_RDWR, [4096, 0], t_s=1),  # a change inside an existing file
+        *_written(3, "/ckpt/a", w | os.O_CREAT | os.O_TRUNC, [0, 100, 200], t_s=2),  # new, front to back: fine
+        *_written(4, "/ckpt/b", w | os.O_CREAT, [0, 8192], t_s=3),  # new, with a hole: out of order
+        *_written(5, "/data/c", w | os.O_TRUNC, [0, 100], t_s=4),  # an existing file emptied and rewritten
+        *_written(6, "/wal", w | os.O_CREAT, [0, 100], fsync_after=0, t_s=5),  # written after its fsync
+        *_written(7, "/old", 0, [0], t_s=6),  # a recording from before OpEvent.flags
+        ev("rename", "/ckpt/a", t_s=7), ev("rename", "/ckpt/x", t_s=7.1, err=errno.ENOENT),
+        ev("link", "/ckpt/hard", t_s=8), ev("read", "/data/c", t_s=9, size=100, result=100, session=8),
+    ]
+    fit = only_volume([batch(events)]).object_store
+    assert (fit.changed_in_place, fit.appended, fit.overwritten, fit.out_of_order, fit.written_after_fsync,
+            fit.renamed, fit.linked, fit.unknown_flags) == (2, 1, 1, 1, 1, 1, 1, 1)
+    assert fit.examples["changed_in_place"] == ["/logs/train.log", "/db/index"]
+    assert fit.examples["appended"] == ["/logs/train.log"] and fit.examples["out_of_order"] == ["/ckpt/b"]
+    assert fit.examples["renamed"] == ["/ckpt/a"]  # the failed rename is none
+
+
+def test_the_human_report_says_what_each_client_does_with_what_the_volume_did(tmp_path: Path) -> None:
+    events = _written(1, "/logs/train.log", os.O_WRONLY | os.O_APPEND, [5000])
+    _write_recording(tmp_path, "a", DAY_S, [batch(events)])
+    result = subprocess.run([*CLI, "analyze", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    [row] = [line.split() for line in result.stdout.splitlines() if "changed existing files" in line]
+    assert row[3:] == ["1", "EPERM", "down", "+", "up", "whole", "up", "whole", "/logs/train.log"], row
+    [row] = [line.split() for line in result.stdout.splitlines() if line.lstrip().startswith("renames")]
+    assert row == ["renames", "0", "-", "-", "-", "-"]  # nothing to say where nothing happened
 
 
 # ---- bad input: one line, exit 2 -------------------------------------------------------

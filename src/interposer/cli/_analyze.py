@@ -42,6 +42,7 @@ import msgspec
 from interposer.proto import EventBatch
 from interposer.proto.recording import RECORDING_NAME_PATTERN, parse_recording_name, read_batches
 
+from ._analyze_objects import ObjectStoreFit, ObjectStoreTally
 from ._duration import parse_duration
 
 _NS_PER_S = 1_000_000_000
@@ -52,6 +53,8 @@ DATA_OPS = frozenset({"read", "write"})
 DIRECTORY_OPS = frozenset({"opendir", "readdir", "readdirplus", "releasedir", "fsyncdir"})
 #: Op that ends a file session.
 RELEASE_OP = "release"
+#: Ops besides writes that :class:`ObjectStoreTally` is told of.
+OBJECT_STORE_OPS = frozenset({"fsync", RELEASE_OP, "rename", "link"})
 
 #: Top files and directories listed by default.
 DEFAULT_TOP = 10
@@ -277,6 +280,8 @@ class VolumeReport(msgspec.Struct, frozen=True, kw_only=True):
         events_dropped: events the workers dropped (``EventBatch.dropped_total``,
             largest per worker, summed) and ``events_sampled_out`` the ops their
             sampling rules kept out: neither is in any number here.
+        object_store: what Mountpoint for S3, gcsfuse and blobfuse2 would refuse or
+            pay for (:mod:`._analyze_objects`).
     """
 
     volume: str
@@ -307,6 +312,7 @@ class VolumeReport(msgspec.Struct, frozen=True, kw_only=True):
     batches_missing: int
     events_dropped: int
     events_sampled_out: int
+    object_store: ObjectStoreFit
 
 
 class AnalysisReport(msgspec.Struct, frozen=True, kw_only=True):
@@ -559,7 +565,8 @@ class _Volume:
     __slots__ = ("volume", "pods", "workers", "events", "first_ns", "last_ns", "ops", "errors", "faults",
                  "delayed_ops", "delay_ns", "read_bytes", "written_bytes", "read_sizes", "write_sizes",
                  "reads", "seq_reads", "seq_read_bytes", "data_read_bytes", "writes", "seq_writes",
-                 "seq_write_bytes", "data_written_bytes", "files", "dirs", "sessions", "timeline", "per_second")
+                 "seq_write_bytes", "data_written_bytes", "files", "dirs", "sessions", "timeline", "per_second",
+                 "objects")
 
     def __init__(self, volume: str) -> None:
         self.volume = volume
@@ -589,6 +596,7 @@ class _Volume:
         #: whole second since the epoch → [successful reads and writes, bytes they moved]
         #: (an entry per second with I/O: ~0.1 KiB each, 9 MB for a busy day).
         self.per_second: dict[int, list[int]] = {}
+        self.objects = ObjectStoreTally()
 
     def add(self, batch: EventBatch, since_ns: int | None, until_ns: int | None) -> None:
         """Account one batch's events with ``since_ns <= start_ns < until_ns``."""
@@ -610,6 +618,7 @@ class _Volume:
         per_second = self.per_second
         sessions = self.sessions
         open_sessions = sessions.open
+        objects = self.objects
         timeline = self.timeline
         buckets = timeline.buckets
         step_ns = timeline.step_ns
@@ -690,10 +699,18 @@ class _Volume:
                     if event.sequential:
                         self.seq_writes += 1
                         self.seq_write_bytes += moved
+                    objects.write(worker, event)
                 self.written_bytes += moved
             else:
                 directory = path if op in DIRECTORY_OPS else dirname(path)
                 dirs[directory] = dirs.get(directory, 0) + 1
+                if op in OBJECT_STORE_OPS:
+                    if op == "fsync":
+                        objects.fsync(worker, event)
+                    elif op == RELEASE_OP:
+                        objects.release(worker, event)
+                    elif not err:
+                        objects.namespace(op, path)
                 if op == "copy_file_range" and not err:
                     moved = 2 * event.result  # read and written inside the volume
                     self.read_bytes += event.result
@@ -874,6 +891,7 @@ def _volume_report(state: _Volume, top: int, bucket_s: float | None, window_s: f
         timeline=_timeline(state.timeline, bucket_s, window_s),
         batches_missing=sum(high - low + 1 - count for low, high, count, _d, _s in workers),
         events_dropped=sum(w[3] for w in workers), events_sampled_out=sum(w[4] for w in workers),
+        object_store=state.objects.report(),
     )
 
 

@@ -11,6 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ._analyze import AnalysisReport, FileStats, SizeStats, Timeline, VolumeReport
+from ._analyze_objects import FINDINGS, ObjectStoreFit
 
 #: Width of the timeline's bar column, characters.
 BAR_WIDTH = 30
@@ -114,6 +115,23 @@ def _files_table(title: str, files: list[FileStats]) -> Table:
     return table
 
 
+def _object_store_table(fit: ObjectStoreFit) -> Table:
+    table = _table("on object-store FUSE clients (profiles s3, gcs, azure-blob; docs/layers.md)")
+    for header in ("what the volume did", "count", "Mountpoint", "gcsfuse", "blobfuse2", "e.g."):
+        table.add_column(header, justify="right" if header == "count" else "left",
+                         overflow="fold" if header == "e.g." else "ellipsis", no_wrap=header != "e.g.")
+    for key, (what, mountpoint, gcsfuse, blobfuse2) in FINDINGS.items():
+        count = getattr(fit, key)
+        table.add_row(what, _count(count), mountpoint if count else "-", gcsfuse if count else "-",
+                      blobfuse2 if count else "-", ", ".join(fit.examples.get(key, [])) or "-")
+    caption = "counts: file sessions; renames and links: ops"
+    if fit.unknown_flags:
+        caption += (f"; {_count(fit.unknown_flags)} sessions wrote through handles whose open flags the "
+                    "recording lacks (made before OpEvent.flags): not classified")
+    table.caption, table.caption_justify = caption, "left"
+    return table
+
+
 def _timeline_table(timeline: Timeline) -> Table:
     table = _table(f"timeline (UTC), {_period(timeline.bucket_s)} buckets")
     for header, justify in (("start", "left"), ("ops", "right"), ("bytes", "right"), ("", "left")):
@@ -184,6 +202,7 @@ def volume_view(volume: VolumeReport) -> Group:
         for directory in volume.top_directories:
             table.add_row(directory.path, _count(directory.metadata_ops))
         parts.append(table)
+    parts.append(_object_store_table(volume.object_store))
     timeline = volume.timeline
     parts.append(_timeline_table(timeline))
     window = timeline.quietest_window
