@@ -33,6 +33,8 @@ BLOCKS = 16
 READ_BLOCKS = [3, 4, 9, 1, 2, 14, 15, 0]
 #: Size of each small file, bytes.
 SMALL_BYTES = 1000
+#: Bytes appended to an existing small file, and written into another after O_TRUNC.
+APPENDED, REWRITTEN = 100, 200
 #: The installed console script, run as a user would.
 INTERPOSER = Path(sys.executable).parent / "interposer"
 
@@ -110,6 +112,17 @@ def test_analyze_reports_what_the_application_did_on_a_recorded_mount(
             assert os.stat(small / name).st_size == SMALL_BYTES
         # Read one whole: asked for more than it holds, got it all (a short read at its end).
         assert _direct_read(small / "a.txt", [0], BLOCK) == [SMALL_BYTES]
+        # Change two that exist, as object stores would not have it: append to one, empty and rewrite the other.
+        fd = os.open(small / "b.txt", os.O_WRONLY | os.O_APPEND)
+        try:
+            assert os.write(fd, b"+" * APPENDED) == APPENDED
+        finally:
+            os.close(fd)
+        fd = os.open(small / "c.txt", os.O_WRONLY | os.O_TRUNC)
+        try:
+            assert os.write(fd, b"y" * REWRITTEN) == REWRITTEN
+        finally:
+            os.close(fd)
 
         wait_until_counted(metrics_url, volume, time.time())
         samples = scrape(metrics_url)
@@ -132,7 +145,7 @@ def test_analyze_reports_what_the_application_did_on_a_recorded_mount(
     big = report["top_files_by_bytes"][0]
     assert (big["path"], big["write_bytes"], big["write_ops"]) == ("/data/big.bin", BLOCKS * BLOCK, BLOCKS)
     assert (big["read_bytes"], big["read_ops"]) == (len(READ_BLOCKS) * BLOCK, len(READ_BLOCKS))
-    assert report["written_bytes"] == BLOCKS * BLOCK + 3 * SMALL_BYTES
+    assert report["written_bytes"] == BLOCKS * BLOCK + 3 * SMALL_BYTES + APPENDED + REWRITTEN
     assert report["read_bytes"] == len(READ_BLOCKS) * BLOCK + SMALL_BYTES
     assert report["sequential_writes"] == {"by_ops": 1.0, "by_bytes": 1.0}
 
@@ -150,9 +163,21 @@ def test_analyze_reports_what_the_application_did_on_a_recorded_mount(
         sum(n for n, s in zip(read_sizes, sequential_reads) if s) / sum(read_sizes))
     assert sum(sequential_reads) == 5  # blocks 4, 2 and 15 continue the previous read; block 0 and a.txt start at 0
 
-    # Sessions: big.bin written, big.bin read at random, three small files written, a.txt read whole.
-    assert report["sessions"]["count"] == 6
+    # Sessions: big.bin written, big.bin read at random, three small files written, a.txt read whole,
+    # b.txt appended to, c.txt rewritten.
+    assert report["sessions"]["count"] == 8
     assert report["sessions"]["whole_file_reads"] == 1
     assert report["read_sizes"]["median_bytes"] == BLOCK
     assert {d["path"] for d in report["top_directories"]} >= {"/", "/small"}
     assert report["batches_missing"] == 0 and report["events_dropped"] == 0
+
+    # What object-store clients would make of it, from the open flags the kernel sent: the files
+    # created (O_CREAT on their handles) were written front to back; b.txt was changed in place by
+    # appends, c.txt emptied by O_TRUNC and rewritten.
+    fit = report["object_store"]
+    assert {key: fit[key] for key in ("changed_in_place", "appended", "overwritten", "out_of_order",
+                                      "written_after_fsync", "renamed", "linked", "unknown_flags")} == {
+        "changed_in_place": 1, "appended": 1, "overwritten": 1, "out_of_order": 0, "written_after_fsync": 0,
+        "renamed": 0, "linked": 0, "unknown_flags": 0}
+    assert fit["examples"] == {"changed_in_place": ["/small/b.txt"], "appended": ["/small/b.txt"],
+                               "overwritten": ["/small/c.txt"]}
