@@ -100,3 +100,39 @@ def test_a_replay_sends_the_recorded_requests_to_slower_storage_and_reports_the_
     assert result["replayed_wall_s"] > result["recorded_wall_s"] and result["wall_ratio"] > 1
     assert result["threads"] >= 2 and result["written_bytes"] == 8 * BLOCK + 2 * 1000
     assert sorted(p.name for p in (slow[0].mountpoint / "data").iterdir()) == ["a.txt", "b.txt", "big.bin"]
+
+
+def test_appends_to_a_log_replayed_onto_gcs_pay_its_whole_download_and_upload(
+        nats_url: str, mount_worker: Callable[..., MountedVolume], tmp_path: Path) -> None:
+    # A job appends to a log it found. On a disk each append is a small write; through gcsfuse,
+    # a log under 2 MiB is downloaded whole at the first write after each open and uploaded whole
+    # at the close. The replay must make the log as long as the job found it (the kernel sends
+    # O_APPEND writes at the file's end), and the gcs profile must charge both transfers.
+    (tmp_path / "rec-collector").mkdir()
+    log_bytes, rate = 1 << 20, 8 << 20  # 1 MiB at 8 MiB/s: 0.125 s each way
+    backing = tmp_path / "found"
+    (backing / "logs").mkdir(parents=True)
+    (backing / "logs" / "train.log").write_bytes(b"l" * log_bytes)
+    recorded_volume = f"rec-{uuid.uuid4().hex[:8]}"
+
+    def application() -> None:
+        root = mount_worker(recorded_volume, nats_url=nats_url, backing=backing).mountpoint
+        for epoch in range(3):
+            fd = os.open(root / "logs" / "train.log", os.O_WRONLY | os.O_APPEND)
+            try:
+                assert os.write(fd, f"epoch {epoch}\n".encode()) == 8
+            finally:
+                os.close(fd)
+
+    recorded = _record_until_counted(tmp_path, nats_url, "rec", recorded_volume, application)
+    gcs = mount_worker("gcs", policy=json.dumps({"layers": [
+        {"type": "profile", "name": "gcs", "rate_bytes_per_s": rate}]}))
+    run = subprocess.run([str(INTERPOSER), "replay", str(recorded), "--volume", recorded_volume, "--target",
+                          str(gcs.mountpoint), "--json"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    rows = {row["op"]: row for row in json.loads(run.stdout)["per_op"]}
+    transfer_s = log_bytes / rate
+    assert rows["write"]["replayed"] == 3 and rows["write"]["errno_differs"] == 0
+    assert rows["write"]["recorded_p50_s"] < transfer_s / 10
+    assert rows["write"]["replayed_p50_s"] >= transfer_s, "each first write downloads the whole log"
+    assert (gcs.backing / "logs" / "train.log").stat().st_size == log_bytes + 3 * 8
