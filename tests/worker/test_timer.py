@@ -92,15 +92,19 @@ def test_concurrent_sleeps_share_one_timer_and_wake_in_deadline_order() -> None:
         fds: list[int] = []
         loop = _LoopPasses()
 
-        async def one(asked: float) -> None:
-            due = time.monotonic() + asked
-            await sleep(asked)
-            woke.append((due, time.monotonic(), loop.passes))
+        async def one(due_ns: int) -> None:
+            # The queue's own deadlines, all from one clock reading: a sleep() would take its own,
+            # and the CPU taken away between two tasks' readings would shuffle deadlines 0.1 ms apart.
+            queue = _timer.current_queue()
+            assert queue is not None
+            await queue.sleep_until(due_ns)
+            woke.append((due_ns / 1e9, time.monotonic(), loop.passes))
 
         async def main() -> None:
+            start_ns = time.monotonic_ns() + 100_000_000  # every sleeper parks before the first is due
             async with trio.open_nursery() as nursery:
                 for asked in asked_list:
-                    nursery.start_soon(one, asked)
+                    nursery.start_soon(one, start_ns + round(asked * 1e9))
                 await trio.testing.wait_all_tasks_blocked()  # every sleeper has parked
                 fds.append(_open_fds())
 
