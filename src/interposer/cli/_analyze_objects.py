@@ -102,8 +102,7 @@ class ObjectStoreTally:
         key = (worker, event.session)
         state = self.sessions.get(key)
         flags, path = event.flags, event.path
-        first = state is None
-        if first:
+        if state is None:
             state = self.sessions[key] = [0, 0, False]
         if flags & os.O_ACCMODE == os.O_RDONLY:  # a write through a read-only handle: flags not recorded
             self._found(state, _UNKNOWN, "unknown_flags", path)
