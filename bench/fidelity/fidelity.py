@@ -120,7 +120,7 @@ MOUNT_TIMEOUT_S = 15.0
 FULL_MODES = [(qd, direct) for qd in (1, 16) for direct in (True, False)]
 QUICK_MODES = [(1, True), (16, False)]
 #: Quantile levels printed for latency.
-P50, P99 = 0.5, 0.99
+P50, P90, P99 = 0.5, 0.9, 0.99
 #: Bins of the numeric mean of a delay distribution (mean = integral of its quantile function).
 MEAN_BINS = 2000
 #: Standard normal quantile of the two-sided 95 % sampling range printed beside each ratio.
@@ -273,7 +273,7 @@ def sampling_range(latency_quantile: Callable[[float], float], metric: str, n: i
         spread = Z_95 * statistics.pstdev(draws) / math.sqrt(n) / mean
         # IOPS = qd / mean latency: a mean latency (1 ± spread) × the target's gives IOPS / (1 ± spread)
         return 1 / (1 + spread), (1 / (1 - spread) if spread < 1 else math.inf)
-    level = {"p50": P50, "p90": 0.90, "p99": P99, "sync50": P50, "sync99": P99}.get(metric)
+    level = {"p50": P50, "p90": P90, "p99": P99, "sync50": P50, "sync99": P99}.get(metric)
     if level is None:
         return None
     target = latency_quantile(level)
@@ -363,7 +363,7 @@ def meta_target(layers: list[dict], ops: tuple[str, ...], qd: int) -> Target:
     of each of ``ops`` to the emulated file system: the delays acting on them, added up.
 
     Latency p50/p99 are the quantiles of that delay layer's distribution (of the sum
-    of independent draws of each op's, :func:`_sum_quantile_fn`); the rate is ``qd /
+    of independent draws of each op's, :func:`sum_quantile_fn`); the rate is ``qd /
     mean`` (Little's law). Creates are the exception: the kernel holds the parent
     directory's lock for each (``open_last_lookups`` in fs/namei.c takes it
     exclusively for O_CREAT), on an NFS client as here, so one directory takes one
@@ -380,11 +380,11 @@ def meta_target(layers: list[dict], ops: tuple[str, ...], qd: int) -> Target:
     mean = sum(_mean_s(layer) for layer in delays)
     if ops == ("create",) and qd > 1:
         return Target(iops=1 / mean, lat_mean_s=qd * mean)
-    draws = _quantile_fn(delays[0]) if len(delays) == 1 else _sum_quantile_fn(delays)
+    draws = _quantile_fn(delays[0]) if len(delays) == 1 else sum_quantile_fn(delays)
     return Target(iops=qd / mean, lat_p50_s=draws(P50), lat_p99_s=draws(P99), latency_quantile=draws)
 
 
-def _sum_quantile_fn(delays: list[DelayLayer]) -> Callable[[float], float]:
+def sum_quantile_fn(delays: list[DelayLayer]) -> Callable[[float], float]:
     """The quantile function of the sum of one independent draw of each delay (level in (0, 1) → seconds):
     each as :data:`SUM_BINS` equally likely values, every combination summed and sorted."""
     sums = [0.0]

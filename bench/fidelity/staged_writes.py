@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ (shared h
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _host import HostMeter, machine  # noqa: E402
-from fidelity import Mount, _sum_quantile_fn, sampling_range  # noqa: E402
+from fidelity import Mount, sum_quantile_fn, sampling_range  # noqa: E402
 
 from interposer.proto.policy import DelayLayer, LognormalDistribution  # noqa: E402
 
@@ -88,7 +88,7 @@ class Hold:
     fixed_s: float
 
     def quantile_fn(self):  # noqa: ANN201 - level in (0, 1) → seconds
-        draws = _sum_quantile_fn([DelayLayer(distribution=REQUEST)] * self.requests)
+        draws = sum_quantile_fn([DelayLayer(distribution=REQUEST)] * self.requests)
         return lambda q: self.fixed_s + draws(q)
 
 

@@ -137,8 +137,6 @@ class ObjectStoreTally:
 
     def report(self) -> ObjectStoreFit:
         """The counts so far; sessions not released yet count as they stand."""
-        for state in self.sessions.values():
-            if state[0] & _IN_PLACE and state[0] & _APPEND_ONLY:
-                self.counts["appended"] += 1
-        self.sessions.clear()
-        return ObjectStoreFit(**self.counts, examples={key: paths for key, paths in self.examples.items() if paths})
+        appending = sum(1 for state in self.sessions.values() if state[0] & _IN_PLACE and state[0] & _APPEND_ONLY)
+        counts = {**self.counts, "appended": self.counts["appended"] + appending}
+        return ObjectStoreFit(**counts, examples={key: paths for key, paths in self.examples.items() if paths})

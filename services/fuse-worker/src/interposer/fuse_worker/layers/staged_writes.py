@@ -150,8 +150,8 @@ class StagedWrites:
                 state.size, state.dirty = 0, True  # the emptied file goes up at the close
             if not state.local:
                 await self._download(op, state)
-            elif state.ready_s > now_s:  # another open started the download
-                await self._hold(op, state.ready_s - now_s)
+            else:
+                await self._download_done(op, state)
             return
         if state is not None and (state.dirty or state.has_local(now_s) or not opened_for_writing(op.open_flags)):
             state.handles += 1  # what is held stays; a reader changes nothing
@@ -180,15 +180,20 @@ class StagedWrites:
 
     async def _before_write(self, op: Op, state: _Object) -> None:
         """Wait for the local copy a write needs: none for appends past a large enough object."""
-        now_s = trio.current_time()
         if not state.local:
             minimum = self.spec.append_upload_min_bytes
             if minimum is not None and state.object_size >= minimum and op.offset >= state.object_size:
                 state.appending = True
                 return
             await self._download(op, state)
-        elif state.ready_s > now_s:  # another request started the download
-            await self._hold(op, state.ready_s - now_s)
+        else:
+            await self._download_done(op, state)
+
+    async def _download_done(self, op: Op, state: _Object) -> None:
+        """Wait for a download another request started to end."""
+        remaining_s = state.ready_s - trio.current_time()
+        if remaining_s > 0.0:
+            await self._hold(op, remaining_s)
 
     async def _before_truncate(self, op: Op, state: _Object) -> None:
         """A truncation to 0 needs nothing of the object; to any other size, all of it."""
