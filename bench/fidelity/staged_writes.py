@@ -8,12 +8,13 @@ every file whole at its open, readers included, and uploads a changed or new fil
 whole at close ("Configure BlobFuse for caching mode"). For each case this mounts a
 worker with the profile at a link of ``--rate-mib-s`` over fresh objects laid out in
 the backing directory beforehand, and times, per object, the ``open``, one 4 KiB
-``pwrite`` (or ``pread``) and the ``close``. Targets: one request (the profiles'
-log-normal, median 20 ms, sigma 0.5) plus, where one is due, the transfer at the rate:
+``pwrite`` (or ``pread``), for a read-back case a 4 KiB ``pread`` elsewhere in the
+changed file, and the ``close``. Targets: one request (the profiles' log-normal,
+median 20 ms, sigma 0.5) plus, where one is due, the transfer at the rate:
 
-* ``gcs``: the write, the download of the object; the close, the re-upload of the
-  bytes the application did not write (the request completing the upload is there
-  either way);
+* ``gcs``: the write, the download of the object; the close, the upload of the whole
+  file (of what was appended, for an append to an object of 2 MiB or more); a read
+  back, nothing: gcsfuse serves it from the staged file (printed in ms, no target);
 * ``azure-blob``: the open, the download; the close after a change, the whole file.
 
 So each target is a constant plus the request's log-normal quantile; the printed
@@ -55,29 +56,32 @@ APPEND_UPLOAD_MIN_BYTES = 2 * MIB
 @dataclass
 class Case:
     """Objects of ``object_bytes`` (0 = new files) opened through ``profile``, then one 4 KiB access: a write at
-    ``offset`` (``None`` = appended) or, with ``read``, a read; then closed."""
+    ``offset`` (``None`` = appended) or, with ``read``, a read; with ``read_back``, a 4 KiB read at offset 0 after
+    the write; then closed."""
 
     profile: str
     name: str
     object_bytes: int
     offset: int | None
     read: bool = False
+    read_back: bool = False
 
     def targets(self, rate: float) -> tuple[Hold | None, Hold | None, Hold | None]:
-        """What the open, the access and the close should wait for; None = not held.
+        """What the open, the access and the close should wait for; None = not held (a read back never is).
 
         Every object is a name the mount has not looked up, so each open pays the
         lookup's request first (both profiles hold lookups; a missing name's too).
         """
+        size_after = self.object_bytes + WRITE_BYTES if self.offset is None else max(
+            self.object_bytes, self.offset + WRITE_BYTES)
         if self.profile == "azure-blob":  # blobfuse2 caching mode: whole files at open and close
             open_hold = Hold(2, self.object_bytes / rate) if self.object_bytes else Hold(1, 0.0)
-            size_after = max(self.object_bytes, WRITE_BYTES if self.offset is not None else 0)
             return open_hold, None, (None if self.read else Hold(1, size_after / rate))
         if self.object_bytes == 0:
             return Hold(1, 0.0), None, Hold(1, 0.0)  # streamed: nothing to fetch, nothing to send again
         if self.offset is None and self.object_bytes >= APPEND_UPLOAD_MIN_BYTES:
-            return Hold(1, 0.0), None, Hold(1, 0.0)  # a compose of what was appended
-        return Hold(1, 0.0), Hold(1, self.object_bytes / rate), Hold(1, (self.object_bytes - WRITE_BYTES) / rate)
+            return Hold(1, 0.0), None, Hold(1, WRITE_BYTES / rate)  # a compose of what was appended
+        return Hold(1, 0.0), Hold(1, self.object_bytes / rate), Hold(1, size_after / rate)
 
 
 @dataclass
@@ -98,6 +102,7 @@ CASES = [
     Case("gcs", "append 4 KiB to a 16 MiB object", 16 * MIB, None),
     Case("gcs", "change 4 KiB inside a 16 MiB object", 16 * MIB, 8 * MIB),
     Case("gcs", "change 4 KiB inside a 64 MiB object", 64 * MIB, 32 * MIB),
+    Case("gcs", "change 4 KiB inside a 16 MiB object, read 4 KiB back", 16 * MIB, 8 * MIB, read_back=True),
     Case("azure-blob", "read 4 KiB of a 16 MiB blob", 16 * MIB, 8 * MIB, read=True),
     Case("azure-blob", "read 4 KiB of a 64 MiB blob", 64 * MIB, 32 * MIB, read=True),
     Case("azure-blob", "change 4 KiB inside a 16 MiB blob", 16 * MIB, 8 * MIB),
@@ -118,9 +123,11 @@ def _lay_out(backing: Path, case: Case, count: int) -> list[str]:
     return names
 
 
-def _access(path: Path, case: Case) -> tuple[float, float, float]:
-    """Open one object, access it as the case says, close it; seconds the open, the access and the close took."""
-    flags = (os.O_RDONLY if case.read else os.O_WRONLY) | (os.O_CREAT if case.object_bytes == 0 else 0) | (
+def _access(path: Path, case: Case) -> tuple[float, float, float, float]:
+    """Open one object, access it as the case says, close it; seconds the open, the access, the read back
+    (0 if none) and the close took."""
+    writes = os.O_RDWR if case.read_back else os.O_WRONLY
+    flags = (os.O_RDONLY if case.read else writes) | (os.O_CREAT if case.object_bytes == 0 else 0) | (
         os.O_APPEND if case.offset is None else 0)
     data = b"w" * WRITE_BYTES
     started = time.monotonic()
@@ -135,16 +142,21 @@ def _access(path: Path, case: Case) -> tuple[float, float, float]:
         else:
             os.pwrite(fd, data, case.offset)
         access_s = time.monotonic() - started
+        read_back_s = 0.0
+        if case.read_back:
+            started = time.monotonic()
+            os.pread(fd, WRITE_BYTES, 0)
+            read_back_s = time.monotonic() - started
     finally:
         started = time.monotonic()
         os.close(fd)
-    return open_s, access_s, time.monotonic() - started
+    return open_s, access_s, read_back_s, time.monotonic() - started
 
 
 def _row(what: str, achieved: list[float], hold: Hold | None) -> str:
     got50, got90 = statistics.quantiles(achieved, n=10, method="inclusive")[4::4]
     if hold is None:
-        return f"  {what:<6} p50 {got50 * 1e3:8.2f} ms, p90 {got90 * 1e3:8.2f} ms  (not held: no target)"
+        return f"  {what:<9} p50 {got50 * 1e3:8.2f} ms, p90 {got90 * 1e3:8.2f} ms  (not held: no target)"
     target_fn = hold.quantile_fn()
     cells = []
     for level, metric, got in ((0.5, "p50", got50), (0.9, "p90", got90)):
@@ -152,7 +164,7 @@ def _row(what: str, achieved: list[float], hold: Hold | None) -> str:
         spread = sampling_range(target_fn, metric, len(achieved))
         span = f" [{spread[0]:.2f}-{spread[1]:.2f}]" if spread else ""
         cells.append(f"{metric} {got * 1e3:8.2f} / {target * 1e3:8.2f} ms = {got / target:4.2f}{span}")
-    return f"  {what:<6} " + ";  ".join(cells)
+    return f"  {what:<9} " + ";  ".join(cells)
 
 
 def main() -> None:
@@ -176,11 +188,14 @@ def main() -> None:
                 for case, names in layouts:
                     names = names if case.object_bytes else [f"new-{name}" for name in names]
                     times = [_access(mountpoint / name, case) for name in names]
-                    holds = case.targets(rate)
+                    open_hold, access_hold, close_hold = case.targets(rate)
+                    opened, accessed, read_back, closed = zip(*times)
                     print(f"{profile}: {case.name}")
-                    for what, column, hold in zip(("open", "read" if case.read else "write", "close"),
-                                                   zip(*times), holds):
-                        print(_row(what, list(column), hold))
+                    print(_row("open", list(opened), open_hold))
+                    print(_row("read" if case.read else "write", list(accessed), access_hold))
+                    if case.read_back:
+                        print(_row("read back", list(read_back), None))
+                    print(_row("close", list(closed), close_hold))
     print(host.report())
 
 

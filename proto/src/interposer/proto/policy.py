@@ -701,11 +701,9 @@ class S3SemanticsLayer(_Layer, tag="s3_semantics", kw_only=True):
 
 
 #: Ops a ``staged_writes`` layer acts on: the opens that tell it an object's size (and may download
-#: it), the writes and truncations that modify it, and the close or fsync that uploads it.
-STAGED_WRITES_OPS: frozenset[str] = frozenset({"open", "create", "write", "setattr", "flush", "fsync"})
-#: What a ``staged_writes`` layer charges at an upload: the bytes the application did not write
-#: (a throttle meters the written ones, a ``write_behind`` delay the request), or the whole file.
-StagedUpload = Literal["unwritten", "whole"]
+#: it), the writes and truncations that modify it, the reads it serves from a local copy, and the close
+#: or fsync that uploads it.
+STAGED_WRITES_OPS: frozenset[str] = frozenset({"open", "create", "read", "write", "setattr", "flush", "fsync"})
 
 
 class StagedWritesLayer(_Layer, tag="staged_writes", kw_only=True):
@@ -716,32 +714,32 @@ class StagedWritesLayer(_Layer, tag="staged_writes", kw_only=True):
     truncation of an existing, non-empty file they download the whole object to a
     local file, and the close or fsync after it uploads the whole file again as a
     new object ("modifying even a single bit of an object results in the full
-    re-upload of the object"). New files, and files opened with ``O_TRUNC``, have
-    nothing to download. This layer holds that first write (or truncation) for one
-    request (``distribution``) plus the object's size at ``rate_bytes_per_s``, and
-    the next ``flush`` of a descriptor opened for writing (``close(2)``) or
-    ``fsync`` for the part of the file the application did not write, at the same
-    rate: the bytes written are already charged as written by the throttle layer
-    of the profile (or the policy) that meters the link. The request that
-    completes the upload is a ``write_behind`` delay's. After the upload the local
-    copy is gone: the next modification downloads again.
+    re-upload of the object"); until then the local file serves every read and
+    write of it. Files opened with ``O_TRUNC`` have nothing to download. This
+    layer holds that first write (or truncation) for one request
+    (``distribution``) plus the object's size at ``rate_bytes_per_s``, and the next
+    ``flush`` of a descriptor opened for writing (``close(2)``) or ``fsync`` for
+    one request plus the whole file. The reads and writes in between are served
+    locally: the layer marks them (``Op.served_locally``) and the throttle and
+    delay layers after it in the stack, which stand for the remote store, pass
+    them unheld (fault, quota and metadata layers still act on them). After the
+    upload the local copy is gone (``keep_local_s`` 0): the next modification
+    downloads again, and reads go to the store again.
 
     blobfuse2's caching mode (the Azure Blob CSI driver's, "Configure BlobFuse for
     caching mode") goes further: ``download_on_open`` downloads every existing
-    object at its open, for reading too, into a local cache that serves every read
-    and write; ``keep_local_s`` keeps it there after the last close (its
-    ``file_cache.timeout-sec``, 120 s), so a reopen within it downloads nothing; and
-    ``upload: whole`` uploads the whole file, new ones included, at the close or
-    fsync after a change (one request plus its size), with no throttle or delay
-    layer metering the writes. Transfers share one link: they queue for
+    object at its open, for reading too; ``keep_local_s`` keeps the local copy
+    after the last close (its ``file_cache.timeout-sec``, 120 s), so a reopen
+    within it downloads nothing; and ``stage_new_files`` writes new files locally
+    too, uploaded whole at their close. Transfers share one link: they queue for
     ``rate_bytes_per_s`` in the order they start (FIFO), so two 1 GiB opens at once
     take twice as long as one.
 
     Attributes:
         rate_bytes_per_s: the client's transfer rate for downloads and uploads,
             bytes per second.
-        distribution: latency of the request that starts a download (the GET's
-            first byte), seconds; ``None`` = none.
+        distribution: latency of the request that starts a transfer (a
+            download's GET, an upload's PUT or compose), seconds; ``None`` = none.
         append_upload_min_bytes: gcsfuse's exception: writes that only append to
             an object at least this large download nothing and upload only what
             was appended (a compose), bytes; ``None`` = no such exception (every
@@ -751,16 +749,18 @@ class StagedWritesLayer(_Layer, tag="staged_writes", kw_only=True):
             (reading or writing) that finds no local copy, before the open returns
             (blobfuse2's caching mode); False: at the first change (gcsfuse).
         keep_local_s: how long a local copy outlives the last close of its file
-            (and, with ``upload: whole``, its upload), seconds, 0..86,400; 0: it goes
-            with the upload (gcsfuse's temporary file).
-        upload: ``unwritten`` (default): an upload charges the bytes the
-            application did not write; ``whole``: one request plus the whole file,
-            new files included.
+            (and its upload), seconds, 0..86,400; 0: it goes with the upload
+            (gcsfuse's temporary file).
+        stage_new_files: new files are written to a local copy and uploaded whole
+            at their close (blobfuse2); False: new files are not this layer's
+            (gcsfuse streams them as they are written: a throttle and a
+            ``write_behind`` delay charge them).
 
     ``ops`` is not used (the layer acts on :data:`STAGED_WRITES_OPS`); ``path_glob``
-    limits it to part of the volume. An object's size is read when a file is
-    opened: a file opened before the policy arrived is not charged until it is
-    reopened.
+    limits it to part of the volume. Put it before the throttle and delay layers
+    that emulate the store (the profiles do): layers before it see no mark. An
+    object's size is read when a file is opened: a file opened before the policy
+    arrived is not charged until it is reopened.
     """
 
     rate_bytes_per_s: PositiveLimit
@@ -769,7 +769,7 @@ class StagedWritesLayer(_Layer, tag="staged_writes", kw_only=True):
     seed: Annotated[int, msgspec.Meta(ge=0, le=MAX_SEED)] | None = None
     download_on_open: bool = False
     keep_local_s: CacheSeconds = 0.0
-    upload: StagedUpload = "unwritten"
+    stage_new_files: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -296,14 +296,14 @@ def _object_store_builder(median_s: float, sigma: float,
         staged = () if append_upload_min_bytes is None else (StagedWritesLayer(
             rate_bytes_per_s=rate, distribution=latency, append_upload_min_bytes=append_upload_min_bytes),)
         return (
+            # first: the reads and writes it serves from a staged file's local copy pass the layers below unheld
+            *staged,
             ThrottleLayer(rate_bytes_per_s=rate),
             # a ranged GET per random read; the client streams a sequential reader (direct or not)
             DelayLayer(ops=frozenset({"read"}) | metadata_requests, mode="floor", distribution=latency,
                        skip_sequential=True, lookup_cache_s=lookup_cache_s, one_floor_per_call=False),
             # writes go out as multipart parts in the background, O_SYNC/O_DIRECT or not; close and fsync
             # wait for the upload to complete (CompleteMultipartUpload); unlink is a DeleteObject
-            # before the upload's completion below: a close first sends what the object needs, then completes it
-            *staged,
             DelayLayer(ops=frozenset({"write", "unlink"}), mode="floor", distribution=latency, write_behind=True,
                        one_floor_per_call=False),
         )
@@ -323,7 +323,7 @@ def _blobfuse2_caching(sizing: Sizing) -> tuple[Layer, ...]:
     latency = LognormalDistribution(median_s=0.020, sigma=0.5)
     return (
         StagedWritesLayer(rate_bytes_per_s=sizing.rate_bytes_per_s or _MOUNTPOINT_THROUGHPUT, distribution=latency,
-                          download_on_open=True, keep_local_s=_BLOBFUSE2_CACHE_S, upload="whole"),
+                          download_on_open=True, keep_local_s=_BLOBFUSE2_CACHE_S, stage_new_files=True),
         DelayLayer(ops=_BLOBFUSE2_METADATA_REQUESTS, mode="floor", distribution=latency,
                    lookup_cache_s=_BLOBFUSE2_CACHE_S, one_floor_per_call=False),
     )
@@ -792,14 +792,15 @@ _PROFILES_AND_BUILDERS = (
             "reads; a new file written in order is uploaded as it is written (streaming writes, the "
             "default since gcsfuse 3.0) and finalized when closed; a change to an existing object is staged "
             "(docs/semantics.md, 'Staged Writes'): the whole object is downloaded at the first write or "
-            "truncation (one request, then its size at the throughput) and uploaded whole at close or fsync, "
-            "except appends to an object of at least 2 MiB, which download nothing and upload what was "
-            "appended (a staged_writes layer); close and fsync wait for one request either way, the bytes "
-            "written being metered by the throttle as they are written; a lookup is a stat-object "
+            "truncation (one request, then its size at the throughput), serves the file's reads and writes "
+            "from the local copy until the close or fsync, and is uploaded whole then (one request, then its "
+            "size), except appends to an object of at least 2 MiB, which download nothing and upload what was "
+            "appended (a staged_writes layer); a streamed new file's close waits for one request; a lookup is "
+            "a stat-object "
             "request, its result, found or not, cached for 60 s "
             "by default (metadata-cache.ttl-secs): a lookup of the same path within 60 s of the last one it "
             "paid for costs nothing (lookup_cache_s), nor do getattr and open; a listing is one request; "
-            "unlink is a delete request. Not applied: reads of a staged file served from its local copy, "
+            "unlink is a delete request. Not applied: the local disk staged files are written to, "
             "the file cache (off unless a cache directory is given), "
             "parallel downloads, the request rates of a bucket (about 5,000 reads and 1,000 writes per "
             "second to start: https://cloud.google.com/storage/docs/request-rate), and gcsfuse's semantics "

@@ -93,11 +93,13 @@ def needs_direct_io(spec: Layer) -> bool:
     ``write(2)``). A layer acting only on writes does not: writeback caching is
     off, so every ``write(2)`` is sent to the worker and waits for its reply
     (errno, delay and throttle reach the application unchanged). Quota refuses
-    writes and metadata alters attributes: neither acts on reads. The caller also
-    checks that the layer can act at all (``runtime.acts``). A layer with
-    ``page_cache: keep`` never does: its user put the cache in front of it.
+    writes and metadata alters attributes: neither acts on reads; staged_writes
+    only marks the reads of a local copy as local, and a read the page cache
+    answers is local too. The caller also checks that the layer can act at all
+    (``runtime.acts``). A layer with ``page_cache: keep`` never does: its user put
+    the cache in front of it.
     """
-    if isinstance(spec, (QuotaLayer, MetadataLayer)) or spec.page_cache == "keep":
+    if isinstance(spec, (QuotaLayer, MetadataLayer, StagedWritesLayer)) or spec.page_cache == "keep":
         return False
     ops = ops_of(spec)
     if "read" in ops:

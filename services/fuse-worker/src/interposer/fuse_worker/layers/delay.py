@@ -197,7 +197,8 @@ class Delay:
         attrs = self._attrs
 
         async def delay(op: Op, call: BackendCall) -> Any:
-            if (match is None or match(op.path)) and not (sequential and sequential(op)) and not (
+            if not op.served_locally and (match is None or match(op.path)) and not (
+                    sequential and sequential(op)) and not (
                     cached and op.name == "lookup" and cached(op.path)) and not (
                     attrs and op.name == "getattr" and attrs.fresh(op.ino, trio.current_time())) and (
                     probability >= 1.0 or rng.random() < probability):
@@ -218,7 +219,7 @@ class Delay:
             return await inner(op, call)
 
         async def floor(op: Op, call: BackendCall) -> Any:
-            if (match is not None and not match(op.path)) or (sequential and sequential(op)):
+            if op.served_locally or (match is not None and not match(op.path)) or (sequential and sequential(op)):
                 return await inner(op, call)
             if cached and op.name == "lookup" and cached(op.path):
                 return await self._unheld_in_chain(op, call, inner)
@@ -285,6 +286,8 @@ class Delay:
         held_flags = SYNC_WRITE_FLAGS if self.spec.write_behind == "buffered" else 0
 
         async def write_behind(op: Op, call: BackendCall) -> Any:
+            if op.served_locally:
+                return await inner(op, call)  # into a client's local copy: its upload is charged by that layer
             if op.name == "write" and not op.open_flags & held_flags:
                 result = await inner(op, call)
                 if match is None or match(op.path):

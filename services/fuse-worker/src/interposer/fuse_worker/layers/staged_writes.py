@@ -3,24 +3,27 @@
 Cloud Storage FUSE (gcsfuse, docs/semantics.md, "Staged Writes" — the path of every
 modification of an existing object, streaming writes being for new files only),
 s3fs-fuse and blobfuse2 keep no partial objects: the first write or truncation of an
-existing object fetches all of it into a local file, and the close or fsync after it
-writes the whole file back as a new object. A 4 KiB append to a 1 GiB log costs two
-1 GiB transfers. gcsfuse's one exception: appends to an object of at least 2 MiB
-upload only what was appended (a compose) and download nothing. blobfuse2's caching
-mode downloads each object at its open, for readers too, and keeps the local copy
-for a while after the last close (``download_on_open``, ``keep_local_s``).
+existing object fetches all of it into a local file, which serves every read and
+write of the file until the close or fsync after it writes the whole file back as a
+new object ("writes the contents of the local file back ... and deletes temp-file").
+A 4 KiB append to a 1 GiB log costs two 1 GiB transfers. gcsfuse's one exception:
+appends to an object of at least 2 MiB upload only what was appended (a compose)
+and download nothing. blobfuse2's caching mode downloads each object at its open,
+for readers too, keeps the local copy for a while after the last close, and stages
+new files as well (``download_on_open``, ``keep_local_s``, ``stage_new_files``).
 
 Per file (by inode) the layer keeps the object's size as of the last open
 (``Op.file_size``, read by the adapter only while such a layer is in force), whether
 a local copy exists and until when it is kept, the handles open, and the bytes
 written since the last upload. A download is charged to the op that needs it (the
-open, or the first change); requests arriving meanwhile wait for it. An upload is
-charged to the next ``flush`` of a descriptor opened for writing, or ``fsync``: the
-bytes the application did not write (``upload: unwritten``; the written ones are
-charged as written by the throttle that meters the link, and the request completing
-the upload by a ``write_behind`` delay: both in the ``gcs`` profile), or one request
-and the whole file (``whole``). Transfers share one link (a token bucket at the
-layer's rate, no burst), so transfers that overlap queue for it in order.
+open, or the first change); requests arriving meanwhile wait for it. Reads of a
+file with a local copy, and writes of a staged file, are marked
+``Op.served_locally``: the throttle and delay layers after this one stand for the
+remote store and pass them unheld. An upload is charged to the next ``flush`` of a
+descriptor opened for writing, or ``fsync``: one request plus the whole file (or
+what was appended, for gcsfuse's exception). Transfers share one link (a token
+bucket at the layer's rate, no burst), so transfers that overlap queue for it in
+order.
 """
 
 from __future__ import annotations
@@ -113,8 +116,14 @@ class StagedWrites:
             if state is None:
                 return await inner(op, call)
             self._objects.put(op.ino, state)  # still there for requests arriving while this one waits
+            if op.name == "read":
+                if state.has_local(trio.current_time()):
+                    await self._download_done(op, state)
+                    op.served_locally = True
+                return await inner(op, call)
             if op.name == "write":
                 await self._before_write(op, state)
+                op.served_locally = True  # into the local copy (or the appended part): sent at the upload
                 result = await inner(op, call)
                 moved = transferred_bytes(result, op.size)
                 state.written += moved
@@ -162,8 +171,8 @@ class StagedWrites:
             self._objects.put(op.ino, fresh)
 
     def _created(self, ino: int) -> None:
-        """A new file: nothing to download; with ``upload: whole`` it goes up whole at its close."""
-        if self.spec.upload == "whole":
+        """A new file: nothing to download; with ``stage_new_files`` it goes up whole at its close."""
+        if self.spec.stage_new_files:
             state = _Object(0, local=True)
             state.handles = 1
             self._objects.put(ino, state)
@@ -211,17 +220,12 @@ class StagedWrites:
         await self._hold(op, seconds)
 
     async def _upload(self, op: Op, state: _Object) -> None:
-        """Charge the upload (see the module docstring); the object is then as stored."""
-        if self.spec.upload == "whole":
-            sent = state.size
-            seconds = self._transfer_s(sent)
-        else:
-            sent = max(0, state.size - state.written) if state.local else 0
-            seconds = self._link.reserve(sent, trio.current_time()) if sent else 0.0
-        if state.local or self.spec.upload == "whole":
-            self._uploads += 1
-            self._uploaded_bytes += sent
-        await self._hold(op, seconds)
+        """Charge the upload: one request, then the whole file, or only what was appended; the object is then as
+        stored, and its local copy kept ``keep_local_s``."""
+        sent = state.written if state.appending else state.size
+        self._uploads += 1
+        self._uploaded_bytes += sent
+        await self._hold(op, self._transfer_s(sent))
         state.object_size, state.appending, state.written, state.dirty = state.size, False, 0, False
         state.local = self.spec.keep_local_s > 0 and state.local
         state.local_until_s = trio.current_time() + self.spec.keep_local_s
