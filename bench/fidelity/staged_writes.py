@@ -15,6 +15,9 @@ median 20 ms, sigma 0.5) plus, where one is due, the transfer at the rate:
 * ``gcs``: the write, the download of the object; the close, the upload of the whole
   file (of what was appended, for an append to an object of 2 MiB or more); a read
   back, nothing: gcsfuse serves it from the staged file (printed in ms, no target);
+  a new file streamed in order (untimed) and then written at offset 0, the
+  finalization of what was streamed and its download at that write, the whole file
+  at the close ("Streaming Writes": out-of-order writes fall back to staging);
 * ``azure-blob``: the open, the download; the close after a change, the whole file.
 
 So each target is a constant plus the request's log-normal quantile; the printed
@@ -65,6 +68,7 @@ class Case:
     offset: int | None
     read: bool = False
     read_back: bool = False
+    streamed_bytes: int = 0  # a new file: bytes written in order from its start before the access, untimed
 
     def targets(self, rate: float) -> tuple[Hold | None, Hold | None, Hold | None]:
         """What the open, the access and the close should wait for; None = not held (a read back never is).
@@ -77,6 +81,8 @@ class Case:
         if self.profile == "azure-blob":  # blobfuse2 caching mode: whole files at open and close
             open_hold = Hold(2, self.object_bytes / rate) if self.object_bytes else Hold(1, 0.0)
             return open_hold, None, (None if self.read else Hold(1, size_after / rate))
+        if self.streamed_bytes:  # finalized (a request), downloaded (a request and the bytes), staged
+            return Hold(1, 0.0), Hold(2, self.streamed_bytes / rate), Hold(1, self.streamed_bytes / rate)
         if self.object_bytes == 0:
             return Hold(1, 0.0), None, Hold(1, 0.0)  # streamed: nothing to fetch, nothing to send again
         if self.offset is None and self.object_bytes >= APPEND_UPLOAD_MIN_BYTES:
@@ -103,11 +109,15 @@ CASES = [
     Case("gcs", "change 4 KiB inside a 16 MiB object", 16 * MIB, 8 * MIB),
     Case("gcs", "change 4 KiB inside a 64 MiB object", 64 * MIB, 32 * MIB),
     Case("gcs", "change 4 KiB inside a 16 MiB object, read 4 KiB back", 16 * MIB, 8 * MIB, read_back=True),
+    Case("gcs", "new file: 16 MiB streamed, then 4 KiB at offset 0", 0, 0, streamed_bytes=16 * MIB),
     Case("azure-blob", "read 4 KiB of a 16 MiB blob", 16 * MIB, 8 * MIB, read=True),
     Case("azure-blob", "read 4 KiB of a 64 MiB blob", 64 * MIB, 32 * MIB, read=True),
     Case("azure-blob", "change 4 KiB inside a 16 MiB blob", 16 * MIB, 8 * MIB),
     Case("azure-blob", "new file, 4 KiB", 0, 0),
 ]
+
+
+_BLOCK = os.urandom(MIB)
 
 
 def _lay_out(backing: Path, case: Case, count: int) -> list[str]:
@@ -134,6 +144,8 @@ def _access(path: Path, case: Case) -> tuple[float, float, float, float]:
     fd = os.open(path, flags, 0o644)
     open_s = time.monotonic() - started
     try:
+        for offset in range(0, case.streamed_bytes, MIB):
+            os.pwrite(fd, _BLOCK, offset)
         started = time.monotonic()
         if case.read:
             os.pread(fd, WRITE_BYTES, case.offset or 0)

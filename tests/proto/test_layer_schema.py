@@ -165,7 +165,7 @@ def test_delay_s_still_means_a_fixed_delay() -> None:
      "field `page_cache`: a staged_writes layer"),
     ({"type": "staged_writes", "rate_bytes_per_s": 1, "download_on_open": True, "append_upload_min_bytes": 1},
      "field `append_upload_min_bytes`: appends download nothing only where"),
-    ({"type": "staged_writes", "rate_bytes_per_s": 1, "stage_new_files": "yes"}, "$.layers[0].stage_new_files"),
+    ({"type": "staged_writes", "rate_bytes_per_s": 1, "new_files": "cached"}, "$.layers[0].new_files"),
     ({"type": "staged_writes", "rate_bytes_per_s": 1, "keep_local_s": -1}, "$.layers[0].keep_local_s"),
 ])
 def test_bad_layers_are_rejected_with_the_field(layer: dict, expected: str) -> None:

@@ -174,24 +174,96 @@ def test_a_staged_file_is_read_and_written_locally_past_the_layers_of_the_store(
         ops = [_open(2, 4 * MIB, os.O_RDWR), read(2), _write(2, 0, 4096, os.O_RDWR), read(2),
                _write(2, 4096, 4096, os.O_RDWR), _close(2, os.O_RDWR), read(2), _write(3, 0, 4096)]
         took = [await _served_s(stack, op) for op in ops]
-        return took, [op.served_locally for op in ops]
+        return took, [op.charged_by_client for op in ops]
 
-    took, local = _run(main)
+    took, charged = _run(main)
     assert took[1] == pytest.approx(0.02)  # not changed yet: a ranged read from the store
     assert took[2] == pytest.approx(REQUEST_S + 1.0)  # the download; the write itself is local
     assert took[3] == 0.0 and took[4] == 0.0  # the local copy
     assert took[5] == pytest.approx(REQUEST_S + 1.0)  # up whole
     assert took[6] == pytest.approx(0.02)  # the local copy went with the upload
     assert took[7] == pytest.approx(0.02)  # a file this layer never held: the store's
-    assert local == [False, False, True, True, True, False, False, False]
+    assert charged == [False, False, True, True, True, True, False, False]  # the close: its upload
     # what went over the link, and waited for the store, are the three ops not served locally
     assert link.statistics().ops == 3 and link.statistics().bytes == 3 * 4096
     assert store_latency.statistics().delayed == 3
 
 
+def _streaming_stack() -> tuple[Stack, list]:
+    """gcsfuse's write path: the staged layer, then the link and the request that finalizes a streamed file."""
+    layers = [StagedWritesLayer(rate_bytes_per_s=RATE, distribution=FixedDistribution(delay_s=REQUEST_S)),
+              ThrottleLayer(rate_bytes_per_s=1 << 39),  # counts what goes over the link (never waits)
+              DelayLayer(ops=frozenset({"write"}), distribution=FixedDistribution(delay_s=0.05), write_behind=True)]
+    stack = Stack(Policy(layers=layers), 1)
+    return stack, stack.layers
+
+
+async def _create(stack: Stack, ino: int) -> None:
+    async def created():
+        return None, type("Attrs", (), {"st_ino": ino})()
+
+    await stack.chains["create"](Op("create", 1, f"/f{ino}", open_flags=os.O_RDWR | os.O_CREAT), created)
+
+
+def test_a_new_file_written_in_order_is_streamed_and_its_close_finalizes_it() -> None:
+    stack, (_, link, finalize) = _streaming_stack()
+
+    async def main() -> list[float]:
+        await _create(stack, 3)
+        took = [await _served_s(stack, _write(3, offset, MIB, os.O_RDWR)) for offset in (0, MIB, 2 * MIB)]
+        took.append(await _served_s(stack, Op("fsync", 3, "/f3", open_flags=os.O_RDWR)))  # streams, finalizes nothing
+        took.append(await _served_s(stack, _close(3, os.O_RDWR)))
+        return took
+
+    assert _run(main) == [0.0, 0.0, 0.0, pytest.approx(0.05), 0.0]
+    assert link.statistics().bytes == 3 * MIB  # the bytes went over the link as written
+    assert finalize.statistics().delayed == 1
+
+
+def test_a_write_out_of_order_stages_a_streamed_file_and_its_close_uploads_it_whole() -> None:
+    # gcsfuse docs/semantics.md: "doing out-of-order writes ... will cause GCSFuse to automatically revert to
+    # the existing write path of staging writes to a temporary file on disk"
+    stack, (staged, link, finalize) = _streaming_stack()
+
+    async def main() -> list[float]:
+        await _create(stack, 3)
+        took = [await _served_s(stack, _write(3, 0, MIB, os.O_RDWR))]
+        took.append(await _served_s(stack, _write(3, 0, 4096, os.O_RDWR)))  # a header written last
+        took.append(await _served_s(stack, Op("read", 3, "/f3", size=4096, open_flags=os.O_RDWR)))  # local
+        took.append(await _served_s(stack, _close(3, os.O_RDWR)))
+        took.append(await _served_s(stack, _open(3, MIB, os.O_RDWR)))
+        took.append(await _served_s(stack, _close(3, os.O_RDWR)))  # nothing written since: nothing to send
+        return took
+
+    took = _run(main)
+    assert took[0] == 0.0 and took[4:] == [0.0, 0.0]
+    # the stream finalized (a request), then downloaded (a request + 1 MiB at 4 MiB/s)
+    assert took[1] == pytest.approx(REQUEST_S + REQUEST_S + 0.25)
+    assert took[2] == 0.0
+    assert took[3] == pytest.approx(REQUEST_S + 0.25)  # up whole; no second request for the deferred writes
+    assert link.statistics().bytes == MIB and finalize.statistics().delayed == 0
+    assert staged.statistics().downloads == 1 and staged.statistics().uploads == 1
+
+
+def test_a_read_of_a_file_being_streamed_finalizes_it_once() -> None:
+    # gcsfuse: "performing a read operation will finalize the object on GCS"
+    stack, (_, _, finalize) = _streaming_stack()
+
+    async def main() -> list[float]:
+        await _create(stack, 3)
+        took = [await _served_s(stack, _write(3, 0, MIB, os.O_RDWR))]
+        took.append(await _served_s(stack, Op("read", 3, "/f3", size=4096, open_flags=os.O_RDWR)))
+        took.append(await _served_s(stack, Op("read", 3, "/f3", size=4096, open_flags=os.O_RDWR)))
+        took.append(await _served_s(stack, _close(3, os.O_RDWR)))  # already finalized: nothing to send
+        return took
+
+    assert _run(main) == [0.0, pytest.approx(REQUEST_S), 0.0, 0.0]
+    assert finalize.statistics().delayed == 0
+
+
 def _blob_stack() -> Stack:
     """blobfuse2's caching mode: whole files down at open, kept 120 s after the last close, up whole at close."""
-    return _stack(download_on_open=True, keep_local_s=120.0, stage_new_files=True)
+    return _stack(download_on_open=True, keep_local_s=120.0, new_files="staged")
 
 
 def _release(stack: Stack, ino: int) -> None:
@@ -388,3 +460,32 @@ def test_the_gcs_profile_serves_a_changed_object_from_its_local_copy_until_its_c
     assert before_s > 0.010 and after_s > 0.010
     assert staged_s < 0.005
     assert (backing / "table.db").read_bytes() == b"b" * 4096 + b"a" * (4 * MIB - 4096)
+
+
+def test_the_gcs_profile_stages_a_new_file_written_out_of_order(mount_worker, tmp_path) -> None:
+    # An HDF5-style writer: the data in order, then the header at offset 0 rewritten at the end. gcsfuse
+    # streams the data, then finalizes it at the out-of-order write, downloads it, and uploads the whole
+    # file at the close.
+    backing = tmp_path / "bucket"
+    backing.mkdir()
+    rate = 32 * MIB  # 4 MiB: 0.125 s each way; a request ~20 ms (above 0.125 s with p ~ 1e-4)
+    vol = mount_worker(backing=backing, policy=json.dumps({"layers": [
+        {"type": "profile", "name": "gcs", "rate_bytes_per_s": rate}]}))
+    transfer_s = 4 * MIB / rate
+
+    def write_new(name: str, header_at: int) -> tuple[float, float]:
+        fd = os.open(vol.mountpoint / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            for offset in range(0, 4 * MIB, MIB):
+                os.pwrite(fd, b"d" * MIB, offset)
+            header_s = _timed(lambda: os.pwrite(fd, b"h" * 512, header_at))
+        finally:
+            close_s = _timed(lambda: os.close(fd))
+        return header_s, close_s
+
+    appended_s, streamed_close_s = write_new("streamed.h5", header_at=4 * MIB)  # still in order
+    header_s, staged_close_s = write_new("staged.h5", header_at=0)
+    assert appended_s < transfer_s and streamed_close_s < transfer_s
+    assert header_s >= transfer_s and staged_close_s >= transfer_s * 0.95
+    assert (backing / "staged.h5").read_bytes() == b"h" * 512 + b"d" * (4 * MIB - 512)
+    assert (backing / "streamed.h5").read_bytes() == b"d" * (4 * MIB) + b"h" * 512

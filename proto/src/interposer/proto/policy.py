@@ -704,6 +704,9 @@ class S3SemanticsLayer(_Layer, tag="s3_semantics", kw_only=True):
 #: it), the writes and truncations that modify it, the reads it serves from a local copy, and the close
 #: or fsync that uploads it.
 STAGED_WRITES_OPS: frozenset[str] = frozenset({"open", "create", "read", "write", "setattr", "flush", "fsync"})
+#: What an object-store client does with a new file: upload it as it is written (gcsfuse's
+#: streaming writes), or stage it locally and upload it whole at the close (blobfuse2, s3fs).
+NewFiles = Literal["streamed", "staged"]
 
 
 class StagedWritesLayer(_Layer, tag="staged_writes", kw_only=True):
@@ -720,18 +723,26 @@ class StagedWritesLayer(_Layer, tag="staged_writes", kw_only=True):
     (``distribution``) plus the object's size at ``rate_bytes_per_s``, and the next
     ``flush`` of a descriptor opened for writing (``close(2)``) or ``fsync`` for
     one request plus the whole file. The reads and writes in between are served
-    locally: the layer marks them (``Op.served_locally``) and the throttle and
+    locally: the layer marks them (``Op.charged_by_client``) and the throttle and
     delay layers after it in the stack, which stand for the remote store, pass
     them unheld (fault, quota and metadata layers still act on them). After the
     upload the local copy is gone (``keep_local_s`` 0): the next modification
     downloads again, and reads go to the store again.
 
+    New files (``new_files``): gcsfuse 3 streams a new file written in order from
+    its start (the throttle and ``write_behind`` delay after this layer charge its
+    bytes and the close that finalizes it), and falls back to staging
+    (docs/semantics.md, "Streaming Writes"): the first write out of order
+    finalizes what was streamed (one request) and downloads it (one request and
+    its size), a read of the file while it is streamed finalizes it (one request)
+    and later writes change an existing object. blobfuse2 and s3fs stage new
+    files from the start (``staged``): local until uploaded whole at the close.
+
     blobfuse2's caching mode (the Azure Blob CSI driver's, "Configure BlobFuse for
-    caching mode") goes further: ``download_on_open`` downloads every existing
-    object at its open, for reading too; ``keep_local_s`` keeps the local copy
-    after the last close (its ``file_cache.timeout-sec``, 120 s), so a reopen
-    within it downloads nothing; and ``stage_new_files`` writes new files locally
-    too, uploaded whole at their close. Transfers share one link: they queue for
+    caching mode") also downloads every existing object at its open, for reading
+    too (``download_on_open``), and keeps the local copy after the last close
+    (``keep_local_s``: its ``file_cache.timeout-sec``, 120 s), so a reopen within
+    it downloads nothing. Transfers share one link: they queue for
     ``rate_bytes_per_s`` in the order they start (FIFO), so two 1 GiB opens at once
     take twice as long as one.
 
@@ -751,10 +762,10 @@ class StagedWritesLayer(_Layer, tag="staged_writes", kw_only=True):
         keep_local_s: how long a local copy outlives the last close of its file
             (and its upload), seconds, 0..86,400; 0: it goes with the upload
             (gcsfuse's temporary file).
-        stage_new_files: new files are written to a local copy and uploaded whole
-            at their close (blobfuse2); False: new files are not this layer's
-            (gcsfuse streams them as they are written: a throttle and a
-            ``write_behind`` delay charge them).
+        new_files: ``streamed`` (default, gcsfuse 3): files created through the
+            mount are uploaded as written, in order, until a write out of order or
+            a read makes the client stage them (above); ``staged`` (blobfuse2,
+            s3fs): written to a local copy and uploaded whole at their close.
 
     ``ops`` is not used (the layer acts on :data:`STAGED_WRITES_OPS`); ``path_glob``
     limits it to part of the volume. Put it before the throttle and delay layers
@@ -769,7 +780,7 @@ class StagedWritesLayer(_Layer, tag="staged_writes", kw_only=True):
     seed: Annotated[int, msgspec.Meta(ge=0, le=MAX_SEED)] | None = None
     download_on_open: bool = False
     keep_local_s: CacheSeconds = 0.0
-    stage_new_files: bool = False
+    new_files: NewFiles = "streamed"
 
     def __post_init__(self) -> None:
         super().__post_init__()

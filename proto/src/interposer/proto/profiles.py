@@ -323,7 +323,7 @@ def _blobfuse2_caching(sizing: Sizing) -> tuple[Layer, ...]:
     latency = LognormalDistribution(median_s=0.020, sigma=0.5)
     return (
         StagedWritesLayer(rate_bytes_per_s=sizing.rate_bytes_per_s or _MOUNTPOINT_THROUGHPUT, distribution=latency,
-                          download_on_open=True, keep_local_s=_BLOBFUSE2_CACHE_S, stage_new_files=True),
+                          download_on_open=True, keep_local_s=_BLOBFUSE2_CACHE_S, new_files="staged"),
         DelayLayer(ops=_BLOBFUSE2_METADATA_REQUESTS, mode="floor", distribution=latency,
                    lookup_cache_s=_BLOBFUSE2_CACHE_S, one_floor_per_call=False),
     )
@@ -790,7 +790,8 @@ _PROFILES_AND_BUILDERS = (
             "https://cloud.google.com/storage/docs/gcsfuse-performance-and-best-practices): a reader found "
             "sequential is served by fewer, larger reads (only its first read waits here), others by ranged "
             "reads; a new file written in order is uploaded as it is written (streaming writes, the "
-            "default since gcsfuse 3.0) and finalized when closed; a change to an existing object is staged "
+            "default since gcsfuse 3.0) and finalized when closed, but a write out of order, a read or a "
+            "truncation of it first finalizes what was streamed (one request) and makes it a staged file; a change to an existing object is staged "
             "(docs/semantics.md, 'Staged Writes'): the whole object is downloaded at the first write or "
             "truncation (one request, then its size at the throughput), the local copy serves the file's reads "
             "and writes until the close or fsync, and the file is uploaded whole then (one request, then its "

@@ -88,9 +88,12 @@ class Op(msgspec.Struct):
         file_size: for ``open`` while a layer asks for it
             (``Stack.sizes_opened_files``): the file's size once opened (after
             ``O_TRUNC``), bytes, set by the backend call; -1 = not read.
-        served_locally: for ``read`` and ``write``: a ``staged_writes`` layer
-            serves the op from a client's local copy of the object, so the
-            throttle and delay layers after it (the remote store) pass it unheld.
+        charged_by_client: a ``staged_writes`` layer, standing for an object-store
+            client, has charged what the store costs this op: nothing for a read
+            or write of its local copy, the upload or the finalization for a
+            ``flush`` or ``fsync``. The throttle and delay layers after it (the
+            store) pass the op unheld, and a ``write_behind`` delay forgets the
+            writes it deferred for the file (the client sent them).
     """
 
     name: str
@@ -117,7 +120,7 @@ class Op(msgspec.Struct):
     sequential: bool = False
     target: str = ""
     file_size: int = -1
-    served_locally: bool = False
+    charged_by_client: bool = False
 
     def hold_reply_until(self, due_ns: int, lead_ns: int) -> None:
         """Hold the reply (``defer_holds``) until at least ``due_ns``, armed ``lead_ns`` early (ns)."""

@@ -197,7 +197,7 @@ class Delay:
         attrs = self._attrs
 
         async def delay(op: Op, call: BackendCall) -> Any:
-            if not op.served_locally and (match is None or match(op.path)) and not (
+            if not op.charged_by_client and (match is None or match(op.path)) and not (
                     sequential and sequential(op)) and not (
                     cached and op.name == "lookup" and cached(op.path)) and not (
                     attrs and op.name == "getattr" and attrs.fresh(op.ino, trio.current_time())) and (
@@ -219,7 +219,7 @@ class Delay:
             return await inner(op, call)
 
         async def floor(op: Op, call: BackendCall) -> Any:
-            if op.served_locally or (match is not None and not match(op.path)) or (sequential and sequential(op)):
+            if op.charged_by_client or (match is not None and not match(op.path)) or (sequential and sequential(op)):
                 return await inner(op, call)
             if cached and op.name == "lookup" and cached(op.path):
                 return await self._unheld_in_chain(op, call, inner)
@@ -286,8 +286,9 @@ class Delay:
         held_flags = SYNC_WRITE_FLAGS if self.spec.write_behind == "buffered" else 0
 
         async def write_behind(op: Op, call: BackendCall) -> Any:
-            if op.served_locally:
-                return await inner(op, call)  # into a client's local copy: its upload is charged by that layer
+            if op.charged_by_client:  # a client staged the file: it finalized what was deferred, and charged it
+                unsynced.take(op.ino)
+                return await inner(op, call)
             if op.name == "write" and not op.open_flags & held_flags:
                 result = await inner(op, call)
                 if match is None or match(op.path):

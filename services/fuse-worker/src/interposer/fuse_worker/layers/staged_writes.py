@@ -8,9 +8,12 @@ write of the file until the close or fsync after it writes the whole file back a
 new object ("writes the contents of the local file back ... and deletes temp-file").
 A 4 KiB append to a 1 GiB log costs two 1 GiB transfers. gcsfuse's one exception:
 appends to an object of at least 2 MiB upload only what was appended (a compose)
-and download nothing. blobfuse2's caching mode downloads each object at its open,
-for readers too, keeps the local copy for a while after the last close, and stages
-new files as well (``download_on_open``, ``keep_local_s``, ``stage_new_files``).
+and download nothing. gcsfuse 3 streams a new file written in order instead, until a
+write out of order, a read or a truncation makes it finalize what it streamed and
+stage the file ("Streaming Writes"). blobfuse2's caching mode downloads each object
+at its open, for readers too, keeps the local copy for a while after the last close,
+and stages new files from the start (``download_on_open``, ``keep_local_s``,
+``new_files``).
 
 Per file (by inode) the layer keeps the object's size as of the last open
 (``Op.file_size``, read by the adapter only while such a layer is in force), whether
@@ -18,12 +21,16 @@ a local copy exists and until when it is kept, the handles open, and the bytes
 written since the last upload. A download is charged to the op that needs it (the
 open, or the first change); requests arriving meanwhile wait for it. Reads of a
 file with a local copy, and writes of a staged file, are marked
-``Op.served_locally``: the throttle and delay layers after this one stand for the
+``Op.charged_by_client``: the throttle and delay layers after this one stand for the
 remote store and pass them unheld. An upload is charged to the next ``flush`` of a
 descriptor opened for writing, or ``fsync``: one request plus the whole file (or
-what was appended, for gcsfuse's exception). Transfers share one link (a token
-bucket at the layer's rate, no burst), so transfers that overlap queue for it in
-order.
+what was appended, for gcsfuse's exception); that close is marked too. A new file
+being streamed is only watched: its writes, in order, and the close that finalizes
+it are charged by the layers after this one; the write, read or truncation that
+ends the stream is held for the finalizing request here (and the first change
+after it for the download), and marked like the rest from then on. Transfers share
+one link (a token bucket at the layer's rate, no burst), so transfers that overlap
+queue for it in order.
 """
 
 from __future__ import annotations
@@ -60,7 +67,7 @@ class _Object:
     """What the client holds of one file: the object's size, a local copy or not, what was written since the upload."""
 
     __slots__ = ("object_size", "size", "local", "local_until_s", "handles", "appending", "written", "dirty",
-                 "ready_s")
+                 "ready_s", "streamed_to", "finalized")
 
     def __init__(self, object_size: int, local: bool = False) -> None:
         self.object_size = object_size  # bytes, as stored (the last open, or upload)
@@ -72,6 +79,8 @@ class _Object:
         self.written = 0  # bytes written since the last upload
         self.dirty = False  # changed since the last upload
         self.ready_s = 0.0  # when the download in progress ends, trio's clock
+        self.streamed_to = -1  # a new file being streamed: where its next write must start, bytes; -1: not streamed
+        self.finalized = False  # its stream was finalized before its close (the close has nothing to send)
 
     def has_local(self, now_s: float) -> bool:
         return self.local and (self.handles > 0 or now_s <= self.local_until_s)
@@ -117,13 +126,22 @@ class StagedWrites:
                 return await inner(op, call)
             self._objects.put(op.ino, state)  # still there for requests arriving while this one waits
             if op.name == "read":
-                if state.has_local(trio.current_time()):
+                if state.streamed_to >= 0:
+                    await self._finalize(op, state)  # a read of a file being streamed finalizes it
+                elif state.has_local(trio.current_time()):
                     await self._download_done(op, state)
-                    op.served_locally = True
+                    op.charged_by_client = True
                 return await inner(op, call)
             if op.name == "write":
+                if state.streamed_to == op.offset:  # in order (by arrival: requests in flight together count)
+                    state.streamed_to = op.offset + op.size
+                    result = await inner(op, call)  # streamed: the layers after this one charge it
+                    state.size = max(state.size, op.offset + transferred_bytes(result, op.size))
+                    return result
+                if state.streamed_to >= 0:
+                    await self._finalize(op, state)  # out of order: what was streamed is an object now
                 await self._before_write(op, state)
-                op.served_locally = True  # into the local copy (or the appended part): sent at the upload
+                op.charged_by_client = True  # into the local copy (or the appended part): sent at the upload
                 result = await inner(op, call)
                 moved = transferred_bytes(result, op.size)
                 state.written += moved
@@ -132,12 +150,24 @@ class StagedWrites:
                 return result
             if op.name == "setattr":
                 if op.mode & FATTR_SIZE and op.size != state.size:
+                    if state.streamed_to >= 0:
+                        await self._finalize(op, state)  # truncating a file being streamed finalizes it
                     await self._before_truncate(op, state)
                     state.size, state.dirty = op.size, True
                 return await inner(op, call)
-            # flush of a descriptor that could write, or fsync: the upload
-            if (op.name == "fsync" or opened_for_writing(op.open_flags)) and state.dirty:
+            if not (op.name == "fsync" or opened_for_writing(op.open_flags)):
+                return await inner(op, call)  # the close of a reader sends nothing
+            if state.streamed_to >= 0:  # fsync does not finalize a stream; the close does, charged after this layer
+                if op.name == "flush":
+                    state.streamed_to, state.object_size = -1, state.size
+                return await inner(op, call)
+            # flush of a descriptor that could write, or fsync: the upload, or nothing left to send
+            if state.dirty:
                 await self._upload(op, state)
+                op.charged_by_client = True
+            elif state.finalized:
+                op.charged_by_client = True
+            state.finalized = False
             return await inner(op, call)
 
         return staged_writes
@@ -171,11 +201,18 @@ class StagedWrites:
             self._objects.put(op.ino, fresh)
 
     def _created(self, ino: int) -> None:
-        """A new file: nothing to download; with ``stage_new_files`` it goes up whole at its close."""
-        if self.spec.stage_new_files:
-            state = _Object(0, local=True)
-            state.handles = 1
-            self._objects.put(ino, state)
+        """A new file: nothing to download; streamed as written, or staged and uploaded whole at its close."""
+        state = _Object(0, local=self.spec.new_files == "staged")
+        if self.spec.new_files == "streamed":
+            state.streamed_to = 0
+        state.handles = 1
+        self._objects.put(ino, state)
+
+    async def _finalize(self, op: Op, state: _Object) -> None:
+        """End the stream of a new file (gcsfuse finalizes the object: one request); it is then an existing object,
+        not staged: the next change downloads it, and its close has nothing to send unless it changed."""
+        state.streamed_to, state.object_size, state.finalized, state.local = -1, state.size, True, False
+        await self._hold(op, self._transfer_s(0))
 
     def released(self, session: int, ino: int) -> None:
         """A handle of ``ino`` was released: the last one starts the local copy's ``keep_local_s``."""
