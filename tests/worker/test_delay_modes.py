@@ -267,7 +267,7 @@ def test_device_profiles_use_floor_and_the_wan_profile_adds() -> None:
                      "pd-standard": {"floor"}, "pd-balanced": {"floor"}, "pd-ssd": {"floor"},
                      "premium-ssd": {"floor"}, "premium-ssd-v2": {"floor"}, "efs": {"floor"},
                      "filestore-basic-hdd": {"floor"}, "filestore-basic-ssd": {"floor"}, "filestore-zonal": {"floor"},
-                     "s3": {"floor"}, "s3-express": {"floor"}, "gcs": {"floor"}, "azure-blob": {"floor"},
+                     "s3": {"floor"}, "s3-express": {"floor"}, "gcs": {"floor", "add"}, "azure-blob": {"floor"},
                      "hdd-7200": {"floor"}, "wan-nfs": {"add"}}
 
 
@@ -563,6 +563,27 @@ def test_gcs_pays_a_request_per_lookup_but_not_per_getattr_or_open() -> None:
     assert times["open"] == pytest.approx(_SERVICE_S)
     assert times["write"] == pytest.approx(_SERVICE_S)  # staged in a local file
     assert times["close after writing"] > 0.004  # the upload
+
+
+def test_gcs_renames_a_file_and_removes_a_directory_with_two_requests_one_after_the_other() -> None:
+    # gcsfuse on a bucket without hierarchical namespace: rename = copy + delete of the source, rmdir = list +
+    # delete of the placeholder; mkdir = one placeholder object. Each request log-normal, median 20 ms, sigma 0.5.
+    n = 1500
+
+    async def main() -> dict[str, list[float]]:
+        stack = Stack(Policy(layers=[ProfileLayer(name="gcs")]), 1, rng=random.Random(11))
+        return {name: sorted([await _served(stack, name, path=f"/ckpt/{i}") for i in range(n)])
+                for name in ("rename", "rmdir", "mkdir")}
+
+    times = run(main)
+    draws = random.Random(12)
+    one = sorted(draws.lognormvariate(math.log(0.020), 0.5) for _ in range(200_000))
+    two = sorted(draws.lognormvariate(math.log(0.020), 0.5) + draws.lognormvariate(math.log(0.020), 0.5)
+                 for _ in range(200_000))
+    for q in (0.5, 0.9):
+        assert times["rename"][int(q * n)] == pytest.approx(two[int(q * len(two))], rel=0.06)
+        assert times["rmdir"][int(q * n)] == pytest.approx(two[int(q * len(two))], rel=0.06)
+        assert times["mkdir"][int(q * n)] == pytest.approx(one[int(q * len(one))], rel=0.06)
 
 
 def test_wan_nfs_charges_a_round_trip_per_close_after_writes_not_per_write() -> None:

@@ -345,6 +345,25 @@ def test_a_lookup_cache_answers_the_kernels_revalidation_without_the_delay(mount
     assert again < 0.15
 
 
+def test_gcs_charges_a_copy_and_a_delete_for_renaming_a_file(mount_worker, tmp_path) -> None:
+    # A checkpoint saved as a temporary file, then renamed into place. The RENAME alone (its destination
+    # looked up beforehand, so the lookup cache answers the kernel's LOOKUP) waits for two requests of
+    # ~20 ms each; the median of 21 sums below 30 ms has p ~ 1e-5 (one request: its median is 20 ms).
+    _small_files(tmp_path / "bucket", 21, 1)
+    vol = mount_worker(backing=tmp_path / "bucket", policy=_policy({"type": "profile", "name": "gcs"}))
+    names = [f"{i:02d}.bin" for i in range(21)]
+    for name in names:  # both names looked up: one request each, outside what is timed
+        os.stat(vol.mountpoint / name)
+        assert not (vol.mountpoint / f"{name}.final").exists()
+    took = []
+    for name in names:
+        started = time.monotonic()
+        os.rename(vol.mountpoint / name, vol.mountpoint / f"{name}.final")
+        took.append(time.monotonic() - started)
+    assert statistics.median(took) > 0.030
+    assert sorted(os.listdir(tmp_path / "bucket")) == sorted(f"{name}.final" for name in names)
+
+
 def test_an_attribute_cache_answers_the_kernels_getattr_without_the_delay(mount_worker, tmp_path) -> None:
     # NFS-like: the LOOKUP brought the file's attributes, trusted 3 s (acregmin); the kernel's own
     # attribute cache lasts 1 s (--attr-timeout), after which an fstat sends a GETATTR

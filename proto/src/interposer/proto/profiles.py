@@ -274,19 +274,25 @@ _S3_METADATA_REQUESTS = frozenset({"lookup", "getattr", "open", "readdir"})
 _MOUNTPOINT_THROUGHPUT = 10_000_000_000 // 8
 
 
-#: Ops Cloud Storage FUSE serves with one Cloud Storage request each: lookup (object metadata; a miss also
-#: lists the prefix), readdir (a list page). Its metadata cache (60 s) answers getattr and open after a lookup.
-_GCSFUSE_METADATA_REQUESTS = frozenset({"lookup", "readdir"})
+#: Ops Cloud Storage FUSE serves with Cloud Storage requests: lookup (object metadata; a miss also lists the
+#: prefix), readdir (a list page), mkdir (the directory's placeholder object), rmdir (a list to check that it is
+#: empty, then the placeholder's deletion: docs/semantics.md, "Unlinking"), rename of a file (a copy, then the
+#: source's deletion: CloneToChildFile, DeleteChildFile in internal/fs; a bucket with hierarchical namespace
+#: moves it in one). Its metadata cache (60 s) answers getattr and open after a lookup.
+_GCSFUSE_METADATA_REQUESTS = frozenset({"lookup", "readdir", "mkdir", "rmdir", "rename"})
+#: Those of them that take a second request, one after the other.
+_GCSFUSE_TWO_REQUESTS = frozenset({"rmdir", "rename"})
 
 
 def _object_store_builder(median_s: float, sigma: float,
                           metadata_requests: frozenset[OpName] = _S3_METADATA_REQUESTS,
-                          lookup_cache_s: float = 0.0, append_upload_min_bytes: int | None = None) -> _Builder:
+                          lookup_cache_s: float = 0.0, append_upload_min_bytes: int | None = None,
+                          two_requests: frozenset[OpName] = frozenset()) -> _Builder:
     """An object store through a FUSE client (Mountpoint for Amazon S3; Cloud Storage FUSE with
     ``_GCSFUSE_METADATA_REQUESTS``, its stat cache's ``lookup_cache_s`` and its staged writes of
     existing objects, whose appends to objects of ``append_upload_min_bytes`` upload only what was
-    appended): first-byte latency log-normal(``median_s``, ``sigma``) per request. Each request is its
-    own round trip (``one_floor_per_call`` false): Mountpoint's ``open`` right after a ``lookup`` sends a
+    appended, and its ``two_requests``): first-byte latency log-normal(``median_s``, ``sigma``) per
+    request; an op of ``two_requests`` waits for a second draw first. Each request is its own round trip (``one_floor_per_call`` false): Mountpoint's ``open`` right after a ``lookup`` sends a
     HeadObject of its own (it revalidates on open unless its metadata cache is enabled)."""
 
     def build(sizing: Sizing) -> tuple[Layer, ...]:
@@ -295,10 +301,13 @@ def _object_store_builder(median_s: float, sigma: float,
         # gcsfuse: an existing object is downloaded whole before it is changed, and uploaded whole after
         staged = () if append_upload_min_bytes is None else (StagedWritesLayer(
             rate_bytes_per_s=rate, distribution=latency, append_upload_min_bytes=append_upload_min_bytes),)
+        second = () if not two_requests else (
+            DelayLayer(ops=two_requests, mode="add", distribution=latency, one_floor_per_call=False),)
         return (
             # first: the reads and writes it serves from a staged file's local copy pass the layers below unheld
             *staged,
             ThrottleLayer(rate_bytes_per_s=rate),
+            *second,  # added to the floor below: the two requests are sent one after the other
             # a ranged GET per random read; the client streams a sequential reader (direct or not)
             DelayLayer(ops=frozenset({"read"}) | metadata_requests, mode="floor", distribution=latency,
                        skip_sequential=True, lookup_cache_s=lookup_cache_s, one_floor_per_call=False),
@@ -778,7 +787,7 @@ _PROFILES_AND_BUILDERS = (
     ),
     _profile(
         _object_store_builder(0.020, 0.5, _GCSFUSE_METADATA_REQUESTS, lookup_cache_s=60.0,
-                              append_upload_min_bytes=2 * MIB),
+                              append_upload_min_bytes=2 * MIB, two_requests=_GCSFUSE_TWO_REQUESTS),
         name="gcs",
         summary="Google Cloud Storage through Cloud Storage FUSE (the GKE CSI driver's): ~20 ms per request "
                 "(random read, lookup, listing, close after writing); sequential reads streamed; 10 Gbit/s",
@@ -801,7 +810,9 @@ _PROFILES_AND_BUILDERS = (
             "request, its result, found or not, cached for 60 s "
             "by default (metadata-cache.ttl-secs): a lookup of the same path within 60 s of the last one it "
             "paid for costs nothing (lookup_cache_s), nor do getattr and open; a listing is one request; "
-            "unlink is a delete request. Not applied: the local disk staged files are written to, "
+            "unlink is a delete request; mkdir creates a placeholder object (one request); rmdir lists, then "
+            "deletes (two, docs/semantics.md, 'Unlinking'); renaming a file copies it, then deletes the "
+            "source (two; a bucket with hierarchical namespace: one, not applied). Not applied: the local disk staged files are written to, "
             "the file cache (off unless a cache directory is given), "
             "parallel downloads, the request rates of a bucket (about 5,000 reads and 1,000 writes per "
             "second to start: https://cloud.google.com/storage/docs/request-rate), and gcsfuse's semantics "
