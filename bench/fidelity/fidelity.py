@@ -131,14 +131,16 @@ Z_95 = 1.959964
 #: (4,000 files: 87 s of setup for a 4.5 s run), and creates in one directory are
 #: serialised by its lock (below), so the counts stay small.
 META_FILES_PER_JOB = {"stat": {1: 2000, 16: 500}, "open": {1: 2000, 16: 500}, "read-file": {1: 2000, 16: 500},
-                      "create": {1: 500, 16: 50}}
+                      "create": {1: 500, 16: 50}, "rename": {1: 400, 16: 25}}
 QUICK_META_FILES_PER_JOB = {"stat": {1: 200, 16: 25}, "open": {1: 200, 16: 25}, "read-file": {1: 200, 16: 25},
-                            "create": {1: 100, 16: 10}}
+                            "create": {1: 100, 16: 10}, "rename": {1: 100, 16: 8}}
 #: fio engine of each metadata workload (None: timed here), and the ops whose delays add up to its target.
 META_WORKLOADS = {"stat": (None, ("lookup",)), "open": (None, ("open",)), "read-file": (None, ("open", "read")),
-                  "create": ("filecreate", ("create",))}
+                  "create": ("filecreate", ("create",)), "rename": (None, ("rename",))}
 #: Metadata workloads over files laid out before the mount (the others make their own).
-LAID_OUT_META = ("stat", "open", "read-file")
+LAID_OUT_META = ("stat", "open", "read-file", "rename")
+#: Metadata workloads whose calls one directory serialises: the kernel holds the parent's lock for each.
+ONE_AT_A_TIME_META = (("create",), ("rename",))
 #: Equally likely values per delay when the target is a sum of independent delays (their pairwise sums
 #: make the sum's distribution: 400 x 400 values).
 SUM_BINS = 400
@@ -363,22 +365,24 @@ def meta_target(layers: list[dict], ops: tuple[str, ...], qd: int) -> Target:
     of each of ``ops`` to the emulated file system: the delays acting on them, added up.
 
     Latency p50/p99 are the quantiles of that delay layer's distribution (of the sum
-    of independent draws of each op's, :func:`sum_quantile_fn`); the rate is ``qd /
-    mean`` (Little's law). Creates are the exception: the kernel holds the parent
-    directory's lock for each (``open_last_lookups`` in fs/namei.c takes it
-    exclusively for O_CREAT), on an NFS client as here, so one directory takes one
-    create at a time: ``1 / mean``, and at ``qd`` > 1 the p50 is the queue, ``qd /
-    rate``, a mean (Little's law), with no p50 or p99 target. An op without a delay:
-    no target.
+    of independent draws of each op's, :func:`sum_quantile_fn`; an op held by ``add``
+    delays before its floor waits for each of them too: ``gcs``'s rename, a copy and a
+    delete); the rate is ``qd / mean`` (Little's law). Creates and renames are the
+    exception: the kernel holds the parent directory's lock for each
+    (``open_last_lookups`` in fs/namei.c takes it exclusively for O_CREAT,
+    ``lock_rename`` for a rename), on an NFS client as here, so one directory takes one
+    at a time: ``1 / mean``, and at ``qd`` > 1 the p50 is the queue, ``qd / rate``, a
+    mean (Little's law), with no p50 or p99 target. An op without a delay: no target.
     """
     delays = []
     for op in ops:
         acting = [layer for layer in _acting_on(layers, op) if isinstance(layer, DelayLayer)]
         if not acting:
             return Target()
-        delays.append(acting[0])
+        floors = [layer for layer in acting if layer.mode == "floor"]
+        delays += [layer for layer in acting if layer.mode == "add"] + floors[:1]
     mean = sum(_mean_s(layer) for layer in delays)
-    if ops == ("create",) and qd > 1:
+    if ops in ONE_AT_A_TIME_META and qd > 1:
         return Target(iops=1 / mean, lat_mean_s=qd * mean)
     draws = _quantile_fn(delays[0]) if len(delays) == 1 else sum_quantile_fn(delays)
     return Target(iops=qd / mean, lat_p50_s=draws(P50), lat_p99_s=draws(P99), latency_quantile=draws)
@@ -461,6 +465,8 @@ def scenarios() -> list[Scenario]:
                      meta="stat")]
     # Cloud Storage FUSE: each unseen name is one stat-object request (its cache only helps a repeat)
     out += [Scenario("profile-gcs-stat", [{"type": "profile", "name": "gcs"}], meta="stat")]
+    # ... and renaming a file is two: a copy, then the source's deletion (a bucket without hierarchical namespace)
+    out += [Scenario("profile-gcs-rename", [{"type": "profile", "name": "gcs"}], meta="rename")]
     # an NFS client's readahead streams a sequential reader (only its first read waits); its page
     # cache takes writes and the fsync after them pays the write latency once
     out += [Scenario("profile-efs-seq", [{"type": "profile", "name": "efs"}], rw="read", bs=128 * 1024,
@@ -598,15 +604,24 @@ def _wait_at_start(barrier: Any) -> None:
 
 
 def _stat_files(mountpoint: Path, meta: str, qd: int, job: int, files_per_job: int) -> tuple[float, float, list[float]]:
-    """``stat`` (``meta`` "open": open read-only; "read-file": open and read) job ``job``'s files (fio's
-    layout names) once each; (start, end, latencies), seconds (monotonic). A file's close is not timed."""
+    """``stat`` (``meta`` "open": open read-only; "read-file": open and read; "rename": rename to a new name)
+    job ``job``'s files (fio's layout names) once each; (start, end, latencies), seconds (monotonic). A file's
+    close is not timed; a rename's two names are looked up before the start, untimed (the kernel's LOOKUPs
+    under the rename are then answered by a client's lookup cache, where the emulation has one)."""
     took = []
+    paths = [mountpoint / f"meta-{meta}-qd{qd}.{job}.{number}" for number in range(files_per_job)]
+    if meta == "rename":
+        for path in paths:
+            os.stat(path)
+            assert not os.path.lexists(f"{path}.renamed")
     _stat_start.wait()  # all jobs start together, as fio's do: forks spawned one by one would not
     started = time.monotonic()
-    for number in range(files_per_job):
-        path = mountpoint / f"meta-{meta}-qd{qd}.{job}.{number}"
+    for path in paths:
         before = time.monotonic()
-        if meta in ("open", "read-file"):
+        if meta == "rename":
+            os.rename(path, f"{path}.renamed")
+            took.append(time.monotonic() - before)
+        elif meta in ("open", "read-file"):
             fd = os.open(path, os.O_RDONLY)
             if meta == "read-file":
                 os.read(fd, 65536)

@@ -20,7 +20,7 @@ from interposer.fuse_worker.layers import quantile
 from interposer.proto.policy import FixedDistribution, LognormalDistribution
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench" / "fidelity"))
-from fidelity import Tally, Target, sampling_range, with_think_time  # noqa: E402 - bench/fidelity/fidelity.py
+from fidelity import Tally, Target, meta_target, sampling_range, with_think_time  # noqa: E402 - bench/fidelity/fidelity.py
 
 RUNS = 2000
 
@@ -87,3 +87,19 @@ def test_a_delay_bound_rate_target_counts_the_jobs_own_time_between_ops() -> Non
     # a throttle's rate is its own
     throttled = Target(iops=500.0, lat_mean_s=0.032)
     assert with_think_time(throttled, 16, got) is throttled
+
+
+def test_a_gcs_rename_target_is_two_requests_and_one_rename_at_a_time_in_a_directory() -> None:
+    """gcsfuse renames a file with a copy, then a delete: its target is the sum of two request draws, and a
+    directory's lock lets one rename through at a time, so 16 jobs get the rate of one."""
+    layers = [{"type": "profile", "name": "gcs"}]
+    one = meta_target(layers, ("lookup",), 1)
+    two = meta_target(layers, ("rename",), 1)
+    draws = random.Random(3)
+    sums = sorted(draws.lognormvariate(math.log(0.020), 0.5) + draws.lognormvariate(math.log(0.020), 0.5)
+                  for _ in range(100_000))
+    assert two.lat_p50_s == pytest.approx(_nearest_rank(sums, 0.5), rel=0.02)
+    assert two.lat_p99_s == pytest.approx(_nearest_rank(sums, 0.99), rel=0.03)
+    assert two.iops == pytest.approx(one.iops / 2)
+    queued = meta_target(layers, ("rename",), 16)
+    assert queued.iops == pytest.approx(two.iops) and queued.lat_p50_s is None
