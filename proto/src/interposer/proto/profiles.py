@@ -790,7 +790,8 @@ _PROFILES_AND_BUILDERS = (
                               append_upload_min_bytes=2 * MIB, two_requests=_GCSFUSE_TWO_REQUESTS),
         name="gcs",
         summary="Google Cloud Storage through Cloud Storage FUSE (the GKE CSI driver's): ~20 ms per request "
-                "(random read, lookup, listing, close after writing); sequential reads streamed; 10 Gbit/s",
+                "(random read, lookup, listing, mkdir, close after writing; two for rename and rmdir); a changed "
+                "object downloaded and uploaded whole; sequential reads streamed; 10 Gbit/s",
         source=(
             "Google Cloud Storage, 'Storage classes': time to first byte typically tens of milliseconds "
             "(https://cloud.google.com/storage/docs/storage-classes); modelled as the s3 profile's "
