@@ -467,6 +467,8 @@ def scenarios() -> list[Scenario]:
     out += [Scenario("profile-gcs-stat", [{"type": "profile", "name": "gcs"}], meta="stat")]
     # ... and renaming a file is two: a copy, then the source's deletion (a bucket without hierarchical namespace)
     out += [Scenario("profile-gcs-rename", [{"type": "profile", "name": "gcs"}], meta="rename")]
+    # blobfuse2: the source's properties, a copy, the source's deletion
+    out += [Scenario("profile-azure-blob-rename", [{"type": "profile", "name": "azure-blob"}], meta="rename")]
     # an NFS client's readahead streams a sequential reader (only its first read waits); its page
     # cache takes writes and the fsync after them pays the write latency once
     out += [Scenario("profile-efs-seq", [{"type": "profile", "name": "efs"}], rw="read", bs=128 * 1024,

@@ -34,6 +34,7 @@ from ._profile_names import ProfileName
 from .policy import (
     AttrCache,
     DelayLayer,
+    Distribution,
     Layer,
     LognormalDistribution,
     OpName,
@@ -280,19 +281,30 @@ _MOUNTPOINT_THROUGHPUT = 10_000_000_000 // 8
 #: source's deletion: CloneToChildFile, DeleteChildFile in internal/fs; a bucket with hierarchical namespace
 #: moves it in one). Its metadata cache (60 s) answers getattr and open after a lookup.
 _GCSFUSE_METADATA_REQUESTS = frozenset({"lookup", "readdir", "mkdir", "rmdir", "rename"})
-#: Those of them that take a second request, one after the other.
-_GCSFUSE_TWO_REQUESTS = frozenset({"rmdir", "rename"})
+#: Those of them that take more than one request, one after the other: op → requests.
+_GCSFUSE_REQUESTS_PER_OP: dict[OpName, int] = {"rmdir": 2, "rename": 2}
+
+
+def _more_requests(latency: Distribution, requests_per_op: dict[OpName, int]) -> tuple[DelayLayer, ...]:
+    """``add`` delays for the requests past the first of each op in ``requests_per_op`` (op → requests, sent
+    one after the other): the k-th layer acts on the ops of more than k requests, one draw each. Put them
+    before the floor that holds every op's first request."""
+    most = max(requests_per_op.values(), default=1)
+    return tuple(
+        DelayLayer(ops=frozenset(op for op, count in requests_per_op.items() if count > k), mode="add",
+                   distribution=latency, one_floor_per_call=False)
+        for k in range(1, most))
 
 
 def _object_store_builder(median_s: float, sigma: float,
                           metadata_requests: frozenset[OpName] = _S3_METADATA_REQUESTS,
                           lookup_cache_s: float = 0.0, append_upload_min_bytes: int | None = None,
-                          two_requests: frozenset[OpName] = frozenset()) -> _Builder:
+                          requests_per_op: dict[OpName, int] | None = None) -> _Builder:
     """An object store through a FUSE client (Mountpoint for Amazon S3; Cloud Storage FUSE with
     ``_GCSFUSE_METADATA_REQUESTS``, its stat cache's ``lookup_cache_s`` and its staged writes of
     existing objects, whose appends to objects of ``append_upload_min_bytes`` upload only what was
-    appended, and its ``two_requests``): first-byte latency log-normal(``median_s``, ``sigma``) per
-    request; an op of ``two_requests`` waits for a second draw first. Each request is its own round trip (``one_floor_per_call`` false): Mountpoint's ``open`` right after a ``lookup`` sends a
+    appended, and its ``requests_per_op`` beyond one): first-byte latency log-normal(``median_s``,
+    ``sigma``) per request, one after the other. Each request is its own round trip (``one_floor_per_call`` false): Mountpoint's ``open`` right after a ``lookup`` sends a
     HeadObject of its own (it revalidates on open unless its metadata cache is enabled)."""
 
     def build(sizing: Sizing) -> tuple[Layer, ...]:
@@ -301,13 +313,11 @@ def _object_store_builder(median_s: float, sigma: float,
         # gcsfuse: an existing object is downloaded whole before it is changed, and uploaded whole after
         staged = () if append_upload_min_bytes is None else (StagedWritesLayer(
             rate_bytes_per_s=rate, distribution=latency, append_upload_min_bytes=append_upload_min_bytes),)
-        second = () if not two_requests else (
-            DelayLayer(ops=two_requests, mode="add", distribution=latency, one_floor_per_call=False),)
         return (
             # first: the reads and writes it serves from a staged file's local copy pass the layers below unheld
             *staged,
             ThrottleLayer(rate_bytes_per_s=rate),
-            *second,  # added to the floor below: the two requests are sent one after the other
+            *_more_requests(latency, requests_per_op or {}),  # added to the floor below: one after the other
             # a ranged GET per random read; the client streams a sequential reader (direct or not)
             DelayLayer(ops=frozenset({"read"}) | metadata_requests, mode="floor", distribution=latency,
                        skip_sequential=True, lookup_cache_s=lookup_cache_s, one_floor_per_call=False),
@@ -323,6 +333,10 @@ def _object_store_builder(median_s: float, sigma: float,
 #: The requests of blobfuse2 that reach Azure: a name's properties (once per attribute-cache
 #: timeout), a listing, and the namespace changes.
 _BLOBFUSE2_METADATA_REQUESTS: frozenset[OpName] = frozenset({"lookup", "readdir", "unlink", "rename", "mkdir", "rmdir"})
+#: Those of them that take more than one: a rename is the source's properties, a copy and the source's
+#: deletion; rmdir a listing and the marker blob's deletion (component/azstorage/block_blob.go, RenameFile,
+#: DeleteDirectory; a hierarchical-namespace account renames in one, not applied).
+_BLOBFUSE2_REQUESTS_PER_OP: dict[OpName, int] = {"rename": 3, "rmdir": 2}
 #: blobfuse2's file-cache and attribute-cache timeouts as the Azure Blob CSI driver mounts it, seconds.
 _BLOBFUSE2_CACHE_S = 120.0
 
@@ -333,6 +347,7 @@ def _blobfuse2_caching(sizing: Sizing) -> tuple[Layer, ...]:
     return (
         StagedWritesLayer(rate_bytes_per_s=sizing.rate_bytes_per_s or _MOUNTPOINT_THROUGHPUT, distribution=latency,
                           download_on_open=True, keep_local_s=_BLOBFUSE2_CACHE_S, new_files="staged"),
+        *_more_requests(latency, _BLOBFUSE2_REQUESTS_PER_OP),
         DelayLayer(ops=_BLOBFUSE2_METADATA_REQUESTS, mode="floor", distribution=latency,
                    lookup_cache_s=_BLOBFUSE2_CACHE_S, one_floor_per_call=False),
     )
@@ -787,7 +802,7 @@ _PROFILES_AND_BUILDERS = (
     ),
     _profile(
         _object_store_builder(0.020, 0.5, _GCSFUSE_METADATA_REQUESTS, lookup_cache_s=60.0,
-                              append_upload_min_bytes=2 * MIB, two_requests=_GCSFUSE_TWO_REQUESTS),
+                              append_upload_min_bytes=2 * MIB, requests_per_op=_GCSFUSE_REQUESTS_PER_OP),
         name="gcs",
         summary="Google Cloud Storage through Cloud Storage FUSE (the GKE CSI driver's): ~20 ms per request "
                 "(random read, lookup, listing, mkdir, close after writing; two for rename and rmdir); a changed "
@@ -841,7 +856,11 @@ _PROFILES_AND_BUILDERS = (
             "for standard block blobs ('Latency in Blob storage' takes 50 ms per request as its example; premium "
             "accounts are 'significantly lower'): modelled as the s3 profile's log-normal, median 20 ms, sigma 0.5, "
             "a floor, an assumption; the link as 10 Gbit/s (a VM's network, below an account's egress target), "
-            "shared by transfers in order. Reads and writes go to the local copy: not held. Not applied: the local "
+            "shared by transfers in order. Reads and writes go to the local copy: not held. A lookup, listing, "
+            "unlink or mkdir is one request; a rename three (the source's properties, a copy, the source's "
+            "deletion) and rmdir two (a listing, the marker blob's deletion), one after the other "
+            "(component/azstorage/block_blob.go; a hierarchical-namespace account renames in one, not applied). "
+            "Not applied: the local "
             "disk's speed and size, block-cache (streaming) mode, preload, and a storage account's request targets"
         ),
         parameters={
