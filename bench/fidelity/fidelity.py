@@ -577,10 +577,16 @@ def lay_out(backing: Path, qds: set[int], file_bytes: int, aio: bool = False) ->
                  "fio layout")
 
 
+def _meta_files(scenario: Scenario, qd: int) -> str:
+    """The name fio gives a metadata scenario's files at ``qd`` (``<name>.<job>.<file>``): per workload, and per
+    scenario for renames, which use their files up."""
+    return f"meta-{scenario.name if scenario.meta == 'rename' else scenario.meta}-qd{qd}"
+
+
 def _fio_meta_argv(directory: Path, scenario: Scenario, qd: int, files_per_job: int) -> list[str]:
     """fio options of a metadata scenario at queue depth ``qd``: ``qd`` jobs of ``files_per_job`` 4 KiB files."""
     fio = shutil.which("fio") or "fio"
-    return [fio, f"--name=meta-{scenario.meta}-qd{qd}", f"--directory={directory}", f"--numjobs={qd}",
+    return [fio, f"--name={_meta_files(scenario, qd)}", f"--directory={directory}", f"--numjobs={qd}",
             f"--nrfiles={files_per_job}", "--filesize=4k", "--bs=4k", "--openfiles=1", "--fallocate=none"]
 
 
@@ -605,13 +611,13 @@ def _wait_at_start(barrier: Any) -> None:
     _stat_start = barrier
 
 
-def _stat_files(mountpoint: Path, meta: str, qd: int, job: int, files_per_job: int) -> tuple[float, float, list[float]]:
+def _stat_files(mountpoint: Path, meta: str, files: str, job: int, files_per_job: int) -> tuple[float, float, list[float]]:
     """``stat`` (``meta`` "open": open read-only; "read-file": open and read; "rename": rename to a new name)
     job ``job``'s files (fio's layout names) once each; (start, end, latencies), seconds (monotonic). A file's
     close is not timed; a rename's two names are looked up before the start, untimed (the kernel's LOOKUPs
     under the rename are then answered by a client's lookup cache, where the emulation has one)."""
     took = []
-    paths = [mountpoint / f"meta-{meta}-qd{qd}.{job}.{number}" for number in range(files_per_job)]
+    paths = [mountpoint / f"{files}.{job}.{number}" for number in range(files_per_job)]
     if meta == "rename":
         for path in paths:
             os.stat(path)
@@ -643,7 +649,7 @@ def _time_stats(mountpoint: Path, scenario: Scenario, qd: int, files_per_job: in
     start together from a barrier (handed down at fork, not pickled), so the time
     the pool takes to fork them is not counted as the run's.
     """
-    jobs = [(mountpoint, scenario.meta, qd, job, files_per_job) for job in range(qd)]
+    jobs = [(mountpoint, scenario.meta, _meta_files(scenario, qd), job, files_per_job) for job in range(qd)]
     context = multiprocessing.get_context("fork")
     with context.Pool(qd, initializer=_wait_at_start, initargs=(context.Barrier(qd),)) as pool:
         results = pool.starmap(_stat_files, jobs, chunksize=1)
