@@ -565,38 +565,26 @@ def test_gcs_pays_a_request_per_lookup_but_not_per_getattr_or_open() -> None:
     assert times["close after writing"] > 0.004  # the upload
 
 
-def test_gcs_renames_a_file_and_removes_a_directory_with_two_requests_one_after_the_other() -> None:
+@pytest.mark.parametrize(("profile", "requests"), [
     # gcsfuse on a bucket without hierarchical namespace: rename = copy + delete of the source, rmdir = list +
-    # delete of the placeholder; mkdir = one placeholder object. Each request log-normal, median 20 ms, sigma 0.5.
+    # delete of the placeholder, mkdir = one placeholder object
+    ("gcs", {"rename": 2, "rmdir": 2, "mkdir": 1}),
+    # blobfuse2, block blobs: rename = GetProperties, StartCopyFromURL, delete of the source; rmdir = list +
+    # delete of the marker blob (component/azstorage/block_blob.go)
+    ("azure-blob", {"rename": 3, "rmdir": 2, "mkdir": 1}),
+])
+def test_object_store_namespace_changes_wait_for_each_request_one_after_the_other(profile: str,
+                                                                                  requests: dict[str, int]) -> None:
     n = 1500
 
     async def main() -> dict[str, list[float]]:
-        stack = Stack(Policy(layers=[ProfileLayer(name="gcs")]), 1, rng=random.Random(11))
-        return {name: sorted([await _served(stack, name, path=f"/ckpt/{i}") for i in range(n)])
-                for name in ("rename", "rmdir", "mkdir")}
+        stack = Stack(Policy(layers=[ProfileLayer(name=profile)]), 1, rng=random.Random(11))
+        return {name: sorted([await _served(stack, name, path=f"/ckpt/{i}") for i in range(n)]) for name in requests}
 
     times = run(main)
-    for q in (0.5, 0.9):
-        assert times["rename"][int(q * n)] == pytest.approx(_requests_quantile(2, q), rel=0.06)
-        assert times["rmdir"][int(q * n)] == pytest.approx(_requests_quantile(2, q), rel=0.06)
-        assert times["mkdir"][int(q * n)] == pytest.approx(_requests_quantile(1, q), rel=0.06)
-
-
-def test_azure_blob_renames_with_three_requests_and_removes_a_directory_with_two() -> None:
-    # blobfuse2, block blobs: a rename is GetProperties, StartCopyFromURL, then Delete of the source; rmdir lists,
-    # then deletes the marker blob (component/azstorage/block_blob.go)
-    n = 1500
-
-    async def main() -> dict[str, list[float]]:
-        stack = Stack(Policy(layers=[ProfileLayer(name="azure-blob")]), 1, rng=random.Random(13))
-        return {name: sorted([await _served(stack, name, path=f"/ckpt/{i}") for i in range(n)])
-                for name in ("rename", "rmdir", "mkdir")}
-
-    times = run(main)
-    for q in (0.5, 0.9):
-        assert times["rename"][int(q * n)] == pytest.approx(_requests_quantile(3, q), rel=0.06)
-        assert times["rmdir"][int(q * n)] == pytest.approx(_requests_quantile(2, q), rel=0.06)
-        assert times["mkdir"][int(q * n)] == pytest.approx(_requests_quantile(1, q), rel=0.06)
+    for name, count in requests.items():
+        for q in (0.5, 0.9):
+            assert times[name][int(q * n)] == pytest.approx(_requests_quantile(count, q), rel=0.06), (name, q)
 
 
 def _requests_quantile(requests: int, q: float) -> float:
