@@ -152,6 +152,11 @@ class Delay:
     matching op would be, once for every write since the last one. Any other
     ``flush`` or ``fsync`` is held only if ``ops`` names it.
 
+    An op a ``staged_writes`` layer before this one has charged (``Op.charged_by_client``:
+    a read or write of a client's local copy, a close whose upload it charged) passes
+    unheld and uncounted; a ``write_behind`` layer also forgets the writes it deferred
+    for that file.
+
     A ``floor`` spans the requests the kernel sends for one system call where the
     emulated file system would answer one (:mod:`._chains`: the GETATTR and LOOKUP
     before a CREATE): the floor of a request continuing such a chain counts from

@@ -150,7 +150,7 @@ class Throttle:
         match = self._match
 
         async def throttle(op: Op, call: BackendCall) -> Any:
-            if op.charged_by_client or (match is not None and not match(op.path)):  # a client's local copy: no link
+            if op.charged_by_client or (match is not None and not match(op.path)):  # charged by a staged_writes layer
                 return await inner(op, call)
             try:
                 result = await inner(op, call)
