@@ -150,7 +150,8 @@ class Throttle:
         match = self._match
 
         async def throttle(op: Op, call: BackendCall) -> Any:
-            if op.charged_by_client or (match is not None and not match(op.path)):  # charged by a staged_writes layer
+            # charged_by_client: a staged_writes layer before this one charged it (a local copy, its upload)
+            if op.charged_by_client or (match is not None and not match(op.path)):
                 return await inner(op, call)
             try:
                 result = await inner(op, call)
