@@ -162,12 +162,10 @@ class StagedWrites:
                     state.streamed_to, state.object_size = -1, state.size
                 return await inner(op, call)
             # flush of a descriptor that could write, or fsync: the upload, or nothing left to send
-            if state.dirty:
-                await self._upload(op, state)
-                op.charged_by_client = True
-            elif state.finalized:
-                op.charged_by_client = True
-            state.finalized = False
+            if state.dirty or state.finalized:
+                if state.dirty:
+                    await self._upload(op, state)
+                op.charged_by_client, state.finalized = True, False
             return await inner(op, call)
 
         return staged_writes
