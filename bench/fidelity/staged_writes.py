@@ -17,7 +17,11 @@ median 20 ms, sigma 0.5) plus, where one is due, the transfer at the rate:
   back, nothing: gcsfuse serves it from the staged file (printed in ms, no target);
   a new file streamed in order (untimed) and then written at offset 0, the
   finalization of what was streamed and its download at that write, the whole file
-  at the close ("Streaming Writes": out-of-order writes fall back to staging);
+  at the close ("Streaming Writes": out-of-order writes fall back to staging); a new
+  file streamed and then renamed while open, at the rename the finalization and the
+  rename's copy and delete (three requests), nothing at the close; a new file created
+  while four others stream (gcsfuse's default ``write-global-max-blocks``), nothing at
+  its write (it is staged), the whole file at its close;
 * ``azure-blob``: the open, the download; the close after a change, the whole file.
 
 So each target is a constant plus the request's log-normal quantile; the printed
@@ -33,11 +37,13 @@ Usage (as root, from the repo's venv; a quiet machine)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +60,8 @@ WRITE_BYTES = 4096
 #: The gcs profile's request latency (proto/profiles.py) and gcsfuse's append exception.
 REQUEST = LognormalDistribution(median_s=0.020, sigma=0.5)
 APPEND_UPLOAD_MIN_BYTES = 2 * MIB
+#: gcsfuse's default write-global-max-blocks: new files streamed at once.
+GCSFUSE_STREAMED_FILES = 4
 
 
 @dataclass
@@ -69,6 +77,8 @@ class Case:
     read: bool = False
     read_back: bool = False
     streamed_bytes: int = 0  # a new file: bytes written in order from its start before the access, untimed
+    rename: bool = False  # the access is a rename of the file (to a new name) instead of a write
+    others_streaming: int = 0  # new files kept open and streamed while the case runs
 
     def targets(self, rate: float) -> tuple[Hold | None, Hold | None, Hold | None]:
         """What the open, the access and the close should wait for; None = not held (a read back never is).
@@ -81,8 +91,12 @@ class Case:
         if self.profile == "azure-blob":  # blobfuse2 caching mode: whole files at open and close
             open_hold = Hold(2, self.object_bytes / rate) if self.object_bytes else Hold(1, 0.0)
             return open_hold, None, (None if self.read else Hold(1, size_after / rate))
+        if self.rename:  # finalized (a request), then copied and the source deleted; nothing left to send
+            return Hold(1, 0.0), Hold(3, 0.0), None
         if self.streamed_bytes:  # finalized (a request), downloaded (a request and the bytes), staged
             return Hold(1, 0.0), Hold(2, self.streamed_bytes / rate), Hold(1, self.streamed_bytes / rate)
+        if self.object_bytes == 0 and self.others_streaming >= GCSFUSE_STREAMED_FILES:
+            return Hold(1, 0.0), None, Hold(1, size_after / rate)  # no block left: staged, up whole at close
         if self.object_bytes == 0:
             return Hold(1, 0.0), None, Hold(1, 0.0)  # streamed: nothing to fetch, nothing to send again
         if self.offset is None and self.object_bytes >= APPEND_UPLOAD_MIN_BYTES:
@@ -110,6 +124,8 @@ CASES = [
     Case("gcs", "change 4 KiB inside a 64 MiB object", 64 * MIB, 32 * MIB),
     Case("gcs", "change 4 KiB inside a 16 MiB object, read 4 KiB back", 16 * MIB, 8 * MIB, read_back=True),
     Case("gcs", "new file: 16 MiB streamed, then 4 KiB at offset 0", 0, 0, streamed_bytes=16 * MIB),
+    Case("gcs", "new file: 16 MiB streamed, then renamed while open", 0, 0, streamed_bytes=16 * MIB, rename=True),
+    Case("gcs", "new file, 4 KiB, while 4 others stream", 0, 0, others_streaming=4),
     Case("azure-blob", "read 4 KiB of a 16 MiB blob", 16 * MIB, 8 * MIB, read=True),
     Case("azure-blob", "read 4 KiB of a 64 MiB blob", 64 * MIB, 32 * MIB, read=True),
     Case("azure-blob", "change 4 KiB inside a 16 MiB blob", 16 * MIB, 8 * MIB),
@@ -146,8 +162,13 @@ def _access(path: Path, case: Case) -> tuple[float, float, float, float]:
     try:
         for offset in range(0, case.streamed_bytes, MIB):
             os.pwrite(fd, _BLOCK, offset)
+        renamed = path.with_name(path.name + ".renamed")
+        if case.rename:
+            os.path.lexists(renamed)  # the kernel looks the new name up first: that request is not the rename's
         started = time.monotonic()
-        if case.read:
+        if case.rename:
+            os.rename(path, renamed)
+        elif case.read:
             os.pread(fd, WRITE_BYTES, case.offset or 0)
         elif case.offset is None:
             os.write(fd, data)
@@ -163,6 +184,20 @@ def _access(path: Path, case: Case) -> tuple[float, float, float, float]:
         started = time.monotonic()
         os.close(fd)
     return open_s, access_s, read_back_s, time.monotonic() - started
+
+
+@contextlib.contextmanager
+def _streaming(mountpoint: Path, case: Case) -> Iterator[None]:
+    """Keep ``case.others_streaming`` new files open, each streamed (one write at its start), while the case runs."""
+    fds = [os.open(mountpoint / f"holder-{CASES.index(case)}-{i}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+           for i in range(case.others_streaming)]
+    try:
+        for fd in fds:
+            os.pwrite(fd, b"h" * WRITE_BYTES, 0)
+        yield
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def _row(what: str, achieved: list[float], hold: Hold | None) -> str:
@@ -199,12 +234,14 @@ def main() -> None:
             with Mount(backing, mountpoint, layers):
                 for case, names in layouts:
                     names = names if case.object_bytes else [f"new-{name}" for name in names]
-                    times = [_access(mountpoint / name, case) for name in names]
+                    with _streaming(mountpoint, case):
+                        times = [_access(mountpoint / name, case) for name in names]
                     open_hold, access_hold, close_hold = case.targets(rate)
                     opened, accessed, read_back, closed = zip(*times)
                     print(f"{profile}: {case.name}")
                     print(_row("open", list(opened), open_hold))
-                    print(_row("read" if case.read else "write", list(accessed), access_hold))
+                    print(_row("rename" if case.rename else "read" if case.read else "write", list(accessed),
+                               access_hold))
                     if case.read_back:
                         print(_row("read back", list(read_back), None))
                     print(_row("close", list(closed), close_hold))

@@ -189,9 +189,9 @@ def test_a_staged_file_is_read_and_written_locally_past_the_layers_of_the_store(
     assert store_latency.statistics().delayed == 3
 
 
-def _streaming_stack() -> tuple[Stack, list]:
+def _streaming_stack(**fields) -> tuple[Stack, list]:
     """gcsfuse's write path: the staged layer, then the link and the request that finalizes a streamed file."""
-    layers = [StagedWritesLayer(rate_bytes_per_s=RATE, distribution=FixedDistribution(delay_s=REQUEST_S)),
+    layers = [StagedWritesLayer(rate_bytes_per_s=RATE, distribution=FixedDistribution(delay_s=REQUEST_S), **fields),
               ThrottleLayer(rate_bytes_per_s=1 << 39),  # counts what goes over the link (never waits)
               DelayLayer(ops=frozenset({"write"}), distribution=FixedDistribution(delay_s=0.05), write_behind=True)]
     stack = Stack(Policy(layers=layers), 1)
@@ -259,6 +259,77 @@ def test_a_read_of_a_file_being_streamed_finalizes_it_once() -> None:
 
     assert _run(main) == [0.0, pytest.approx(REQUEST_S), 0.0, 0.0]
     assert finalize.statistics().delayed == 0
+
+
+def test_a_rename_of_a_file_being_streamed_finalizes_it_first() -> None:
+    # gcsfuse: "Rename operation on a file undergoing writes via streaming writes will be finalized and then
+    # renamed. This means that any follow up writes will automatically revert to ... staging writes"
+    stack, (staged, _, finalize) = _streaming_stack()
+
+    async def rename(source: str, target: str) -> float:
+        return await _served_s(stack, Op("rename", 1, source, target=target), result=None)
+
+    async def main() -> list[float]:
+        await _create(stack, 3)
+        took = [await _served_s(stack, _write(3, 0, MIB, os.O_RDWR))]
+        took.append(await rename("/f3", "/ckpt"))  # the stream is finalized before the rename
+        took.append(await rename("/ckpt", "/ckpt.old"))  # an object now: nothing more here
+        took.append(await _served_s(stack, _write(3, MIB, MIB, os.O_RDWR)))  # at the end, but staged: down first
+        took.append(await _served_s(stack, _close(3, os.O_RDWR)))  # up whole
+        return took
+
+    took = _run(main)
+    assert took[:3] == [0.0, pytest.approx(REQUEST_S), 0.0]
+    assert took[3] == pytest.approx(REQUEST_S + 0.25)  # a request + 1 MiB at 4 MiB/s
+    assert took[4] == pytest.approx(REQUEST_S + 0.5)
+    assert finalize.statistics().delayed == 0 and staged.statistics().uploaded_bytes == 2 * MIB
+
+
+def test_a_file_extended_while_streamed_streams_on_and_one_cut_short_is_finalized() -> None:
+    # gcsfuse: only a truncation downwards finalizes a file being streamed; after one upwards, a write at
+    # the new size is in order (bufferedwrites: offset == totalSize or truncatedSize)
+    stack, (staged, link, _) = _streaming_stack()
+
+    def truncate(ino: int, size: int) -> Op:
+        return Op("setattr", ino, f"/f{ino}", size=size, mode=FATTR_SIZE)
+
+    async def main() -> list[float]:
+        await _create(stack, 3)
+        took = [await _served_s(stack, truncate(3, 2 * MIB))]  # preallocated: still streamed
+        took.append(await _served_s(stack, _write(3, 0, MIB, os.O_RDWR)))  # in order from the start
+        took.append(await _served_s(stack, _write(3, 2 * MIB, MIB, os.O_RDWR)))  # at the extended size
+        took.append(await _served_s(stack, truncate(3, MIB)))  # below its size: finalized, then downloaded
+        return took
+
+    took = _run(main)
+    assert took[:3] == [0.0, 0.0, 0.0]
+    assert took[3] == pytest.approx(REQUEST_S + REQUEST_S + 0.75)  # finalize; a request + 3 MiB at 4 MiB/s
+    assert link.statistics().bytes == 2 * MIB and staged.statistics().downloaded_bytes == 3 * MIB
+
+
+def test_files_created_while_max_streamed_files_stream_are_staged() -> None:
+    # gcsfuse docs/semantics.md: "writes will automatically fall back to legacy staged writes if more than 4
+    # files are concurrently opened for streaming writes" (one block per file, write-global-max-blocks)
+    stack, (staged, link, finalize) = _streaming_stack(max_streamed_files=2)
+
+    async def write_and_close(ino: int) -> float:
+        await _served_s(stack, _write(ino, 0, MIB, os.O_RDWR))
+        return await _served_s(stack, _close(ino, os.O_RDWR))
+
+    async def main() -> list[float]:
+        for ino in (3, 4, 5):
+            await _create(stack, ino)
+        closes = [await write_and_close(ino) for ino in (3, 4, 5)]
+        await _create(stack, 6)  # the closes freed their blocks
+        closes.append(await write_and_close(6))
+        return closes
+
+    closes = _run(main)
+    assert closes[0] == pytest.approx(0.05) and closes[1] == pytest.approx(0.05)  # finalized after the link
+    assert closes[2] == pytest.approx(REQUEST_S + 0.25)  # the third was staged: uploaded whole at its close
+    assert closes[3] == pytest.approx(0.05)
+    assert link.statistics().bytes == 3 * MIB and finalize.statistics().delayed == 3
+    assert staged.statistics().uploads == 1
 
 
 def _blob_stack() -> Stack:
@@ -489,3 +560,64 @@ def test_the_gcs_profile_stages_a_new_file_written_out_of_order(mount_worker, tm
     assert header_s >= transfer_s and staged_close_s >= transfer_s * 0.95
     assert (backing / "staged.h5").read_bytes() == b"h" * 512 + b"d" * (4 * MIB - 512)
     assert (backing / "streamed.h5").read_bytes() == b"d" * (4 * MIB) + b"h" * 512
+
+
+def test_the_gcs_profile_stages_new_files_created_past_max_streamed_files(mount_worker, tmp_path) -> None:
+    # gcsfuse streams as many new files as it has blocks (write-global-max-blocks); one created beyond that
+    # is staged, so its close uploads it whole. Closing a streamed file frees its block.
+    backing = tmp_path / "bucket"
+    backing.mkdir()
+    rate = 32 * MIB  # 4 MiB: 0.125 s on the link; a request ~20 ms (above 0.125 s with p ~ 1e-4)
+    vol = mount_worker(backing=backing, policy=json.dumps({"layers": [
+        {"type": "profile", "name": "gcs", "rate_bytes_per_s": rate, "max_streamed_files": 1}]}))
+    transfer_s = 4 * MIB / rate
+
+    def create(name: str) -> int:
+        return os.open(vol.mountpoint / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+
+    def fill(fd: int, byte: bytes) -> None:
+        for offset in range(0, 4 * MIB, MIB):
+            os.pwrite(fd, byte * MIB, offset)
+
+    streamed, staged = create("shard-0"), create("shard-1")  # at once: only the first gets the block
+    fill(streamed, b"0")
+    fill(staged, b"1")
+    staged_close_s = _timed(lambda: os.close(staged))
+    streamed_close_s = _timed(lambda: os.close(streamed))
+    again = create("shard-2")  # the block is free again
+    fill(again, b"2")
+    again_close_s = _timed(lambda: os.close(again))
+    assert staged_close_s >= transfer_s * 0.95
+    assert streamed_close_s < transfer_s and again_close_s < transfer_s
+    for index in range(3):
+        assert (backing / f"shard-{index}").read_bytes() == str(index).encode() * (4 * MIB)
+
+
+def test_the_gcs_profile_finalizes_a_new_file_renamed_while_open(mount_worker, tmp_path) -> None:
+    # A writer that renames its temporary file into place before closing it: gcsfuse finalizes the stream at
+    # the rename, so a write after it changes an existing object: below 2 MiB (no append exception) it is
+    # downloaded first, and uploaded whole at the close.
+    backing = tmp_path / "bucket"
+    backing.mkdir()
+    rate = 8 * MIB  # 1 MiB: 0.125 s on the link; a request ~20 ms (above 0.125 s with p ~ 1e-4)
+    vol = mount_worker(backing=backing, policy=json.dumps({"layers": [
+        {"type": "profile", "name": "gcs", "rate_bytes_per_s": rate}]}))
+    transfer_s = MIB / rate
+
+    def write_then_close(name: str, rename_to: str | None) -> tuple[float, float]:
+        fd = os.open(vol.mountpoint / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.pwrite(fd, b"d" * MIB, 0)
+            if rename_to is not None:
+                os.rename(vol.mountpoint / name, vol.mountpoint / rename_to)
+            tail_s = _timed(lambda: os.pwrite(fd, b"t" * 4096, MIB))  # in order
+        finally:
+            close_s = _timed(lambda: os.close(fd))
+        return tail_s, close_s
+
+    kept_tail_s, kept_close_s = write_then_close("kept.tmp", None)
+    renamed_tail_s, renamed_close_s = write_then_close("ckpt.tmp", "ckpt")
+    assert kept_tail_s < transfer_s and kept_close_s < transfer_s
+    assert renamed_tail_s >= transfer_s * 0.95 and renamed_close_s >= transfer_s * 0.95
+    assert (backing / "ckpt").read_bytes() == b"d" * MIB + b"t" * 4096
+    assert not (backing / "ckpt.tmp").exists()

@@ -702,8 +702,9 @@ class S3SemanticsLayer(_Layer, tag="s3_semantics", kw_only=True):
 
 #: Ops a ``staged_writes`` layer acts on: the opens that tell it an object's size (and may download
 #: it), the writes and truncations that modify it, the reads it serves from a local copy, and the close
-#: or fsync that uploads it.
-STAGED_WRITES_OPS: frozenset[str] = frozenset({"open", "create", "read", "write", "setattr", "flush", "fsync"})
+#: or fsync that uploads it; a rename finalizes a file being streamed.
+STAGED_WRITES_OPS: frozenset[str] = frozenset({"open", "create", "read", "write", "setattr", "flush", "fsync",
+                                              "rename"})
 #: What an object-store client does with a new file: upload it as it is written (gcsfuse's
 #: streaming writes), or stage it locally and upload it whole at the close (blobfuse2, s3fs).
 NewFiles = Literal["streamed", "staged"]
@@ -734,8 +735,12 @@ class StagedWritesLayer(_Layer, tag="staged_writes", kw_only=True):
     bytes and the close that finalizes it), and falls back to staging
     (docs/semantics.md, "Streaming Writes"): the first write out of order
     finalizes what was streamed (one request) and downloads it (one request and
-    its size), a read of the file while it is streamed finalizes it (one request)
-    and later writes change an existing object. blobfuse2 and s3fs stage new
+    its size), a read of the file while it is streamed, a truncation below its
+    size or a rename of it finalizes it (one request) and later writes change an
+    existing object. A truncation above its size does not: a write at the new size
+    is still in order. gcsfuse streams at most ``max_streamed_files`` files at
+    once (its ``write-global-max-blocks``: one block per file): a file created
+    while that many stream is staged from the start. blobfuse2 and s3fs stage new
     files from the start (``staged``): local until uploaded whole at the close.
 
     blobfuse2's caching mode (the Azure Blob CSI driver's, "Configure BlobFuse for
@@ -766,6 +771,8 @@ class StagedWritesLayer(_Layer, tag="staged_writes", kw_only=True):
             mount are uploaded as written, in order, until a write out of order or
             a read makes the client stage them (above); ``staged`` (blobfuse2,
             s3fs): written to a local copy and uploaded whole at their close.
+        max_streamed_files: with ``streamed``, how many new files may stream at
+            once; a file created beyond that is staged; ``None`` = no limit.
 
     ``ops`` is not used (the layer acts on :data:`STAGED_WRITES_OPS`); ``path_glob``
     limits it to part of the volume. Put it before the throttle and delay layers
@@ -781,9 +788,13 @@ class StagedWritesLayer(_Layer, tag="staged_writes", kw_only=True):
     download_on_open: bool = False
     keep_local_s: CacheSeconds = 0.0
     new_files: NewFiles = "streamed"
+    max_streamed_files: Annotated[int, msgspec.Meta(ge=1, le=MAX_LIMIT)] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.max_streamed_files is not None and self.new_files != "streamed":
+            raise ValueError("field `max_streamed_files`: only streamed new files are limited; `new_files` is "
+                             f"{self.new_files!r}")
         if self.ops:
             raise ValueError("field `ops`: a staged_writes layer acts on the opens, writes, truncations and closes "
                              "of existing files; leave it empty")
@@ -821,6 +832,9 @@ class ProfileLayer(_Layer, tag="profile", kw_only=True):
         burst_balance: how full the burst bucket is, 0..1, at the first I/O
             (``gp2``, ``st1``, ``premium-ssd`` up to P20, ``efs`` with ``size_gib``); ``None`` = full, as a
             new volume.
+        max_streamed_files: how many new files the client streams at once (``gcs``: gcsfuse's
+            ``write-global-max-blocks``, 4 by default, 1,600 on the machine types it optimizes for);
+            ``None`` = the profile's default.
 
     A sizing field the profile does not take, or a value outside its published
     range (``interposer profiles`` lists both), is an error naming the field.
@@ -831,6 +845,7 @@ class ProfileLayer(_Layer, tag="profile", kw_only=True):
     iops: PositiveLimit | None = None
     rate_bytes_per_s: PositiveLimit | None = None
     burst_balance: Probability | None = None
+    max_streamed_files: PositiveLimit | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()

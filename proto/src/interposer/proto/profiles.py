@@ -61,12 +61,14 @@ class Sizing(msgspec.Struct, frozen=True, kw_only=True):
         iops: provisioned IOPS, for profiles where IOPS are provisioned.
         rate_bytes_per_s: provisioned throughput or link bandwidth, bytes/s.
         burst_balance: how full a burst bucket is at the first I/O, 0..1.
+        max_streamed_files: how many new files an object-store client streams at once.
     """
 
     size_gib: int | None = None
     iops: int | None = None
     rate_bytes_per_s: int | None = None
     burst_balance: float | None = None
+    max_streamed_files: int | None = None
 
     @property
     def balance(self) -> float:
@@ -82,7 +84,7 @@ class Profile(msgspec.Struct, frozen=True, kw_only=True):
         summary: one line: what is emulated.
         source: where the numbers come from (URL or document, and the figures used).
         parameters: the profile layer fields that size it (``size_gib``, ``iops``,
-            ``rate_bytes_per_s``, ``burst_balance``), each with its range and how it
+            ``rate_bytes_per_s``, ``burst_balance``, ``max_streamed_files``), each with its range and how it
             scales the limits; empty = none.
         layers: the layers it expands into at its defaults, outermost first
             (``ops``/``path_glob`` of the profile layer are applied on expansion).
@@ -285,6 +287,13 @@ _GCSFUSE_METADATA_REQUESTS = frozenset({"lookup", "readdir", "mkdir", "rmdir", "
 _GCSFUSE_REQUESTS_PER_OP: dict[OpName, int] = {"rmdir": 2, "rename": 2}
 
 
+#: New files gcsfuse streams at once: ``write-global-max-blocks``, one block per file (docs/semantics.md,
+#: "Streaming Writes"): 4 by default; 1,600 on the "high-performance" machine types it detects from the
+#: metadata server (A2 mega/ultra, A3, A4 and A4X GPU machines, TPU v5e, v5p, v6e and 7x hosts: cfg/config.go,
+#: machineTypeToGroupMap). A file created while that many stream is staged.
+_GCSFUSE_STREAMED_FILES = 4
+
+
 def _more_requests(latency: Distribution, requests_per_op: dict[OpName, int]) -> tuple[DelayLayer, ...]:
     """``add`` delays for the requests past the first of each op in ``requests_per_op`` (op → requests, sent
     one after the other): the k-th layer acts on the ops of more than k requests, one draw each. Put them
@@ -299,11 +308,13 @@ def _more_requests(latency: Distribution, requests_per_op: dict[OpName, int]) ->
 def _object_store_builder(median_s: float, sigma: float,
                           metadata_requests: frozenset[OpName] = _S3_METADATA_REQUESTS,
                           lookup_cache_s: float = 0.0, append_upload_min_bytes: int | None = None,
-                          requests_per_op: dict[OpName, int] | None = None) -> _Builder:
+                          requests_per_op: dict[OpName, int] | None = None,
+                          max_streamed_files: int | None = None) -> _Builder:
     """An object store through a FUSE client (Mountpoint for Amazon S3; Cloud Storage FUSE with
     ``_GCSFUSE_METADATA_REQUESTS``, its stat cache's ``lookup_cache_s`` and its staged writes of
     existing objects, whose appends to objects of ``append_upload_min_bytes`` upload only what was
-    appended, and its ``requests_per_op`` beyond one): first-byte latency log-normal(``median_s``,
+    appended, and its ``requests_per_op`` beyond one, streaming at most ``max_streamed_files`` new files at
+    once unless the sizing says otherwise): first-byte latency log-normal(``median_s``,
     ``sigma``) per request, one after the other. Each request is its own round trip (``one_floor_per_call`` false): Mountpoint's ``open`` right after a ``lookup`` sends a
     HeadObject of its own (it revalidates on open unless its metadata cache is enabled)."""
 
@@ -312,7 +323,8 @@ def _object_store_builder(median_s: float, sigma: float,
         rate = sizing.rate_bytes_per_s or _MOUNTPOINT_THROUGHPUT
         # gcsfuse: an existing object is downloaded whole before it is changed, and uploaded whole after
         staged = () if append_upload_min_bytes is None else (StagedWritesLayer(
-            rate_bytes_per_s=rate, distribution=latency, append_upload_min_bytes=append_upload_min_bytes),)
+            rate_bytes_per_s=rate, distribution=latency, append_upload_min_bytes=append_upload_min_bytes,
+            max_streamed_files=sizing.max_streamed_files or max_streamed_files),)
         return (
             # first: the reads and writes it serves from a staged file's local copy pass the layers below unheld
             *staged,
@@ -802,7 +814,8 @@ _PROFILES_AND_BUILDERS = (
     ),
     _profile(
         _object_store_builder(0.020, 0.5, _GCSFUSE_METADATA_REQUESTS, lookup_cache_s=60.0,
-                              append_upload_min_bytes=2 * MIB, requests_per_op=_GCSFUSE_REQUESTS_PER_OP),
+                              append_upload_min_bytes=2 * MIB, requests_per_op=_GCSFUSE_REQUESTS_PER_OP,
+                              max_streamed_files=_GCSFUSE_STREAMED_FILES),
         name="gcs",
         summary="Google Cloud Storage through Cloud Storage FUSE (the GKE CSI driver's): ~20 ms per request "
                 "(random read, lookup, listing, mkdir, close after writing; two for rename and rmdir); a changed "
@@ -815,8 +828,11 @@ _PROFILES_AND_BUILDERS = (
             "https://cloud.google.com/storage/docs/gcsfuse-performance-and-best-practices): a reader found "
             "sequential is served by fewer, larger reads (only its first read waits here), others by ranged "
             "reads; a new file written in order is uploaded as it is written (streaming writes, the "
-            "default since gcsfuse 3.0) and finalized when closed, but a write out of order, a read or a "
-            "truncation of it first finalizes what was streamed (one request) and makes it a staged file; a change to an existing object is staged "
+            "default since gcsfuse 3.0) and finalized when closed, but a write out of order, a read, a "
+            "truncation below its size or a rename of it first finalizes what was streamed (one request) and "
+            "makes it a staged file, and at most 4 new files stream at once (write-global-max-blocks; "
+            "max_streamed_files), a file created beyond that being staged from the start; a change to an "
+            "existing object is staged "
             "(docs/semantics.md, 'Staged Writes'): the whole object is downloaded at the first write or "
             "truncation (one request, then its size at the throughput), the local copy serves the file's reads "
             "and writes until the close or fsync, and the file is uploaded whole then (one request, then its "
@@ -837,6 +853,8 @@ _PROFILES_AND_BUILDERS = (
         parameters={
             "rate_bytes_per_s": "the client's network throughput to Cloud Storage, bytes/s (default 1,250,000,000: "
                                 "10 Gbit/s)",
+            "max_streamed_files": "new files streamed at once, >= 1 (default 4, gcsfuse's write-global-max-blocks; "
+                                  "1600 on A2/A3/A4 GPU and TPU v5+ machines); a file created beyond it is staged",
         },
     ),
     _profile(
@@ -898,7 +916,7 @@ def sized_layers(layer: ProfileLayer) -> tuple[Layer, ...]:
             value outside the profile's range (the message names the field).
     """
     sizing = Sizing(size_gib=layer.size_gib, iops=layer.iops, rate_bytes_per_s=layer.rate_bytes_per_s,
-                    burst_balance=layer.burst_balance)
+                    burst_balance=layer.burst_balance, max_streamed_files=layer.max_streamed_files)
     accepted = PROFILES[layer.name].parameters
     for field in msgspec.structs.asdict(sizing):
         if getattr(sizing, field) is not None and field not in accepted:

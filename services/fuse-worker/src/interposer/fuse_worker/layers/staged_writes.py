@@ -9,11 +9,12 @@ new object ("writes the contents of the local file back ... and deletes temp-fil
 A 4 KiB append to a 1 GiB log costs two 1 GiB transfers. gcsfuse's one exception:
 appends to an object of at least 2 MiB upload only what was appended (a compose)
 and download nothing. gcsfuse 3 streams a new file written in order instead, until a
-write out of order, a read or a truncation makes it finalize what it streamed and
-stage the file ("Streaming Writes"). blobfuse2's caching mode downloads each object
-at its open, for readers too, keeps the local copy for a while after the last close,
-and stages new files from the start (``download_on_open``, ``keep_local_s``,
-``new_files``).
+write out of order, a read, a truncation below its size or a rename makes it finalize
+what it streamed and stage the file ("Streaming Writes"); it streams as many files at
+once as it has blocks (``write-global-max-blocks``, ``max_streamed_files``) and stages
+the others. blobfuse2's caching mode downloads each object at its open, for readers
+too, keeps the local copy for a while after the last close, and stages new files from
+the start (``download_on_open``, ``keep_local_s``, ``new_files``).
 
 Per file (by inode) the layer keeps the object's size as of the last open
 (``Op.file_size``, read by the adapter only while such a layer is in force), whether
@@ -26,8 +27,8 @@ remote store and pass them unheld. An upload is charged to the next ``flush`` of
 descriptor opened for writing, or ``fsync``: one request plus the whole file (or
 what was appended, for gcsfuse's exception); that close is marked too. A new file
 being streamed is only watched: its writes, in order, and the close that finalizes
-it are charged by the layers after this one; the write, read or truncation that
-ends the stream is held for the finalizing request here (and the first change
+it are charged by the layers after this one; the write, read, truncation or rename
+that ends the stream is held for the finalizing request here (and the first change
 after it for the download), and marked like the rest from then on. Transfers share
 one link (a token bucket at the layer's rate, no burst), so transfers that overlap
 queue for it in order.
@@ -67,7 +68,7 @@ class _Object:
     """What the client holds of one file: the object's size, a local copy or not, what was written since the upload."""
 
     __slots__ = ("object_size", "size", "local", "local_until_s", "handles", "appending", "written", "dirty",
-                 "ready_s", "streamed_to", "finalized")
+                 "ready_s", "streamed_to", "extended_to", "finalized")
 
     def __init__(self, object_size: int, local: bool = False) -> None:
         self.object_size = object_size  # bytes, as stored (the last open, or upload)
@@ -80,6 +81,7 @@ class _Object:
         self.dirty = False  # changed since the last upload
         self.ready_s = 0.0  # when the download in progress ends, trio's clock
         self.streamed_to = -1  # a new file being streamed: where its next write must start, bytes; -1: not streamed
+        self.extended_to = -1  # a streamed file extended by a truncation: the size, where a write may also start
         self.finalized = False  # its stream was finalized before its close (the close has nothing to send)
 
     def has_local(self, now_s: float) -> bool:
@@ -103,6 +105,7 @@ class StagedWrites:
         self._request = sampler(spec.distribution, rng, MAX_DELAY_S) if spec.distribution is not None else None
         self._link = TokenBucket(spec.rate_bytes_per_s, burst_bytes=1)  # no burst: each transfer takes its time
         self._objects: FileStreams[_Object] = FileStreams()
+        self._streams: dict[int, str] = {}  # new files being streamed: inode → path (a rename finalizes them)
         self._downloads = self._downloaded_bytes = self._uploads = self._uploaded_bytes = 0
         self._held_s_total = 0.0
 
@@ -119,27 +122,34 @@ class StagedWrites:
                 return result
             if op.name == "create":
                 result = await inner(op, call)
-                self._created(result[1].st_ino)
+                self._created(result[1].st_ino, op.path)
                 return result
+            if op.name == "rename":
+                await self._renaming(op)
+                return await inner(op, call)
             state = self._objects.take(op.ino)
             if state is None:
                 return await inner(op, call)
             self._objects.put(op.ino, state)  # still there for requests arriving while this one waits
             if op.name == "read":
                 if state.streamed_to >= 0:
-                    await self._finalize(op, state)  # a read of a file being streamed finalizes it
+                    await self._finalize(op, op.ino, state)  # a read of a file being streamed finalizes it
                 elif state.has_local(trio.current_time()):
                     await self._download_done(op, state)
                     op.charged_by_client = True
                 return await inner(op, call)
             if op.name == "write":
-                if state.streamed_to == op.offset:  # in order (by arrival: requests in flight together count)
+                if state.streamed_to >= 0 and op.offset in (state.streamed_to, state.extended_to):
+                    # in order (by arrival: requests in flight together count), or at the size a truncation
+                    # extended it to (gcsfuse fills the gap with zeros and streams on)
                     state.streamed_to = op.offset + op.size
+                    if state.streamed_to >= state.extended_to:
+                        state.extended_to = -1
                     result = await inner(op, call)  # streamed: the layers after this one charge it
                     state.size = max(state.size, op.offset + transferred_bytes(result, op.size))
                     return result
                 if state.streamed_to >= 0:
-                    await self._finalize(op, state)  # out of order: what was streamed is an object now
+                    await self._finalize(op, op.ino, state)  # out of order: what was streamed is an object now
                 await self._before_write(op, state)
                 op.charged_by_client = True  # into the local copy (or the appended part): sent at the upload
                 result = await inner(op, call)
@@ -149,9 +159,11 @@ class StagedWrites:
                 state.dirty = True
                 return result
             if op.name == "setattr":
-                if op.mode & FATTR_SIZE and op.size != state.size:
+                if op.mode & FATTR_SIZE and state.streamed_to >= 0 and op.size > state.size:
+                    state.size = state.extended_to = op.size  # extending a file being streamed: still streamed
+                elif op.mode & FATTR_SIZE and op.size != state.size:
                     if state.streamed_to >= 0:
-                        await self._finalize(op, state)  # truncating a file being streamed finalizes it
+                        await self._finalize(op, op.ino, state)  # truncating a file being streamed finalizes it
                     await self._before_truncate(op, state)
                     state.size, state.dirty = op.size, True
                 return await inner(op, call)
@@ -159,7 +171,8 @@ class StagedWrites:
                 return await inner(op, call)  # the close of a reader sends nothing
             if state.streamed_to >= 0:  # fsync does not finalize a stream; the close does, charged after this layer
                 if op.name == "flush":
-                    state.streamed_to, state.object_size = -1, state.size
+                    self._end_stream(op.ino, state)
+                    state.object_size = state.size
                 return await inner(op, call)
             # flush of a descriptor that could write, or fsync: the upload, or nothing left to send
             if state.dirty or state.finalized:
@@ -198,29 +211,53 @@ class StagedWrites:
             fresh.handles = (state.handles if state is not None else 0) + 1
             self._objects.put(op.ino, fresh)
 
-    def _created(self, ino: int) -> None:
-        """A new file: nothing to download; streamed as written, or staged and uploaded whole at its close."""
-        state = _Object(0, local=self.spec.new_files == "staged")
-        if self.spec.new_files == "streamed":
+    def _created(self, ino: int, path: str) -> None:
+        """A new file: nothing to download; streamed as written while fewer than ``max_streamed_files`` are, or
+        staged and uploaded whole at its close."""
+        limit = self.spec.max_streamed_files
+        streamed = self.spec.new_files == "streamed" and (limit is None or len(self._streams) < limit)
+        state = _Object(0, local=not streamed)
+        if streamed:
             state.streamed_to = 0
+            self._streams[ino] = path
         state.handles = 1
         self._objects.put(ino, state)
 
-    async def _finalize(self, op: Op, state: _Object) -> None:
-        """End the stream of a new file (gcsfuse finalizes the object: one request); it is then an existing object,
-        not staged: the next change downloads it, and its close has nothing to send unless it changed."""
-        state.streamed_to, state.object_size, state.finalized, state.local = -1, state.size, True, False
+    async def _renaming(self, op: Op) -> None:
+        """A rename of a file being streamed finalizes it first (gcsfuse: "Rename Operation Syncs the File")."""
+        ino = next((ino for ino, path in self._streams.items() if path == op.path), None)
+        state = self._objects.take(ino) if ino is not None else None
+        if state is None:
+            self._streams.pop(ino, None)  # let go of (or never seen): nothing to finalize here
+            return
+        self._objects.put(ino, state)
+        await self._finalize(op, ino, state)
+
+    def _end_stream(self, ino: int, state: _Object) -> None:
+        """The file no longer streams: its block is free for another new file."""
+        state.streamed_to = -1
+        self._streams.pop(ino, None)
+
+    async def _finalize(self, op: Op, ino: int, state: _Object) -> None:
+        """End the stream of new file ``ino`` (gcsfuse finalizes the object: one request, held by ``op``); it is then
+        an existing object, not staged: the next change downloads it, and its close has nothing to send unless it
+        changed."""
+        self._end_stream(ino, state)
+        state.object_size, state.finalized, state.local = state.size, True, False
         await self._hold(op, self._transfer_s(0))
 
     def released(self, session: int, ino: int) -> None:
         """A handle of ``ino`` was released: the last one starts the local copy's ``keep_local_s``."""
         state = self._objects.take(ino)
         if state is None:
+            self._streams.pop(ino, None)
             return
         self._objects.put(ino, state)
         state.handles = max(0, state.handles - 1)
         if state.handles == 0:
             state.local_until_s = trio.current_time() + self.spec.keep_local_s
+            if state.streamed_to >= 0:
+                self._end_stream(ino, state)  # closed without a flush: gcsfuse frees the block with the last handle
 
     async def _before_write(self, op: Op, state: _Object) -> None:
         """Wait for the local copy a write needs: none for appends past a large enough object."""
