@@ -3,17 +3,21 @@
 Cloud Storage FUSE downloads an existing object whole at the first write (or
 truncation) that changes it and uploads it whole at close, except appends to an
 object of at least 2 MiB, which upload only what was appended; new files are
-streamed (docs/semantics.md, "Staged Writes"). blobfuse2 in caching mode downloads
+streamed (docs/semantics.md, "Staged Writes"). It stats the object before the
+download and before the upload, and an append's upload is a temporary object, a
+compose and a deletion (internal/fs/inode/file.go, internal/gcsx). blobfuse2 in caching mode downloads
 every file whole at its open, readers included, and uploads a changed or new file
 whole at close ("Configure BlobFuse for caching mode"). For each case this mounts a
 worker with the profile at a link of ``--rate-mib-s`` over fresh objects laid out in
 the backing directory beforehand, and times, per object, the ``open``, one 4 KiB
 ``pwrite`` (or ``pread``), for a read-back case a 4 KiB ``pread`` elsewhere in the
-changed file, and the ``close``. Targets: one request (the profiles' log-normal,
-median 20 ms, sigma 0.5) plus, where one is due, the transfer at the rate:
+changed file, and the ``close``. Targets: the requests one after the other (each
+the profiles' log-normal, median 20 ms, sigma 0.5) plus, where one is due, the
+transfer at the rate:
 
-* ``gcs``: the write, the download of the object; the close, the upload of the whole
-  file (of what was appended, for an append to an object of 2 MiB or more); a read
+* ``gcs``: the write, a stat and the download of the object; the close, a stat and
+  the upload of the whole file (for an append to an object of 2 MiB or more, four
+  requests and what was appended); a read
   back, nothing: gcsfuse serves it from the staged file (printed in ms, no target);
   a new file streamed in order (untimed) and then written at offset 0, the
   finalization of what was streamed and its download at that write, the whole file
@@ -21,7 +25,8 @@ median 20 ms, sigma 0.5) plus, where one is due, the transfer at the rate:
   file streamed and then renamed while open, at the rename the finalization and the
   rename's copy and delete (three requests), nothing at the close; a new file created
   while four others stream (gcsfuse's default ``write-global-max-blocks``), nothing at
-  its write (it is staged), the whole file at its close;
+  its write (it is staged), one request (nothing stored to stat) and the whole file at
+  its close;
 * ``azure-blob``: the open, the download; the close after a change, the whole file.
 
 So each target is a constant plus the request's log-normal quantile; the printed
@@ -62,6 +67,9 @@ REQUEST = LognormalDistribution(median_s=0.020, sigma=0.5)
 APPEND_UPLOAD_MIN_BYTES = 2 * MIB
 #: gcsfuse's default write-global-max-blocks: new files streamed at once.
 GCSFUSE_STREAMED_FILES = 4
+#: Requests gcsfuse makes for a transfer of a stored object: a stat, then the read or the upload; an
+#: append's upload: a stat, the temporary object, the compose, the temporary object's deletion.
+TRANSFER_REQUESTS, APPEND_UPLOAD_REQUESTS = 2, 4
 
 
 @dataclass
@@ -93,15 +101,17 @@ class Case:
             return open_hold, None, (None if self.read else Hold(1, size_after / rate))
         if self.rename:  # finalized (a request), then copied and the source deleted; nothing left to send
             return Hold(1, 0.0), Hold(3, 0.0), None
-        if self.streamed_bytes:  # finalized (a request), downloaded (a request and the bytes), staged
-            return Hold(1, 0.0), Hold(2, self.streamed_bytes / rate), Hold(1, self.streamed_bytes / rate)
+        if self.streamed_bytes:  # finalized (a request), downloaded, staged: stored, so a stat before the upload
+            streamed_s = self.streamed_bytes / rate
+            return Hold(1, 0.0), Hold(1 + TRANSFER_REQUESTS, streamed_s), Hold(TRANSFER_REQUESTS, streamed_s)
         if self.object_bytes == 0 and self.others_streaming >= GCSFUSE_STREAMED_FILES:
             return Hold(1, 0.0), None, Hold(1, size_after / rate)  # no block left: staged, up whole at close
         if self.object_bytes == 0:
             return Hold(1, 0.0), None, Hold(1, 0.0)  # streamed: nothing to fetch, nothing to send again
+        download = Hold(TRANSFER_REQUESTS, self.object_bytes / rate)  # appends too: the temporary file is whole
         if self.offset is None and self.object_bytes >= APPEND_UPLOAD_MIN_BYTES:
-            return Hold(1, 0.0), None, Hold(1, WRITE_BYTES / rate)  # a compose of what was appended
-        return Hold(1, 0.0), Hold(1, self.object_bytes / rate), Hold(1, size_after / rate)
+            return Hold(1, 0.0), download, Hold(APPEND_UPLOAD_REQUESTS, WRITE_BYTES / rate)  # a compose
+        return Hold(1, 0.0), download, Hold(TRANSFER_REQUESTS, size_after / rate)
 
 
 @dataclass

@@ -6,8 +6,8 @@ files. From the events alone (``OpEvent.flags`` holds the open flags of each wri
 handle; a ``create`` handle's include ``O_CREAT``, an ``open`` handle's never do, as
 the kernel strips it for an existing file) this counts, per file session, what such a
 client would refuse or pay for: a change to a file that existed (Mountpoint: EPERM
-at the open; gcsfuse: the whole object down and up again, except appends to objects
-of 2 MiB or more; blobfuse2: the whole file up at close), an existing file emptied
+at the open; gcsfuse: the whole object down and up again, only the appended bytes
+going up for appends to objects of 2 MiB or more; blobfuse2: the whole file up at close), an existing file emptied
 with ``O_TRUNC`` and rewritten (Mountpoint: only with ``--allow-overwrite``), writes
 that do not each begin where the previous one ended (Mountpoint: EINVAL; gcsfuse:
 staged, not streamed) and writes after an ``fsync`` (Mountpoint: EIO), plus renames
@@ -30,7 +30,7 @@ EXAMPLES = 3
 #: caching mode do with it). Counted in file sessions, renames and links in ops.
 FINDINGS = {
     "changed_in_place": ("changed existing files", "EPERM", "down + up whole", "up whole"),
-    "appended": ("  of which appends only", "EPERM", ">= 2 MiB: append only", "up whole"),
+    "appended": ("  of which appends only", "EPERM", "down whole; >= 2 MiB: up the append", "up whole"),
     "overwritten": ("emptied by O_TRUNC, rewritten", "--allow-overwrite", "new object", "up whole"),
     "out_of_order": ("new files, out of order", "EINVAL", "staged, up whole", "-"),
     "written_after_fsync": ("writes after an fsync", "EIO", "-", "-"),

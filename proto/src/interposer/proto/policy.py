@@ -705,6 +705,8 @@ class S3SemanticsLayer(_Layer, tag="s3_semantics", kw_only=True):
 #: or fsync that uploads it; a rename finalizes a file being streamed.
 STAGED_WRITES_OPS: frozenset[str] = frozenset({"open", "create", "read", "write", "setattr", "flush", "fsync",
                                               "rename"})
+#: Most requests one transfer of a staged_writes layer may take, one after the other.
+MAX_REQUESTS_PER_TRANSFER = 16
 #: What an object-store client does with a new file: upload it as it is written (gcsfuse's
 #: streaming writes), or stage it locally and upload it whole at the close (blobfuse2, s3fs).
 NewFiles = Literal["streamed", "staged"]
@@ -720,10 +722,14 @@ class StagedWritesLayer(_Layer, tag="staged_writes", kw_only=True):
     new object ("modifying even a single bit of an object results in the full
     re-upload of the object"); until then the local file serves every read and
     write of it. Files opened with ``O_TRUNC`` have nothing to download. This
-    layer holds that first write (or truncation) for one request
-    (``distribution``) plus the object's size at ``rate_bytes_per_s``, and the next
-    ``flush`` of a descriptor opened for writing (``close(2)``) or ``fsync`` for
-    one request plus the whole file. The reads and writes in between are served
+    layer holds that first write (or truncation) for ``download_requests``
+    requests one after the other (``distribution``) plus the object's size at
+    ``rate_bytes_per_s``, and the next ``flush`` of a descriptor opened for
+    writing (``close(2)``) or ``fsync`` for ``upload_requests`` requests plus the
+    whole file (one request for a file not stored yet). gcsfuse's one exception:
+    an object of at least ``append_upload_min_bytes`` changed only by appends is
+    still downloaded, but only what was appended goes up, as a temporary object
+    composed onto it (``append_upload_requests``). The reads and writes in between are served
     locally: the layer marks them (``Op.charged_by_client``) and the throttle and
     delay layers after it in the stack, which stand for the remote store, pass
     them unheld (fault, quota and metadata layers still act on them). After the
@@ -734,10 +740,9 @@ class StagedWritesLayer(_Layer, tag="staged_writes", kw_only=True):
     its start (the throttle and ``write_behind`` delay after this layer charge its
     bytes and the close that finalizes it), and falls back to staging
     (docs/semantics.md, "Streaming Writes"): the first write out of order
-    finalizes what was streamed (one request) and downloads it (one request and
-    its size), a read of the file while it is streamed, a truncation below its
-    size or a rename of it finalizes it (one request) and later writes change an
-    existing object. A truncation above its size does not: a write at the new size
+    finalizes what was streamed (one request) and downloads it (as above); a read
+    of the file while it is streamed, a truncation below its size or a rename of
+    it finalizes it (one request), and later writes change an existing object. A truncation above its size does not: a write at the new size
     is still in order. gcsfuse streams at most ``max_streamed_files`` files at
     once (its ``write-global-max-blocks``: one block per file): a file created
     while that many stream is staged from the start. blobfuse2 and s3fs stage new
@@ -756,10 +761,19 @@ class StagedWritesLayer(_Layer, tag="staged_writes", kw_only=True):
             bytes per second.
         distribution: latency of the request that starts a transfer (a
             download's GET, an upload's PUT or compose), seconds; ``None`` = none.
-        append_upload_min_bytes: gcsfuse's exception: writes that only append to
-            an object at least this large download nothing and upload only what
-            was appended (a compose), bytes; ``None`` = no such exception (every
-            modification is a rewrite).
+        append_upload_min_bytes: gcsfuse's exception: an object at least this
+            large changed only by appends uploads only what was appended (a
+            compose), bytes; ``None`` = no such exception (every modification is a
+            rewrite).
+        download_requests: requests one after the other before a download's bytes,
+            1..16 (gcsfuse 3: 2, a stat of the object, then the read).
+        upload_requests: requests one after the other for the upload of a changed
+            object that is stored, 1..16 (gcsfuse: 2, a stat of the object, then the
+            upload); a file not stored yet (a staged new file) takes one.
+        append_upload_requests: the same for an upload of what was appended, 1..16
+            (gcsfuse: 4, a stat, the appended bytes as a temporary object, the
+            compose, the temporary object's deletion); only with
+            ``append_upload_min_bytes``.
         seed: seed of this layer's own random source; ``None`` = the worker's shared one.
         download_on_open: download an existing, non-empty object at every open
             (reading or writing) that finds no local copy, before the open returns
@@ -789,18 +803,21 @@ class StagedWritesLayer(_Layer, tag="staged_writes", kw_only=True):
     keep_local_s: CacheSeconds = 0.0
     new_files: NewFiles = "streamed"
     max_streamed_files: Annotated[int, msgspec.Meta(ge=1, le=MAX_LIMIT)] | None = None
+    download_requests: Annotated[int, msgspec.Meta(ge=1, le=MAX_REQUESTS_PER_TRANSFER)] = 1
+    upload_requests: Annotated[int, msgspec.Meta(ge=1, le=MAX_REQUESTS_PER_TRANSFER)] = 1
+    append_upload_requests: Annotated[int, msgspec.Meta(ge=1, le=MAX_REQUESTS_PER_TRANSFER)] = 1
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.append_upload_requests != 1 and self.append_upload_min_bytes is None:
+            raise ValueError("field `append_upload_requests`: appends are uploaded apart only with "
+                             "`append_upload_min_bytes`")
         if self.max_streamed_files is not None and self.new_files != "streamed":
             raise ValueError("field `max_streamed_files`: only streamed new files are limited; `new_files` is "
                              f"{self.new_files!r}")
         if self.ops:
             raise ValueError("field `ops`: a staged_writes layer acts on the opens, writes, truncations and closes "
                              "of existing files; leave it empty")
-        if self.download_on_open and self.append_upload_min_bytes is not None:
-            raise ValueError("field `append_upload_min_bytes`: appends download nothing only where the download "
-                             "waits for a change; with `download_on_open` every open has downloaded the object")
         _check_no_page_cache_choice(self, "staged_writes")
 
     def fields_not_in_effect(self) -> frozenset[str]:

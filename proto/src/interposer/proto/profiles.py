@@ -287,6 +287,11 @@ _GCSFUSE_METADATA_REQUESTS = frozenset({"lookup", "readdir", "mkdir", "rmdir", "
 _GCSFUSE_REQUESTS_PER_OP: dict[OpName, int] = {"rmdir": 2, "rename": 2}
 
 
+#: Requests gcsfuse makes one after the other for a staged file's transfers (internal/fs/inode/file.go): a stat
+#: of the object (fetchLatestGcsObject: at the first write, checking whether it could be streamed, and before an
+#: upload), then the read or the upload; an append upload writes a temporary object, composes it onto the
+#: object and deletes it (internal/gcsx/append_object_creator.go).
+_GCSFUSE_TRANSFER_REQUESTS = {"download_requests": 2, "upload_requests": 2, "append_upload_requests": 4}
 #: New files gcsfuse streams at once: ``write-global-max-blocks``, one block per file (docs/semantics.md,
 #: "Streaming Writes"): 4 by default; 1,600 on the "high-performance" machine types it detects from the
 #: metadata server (A2 mega/ultra, A3, A4 and A4X GPU machines, TPU v5e, v5p, v6e and 7x hosts: cfg/config.go,
@@ -324,7 +329,7 @@ def _object_store_builder(median_s: float, sigma: float,
         # gcsfuse: an existing object is downloaded whole before it is changed, and uploaded whole after
         staged = () if append_upload_min_bytes is None else (StagedWritesLayer(
             rate_bytes_per_s=rate, distribution=latency, append_upload_min_bytes=append_upload_min_bytes,
-            max_streamed_files=sizing.max_streamed_files or max_streamed_files),)
+            max_streamed_files=sizing.max_streamed_files or max_streamed_files, **_GCSFUSE_TRANSFER_REQUESTS),)
         return (
             # first: the reads and writes it serves from a staged file's local copy pass the layers below unheld
             *staged,
@@ -833,11 +838,14 @@ _PROFILES_AND_BUILDERS = (
             "makes it a staged file, and at most 4 new files stream at once (write-global-max-blocks; "
             "max_streamed_files), a file created beyond that being staged from the start; a change to an "
             "existing object is staged "
-            "(docs/semantics.md, 'Staged Writes'): the whole object is downloaded at the first write or "
-            "truncation (one request, then its size at the throughput), the local copy serves the file's reads "
-            "and writes until the close or fsync, and the file is uploaded whole then (one request, then its "
-            "size), except appends to an object of at least 2 MiB, which download nothing and upload what was "
-            "appended (a staged_writes layer); a streamed new file's close waits for one request; a lookup is "
+            "(docs/semantics.md, 'Staged Writes'): the whole object is downloaded at the first write (two "
+            "requests, a stat and the read: internal/fs/inode/file.go, then its size at the throughput; a "
+            "truncation: one request and its size), the local copy serves the file's reads and writes until the "
+            "close or fsync, and the file is uploaded whole then (a stat and the upload, then its size), except "
+            "an object of at least 2 MiB changed only by appends, of which only what was appended goes up (four "
+            "requests: a stat, the appended bytes as a temporary object, a compose, its deletion: "
+            "internal/gcsx/append_object_creator.go) (a staged_writes layer); a streamed new file's close waits "
+            "for one request; a lookup is "
             "a stat-object "
             "request, its result, found or not, cached for 60 s "
             "by default (metadata-cache.ttl-secs): a lookup of the same path within 60 s of the last one it "

@@ -7,24 +7,28 @@ existing object fetches all of it into a local file, which serves every read and
 write of the file until the close or fsync after it writes the whole file back as a
 new object ("writes the contents of the local file back ... and deletes temp-file").
 A 4 KiB append to a 1 GiB log costs two 1 GiB transfers. gcsfuse's one exception:
-appends to an object of at least 2 MiB upload only what was appended (a compose)
-and download nothing. gcsfuse 3 streams a new file written in order instead, until a
-write out of order, a read, a truncation below its size or a rename makes it finalize
-what it streamed and stage the file ("Streaming Writes"); it streams as many files at
-once as it has blocks (``write-global-max-blocks``, ``max_streamed_files``) and stages
-the others. blobfuse2's caching mode downloads each object at its open, for readers
+an object of at least 2 MiB changed only by appends is still downloaded, but only
+what was appended goes up (a temporary object composed onto it: gcsx's
+appendObjectCreator). Each transfer takes requests one after the other before its
+bytes: gcsfuse 3 stats the object before the download (when it checks whether the
+file could be streamed) and before the upload (``download_requests``,
+``upload_requests``, ``append_upload_requests``). gcsfuse 3 streams a new file
+written in order instead, until a write out of order, a read, a truncation below its
+size or a rename makes it finalize what it streamed and stage the file ("Streaming
+Writes"); it streams as many files at once as it has blocks
+(``write-global-max-blocks``, ``max_streamed_files``) and stages the others. blobfuse2's caching mode downloads each object at its open, for readers
 too, keeps the local copy for a while after the last close, and stages new files from
 the start (``download_on_open``, ``keep_local_s``, ``new_files``).
 
 Per file (by inode) the layer keeps the object's size as of the last open
 (``Op.file_size``, read by the adapter only while such a layer is in force), whether
-a local copy exists and until when it is kept, the handles open, and the bytes
-written since the last upload. A download is charged to the op that needs it (the
+a local copy exists and until when it is kept, the handles open, and the lowest
+offset changed since the last upload (gcsfuse's "dirty threshold"). A download is charged to the op that needs it (the
 open, or the first change); requests arriving meanwhile wait for it. Reads of a
 file with a local copy, and writes of a staged file, are marked
 ``Op.charged_by_client``: the throttle and delay layers after this one stand for the
 remote store and pass them unheld. An upload is charged to the next ``flush`` of a
-descriptor opened for writing, or ``fsync``: one request plus the whole file (or
+descriptor opened for writing, or ``fsync``: its requests plus the whole file (or
 what was appended, for gcsfuse's exception); that close is marked too. A new file
 being streamed is only watched: its writes, in order, and the close that finalizes
 it are charged by the layers after this one; the write, read, truncation or rename
@@ -38,6 +42,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 from typing import Any
 
 import msgspec
@@ -64,10 +69,14 @@ class StagedWritesStatistics(msgspec.Struct, frozen=True):
     held_s_total: float
 
 
-class _Object:
-    """What the client holds of one file: the object's size, a local copy or not, what was written since the upload."""
+#: ``_Object.changed_from`` of an object not changed since its last upload.
+_UNCHANGED = sys.maxsize
 
-    __slots__ = ("object_size", "size", "local", "local_until_s", "handles", "appending", "written", "dirty",
+
+class _Object:
+    """What the client holds of one file: the object's size, a local copy or not, what changed since the upload."""
+
+    __slots__ = ("object_size", "size", "local", "local_until_s", "handles", "changed_from", "dirty", "stored",
                  "ready_s", "streamed_to", "extended_to", "finalized")
 
     def __init__(self, object_size: int, local: bool = False) -> None:
@@ -76,9 +85,9 @@ class _Object:
         self.local = local  # a local copy exists (downloaded, or made here)
         self.local_until_s = 0.0  # with no handle open, the local copy is kept until then, trio's clock
         self.handles = 0  # open through this layer and not released
-        self.appending = False  # changed only by appends past an object of append_upload_min_bytes
-        self.written = 0  # bytes written since the last upload
+        self.changed_from = _UNCHANGED  # lowest offset written or truncated to since the last upload, bytes
         self.dirty = False  # changed since the last upload
+        self.stored = True  # the object exists in the store (a staged new file: not until its first upload)
         self.ready_s = 0.0  # when the download in progress ends, trio's clock
         self.streamed_to = -1  # a new file being streamed: where its next write must start, bytes; -1: not streamed
         self.extended_to = -1  # a streamed file extended by a truncation: the size, where a write may also start
@@ -151,12 +160,10 @@ class StagedWrites:
                 if state.streamed_to >= 0:
                     await self._finalize(op, op.ino, state)  # out of order: what was streamed is an object now
                 await self._before_write(op, state)
-                op.charged_by_client = True  # into the local copy (or the appended part): sent at the upload
+                op.charged_by_client = True  # into the local copy: sent at the upload
                 result = await inner(op, call)
-                moved = transferred_bytes(result, op.size)
-                state.written += moved
-                state.size = max(state.size, op.offset + moved)
-                state.dirty = True
+                state.size = max(state.size, op.offset + transferred_bytes(result, op.size))
+                state.changed_from, state.dirty = min(state.changed_from, op.offset), True
                 return result
             if op.name == "setattr":
                 if op.mode & FATTR_SIZE and state.streamed_to >= 0 and op.size > state.size:
@@ -166,13 +173,14 @@ class StagedWrites:
                         await self._finalize(op, op.ino, state)  # truncating a file being streamed finalizes it
                     await self._before_truncate(op, state)
                     state.size, state.dirty = op.size, True
+                    state.changed_from = min(state.changed_from, op.size)
                 return await inner(op, call)
             if not (op.name == "fsync" or opened_for_writing(op.open_flags)):
                 return await inner(op, call)  # the close of a reader sends nothing
             if state.streamed_to >= 0:  # fsync does not finalize a stream; the close does, charged after this layer
                 if op.name == "flush":
                     self._end_stream(op.ino, state)
-                    state.object_size = state.size
+                    state.object_size, state.stored = state.size, True
                 return await inner(op, call)
             # flush of a descriptor that could write, or fsync: the upload, or nothing left to send
             if state.dirty or state.finalized:
@@ -197,7 +205,7 @@ class StagedWrites:
             state.handles += 1
             self._objects.put(op.ino, state)
             if opened_for_writing(op.open_flags) and op.open_flags & os.O_TRUNC:
-                state.size, state.dirty = 0, True  # the emptied file goes up at the close
+                state.size, state.dirty, state.changed_from = 0, True, 0  # the emptied file goes up at the close
             if not state.local:
                 await self._download(op, state)
             else:
@@ -217,6 +225,7 @@ class StagedWrites:
         limit = self.spec.max_streamed_files
         streamed = self.spec.new_files == "streamed" and (limit is None or len(self._streams) < limit)
         state = _Object(0, local=not streamed)
+        state.stored = False
         if streamed:
             state.streamed_to = 0
             self._streams[ino] = path
@@ -243,7 +252,7 @@ class StagedWrites:
         an existing object, not staged: the next change downloads it, and its close has nothing to send unless it
         changed."""
         self._end_stream(ino, state)
-        state.object_size, state.finalized, state.local = state.size, True, False
+        state.object_size, state.finalized, state.local, state.stored = state.size, True, False, True
         await self._hold(op, self._transfer_s(0))
 
     def released(self, session: int, ino: int) -> None:
@@ -260,12 +269,8 @@ class StagedWrites:
                 self._end_stream(ino, state)  # closed without a flush: gcsfuse frees the block with the last handle
 
     async def _before_write(self, op: Op, state: _Object) -> None:
-        """Wait for the local copy a write needs: none for appends past a large enough object."""
+        """Wait for the local copy a write needs (appends too: gcsfuse's temporary file starts as the object)."""
         if not state.local:
-            minimum = self.spec.append_upload_min_bytes
-            if minimum is not None and state.object_size >= minimum and op.offset >= state.object_size:
-                state.appending = True
-                return
             await self._download(op, state)
         else:
             await self._download_done(op, state)
@@ -279,32 +284,40 @@ class StagedWrites:
     async def _before_truncate(self, op: Op, state: _Object) -> None:
         """A truncation to 0 needs nothing of the object; to any other size, all of it."""
         if op.size == 0:
-            state.local, state.appending = True, False
+            state.local = True
         elif not state.local:
             await self._download(op, state)
 
     async def _download(self, op: Op, state: _Object) -> None:
-        state.local, state.appending = True, False
-        seconds = self._transfer_s(state.object_size)
+        state.local = True
+        seconds = self._transfer_s(state.object_size, self.spec.download_requests)
         state.ready_s = trio.current_time() + seconds
         self._downloads += 1
         self._downloaded_bytes += state.object_size
         await self._hold(op, seconds)
 
     async def _upload(self, op: Op, state: _Object) -> None:
-        """Charge the upload: one request, then the whole file, or only what was appended; the object is then as
-        stored, and its local copy kept ``keep_local_s``."""
-        sent = state.written if state.appending else state.size
+        """Charge the upload: its requests, then the whole file, or only what was appended to an object of at least
+        ``append_upload_min_bytes`` changed nowhere else (gcsx's syncer: the dirty threshold at or past the stored
+        size); the object is then as stored, and its local copy kept ``keep_local_s``."""
+        minimum = self.spec.append_upload_min_bytes
+        appended = (minimum is not None and state.stored and state.object_size >= minimum
+                    and state.changed_from >= state.object_size and state.size > state.object_size)
+        if appended:
+            sent, requests = state.size - state.object_size, self.spec.append_upload_requests
+        else:
+            sent, requests = state.size, self.spec.upload_requests if state.stored else 1
         self._uploads += 1
         self._uploaded_bytes += sent
-        await self._hold(op, self._transfer_s(sent))
-        state.object_size, state.appending, state.written, state.dirty = state.size, False, 0, False
+        await self._hold(op, self._transfer_s(sent, requests))
+        state.object_size, state.changed_from, state.dirty, state.stored = state.size, _UNCHANGED, False, True
         state.local = self.spec.keep_local_s > 0 and state.local
         state.local_until_s = trio.current_time() + self.spec.keep_local_s
 
-    def _transfer_s(self, size: int) -> float:
-        """Seconds to move ``size`` bytes from now: one request, then the bytes on the shared link."""
-        request_s = self._request() if self._request is not None else 0.0
+    def _transfer_s(self, size: int, requests: int = 1) -> float:
+        """Seconds to move ``size`` bytes from now: ``requests`` requests one after the other (one draw each), then
+        the bytes on the shared link."""
+        request_s = sum(self._request() for _ in range(requests)) if self._request is not None else 0.0
         return request_s + self._link.reserve(size, trio.current_time() + request_s)
 
     async def _hold(self, op: Op, seconds: float) -> None:
