@@ -144,6 +144,8 @@ ONE_AT_A_TIME_META = (("create",), ("rename",))
 #: Equally likely values per delay when the target is a sum of independent delays (their pairwise sums
 #: make the sum's distribution: 400 x 400 values).
 SUM_BINS = 400
+#: Values a partial sum of draws keeps before the next delay is added (its 1/4000 quantiles).
+SUM_KEPT = 4000
 
 
 @dataclass
@@ -390,9 +392,15 @@ def meta_target(layers: list[dict], ops: tuple[str, ...], qd: int) -> Target:
 
 def sum_quantile_fn(delays: list[DelayLayer]) -> Callable[[float], float]:
     """The quantile function of the sum of one independent draw of each delay (level in (0, 1) → seconds):
-    each as :data:`SUM_BINS` equally likely values, every combination summed and sorted."""
+    each as :data:`SUM_BINS` equally likely values, every combination summed and sorted; the sum so far is
+    thinned to :data:`SUM_KEPT` equally likely values before each further delay is added (else the
+    combinations of four delays would be 400⁴)."""
     sums = [0.0]
     for layer in delays:
+        if len(sums) > SUM_KEPT:
+            sums.sort()
+            step = len(sums) / SUM_KEPT
+            sums = [sums[int((i + 0.5) * step)] for i in range(SUM_KEPT)]
         values = [_quantile_s(layer, (i + 0.5) / SUM_BINS) for i in range(SUM_BINS)]
         sums = [s + v for s in sums for v in values]
     sums.sort()
