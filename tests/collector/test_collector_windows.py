@@ -139,8 +139,10 @@ def test_windows_finds_the_quiet_hours_in_real_prometheus_history(
     assert (first["start"], first["end"]) == ("Sun 03:00", "Sun 05:00")
     assert first["mean_rate"] == pytest.approx(51, rel=0.02) and first["peak_rate"] == pytest.approx(51, rel=0.02)
     assert first["share_of_mean"] < 0.5
-    # Then two hours holding a nightly pause (60) and a full hour (150): the earliest such in the week.
-    assert (second["start"], second["end"]) == ("Mon 01:00", "Mon 03:00")
+    # Then two hours holding a nightly pause (60) and a full hour (150). Every day has two such windows,
+    # tied up to the rounding of rate() (which wins moves with the hour the test runs at): any will do.
+    assert second["start"][4:] in ("01:00", "02:00") and second["end"][:3] == second["start"][:3]
+    assert int(second["end"][4:6]) - int(second["start"][4:6]) == 2
     assert second["mean_rate"] == pytest.approx(105, rel=0.02)
 
     assert everything["period"] == "week"

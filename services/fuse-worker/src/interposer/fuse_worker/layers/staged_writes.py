@@ -3,39 +3,40 @@
 Cloud Storage FUSE (gcsfuse, docs/semantics.md, "Staged Writes" — the path of every
 modification of an existing object, streaming writes being for new files only),
 s3fs-fuse and blobfuse2 keep no partial objects: the first write or truncation of an
-existing object fetches all of it into a local file, which serves every read and
-write of the file until the close or fsync after it writes the whole file back as a
-new object ("writes the contents of the local file back ... and deletes temp-file").
-A 4 KiB append to a 1 GiB log costs two 1 GiB transfers. gcsfuse's one exception:
-an object of at least 2 MiB changed only by appends is still downloaded, but only
-what was appended goes up (a temporary object composed onto it: gcsx's
-appendObjectCreator). Each transfer takes requests one after the other before its
-bytes: gcsfuse 3 stats the object before the download (when it checks whether the
-file could be streamed) and before the upload (``download_requests``,
-``upload_requests``, ``append_upload_requests``). gcsfuse 3 streams a new file
-written in order instead, until a write out of order, a read, a truncation below its
-size or a rename makes it finalize what it streamed and stage the file ("Streaming
-Writes"); it streams as many files at once as it has blocks
-(``write-global-max-blocks``, ``max_streamed_files``) and stages the others. blobfuse2's caching mode downloads each object at its open, for readers
-too, keeps the local copy for a while after the last close, and stages new files from
-the start (``download_on_open``, ``keep_local_s``, ``new_files``).
+existing object fetches all of it into a local file, which serves every read and write
+of the file until the close or fsync after it writes the whole file back as a new
+object ("writes the contents of the local file back ... and deletes temp-file"). A 4
+KiB append to a 1 GiB log costs a 1 GiB download and, but for gcsfuse's exception, a 1
+GiB upload. gcsfuse's one exception: an object of at least 2 MiB changed only by
+appends is still downloaded, but only what was appended goes up (a temporary object
+composed onto it: gcsx's appendObjectCreator). Each transfer takes requests one after
+the other before its bytes: gcsfuse 3 stats the object before the download (when it
+checks whether the file could be streamed) and before the upload
+(``download_requests``, ``upload_requests``, ``append_upload_requests``). gcsfuse 3
+streams a new file written in order instead, until a write out of order, a read, a
+truncation below its size or a rename makes it finalize what it streamed and stage the
+file ("Streaming Writes"); it streams as many files at once as it has blocks
+(``write-global-max-blocks``, ``max_streamed_files``) and stages the others.
+blobfuse2's caching mode downloads each object at its open, for readers too, keeps the
+local copy for a while after the last close, and stages new files from the start
+(``download_on_open``, ``keep_local_s``, ``new_files``).
 
 Per file (by inode) the layer keeps the object's size as of the last open
-(``Op.file_size``, read by the adapter only while such a layer is in force), whether
-a local copy exists and until when it is kept, the handles open, and the lowest
-offset changed since the last upload (gcsfuse's "dirty threshold"). A download is charged to the op that needs it (the
-open, or the first change); requests arriving meanwhile wait for it. Reads of a
-file with a local copy, and writes of a staged file, are marked
+(``Op.file_size``, read by the adapter only while such a layer is in force), whether a
+local copy exists and until when it is kept, the handles open, and the lowest offset
+changed since the last upload (gcsfuse's "dirty threshold"). A download is charged to
+the op that needs it (the open, or the first change); requests arriving meanwhile wait
+for it. Reads of a file with a local copy, and writes of a staged file, are marked
 ``Op.charged_by_client``: the throttle and delay layers after this one stand for the
 remote store and pass them unheld. An upload is charged to the next ``flush`` of a
-descriptor opened for writing, or ``fsync``: its requests plus the whole file (or
-what was appended, for gcsfuse's exception); that close is marked too. A new file
-being streamed is only watched: its writes, in order, and the close that finalizes
-it are charged by the layers after this one; the write, read, truncation or rename
-that ends the stream is held for the finalizing request here (and the first change
-after it for the download), and marked like the rest from then on. Transfers share
-one link (a token bucket at the layer's rate, no burst), so transfers that overlap
-queue for it in order.
+descriptor opened for writing, or ``fsync``: its requests plus the whole file (or what
+was appended, for gcsfuse's exception); that close is marked too. A new file being
+streamed is only watched: its writes, in order, and the close that finalizes it are
+charged by the layers after this one; the write, read, truncation or rename that ends
+the stream is held for the finalizing request here (and the first change after it for
+the download), and marked like the rest from then on. Transfers share one link (a
+token bucket at the layer's rate, no burst), so transfers that overlap queue for it in
+order.
 """
 
 from __future__ import annotations
