@@ -720,41 +720,42 @@ class StagedWritesLayer(_Layer, tag="staged_writes", kw_only=True):
     truncation of an existing, non-empty file they download the whole object to a
     local file, and the close or fsync after it uploads the whole file again as a
     new object ("modifying even a single bit of an object results in the full
-    re-upload of the object"); until then the local file serves every read and
-    write of it. Files opened with ``O_TRUNC`` have nothing to download. This
-    layer holds that first write (or truncation) for ``download_requests``
-    requests one after the other (``distribution``) plus the object's size at
-    ``rate_bytes_per_s``, and the next ``flush`` of a descriptor opened for
-    writing (``close(2)``) or ``fsync`` for ``upload_requests`` requests plus the
-    whole file (one request for a file not stored yet). gcsfuse's one exception:
-    an object of at least ``append_upload_min_bytes`` changed only by appends is
-    still downloaded, but only what was appended goes up, as a temporary object
-    composed onto it (``append_upload_requests``). The reads and writes in between are served
+    re-upload of the object"); until then the local file serves every read and write
+    of it. Files opened with ``O_TRUNC`` have nothing to download. This layer holds
+    that first write (or truncation) for ``download_requests`` requests one after
+    the other (``distribution``) plus the object's size at ``rate_bytes_per_s``, and
+    the next ``flush`` of a descriptor opened for writing (``close(2)``) or
+    ``fsync`` for ``upload_requests`` requests plus the whole file (one request for
+    a file not stored yet). gcsfuse's one exception: an object of at least
+    ``append_upload_min_bytes`` changed only by appends is still downloaded, but
+    only what was appended goes up, as a temporary object composed onto it
+    (``append_upload_requests``). The reads and writes in between are served
     locally: the layer marks them (``Op.charged_by_client``) and the throttle and
-    delay layers after it in the stack, which stand for the remote store, pass
-    them unheld (fault, quota and metadata layers still act on them). After the
-    upload the local copy is gone (``keep_local_s`` 0): the next modification
-    downloads again, and reads go to the store again.
+    delay layers after it in the stack, which stand for the remote store, pass them
+    unheld (fault, quota and metadata layers still act on them). After the upload
+    the local copy is gone (``keep_local_s`` 0): the next modification downloads
+    again, and reads go to the store again.
 
     New files (``new_files``): gcsfuse 3 streams a new file written in order from
     its start (the throttle and ``write_behind`` delay after this layer charge its
     bytes and the close that finalizes it), and falls back to staging
-    (docs/semantics.md, "Streaming Writes"): the first write out of order
-    finalizes what was streamed (one request) and downloads it (as above); a read
-    of the file while it is streamed, a truncation below its size or a rename of
-    it finalizes it (one request), and later writes change an existing object. A truncation above its size does not: a write at the new size
-    is still in order. gcsfuse streams at most ``max_streamed_files`` files at
-    once (its ``write-global-max-blocks``: one block per file): a file created
-    while that many stream is staged from the start. blobfuse2 and s3fs stage new
-    files from the start (``staged``): local until uploaded whole at the close.
+    (docs/semantics.md, "Streaming Writes"): the first write out of order finalizes
+    what was streamed (one request) and downloads it (as above); a read of the file
+    while it is streamed, a truncation below its size or a rename of it finalizes it
+    (one request), and later writes change an existing object. A truncation above
+    its size does not: a write at the new size is still in order. gcsfuse streams at
+    most ``max_streamed_files`` files at once (its ``write-global-max-blocks``: one
+    block per file): a file created while that many stream is staged from the start.
+    blobfuse2 and s3fs stage new files from the start (``staged``): local until
+    uploaded whole at the close.
 
     blobfuse2's caching mode (the Azure Blob CSI driver's, "Configure BlobFuse for
-    caching mode") also downloads every existing object at its open, for reading
-    too (``download_on_open``), and keeps the local copy after the last close
-    (``keep_local_s``: its ``file_cache.timeout-sec``, 120 s), so a reopen within
-    it downloads nothing. Transfers share one link: they queue for
-    ``rate_bytes_per_s`` in the order they start (FIFO), so two 1 GiB opens at once
-    take twice as long as one.
+    caching mode") also downloads every existing object at its open, for reading too
+    (``download_on_open``), and keeps the local copy after the last close
+    (``keep_local_s``: its ``file_cache.timeout-sec``, 120 s), so a reopen within it
+    downloads nothing. Transfers share one link: they queue for ``rate_bytes_per_s``
+    in the order they start (FIFO), so two 1 GiB opens at once take twice as long as
+    one.
 
     Attributes:
         rate_bytes_per_s: the client's transfer rate for downloads and uploads,

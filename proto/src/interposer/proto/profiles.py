@@ -84,8 +84,8 @@ class Profile(msgspec.Struct, frozen=True, kw_only=True):
         summary: one line: what is emulated.
         source: where the numbers come from (URL or document, and the figures used).
         parameters: the profile layer fields that size it (``size_gib``, ``iops``,
-            ``rate_bytes_per_s``, ``burst_balance``, ``max_streamed_files``), each with its range and how it
-            scales the limits; empty = none.
+            ``rate_bytes_per_s``, ``burst_balance``, ``max_streamed_files``), each with its
+            range and how it scales the limits; empty = none.
         layers: the layers it expands into at its defaults, outermost first
             (``ops``/``path_glob`` of the profile layer are applied on expansion).
     """
@@ -287,16 +287,17 @@ _GCSFUSE_METADATA_REQUESTS = frozenset({"lookup", "readdir", "mkdir", "rmdir", "
 _GCSFUSE_REQUESTS_PER_OP: dict[OpName, int] = {"rmdir": 2, "rename": 2}
 
 
-#: Requests gcsfuse makes one after the other for a staged file's transfers (internal/fs/inode/file.go): a stat
-#: of the object (fetchLatestGcsObject: at the first write, checking whether it could be streamed, and before an
-#: upload), then the read or the upload; an append upload writes a temporary object, composes it onto the
-#: object and deletes it (internal/gcsx/append_object_creator.go).
-_GCSFUSE_TRANSFER_REQUESTS = {"download_requests": 2, "upload_requests": 2, "append_upload_requests": 4}
-#: New files gcsfuse streams at once: ``write-global-max-blocks``, one block per file (docs/semantics.md,
-#: "Streaming Writes"): 4 by default; 1,600 on the "high-performance" machine types it detects from the
-#: metadata server (A2 mega/ultra, A3, A4 and A4X GPU machines, TPU v5e, v5p, v6e and 7x hosts: cfg/config.go,
-#: machineTypeToGroupMap). A file created while that many stream is staged.
-_GCSFUSE_STREAMED_FILES = 4
+#: gcsfuse's staged writes (``staged_writes`` fields; the link's rate and the request latency come from the
+#: profile): appends to objects of 2 MiB or more upload only what was appended (docs/semantics.md); a transfer
+#: is a stat of the object (fetchLatestGcsObject: at the first write, checking whether the file could be
+#: streamed, and before an upload) then the read or the upload (internal/fs/inode/file.go), an append's upload
+#: a temporary object, its compose onto the object and its deletion (internal/gcsx/append_object_creator.go);
+#: it streams as many new files at once as ``write-global-max-blocks``, one block per file ("Streaming
+#: Writes"): 4 by default, 1,600 on the "high-performance" machine types it detects from the metadata server
+#: (A2 mega/ultra, A3, A4 and A4X GPU machines, TPU v5e, v5p, v6e and 7x hosts: cfg/config.go,
+#: machineTypeToGroupMap); the profile's ``max_streamed_files`` sets it.
+_GCSFUSE_STAGED_WRITES = {"append_upload_min_bytes": 2 * MIB, "download_requests": 2, "upload_requests": 2,
+                          "append_upload_requests": 4, "max_streamed_files": 4}
 
 
 def _more_requests(latency: Distribution, requests_per_op: dict[OpName, int]) -> tuple[DelayLayer, ...]:
@@ -312,14 +313,12 @@ def _more_requests(latency: Distribution, requests_per_op: dict[OpName, int]) ->
 
 def _object_store_builder(median_s: float, sigma: float,
                           metadata_requests: frozenset[OpName] = _S3_METADATA_REQUESTS,
-                          lookup_cache_s: float = 0.0, append_upload_min_bytes: int | None = None,
-                          requests_per_op: dict[OpName, int] | None = None,
-                          max_streamed_files: int | None = None) -> _Builder:
+                          lookup_cache_s: float = 0.0, staged_writes: dict[str, typing.Any] | None = None,
+                          requests_per_op: dict[OpName, int] | None = None) -> _Builder:
     """An object store through a FUSE client (Mountpoint for Amazon S3; Cloud Storage FUSE with
-    ``_GCSFUSE_METADATA_REQUESTS``, its stat cache's ``lookup_cache_s`` and its staged writes of
-    existing objects, whose appends to objects of ``append_upload_min_bytes`` upload only what was
-    appended, and its ``requests_per_op`` beyond one, streaming at most ``max_streamed_files`` new files at
-    once unless the sizing says otherwise): first-byte latency log-normal(``median_s``,
+    ``_GCSFUSE_METADATA_REQUESTS``, its stat cache's ``lookup_cache_s``, the ``staged_writes`` fields of
+    its writes (a sizing's ``max_streamed_files`` in place of theirs) and its ``requests_per_op`` beyond
+    one): first-byte latency log-normal(``median_s``,
     ``sigma``) per request, one after the other. Each request is its own round trip (``one_floor_per_call`` false): Mountpoint's ``open`` right after a ``lookup`` sends a
     HeadObject of its own (it revalidates on open unless its metadata cache is enabled)."""
 
@@ -327,9 +326,10 @@ def _object_store_builder(median_s: float, sigma: float,
         latency = LognormalDistribution(median_s=median_s, sigma=sigma)
         rate = sizing.rate_bytes_per_s or _MOUNTPOINT_THROUGHPUT
         # gcsfuse: an existing object is downloaded whole before it is changed, and uploaded whole after
-        staged = () if append_upload_min_bytes is None else (StagedWritesLayer(
-            rate_bytes_per_s=rate, distribution=latency, append_upload_min_bytes=append_upload_min_bytes,
-            max_streamed_files=sizing.max_streamed_files or max_streamed_files, **_GCSFUSE_TRANSFER_REQUESTS),)
+        staged = () if staged_writes is None else (StagedWritesLayer(
+            rate_bytes_per_s=rate, distribution=latency,
+            **{**staged_writes, **({"max_streamed_files": sizing.max_streamed_files}
+                                   if sizing.max_streamed_files is not None else {})}),)
         return (
             # first: the reads and writes it serves from a staged file's local copy pass the layers below unheld
             *staged,
@@ -819,8 +819,7 @@ _PROFILES_AND_BUILDERS = (
     ),
     _profile(
         _object_store_builder(0.020, 0.5, _GCSFUSE_METADATA_REQUESTS, lookup_cache_s=60.0,
-                              append_upload_min_bytes=2 * MIB, requests_per_op=_GCSFUSE_REQUESTS_PER_OP,
-                              max_streamed_files=_GCSFUSE_STREAMED_FILES),
+                              staged_writes=_GCSFUSE_STAGED_WRITES, requests_per_op=_GCSFUSE_REQUESTS_PER_OP),
         name="gcs",
         summary="Google Cloud Storage through Cloud Storage FUSE (the GKE CSI driver's): ~20 ms per request "
                 "(random read, lookup, listing, mkdir, close after writing; two for rename and rmdir); a changed "
