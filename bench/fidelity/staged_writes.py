@@ -26,7 +26,9 @@ transfer at the rate:
   rename's copy and delete (three requests), nothing at the close; a new file created
   while four others stream (gcsfuse's default ``write-global-max-blocks``), nothing at
   its write (it is staged), one request (nothing stored to stat) and the whole file at
-  its close;
+  its close; an existing object opened with ``O_TRUNC`` (an overwrite), at the open
+  the lookup, a stat and the download (gcsfuse truncates its local copy), at the close
+  a stat and the new file;
 * ``azure-blob``: the open, the download; the close after a change, the whole file.
 
 So each target is a constant plus the request's log-normal quantile; the printed
@@ -86,6 +88,7 @@ class Case:
     read_back: bool = False
     streamed_bytes: int = 0  # a new file: bytes written in order from its start before the access, untimed
     rename: bool = False  # the access is a rename of the file (to a new name) instead of a write
+    truncate: bool = False  # opened with O_TRUNC (an overwrite: Python's open(path, "w"))
     others_streaming: int = 0  # new files kept open and streamed while the case runs
 
     def targets(self, rate: float) -> tuple[Hold | None, Hold | None, Hold | None]:
@@ -99,6 +102,9 @@ class Case:
         if self.profile == "azure-blob":  # blobfuse2 caching mode: whole files at open and close
             open_hold = Hold(2, self.object_bytes / rate) if self.object_bytes else Hold(1, 0.0)
             return open_hold, None, (None if self.read else Hold(1, size_after / rate))
+        if self.truncate:  # gcsfuse truncates its local copy: the object comes down first; the new file goes up
+            return (Hold(1 + TRANSFER_REQUESTS, self.object_bytes / rate), None,
+                    Hold(TRANSFER_REQUESTS, WRITE_BYTES / rate))
         if self.rename:  # finalized (a request), then copied and the source deleted; nothing left to send
             return Hold(1, 0.0), Hold(3, 0.0), None
         if self.streamed_bytes:  # finalized (a request), downloaded, staged: stored, so a stat before the upload
@@ -133,6 +139,7 @@ CASES = [
     Case("gcs", "change 4 KiB inside a 16 MiB object", 16 * MIB, 8 * MIB),
     Case("gcs", "change 4 KiB inside a 64 MiB object", 64 * MIB, 32 * MIB),
     Case("gcs", "change 4 KiB inside a 16 MiB object, read 4 KiB back", 16 * MIB, 8 * MIB, read_back=True),
+    Case("gcs", "overwrite a 16 MiB object with 4 KiB (O_TRUNC)", 16 * MIB, 0, truncate=True),
     Case("gcs", "new file: 16 MiB streamed, then 4 KiB at offset 0", 0, 0, streamed_bytes=16 * MIB),
     Case("gcs", "new file: 16 MiB streamed, then renamed while open", 0, 0, streamed_bytes=16 * MIB, rename=True),
     Case("gcs", "new file, 4 KiB, while 4 others stream", 0, 0, others_streaming=4),
@@ -164,7 +171,7 @@ def _access(path: Path, case: Case) -> tuple[float, float, float, float]:
     (0 if none) and the close took."""
     writes = os.O_RDWR if case.read_back else os.O_WRONLY
     flags = (os.O_RDONLY if case.read else writes) | (os.O_CREAT if case.object_bytes == 0 else 0) | (
-        os.O_APPEND if case.offset is None else 0)
+        os.O_APPEND if case.offset is None else 0) | (os.O_TRUNC if case.truncate else 0)
     data = b"w" * WRITE_BYTES
     started = time.monotonic()
     fd = os.open(path, flags, 0o644)

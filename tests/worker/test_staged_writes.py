@@ -140,7 +140,10 @@ def test_a_staged_new_file_is_uploaded_with_one_request_the_first_time() -> None
                           pytest.approx(2 * REQUEST_S + 0.5)]
 
 
-def test_truncation_to_zero_needs_nothing_and_to_another_size_needs_the_object() -> None:
+def test_a_truncation_downloads_the_object_first_even_to_zero() -> None:
+    # gcsfuse truncates its temporary file, which starts as the whole object (truncateUsingTempFile ->
+    # ensureContent), and an O_TRUNC open reaches it as such a truncation (jacobsa/fuse does not ask for
+    # FUSE_ATOMIC_O_TRUNC): overwriting a checkpoint downloads the old one first
     stack = _stack()
 
     async def main() -> list[float]:
@@ -151,13 +154,19 @@ def test_truncation_to_zero_needs_nothing_and_to_another_size_needs_the_object()
         took.append(await _served_s(stack, Op("setattr", 3, "/f3", mode=FATTR_MODE)))  # chmod: no data
         took.append(await _served_s(stack, Op("setattr", 3, "/f3", size=4 * MIB, mode=FATTR_SIZE)))
         took.append(await _served_s(stack, Op("fsync", 3, "/f3")))  # the 4 MiB left go up
+        took.append(await _served_s(stack, _open(4, 4 * MIB, os.O_WRONLY | os.O_TRUNC)))  # open(path, "w")
+        took.append(await _served_s(stack, _write(4, 0, 4096)))
+        took.append(await _served_s(stack, _close(4)))
         return took
 
     took = _run(main)
-    assert took[:4] == [0.0] * 4 and took[5] == 0.0
+    assert took[:2] == [0.0] * 2 and took[3] == 0.0 and took[5] == 0.0 and took[9] == 0.0
+    assert took[2] == pytest.approx(REQUEST_S + 2.0)  # the 8 MiB object down, then emptied
     assert took[4] == pytest.approx(REQUEST_S + 4096 / RATE, abs=1e-6)  # the emptied file, 4 KiB written since, goes up
     assert took[6] == pytest.approx(REQUEST_S + 2.0)
     assert took[7] == pytest.approx(REQUEST_S + 1.0)
+    assert took[8] == pytest.approx(REQUEST_S + 1.0)  # the 4 MiB overwritten object down at the open
+    assert took[10] == pytest.approx(REQUEST_S + 4096 / RATE, abs=1e-6)
 
 
 def test_writes_arriving_during_the_download_wait_for_it_once() -> None:
@@ -462,10 +471,11 @@ def test_a_mounted_volume_charges_a_change_to_an_existing_file_and_keeps_every_b
     assert second_write_s < 16 * MIB / rate / 2
     assert close_s >= (16 * MIB - 200) / rate * 0.95  # and goes up again whole (the sleep's wake-up lead)
     assert (backing / "log.jsonl").read_bytes() == b"a" * (16 * MIB) + b"b" * 100 + b"c" * 100
-    # a new file, and an existing one opened with O_TRUNC, have nothing to fetch or send again
+    # a new file has nothing to fetch; an existing one opened with O_TRUNC (Python's "w") is truncated in the
+    # client's local copy, which starts as the whole object (gcsfuse)
     new_s = _timed(lambda: (vol.mountpoint / "new.bin").write_bytes(b"n" * MIB))
-    truncated_s = _timed(lambda: path.write_bytes(b"t" * MIB))
-    assert new_s < 16 * MIB / rate / 2 and truncated_s < 16 * MIB / rate / 2
+    overwritten_s = _timed(lambda: path.write_bytes(b"t" * MIB))
+    assert new_s < 16 * MIB / rate / 2 and overwritten_s >= 16 * MIB / rate
     assert (backing / "log.jsonl").read_bytes() == b"t" * MIB
 
 

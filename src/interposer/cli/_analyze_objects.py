@@ -31,7 +31,7 @@ EXAMPLES = 3
 FINDINGS = {
     "changed_in_place": ("changed existing files", "EPERM", "down + up whole", "up whole"),
     "appended": ("  of which appends only", "EPERM", "down whole; >= 2 MiB: up the append", "up whole"),
-    "overwritten": ("emptied by O_TRUNC, rewritten", "--allow-overwrite", "new object", "up whole"),
+    "overwritten": ("emptied by O_TRUNC, rewritten", "--allow-overwrite", "down + up whole", "up whole"),
     "out_of_order": ("new files, out of order", "EINVAL", "staged, up whole", "-"),
     "written_after_fsync": ("writes after an fsync", "EIO", "-", "-"),
     "renamed": ("renames", "ENOSYS", "copy + delete", "copy + delete"),

@@ -721,20 +721,21 @@ class StagedWritesLayer(_Layer, tag="staged_writes", kw_only=True):
     local file, and the close or fsync after it uploads the whole file again as a
     new object ("modifying even a single bit of an object results in the full
     re-upload of the object"); until then the local file serves every read and write
-    of it. Files opened with ``O_TRUNC`` have nothing to download. This layer holds
-    that first write (or truncation) for ``download_requests`` requests one after
-    the other (``distribution``) plus the object's size at ``rate_bytes_per_s``, and
-    the next ``flush`` of a descriptor opened for writing (``close(2)``) or
-    ``fsync`` for ``upload_requests`` requests plus the whole file (one request for
-    a file not stored yet). gcsfuse's one exception: an object of at least
-    ``append_upload_min_bytes`` changed only by appends is still downloaded, but
-    only what was appended goes up, as a temporary object composed onto it
-    (``append_upload_requests``). The reads and writes in between are served
-    locally: the layer marks them (``Op.charged_by_client``) and the throttle and
-    delay layers after it in the stack, which stand for the remote store, pass them
-    unheld (fault, quota and metadata layers still act on them). After the upload
-    the local copy is gone (``keep_local_s`` 0): the next modification downloads
-    again, and reads go to the store again.
+    of it. A truncation, to 0 too (an ``O_TRUNC`` open), downloads it as well
+    (gcsfuse truncates its local copy; with ``download_on_open`` an ``O_TRUNC`` open
+    downloads nothing). This layer holds that first write (or truncation) for
+    ``download_requests`` requests one after the other (``distribution``) plus the
+    object's size at ``rate_bytes_per_s``, and the next ``flush`` of a descriptor
+    opened for writing (``close(2)``) or ``fsync`` for ``upload_requests`` requests
+    plus the whole file (one request for a file not stored yet). gcsfuse's one
+    exception: an object of at least ``append_upload_min_bytes`` changed only by
+    appends is still downloaded, but only what was appended goes up, as a temporary
+    object composed onto it (``append_upload_requests``). The reads and writes in
+    between are served locally: the layer marks them (``Op.charged_by_client``) and
+    the throttle and delay layers after it in the stack, which stand for the remote
+    store, pass them unheld (fault, quota and metadata layers still act on them).
+    After the upload the local copy is gone (``keep_local_s`` 0): the next
+    modification downloads again, and reads go to the store again.
 
     New files (``new_files``): gcsfuse 3 streams a new file written in order from
     its start (the throttle and ``write_behind`` delay after this layer charge its

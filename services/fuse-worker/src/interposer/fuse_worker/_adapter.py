@@ -449,9 +449,8 @@ class InterposerOperations(pyfuse3.Operations):
         op = self._op("open", inode, ctx, session=self.telemetry.new_session(), open_flags=flags)
         if self.stack.sizes_opened_files:
             async def open_sized() -> pyfuse3.FileInfo:
-                info = await self.backend.open(inode, flags, ctx)
-                op.file_size = (await self.backend.getattr(inode, ctx)).st_size
-                return info
+                op.file_size = (await self.backend.getattr(inode, ctx)).st_size  # before O_TRUNC empties it
+                return await self.backend.open(inode, flags, ctx)
 
             info = await self._serve(op, open_sized)
         else:

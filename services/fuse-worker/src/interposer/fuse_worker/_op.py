@@ -86,8 +86,8 @@ class Op(msgspec.Struct):
         target: the op's second path (``OpEvent.target``): rename's destination,
             link's existing file, symlink's contents, copy_file_range's source.
         file_size: for ``open`` while a layer asks for it
-            (``Stack.sizes_opened_files``): the file's size once opened (after
-            ``O_TRUNC``), bytes, set by the backend call; -1 = not read.
+            (``Stack.sizes_opened_files``): the file's size as the open found it
+            (before ``O_TRUNC`` empties it), bytes, set by the backend call; -1 = not read.
         charged_by_client: a ``staged_writes`` layer, standing for an object-store
             client, has charged what the store costs this op: nothing for a read
             or write of its local copy, the upload or the finalization for a

@@ -172,9 +172,7 @@ class StagedWrites:
                 elif op.mode & FATTR_SIZE and op.size != state.size:
                     if state.streamed_to >= 0:
                         await self._finalize(op, op.ino, state)  # truncating a file being streamed finalizes it
-                    await self._before_truncate(op, state)
-                    state.size, state.dirty = op.size, True
-                    state.changed_from = min(state.changed_from, op.size)
+                    await self._truncate(op, state, op.size)
                 return await inner(op, call)
             if not (op.name == "fsync" or opened_for_writing(op.open_flags)):
                 return await inner(op, call)  # the close of a reader sends nothing
@@ -193,32 +191,40 @@ class StagedWrites:
         return staged_writes
 
     async def _opened(self, op: Op) -> None:
-        """Note the object's size at an open; with ``download_on_open``, download it unless a local copy is kept."""
+        """Note the object's size at an open; with ``download_on_open``, download it unless a local copy is kept.
+        An ``O_TRUNC`` open truncates: with ``download_on_open`` the emptied file needs nothing of the object; else
+        (gcsfuse, whose truncation comes as a setattr after the open) the object is downloaded first."""
         if op.file_size < 0:
             return  # the adapter did not read it (the policy arrived during the open)
         now_s = trio.current_time()
+        writable = opened_for_writing(op.open_flags)
+        truncating = writable and bool(op.open_flags & os.O_TRUNC)
         state = self._objects.take(op.ino)
         if self.spec.download_on_open:
             if state is None or not state.has_local(now_s):
                 handles = state.handles if state is not None else 0
-                state = _Object(op.file_size, local=op.file_size == 0)
+                state = _Object(op.file_size, local=op.file_size == 0 or truncating)
                 state.handles = handles
             state.handles += 1
             self._objects.put(op.ino, state)
-            if opened_for_writing(op.open_flags) and op.open_flags & os.O_TRUNC:
+            if truncating:
                 state.size, state.dirty, state.changed_from = 0, True, 0  # the emptied file goes up at the close
             if not state.local:
                 await self._download(op, state)
             else:
                 await self._download_done(op, state)
             return
-        if state is not None and (state.dirty or state.has_local(now_s) or not opened_for_writing(op.open_flags)):
+        if state is not None and (state.dirty or state.has_local(now_s) or not writable):
             state.handles += 1  # what is held stays; a reader changes nothing
-            self._objects.put(op.ino, state)
-        elif opened_for_writing(op.open_flags) and op.file_size > 0:  # an empty object has nothing to download
-            fresh = _Object(op.file_size)
-            fresh.handles = (state.handles if state is not None else 0) + 1
-            self._objects.put(op.ino, fresh)
+        elif writable and op.file_size > 0:  # an empty object has nothing to download
+            handles = state.handles if state is not None else 0
+            state = _Object(op.file_size)
+            state.handles = handles + 1
+        else:
+            return
+        self._objects.put(op.ino, state)
+        if truncating and state.size > 0:
+            await self._truncate(op, state, 0)
 
     def _created(self, ino: int, path: str) -> None:
         """A new file: nothing to download; streamed as written while fewer than ``max_streamed_files`` are, or
@@ -282,12 +288,12 @@ class StagedWrites:
         if remaining_s > 0.0:
             await self._hold(op, remaining_s)
 
-    async def _before_truncate(self, op: Op, state: _Object) -> None:
-        """A truncation to 0 needs nothing of the object; to any other size, all of it."""
-        if op.size == 0:
-            state.local = True
-        elif not state.local:
-            await self._download(op, state)
+    async def _truncate(self, op: Op, state: _Object, size: int) -> None:
+        """Truncate the file to ``size`` bytes: in its local copy, made first (gcsfuse downloads the object even
+        for a truncation to 0: ``truncateUsingTempFile`` → ``ensureContent``)."""
+        await self._before_write(op, state)
+        state.size, state.dirty = size, True
+        state.changed_from = min(state.changed_from, size)
 
     async def _download(self, op: Op, state: _Object) -> None:
         state.local = True
