@@ -173,6 +173,17 @@ def test_delay_s_still_means_a_fixed_delay() -> None:
     ({"type": "profile", "name": "gp3", "max_streamed_files": 4}, "field `max_streamed_files`: profile 'gp3' takes"),
     ({"type": "staged_writes", "rate_bytes_per_s": 1, "new_files": "cached"}, "$.layers[0].new_files"),
     ({"type": "staged_writes", "rate_bytes_per_s": 1, "keep_local_s": -1}, "$.layers[0].keep_local_s"),
+    ({"type": "staged_writes", "rate_bytes_per_s": 1, "transfer_parallelism": 32},
+     "field `transfer_parallelism`: transfers are split in blocks only with `transfer_block_bytes`"),
+    ({"type": "staged_writes", "rate_bytes_per_s": 1, "single_upload_max_bytes": 1},
+     "field `single_upload_max_bytes`: transfers are split in blocks only with `transfer_block_bytes`"),
+    ({"type": "staged_writes", "rate_bytes_per_s": 1, "transfer_block_bytes": 1, "transfer_parallelism": 65},
+     "$.layers[0].transfer_parallelism"),
+    ({"type": "staged_writes", "rate_bytes_per_s": 1, "transfer_block_bytes": 0}, "$.layers[0].transfer_block_bytes"),
+    ({"type": "delay", "delay_s": 1, "ops": ["readdir"], "list_page_entries": 5000},
+     "field `list_page_entries`: listings are paged in `floor` mode only"),
+    ({"type": "delay", "delay_s": 1, "mode": "floor", "ops": ["lookup"], "list_page_entries": 5000},
+     "field `list_page_entries`: it pages directory listings, and `ops` has no `readdir`"),
 ])
 def test_bad_layers_are_rejected_with_the_field(layer: dict, expected: str) -> None:
     with pytest.raises(PolicyError) as info:

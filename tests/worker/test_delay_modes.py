@@ -565,13 +565,77 @@ def test_gcs_pays_a_request_per_lookup_but_not_per_getattr_or_open() -> None:
     assert times["close after writing"] > 0.004  # the upload
 
 
+async def _listed(stack: Stack, objects: int, per_request: int = 200, path: str = "/train") -> list[float]:
+    """List a directory of ``objects`` entries (plus "." and "..") as the kernel does: readdir requests of
+    ``per_request`` entries from offset 0, then one that finds the end; each request's latency, seconds."""
+    positions, offset, latencies = objects + 2, 0, []
+    while True:
+        replied = min(per_request, positions - offset)
+        op = Op("readdir", 5, path, offset=offset)
+
+        async def call(replied: int = replied) -> int:
+            await trio.sleep(_SERVICE_S)
+            return replied
+
+        start = trio.current_time()
+        await stack.chains["readdir"](op, call)
+        latencies.append(trio.current_time() - start)
+        if replied == 0:
+            return latencies
+        offset += replied
+
+
+@pytest.mark.parametrize(("objects", "page", "held"), [
+    (0, None, [0]),  # "." and "..", then the end: one request
+    (1000, None, [0, 1, 2, 3, 4, 5]),  # every request with entries (an NFS client's READDIRPLUS), not the end
+    (1000, 500, [0, 2]),  # the listing's start, and the request reaching object 500, the second page
+    (1000, 1000, [0]),  # one page holds it all
+    (2500, 1000, [0, 5, 10]),  # objects 1000 and 2000 are in the 6th and 11th requests
+])
+def test_a_floor_holds_a_listing_once_per_page_and_never_its_end(objects: int, page: int | None,
+                                                                 held: list[int]) -> None:
+    layer = DelayLayer(ops=frozenset({"readdir"}), mode="floor", delay_s=0.020, list_page_entries=page)
+
+    async def main() -> tuple[list[float], list[float]]:
+        stack = Stack(Policy(layers=[layer]), 1)
+        return await _listed(stack, objects), await _listed(stack, objects)  # a second listing: a rewind
+
+    for latencies in run(main):
+        assert [i for i, latency in enumerate(latencies) if latency > 2 * _SERVICE_S] == held
+        assert all(latency == pytest.approx(0.020 if i in held else _SERVICE_S) for i, latency in enumerate(latencies))
+
+
+def test_an_add_delay_holds_every_readdir_of_a_listing() -> None:
+    # a chaos experiment's delay acts on every request it matches, the last one too
+    async def main() -> list[float]:
+        return await _listed(Stack(Policy(layers=[DelayLayer(ops=frozenset({"readdir"}), delay_s=0.020)]), 1), 10)
+
+    assert run(main) == [pytest.approx(0.020 + _SERVICE_S)] * 2
+
+
+@pytest.mark.parametrize(("profile", "objects", "requests"), [
+    ("s3", 2500, 3),  # ListObjectsV2: 1,000 keys a request
+    ("gcs", 2500, 1),  # gcsfuse: 5,000 objects a request
+    ("azure-blob", 12_000, 3),  # List Blobs: 5,000 blobs a request
+    ("efs", 1000, 6),  # the NFS client: a READDIRPLUS per buffer, as FUSE's
+])
+def test_object_stores_list_a_directory_in_pages(profile: str, objects: int, requests: int) -> None:
+    async def main() -> list[float]:
+        return await _listed(Stack(Policy(layers=[ProfileLayer(name=profile)]), 1, rng=random.Random(3)), objects)
+
+    latencies = run(main)
+    assert sum(latency > 2 * _SERVICE_S for latency in latencies) == requests
+    assert latencies[0] > 2 * _SERVICE_S and latencies[-1] == pytest.approx(_SERVICE_S)
+
+
 @pytest.mark.parametrize(("profile", "requests"), [
     # gcsfuse on a bucket without hierarchical namespace: rename = copy + delete of the source, rmdir = list +
     # delete of the placeholder, mkdir = one placeholder object
     ("gcs", {"rename": 2, "rmdir": 2, "mkdir": 1}),
-    # blobfuse2, block blobs: rename = GetProperties, StartCopyFromURL, delete of the source; rmdir = list +
-    # delete of the marker blob (component/azstorage/block_blob.go)
-    ("azure-blob", {"rename": 3, "rmdir": 2, "mkdir": 1}),
+    # blobfuse2, block blobs: rename = StartCopyFromURL + delete of the source (2025); rmdir = list + delete of
+    # the marker blob; mkdir = the marker blob + the listing of libfuse's getattr after it
+    # (component/azstorage/block_blob.go, component/libfuse)
+    ("azure-blob", {"rename": 2, "rmdir": 2, "mkdir": 2}),
 ])
 def test_object_store_namespace_changes_wait_for_each_request_one_after_the_other(profile: str,
                                                                                   requests: dict[str, int]) -> None:

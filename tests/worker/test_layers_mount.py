@@ -364,6 +364,27 @@ def test_gcs_charges_a_copy_and_a_delete_for_renaming_a_file(mount_worker, tmp_p
     assert sorted(os.listdir(tmp_path / "bucket")) == sorted(f"{name}.final" for name in names)
 
 
+def test_a_listing_waits_once_per_page_of_entries_and_not_for_its_end(mount_worker, tmp_path) -> None:
+    # An object-store client lists a prefix in pages (here of 500 names) while the kernel asks for ~200
+    # entries a READDIRPLUS and once more to find the end: 1,000 names are two requests, an empty
+    # directory one. Each request was held before: 7 and 2 floors of 50 ms.
+    (tmp_path / "bucket" / "empty").mkdir(parents=True)
+    _small_files(tmp_path / "bucket" / "shards", 1000, 0)
+    vol = mount_worker(backing=tmp_path / "bucket", policy=_policy(
+        {"type": "delay", "ops": ["readdir"], "delay_s": 0.05, "mode": "floor", "list_page_entries": 500}))
+
+    def listed_s(name: str) -> tuple[float, int]:
+        started = time.monotonic()
+        names = os.listdir(vol.mountpoint / name)
+        return time.monotonic() - started, len(names)
+
+    shards = [listed_s("shards") for _ in range(3)]
+    empty = [listed_s("empty") for _ in range(3)]
+    assert {count for _, count in shards} == {1000} and {count for _, count in empty} == {0}
+    assert 0.1 <= statistics.median(took for took, _ in shards) < 0.145  # two floors; three would be 0.15
+    assert 0.05 <= statistics.median(took for took, _ in empty) < 0.095
+
+
 def test_an_attribute_cache_answers_the_kernels_getattr_without_the_delay(mount_worker, tmp_path) -> None:
     # NFS-like: the LOOKUP brought the file's attributes, trusted 3 s (acregmin); the kernel's own
     # attribute cache lasts 1 s (--attr-timeout), after which an fstat sends a GETATTR

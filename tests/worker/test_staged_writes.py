@@ -438,6 +438,72 @@ def test_transfers_at_once_share_the_link_in_order() -> None:
     assert sorted(ended.values()) == [pytest.approx(REQUEST_S + 1.0), pytest.approx(REQUEST_S + 2.0)]
 
 
+def test_without_upload_at_fsync_the_close_uploads_and_drops_the_local_copy() -> None:
+    # blobfuse2: SyncFile only marks the handle; FlushFile at the close uploads; the copy of a file fsync'd
+    # is purged at its close, so the next open downloads again
+    stack = _stack(download_on_open=True, keep_local_s=120.0, new_files="staged", upload_at_fsync=False)
+
+    async def main() -> list[float]:
+        took = [await _served_s(stack, _open(2, 4 * MIB, os.O_RDWR))]  # down: 1 s
+        took.append(await _served_s(stack, _write(2, 0, 4096, os.O_RDWR)))
+        took.append(await _served_s(stack, Op("fsync", 2, "/f2", open_flags=os.O_RDWR)))  # sends nothing
+        took.append(await _served_s(stack, _close(2, os.O_RDWR)))  # up whole: 1 s
+        _release(stack, 2)
+        took.append(await _served_s(stack, _open(2, 4 * MIB, os.O_RDONLY)))  # purged: down again
+        _release(stack, 2)
+        took.append(await _served_s(stack, _open(2, 4 * MIB, os.O_RDONLY)))  # not fsync'd since: kept
+        return took
+
+    took = _run(main)
+    assert took[1:3] == [0.0, 0.0] and took[5] == 0.0
+    assert took[0] == took[3] == took[4] == pytest.approx(REQUEST_S + 1.0)
+
+
+def test_a_transfer_in_blocks_waits_for_each_wave_of_requests_and_commits_a_large_upload() -> None:
+    # blobfuse2 through the Azure SDK: 4 MiB ranged GETs, 32 at a time; up to 256 MiB one Put Blob, above
+    # it Put Blocks, 32 at a time, and a Put Block List. Here: 1 MiB blocks, 2 at a time, one request up to
+    # 2 MiB, so that the link (4 MiB/s, 0.25 s per block) and the requests (0.1 s) both show.
+    stack = _stack(download_on_open=True, new_files="staged", transfer_block_bytes=MIB, transfer_parallelism=2,
+                   single_upload_max_bytes=2 * MIB)
+
+    async def main() -> list[float]:
+        took = [await _served_s(stack, _open(2, 4 * MIB, os.O_RDWR))]
+        took.append(await _served_s(stack, _write(2, 0, 4096, os.O_RDWR)))
+        took.append(await _served_s(stack, _close(2, os.O_RDWR)))  # 4 MiB > 2 MiB: in blocks
+        took.append(await _served_s(stack, _open(3, 2 * MIB, os.O_RDWR)))
+        took.append(await _served_s(stack, _write(3, 0, 4096, os.O_RDWR)))
+        took.append(await _served_s(stack, _close(3, os.O_RDWR)))  # 2 MiB: one request
+        return took
+
+    took = _run(main)
+    # blocks 1 and 2 asked at 0, their bytes at 0.1-0.35 and 0.35-0.6; block 3 asked at 0.35 by the first
+    # worker, its bytes 0.6-0.85 (the link is busy until 0.6); block 4 asked at 0.6, bytes 0.85-1.1
+    assert took[0] == pytest.approx(1.1) and took[2] == pytest.approx(1.1 + REQUEST_S)  # + the commit
+    assert took[3] == pytest.approx(0.6)  # two blocks asked at once: 0.1, then 0.25 each on the link
+    assert took[5] == pytest.approx(REQUEST_S + 0.5)  # one Put Blob
+    assert took[1] == took[4] == 0.0
+
+
+def test_blocks_in_flight_at_once_each_wait_for_their_own_request() -> None:
+    # with a link fast enough not to matter, 4 blocks 4 at a time wait for the slowest of 4 requests: the
+    # median of the max of 4 log-normal draws (median 20 ms, sigma 0.5) is 20 ms * exp(0.5 * z) with
+    # Phi(z) = 0.5 ** (1/4), z = 0.998: 33.0 ms; one request's median would be 20 ms
+    from interposer.proto.policy import LognormalDistribution
+    layer = StagedWritesLayer(rate_bytes_per_s=1 << 50, distribution=LognormalDistribution(median_s=0.020, sigma=0.5),
+                              download_on_open=True, new_files="staged", transfer_block_bytes=4 * MIB,
+                              transfer_parallelism=4, seed=5)
+    stack = Stack(Policy(layers=[layer]), 1)
+
+    async def main() -> list[float]:
+        took = []
+        for ino in range(2, 2002):
+            took.append(await _served_s(stack, _open(ino, 16 * MIB, os.O_RDONLY)))
+            _release(stack, ino)
+        return took
+
+    assert statistics.median(_run(main)) == pytest.approx(0.0330, rel=0.05)
+
+
 def test_the_stack_reads_sizes_and_keeps_flush_on_writers_closes_only_while_such_a_layer_is_in_force() -> None:
     gcs = Stack(Policy(layers=[ProfileLayer(name="gcs")]), 1)
     assert gcs.sizes_opened_files
@@ -534,6 +600,28 @@ def test_the_azure_blob_profile_makes_an_open_wait_for_the_whole_file_and_a_clos
         close_s = _timed(lambda: os.close(fd[0]))
     assert write_s < transfer_s / 2 and close_s >= transfer_s * 0.95  # the whole blob goes up again
     assert (backing / "shard-0.bin").read_bytes() == b"w" * 4096 + b"s" * (16 * MIB - 4096)
+
+
+def test_the_azure_blob_profile_uploads_at_the_close_not_at_fsync(mount_worker, tmp_path) -> None:
+    # blobfuse2's fsync sends nothing; the close uploads the whole blob, and drops the local copy of a file
+    # that was fsync'd, so the next open downloads it again (a reopen is otherwise local for 120 s)
+    backing = tmp_path / "container"
+    backing.mkdir()
+    (backing / "db.bin").write_bytes(b"d" * (16 * MIB))
+    rate = 64 * MIB  # 16 MiB: 0.25 s each way
+    vol = mount_worker(backing=backing, policy=json.dumps({"layers": [
+        {"type": "profile", "name": "azure-blob", "rate_bytes_per_s": rate}]}))
+    transfer_s = 16 * MIB / rate
+    path = vol.mountpoint / "db.bin"
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.pwrite(fd, b"w" * 4096, 4096)
+        fsync_s = _timed(lambda: os.fsync(fd))
+    finally:
+        close_s = _timed(lambda: os.close(fd))
+    reopen_s = _timed(lambda: os.close(os.open(path, os.O_RDONLY)))
+    assert fsync_s < transfer_s / 2 and close_s >= transfer_s * 0.95 and reopen_s >= transfer_s * 0.95
+    assert (backing / "db.bin").read_bytes() == b"d" * 4096 + b"w" * 4096 + b"d" * (16 * MIB - 8192)
 
 
 def test_the_gcs_profile_serves_a_changed_object_from_its_local_copy_until_its_close(mount_worker, tmp_path) -> None:

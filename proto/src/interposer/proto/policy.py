@@ -315,6 +315,10 @@ LOOKUP_CACHE_ENTRIES = 20_460
 #: ``lookup_cache_s`` remembers.
 ATTR_CACHE_ENTRIES = LOOKUP_CACHE_ENTRIES
 
+#: Most entries a delay layer's ``list_page_entries`` takes for one listing request (Azure List Blobs
+#: answers at most 5,000; the bound only refuses nonsense).
+MAX_LIST_PAGE_ENTRIES = 1_000_000
+
 #: How long a client may trust cached attributes, seconds (nfs(5) takes up to 3,600 for ``actimeo``).
 CacheSeconds = Annotated[float, msgspec.Meta(ge=0.0, le=86_400.0)]
 
@@ -417,6 +421,17 @@ class DelayLayer(_Layer, tag="delay", kw_only=True):
             either (RFC 8881 section 18.16). False: each request pays its own floor,
             as an NFSv3 client (RFC 1813) sends LOOKUP, ACCESS and CREATE apart.
             ``add`` mode ignores it.
+        list_page_entries: ``floor`` mode: a directory listing is one request per
+            this many entries, as an object-store client lists a prefix in pages
+            (Amazon S3 ListObjectsV2: at most 1,000 keys; Cloud Storage as gcsfuse
+            lists, and Azure List Blobs: 5,000). Only the ``readdir`` that starts a
+            listing (offset 0) and one that reaches into a page not fetched yet are
+            held; the kernel asks for a listing in requests of about 200 entries
+            (its 32 KiB buffer). ``None`` (default): every ``readdir`` that returns
+            entries is held, as an NFS client's READDIRPLUS fills a buffer much like
+            FUSE's. Either way, in ``floor`` mode the ``readdir`` that finds the
+            listing's end (no entries, past its start) is not held: the last reply
+            said so. Needs ``readdir`` among ``ops`` (or no ``ops``).
     """
 
     delay_s: DelaySeconds | None = None
@@ -430,6 +445,7 @@ class DelayLayer(_Layer, tag="delay", kw_only=True):
     lookup_cache_s: CacheSeconds = 0.0
     attr_cache: AttrCache | None = None
     one_floor_per_call: bool = True
+    list_page_entries: Annotated[int, msgspec.Meta(ge=1, le=MAX_LIST_PAGE_ENTRIES)] | None = None
 
     def fields_not_in_effect(self) -> frozenset[str]:
         """See :meth:`_Layer.fields_not_in_effect`: ``one_floor_per_call`` outside ``floor`` mode."""
@@ -447,6 +463,11 @@ class DelayLayer(_Layer, tag="delay", kw_only=True):
             raise ValueError("field `lookup_cache_s`: it caches lookups, and `ops` has no `lookup`")
         if self.attr_cache is not None and self.ops and "getattr" not in self.ops:
             raise ValueError("field `attr_cache`: it caches attributes, and `ops` has no `getattr`")
+        if self.list_page_entries is not None and self.ops and "readdir" not in self.ops:
+            raise ValueError("field `list_page_entries`: it pages directory listings, and `ops` has no `readdir`")
+        if self.list_page_entries is not None and self.mode != "floor":
+            raise ValueError("field `list_page_entries`: listings are paged in `floor` mode only; `mode` is "
+                             f"{self.mode!r}")
 
     @property
     def resolved_distribution(self) -> Distribution:
@@ -707,6 +728,9 @@ STAGED_WRITES_OPS: frozenset[str] = frozenset({"open", "create", "read", "write"
                                               "rename"})
 #: Most requests one transfer of a staged_writes layer may take, one after the other.
 MAX_REQUESTS_PER_TRANSFER = 16
+#: Most blocks of one transfer a staged_writes layer keeps in flight (blobfuse2's default
+#: ``max-concurrency`` is 32).
+MAX_TRANSFER_PARALLELISM = 64
 #: What an object-store client does with a new file: upload it as it is written (gcsfuse's
 #: streaming writes), or stage it locally and upload it whole at the close (blobfuse2, s3fs).
 NewFiles = Literal["streamed", "staged"]
@@ -789,6 +813,23 @@ class StagedWritesLayer(_Layer, tag="staged_writes", kw_only=True):
             s3fs): written to a local copy and uploaded whole at their close.
         max_streamed_files: with ``streamed``, how many new files may stream at
             once; a file created beyond that is staged; ``None`` = no limit.
+        transfer_block_bytes: download in ranged requests of this many bytes,
+            ``transfer_parallelism`` at a time, each block's bytes on the link after
+            its request (the last of ``download_requests`` becomes one request per
+            block), and upload a file larger than ``single_upload_max_bytes`` the same
+            way in blocks (at most 50,000 of them: Azure's limit per block blob)
+            followed by one request that commits them (blobfuse2 through the Azure
+            SDK: 4 MiB blocks, 32 at a time, Put Blob up to 256 MiB, else Put Block
+            and Put Block List), bytes; ``None`` = one stream per transfer (gcsfuse).
+        transfer_parallelism: blocks in flight at once, 1..64 (default 1); only with
+            ``transfer_block_bytes``.
+        single_upload_max_bytes: the largest upload sent as one request, bytes;
+            ``None`` = every upload; only with ``transfer_block_bytes``.
+        upload_at_fsync: ``fsync`` uploads a changed file, as the close does (True,
+            gcsfuse: "Staged Writes"); False: it sends nothing, the next close of a
+            descriptor opened for writing uploads, and the local copy goes with the
+            file's last close instead of being kept ``keep_local_s`` (blobfuse2's
+            file cache: ``SyncFile`` only marks the handle, unless ``sync-to-flush``).
 
     ``ops`` is not used (the layer acts on :data:`STAGED_WRITES_OPS`); ``path_glob``
     limits it to part of the volume. Put it before the throttle and delay layers
@@ -808,12 +849,21 @@ class StagedWritesLayer(_Layer, tag="staged_writes", kw_only=True):
     download_requests: Annotated[int, msgspec.Meta(ge=1, le=MAX_REQUESTS_PER_TRANSFER)] = 1
     upload_requests: Annotated[int, msgspec.Meta(ge=1, le=MAX_REQUESTS_PER_TRANSFER)] = 1
     append_upload_requests: Annotated[int, msgspec.Meta(ge=1, le=MAX_REQUESTS_PER_TRANSFER)] = 1
+    upload_at_fsync: bool = True
+    transfer_block_bytes: Annotated[int, msgspec.Meta(ge=1, le=MAX_LIMIT)] | None = None
+    transfer_parallelism: Annotated[int, msgspec.Meta(ge=1, le=MAX_TRANSFER_PARALLELISM)] = 1
+    single_upload_max_bytes: Annotated[int, msgspec.Meta(ge=0, le=MAX_LIMIT)] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.append_upload_requests != 1 and self.append_upload_min_bytes is None:
             raise ValueError("field `append_upload_requests`: appends are uploaded apart only with "
                              "`append_upload_min_bytes`")
+        if self.transfer_block_bytes is None:
+            for name, default in (("transfer_parallelism", 1), ("single_upload_max_bytes", None)):
+                if getattr(self, name) != default:
+                    raise ValueError(f"field `{name}`: transfers are split in blocks only with "
+                                     "`transfer_block_bytes`")
         if self.max_streamed_files is not None and self.new_files != "streamed":
             raise ValueError("field `max_streamed_files`: only streamed new files are limited; `new_files` is "
                              f"{self.new_files!r}")

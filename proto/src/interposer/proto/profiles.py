@@ -273,6 +273,9 @@ def _filestore_zonal(sizing: Sizing) -> tuple[Layer, ...]:
 #: together), getattr once its 1 s metadata TTL has passed (HeadObject), open (revalidates: HeadObject),
 #: readdir (a ListObjectsV2 page). mkdir and create are local until data is uploaded.
 _S3_METADATA_REQUESTS = frozenset({"lookup", "getattr", "open", "readdir"})
+#: Keys a ListObjectsV2 request returns at most (Amazon S3 API Reference, ListObjectsV2, MaxKeys): a listing
+#: is one request per 1,000 entries.
+_S3_LIST_PAGE_ENTRIES = 1_000
 #: Mountpoint's default ceiling away from EC2 instance-type detection (``--maximum-throughput-gbps``): 10 Gbit/s.
 _MOUNTPOINT_THROUGHPUT = 10_000_000_000 // 8
 
@@ -285,6 +288,9 @@ _MOUNTPOINT_THROUGHPUT = 10_000_000_000 // 8
 _GCSFUSE_METADATA_REQUESTS = frozenset({"lookup", "readdir", "mkdir", "rmdir", "rename"})
 #: Those of them that take more than one request, one after the other: op → requests.
 _GCSFUSE_REQUESTS_PER_OP: dict[OpName, int] = {"rmdir": 2, "rename": 2}
+#: Objects per list request of gcsfuse (internal/fs/inode/dir.go, ``MaxResultsForListObjectsCall``): its
+#: directory handle fetches every page at a listing's first readdir, one after the other.
+_GCSFUSE_LIST_PAGE_ENTRIES = 5_000
 
 
 #: gcsfuse's staged writes (``staged_writes`` fields; the link's rate and the request latency come from the
@@ -314,12 +320,13 @@ def _more_requests(latency: Distribution, requests_per_op: dict[OpName, int]) ->
 def _object_store_builder(median_s: float, sigma: float,
                           metadata_requests: frozenset[OpName] = _S3_METADATA_REQUESTS,
                           lookup_cache_s: float = 0.0, staged_writes: dict[str, typing.Any] | None = None,
-                          requests_per_op: dict[OpName, int] | None = None) -> _Builder:
+                          requests_per_op: dict[OpName, int] | None = None,
+                          list_page_entries: int = _S3_LIST_PAGE_ENTRIES) -> _Builder:
     """An object store through a FUSE client (Mountpoint for Amazon S3; Cloud Storage FUSE with
     ``_GCSFUSE_METADATA_REQUESTS``, its stat cache's ``lookup_cache_s``, the ``staged_writes`` fields of
-    its writes (a sizing's ``max_streamed_files`` in place of theirs) and its ``requests_per_op`` beyond
-    one): first-byte latency log-normal(``median_s``,
-    ``sigma``) per request, one after the other. Each request is its own round trip (``one_floor_per_call`` false): Mountpoint's ``open`` right after a ``lookup`` sends a
+    its writes (a sizing's ``max_streamed_files`` in place of theirs), its ``requests_per_op`` beyond
+    one and its ``list_page_entries``): first-byte latency log-normal(``median_s``,
+    ``sigma``) per request, one after the other; a listing one request per ``list_page_entries`` entries. Each request is its own round trip (``one_floor_per_call`` false): Mountpoint's ``open`` right after a ``lookup`` sends a
     HeadObject of its own (it revalidates on open unless its metadata cache is enabled)."""
 
     def build(sizing: Sizing) -> tuple[Layer, ...]:
@@ -337,7 +344,8 @@ def _object_store_builder(median_s: float, sigma: float,
             *_more_requests(latency, requests_per_op or {}),  # added to the floor below: one after the other
             # a ranged GET per random read; the client streams a sequential reader (direct or not)
             DelayLayer(ops=frozenset({"read"}) | metadata_requests, mode="floor", distribution=latency,
-                       skip_sequential=True, lookup_cache_s=lookup_cache_s, one_floor_per_call=False),
+                       skip_sequential=True, lookup_cache_s=lookup_cache_s, one_floor_per_call=False,
+                       list_page_entries=list_page_entries),
             # writes go out as multipart parts in the background, O_SYNC/O_DIRECT or not; close and fsync
             # wait for the upload to complete (CompleteMultipartUpload); unlink is a DeleteObject
             DelayLayer(ops=frozenset({"write", "unlink"}), mode="floor", distribution=latency, write_behind=True,
@@ -350,10 +358,22 @@ def _object_store_builder(median_s: float, sigma: float,
 #: The requests of blobfuse2 that reach Azure: a name's properties (once per attribute-cache
 #: timeout), a listing, and the namespace changes.
 _BLOBFUSE2_METADATA_REQUESTS: frozenset[OpName] = frozenset({"lookup", "readdir", "unlink", "rename", "mkdir", "rmdir"})
-#: Those of them that take more than one: a rename is the source's properties, a copy and the source's
-#: deletion; rmdir a listing and the marker blob's deletion (component/azstorage/block_blob.go, RenameFile,
-#: DeleteDirectory; a hierarchical-namespace account renames in one, not applied).
-_BLOBFUSE2_REQUESTS_PER_OP: dict[OpName, int] = {"rename": 3, "rmdir": 2}
+#: Those of them that take more than one, one after the other: a rename is a copy and the source's deletion
+#: (component/azstorage/block_blob.go, RenameFile as of 2025; its caller checks the source in the attribute
+#: cache); rmdir a listing to check that it is empty, then the marker blob's deletion (libfuse_rmdir,
+#: DeleteDirectory); mkdir the marker blob, then the listing of the getattr libfuse's high-level API sends
+#: after it (CreateDirectory drops the name from the attribute cache). A hierarchical-namespace account
+#: renames in one: not applied.
+_BLOBFUSE2_REQUESTS_PER_OP: dict[OpName, int] = {"rename": 2, "rmdir": 2, "mkdir": 2}
+#: Blobs a List Blobs request returns at most (Azure REST API, List Blobs, ``maxresults``; blobfuse2's
+#: ``MaxDirListCount``): a listing is one request per 5,000 entries.
+_BLOBFUSE2_LIST_PAGE_ENTRIES = 5_000
+#: How blobfuse2 moves a blob through the Azure SDK (component/azstorage: ``block-size-mb`` unset,
+#: ``max-concurrency`` 32): downloads as ranged GETs of 4 MiB (the SDK's ``DefaultDownloadBlockSize``), 32
+#: at a time; uploads up to 256 MiB as one Put Blob (``MaxUploadBlobBytes``), larger ones as Put Block
+#: requests, 32 at a time, then one Put Block List.
+_BLOBFUSE2_TRANSFERS = {"transfer_block_bytes": 4 * MIB, "transfer_parallelism": 32,
+                        "single_upload_max_bytes": 256 * MIB}
 #: blobfuse2's file-cache and attribute-cache timeouts as the Azure Blob CSI driver mounts it, seconds.
 _BLOBFUSE2_CACHE_S = 120.0
 
@@ -363,10 +383,12 @@ def _blobfuse2_caching(sizing: Sizing) -> tuple[Layer, ...]:
     latency = LognormalDistribution(median_s=0.020, sigma=0.5)
     return (
         StagedWritesLayer(rate_bytes_per_s=sizing.rate_bytes_per_s or _MOUNTPOINT_THROUGHPUT, distribution=latency,
-                          download_on_open=True, keep_local_s=_BLOBFUSE2_CACHE_S, new_files="staged"),
+                          download_on_open=True, keep_local_s=_BLOBFUSE2_CACHE_S, new_files="staged",
+                          upload_at_fsync=False, **_BLOBFUSE2_TRANSFERS),
         *_more_requests(latency, _BLOBFUSE2_REQUESTS_PER_OP),
         DelayLayer(ops=_BLOBFUSE2_METADATA_REQUESTS, mode="floor", distribution=latency,
-                   lookup_cache_s=_BLOBFUSE2_CACHE_S, one_floor_per_call=False),
+                   lookup_cache_s=_BLOBFUSE2_CACHE_S, one_floor_per_call=False,
+                   list_page_entries=_BLOBFUSE2_LIST_PAGE_ENTRIES),
     )
 
 
@@ -790,7 +812,8 @@ _PROFILES_AND_BUILDERS = (
             "Amazon S3 (github.com/awslabs/mountpoint-s3, doc/SEMANTICS.md): sequential reads are served by "
             "concurrent prefetching GETs (only a stream's first read waits), random reads are ranged GETs, "
             "new files are uploaded in the background and fsync (and close) wait for the upload; lookup, "
-            "getattr after the 1 s metadata TTL, open, readdir and unlink are one request each; "
+            "getattr after the 1 s metadata TTL, open and unlink are one request each, a listing one per 1,000 "
+            "entries (ListObjectsV2's most keys per request: Amazon S3 API Reference); "
             "--maximum-throughput-gbps defaults to 10 Gbps off EC2. Not emulated by the profile: Mountpoint's "
             "refusals (renames, overwrites without O_TRUNC, non-sequential writes, links; add an s3_semantics "
             "layer for them); the per-prefix "
@@ -819,7 +842,8 @@ _PROFILES_AND_BUILDERS = (
     ),
     _profile(
         _object_store_builder(0.020, 0.5, _GCSFUSE_METADATA_REQUESTS, lookup_cache_s=60.0,
-                              staged_writes=_GCSFUSE_STAGED_WRITES, requests_per_op=_GCSFUSE_REQUESTS_PER_OP),
+                              staged_writes=_GCSFUSE_STAGED_WRITES, requests_per_op=_GCSFUSE_REQUESTS_PER_OP,
+                              list_page_entries=_GCSFUSE_LIST_PAGE_ENTRIES),
         name="gcs",
         summary="Google Cloud Storage through Cloud Storage FUSE (the GKE CSI driver's): ~20 ms per request "
                 "(random read, lookup, listing, mkdir, close after writing; two for rename and rmdir); a changed "
@@ -849,7 +873,8 @@ _PROFILES_AND_BUILDERS = (
             "a stat-object "
             "request, its result, found or not, cached for 60 s "
             "by default (metadata-cache.ttl-secs): a lookup of the same path within 60 s of the last one it "
-            "paid for costs nothing (lookup_cache_s), nor do getattr and open; a listing is one request; "
+            "paid for costs nothing (lookup_cache_s), nor do getattr and open; a listing is one request per "
+            "5,000 entries (internal/fs/inode/dir.go, MaxResultsForListObjectsCall); "
             "unlink is a delete request; mkdir creates a placeholder object (one request); rmdir lists, then "
             "deletes (two, docs/semantics.md, 'Unlinking'); renaming a file copies it, then deletes the "
             "source (two; a bucket with hierarchical namespace: one, not applied). Not applied: the local disk staged files are written to, "
@@ -878,14 +903,20 @@ _PROFILES_AND_BUILDERS = (
             "storageclass-blobfuse-existing-container.yaml) mounts with --file-cache-timeout-in-seconds=120 and "
             "--use-attr-cache=true, and 120 s entry and attribute timeouts: a file closed less than 120 s ago is "
             "reopened from the local cache, and a name's properties are asked once per 120 s; a changed or new file "
-            "is uploaded whole when closed or synced (blobfuse2 file_cache). Microsoft publishes no latency figure "
+            "is uploaded whole when closed (blobfuse2 file_cache, FlushFile; fsync sends nothing, SyncFile, and "
+            "the local copy of a file fsync'd is dropped at its close). Microsoft publishes no latency figure "
             "for standard block blobs ('Latency in Blob storage' takes 50 ms per request as its example; premium "
             "accounts are 'significantly lower'): modelled as the s3 profile's log-normal, median 20 ms, sigma 0.5, "
             "a floor, an assumption; the link as 10 Gbit/s (a VM's network, below an account's egress target), "
-            "shared by transfers in order. Reads and writes go to the local copy: not held. A lookup, listing, "
-            "unlink or mkdir is one request; a rename three (the source's properties, a copy, the source's "
-            "deletion) and rmdir two (a listing, the marker blob's deletion), one after the other "
-            "(component/azstorage/block_blob.go; a hierarchical-namespace account renames in one, not applied). "
+            "shared by transfers in order; a download is ranged GETs of 4 MiB, 32 at a time, an upload one Put "
+            "Blob up to 256 MiB, else Put Block requests of 4 MiB or more, 32 at a time, and a Put Block List "
+            "(the Azure SDK as blobfuse2 calls it: max-concurrency 32, block-size-mb unset). Reads and writes "
+            "go to the local copy: not held. A lookup or unlink is "
+            "one request, a listing one per 5,000 entries (List Blobs' maxresults); a rename two (a copy, the "
+            "source's deletion), rmdir two (a listing, the marker blob's deletion) and mkdir two (the marker "
+            "blob, the listing of the getattr libfuse sends after it), one after the other "
+            "(component/azstorage/block_blob.go, 2025; a hierarchical-namespace account renames in one, not "
+            "applied). "
             "Not applied: the local "
             "disk's speed and size, block-cache (streaming) mode, preload, and a storage account's request targets"
         ),
@@ -973,6 +1004,7 @@ def _without_options_of_other_ops(layer: DelayLayer, ops: frozenset[str]) -> Del
         attr_cache=layer.attr_cache if "getattr" in ops else None,
         skip_sequential=layer.skip_sequential if ops & {"read", "write"} else False,
         write_behind=layer.write_behind if "write" in ops else False,
+        list_page_entries=layer.list_page_entries if "readdir" in ops else None,
     )
 
 

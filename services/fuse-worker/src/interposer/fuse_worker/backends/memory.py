@@ -713,12 +713,13 @@ class MemoryBackend(PathTable):
     def order_dir(self, fh: int, order: Callable[[Sequence[bytes]], list[int]]) -> None:
         self._dirs[fh].reorder(order)
 
-    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> int:
         try:
             directory = self._dirs[fh]
         except KeyError:
             raise _fail(errno.EBADF) from None
         node, listing = directory.owner, directory.snapshot_for(start_id, self._list_dir)
+        replied = 0
         for index in range(start_id, len(listing)):
             name, ino = listing[index]
             child = self._nodes.get(ino)
@@ -727,13 +728,16 @@ class MemoryBackend(PathTable):
             if name in (b".", b".."):
                 # The kernel takes no lookup reference for these (pyfuse3 readdir contract).
                 if not pyfuse3.readdir_reply(token, name, self._attrs(child), index + 1):
-                    return
+                    return replied
+                replied += 1
                 continue
             if node.entries.get(name) != ino:
                 continue  # removed or replaced since opendir
             if not pyfuse3.readdir_reply(token, name, self._attrs(child), index + 1):
-                return
+                return replied
             child.lookups += 1
+            replied += 1
+        return replied
 
     async def releasedir(self, fh: int) -> None:
         directory = self._dirs.pop(fh, None)

@@ -460,12 +460,13 @@ class PassthroughBackend:
     def order_dir(self, fh: int, order: Callable[[Sequence[bytes]], list[int]]) -> None:
         self._dirs[fh].reorder(order)
 
-    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> int:
         try:
             directory = self._dirs[fh]
         except KeyError:
             raise pyfuse3.FUSEError(errno.EBADF) from None
         inode, names = directory.owner, directory.snapshot_for(start_id, self._list_dir)
+        replied = 0
         for index in range(start_id, len(names)):
             name = names[index]
             try:
@@ -475,13 +476,16 @@ class PassthroughBackend:
             if name in (b".", b".."):
                 # The kernel takes no lookup reference for these (pyfuse3 readdir contract).
                 if not pyfuse3.readdir_reply(token, name, self._attrs(st, child.ino), index + 1):
-                    return
+                    return replied
+                replied += 1
                 continue
             if not pyfuse3.readdir_reply(token, name, self._attrs(st, child.ino), index + 1):
                 if child.lookups == 0:
                     self.inodes.forget(child.ino, 0)
-                return
+                return replied
             child.lookups += 1
+            replied += 1
+        return replied
 
     async def releasedir(self, fh: int) -> None:
         self._dirs.pop(fh, None)

@@ -160,7 +160,10 @@ class Delay:
     A ``floor`` spans the requests the kernel sends for one system call where the
     emulated file system would answer one (:mod:`._chains`: the GETATTR and LOOKUP
     before a CREATE): the floor of a request continuing such a chain counts from
-    the chain's first request.
+    the chain's first request. A ``floor`` holds no read at or past the end of its
+    file, and no ``readdir`` the emulated client would answer without the store: the
+    one that finds the listing's end, and, with ``list_page_entries``, those inside a
+    page the listing's first request (or an earlier one) fetched.
 
     Args:
         spec: the validated layer from the policy.
@@ -243,6 +246,8 @@ class Delay:
                 raise
             if op.name == "read" and transferred_bytes(result, op.size) == 0:
                 return result  # at or past the end of the file: a device is never asked
+            if op.name == "readdir" and not self._asks_for_a_page(op.offset, result):
+                return result  # the client has these entries from a page it fetched, or knows the listing ended
             await self._hold(op, start_s + target_s)
             chains.answered(op.name, op.path, op.pid, start_s, trio.current_time(), None)
             return self._fetched(result) if attrs and op.name in _ATTRS_FETCHED_BY else result
@@ -307,6 +312,23 @@ class Delay:
             return await held(op, call)
 
         return write_behind
+
+    def _asks_for_a_page(self, offset: int, replied: Any) -> bool:
+        """True if a ``readdir`` at listing position ``offset`` ("." and ".." are 0 and 1) that replied ``replied``
+        entries makes the client ask the store (``list_page_entries``): the listing's start, or an entry in a page
+        it has not fetched; never the reply that found the listing's end."""
+        if offset == 0:
+            return True
+        if not isinstance(replied, int):
+            return True  # a backend that does not count (a fake in a test): every request asks
+        if replied == 0:
+            return False
+        page = self.spec.list_page_entries
+        if page is None:
+            return True
+        first = offset - 2  # entries of the store before this reply ("." and ".." are the client's own)
+        next_page = max(page, -(-first // page) * page)  # page 0 came with the listing's start
+        return next_page < first + replied
 
     def _sequential(self, op: Op) -> bool:
         """True if ``op`` is a read or write continuing the previous one of its file; note where it ends."""

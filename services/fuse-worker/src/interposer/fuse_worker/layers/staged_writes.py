@@ -18,8 +18,9 @@ truncation below its size or a rename makes it finalize what it streamed and sta
 file ("Streaming Writes"); it streams as many files at once as it has blocks
 (``write-global-max-blocks``, ``max_streamed_files``) and stages the others.
 blobfuse2's caching mode downloads each object at its open, for readers too, keeps the
-local copy for a while after the last close, and stages new files from the start
-(``download_on_open``, ``keep_local_s``, ``new_files``).
+local copy for a while after the last close, stages new files from the start, sends
+nothing at fsync, and moves a blob in 4 MiB blocks, 32 at a time (``download_on_open``,
+``keep_local_s``, ``new_files``, ``upload_at_fsync``, ``transfer_block_bytes``).
 
 Per file (by inode) the layer keeps the object's size as of the last open
 (``Op.file_size``, read by the adapter only while such a layer is in force), whether a
@@ -29,8 +30,9 @@ the op that needs it (the open, or the first change); requests arriving meanwhil
 for it. Reads of a file with a local copy, and writes of a staged file, are marked
 ``Op.charged_by_client``: the throttle and delay layers after this one stand for the
 remote store and pass them unheld. An upload is charged to the next ``flush`` of a
-descriptor opened for writing, or ``fsync``: its requests plus the whole file (or what
-was appended, for gcsfuse's exception); that close is marked too. A new file being
+descriptor opened for writing, or ``fsync`` (not with ``upload_at_fsync`` false, as
+blobfuse2, whose fsync sends nothing): its requests plus the whole file (or what was
+appended, for gcsfuse's exception); that close is marked too. A new file being
 streamed is only watched: its writes, in order, and the close that finalizes it are
 charged by the layers after this one; the write, read, truncation or rename that ends
 the stream is held for the finalizing request here (and the first change after it for
@@ -41,6 +43,7 @@ order.
 
 from __future__ import annotations
 
+import heapq
 import os
 import random
 import sys
@@ -70,6 +73,10 @@ class StagedWritesStatistics(msgspec.Struct, frozen=True):
     held_s_total: float
 
 
+#: Most blocks of one upload (Azure Blob Storage: a block blob has at most 50,000 committed blocks, "Put Block
+#: List"); a larger file takes larger blocks.
+_MOST_BLOCKS = 50_000
+
 #: ``_Object.changed_from`` of an object not changed since its last upload.
 _UNCHANGED = sys.maxsize
 
@@ -78,7 +85,7 @@ class _Object:
     """What the client holds of one file: the object's size, a local copy or not, what changed since the upload."""
 
     __slots__ = ("object_size", "size", "local", "local_until_s", "handles", "changed_from", "dirty", "stored",
-                 "ready_s", "streamed_to", "extended_to", "finalized")
+                 "ready_s", "streamed_to", "extended_to", "finalized", "synced")
 
     def __init__(self, object_size: int, local: bool = False) -> None:
         self.object_size = object_size  # bytes, as stored (the last open, or upload)
@@ -93,6 +100,7 @@ class _Object:
         self.streamed_to = -1  # a new file being streamed: where its next write must start, bytes; -1: not streamed
         self.extended_to = -1  # a streamed file extended by a truncation: the size, where a write may also start
         self.finalized = False  # its stream was finalized before its close (the close has nothing to send)
+        self.synced = False  # fsync'd without an upload (``upload_at_fsync`` False): the last close drops the copy
 
     def has_local(self, now_s: float) -> bool:
         return self.local and (self.handles > 0 or now_s <= self.local_until_s)
@@ -180,6 +188,9 @@ class StagedWrites:
                 if op.name == "flush":
                     self._end_stream(op.ino, state)
                     state.object_size, state.stored = state.size, True
+                return await inner(op, call)
+            if op.name == "fsync" and not self.spec.upload_at_fsync:
+                state.synced, op.charged_by_client = True, True  # blobfuse2 only marks the handle
                 return await inner(op, call)
             # flush of a descriptor that could write, or fsync: the upload, or nothing left to send
             if state.dirty or state.finalized:
@@ -272,6 +283,8 @@ class StagedWrites:
         state.handles = max(0, state.handles - 1)
         if state.handles == 0:
             state.local_until_s = trio.current_time() + self.spec.keep_local_s
+            if state.synced:  # blobfuse2 purges the local copy of a file fsync'd through the handle closed
+                state.local, state.synced = False, False
             if state.streamed_to >= 0:
                 self._end_stream(ino, state)  # closed without a flush: gcsfuse frees the block with the last handle
 
@@ -297,7 +310,7 @@ class StagedWrites:
 
     async def _download(self, op: Op, state: _Object) -> None:
         state.local = True
-        seconds = self._transfer_s(state.object_size, self.spec.download_requests)
+        seconds = self._transfer_s(state.object_size, self.spec.download_requests, in_blocks=True)
         state.ready_s = trio.current_time() + seconds
         self._downloads += 1
         self._downloaded_bytes += state.object_size
@@ -314,18 +327,48 @@ class StagedWrites:
             sent, requests = state.size - state.object_size, self.spec.append_upload_requests
         else:
             sent, requests = state.size, self.spec.upload_requests if state.stored else 1
+        single_max = self.spec.single_upload_max_bytes
         self._uploads += 1
         self._uploaded_bytes += sent
-        await self._hold(op, self._transfer_s(sent, requests))
+        in_blocks = single_max is not None and sent > single_max
+        await self._hold(op, self._transfer_s(sent, requests, in_blocks=in_blocks, commit=in_blocks))
         state.object_size, state.changed_from, state.dirty, state.stored = state.size, _UNCHANGED, False, True
         state.local = self.spec.keep_local_s > 0 and state.local
         state.local_until_s = trio.current_time() + self.spec.keep_local_s
 
-    def _transfer_s(self, size: int, requests: int = 1) -> float:
+    def _transfer_s(self, size: int, requests: int = 1, in_blocks: bool = False, commit: bool = False) -> float:
         """Seconds to move ``size`` bytes from now: ``requests`` requests one after the other (one draw each), then
-        the bytes on the shared link."""
-        request_s = sum(self._request() for _ in range(requests)) if self._request is not None else 0.0
-        return request_s + self._link.reserve(size, trio.current_time() + request_s)
+        the bytes on the shared link. ``in_blocks`` (with ``transfer_block_bytes``): the last of those requests is a
+        transfer in blocks instead (:meth:`_blocks_s`), ``commit``-ted by one more request if an upload."""
+        in_blocks = in_blocks and self.spec.transfer_block_bytes is not None
+        request_s = sum(self._draw() for _ in range(requests - in_blocks))
+        start_s = trio.current_time() + request_s
+        if not in_blocks:
+            return request_s + self._link.reserve(size, start_s)
+        return request_s + self._blocks_s(size, start_s, commit)
+
+    def _blocks_s(self, size: int, start_s: float, commit: bool) -> float:
+        """Seconds from ``start_s`` (trio's clock) to move ``size`` bytes in blocks of ``transfer_block_bytes``,
+        ``transfer_parallelism`` in flight: each free worker takes the next block, waits for its request (one
+        draw), then for its bytes on the shared link; an upload (``commit``) takes blocks large enough to be at
+        most 50,000 and ends with one more request (Azure Put Block List). The Azure SDK's transfers
+        (``DoBatchTransfer``) work so."""
+        spec = self.spec
+        assert spec.transfer_block_bytes is not None
+        block = max(spec.transfer_block_bytes, -(-size // _MOST_BLOCKS)) if commit else spec.transfer_block_bytes
+        count = max(1, -(-size // block))
+        free_s = [start_s] * min(count, spec.transfer_parallelism)  # when each worker takes its next block
+        end_s = start_s
+        for index in range(count):
+            asked_s = heapq.heappop(free_s) + self._draw()
+            done_s = asked_s + self._link.reserve(min(block, size - index * block), asked_s)
+            heapq.heappush(free_s, done_s)
+            end_s = max(end_s, done_s)
+        return end_s - start_s + (self._draw() if commit else 0.0)
+
+    def _draw(self) -> float:
+        """One request's latency, seconds (0 without a ``distribution``)."""
+        return self._request() if self._request is not None else 0.0
 
     async def _hold(self, op: Op, seconds: float) -> None:
         if seconds <= 0.0:
