@@ -475,7 +475,7 @@ def scenarios() -> list[Scenario]:
     out += [Scenario("profile-gcs-stat", [{"type": "profile", "name": "gcs"}], meta="stat")]
     # ... and renaming a file is two: a copy, then the source's deletion (a bucket without hierarchical namespace)
     out += [Scenario("profile-gcs-rename", [{"type": "profile", "name": "gcs"}], meta="rename")]
-    # blobfuse2: the source's properties, a copy, the source's deletion
+    # blobfuse2: a copy, then the source's deletion (its caller checks the source in the attribute cache)
     out += [Scenario("profile-azure-blob-rename", [{"type": "profile", "name": "azure-blob"}], meta="rename")]
     # an NFS client's readahead streams a sequential reader (only its first read waits); its page
     # cache takes writes and the fsync after them pays the write latency once

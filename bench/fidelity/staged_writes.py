@@ -29,7 +29,10 @@ transfer at the rate:
   its close; an existing object opened with ``O_TRUNC`` (an overwrite), at the open
   the lookup, a stat and the download (gcsfuse truncates its local copy), at the close
   a stat and the new file;
-* ``azure-blob``: the open, the download; the close after a change, the whole file.
+* ``azure-blob``: the open, the lookup and the download in 4 MiB ranged requests, 32 at a
+  time, each block's bytes after its request on the shared link (the target's quantiles
+  from simulated transfers); the close after a change, one request and the whole file
+  (up to 256 MiB); an fsync after the change, nothing (printed in ms, no target).
 
 So each target is a constant plus the request's log-normal quantile; the printed
 ratio is achieved / target for the p50 and p90, with the range an exact emulation
@@ -45,7 +48,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import heapq
+import math
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -72,6 +78,10 @@ GCSFUSE_STREAMED_FILES = 4
 #: Requests gcsfuse makes for a transfer of a stored object: a stat, then the read or the upload; an
 #: append's upload: a stat, the temporary object, the compose, the temporary object's deletion.
 TRANSFER_REQUESTS, APPEND_UPLOAD_REQUESTS = 2, 4
+#: blobfuse2's transfers through the Azure SDK: 4 MiB blocks, 32 in flight; uploads up to 256 MiB in one request.
+AZURE_BLOCK_BYTES, AZURE_PARALLEL = 4 * MIB, 32
+#: Simulated transfers behind the quantiles of a transfer in blocks.
+BLOCK_SAMPLES = 20_000
 
 
 @dataclass
@@ -90,6 +100,7 @@ class Case:
     rename: bool = False  # the access is a rename of the file (to a new name) instead of a write
     truncate: bool = False  # opened with O_TRUNC (an overwrite: Python's open(path, "w"))
     others_streaming: int = 0  # new files kept open and streamed while the case runs
+    fsync: bool = False  # fsync after the access, before the close
 
     def targets(self, rate: float) -> tuple[Hold | None, Hold | None, Hold | None]:
         """What the open, the access and the close should wait for; None = not held (a read back never is).
@@ -99,8 +110,9 @@ class Case:
         """
         size_after = self.object_bytes + WRITE_BYTES if self.offset is None else max(
             self.object_bytes, self.offset + WRITE_BYTES)
-        if self.profile == "azure-blob":  # blobfuse2 caching mode: whole files at open and close
-            open_hold = Hold(2, self.object_bytes / rate) if self.object_bytes else Hold(1, 0.0)
+        if self.profile == "azure-blob":  # blobfuse2 caching mode: whole files at open (in blocks) and close
+            download = Blocks(self.object_bytes, AZURE_BLOCK_BYTES, AZURE_PARALLEL, rate)
+            open_hold = Hold(1, 0.0, download) if self.object_bytes else Hold(1, 0.0)
             return open_hold, None, (None if self.read else Hold(1, size_after / rate))
         if self.truncate:  # gcsfuse truncates its local copy: the object comes down first; the new file goes up
             return (Hold(1 + TRANSFER_REQUESTS, self.object_bytes / rate), None,
@@ -121,15 +133,45 @@ class Case:
 
 
 @dataclass
+class Blocks:
+    """A transfer of ``size`` bytes as ranged requests of ``block`` bytes, ``parallel`` in flight, on a link of
+    ``rate`` bytes/s shared in the order the blocks' requests are answered (the Azure SDK's ``DoBatchTransfer``
+    as blobfuse2 calls it: each free worker takes the next block, waits for its request, then for its bytes)."""
+
+    size: int
+    block: int
+    parallel: int
+    rate: float
+
+    def sample_s(self, rng: random.Random) -> float:
+        """One draw of the transfer's duration, seconds."""
+        count = -(-self.size // self.block)
+        free = [0.0] * min(count, self.parallel)
+        link_free = end = 0.0
+        for index in range(count):
+            answered = heapq.heappop(free) + rng.lognormvariate(math.log(REQUEST.median_s), REQUEST.sigma)
+            link_free = max(link_free, answered) + min(self.block, self.size - index * self.block) / self.rate
+            heapq.heappush(free, link_free)
+            end = max(end, link_free)
+        return end
+
+
+@dataclass
 class Hold:
-    """A wait of ``requests`` independent request latencies plus ``fixed_s`` seconds of transfer."""
+    """A wait of ``requests`` independent request latencies plus ``fixed_s`` seconds of transfer, or with
+    ``blocks``, plus a transfer in blocks (its quantiles from :data:`BLOCK_SAMPLES` simulated transfers)."""
 
     requests: int
     fixed_s: float
+    blocks: Blocks | None = None
 
     def quantile_fn(self):  # noqa: ANN201 - level in (0, 1) → seconds
         draws = sum_quantile_fn([DelayLayer(distribution=REQUEST)] * self.requests)
-        return lambda q: self.fixed_s + draws(q)
+        if self.blocks is None:
+            return lambda q: self.fixed_s + draws(q)
+        rng = random.Random(7)
+        samples = sorted(self.fixed_s + draws(rng.random()) + self.blocks.sample_s(rng) for _ in range(BLOCK_SAMPLES))
+        return lambda q: samples[min(int(q * len(samples)), len(samples) - 1)]
 
 
 CASES = [
@@ -147,6 +189,7 @@ CASES = [
     Case("azure-blob", "read 4 KiB of a 64 MiB blob", 64 * MIB, 32 * MIB, read=True),
     Case("azure-blob", "change 4 KiB inside a 16 MiB blob", 16 * MIB, 8 * MIB),
     Case("azure-blob", "new file, 4 KiB", 0, 0),
+    Case("azure-blob", "change 4 KiB inside a 16 MiB blob, fsync", 16 * MIB, 8 * MIB, fsync=True),
 ]
 
 
@@ -166,9 +209,9 @@ def _lay_out(backing: Path, case: Case, count: int) -> list[str]:
     return names
 
 
-def _access(path: Path, case: Case) -> tuple[float, float, float, float]:
+def _access(path: Path, case: Case) -> tuple[float, float, float, float, float]:
     """Open one object, access it as the case says, close it; seconds the open, the access, the read back
-    (0 if none) and the close took."""
+    (0 if none), the fsync (0 if none) and the close took."""
     writes = os.O_RDWR if case.read_back else os.O_WRONLY
     flags = (os.O_RDONLY if case.read else writes) | (os.O_CREAT if case.object_bytes == 0 else 0) | (
         os.O_APPEND if case.offset is None else 0) | (os.O_TRUNC if case.truncate else 0)
@@ -197,10 +240,15 @@ def _access(path: Path, case: Case) -> tuple[float, float, float, float]:
             started = time.monotonic()
             os.pread(fd, WRITE_BYTES, 0)
             read_back_s = time.monotonic() - started
+        fsync_s = 0.0
+        if case.fsync:
+            started = time.monotonic()
+            os.fsync(fd)
+            fsync_s = time.monotonic() - started
     finally:
         started = time.monotonic()
         os.close(fd)
-    return open_s, access_s, read_back_s, time.monotonic() - started
+    return open_s, access_s, read_back_s, fsync_s, time.monotonic() - started
 
 
 @contextlib.contextmanager
@@ -217,10 +265,11 @@ def _streaming(mountpoint: Path, case: Case) -> Iterator[None]:
             os.close(fd)
 
 
-def _row(what: str, achieved: list[float], hold: Hold | None) -> str:
+def row(what: str, achieved: list[float], hold: Hold | None, why_none: str = "not held") -> str:
+    """One printed line: the p50 and p90 of ``achieved`` (seconds) against ``hold``'s, or alone (``why_none``)."""
     got50, got90 = statistics.quantiles(achieved, n=10, method="inclusive")[4::4]
     if hold is None:
-        return f"  {what:<9} p50 {got50 * 1e3:8.2f} ms, p90 {got90 * 1e3:8.2f} ms  (not held: no target)"
+        return f"  {what:<9} p50 {got50 * 1e3:8.2f} ms, p90 {got90 * 1e3:8.2f} ms  ({why_none}: no target)"
     target_fn = hold.quantile_fn()
     cells = []
     for level, metric, got in ((0.5, "p50", got50), (0.9, "p90", got90)):
@@ -254,14 +303,16 @@ def main() -> None:
                     with _streaming(mountpoint, case):
                         times = [_access(mountpoint / name, case) for name in names]
                     open_hold, access_hold, close_hold = case.targets(rate)
-                    opened, accessed, read_back, closed = zip(*times)
+                    opened, accessed, read_back, synced, closed = zip(*times)
                     print(f"{profile}: {case.name}")
-                    print(_row("open", list(opened), open_hold))
-                    print(_row("rename" if case.rename else "read" if case.read else "write", list(accessed),
+                    print(row("open", list(opened), open_hold))
+                    print(row("rename" if case.rename else "read" if case.read else "write", list(accessed),
                                access_hold))
                     if case.read_back:
-                        print(_row("read back", list(read_back), None))
-                    print(_row("close", list(closed), close_hold))
+                        print(row("read back", list(read_back), None))
+                    if case.fsync:
+                        print(row("fsync", list(synced), None))  # blobfuse2 sends nothing at fsync
+                    print(row("close", list(closed), close_hold))
     print(host.report())
 
 
