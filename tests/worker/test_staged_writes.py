@@ -484,6 +484,17 @@ def test_a_transfer_in_blocks_waits_for_each_wave_of_requests_and_commits_a_larg
     assert took[1] == took[4] == 0.0
 
 
+def test_a_transfer_of_more_blocks_than_are_simulated_takes_the_link_for_the_rest() -> None:
+    # 32 GiB in 4 MiB blocks: 8,192, of which the first 4,096 are simulated one by one; at 4 MiB/s the
+    # link bounds it: 8,192 s, plus the first request
+    stack = _stack(download_on_open=True, new_files="staged", transfer_block_bytes=4 * MIB, transfer_parallelism=32)
+
+    async def main() -> float:
+        return await _served_s(stack, _open(2, 32 << 30, os.O_RDONLY))
+
+    assert _run(main) == pytest.approx(REQUEST_S + (32 << 30) / RATE)
+
+
 def test_blocks_in_flight_at_once_each_wait_for_their_own_request() -> None:
     # with a link fast enough not to matter, 4 blocks 4 at a time wait for the slowest of 4 requests: the
     # median of the max of 4 log-normal draws (median 20 ms, sigma 0.5) is 20 ms * exp(0.5 * z) with

@@ -325,9 +325,10 @@ def _object_store_builder(median_s: float, sigma: float,
     """An object store through a FUSE client (Mountpoint for Amazon S3; Cloud Storage FUSE with
     ``_GCSFUSE_METADATA_REQUESTS``, its stat cache's ``lookup_cache_s``, the ``staged_writes`` fields of
     its writes (a sizing's ``max_streamed_files`` in place of theirs), its ``requests_per_op`` beyond
-    one and its ``list_page_entries``): first-byte latency log-normal(``median_s``,
-    ``sigma``) per request, one after the other; a listing one request per ``list_page_entries`` entries. Each request is its own round trip (``one_floor_per_call`` false): Mountpoint's ``open`` right after a ``lookup`` sends a
-    HeadObject of its own (it revalidates on open unless its metadata cache is enabled)."""
+    one and its ``list_page_entries``): first-byte latency log-normal(``median_s``, ``sigma``) per
+    request, one after the other; a listing one request per ``list_page_entries`` entries. Each request
+    is its own round trip (``one_floor_per_call`` false): Mountpoint's ``open`` right after a ``lookup``
+    sends a HeadObject of its own (it revalidates on open unless its metadata cache is enabled)."""
 
     def build(sizing: Sizing) -> tuple[Layer, ...]:
         latency = LognormalDistribution(median_s=median_s, sigma=sigma)

@@ -76,6 +76,8 @@ class StagedWritesStatistics(msgspec.Struct, frozen=True):
 #: Most blocks of one upload (Azure Blob Storage: a block blob has at most 50,000 committed blocks, "Put Block
 #: List"); a larger file takes larger blocks.
 _MOST_BLOCKS = 50_000
+#: Most blocks of one transfer simulated one by one (4,096 of 4 MiB: 16 GiB; ~10 ms of the worker's CPU).
+_MOST_SIMULATED_BLOCKS = 4096
 
 #: ``_Object.changed_from`` of an object not changed since its last upload.
 _UNCHANGED = sys.maxsize
@@ -341,7 +343,7 @@ class StagedWrites:
         the bytes on the shared link. ``in_blocks`` (with ``transfer_block_bytes``): the last of those requests is a
         transfer in blocks instead (:meth:`_blocks_s`), ``commit``-ted by one more request if an upload."""
         in_blocks = in_blocks and self.spec.transfer_block_bytes is not None
-        request_s = sum(self._draw() for _ in range(requests - in_blocks))
+        request_s = sum(self._draw() for _ in range(requests - 1 if in_blocks else requests))
         start_s = trio.current_time() + request_s
         if not in_blocks:
             return request_s + self._link.reserve(size, start_s)
@@ -352,18 +354,22 @@ class StagedWrites:
         ``transfer_parallelism`` in flight: each free worker takes the next block, waits for its request (one
         draw), then for its bytes on the shared link; an upload (``commit``) takes blocks large enough to be at
         most 50,000 and ends with one more request (Azure Put Block List). The Azure SDK's transfers
-        (``DoBatchTransfer``) work so."""
+        (``DoBatchTransfer``) work so. Past :data:`_MOST_SIMULATED_BLOCKS` blocks the rest of the bytes follow at
+        the link's rate (the loop runs on the worker's event loop; a transfer that large is bound by the link)."""
         spec = self.spec
         assert spec.transfer_block_bytes is not None
         block = max(spec.transfer_block_bytes, -(-size // _MOST_BLOCKS)) if commit else spec.transfer_block_bytes
         count = max(1, -(-size // block))
-        free_s = [start_s] * min(count, spec.transfer_parallelism)  # when each worker takes its next block
+        simulated = min(count, _MOST_SIMULATED_BLOCKS)
+        free_s = [start_s] * min(simulated, spec.transfer_parallelism)  # when each worker takes its next block
         end_s = start_s
-        for index in range(count):
+        for index in range(simulated):
             asked_s = heapq.heappop(free_s) + self._draw()
             done_s = asked_s + self._link.reserve(min(block, size - index * block), asked_s)
             heapq.heappush(free_s, done_s)
             end_s = max(end_s, done_s)
+        if simulated < count:
+            end_s += self._link.reserve(size - simulated * block, end_s)
         return end_s - start_s + (self._draw() if commit else 0.0)
 
     def _draw(self) -> float:
