@@ -586,16 +586,21 @@ def test_the_gcs_profile_rewrites_a_changed_object_but_composes_an_append(mount_
     assert len(changed) == 16 * MIB and changed[8 * MIB:8 * MIB + 4096] == b"b" * 4096
 
 
-def test_the_azure_blob_profile_makes_an_open_wait_for_the_whole_file_and_a_close_for_its_upload(
-        mount_worker, tmp_path) -> None:
+def _azure_blob_mount(mount_worker, tmp_path, name: str, fill: bytes):
+    """A container holding one 16 MiB blob of ``fill`` bytes, mounted with the ``azure-blob`` profile at 64 MiB/s;
+    (the container, the blob's path through the mount, seconds a transfer of it takes: 0.25)."""
     backing = tmp_path / "container"
     backing.mkdir()
-    (backing / "shard-0.bin").write_bytes(b"s" * (16 * MIB))
-    rate = 64 * MIB  # 16 MiB: 0.25 s each way
+    (backing / name).write_bytes(fill * (16 * MIB))
+    rate = 64 * MIB
     vol = mount_worker(backing=backing, policy=json.dumps({"layers": [
         {"type": "profile", "name": "azure-blob", "rate_bytes_per_s": rate}]}))
-    transfer_s = 16 * MIB / rate
-    path = vol.mountpoint / "shard-0.bin"
+    return backing, vol.mountpoint / name, 16 * MIB / rate
+
+
+def test_the_azure_blob_profile_makes_an_open_wait_for_the_whole_file_and_a_close_for_its_upload(
+        mount_worker, tmp_path) -> None:
+    backing, path, transfer_s = _azure_blob_mount(mount_worker, tmp_path, "shard-0.bin", b"s")
     fd: list[int] = []
     open_s = _timed(lambda: fd.append(os.open(path, os.O_RDONLY)))
     try:
@@ -616,14 +621,7 @@ def test_the_azure_blob_profile_makes_an_open_wait_for_the_whole_file_and_a_clos
 def test_the_azure_blob_profile_uploads_at_the_close_not_at_fsync(mount_worker, tmp_path) -> None:
     # blobfuse2's fsync sends nothing; the close uploads the whole blob, and drops the local copy of a file
     # that was fsync'd, so the next open downloads it again (a reopen is otherwise local for 120 s)
-    backing = tmp_path / "container"
-    backing.mkdir()
-    (backing / "db.bin").write_bytes(b"d" * (16 * MIB))
-    rate = 64 * MIB  # 16 MiB: 0.25 s each way
-    vol = mount_worker(backing=backing, policy=json.dumps({"layers": [
-        {"type": "profile", "name": "azure-blob", "rate_bytes_per_s": rate}]}))
-    transfer_s = 16 * MIB / rate
-    path = vol.mountpoint / "db.bin"
+    backing, path, transfer_s = _azure_blob_mount(mount_worker, tmp_path, "db.bin", b"d")
     fd = os.open(path, os.O_RDWR)
     try:
         os.pwrite(fd, b"w" * 4096, 4096)
