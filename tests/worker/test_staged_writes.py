@@ -364,6 +364,29 @@ def test_files_created_while_max_streamed_files_stream_are_staged() -> None:
     assert staged.statistics().uploads == 1
 
 
+def test_an_empty_object_opened_for_writing_is_streamed_and_takes_a_block() -> None:
+    # gcsfuse streams an existing object of size 0 as a new file (areBufferedWritesSupported), so it holds one
+    # of write-global-max-blocks; one written out of order is finalized and staged, then, being stored, its close
+    # stats the object before the upload
+    stack, (staged, link, finalize) = _streaming_stack(max_streamed_files=1, upload_requests=2)
+
+    async def main() -> list[float]:
+        await _served_s(stack, _open(2, 0, os.O_RDWR))  # the empty object: streamed
+        await _create(stack, 3)  # no block left: staged
+        took = [await _served_s(stack, _write(3, 0, MIB, os.O_RDWR)),
+                await _served_s(stack, _close(3, os.O_RDWR)),  # up whole: one request + 1 MiB
+                await _served_s(stack, _write(2, 0, MIB, os.O_RDWR)),  # streamed: the link
+                await _served_s(stack, _write(2, 4 * MIB, MIB, os.O_RDWR)),  # out of order: finalized, downloaded
+                await _served_s(stack, _close(2, os.O_RDWR))]  # stored: a stat and the upload of 5 MiB
+        return took
+
+    took = _run(main)
+    assert took[0] == 0.0 and took[1] == pytest.approx(REQUEST_S + 0.25) and took[2] == 0.0
+    assert took[3] == pytest.approx(REQUEST_S + REQUEST_S + 0.25)  # finalized, then the 1 MiB object's download
+    assert took[4] == pytest.approx(2 * REQUEST_S + 1.25)
+    assert link.statistics().bytes == MIB and finalize.statistics().delayed == 0
+
+
 def _blob_stack() -> Stack:
     """blobfuse2's caching mode: whole files down at open, kept 120 s after the last close, up whole at close."""
     return _stack(download_on_open=True, keep_local_s=120.0, new_files="staged")

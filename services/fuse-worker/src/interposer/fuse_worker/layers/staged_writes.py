@@ -227,29 +227,34 @@ class StagedWrites:
             else:
                 await self._download_done(op, state)
             return
-        if state is not None and (state.dirty or state.has_local(now_s) or not writable):
-            state.handles += 1  # what is held stays; a reader changes nothing
-        elif writable and op.file_size > 0:  # an empty object has nothing to download
+        if state is not None and (state.dirty or state.streamed_to >= 0 or state.has_local(now_s) or not writable):
+            state.handles += 1  # what is held stays (a stream too); a reader changes nothing
+        elif writable and op.file_size > 0:
             handles = state.handles if state is not None else 0
             state = _Object(op.file_size)
             state.handles = handles + 1
+        elif writable and self.spec.new_files == "streamed":
+            # an empty object: nothing to download, and gcsfuse streams it as a new file (areBufferedWritesSupported)
+            self._created(op.ino, op.path, stored=True, handles=state.handles if state is not None else 0)
+            return
         else:
             return
         self._objects.put(op.ino, state)
         if truncating and state.size > 0:
             await self._truncate(op, state, 0)
 
-    def _created(self, ino: int, path: str) -> None:
-        """A new file: nothing to download; streamed as written while fewer than ``max_streamed_files`` are, or
-        staged and uploaded whole at its close."""
+    def _created(self, ino: int, path: str, stored: bool = False, handles: int = 0) -> None:
+        """A new file (or an empty object, ``stored``, opened for writing with ``handles`` others open): nothing to
+        download; streamed as written while fewer than ``max_streamed_files`` are, or staged and uploaded whole at
+        its close."""
         limit = self.spec.max_streamed_files
         streamed = self.spec.new_files == "streamed" and (limit is None or len(self._streams) < limit)
         state = _Object(0, local=not streamed)
-        state.stored = False
+        state.stored = stored
         if streamed:
             state.streamed_to = 0
             self._streams[ino] = path
-        state.handles = 1
+        state.handles = handles + 1
         self._objects.put(ino, state)
 
     async def _renaming(self, op: Op) -> None:
