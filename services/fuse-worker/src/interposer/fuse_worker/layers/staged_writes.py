@@ -13,9 +13,9 @@ composed onto it: gcsx's appendObjectCreator). Each transfer takes requests one 
 the other before its bytes: gcsfuse 3 stats the object before the download (when it
 checks whether the file could be streamed) and before the upload
 (``download_requests``, ``upload_requests``, ``append_upload_requests``). gcsfuse 3
-streams a new file (or an empty object opened for writing) written in order instead, until a write out of order, a read, a
-truncation below its size or a rename makes it finalize what it streamed and stage the
-file ("Streaming Writes"); it streams as many files at once as it has blocks
+streams a new file (or an empty object opened for writing) written in order instead,
+until a write out of order, a read, a truncation below its size or a rename makes it
+finalize what it streamed and stage the file ("Streaming Writes"); it streams as many files at once as it has blocks
 (``write-global-max-blocks``, ``max_streamed_files``) and stages the others.
 blobfuse2's caching mode downloads each object at its open, for readers too, keeps the
 local copy for a while after the last close, stages new files from the start, sends
