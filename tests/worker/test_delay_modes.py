@@ -565,6 +565,13 @@ def test_gcs_pays_a_request_per_lookup_but_not_per_getattr_or_open() -> None:
     assert times["close after writing"] > 0.004  # the upload
 
 
+def _listed_entry(position: int) -> tuple[bytes, pyfuse3.EntryAttributes]:
+    """Entry ``position`` of a listing: "shard-<position>", inode 1000 + position."""
+    attrs = pyfuse3.EntryAttributes()
+    attrs.st_ino = 1000 + position
+    return f"shard-{position}".encode(), attrs
+
+
 async def _listed(stack: Stack, objects: int, per_request: int = 200, path: str = "/train") -> list[float]:
     """List a directory of ``objects`` entries (plus "." and "..") as the kernel does: readdir requests of
     ``per_request`` entries from offset 0, then one that finds the end; each request's latency, seconds."""
@@ -573,9 +580,9 @@ async def _listed(stack: Stack, objects: int, per_request: int = 200, path: str 
         replied = min(per_request, positions - offset)
         op = Op("readdir", 5, path, offset=offset)
 
-        async def call(replied: int = replied) -> int:
+        async def call(first: int = offset, replied: int = replied) -> list:
             await trio.sleep(_SERVICE_S)
-            return replied
+            return [_listed_entry(i) for i in range(first, first + replied)]
 
         start = trio.current_time()
         await stack.chains["readdir"](op, call)
@@ -611,6 +618,38 @@ def test_an_add_delay_holds_every_readdir_of_a_listing() -> None:
         return await _listed(Stack(Policy(layers=[DelayLayer(ops=frozenset({"readdir"}), delay_s=0.020)]), 1), 10)
 
     assert run(main) == [pytest.approx(0.020 + _SERVICE_S)] * 2
+
+
+def test_a_listing_fills_the_lookup_cache_of_a_client_that_caches_what_it_lists() -> None:
+    # gcsfuse's stat cache takes every object a listing returns (fastStatBucket.ListObjects): a lookup of a
+    # listed name within its 60 s is answered from it, as a data loader opening every shard after an ls
+    async def main() -> tuple[float, float, float]:
+        stack = Stack(Policy(layers=[ProfileLayer(name="gcs")]), 1, rng=random.Random(4))
+        await _listed(stack, 10)
+        listed = await _served(stack, "lookup", path="/train/shard-5")
+        unlisted = await _served(stack, "lookup", path="/train/other")
+        await trio.sleep(61)
+        return listed, unlisted, await _served(stack, "lookup", path="/train/shard-6")
+
+    listed, unlisted, expired = run(main)
+    assert listed == pytest.approx(_SERVICE_S)
+    assert unlisted > 2 * _SERVICE_S and expired > 2 * _SERVICE_S
+
+
+def test_a_listing_fills_the_attribute_cache_of_an_nfs_client() -> None:
+    # an NFS READDIRPLUS brings each entry's attributes: the client's attribute cache answers a getattr of a
+    # listed file for acregmin (3 s)
+    async def main() -> tuple[float, float, float]:
+        stack = Stack(Policy(layers=[ProfileLayer(name="efs")]), 1, rng=random.Random(4))
+        await _listed(stack, 10)
+        listed = await _served(stack, "getattr", ino=1005)
+        unlisted = await _served(stack, "getattr", ino=999)
+        await trio.sleep(4)
+        return listed, unlisted, await _served(stack, "getattr", ino=1006)
+
+    listed, unlisted, expired = run(main)
+    assert listed == pytest.approx(_SERVICE_S)
+    assert unlisted > 2 * _SERVICE_S and expired > 2 * _SERVICE_S
 
 
 @pytest.mark.parametrize(("profile", "objects", "requests"), [

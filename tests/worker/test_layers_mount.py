@@ -345,6 +345,23 @@ def test_a_lookup_cache_answers_the_kernels_revalidation_without_the_delay(mount
     assert again < 0.15
 
 
+def test_a_listing_fills_the_lookup_cache(mount_worker, tmp_path) -> None:
+    # gcs-like: the stat cache takes what a listing returns, so a data loader that lists its shards and then
+    # opens them (after the kernel's 1 s entry timeout: each open's LOOKUP reaches the worker) pays the listing
+    # only; before, every LOOKUP was held too
+    names = _small_files(tmp_path / "bucket", 5, 1)
+    vol = mount_worker(backing=tmp_path / "bucket", policy=_policy(
+        {"type": "delay", "ops": ["lookup", "readdir"], "delay_s": 0.3, "mode": "floor", "lookup_cache_s": 60}))
+    started = time.monotonic()
+    assert sorted(os.listdir(vol.mountpoint)) == names
+    listed_s = time.monotonic() - started
+    time.sleep(1.2)  # past the kernel's entry timeout
+    started = time.monotonic()
+    for name in names:
+        os.stat(vol.mountpoint / name)
+    assert listed_s >= 0.3 and time.monotonic() - started < 0.15
+
+
 def test_gcs_charges_a_copy_and_a_delete_for_renaming_a_file(mount_worker, tmp_path) -> None:
     # A checkpoint saved as a temporary file, then renamed into place. The RENAME alone (its destination
     # looked up beforehand, so the lookup cache answers the kernel's LOOKUP) waits for two requests of

@@ -14,6 +14,9 @@ from typing import Generic, Protocol, TypeVar, runtime_checkable
 
 import pyfuse3
 
+#: An entry a ``readdir`` replied: its name and the attributes sent with it (READDIRPLUS).
+Listed = tuple[bytes, pyfuse3.EntryAttributes]
+
 
 @runtime_checkable
 class Backend(Protocol):
@@ -147,9 +150,10 @@ class Backend(Protocol):
         """
         ...
 
-    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> int:
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> list[Listed]:
         """Reply entries of ``fh`` from listing position ``start_id`` ("." and ".." are 0 and 1) until the
-        kernel's buffer is full; return how many were replied (0: the listing's end)."""
+        kernel's buffer is full; return those replied, in order (none: the listing's end). pyfuse3 ignores
+        the result; delay layers read it (pages of a listing, the names and attributes a client caches)."""
         ...
 
     async def releasedir(self, fh: int) -> None: ...

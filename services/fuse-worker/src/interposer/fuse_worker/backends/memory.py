@@ -39,7 +39,7 @@ import pyfuse3
 
 from .._inodes import ROOT_INODE, Named, PathTable, join_path
 from .._op import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
-from ._base import OpenDir
+from ._base import Listed, OpenDir
 from ._contents import CHUNK_BYTES, SparseContents
 
 #: Default limit of file contents held in memory, bytes (1 GiB).
@@ -713,13 +713,13 @@ class MemoryBackend(PathTable):
     def order_dir(self, fh: int, order: Callable[[Sequence[bytes]], list[int]]) -> None:
         self._dirs[fh].reorder(order)
 
-    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> int:
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> list[Listed]:
         try:
             directory = self._dirs[fh]
         except KeyError:
             raise _fail(errno.EBADF) from None
         node, listing = directory.owner, directory.snapshot_for(start_id, self._list_dir)
-        replied = 0
+        replied: list[Listed] = []
         for index in range(start_id, len(listing)):
             name, ino = listing[index]
             child = self._nodes.get(ino)
@@ -727,16 +727,18 @@ class MemoryBackend(PathTable):
                 continue
             if name in (b".", b".."):
                 # The kernel takes no lookup reference for these (pyfuse3 readdir contract).
-                if not pyfuse3.readdir_reply(token, name, self._attrs(child), index + 1):
+                attrs = self._attrs(child)
+                if not pyfuse3.readdir_reply(token, name, attrs, index + 1):
                     return replied
-                replied += 1
+                replied.append((name, attrs))
                 continue
             if node.entries.get(name) != ino:
                 continue  # removed or replaced since opendir
-            if not pyfuse3.readdir_reply(token, name, self._attrs(child), index + 1):
+            attrs = self._attrs(child)
+            if not pyfuse3.readdir_reply(token, name, attrs, index + 1):
                 return replied
             child.lookups += 1
-            replied += 1
+            replied.append((name, attrs))
         return replied
 
     async def releasedir(self, fh: int) -> None:

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 import pyfuse3
 
 from .._inodes import Inode, InodeTable, join_path, open_path
-from ._base import OpenDir
+from ._base import Listed, OpenDir
 from ._offload import BlockingCalls, BlockingIOMode
 from ._libc import fallocate, fs_type, renameat2
 
@@ -460,13 +460,13 @@ class PassthroughBackend:
     def order_dir(self, fh: int, order: Callable[[Sequence[bytes]], list[int]]) -> None:
         self._dirs[fh].reorder(order)
 
-    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> int:
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> list[Listed]:
         try:
             directory = self._dirs[fh]
         except KeyError:
             raise pyfuse3.FUSEError(errno.EBADF) from None
         inode, names = directory.owner, directory.snapshot_for(start_id, self._list_dir)
-        replied = 0
+        replied: list[Listed] = []
         for index in range(start_id, len(names)):
             name = names[index]
             try:
@@ -475,16 +475,18 @@ class PassthroughBackend:
                 continue  # removed since opendir
             if name in (b".", b".."):
                 # The kernel takes no lookup reference for these (pyfuse3 readdir contract).
-                if not pyfuse3.readdir_reply(token, name, self._attrs(st, child.ino), index + 1):
+                attrs = self._attrs(st, child.ino)
+                if not pyfuse3.readdir_reply(token, name, attrs, index + 1):
                     return replied
-                replied += 1
+                replied.append((name, attrs))
                 continue
-            if not pyfuse3.readdir_reply(token, name, self._attrs(st, child.ino), index + 1):
+            attrs = self._attrs(st, child.ino)
+            if not pyfuse3.readdir_reply(token, name, attrs, index + 1):
                 if child.lookups == 0:
                     self.inodes.forget(child.ino, 0)
                 return replied
             child.lookups += 1
-            replied += 1
+            replied.append((name, attrs))
         return replied
 
     async def releasedir(self, fh: int) -> None:

@@ -26,6 +26,7 @@ from interposer.proto.policy import (
     UniformDistribution,
 )
 
+from .._inodes import join_path
 from .._op import SYNC_WRITE_FLAGS, BackendCall, Handler, Op, opened_for_writing, transferred_bytes
 from ._attr_cache import ClientAttrCache
 from ._chains import FloorChains, Unchained
@@ -203,6 +204,7 @@ class Delay:
         sequential = self._sequential if self._next_offset is not None else None
         cached = self._cached_lookup if self._looked_up is not None else None
         attrs = self._attrs
+        noting_listings = self._looked_up is not None or attrs is not None
 
         async def delay(op: Op, call: BackendCall) -> Any:
             if not op.charged_by_client and (match is None or match(op.path)) and not (
@@ -224,6 +226,10 @@ class Delay:
                     op.delay_late_ns += await sleep(delay_s, compensate=True, own_wake_only=True)
                 if attrs and op.name in _ATTRS_FETCHED_BY:
                     return self._fetched(await inner(op, call))
+            if op.name == "readdir" and noting_listings:
+                result = await inner(op, call)
+                self._note_listed(op, result)
+                return result
             return await inner(op, call)
 
         async def floor(op: Op, call: BackendCall) -> Any:
@@ -246,7 +252,7 @@ class Delay:
                 raise
             if op.name == "read" and transferred_bytes(result, op.size) == 0:
                 return result  # at or past the end of the file: a device is never asked
-            if op.name == "readdir" and not self._asks_for_a_page(op.offset, result):
+            if op.name == "readdir" and not self._asks_for_a_page(op.offset, self._note_listed(op, result)):
                 return result  # the client has these entries from a page it fetched, or knows the listing ended
             await self._hold(op, start_s + target_s)
             chains.answered(op.name, op.path, op.pid, start_s, trio.current_time(), None)
@@ -313,14 +319,34 @@ class Delay:
 
         return write_behind
 
-    def _asks_for_a_page(self, offset: int, replied: Any) -> bool:
+    def _note_listed(self, op: Op, result: Any) -> int | None:
+        """Note the entries a ``readdir`` of ``op.path`` replied (``result``: (name, attributes) pairs) as a client
+        notes what a listing returned: their paths in the lookup cache (``lookup_cache_s``: gcsfuse's stat cache
+        takes every object a listing returns, ``fastStatBucket.ListObjects``; blobfuse2's attribute cache, its
+        ``StreamDir`` results; an NFS READDIRPLUS primes the client's dentry cache) and their attributes in the
+        attribute cache (``attr_cache``). Return how many entries, None if the backend does not say (a fake)."""
+        if not isinstance(result, list):
+            return None
+        looked_up, attrs = self._looked_up, self._attrs
+        if (looked_up is not None or attrs is not None) and (self._match is None or self._match(op.path)):
+            now_s = trio.current_time()
+            for name, entry in result:
+                if name == b"." or name == b"..":
+                    continue
+                if looked_up is not None:
+                    looked_up.put(join_path(op.path, name), now_s)
+                if attrs is not None and entry.st_ino:
+                    attrs.fetched(entry.st_ino, entry, now_s)
+        return len(result)
+
+    def _asks_for_a_page(self, offset: int, replied: int | None) -> bool:
         """True if a ``readdir`` at listing position ``offset`` ("." and ".." are 0 and 1) that replied ``replied``
         entries makes the client ask the store (``list_page_entries``): the listing's start, or an entry in a page
         it has not fetched; never the reply that found the listing's end."""
         if offset == 0:
             return True
-        if not isinstance(replied, int):
-            return True  # a backend that does not count (a fake in a test): every request asks
+        if replied is None:
+            return True  # a backend that does not say (a fake in a test): every request asks
         if replied == 0:
             return False
         page = self.spec.list_page_entries
