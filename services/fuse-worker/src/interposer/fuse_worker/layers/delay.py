@@ -196,6 +196,8 @@ class Delay:
             FileStreams(LOOKUP_CACHE_ENTRIES) if spec.lookup_cache_s else None)
         #: Attribute timeouts per inode (``attr_cache``).
         self._attrs = ClientAttrCache(spec.attr_cache) if spec.attr_cache is not None else None
+        #: A listing's entries go to the lookup or the attribute cache (:meth:`_note_listed`).
+        self._notes_listings = self._looked_up is not None or self._attrs is not None
         self.acts = spec.probability > 0.0 and spec.max_s > 0.0 and not always_zero(spec.resolved_distribution)
 
     def bind(self, inner: Handler) -> Handler:
@@ -204,7 +206,7 @@ class Delay:
         sequential = self._sequential if self._next_offset is not None else None
         cached = self._cached_lookup if self._looked_up is not None else None
         attrs = self._attrs
-        noting_listings = self._looked_up is not None or attrs is not None
+        noting_listings = self._notes_listings
 
         async def delay(op: Op, call: BackendCall) -> Any:
             if not op.charged_by_client and (match is None or match(op.path)) and not (
@@ -328,7 +330,7 @@ class Delay:
         if not isinstance(result, list):
             return None
         looked_up, attrs = self._looked_up, self._attrs
-        if (looked_up is not None or attrs is not None) and (self._match is None or self._match(op.path)):
+        if self._notes_listings and (self._match is None or self._match(op.path)):
             now_s = trio.current_time()
             for name, entry in result:
                 if name == b"." or name == b"..":

@@ -15,8 +15,9 @@ checks whether the file could be streamed) and before the upload
 (``download_requests``, ``upload_requests``, ``append_upload_requests``). gcsfuse 3
 streams a new file (or an empty object opened for writing) written in order instead,
 until a write out of order, a read, a truncation below its size or a rename makes it
-finalize what it streamed and stage the file ("Streaming Writes"); it streams as many files at once as it has blocks
-(``write-global-max-blocks``, ``max_streamed_files``) and stages the others.
+finalize what it streamed and stage the file ("Streaming Writes"); it streams as many
+files at once as it has blocks (``write-global-max-blocks``, ``max_streamed_files``) and
+stages the others.
 blobfuse2's caching mode downloads each object at its open, for readers too, keeps the
 local copy for a while after the last close, stages new files from the start, sends
 nothing at fsync, and moves a blob in 4 MiB blocks, 32 at a time (``download_on_open``,
@@ -79,6 +80,10 @@ _MOST_BLOCKS = 50_000
 #: Most blocks of one transfer simulated one by one (4,096 of 4 MiB: 16 GiB; ~10 ms of the worker's CPU).
 _MOST_SIMULATED_BLOCKS = 4096
 
+def _no_latency() -> float:
+    return 0.0
+
+
 #: ``_Object.changed_from`` of an object not changed since its last upload.
 _UNCHANGED = sys.maxsize
 
@@ -122,7 +127,8 @@ class StagedWrites:
         self.spec = spec
         self._match = compile_glob(spec.path_glob)
         rng = random.Random(spec.seed) if spec.seed is not None else (rng or random.Random())
-        self._request = sampler(spec.distribution, rng, MAX_DELAY_S) if spec.distribution is not None else None
+        #: One request's latency, seconds (0 without a ``distribution``).
+        self._draw = sampler(spec.distribution, rng, MAX_DELAY_S) if spec.distribution is not None else _no_latency
         self._link = TokenBucket(spec.rate_bytes_per_s, burst_bytes=1)  # no burst: each transfer takes its time
         self._objects: FileStreams[_Object] = FileStreams()
         self._streams: dict[int, str] = {}  # new files being streamed: inode → path (a rename finalizes them)
@@ -213,12 +219,11 @@ class StagedWrites:
         writable = opened_for_writing(op.open_flags)
         truncating = writable and bool(op.open_flags & os.O_TRUNC)
         state = self._objects.take(op.ino)
+        handles = state.handles if state is not None else 0  # open before this one
         if self.spec.download_on_open:
             if state is None or not state.has_local(now_s):
-                handles = state.handles if state is not None else 0
                 state = _Object(op.file_size, local=op.file_size == 0 or truncating)
-                state.handles = handles
-            state.handles += 1
+            state.handles = handles + 1
             self._objects.put(op.ino, state)
             if truncating:
                 state.size, state.dirty, state.changed_from = 0, True, 0  # the emptied file goes up at the close
@@ -230,12 +235,11 @@ class StagedWrites:
         if state is not None and (state.dirty or state.streamed_to >= 0 or state.has_local(now_s) or not writable):
             state.handles += 1  # what is held stays (a stream too); a reader changes nothing
         elif writable and op.file_size > 0:
-            handles = state.handles if state is not None else 0
             state = _Object(op.file_size)
             state.handles = handles + 1
         elif writable and self.spec.new_files == "streamed":
             # an empty object: nothing to download, and gcsfuse streams it as a new file (areBufferedWritesSupported)
-            self._created(op.ino, op.path, stored=True, handles=state.handles if state is not None else 0)
+            self._created(op.ino, op.path, stored=True, handles=handles)
             return
         else:
             return
@@ -376,10 +380,6 @@ class StagedWrites:
         if simulated < count:
             end_s += self._link.reserve(size - simulated * block, end_s)
         return end_s - start_s + (self._draw() if commit else 0.0)
-
-    def _draw(self) -> float:
-        """One request's latency, seconds (0 without a ``distribution``)."""
-        return self._request() if self._request is not None else 0.0
 
     async def _hold(self, op: Op, seconds: float) -> None:
         if seconds <= 0.0:
